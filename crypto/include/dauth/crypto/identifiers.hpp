@@ -1,0 +1,41 @@
+// Validation of the identifiers of SPEC.md §1 and §3: AE-ID, KpmID, KeID, FQDN. Every error names the value
+// (quoted, truncated to 64 characters), the rule it broke, and what is allowed.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "dauth/error.hpp"
+
+namespace dauth::crypto {
+
+// AE-ID: 1–128 characters from [A-Za-z0-9-._~/]; plain (CAE-meter-01), SP-relative (/in-cse/CAE-meter-01) or
+// absolute (//m2m.example.net/in-cse/CAE-meter-01). Compared byte-exact (ASCII, so NFKC is the identity).
+Result<void> validate_ae_id(std::string_view ae_id);
+
+// DNS name (RFC 1123): 1–253 characters, labels 1–63 of [A-Za-z0-9-] not starting or ending with '-'.
+Result<void> validate_fqdn(std::string_view fqdn);
+
+// KpmID: "<relative>@<MEF-FQDN>", relative part [A-Za-z0-9._-]{1,64} (KpsaID form, TS-0003 §10.5).
+Result<void> validate_kpm_id(std::string_view kpm_id);
+
+// The FQDN after the '@' of a KpmID or KeID (validated).
+Result<std::string> issuer_fqdn_of(std::string_view key_id);
+
+// KeID (TS-0003 §10.3.4): HEX(RelativeKeID) "@" MEF-FQDN, 32 hex characters. Parsing accepts either case;
+// text() always prints upper-case, so two KeIDs compare equal iff their text() is equal.
+struct KeId {
+  std::array<std::uint8_t, 16> relative{};
+  std::string mef_fqdn;
+
+  std::string text() const;
+};
+Result<KeId> parse_ke_id(std::string_view ke_id);
+
+// Quotes a value for an error message: printable ASCII kept, anything else as \xNN, cut at 64 characters with
+// "...". Never use it on secrets.
+std::string quote_for_error(std::string_view value);
+
+}  // namespace dauth::crypto

@@ -1,0 +1,194 @@
+// The sealed key store (DESIGN.md §5): the only code that touches key files.
+//
+// Records are typed (one struct per credential of SPEC.md), kept in memory in ordered maps (O(log n) lookup) and
+// persisted in a state directory as sealed entries (XChaCha20-Poly1305 under a key derived from the master key):
+//   keys.snapshot   every record at one generation, closed by a sealed end marker with the record count;
+//   keys.journal    puts and removals since that snapshot, one sealed entry each, appended and fdatasync'ed
+//                   before put()/remove() return.
+// compact() writes a new snapshot (temporary file, fsync, rename, fsync of the directory) and starts a new journal.
+// A truncated, corrupted or tampered snapshot, or a bad entry in the middle of the journal, fails open() with
+// Errc::corrupt naming the file and offset; nothing is ever rewritten over it. The one tolerated defect is an
+// incomplete final journal entry (a write interrupted by a crash, never acknowledged): open() reports it in
+// OpenReport, moves the torn bytes aside to keys.journal.torn-<unix time>, and drops them. The format is in
+// docs/keystore-format.md. Files are created 0600; the directory must not be group- or world-writable.
+//
+// Not thread-safe: the daemon is single-threaded (DESIGN.md §3).
+#pragma once
+
+#include <cstdint>
+#include <ctime>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <variant>
+#include <vector>
+
+#include "dauth/error.hpp"
+#include "dauth/secret.hpp"
+
+namespace dauth::crypto {
+
+// Enrolee side: a pre-provisioned bootstrap credential (SPEC.md §3.1, PSK RSPF). id = kpm_id.
+struct BootstrapKeyRecord {
+  std::string kpm_id;     // "<relative>@<MEF-FQDN>"
+  SecretBuffer kpm;       // >= 16 bytes
+  std::string ae_id;      // the local AE this credential enrols
+};
+
+// MEF side: one row of the enrolee table (SPEC.md §3.1). id = credential identity (KpmID, or for certificate
+// enrolees "cert:" + AE-ID / "rpk:" + public key id).
+struct EnroleeRecord {
+  std::string credential_id;
+  SecretBuffer kpm;                     // empty for certificate enrolees
+  std::string enrolee_id;               // AE-ID assigned to the enrolee
+  std::vector<std::string> targets;     // allowed Enrolment Targets (AE-IDs)
+  std::int64_t enrolment_lifetime_s = 0;
+  bool certificate_enrolment = false;   // offer EST certificate enrolment
+};
+
+// Both sides: the product of an enrolment (SPEC.md §3.3–3.4). id = KeID text (upper-case hex).
+struct EnrolmentKeyRecord {
+  std::string ke_id;
+  SecretBuffer ke;                      // 32 bytes
+  std::string enrolee_id;
+  std::vector<std::string> targets;
+  std::int64_t expires_at = 0;          // unix seconds (Enrolment Expiry)
+  std::int64_t revoked_at = 0;          // 0 = not revoked (MEF side)
+};
+
+// Target side: a usage-constrained key fetched from the MEF (SPEC.md §4). id = KeID text the peer presents.
+struct SessionKeyRecord {
+  std::string ke_id;
+  SecretBuffer key;                     // 32 bytes
+  std::string peer_ae_id;               // the Enrolee-ID the MEF named
+  std::string local_ae_id;              // the target (us)
+  int suid = 22;
+  std::int64_t expires_at = 0;
+};
+
+// A certificate credential with its private key (issued to us, or our MEF/CA identity). id = name.
+struct CertificateRecord {
+  std::string name;                     // AE-ID, or a role name such as "mef-ca"
+  std::vector<Bytes> chain_der;         // leaf first
+  SecretBuffer private_key_der;
+  std::int64_t expires_at = 0;
+};
+
+// MEF side: audit record of an issued certificate (SPEC.md §3.6, §5). id = serial hex (upper-case).
+struct IssuanceRecord {
+  std::string serial_hex;
+  std::string ae_id;
+  std::int64_t issued_at = 0;
+  std::int64_t expires_at = 0;
+  std::int64_t revoked_at = 0;
+};
+
+// A raw public key pinned to an identity (RFC 7250, SPEC.md §4). id = RFC 6920 public key id.
+struct PinnedKeyRecord {
+  std::string public_key_id;
+  std::string ae_id;
+};
+
+using Record = std::variant<BootstrapKeyRecord, EnroleeRecord, EnrolmentKeyRecord, SessionKeyRecord,
+                            CertificateRecord, IssuanceRecord, PinnedKeyRecord>;
+
+// Stored in files: the values never change meaning.
+enum class RecordKind : std::uint8_t {
+  bootstrap_key = 1,
+  enrolee = 2,
+  enrolment_key = 3,
+  session_key = 4,
+  certificate = 5,
+  issuance = 6,
+  pinned_key = 7,
+};
+std::string_view to_string(RecordKind kind) noexcept;
+RecordKind kind_of(const Record& record) noexcept;
+std::string_view id_of(const Record& record) noexcept;
+// Checks a record's fields (identifier syntax, key sizes) before it is stored.
+Result<void> validate(const Record& record);
+
+// The sealing master key: 32 bytes written as 64 hex characters, optionally followed by one newline.
+inline constexpr std::size_t kMasterKeySize = 32;
+// Reads a key file; refuses anything but a regular file without group/world permission bits, naming the mode.
+Result<SecretBuffer> load_master_key_file(const std::filesystem::path& path);
+// Reads $CREDENTIALS_DIRECTORY/<name> (systemd LoadCredential=); Errc::not_found if the variable is unset.
+Result<SecretBuffer> load_master_key_credential(std::string_view name);
+// A new random master key in the file format above (0600, refuses to overwrite an existing file).
+Result<void> write_new_master_key_file(const std::filesystem::path& path);
+
+struct OpenReport {
+  std::size_t snapshot_records = 0;
+  std::size_t journal_entries = 0;
+  std::optional<std::string> torn_tail;  // what was set aside, and where, when the journal ended mid-entry
+};
+
+class KeyStore {
+ public:
+  // Opens (or, if the directory has no store yet, creates) the store in dir. The directory must exist.
+  static Result<KeyStore> open(const std::filesystem::path& dir, SecretBuffer master_key,
+                               OpenReport* report = nullptr);
+
+  KeyStore(KeyStore&&) noexcept;
+  KeyStore& operator=(KeyStore&&) noexcept;
+  ~KeyStore();
+
+  // Inserts or replaces the record with the same kind and id; durable (fdatasync) when it returns ok.
+  Result<void> put(Record record);
+  // Errc::not_found if absent.
+  Result<void> remove(RecordKind kind, std::string_view id);
+
+  const Record* find(RecordKind kind, std::string_view id) const;
+  template <class T>
+  const T* find(std::string_view id) const;
+
+  // Records of one kind in id order.
+  void for_each(RecordKind kind, const std::function<void(const Record&)>& visit) const;
+  std::size_t size() const;
+  std::size_t size(RecordKind kind) const;
+
+  // Rewrites the snapshot with every live record and empties the journal. put() compacts by itself when the
+  // journal holds more than max(4096, records) entries.
+  Result<void> compact();
+
+  const std::filesystem::path& directory() const;
+
+ private:
+  struct Impl;
+  explicit KeyStore(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+namespace detail {
+template <class T, class V>
+struct RecordIndex;
+template <class T, class... Ts>
+struct RecordIndex<T, std::variant<Ts...>> {
+  static constexpr std::size_t value() {
+    std::size_t i = 0;
+    const bool found = ((std::is_same_v<T, Ts> ? true : (++i, false)) || ...);
+    return found ? i : sizeof...(Ts);
+  }
+};
+}  // namespace detail
+
+// The RecordKind of a record struct: its position in Record plus one (checked in keystore.cpp).
+template <class T>
+constexpr RecordKind kind_for() {
+  constexpr std::size_t index = detail::RecordIndex<T, Record>::value();
+  static_assert(index < std::variant_size_v<Record>, "not a key-store record type");
+  return static_cast<RecordKind>(index + 1);
+}
+
+template <class T>
+const T* KeyStore::find(std::string_view id) const {
+  const Record* r = find(kind_for<T>(), id);
+  return r ? std::get_if<T>(r) : nullptr;
+}
+
+}  // namespace dauth::crypto
