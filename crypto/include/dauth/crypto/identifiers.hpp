@@ -25,7 +25,7 @@ Result<void> validate_kpm_id(std::string_view kpm_id);
 Result<std::string> issuer_fqdn_of(std::string_view key_id);
 
 // KeID (TS-0003 §10.3.4): HEX(RelativeKeID) "@" MEF-FQDN, 32 hex characters. Parsing accepts either case;
-// text() always prints upper-case, so two KeIDs compare equal iff their text() is equal.
+// text() is canonical (upper-case hex, lower-case FQDN), so two KeIDs are the same iff their text() is equal.
 struct KeId {
   std::array<std::uint8_t, 16> relative{};
   std::string mef_fqdn;
