@@ -27,11 +27,13 @@ class RecordingExporter : public crypto::KeyingMaterialExporter {
 };
 
 std::string random_target(int i) {
-  static const char* const kForms[] = {"CAE-valve-%d", "/in-cse/CAE-valve-%d", "//m2m.example.net/in-cse/S%d",
-                                       "C~x.y_z-%d"};
-  char buffer[64];
-  std::snprintf(buffer, sizeof buffer, kForms[i % 4], i);
-  return buffer;
+  const std::string n = std::to_string(i);
+  switch (i % 4) {
+    case 0: return "CAE-valve-" + n;
+    case 1: return "/in-cse/CAE-valve-" + n;
+    case 2: return "//m2m.example.net/in-cse/S" + n;
+    default: return "C~x.y_z-" + n;
+  }
 }
 
 }  // namespace
