@@ -89,6 +89,7 @@ std::string SecretBuffer::fingerprint() const {
 }
 
 void random_bytes(std::uint8_t* out, std::size_t size) {
+  if (size == 0) return;  // out may be null for an empty vector; libsodium declares it non-null
   ensure_sodium_initialised();
   randombytes_buf(out, size);
 }
