@@ -1,0 +1,88 @@
+// The RSPF messages dauth puts in CoAP payloads (docs/PROTOCOL.md §3–5): CBOR (Content-Format 60) by default,
+// JSON (50) accepted. TS-0003 §8.3.2.1 fixes the parameters but not their encoding; the key names are dauth's.
+//
+// Decoders are strict on types and required keys and ignore unknown keys (forward compatibility); every error
+// names the message, the key and what was expected. The one message that carries a key (the fetchCredentials
+// answer) is encoded straight into SecretBuffer and decoded without leaving the key in ordinary heap memory.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "dauth/crypto/identifiers.hpp"
+#include "dauth/crypto/onem2m.hpp"
+#include "dauth/error.hpp"
+#include "dauth/secret.hpp"
+
+namespace dauth::rspf {
+
+enum class ContentFormat : std::uint16_t { json = 50, cbor = 60 };
+// Errc::unsupported for anything but 50 and 60 (the caller answers 4.15).
+Result<ContentFormat> content_format_from(unsigned value);
+
+inline constexpr std::size_t kMaxPayloadSize = 4096;  // SPEC.md §2: larger requests are refused with 4.13
+
+// POST /mef/enrolment — TS-0003 §8.3.2.1 step 1: the three indications.
+struct EnrolmentRequest {
+  bool cert_enrolment = false;
+  bool maf_enrolment = false;
+  bool remote_mgmt = false;
+};
+
+struct Instruction {
+  std::string type;  // "certEnrolment"
+  std::string uri;   // "/.well-known/est"
+};
+
+// 2.04 answer to the enrolment request.
+struct EnrolmentResponse {
+  std::string ke_id;
+  std::string enrolee_id;
+  std::vector<std::string> targets;
+  std::int64_t expiry = 0;  // unix seconds
+  std::vector<Instruction> instructions;
+};
+
+// 2.05 answer to GET /fetchCredentials/<KeID>/<SUID>. CBOR only (a request for JSON gets 4.06): a JSON text
+// parser would leave copies of the key's text in its token buffers.
+struct FetchCredentialsResponse {
+  SecretBuffer credential;  // 32 bytes
+  std::string enrolee_id;
+  std::int64_t lifetime_s = 0;
+};
+
+// Body of every 4.xx/5.xx answer: { "error": <code word>, "detail": <text> }.
+struct ErrorBody {
+  std::string error;
+  std::string detail;
+};
+
+// Notification body of the observed GET /fetchCredentials feed (SPEC.md §4–5).
+struct CredentialFeed {
+  std::vector<std::string> issued;   // KeIDs newly usable towards the observer
+  std::vector<std::string> revoked;  // KeIDs the observer must drop
+};
+
+Bytes encode(const EnrolmentRequest& message, ContentFormat format);
+Bytes encode(const EnrolmentResponse& message, ContentFormat format);
+SecretBuffer encode(const FetchCredentialsResponse& message);
+Bytes encode(const ErrorBody& message, ContentFormat format);
+Bytes encode(const CredentialFeed& message, ContentFormat format);
+
+Result<EnrolmentRequest> decode_enrolment_request(ByteView payload, ContentFormat format);
+Result<EnrolmentResponse> decode_enrolment_response(ByteView payload, ContentFormat format);
+Result<FetchCredentialsResponse> decode_fetch_credentials_response(ByteView payload);
+Result<ErrorBody> decode_error_body(ByteView payload, ContentFormat format);
+Result<CredentialFeed> decode_credential_feed(ByteView payload, ContentFormat format);
+
+// The path of a target's key retrieval: fetchCredentials/<KeID>/<SUID> (segments as CoAP Uri-Path gives them).
+struct FetchCredentialsPath {
+  crypto::KeId ke_id;
+  crypto::Suid suid;
+};
+Result<FetchCredentialsPath> parse_fetch_credentials_path(const std::vector<std::string>& segments);
+std::vector<std::string> fetch_credentials_path(const crypto::KeId& ke_id, crypto::Suid suid);
+
+}  // namespace dauth::rspf

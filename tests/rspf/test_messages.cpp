@@ -1,0 +1,158 @@
+// RSPF message encodings (docs/PROTOCOL.md §3–5): round trips in CBOR and JSON, cross-checked with nlohmann's own
+// CBOR codec as an independent implementation, and refusals that name the key.
+#include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
+
+#include "dauth/rspf/messages.hpp"
+
+using dauth::ByteView;
+using dauth::Bytes;
+using dauth::SecretBuffer;
+using nlohmann::json;
+namespace rspf = dauth::rspf;
+
+namespace {
+Bytes cbor(const json& document) { return json::to_cbor(document); }
+Bytes text(const std::string& s) { return Bytes(s.begin(), s.end()); }
+const char* kKeId = "00112233445566778899AABBCCDDEEFF@mef.example.net";
+}  // namespace
+
+TEST_CASE("enrolment request and response round-trip in CBOR and JSON", "[messages]") {
+  for (auto format : {rspf::ContentFormat::cbor, rspf::ContentFormat::json}) {
+    rspf::EnrolmentRequest request{true, false, false};
+    auto decoded = rspf::decode_enrolment_request(rspf::encode(request, format), format);
+    REQUIRE(decoded.ok());
+    REQUIRE(decoded->cert_enrolment);
+    REQUIRE_FALSE(decoded->maf_enrolment);
+
+    rspf::EnrolmentResponse response{kKeId, "CAE-meter", {"CAE-valve", "/in-cse/CAE-x"}, 1900000000,
+                                     {{"certEnrolment", "/.well-known/est"}}};
+    auto back = rspf::decode_enrolment_response(rspf::encode(response, format), format);
+    REQUIRE(back.ok());
+    REQUIRE(back->ke_id == kKeId);
+    REQUIRE(back->enrolee_id == "CAE-meter");
+    REQUIRE(back->targets == response.targets);
+    REQUIRE(back->expiry == 1900000000);
+    REQUIRE(back->instructions.size() == 1);
+    REQUIRE(back->instructions[0].uri == "/.well-known/est");
+  }
+}
+
+TEST_CASE("the enrolment request uses TS-0003's three indications by name", "[messages]") {
+  const json wire = json::from_cbor(rspf::encode(rspf::EnrolmentRequest{false, false, true}, rspf::ContentFormat::cbor));
+  REQUIRE(wire == json({{"certEnrolment", false}, {"mafEnrolment", false}, {"remoteMgmt", true}}));
+  auto lenient = rspf::decode_enrolment_request(text(R"({"certEnrolment":true,"future":1})"), rspf::ContentFormat::json);
+  REQUIRE(lenient.ok());
+  REQUIRE(lenient->cert_enrolment);
+}
+
+TEST_CASE("malformed and mistyped messages are refused with the key named", "[messages]") {
+  auto bad_type = rspf::decode_enrolment_request(cbor({{"certEnrolment", "yes"}}), rspf::ContentFormat::cbor);
+  REQUIRE_THAT(bad_type.error().message, Catch::Contains("\"certEnrolment\" must be a boolean"));
+  auto not_map = rspf::decode_enrolment_request(cbor(json::array({1, 2})), rspf::ContentFormat::cbor);
+  REQUIRE_THAT(not_map.error().message, Catch::Contains("top level must be a map"));
+  auto garbage = rspf::decode_enrolment_request(text("\xff\x00\x13"), rspf::ContentFormat::cbor);
+  REQUIRE(garbage.error().code == dauth::Errc::parse);
+  auto truncated = cbor({{"certEnrolment", true}});
+  truncated.pop_back();
+  REQUIRE_FALSE(rspf::decode_enrolment_request(truncated, rspf::ContentFormat::cbor).ok());
+  auto missing = rspf::decode_enrolment_response(cbor({{"keId", kKeId}}), rspf::ContentFormat::cbor);
+  REQUIRE_THAT(missing.error().message, Catch::Contains("\"enroleeId\" is missing"));
+  auto bad_target = rspf::decode_enrolment_response(
+      cbor({{"keId", kKeId}, {"enroleeId", "CAE-a"}, {"targets", {"no spaces"}}, {"expiry", 1}}),
+      rspf::ContentFormat::cbor);
+  REQUIRE_THAT(bad_target.error().message, Catch::Contains("'no spaces'"));
+  auto bad_ke_id = rspf::decode_enrolment_response(
+      cbor({{"keId", "ABC@mef"}, {"enroleeId", "CAE-a"}, {"targets", json::array()}, {"expiry", 1}}),
+      rspf::ContentFormat::cbor);
+  REQUIRE_THAT(bad_ke_id.error().message, Catch::Contains("KeID"));
+  const Bytes huge(rspf::kMaxPayloadSize + 1, 0xa0);
+  REQUIRE(rspf::decode_enrolment_request(huge, rspf::ContentFormat::cbor).error().code == dauth::Errc::limit);
+}
+
+TEST_CASE("the fetchCredentials answer: our CBOR writer and reader agree with nlohmann's codec", "[messages]") {
+  rspf::FetchCredentialsResponse response{SecretBuffer::random(32), "CAE-meter", 86400};
+  const SecretBuffer wire = rspf::encode(response);
+  const json independent = json::from_cbor(wire.data(), wire.data() + wire.size());
+  REQUIRE(independent["enroleeId"] == "CAE-meter");
+  REQUIRE(independent["lifetime"] == 86400);
+  REQUIRE(response.credential.equals(ByteView(independent["credential"].get_binary())));
+
+  // nlohmann encodes (maps sorted, other integer widths), ours decodes.
+  json document = {{"credential", json::binary(std::vector<std::uint8_t>(32, 7))},
+                   {"enroleeId", "/in-cse/CAE-m"},
+                   {"lifetime", 70000},
+                   {"unknown", {{"nested", json::array({1, "two", 3.5})}}}};
+  auto decoded = rspf::decode_fetch_credentials_response(cbor(document));
+  REQUIRE(decoded.ok());
+  REQUIRE(decoded->enrolee_id == "/in-cse/CAE-m");
+  REQUIRE(decoded->lifetime_s == 70000);
+  REQUIRE(decoded->credential.equals(ByteView(std::vector<std::uint8_t>(32, 7))));
+}
+
+TEST_CASE("the fetchCredentials reader refuses every malformed shape", "[messages]") {
+  const auto key = json::binary(std::vector<std::uint8_t>(32, 1));
+  const json good = {{"credential", key}, {"enroleeId", "CAE-a"}, {"lifetime", 5}};
+  REQUIRE(rspf::decode_fetch_credentials_response(cbor(good)).ok());
+  struct Case {
+    json document;
+    const char* says;
+  };
+  const Case cases[] = {
+      {{{"credential", json::binary(std::vector<std::uint8_t>(31, 1))}, {"enroleeId", "CAE-a"}, {"lifetime", 5}},
+       "32 bytes"},
+      {{{"credential", "text"}, {"enroleeId", "CAE-a"}, {"lifetime", 5}}, "32 bytes"},
+      {{{"credential", key}, {"enroleeId", "CAE a"}, {"lifetime", 5}}, "'CAE a'"},
+      {{{"credential", key}, {"enroleeId", "CAE-a"}, {"lifetime", 0}}, "positive"},
+      {{{"credential", key}, {"enroleeId", "CAE-a"}, {"lifetime", -4}}, "positive"},
+      {{{"credential", key}, {"enroleeId", "CAE-a"}}, "\"lifetime\" is missing"},
+      {{{"enroleeId", "CAE-a"}, {"lifetime", 5}}, "\"credential\" is missing"},
+      {json::array({1}), "must be a CBOR map"},
+  };
+  for (const auto& c : cases) {
+    auto result = rspf::decode_fetch_credentials_response(cbor(c.document));
+    INFO(c.document.dump());
+    REQUIRE_FALSE(result.ok());
+    REQUIRE_THAT(result.error().message, Catch::Contains(c.says));
+  }
+  Bytes wire = cbor(good);
+  for (std::size_t cut = 0; cut < wire.size(); ++cut) {
+    REQUIRE_FALSE(rspf::decode_fetch_credentials_response(ByteView(wire.data(), cut)).ok());
+  }
+  wire.push_back(0);
+  REQUIRE_THAT(rspf::decode_fetch_credentials_response(wire).error().message, Catch::Contains("after the map"));
+  // Indefinite-length items and absurd counts are refused, not followed.
+  REQUIRE_FALSE(rspf::decode_fetch_credentials_response(text("\xbf\xff")).ok());
+  REQUIRE_FALSE(rspf::decode_fetch_credentials_response(text("\xbb\xff\xff\xff\xff\xff\xff\xff\xff")).ok());
+  // Deep nesting under an unknown key stops at the depth limit.
+  Bytes deep = {0xa1, 0x61, 'x'};
+  deep.insert(deep.end(), 40, 0x81);
+  deep.push_back(0x00);
+  REQUIRE_FALSE(rspf::decode_fetch_credentials_response(deep).ok());
+}
+
+TEST_CASE("error bodies and the credential feed round-trip", "[messages]") {
+  for (auto format : {rspf::ContentFormat::cbor, rspf::ContentFormat::json}) {
+    auto error = rspf::decode_error_body(rspf::encode(rspf::ErrorBody{"denied", "not a target"}, format), format);
+    REQUIRE(error.ok());
+    REQUIRE(error->detail == "not a target");
+    rspf::CredentialFeed feed{{kKeId}, {"00112233445566778899aabbccddeeff@MEF.example.net"}};
+    auto back = rspf::decode_credential_feed(rspf::encode(feed, format), format);
+    REQUIRE(back.ok());
+    REQUIRE(back->issued == std::vector<std::string>{kKeId});
+    REQUIRE(back->revoked == std::vector<std::string>{kKeId});  // canonicalised
+  }
+}
+
+TEST_CASE("fetchCredentials paths parse and print", "[messages]") {
+  auto path = rspf::parse_fetch_credentials_path({"fetchCredentials", kKeId, "22"});
+  REQUIRE(path.ok());
+  REQUIRE(path->suid == dauth::crypto::Suid::rspf_key_for_saef);
+  REQUIRE(rspf::fetch_credentials_path(path->ke_id, path->suid) ==
+          std::vector<std::string>{"fetchCredentials", kKeId, "22"});
+  REQUIRE(rspf::parse_fetch_credentials_path({"fetchCredentials", kKeId}).error().code == dauth::Errc::not_found);
+  REQUIRE_FALSE(rspf::parse_fetch_credentials_path({"fetchCredentials", kKeId, "23"}).ok());
+  REQUIRE_FALSE(rspf::parse_fetch_credentials_path({"fetchCredentials", "nope", "22"}).ok());
+  REQUIRE(rspf::content_format_from(60).ok());
+  REQUIRE(rspf::content_format_from(42).error().code == dauth::Errc::unsupported);
+}
