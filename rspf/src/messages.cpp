@@ -21,14 +21,27 @@ Bytes serialise(const json& document, ContentFormat format) {
   return Bytes(text.begin(), text.end());
 }
 
+bool cbor_well_formed(ByteView payload);
+
 Result<json> parse(ByteView payload, ContentFormat format, std::string_view message) {
   if (payload.size > kMaxPayloadSize) {
     return make_error(Errc::limit, std::string(message) + ": payload of " + std::to_string(payload.size) +
                                        " bytes exceeds " + std::to_string(kMaxPayloadSize));
   }
+  // nlohmann's CBOR reader recurses per nesting level and throws on absurd container counts even with
+  // allow_exceptions=false (found by fuzz_rspf_messages): check shape and depth with our own bounded reader first.
+  if (format == ContentFormat::cbor && !cbor_well_formed(payload)) {
+    return make_error(Errc::parse, std::string(message) + ": not well-formed CBOR (definite lengths, nesting at "
+                                                          "most 8)");
+  }
   const std::uint8_t* end = payload.data + payload.size;
-  json document = format == ContentFormat::cbor ? json::from_cbor(payload.data, end, true, false)
-                                                : json::parse(payload.data, end, nullptr, false);
+  json document;
+  try {
+    document = format == ContentFormat::cbor ? json::from_cbor(payload.data, end, true, false)
+                                             : json::parse(payload.data, end, nullptr, false);
+  } catch (const json::exception& e) {
+    return make_error(Errc::parse, std::string(message) + ": " + e.what());
+  }
   if (document.is_discarded()) {
     return make_error(Errc::parse, std::string(message) + ": not well-formed " +
                                        (format == ContentFormat::cbor ? "CBOR" : "JSON"));
@@ -210,6 +223,11 @@ class CborSecretWriter {
 };
 
 constexpr std::size_t kCredentialSize = 32;
+
+bool cbor_well_formed(ByteView payload) {
+  CborCursor cursor{payload.data, payload.size};
+  return cursor.skip_item(0) && cursor.left == 0;
+}
 
 }  // namespace
 

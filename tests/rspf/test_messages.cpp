@@ -2,6 +2,7 @@
 // CBOR codec as an independent implementation, and refusals that name the key.
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
+#include <sodium.h>
 
 #include "dauth/rspf/messages.hpp"
 
@@ -155,4 +156,23 @@ TEST_CASE("fetchCredentials paths parse and print", "[messages]") {
   REQUIRE_FALSE(rspf::parse_fetch_credentials_path({"fetchCredentials", "nope", "22"}).ok());
   REQUIRE(rspf::content_format_from(60).ok());
   REQUIRE(rspf::content_format_from(42).error().code == dauth::Errc::unsupported);
+}
+
+TEST_CASE("CBOR that nlohmann's reader throws on is refused as a parse error (fuzz regression)", "[messages]") {
+  // Found by fuzz_rspf_messages: a map nested in a map claiming 2^64-1 entries made nlohmann throw out_of_range.
+  const std::string found = "o29jZWxtZW50cgB0RUVucm9sbWVudPXBbWFmRW5ydG9sbWVudPT1wW1udPT1wW1hu0Vhu0Vucm9FbnJvXWxtavQ=";
+  std::vector<std::uint8_t> input(found.size());
+  std::size_t length = 0;
+  REQUIRE(sodium_base642bin(input.data(), input.size(), found.data(), found.size(), nullptr, &length, nullptr,
+                            sodium_base64_VARIANT_ORIGINAL) == 0);
+  input.resize(length);
+  for (auto format : {rspf::ContentFormat::cbor, rspf::ContentFormat::json}) {
+    auto result = rspf::decode_enrolment_request(input, format);
+    REQUIRE_FALSE(result.ok());
+    REQUIRE(result.error().code == dauth::Errc::parse);
+  }
+  Bytes deep(30, 0x81);
+  deep.push_back(0xa0);
+  REQUIRE_THAT(rspf::decode_enrolment_request(deep, rspf::ContentFormat::cbor).error().message,
+               Catch::Contains("nesting"));
 }
