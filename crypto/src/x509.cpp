@@ -458,6 +458,16 @@ CertificateRequest::CertificateRequest(CertificateRequest&&) noexcept = default;
 CertificateRequest& CertificateRequest::operator=(CertificateRequest&&) noexcept = default;
 CertificateRequest::~CertificateRequest() = default;
 
+namespace {
+// The subject of an AE-ID certificate or CSR. The identity is the SAN URI (TS-0003 §8.1.2.5); the CN is for people,
+// and RFC 5280's ub-common-name is 64 characters while an AE-ID may have 128: keep its last 64 (the AE-ID stem).
+std::string ae_id_subject(std::string_view ae_id) {
+  constexpr std::size_t kMaxCommonName = 64;
+  if (ae_id.size() > kMaxCommonName) ae_id.remove_prefix(ae_id.size() - kMaxCommonName);
+  return "CN=" + std::string(ae_id);  // AE-ID characters have no meaning in a DN string
+}
+}  // namespace
+
 Result<CertificateRequest> CertificateRequest::create(const PrivateKey& key, std::string_view ae_id) {
   if (auto ok = validate_ae_id(ae_id); !ok) return std::move(ok).error();
   auto san = detail::encode_subject_alt_names({std::string(ae_id)}, {});
@@ -465,7 +475,7 @@ Result<CertificateRequest> CertificateRequest::create(const PrivateKey& key, std
   detail::CsrWriter writer;
   mbedtls_x509write_csr_set_key(writer.get(), key.impl_->pk.get());
   mbedtls_x509write_csr_set_md_alg(writer.get(), kDigest);
-  const std::string subject = "CN=" + std::string(ae_id);  // AE-ID characters have no meaning in a DN string
+  const std::string subject = ae_id_subject(ae_id);
   if (const int rc = mbedtls_x509write_csr_set_subject_name(writer.get(), subject.c_str()); rc != 0) {
     return mbedtls_error(rc, "CSR subject " + quote_for_error(subject));
   }
@@ -713,7 +723,7 @@ Result<Certificate> CertificateAuthority::issue(const CertificateRequest& reques
   if (auto ok = require_p256(*subject_key, "the CSR's key"); !ok) return std::move(ok).error();
   Extensions extensions;
   extensions.uris.emplace_back(ae_id);
-  return sign_certificate(impl_->key.impl_->pk.get(), impl_->issuer_name, subject_key, "CN=" + std::string(ae_id),
+  return sign_certificate(impl_->key.impl_->pk.get(), impl_->issuer_name, subject_key, ae_id_subject(ae_id),
                           params, extensions);
 }
 

@@ -275,7 +275,7 @@ TEST_CASE("x509: certificates made by openssl parse: URI SANs, DNS SANs, several
     CHECK(must(cert.ae_id()) == "CAE-meter-01");
     CHECK(cert.serial_hex() == "7F01");
     CHECK(cert.issuer() == "CN=Ext CA");
-    must(cert.verify(ca_cert, now));
+    must(cert.verify(ca_cert, std::max(now, cert.not_before())));  // openssl signs after `now`
   }
   SECTION("DNS names only: no AE-ID") {
     auto cert = must(crypto::Certificate::load_file(
@@ -320,7 +320,7 @@ TEST_CASE("x509: certificates made by openssl parse: URI SANs, DNS SANs, several
     CHECK(cert.san_dns_names().empty());
     CHECK(cert.subject() == "CN=nosan");
     CHECK(cert.ae_id().error().code == Errc::not_found);
-    must(cert.verify(ca_cert, now));
+    must(cert.verify(ca_cert, std::max(now, cert.not_before())));  // openssl signs after `now`
   }
   SECTION("an openssl CA and key drive our CA; openssl verifies what it issues") {
     auto authority = must(crypto::CertificateAuthority::from(std::move(ca_cert),
@@ -591,4 +591,25 @@ TEST_CASE("x509: issuing refuses bad AE-IDs, serials, validity, names and mismat
   auto not_ca = crypto::CertificateAuthority::from(std::move(leaf), std::move(pki.device_key));
   REQUIRE_FALSE(not_ca.ok());
   CHECK(contains(not_ca.error().message, "is not a CA"));
+}
+
+TEST_CASE("x509: a 128-character absolute AE-ID keeps its full SAN URI and a CN within RFC 5280's 64", "[x509]") {
+  TempDir dir;
+  const std::string ae_id = "//m2m.example.net/in-cse/" + std::string(128 - 25, 'a');
+  REQUIRE(ae_id.size() == 128);
+  const std::time_t now = std::time(nullptr);
+  auto pki = make_our_pki("CN=MEF CA", ae_id, now);
+  CHECK(pki.csr.subject() == "CN=" + ae_id.substr(64));
+  CHECK(pki.csr.requested_san_uris() == std::vector<std::string>{ae_id});
+  const auto device_cert = must(pki.ca.issue(pki.csr, ae_id, params_for(Bytes{0x42}, now - kDay, now + kDay)));
+  CHECK(must(device_cert.ae_id()) == ae_id);
+  CHECK(device_cert.subject() == "CN=" + ae_id.substr(64));
+  write_file(dir / "ca.pem", pki.ca.certificate().pem());
+  write_file(dir / "dev.pem", device_cert.pem());
+  // openssl's strict mode enforces the DN length limits.
+  const std::string verdict = must_run({"openssl", "verify", "-x509_strict", "-CAfile", (dir / "ca.pem").string(),
+                                        (dir / "dev.pem").string()});
+  CHECK(contains(verdict, "OK"));
+  CHECK(contains(must_run({"openssl", "x509", "-in", (dir / "dev.pem").string(), "-noout", "-ext", "subjectAltName"}),
+                 "URI:" + ae_id));
 }

@@ -95,7 +95,8 @@ class PrivateKey {
 // A PKCS#10 certificate signing request (RFC 2986), as EST-coaps carries it (application/pkcs10, DER).
 class CertificateRequest {
  public:
-  // Makes a CSR signed with key: subject "CN=<ae_id>", extensionRequest with subjectAltName URI = ae_id
+  // Makes a CSR signed with key: subject "CN=<ae_id>" (its last 64 characters if longer: RFC 5280
+  // ub-common-name), extensionRequest with subjectAltName URI = ae_id
   // (TS-0003 §10.1.4). ae_id must be a valid AE-ID.
   static Result<CertificateRequest> create(const PrivateKey& key, std::string_view ae_id);
   static Result<CertificateRequest> parse(ByteView der_or_pem);
@@ -151,7 +152,7 @@ class CertificateAuthority {
   const Certificate& certificate() const;
   const PrivateKey& key() const;
 
-  // An AE-ID certificate for the CSR's public key: subject CN and SAN URI = ae_id (a valid AE-ID). Checks neither
+  // An AE-ID certificate for the CSR's public key: SAN URI = ae_id (a valid AE-ID), subject CN as for a CSR. Checks neither
   // the CSR's signature nor whether the requester may hold ae_id: the caller (the MEF) decides that first.
   Result<Certificate> issue(const CertificateRequest& request, std::string_view ae_id,
                             const IssueParams& params) const;
