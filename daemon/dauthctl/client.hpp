@@ -1,0 +1,28 @@
+// dauthctl's side of the control protocol (docs/control-protocol.md): one request line, one reply line.
+#pragma once
+
+#include <functional>
+#include <nlohmann/json.hpp>
+#include <ostream>
+#include <string>
+
+#include "verbs.hpp"
+
+namespace dauthctl {
+
+// Human rendering of a verb's "result" object; --json prints the result itself instead.
+using HumanPrinter = std::function<void(const nlohmann::json& result, std::ostream& out)>;
+
+// Sends {"verb": verb, "args": args}, prints the result (human or --json) or the daemon's error unchanged, and
+// returns the exit code: 0 ok, 1 failed, 2 usage, 3 daemon unreachable, 4 refused (dauthctl(1)).
+int call(const Context& context, const std::string& verb, const nlohmann::json& args, const HumanPrinter& human);
+
+// Like call(), with a printer for a successful result that may decide the output itself (stats --prometheus).
+int call_raw(const Context& context, const std::string& verb, const nlohmann::json& args,
+             const std::function<void(const nlohmann::json& result)>& on_result);
+
+// Human helpers shared by the verbs.
+std::string format_duration(long long seconds);
+void print_rows(const nlohmann::json& rows, std::ostream& out, const char* empty_text);
+
+}  // namespace dauthctl

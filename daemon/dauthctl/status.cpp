@@ -1,0 +1,55 @@
+// dauthctl status: the daemon's state, configuration and roles. Also what plain `dauthctl` runs.
+#include <ctime>
+
+#include "client.hpp"
+#include "verbs.hpp"
+
+namespace dauthctl {
+
+namespace {
+
+std::string local_time(long long unix_seconds) {
+  const std::time_t t = static_cast<std::time_t>(unix_seconds);
+  std::tm tm{};
+  ::localtime_r(&t, &tm);
+  char text[32];
+  std::strftime(text, sizeof text, "%Y-%m-%d %H:%M:%S", &tm);
+  return text;
+}
+
+void print_status(const nlohmann::json& s, std::ostream& out) {
+  out << "dauthd " << s.value("version", "?") << ", pid " << s.value("pid", 0) << ", " << s.value("state", "?")
+      << " for " << format_duration(s.value("uptime_seconds", 0LL)) << "\n";
+  out << "config:    " << s.value("config_file", "?") << " (loaded " << local_time(s.value("config_loaded_at", 0LL))
+      << ")\n";
+  std::string roles;
+  for (const char* role : {"enrolee", "mef", "peer"}) {
+    if (!s["roles"].value(role, false)) continue;
+    roles += (roles.empty() ? "" : ", ") + std::string(role);
+    if (!s["roles_available"].value(role, false)) roles += " (configured, not in this build)";
+  }
+  out << "roles:     " << (roles.empty() ? "none" : roles) << "\n";
+  out << "control:   " << s.value("control_socket", "?") << "\n";
+  out << "keys:      " << s.value("keys_loaded", 0) << " loaded\n";
+  const auto watchdog = s.value("watchdog_usec", 0ULL);
+  out << "watchdog:  " << (watchdog ? std::to_string(watchdog / 1000000ULL) + " s" : std::string("off")) << "\n";
+  out << "reloads:   " << s.value("reloads", 0) << " (" << s.value("reload_failures", 0) << " refused)";
+  const auto& last = s["last_reload"];
+  if (last.is_object()) {
+    out << "; last at " << local_time(last.value("at", 0LL))
+        << (last.value("ok", false) ? ": ok" : ": refused: " + last.value("error", std::string()));
+  }
+  out << "\n";
+}
+
+}  // namespace
+
+int run_status(Context& context) { return call(context, "status", nlohmann::json::object(), print_status); }
+
+CLI::App* add_status(CLI::App& parent, Context& context) {
+  CLI::App* sub = parent.add_subcommand("status", "show the daemon's state, configuration file and roles");
+  sub->callback([&context] { context.exit_code = run_status(context); });
+  return sub;
+}
+
+}  // namespace dauthctl

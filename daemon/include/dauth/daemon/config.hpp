@@ -1,0 +1,222 @@
+// dauthd configuration: one TOML file (default /etc/dauth/dauthd.toml), described by one table (STYLE.md §6).
+//
+// config_schema() is that table: one row per key with its type, range, default and one-line doc. The parser
+// accepts nothing else: unknown sections and keys are errors, every value is type- and range-checked, and the
+// cross-field rules run once at the end. Every error names the place and the value, e.g.
+//   dauthd.toml:14:16: peer.idle_timeout = 0: must be 1–86400 seconds
+// All errors of a file are reported together, one per line. parse_config()/load_config() never exit and never
+// touch the running daemon: the caller parses into a new Config, validates, then swaps (reload keeps the old
+// one on failure). Roles are switched on by the presence of their section: [enrolee], [mef], [peer].
+//
+// The configuration holds no key material, only the paths to it (secrets travel by file, STYLE.md §8);
+// load_secrets() reads those files, refusing group/world-accessible ones.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <variant>
+#include <vector>
+
+#include "dauth/daemon/log.hpp"
+#include "dauth/error.hpp"
+#include "dauth/secret.hpp"
+
+namespace dauth::daemon {
+
+inline constexpr std::string_view kDefaultConfigPath = "/etc/dauth/dauthd.toml";
+
+enum class ValueType : std::uint8_t { boolean, integer, string, path, string_list, path_list };
+
+// Syntax checks applied to string values beyond their length.
+enum class ValueCheck : std::uint8_t {
+  none,
+  ae_id,              // SPEC.md §1 (crypto::validate_ae_id)
+  ae_id_or_any,       // an AE-ID or "*"
+  fqdn,               // RFC 1123 host name
+  kpm_id,             // "<relative>@<MEF-FQDN>" (SPEC.md §3.1)
+  listen_address,     // IP literal and port: "127.0.0.1:5684", "[::1]:5684", "0.0.0.0:5684"
+  remote_address,     // host name or IP literal, and port
+  loopback_address,   // 127.0.0.0/8 or [::1], and port (local AEs: SPEC.md §6)
+  log_level,          // error | warning | notice | info | debug
+  master_key_source,  // credential | file
+  coap_method,        // GET | POST | PUT | DELETE | FETCH | PATCH | IPATCH
+  group_name,         // an existing group (control socket access)
+  credential_name,    // a systemd credential name: [A-Za-z0-9_.-]{1,255}
+};
+
+// One row of the configuration table.
+struct KeySpec {
+  std::string_view section;        // "daemon", or an array of tables such as "enrolee.ae"
+  std::string_view name;
+  ValueType type;
+  ValueCheck check;
+  std::int64_t min;                // integers: smallest value; strings: shortest length; lists: fewest items
+  std::int64_t max;                // integers: largest value; strings: longest length; lists: most items
+  std::string_view default_value;  // TOML text of the default; empty: required (see required) or unset
+  bool required;                   // must be given whenever its section is present
+  bool key_file;                   // a path to key material: loaded by load_secrets(), printed (hidden)
+  std::string_view unit;           // "seconds", shown in range errors
+  std::string_view doc;            // one line, used by the man page and the example config
+};
+
+struct SectionSpec {
+  std::string_view name;  // "daemon", "peer.policy"
+  bool array;             // [[name]]: an array of tables inside its parent section
+  bool role;              // presence switches a role on
+  std::string_view doc;
+};
+
+const std::vector<SectionSpec>& config_sections();
+const std::vector<KeySpec>& config_schema();
+
+using ConfigValue = std::variant<bool, std::int64_t, std::string, std::vector<std::string>>;
+
+// One key's effective value and where it came from (line 0: the default).
+struct ConfigEntry {
+  const KeySpec* spec = nullptr;
+  ConfigValue value;
+  std::uint32_t line = 0;
+  std::uint32_t column = 0;
+};
+
+// One table of the file: a section, or one element of an array of tables (index >= 0).
+struct ConfigTable {
+  std::string section;
+  int index = -1;
+  std::uint32_t line = 0;
+  std::vector<ConfigEntry> entries;  // schema order, defaults filled in; unset optional keys are absent
+
+  const ConfigEntry* find(std::string_view key) const;
+  // "peer.idle_timeout", "peer.policy[2].methods"
+  std::string key_path(std::string_view key) const;
+};
+
+// ----- the typed view the daemon and the roles use -----
+
+struct DaemonSettings {
+  std::filesystem::path state_directory;
+  std::filesystem::path control_socket;
+  std::string control_group;  // empty: socket 0600 for dauthd's user; else 0660 with this group
+  std::string master_key_source;
+  std::string master_key_credential;
+  std::filesystem::path master_key_file;
+  log::Level log_level = log::Level::info;
+  int max_control_clients = 8;
+  int shutdown_timeout = 5;
+};
+
+struct LocalAe {
+  std::string id;
+  std::string endpoint;  // where the AE serves requests (loopback), empty if it only sends
+  std::string kpm_id;
+  std::filesystem::path kpm_file;
+  std::filesystem::path certificate_file;
+  std::filesystem::path private_key_file;
+  bool certificate_enrolment = false;
+};
+
+struct EnroleeSettings {
+  std::string mef_address;
+  std::string mef_fqdn;
+  std::filesystem::path mef_trust_anchor;
+  std::string local_listen;
+  std::vector<LocalAe> aes;
+};
+
+struct MefEnrolee {
+  std::string kpm_id;
+  std::filesystem::path kpm_file;
+  std::string enrolee_id;
+  std::vector<std::string> targets;
+  std::int64_t lifetime = 0;  // seconds; 0: mef.enrolment_lifetime
+  bool certificate_enrolment = false;
+};
+
+struct MefSettings {
+  std::string fqdn;
+  std::string listen;
+  std::filesystem::path certificate_file;
+  std::filesystem::path private_key_file;
+  std::filesystem::path issuing_ca_certificate;
+  std::filesystem::path issuing_ca_key;
+  std::filesystem::path device_ca;
+  std::int64_t enrolment_lifetime = 0;
+  std::int64_t session_key_lifetime = 0;
+  std::int64_t certificate_lifetime = 0;
+  std::vector<MefEnrolee> enrolees;
+};
+
+struct PeerAddress {
+  std::string ae_id;
+  std::string address;
+};
+
+struct PolicyRule {
+  std::string peer;  // AE-ID or "*"
+  std::vector<std::string> local_aes;
+  std::vector<std::string> methods;
+};
+
+struct PeerSettings {
+  std::string listen;
+  std::vector<std::filesystem::path> trust_anchors;
+  std::int64_t idle_timeout = 0;
+  std::int64_t max_sessions = 0;
+  std::int64_t max_outgoing_sessions = 0;
+  std::int64_t max_handshakes = 0;
+  std::int64_t handshake_timeout = 0;
+  bool legacy_onem2m_options = false;
+  std::vector<PeerAddress> addresses;
+  std::vector<PolicyRule> policy;
+};
+
+struct Config {
+  std::string source;  // the file name as given, used in messages
+  std::vector<ConfigTable> tables;
+  DaemonSettings daemon;
+  std::optional<EnroleeSettings> enrolee;
+  std::optional<MefSettings> mef;
+  std::optional<PeerSettings> peer;
+
+  // "enrolee,peer" style list of the roles switched on ("none" when there is none).
+  std::string roles() const;
+  // The effective configuration as TOML, defaults included, in schema order. Key-file entries carry a trailing
+  // "# (hidden)" comment; with secrets, also the key size and fingerprint (never the bytes).
+  std::string normalised(const class LoadedSecrets* secrets = nullptr) const;
+};
+
+// Parses text (named source_name in messages). Errc::parse for TOML syntax, Errc::invalid_argument otherwise.
+Result<Config> parse_config(std::string_view text, std::string_view source_name);
+// Reads and parses a file; Errc::io when it cannot be read.
+Result<Config> load_config(const std::filesystem::path& file);
+
+// ----- key material named by the configuration -----
+
+// The master key and every key file of a Config, loaded into guarded memory. Movable, not copyable.
+class LoadedSecrets {
+ public:
+  struct Key {
+    std::string origin;  // "enrolee.ae[0].kpm_file" or "daemon.master_key_credential"
+    SecretBuffer key;
+  };
+
+  const SecretBuffer& master_key() const { return master_key_; }
+  // The key loaded from a key file path (the path as configured), or nullptr.
+  const Key* find_file(const std::filesystem::path& path) const;
+  std::size_t size() const { return files_.size() + (master_key_.empty() ? 0 : 1); }
+
+ private:
+  friend Result<LoadedSecrets> load_secrets(const Config& config);
+  SecretBuffer master_key_;
+  std::map<std::string, Key> files_;
+};
+
+// Loads the master key (daemon.master_key_source) and every key file of config. Fails closed (STYLE.md §12):
+// the first unreadable, group/world-accessible or malformed file is an error naming the key, file and reason.
+Result<LoadedSecrets> load_secrets(const Config& config);
+
+}  // namespace dauth::daemon

@@ -1,0 +1,88 @@
+// The Daemon object (STYLE.md §16): holds its components as members in dependency order, so that set-up is the
+// order of start() and tear-down is the reverse, by RAII. Every registration (signal, timer, control verb) is a
+// member whose destruction removes it.
+//
+// Roles: the Enrolee, MEF and Peer roles (rspf/, transport/) are not part of this build yet. Their places are
+// marked "EXTENSION POINT" in daemon.hpp/daemon.cpp; until they land, the control verbs that need them answer
+//   {"ok": false, "error": "<verb>: not available yet: no <role> role in this build", "code": "unsupported"}
+// which is documented in docs/control-protocol.md and dauthctl(1).
+#pragma once
+
+#include <cstdint>
+#include <ctime>
+#include <filesystem>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "dauth/daemon/config.hpp"
+#include "dauth/daemon/control_socket.hpp"
+#include "dauth/daemon/event_loop.hpp"
+#include "dauth/daemon/systemd_notify.hpp"
+#include "dauth/error.hpp"
+
+namespace dauth::daemon {
+
+// The project version, as dauthd --version and the status verb print it.
+std::string_view version() noexcept;
+
+class Daemon {
+ public:
+  // Sets everything up from an already validated configuration and its loaded secrets, binds the control
+  // socket and sends READY=1. The caller must have blocked SIGHUP, SIGTERM and SIGINT (block_daemon_signals()).
+  static Result<std::unique_ptr<Daemon>> start(std::filesystem::path config_path, Config config,
+                                               LoadedSecrets secrets);
+  ~Daemon();
+  Daemon(const Daemon&) = delete;
+  Daemon& operator=(const Daemon&) = delete;
+
+  // Runs the event loop until SIGTERM or SIGINT has been handled (drain, STOPPING=1).
+  Result<void> run();
+
+  // SIGHUP: parse and validate the file again, load its secrets, then swap. A bad file or an unloadable key
+  // keeps the running configuration and reports the reason (log, STATUS=, status verb). Live sessions stay.
+  Result<void> reload();
+
+  nlohmann::json status_json() const;
+  nlohmann::json stats_json() const;
+
+ private:
+  Daemon(std::filesystem::path config_path, Config config, LoadedSecrets secrets);
+  Result<void> set_up();
+  Result<void> register_verbs();
+  void shut_down(const std::string& reason);
+
+  // ----- members in dependency order: later ones use earlier ones, and are destroyed first -----
+  std::filesystem::path config_path_;
+  Config config_;
+  LoadedSecrets secrets_;
+  SystemdNotifier notifier_;
+  std::unique_ptr<EventLoop> loop_;
+  EventLoop::Registration signal_watch_;
+  EventLoop::Registration watchdog_timer_;
+  std::unique_ptr<ControlServer> control_;
+  std::vector<ControlServer::VerbRegistration> verbs_;
+  // EXTENSION POINT (roles): the key store (crypto::KeyStore, opened in state_directory with the master key),
+  // then the transport contexts, then the Enrolee, MEF and Peer role objects, each built from config_ and
+  // secrets_ in set_up() after the control socket, and given reload() and drain() calls. Declare them here, below
+  // control_, so that they are torn down before the control socket and the loop.
+
+  std::time_t started_at_ = 0;
+  std::time_t config_loaded_at_ = 0;
+  std::uint64_t reloads_ = 0;
+  std::uint64_t reload_failures_ = 0;
+  std::optional<std::string> last_reload_error_;
+  std::time_t last_reload_at_ = 0;
+  bool stopping_ = false;
+};
+
+// Blocks the signals the daemon takes through its signalfd; call first thing in main, before any thread exists.
+Result<void> block_daemon_signals();
+
+// For a process that holds keys: no core dumps (RLIMIT_CORE = 0) and not dumpable (no ptrace by the same uid,
+// no /proc/<pid>/mem for others). STYLE.md §11: libcoap keeps unwiped copies of session PSKs on the heap.
+Result<void> harden_process();
+
+}  // namespace dauth::daemon

@@ -1,0 +1,150 @@
+// The configuration table (STYLE.md §6). docs/dauthd.toml.5 and docs/dauthd.toml.example list exactly these
+// keys; tests/daemon/test_config.cpp checks that they agree.
+#include "dauth/daemon/config.hpp"
+
+namespace dauth::daemon {
+
+namespace {
+constexpr std::int64_t kDay = 86400;
+constexpr std::int64_t kYear = 365 * kDay;
+// Paths: Linux PATH_MAX; the control socket is further limited by sockaddr_un (checked when it is bound).
+constexpr std::int64_t kPathMax = 4095;
+}  // namespace
+
+const std::vector<SectionSpec>& config_sections() {
+  static const std::vector<SectionSpec> sections = {
+      {"daemon", false, false, "process settings: state, control socket, master key, logging"},
+      {"enrolee", false, true, "Enrolee role: local AEs enrol with their MEF (SPEC.md §3)"},
+      {"enrolee.ae", true, false, "one local AE and its bootstrap credential"},
+      {"mef", false, true, "MEF role: enrolment and key retrieval for enrolees (SPEC.md §3–5)"},
+      {"mef.enrolee", true, false, "one row of the MEF's enrolee table (pre-provisioned key RSPF)"},
+      {"peer", false, true, "Peer role: AE-to-AE sessions over DTLS and the access policy (SPEC.md §4)"},
+      {"peer.address", true, false, "static address of a remote AE's dauthd"},
+      {"peer.policy", true, false, "access rule: which remote AE may reach which local AEs with which methods"},
+  };
+  return sections;
+}
+
+const std::vector<KeySpec>& config_schema() {
+  using T = ValueType;
+  using C = ValueCheck;
+  // section, name, type, check, min, max, default, required, key_file, unit, doc
+  static const std::vector<KeySpec> schema = {
+      // [daemon]
+      {"daemon", "state_directory", T::path, C::none, 1, kPathMax, "\"/var/lib/dauth\"", false, false, "",
+       "directory of the sealed key store (systemd StateDirectory=)"},
+      {"daemon", "control_socket", T::path, C::none, 1, kPathMax, "\"/run/dauth/control\"", false, false, "",
+       "path of the control socket used by dauthctl"},
+      {"daemon", "control_group", T::string, C::group_name, 0, 32, "\"\"", false, false, "",
+       "group allowed to use the control socket (mode 0660); empty: only root and dauthd's user (0600)"},
+      {"daemon", "master_key_source", T::string, C::master_key_source, 1, 16, "\"credential\"", false, false, "",
+       "where the key-store master key comes from: credential (systemd LoadCredential=) or file"},
+      {"daemon", "master_key_credential", T::string, C::credential_name, 0, 255, "\"master-key\"", false, true,
+       "", "name of the systemd credential holding the master key (64 hex characters)"},
+      {"daemon", "master_key_file", T::path, C::none, 1, kPathMax, "", false, true, "",
+       "file holding the master key (64 hex characters, mode 0600) when master_key_source = \"file\""},
+      {"daemon", "log_level", T::string, C::log_level, 1, 16, "\"info\"", false, false, "",
+       "least important messages logged: error, warning, notice, info or debug"},
+      {"daemon", "max_control_clients", T::integer, C::none, 1, 64, "8", false, false, "connections",
+       "control socket connections served at once; more are refused"},
+      {"daemon", "shutdown_timeout", T::integer, C::none, 0, 300, "5", false, false, "seconds",
+       "how long SIGTERM waits for sessions to close before exiting"},
+
+      // [enrolee]
+      {"enrolee", "mef_address", T::string, C::remote_address, 1, 260, "", true, false, "",
+       "host:port of the MEF (coaps, usually port 5684)"},
+      {"enrolee", "mef_fqdn", T::string, C::fqdn, 1, 253, "", true, false, "",
+       "MEF-FQDN: names the MEF in KpmIDs and KeIDs and is checked against its certificate"},
+      {"enrolee", "mef_trust_anchor", T::path, C::none, 1, kPathMax, "", false, false, "",
+       "PEM CA certificate(s) that sign the MEF's FQDN certificate (certificate RSPF)"},
+      {"enrolee", "local_listen", T::string, C::loopback_address, 1, 64, "\"127.0.0.1:5683\"", false, false, "",
+       "loopback address where local AEs send plain CoAP requests (SPEC.md §6)"},
+
+      // [[enrolee.ae]]
+      {"enrolee.ae", "id", T::string, C::ae_id, 1, 128, "", true, false, "", "the local AE's AE-ID"},
+      {"enrolee.ae", "endpoint", T::string, C::loopback_address, 1, 64, "", false, false, "",
+       "loopback address where this AE serves requests; omit if it only sends"},
+      {"enrolee.ae", "kpm_id", T::string, C::kpm_id, 1, 318, "", false, false, "",
+       "KpmID of the pre-provisioned key: <relative>@<MEF-FQDN>"},
+      {"enrolee.ae", "kpm_file", T::path, C::none, 1, kPathMax, "", false, true, "",
+       "file holding Kpm (16–64 bytes as hex, mode 0600)"},
+      {"enrolee.ae", "certificate_file", T::path, C::none, 1, kPathMax, "", false, false, "",
+       "PEM device or AE-ID certificate for the certificate RSPF (instead of kpm_id/kpm_file)"},
+      {"enrolee.ae", "private_key_file", T::path, C::none, 1, kPathMax, "", false, false, "",
+       "PEM private key of certificate_file (mode 0600)"},
+      {"enrolee.ae", "certificate_enrolment", T::boolean, C::none, 0, 0, "false", false, false, "",
+       "ask the MEF for an AE-ID certificate (EST) during enrolment"},
+
+      // [mef]
+      {"mef", "fqdn", T::string, C::fqdn, 1, 253, "", true, false, "", "this MEF's MEF-FQDN"},
+      {"mef", "listen", T::string, C::listen_address, 1, 64, "\"0.0.0.0:5685\"", false, false, "",
+       "address the MEF accepts DTLS on (peer sessions use peer.listen)"},
+      {"mef", "certificate_file", T::path, C::none, 1, kPathMax, "", false, false, "",
+       "PEM FQDN certificate chain of the MEF (certificate RSPF)"},
+      {"mef", "private_key_file", T::path, C::none, 1, kPathMax, "", false, false, "",
+       "PEM private key of certificate_file (mode 0600)"},
+      {"mef", "issuing_ca_certificate", T::path, C::none, 1, kPathMax, "", false, false, "",
+       "PEM CA certificate that signs AE-ID certificates (EST enrolment)"},
+      {"mef", "issuing_ca_key", T::path, C::none, 1, kPathMax, "", false, false, "",
+       "PEM private key of issuing_ca_certificate (mode 0600)"},
+      {"mef", "device_ca", T::path, C::none, 1, kPathMax, "", false, false, "",
+       "PEM CA certificate(s) accepted for device-certificate enrolees"},
+      {"mef", "enrolment_lifetime", T::integer, C::none, 60, kYear, "2592000", false, false, "seconds",
+       "Enrolment Expiry of a new Ke, from enrolment"},
+      {"mef", "session_key_lifetime", T::integer, C::none, 60, kYear, "86400", false, false, "seconds",
+       "lifetime of a usage-constrained key handed to an Enrolment Target"},
+      {"mef", "certificate_lifetime", T::integer, C::none, 3600, 3 * kYear, "31536000", false, false, "seconds",
+       "validity of an issued AE-ID certificate"},
+
+      // [[mef.enrolee]]
+      {"mef.enrolee", "kpm_id", T::string, C::kpm_id, 1, 318, "", true, false, "",
+       "KpmID the enrolee presents: <relative>@<mef.fqdn>"},
+      {"mef.enrolee", "kpm_file", T::path, C::none, 1, kPathMax, "", true, true, "",
+       "file holding the enrolee's Kpm (16–64 bytes as hex, mode 0600)"},
+      {"mef.enrolee", "enrolee_id", T::string, C::ae_id, 1, 128, "", true, false, "",
+       "AE-ID assigned to the enrolee"},
+      {"mef.enrolee", "targets", T::string_list, C::ae_id, 0, 1024, "[]", false, false, "",
+       "AE-IDs the enrolee may talk to (Enrolment Targets)"},
+      {"mef.enrolee", "lifetime", T::integer, C::none, 0, kYear, "0", false, false, "seconds",
+       "Enrolment Expiry for this enrolee; 0: mef.enrolment_lifetime"},
+      {"mef.enrolee", "certificate_enrolment", T::boolean, C::none, 0, 0, "false", false, false, "",
+       "offer EST certificate enrolment to this enrolee"},
+
+      // [peer]
+      {"peer", "listen", T::string, C::listen_address, 1, 64, "\"0.0.0.0:5684\"", false, false, "",
+       "address peer sessions are accepted on (coaps)"},
+      {"peer", "trust_anchors", T::path_list, C::none, 0, 64, "[]", false, false, "",
+       "PEM CA certificates (MEF CAs) that sign peers' AE-ID certificates"},
+      // DESIGN.md §4: libcoap's own idle default is 300 s; we set it explicitly because it bounds how long
+      // libcoap's unwiped copies of session PSKs live (STYLE.md §11).
+      {"peer", "idle_timeout", T::integer, C::none, 1, kDay, "300", false, false, "seconds",
+       "idle time after which a peer session is closed"},
+      {"peer", "max_sessions", T::integer, C::none, 1, 65535, "1024", false, false, "sessions",
+       "incoming peer sessions held at once"},
+      // DESIGN.md §4: the GnuTLS client side select()s per session; glibc aborts near 1024 descriptors.
+      {"peer", "max_outgoing_sessions", T::integer, C::none, 1, 900, "256", false, false, "sessions",
+       "outgoing peer sessions held at once (GnuTLS limit: below 1000)"},
+      {"peer", "max_handshakes", T::integer, C::none, 1, 1000, "100", false, false, "handshakes",
+       "DTLS handshakes in progress at once (libcoap default 100)"},
+      {"peer", "handshake_timeout", T::integer, C::none, 1, 300, "30", false, false, "seconds",
+       "time a DTLS handshake may take"},
+      {"peer", "legacy_onem2m_options", T::boolean, C::none, 0, 0, "false", false, false, "",
+       "also accept the pre-2022 oneM2M CoAP option numbers (FR 256, RQI 257, RSC 265)"},
+
+      // [[peer.address]]
+      {"peer.address", "ae_id", T::string, C::ae_id, 1, 128, "", true, false, "", "the remote AE's AE-ID"},
+      {"peer.address", "address", T::string, C::remote_address, 1, 260, "", true, false, "",
+       "host:port of the dauthd that serves it"},
+
+      // [[peer.policy]]
+      {"peer.policy", "peer", T::string, C::ae_id_or_any, 1, 128, "", true, false, "",
+       "authenticated remote AE-ID, or \"*\" for any authenticated peer"},
+      {"peer.policy", "local_aes", T::string_list, C::ae_id, 1, 1024, "", true, false, "",
+       "local AE-IDs (ids of [[enrolee.ae]]) the peer may reach"},
+      {"peer.policy", "methods", T::string_list, C::coap_method, 1, 7, "[\"GET\"]", false, false, "",
+       "CoAP methods allowed: GET, POST, PUT, DELETE, FETCH, PATCH, IPATCH"},
+  };
+  return schema;
+}
+
+}  // namespace dauth::daemon

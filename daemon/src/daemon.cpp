@@ -1,0 +1,310 @@
+#include "dauth/daemon/daemon.hpp"
+
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "dauth/daemon/log.hpp"
+
+#ifndef DAUTH_VERSION
+#define DAUTH_VERSION "unknown"
+#endif
+
+namespace dauth::daemon {
+
+namespace {
+
+// The verbs whose role has not landed yet, and the role each one needs (docs/control-protocol.md).
+struct PendingVerb {
+  const char* verb;
+  const char* role;
+};
+constexpr PendingVerb kPendingVerbs[] = {
+    {"sessions", "peer"},          {"peers", "peer"},
+    {"credentials.list", "enrolee"}, {"credentials.add", "enrolee"}, {"credentials.remove", "enrolee"},
+    {"enrol", "enrolee"},          {"revoke", "mef"},
+};
+
+std::time_t now() { return std::time(nullptr); }
+
+Result<void> check_state_directory(const ConfigTable* table, const std::string& source,
+                                   const std::filesystem::path& dir) {
+  std::string where = source;
+  if (table) {
+    if (const ConfigEntry* e = table->find("state_directory"); e && e->line) {
+      where += ":" + std::to_string(e->line) + ":" + std::to_string(e->column);
+    }
+  }
+  where += ": daemon.state_directory = \"" + dir.string() + "\": ";
+  struct stat st {};
+  if (::stat(dir.c_str(), &st) != 0) {
+    return make_error(Errc::not_found, where + std::strerror(errno) +
+                                           " (systemd creates it from StateDirectory=; otherwise create it 0700)");
+  }
+  if (!S_ISDIR(st.st_mode)) return make_error(Errc::invalid_argument, where + "not a directory");
+  // The key store refuses a directory others can write to (keystore.hpp); say so at start, not at first use.
+  if ((st.st_mode & 022) != 0) {
+    char mode[8];
+    std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(st.st_mode & 07777));
+    return make_error(Errc::permission, where + "mode " + mode + " is group/world-writable; must be 0700 or 0750");
+  }
+  return ok_result();
+}
+
+}  // namespace
+
+std::string_view version() noexcept { return DAUTH_VERSION; }
+
+Result<void> block_daemon_signals() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGHUP);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  if (::sigprocmask(SIG_BLOCK, &set, nullptr) != 0) {
+    return make_error(Errc::internal, std::string("sigprocmask: ") + std::strerror(errno));
+  }
+  // A control client that disconnects early must not kill us: send() uses MSG_NOSIGNAL, this covers the rest.
+  ::signal(SIGPIPE, SIG_IGN);
+  return ok_result();
+}
+
+Result<void> harden_process() {
+  const rlimit no_core{0, 0};
+  if (::setrlimit(RLIMIT_CORE, &no_core) != 0) {
+    return make_error(Errc::internal, std::string("setrlimit(RLIMIT_CORE, 0): ") + std::strerror(errno));
+  }
+#if !defined(__SANITIZE_ADDRESS__)
+  // Not under AddressSanitizer: LeakSanitizer ptrace()s the process at exit, which PR_SET_DUMPABLE=0 forbids.
+  if (::prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0) {
+    return make_error(Errc::internal, std::string("prctl(PR_SET_DUMPABLE, 0): ") + std::strerror(errno));
+  }
+#endif
+  return ok_result();
+}
+
+Daemon::Daemon(std::filesystem::path config_path, Config config, LoadedSecrets secrets)
+    : config_path_(std::move(config_path)), config_(std::move(config)), secrets_(std::move(secrets)) {}
+
+Daemon::~Daemon() = default;
+
+Result<std::unique_ptr<Daemon>> Daemon::start(std::filesystem::path config_path, Config config,
+                                              LoadedSecrets secrets) {
+  std::unique_ptr<Daemon> daemon(new Daemon(std::move(config_path), std::move(config), std::move(secrets)));
+  if (auto r = daemon->set_up(); !r) return std::move(r).error();
+  return daemon;
+}
+
+// The set-up list (STYLE.md §16, chrony's X_Initialise() calls): each step uses only the ones above it, and the
+// members that hold them are declared in this order, so tear-down is this list reversed.
+Result<void> Daemon::set_up() {
+  started_at_ = now();
+  config_loaded_at_ = started_at_;
+  log::set_threshold(config_.daemon.log_level);
+
+  const ConfigTable* daemon_table = nullptr;
+  for (const auto& t : config_.tables) {
+    if (t.section == "daemon") daemon_table = &t;
+  }
+  if (auto r = check_state_directory(daemon_table, config_.source, config_.daemon.state_directory); !r) return r;
+
+  auto loop = EventLoop::create();
+  if (!loop) return std::move(loop).error();
+  loop_ = std::move(loop).value();
+
+  auto signals = loop_->on_signals({SIGHUP, SIGTERM, SIGINT}, [this](const signalfd_siginfo& info) {
+    if (info.ssi_signo == SIGHUP) {
+      (void)reload();  // reload() logs and reports its own outcome
+    } else {
+      shut_down(info.ssi_signo == SIGTERM ? "SIGTERM" : "SIGINT");
+    }
+  });
+  if (!signals) return std::move(signals).error();
+  signal_watch_ = std::move(signals).value();
+
+  auto control = ControlServer::open(*loop_, {config_.daemon.control_socket, config_.daemon.control_group,
+                                              config_.daemon.max_control_clients});
+  if (!control) return std::move(control).error();
+  control_ = std::move(control).value();
+  if (auto r = register_verbs(); !r) return r;
+
+  // EXTENSION POINT (roles): open the key store with secrets_.master_key(), then start the roles that config_
+  // switches on (config_.enrolee, config_.mef, config_.peer), each registering its fds with *loop_ and its
+  // verbs with *control_ (replacing the matching kPendingVerbs entry).
+  if (config_.enrolee || config_.mef || config_.peer) {
+    log::warning("roles configured (" + config_.roles() +
+                 ") are not available in this build yet; serving the control socket only");
+  }
+
+  if (const auto interval = notifier_.watchdog_interval()) {
+    auto timer = loop_->add_timer(*interval, *interval, [this] { notifier_.watchdog(); });
+    if (!timer) return std::move(timer).error();
+    watchdog_timer_ = std::move(timer).value();
+    log::info("watchdog: WATCHDOG_USEC=" + std::to_string(notifier_.watchdog_usec()) + ", pinging every " +
+              std::to_string(interval->count()) + " ms");
+  }
+
+  log::notice("dauthd " + std::string(version()) + " started: config " + config_.source + ", roles " +
+              config_.roles() + ", control socket " + control_->path().string() + ", " +
+              std::to_string(secrets_.size()) + " key(s) loaded");
+  notifier_.ready("running; roles: " + config_.roles());
+  return ok_result();
+}
+
+Result<void> Daemon::register_verbs() {
+  // Each registration's removal is its VerbRegistration in verbs_, destroyed before control_.
+  auto add = [this](const std::string& verb, VerbHandler handler) -> Result<void> {
+    auto registration = control_->add_verb(verb, std::move(handler));
+    if (!registration) return std::move(registration).error();
+    verbs_.push_back(std::move(registration).value());
+    return ok_result();
+  };
+  if (auto r = add("status", [this](const ControlRequest&) -> Result<nlohmann::json> { return status_json(); });
+      !r) {
+    return r;
+  }
+  if (auto r = add("stats", [this](const ControlRequest&) -> Result<nlohmann::json> { return stats_json(); }); !r) {
+    return r;
+  }
+  if (auto r = add("reload", [this](const ControlRequest&) -> Result<nlohmann::json> {
+        if (auto outcome = reload(); !outcome) return std::move(outcome).error();
+        return status_json();
+      });
+      !r) {
+    return r;
+  }
+  for (const auto& pending : kPendingVerbs) {
+    const std::string verb = pending.verb;
+    const std::string role = pending.role;
+    // Honest placeholder until the role lands: never pretend to succeed.
+    if (auto r = add(verb, [verb, role](const ControlRequest&) -> Result<nlohmann::json> {
+          return make_error(Errc::unsupported, verb + ": not available yet: no " + role + " role in this build");
+        });
+        !r) {
+      return r;
+    }
+  }
+  return ok_result();
+}
+
+Result<void> Daemon::run() {
+  auto r = loop_->run();
+  if (!r) {
+    log::error(r.error().message);
+    return r;
+  }
+  // EXTENSION POINT (roles): wait here (bounded by daemon.shutdown_timeout) for the roles' sessions to close.
+  log::notice("dauthd stopped");
+  return ok_result();
+}
+
+void Daemon::shut_down(const std::string& reason) {
+  if (stopping_) return;
+  stopping_ = true;
+  log::notice("stopping on " + reason);
+  notifier_.stopping("stopping on " + reason);
+  // New control connections are refused from now on; the roles would start closing their sessions here
+  // (close_notify to every peer) within daemon.shutdown_timeout = config_.daemon.shutdown_timeout.
+  control_->stop_accepting();
+  watchdog_timer_.reset();
+  loop_->stop();
+}
+
+Result<void> Daemon::reload() {
+  notifier_.reloading();
+  log::info("reloading configuration from " + config_path_.string());
+  const auto fail = [this](const Error& error) -> Result<void> {
+    ++reload_failures_;
+    last_reload_at_ = now();
+    last_reload_error_ = error.message;
+    // One log line per config error, so each keeps its file:line.
+    std::string message = error.message;
+    std::size_t start = 0;
+    while (start <= message.size()) {
+      const auto end = message.find('\n', start);
+      log::error("reload refused, keeping the running configuration: " +
+                 message.substr(start, end == std::string::npos ? std::string::npos : end - start));
+      if (end == std::string::npos) break;
+      start = end + 1;
+    }
+    notifier_.ready("running; last reload failed, old configuration kept");
+    return make_error(error.code, error.message);
+  };
+
+  auto config = load_config(config_path_);
+  if (!config) return fail(config.error());
+  auto secrets = load_secrets(*config);
+  if (!secrets) return fail(secrets.error());
+
+  // These are bound or opened once; a changed value waits for a restart, and we say so.
+  const auto& before = config_.daemon;
+  const auto& after = config->daemon;
+  if (before.control_socket != after.control_socket || before.control_group != after.control_group ||
+      before.state_directory != after.state_directory || before.max_control_clients != after.max_control_clients) {
+    log::notice("reload: daemon.control_socket, control_group, max_control_clients and state_directory take "
+                "effect after a restart; the running values stay");
+  }
+  // EXTENSION POINT (roles): hand the new config and secrets to each role here (roles->reload(...)), which
+  // applies new credentials and policy to new sessions while live sessions continue; a role that refuses makes
+  // the whole reload fail() before anything below is swapped.
+  config_ = std::move(config).value();
+  secrets_ = std::move(secrets).value();
+  log::set_threshold(config_.daemon.log_level);
+  ++reloads_;
+  config_loaded_at_ = now();
+  last_reload_at_ = config_loaded_at_;
+  last_reload_error_.reset();
+  log::notice("configuration reloaded: roles " + config_.roles() + ", " + std::to_string(secrets_.size()) +
+              " key(s) loaded");
+  notifier_.ready("running; roles: " + config_.roles() + "; reloaded");
+  return ok_result();
+}
+
+nlohmann::json Daemon::status_json() const {
+  nlohmann::json last_reload = nullptr;
+  if (last_reload_at_ != 0) {
+    last_reload = {{"ok", !last_reload_error_.has_value()},
+                   {"at", static_cast<std::int64_t>(last_reload_at_)},
+                   {"error", last_reload_error_ ? nlohmann::json(*last_reload_error_) : nlohmann::json(nullptr)}};
+  }
+  return {
+      {"version", std::string(version())},
+      {"pid", static_cast<std::int64_t>(::getpid())},
+      {"state", stopping_ ? "stopping" : "running"},
+      {"uptime_seconds", static_cast<std::int64_t>(now() - started_at_)},
+      {"config_file", config_path_.string()},
+      {"config_loaded_at", static_cast<std::int64_t>(config_loaded_at_)},
+      {"roles", {{"enrolee", config_.enrolee.has_value()}, {"mef", config_.mef.has_value()},
+                 {"peer", config_.peer.has_value()}}},
+      {"roles_available", {{"enrolee", false}, {"mef", false}, {"peer", false}}},
+      {"control_socket", control_ ? control_->path().string() : std::string()},
+      {"log_level", std::string(log::to_string(log::threshold()))},
+      {"watchdog_usec", notifier_.watchdog_usec()},
+      {"keys_loaded", secrets_.size()},
+      {"reloads", reloads_},
+      {"reload_failures", reload_failures_},
+      {"last_reload", last_reload},
+  };
+}
+
+nlohmann::json Daemon::stats_json() const {
+  // Counters that exist in this build; the roles add theirs (sessions, handshakes, enrolments) when they land.
+  return {
+      {"uptime_seconds", static_cast<std::int64_t>(now() - started_at_)},
+      {"control_requests_total", control_ ? control_->requests_served() : 0},
+      {"control_requests_failed_total", control_ ? control_->requests_failed() : 0},
+      {"control_clients", control_ ? control_->client_count() : 0},
+      {"reloads_total", reloads_},
+      {"reload_failures_total", reload_failures_},
+      {"sd_notify_sent_total", notifier_.sent()},
+      {"sd_notify_failures_total", notifier_.failures()},
+      {"keys_loaded", secrets_.size()},
+  };
+}
+
+}  // namespace dauth::daemon

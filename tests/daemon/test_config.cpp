@@ -1,0 +1,361 @@
+// dauthd.toml: the configuration table, its error messages (file:line:column, value, what is allowed), the
+// cross-field rules, key-file loading, and agreement between the table, the man page and the example config.
+#include <sys/stat.h>
+
+#include <catch2/catch.hpp>
+#include <fstream>
+#include <regex>
+#include <set>
+
+#include "dauth/daemon/config.hpp"
+#include "support.hpp"
+
+using dauth::Errc;
+using dauth::daemon::Config;
+using dauth::daemon::config_schema;
+using dauth::daemon::config_sections;
+using dauth::daemon::load_secrets;
+using dauth::daemon::parse_config;
+
+namespace {
+
+// Two Kpm-free roles need no key files; the master key comes from a file in every test.
+const char* kMinimal = R"([daemon]
+master_key_source = "file"
+master_key_file = "/nonexistent/master.key"
+)";
+
+std::string error_of(const std::string& text) {
+  auto config = parse_config(text, "t.toml");
+  REQUIRE_FALSE(config.ok());
+  return config.error().message;
+}
+
+std::string full_config(const std::string& key_dir) {
+  return std::string(kMinimal) + R"(
+[enrolee]
+mef_address = "mef.example.net:5684"
+mef_fqdn = "mef.example.net"
+
+[[enrolee.ae]]
+id = "CAE-meter"
+endpoint = "127.0.0.1:6001"
+kpm_id = "meter01@mef.example.net"
+kpm_file = ")" + key_dir + R"(/meter.kpm"
+
+[[enrolee.ae]]
+id = "CAE-valve"
+certificate_file = "/etc/dauth/valve.crt"
+private_key_file = "/etc/dauth/valve.key"
+
+[mef]
+fqdn = "mef.example.net"
+session_key_lifetime = 3600
+
+[[mef.enrolee]]
+kpm_id = "meter01@mef.example.net"
+kpm_file = ")" + key_dir + R"(/meter.kpm"
+enrolee_id = "CAE-meter"
+targets = ["CAE-valve"]
+
+[peer]
+idle_timeout = 120
+
+[[peer.address]]
+ae_id = "CAE-remote"
+address = "[::1]:5684"
+
+[[peer.policy]]
+peer = "CAE-remote"
+local_aes = ["CAE-meter"]
+methods = ["GET", "PUT"]
+)";
+}
+
+}  // namespace
+
+TEST_CASE("a minimal configuration gets the documented defaults and no roles", "[config]") {
+  auto config = parse_config(kMinimal, "t.toml");
+  REQUIRE(config.ok());
+  CHECK(config->daemon.state_directory == "/var/lib/dauth");
+  CHECK(config->daemon.control_socket == "/run/dauth/control");
+  CHECK(config->daemon.master_key_source == "file");
+  CHECK(config->daemon.log_level == dauth::daemon::log::Level::info);
+  CHECK_FALSE(config->enrolee.has_value());
+  CHECK_FALSE(config->mef.has_value());
+  CHECK_FALSE(config->peer.has_value());
+  CHECK(config->roles() == "none");
+  // An empty file is a valid configuration too: [daemon] has a default for everything.
+  auto empty = parse_config("", "empty.toml");
+  REQUIRE(empty.ok());
+  CHECK(empty->daemon.master_key_source == "credential");
+}
+
+TEST_CASE("all three roles parse into the typed view", "[config]") {
+  auto config = parse_config(full_config("/keys"), "t.toml");
+  INFO((config.ok() ? std::string() : config.error().message));
+  REQUIRE(config.ok());
+  REQUIRE(config->enrolee.has_value());
+  REQUIRE(config->enrolee->aes.size() == 2);
+  CHECK(config->enrolee->aes[0].kpm_id == "meter01@mef.example.net");
+  CHECK(config->enrolee->aes[1].certificate_file == "/etc/dauth/valve.crt");
+  CHECK(config->enrolee->local_listen == "127.0.0.1:5683");
+  REQUIRE(config->mef.has_value());
+  REQUIRE(config->mef->enrolees.size() == 1);
+  // lifetime 0 means mef.enrolment_lifetime, whose default is 30 days.
+  CHECK(config->mef->enrolees[0].lifetime == 2592000);
+  CHECK(config->mef->enrolees[0].targets == std::vector<std::string>{"CAE-valve"});
+  REQUIRE(config->peer.has_value());
+  CHECK(config->peer->idle_timeout == 120);
+  CHECK(config->peer->max_outgoing_sessions == 256);
+  REQUIRE(config->peer->policy.size() == 1);
+  CHECK(config->peer->policy[0].methods == std::vector<std::string>{"GET", "PUT"});
+  CHECK(config->roles() == "enrolee,mef,peer");
+}
+
+TEST_CASE("an unknown key is an error with file:line:column and the allowed keys", "[config]") {
+  const auto message = error_of("[daemon]\nstate_directory = \"/x\"\nlog_levl = \"debug\"\n");
+  CHECK_THAT(message, Catch::StartsWith("t.toml:3:1: daemon.log_levl: unknown key; allowed in [daemon]: "));
+  CHECK_THAT(message, Catch::Contains("log_level"));
+  CHECK_THAT(error_of("[deamon]\n"), Catch::StartsWith("t.toml:1:2: deamon: unknown section"));
+  CHECK_THAT(error_of("[peer]\n[[peer.policy]]\npeer = \"*\"\nlocal_aes = [\"a\"]\nmethod = [\"GET\"]\n"),
+             Catch::Contains("t.toml:5:1: peer.policy[0].method: unknown key; allowed in [[peer.policy]]"));
+}
+
+TEST_CASE("a value of the wrong type names the type expected", "[config]") {
+  CHECK(error_of("[peer]\nidle_timeout = \"300\"\n") ==
+        "t.toml:2:16: peer.idle_timeout = \"300\": must be an integer (1–86400 seconds)");
+  CHECK(error_of("[peer]\nlegacy_onem2m_options = 1\n") ==
+        "t.toml:2:25: peer.legacy_onem2m_options = 1: must be a boolean (true or false)");
+  CHECK_THAT(error_of("[enrolee]\nmef_fqdn = \"m.example\"\nmef_address = \"m:1\"\n[enrolee.ae]\nid = \"x\"\n"),
+             Catch::Contains("t.toml:4:10: enrolee.ae: must be an array of tables: write [[enrolee.ae]]"));
+}
+
+TEST_CASE("a value out of range says what is allowed", "[config]") {
+  CHECK(error_of("[peer]\nidle_timeout = 0\n") == "t.toml:2:16: peer.idle_timeout = 0: must be 1–86400 seconds");
+  CHECK(error_of("[peer]\nmax_outgoing_sessions = 1000\n") ==
+        "t.toml:2:25: peer.max_outgoing_sessions = 1000: must be 1–900 sessions");
+  CHECK(error_of("[daemon]\nlog_level = \"verbose\"\n") ==
+        "t.toml:2:13: daemon.log_level = \"verbose\": must be one of error warning notice info debug");
+  CHECK(error_of("[daemon]\nstate_directory = \"var/lib/dauth\"\n") ==
+        "t.toml:2:19: daemon.state_directory = \"var/lib/dauth\": must be an absolute path");
+  CHECK_THAT(error_of("[peer]\nlisten = \"peer.example.net:5684\"\n"),
+             Catch::StartsWith("t.toml:2:10: peer.listen = \"peer.example.net:5684\": must be an IP address"));
+  CHECK_THAT(error_of("[peer]\nlisten = \"127.0.0.1:70000\"\n"), Catch::Contains("port 70000: must be 1–65535"));
+  CHECK_THAT(error_of("[enrolee]\nmef_fqdn = \"m.example\"\nmef_address = \"m:1\"\nlocal_listen = \"10.0.0.1:5683\"\n"
+                      "[[enrolee.ae]]\nid = \"a\"\nkpm_id = \"k@m.example\"\nkpm_file = \"/k\"\n"),
+             Catch::Contains("enrolee.local_listen = \"10.0.0.1:5683\": must be a loopback address"));
+  CHECK_THAT(error_of("[peer]\n[[peer.policy]]\npeer = \"bad id\"\nlocal_aes = [\"a\"]\n"),
+             Catch::Contains("t.toml:3:8: peer.policy[0].peer = \"bad id\": AE-ID 'bad id'"));
+}
+
+TEST_CASE("cross-field rules run after the keys and point at the offending value", "[config]") {
+  // KpmID issued by another MEF than the one configured.
+  auto text = full_config("/keys");
+  auto wrong_mef = std::regex_replace(text, std::regex("kpm_id = \"meter01@mef.example.net\"\nkpm_file"),
+                                      "kpm_id = \"meter01@other.example.net\"\nkpm_file", std::regex_constants::format_first_only);
+  CHECK_THAT(error_of(wrong_mef), Catch::Contains("t.toml:12:10: enrolee.ae[0].kpm_id = \"meter01@other.example.net\": "
+                                                  "names MEF other.example.net, but enrolee.mef_fqdn = \"mef.example.net\""));
+  // Two roles on one UDP port.
+  CHECK_THAT(error_of(std::string(kMinimal) + "[mef]\nfqdn = \"m.example\"\nlisten = \"0.0.0.0:5684\"\n[peer]\n"),
+             Catch::Contains("t.toml:6:10: mef.listen = \"0.0.0.0:5684\": UDP port 5684 is also used by peer.listen "
+                             "(default)"));
+  // A policy naming a local AE that is not configured.
+  auto unknown_ae = std::regex_replace(text, std::regex("local_aes = \\[\"CAE-meter\"\\]"), "local_aes = [\"CAE-pump\"]");
+  CHECK_THAT(error_of(unknown_ae), Catch::Contains("peer.policy[0].local_aes = [\"CAE-pump\"]: names \"CAE-pump\", "
+                                                   "which is not the id of any [[enrolee.ae]]"));
+  // Derived keys cannot outlive Ke.
+  CHECK_THAT(error_of(std::string(kMinimal) + "[mef]\nfqdn = \"m.example\"\nenrolment_lifetime = 600\n"
+                                              "session_key_lifetime = 3600\n"),
+             Catch::Contains("t.toml:7:24: mef.session_key_lifetime = 3600: must not exceed mef.enrolment_lifetime "
+                             "(t.toml:6) = 600"));
+  // Master key source without its file; an AE with no bootstrap credential.
+  CHECK_THAT(error_of("[daemon]\nmaster_key_source = \"file\"\n"),
+             Catch::Contains("t.toml:2:21: daemon.master_key_source = \"file\": needs daemon.master_key_file"));
+  CHECK_THAT(error_of(std::string(kMinimal) + "[enrolee]\nmef_fqdn = \"m.example\"\nmef_address = \"m:1\"\n"
+                                              "[[enrolee.ae]]\nid = \"CAE-a\"\n"),
+             Catch::Contains("enrolee.ae[0].id = \"CAE-a\": needs exactly one bootstrap credential"));
+}
+
+TEST_CASE("every error of a file is reported, in file order", "[config]") {
+  const auto message = error_of("[peer]\nidle_timeout = 0\nmax_handshakes = 0\nbogus = 1\n");
+  CHECK(message ==
+        "t.toml:2:16: peer.idle_timeout = 0: must be 1–86400 seconds\n"
+        "t.toml:3:18: peer.max_handshakes = 0: must be 1–1000 handshakes\n"
+        "t.toml:4:1: peer.bogus: unknown key; allowed in [peer]: listen, trust_anchors, idle_timeout, max_sessions, "
+        "max_outgoing_sessions, max_handshakes, handshake_timeout, legacy_onem2m_options, [[peer.address]], "
+        "[[peer.policy]]");
+}
+
+TEST_CASE("TOML syntax errors carry the position and Errc::parse", "[config]") {
+  auto config = parse_config("[daemon]\nlog_level = \"info\n", "t.toml");
+  REQUIRE_FALSE(config.ok());
+  CHECK(config.error().code == Errc::parse);
+  CHECK_THAT(config.error().message, Catch::StartsWith("t.toml:2:"));
+  CHECK_THAT(config.error().message, Catch::Contains("TOML syntax"));
+}
+
+TEST_CASE("key files are loaded into guarded memory and never printed", "[config][secrets]") {
+  dauth::test::TempDir dir;
+  const std::string master_hex(64, 'a');
+  const std::string kpm_hex = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+  dauth::test::write_file(dir / "master.key", master_hex + "\n", 0600);
+  dauth::test::write_file(dir / "meter.kpm", kpm_hex + "\n", 0600);
+  auto text = full_config(dir.path().string());
+  text = std::regex_replace(text, std::regex("/nonexistent/master.key"), (dir / "master.key").string());
+  auto config = parse_config(text, "t.toml");
+  REQUIRE(config.ok());
+  auto secrets = load_secrets(*config);
+  INFO((secrets.ok() ? std::string() : secrets.error().message));
+  REQUIRE(secrets.ok());
+  CHECK(secrets->master_key().size() == 32);
+  const auto* kpm = secrets->find_file(dir / "meter.kpm");
+  REQUIRE(kpm != nullptr);
+  CHECK(kpm->key.equals(dauth::ByteView(*dauth::from_hex(kpm_hex))));
+
+  const std::string printed = config->normalised(&secrets.value());
+  CHECK_THAT(printed, Catch::Contains("kpm_file = \"" + (dir / "meter.kpm").string() + "\"  # key (hidden): 32 bytes, "
+                                      "fingerprint " + kpm->key.fingerprint()));
+  CHECK(printed.find(kpm_hex) == std::string::npos);
+  CHECK(printed.find(master_hex) == std::string::npos);
+  // The normalised output is itself a valid configuration that means the same thing.
+  auto again = parse_config(printed, "normalised.toml");
+  INFO((again.ok() ? std::string() : again.error().message));
+  REQUIRE(again.ok());
+  CHECK(again->normalised() == parse_config(printed, "normalised.toml")->normalised());
+  CHECK(again->peer->idle_timeout == 120);
+}
+
+TEST_CASE("key files with group or world access, or bad content, are refused", "[config][secrets]") {
+  dauth::test::TempDir dir;
+  dauth::test::write_file(dir / "master.key", std::string(64, 'b'), 0640);
+  const std::string text = "[daemon]\nmaster_key_source = \"file\"\nmaster_key_file = \"" +
+                           (dir / "master.key").string() + "\"\n";
+  auto config = parse_config(text, "t.toml");
+  REQUIRE(config.ok());
+  auto secrets = load_secrets(*config);
+  REQUIRE_FALSE(secrets.ok());
+  CHECK(secrets.error().code == Errc::permission);
+  CHECK_THAT(secrets.error().message, Catch::StartsWith("t.toml:3:19: daemon.master_key_file: key file "));
+  CHECK_THAT(secrets.error().message, Catch::Contains("mode 0640 gives group/world access; must be 0600 or 0400"));
+
+  dauth::test::write_file(dir / "master.key", std::string(62, 'c'), 0600);
+  ::chmod((dir / "master.key").c_str(), 0600);
+  secrets = load_secrets(*config);
+  REQUIRE_FALSE(secrets.ok());
+  CHECK_THAT(secrets.error().message, Catch::Contains("62 hex characters; must be 64–64 hex characters"));
+  CHECK(secrets.error().message.find(std::string(62, 'c')) == std::string::npos);
+
+  // The credential source needs systemd's $CREDENTIALS_DIRECTORY.
+  ::setenv("CREDENTIALS_DIRECTORY", dir.path().c_str(), 1);
+  dauth::test::write_file(dir / "master-key", std::string(64, 'd'), 0600);
+  auto from_credential = parse_config("", "t.toml");
+  REQUIRE(from_credential.ok());
+  auto loaded = load_secrets(*from_credential);
+  ::unsetenv("CREDENTIALS_DIRECTORY");
+  REQUIRE(loaded.ok());
+  CHECK(loaded->master_key().equals(dauth::ByteView(*dauth::from_hex(std::string(64, 'd')))));
+  auto missing = load_secrets(*from_credential);
+  REQUIRE_FALSE(missing.ok());
+  CHECK_THAT(missing.error().message, Catch::Contains("$CREDENTIALS_DIRECTORY is not set"));
+}
+
+namespace {
+
+using KeySet = std::set<std::string>;
+
+KeySet schema_keys() {
+  KeySet keys;
+  for (const auto& k : config_schema()) keys.insert(std::string(k.section) + "." + std::string(k.name));
+  return keys;
+}
+
+// Keys of the example config, commented out or not: "# key = value" lines under "# [section]" headers.
+KeySet example_keys(const std::string& text) {
+  KeySet keys;
+  std::string section;
+  const std::regex header(R"(^#?\s*\[\[?([a-z_.]+)\]\]?\s*$)");
+  const std::regex key(R"(^#?\s*([a-z0-9_]+)\s*=)");
+  std::istringstream in(text);
+  std::string line;
+  std::smatch m;
+  while (std::getline(in, line)) {
+    if (std::regex_match(line, m, header)) {
+      section = m[1];
+    } else if (std::regex_search(line, m, key) && !section.empty()) {
+      keys.insert(section + "." + std::string(m[1]));
+    }
+  }
+  return keys;
+}
+
+// Keys of the man page: ".TP" + ".B key" under '.SS "[section]"' or '.SS "[[section]]"'.
+KeySet man_keys(const std::string& text) {
+  KeySet keys;
+  std::string section;
+  const std::regex header(R"(^\.SS "?\[\[?([a-z_.]+)\]\]?"?\s*$)");
+  const std::regex key(R"(^\.B ([a-z0-9_]+)\s*$)");
+  std::istringstream in(text);
+  std::string line;
+  std::string previous;
+  std::smatch m;
+  while (std::getline(in, line)) {
+    if (std::regex_match(line, m, header)) {
+      section = m[1];
+    } else if (previous == ".TP" && std::regex_match(line, m, key) && !section.empty()) {
+      keys.insert(section + "." + std::string(m[1]));
+    }
+    previous = line;
+  }
+  return keys;
+}
+
+}  // namespace
+
+TEST_CASE("the man page and the example configuration list exactly the keys of the table", "[config][docs]") {
+  const KeySet table = schema_keys();
+  const KeySet example = example_keys(dauth::test::read_text_file(DAUTH_SOURCE_DIR "/docs/dauthd.toml.example"));
+  const KeySet man = man_keys(dauth::test::read_text_file(DAUTH_SOURCE_DIR "/docs/dauthd.toml.5"));
+  CHECK(table.size() > 40);
+  for (const auto& k : table) {
+    INFO(k);
+    CHECK(example.count(k) == 1);
+    CHECK(man.count(k) == 1);
+  }
+  for (const auto& k : example) {
+    INFO("example config has " << k);
+    CHECK(table.count(k) == 1);
+  }
+  for (const auto& k : man) {
+    INFO("man page has " << k);
+    CHECK(table.count(k) == 1);
+  }
+  // Every section of the table has its header in both documents.
+  for (const auto& s : config_sections()) {
+    INFO(s.name);
+    const std::string name(s.name);
+    const std::string bracket = s.array ? "[[" + name + "]]" : "[" + name + "]";
+    CHECK(dauth::test::read_text_file(DAUTH_SOURCE_DIR "/docs/dauthd.toml.example").find(bracket) != std::string::npos);
+    CHECK(dauth::test::read_text_file(DAUTH_SOURCE_DIR "/docs/dauthd.toml.5").find(".SS \"" + bracket + "\"") !=
+          std::string::npos);
+  }
+}
+
+TEST_CASE("the example configuration, uncommented, is a valid configuration", "[config][docs]") {
+  // Lines starting "#" followed by a key or a section header are settings; "##" lines are prose.
+  std::istringstream in(dauth::test::read_text_file(DAUTH_SOURCE_DIR "/docs/dauthd.toml.example"));
+  std::string line;
+  std::string text;
+  const std::regex setting(R"(^#\s?((\[|[a-z0-9_]+\s*=).*)$)");
+  std::smatch m;
+  while (std::getline(in, line)) {
+    if (std::regex_match(line, m, setting)) {
+      text += std::string(m[1]) + "\n";
+    } else if (line.rfind('#', 0) != 0) {
+      text += line + "\n";
+    }
+  }
+  auto config = parse_config(text, "dauthd.toml.example");
+  INFO((config.ok() ? std::string() : config.error().message));
+  CHECK(config.ok());
+}

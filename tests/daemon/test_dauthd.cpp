@@ -1,0 +1,278 @@
+// End to end: the real dauthd and dauthctl binaries, a temp config, state directory and control socket, and a
+// real AF_UNIX datagram socket as $NOTIFY_SOCKET. Assertions use --json and the sd_notify messages, never log text
+// (except the check that no log carries key bytes).
+#include <signal.h>
+#include <sys/stat.h>
+
+#include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
+
+#include "daemon_process.hpp"
+#include "support.hpp"
+
+using dauth::test::CommandResult;
+using dauth::test::DaemonProcess;
+using dauth::test::NotifyListener;
+using dauth::test::run_command;
+using dauth::test::TempDir;
+
+namespace {
+
+const std::string kMasterHex = "5f1e0c9a7b3d2e8f4a6c1b0d9e8f7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e0f";
+const std::string kKpmHex = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90";
+
+// A temp deployment: config, state directory, master key and a Kpm file, all under one TempDir.
+struct Deployment {
+  TempDir dir;
+  std::filesystem::path config = dir / "dauthd.toml";
+  std::filesystem::path socket = dir / "control";
+  std::filesystem::path log = dir / "dauthd.log";
+
+  Deployment() {
+    std::filesystem::create_directory(dir / "state");
+    std::filesystem::permissions(dir / "state", std::filesystem::perms::owner_all,
+                                 std::filesystem::perm_options::replace);
+    dauth::test::write_file(dir / "master.key", kMasterHex + "\n", 0600);
+    dauth::test::write_file(dir / "meter.kpm", kKpmHex + "\n", 0600);
+    write_config("info");
+  }
+
+  std::string config_text(const std::string& log_level) const {
+    return "[daemon]\n"
+           "state_directory = \"" + (dir / "state").string() + "\"\n"
+           "control_socket = \"" + socket.string() + "\"\n"
+           "master_key_source = \"file\"\n"
+           "master_key_file = \"" + (dir / "master.key").string() + "\"\n"
+           "log_level = \"" + log_level + "\"\n"
+           "\n[mef]\nfqdn = \"mef.example.net\"\nlisten = \"127.0.0.1:15685\"\n"
+           "\n[[mef.enrolee]]\nkpm_id = \"meter01@mef.example.net\"\n"
+           "kpm_file = \"" + (dir / "meter.kpm").string() + "\"\nenrolee_id = \"CAE-meter\"\n";
+  }
+  void write_config(const std::string& log_level) const {
+    dauth::test::write_file(config, config_text(log_level), 0600);
+  }
+
+  CommandResult ctl(std::vector<std::string> args) const {
+    std::vector<std::string> argv = {DAUTHCTL_PATH, "-s", socket.string()};
+    argv.insert(argv.end(), args.begin(), args.end());
+    return run_command(argv);
+  }
+  nlohmann::json status() const {
+    const auto r = ctl({"--json", "status"});
+    INFO(r.output);
+    REQUIRE(r.exit_code == 0);
+    return nlohmann::json::parse(r.output);
+  }
+};
+
+// Every log this file's daemons wrote is checked for the key bytes (STYLE.md §9).
+void check_no_key_bytes(const std::string& text) {
+  CHECK(text.find(kMasterHex) == std::string::npos);
+  CHECK(text.find(kKpmHex) == std::string::npos);
+}
+
+}  // namespace
+
+TEST_CASE("dauthd serves status, survives a bad reload, reloads a good one, and stops on SIGTERM", "[dauthd]") {
+  Deployment d;
+  NotifyListener notify(d.dir / "notify");
+  DaemonProcess daemon({DAUTHD_PATH, "-c", d.config.string()}, {notify.environment()}, d.log);
+
+  const auto ready = notify.wait_for("READY=1");
+  INFO(dauth::test::read_text_file(d.log));
+  REQUIRE(ready.has_value());
+  CHECK_THAT(*ready, Catch::Contains("STATUS=running; roles: mef"));
+  // READY=1 comes after the socket is bound: no polling needed.
+  auto status = d.status();
+  CHECK(status["state"] == "running");
+  CHECK(status["pid"] == daemon.pid());
+  CHECK(status["roles"] == nlohmann::json{{"enrolee", false}, {"mef", true}, {"peer", false}});
+  CHECK(status["keys_loaded"] == 2);  // master key + one Kpm
+  CHECK(status["reloads"] == 0);
+  CHECK(status["last_reload"].is_null());
+  struct stat st {};
+  REQUIRE(::lstat(d.socket.c_str(), &st) == 0);
+  CHECK((st.st_mode & 0777) == 0600);
+
+  // Plain `dauthctl` is `dauthctl status`.
+  const auto plain = d.ctl({});
+  CHECK(plain.exit_code == 0);
+  CHECK_THAT(plain.output, Catch::Contains("pid " + std::to_string(daemon.pid())));
+
+  SECTION("a broken config on SIGHUP keeps the old one and reports file:line") {
+    dauth::test::write_file(d.config, d.config_text("info") + "[peer]\nidle_timeout = 0\n", 0600);
+    daemon.signal(SIGHUP);
+    REQUIRE(notify.wait_for("RELOADING=1").has_value());
+    const auto after = notify.wait_for("READY=1");
+    REQUIRE(after.has_value());
+    CHECK_THAT(*after, Catch::Contains("last reload failed, old configuration kept"));
+    status = d.status();
+    CHECK(status["reload_failures"] == 1);
+    CHECK(status["reloads"] == 0);
+    CHECK(status["roles"]["peer"] == false);  // still the old configuration
+    REQUIRE(status["last_reload"].is_object());
+    CHECK(status["last_reload"]["ok"] == false);
+    CHECK_THAT(status["last_reload"]["error"].get<std::string>(),
+               Catch::Contains(d.config.string() + ":17:16: peer.idle_timeout = 0: must be 1–86400 seconds"));
+
+    // A key file that became group-readable is refused at reload too (fail closed, keep the old keys).
+    d.write_config("info");
+    ::chmod((d.dir / "meter.kpm").c_str(), 0644);
+    daemon.signal(SIGHUP);
+    REQUIRE(notify.wait_for("RELOADING=1").has_value());
+    REQUIRE(notify.wait_for("READY=1").has_value());
+    status = d.status();
+    CHECK(status["reload_failures"] == 2);
+    CHECK_THAT(status["last_reload"]["error"].get<std::string>(), Catch::Contains("mode 0644"));
+    ::chmod((d.dir / "meter.kpm").c_str(), 0600);
+  }
+
+  SECTION("a good config on SIGHUP is applied") {
+    d.write_config("debug");
+    daemon.signal(SIGHUP);
+    REQUIRE(notify.wait_for("RELOADING=1").has_value());
+    const auto after = notify.wait_for("READY=1");
+    REQUIRE(after.has_value());
+    CHECK_THAT(*after, Catch::Contains("reloaded"));
+    status = d.status();
+    CHECK(status["reloads"] == 1);
+    CHECK(status["log_level"] == "debug");
+    CHECK(status["last_reload"]["ok"] == true);
+  }
+
+  daemon.signal(SIGTERM);
+  const auto stopping = notify.wait_for("STOPPING=1");
+  REQUIRE(stopping.has_value());
+  const auto code = daemon.wait();
+  REQUIRE(code.has_value());
+  CHECK(*code == 0);
+  CHECK_FALSE(std::filesystem::exists(d.socket));
+  // After it is gone, dauthctl says so with exit code 3.
+  const auto gone = d.ctl({"--json", "status"});
+  CHECK(gone.exit_code == 3);
+  CHECK_THAT(gone.output, Catch::Contains("cannot reach dauthd at " + d.socket.string()));
+  check_no_key_bytes(dauth::test::read_text_file(d.log));
+}
+
+TEST_CASE("the watchdog is pinged when WATCHDOG_USEC is set", "[dauthd]") {
+  Deployment d;
+  NotifyListener notify(d.dir / "notify");
+  // 200 ms timeout: pings every 100 ms. Only their arrival is checked, not their timing.
+  DaemonProcess daemon({DAUTHD_PATH, "-c", d.config.string()}, {notify.environment(), "WATCHDOG_USEC=200000"},
+                       d.log, /*with_watchdog_pid=*/true);
+  REQUIRE(notify.wait_for("READY=1").has_value());
+  REQUIRE(notify.wait_for("WATCHDOG=1").has_value());
+  REQUIRE(notify.wait_for("WATCHDOG=1").has_value());
+  CHECK(d.status()["watchdog_usec"] == 200000);
+  daemon.signal(SIGTERM);
+  CHECK(daemon.wait() == std::optional<int>(0));
+}
+
+TEST_CASE("the control socket answers every failure in one shape and bounds line length", "[dauthd][control]") {
+  Deployment d;
+  DaemonProcess daemon({DAUTHD_PATH, "-c", d.config.string()}, {}, d.log);
+  REQUIRE(dauth::test::wait_for_control_socket(d.socket));
+
+  const auto reply = [&](const std::string& bytes) {
+    const auto text = dauth::test::control_exchange(d.socket, bytes);
+    INFO(text);
+    REQUIRE(!text.empty());
+    return nlohmann::json::parse(text.substr(0, text.find('\n')));
+  };
+  CHECK(reply("{\"verb\":\"status\"}\n")["ok"] == true);
+  const auto malformed = reply("{not json\n");
+  CHECK(malformed["ok"] == false);
+  CHECK(malformed["code"] == "parse");
+  const auto unknown = reply("{\"verb\":\"frobnicate\"}\n");
+  CHECK(unknown["code"] == "invalid_argument");
+  CHECK_THAT(unknown["error"].get<std::string>(), Catch::StartsWith("unknown verb 'frobnicate'; known: "));
+  CHECK(reply("{\"verb\":\"status\",\"args\":[1]}\n")["error"] == "status: \"args\" must be an object");
+
+  // 70 000 bytes without a newline: refused with "limit", then the connection is closed.
+  const std::string oversized(70000, 'x');
+  const auto text = dauth::test::control_exchange(d.socket, oversized, /*stop_after_line=*/false);
+  REQUIRE(!text.empty());
+  const auto limit = nlohmann::json::parse(text.substr(0, text.find('\n')));
+  CHECK(limit["ok"] == false);
+  CHECK(limit["code"] == "limit");
+  CHECK(limit["error"] == "request line longer than 65536 bytes; closing the connection");
+  CHECK(text.find('\n') == text.size() - 1);  // one reply, then end of stream
+
+  // The daemon still serves after all of that.
+  const auto stats = d.ctl({"--json", "stats"});
+  REQUIRE(stats.exit_code == 0);
+  const auto counters = nlohmann::json::parse(stats.output);
+  CHECK(counters["control_requests_failed_total"].get<int>() >= 4);
+
+  daemon.signal(SIGTERM);
+  CHECK(daemon.wait() == std::optional<int>(0));
+}
+
+TEST_CASE("verbs of roles not in this build fail honestly, and dauthctl prints the reason unchanged", "[dauthd]") {
+  Deployment d;
+  DaemonProcess daemon({DAUTHD_PATH, "-c", d.config.string()}, {}, d.log);
+  REQUIRE(dauth::test::wait_for_control_socket(d.socket));
+
+  const auto sessions = d.ctl({"sessions"});
+  CHECK(sessions.exit_code == 1);
+  CHECK(sessions.output == "sessions: not available yet: no peer role in this build\n");
+  const auto revoke = d.ctl({"--json", "revoke", "0123456789ABCDEF0123456789ABCDEF@mef.example.net"});
+  CHECK(revoke.exit_code == 1);
+  CHECK(nlohmann::json::parse(revoke.output) ==
+        nlohmann::json{{"ok", false}, {"error", "revoke: not available yet: no mef role in this build"},
+                       {"code", "unsupported"}});
+  CHECK(d.ctl({"enrol", "CAE-meter"}).exit_code == 1);
+  CHECK(d.ctl({"peers"}).exit_code == 1);
+  CHECK(d.ctl({"credentials", "list"}).exit_code == 1);
+
+  // credentials add reads the key from a file, and refuses a group-readable one before contacting the daemon.
+  dauth::test::write_file(d.dir / "new.kpm", kKpmHex, 0644);
+  const auto loose = d.ctl({"credentials", "add", "--kpm-id", "x@mef.example.net", "--ae", "CAE-x", "--psk-file",
+                            (d.dir / "new.kpm").string()});
+  CHECK(loose.exit_code == 2);
+  CHECK_THAT(loose.output, Catch::Contains("without group/world access"));
+  CHECK(d.ctl({"no-such-verb"}).exit_code == 2);
+
+  const auto prometheus = d.ctl({"stats", "--prometheus"});
+  CHECK(prometheus.exit_code == 0);
+  CHECK_THAT(prometheus.output, Catch::Contains("# TYPE dauth_control_requests_total counter\n"
+                                                "dauth_control_requests_total "));
+  CHECK_THAT(prometheus.output, Catch::Contains("# TYPE dauth_uptime_seconds gauge\n"));
+
+  daemon.signal(SIGTERM);
+  CHECK(daemon.wait() == std::optional<int>(0));
+  check_no_key_bytes(dauth::test::read_text_file(d.log));
+}
+
+TEST_CASE("dauthd --check-config prints the effective configuration with keys hidden", "[dauthd]") {
+  Deployment d;
+  const auto good = run_command({DAUTHD_PATH, "--check-config", "-c", d.config.string()});
+  INFO(good.output);
+  CHECK(good.exit_code == 0);
+  CHECK_THAT(good.output, Catch::Contains("kpm_file = \"" + (d.dir / "meter.kpm").string() + "\"  # key (hidden)"));
+  CHECK_THAT(good.output, Catch::Contains("enrolment_lifetime = 2592000"));  // defaults included
+  check_no_key_bytes(good.output);
+
+  dauth::test::write_file(d.config, d.config_text("info") + "unexpected = true\n", 0600);
+  const auto bad = run_command({DAUTHD_PATH, "--check-config", "-c", d.config.string()});
+  CHECK(bad.exit_code == 2);
+  CHECK_THAT(bad.output, Catch::Contains(d.config.string() + ":16:1: mef.enrolee[0].unexpected: unknown key"));
+
+  CHECK(run_command({DAUTHD_PATH, "--check-config", "-c", (d.dir / "missing.toml").string()}).exit_code == 2);
+  CHECK(run_command({DAUTHD_PATH, "--no-such-option"}).exit_code == 2);
+}
+
+TEST_CASE("dauthd refuses to start with a key file others can read, and dauthctl exits 3 with no daemon",
+          "[dauthd]") {
+  Deployment d;
+  ::chmod((d.dir / "master.key").c_str(), 0640);
+  const auto refused = run_command({DAUTHD_PATH, "-c", d.config.string()});
+  CHECK(refused.exit_code == 2);
+  CHECK_THAT(refused.output, Catch::Contains("mode 0640 gives group/world access"));
+  CHECK_FALSE(std::filesystem::exists(d.socket));
+  check_no_key_bytes(refused.output);
+
+  const auto unreachable = d.ctl({"status"});
+  CHECK(unreachable.exit_code == 3);
+  CHECK(d.ctl({"--json", "stats"}).exit_code == 3);
+}
