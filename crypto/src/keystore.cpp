@@ -1,1 +1,865 @@
-// placeholder: implemented in its own change
+// The sealed key store (DESIGN.md §5); the file format is in docs/keystore-format.md and keystore_codec.hpp.
+#include "dauth/crypto/keystore.hpp"
+
+#include <sodium.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <cerrno>
+#include <cstring>
+
+#include "dauth/crypto/identifiers.hpp"
+#include "dauth/crypto/kdf.hpp"
+#include "keystore_codec.hpp"
+#include "keystore_files.hpp"
+
+namespace dauth::crypto {
+
+namespace codec = keystore_codec;
+using keystore_files::mode_text;
+using keystore_files::UniqueFd;
+
+// RecordKind values are stored in files; they must stay equal to the variant position plus one.
+static_assert(kind_for<BootstrapKeyRecord>() == RecordKind::bootstrap_key);
+static_assert(kind_for<EnroleeRecord>() == RecordKind::enrolee);
+static_assert(kind_for<EnrolmentKeyRecord>() == RecordKind::enrolment_key);
+static_assert(kind_for<SessionKeyRecord>() == RecordKind::session_key);
+static_assert(kind_for<CertificateRecord>() == RecordKind::certificate);
+static_assert(kind_for<IssuanceRecord>() == RecordKind::issuance);
+static_assert(kind_for<PinnedKeyRecord>() == RecordKind::pinned_key);
+
+namespace {
+
+constexpr std::size_t kKindCount = std::variant_size_v<Record>;
+constexpr std::array<std::string_view, kKindCount> kKindNames = {
+    "bootstrap_key", "enrolee", "enrolment_key", "session_key", "certificate", "issuance", "pinned_key",
+};
+
+constexpr const char* kSnapshotName = "keys.snapshot";
+constexpr const char* kSnapshotTempName = "keys.snapshot.tmp";
+constexpr const char* kJournalName = "keys.journal";
+constexpr const char* kJournalTempName = "keys.journal.tmp";
+constexpr const char* kTornPrefix = "keys.journal.torn-";
+// HKDF info of the sealing key (docs/keystore-format.md): a new format derives a new key by changing it.
+constexpr std::string_view kSealingInfo = "dauth key store v1 sealing";
+// put() compacts when the journal holds more than max(this, records) entries (keystore.hpp).
+constexpr std::uint64_t kMinCompactionThreshold = 4096;
+constexpr std::size_t kInitialScratchSize = 4096;
+// put() keeps record encodings in guarded chunks of this size rather than one SecretBuffer per key: every
+// sodium_malloc maps its own pages (tens of microseconds, and vm.max_map_count caps a process at some 30k of them).
+constexpr std::size_t kPutChunkSize = std::size_t{1} << 20;
+constexpr std::size_t kKeyIdFieldMax = 0xffff;
+
+// Key sizes (SPEC.md §3.1: Kpm at least 128 bits; §3.3: Ke 256 bits; §4: Kab 256 bits).
+constexpr std::size_t kMinKpmSize = 16;
+constexpr std::size_t kKeSize = 32;
+
+std::size_t index_of(RecordKind kind) { return static_cast<std::size_t>(kind) - 1; }
+bool known_kind(RecordKind kind) {
+  const auto k = static_cast<std::size_t>(kind);
+  return k >= 1 && k <= kKindCount;
+}
+
+Error io_error(const std::string& what, const std::filesystem::path& path, int err) {
+  return make_error(Errc::io, what + " " + path.string() + ": " + std::strerror(err));
+}
+
+Error invalid_record(const Record& record, const std::string& what) {
+  return make_error(Errc::invalid_argument, std::string(to_string(kind_of(record))) + " record " +
+                                                quote_for_error(id_of(record)) + ": " + what);
+}
+
+// A record's decoded value (materialised on first use) or its encoding inside an arena of decrypted plaintext.
+// Opening a store only checks each entry's layout and indexes it: one guarded allocation per file instead of one
+// per key keeps loading 100k records fast (sodium_malloc costs tens of microseconds, measured in bench/).
+struct Slot {
+  mutable std::optional<Record> record;
+  mutable const std::uint8_t* encoded = nullptr;
+  std::size_t encoded_size = 0;
+};
+using KindMap = std::map<std::string, Slot, std::less<>>;
+
+Result<void> check_id_length(const Record& record) {
+  const std::string_view id = id_of(record);
+  if (id.empty() || id.size() > kKeyIdFieldMax) {
+    return invalid_record(record, "id length " + std::to_string(id.size()) + ", must be 1–65535");
+  }
+  return ok_result();
+}
+
+Result<void> check_key(const Record& record, const char* field, const SecretBuffer& key, std::size_t min,
+                       std::size_t max) {
+  if (key.size() < min || key.size() > max) {
+    const std::string allowed = min == max ? "exactly " + std::to_string(min) : "at least " + std::to_string(min);
+    return invalid_record(
+        record, std::string(field) + " is " + std::to_string(key.size()) + " bytes, must be " + allowed + " bytes");
+  }
+  return ok_result();
+}
+
+Result<void> check_ae_ids(const Record& record, const char* field, const std::vector<std::string>& ids) {
+  for (const auto& id : ids) {
+    if (auto ok = validate_ae_id(id); !ok) {
+      return invalid_record(record, std::string(field) + ": " + ok.error().message);
+    }
+  }
+  return ok_result();
+}
+
+Result<void> check_ae_id(const Record& record, const char* field, const std::string& id) {
+  if (auto ok = validate_ae_id(id); !ok) return invalid_record(record, std::string(field) + ": " + ok.error().message);
+  return ok_result();
+}
+
+Result<void> check_ke_id(const Record& record, const std::string& id) {
+  auto parsed = parse_ke_id(id);
+  if (!parsed) return invalid_record(record, "ke_id: " + parsed.error().message);
+  // Lookups compare text: only the canonical form may be stored, or the same key could be stored twice.
+  if (parsed->text() != id) {
+    return invalid_record(record, "ke_id is not canonical; store it as " + quote_for_error(parsed->text()));
+  }
+  return ok_result();
+}
+
+#define DAUTH_TRY(expr)                                              \
+  do {                                                               \
+    if (auto try_result_ = (expr); !try_result_) return try_result_; \
+  } while (false)
+
+Result<void> validate_fields(const BootstrapKeyRecord& r, const Record& whole) {
+  if (auto ok = validate_kpm_id(r.kpm_id); !ok) return invalid_record(whole, "kpm_id: " + ok.error().message);
+  DAUTH_TRY(check_key(whole, "kpm", r.kpm, kMinKpmSize, codec::kMaxPlaintextSize));
+  return check_ae_id(whole, "ae_id", r.ae_id);
+}
+Result<void> validate_fields(const EnroleeRecord& r, const Record& whole) {
+  if (r.certificate_enrolment && r.kpm.empty()) {
+    // Certificate enrolees are identified by "cert:<AE-ID>" or "rpk:<key id>" (keystore.hpp).
+    if (r.credential_id.rfind("cert:", 0) != 0 && r.credential_id.rfind("rpk:", 0) != 0) {
+      return invalid_record(whole, "credential_id of a certificate enrolee must start with 'cert:' or 'rpk:'");
+    }
+  } else {
+    if (auto ok = validate_kpm_id(r.credential_id); !ok) {
+      return invalid_record(whole, "credential_id: " + ok.error().message);
+    }
+    DAUTH_TRY(check_key(whole, "kpm", r.kpm, kMinKpmSize, codec::kMaxPlaintextSize));
+  }
+  DAUTH_TRY(check_ae_id(whole, "enrolee_id", r.enrolee_id));
+  DAUTH_TRY(check_ae_ids(whole, "targets", r.targets));
+  if (r.enrolment_lifetime_s < 0) {
+    return invalid_record(whole, "enrolment_lifetime_s " + std::to_string(r.enrolment_lifetime_s) + " is negative");
+  }
+  return ok_result();
+}
+Result<void> validate_fields(const EnrolmentKeyRecord& r, const Record& whole) {
+  DAUTH_TRY(check_ke_id(whole, r.ke_id));
+  DAUTH_TRY(check_key(whole, "ke", r.ke, kKeSize, kKeSize));
+  DAUTH_TRY(check_ae_id(whole, "enrolee_id", r.enrolee_id));
+  return check_ae_ids(whole, "targets", r.targets);
+}
+Result<void> validate_fields(const SessionKeyRecord& r, const Record& whole) {
+  DAUTH_TRY(check_ke_id(whole, r.ke_id));
+  DAUTH_TRY(check_key(whole, "key", r.key, kKeSize, kKeSize));
+  DAUTH_TRY(check_ae_id(whole, "peer_ae_id", r.peer_ae_id));
+  DAUTH_TRY(check_ae_id(whole, "local_ae_id", r.local_ae_id));
+  if (r.suid < 0 || r.suid > 255) {
+    return invalid_record(whole, "suid " + std::to_string(r.suid) + ", must be 0–255 (TS-0003 SUID)");
+  }
+  return ok_result();
+}
+Result<void> validate_fields(const CertificateRecord& r, const Record& whole) {
+  if (r.chain_der.empty()) return invalid_record(whole, "chain_der is empty (the leaf certificate comes first)");
+  for (std::size_t i = 0; i < r.chain_der.size(); ++i) {
+    if (r.chain_der[i].empty()) return invalid_record(whole, "chain_der[" + std::to_string(i) + "] is empty");
+  }
+  if (r.private_key_der.empty()) return invalid_record(whole, "private_key_der is empty");
+  return ok_result();
+}
+Result<void> validate_fields(const IssuanceRecord& r, const Record& whole) {
+  if (!from_hex(r.serial_hex) ||
+      std::any_of(r.serial_hex.begin(), r.serial_hex.end(), [](char c) { return c >= 'a' && c <= 'f'; })) {
+    return invalid_record(whole, "serial_hex must be upper-case hexadecimal with an even number of digits");
+  }
+  return check_ae_id(whole, "ae_id", r.ae_id);
+}
+Result<void> validate_fields(const PinnedKeyRecord& r, const Record& whole) {
+  return check_ae_id(whole, "ae_id", r.ae_id);
+}
+
+#undef DAUTH_TRY
+
+}  // namespace
+
+std::string_view to_string(RecordKind kind) noexcept {
+  return known_kind(kind) ? kKindNames[index_of(kind)] : std::string_view("unknown");
+}
+
+RecordKind kind_of(const Record& record) noexcept { return static_cast<RecordKind>(record.index() + 1); }
+
+std::string_view id_of(const Record& record) noexcept {
+  struct Id {
+    std::string_view operator()(const BootstrapKeyRecord& r) const { return r.kpm_id; }
+    std::string_view operator()(const EnroleeRecord& r) const { return r.credential_id; }
+    std::string_view operator()(const EnrolmentKeyRecord& r) const { return r.ke_id; }
+    std::string_view operator()(const SessionKeyRecord& r) const { return r.ke_id; }
+    std::string_view operator()(const CertificateRecord& r) const { return r.name; }
+    std::string_view operator()(const IssuanceRecord& r) const { return r.serial_hex; }
+    std::string_view operator()(const PinnedKeyRecord& r) const { return r.public_key_id; }
+  };
+  return std::visit(Id{}, record);
+}
+
+Result<void> validate(const Record& record) {
+  if (auto ok = check_id_length(record); !ok) return ok;
+  if (auto ok = std::visit([&](const auto& r) { return validate_fields(r, record); }, record); !ok) return ok;
+  return codec::check_encodable(record);
+}
+
+namespace {
+
+// The state of an open store; KeyStore::Impl is this under the name the header declares.
+struct StoreState {
+  std::filesystem::path dir;
+  UniqueFd dir_fd;  // also holds the exclusive flock: one process per store
+  UniqueFd journal_fd;
+  SecretBuffer sealing_key;
+  std::uint64_t generation = 0;
+  std::uint64_t journal_entries = 0;  // the sequence number of the next journal entry
+  std::uint64_t journal_size = 0;     // bytes of acknowledged journal content
+  std::array<KindMap, kKindCount> records;
+  std::vector<SecretBuffer> arenas;  // decrypted plaintext that lazy slots point into
+  SecretBuffer scratch;              // plaintext of the entry being sealed
+  // The arena chunk that put() copies record encodings into (one of arenas; null until the first put).
+  std::uint8_t* put_chunk = nullptr;
+  std::size_t put_chunk_size = 0;
+  std::size_t put_chunk_used = 0;
+  Bytes frame_buffer;                 // ciphertext of the entry being appended
+  std::optional<std::string> broken;  // set when the files may disagree with memory: writes are refused
+
+  std::filesystem::path path_of(const char* name) const { return dir / name; }
+
+  std::uint8_t* scratch_of_size(std::size_t size) {
+    if (scratch.size() < size) scratch = SecretBuffer(std::max({size, kInitialScratchSize, 2 * scratch.size()}));
+    return scratch.data();
+  }
+
+  // Copies a record encoding into guarded arena memory and returns where it now lives.
+  const std::uint8_t* keep_encoding(ByteView encoded) {
+    if (put_chunk == nullptr || put_chunk_size - put_chunk_used < encoded.size) {
+      arenas.emplace_back(std::max(kPutChunkSize, encoded.size));
+      put_chunk = arenas.back().data();
+      put_chunk_size = arenas.back().size();
+      put_chunk_used = 0;
+    }
+    std::uint8_t* at = put_chunk + put_chunk_used;
+    std::memcpy(at, encoded.data, encoded.size);
+    put_chunk_used += encoded.size;
+    return at;
+  }
+
+  std::size_t record_count() const {
+    std::size_t n = 0;
+    for (const auto& map : records) n += map.size();
+    return n;
+  }
+
+  const Record* materialise(const Slot& slot) const {
+    if (!slot.record) {
+      auto decoded = codec::parse_record(ByteView(slot.encoded, slot.encoded_size), codec::SecretFields::copy);
+      if (!decoded) return nullptr;  // unreachable: open() checked the layout of every entry
+      slot.record = std::move(decoded).value();
+      slot.encoded = nullptr;  // the arena may be dropped by the next compaction
+    }
+    return &*slot.record;
+  }
+
+  Result<void> refuse_if_broken() const {
+    if (broken) {
+      return make_error(Errc::io, "key store " + dir.string() + " refuses writes: " + *broken +
+                                      "; reopen the store to recover from its files");
+    }
+    return ok_result();
+  }
+
+  // Writes content to tmp_name (0600), fsyncs it, renames it over final_name and fsyncs the directory, so that a
+  // crash leaves either the old or the new file (DESIGN.md §5). Returns the open descriptor of the new file.
+  Result<UniqueFd> replace_file(const char* tmp_name, const char* final_name, const Bytes& content) {
+    const std::filesystem::path tmp_path = path_of(tmp_name);
+    if (::unlinkat(dir_fd.get(), tmp_name, 0) != 0 && errno != ENOENT) {
+      return io_error("cannot remove leftover", tmp_path, errno);
+    }
+    UniqueFd fd(::openat(dir_fd.get(), tmp_name, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600));
+    if (!fd.valid()) return io_error("cannot create", tmp_path, errno);
+    if (::fchmod(fd.get(), 0600) != 0) return io_error("cannot chmod", tmp_path, errno);  // whatever the umask
+    std::size_t done = 0;
+    while (done < content.size()) {
+      const ssize_t n = ::write(fd.get(), content.data() + done, content.size() - done);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) return io_error("cannot write", tmp_path, n < 0 ? errno : EIO);
+      done += static_cast<std::size_t>(n);
+    }
+    if (::fsync(fd.get()) != 0) return io_error("cannot fsync", tmp_path, errno);
+    if (::renameat(dir_fd.get(), tmp_name, dir_fd.get(), final_name) != 0) {
+      return io_error("cannot rename " + tmp_path.string() + " to", path_of(final_name), errno);
+    }
+    if (::fsync(dir_fd.get()) != 0) return io_error("cannot fsync directory", dir, errno);
+    return fd;
+  }
+
+  Result<void> start_journal(std::uint64_t journal_generation) {
+    Bytes header;
+    codec::append_header(header, codec::FileKind::journal, journal_generation);
+    auto fd = replace_file(kJournalTempName, kJournalName, header);
+    if (!fd) return std::move(fd).error();
+    journal_fd = std::move(fd).value();
+    journal_entries = 0;
+    journal_size = codec::kHeaderSize;
+    return ok_result();
+  }
+
+  // Seals plaintext as the next journal entry, appends it and waits for fdatasync.
+  Result<void> append(ByteView plaintext) {
+    if (auto ok = refuse_if_broken(); !ok) return ok;
+    frame_buffer.clear();
+    codec::append_sealed_entry(frame_buffer, sealing_key, codec::FileKind::journal, generation, journal_entries,
+                               plaintext);
+    const std::filesystem::path journal_path = path_of(kJournalName);
+    std::size_t done = 0;
+    while (done < frame_buffer.size()) {
+      const ssize_t n = ::pwrite(journal_fd.get(), frame_buffer.data() + done, frame_buffer.size() - done,
+                                 static_cast<off_t>(journal_size + done));
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) {
+        const int err = n < 0 ? errno : EIO;
+        // Cut the partial entry off again, or the next append would land behind garbage.
+        if (::ftruncate(journal_fd.get(), static_cast<off_t>(journal_size)) != 0) {
+          broken = "a failed append to " + journal_path.string() + " could not be undone";
+        }
+        return io_error("cannot append to", journal_path, err);
+      }
+      done += static_cast<std::size_t>(n);
+    }
+    if (::fdatasync(journal_fd.get()) != 0) {
+      // After a failed fdatasync the kernel may have dropped the dirty pages: the file content is unknown.
+      const int err = errno;
+      broken = "fdatasync of " + journal_path.string() + " failed";
+      return io_error("cannot fdatasync", journal_path, err);
+    }
+    journal_size += frame_buffer.size();
+    ++journal_entries;
+    return ok_result();
+  }
+
+  Result<void> compact() {
+    if (auto ok = refuse_if_broken(); !ok) return ok;
+    const std::uint64_t new_generation = generation + 1;
+    std::size_t lazy_bytes = 0;
+    std::size_t estimate = codec::kHeaderSize;
+    for (const auto& map : records) {
+      for (const auto& [id, slot] : map) {
+        if (!slot.record) lazy_bytes += slot.encoded_size;
+        estimate += codec::kFrameOverhead + 1 + (slot.record ? 64 + id.size() : slot.encoded_size);
+      }
+    }
+    Bytes snapshot;
+    snapshot.reserve(estimate);
+    codec::append_header(snapshot, codec::FileKind::snapshot, new_generation);
+    // Lazy encodings move into one new arena so that the old arenas (with superseded plaintext) can go.
+    SecretBuffer new_arena(lazy_bytes);
+    std::vector<std::pair<const Slot*, const std::uint8_t*>> moved;
+    std::size_t arena_used = 0;
+    std::uint64_t sequence = 0;
+    for (const auto& map : records) {
+      for (const auto& [id, slot] : map) {
+        std::size_t size = 0;
+        std::uint8_t* plain = nullptr;
+        if (slot.record) {
+          size = 1 + codec::encoded_record_size(*slot.record);
+          plain = scratch_of_size(size);
+          codec::write_record(*slot.record, plain + 1);
+        } else {
+          size = 1 + slot.encoded_size;
+          plain = scratch_of_size(size);
+          std::memcpy(plain + 1, slot.encoded, slot.encoded_size);
+          std::memcpy(new_arena.data() + arena_used, slot.encoded, slot.encoded_size);
+          moved.emplace_back(&slot, new_arena.data() + arena_used);
+          arena_used += slot.encoded_size;
+        }
+        plain[0] = static_cast<std::uint8_t>(codec::EntryOp::put);
+        codec::append_sealed_entry(snapshot, sealing_key, codec::FileKind::snapshot, new_generation, sequence++,
+                                   ByteView(plain, size));
+      }
+    }
+    std::uint8_t end[codec::kEndEntrySize];
+    codec::write_end_entry(sequence, end);
+    codec::append_sealed_entry(snapshot, sealing_key, codec::FileKind::snapshot, new_generation, sequence,
+                               ByteView(end, sizeof end));
+    scratch.wipe();
+
+    auto written = replace_file(kSnapshotTempName, kSnapshotName, snapshot);
+    if (!written) {
+      // The rename may have happened before a failing directory fsync: appending to the old journal could then
+      // put acknowledged entries into a journal that the next open() discards as stale.
+      broken = "compaction failed: " + written.error().message;
+      return std::move(written).error();
+    }
+    generation = new_generation;
+    if (auto journal = start_journal(new_generation); !journal) {
+      broken = "the journal of generation " + std::to_string(new_generation) +
+               " could not be started: " + journal.error().message;
+      return journal;
+    }
+    for (const auto& [slot, location] : moved) slot->encoded = location;
+    arenas.clear();
+    put_chunk = nullptr;
+    put_chunk_size = put_chunk_used = 0;
+    if (!new_arena.empty()) arenas.push_back(std::move(new_arena));
+    return ok_result();
+  }
+};
+
+using Impl = StoreState;
+
+struct LoadedFile {
+  UniqueFd fd;
+  Bytes content;
+};
+
+// Opens a store file and checks that it is a regular file of mode 0600.
+Result<LoadedFile> load_store_file(const Impl& store, const char* name, int flags) {
+  const std::filesystem::path path = store.path_of(name);
+  LoadedFile file;
+  file.fd = UniqueFd(::openat(store.dir_fd.get(), name, flags | O_NOFOLLOW | O_CLOEXEC | O_NOCTTY));
+  if (!file.fd.valid()) return io_error("cannot open", path, errno);
+  struct stat st {};
+  if (::fstat(file.fd.get(), &st) != 0) return io_error("cannot stat", path, errno);
+  if (!S_ISREG(st.st_mode)) return make_error(Errc::permission, path.string() + " is not a regular file");
+  if ((st.st_mode & 0777) != 0600) {
+    return make_error(Errc::permission, path.string() + ": mode " + mode_text(st.st_mode) +
+                                            ", key-store files must be mode 0600 (chmod 600)");
+  }
+  file.content.resize(static_cast<std::size_t>(st.st_size));
+  std::size_t done = 0;
+  while (done < file.content.size()) {
+    const ssize_t n =
+        ::pread(file.fd.get(), file.content.data() + done, file.content.size() - done, static_cast<off_t>(done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return io_error("cannot read", path, errno);
+    if (n == 0) break;
+    done += static_cast<std::size_t>(n);
+  }
+  file.content.resize(done);
+  return file;
+}
+
+bool exists_in(const Impl& store, const char* name) {
+  struct stat st {};
+  return ::fstatat(store.dir_fd.get(), name, &st, AT_SYMLINK_NOFOLLOW) == 0;
+}
+
+std::string where(const char* file_name, std::uint64_t sequence, std::size_t offset) {
+  return std::string(file_name) + ": entry " + std::to_string(sequence) + " at byte offset " + std::to_string(offset);
+}
+
+Error frame_error(const char* file_name, std::uint64_t sequence, std::size_t offset, const codec::Frame& frame,
+                  std::size_t file_size) {
+  if (frame.status == codec::FrameStatus::bad_length) {
+    return make_error(Errc::corrupt, where(file_name, sequence, offset) + ": length field " +
+                                         std::to_string(frame.length) + ", must be " +
+                                         std::to_string(codec::kMinCiphertextSize) + "–" +
+                                         std::to_string(codec::kMaxCiphertextSize));
+  }
+  return make_error(Errc::corrupt, where(file_name, sequence, offset) + ": truncated (" +
+                                       std::to_string(file_size - offset) + " bytes left, the entry needs " +
+                                       (file_size - offset < codec::kLengthSize
+                                            ? std::string("a 4-byte length")
+                                            : std::to_string(codec::kLengthSize + codec::kNonceSize + frame.length)) +
+                                       ")");
+}
+
+Error open_error(const char* file_name, std::uint64_t sequence, std::size_t offset, bool first_of_store) {
+  if (first_of_store) {
+    return make_error(Errc::crypto, where(file_name, sequence, offset) +
+                                        ": does not authenticate: wrong master key or tampered file");
+  }
+  return make_error(Errc::corrupt, where(file_name, sequence, offset) +
+                                       ": does not authenticate: the file was tampered with or corrupted");
+}
+
+Result<void> load_snapshot(Impl& store, ByteView file, OpenReport& report) {
+  auto header = codec::parse_header(file, codec::FileKind::snapshot, kSnapshotName);
+  if (!header) return std::move(header).error();
+  store.generation = header->generation;
+  SecretBuffer arena(file.size);
+  std::size_t arena_used = 0;
+  std::size_t offset = codec::kHeaderSize;
+  std::uint64_t sequence = 0;
+  while (offset < file.size) {
+    const codec::Frame frame = codec::read_frame(file, offset);
+    if (frame.status != codec::FrameStatus::complete) {
+      return frame_error(kSnapshotName, sequence, offset, frame, file.size);
+    }
+    std::uint8_t* plain = arena.data() + arena_used;
+    if (!codec::open_entry(store.sealing_key, codec::FileKind::snapshot, store.generation, sequence, frame, plain)) {
+      return open_error(kSnapshotName, sequence, offset, sequence == 0);
+    }
+    const std::size_t plain_size = frame.length - codec::kTagSize;
+    auto entry = codec::parse_entry(ByteView(plain, plain_size), codec::SecretFields::skip);
+    if (!entry) return make_error(Errc::corrupt, where(kSnapshotName, sequence, offset) + ": " + entry.error().message);
+    if (entry->op == codec::EntryOp::end) {
+      if (entry->count != sequence) {
+        return make_error(Errc::corrupt, where(kSnapshotName, sequence, offset) + ": end marker counts " +
+                                             std::to_string(entry->count) + " records, the file holds " +
+                                             std::to_string(sequence));
+      }
+      const std::size_t end = offset + frame.total_size;
+      if (end != file.size) {
+        return make_error(Errc::corrupt, std::string(kSnapshotName) + ": " + std::to_string(file.size - end) +
+                                             " bytes after the end marker at byte offset " + std::to_string(end));
+      }
+      report.snapshot_records = static_cast<std::size_t>(sequence);
+      if (arena_used > 0) store.arenas.push_back(std::move(arena));
+      return ok_result();
+    }
+    if (entry->op != codec::EntryOp::put) {
+      return make_error(Errc::corrupt, where(kSnapshotName, sequence, offset) + ": a remove entry in a snapshot");
+    }
+    Slot slot;
+    slot.encoded = entry->record_bytes.data;
+    slot.encoded_size = entry->record_bytes.size;
+    const auto [it, inserted] =
+        store.records[index_of(entry->kind)].emplace(std::string(id_of(*entry->record)), std::move(slot));
+    if (!inserted) {
+      return make_error(Errc::corrupt, where(kSnapshotName, sequence, offset) + ": second " +
+                                           std::string(to_string(entry->kind)) + " record " +
+                                           quote_for_error(it->first));
+    }
+    arena_used += plain_size;
+    offset += frame.total_size;
+    ++sequence;
+  }
+  return make_error(Errc::corrupt, std::string(kSnapshotName) + ": no end marker after entry " +
+                                       std::to_string(sequence) + " (byte offset " + std::to_string(offset) +
+                                       "): the file is truncated");
+}
+
+// Moves the torn bytes of the journal aside to keys.journal.torn-<unix time> and cuts them off the journal.
+Result<std::string> set_torn_tail_aside(Impl& store, const LoadedFile& journal, std::size_t good_size) {
+  const ByteView torn(journal.content.data() + good_size, journal.content.size() - good_size);
+  const std::string stem = kTornPrefix + std::to_string(static_cast<long long>(std::time(nullptr)));
+  std::string name = stem;
+  UniqueFd fd;
+  for (int attempt = 1; attempt < 1000 && !fd.valid(); ++attempt) {
+    fd = UniqueFd(
+        ::openat(store.dir_fd.get(), name.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600));
+    if (!fd.valid() && errno != EEXIST) return io_error("cannot create", store.path_of(name.c_str()), errno);
+    if (!fd.valid()) name = stem + "-" + std::to_string(attempt);
+  }
+  if (!fd.valid()) return io_error("cannot create", store.path_of(stem.c_str()), EEXIST);
+  std::size_t done = 0;
+  while (done < torn.size) {
+    const ssize_t n = ::write(fd.get(), torn.data + done, torn.size - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return io_error("cannot write", store.path_of(name.c_str()), n < 0 ? errno : EIO);
+    done += static_cast<std::size_t>(n);
+  }
+  if (::fsync(fd.get()) != 0) return io_error("cannot fsync", store.path_of(name.c_str()), errno);
+  if (::fsync(store.dir_fd.get()) != 0) return io_error("cannot fsync directory", store.dir, errno);
+  // Only now, with the bytes safe elsewhere, is the journal shortened.
+  if (::ftruncate(journal.fd.get(), static_cast<off_t>(good_size)) != 0 || ::fdatasync(journal.fd.get()) != 0) {
+    return io_error("cannot truncate", store.path_of(kJournalName), errno);
+  }
+  return name;
+}
+
+// Reads the journal entries of generation journal_generation. apply=false only authenticates them (a stale
+// journal). Returns the byte size of the well-formed part; a torn final entry is described in torn.
+Result<std::size_t> load_journal(Impl& store, ByteView file, std::uint64_t journal_generation, bool apply,
+                                 OpenReport& report, std::string& torn) {
+  SecretBuffer arena(file.size);
+  std::size_t arena_used = 0;
+  std::size_t offset = codec::kHeaderSize;
+  std::uint64_t sequence = 0;
+  while (offset < file.size) {
+    const codec::Frame frame = codec::read_frame(file, offset);
+    if (frame.status == codec::FrameStatus::bad_length) {
+      return frame_error(kJournalName, sequence, offset, frame, file.size);
+    }
+    if (frame.status == codec::FrameStatus::truncated) {
+      // An interrupted final append, unless a damaged length field hides whole entries behind it: that is
+      // tampering or bit rot, never a crash. The entry's own encoding says how long it really is; measure it on
+      // the unauthenticated keystream decryption, then let the tag decide.
+      const std::size_t rest = file.size - offset;
+      const std::size_t header_bytes = codec::kLengthSize + codec::kNonceSize;
+      if (rest > header_bytes) {
+        const ByteView nonce(file.data + offset + codec::kLengthSize, codec::kNonceSize);
+        const std::size_t body = std::min(rest - header_bytes, codec::kMaxCiphertextSize);
+        SecretBuffer probe(body);
+        codec::decrypt_unauthenticated(store.sealing_key, nonce, ByteView(nonce.data + codec::kNonceSize, body),
+                                       probe.data());
+        const std::optional<std::size_t> measured = codec::measure_entry(probe.view());
+        if (measured && header_bytes + *measured + codec::kTagSize <= rest) {
+          codec::Frame whole;
+          whole.status = codec::FrameStatus::complete;
+          whole.nonce = nonce;
+          whole.ciphertext = ByteView(nonce.data + codec::kNonceSize, *measured + codec::kTagSize);
+          if (codec::open_entry(store.sealing_key, codec::FileKind::journal, journal_generation, sequence, whole,
+                                probe.data())) {
+            return make_error(Errc::corrupt, where(kJournalName, sequence, offset) + ": length field " +
+                                                 std::to_string(frame.length) + " does not match the entry (" +
+                                                 std::to_string(whole.ciphertext.size) + " bytes): damaged");
+          }
+        }
+      }
+      torn =
+          where(kJournalName, sequence, offset) + ": incomplete final entry (" + std::to_string(rest) + " bytes" +
+          (rest >= codec::kLengthSize ? " of " + std::to_string(codec::kLengthSize + codec::kNonceSize + frame.length)
+                                      : std::string()) +
+          ")";
+      break;
+    }
+    std::uint8_t* plain = arena.data() + arena_used;
+    if (!codec::open_entry(store.sealing_key, codec::FileKind::journal, journal_generation, sequence, frame, plain)) {
+      return open_error(kJournalName, sequence, offset, false);
+    }
+    const std::size_t plain_size = frame.length - codec::kTagSize;
+    auto entry = codec::parse_entry(ByteView(plain, plain_size), codec::SecretFields::skip);
+    if (!entry) return make_error(Errc::corrupt, where(kJournalName, sequence, offset) + ": " + entry.error().message);
+    if (apply) {
+      KindMap& map = store.records[index_of(entry->kind)];
+      switch (entry->op) {
+        case codec::EntryOp::put: {
+          Slot& slot = map[std::string(id_of(*entry->record))];
+          slot.record.reset();
+          slot.encoded = entry->record_bytes.data;
+          slot.encoded_size = entry->record_bytes.size;
+          arena_used += plain_size;
+          break;
+        }
+        case codec::EntryOp::remove: {
+          const auto it = map.find(entry->id);
+          if (it == map.end()) {
+            return make_error(Errc::corrupt, where(kJournalName, sequence, offset) + ": removes " +
+                                                 std::string(to_string(entry->kind)) + " record " +
+                                                 quote_for_error(entry->id) + ", which does not exist");
+          }
+          map.erase(it);
+          break;
+        }
+        case codec::EntryOp::end:
+          return make_error(Errc::corrupt, where(kJournalName, sequence, offset) + ": an end marker in a journal");
+      }
+    } else if (entry->op == codec::EntryOp::end) {
+      return make_error(Errc::corrupt, where(kJournalName, sequence, offset) + ": an end marker in a journal");
+    }
+    offset += frame.total_size;
+    ++sequence;
+  }
+  if (apply) {
+    report.journal_entries = static_cast<std::size_t>(sequence);
+    store.journal_entries = sequence;
+    if (arena_used > 0) store.arenas.push_back(std::move(arena));
+  }
+  return offset;
+}
+
+Result<void> check_directory(const std::filesystem::path& dir) {
+  struct stat st {};
+  if (::stat(dir.c_str(), &st) != 0) {
+    const int err = errno;
+    if (err == ENOENT) return make_error(Errc::not_found, "key store directory " + dir.string() + " does not exist");
+    return io_error("cannot stat key store directory", dir, err);
+  }
+  if (!S_ISDIR(st.st_mode)) return make_error(Errc::invalid_argument, dir.string() + " is not a directory");
+  if ((st.st_mode & 022) != 0) {
+    return make_error(Errc::permission, "key store directory " + dir.string() + ": mode " + mode_text(st.st_mode) +
+                                            ", must not be writable by group or others (chmod 700)");
+  }
+  return ok_result();
+}
+
+Result<void> create_store(Impl& store, OpenReport&) {
+  constexpr std::uint64_t kFirstGeneration = 1;
+  Bytes snapshot;
+  codec::append_header(snapshot, codec::FileKind::snapshot, kFirstGeneration);
+  std::uint8_t end[codec::kEndEntrySize];
+  codec::write_end_entry(0, end);
+  codec::append_sealed_entry(snapshot, store.sealing_key, codec::FileKind::snapshot, kFirstGeneration, 0,
+                             ByteView(end, sizeof end));
+  auto written = store.replace_file(kSnapshotTempName, kSnapshotName, snapshot);
+  if (!written) return std::move(written).error();
+  store.generation = kFirstGeneration;
+  return store.start_journal(kFirstGeneration);
+}
+
+Result<void> open_existing(Impl& store, OpenReport& report) {
+  auto snapshot = load_store_file(store, kSnapshotName, O_RDONLY);
+  if (!snapshot) return std::move(snapshot).error();
+  if (auto ok = load_snapshot(store, snapshot->content, report); !ok) return ok;
+
+  if (!exists_in(store, kJournalName)) {
+    // The one legitimate way to get here: a crash between the two files of create_store().
+    if (store.generation == 1 && report.snapshot_records == 0) return store.start_journal(store.generation);
+    return make_error(Errc::corrupt, store.path_of(kJournalName).string() + " is missing while " + kSnapshotName +
+                                         " of generation " + std::to_string(store.generation) + " holds " +
+                                         std::to_string(report.snapshot_records) + " records; refusing to guess");
+  }
+  auto journal = load_store_file(store, kJournalName, O_RDWR);
+  if (!journal) return std::move(journal).error();
+  auto header = codec::parse_header(journal->content, codec::FileKind::journal, kJournalName);
+  if (!header) return std::move(header).error();
+  if (header->generation > store.generation) {
+    return make_error(Errc::corrupt, std::string(kJournalName) + ": generation " + std::to_string(header->generation) +
+                                         " is newer than " + kSnapshotName + " (generation " +
+                                         std::to_string(store.generation) + ")");
+  }
+  std::string torn;
+  if (header->generation < store.generation) {
+    // A crash during compaction, after the new snapshot and before the new journal: the snapshot already holds
+    // everything in this journal. Its entries must still authenticate, or a damaged generation field could
+    // throw acknowledged entries away.
+    auto checked = load_journal(store, journal->content, header->generation, /*apply=*/false, report, torn);
+    if (!checked) return std::move(checked).error();
+    return store.start_journal(store.generation);
+  }
+  auto good_size = load_journal(store, journal->content, store.generation, /*apply=*/true, report, torn);
+  if (!good_size) return std::move(good_size).error();
+  if (!torn.empty()) {
+    auto aside = set_torn_tail_aside(store, *journal, *good_size);
+    if (!aside) return std::move(aside).error();
+    report.torn_tail = torn + ", moved to " + (store.dir / *aside).string();
+  }
+  store.journal_size = *good_size;
+  store.journal_fd = std::move(journal->fd);
+  return ok_result();
+}
+
+}  // namespace
+
+struct KeyStore::Impl : StoreState {};
+
+Result<KeyStore> KeyStore::open(const std::filesystem::path& dir, SecretBuffer master_key, OpenReport* report) {
+  ensure_sodium_initialised();
+  if (master_key.size() != kMasterKeySize) {
+    return make_error(Errc::invalid_argument, "master key is " + std::to_string(master_key.size()) +
+                                                  " bytes, must be " + std::to_string(kMasterKeySize));
+  }
+  if (auto ok = check_directory(dir); !ok) return std::move(ok).error();
+  auto impl = std::make_unique<Impl>();
+  impl->dir = dir;
+  impl->dir_fd = UniqueFd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!impl->dir_fd.valid()) return io_error("cannot open key store directory", dir, errno);
+  if (::flock(impl->dir_fd.get(), LOCK_EX | LOCK_NB) != 0) {
+    const int err = errno;
+    if (err == EWOULDBLOCK) {
+      return make_error(Errc::io, "key store " + dir.string() + " is open in another process (flock)");
+    }
+    return io_error("cannot lock key store directory", dir, err);
+  }
+  // The master key only ever keys HKDF; the sealing key is bound to this format by the info string.
+  auto sealing_key = hkdf_sha256(master_key, ByteView(), ByteView::of(kSealingInfo), codec::kSealingKeySize);
+  if (!sealing_key) return std::move(sealing_key).error();
+  impl->sealing_key = std::move(sealing_key).value();
+  master_key.wipe();
+
+  OpenReport local_report;
+  OpenReport& out = report != nullptr ? *report : local_report;
+  out = OpenReport{};
+  const bool have_snapshot = exists_in(*impl, kSnapshotName);
+  const bool have_journal = exists_in(*impl, kJournalName);
+  Result<void> opened = ok_result();
+  if (!have_snapshot && !have_journal) {
+    opened = create_store(*impl, out);
+  } else if (!have_snapshot) {
+    opened = make_error(Errc::corrupt, impl->path_of(kJournalName).string() + " exists without " + kSnapshotName +
+                                           "; refusing to start a new store over it");
+  } else {
+    opened = open_existing(*impl, out);
+  }
+  if (!opened) {
+    Error error = std::move(opened).error();
+    // Messages about entries name the file alone ("keys.journal: entry 3 at byte offset ..."); give them the path.
+    if (error.message.rfind("keys.", 0) == 0) error.message = (dir / error.message).string();
+    return error;
+  }
+  return KeyStore(std::move(impl));
+}
+
+KeyStore::KeyStore(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+KeyStore::KeyStore(KeyStore&&) noexcept = default;
+KeyStore& KeyStore::operator=(KeyStore&&) noexcept = default;
+KeyStore::~KeyStore() = default;
+
+Result<void> KeyStore::put(Record record) {
+  if (auto ok = validate(record); !ok) return ok;
+  if (auto ok = impl_->refuse_if_broken(); !ok) return ok;
+  const std::size_t size = 1 + codec::encoded_record_size(record);
+  std::uint8_t* plain = impl_->scratch_of_size(size);
+  plain[0] = static_cast<std::uint8_t>(codec::EntryOp::put);
+  codec::write_record(record, plain + 1);
+  auto appended = impl_->append(ByteView(plain, size));
+  if (!appended) {
+    sodium_memzero(plain, size);
+    return appended;
+  }
+  // Kept encoded like the records open() loads; the caller's record (and its SecretBuffers) goes away here.
+  Slot slot;
+  slot.encoded_size = size - 1;
+  slot.encoded = impl_->keep_encoding(ByteView(plain + 1, size - 1));
+  sodium_memzero(plain, size);
+  impl_->records[index_of(kind_of(record))].insert_or_assign(std::string(id_of(record)), std::move(slot));
+
+  const std::uint64_t threshold = std::max<std::uint64_t>(kMinCompactionThreshold, impl_->record_count());
+  if (impl_->journal_entries > threshold) {
+    // The put is durable already; a failed compaction is retried on the next put rather than reported as a failed
+    // put. It does mark the store broken when the files may no longer match memory.
+    (void)impl_->compact();
+  }
+  return ok_result();
+}
+
+Result<void> KeyStore::remove(RecordKind kind, std::string_view id) {
+  if (!known_kind(kind)) {
+    return make_error(Errc::invalid_argument, "record kind " + std::to_string(static_cast<int>(kind)) + " is unknown");
+  }
+  KindMap& map = impl_->records[index_of(kind)];
+  const auto it = map.find(id);
+  if (it == map.end()) {
+    return make_error(Errc::not_found, "no " + std::string(to_string(kind)) + " record " + quote_for_error(id));
+  }
+  const std::size_t size = codec::remove_entry_size(id);
+  std::uint8_t* plain = impl_->scratch_of_size(size);
+  codec::write_remove_entry(kind, id, plain);
+  auto appended = impl_->append(ByteView(plain, size));
+  if (!appended) return appended;
+  map.erase(it);
+  return ok_result();
+}
+
+const Record* KeyStore::find(RecordKind kind, std::string_view id) const {
+  if (!known_kind(kind)) return nullptr;
+  const KindMap& map = impl_->records[index_of(kind)];
+  const auto it = map.find(id);
+  return it == map.end() ? nullptr : impl_->materialise(it->second);
+}
+
+void KeyStore::for_each(RecordKind kind, const std::function<void(const Record&)>& visit) const {
+  if (!known_kind(kind)) return;
+  for (const auto& [id, slot] : impl_->records[index_of(kind)]) {
+    if (const Record* record = impl_->materialise(slot)) visit(*record);
+  }
+}
+
+std::size_t KeyStore::size() const { return impl_->record_count(); }
+
+std::size_t KeyStore::size(RecordKind kind) const {
+  return known_kind(kind) ? impl_->records[index_of(kind)].size() : 0;
+}
+
+Result<void> KeyStore::compact() { return impl_->compact(); }
+
+const std::filesystem::path& KeyStore::directory() const { return impl_->dir; }
+
+}  // namespace dauth::crypto

@@ -1,1 +1,139 @@
-// placeholder: implemented in its own change
+// The master key of the sealed key store: a key file or a systemd credential (DESIGN.md §5, STYLE.md §8).
+#include <fcntl.h>
+#include <sodium.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+
+#include "dauth/crypto/identifiers.hpp"
+#include "dauth/crypto/keystore.hpp"
+#include "keystore_files.hpp"
+
+namespace dauth::crypto {
+
+namespace {
+
+using keystore_files::mode_text;
+using keystore_files::UniqueFd;
+
+constexpr std::size_t kHexSize = 2 * kMasterKeySize;
+
+Error io_error(const std::string& what, const std::filesystem::path& path, int err) {
+  return make_error(Errc::io, what + " " + path.string() + ": " + std::strerror(err));
+}
+
+Result<void> fsync_parent_directory(const std::filesystem::path& path) {
+  const std::filesystem::path parent = path.has_parent_path() ? path.parent_path() : std::filesystem::path(".");
+  UniqueFd dir(::open(parent.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!dir.valid()) return io_error("cannot open directory", parent, errno);
+  if (::fsync(dir.get()) != 0) return io_error("cannot fsync directory", parent, errno);
+  return ok_result();
+}
+
+}  // namespace
+
+Result<SecretBuffer> load_master_key_file(const std::filesystem::path& path) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK));
+  if (!fd.valid()) {
+    const int err = errno;
+    if (err == ENOENT) return make_error(Errc::not_found, "master key file " + path.string() + " does not exist");
+    if (err == EACCES) {
+      return make_error(Errc::permission, "master key file " + path.string() + ": " + std::strerror(err));
+    }
+    return io_error("cannot open master key file", path, err);
+  }
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) return io_error("cannot stat master key file", path, errno);
+  if (!S_ISREG(st.st_mode)) {
+    return make_error(Errc::permission, "master key file " + path.string() + " is not a regular file");
+  }
+  // Refused, not just warned about (STYLE.md §8): a key other users can read is no longer ours alone.
+  if ((st.st_mode & 077) != 0) {
+    return make_error(Errc::permission, "master key file " + path.string() + ": mode " + mode_text(st.st_mode) +
+                                            ", must not be readable or writable by group or others (chmod 600)");
+  }
+  // Read one byte more than the longest valid content so that a longer file is recognised without reading it all.
+  SecretBuffer content(kHexSize + 2);
+  std::size_t length = 0;
+  while (length < content.size()) {
+    const ssize_t n = ::read(fd.get(), content.data() + length, content.size() - length);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return io_error("cannot read master key file", path, errno);
+    if (n == 0) break;
+    length += static_cast<std::size_t>(n);
+  }
+  const std::string_view text(reinterpret_cast<const char*>(content.data()), length);
+  const bool newline_ok = length == kHexSize || (length == kHexSize + 1 && text.back() == '\n');
+  if (!newline_ok) {
+    // Never quote the content: it is (almost) key material.
+    const std::string size_text = length > kHexSize + 1 ? "more than " + std::to_string(kHexSize + 1) + " bytes"
+                                                        : std::to_string(length) + " bytes";
+    return make_error(Errc::parse, "master key file " + path.string() + ": " + size_text + "; expected exactly " +
+                                       std::to_string(kHexSize) +
+                                       " hexadecimal characters, optionally followed by one newline");
+  }
+  auto key = secret_from_hex(text.substr(0, kHexSize));
+  if (!key) {
+    return make_error(Errc::parse, "master key file " + path.string() + ": not " + std::to_string(kHexSize) +
+                                       " hexadecimal characters (0-9, a-f, A-F; no spaces)");
+  }
+  return std::move(key).value();
+}
+
+Result<SecretBuffer> load_master_key_credential(std::string_view name) {
+  const char* directory = std::getenv("CREDENTIALS_DIRECTORY");
+  if (directory == nullptr || *directory == '\0') {
+    return make_error(Errc::not_found, "credential " + quote_for_error(name) +
+                                           ": $CREDENTIALS_DIRECTORY is not set (no systemd LoadCredential=)");
+  }
+  // systemd credential names are single path components (systemd.exec(5), "Credentials").
+  if (name.empty() || name == "." || name == ".." || name.find('/') != std::string_view::npos ||
+      name.find('\0') != std::string_view::npos) {
+    return make_error(Errc::invalid_argument,
+                      "credential name " + quote_for_error(name) + ": must be one path component (no '/')");
+  }
+  return load_master_key_file(std::filesystem::path(directory) / std::string(name));
+}
+
+Result<void> write_new_master_key_file(const std::filesystem::path& path) {
+  // O_EXCL: never replace a key that may still seal a store; O_NOFOLLOW: never write through a planted symlink.
+  UniqueFd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600));
+  if (!fd.valid()) {
+    const int err = errno;
+    if (err == EEXIST) {
+      return make_error(Errc::exists, "master key file " + path.string() + " already exists; refusing to overwrite it");
+    }
+    return io_error("cannot create master key file", path, err);
+  }
+  bool written = false;
+  // Removes a half-written key file on every failure path below.
+  struct RemoveUnlessWritten {
+    const std::filesystem::path& path;
+    const bool& written;
+    ~RemoveUnlessWritten() {
+      if (!written) ::unlink(path.c_str());
+    }
+  } cleanup{path, written};
+
+  if (::fchmod(fd.get(), 0600) != 0) return io_error("cannot chmod master key file", path, errno);
+  const SecretBuffer key = SecretBuffer::random(kMasterKeySize);
+  SecretBuffer text(kHexSize + 1);  // sodium_bin2hex writes a terminating NUL, replaced by the newline
+  sodium_bin2hex(reinterpret_cast<char*>(text.data()), text.size(), key.data(), key.size());
+  text.data()[kHexSize] = '\n';
+  std::size_t done = 0;
+  while (done < text.size()) {
+    const ssize_t n = ::write(fd.get(), text.data() + done, text.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return io_error("cannot write master key file", path, errno);
+    done += static_cast<std::size_t>(n);
+  }
+  if (::fsync(fd.get()) != 0) return io_error("cannot fsync master key file", path, errno);
+  if (auto synced = fsync_parent_directory(path); !synced) return synced;
+  written = true;
+  return ok_result();
+}
+
+}  // namespace dauth::crypto

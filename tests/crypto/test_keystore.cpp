@@ -1,1 +1,773 @@
+// The sealed key store (crypto/include/dauth/crypto/keystore.hpp, docs/keystore-format.md): real files in a
+// temporary directory, real crashes (SIGKILL of a writer process).
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <catch2/catch.hpp>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <random>
+#include <sstream>
+#include <thread>
+
+#include "dauth/crypto/keystore.hpp"
+#include "support.hpp"
+
+using namespace dauth;
+using namespace dauth::crypto;
+namespace fs = std::filesystem;
+
+namespace {
+
+SecretBuffer test_master_key(std::uint8_t seed = 1) {
+  SecretBuffer key(kMasterKeySize);
+  for (std::size_t i = 0; i < key.size(); ++i) key.data()[i] = static_cast<std::uint8_t>(seed * 31 + i * 7);
+  return key;
+}
+
+SecretBuffer patterned_secret(std::size_t size, std::uint8_t seed) {
+  SecretBuffer secret(size);
+  for (std::size_t i = 0; i < size; ++i) secret.data()[i] = static_cast<std::uint8_t>(seed + i * 13);
+  return secret;
+}
+
+// A TempDir on /dev/shm (tmpfs) when there is one, else under $TMPDIR.
+std::unique_ptr<test::TempDir> temp_dir_in_memory() {
+  struct stat st {};
+  if (::stat("/dev/shm", &st) != 0 || !S_ISDIR(st.st_mode) || ::access("/dev/shm", W_OK) != 0) {
+    return std::make_unique<test::TempDir>();
+  }
+  const char* previous = std::getenv("TMPDIR");
+  const std::string saved = previous ? previous : "";
+  ::setenv("TMPDIR", "/dev/shm", 1);
+  auto dir = std::make_unique<test::TempDir>();
+  if (previous) {
+    ::setenv("TMPDIR", saved.c_str(), 1);
+  } else {
+    ::unsetenv("TMPDIR");
+  }
+  return dir;
+}
+
+KeyStore open_store(const fs::path& dir, OpenReport* report = nullptr, std::uint8_t key_seed = 1) {
+  auto store = KeyStore::open(dir, test_master_key(key_seed), report);
+  INFO((store ? std::string("ok") : store.error().to_string()));
+  REQUIRE(store.ok());
+  return std::move(store).value();
+}
+
+const std::string kKeId1 = "000102030405060708090A0B0C0D0E0F@mef.example.net";
+const std::string kKeId2 = "F0E0D0C0B0A090807060504030201000@mef.example.net";
+
+// One record of every type, all fields set to values that differ from the defaults.
+std::vector<Record> one_of_each() {
+  std::vector<Record> records;
+  records.emplace_back(BootstrapKeyRecord{"boot-1@mef.example.net", patterned_secret(16, 1), "CAE-meter-01"});
+  records.emplace_back(EnroleeRecord{"enrolee-7@mef.example.net",
+                                     patterned_secret(24, 2),
+                                     "/in-cse/CAE-meter-07",
+                                     {"CAE-target-1", "//sp.example/in-cse/CAE-t2"},
+                                     86400,
+                                     true});
+  records.emplace_back(EnroleeRecord{"cert:CAE-cert-3", SecretBuffer(), "CAE-cert-3", {}, 3600, true});
+  records.emplace_back(
+      EnrolmentKeyRecord{kKeId1, patterned_secret(32, 3), "CAE-meter-01", {"CAE-target-1"}, 1900000000, 1800000000});
+  records.emplace_back(
+      SessionKeyRecord{kKeId2, patterned_secret(32, 4), "CAE-meter-01", "CAE-target-1", 40, 1900000123});
+  records.emplace_back(CertificateRecord{
+      "mef-ca", {Bytes{0x30, 0x82, 0x01}, Bytes{0x30, 0x03, 0x02, 0x01}}, patterned_secret(121, 5), -5});
+  records.emplace_back(IssuanceRecord{"01AB", "CAE-meter-01", 1700000000, 1800000000, 0});
+  records.emplace_back(PinnedKeyRecord{"ni:///sha-256;abcdEFGH-_", "CAE-rpk-9"});
+  return records;
+}
+
+bool same(const SecretBuffer& a, const SecretBuffer& b) { return a.equals(b); }
+bool same(const std::string& a, const std::string& b) { return a == b; }
+bool same(const std::vector<std::string>& a, const std::vector<std::string>& b) { return a == b; }
+bool same(const std::vector<Bytes>& a, const std::vector<Bytes>& b) { return a == b; }
+template <class T>
+std::enable_if_t<std::is_arithmetic_v<T>, bool> same(T a, T b) {
+  return a == b;
+}
+
+// Field-by-field equality; SecretBuffers compare with equals().
+bool same_record(const Record& a, const Record& b) {
+  if (a.index() != b.index()) return false;
+  return std::visit(
+      [&](const auto& x) {
+        using T = std::decay_t<decltype(x)>;
+        const T& y = std::get<T>(b);
+        if constexpr (std::is_same_v<T, BootstrapKeyRecord>) {
+          return same(x.kpm_id, y.kpm_id) && same(x.kpm, y.kpm) && same(x.ae_id, y.ae_id);
+        } else if constexpr (std::is_same_v<T, EnroleeRecord>) {
+          return same(x.credential_id, y.credential_id) && same(x.kpm, y.kpm) && same(x.enrolee_id, y.enrolee_id) &&
+                 same(x.targets, y.targets) && same(x.enrolment_lifetime_s, y.enrolment_lifetime_s) &&
+                 same(x.certificate_enrolment, y.certificate_enrolment);
+        } else if constexpr (std::is_same_v<T, EnrolmentKeyRecord>) {
+          return same(x.ke_id, y.ke_id) && same(x.ke, y.ke) && same(x.enrolee_id, y.enrolee_id) &&
+                 same(x.targets, y.targets) && same(x.expires_at, y.expires_at) && same(x.revoked_at, y.revoked_at);
+        } else if constexpr (std::is_same_v<T, SessionKeyRecord>) {
+          return same(x.ke_id, y.ke_id) && same(x.key, y.key) && same(x.peer_ae_id, y.peer_ae_id) &&
+                 same(x.local_ae_id, y.local_ae_id) && same(x.suid, y.suid) && same(x.expires_at, y.expires_at);
+        } else if constexpr (std::is_same_v<T, CertificateRecord>) {
+          return same(x.name, y.name) && same(x.chain_der, y.chain_der) && same(x.private_key_der, y.private_key_der) &&
+                 same(x.expires_at, y.expires_at);
+        } else if constexpr (std::is_same_v<T, IssuanceRecord>) {
+          return same(x.serial_hex, y.serial_hex) && same(x.ae_id, y.ae_id) && same(x.issued_at, y.issued_at) &&
+                 same(x.expires_at, y.expires_at) && same(x.revoked_at, y.revoked_at);
+        } else {
+          return same(x.public_key_id, y.public_key_id) && same(x.ae_id, y.ae_id);
+        }
+      },
+      a);
+}
+
+Record copy_record(const Record& record) {
+  return std::visit(
+      [](const auto& r) -> Record {
+        using T = std::decay_t<decltype(r)>;
+        if constexpr (std::is_same_v<T, BootstrapKeyRecord>) {
+          return T{r.kpm_id, r.kpm.clone(), r.ae_id};
+        } else if constexpr (std::is_same_v<T, EnroleeRecord>) {
+          return T{r.credential_id, r.kpm.clone(),          r.enrolee_id,
+                   r.targets,       r.enrolment_lifetime_s, r.certificate_enrolment};
+        } else if constexpr (std::is_same_v<T, EnrolmentKeyRecord>) {
+          return T{r.ke_id, r.ke.clone(), r.enrolee_id, r.targets, r.expires_at, r.revoked_at};
+        } else if constexpr (std::is_same_v<T, SessionKeyRecord>) {
+          return T{r.ke_id, r.key.clone(), r.peer_ae_id, r.local_ae_id, r.suid, r.expires_at};
+        } else if constexpr (std::is_same_v<T, CertificateRecord>) {
+          return T{r.name, r.chain_der, r.private_key_der.clone(), r.expires_at};
+        } else {
+          return r;
+        }
+      },
+      record);
+}
+
+void require_all_present(const KeyStore& store, const std::vector<Record>& records) {
+  for (const auto& record : records) {
+    const Record* found = store.find(kind_of(record), id_of(record));
+    INFO(std::string(to_string(kind_of(record))) + " " + std::string(id_of(record)));
+    REQUIRE(found != nullptr);
+    CHECK(same_record(*found, record));
+  }
+}
+
+BootstrapKeyRecord bootstrap(int n, std::uint8_t seed) {
+  return BootstrapKeyRecord{"boot-" + std::to_string(n) + "@mef.example.net", patterned_secret(16, seed),
+                            "CAE-" + std::to_string(n)};
+}
+
+// A store with a snapshot of several records and a journal with puts, an overwrite and a remove.
+void build_mixed_store(const fs::path& dir) {
+  KeyStore store = open_store(dir);
+  for (auto& record : one_of_each()) REQUIRE(store.put(std::move(record)).ok());
+  REQUIRE(store.compact().ok());
+  REQUIRE(store.put(bootstrap(1, 9)).ok());
+  REQUIRE(store.put(bootstrap(2, 10)).ok());
+  REQUIRE(store.put(bootstrap(1, 11)).ok());
+  REQUIRE(store.remove(RecordKind::pinned_key, "ni:///sha-256;abcdEFGH-_").ok());
+}
+
+std::vector<fs::path> torn_files(const fs::path& dir) {
+  std::vector<fs::path> found;
+  for (const auto& entry : fs::directory_iterator(dir)) {
+    if (entry.path().filename().string().rfind("keys.journal.torn-", 0) == 0) found.push_back(entry.path());
+  }
+  return found;
+}
+
+std::string error_of(const Result<KeyStore>& result) { return result ? std::string() : result.error().to_string(); }
+
+}  // namespace
+
+TEST_CASE("key store: every record type survives a round trip and a restart", "[keystore]") {
+  test::TempDir dir;
+  const std::vector<Record> records = one_of_each();
+  {
+    OpenReport report;
+    KeyStore store = open_store(dir.path(), &report);
+    CHECK(report.snapshot_records == 0);
+    CHECK(store.size() == 0);
+    for (const auto& record : records) REQUIRE(store.put(copy_record(record)).ok());
+    require_all_present(store, records);
+    CHECK(store.size() == records.size());
+  }
+  OpenReport report;
+  KeyStore reopened = open_store(dir.path(), &report);
+  CHECK(report.journal_entries == records.size());
+  CHECK_FALSE(report.torn_tail);
+  CHECK(reopened.size() == records.size());
+  CHECK(reopened.size(RecordKind::enrolee) == 2);
+  require_all_present(reopened, records);
+  const auto* session = reopened.find<SessionKeyRecord>(kKeId2);
+  REQUIRE(session != nullptr);
+  CHECK(session->suid == 40);
+  CHECK(reopened.find<BootstrapKeyRecord>(kKeId2) == nullptr);
+  CHECK(reopened.find(RecordKind::session_key, "absent") == nullptr);
+
+  std::vector<std::string> ids;
+  reopened.for_each(RecordKind::enrolee, [&](const Record& r) { ids.emplace_back(id_of(r)); });
+  CHECK(ids == std::vector<std::string>{"cert:CAE-cert-3", "enrolee-7@mef.example.net"});
+
+  for (const char* name : {"keys.snapshot", "keys.journal"}) {
+    struct stat st {};
+    REQUIRE(::stat((dir / name).c_str(), &st) == 0);
+    CHECK((st.st_mode & 0777) == 0600);
+  }
+}
+
+TEST_CASE("key store: overwrite and remove survive a restart, before and after compaction", "[keystore]") {
+  test::TempDir dir;
+  {
+    KeyStore store = open_store(dir.path());
+    for (int i = 0; i < 20; ++i) REQUIRE(store.put(bootstrap(i, static_cast<std::uint8_t>(i))).ok());
+    REQUIRE(store.put(bootstrap(3, 99)).ok());
+    REQUIRE(store.remove(RecordKind::bootstrap_key, "boot-4@mef.example.net").ok());
+    const auto missing = store.remove(RecordKind::bootstrap_key, "boot-4@mef.example.net");
+    REQUIRE_FALSE(missing.ok());
+    CHECK(missing.error().code == Errc::not_found);
+  }
+  for (int round = 0; round < 2; ++round) {
+    OpenReport report;
+    KeyStore store = open_store(dir.path(), &report);
+    CHECK(store.size() == 19);
+    CHECK(store.find<BootstrapKeyRecord>("boot-4@mef.example.net") == nullptr);
+    const auto* three = store.find<BootstrapKeyRecord>("boot-3@mef.example.net");
+    REQUIRE(three != nullptr);
+    CHECK(three->kpm.equals(patterned_secret(16, 99)));
+    if (round == 0) {
+      CHECK(report.journal_entries == 22);
+      REQUIRE(store.compact().ok());
+      CHECK(store.size() == 19);
+      REQUIRE(store.put(bootstrap(30, 30)).ok());
+      REQUIRE(store.remove(RecordKind::bootstrap_key, "boot-30@mef.example.net").ok());
+    } else {
+      CHECK(report.snapshot_records == 19);
+      CHECK(report.journal_entries == 2);
+    }
+  }
+}
+
+TEST_CASE("key store: put() compacts by itself when the journal grows past 4096 entries", "[keystore]") {
+  // 4100 fdatasyncs take seconds to tens of seconds on a busy disk; on tmpfs they are free and the compaction logic
+  // under test is the same.
+  const std::unique_ptr<test::TempDir> owned = temp_dir_in_memory();
+  const test::TempDir& dir = *owned;
+  {
+    KeyStore store = open_store(dir.path());
+    for (int i = 0; i < 4100; ++i) REQUIRE(store.put(bootstrap(i % 10, static_cast<std::uint8_t>(i))).ok());
+  }
+  OpenReport report;
+  KeyStore store = open_store(dir.path(), &report);
+  CHECK(report.snapshot_records == 10);
+  CHECK(report.journal_entries < 10);
+  CHECK(store.size() == 10);
+  const auto* last = store.find<BootstrapKeyRecord>("boot-9@mef.example.net");
+  REQUIRE(last != nullptr);
+  CHECK(last->kpm.equals(patterned_secret(16, static_cast<std::uint8_t>(4099))));
+}
+
+TEST_CASE("key store: validate() refuses bad identifiers and key sizes", "[keystore]") {
+  test::TempDir dir;
+  KeyStore store = open_store(dir.path());
+  auto refused = [&](Record record, const std::string& fragment) {
+    const auto result = store.put(std::move(record));
+    INFO(fragment);
+    REQUIRE_FALSE(result.ok());
+    CHECK(result.error().code == Errc::invalid_argument);
+    CHECK_THAT(result.error().message, Catch::Contains(fragment));
+  };
+  refused(BootstrapKeyRecord{"boot@mef.example.net", patterned_secret(15, 1), "CAE-1"}, "15 bytes");
+  refused(BootstrapKeyRecord{"no-at-sign", patterned_secret(16, 1), "CAE-1"}, "kpm_id");
+  refused(BootstrapKeyRecord{"boot@mef.example.net", patterned_secret(16, 1), "CAE 1"}, "ae_id");
+  refused(EnrolmentKeyRecord{kKeId1, patterned_secret(31, 1), "CAE-1", {}, 0, 0}, "exactly 32");
+  refused(SessionKeyRecord{"000102030405060708090a0b0c0d0e0f@mef.example.net", patterned_secret(32, 1), "CAE-1",
+                           "CAE-2", 22, 0},
+          "canonical");
+  refused(SessionKeyRecord{kKeId1, patterned_secret(32, 1), "CAE-1", "CAE-2", 300, 0}, "suid");
+  refused(EnroleeRecord{"e@mef.example.net", patterned_secret(16, 1), "CAE-1", {"bad target!"}, 0, false}, "targets");
+  refused(CertificateRecord{"mef-ca", {}, patterned_secret(10, 1), 0}, "chain_der");
+  refused(IssuanceRecord{"01ab", "CAE-1", 0, 0, 0}, "serial_hex");
+  refused(PinnedKeyRecord{"", "CAE-1"}, "id length 0");
+  CHECK(store.size() == 0);
+}
+
+TEST_CASE("key store: a wrong master key is refused and names itself", "[keystore]") {
+  test::TempDir dir;
+  build_mixed_store(dir.path());
+  const Bytes before = test::read_binary_file(dir / "keys.snapshot");
+  const auto opened = KeyStore::open(dir.path(), test_master_key(2));
+  REQUIRE_FALSE(opened.ok());
+  CHECK(opened.error().code == Errc::crypto);
+  CHECK_THAT(opened.error().message, Catch::Contains("wrong master key") && Catch::Contains("keys.snapshot") &&
+                                         Catch::Contains("byte offset 18"));
+  CHECK(test::read_binary_file(dir / "keys.snapshot") == before);
+
+  const auto short_key = KeyStore::open(dir.path(), SecretBuffer(16));
+  REQUIRE_FALSE(short_key.ok());
+  CHECK(short_key.error().code == Errc::invalid_argument);
+}
+
+TEST_CASE("key store: one flipped byte anywhere in the snapshot fails open() and leaves the file alone", "[keystore]") {
+  // Thousands of rewrites and opens: on tmpfs, where the detection logic runs the same and costs less.
+  const std::unique_ptr<test::TempDir> owned = temp_dir_in_memory();
+  const test::TempDir& dir = *owned;
+  build_mixed_store(dir.path());
+  const Bytes snapshot = test::read_binary_file(dir / "keys.snapshot");
+  const Bytes journal = test::read_binary_file(dir / "keys.journal");
+  REQUIRE(snapshot.size() > 200);
+  for (std::size_t offset = 0; offset < snapshot.size(); ++offset) {
+    for (const std::uint8_t mask : {std::uint8_t{0x01}, std::uint8_t{0x80}}) {
+      Bytes damaged = snapshot;
+      damaged[offset] ^= mask;
+      test::write_file(dir / "keys.snapshot", damaged);
+      const auto opened = KeyStore::open(dir.path(), test_master_key());
+      INFO("offset " << offset << " mask " << int{mask});
+      REQUIRE_FALSE(opened.ok());
+      CHECK((opened.error().code == Errc::corrupt || opened.error().code == Errc::crypto));
+      CHECK_THAT(opened.error().message, Catch::Contains("keys.snapshot"));
+      REQUIRE(test::read_binary_file(dir / "keys.snapshot") == damaged);
+      REQUIRE(test::read_binary_file(dir / "keys.journal") == journal);
+    }
+  }
+  test::write_file(dir / "keys.snapshot", snapshot);
+  CHECK(KeyStore::open(dir.path(), test_master_key()).ok());
+}
+
+TEST_CASE("key store: one flipped byte anywhere in the journal fails open() and leaves the file alone", "[keystore]") {
+  // Thousands of rewrites and opens: on tmpfs, where the detection logic runs the same and costs less.
+  const std::unique_ptr<test::TempDir> owned = temp_dir_in_memory();
+  const test::TempDir& dir = *owned;
+  build_mixed_store(dir.path());
+  const Bytes snapshot = test::read_binary_file(dir / "keys.snapshot");
+  const Bytes journal = test::read_binary_file(dir / "keys.journal");
+  for (std::size_t offset = 0; offset < journal.size(); ++offset) {
+    for (const std::uint8_t mask : {std::uint8_t{0x01}, std::uint8_t{0x80}}) {
+      Bytes damaged = journal;
+      damaged[offset] ^= mask;
+      test::write_file(dir / "keys.journal", damaged);
+      OpenReport report;
+      const auto opened = KeyStore::open(dir.path(), test_master_key(), &report);
+      INFO("offset " << offset << " mask " << int{mask} << ": " << error_of(opened));
+      REQUIRE_FALSE(opened.ok());
+      CHECK((opened.error().code == Errc::corrupt || opened.error().code == Errc::crypto));
+      CHECK_THAT(opened.error().message, Catch::Contains("keys.journal"));
+      REQUIRE(test::read_binary_file(dir / "keys.journal") == damaged);
+      REQUIRE(test::read_binary_file(dir / "keys.snapshot") == snapshot);
+    }
+  }
+  // Not even a length field grown past the end of the file passes for an interrupted append.
+  CHECK(torn_files(dir.path()).empty());
+  test::write_file(dir / "keys.journal", journal);
+  OpenReport report;
+  KeyStore store = open_store(dir.path(), &report);
+  CHECK(report.journal_entries == 4);
+  CHECK_FALSE(report.torn_tail);
+}
+
+TEST_CASE("key store: a truncated snapshot fails open() at every length", "[keystore]") {
+  // Thousands of rewrites and opens: on tmpfs, where the detection logic runs the same and costs less.
+  const std::unique_ptr<test::TempDir> owned = temp_dir_in_memory();
+  const test::TempDir& dir = *owned;
+  build_mixed_store(dir.path());
+  const Bytes snapshot = test::read_binary_file(dir / "keys.snapshot");
+  for (std::size_t length = 0; length < snapshot.size(); ++length) {
+    const Bytes cut(snapshot.begin(), snapshot.begin() + static_cast<std::ptrdiff_t>(length));
+    test::write_file(dir / "keys.snapshot", cut);
+    const auto opened = KeyStore::open(dir.path(), test_master_key());
+    INFO("length " << length);
+    REQUIRE_FALSE(opened.ok());
+    CHECK(opened.error().code == Errc::corrupt);
+    REQUIRE(test::read_binary_file(dir / "keys.snapshot") == cut);
+  }
+  // The most likely cut, right after a whole entry, names the missing end marker.
+  test::write_file(dir / "keys.snapshot", snapshot);
+  {
+    KeyStore store = open_store(dir.path());
+    REQUIRE(store.compact().ok());
+  }
+  const Bytes compacted = test::read_binary_file(dir / "keys.snapshot");
+  // The end entry is 4 + 24 + 9 + 16 = 53 bytes.
+  test::write_file(dir / "keys.snapshot", Bytes(compacted.begin(), compacted.end() - 53));
+  const auto opened = KeyStore::open(dir.path(), test_master_key());
+  REQUIRE_FALSE(opened.ok());
+  CHECK_THAT(opened.error().message, Catch::Contains("no end marker"));
+}
+
+TEST_CASE("key store: a journal cut inside its last entry opens, reports and keeps the torn bytes", "[keystore]") {
+  // Thousands of rewrites and opens: on tmpfs, where the detection logic runs the same and costs less.
+  const std::unique_ptr<test::TempDir> owned = temp_dir_in_memory();
+  const test::TempDir& dir = *owned;
+  build_mixed_store(dir.path());
+  const Bytes snapshot = test::read_binary_file(dir / "keys.snapshot");
+  const Bytes journal = test::read_binary_file(dir / "keys.journal");
+  // The last entry is the remove of the pinned key: 4 + 24 + (1 + 1 + 2 + 24) + 16 bytes.
+  const std::size_t last_entry_size = 4 + 24 + 28 + 16;
+  const std::size_t last_entry_start = journal.size() - last_entry_size;
+  for (std::size_t length = last_entry_start; length <= journal.size(); ++length) {
+    test::write_file(dir / "keys.snapshot", snapshot);
+    const Bytes cut(journal.begin(), journal.begin() + static_cast<std::ptrdiff_t>(length));
+    test::write_file(dir / "keys.journal", cut);
+    INFO("length " << length);
+    OpenReport report;
+    {
+      KeyStore store = open_store(dir.path(), &report);
+      const bool torn = length > last_entry_start && length < journal.size();
+      CHECK(report.torn_tail.has_value() == torn);
+      CHECK(report.journal_entries == (length == journal.size() ? 4u : 3u));
+      // Removed only when the remove entry is whole.
+      CHECK((store.find(RecordKind::pinned_key, "ni:///sha-256;abcdEFGH-_") == nullptr) == (length == journal.size()));
+      const auto* one = store.find<BootstrapKeyRecord>("boot-1@mef.example.net");
+      REQUIRE(one != nullptr);
+      CHECK(one->kpm.equals(patterned_secret(16, 11)));
+      const auto torn_list = torn_files(dir.path());
+      REQUIRE(torn_list.size() == (torn ? 1u : 0u));
+      if (torn) {
+        CHECK_THAT(*report.torn_tail, Catch::Contains("keys.journal.torn-") &&
+                                          Catch::Contains("byte offset " + std::to_string(last_entry_start)));
+        CHECK(test::read_binary_file(torn_list.front()) ==
+              Bytes(cut.begin() + static_cast<std::ptrdiff_t>(last_entry_start), cut.end()));
+        CHECK(fs::file_size(dir / "keys.journal") == last_entry_start);
+        // The store goes on: the next put lands where the torn entry began.
+        REQUIRE(store.put(bootstrap(40, 40)).ok());
+        fs::remove(torn_list.front());
+      }
+    }
+    OpenReport again;
+    KeyStore store = open_store(dir.path(), &again);
+    CHECK_FALSE(again.torn_tail);
+    CHECK(torn_files(dir.path()).empty());
+  }
+}
+
+TEST_CASE("key store: a crash during compaction leaves a stale journal that is replaced", "[keystore]") {
+  test::TempDir dir;
+  build_mixed_store(dir.path());
+  const Bytes old_journal = test::read_binary_file(dir / "keys.journal");
+  const Bytes old_snapshot = test::read_binary_file(dir / "keys.snapshot");
+  {
+    KeyStore store = open_store(dir.path());
+    REQUIRE(store.compact().ok());
+  }
+  // The state after the snapshot rename and before the journal rename.
+  test::write_file(dir / "keys.journal", old_journal);
+  {
+    OpenReport report;
+    KeyStore store = open_store(dir.path(), &report);
+    CHECK(report.snapshot_records == 8);
+    CHECK(report.journal_entries == 0);
+    CHECK(store.find(RecordKind::pinned_key, "ni:///sha-256;abcdEFGH-_") == nullptr);
+    CHECK(store.find<BootstrapKeyRecord>("boot-1@mef.example.net")->kpm.equals(patterned_secret(16, 11)));
+    REQUIRE(store.put(bootstrap(50, 50)).ok());
+  }
+  {
+    KeyStore store = open_store(dir.path());
+    CHECK(store.find<BootstrapKeyRecord>("boot-50@mef.example.net") != nullptr);
+  }
+  // A journal newer than its snapshot cannot come from a crash.
+  const Bytes new_journal = test::read_binary_file(dir / "keys.journal");
+  test::write_file(dir / "keys.snapshot", old_snapshot);
+  auto opened = KeyStore::open(dir.path(), test_master_key());
+  REQUIRE_FALSE(opened.ok());
+  CHECK(opened.error().code == Errc::corrupt);
+  CHECK_THAT(opened.error().message, Catch::Contains("newer"));
+  CHECK(test::read_binary_file(dir / "keys.journal") == new_journal);
+  // A missing journal next to a non-empty snapshot is not a state a crash leaves either.
+  fs::remove(dir / "keys.journal");
+  opened = KeyStore::open(dir.path(), test_master_key());
+  REQUIRE_FALSE(opened.ok());
+  CHECK(opened.error().code == Errc::corrupt);
+}
+
+TEST_CASE("key store: file and directory permissions are enforced", "[keystore]") {
+  test::TempDir dir;
+  build_mixed_store(dir.path());
+  ::chmod((dir / "keys.snapshot").c_str(), 0644);
+  auto opened = KeyStore::open(dir.path(), test_master_key());
+  REQUIRE_FALSE(opened.ok());
+  CHECK(opened.error().code == Errc::permission);
+  CHECK_THAT(opened.error().message, Catch::Contains("mode 0644") && Catch::Contains("0600"));
+  ::chmod((dir / "keys.snapshot").c_str(), 0600);
+  ::chmod((dir / "keys.journal").c_str(), 0640);
+  opened = KeyStore::open(dir.path(), test_master_key());
+  REQUIRE_FALSE(opened.ok());
+  CHECK_THAT(opened.error().message, Catch::Contains("keys.journal") && Catch::Contains("mode 0640"));
+  ::chmod((dir / "keys.journal").c_str(), 0600);
+
+  ::chmod(dir.path().c_str(), 0770);
+  opened = KeyStore::open(dir.path(), test_master_key());
+  REQUIRE_FALSE(opened.ok());
+  CHECK(opened.error().code == Errc::permission);
+  CHECK_THAT(opened.error().message, Catch::Contains("mode 0770") && Catch::Contains("group or others"));
+  ::chmod(dir.path().c_str(), 0755);  // readable by others is fine, writable is not
+  CHECK(KeyStore::open(dir.path(), test_master_key()).ok());
+  ::chmod(dir.path().c_str(), 0700);
+
+  const auto absent = KeyStore::open(dir / "absent", test_master_key());
+  REQUIRE_FALSE(absent.ok());
+  CHECK(absent.error().code == Errc::not_found);
+}
+
+TEST_CASE("key store: a second open of the same directory is refused while the first is open", "[keystore]") {
+  test::TempDir dir;
+  KeyStore first = open_store(dir.path());
+  const auto second = KeyStore::open(dir.path(), test_master_key());
+  REQUIRE_FALSE(second.ok());
+  CHECK_THAT(second.error().message, Catch::Contains("another process"));
+}
+
+TEST_CASE("master key file: format, mode and creation", "[keystore]") {
+  test::TempDir dir;
+  const std::string hex = "00112233445566778899aabbccddeeff00112233445566778899AABBCCDDEEFF";
+  test::write_file(dir / "good", hex);
+  test::write_file(dir / "good-newline", hex + "\n");
+  auto plain = load_master_key_file(dir / "good");
+  auto newline = load_master_key_file(dir / "good-newline");
+  REQUIRE(plain.ok());
+  REQUIRE(newline.ok());
+  CHECK(plain->size() == kMasterKeySize);
+  CHECK(plain->equals(*newline));
+  CHECK(plain->data()[1] == 0x11);
+  CHECK(plain->data()[31] == 0xff);
+
+  const std::vector<std::pair<std::string, std::string>> bad = {
+      {"short", hex.substr(0, 63)},
+      {"long", hex + "0"},
+      {"two-newlines", hex + "\n\n"},
+      {"crlf", hex + "\r\n"},
+      {"space", " " + hex.substr(1)},
+      {"not-hex", "g" + hex.substr(1)},
+      {"empty", ""},
+  };
+  for (const auto& [name, content] : bad) {
+    test::write_file(dir / name, content);
+    const auto loaded = load_master_key_file(dir / name);
+    INFO(name);
+    REQUIRE_FALSE(loaded.ok());
+    CHECK(loaded.error().code == Errc::parse);
+    CHECK_THAT(loaded.error().message, Catch::Contains("64 hex"));
+    CHECK_THAT(loaded.error().message, !Catch::Contains(hex.substr(2, 20)));  // never echoes key material
+  }
+
+  test::write_file(dir / "open-mode", hex, 0644);
+  auto loaded = load_master_key_file(dir / "open-mode");
+  REQUIRE_FALSE(loaded.ok());
+  CHECK(loaded.error().code == Errc::permission);
+  CHECK_THAT(loaded.error().message, Catch::Contains("mode 0644") && Catch::Contains("chmod 600"));
+  test::write_file(dir / "group-write", hex, 0620);
+  CHECK(load_master_key_file(dir / "group-write").error().code == Errc::permission);
+  CHECK(load_master_key_file(dir / "absent").error().code == Errc::not_found);
+  CHECK(load_master_key_file(dir.path()).error().code == Errc::permission);  // a directory is not a key file
+
+  const mode_t previous_umask = ::umask(022);  // a permissive umask must not leak into the key file's mode
+  const auto created = write_new_master_key_file(dir / "new");
+  ::umask(previous_umask);
+  REQUIRE(created.ok());
+  struct stat st {};
+  REQUIRE(::stat((dir / "new").c_str(), &st) == 0);
+  CHECK((st.st_mode & 0777) == 0600);
+  CHECK(fs::file_size(dir / "new") == 65);
+  auto fresh = load_master_key_file(dir / "new");
+  REQUIRE(fresh.ok());
+  CHECK_FALSE(fresh->equals(*plain));
+  const auto again = write_new_master_key_file(dir / "new");
+  REQUIRE_FALSE(again.ok());
+  CHECK(again.error().code == Errc::exists);
+  CHECK(load_master_key_file(dir / "new")->equals(*fresh));  // untouched
+  REQUIRE(write_new_master_key_file(dir / "other").ok());
+  CHECK_FALSE(load_master_key_file(dir / "other")->equals(*fresh));
+
+  // The key file opens a store it sealed, and only that one.
+  test::TempDir store_dir;
+  {
+    auto store = KeyStore::open(store_dir.path(), std::move(fresh).value());
+    REQUIRE(store.ok());
+    REQUIRE(store->put(bootstrap(1, 1)).ok());
+  }
+  CHECK(KeyStore::open(store_dir.path(), std::move(load_master_key_file(dir / "new")).value()).ok());
+  CHECK(KeyStore::open(store_dir.path(), std::move(load_master_key_file(dir / "other")).value()).error().code ==
+        Errc::crypto);
+}
+
+TEST_CASE("master key credential: read from $CREDENTIALS_DIRECTORY", "[keystore]") {
+  test::TempDir dir;
+  const std::string hex(64, 'a');
+  test::write_file(dir / "dauth-master-key", hex + "\n", 0400);
+  const char* previous = std::getenv("CREDENTIALS_DIRECTORY");
+  const std::string saved = previous ? previous : "";
+
+  ::unsetenv("CREDENTIALS_DIRECTORY");
+  auto unset = load_master_key_credential("dauth-master-key");
+  REQUIRE_FALSE(unset.ok());
+  CHECK(unset.error().code == Errc::not_found);
+  CHECK_THAT(unset.error().message, Catch::Contains("CREDENTIALS_DIRECTORY"));
+
+  ::setenv("CREDENTIALS_DIRECTORY", dir.path().c_str(), 1);
+  auto loaded = load_master_key_credential("dauth-master-key");
+  REQUIRE(loaded.ok());
+  CHECK(loaded->size() == kMasterKeySize);
+  CHECK(loaded->data()[0] == 0xaa);
+  CHECK(load_master_key_credential("absent").error().code == Errc::not_found);
+  CHECK(load_master_key_credential("../dauth-master-key").error().code == Errc::invalid_argument);
+  CHECK(load_master_key_credential("").error().code == Errc::invalid_argument);
+
+  if (previous) {
+    ::setenv("CREDENTIALS_DIRECTORY", saved.c_str(), 1);
+  } else {
+    ::unsetenv("CREDENTIALS_DIRECTORY");
+  }
+}
+
+// ---- crash consistency -----------------------------------------------------------------------------------------
+
+namespace {
+
+// Must match kpm_for() in keystore_crash_writer.cpp.
+SecretBuffer expected_kpm(const std::string& id, unsigned long long version) {
+  SecretBuffer kpm(16);
+  for (std::size_t i = 0; i < 8; ++i) kpm.data()[i] = static_cast<std::uint8_t>(version >> (56 - 8 * i));
+  for (std::size_t i = 0; i < 8; ++i) kpm.data()[8 + i] = static_cast<std::uint8_t>(id[i % id.size()] + i);
+  return kpm;
+}
+
+struct WriterRun {
+  std::string output;
+  int status = 0;
+};
+
+// Starts the writer and kills it with SIGKILL: delay after its first output line when after_first_line (the store
+// is open and the loop runs), else delay after the start (the kill may hit open() and its recovery). Returns
+// everything it printed.
+WriterRun run_and_kill(const std::vector<std::string>& argv, std::chrono::microseconds delay, bool after_first_line) {
+  int out[2];
+  REQUIRE(::pipe2(out, O_CLOEXEC) == 0);
+  const pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    ::dup2(out[1], 1);
+    std::vector<char*> args;
+    for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+    args.push_back(nullptr);
+    ::execv(args[0], args.data());
+    ::_exit(127);
+  }
+  ::close(out[1]);
+  WriterRun run;
+  char buffer[4096];
+  if (after_first_line) {
+    ssize_t n = 0;
+    do {
+      n = ::read(out[0], buffer, sizeof buffer);
+    } while (n < 0 && errno == EINTR);
+    if (n > 0) run.output.append(buffer, static_cast<std::size_t>(n));
+  }
+  std::this_thread::sleep_for(delay);
+  ::kill(pid, SIGKILL);
+  for (;;) {
+    const ssize_t n = ::read(out[0], buffer, sizeof buffer);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    run.output.append(buffer, static_cast<std::size_t>(n));
+  }
+  ::close(out[0]);
+  while (::waitpid(pid, &run.status, 0) < 0 && errno == EINTR) {
+  }
+  return run;
+}
+
+// What a record may be after the crash: its acknowledged state, or the result of the one operation in flight.
+struct Expectation {
+  std::optional<unsigned long long> acknowledged;            // version, or nullopt = absent
+  std::optional<std::optional<unsigned long long>> pending;  // the in-flight operation's result
+};
+
+}  // namespace
+
+TEST_CASE("key store: SIGKILL at any moment loses no acknowledged put or remove", "[keystore][crash]") {
+  test::TempDir dir;
+  fs::create_directory(dir / "store");
+  ::chmod((dir / "store").c_str(), 0700);
+  REQUIRE(write_new_master_key_file(dir / "master.key").ok());
+  auto master = load_master_key_file(dir / "master.key");
+  REQUIRE(master.ok());
+
+  std::mt19937 random(20261123);
+  std::map<std::string, Expectation> model;
+  unsigned long long next_version = 0;
+  int kills_in_compaction = 0;
+  int acknowledged_total = 0;
+  constexpr int kTrials = 200;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  int trials = 0;
+  for (; trials < kTrials && std::chrono::steady_clock::now() < deadline; ++trials) {
+    next_version += 1000000;
+    // One trial in five kills during start-up, so that open() itself (recovery included) gets interrupted.
+    const bool during_start = trials % 5 == 4;
+    const auto delay = std::chrono::microseconds(during_start ? random() % 30000 : random() % 15000);
+    const WriterRun run =
+        run_and_kill({DAUTH_KEYSTORE_CRASH_WRITER, (dir / "store").string(), (dir / "master.key").string(),
+                      std::to_string(random()), std::to_string(next_version)},
+                     delay, !during_start);
+    INFO("trial " << trials
+                  << " output tail: " << run.output.substr(run.output.size() > 300 ? run.output.size() - 300 : 0));
+    REQUIRE(WIFSIGNALED(run.status));  // it never stops by itself: an exit is a failure of the writer
+
+    // Replay the writer's lines over the model; only whole lines count.
+    std::istringstream lines(run.output.substr(0, run.output.rfind('\n') + 1));
+    std::string line;
+    std::string last_intent;
+    while (std::getline(lines, line)) {
+      std::istringstream fields(line);
+      std::string op, id;
+      unsigned long long version = 0;
+      fields >> op >> id >> version;
+      if (op == "p") model[id].pending = std::optional<unsigned long long>(version);
+      if (op == "r") model[id].pending = std::optional<unsigned long long>();
+      if (op == "P") model[id] = Expectation{version, std::nullopt};
+      if (op == "R") model[id] = Expectation{std::nullopt, std::nullopt};
+      if (op == "P" || op == "R") ++acknowledged_total;
+      last_intent = op;
+    }
+    if (last_intent == "c") ++kills_in_compaction;
+
+    OpenReport report;
+    auto opened = KeyStore::open(dir / "store", master->clone(), &report);
+    INFO(error_of(opened));
+    REQUIRE(opened.ok());
+    KeyStore& store = opened.value();
+    for (auto& [id, expectation] : model) {
+      const auto* found = store.find<BootstrapKeyRecord>(id);
+      std::optional<unsigned long long> actual;
+      if (found != nullptr) {
+        const std::string& ae = found->ae_id;
+        REQUIRE(ae.rfind("CAE-v", 0) == 0);
+        actual = std::stoull(ae.substr(5));
+        INFO(id << " version " << *actual);
+        REQUIRE(found->kpm.equals(expected_kpm(id, *actual)));  // never a mixture of two versions
+      }
+      INFO(id << " found " << (actual ? std::to_string(*actual) : "absent") << ", acknowledged "
+              << (expectation.acknowledged ? std::to_string(*expectation.acknowledged) : "absent"));
+      const bool is_acknowledged = actual == expectation.acknowledged;
+      const bool is_pending = expectation.pending.has_value() && actual == *expectation.pending;
+      REQUIRE((is_acknowledged || is_pending));
+      expectation = Expectation{actual, std::nullopt};  // the recovered state is the next trial's baseline
+    }
+    // Nothing appears that was never written.
+    std::size_t present = 0;
+    for (const auto& [id, expectation] : model) present += expectation.acknowledged ? 1 : 0;
+    REQUIRE(store.size() == present);
+    for (const auto& torn : torn_files(dir / "store")) fs::remove(torn);
+  }
+  INFO("trials " << trials << ", acknowledged operations " << acknowledged_total << ", kills announced during "
+                 << "compaction " << kills_in_compaction);
+  // The kills must have hit the loop and compactions, whatever the speed of the machine (sanitizers included).
+  CHECK(trials >= 20);
+  CHECK(acknowledged_total > 0);
+  CHECK(kills_in_compaction > 0);
+}
