@@ -3,12 +3,103 @@
 #include <sodium.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdio>
 #include <cstdlib>
+#include <mutex>
 #include <new>
 #include <stdexcept>
+#include <vector>
 
 namespace dauth {
+
+namespace {
+
+// Small secrets live in slots of shared guarded arenas. One sodium_malloc per secret costs ~40 µs and three memory
+// mappings (guard page, data, guard page), and a process may hold only vm.max_map_count (65530) mappings: a store
+// with 100k keys failed with bad_alloc at 20–40k live buffers (measured). An arena is one sodium_malloc region
+// (guard pages around it, mlock'ed where the limit allows, MADV_DONTDUMP); a released slot is zeroed at once and
+// reused. Slots inside an arena are not guarded from each other; larger secrets keep a region of their own.
+class SecretArenas {
+ public:
+  static constexpr std::array<std::size_t, 9> kSlotSizes = {16, 32, 48, 64, 96, 128, 256, 512, 1024};
+  static constexpr std::size_t kArenaSize = 64 * 1024;
+
+  static SecretArenas& instance() {
+    // Never destroyed: SecretBuffers with static storage duration may be released after main() returns.
+    static SecretArenas* arenas = new SecretArenas();
+    return *arenas;
+  }
+
+  static int class_of(std::size_t size) {
+    for (std::size_t i = 0; i < kSlotSizes.size(); ++i) {
+      if (size <= kSlotSizes[i]) return static_cast<int>(i);
+    }
+    return -1;
+  }
+
+  std::uint8_t* allocate(int size_class) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    auto& free_slots = free_[static_cast<std::size_t>(size_class)];
+    if (free_slots.empty()) {
+      auto* arena = static_cast<std::uint8_t*>(sodium_malloc(kArenaSize));
+      if (arena == nullptr) return nullptr;
+      sodium_memzero(arena, kArenaSize);
+      arenas_.push_back(arena);
+      const std::size_t slot = kSlotSizes[static_cast<std::size_t>(size_class)];
+      for (std::size_t offset = kArenaSize - kArenaSize % slot; offset >= slot; offset -= slot) {
+        free_slots.push_back(arena + offset - slot);
+      }
+    }
+    std::uint8_t* slot = free_slots.back();
+    free_slots.pop_back();
+    return slot;
+  }
+
+  void release(std::uint8_t* slot, int size_class) {
+    sodium_memzero(slot, kSlotSizes[static_cast<std::size_t>(size_class)]);
+    const std::lock_guard<std::mutex> lock(mutex_);
+    free_[static_cast<std::size_t>(size_class)].push_back(slot);
+  }
+
+  bool owns(const std::uint8_t* address, std::size_t size) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    return std::any_of(arenas_.begin(), arenas_.end(), [&](const std::uint8_t* arena) {
+      return address >= arena && size <= kArenaSize && address <= arena + (kArenaSize - size);
+    });
+  }
+
+ private:
+  std::mutex mutex_;
+  std::array<std::vector<std::uint8_t*>, kSlotSizes.size()> free_;
+  std::vector<std::uint8_t*> arenas_;
+};
+
+std::uint8_t* allocate_secret(std::size_t size) {
+  const int size_class = SecretArenas::class_of(size);
+  auto* memory = size_class >= 0 ? SecretArenas::instance().allocate(size_class)
+                                 : static_cast<std::uint8_t*>(sodium_malloc(size));
+  if (memory == nullptr) throw std::bad_alloc();
+  return memory;
+}
+
+void release_secret(std::uint8_t* memory, std::size_t size) {
+  const int size_class = SecretArenas::class_of(size);
+  if (size_class >= 0) {
+    SecretArenas::instance().release(memory, size_class);
+  } else {
+    sodium_free(memory);  // zeroes, then unmaps with its guard pages
+  }
+}
+
+}  // namespace
+
+namespace detail {
+bool released_secret_is_wiped(const std::uint8_t* former_address, std::size_t size) {
+  if (!SecretArenas::instance().owns(former_address, size)) return false;
+  return sodium_is_zero(former_address, size) == 1;
+}
+}  // namespace detail
 
 void ensure_sodium_initialised() {
   // sodium_init() is idempotent and thread-safe; it returns 1 when already initialised.
@@ -22,14 +113,13 @@ void ensure_sodium_initialised() {
 SecretBuffer::SecretBuffer(std::size_t size) {
   if (size == 0) return;
   ensure_sodium_initialised();
-  data_ = static_cast<std::uint8_t*>(sodium_malloc(size));
-  if (data_ == nullptr) throw std::bad_alloc();
+  data_ = allocate_secret(size);
   size_ = size;
   sodium_memzero(data_, size_);  // sodium_malloc fills with 0xdb; secrets start from zero
 }
 
 SecretBuffer::~SecretBuffer() {
-  if (data_ != nullptr) sodium_free(data_);  // zeroes, then unmaps with its guard pages
+  if (data_ != nullptr) release_secret(data_, size_);
 }
 
 SecretBuffer::SecretBuffer(SecretBuffer&& other) noexcept : data_(other.data_), size_(other.size_) {
@@ -39,7 +129,7 @@ SecretBuffer::SecretBuffer(SecretBuffer&& other) noexcept : data_(other.data_), 
 
 SecretBuffer& SecretBuffer::operator=(SecretBuffer&& other) noexcept {
   if (this != &other) {
-    if (data_ != nullptr) sodium_free(data_);
+    if (data_ != nullptr) release_secret(data_, size_);
     data_ = other.data_;
     size_ = other.size_;
     other.data_ = nullptr;

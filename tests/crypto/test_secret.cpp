@@ -5,6 +5,7 @@
 
 #include <catch2/catch.hpp>
 #include <cstring>
+#include <vector>
 
 #include "dauth/secret.hpp"
 
@@ -64,7 +65,29 @@ TEST_CASE("SecretBuffer::wipe zeroes the content in place", "[secret]") {
   for (std::size_t i = 0; i < key.size(); ++i) REQUIRE(where[i] == 0);
 }
 
-TEST_CASE("a released SecretBuffer is no longer readable (sodium_free unmaps it)", "[secret]") {
+TEST_CASE("a released small SecretBuffer is zeroed in its arena at once", "[secret]") {
+  for (std::size_t size : {1, 16, 32, 33, 48, 100, 1024}) {
+    const std::uint8_t* where = nullptr;
+    {
+      SecretBuffer key = SecretBuffer::random(size);
+      where = key.data();
+      REQUIRE_FALSE(dauth::detail::released_secret_is_wiped(where, size));  // random bytes: not all zero
+    }
+    INFO("size " << size);
+    REQUIRE(dauth::detail::released_secret_is_wiped(where, size));
+  }
+}
+
+TEST_CASE("100k live secrets fit: small secrets share arenas instead of a mapping each", "[secret]") {
+  // One sodium_malloc region per secret ran into vm.max_map_count (65530 mappings) at 20–40k live keys.
+  std::vector<SecretBuffer> keys;
+  keys.reserve(100000);
+  for (int i = 0; i < 100000; ++i) keys.push_back(SecretBuffer::random(32));
+  REQUIRE(keys.back().size() == 32);
+  REQUIRE_FALSE(keys.front().equals(keys.back()));
+}
+
+TEST_CASE("a released large SecretBuffer is no longer readable (sodium_free unmaps it)", "[secret]") {
   // Reading freed memory is undefined behaviour in general; here it is the point: libsodium zeroes and unmaps
   // guarded allocations, so the read must fault. Done in a child process, which reports the fault by exit code.
   const pid_t pid = ::fork();
@@ -76,7 +99,7 @@ TEST_CASE("a released SecretBuffer is no longer readable (sodium_free unmaps it)
     ::sigaction(SIGBUS, &on_fault, nullptr);
     const volatile std::uint8_t* where = nullptr;
     {
-      SecretBuffer key = SecretBuffer::random(32);
+      SecretBuffer key = SecretBuffer::random(4096);
       where = key.data();
     }
     const std::uint8_t leaked = where[0];  // must fault

@@ -1,8 +1,10 @@
 // SecretBuffer: the only type that holds key material (STYLE.md §10).
 //
 // Backed by libsodium guarded memory (sodium_malloc: guard pages, mlock where the limit allows, excluded from core
-// dumps with MADV_DONTDUMP); wiped and unmapped on release (sodium_free zeroes first). Movable, never copyable.
-// Compare with equals() (constant time); print only fingerprint(), never the bytes.
+// dumps with MADV_DONTDUMP). Secrets of up to 1 KiB share guarded 64 KiB arenas (one region per secret would
+// exhaust the process's memory mappings at ~40k keys) and are zeroed the moment they are released; larger ones get
+// a region of their own, zeroed and unmapped on release. Movable, never copyable. Compare with equals() (constant
+// time); print only fingerprint(), never the bytes.
 #pragma once
 
 #include <cstddef>
@@ -74,6 +76,11 @@ class SecretBuffer {
   std::uint8_t* data_ = nullptr;
   std::size_t size_ = 0;
 };
+
+namespace detail {
+// For the wipe test only: true iff former_address was a small secret's slot and its size bytes are all zero now.
+bool released_secret_is_wiped(const std::uint8_t* former_address, std::size_t size);
+}  // namespace detail
 
 // Cryptographically secure random bytes (randombytes_buf).
 void random_bytes(std::uint8_t* out, std::size_t size);
