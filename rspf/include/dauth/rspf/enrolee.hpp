@@ -1,0 +1,91 @@
+// The Enrolee role for one local AE (SPEC.md §3, §4; docs/rspf.md): runs the pre-provisioned symmetric key RSPF
+// with its MEF, keeps the enrolment key, optionally gets an AE-ID certificate over EST-coaps, and hands out the
+// usage-constrained key for each Enrolment Target.
+//
+// State machine (STYLE.md §14): idle -> enrolling -> enrolled | failed; enrolled/failed -> enrolling on the next
+// enrol(). Every transition is logged with the MEF address, old -> new and the reason. The daemon owns the timers:
+// next_attempt_delay() says when to call enrol() again (renewal at 2/3 of the lifetime, or backoff after failure).
+// The Node and KeyStore must outlive the Enrolee; a pending enrol() completes through the Node's loop.
+// enrol() first closes the Node's client sessions: Ke/KeID come from the session exporter, so each enrolment needs
+// a new DTLS session, and transport can only close all of a node's client sessions. Give the Enrolee a client-only
+// Node of its own (or accept that other client sessions of that node are reopened).
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "dauth/crypto/keystore.hpp"
+#include "dauth/error.hpp"
+#include "dauth/rspf/role_support.hpp"
+#include "dauth/rspf/schedule.hpp"
+#include "dauth/transport/transport.hpp"
+
+namespace dauth::rspf {
+
+struct EnroleeConfig {
+  std::string kpm_id;                 // names the BootstrapKeyRecord (KpmID, Kpm, local AE-ID) in the store
+  transport::Peer mef_address;        // numeric address of the MEF's coaps endpoint
+  std::string mef_fqdn;               // SNI and the KeID suffix; "" = the FQDN after the KpmID's '@'
+  bool request_certificate = false;   // ask for certificate enrolment (EST) when the MEF offers it
+  UnixClock clock = system_unix_clock();
+  LogSink log = stderr_log_sink();
+  JitterSource jitter = random_jitter();
+};
+
+enum class EnroleeState : std::uint8_t { idle, enrolling, enrolled, failed };
+std::string_view to_string(EnroleeState state) noexcept;
+
+// The credential for a DTLS-PSK session to an Enrolment Target (SPEC.md §4): psk_identity = ke_id, psk = key.
+struct TargetKey {
+  std::string ke_id;
+  SecretBuffer key;  // HMAC-SHA-256(Ke, label || "22" || target AE-ID), all 32 bytes
+};
+
+class Enrolee {
+ public:
+  // Errors: no BootstrapKeyRecord for config.kpm_id, or an FQDN that does not match the KpmID's.
+  // Picks up a still-valid enrolment of this AE from the store (state enrolled) so that a restart keeps it.
+  static Result<std::unique_ptr<Enrolee>> create(transport::Node& node, crypto::KeyStore& store,
+                                                 EnroleeConfig config);
+  ~Enrolee();
+  Enrolee(const Enrolee&) = delete;
+  Enrolee& operator=(const Enrolee&) = delete;
+
+  using DoneCallback = std::function<void(Result<void>)>;
+  // Runs the RSPF: DTLS-PSK (KpmID, Kpm, SNI = MEF FQDN) -> POST /mef/enrolment -> derive Ke/KeID from our own
+  // exporter, check the MEF's keId equals ours, store the EnrolmentKeyRecord; then, if the MEF instructs it and we
+  // asked, EST simple enrolment on the same session and store the CertificateRecord. done runs exactly once, on
+  // the loop thread. While enrolling, a second call fails at once with Errc::limit. A failure keeps the previous
+  // still-valid enrolment in use (SPEC.md §3.7).
+  void enrol(DoneCallback done);
+
+  EnroleeState state() const;
+  const std::string& ae_id() const;
+  // The current KeID, if enrolled (also in state failed while an earlier enrolment is still valid).
+  std::optional<std::string> ke_id() const;
+  // Errors: not enrolled, enrolment expired, target not among the MEF's Enrolment Targets.
+  Result<TargetKey> key_for_target(std::string_view target_ae_id) const;
+  // The credential to re-authenticate to our MEF (SPEC.md §3.5): psk(KeID, Ker, sni = MEF FQDN). Used for key
+  // retrieval when this AE is itself an Enrolment Target.
+  Result<transport::ClientCredentials> mef_credentials() const;
+  const transport::Peer& mef_address() const;
+  const std::string& mef_fqdn() const;
+
+  // When to call enrol() next: enrolled -> at 2/3 of the lifetime (± 10 %) counted from the enrolment;
+  // failed -> the next backoff step (1 s doubling to 5 min, ± 10 %); idle -> 0; enrolling -> 1 s (wait for done). Each call in state failed
+  // advances the backoff.
+  std::chrono::milliseconds next_attempt_delay();
+
+  struct Impl;
+
+ private:
+  explicit Enrolee(std::shared_ptr<Impl> impl);
+  std::shared_ptr<Impl> impl_;
+};
+
+}  // namespace dauth::rspf

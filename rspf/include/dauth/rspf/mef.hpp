@@ -1,0 +1,69 @@
+// The MEF role (SPEC.md §3–5, docs/rspf.md): authenticates enrolees by their bootstrap credential, derives and
+// stores their enrolment keys, answers the targets' key retrieval, issues AE-ID certificates over EST-coaps
+// (RFC 9148) and revokes.
+//
+// Ownership: the Mef keeps references to the Node and the KeyStore, which must outlive it. Its routes stay
+// registered in the Node (transport has no route removal): destroy or stop driving the Node before the Mef.
+// Single-threaded like the Node (DESIGN.md §3).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "dauth/crypto/keystore.hpp"
+#include "dauth/crypto/x509.hpp"
+#include "dauth/error.hpp"
+#include "dauth/rspf/role_support.hpp"
+#include "dauth/transport/transport.hpp"
+
+namespace dauth::rspf {
+
+// EST-coaps Content-Formats (RFC 9148 §8.3 / IANA CoAP Content-Formats).
+inline constexpr std::uint16_t kContentFormatPkcs10 = 286;    // application/pkcs10 (DER CSR)
+inline constexpr std::uint16_t kContentFormatPkixCert = 287;  // application/pkix-cert (DER certificate)
+
+// A 16-byte serial: unique per CA with overwhelming probability, well inside RFC 5280's 20 bytes.
+inline constexpr std::size_t kCertificateSerialSize = 16;
+
+struct MefConfig {
+  std::string fqdn;                                          // MEF-FQDN: names every KeID we derive
+  std::optional<crypto::CertificateAuthority> ca;            // EST is served only with a CA
+  std::int64_t max_certificate_validity_s = 30 * 86400;      // issued certificates: min(this, enrolment expiry)
+  UnixClock clock = system_unix_clock();
+  LogSink log = stderr_log_sink();
+};
+
+class Mef {
+ public:
+  // Registers the routes on node (secure endpoint only): POST mef/enrolment, GET fetchCredentials/<KeID>/<SUID>,
+  // and with a CA POST .well-known/est/sen and GET .well-known/est/crts. Errors: invalid FQDN.
+  static Result<std::unique_ptr<Mef>> create(transport::Node& node, crypto::KeyStore& store, MefConfig config);
+  ~Mef();
+  Mef(const Mef&) = delete;
+  Mef& operator=(const Mef&) = delete;
+
+  // The Node's PSK lookup for the MEF's secure endpoint (bind it into a PskLookupSlot):
+  //   a KpmID  -> that EnroleeRecord's Kpm (bootstrap, SPEC.md §3.2);
+  //   a KeID   -> Ker of that EnrolmentKeyRecord, unless revoked or expired (re-authentication, SPEC.md §3.5).
+  // Anything else: Errc::not_found. Never blocks (memory only).
+  Result<SecretBuffer> lookup_psk(std::string_view identity) const;
+  transport::PskLookup psk_lookup();
+
+  // Marks the KeID revoked (revoked_at = now), durably; every key derived from it is refused from then on.
+  // Errors: not_found, or the store's error. Idempotent: revoking twice keeps the first time.
+  Result<void> revoke(std::string_view ke_id);
+  // Marks an issued certificate revoked in its IssuanceRecord (serial as upper- or lower-case hex).
+  Result<void> revoke_certificate(std::string_view serial_hex);
+
+  const std::string& fqdn() const;
+
+  struct Impl;
+
+ private:
+  explicit Mef(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace dauth::rspf

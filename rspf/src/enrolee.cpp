@@ -1,0 +1,311 @@
+// The Enrolee: pre-provisioned symmetric key RSPF (SPEC.md §3.2–3.4), EST-coaps certificate enrolment (§3.6),
+// renewal schedule (§3.7) and the keys for Enrolment Targets (§4).
+#include "dauth/rspf/enrolee.hpp"
+
+#include <algorithm>
+#include <array>
+
+#include "dauth/crypto/identifiers.hpp"
+#include "dauth/crypto/onem2m.hpp"
+#include "dauth/crypto/x509.hpp"
+#include "dauth/rspf/mef.hpp"
+#include "dauth/rspf/messages.hpp"
+
+namespace dauth::rspf {
+
+namespace {
+constexpr std::array<std::string_view, 4> kStateNames = {"idle", "enrolling", "enrolled", "failed"};
+static_assert(kStateNames.size() == static_cast<std::size_t>(EnroleeState::failed) + 1, "one name per EnroleeState");
+
+constexpr std::string_view kCertificateEnrolmentInstruction = "certEnrolment";  // PROTOCOL.md §3.4
+
+std::vector<std::string> path_segments(std::string_view uri) {
+  std::vector<std::string> segments;
+  std::size_t start = 0;
+  while (start <= uri.size()) {
+    const std::size_t slash = uri.find('/', start);
+    const std::size_t end = slash == std::string_view::npos ? uri.size() : slash;
+    if (end > start) segments.emplace_back(uri.substr(start, end - start));
+    if (slash == std::string_view::npos) break;
+    start = slash + 1;
+  }
+  return segments;
+}
+}  // namespace
+
+std::string_view to_string(EnroleeState state) noexcept { return kStateNames[static_cast<std::size_t>(state)]; }
+
+struct Enrolee::Impl : std::enable_shared_from_this<Enrolee::Impl> {
+  transport::Node& node;
+  crypto::KeyStore& store;
+  EnroleeConfig config;
+  std::string ae_id;
+  EnroleeState state = EnroleeState::idle;
+  Backoff backoff;
+  std::string current_ke_id;           // "" = none
+  std::int64_t renewal_due_ms = 0;     // unix milliseconds
+
+  Impl(transport::Node& n, crypto::KeyStore& s, EnroleeConfig c, std::string ae)
+      : node(n), store(s), config(std::move(c)), ae_id(std::move(ae)), backoff(config.jitter) {}
+
+  std::int64_t now() const { return config.clock(); }
+  std::string peer_text() const {
+    return config.mef_fqdn + "(" + config.mef_address.host + ":" + std::to_string(config.mef_address.port) + ")";
+  }
+
+  void set_state(EnroleeState next, const std::string& reason) {
+    config.log("enrolee " + ae_id + " mef=" + peer_text() + " " + std::string(to_string(state)) + " -> " +
+               std::string(to_string(next)) + ": " + reason);
+    state = next;
+  }
+
+  const crypto::EnrolmentKeyRecord* current_record() const {
+    if (current_ke_id.empty()) return nullptr;
+    return store.find<crypto::EnrolmentKeyRecord>(current_ke_id);
+  }
+
+  void schedule_renewal(std::int64_t lifetime_s) {
+    renewal_due_ms = now() * 1000 + renewal_delay(lifetime_s, config.jitter).count();
+  }
+
+  void fail(const DoneCallback& done, Error error) {
+    error.message = "enrol '" + ae_id + "' with MEF " + peer_text() + " failed: " + error.message;
+    set_state(EnroleeState::failed, error.message);
+    done(std::move(error));
+  }
+
+  void succeed(const DoneCallback& done, const std::string& reason) {
+    backoff.reset();
+    set_state(EnroleeState::enrolled, reason);
+    done(ok_result());
+  }
+
+  void enrol(DoneCallback done) {
+    if (state == EnroleeState::enrolling) {
+      done(make_error(Errc::limit, "enrol '" + ae_id + "': an enrolment with MEF " + peer_text() +
+                                       " is already in progress"));
+      return;
+    }
+    const auto* bootstrap = store.find<crypto::BootstrapKeyRecord>(config.kpm_id);
+    if (bootstrap == nullptr) {
+      set_state(EnroleeState::enrolling, "start");
+      return fail(done, make_error(Errc::not_found, "bootstrap credential " + config.kpm_id + " is not in the store"));
+    }
+    // Every enrolment needs a fresh DTLS session: Ke/KeID come from its exporter, and a cached session would give
+    // the same KeID again. transport can only close all client sessions of a node (docs/rspf.md, "gaps"), so the
+    // Enrolee's Node should be one dedicated to MEF exchanges.
+    node.close_client_sessions();
+    set_state(EnroleeState::enrolling, "DTLS-PSK as " + config.kpm_id + ", POST /mef/enrolment");
+    // One shared credential for both requests, so that EST goes over the same (cached) session (SPEC.md §3.6).
+    auto credentials = std::make_shared<transport::ClientCredentials>(
+        transport::ClientCredentials::psk(config.kpm_id, bootstrap->kpm.clone(), config.mef_fqdn));
+    transport::Request request;
+    request.method = transport::Method::post;
+    request.path = {"mef", "enrolment"};
+    request.content_format = static_cast<std::uint16_t>(ContentFormat::cbor);
+    request.accept = static_cast<std::uint16_t>(ContentFormat::cbor);
+    request.originator = ae_id;
+    request.payload = encode(EnrolmentRequest{config.request_certificate, false, false}, ContentFormat::cbor);
+    std::weak_ptr<Impl> weak = weak_from_this();
+    node.request(config.mef_address, *credentials, std::move(request),
+                 [weak, credentials, done](Result<transport::Response> response, const transport::Session* session) {
+                   if (auto self = weak.lock()) self->on_enrolment_answer(std::move(response), session, credentials, done);
+                 });
+  }
+
+  void on_enrolment_answer(Result<transport::Response> answer, const transport::Session* session,
+                           const std::shared_ptr<transport::ClientCredentials>& credentials, const DoneCallback& done) {
+    if (!answer.ok()) return fail(done, std::move(answer).error());
+    if (answer->code != 204) return fail(done, error_from_response("MEF", *answer));
+    if (session == nullptr) return fail(done, make_error(Errc::internal, "answer without its client session"));
+    // TS-0003 §10.3.1: our own Ke/KeID from our side of the exporter; never taken from the MEF's word.
+    auto key = crypto::derive_enrolment_key(*session, config.mef_fqdn);
+    if (!key.ok()) return fail(done, std::move(key).error());
+    auto format = content_format_from(answer->content_format.value_or(static_cast<std::uint16_t>(ContentFormat::cbor)));
+    if (!format.ok()) return fail(done, std::move(format).error());
+    auto message = decode_enrolment_response(ByteView(answer->payload), *format);
+    if (!message.ok()) return fail(done, std::move(message).error());
+    auto their_ke_id = crypto::parse_ke_id(message->ke_id);
+    const std::string ours = key->ke_id.text();
+    if (!their_ke_id.ok() || their_ke_id->text() != ours) {
+      return fail(done, make_error(Errc::crypto, "the MEF's keId " + crypto::quote_for_error(message->ke_id) +
+                                                     " differs from the KeID derived on our side, " + ours +
+                                                     ": the two ends did not export the same keying material; "
+                                                     "nothing stored"));
+    }
+    if (message->enrolee_id != ae_id) {
+      return fail(done, make_error(Errc::denied, "the MEF enrolled us as '" + message->enrolee_id +
+                                                     "', but this credential is for '" + ae_id + "'; nothing stored"));
+    }
+    const std::int64_t at = now();
+    if (message->expiry <= at) {
+      return fail(done, make_error(Errc::expired, "the MEF's enrolment expiry " + std::to_string(message->expiry) +
+                                                      " is not in the future (now " + std::to_string(at) + ")"));
+    }
+    crypto::EnrolmentKeyRecord record;
+    record.ke_id = ours;
+    record.ke = std::move(key->ke);
+    record.enrolee_id = message->enrolee_id;
+    record.targets = message->targets;
+    record.expires_at = message->expiry;
+    if (auto stored = store.put(std::move(record)); !stored.ok()) return fail(done, std::move(stored).error());
+    current_ke_id = ours;
+    schedule_renewal(message->expiry - at);
+    config.log("enrolee " + ae_id + " stored KeID " + ours + " (expiry " + std::to_string(message->expiry) + ")");
+
+    const auto instruction =
+        std::find_if(message->instructions.begin(), message->instructions.end(),
+                     [](const Instruction& i) { return i.type == kCertificateEnrolmentInstruction; });
+    if (!config.request_certificate || instruction == message->instructions.end()) {
+      return succeed(done, "KeID " + ours);
+    }
+    enrol_certificate(path_segments(instruction->uri), credentials, done);
+  }
+
+  // EST-coaps simple enrolment (RFC 9148 §5) with client-side key generation: the private key stays here.
+  void enrol_certificate(std::vector<std::string> est_path, const std::shared_ptr<transport::ClientCredentials>& credentials,
+                         const DoneCallback& done) {
+    auto key = crypto::PrivateKey::generate_p256();
+    if (!key.ok()) return fail(done, std::move(key).error());
+    auto csr = crypto::CertificateRequest::create(*key, ae_id);
+    if (!csr.ok()) return fail(done, std::move(csr).error());
+    auto key_holder = std::make_shared<crypto::PrivateKey>(std::move(*key));
+    est_path.emplace_back("sen");
+    transport::Request request;
+    request.method = transport::Method::post;
+    request.path = std::move(est_path);
+    request.content_format = kContentFormatPkcs10;
+    request.accept = kContentFormatPkixCert;
+    request.originator = ae_id;
+    request.payload = csr->der();
+    config.log("enrolee " + ae_id + " requests a certificate: POST " + request.path_text());
+    std::weak_ptr<Impl> weak = weak_from_this();
+    node.request(config.mef_address, *credentials, std::move(request),
+                 [weak, key_holder, done](Result<transport::Response> response, const transport::Session*) {
+                   if (auto self = weak.lock()) self->on_certificate_answer(std::move(response), *key_holder, done);
+                 });
+  }
+
+  void on_certificate_answer(Result<transport::Response> answer, const crypto::PrivateKey& key,
+                             const DoneCallback& done) {
+    auto certificate_failed = [&](Error error) {
+      error.message = "certificate enrolment: " + error.message + " (the enrolment key " + current_ke_id +
+                      " is stored and stays in use)";
+      fail(done, std::move(error));
+    };
+    if (!answer.ok()) return certificate_failed(std::move(answer).error());
+    if (answer->code != 204) return certificate_failed(error_from_response("MEF EST", *answer));
+    if (answer->content_format != kContentFormatPkixCert) {
+      return certificate_failed(make_error(Errc::parse, "answer is not application/pkix-cert (287)"));
+    }
+    auto certificate = crypto::Certificate::parse(ByteView(answer->payload));
+    if (!certificate.ok()) return certificate_failed(std::move(certificate).error());
+    auto named = certificate->ae_id();
+    if (!named.ok() || *named != ae_id) {
+      return certificate_failed(make_error(Errc::denied, "issued certificate does not name '" + ae_id + "'"));
+    }
+    if (certificate->public_key_der() != key.public_key_der()) {
+      return certificate_failed(make_error(Errc::denied, "issued certificate is not for the key we generated"));
+    }
+    auto private_der = key.to_der();
+    if (!private_der.ok()) return certificate_failed(std::move(private_der).error());
+    crypto::CertificateRecord record;
+    record.name = ae_id;
+    record.chain_der = certificate->chain_der();
+    record.private_key_der = std::move(*private_der);
+    record.expires_at = static_cast<std::int64_t>(certificate->not_after());
+    if (auto stored = store.put(std::move(record)); !stored.ok()) return certificate_failed(std::move(stored).error());
+    succeed(done, "KeID " + current_ke_id + ", certificate serial " + certificate->serial_hex());
+  }
+};
+
+Enrolee::Enrolee(std::shared_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Enrolee::~Enrolee() = default;
+
+Result<std::unique_ptr<Enrolee>> Enrolee::create(transport::Node& node, crypto::KeyStore& store,
+                                                 EnroleeConfig config) {
+  if (auto valid = crypto::validate_kpm_id(config.kpm_id); !valid.ok()) return std::move(valid).error();
+  auto issuer = crypto::issuer_fqdn_of(config.kpm_id);
+  if (!issuer.ok()) return std::move(issuer).error();
+  if (config.mef_fqdn.empty()) config.mef_fqdn = *issuer;
+  if (auto valid = crypto::validate_fqdn(config.mef_fqdn); !valid.ok()) return std::move(valid).error();
+  const auto* bootstrap = store.find<crypto::BootstrapKeyRecord>(config.kpm_id);
+  if (bootstrap == nullptr) {
+    return make_error(Errc::not_found, "enrolee: no bootstrap credential " + config.kpm_id + " in the key store");
+  }
+  if (!config.clock) config.clock = system_unix_clock();
+  if (!config.log) config.log = stderr_log_sink();
+  if (!config.jitter) config.jitter = random_jitter();
+  auto impl = std::make_shared<Impl>(node, store, std::move(config), bootstrap->ae_id);
+  // A restart keeps a still-valid enrolment of this AE with this MEF (the latest one).
+  // KeID text is canonical with a lower-case FQDN (identifiers.hpp).
+  std::string suffix = "@" + impl->config.mef_fqdn;
+  std::transform(suffix.begin(), suffix.end(), suffix.begin(),
+                 [](char c) { return (c >= 'A' && c <= 'Z') ? static_cast<char>(c - 'A' + 'a') : c; });
+  const crypto::EnrolmentKeyRecord* best = nullptr;
+  const std::int64_t now = impl->now();
+  store.for_each(crypto::RecordKind::enrolment_key, [&](const crypto::Record& r) {
+    const auto& record = std::get<crypto::EnrolmentKeyRecord>(r);
+    const bool ours = record.enrolee_id == impl->ae_id && record.ke_id.size() > suffix.size() &&
+                      record.ke_id.compare(record.ke_id.size() - suffix.size(), suffix.size(), suffix) == 0;
+    if (ours && record.revoked_at == 0 && record.expires_at > now && (best == nullptr || record.expires_at > best->expires_at)) {
+      best = &record;
+    }
+  });
+  if (best != nullptr) {
+    impl->current_ke_id = best->ke_id;
+    impl->schedule_renewal(best->expires_at - now);
+    impl->set_state(EnroleeState::enrolled, "KeID " + best->ke_id + " from the key store");
+  }
+  return std::unique_ptr<Enrolee>(new Enrolee(std::move(impl)));
+}
+
+void Enrolee::enrol(DoneCallback done) { impl_->enrol(std::move(done)); }
+EnroleeState Enrolee::state() const { return impl_->state; }
+const std::string& Enrolee::ae_id() const { return impl_->ae_id; }
+const transport::Peer& Enrolee::mef_address() const { return impl_->config.mef_address; }
+const std::string& Enrolee::mef_fqdn() const { return impl_->config.mef_fqdn; }
+
+std::optional<std::string> Enrolee::ke_id() const {
+  if (impl_->current_ke_id.empty()) return std::nullopt;
+  return impl_->current_ke_id;
+}
+
+Result<TargetKey> Enrolee::key_for_target(std::string_view target_ae_id) const {
+  const auto* record = impl_->current_record();
+  if (record == nullptr) return make_error(Errc::not_found, "'" + impl_->ae_id + "' is not enrolled");
+  if (record->expires_at <= impl_->now()) {
+    return make_error(Errc::expired, "enrolment " + record->ke_id + " of '" + impl_->ae_id + "' has expired");
+  }
+  if (std::find(record->targets.begin(), record->targets.end(), target_ae_id) == record->targets.end()) {
+    return make_error(Errc::denied, "'" + std::string(target_ae_id) + "' is not an Enrolment Target of '" +
+                                        impl_->ae_id + "' (the MEF named " + std::to_string(record->targets.size()) +
+                                        ")");
+  }
+  auto key = crypto::derive_usage_constrained_key(record->ke, crypto::Suid::rspf_key_for_saef, target_ae_id);
+  if (!key.ok()) return std::move(key).error();
+  return TargetKey{record->ke_id, std::move(*key)};
+}
+
+Result<transport::ClientCredentials> Enrolee::mef_credentials() const {
+  const auto* record = impl_->current_record();
+  if (record == nullptr) return make_error(Errc::not_found, "'" + impl_->ae_id + "' is not enrolled");
+  if (record->expires_at <= impl_->now()) {
+    return make_error(Errc::expired, "enrolment " + record->ke_id + " of '" + impl_->ae_id + "' has expired");
+  }
+  return transport::ClientCredentials::psk(record->ke_id, crypto::derive_reauthentication_key(record->ke),
+                                           impl_->config.mef_fqdn);
+}
+
+std::chrono::milliseconds Enrolee::next_attempt_delay() {
+  switch (impl_->state) {
+    case EnroleeState::idle: return std::chrono::milliseconds(0);
+    case EnroleeState::enrolling: return kBackoffInitial;  // done() comes first; a call now would be refused
+    case EnroleeState::enrolled:
+      return std::chrono::milliseconds(std::max<std::int64_t>(0, impl_->renewal_due_ms - impl_->now() * 1000));
+    case EnroleeState::failed: return impl_->backoff.next();
+  }
+  return std::chrono::milliseconds(0);
+}
+
+}  // namespace dauth::rspf

@@ -1,0 +1,403 @@
+// The MEF role: enrolment (SPEC.md §3.2–3.4), key retrieval (§4), EST-coaps certificate enrolment (§3.6, RFC 9148)
+// and revocation (§5). Every answer is decided from the authenticated session identity, never from the payload.
+#include "dauth/rspf/mef.hpp"
+
+#include <algorithm>
+#include <array>
+
+#include "dauth/crypto/identifiers.hpp"
+#include "dauth/crypto/onem2m.hpp"
+#include "dauth/rspf/mef_policy.hpp"
+#include "dauth/rspf/messages.hpp"
+
+namespace dauth::rspf {
+
+namespace {
+
+using transport::Request;
+using transport::Responder;
+using transport::Response;
+using transport::Session;
+
+// One enrolment exchange, as an explicit state machine (STYLE.md §14): every transition is logged with the peer.
+enum class ExchangeState : std::uint8_t { received, authenticated, key_derived, decided, stored, answered, refused };
+constexpr std::array<std::string_view, 7> kExchangeStateNames = {"received", "authenticated", "key-derived",
+                                                                 "decided",  "stored",        "answered",
+                                                                 "refused"};
+static_assert(kExchangeStateNames.size() == static_cast<std::size_t>(ExchangeState::refused) + 1,
+              "one name per ExchangeState");
+
+class EnrolmentExchange {
+ public:
+  EnrolmentExchange(const LogSink& log, std::string peer) : log_(log), peer_(std::move(peer)) {}
+  void set_state(ExchangeState next, const std::string& reason) {
+    log_("mef enrolment peer=" + peer_ + " " + std::string(kExchangeStateNames[static_cast<std::size_t>(state_)]) +
+         " -> " + std::string(kExchangeStateNames[static_cast<std::size_t>(next)]) + ": " + reason);
+    state_ = next;
+  }
+
+ private:
+  const LogSink& log_;
+  std::string peer_;
+  ExchangeState state_ = ExchangeState::received;
+};
+
+// The key under which the enrolee table knows the session's credential (keystore.hpp, EnroleeRecord).
+std::string enrolee_credential_id(const transport::PeerIdentity& peer) {
+  switch (peer.kind) {
+    case transport::PeerKind::psk: return peer.value;
+    case transport::PeerKind::x509: return "cert:" + peer.value;
+    case transport::PeerKind::rpk: return "rpk:" + peer.value;
+    case transport::PeerKind::local: return {};
+  }
+  return {};
+}
+
+std::string describe(const Session& session) {
+  return session.remote_address() + " " + std::string(transport::to_string(session.peer().kind)) + ":" +
+         session.peer().value;
+}
+
+// The body format of a request: Content-Format if given (50 or 60), CBOR otherwise (SPEC.md §2).
+Result<ContentFormat> request_format(const Request& request) {
+  if (!request.content_format) return ContentFormat::cbor;
+  return content_format_from(*request.content_format);
+}
+
+Response binary_response(int code, std::uint16_t content_format, Bytes payload) {
+  Response response;
+  response.code = code;
+  response.content_format = content_format;
+  response.payload = std::move(payload);
+  return response;
+}
+
+}  // namespace
+
+struct Mef::Impl {
+  transport::Node& node;
+  crypto::KeyStore& store;
+  MefConfig config;
+
+  Impl(transport::Node& n, crypto::KeyStore& s, MefConfig c) : node(n), store(s), config(std::move(c)) {}
+
+  std::int64_t now() const { return config.clock(); }
+
+  // A refusal: logged once here, answered with ErrorBody and the mapped code.
+  void refuse(Responder& responder, const Session& session, std::string_view route, const Error& error,
+              std::optional<int> code = std::nullopt) {
+    config.log("mef " + std::string(route) + " peer=" + describe(session) + " refused: " + error.to_string());
+    responder.respond(code ? refusal_response(*code, error) : refusal_response(error));
+  }
+
+  // The valid (not revoked, not expired) enrolment key named by a KeID session identity.
+  Result<const crypto::EnrolmentKeyRecord*> valid_enrolment_key(std::string_view ke_id_text) const {
+    auto ke_id = crypto::parse_ke_id(ke_id_text);
+    if (!ke_id.ok()) return std::move(ke_id).error();
+    const auto* record = store.find<crypto::EnrolmentKeyRecord>(ke_id->text());
+    if (record == nullptr) return make_error(Errc::not_found, "KeID " + ke_id->text() + " is not known to this MEF");
+    if (record->revoked_at != 0) return make_error(Errc::denied, "KeID " + record->ke_id + " is revoked");
+    if (record->expires_at <= now()) return make_error(Errc::expired, "KeID " + record->ke_id + " has expired");
+    return record;
+  }
+
+  Result<SecretBuffer> lookup_psk(std::string_view identity) const {
+    if (auto ke_id = crypto::parse_ke_id(identity); ke_id.ok()) {
+      auto record = valid_enrolment_key(identity);
+      if (!record.ok()) return std::move(record).error();
+      return crypto::derive_reauthentication_key((*record)->ke);  // SPEC.md §3.5
+    }
+    const auto* enrolee = store.find<crypto::EnroleeRecord>(identity);
+    if (enrolee == nullptr || enrolee->kpm.empty()) {
+      return make_error(Errc::not_found, "PSK identity " + crypto::quote_for_error(identity) +
+                                             " is neither an enrolee's KpmID nor a KeID of this MEF");
+    }
+    return enrolee->kpm.clone();
+  }
+
+  // ---- POST /mef/enrolment (SPEC.md §3.3–3.4) ----
+  void on_enrolment(const Session& session, const Request& request, Responder responder) {
+    EnrolmentExchange exchange(config.log, describe(session));
+    auto fail = [&](const Error& error, std::optional<int> code = std::nullopt) {
+      exchange.set_state(ExchangeState::refused, error.to_string());
+      responder.respond(code ? refusal_response(*code, error) : refusal_response(error));
+    };
+    const auto* enrolee = store.find<crypto::EnroleeRecord>(enrolee_credential_id(session.peer()));
+    if (enrolee == nullptr) {
+      return fail(make_error(Errc::denied, "unknown enrolee: credential '" + session.peer().value +
+                                               "' is not in this MEF's enrolee table"));
+    }
+    exchange.set_state(ExchangeState::authenticated, "enrolee " + enrolee->enrolee_id);
+    auto format = request_format(request);
+    if (!format.ok()) return fail(format.error(), 415);
+    auto message = decode_enrolment_request(ByteView(request.payload), *format);
+    if (!message.ok()) return fail(message.error());
+    // TS-0003 §10.3.1: Ke and KeID from this session's exporter; the Enrolee derives the same on its side.
+    auto key = crypto::derive_enrolment_key(session, config.fqdn);
+    if (!key.ok()) return fail(key.error());
+    exchange.set_state(ExchangeState::key_derived, "KeID " + key->ke_id.text());
+    if (store.find<crypto::EnrolmentKeyRecord>(key->ke_id.text()) != nullptr) {
+      // Same session, same exporter, same KeID: a renewal must come over a new DTLS session (fresh key material).
+      return fail(make_error(Errc::exists, "this DTLS session already enrolled as KeID " + key->ke_id.text() +
+                                               "; renew over a new session"));
+    }
+    const std::int64_t at = now();
+    auto decision = decide_enrolment(*enrolee, *message, key->ke_id, at);
+    if (!decision.ok()) return fail(decision.error());
+    exchange.set_state(ExchangeState::decided, "expiry " + std::to_string(decision->expiry));
+    crypto::EnrolmentKeyRecord record;
+    record.ke_id = key->ke_id.text();
+    record.ke = std::move(key->ke);
+    record.enrolee_id = enrolee->enrolee_id;
+    record.targets = enrolee->targets;
+    record.expires_at = decision->expiry;
+    // Durable before the answer (PROTOCOL.md §3.4): an Enrolee never holds a KeID its MEF could forget.
+    if (auto stored = store.put(std::move(record)); !stored.ok()) return fail(stored.error(), 500);
+    exchange.set_state(ExchangeState::stored, "KeID " + decision->ke_id + " for " + decision->enrolee_id);
+    responder.respond(binary_response(204, static_cast<std::uint16_t>(*format), encode(*decision, *format)));
+    exchange.set_state(ExchangeState::answered, "2.04");
+    // PROTOCOL.md §3.4 says the MEF then closes the session; transport has no call to close one server session,
+    // so it ends by the idle timeout (docs/rspf.md, "gaps").
+  }
+
+  // The AE-ID a key-retrieval or EST session authenticated: KeID/Ker -> its enrolee, certificate -> its AE-ID.
+  Result<std::string> authenticated_ae_id(const Session& session) const {
+    const auto& peer = session.peer();
+    if (peer.kind == transport::PeerKind::x509) return peer.value;
+    if (peer.kind == transport::PeerKind::psk && crypto::parse_ke_id(peer.value).ok()) {
+      auto record = valid_enrolment_key(peer.value);
+      if (!record.ok()) return std::move(record).error();
+      return (*record)->enrolee_id;
+    }
+    return make_error(Errc::unauthenticated, "session authenticated as " + std::string(transport::to_string(peer.kind)) +
+                                                 " '" + peer.value +
+                                                 "': key retrieval needs an enrolled identity (KeID with Ker, or an "
+                                                 "AE-ID certificate)");
+  }
+
+  // ---- GET /fetchCredentials/<KeID>/<SUID> (SPEC.md §4) ----
+  void on_fetch_credentials(const Session& session, const Request& request, Responder responder) {
+    constexpr std::string_view route = "fetchCredentials";
+    auto requester = authenticated_ae_id(session);
+    if (!requester.ok()) return refuse(responder, session, route, requester.error(), 403);
+    auto path = parse_fetch_credentials_path(request.path);
+    if (!path.ok()) return refuse(responder, session, route, path.error());
+    // The answer carries a key: CBOR only (messages.hpp), so an Accept asking for anything else gets 4.06.
+    if (request.accept && *request.accept != static_cast<std::uint16_t>(ContentFormat::cbor)) {
+      return refuse(responder, session, route,
+                    make_error(Errc::unsupported, "Accept " + std::to_string(*request.accept) +
+                                                      ": key retrieval answers only CBOR (60)"),
+                    406);
+    }
+    const std::string ke_id = path->ke_id.text();
+    const auto* record = store.find<crypto::EnrolmentKeyRecord>(ke_id);
+    if (record == nullptr) {
+      return refuse(responder, session, route, make_error(Errc::not_found, "KeID " + ke_id + " is not known"));
+    }
+    const std::int64_t at = now();
+    if (auto allowed = authorize_fetch(*record, *requester, request.originator, path->suid, at); !allowed.ok()) {
+      return refuse(responder, session, route, allowed.error());
+    }
+    auto key = crypto::derive_usage_constrained_key(record->ke, path->suid, *requester);
+    if (!key.ok()) return refuse(responder, session, route, key.error());
+    FetchCredentialsResponse answer{std::move(*key), record->enrolee_id, record->expires_at - at};
+    config.log("mef fetchCredentials peer=" + describe(session) + " KeID " + ke_id + " -> key for " + *requester +
+               " (fingerprint " + answer.credential.fingerprint() + ", lifetime " +
+               std::to_string(answer.lifetime_s) + " s)");
+    const SecretBuffer body = encode(answer);
+    // transport::Response holds the payload as Bytes (ordinary heap): docs/rspf.md, "gaps".
+    responder.respond(binary_response(205, static_cast<std::uint16_t>(ContentFormat::cbor),
+                                      Bytes(body.data(), body.data() + body.size())));
+  }
+
+  // The enrolee a certificate request comes from, with the expiry its certificate may not outlive. The bootstrap
+  // session must have enrolled first: its exporter names the KeID it got (derived again here, deterministic).
+  struct EstRequester {
+    const crypto::EnroleeRecord* enrolee = nullptr;
+    std::int64_t enrolment_expiry = 0;
+  };
+  Result<EstRequester> est_requester(const Session& session) const {
+    const auto& peer = session.peer();
+    const crypto::EnrolmentKeyRecord* key = nullptr;
+    const crypto::EnroleeRecord* enrolee = nullptr;
+    if (peer.kind == transport::PeerKind::psk && crypto::parse_ke_id(peer.value).ok()) {
+      auto record = valid_enrolment_key(peer.value);
+      if (!record.ok()) return std::move(record).error();
+      key = *record;
+      store.for_each(crypto::RecordKind::enrolee, [&](const crypto::Record& r) {
+        const auto& row = std::get<crypto::EnroleeRecord>(r);
+        if (enrolee == nullptr && row.enrolee_id == key->enrolee_id) enrolee = &row;
+      });
+    } else {
+      enrolee = store.find<crypto::EnroleeRecord>(enrolee_credential_id(peer));
+      if (enrolee != nullptr) {
+        auto derived = crypto::derive_enrolment_key(session, config.fqdn);
+        if (!derived.ok()) return std::move(derived).error();
+        auto record = valid_enrolment_key(derived->ke_id.text());
+        if (!record.ok()) {
+          return make_error(Errc::denied, "certificate enrolment on a bootstrap session needs a valid enrolment on "
+                                          "that same session first (POST /mef/enrolment): " +
+                                              record.error().message);
+        }
+        key = *record;
+      }
+    }
+    if (enrolee == nullptr) {
+      return make_error(Errc::denied, "unknown enrolee: credential '" + peer.value + "' is not in the enrolee table");
+    }
+    if (!enrolee->certificate_enrolment) {
+      return make_error(Errc::denied, "enrolee '" + enrolee->enrolee_id + "' is not offered certificate enrolment");
+    }
+    return EstRequester{enrolee, key->expires_at};
+  }
+
+  Result<Bytes> unique_serial() const {
+    for (int attempt = 0; attempt < 8; ++attempt) {
+      Bytes serial(kCertificateSerialSize);
+      random_bytes(serial.data(), serial.size());
+      // Positive and of full length (RFC 5280 §4.1.2.2): top bit clear, second-highest set.
+      serial[0] = static_cast<std::uint8_t>((serial[0] & 0x7f) | 0x40);
+      if (store.find<crypto::IssuanceRecord>(to_hex(ByteView(serial), true)) == nullptr) return serial;
+    }
+    return make_error(Errc::internal, "no unused certificate serial after 8 random draws");
+  }
+
+  // ---- POST /.well-known/est/sen (RFC 9148 §5, SPEC.md §3.6) ----
+  void on_simple_enrol(const Session& session, const Request& request, Responder responder) {
+    constexpr std::string_view route = "est/sen";
+    if (request.content_format != kContentFormatPkcs10) {
+      return refuse(responder, session, route,
+                    make_error(Errc::unsupported, "Content-Format " +
+                                                      (request.content_format
+                                                           ? std::to_string(*request.content_format)
+                                                           : std::string("(none)")) +
+                                                      ": simple enrolment takes application/pkcs10 (286)"),
+                    415);
+    }
+    auto requester = est_requester(session);
+    if (!requester.ok()) return refuse(responder, session, route, requester.error());
+    const std::string& ae_id = requester->enrolee->enrolee_id;
+    auto csr = crypto::CertificateRequest::parse(ByteView(request.payload));
+    if (!csr.ok()) return refuse(responder, session, route, csr.error(), 400);
+    if (auto signature = csr->verify_signature(); !signature.ok()) {
+      return refuse(responder, session, route,
+                    make_error(Errc::crypto, "CSR self-signature does not verify: " + signature.error().message), 400);
+    }
+    const auto uris = csr->requested_san_uris();
+    if (uris.size() != 1 || uris.front() != ae_id) {
+      std::string asked;
+      for (const auto& uri : uris) asked += (asked.empty() ? "'" : ", '") + uri + "'";
+      return refuse(responder, session, route,
+                    make_error(Errc::denied, "CSR requests subjectAltName URI " + (asked.empty() ? "(none)" : asked) +
+                                                 "; enrolee may hold exactly its own AE-ID '" + ae_id + "'"));
+    }
+    auto serial = unique_serial();
+    if (!serial.ok()) return refuse(responder, session, route, serial.error());
+    const std::int64_t at = now();
+    crypto::IssueParams params;
+    params.serial = *serial;
+    params.not_before = static_cast<std::time_t>(at);
+    params.not_after = static_cast<std::time_t>(std::min(at + config.max_certificate_validity_s,
+                                                         requester->enrolment_expiry));
+    auto certificate = config.ca->issue(*csr, ae_id, params);
+    if (!certificate.ok()) return refuse(responder, session, route, certificate.error(), 500);
+    crypto::IssuanceRecord issued;
+    issued.serial_hex = certificate->serial_hex();
+    issued.ae_id = ae_id;
+    issued.issued_at = at;
+    issued.expires_at = static_cast<std::int64_t>(params.not_after);
+    const std::string serial_hex = issued.serial_hex;
+    // Recorded before the answer: every certificate in the field can be found and revoked (SPEC.md §5).
+    if (auto stored = store.put(std::move(issued)); !stored.ok()) {
+      return refuse(responder, session, route, stored.error(), 500);
+    }
+    config.log("mef est/sen peer=" + describe(session) + " issued certificate serial " + serial_hex + " to " + ae_id +
+               " until " + std::to_string(params.not_after));
+    responder.respond(binary_response(204, kContentFormatPkixCert, certificate->der()));
+  }
+
+  // ---- GET /.well-known/est/crts (RFC 9148 §5) ----
+  void on_ca_certificates(const Session& /*session*/, const Request& /*request*/, Responder responder) {
+    responder.respond(binary_response(205, kContentFormatPkixCert, config.ca->certificate().der()));
+  }
+};
+
+Mef::Mef(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Mef::~Mef() = default;
+
+Result<std::unique_ptr<Mef>> Mef::create(transport::Node& node, crypto::KeyStore& store, MefConfig config) {
+  if (auto valid = crypto::validate_fqdn(config.fqdn); !valid.ok()) return std::move(valid).error();
+  if (config.max_certificate_validity_s <= 0) {
+    return make_error(Errc::invalid_argument, "MEF max certificate validity " +
+                                                  std::to_string(config.max_certificate_validity_s) +
+                                                  " s: must be > 0");
+  }
+  if (!config.clock) config.clock = system_unix_clock();
+  if (!config.log) config.log = stderr_log_sink();
+  std::unique_ptr<Mef> mef(new Mef(std::make_unique<Impl>(node, store, std::move(config))));
+  Impl* impl = mef->impl_.get();
+  using transport::Access;
+  using transport::Method;
+  node.add_route(Method::post, {"mef", "enrolment"}, Access::secure,
+                 [impl](const Session& s, const Request& r, Responder out) { impl->on_enrolment(s, r, std::move(out)); });
+  node.add_route(Method::get, {"fetchCredentials"}, Access::secure,
+                 [impl](const Session& s, const Request& r, Responder out) {
+                   impl->on_fetch_credentials(s, r, std::move(out));
+                 });
+  if (impl->config.ca) {
+    node.add_route(Method::post, {".well-known", "est", "sen"}, Access::secure,
+                   [impl](const Session& s, const Request& r, Responder out) {
+                     impl->on_simple_enrol(s, r, std::move(out));
+                   });
+    node.add_route(Method::get, {".well-known", "est", "crts"}, Access::secure,
+                   [impl](const Session& s, const Request& r, Responder out) {
+                     impl->on_ca_certificates(s, r, std::move(out));
+                   });
+  }
+  return mef;
+}
+
+Result<SecretBuffer> Mef::lookup_psk(std::string_view identity) const { return impl_->lookup_psk(identity); }
+
+transport::PskLookup Mef::psk_lookup() {
+  Impl* impl = impl_.get();
+  return [impl](std::string_view identity) { return impl->lookup_psk(identity); };
+}
+
+Result<void> Mef::revoke(std::string_view ke_id_text) {
+  auto ke_id = crypto::parse_ke_id(ke_id_text);
+  if (!ke_id.ok()) return std::move(ke_id).error();
+  const auto* record = impl_->store.find<crypto::EnrolmentKeyRecord>(ke_id->text());
+  if (record == nullptr) return make_error(Errc::not_found, "revoke: KeID " + ke_id->text() + " is not known");
+  if (record->revoked_at != 0) return ok_result();
+  crypto::EnrolmentKeyRecord revoked{record->ke_id, record->ke.clone(), record->enrolee_id, record->targets,
+                                     record->expires_at, impl_->now()};
+  const std::string audit = "mef audit: revoked KeID " + revoked.ke_id + " of " + revoked.enrolee_id + " at " +
+                            std::to_string(revoked.revoked_at);
+  if (auto stored = impl_->store.put(std::move(revoked)); !stored.ok()) return stored;
+  impl_->config.log(audit);
+  return ok_result();
+}
+
+Result<void> Mef::revoke_certificate(std::string_view serial_hex) {
+  std::string serial(serial_hex);
+  std::transform(serial.begin(), serial.end(), serial.begin(),
+                 [](char c) { return (c >= 'a' && c <= 'f') ? static_cast<char>(c - 'a' + 'A') : c; });
+  const auto* record = impl_->store.find<crypto::IssuanceRecord>(serial);
+  if (record == nullptr) {
+    return make_error(Errc::not_found, "revoke: certificate serial " + crypto::quote_for_error(serial_hex) +
+                                           " was not issued by this MEF");
+  }
+  if (record->revoked_at != 0) return ok_result();
+  crypto::IssuanceRecord revoked = *record;
+  revoked.revoked_at = impl_->now();
+  const std::string audit = "mef audit: revoked certificate serial " + revoked.serial_hex + " of " + revoked.ae_id +
+                            " at " + std::to_string(revoked.revoked_at);
+  if (auto stored = impl_->store.put(std::move(revoked)); !stored.ok()) return stored;
+  impl_->config.log(audit);
+  return ok_result();
+}
+
+const std::string& Mef::fqdn() const { return impl_->config.fqdn; }
+
+}  // namespace dauth::rspf

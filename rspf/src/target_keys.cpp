@@ -1,0 +1,197 @@
+// Target key retrieval (SPEC.md §4): answer handshakes from memory, fetch unknown KeIDs from their MEF in the
+// background, store what the MEF answers.
+#include "dauth/rspf/target_keys.hpp"
+
+#include <sodium.h>
+
+#include <array>
+#include <map>
+
+#include "dauth/crypto/identifiers.hpp"
+#include "dauth/crypto/onem2m.hpp"
+#include "dauth/rspf/messages.hpp"
+
+namespace dauth::rspf {
+
+namespace {
+constexpr std::array<std::string_view, 4> kFetchStateNames = {"queued", "fetching", "stored", "failed"};
+static_assert(kFetchStateNames.size() == static_cast<std::size_t>(FetchState::failed) + 1, "one name per FetchState");
+
+void wipe(Bytes& bytes) {
+  if (!bytes.empty()) sodium_memzero(bytes.data(), bytes.size());
+  bytes.clear();
+}
+
+std::string lower_case(std::string_view text) {
+  std::string out(text);
+  for (char& c : out) {
+    if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
+  }
+  return out;
+}
+}  // namespace
+
+std::string_view to_string(FetchState state) noexcept { return kFetchStateNames[static_cast<std::size_t>(state)]; }
+
+struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
+  transport::Node& node;
+  crypto::KeyStore& store;
+  TargetKeysConfig config;
+  std::map<std::string, MefContact> mefs;     // lower-case FQDN -> contact
+  std::map<std::string, FetchState> fetches;  // KeID text -> queued | fetching (others are removed)
+  FetchObserver observer;
+
+  Impl(transport::Node& n, crypto::KeyStore& s, TargetKeysConfig c) : node(n), store(s), config(std::move(c)) {}
+
+  std::int64_t now() const { return config.clock(); }
+
+  // One retrieval's state machine (STYLE.md §14): queued -> fetching -> stored | failed.
+  void set_state(const std::string& ke_id, const std::string& mef, FetchState next, const std::string& reason) {
+    auto it = fetches.find(ke_id);
+    const std::string old = it == fetches.end() ? "none" : std::string(to_string(it->second));
+    config.log("target " + config.local_ae_id + " key retrieval KeID " + ke_id + " mef=" + mef + " " + old + " -> " +
+               std::string(to_string(next)) + ": " + reason);
+    if (next == FetchState::stored || next == FetchState::failed) {
+      if (it != fetches.end()) fetches.erase(it);
+    } else {
+      fetches[ke_id] = next;
+    }
+  }
+
+  void tell(const std::string& ke_id, const Result<void>& outcome) {
+    if (observer) observer(ke_id, outcome);
+  }
+
+  Result<SecretBuffer> lookup_psk(std::string_view identity) {
+    auto ke_id = crypto::parse_ke_id(identity);
+    if (!ke_id.ok()) {
+      return make_error(Errc::not_found, "PSK identity " + crypto::quote_for_error(identity) + " is not a KeID");
+    }
+    const std::string text = ke_id->text();
+    const auto* record = store.find<crypto::SessionKeyRecord>(text);
+    if (record != nullptr && record->local_ae_id == config.local_ae_id && record->expires_at > now()) {
+      return record->key.clone();
+    }
+    if (fetches.count(text) != 0) {
+      return make_error(Errc::not_found, "KeID " + text + ": key retrieval from its MEF is running, retry shortly");
+    }
+    const auto mef = mefs.find(ke_id->mef_fqdn);
+    if (mef == mefs.end()) {
+      Error refusal = make_error(Errc::denied, "KeID " + text + " names MEF '" + ke_id->mef_fqdn +
+                                                   "', which is not configured for " + config.local_ae_id);
+      config.log("target " + config.local_ae_id + " refused: " + refusal.message);
+      tell(text, refusal);
+      return refusal;
+    }
+    if (fetches.size() >= config.max_fetches_in_flight) {
+      return make_error(Errc::limit, "KeID " + text + ": " + std::to_string(fetches.size()) +
+                                         " key retrievals are already pending (limit " +
+                                         std::to_string(config.max_fetches_in_flight) + ")");
+    }
+    set_state(text, ke_id->mef_fqdn, FetchState::queued,
+              record != nullptr ? "stored key expired or for another AE" : "unknown KeID in a handshake");
+    return make_error(Errc::not_found, "KeID " + text + ": unknown here, key retrieval from " + ke_id->mef_fqdn +
+                                           " started, retry shortly");
+  }
+
+  void start_pending_fetches() {
+    std::vector<std::string> queued;
+    for (const auto& [ke_id, state] : fetches) {
+      if (state == FetchState::queued) queued.push_back(ke_id);
+    }
+    for (const auto& ke_id : queued) start_fetch(ke_id);
+  }
+
+  void start_fetch(const std::string& text) {
+    auto ke_id = crypto::parse_ke_id(text).value();  // parsed when it was queued
+    const std::string mef_fqdn = ke_id.mef_fqdn;
+    const auto mef = mefs.find(mef_fqdn);
+    auto give_up = [&](const Error& error) {
+      set_state(text, mef_fqdn, FetchState::failed, error.to_string());
+      tell(text, error);
+    };
+    if (mef == mefs.end()) return give_up(make_error(Errc::denied, "MEF '" + mef_fqdn + "' is no longer configured"));
+    auto credentials = mef->second.credentials ? mef->second.credentials()
+                                               : Result<transport::ClientCredentials>(make_error(
+                                                     Errc::not_found, "no credentials for MEF '" + mef_fqdn + "'"));
+    if (!credentials.ok()) {
+      return give_up(make_error(credentials.error().code,
+                                "cannot authenticate to MEF '" + mef_fqdn + "': " + credentials.error().message));
+    }
+    transport::Request request;
+    request.method = transport::Method::get;
+    request.path = fetch_credentials_path(ke_id, crypto::Suid::rspf_key_for_saef);
+    request.accept = static_cast<std::uint16_t>(ContentFormat::cbor);
+    request.originator = config.local_ae_id;
+    set_state(text, mef_fqdn, FetchState::fetching, "GET " + request.path_text() + " as " + credentials->psk_identity);
+    std::weak_ptr<Impl> weak = weak_from_this();
+    node.request(mef->second.address, *credentials, std::move(request),
+                 [weak, text, mef_fqdn](Result<transport::Response> answer, const transport::Session*) {
+                   if (auto self = weak.lock()) self->on_answer(text, mef_fqdn, std::move(answer));
+                 });
+  }
+
+  void on_answer(const std::string& ke_id, const std::string& mef_fqdn, Result<transport::Response> answer) {
+    auto give_up = [&](Error error) {
+      set_state(ke_id, mef_fqdn, FetchState::failed, error.to_string());
+      tell(ke_id, error);
+    };
+    if (!answer.ok()) return give_up(std::move(answer).error());
+    if (answer->code != 205) return give_up(error_from_response("MEF " + mef_fqdn, *answer));
+    auto message = decode_fetch_credentials_response(ByteView(answer->payload));
+    // The payload held the key: wipe our copy of it now (transport's own copy is outside our reach).
+    wipe(answer->payload);
+    if (!message.ok()) return give_up(std::move(message).error());
+    if (message->lifetime_s <= 0) {
+      return give_up(make_error(Errc::expired, "MEF gave a lifetime of " + std::to_string(message->lifetime_s) + " s"));
+    }
+    crypto::SessionKeyRecord record;
+    record.ke_id = ke_id;
+    record.key = std::move(message->credential);
+    record.peer_ae_id = message->enrolee_id;
+    record.local_ae_id = config.local_ae_id;
+    record.suid = static_cast<int>(crypto::Suid::rspf_key_for_saef);
+    record.expires_at = now() + message->lifetime_s;
+    const std::string reason = "key for peer " + record.peer_ae_id + " (fingerprint " + record.key.fingerprint() +
+                               ") until " + std::to_string(record.expires_at);
+    if (auto stored = store.put(std::move(record)); !stored.ok()) return give_up(std::move(stored).error());
+    set_state(ke_id, mef_fqdn, FetchState::stored, reason);
+    tell(ke_id, ok_result());
+  }
+};
+
+TargetKeys::TargetKeys(std::shared_ptr<Impl> impl) : impl_(std::move(impl)) {}
+TargetKeys::~TargetKeys() = default;
+
+Result<std::unique_ptr<TargetKeys>> TargetKeys::create(transport::Node& node, crypto::KeyStore& store,
+                                                       TargetKeysConfig config) {
+  if (auto valid = crypto::validate_ae_id(config.local_ae_id); !valid.ok()) return std::move(valid).error();
+  if (config.max_fetches_in_flight == 0) {
+    return make_error(Errc::invalid_argument, "target keys: max_fetches_in_flight = 0: must be at least 1");
+  }
+  if (!config.clock) config.clock = system_unix_clock();
+  if (!config.log) config.log = stderr_log_sink();
+  return std::unique_ptr<TargetKeys>(new TargetKeys(std::make_shared<Impl>(node, store, std::move(config))));
+}
+
+Result<void> TargetKeys::add_mef(std::string_view mef_fqdn, MefContact contact) {
+  if (auto valid = crypto::validate_fqdn(mef_fqdn); !valid.ok()) return valid;
+  impl_->mefs[lower_case(mef_fqdn)] = std::move(contact);
+  return ok_result();
+}
+
+Result<SecretBuffer> TargetKeys::lookup_psk(std::string_view identity) { return impl_->lookup_psk(identity); }
+
+transport::PskLookup TargetKeys::psk_lookup() {
+  std::weak_ptr<Impl> weak = impl_;
+  return [weak](std::string_view identity) -> Result<SecretBuffer> {
+    if (auto self = weak.lock()) return self->lookup_psk(identity);
+    return make_error(Errc::not_found, "target key retrieval has shut down");
+  };
+}
+
+void TargetKeys::start_pending_fetches() { impl_->start_pending_fetches(); }
+std::size_t TargetKeys::fetches_pending() const { return impl_->fetches.size(); }
+void TargetKeys::set_fetch_observer(FetchObserver observer) { impl_->observer = std::move(observer); }
+
+}  // namespace dauth::rspf

@@ -1,0 +1,75 @@
+// Helpers for the transport tests: pumping several Nodes in one thread, a Node served from a background thread
+// while a stock client runs as a child process, and certificates made by the openssl command (an independent
+// producer).
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "dauth/transport/transport.hpp"
+#include "support.hpp"
+
+namespace dauth::test {
+
+using namespace std::chrono_literals;
+
+// Runs process_ready() on every node until done() or max elapsed (an upper bound, not a timed assertion).
+bool pump(const std::vector<transport::Node*>& nodes, const std::function<bool()>& done,
+          std::chrono::milliseconds max = 20s);
+
+// Collects failure reports of a node.
+struct FailureLog {
+  std::vector<transport::Failure> failures;
+  transport::FailureObserver observer() {
+    return [this](const transport::Failure& failure) { failures.push_back(failure); };
+  }
+  bool has(transport::FailureKind kind, const std::string& identity) const;
+  std::string text() const;
+};
+
+// Serves node from a background thread until destroyed; the test thread must not touch node meanwhile.
+class BackgroundNode {
+ public:
+  explicit BackgroundNode(transport::Node& node);
+  ~BackgroundNode();
+  BackgroundNode(const BackgroundNode&) = delete;
+  BackgroundNode& operator=(const BackgroundNode&) = delete;
+
+ private:
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+};
+
+// A PSK table in memory, as the key store will provide it.
+transport::PskLookup psk_table(std::map<std::string, std::string> keys);
+SecretBuffer secret(const std::string& text);
+
+// Certificates and keys made with the openssl command line in dir:
+//   ca.pem/ca.key (trusted), rogue.pem/rogue.key (another CA), server.*, client.* (SAN URI = AE-ID),
+//   nouri.* (client cert with a dNSName only), rogueclient.* (issued by rogue), expired.* (2020),
+//   rpk_a.key / rpk_b.key (SEC1 EC keys) with rpk_a.id / rpk_b.id (RFC 6920 names of their SPKI).
+struct Pki {
+  explicit Pki(const TempDir& dir);
+  std::string text(const std::string& name) const;
+  transport::X509Credentials credentials(const std::string& name) const;  // name.pem + name.key + ca.pem
+  std::filesystem::path path(const std::string& name) const { return dir / name; }
+  std::filesystem::path dir;
+};
+
+inline const std::string kServerAeId = "//m2m.example.net/in-cse/CAE-server-01";
+inline const std::string kClientAeId = "//m2m.example.net/in-cse/CAE-client-01";
+
+// A node with a coaps endpoint on 127.0.0.1 (ephemeral port) whose GET /hello returns "<kind>:<identity>" and
+// whose GET /ekm returns the hex of a 32-byte RFC 5705 export with label "EXPORTER-dauth-test".
+std::unique_ptr<transport::Node> make_server(transport::NodeConfig config);
+std::string hex_of(const SecretBuffer& secret);
+std::string text_of(const Bytes& bytes);
+
+}  // namespace dauth::test

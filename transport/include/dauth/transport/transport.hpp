@@ -1,0 +1,291 @@
+// transport: CoAP over DTLS 1.2 (PSK, X.509, raw public keys) and plain CoAP for local AEs, on libcoap 4.3.1.
+//
+// The only module that includes libcoap and TLS-backend headers; nothing of theirs appears here. One `Node` owns
+// every libcoap context of the process and joins the daemon's epoll loop through fd() / process_ready() /
+// next_timeout() (DESIGN.md §3: single thread, no callback blocks). Contract details, pinned parameters and the
+// libcoap traps behind them: docs/transport.md.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <set>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "dauth/crypto/onem2m.hpp"
+#include "dauth/error.hpp"
+#include "dauth/secret.hpp"
+
+namespace dauth::transport {
+
+// ---- Backend --------------------------------------------------------------------------------------------------
+
+enum class Backend : std::uint8_t { gnutls, openssl };
+Backend compiled_backend() noexcept;               // fixed at configure time (DAUTH_TLS_BACKEND)
+std::string_view to_string(Backend backend) noexcept;
+bool backend_supports_rpk() noexcept;              // GnuTLS only (libcoap notes, Q2)
+
+// ---- Messages -------------------------------------------------------------------------------------------------
+
+enum class Method : std::uint8_t { get = 1, post = 2, put = 3, del = 4, fetch = 5, patch = 6, ipatch = 7 };
+std::string_view to_string(Method method) noexcept;
+
+// oneM2M CoAP option numbers, TS-0008 current numbering (SPEC.md §2), and the pre-2022 ones.
+inline constexpr std::uint16_t kOptionOneM2mFrom = 279;
+inline constexpr std::uint16_t kOptionOneM2mRequestId = 283;
+inline constexpr std::uint16_t kOptionOneM2mResponseStatus = 307;
+inline constexpr std::uint16_t kLegacyOptionOneM2mFrom = 256;
+inline constexpr std::uint16_t kLegacyOptionOneM2mRequestId = 257;
+inline constexpr std::uint16_t kLegacyOptionOneM2mResponseStatus = 265;
+
+inline constexpr std::uint16_t kContentFormatJson = 50;
+inline constexpr std::uint16_t kContentFormatCbor = 60;
+
+struct Request {
+  Method method = Method::get;
+  std::vector<std::string> path;      // Uri-Path segments, without '/'
+  std::vector<std::string> query;     // Uri-Query items ("k=v")
+  std::optional<std::uint16_t> content_format;
+  std::optional<std::uint16_t> accept;
+  std::string originator;             // oneM2M-FR (empty: absent)
+  std::string request_id;             // oneM2M-RQI (empty: absent)
+  Bytes payload;
+
+  std::string path_text() const;      // "/a/b"
+};
+
+struct Response {
+  int code = 205;                     // CoAP code as class*100 + detail: 205 = 2.05 Content, 413 = 4.13
+  std::optional<std::uint16_t> content_format;
+  std::optional<std::uint32_t> response_status;  // oneM2M-RSC
+  std::string request_id;             // oneM2M-RQI, echoed when the request had one
+  Bytes payload;
+
+  static Response with_text(int code, std::string_view text);
+};
+
+// ---- Identities and sessions ----------------------------------------------------------------------------------
+
+enum class PeerKind : std::uint8_t {
+  local,  // plain CoAP on the loopback endpoint: a local AE, not authenticated by DTLS
+  psk,    // value: the PSK identity the peer used (KpmID, KeID)
+  x509,   // value: the AE-ID from the subjectAltName URI (our own DER parsing, TS-0003 §8.1.2.5); for a server
+          //        certificate without AE-ID (an MEF FQDN certificate) its first dNSName
+  rpk,    // value: RFC 6920 "ni:///sha-256;..." of the peer's SubjectPublicKeyInfo (SPEC.md §4)
+};
+std::string_view to_string(PeerKind kind) noexcept;
+
+struct PeerIdentity {
+  PeerKind kind = PeerKind::local;
+  std::string value;
+};
+
+struct SessionCounters {        // CoAP messages this node sent and received on the session (payload + header)
+  std::uint64_t packets_in = 0;
+  std::uint64_t packets_out = 0;
+  std::uint64_t bytes_in = 0;
+  std::uint64_t bytes_out = 0;
+};
+
+// An authenticated (or local) CoAP session. Server-side objects live until libcoap drops the session (idle
+// timeout, peer close); request handlers get a reference that is valid for the duration of the call. The RFC 5705
+// exporter works once the handshake is complete: in a request handler, or in a client's response callback.
+class Session : public crypto::KeyingMaterialExporter {
+ public:
+  virtual const PeerIdentity& peer() const = 0;
+  virtual const std::string& credential_id() const = 0;  // PSK identity, or our certificate / key id used
+  virtual const std::string& remote_address() const = 0;  // "127.0.0.1:40000", "[::1]:40000"
+  virtual bool is_client() const = 0;
+  virtual Backend backend() const = 0;
+  virtual std::string cipher_suite() const = 0;            // IANA name, e.g. "TLS_PSK_WITH_AES_128_CCM_8"; "" if plain
+  virtual std::chrono::system_clock::time_point created() const = 0;
+  virtual SessionCounters counters() const = 0;
+  // RFC 5705 with no context value. Errors: plain session (unsupported), handshake not done (internal).
+  Result<SecretBuffer> export_keying_material(std::string_view label, std::size_t length) const override = 0;
+};
+
+// ---- Server credentials ---------------------------------------------------------------------------------------
+
+// PSK lookup by identity. Must answer from memory and never block (DESIGN.md §3): an identity it does not know yet
+// gets Errc::not_found (the handshake is refused with unknown_psk_identity; the caller may start an asynchronous
+// fetch and the client retries). The Error message becomes the logged refusal reason.
+using PskLookup = std::function<Result<SecretBuffer>(std::string_view identity)>;
+
+// Our certificate chain and key, and the CAs our peers' certificates must chain to. PEM text; keys EC P-256.
+struct X509Credentials {
+  std::string certificate_chain_pem;   // leaf first
+  SecretBuffer private_key_pem;        // "EC PRIVATE KEY" or "PRIVATE KEY"
+  std::string trust_anchors_pem;       // one or more CA certificates
+};
+
+// Raw public keys (RFC 7250, GnuTLS builds only). libcoap derives our SubjectPublicKeyInfo from the key.
+struct RpkCredentials {
+  SecretBuffer private_key_pem;            // SEC1 "EC PRIVATE KEY" (libcoap 4.3.1 needs this form for RPK)
+  std::set<std::string> pinned_peer_keys;  // accepted peers, RFC 6920 ids of their SubjectPublicKeyInfo
+};
+
+// ---- Client credentials ---------------------------------------------------------------------------------------
+
+struct ClientCredentials {
+  enum class Kind : std::uint8_t { none, psk, x509, rpk } kind = Kind::none;
+  std::string psk_identity;
+  SecretBuffer psk_key;
+  std::optional<X509Credentials> x509;
+  std::optional<RpkCredentials> rpk;
+  std::string sni;               // server name sent in the ClientHello (SPEC.md §2: peer FQDN or AE-ID)
+  std::string expected_peer;     // x509: required AE-ID or dNSName of the server ("" = any trusted)
+
+  static ClientCredentials plain();
+  static ClientCredentials psk(std::string identity, SecretBuffer key, std::string sni);
+  static ClientCredentials certificate(X509Credentials credentials, std::string sni, std::string expected_peer);
+  static ClientCredentials raw_public_key(RpkCredentials credentials, std::string sni);
+  ClientCredentials clone() const;
+};
+
+struct Peer {
+  std::string host;      // numeric IPv4 / IPv6 address
+  std::uint16_t port = 5684;
+};
+
+// ---- Configuration ------------------------------------------------------------------------------------------
+
+struct Limits {
+  // Pinned defaults (DESIGN.md §4 asks for explicit values; docs/transport.md gives the reasons).
+  std::size_t max_sessions = 1000;                          // live server sessions (libcoap max idle sessions)
+  std::size_t max_handshakes = 100;                         // concurrent server handshakes; oldest dropped beyond
+  std::chrono::seconds idle_timeout{300};                   // idle server session lifetime: bounds unwiped PSK copies
+  std::chrono::milliseconds handshake_timeout{10000};       // a handshake not done by then is dropped and reported
+  std::size_t max_client_sessions = 512;                    // <= 900: GnuTLS select()s, glibc aborts at fd 1024
+  std::chrono::milliseconds request_timeout{20000};         // client: request sent -> response (incl. handshake)
+  std::size_t max_request_size = 4096;                      // SPEC.md §2: larger requests get 4.13
+};
+
+struct NodeConfig {
+  // Secure endpoints ("0.0.0.0", "::", "127.0.0.1", "::1"); empty = no coaps server. Port 0 = ephemeral.
+  std::vector<std::string> secure_addresses;
+  std::uint16_t secure_port = 5684;
+  // Plain CoAP endpoint for local AEs: must be a loopback address; empty = none.
+  std::string local_address;
+  std::uint16_t local_port = 5683;
+
+  PskLookup psk_lookup;                      // PSK server credentials (optional)
+  std::optional<X509Credentials> x509;       // certificate server credentials (optional)
+  std::optional<RpkCredentials> rpk;         // raw-public-key server credentials (exclusive with x509: one PKI
+                                             // setup per libcoap context)
+  // SPEC.md §2's legacy switch (FR 256 / RQI 257 / RSC 265). Node::create refuses it with libcoap 4.3.1: its
+  // known-option filter has two slots for numbers above 255, used by 279/283 (server) and 283/307 (client).
+  bool accept_legacy_onem2m_options = false;
+  Limits limits;
+};
+
+// ---- Handlers -------------------------------------------------------------------------------------------------
+
+// Answers one request, now or later. Move-only. If the handler returns without calling respond() and without
+// keeping the Responder, the request gets 5.00. If it keeps it, the client gets an empty ACK now and the response
+// (a separate response, RFC 7252 §5.2.2) when respond() is called, on the loop thread.
+class Responder {
+ public:
+  Responder() = default;
+  Responder(Responder&&) noexcept;
+  Responder& operator=(Responder&&) noexcept;
+  Responder(const Responder&) = delete;
+  Responder& operator=(const Responder&) = delete;
+  ~Responder();
+
+  void respond(Response response);
+  bool answered() const noexcept;
+
+  struct State;
+  explicit Responder(std::shared_ptr<State> state);
+
+ private:
+  std::shared_ptr<State> state_;
+};
+
+enum class Access : std::uint8_t { secure, local, both };
+
+using RequestHandler = std::function<void(const Session& session, const Request& request, Responder responder)>;
+
+// Completion of a client request. session is the client session (for the exporter) when the handshake completed,
+// otherwise nullptr. Called exactly once, on the loop thread.
+using ResponseHandler = std::function<void(Result<Response> response, const Session* session)>;
+
+// ---- Failures and statistics ------------------------------------------------------------------------------------
+
+enum class FailureKind : std::uint8_t {
+  handshake_failed,    // refused or aborted by us or the backend (reason says which)
+  handshake_timeout,   // never completed: on the client the typical sign of a wrong PSK (no alert is sent)
+  request_rejected,    // a request refused before any handler ran (size, no route, access)
+  request_failed,      // client side: a request that got no response
+  limit,               // a configured cap refused something
+};
+std::string_view to_string(FailureKind kind) noexcept;
+
+struct Failure {
+  FailureKind kind;
+  std::string peer_address;
+  std::string identity_offered;   // PSK identity, AE-ID or key id as far as known; "" if none
+  std::string reason;
+};
+
+struct Stats {
+  std::uint64_t handshakes_completed = 0;
+  std::uint64_t handshakes_failed = 0;     // includes timeouts
+  std::uint64_t requests_served = 0;
+  std::uint64_t requests_rejected = 0;
+  std::uint64_t client_requests_failed = 0;
+  std::size_t live_server_sessions = 0;
+  std::size_t live_server_handshakes = 0;
+  std::size_t live_client_sessions = 0;
+};
+
+// Receives each failure once, as it happens. The default writes one structured line to stderr:
+//   transport: event=handshake_failed peer=127.0.0.1:40000 identity="CAE-x" reason="..."
+using FailureObserver = std::function<void(const Failure&)>;
+std::string format_failure(const Failure& failure);
+
+// ---- Node ----------------------------------------------------------------------------------------------------
+
+class Node {
+ public:
+  // Creates the contexts and endpoints. Errors: invalid configuration (RPK on OpenSSL, non-loopback local
+  // endpoint, bad credentials), or the endpoint could not bind (io, with the address).
+  static Result<std::unique_ptr<Node>> create(NodeConfig config);
+  ~Node();
+  Node(const Node&) = delete;
+  Node& operator=(const Node&) = delete;
+
+  // Routes requests whose path starts with prefix (segment-wise) and whose method matches; longest prefix wins.
+  void add_route(Method method, std::vector<std::string> prefix, Access access, RequestHandler handler);
+  void set_failure_observer(FailureObserver observer);
+
+  // Sends request to peer with credentials, setting up or reusing a session (one per peer + credential + SNI +
+  // expected peer). handler is called exactly once, from process_ready() -- or before request() returns for
+  // set-up errors (bad address, limit). Handlers still pending when the Node is destroyed are dropped uncalled.
+  void request(const Peer& peer, const ClientCredentials& credentials, Request request, ResponseHandler handler);
+  // Closes the cached client sessions (e.g. after an MEF exchange).
+  void close_client_sessions();
+
+  // ---- event loop ----
+  int fd() const noexcept;                                // level-triggered epoll fd: readable = work to do
+  void process_ready();                                   // does all pending I/O and timers, never blocks
+  std::chrono::milliseconds next_timeout();               // upper bound for the caller's epoll_wait
+  // Convenience for tools and tests: loops on fd() until done() or max elapsed. Returns done().
+  bool run_until(const std::function<bool()>& done, std::chrono::milliseconds max);
+
+  std::uint16_t secure_port() const noexcept;             // the bound port (useful with port 0)
+  std::uint16_t local_port() const noexcept;
+  Stats stats() const;
+
+  struct Impl;
+
+ private:
+  explicit Node(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace dauth::transport

@@ -1,0 +1,119 @@
+// Value types of the public API: names, messages, credentials, the failure line format.
+#include <array>
+
+#include "dauth/transport/transport.hpp"
+#include "tls_backend.hpp"
+
+namespace dauth::transport {
+
+Backend compiled_backend() noexcept { return detail::backend(); }
+
+std::string_view to_string(Backend backend) noexcept {
+  return backend == Backend::gnutls ? "gnutls" : "openssl";
+}
+
+bool backend_supports_rpk() noexcept { return compiled_backend() == Backend::gnutls; }
+
+std::string_view to_string(Method method) noexcept {
+  static constexpr std::array<std::string_view, 8> kNames{"?", "GET", "POST", "PUT", "DELETE", "FETCH", "PATCH",
+                                                          "iPATCH"};
+  const auto index = static_cast<std::size_t>(method);
+  return index < kNames.size() ? kNames[index] : "?";
+}
+
+std::string_view to_string(PeerKind kind) noexcept {
+  static constexpr std::array<std::string_view, 4> kNames{"local", "psk", "x509", "rpk"};
+  static_assert(kNames.size() == static_cast<std::size_t>(PeerKind::rpk) + 1);
+  return kNames[static_cast<std::size_t>(kind)];
+}
+
+std::string_view to_string(FailureKind kind) noexcept {
+  static constexpr std::array<std::string_view, 5> kNames{"handshake_failed", "handshake_timeout",
+                                                          "request_rejected", "request_failed", "limit"};
+  static_assert(kNames.size() == static_cast<std::size_t>(FailureKind::limit) + 1);
+  return kNames[static_cast<std::size_t>(kind)];
+}
+
+std::string Request::path_text() const {
+  std::string text;
+  for (const auto& segment : path) text += "/" + segment;
+  return text.empty() ? "/" : text;
+}
+
+Response Response::with_text(int code, std::string_view text) {
+  Response response;
+  response.code = code;
+  response.payload.assign(text.begin(), text.end());
+  return response;
+}
+
+ClientCredentials ClientCredentials::plain() { return {}; }
+
+ClientCredentials ClientCredentials::psk(std::string identity, SecretBuffer key, std::string sni) {
+  ClientCredentials credentials;
+  credentials.kind = Kind::psk;
+  credentials.psk_identity = std::move(identity);
+  credentials.psk_key = std::move(key);
+  credentials.sni = std::move(sni);
+  return credentials;
+}
+
+ClientCredentials ClientCredentials::certificate(X509Credentials x509, std::string sni, std::string expected_peer) {
+  ClientCredentials credentials;
+  credentials.kind = Kind::x509;
+  credentials.x509 = std::move(x509);
+  credentials.sni = std::move(sni);
+  credentials.expected_peer = std::move(expected_peer);
+  return credentials;
+}
+
+ClientCredentials ClientCredentials::raw_public_key(RpkCredentials rpk, std::string sni) {
+  ClientCredentials credentials;
+  credentials.kind = Kind::rpk;
+  credentials.rpk = std::move(rpk);
+  credentials.sni = std::move(sni);
+  return credentials;
+}
+
+ClientCredentials ClientCredentials::clone() const {
+  ClientCredentials copy;
+  copy.kind = kind;
+  copy.psk_identity = psk_identity;
+  copy.psk_key = psk_key.clone();
+  if (x509) {
+    copy.x509 = X509Credentials{x509->certificate_chain_pem, x509->private_key_pem.clone(), x509->trust_anchors_pem};
+  }
+  if (rpk) copy.rpk = RpkCredentials{rpk->private_key_pem.clone(), rpk->pinned_peer_keys};
+  copy.sni = sni;
+  copy.expected_peer = expected_peer;
+  return copy;
+}
+
+namespace {
+// Log values are quoted; quotes, backslashes and control bytes escaped so that one failure stays one line.
+std::string quoted(std::string_view value) {
+  std::string out = "\"";
+  for (const char c : value) {
+    const auto byte = static_cast<unsigned char>(c);
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += c;
+    } else if (byte < 0x20 || byte >= 0x7f) {
+      static constexpr char kHex[] = "0123456789abcdef";
+      out += "\\x";
+      out += kHex[byte >> 4];
+      out += kHex[byte & 0xf];
+    } else {
+      out += c;
+    }
+  }
+  return out + "\"";
+}
+}  // namespace
+
+std::string format_failure(const Failure& failure) {
+  return "transport: event=" + std::string(to_string(failure.kind)) + " peer=" + failure.peer_address +
+         " identity=" + quoted(failure.identity_offered) + " reason=" + quoted(failure.reason);
+}
+
+}  // namespace dauth::transport

@@ -1,0 +1,1425 @@
+// Node: the libcoap 4.3.1 contexts of this process, their DTLS credentials, sessions and request routing.
+//
+// Every libcoap trap this file works around is listed in /work/shared/notes/libcoap-4.3.1.md ("notes, Qn") and in
+// docs/transport.md. The loop is single-threaded; libcoap callbacks never block and never call back into user
+// code that could re-enter libcoap, except request handlers, which must fill the response synchronously.
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <coap3/coap.h>
+#include <sys/epoll.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <iostream>
+#include <map>
+#include <utility>
+
+#include "dauth/crypto/x509.hpp"
+#include "dauth/transport/transport.hpp"
+#include "tls_backend.hpp"
+
+namespace dauth::transport {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// Below FD_SETSIZE (1024) with room for the fds a GnuTLS handshake and libcoap open meanwhile.
+constexpr int kHighestSelectableFd = 1000;
+
+// ---- RAII for C handles (STYLE.md: no naked free) --------------------------------------------------------------
+
+struct ContextDeleter {
+  void operator()(coap_context_t* context) const noexcept { coap_free_context(context); }
+};
+using ContextPtr = std::unique_ptr<coap_context_t, ContextDeleter>;
+
+struct OptlistDeleter {
+  void operator()(coap_optlist_t* list) const noexcept { coap_delete_optlist(list); }
+};
+
+class UniqueFd {
+ public:
+  UniqueFd() = default;
+  explicit UniqueFd(int fd) : fd_(fd) {}
+  ~UniqueFd() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  UniqueFd(const UniqueFd&) = delete;
+  UniqueFd& operator=(const UniqueFd&) = delete;
+  int get() const noexcept { return fd_; }
+  void reset(int fd) noexcept {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = fd;
+  }
+
+ private:
+  int fd_ = -1;
+};
+
+// ---- libcoap's own log lines: kept (never printed) so that a failure report can quote the backend's reason ----
+
+std::deque<std::string>& libcoap_warnings() {
+  static std::deque<std::string> lines;
+  return lines;
+}
+
+// DAUTH_TRANSPORT_DEBUG=1 echoes libcoap's debug log to stderr (never on in production: it prints addresses and
+// identities, though never keys).
+bool libcoap_debug_enabled() {
+  static const bool enabled = std::getenv("DAUTH_TRANSPORT_DEBUG") != nullptr;
+  return enabled;
+}
+
+void capture_libcoap_log(coap_log_t level, const char* message) {
+  if (message != nullptr && libcoap_debug_enabled()) std::cerr << "libcoap: " << message;
+  if (level > LOG_WARNING || message == nullptr) return;
+  std::string line(message);
+  while (!line.empty() && (line.back() == '\n' || line.back() == ' ')) line.pop_back();
+  const auto start = line.find_first_not_of(" *");
+  line.erase(0, start == std::string::npos ? line.size() : start);
+  auto& lines = libcoap_warnings();
+  lines.push_back(std::move(line));
+  if (lines.size() > 64) lines.pop_front();
+}
+
+// The newest backend warning that names this peer address, if any.
+std::string libcoap_reason_for(const std::string& remote) {
+  const auto& lines = libcoap_warnings();
+  for (auto it = lines.rbegin(); it != lines.rend(); ++it) {
+    if (it->find(remote) != std::string::npos) return *it;
+  }
+  return {};
+}
+
+void start_libcoap_once() {
+  static const bool started = [] {
+    coap_startup();
+    coap_set_log_handler(capture_libcoap_log);
+    coap_set_log_level(libcoap_debug_enabled() ? LOG_DEBUG : LOG_WARNING);
+    coap_dtls_set_log_level(LOG_WARNING);
+    return true;
+  }();
+  (void)started;
+}
+
+std::string address_text(const coap_address_t* address) {
+  if (address == nullptr) return "?";
+  unsigned char buffer[INET6_ADDRSTRLEN + 16] = {};
+  const size_t length = coap_print_addr(address, buffer, sizeof(buffer));
+  return std::string(reinterpret_cast<const char*>(buffer), length);
+}
+
+Result<coap_address_t> parse_address(const std::string& host, std::uint16_t port) {
+  coap_address_t address;
+  coap_address_init(&address);
+  in_addr v4{};
+  in6_addr v6{};
+  if (inet_pton(AF_INET, host.c_str(), &v4) == 1) {
+    address.addr.sin.sin_family = AF_INET;
+    address.addr.sin.sin_addr = v4;
+    address.addr.sin.sin_port = htons(port);
+    address.size = sizeof(address.addr.sin);
+  } else if (inet_pton(AF_INET6, host.c_str(), &v6) == 1) {
+    address.addr.sin6.sin6_family = AF_INET6;
+    address.addr.sin6.sin6_addr = v6;
+    address.addr.sin6.sin6_port = htons(port);
+    address.size = sizeof(address.addr.sin6);
+  } else {
+    return make_error(Errc::invalid_argument, "address '" + host +
+                                                  "' is not a numeric IPv4 or IPv6 address (names are not resolved "
+                                                  "here: no blocking DNS in the loop)");
+  }
+  return address;
+}
+
+bool is_loopback(const coap_address_t& address) {
+  if (address.addr.sa.sa_family == AF_INET) return (ntohl(address.addr.sin.sin_addr.s_addr) >> 24) == 127;
+  if (address.addr.sa.sa_family == AF_INET6) return IN6_IS_ADDR_LOOPBACK(&address.addr.sin6.sin6_addr);
+  return false;
+}
+
+// PEM for libcoap's *_PEM_BUF: we include the terminating NUL in the length so that libcoap 4.3.1 hands our buffer
+// to the backend directly instead of making an unwiped heap copy (coap_gnutls.c setup_pki_credentials).
+SecretBuffer nul_terminated(ByteView text) {
+  SecretBuffer out(text.size + 1);
+  if (text.size > 0) std::memcpy(out.data(), text.data, text.size);
+  return out;
+}
+
+std::string token_key(coap_bin_const_t token) {
+  return std::string(reinterpret_cast<const char*>(token.s), token.length);
+}
+
+std::uint64_t pdu_size(const coap_pdu_t* pdu) {
+  size_t length = 0;
+  const uint8_t* data = nullptr;
+  size_t offset = 0;
+  size_t total = 0;
+  if (coap_get_data_large(pdu, &length, &data, &offset, &total) != 0) return total + 4;
+  return 4;
+}
+
+}  // namespace
+
+// ---- Session ---------------------------------------------------------------------------------------------------
+
+namespace {
+
+class SessionImpl final : public Session {
+ public:
+  SessionImpl(coap_session_t* raw_session, bool client_side, bool secure_session)
+      : raw(raw_session),
+        client(client_side),
+        secure(secure_session),
+        remote(address_text(coap_session_get_addr_remote(raw_session))),
+        created_at(std::chrono::system_clock::now()),
+        started(Clock::now()) {}
+
+  const PeerIdentity& peer() const override { return identity; }
+  const std::string& credential_id() const override { return credential; }
+  const std::string& remote_address() const override { return remote; }
+  bool is_client() const override { return client; }
+  Backend backend() const override { return detail::backend(); }
+  std::string cipher_suite() const override { return secure && established ? detail::cipher_suite(raw) : ""; }
+  std::chrono::system_clock::time_point created() const override { return created_at; }
+  SessionCounters counters() const override { return count; }
+
+  Result<SecretBuffer> export_keying_material(std::string_view label, std::size_t length) const override {
+    if (!secure) {
+      return make_error(Errc::unsupported, "RFC 5705 export on plain CoAP session with " + remote +
+                                               ": only DTLS sessions have keying material");
+    }
+    if (!established) {
+      return make_error(Errc::internal, "RFC 5705 export on session with " + remote +
+                                            " before its handshake completed (use it from a request handler or "
+                                            "a response callback)");
+    }
+    return detail::export_keying_material(raw, label, length);
+  }
+
+  coap_session_t* raw;
+  bool client;
+  bool secure;
+  std::string remote;
+  std::chrono::system_clock::time_point created_at;
+  Clock::time_point started;
+  PeerIdentity identity;
+  std::string credential;
+  SessionCounters count;
+
+  // Handshake bookkeeping. Server sessions learn the peer in the DTLS callbacks and take it on the first request
+  // (GnuTLS raises no DTLS_CONNECTED for server sessions: notes, Q1).
+  bool established = false;
+  bool failure_reported = false;
+  bool psk_key_supplied = false;
+  bool timed_out = false;
+  bool dead = false;                     // client: failed or closed; released after coap_io_process
+  std::string offered_identity;
+  std::optional<PeerIdentity> verified;  // from validate_id / validate_cn
+  std::string refusal;                   // our own reason for refusing, set in a callback
+  std::string cache_key;                 // client: key in the session cache
+  std::string expected_peer;             // client, x509: required AE-ID or dNSName of the server
+};
+
+}  // namespace
+
+// ---- Responder -------------------------------------------------------------------------------------------------
+
+struct Responder::State {
+  std::weak_ptr<bool> node_alive;
+  bool in_handler = true;
+  bool responder_alive = true;
+  std::optional<Response> response;
+  coap_async_t* async = nullptr;
+};
+
+Responder::Responder(std::shared_ptr<State> state) : state_(std::move(state)) {}
+Responder::Responder(Responder&&) noexcept = default;
+Responder& Responder::operator=(Responder&& other) noexcept {
+  if (this != &other) {
+    Responder previous(std::move(*this));  // answers 5.00 for a dropped deferred request, like the destructor
+    state_ = std::move(other.state_);
+  }
+  return *this;
+}
+
+Responder::~Responder() {
+  if (!state_) return;
+  state_->responder_alive = false;
+  if (!state_->response && !state_->in_handler) {
+    respond(Response::with_text(500, "request dropped without a response"));
+  }
+}
+
+void Responder::respond(Response response) {
+  if (!state_ || state_->response) return;  // answered once; later calls are ignored
+  state_->response = std::move(response);
+  // A deferred answer: re-run the stored request through libcoap's async machinery (coap_async.c), which calls our
+  // dispatcher again with the original token; it then sends this response as a separate CON response.
+  if (!state_->in_handler && state_->async != nullptr && !state_->node_alive.expired()) {
+    coap_async_trigger(state_->async);
+  }
+}
+
+bool Responder::answered() const noexcept { return state_ && state_->response.has_value(); }
+
+// ---- Node::Impl ------------------------------------------------------------------------------------------------
+
+namespace {
+
+struct Route {
+  Method method;
+  std::vector<std::string> prefix;
+  Access access;
+  RequestHandler handler;
+};
+
+enum class ContextRole : std::uint8_t { server, client };
+
+struct PendingRequest {
+  ResponseHandler handler;
+  Clock::time_point deadline;
+  coap_session_t* session;
+};
+
+// What a PKI context accepts from its peers (validate_cn_call_back argument).
+struct PkiPolicy {
+  Node::Impl* node = nullptr;
+  bool rpk = false;
+  std::set<std::string> pinned_keys;
+};
+
+// A client context for one PKI credential: coap_new_client_session_pki() overwrites the context's PKI setup
+// (notes, Q1), so each distinct credential gets its own context. libcoap keeps a shallow copy of the setup, so
+// the buffers live here as long as the context.
+struct ClientPkiContext {
+  SecretBuffer key_pem;
+  SecretBuffer chain_pem;
+  SecretBuffer trust_pem;
+  std::set<std::string> snis;  // stable storage: the context's shallow setup copy points at the last one used
+  PkiPolicy policy;
+  coap_dtls_pki_t setup{};
+  std::string our_key_id;
+  ContextPtr context;  // last: freed first
+};
+
+}  // namespace
+
+struct Node::Impl {
+  NodeConfig config;
+  UniqueFd epoll;
+  std::shared_ptr<bool> alive = std::make_shared<bool>(true);
+  bool shutting_down = false;
+  bool in_housekeeping = false;
+  bool running_completions = false;
+  std::vector<coap_session_t*> graveyard;  // dead client sessions still referenced by us, released in housekeeping
+
+  // Server credentials that libcoap points into (must outlive server_context).
+  SecretBuffer server_key_pem;
+  SecretBuffer server_chain_pem;
+  SecretBuffer server_trust_pem;
+  PkiPolicy server_policy;
+  coap_dtls_pki_t server_pki{};
+  coap_dtls_spsk_t server_psk{};
+  std::string server_key_id;
+  SecretBuffer psk_in_flight;  // returned by validate_id; libcoap copies it at once (notes, Q1)
+  coap_bin_const_t psk_in_flight_view{};
+
+  std::uint16_t bound_secure_port = 0;
+  std::uint16_t bound_local_port = 0;
+
+  std::vector<Route> routes;
+  FailureObserver observer;
+  Stats counters;
+
+  std::map<coap_session_t*, std::unique_ptr<SessionImpl>> sessions;
+  std::map<std::string, coap_session_t*> client_cache;
+  std::map<std::pair<coap_session_t*, std::string>, PendingRequest> pending;
+  std::map<std::pair<coap_session_t*, std::string>, std::shared_ptr<Responder::State>> deferred;
+  std::vector<std::function<void()>> completions;  // user callbacks, run after coap_io_process returns
+
+  // Declared last so they are freed first: freeing a context raises SESSION_DEL events that use the maps above.
+  std::map<std::string, std::unique_ptr<ClientPkiContext>> client_pki_contexts;
+  ContextPtr client_context;  // plain and PSK client sessions (each session carries its own PSK)
+  ContextPtr server_context;
+
+  ~Impl() {
+    *alive = false;
+    shutting_down = true;  // sessions our own tear-down aborts are not peer failures: no reports, no callbacks
+    for (auto& [key, session] : client_cache) coap_session_release(session);
+    client_cache.clear();
+    for (coap_session_t* session : graveyard) coap_session_release(session);
+    graveyard.clear();
+    client_pki_contexts.clear();
+    client_context.reset();
+    server_context.reset();
+  }
+
+  // -- failures --
+
+  void report(FailureKind kind, const std::string& peer, const std::string& identity, const std::string& reason) {
+    if (shutting_down) return;
+    Failure failure{kind, peer, identity, reason};
+    switch (kind) {
+      case FailureKind::handshake_failed:
+      case FailureKind::handshake_timeout: ++counters.handshakes_failed; break;
+      case FailureKind::request_rejected: ++counters.requests_rejected; break;
+      case FailureKind::request_failed: ++counters.client_requests_failed; break;
+      case FailureKind::limit: break;
+    }
+    if (observer) {
+      observer(failure);
+    } else {
+      std::cerr << format_failure(failure) << '\n';
+    }
+  }
+
+  void report_handshake_failure(SessionImpl& state, FailureKind kind, const std::string& reason) {
+    if (state.failure_reported || state.established) return;
+    state.failure_reported = true;
+    report(kind, state.remote, state.offered_identity, reason);
+  }
+
+  std::string handshake_failure_reason(const SessionImpl& state) const {
+    if (!state.refusal.empty()) return state.refusal;
+    if (state.timed_out && state.psk_key_supplied) {
+      return "DTLS handshake did not complete within " + std::to_string(config.limits.handshake_timeout.count()) +
+             " ms after the key for this identity was supplied: the peer's Finished did not verify (wrong PSK?) "
+             "or the peer went away";
+    }
+    if (state.timed_out) {
+      return "DTLS handshake did not complete within " + std::to_string(config.limits.handshake_timeout.count()) +
+             " ms";
+    }
+    std::string backend = libcoap_reason_for(state.remote);
+    return backend.empty() ? "DTLS handshake failed" : "DTLS handshake failed: " + backend;
+  }
+
+  // -- sessions --
+
+  SessionImpl& state_for(coap_session_t* session) {
+    auto it = sessions.find(session);
+    if (it == sessions.end()) {
+      const bool client = coap_session_get_type(session) == COAP_SESSION_TYPE_CLIENT;
+      const bool secure = coap_session_get_proto(session) == COAP_PROTO_DTLS;
+      it = sessions.emplace(session, std::make_unique<SessionImpl>(session, client, secure)).first;
+      coap_session_set_app_data(session, it->second.get());
+    }
+    return *it->second;
+  }
+
+  // The handshake is done: the identity our callbacks verified becomes the session's peer identity.
+  void mark_established(SessionImpl& state) {
+    if (state.established) return;
+    state.established = true;
+    if (state.verified) state.identity = *state.verified;
+    if (state.secure) ++counters.handshakes_completed;
+  }
+
+  // -- client sessions --
+
+  void fail_pending_of(coap_session_t* session, const Error& error) {
+    auto found = sessions.find(session);
+    const SessionImpl* state = found != sessions.end() ? found->second.get() : nullptr;
+    for (auto it = pending.begin(); it != pending.end();) {
+      if (it->first.first == session) {
+        complete(std::move(it->second), error, state);
+        it = pending.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+
+  void complete(PendingRequest request, Result<Response> result, const SessionImpl* state) {
+    if (!result.ok()) {
+      report(FailureKind::request_failed, state != nullptr ? state->remote : std::string("?"),
+             state != nullptr ? state->offered_identity : std::string(), result.error().message);
+    }
+    auto shared = std::make_shared<Result<Response>>(std::move(result));
+    std::weak_ptr<bool> node_alive = alive;
+    completions.push_back([handler = std::move(request.handler), shared, state, node_alive]() {
+      handler(std::move(*shared), node_alive.expired() ? nullptr : state);
+    });
+  }
+
+  void kill_client_session(SessionImpl& state, const Error& error) {
+    state.dead = true;
+    fail_pending_of(state.raw, error);
+  }
+
+  void housekeeping();
+  void run_completions() {
+    if (running_completions) return;
+    running_completions = true;
+    while (!completions.empty()) {
+      auto batch = std::move(completions);
+      completions.clear();
+      for (auto& call : batch) call();
+    }
+    running_completions = false;
+  }
+
+  Result<coap_session_t*> client_session_for(const Peer& peer, const ClientCredentials& credentials);
+  Result<ClientPkiContext*> client_pki_context(const ClientCredentials& credentials);
+  Result<void> add_context_to_loop(coap_context_t* context);
+  ContextPtr new_context(ContextRole role, std::string& error);
+};
+
+namespace {
+
+Node::Impl* impl_of(const coap_session_t* session) {
+  return static_cast<Node::Impl*>(coap_get_app_data(coap_session_get_context(session)));
+}
+
+// ---- DTLS callbacks ----------------------------------------------------------------------------------------------
+
+// PSK server lookup (validate_id_call_back). Never blocks: the lookup answers from memory (DESIGN.md §3).
+const coap_bin_const_t* on_psk_identity(coap_bin_const_t* identity, coap_session_t* session, void* arg) {
+  auto* impl = static_cast<Node::Impl*>(arg);
+  SessionImpl& state = impl->state_for(session);
+  state.offered_identity.assign(reinterpret_cast<const char*>(identity->s), identity->length);
+  impl->psk_in_flight = SecretBuffer();
+  if (!impl->config.psk_lookup) {
+    state.refusal = "PSK handshake refused: this node has no PSK credentials";
+    impl->report_handshake_failure(state, FailureKind::handshake_failed, state.refusal);
+    return nullptr;
+  }
+  auto key = impl->config.psk_lookup(state.offered_identity);
+  if (!key.ok() || key->empty()) {
+    state.refusal = key.ok() ? "PSK handshake refused: empty key for the identity"
+                             : "PSK handshake refused: " + key.error().message;
+    impl->report_handshake_failure(state, FailureKind::handshake_failed, state.refusal);
+    return nullptr;  // libcoap/GnuTLS answer with a fatal unknown_psk_identity alert
+  }
+  impl->psk_in_flight = std::move(*key);
+  impl->psk_in_flight_view = {impl->psk_in_flight.size(), impl->psk_in_flight.data()};
+  state.psk_key_supplied = true;
+  state.verified = PeerIdentity{PeerKind::psk, state.offered_identity};
+  state.credential = state.offered_identity;
+  return &impl->psk_in_flight_view;
+}
+
+// Certificate / raw-public-key check (validate_cn_call_back). The identity comes from our own parsing of the DER:
+// libcoap's cn argument differs per backend (notes, Q1). GnuTLS calls this for depth 0 only, after its own chain
+// verification; OpenSSL also for depth 1.
+int on_peer_certificate(const char* cn, const uint8_t* der, size_t der_length, coap_session_t* session,
+                        unsigned depth, int validated, void* arg) {
+  auto* policy = static_cast<PkiPolicy*>(arg);
+  Node::Impl* impl = policy->node;
+  SessionImpl& state = impl->state_for(session);
+  if (depth > 0) return validated ? 1 : 0;
+  auto refuse = [&](std::string reason) {
+    state.refusal = std::move(reason);
+    impl->report_handshake_failure(state, FailureKind::handshake_failed, state.refusal);
+    return 0;  // GnuTLS sends access_denied
+  };
+  if (!validated) return refuse("peer certificate did not verify against the trust anchors");
+  const ByteView bytes(der, der_length);
+  const bool raw_key = cn != nullptr && std::strcmp(cn, COAP_DTLS_RPK_CERT_CN) == 0;
+  if (policy->rpk != raw_key) {
+    return refuse(policy->rpk ? "peer sent a certificate where a raw public key was required"
+                              : "peer sent a raw public key where a certificate was required");
+  }
+  if (raw_key) {
+    auto key_id = crypto::public_key_id_from_spki(bytes);
+    if (!key_id.ok()) return refuse("peer raw public key unreadable: " + key_id.error().message);
+    state.offered_identity = *key_id;
+    if (policy->pinned_keys.count(*key_id) == 0) return refuse("raw public key " + *key_id + " is not pinned");
+    state.verified = PeerIdentity{PeerKind::rpk, *key_id};
+    return 1;
+  }
+  auto certificate = crypto::Certificate::parse(bytes);
+  if (!certificate.ok()) return refuse("peer certificate unreadable: " + certificate.error().message);
+  auto ae_id = certificate->ae_id();
+  const bool client_side = coap_session_get_type(session) == COAP_SESSION_TYPE_CLIENT;
+  if (ae_id.ok()) {
+    state.offered_identity = *ae_id;
+  } else {
+    const auto dns = certificate->san_dns_names();
+    state.offered_identity = dns.empty() ? certificate->subject() : dns.front();
+    // A server may authenticate by FQDN (an MEF's certificate, SPEC.md §3.2); a client must carry an AE-ID.
+    if (!client_side || dns.empty()) {
+      return refuse("peer certificate '" + certificate->subject() + "' carries no AE-ID: " + ae_id.error().message);
+    }
+  }
+  if (client_side && !state.expected_peer.empty()) {
+    const auto dns = certificate->san_dns_names();
+    const bool matches = (ae_id.ok() && *ae_id == state.expected_peer) ||
+                         std::find(dns.begin(), dns.end(), state.expected_peer) != dns.end();
+    if (!matches) {
+      return refuse("server certificate names '" + state.offered_identity + "', expected '" + state.expected_peer +
+                    "'");
+    }
+  }
+  state.verified = PeerIdentity{PeerKind::x509, state.offered_identity};
+  return 1;
+}
+
+// ---- events, responses, NACKs ------------------------------------------------------------------------------------
+
+int on_event(coap_session_t* session, coap_event_t event) {
+  Node::Impl* impl = impl_of(session);
+  if (impl == nullptr) return 0;
+  switch (event) {
+    case COAP_EVENT_SERVER_SESSION_NEW: impl->state_for(session); break;
+    case COAP_EVENT_SERVER_SESSION_DEL: {
+      auto it = impl->sessions.find(session);
+      if (it != impl->sessions.end()) {
+        SessionImpl& state = *it->second;
+        if (state.secure && !state.established) {
+          impl->report_handshake_failure(state,
+                                         state.timed_out ? FailureKind::handshake_timeout
+                                                         : FailureKind::handshake_failed,
+                                         impl->handshake_failure_reason(state));
+        }
+        impl->sessions.erase(it);
+      }
+      break;
+    }
+    case COAP_EVENT_DTLS_CONNECTED: {
+      SessionImpl& state = impl->state_for(session);
+      if (state.client) impl->mark_established(state);
+      break;
+    }
+    case COAP_EVENT_DTLS_CLOSED:
+    case COAP_EVENT_DTLS_ERROR:
+    case COAP_EVENT_SESSION_FAILED:
+    case COAP_EVENT_SESSION_CLOSED: {
+      auto it = impl->sessions.find(session);
+      if (it == impl->sessions.end()) break;
+      SessionImpl& state = *it->second;
+      if (!state.established) {
+        impl->report_handshake_failure(state,
+                                       state.timed_out ? FailureKind::handshake_timeout
+                                                       : FailureKind::handshake_failed,
+                                       impl->handshake_failure_reason(state));
+      }
+      if (state.client && !state.dead) {
+        const std::string reason = state.established ? "DTLS session with " + state.remote + " closed"
+                                                     : impl->handshake_failure_reason(state);
+        impl->kill_client_session(state, make_error(state.established ? Errc::io : Errc::unauthenticated,
+                                                    reason));
+      }
+      break;
+    }
+    default: break;
+  }
+  return 0;
+}
+
+std::string option_string(const coap_pdu_t* pdu, std::uint16_t number) {
+  coap_opt_iterator_t iterator;
+  const coap_opt_t* option = coap_check_option(pdu, number, &iterator);
+  if (option == nullptr) return {};
+  return std::string(reinterpret_cast<const char*>(coap_opt_value(option)), coap_opt_length(option));
+}
+
+std::optional<std::uint32_t> option_uint(const coap_pdu_t* pdu, std::uint16_t number) {
+  coap_opt_iterator_t iterator;
+  const coap_opt_t* option = coap_check_option(pdu, number, &iterator);
+  if (option == nullptr) return std::nullopt;
+  return coap_decode_var_bytes(coap_opt_value(option), coap_opt_length(option));
+}
+
+Bytes pdu_payload(const coap_pdu_t* pdu) {
+  size_t length = 0;
+  const uint8_t* data = nullptr;
+  size_t offset = 0;
+  size_t total = 0;
+  if (coap_get_data_large(pdu, &length, &data, &offset, &total) == 0) return {};
+  return Bytes(data, data + length);
+}
+
+int coap_code_to_int(coap_pdu_code_t code) {
+  const auto value = static_cast<unsigned>(code);
+  return static_cast<int>((value >> 5) * 100 + (value & 0x1f));
+}
+
+coap_response_t on_response(coap_session_t* session, const coap_pdu_t* /*sent*/, const coap_pdu_t* received,
+                            const coap_mid_t /*mid*/) {
+  Node::Impl* impl = impl_of(session);
+  if (impl == nullptr) return COAP_RESPONSE_OK;
+  SessionImpl& state = impl->state_for(session);
+  impl->mark_established(state);  // a response came through the DTLS layer: the handshake is done
+  state.count.packets_in++;
+  state.count.bytes_in += pdu_size(received);
+  auto it = impl->pending.find({session, token_key(coap_pdu_get_token(received))});
+  if (it == impl->pending.end()) return COAP_RESPONSE_OK;
+  Response response;
+  response.code = coap_code_to_int(coap_pdu_get_code(received));
+  if (auto format = option_uint(received, COAP_OPTION_CONTENT_FORMAT)) {
+    response.content_format = static_cast<std::uint16_t>(*format);
+  }
+  response.response_status = option_uint(received, kOptionOneM2mResponseStatus);
+  if (!response.response_status && impl->config.accept_legacy_onem2m_options) {
+    response.response_status = option_uint(received, kLegacyOptionOneM2mResponseStatus);
+  }
+  response.request_id = option_string(received, kOptionOneM2mRequestId);
+  response.payload = pdu_payload(received);
+  impl->complete(std::move(it->second), std::move(response), &state);
+  impl->pending.erase(it);
+  return COAP_RESPONSE_OK;
+}
+
+void on_nack(coap_session_t* session, const coap_pdu_t* sent, const coap_nack_reason_t reason,
+             const coap_mid_t /*mid*/) {
+  Node::Impl* impl = impl_of(session);
+  if (impl == nullptr || sent == nullptr) return;
+  auto it = impl->pending.find({session, token_key(coap_pdu_get_token(sent))});
+  if (it == impl->pending.end()) return;
+  SessionImpl& state = impl->state_for(session);
+  Error error{Errc::io, ""};
+  switch (reason) {
+    case COAP_NACK_TOO_MANY_RETRIES:
+      error = make_error(Errc::timeout, "no response from " + state.remote + " after CoAP retransmissions");
+      break;
+    case COAP_NACK_TLS_FAILED:
+      error = make_error(Errc::unauthenticated, impl->handshake_failure_reason(state));
+      break;
+    case COAP_NACK_RST: error = make_error(Errc::io, "peer " + state.remote + " answered with RST"); break;
+    default: error = make_error(Errc::io, "peer " + state.remote + " unreachable"); break;
+  }
+  impl->complete(std::move(it->second), std::move(error), &state);
+  impl->pending.erase(it);
+}
+
+// ---- request dispatch (server side) --------------------------------------------------------------------------
+
+Request parse_request(const coap_pdu_t* pdu, bool legacy) {
+  Request request;
+  request.method = static_cast<Method>(coap_pdu_get_code(pdu));
+  coap_opt_iterator_t iterator;
+  coap_option_iterator_init(pdu, &iterator, COAP_OPT_ALL);
+  while (const coap_opt_t* option = coap_option_next(&iterator)) {
+    const std::string value(reinterpret_cast<const char*>(coap_opt_value(option)), coap_opt_length(option));
+    const auto number = iterator.number;
+    if (number == COAP_OPTION_URI_PATH) {
+      request.path.push_back(value);
+    } else if (number == COAP_OPTION_URI_QUERY) {
+      request.query.push_back(value);
+    } else if (number == COAP_OPTION_CONTENT_FORMAT) {
+      request.content_format =
+          static_cast<std::uint16_t>(coap_decode_var_bytes(coap_opt_value(option), coap_opt_length(option)));
+    } else if (number == COAP_OPTION_ACCEPT) {
+      request.accept =
+          static_cast<std::uint16_t>(coap_decode_var_bytes(coap_opt_value(option), coap_opt_length(option)));
+    } else if (number == kOptionOneM2mFrom || (legacy && number == kLegacyOptionOneM2mFrom)) {
+      request.originator = value;
+    } else if (number == kOptionOneM2mRequestId || (legacy && number == kLegacyOptionOneM2mRequestId)) {
+      request.request_id = value;
+    }
+  }
+  return request;
+}
+
+void release_heap_bytes(coap_session_t* /*session*/, void* bytes) { delete static_cast<Bytes*>(bytes); }
+
+void fill_response(coap_resource_t* resource, coap_session_t* session, const coap_pdu_t* request,
+                   const coap_string_t* query, coap_pdu_t* pdu, const Response& response, SessionImpl& state) {
+  const int code = response.code;
+  coap_pdu_set_code(pdu, static_cast<coap_pdu_code_t>(((code / 100) << 5) | (code % 100)));
+  if (!response.request_id.empty()) {
+    coap_add_option(pdu, kOptionOneM2mRequestId, response.request_id.size(),
+                    reinterpret_cast<const uint8_t*>(response.request_id.data()));
+  }
+  if (response.response_status) {
+    uint8_t buffer[4];
+    const unsigned length = coap_encode_var_safe(buffer, sizeof(buffer), *response.response_status);
+    coap_add_option(pdu, kOptionOneM2mResponseStatus, length, buffer);
+  }
+  state.count.packets_out++;
+  state.count.bytes_out += response.payload.size() + 4;
+  if (!response.payload.empty()) {
+    auto* copy = new Bytes(response.payload);  // owned by libcoap until release_heap_bytes
+    const int format = response.content_format ? static_cast<int>(*response.content_format) : -1;
+    coap_add_data_large_response(resource, session, request, pdu, query, static_cast<uint16_t>(format), -1, 0,
+                                 copy->size(), copy->data(), release_heap_bytes, copy);
+  } else if (response.content_format) {
+    uint8_t buffer[4];
+    const unsigned length = coap_encode_var_safe(buffer, sizeof(buffer), *response.content_format);
+    coap_add_option(pdu, COAP_OPTION_CONTENT_FORMAT, length, buffer);
+  }
+}
+
+bool prefix_matches(const std::vector<std::string>& prefix, const std::vector<std::string>& path) {
+  if (prefix.size() > path.size()) return false;
+  return std::equal(prefix.begin(), prefix.end(), path.begin());
+}
+
+void on_request(coap_resource_t* resource, coap_session_t* session, const coap_pdu_t* pdu,
+                const coap_string_t* query, coap_pdu_t* response_pdu) {
+  Node::Impl* impl = impl_of(session);
+  if (impl == nullptr) return;
+  SessionImpl& state = impl->state_for(session);
+  const auto key = std::make_pair(session, token_key(coap_pdu_get_token(pdu)));
+
+  // A deferred response coming back through coap_async_trigger().
+  if (auto it = impl->deferred.find(key); it != impl->deferred.end()) {
+    auto shared = it->second;
+    impl->deferred.erase(it);
+    fill_response(resource, session, pdu, query, response_pdu,
+                  shared->response ? *shared->response : Response::with_text(500, "no response"), state);
+    return;
+  }
+
+  state.count.packets_in++;
+  state.count.bytes_in += pdu_size(pdu);
+  auto reject = [&](int code, const std::string& reason) {
+    impl->report(FailureKind::request_rejected, state.remote, state.identity.value, reason);
+    fill_response(resource, session, pdu, query, response_pdu, Response::with_text(code, reason), state);
+  };
+
+  if (state.secure) {
+    // First request: the handshake is complete; the peer identity and exporter are readable now (notes, Q1).
+    impl->mark_established(state);
+    if (!state.verified) {  // fail closed: never serve a DTLS peer that none of our callbacks vetted
+      reject(401, "DTLS session completed without an identity from our callbacks");
+      return;
+    }
+  } else if (!state.secure && !state.established) {
+    state.identity = PeerIdentity{PeerKind::local, state.remote};
+    state.established = true;
+  }
+
+  Request request = parse_request(pdu, impl->config.accept_legacy_onem2m_options);
+  {
+    size_t length = 0;
+    const uint8_t* data = nullptr;
+    size_t offset = 0;
+    size_t total = 0;
+    if (coap_get_data_large(pdu, &length, &data, &offset, &total) != 0) {
+      if (total > impl->config.limits.max_request_size) {
+        reject(413, "request body of " + std::to_string(total) + " bytes refused: at most " +
+                        std::to_string(impl->config.limits.max_request_size) + " bytes allowed");
+        return;
+      }
+      request.payload.assign(data, data + length);
+    }
+  }
+
+  const Route* best = nullptr;
+  for (const auto& route : impl->routes) {
+    if (route.method != request.method || !prefix_matches(route.prefix, request.path)) continue;
+    const bool allowed = route.access == Access::both || (route.access == Access::secure) == state.secure;
+    if (!allowed) continue;
+    if (best == nullptr || route.prefix.size() > best->prefix.size()) best = &route;
+  }
+  if (best == nullptr) {
+    reject(404, std::string(to_string(request.method)) + " " + request.path_text() + ": no such resource");
+    return;
+  }
+
+  auto shared = std::make_shared<Responder::State>();
+  shared->node_alive = impl->alive;
+  best->handler(state, request, Responder(shared));
+  shared->in_handler = false;
+  if (shared->response) {
+    ++impl->counters.requests_served;
+    Response response = std::move(*shared->response);
+    if (response.request_id.empty()) response.request_id = request.request_id;
+    fill_response(resource, session, pdu, query, response_pdu, response, state);
+    return;
+  }
+  if (shared->responder_alive) {
+    // Deferred: libcoap sends an empty ACK now and re-dispatches the request when we trigger it (RFC 7252 §5.2.2).
+    shared->async = coap_register_async(session, pdu, 0);
+    if (shared->async == nullptr) {
+      reject(500, "cannot defer the response (duplicate token?)");
+      return;
+    }
+    ++impl->counters.requests_served;
+    impl->deferred[key] = shared;
+    return;
+  }
+  fill_response(resource, session, pdu, query, response_pdu,
+                Response::with_text(500, "handler gave no response"), state);
+}
+
+}  // namespace
+
+// ---- Node::Impl: contexts, loop, client --------------------------------------------------------------------
+
+ContextPtr Node::Impl::new_context(ContextRole role, std::string& error) {
+  ContextPtr context(coap_new_context(nullptr));
+  if (!context) {
+    error = "coap_new_context failed";
+    return nullptr;
+  }
+  coap_set_app_data(context.get(), this);
+  // Bodies over one datagram arrive by Block1/Block2 (RFC 7959), reassembled by libcoap, so that the 4 KiB limit
+  // (SPEC.md §2) is checked on the whole body.
+  coap_context_set_block_mode(context.get(), COAP_BLOCK_USE_LIBCOAP | COAP_BLOCK_SINGLE_BODY);
+  // Unregistered critical options get 4.02 Bad Option in requests and an RST for responses (SPEC.md §6). libcoap
+  // 4.3.1's known-option filter has only two slots for numbers above 255 (COAP_OPT_FILTER_LONG = 2; a third
+  // registration is silently lost), so each context registers the two it receives: a server context gets requests
+  // (FR 279, RQI 283), a client context gets responses (RQI 283, RSC 307).
+  if (role == ContextRole::server) {
+    coap_register_option(context.get(), kOptionOneM2mFrom);
+    coap_register_option(context.get(), kOptionOneM2mRequestId);
+  } else {
+    coap_register_option(context.get(), kOptionOneM2mRequestId);
+    coap_register_option(context.get(), kOptionOneM2mResponseStatus);
+  }
+  coap_register_event_handler(context.get(), on_event);
+  coap_register_response_handler(context.get(), on_response);
+  coap_register_nack_handler(context.get(), on_nack);
+  // Explicit limits instead of libcoap's defaults (DESIGN.md §4).
+  coap_context_set_session_timeout(context.get(), static_cast<unsigned>(config.limits.idle_timeout.count()));
+  coap_context_set_max_idle_sessions(context.get(), static_cast<unsigned>(config.limits.max_sessions));
+  coap_context_set_max_handshake_sessions(context.get(), static_cast<unsigned>(config.limits.max_handshakes));
+  return context;
+}
+
+Result<void> Node::Impl::add_context_to_loop(coap_context_t* context) {
+  const int fd = coap_context_get_coap_fd(context);
+  if (fd < 0) return make_error(Errc::unsupported, "libcoap was built without epoll support");
+  epoll_event event{};
+  event.events = EPOLLIN;
+  event.data.fd = fd;
+  if (epoll_ctl(epoll.get(), EPOLL_CTL_ADD, fd, &event) != 0) {
+    return make_error(Errc::io, std::string("epoll_ctl(ADD) of libcoap's fd failed: ") + std::strerror(errno));
+  }
+  return ok_result();
+}
+
+void Node::Impl::housekeeping() {
+  // A completion handler may call close_client_sessions(), which lands here again: one pass at a time.
+  if (in_housekeeping) return;
+  in_housekeeping = true;
+  struct Reset {
+    bool& flag;
+    ~Reset() { flag = false; }
+  } reset{in_housekeeping};
+  const auto now = Clock::now();
+  std::vector<coap_session_t*> to_disconnect;
+  for (auto& [raw, state] : sessions) {
+    if (!state->secure || state->established || state->dead) continue;
+    if (coap_session_get_state(raw) == COAP_SESSION_STATE_ESTABLISHED) {
+      mark_established(*state);
+      continue;
+    }
+    if (!state->timed_out && now - state->started > config.limits.handshake_timeout) {
+      state->timed_out = true;
+      if (state->client) {
+        // libcoap sends no alert for a wrong PSK: the client only ever sees silence (notes, Q1).
+        std::string reason = "DTLS handshake with " + state->remote + " did not complete within " +
+                             std::to_string(config.limits.handshake_timeout.count()) + " ms";
+        if (state->identity.kind == PeerKind::psk) {
+          reason += " and the server sent no alert: most likely a wrong PSK for identity '" +
+                    state->offered_identity + "' (libcoap answers a bad Finished with silence)";
+        }
+        state->refusal = reason;
+        report_handshake_failure(*state, FailureKind::handshake_timeout, reason);
+        kill_client_session(*state, make_error(Errc::timeout, reason));
+      } else {
+        to_disconnect.push_back(raw);
+      }
+    }
+  }
+  for (coap_session_t* raw : to_disconnect) {
+    // Raises DTLS_CLOSED (reported in on_event); libcoap frees the session on its next sweep.
+    coap_session_disconnected(raw, COAP_NACK_TLS_FAILED);
+  }
+  for (auto it = pending.begin(); it != pending.end();) {
+    if (now > it->second.deadline) {
+      auto found = sessions.find(it->first.first);
+      const SessionImpl* state = found != sessions.end() ? found->second.get() : nullptr;
+      complete(std::move(it->second),
+               make_error(Errc::timeout, "no response within " +
+                                             std::to_string(config.limits.request_timeout.count()) + " ms"),
+               state);
+      it = pending.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  run_completions();
+  // Release dead client sessions only now, outside libcoap's callbacks, and never while user callbacks of this
+  // round still hold Session pointers (a handler may have called close_client_sessions()).
+  if (running_completions) return;
+  for (auto it = client_cache.begin(); it != client_cache.end();) {
+    auto found = sessions.find(it->second);
+    if (found == sessions.end() || found->second->dead) {
+      graveyard.push_back(it->second);
+      it = client_cache.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  while (!graveyard.empty()) {
+    coap_session_t* raw = graveyard.back();
+    graveyard.pop_back();
+    fail_pending_of(raw, make_error(Errc::io, "client session closed"));
+    run_completions();
+    sessions.erase(raw);
+    coap_session_set_app_data(raw, nullptr);
+    coap_session_release(raw);
+  }
+  counters.live_client_sessions = client_cache.size();
+}
+
+Result<ClientPkiContext*> Node::Impl::client_pki_context(const ClientCredentials& credentials) {
+  const bool rpk = credentials.kind == ClientCredentials::Kind::rpk;
+  const SecretBuffer& key = rpk ? credentials.rpk->private_key_pem : credentials.x509->private_key_pem;
+  // One context per credential, not per SNI or expected peer: those two travel per session (SessionImpl and the
+  // setup passed to each coap_new_client_session_pki call), so that contexts (2 fds each) stay few.
+  std::string context_key = std::string(rpk ? "rpk|" : "x509|") + key.fingerprint();
+  if (!rpk) {
+    context_key += "|" + std::to_string(std::hash<std::string>{}(credentials.x509->certificate_chain_pem +
+                                                                  credentials.x509->trust_anchors_pem));
+  } else {
+    for (const auto& pinned : credentials.rpk->pinned_peer_keys) context_key += "|" + pinned;
+  }
+  if (auto it = client_pki_contexts.find(context_key); it != client_pki_contexts.end()) return it->second.get();
+
+  auto entry = std::make_unique<ClientPkiContext>();
+  entry->key_pem = nul_terminated(key.view());
+  entry->policy.node = this;
+  entry->policy.rpk = rpk;
+  auto private_key = crypto::PrivateKey::parse(key);
+  if (!private_key.ok()) return make_error(Errc::invalid_argument, "client key: " + private_key.error().message);
+  entry->our_key_id = private_key->public_key_id();
+  coap_dtls_pki_t& setup = entry->setup;
+  std::memset(&setup, 0, sizeof(setup));
+  setup.version = COAP_DTLS_PKI_SETUP_VERSION;
+  setup.validate_cn_call_back = on_peer_certificate;
+  setup.cn_call_back_arg = &entry->policy;
+  setup.pki_key.key_type = COAP_PKI_KEY_PEM_BUF;
+  setup.pki_key.key.pem_buf.private_key = entry->key_pem.data();
+  setup.pki_key.key.pem_buf.private_key_len = entry->key_pem.size();
+  if (rpk) {
+    entry->policy.pinned_keys = credentials.rpk->pinned_peer_keys;
+    setup.is_rpk_not_cert = 1;
+    // libcoap derives the SPKI from an "EC PRIVATE KEY" PEM given as both halves (notes, Q2).
+    setup.pki_key.key.pem_buf.public_cert = entry->key_pem.data();
+    setup.pki_key.key.pem_buf.public_cert_len = entry->key_pem.size();
+  } else {
+    entry->chain_pem = nul_terminated(ByteView::of(credentials.x509->certificate_chain_pem));
+    entry->trust_pem = nul_terminated(ByteView::of(credentials.x509->trust_anchors_pem));
+    setup.verify_peer_cert = 1;
+    setup.check_common_ca = 0;       // trust anchors may be several MEF CAs, not only our own issuer
+    setup.allow_self_signed = 0;
+    setup.allow_expired_certs = 0;
+    setup.cert_chain_validation = 1;
+    setup.cert_chain_verify_depth = 3;  // leaf, one intermediate, anchor: the MEF CA profile (TS-0003 §10.1)
+    setup.pki_key.key.pem_buf.public_cert = entry->chain_pem.data();
+    setup.pki_key.key.pem_buf.public_cert_len = entry->chain_pem.size();
+    setup.pki_key.key.pem_buf.ca_cert = entry->trust_pem.data();
+    setup.pki_key.key.pem_buf.ca_cert_len = entry->trust_pem.size();
+  }
+  std::string error;
+  entry->context = new_context(ContextRole::client, error);
+  if (!entry->context) return make_error(Errc::internal, error);
+  if (auto added = add_context_to_loop(entry->context.get()); !added.ok()) return std::move(added).error();
+  auto* raw = entry.get();
+  client_pki_contexts.emplace(std::move(context_key), std::move(entry));
+  return raw;
+}
+
+Result<coap_session_t*> Node::Impl::client_session_for(const Peer& peer, const ClientCredentials& credentials) {
+  using Kind = ClientCredentials::Kind;
+  std::string identity_key;
+  switch (credentials.kind) {
+    case Kind::none: identity_key = "plain"; break;
+    case Kind::psk: identity_key = "psk|" + credentials.psk_identity + "|" + credentials.psk_key.fingerprint(); break;
+    case Kind::x509: identity_key = "x509|"; break;
+    case Kind::rpk: identity_key = "rpk|"; break;
+  }
+  if ((credentials.kind == Kind::x509 && !credentials.x509) || (credentials.kind == Kind::rpk && !credentials.rpk)) {
+    return make_error(Errc::invalid_argument, "client credentials of kind certificate/rpk without their data");
+  }
+  if (credentials.kind == Kind::rpk && !backend_supports_rpk()) {
+    return make_error(Errc::unsupported, "raw public keys (RFC 7250) need the GnuTLS build; this is " +
+                                             std::string(to_string(compiled_backend())));
+  }
+  auto address = parse_address(peer.host, peer.port);
+  if (!address.ok()) return std::move(address).error();
+
+  ClientPkiContext* pki = nullptr;
+  if (credentials.kind == Kind::x509 || credentials.kind == Kind::rpk) {
+    auto context = client_pki_context(credentials);
+    if (!context.ok()) return std::move(context).error();
+    pki = *context;
+    identity_key += pki->our_key_id + "|" + std::to_string(reinterpret_cast<std::uintptr_t>(pki)) + "|" +
+                    credentials.expected_peer;
+  }
+  const std::string cache_key = peer.host + "|" + std::to_string(peer.port) + "|" + identity_key + "|" + credentials.sni;
+  if (auto it = client_cache.find(cache_key); it != client_cache.end()) {
+    auto found = sessions.find(it->second);
+    if (found != sessions.end() && !found->second->dead) return it->second;
+    graveyard.push_back(it->second);  // dead: released by housekeeping, replaced below
+    client_cache.erase(it);
+  }
+  if (client_cache.size() + graveyard.size() >= config.limits.max_client_sessions) {
+    return make_error(Errc::limit, "outgoing session to " + peer.host + ":" + std::to_string(peer.port) +
+                                       " refused: " + std::to_string(client_cache.size()) +
+                                       " client sessions are open, the limit is " +
+                                       std::to_string(config.limits.max_client_sessions) +
+                                       " (GnuTLS client sessions use select(), which aborts past ~1000 fds)");
+  }
+  if (detail::backend() == Backend::gnutls) {
+    // GnuTLS client sessions select() on their socket: an fd >= FD_SETSIZE (1024) aborts the process in glibc
+    // (DESIGN.md §4). The new socket takes the lowest free fd, so probe it and refuse before libcoap gets there.
+    const int probe = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+    if (probe >= 0) ::close(probe);
+    if (probe < 0 || probe >= kHighestSelectableFd) {
+      return make_error(Errc::limit, "outgoing session to " + peer.host + ":" + std::to_string(peer.port) +
+                                         " refused: the next socket would be fd " + std::to_string(probe) +
+                                         ", and GnuTLS client sessions use select(), which aborts at fd 1024");
+    }
+  }
+  if (!client_context) {
+    std::string error;
+    client_context = new_context(ContextRole::client, error);
+    if (!client_context) return make_error(Errc::internal, error);
+    if (auto added = add_context_to_loop(client_context.get()); !added.ok()) return std::move(added).error();
+  }
+
+  coap_session_t* session = nullptr;
+  std::string credential_id;
+  std::string offered;
+  switch (credentials.kind) {
+    case Kind::none: session = coap_new_client_session(client_context.get(), nullptr, &*address, COAP_PROTO_UDP); break;
+    case Kind::psk: {
+      coap_dtls_cpsk_t setup;
+      std::memset(&setup, 0, sizeof(setup));
+      setup.version = COAP_DTLS_CPSK_SETUP_VERSION;
+      std::string sni = credentials.sni;  // libcoap needs it during the call only
+      setup.client_sni = sni.empty() ? nullptr : sni.data();
+      setup.psk_info.identity = {credentials.psk_identity.size(),
+                                 reinterpret_cast<const uint8_t*>(credentials.psk_identity.data())};
+      // libcoap copies the session PSK (notes, Q1); the copy is unwiped heap: sessions are capped in time.
+      setup.psk_info.key = {credentials.psk_key.size(), credentials.psk_key.data()};
+      session = coap_new_client_session_psk2(client_context.get(), nullptr, &*address, COAP_PROTO_DTLS, &setup);
+      credential_id = credentials.psk_identity;
+      offered = credentials.psk_identity;
+      break;
+    }
+    case Kind::x509:
+    case Kind::rpk:
+      // The setup (with this session's SNI) is copied into the context and used for this ClientHello.
+      pki->setup.client_sni =
+          credentials.sni.empty() ? nullptr : const_cast<char*>(pki->snis.insert(credentials.sni).first->c_str());
+      session = coap_new_client_session_pki(pki->context.get(), nullptr, &*address, COAP_PROTO_DTLS, &pki->setup);
+      credential_id = pki->our_key_id;
+      break;
+  }
+  if (session == nullptr) {
+    std::string backend = libcoap_warnings().empty() ? "" : ": " + libcoap_warnings().back();
+    return make_error(Errc::io, "cannot open a session to " + peer.host + ":" + std::to_string(peer.port) + backend);
+  }
+  SessionImpl& state = state_for(session);
+  state.credential = credential_id;
+  state.offered_identity = offered;
+  state.cache_key = cache_key;
+  state.expected_peer = credentials.expected_peer;
+  if (credentials.kind == Kind::psk) {
+    state.identity = PeerIdentity{PeerKind::psk, credentials.psk_identity};
+    state.verified = state.identity;
+  } else if (credentials.kind == Kind::none) {
+    state.identity = PeerIdentity{PeerKind::local, state.remote};
+    state.established = true;
+  }
+  client_cache[cache_key] = session;
+  counters.live_client_sessions = client_cache.size();
+  return session;
+}
+
+// ---- Node ----------------------------------------------------------------------------------------------------
+
+Node::Node(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Node::~Node() = default;
+
+namespace {
+std::uint16_t port_of_endpoint(const coap_endpoint_t* endpoint) {
+  // coap_endpoint_str() prints the bound address, "[::]:5684" or "0.0.0.0:5684"; 4.3.1 has no getter for it.
+  const std::string text = coap_endpoint_str(endpoint);
+  const auto colon = text.rfind(':');
+  if (colon == std::string::npos) return 0;
+  std::size_t end = colon + 1;
+  while (end < text.size() && text[end] >= '0' && text[end] <= '9') ++end;
+  return static_cast<std::uint16_t>(std::stoul(text.substr(colon + 1, end - colon - 1)));
+}
+}  // namespace
+
+Result<std::unique_ptr<Node>> Node::create(NodeConfig config) {
+  ensure_sodium_initialised();
+  start_libcoap_once();
+  auto impl = std::make_unique<Impl>();
+  impl->config = std::move(config);
+  NodeConfig& cfg = impl->config;
+  const Limits& limits = cfg.limits;
+  if (limits.max_request_size == 0 || limits.max_client_sessions == 0 || limits.max_client_sessions > 900 ||
+      limits.max_handshakes == 0 || limits.idle_timeout.count() <= 0 || limits.handshake_timeout.count() <= 0 ||
+      limits.request_timeout.count() <= 0) {
+    return make_error(Errc::invalid_argument,
+                      "transport limits: sizes, counts and timeouts must be > 0, and max_client_sessions at most "
+                      "900 (GnuTLS client sessions use select(), which aborts past ~1000 fds); got "
+                      "max_client_sessions=" + std::to_string(limits.max_client_sessions));
+  }
+  if (cfg.accept_legacy_onem2m_options) {
+    // Legacy RQI 257 and RSC 265 are critical and would need a third and fourth long-option slot (see new_context).
+    return make_error(Errc::unsupported,
+                      "accept_legacy_onem2m_options: libcoap 4.3.1 can register only two option numbers above 255 "
+                      "per context, and FR 279 / RQI 283 / RSC 307 already use them; legacy FR 256 (elective) is "
+                      "accepted anyway, legacy RQI 257 and RSC 265 cannot be");
+  }
+  if (cfg.rpk && cfg.x509) {
+    return make_error(Errc::invalid_argument,
+                      "server credentials: x509 and rpk together: libcoap 4.3.1 keeps one PKI setup per context");
+  }
+  if (cfg.rpk && !backend_supports_rpk()) {
+    // OpenSSL accepts the setup and fails every handshake later (notes, Q2): refuse at configuration time.
+    return make_error(Errc::unsupported, "raw public keys (RFC 7250) need the GnuTLS build; this is " +
+                                             std::string(to_string(compiled_backend())));
+  }
+  impl->epoll.reset(epoll_create1(EPOLL_CLOEXEC));
+  if (impl->epoll.get() < 0) return make_error(Errc::io, std::string("epoll_create1: ") + std::strerror(errno));
+
+  if (!cfg.secure_addresses.empty() || !cfg.local_address.empty()) {
+    std::string error;
+    impl->server_context = impl->new_context(ContextRole::server, error);
+    if (!impl->server_context) return make_error(Errc::internal, error);
+    coap_context_t* context = impl->server_context.get();
+
+    // Credentials first: coap_new_endpoint(DTLS) fails unless PSK or PKI is set up (notes, Q1).
+    if (cfg.psk_lookup) {
+      coap_dtls_spsk_t& psk = impl->server_psk;
+      std::memset(&psk, 0, sizeof(psk));
+      psk.version = COAP_DTLS_SPSK_SETUP_VERSION;
+      psk.validate_id_call_back = on_psk_identity;
+      psk.id_call_back_arg = impl.get();
+      if (coap_context_set_psk2(context, &psk) != 1) return make_error(Errc::internal, "coap_context_set_psk2 failed");
+    }
+    if (cfg.x509 || cfg.rpk) {
+      coap_dtls_pki_t& pki = impl->server_pki;
+      std::memset(&pki, 0, sizeof(pki));
+      pki.version = COAP_DTLS_PKI_SETUP_VERSION;
+      pki.validate_cn_call_back = on_peer_certificate;
+      impl->server_policy.node = impl.get();
+      pki.cn_call_back_arg = &impl->server_policy;
+      pki.pki_key.key_type = COAP_PKI_KEY_PEM_BUF;
+      const SecretBuffer& key = cfg.x509 ? cfg.x509->private_key_pem : cfg.rpk->private_key_pem;
+      auto private_key = crypto::PrivateKey::parse(key);
+      if (!private_key.ok()) {
+        return make_error(Errc::invalid_argument, "server private key: " + private_key.error().message);
+      }
+      impl->server_key_id = private_key->public_key_id();
+      impl->server_key_pem = nul_terminated(key.view());
+      pki.pki_key.key.pem_buf.private_key = impl->server_key_pem.data();
+      pki.pki_key.key.pem_buf.private_key_len = impl->server_key_pem.size();
+      if (cfg.rpk) {
+        impl->server_policy.rpk = true;
+        impl->server_policy.pinned_keys = cfg.rpk->pinned_peer_keys;
+        pki.is_rpk_not_cert = 1;
+        pki.pki_key.key.pem_buf.public_cert = impl->server_key_pem.data();
+        pki.pki_key.key.pem_buf.public_cert_len = impl->server_key_pem.size();
+      } else {
+        impl->server_chain_pem = nul_terminated(ByteView::of(cfg.x509->certificate_chain_pem));
+        impl->server_trust_pem = nul_terminated(ByteView::of(cfg.x509->trust_anchors_pem));
+        pki.verify_peer_cert = 1;         // mutual authentication: a client certificate is required
+        pki.check_common_ca = 0;          // several MEF CAs may be trusted, not only our own issuer
+        pki.allow_self_signed = 0;
+        pki.allow_expired_certs = 0;
+        pki.cert_chain_validation = 1;
+        pki.cert_chain_verify_depth = 3;  // leaf, one intermediate, anchor (TS-0003 §10.1 profile)
+        pki.pki_key.key.pem_buf.public_cert = impl->server_chain_pem.data();
+        pki.pki_key.key.pem_buf.public_cert_len = impl->server_chain_pem.size();
+        pki.pki_key.key.pem_buf.ca_cert = impl->server_trust_pem.data();
+        pki.pki_key.key.pem_buf.ca_cert_len = impl->server_trust_pem.size();
+      }
+      if (coap_context_set_pki(context, &pki) != 1) {
+        return make_error(Errc::invalid_argument,
+                          "server certificate/key rejected by the TLS backend: " +
+                              (libcoap_warnings().empty() ? std::string("no detail") : libcoap_warnings().back()));
+      }
+    }
+    if (!cfg.secure_addresses.empty() && !cfg.psk_lookup && !cfg.x509 && !cfg.rpk) {
+      return make_error(Errc::invalid_argument,
+                        "secure endpoint without credentials: configure PSK, X.509 or RPK (never run without DTLS)");
+    }
+
+    std::uint16_t port = cfg.secure_port;
+    for (const auto& host : cfg.secure_addresses) {
+      auto address = parse_address(host, port);
+      if (!address.ok()) return std::move(address).error();
+      coap_endpoint_t* endpoint = coap_new_endpoint(context, &*address, COAP_PROTO_DTLS);
+      if (endpoint == nullptr) {
+        return make_error(Errc::io, "cannot listen on coaps://" + host + ":" + std::to_string(port) +
+                                        " (address in use or not configured?)");
+      }
+      port = port_of_endpoint(endpoint);  // with port 0, every address family gets the first one's port
+      impl->bound_secure_port = port;
+    }
+    if (!cfg.local_address.empty()) {
+      auto address = parse_address(cfg.local_address, cfg.local_port);
+      if (!address.ok()) return std::move(address).error();
+      if (!is_loopback(*address)) {
+        return make_error(Errc::invalid_argument, "local (plain CoAP) endpoint '" + cfg.local_address +
+                                                      "' is not a loopback address: only 127.0.0.0/8 or ::1 allowed");
+      }
+      coap_endpoint_t* endpoint = coap_new_endpoint(context, &*address, COAP_PROTO_UDP);
+      if (endpoint == nullptr) {
+        return make_error(Errc::io, "cannot listen on coap://" + cfg.local_address + ":" +
+                                        std::to_string(cfg.local_port));
+      }
+      impl->bound_local_port = port_of_endpoint(endpoint);
+    }
+    // One catch-all resource; routing by method and path prefix is ours (add_route).
+    coap_resource_t* resource = coap_resource_unknown_init2(on_request, 0);
+    for (const coap_request_t method : {COAP_REQUEST_GET, COAP_REQUEST_POST, COAP_REQUEST_PUT,
+                                        COAP_REQUEST_DELETE, COAP_REQUEST_FETCH, COAP_REQUEST_PATCH,
+                                        COAP_REQUEST_IPATCH}) {
+      coap_register_request_handler(resource, method, on_request);
+    }
+    coap_add_resource(context, resource);
+    if (auto added = impl->add_context_to_loop(context); !added.ok()) return std::move(added).error();
+  }
+  return std::unique_ptr<Node>(new Node(std::move(impl)));
+}
+
+void Node::add_route(Method method, std::vector<std::string> prefix, Access access, RequestHandler handler) {
+  impl_->routes.push_back(Route{method, std::move(prefix), access, std::move(handler)});
+}
+
+void Node::set_failure_observer(FailureObserver observer) { impl_->observer = std::move(observer); }
+
+void Node::request(const Peer& peer, const ClientCredentials& credentials, Request request,
+                   ResponseHandler handler) {
+  auto session = impl_->client_session_for(peer, credentials);
+  if (!session.ok()) {
+    impl_->report(session.error().code == Errc::limit ? FailureKind::limit : FailureKind::request_failed,
+                  peer.host + ":" + std::to_string(peer.port), credentials.psk_identity, session.error().message);
+    handler(std::move(session).error(), nullptr);
+    return;
+  }
+  coap_session_t* raw = *session;
+  SessionImpl& state = impl_->state_for(raw);
+  coap_pdu_t* pdu = coap_new_pdu(COAP_MESSAGE_CON, static_cast<coap_pdu_code_t>(request.method), raw);
+  if (pdu == nullptr) {
+    handler(make_error(Errc::internal, "coap_new_pdu failed"), nullptr);
+    return;
+  }
+  uint8_t token[8];
+  size_t token_length = 0;
+  coap_session_new_token(raw, &token_length, token);
+  coap_add_token(pdu, token_length, token);
+
+  coap_optlist_t* options = nullptr;
+  auto add = [&](std::uint16_t number, const std::string& value) {
+    coap_insert_optlist(&options, coap_new_optlist(number, value.size(),
+                                                   reinterpret_cast<const uint8_t*>(value.data())));
+  };
+  auto add_uint = [&](std::uint16_t number, unsigned value) {
+    uint8_t buffer[4];
+    const unsigned length = coap_encode_var_safe(buffer, sizeof(buffer), value);
+    coap_insert_optlist(&options, coap_new_optlist(number, length, buffer));
+  };
+  for (const auto& segment : request.path) add(COAP_OPTION_URI_PATH, segment);
+  for (const auto& item : request.query) add(COAP_OPTION_URI_QUERY, item);
+  if (request.content_format) add_uint(COAP_OPTION_CONTENT_FORMAT, *request.content_format);
+  if (request.accept) add_uint(COAP_OPTION_ACCEPT, *request.accept);
+  if (!request.originator.empty()) add(kOptionOneM2mFrom, request.originator);
+  if (!request.request_id.empty()) add(kOptionOneM2mRequestId, request.request_id);
+  coap_add_optlist_pdu(pdu, &options);
+  std::unique_ptr<coap_optlist_t, OptlistDeleter> options_owner(options);
+
+  state.count.packets_out++;
+  state.count.bytes_out += request.payload.size() + 4;
+  if (!request.payload.empty()) {
+    auto* copy = new Bytes(std::move(request.payload));  // owned by libcoap until release_heap_bytes
+    coap_add_data_large_request(raw, pdu, copy->size(), copy->data(), release_heap_bytes, copy);
+  }
+  const auto key = std::make_pair(raw, std::string(reinterpret_cast<const char*>(token), token_length));
+  impl_->pending[key] = PendingRequest{std::move(handler), Clock::now() + impl_->config.limits.request_timeout, raw};
+  if (coap_send(raw, pdu) == COAP_INVALID_MID) {
+    auto it = impl_->pending.find(key);
+    if (it != impl_->pending.end()) {
+      impl_->complete(std::move(it->second),
+                      make_error(Errc::io, "cannot send to " + state.remote + ": " + impl_->handshake_failure_reason(state)),
+                      &state);
+      impl_->pending.erase(it);
+    }
+    state.dead = true;
+  }
+}
+
+void Node::close_client_sessions() {
+  for (auto& [key, raw] : impl_->client_cache) {
+    auto found = impl_->sessions.find(raw);
+    if (found != impl_->sessions.end()) {
+      impl_->kill_client_session(*found->second, make_error(Errc::io, "client session closed by us"));
+    }
+  }
+  impl_->housekeeping();
+}
+
+int Node::fd() const noexcept { return impl_->epoll.get(); }
+
+void Node::process_ready() {
+  auto run = [](coap_context_t* context) {
+    if (context != nullptr) coap_io_process(context, COAP_IO_NO_WAIT);
+  };
+  run(impl_->server_context.get());
+  run(impl_->client_context.get());
+  for (auto& [key, entry] : impl_->client_pki_contexts) run(entry->context.get());
+  // libcoap and GnuTLS copied the key the PSK callback returned; do not keep ours beyond this round.
+  impl_->psk_in_flight = SecretBuffer();
+  impl_->run_completions();
+  impl_->housekeeping();
+}
+
+std::chrono::milliseconds Node::next_timeout() {
+  // libcoap arms a timerfd inside its own epoll fd (coap_update_epoll_timer), so its retransmissions and session
+  // expiry wake fd() by themselves. We add our own deadlines: request timeouts and handshake timeouts. With none
+  // pending we still look once a second, a cheap bound in case a libcoap timer is not armed.
+  const auto now = Clock::now();
+  auto next = now + std::chrono::seconds(1);
+  for (const auto& [key, request] : impl_->pending) next = std::min(next, request.deadline);
+  for (const auto& [raw, state] : impl_->sessions) {
+    if (state->secure && !state->established && !state->timed_out) {
+      next = std::min(next, state->started + impl_->config.limits.handshake_timeout);
+    }
+  }
+  if (!impl_->completions.empty() || next <= now) return std::chrono::milliseconds(0);
+  // +1 ms: epoll_wait rounds down, and waking just before a deadline would spin once more.
+  return std::chrono::duration_cast<std::chrono::milliseconds>(next - now) + std::chrono::milliseconds(1);
+}
+
+bool Node::run_until(const std::function<bool()>& done, std::chrono::milliseconds max) {
+  const auto end = Clock::now() + max;
+  while (!done()) {
+    const auto now = Clock::now();
+    if (now >= end) break;
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(end - now);
+    epoll_event event{};
+    const int wait = static_cast<int>(std::min(left, next_timeout()).count());
+    (void)epoll_wait(fd(), &event, 1, wait);
+    process_ready();
+  }
+  return done();
+}
+
+std::uint16_t Node::secure_port() const noexcept { return impl_->bound_secure_port; }
+std::uint16_t Node::local_port() const noexcept { return impl_->bound_local_port; }
+
+Stats Node::stats() const {
+  Stats stats = impl_->counters;
+  stats.live_server_sessions = 0;
+  stats.live_server_handshakes = 0;
+  for (const auto& [raw, state] : impl_->sessions) {
+    if (state->client) continue;
+    ++stats.live_server_sessions;
+    if (state->secure && !state->established) ++stats.live_server_handshakes;
+  }
+  stats.live_client_sessions = impl_->client_cache.size();
+  return stats;
+}
+
+}  // namespace dauth::transport

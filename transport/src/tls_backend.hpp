@@ -1,0 +1,22 @@
+// Per-backend pieces behind coap_session_get_tls(): the RFC 5705 exporter and the negotiated suite. Exactly one of
+// tls_gnutls.cpp / tls_openssl.cpp is compiled, matching the libcoap flavour linked (never both in one binary).
+#pragma once
+
+#include <coap3/coap.h>
+
+#include <string>
+#include <string_view>
+
+#include "dauth/error.hpp"
+#include "dauth/secret.hpp"
+#include "dauth/transport/transport.hpp"
+
+namespace dauth::transport::detail {
+
+Backend backend() noexcept;
+// RFC 5705 exporter, no context value (TS-0003 §10.3.1 uses none).
+Result<SecretBuffer> export_keying_material(const coap_session_t* session, std::string_view label,
+                                            std::size_t length);
+std::string cipher_suite(const coap_session_t* session);
+
+}  // namespace dauth::transport::detail

@@ -1,0 +1,41 @@
+// OpenSSL side of the exporter and suite name (libcoap notes, Q2: SSL_export_keying_material).
+#include <openssl/ssl.h>
+
+#include "tls_backend.hpp"
+
+namespace dauth::transport::detail {
+
+Backend backend() noexcept { return Backend::openssl; }
+
+namespace {
+SSL* tls_of(const coap_session_t* session) {
+  coap_tls_library_t library = COAP_TLS_LIBRARY_NOTLS;
+  void* tls = coap_session_get_tls(session, &library);
+  if (tls == nullptr || library != COAP_TLS_LIBRARY_OPENSSL) return nullptr;
+  return static_cast<SSL*>(tls);
+}
+}  // namespace
+
+Result<SecretBuffer> export_keying_material(const coap_session_t* session, std::string_view label,
+                                            std::size_t length) {
+  SSL* tls = tls_of(session);
+  if (tls == nullptr) {
+    return make_error(Errc::internal, "RFC 5705 export: the session has no OpenSSL object (handshake not done?)");
+  }
+  SecretBuffer out(length);
+  if (SSL_export_keying_material(tls, out.data(), length, label.data(), label.size(), nullptr, 0, 0) != 1) {
+    return make_error(Errc::crypto,
+                      "RFC 5705 export with label '" + std::string(label) + "' failed: SSL_export_keying_material");
+  }
+  return out;
+}
+
+std::string cipher_suite(const coap_session_t* session) {
+  SSL* tls = tls_of(session);
+  if (tls == nullptr) return {};
+  const SSL_CIPHER* cipher = SSL_get_current_cipher(tls);
+  const char* name = cipher != nullptr ? SSL_CIPHER_standard_name(cipher) : nullptr;
+  return name != nullptr ? name : "";
+}
+
+}  // namespace dauth::transport::detail
