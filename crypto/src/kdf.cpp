@@ -7,6 +7,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "mbedtls_error.hpp"
+
 namespace dauth::crypto {
 
 namespace {
@@ -68,7 +70,7 @@ Result<SecretBuffer> hkdf_sha256(const SecretBuffer& ikm, ByteView salt, ByteVie
   const int rc = mbedtls_hkdf(mbedtls_md_info_from_type(MBEDTLS_MD_SHA256), salt.data, salt.size, ikm.data(),
                               ikm.size(), info.data, info.size, okm.data(), okm.size());
   if (rc != 0) {
-    return make_error(Errc::crypto, "HKDF-SHA-256 failed in mbedTLS (error " + std::to_string(rc) + ")");
+    return detail::mbedtls_error(rc, "HKDF-SHA-256 of " + std::to_string(length) + " bytes");
   }
   return okm;
 }

@@ -14,13 +14,14 @@
 #include "dauth/crypto/identifiers.hpp"
 #include "dauth/crypto/kdf.hpp"
 #include "keystore_codec.hpp"
-#include "keystore_files.hpp"
+#include "files.hpp"
 
 namespace dauth::crypto {
 
 namespace codec = keystore_codec;
-using keystore_files::mode_text;
-using keystore_files::UniqueFd;
+using files::io_error;
+using files::mode_text;
+using files::UniqueFd;
 
 // RecordKind values are stored in files; they must stay equal to the variant position plus one.
 static_assert(kind_for<BootstrapKeyRecord>() == RecordKind::bootstrap_key);
@@ -61,10 +62,6 @@ std::size_t index_of(RecordKind kind) { return static_cast<std::size_t>(kind) - 
 bool known_kind(RecordKind kind) {
   const auto k = static_cast<std::size_t>(kind);
   return k >= 1 && k <= kKindCount;
-}
-
-Error io_error(const std::string& what, const std::filesystem::path& path, int err) {
-  return make_error(Errc::io, what + " " + path.string() + ": " + std::strerror(err));
 }
 
 Error invalid_record(const Record& record, const std::string& what) {
@@ -293,12 +290,8 @@ struct StoreState {
     UniqueFd fd(::openat(dir_fd.get(), tmp_name, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600));
     if (!fd.valid()) return io_error("cannot create", tmp_path, errno);
     if (::fchmod(fd.get(), 0600) != 0) return io_error("cannot chmod", tmp_path, errno);  // whatever the umask
-    std::size_t done = 0;
-    while (done < content.size()) {
-      const ssize_t n = ::write(fd.get(), content.data() + done, content.size() - done);
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) return io_error("cannot write", tmp_path, n < 0 ? errno : EIO);
-      done += static_cast<std::size_t>(n);
+    if (const int err = files::write_all(fd.get(), content.data(), content.size()); err != 0) {
+      return io_error("cannot write", tmp_path, err);
     }
     if (::fsync(fd.get()) != 0) return io_error("cannot fsync", tmp_path, errno);
     if (::renameat(dir_fd.get(), tmp_name, dir_fd.get(), final_name) != 0) {
@@ -558,12 +551,8 @@ Result<std::string> set_torn_tail_aside(Impl& store, const LoadedFile& journal, 
     if (!fd.valid()) name = stem + "-" + std::to_string(attempt);
   }
   if (!fd.valid()) return io_error("cannot create", store.path_of(stem.c_str()), EEXIST);
-  std::size_t done = 0;
-  while (done < torn.size) {
-    const ssize_t n = ::write(fd.get(), torn.data + done, torn.size - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return io_error("cannot write", store.path_of(name.c_str()), n < 0 ? errno : EIO);
-    done += static_cast<std::size_t>(n);
+  if (const int err = files::write_all(fd.get(), torn.data, torn.size); err != 0) {
+    return io_error("cannot write", store.path_of(name.c_str()), err);
   }
   if (::fsync(fd.get()) != 0) return io_error("cannot fsync", store.path_of(name.c_str()), errno);
   if (::fsync(store.dir_fd.get()) != 0) return io_error("cannot fsync directory", store.dir, errno);
@@ -665,19 +654,23 @@ Result<std::size_t> load_journal(Impl& store, ByteView file, std::uint64_t journ
   return offset;
 }
 
-Result<void> check_directory(const std::filesystem::path& dir) {
-  struct stat st {};
-  if (::stat(dir.c_str(), &st) != 0) {
+// Opens the store directory and checks the mode of what was opened (fstat on the descriptor: no window in which the
+// path could be swapped between the check and the use).
+Result<UniqueFd> open_directory(const std::filesystem::path& dir) {
+  UniqueFd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!fd.valid()) {
     const int err = errno;
     if (err == ENOENT) return make_error(Errc::not_found, "key store directory " + dir.string() + " does not exist");
-    return io_error("cannot stat key store directory", dir, err);
+    if (err == ENOTDIR) return make_error(Errc::invalid_argument, dir.string() + " is not a directory");
+    return io_error("cannot open key store directory", dir, err);
   }
-  if (!S_ISDIR(st.st_mode)) return make_error(Errc::invalid_argument, dir.string() + " is not a directory");
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) return io_error("cannot stat key store directory", dir, errno);
   if ((st.st_mode & 022) != 0) {
     return make_error(Errc::permission, "key store directory " + dir.string() + ": mode " + mode_text(st.st_mode) +
                                             ", must not be writable by group or others (chmod 700)");
   }
-  return ok_result();
+  return fd;
 }
 
 Result<void> create_store(Impl& store, OpenReport&) {
@@ -746,15 +739,18 @@ Result<KeyStore> KeyStore::open(const std::filesystem::path& dir, SecretBuffer m
     return make_error(Errc::invalid_argument, "master key is " + std::to_string(master_key.size()) +
                                                   " bytes, must be " + std::to_string(kMasterKeySize));
   }
-  if (auto ok = check_directory(dir); !ok) return std::move(ok).error();
+  auto dir_fd = open_directory(dir);
+  if (!dir_fd) return std::move(dir_fd).error();
   auto impl = std::make_unique<Impl>();
   impl->dir = dir;
-  impl->dir_fd = UniqueFd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (!impl->dir_fd.valid()) return io_error("cannot open key store directory", dir, errno);
+  impl->dir_fd = std::move(dir_fd).value();
+  // flock(2) locks belong to the open file description: a second KeyStore on the same directory is refused whether
+  // it is in another process or in this one (keystore.hpp).
   if (::flock(impl->dir_fd.get(), LOCK_EX | LOCK_NB) != 0) {
     const int err = errno;
     if (err == EWOULDBLOCK) {
-      return make_error(Errc::io, "key store " + dir.string() + " is open in another process (flock)");
+      return make_error(Errc::io, "key store " + dir.string() +
+                                      " is already open (another process, or another KeyStore in this one; flock)");
     }
     return io_error("cannot lock key store directory", dir, err);
   }

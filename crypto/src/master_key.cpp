@@ -10,62 +10,25 @@
 
 #include "dauth/crypto/identifiers.hpp"
 #include "dauth/crypto/keystore.hpp"
-#include "keystore_files.hpp"
+#include "files.hpp"
 
 namespace dauth::crypto {
 
 namespace {
 
-using keystore_files::mode_text;
-using keystore_files::UniqueFd;
+using files::io_error;
+using files::UniqueFd;
 
 constexpr std::size_t kHexSize = 2 * kMasterKeySize;
-
-Error io_error(const std::string& what, const std::filesystem::path& path, int err) {
-  return make_error(Errc::io, what + " " + path.string() + ": " + std::strerror(err));
-}
-
-Result<void> fsync_parent_directory(const std::filesystem::path& path) {
-  const std::filesystem::path parent = path.has_parent_path() ? path.parent_path() : std::filesystem::path(".");
-  UniqueFd dir(::open(parent.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (!dir.valid()) return io_error("cannot open directory", parent, errno);
-  if (::fsync(dir.get()) != 0) return io_error("cannot fsync directory", parent, errno);
-  return ok_result();
-}
 
 }  // namespace
 
 Result<SecretBuffer> load_master_key_file(const std::filesystem::path& path) {
-  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK));
-  if (!fd.valid()) {
-    const int err = errno;
-    if (err == ENOENT) return make_error(Errc::not_found, "master key file " + path.string() + " does not exist");
-    if (err == EACCES) {
-      return make_error(Errc::permission, "master key file " + path.string() + ": " + std::strerror(err));
-    }
-    return io_error("cannot open master key file", path, err);
-  }
-  struct stat st {};
-  if (::fstat(fd.get(), &st) != 0) return io_error("cannot stat master key file", path, errno);
-  if (!S_ISREG(st.st_mode)) {
-    return make_error(Errc::permission, "master key file " + path.string() + " is not a regular file");
-  }
-  // Refused, not just warned about (STYLE.md §8): a key other users can read is no longer ours alone.
-  if ((st.st_mode & 077) != 0) {
-    return make_error(Errc::permission, "master key file " + path.string() + ": mode " + mode_text(st.st_mode) +
-                                            ", must not be readable or writable by group or others (chmod 600)");
-  }
-  // Read one byte more than the longest valid content so that a longer file is recognised without reading it all.
-  SecretBuffer content(kHexSize + 2);
-  std::size_t length = 0;
-  while (length < content.size()) {
-    const ssize_t n = ::read(fd.get(), content.data() + length, content.size() - length);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return io_error("cannot read master key file", path, errno);
-    if (n == 0) break;
-    length += static_cast<std::size_t>(n);
-  }
-  const std::string_view text(reinterpret_cast<const char*>(content.data()), length);
+  // At most one newline after the hex digits: files::read_key_file reads one byte more, so longer files show.
+  auto content = files::read_key_file(path, "master key file", kHexSize + 1);
+  if (!content) return std::move(content).error();
+  const std::size_t length = content->size();
+  const std::string_view text(reinterpret_cast<const char*>(content->data()), length);
   const bool newline_ok = length == kHexSize || (length == kHexSize + 1 && text.back() == '\n');
   if (!newline_ok) {
     // Never quote the content: it is (almost) key material.
@@ -123,15 +86,11 @@ Result<void> write_new_master_key_file(const std::filesystem::path& path) {
   SecretBuffer text(kHexSize + 1);  // sodium_bin2hex writes a terminating NUL, replaced by the newline
   sodium_bin2hex(reinterpret_cast<char*>(text.data()), text.size(), key.data(), key.size());
   text.data()[kHexSize] = '\n';
-  std::size_t done = 0;
-  while (done < text.size()) {
-    const ssize_t n = ::write(fd.get(), text.data() + done, text.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return io_error("cannot write master key file", path, errno);
-    done += static_cast<std::size_t>(n);
+  if (const int err = files::write_all(fd.get(), text.data(), text.size()); err != 0) {
+    return io_error("cannot write master key file", path, err);
   }
   if (::fsync(fd.get()) != 0) return io_error("cannot fsync master key file", path, errno);
-  if (auto synced = fsync_parent_directory(path); !synced) return synced;
+  if (auto synced = files::fsync_parent_directory(path); !synced) return synced;
   written = true;
   return ok_result();
 }

@@ -175,7 +175,9 @@ std::string SecretBuffer::fingerprint() const {
   ensure_sodium_initialised();
   std::uint8_t hash[crypto_generichash_BYTES];
   crypto_generichash(hash, sizeof hash, data_, size_, nullptr, 0);
-  return to_hex(ByteView(hash, 8));
+  std::string text = to_hex(ByteView(hash, 8));
+  sodium_memzero(hash, sizeof hash);  // the full digest of a key stays out of freed stack memory
+  return text;
 }
 
 void random_bytes(std::uint8_t* out, std::size_t size) {
@@ -198,37 +200,31 @@ std::string to_hex(ByteView bytes, bool upper_case) {
 }
 
 namespace {
+// The message never quotes the input: for secret_from_hex it is key material.
 Error hex_error(std::string_view hex) {
   return make_error(Errc::parse, "not hexadecimal: " + std::to_string(hex.size()) +
                                      " characters; expected an even number of 0-9, a-f, A-F");
 }
+
+// Decodes hex into a Buffer (Bytes or SecretBuffer) of half its size, written in place: no intermediate copy.
+template <class Buffer>
+Result<Buffer> decode_hex(std::string_view hex) {
+  if (hex.size() % 2 != 0) return hex_error(hex);
+  if (hex.empty()) return Buffer();  // sodium_hex2bin declares its output non-null; an empty buffer has none
+  ensure_sodium_initialised();
+  Buffer out(hex.size() / 2);
+  std::size_t written = 0;
+  const char* end = nullptr;
+  if (sodium_hex2bin(out.data(), out.size(), hex.data(), hex.size(), nullptr, &written, &end) != 0 ||
+      written != out.size() || end != hex.data() + hex.size()) {
+    return hex_error(hex);
+  }
+  return out;
+}
 }  // namespace
 
-Result<Bytes> from_hex(std::string_view hex) {
-  if (hex.size() % 2 != 0) return hex_error(hex);
-  ensure_sodium_initialised();
-  Bytes out(hex.size() / 2);
-  std::size_t written = 0;
-  const char* end = nullptr;
-  if (sodium_hex2bin(out.data(), out.size(), hex.data(), hex.size(), nullptr, &written, &end) != 0 ||
-      written != out.size() || end != hex.data() + hex.size()) {
-    return hex_error(hex);
-  }
-  return out;
-}
+Result<Bytes> from_hex(std::string_view hex) { return decode_hex<Bytes>(hex); }
 
-Result<SecretBuffer> secret_from_hex(std::string_view hex) {
-  // The message must not quote the input: it is key material.
-  if (hex.size() % 2 != 0) return hex_error(hex);
-  ensure_sodium_initialised();
-  SecretBuffer out(hex.size() / 2);
-  std::size_t written = 0;
-  const char* end = nullptr;
-  if (sodium_hex2bin(out.data(), out.size(), hex.data(), hex.size(), nullptr, &written, &end) != 0 ||
-      written != out.size() || end != hex.data() + hex.size()) {
-    return hex_error(hex);
-  }
-  return out;
-}
+Result<SecretBuffer> secret_from_hex(std::string_view hex) { return decode_hex<SecretBuffer>(hex); }
 
 }  // namespace dauth

@@ -2,19 +2,17 @@
 // The 2.28 quirks worked around here are measured in /work/shared/notes/libcoap-4.3.1.md §Q3.
 #include "dauth/crypto/x509.hpp"
 
-#include <fcntl.h>
 #include <mbedtls/ecp.h>
 #include <mbedtls/md.h>
 #include <mbedtls/oid.h>
 #include <sodium.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
-#include <cerrno>
+#include <algorithm>
 #include <cstring>
 #include <set>
 
 #include "dauth/crypto/identifiers.hpp"
+#include "files.hpp"
 #include "x509_internal.hpp"
 
 namespace dauth::crypto {
@@ -40,47 +38,9 @@ const mbedtls_x509_crt_profile kChainProfile = {
 // MBEDTLS_X509_MAX_INTERMEDIATE_CA = 8 intermediates).
 constexpr std::size_t kMaxPemCertificates = 10;
 // Files we read are certificates and keys: a few KiB. A cap keeps a wrong path (a log, a device) from eating memory.
-constexpr off_t kMaxFileSize = 1 << 20;
+constexpr std::size_t kMaxFileSize = std::size_t{1} << 20;
 // Serial numbers: RFC 5280 §4.1.2.2, positive and at most 20 octets.
 constexpr std::size_t kMaxSerialBytes = 20;
-
-class FileDescriptor {
- public:
-  explicit FileDescriptor(int fd) : fd_(fd) {}
-  ~FileDescriptor() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  FileDescriptor(const FileDescriptor&) = delete;
-  FileDescriptor& operator=(const FileDescriptor&) = delete;
-  int get() const { return fd_; }
-
- private:
-  int fd_;
-};
-
-// Reads a whole (small) file into `out`, which is sized by the callback (Bytes or SecretBuffer).
-template <class Buffer, class Make>
-Result<Buffer> read_small_file(const std::string& path, Make make_buffer) {
-  FileDescriptor fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY));
-  if (fd.get() < 0) return make_error(Errc::io, "open '" + path + "': " + std::strerror(errno));
-  struct stat st {};
-  if (::fstat(fd.get(), &st) != 0) return make_error(Errc::io, "stat '" + path + "': " + std::strerror(errno));
-  if (!S_ISREG(st.st_mode)) return make_error(Errc::io, "'" + path + "' is not a regular file");
-  if (st.st_size > kMaxFileSize) {
-    return make_error(Errc::limit, "'" + path + "' has " + std::to_string(st.st_size) + " bytes (at most " +
-                                       std::to_string(kMaxFileSize) + " allowed for a certificate or key)");
-  }
-  Buffer buffer = make_buffer(static_cast<std::size_t>(st.st_size));
-  std::size_t done = 0;
-  while (done < buffer.size()) {
-    const ssize_t n = ::read(fd.get(), buffer.data() + done, buffer.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return make_error(Errc::io, "read '" + path + "': " + std::strerror(errno));
-    if (n == 0) return make_error(Errc::io, "read '" + path + "': file shrank while reading");
-    done += static_cast<std::size_t>(n);
-  }
-  return buffer;
-}
 
 std::string name_string(const mbedtls_x509_name& name) {
   char text[1024];
@@ -225,7 +185,7 @@ Result<Certificate> Certificate::parse(ByteView der_or_pem) {
 }
 
 Result<Certificate> Certificate::load_file(const std::string& path) {
-  auto bytes = read_small_file<Bytes>(path, [](std::size_t n) { return Bytes(n); });
+  auto bytes = files::read_public_file(path, "certificate file", kMaxFileSize);
   if (!bytes) return std::move(bytes).error();
   auto certificate = parse(*bytes);
   if (!certificate) return make_error(certificate.error().code, "'" + path + "': " + certificate.error().message);
@@ -419,20 +379,45 @@ Result<PrivateKey> PrivateKey::parse(const SecretBuffer& pem_or_der) {
 }
 
 Result<PrivateKey> PrivateKey::load_file(const std::string& path) {
-  auto bytes = read_small_file<SecretBuffer>(path, [](std::size_t n) { return SecretBuffer(n); });
+  // Like the master key: a private key file with group or other permission bits is refused (STYLE.md §8).
+  auto bytes = files::read_key_file(path, "private key file", kMaxFileSize);
   if (!bytes) return std::move(bytes).error();
+  if (bytes->size() > kMaxFileSize) {
+    return make_error(Errc::limit, "private key file " + path + " has more than " + std::to_string(kMaxFileSize) +
+                                       " bytes (at most " + std::to_string(kMaxFileSize) + " allowed)");
+  }
   auto key = parse(*bytes);
   if (!key) return make_error(key.error().code, "'" + path + "': " + key.error().message);
   return key;
 }
 
 Result<SecretBuffer> PrivateKey::to_pem() const {
-  SecretBuffer buffer(1024);  // a P-256 SEC1 PEM is ~230 bytes
-  if (const int rc = mbedtls_pk_write_key_pem(impl_->pk.get(), buffer.data(), buffer.size()); rc != 0) {
-    return mbedtls_error(rc, "writing the private key as PEM");
+  // Not mbedtls_pk_write_key_pem: in 2.28 it keeps the DER on its stack and base64-encodes into a heap buffer that
+  // mbedtls_pem_write_buffer frees without wiping (measured: the key's base64 stays in freed memory). The DER goes
+  // to guarded memory instead and libsodium's constant-time encoder writes the PEM (RFC 7468 §2, SEC1 label).
+  auto der = to_der();
+  if (!der) return std::move(der).error();
+  static constexpr std::string_view kBegin = "-----BEGIN EC PRIVATE KEY-----\n";
+  static constexpr std::string_view kEnd = "-----END EC PRIVATE KEY-----\n";
+  constexpr std::size_t kLine = 64;  // RFC 7468 §2: lines of exactly 64 characters but the last
+  constexpr int kVariant = sodium_base64_VARIANT_ORIGINAL;
+  ensure_sodium_initialised();
+  SecretBuffer base64(sodium_base64_encoded_len(der->size(), kVariant));  // includes the NUL
+  sodium_bin2base64(reinterpret_cast<char*>(base64.data()), base64.size(), der->data(), der->size(), kVariant);
+  const std::size_t base64_size = base64.size() - 1;
+  const std::size_t lines = (base64_size + kLine - 1) / kLine;
+  SecretBuffer pem(kBegin.size() + base64_size + lines + kEnd.size());
+  std::uint8_t* out = pem.data();
+  std::memcpy(out, kBegin.data(), kBegin.size());
+  out += kBegin.size();
+  for (std::size_t at = 0; at < base64_size; at += kLine) {
+    const std::size_t n = std::min(kLine, base64_size - at);
+    std::memcpy(out, base64.data() + at, n);
+    out += n;
+    *out++ = '\n';
   }
-  const std::size_t length = ::strnlen(reinterpret_cast<const char*>(buffer.data()), buffer.size());
-  return buffer.slice(0, length);
+  std::memcpy(out, kEnd.data(), kEnd.size());
+  return pem;
 }
 
 Result<SecretBuffer> PrivateKey::to_der() const {
@@ -664,12 +649,18 @@ Result<Certificate> sign_certificate(mbedtls_pk_context* issuer_key, const std::
 // dn_gets -> string_to_names -> DER unchanged, or issued certificates would not chain to the CA.
 Result<std::string> issuer_name_of(const mbedtls_x509_crt& ca) {
   const std::string name = name_string(ca.subject);
-  mbedtls_asn1_named_data* parsed = nullptr;
-  const int rc = mbedtls_x509_string_to_names(&parsed, name.c_str());
+  // Owns the list mbedtls_x509_string_to_names builds (also after a partial failure).
+  struct NamedDataList {
+    mbedtls_asn1_named_data* head = nullptr;
+    NamedDataList() = default;
+    NamedDataList(const NamedDataList&) = delete;
+    NamedDataList& operator=(const NamedDataList&) = delete;
+    ~NamedDataList() { mbedtls_asn1_free_named_data_list(&head); }
+  } parsed;
+  const int rc = mbedtls_x509_string_to_names(&parsed.head, name.c_str());
   Bytes buffer(ca.subject_raw.len + 256);
   unsigned char* p = buffer.data() + buffer.size();
-  const int written = rc == 0 ? mbedtls_x509_write_names(&p, buffer.data(), parsed) : rc;
-  mbedtls_asn1_free_named_data_list(&parsed);
+  const int written = rc == 0 ? mbedtls_x509_write_names(&p, buffer.data(), parsed.head) : rc;
   if (written < 0 || static_cast<std::size_t>(written) != ca.subject_raw.len ||
       std::memcmp(p, ca.subject_raw.p, ca.subject_raw.len) != 0) {
     return make_error(Errc::unsupported, "CA subject " + quote_for_error(name) +

@@ -1,14 +1,14 @@
-// mbedTLS error mapping, the DRBG, and the DER/PEM walkers and writers of the X.509 module. Everything that reads
+// The DRBG, and the DER/PEM walkers and writers of the X.509 module. Everything that reads
 // bytes from outside checks every length against the end of its enclosing element before it moves.
 #include <mbedtls/asn1.h>
 #include <mbedtls/asn1write.h>
 #include <mbedtls/base64.h>
 #include <mbedtls/ecp.h>
-#include <mbedtls/error.h>
 #include <mbedtls/md.h>
 #include <mbedtls/oid.h>
 #include <mbedtls/pem.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 
@@ -19,114 +19,29 @@ namespace dauth::crypto::detail {
 
 namespace {
 
-Errc errc_of_mbedtls(int code) {
-  // mbedTLS codes are negative: a high-level part (X509, PK, PEM, ECP, MD: 0x1000-0x7F80) plus optionally a
-  // low-level part (ASN1, BIGNUM, CTR_DRBG: 0x0001-0x007F) — mbedtls/error.h.
-  const int high = (-code) & 0xFF80;
-  const int low = (-code) & 0x007F;
-  switch (-high) {
-    case MBEDTLS_ERR_X509_FEATURE_UNAVAILABLE:
-    case MBEDTLS_ERR_X509_UNKNOWN_SIG_ALG:
-    case MBEDTLS_ERR_PK_FEATURE_UNAVAILABLE:
-    case MBEDTLS_ERR_PK_UNKNOWN_PK_ALG:
-    case MBEDTLS_ERR_ECP_FEATURE_UNAVAILABLE:
-    case MBEDTLS_ERR_PEM_FEATURE_UNAVAILABLE:
-    case MBEDTLS_ERR_PK_PASSWORD_REQUIRED:
-    case MBEDTLS_ERR_PEM_PASSWORD_REQUIRED:
-      return Errc::unsupported;
-    case MBEDTLS_ERR_X509_UNKNOWN_OID:
-    case MBEDTLS_ERR_X509_INVALID_FORMAT:
-    case MBEDTLS_ERR_X509_INVALID_VERSION:
-    case MBEDTLS_ERR_X509_INVALID_SERIAL:
-    case MBEDTLS_ERR_X509_INVALID_ALG:
-    case MBEDTLS_ERR_X509_INVALID_NAME:
-    case MBEDTLS_ERR_X509_INVALID_DATE:
-    case MBEDTLS_ERR_X509_INVALID_SIGNATURE:
-    case MBEDTLS_ERR_X509_INVALID_EXTENSIONS:
-    case MBEDTLS_ERR_X509_UNKNOWN_VERSION:
-    case MBEDTLS_ERR_X509_SIG_MISMATCH:
-    case MBEDTLS_ERR_PK_KEY_INVALID_FORMAT:
-    case MBEDTLS_ERR_PK_KEY_INVALID_VERSION:
-    case MBEDTLS_ERR_PK_INVALID_PUBKEY:
-    case MBEDTLS_ERR_PK_INVALID_ALG:
-    case MBEDTLS_ERR_PEM_NO_HEADER_FOOTER_PRESENT:
-    case MBEDTLS_ERR_PEM_INVALID_DATA:
-    case MBEDTLS_ERR_PEM_INVALID_ENC_IV:
-    case MBEDTLS_ERR_PEM_UNKNOWN_ENC_ALG:
-      return Errc::parse;
-    case MBEDTLS_ERR_X509_CERT_VERIFY_FAILED:
-      return Errc::unauthenticated;
-    case MBEDTLS_ERR_X509_FATAL_ERROR:
-      return Errc::internal;
-    case MBEDTLS_ERR_X509_BAD_INPUT_DATA:
-    case MBEDTLS_ERR_PK_BAD_INPUT_DATA:
-    case MBEDTLS_ERR_PK_TYPE_MISMATCH:
-    case MBEDTLS_ERR_ECP_BAD_INPUT_DATA:
-    case MBEDTLS_ERR_PEM_BAD_INPUT_DATA:
-    case MBEDTLS_ERR_MD_BAD_INPUT_DATA:
-      return Errc::invalid_argument;
-    case MBEDTLS_ERR_X509_FILE_IO_ERROR:
-    case MBEDTLS_ERR_PK_FILE_IO_ERROR:
-    case MBEDTLS_ERR_MD_FILE_IO_ERROR:
-      return Errc::io;
-    case MBEDTLS_ERR_ECP_VERIFY_FAILED:
-    case MBEDTLS_ERR_ECP_SIG_LEN_MISMATCH:
-    case MBEDTLS_ERR_PK_SIG_LEN_MISMATCH:
-    case MBEDTLS_ERR_ECP_INVALID_KEY:
-    case MBEDTLS_ERR_ECP_RANDOM_FAILED:
-      return Errc::crypto;
-    case MBEDTLS_ERR_X509_ALLOC_FAILED:
-    case MBEDTLS_ERR_PK_ALLOC_FAILED:
-    case MBEDTLS_ERR_ECP_ALLOC_FAILED:
-    case MBEDTLS_ERR_PEM_ALLOC_FAILED:
-    case MBEDTLS_ERR_MD_ALLOC_FAILED:
-      return Errc::limit;
-    case MBEDTLS_ERR_X509_BUFFER_TOO_SMALL:
-    case MBEDTLS_ERR_ECP_BUFFER_TOO_SMALL:
-      return Errc::internal;
-    default:
-      break;
-  }
-  switch (-low) {
-    case MBEDTLS_ERR_ASN1_OUT_OF_DATA:
-    case MBEDTLS_ERR_ASN1_UNEXPECTED_TAG:
-    case MBEDTLS_ERR_ASN1_INVALID_LENGTH:
-    case MBEDTLS_ERR_ASN1_LENGTH_MISMATCH:
-    case MBEDTLS_ERR_ASN1_INVALID_DATA:
-    case MBEDTLS_ERR_BASE64_INVALID_CHARACTER:
-      return Errc::parse;
-    case MBEDTLS_ERR_ASN1_ALLOC_FAILED:
-    case MBEDTLS_ERR_MPI_ALLOC_FAILED:
-      return Errc::limit;
-    case MBEDTLS_ERR_CTR_DRBG_ENTROPY_SOURCE_FAILED:
-    case MBEDTLS_ERR_CTR_DRBG_REQUEST_TOO_BIG:
-    case MBEDTLS_ERR_CTR_DRBG_INPUT_TOO_BIG:
-      return Errc::crypto;
-    default:
-      return Errc::internal;
-  }
-}
-
 // mbedtls_asn1_get_* take `unsigned char**` but only read through it (mbedTLS 2.28 API); our inputs stay const.
 unsigned char* reader_start(ByteView bytes) { return const_cast<unsigned char*>(bytes.data); }
 
 bool is_pem_space(char c) { return c == ' ' || c == '\t' || c == '\r' || c == '\n'; }
 
-}  // namespace
-
-Error mbedtls_error(int code, std::string_view what) {
-  char text[200];
-  mbedtls_strerror(code, text, sizeof text);
-  char hex[16];
-  std::snprintf(hex, sizeof hex, "-0x%04X", static_cast<unsigned>(-code));
-  std::string message(what);
-  message += ": mbedTLS ";
-  message += hex;
-  message += " (";
-  message += text;
-  message += ")";
-  return make_error(errc_of_mbedtls(code), std::move(message));
+// Names what stands where a PEM block should start without quoting it: the text may be a key file given by mistake
+// (a hex master key, a private key's base64), and error messages end up in logs (STYLE.md §9). Only the label of
+// another PEM block is shown: "-----BEGIN EC PRIVATE KEY-----" says what the file is and is not secret.
+std::string describe_unexpected_text(std::string_view text) {
+  constexpr std::string_view kBegin = "-----BEGIN ";
+  constexpr std::size_t kMaxLabel = 64;
+  if (text.compare(0, kBegin.size(), kBegin) == 0) {
+    const std::size_t close = text.find("-----", kBegin.size());
+    if (close != std::string_view::npos && close - kBegin.size() <= kMaxLabel) {
+      const std::string_view label = text.substr(kBegin.size(), close - kBegin.size());
+      const bool printable = std::all_of(label.begin(), label.end(), [](char c) { return c >= 0x20 && c < 0x7f; });
+      if (printable) return "a '" + std::string(label) + "' block";
+    }
+  }
+  return "not shown, it may be key material";
 }
+
+}  // namespace
 
 // ---- DRBG ------------------------------------------------------------------------------------------------------
 
@@ -175,8 +90,8 @@ Result<std::vector<Bytes>> pem_decode(std::string_view text, std::string_view la
     if (pos == text.size()) break;
     if (text.compare(pos, begin.size(), begin) != 0) {
       return make_error(Errc::parse, "PEM: unexpected text at byte " + std::to_string(pos) + ": " +
-                                         quote_for_error(text.substr(pos, 24)) + " (only whitespace and '" + begin +
-                                         "' blocks are allowed)");
+                                         describe_unexpected_text(text.substr(pos)) + " (only whitespace and '" +
+                                         begin + "' blocks are allowed)");
     }
     if (blocks.size() == max_blocks) {
       return make_error(Errc::limit, "PEM: more than " + std::to_string(max_blocks) + " '" + std::string(label) +

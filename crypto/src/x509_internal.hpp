@@ -1,5 +1,5 @@
-// Internal helpers of the X.509 module: RAII owners for mbedTLS 2.28 contexts, the one mbedTLS error mapper, the
-// CTR-DRBG, and the hand-written DER/PEM walkers (fuzzed through Certificate::parse / CertificateRequest::parse).
+// Internal helpers of the X.509 module: RAII owners for mbedTLS 2.28 contexts, the CTR-DRBG, and the hand-written
+// DER/PEM walkers (fuzzed through Certificate::parse / CertificateRequest::parse).
 #pragma once
 
 #include <mbedtls/ctr_drbg.h>
@@ -14,6 +14,7 @@
 
 #include "dauth/error.hpp"
 #include "dauth/secret.hpp"
+#include "mbedtls_error.hpp"
 
 namespace dauth::crypto::detail {
 
@@ -44,9 +45,6 @@ using CrtWriter = Owned<mbedtls_x509write_cert, mbedtls_x509write_crt_init, mbed
 using CsrWriter = Owned<mbedtls_x509write_csr, mbedtls_x509write_csr_init, mbedtls_x509write_csr_free>;
 using Mpi = Owned<mbedtls_mpi, mbedtls_mpi_init, mbedtls_mpi_free>;
 
-// The one place where an mbedTLS return code becomes a dauth::Error (STYLE.md §15). `what` says which operation
-// failed on which value; the mbedTLS text (mbedtls_strerror) and the code are appended.
-Error mbedtls_error(int code, std::string_view what);
 
 // CTR-DRBG (AES-256) seeded from libsodium's CSPRNG (randombytes_buf), for key generation and ECDSA blinding.
 // One per operation: cheap, and no state shared between threads.

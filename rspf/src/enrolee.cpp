@@ -80,25 +80,55 @@ struct Enrolee::Impl : std::enable_shared_from_this<Enrolee::Impl> {
     done(ok_result());
   }
 
+  std::string bootstrap_text() const {
+    return config.certificate_name.empty() ? "DTLS-PSK as " + config.kpm_id
+                                           : "DTLS with certificate " + config.certificate_name;
+  }
+
+  // The bootstrap credential of SPEC.md §3.1, read from the store at each attempt (an EST renewal replaces the
+  // certificate record).
+  Result<transport::ClientCredentials> bootstrap_credentials() const {
+    if (config.certificate_name.empty()) {
+      const auto* bootstrap = store.find<crypto::BootstrapKeyRecord>(config.kpm_id);
+      if (bootstrap == nullptr) {
+        return make_error(Errc::not_found, "bootstrap credential " + config.kpm_id + " is not in the store");
+      }
+      return transport::ClientCredentials::psk(config.kpm_id, bootstrap->kpm.clone(), config.mef_fqdn);
+    }
+    const auto* record = store.find<crypto::CertificateRecord>(config.certificate_name);
+    if (record == nullptr) {
+      return make_error(Errc::not_found, "bootstrap certificate " + config.certificate_name + " is not in the store");
+    }
+    transport::X509Credentials x509;
+    for (const auto& der : record->chain_der) {
+      auto certificate = crypto::Certificate::parse(ByteView(der));
+      if (!certificate.ok()) return std::move(certificate).error();
+      x509.certificate_chain_pem += certificate->pem();
+    }
+    auto key = crypto::PrivateKey::parse(record->private_key_der);
+    if (!key.ok()) return std::move(key).error();
+    auto key_pem = key->to_pem();
+    if (!key_pem.ok()) return std::move(key_pem).error();
+    x509.private_key_pem = std::move(*key_pem);
+    x509.trust_anchors_pem = config.mef_trust_anchors_pem;
+    // The MEF proves its FQDN (dNSName), as the PSK case proves it by knowing Kpm.
+    return transport::ClientCredentials::certificate(std::move(x509), config.mef_fqdn, config.mef_fqdn);
+  }
+
   void enrol(DoneCallback done) {
     if (state == EnroleeState::enrolling) {
       done(make_error(Errc::limit, "enrol '" + ae_id + "': an enrolment with MEF " + peer_text() +
                                        " is already in progress"));
       return;
     }
-    const auto* bootstrap = store.find<crypto::BootstrapKeyRecord>(config.kpm_id);
-    if (bootstrap == nullptr) {
-      set_state(EnroleeState::enrolling, "start");
-      return fail(done, make_error(Errc::not_found, "bootstrap credential " + config.kpm_id + " is not in the store"));
-    }
+    set_state(EnroleeState::enrolling, bootstrap_text() + ", POST /mef/enrolment");
+    auto bootstrap = bootstrap_credentials();
+    if (!bootstrap.ok()) return fail(done, std::move(bootstrap).error());
     // Every enrolment needs a fresh DTLS session: Ke/KeID come from its exporter, and a cached session would give
-    // the same KeID again. transport can only close all client sessions of a node (docs/rspf.md, "gaps"), so the
-    // Enrolee's Node should be one dedicated to MEF exchanges.
-    node.close_client_sessions();
-    set_state(EnroleeState::enrolling, "DTLS-PSK as " + config.kpm_id + ", POST /mef/enrolment");
+    // the same KeID again. Only that one cached session is closed; other sessions of the Node stay.
+    node.close_client_session(config.mef_address, *bootstrap);
     // One shared credential for both requests, so that EST goes over the same (cached) session (SPEC.md §3.6).
-    auto credentials = std::make_shared<transport::ClientCredentials>(
-        transport::ClientCredentials::psk(config.kpm_id, bootstrap->kpm.clone(), config.mef_fqdn));
+    auto credentials = std::make_shared<transport::ClientCredentials>(std::move(*bootstrap));
     transport::Request request;
     request.method = transport::Method::post;
     request.path = {"mef", "enrolment"};
@@ -224,19 +254,44 @@ Enrolee::~Enrolee() = default;
 
 Result<std::unique_ptr<Enrolee>> Enrolee::create(transport::Node& node, crypto::KeyStore& store,
                                                  EnroleeConfig config) {
-  if (auto valid = crypto::validate_kpm_id(config.kpm_id); !valid.ok()) return std::move(valid).error();
-  auto issuer = crypto::issuer_fqdn_of(config.kpm_id);
-  if (!issuer.ok()) return std::move(issuer).error();
-  if (config.mef_fqdn.empty()) config.mef_fqdn = *issuer;
-  if (auto valid = crypto::validate_fqdn(config.mef_fqdn); !valid.ok()) return std::move(valid).error();
-  const auto* bootstrap = store.find<crypto::BootstrapKeyRecord>(config.kpm_id);
-  if (bootstrap == nullptr) {
-    return make_error(Errc::not_found, "enrolee: no bootstrap credential " + config.kpm_id + " in the key store");
+  std::string local_ae_id;
+  if (!config.certificate_name.empty()) {
+    if (!config.kpm_id.empty()) {
+      return make_error(Errc::invalid_argument, "enrolee: kpm_id " + config.kpm_id + " and certificate " +
+                                                    config.certificate_name +
+                                                    " both given; an Enrolee has one bootstrap credential");
+    }
+    if (config.mef_fqdn.empty() || config.mef_trust_anchors_pem.empty()) {
+      return make_error(Errc::invalid_argument, "enrolee: certificate bootstrap (" + config.certificate_name +
+                                                    ") needs mef_fqdn and mef_trust_anchors_pem");
+    }
+    if (auto valid = crypto::validate_fqdn(config.mef_fqdn); !valid.ok()) return std::move(valid).error();
+    const auto* record = store.find<crypto::CertificateRecord>(config.certificate_name);
+    if (record == nullptr || record->chain_der.empty()) {
+      return make_error(Errc::not_found, "enrolee: no bootstrap certificate " + config.certificate_name +
+                                             " in the key store");
+    }
+    auto leaf = crypto::Certificate::parse(ByteView(record->chain_der.front()));
+    if (!leaf.ok()) return std::move(leaf).error();
+    auto named = leaf->ae_id();  // TS-0003 §8.1.2.5: the AE-ID the MEF will read from it
+    if (!named.ok()) return std::move(named).error();
+    local_ae_id = *named;
+  } else {
+    if (auto valid = crypto::validate_kpm_id(config.kpm_id); !valid.ok()) return std::move(valid).error();
+    auto issuer = crypto::issuer_fqdn_of(config.kpm_id);
+    if (!issuer.ok()) return std::move(issuer).error();
+    if (config.mef_fqdn.empty()) config.mef_fqdn = *issuer;
+    if (auto valid = crypto::validate_fqdn(config.mef_fqdn); !valid.ok()) return std::move(valid).error();
+    const auto* bootstrap = store.find<crypto::BootstrapKeyRecord>(config.kpm_id);
+    if (bootstrap == nullptr) {
+      return make_error(Errc::not_found, "enrolee: no bootstrap credential " + config.kpm_id + " in the key store");
+    }
+    local_ae_id = bootstrap->ae_id;
   }
   if (!config.clock) config.clock = system_unix_clock();
   if (!config.log) config.log = stderr_log_sink();
   if (!config.jitter) config.jitter = random_jitter();
-  auto impl = std::make_shared<Impl>(node, store, std::move(config), bootstrap->ae_id);
+  auto impl = std::make_shared<Impl>(node, store, std::move(config), std::move(local_ae_id));
   // A restart keeps a still-valid enrolment of this AE with this MEF (the latest one).
   // KeID text is canonical with a lower-case FQDN (identifiers.hpp).
   std::string suffix = "@" + impl->config.mef_fqdn;

@@ -154,10 +154,12 @@ struct Mef::Impl {
     // Durable before the answer (PROTOCOL.md §3.4): an Enrolee never holds a KeID its MEF could forget.
     if (auto stored = store.put(std::move(record)); !stored.ok()) return fail(stored.error(), 500);
     exchange.set_state(ExchangeState::stored, "KeID " + decision->ke_id + " for " + decision->enrolee_id);
-    responder.respond(binary_response(204, static_cast<std::uint16_t>(*format), encode(*decision, *format)));
+    Response answer = binary_response(204, static_cast<std::uint16_t>(*format), encode(*decision, *format));
+    // PROTOCOL.md §3.4: the MEF then closes the session, unless an instruction (certEnrolment: EST /sen) continues
+    // on it (SPEC.md §3.6); that session ends by the idle timeout.
+    answer.close_session = decision->instructions.empty();
+    responder.respond(std::move(answer));
     exchange.set_state(ExchangeState::answered, "2.04");
-    // PROTOCOL.md §3.4 says the MEF then closes the session; transport has no call to close one server session,
-    // so it ends by the idle timeout (docs/rspf.md, "gaps").
   }
 
   // The AE-ID a key-retrieval or EST session authenticated: KeID/Ker -> its enrolee, certificate -> its AE-ID.
@@ -265,18 +267,17 @@ struct Mef::Impl {
   // ---- POST /.well-known/est/sen (RFC 9148 §5, SPEC.md §3.6) ----
   void on_simple_enrol(const Session& session, const Request& request, Responder responder) {
     constexpr std::string_view route = "est/sen";
-    if (request.content_format != kContentFormatPkcs10) {
-      return refuse(responder, session, route,
-                    make_error(Errc::unsupported, "Content-Format " +
-                                                      (request.content_format
-                                                           ? std::to_string(*request.content_format)
-                                                           : std::string("(none)")) +
-                                                      ": simple enrolment takes application/pkcs10 (286)"),
-                    415);
-    }
+    if (!content_format_is_pkcs10(session, request, responder, route)) return;
     auto requester = est_requester(session);
     if (!requester.ok()) return refuse(responder, session, route, requester.error());
-    const std::string& ae_id = requester->enrolee->enrolee_id;
+    issue_certificate(session, request, responder, route, requester->enrolee->enrolee_id,
+                      requester->enrolment_expiry);
+  }
+
+  // Checks the CSR (signature, exactly the AE-ID `ae_id`) and answers the certificate, recorded before the answer.
+  // Validity: min(MEF policy, `expiry_limit`), so a certificate never outlives the enrolment behind it.
+  void issue_certificate(const Session& session, const Request& request, Responder& responder,
+                         std::string_view route, const std::string& ae_id, std::int64_t expiry_limit) {
     auto csr = crypto::CertificateRequest::parse(ByteView(request.payload));
     if (!csr.ok()) return refuse(responder, session, route, csr.error(), 400);
     if (auto signature = csr->verify_signature(); !signature.ok()) {
@@ -297,8 +298,7 @@ struct Mef::Impl {
     crypto::IssueParams params;
     params.serial = *serial;
     params.not_before = static_cast<std::time_t>(at);
-    params.not_after = static_cast<std::time_t>(std::min(at + config.max_certificate_validity_s,
-                                                         requester->enrolment_expiry));
+    params.not_after = static_cast<std::time_t>(std::min(at + config.max_certificate_validity_s, expiry_limit));
     auto certificate = config.ca->issue(*csr, ae_id, params);
     if (!certificate.ok()) return refuse(responder, session, route, certificate.error(), 500);
     crypto::IssuanceRecord issued;
@@ -311,9 +311,103 @@ struct Mef::Impl {
     if (auto stored = store.put(std::move(issued)); !stored.ok()) {
       return refuse(responder, session, route, stored.error(), 500);
     }
-    config.log("mef est/sen peer=" + describe(session) + " issued certificate serial " + serial_hex + " to " + ae_id +
-               " until " + std::to_string(params.not_after));
+    config.log("mef audit: " + std::string(route) + " peer=" + describe(session) + " issued certificate serial " +
+               serial_hex + " to " + ae_id + " until " + std::to_string(params.not_after));
     responder.respond(binary_response(204, kContentFormatPkixCert, certificate->der()));
+  }
+
+  bool content_format_is_pkcs10(const Session& session, const Request& request, Responder& responder,
+                               std::string_view route) {
+    if (request.content_format == kContentFormatPkcs10) return true;
+    refuse(responder, session, route,
+           make_error(Errc::unsupported, "Content-Format " +
+                                             (request.content_format ? std::to_string(*request.content_format)
+                                                                     : std::string("(none)")) +
+                                             ": EST takes application/pkcs10 (286)"),
+           415);
+    return false;
+  }
+
+  // ---- POST /.well-known/est/sren (RFC 9148 §5, RFC 7030 §4.2.2; SPEC.md §3.6) ----
+  // Re-enrolment under the current certificate: the session must be authenticated by an AE-ID certificate, and the
+  // CSR may name only that AE-ID. transport does not tell which certificate (serial) the peer presented, so the
+  // MEF refuses while any unexpired certificate of that AE-ID is revoked: it cannot rule out that the session used
+  // it. The new certificate is bounded by the AE's latest valid enrolment, like /sen.
+  void on_simple_reenrol(const Session& session, const Request& request, Responder responder) {
+    constexpr std::string_view route = "est/sren";
+    if (!content_format_is_pkcs10(session, request, responder, route)) return;
+    const auto& peer = session.peer();
+    if (peer.kind != transport::PeerKind::x509) {
+      return refuse(responder, session, route,
+                    make_error(Errc::unauthenticated, "re-enrolment needs a session authenticated by the current "
+                                                      "AE-ID certificate; this one is " +
+                                                          std::string(transport::to_string(peer.kind)) + " '" +
+                                                          peer.value + "' (use /sen after an enrolment)"),
+                    403);
+    }
+    const std::string& ae_id = peer.value;
+    const crypto::EnroleeRecord* enrolee = nullptr;
+    store.for_each(crypto::RecordKind::enrolee, [&](const crypto::Record& r) {
+      const auto& row = std::get<crypto::EnroleeRecord>(r);
+      if (enrolee == nullptr && row.enrolee_id == ae_id) enrolee = &row;
+    });
+    if (enrolee == nullptr || !enrolee->certificate_enrolment) {
+      return refuse(responder, session, route,
+                    make_error(Errc::denied, "'" + ae_id + "' is " +
+                                                 (enrolee == nullptr ? "not in the enrolee table"
+                                                                     : "not offered certificate enrolment")));
+    }
+    const std::int64_t at = now();
+    bool issued_valid = false;
+    std::string revoked_serial;
+    store.for_each(crypto::RecordKind::issuance, [&](const crypto::Record& r) {
+      const auto& issued = std::get<crypto::IssuanceRecord>(r);
+      if (issued.ae_id != ae_id || issued.expires_at <= at) return;
+      if (issued.revoked_at != 0) {
+        revoked_serial = issued.serial_hex;
+      } else {
+        issued_valid = true;
+      }
+    });
+    if (!revoked_serial.empty() || !issued_valid) {
+      return refuse(responder, session, route,
+                    make_error(Errc::denied, "re-enrolment of '" + ae_id + "' refused: " +
+                                                 (revoked_serial.empty()
+                                                      ? std::string("this MEF holds no valid certificate it issued to it")
+                                                      : "its certificate serial " + revoked_serial +
+                                                            " is revoked and the session's certificate cannot be "
+                                                            "told apart from it")));
+    }
+    std::int64_t enrolment_expiry = 0;
+    store.for_each(crypto::RecordKind::enrolment_key, [&](const crypto::Record& r) {
+      const auto& key = std::get<crypto::EnrolmentKeyRecord>(r);
+      if (key.enrolee_id == ae_id && key.revoked_at == 0 && key.expires_at > at) {
+        enrolment_expiry = std::max(enrolment_expiry, key.expires_at);
+      }
+    });
+    if (enrolment_expiry == 0) {
+      return refuse(responder, session, route,
+                    make_error(Errc::denied, "re-enrolment of '" + ae_id +
+                                                 "' needs a valid enrolment (a certificate never outlives it); run "
+                                                 "POST /mef/enrolment first"));
+    }
+    issue_certificate(session, request, responder, route, ae_id, enrolment_expiry);
+  }
+
+  // ---- GET /mef/revoked (SPEC.md §5) ----
+  void on_revocation_list(const Session& /*session*/, const Request& /*request*/, Responder responder) {
+    RevocationList list;
+    store.for_each(crypto::RecordKind::issuance, [&](const crypto::Record& r) {
+      const auto& issued = std::get<crypto::IssuanceRecord>(r);
+      if (issued.revoked_at != 0) list.serials.push_back(issued.serial_hex);
+    });
+    store.for_each(crypto::RecordKind::enrolment_key, [&](const crypto::Record& r) {
+      const auto& key = std::get<crypto::EnrolmentKeyRecord>(r);
+      if (key.revoked_at != 0) list.ke_ids.push_back(key.ke_id);
+    });
+    list.version = static_cast<std::int64_t>(list.serials.size() + list.ke_ids.size());
+    responder.respond(binary_response(205, static_cast<std::uint16_t>(ContentFormat::cbor),
+                                      encode(list, ContentFormat::cbor)));
   }
 
   // ---- GET /.well-known/est/crts (RFC 9148 §5) ----
@@ -340,6 +434,10 @@ Result<std::unique_ptr<Mef>> Mef::create(transport::Node& node, crypto::KeyStore
   using transport::Method;
   node.add_route(Method::post, {"mef", "enrolment"}, Access::secure,
                  [impl](const Session& s, const Request& r, Responder out) { impl->on_enrolment(s, r, std::move(out)); });
+  node.add_route(Method::get, {"mef", "revoked"}, Access::secure,
+                 [impl](const Session& s, const Request& r, Responder out) {
+                   impl->on_revocation_list(s, r, std::move(out));
+                 });
   node.add_route(Method::get, {"fetchCredentials"}, Access::secure,
                  [impl](const Session& s, const Request& r, Responder out) {
                    impl->on_fetch_credentials(s, r, std::move(out));
@@ -348,6 +446,10 @@ Result<std::unique_ptr<Mef>> Mef::create(transport::Node& node, crypto::KeyStore
     node.add_route(Method::post, {".well-known", "est", "sen"}, Access::secure,
                    [impl](const Session& s, const Request& r, Responder out) {
                      impl->on_simple_enrol(s, r, std::move(out));
+                   });
+    node.add_route(Method::post, {".well-known", "est", "sren"}, Access::secure,
+                   [impl](const Session& s, const Request& r, Responder out) {
+                     impl->on_simple_reenrol(s, r, std::move(out));
                    });
     node.add_route(Method::get, {".well-known", "est", "crts"}, Access::secure,
                    [impl](const Session& s, const Request& r, Responder out) {
@@ -361,7 +463,7 @@ Result<SecretBuffer> Mef::lookup_psk(std::string_view identity) const { return i
 
 transport::PskLookup Mef::psk_lookup() {
   Impl* impl = impl_.get();
-  return [impl](std::string_view identity) { return impl->lookup_psk(identity); };
+  return [impl](const transport::PskRequest& request) { return impl->lookup_psk(request.identity); };
 }
 
 Result<void> Mef::revoke(std::string_view ke_id_text) {

@@ -23,10 +23,11 @@ Bytes serialise(const json& document, ContentFormat format) {
 
 bool cbor_well_formed(ByteView payload);
 
-Result<json> parse(ByteView payload, ContentFormat format, std::string_view message) {
-  if (payload.size > kMaxPayloadSize) {
+Result<json> parse(ByteView payload, ContentFormat format, std::string_view message,
+                   std::size_t max_size = kMaxPayloadSize) {
+  if (payload.size > max_size) {
     return make_error(Errc::limit, std::string(message) + ": payload of " + std::to_string(payload.size) +
-                                       " bytes exceeds " + std::to_string(kMaxPayloadSize));
+                                       " bytes exceeds " + std::to_string(max_size));
   }
   // nlohmann's CBOR reader recurses per nesting level and throws on absurd container counts even with
   // allow_exceptions=false (found by fuzz_rspf_messages): check shape and depth with our own bounded reader first.
@@ -423,6 +424,42 @@ Result<CredentialFeed> decode_credential_feed(ByteView payload, ContentFormat fo
     }
   }
   return feed;
+}
+
+Bytes encode(const RevocationList& message, ContentFormat format) {
+  return serialise({{"version", message.version}, {"serials", message.serials}, {"keIds", message.ke_ids}}, format);
+}
+
+Result<RevocationList> decode_revocation_list(ByteView payload, ContentFormat format) {
+  constexpr std::string_view kMessage = "revocation list";
+  auto document = parse(payload, format, kMessage, kMaxRevocationListSize);
+  if (!document) return std::move(document).error();
+  const Fields fields(*document, kMessage);
+  RevocationList list;
+  auto version = fields.integer("version");
+  if (!version) return std::move(version).error();
+  list.version = *version;
+  auto serials = fields.texts("serials", true, kMaxRevocationListEntries);
+  if (!serials) return std::move(serials).error();
+  for (auto& serial : *serials) {
+    // RFC 5280 §4.1.2.2: at most 20 bytes.
+    const bool hex = !serial.empty() && serial.size() <= 40 && serial.size() % 2 == 0 &&
+                     std::all_of(serial.begin(), serial.end(), [](char c) {
+                       return (c >= '0' && c <= '9') || (c >= 'A' && c <= 'F') || (c >= 'a' && c <= 'f');
+                     });
+    if (!hex) return fields.wrong("serials", "an array of certificate serials (2-40 hex digits)");
+    std::transform(serial.begin(), serial.end(), serial.begin(),
+                   [](char c) { return (c >= 'a' && c <= 'f') ? static_cast<char>(c - 'a' + 'A') : c; });
+    list.serials.push_back(std::move(serial));
+  }
+  auto ke_ids = fields.texts("keIds", true, kMaxRevocationListEntries);
+  if (!ke_ids) return std::move(ke_ids).error();
+  for (const auto& id : *ke_ids) {
+    auto parsed = crypto::parse_ke_id(id);
+    if (!parsed) return fields.wrong("keIds", "an array of KeIDs (" + parsed.error().message + ")");
+    list.ke_ids.push_back(parsed->text());
+  }
+  return list;
 }
 
 Result<FetchCredentialsPath> parse_fetch_credentials_path(const std::vector<std::string>& segments) {

@@ -23,12 +23,12 @@ PskLookupSlot::PskLookupSlot() : target_(std::make_shared<transport::PskLookup>(
 
 transport::PskLookup PskLookupSlot::lookup() const {
   std::shared_ptr<transport::PskLookup> target = target_;
-  return [target](std::string_view identity) -> Result<SecretBuffer> {
+  return [target](const transport::PskRequest& request) -> Result<SecretBuffer> {
     if (!*target) {
-      return make_error(Errc::not_found, "PSK identity '" + std::string(identity) +
+      return make_error(Errc::not_found, "PSK identity '" + std::string(request.identity) +
                                              "': no role answers PSK lookups on this node yet");
     }
-    return (*target)(identity);
+    return (*target)(request);
   };
 }
 

@@ -6,6 +6,10 @@
 
 #include <array>
 #include <map>
+#include <set>
+#include <tuple>
+#include <utility>
+#include <vector>
 
 #include "dauth/crypto/identifiers.hpp"
 #include "dauth/crypto/onem2m.hpp"
@@ -34,27 +38,40 @@ std::string lower_case(std::string_view text) {
 std::string_view to_string(FetchState state) noexcept { return kFetchStateNames[static_cast<std::size_t>(state)]; }
 
 struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
+  // One retrieval: a KeID for one served AE (the key differs per target AE: SPEC.md §4, "22" || B-ID).
+  struct FetchKey {
+    std::string ke_id;
+    std::string local_ae_id;
+    bool operator<(const FetchKey& other) const {
+      return std::tie(ke_id, local_ae_id) < std::tie(other.ke_id, other.local_ae_id);
+    }
+  };
+
   transport::Node& node;
   crypto::KeyStore& store;
   TargetKeysConfig config;
-  std::map<std::string, MefContact> mefs;     // lower-case FQDN -> contact
-  std::map<std::string, FetchState> fetches;  // KeID text -> queued | fetching (others are removed)
+  std::set<std::string> served;                                   // AE-IDs; config.local_ae_id included
+  std::map<std::pair<std::string, std::string>, MefContact> mefs;  // (local AE, lower-case FQDN) -> contact
+  std::map<FetchKey, FetchState> fetches;                         // queued | fetching (others are removed)
+  bool start_posted = false;
   FetchObserver observer;
 
-  Impl(transport::Node& n, crypto::KeyStore& s, TargetKeysConfig c) : node(n), store(s), config(std::move(c)) {}
+  Impl(transport::Node& n, crypto::KeyStore& s, TargetKeysConfig c) : node(n), store(s), config(std::move(c)) {
+    served.insert(config.local_ae_id);
+  }
 
   std::int64_t now() const { return config.clock(); }
 
   // One retrieval's state machine (STYLE.md §14): queued -> fetching -> stored | failed.
-  void set_state(const std::string& ke_id, const std::string& mef, FetchState next, const std::string& reason) {
-    auto it = fetches.find(ke_id);
+  void set_state(const FetchKey& key, const std::string& mef, FetchState next, const std::string& reason) {
+    auto it = fetches.find(key);
     const std::string old = it == fetches.end() ? "none" : std::string(to_string(it->second));
-    config.log("target " + config.local_ae_id + " key retrieval KeID " + ke_id + " mef=" + mef + " " + old + " -> " +
-               std::string(to_string(next)) + ": " + reason);
+    config.log("target " + key.local_ae_id + " key retrieval KeID " + key.ke_id + " mef=" + mef + " " + old +
+               " -> " + std::string(to_string(next)) + ": " + reason);
     if (next == FetchState::stored || next == FetchState::failed) {
       if (it != fetches.end()) fetches.erase(it);
     } else {
-      fetches[ke_id] = next;
+      fetches[key] = next;
     }
   }
 
@@ -62,55 +79,88 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
     if (observer) observer(ke_id, outcome);
   }
 
-  Result<SecretBuffer> lookup_psk(std::string_view identity) {
+  // The served AE a handshake targets, from its SNI (see the header for the rule).
+  Result<std::string> target_of(std::string_view sni) const {
+    if (sni.empty()) return config.local_ae_id;
+    if (auto it = served.find(std::string(sni)); it != served.end()) return *it;
+    if (served.size() == 1) return config.local_ae_id;  // e.g. our FQDN as SNI: unambiguous with one AE
+    std::string names;
+    for (const auto& ae : served) names += (names.empty() ? "" : ", ") + ae;
+    return make_error(Errc::denied, "SNI " + crypto::quote_for_error(sni) +
+                                        " names none of the local AEs this gateway serves as Enrolment Target (" +
+                                        names + ")");
+  }
+
+  Result<SecretBuffer> lookup_psk(std::string_view identity, std::string_view sni) {
     auto ke_id = crypto::parse_ke_id(identity);
     if (!ke_id.ok()) {
       return make_error(Errc::not_found, "PSK identity " + crypto::quote_for_error(identity) + " is not a KeID");
     }
-    const std::string text = ke_id->text();
-    const auto* record = store.find<crypto::SessionKeyRecord>(text);
-    if (record != nullptr && record->local_ae_id == config.local_ae_id && record->expires_at > now()) {
+    auto target = target_of(sni);
+    if (!target.ok()) {
+      config.log("target refused KeID " + ke_id->text() + ": " + target.error().message);
+      return std::move(target).error();
+    }
+    const FetchKey key{ke_id->text(), *target};
+    const auto* record = store.find<crypto::SessionKeyRecord>(key.ke_id);
+    if (record != nullptr && record->local_ae_id == key.local_ae_id && record->expires_at > now()) {
       return record->key.clone();
     }
-    if (fetches.count(text) != 0) {
-      return make_error(Errc::not_found, "KeID " + text + ": key retrieval from its MEF is running, retry shortly");
+    if (fetches.count(key) != 0) {
+      return make_error(Errc::not_found, "KeID " + key.ke_id + " for " + key.local_ae_id +
+                                             ": key retrieval from its MEF is running, retry shortly");
     }
-    const auto mef = mefs.find(ke_id->mef_fqdn);
+    const auto mef = mefs.find({key.local_ae_id, ke_id->mef_fqdn});
     if (mef == mefs.end()) {
-      Error refusal = make_error(Errc::denied, "KeID " + text + " names MEF '" + ke_id->mef_fqdn +
-                                                   "', which is not configured for " + config.local_ae_id);
-      config.log("target " + config.local_ae_id + " refused: " + refusal.message);
-      tell(text, refusal);
+      Error refusal = make_error(Errc::denied, "KeID " + key.ke_id + " names MEF '" + ke_id->mef_fqdn +
+                                                   "', which is not configured for " + key.local_ae_id);
+      config.log("target " + key.local_ae_id + " refused: " + refusal.message);
+      tell(key.ke_id, refusal);
       return refusal;
     }
     if (fetches.size() >= config.max_fetches_in_flight) {
-      return make_error(Errc::limit, "KeID " + text + ": " + std::to_string(fetches.size()) +
+      return make_error(Errc::limit, "KeID " + key.ke_id + ": " + std::to_string(fetches.size()) +
                                          " key retrievals are already pending (limit " +
                                          std::to_string(config.max_fetches_in_flight) + ")");
     }
-    set_state(text, ke_id->mef_fqdn, FetchState::queued,
+    set_state(key, ke_id->mef_fqdn, FetchState::queued,
               record != nullptr ? "stored key expired or for another AE" : "unknown KeID in a handshake");
-    return make_error(Errc::not_found, "KeID " + text + ": unknown here, key retrieval from " + ke_id->mef_fqdn +
-                                           " started, retry shortly");
+    post_start();
+    return make_error(Errc::not_found, "KeID " + key.ke_id + " for " + key.local_ae_id + ": unknown here, key " +
+                                           "retrieval from " + ke_id->mef_fqdn + " started, retry shortly");
+  }
+
+  // We are inside libcoap's DTLS callback: the fetch starts from the loop (Node::post), once per round.
+  void post_start() {
+    if (start_posted) return;
+    start_posted = true;
+    std::weak_ptr<Impl> weak = weak_from_this();
+    node.post([weak] {
+      if (auto self = weak.lock()) self->start_pending_fetches();
+    });
   }
 
   void start_pending_fetches() {
-    std::vector<std::string> queued;
-    for (const auto& [ke_id, state] : fetches) {
-      if (state == FetchState::queued) queued.push_back(ke_id);
+    start_posted = false;
+    std::vector<FetchKey> queued;
+    for (const auto& [key, state] : fetches) {
+      if (state == FetchState::queued) queued.push_back(key);
     }
-    for (const auto& ke_id : queued) start_fetch(ke_id);
+    for (const auto& key : queued) start_fetch(key);
   }
 
-  void start_fetch(const std::string& text) {
-    auto ke_id = crypto::parse_ke_id(text).value();  // parsed when it was queued
+  void start_fetch(const FetchKey& key) {
+    auto ke_id = crypto::parse_ke_id(key.ke_id).value();  // parsed when it was queued
     const std::string mef_fqdn = ke_id.mef_fqdn;
-    const auto mef = mefs.find(mef_fqdn);
+    const auto mef = mefs.find({key.local_ae_id, mef_fqdn});
     auto give_up = [&](const Error& error) {
-      set_state(text, mef_fqdn, FetchState::failed, error.to_string());
-      tell(text, error);
+      set_state(key, mef_fqdn, FetchState::failed, error.to_string());
+      tell(key.ke_id, error);
     };
-    if (mef == mefs.end()) return give_up(make_error(Errc::denied, "MEF '" + mef_fqdn + "' is no longer configured"));
+    if (mef == mefs.end()) {
+      return give_up(make_error(Errc::denied, "MEF '" + mef_fqdn + "' is no longer configured for " +
+                                                  key.local_ae_id));
+    }
     auto credentials = mef->second.credentials ? mef->second.credentials()
                                                : Result<transport::ClientCredentials>(make_error(
                                                      Errc::not_found, "no credentials for MEF '" + mef_fqdn + "'"));
@@ -122,19 +172,19 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
     request.method = transport::Method::get;
     request.path = fetch_credentials_path(ke_id, crypto::Suid::rspf_key_for_saef);
     request.accept = static_cast<std::uint16_t>(ContentFormat::cbor);
-    request.originator = config.local_ae_id;
-    set_state(text, mef_fqdn, FetchState::fetching, "GET " + request.path_text() + " as " + credentials->psk_identity);
+    request.originator = key.local_ae_id;
+    set_state(key, mef_fqdn, FetchState::fetching, "GET " + request.path_text() + " as " + credentials->psk_identity);
     std::weak_ptr<Impl> weak = weak_from_this();
     node.request(mef->second.address, *credentials, std::move(request),
-                 [weak, text, mef_fqdn](Result<transport::Response> answer, const transport::Session*) {
-                   if (auto self = weak.lock()) self->on_answer(text, mef_fqdn, std::move(answer));
+                 [weak, key, mef_fqdn](Result<transport::Response> answer, const transport::Session*) {
+                   if (auto self = weak.lock()) self->on_answer(key, mef_fqdn, std::move(answer));
                  });
   }
 
-  void on_answer(const std::string& ke_id, const std::string& mef_fqdn, Result<transport::Response> answer) {
+  void on_answer(const FetchKey& key, const std::string& mef_fqdn, Result<transport::Response> answer) {
     auto give_up = [&](Error error) {
-      set_state(ke_id, mef_fqdn, FetchState::failed, error.to_string());
-      tell(ke_id, error);
+      set_state(key, mef_fqdn, FetchState::failed, error.to_string());
+      tell(key.ke_id, error);
     };
     if (!answer.ok()) return give_up(std::move(answer).error());
     if (answer->code != 205) return give_up(error_from_response("MEF " + mef_fqdn, *answer));
@@ -146,17 +196,17 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
       return give_up(make_error(Errc::expired, "MEF gave a lifetime of " + std::to_string(message->lifetime_s) + " s"));
     }
     crypto::SessionKeyRecord record;
-    record.ke_id = ke_id;
+    record.ke_id = key.ke_id;
     record.key = std::move(message->credential);
     record.peer_ae_id = message->enrolee_id;
-    record.local_ae_id = config.local_ae_id;
+    record.local_ae_id = key.local_ae_id;
     record.suid = static_cast<int>(crypto::Suid::rspf_key_for_saef);
     record.expires_at = now() + message->lifetime_s;
     const std::string reason = "key for peer " + record.peer_ae_id + " (fingerprint " + record.key.fingerprint() +
                                ") until " + std::to_string(record.expires_at);
     if (auto stored = store.put(std::move(record)); !stored.ok()) return give_up(std::move(stored).error());
-    set_state(ke_id, mef_fqdn, FetchState::stored, reason);
-    tell(ke_id, ok_result());
+    set_state(key, mef_fqdn, FetchState::stored, reason);
+    tell(key.ke_id, ok_result());
   }
 };
 
@@ -174,18 +224,24 @@ Result<std::unique_ptr<TargetKeys>> TargetKeys::create(transport::Node& node, cr
   return std::unique_ptr<TargetKeys>(new TargetKeys(std::make_shared<Impl>(node, store, std::move(config))));
 }
 
-Result<void> TargetKeys::add_mef(std::string_view mef_fqdn, MefContact contact) {
+Result<void> TargetKeys::add_mef(std::string_view mef_fqdn, MefContact contact, std::string_view local_ae_id) {
   if (auto valid = crypto::validate_fqdn(mef_fqdn); !valid.ok()) return valid;
-  impl_->mefs[lower_case(mef_fqdn)] = std::move(contact);
+  const std::string ae = local_ae_id.empty() ? impl_->config.local_ae_id : std::string(local_ae_id);
+  if (auto valid = crypto::validate_ae_id(ae); !valid.ok()) return valid;
+  impl_->served.insert(ae);
+  impl_->mefs[{ae, lower_case(mef_fqdn)}] = std::move(contact);
   return ok_result();
 }
 
-Result<SecretBuffer> TargetKeys::lookup_psk(std::string_view identity) { return impl_->lookup_psk(identity); }
+Result<SecretBuffer> TargetKeys::lookup_psk(const transport::PskRequest& request) {
+  return impl_->lookup_psk(request.identity, request.sni);
+}
+Result<SecretBuffer> TargetKeys::lookup_psk(std::string_view identity) { return impl_->lookup_psk(identity, {}); }
 
 transport::PskLookup TargetKeys::psk_lookup() {
   std::weak_ptr<Impl> weak = impl_;
-  return [weak](std::string_view identity) -> Result<SecretBuffer> {
-    if (auto self = weak.lock()) return self->lookup_psk(identity);
+  return [weak](const transport::PskRequest& request) -> Result<SecretBuffer> {
+    if (auto self = weak.lock()) return self->lookup_psk(request.identity, request.sni);
     return make_error(Errc::not_found, "target key retrieval has shut down");
   };
 }

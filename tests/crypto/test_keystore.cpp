@@ -15,6 +15,7 @@
 #include <sstream>
 #include <thread>
 
+#include "dauth/crypto/key_file.hpp"
 #include "dauth/crypto/keystore.hpp"
 #include "support.hpp"
 
@@ -520,6 +521,90 @@ TEST_CASE("key store: a second open of the same directory is refused while the f
   const auto second = KeyStore::open(dir.path(), test_master_key());
   REQUIRE_FALSE(second.ok());
   CHECK_THAT(second.error().message, Catch::Contains("another process"));
+}
+
+TEST_CASE("key store: a second KeyStore in the same process is refused too, and the lock goes with the store",
+          "[keystore]") {
+  test::TempDir dir;
+  {
+    KeyStore first = open_store(dir.path());
+    KeyStore moved = std::move(first);  // the lock travels with the open store
+    const auto second = KeyStore::open(dir.path(), test_master_key());
+    REQUIRE_FALSE(second.ok());
+    CHECK(second.error().code == Errc::io);
+    CHECK_THAT(second.error().message, Catch::Contains("already open") && Catch::Contains(dir.path().string()));
+  }
+  CHECK(KeyStore::open(dir.path(), test_master_key()).ok());  // released with the store
+}
+
+TEST_CASE("key store: find() pointers survive other puts, removes and compaction, as keystore.hpp promises",
+          "[keystore]") {
+  // Under the sanitizer build a dangling pointer here is a use-after-free report, not a silent pass.
+  test::TempDir dir;
+  KeyStore store = open_store(dir.path());
+  auto make_key = [](std::uint8_t seed, const std::string& ke_id) {
+    EnrolmentKeyRecord record;
+    record.ke_id = ke_id;
+    record.ke = patterned_secret(32, seed);
+    record.enrolee_id = "CAE-pointer";
+    record.expires_at = 1700000000;
+    return record;
+  };
+  const std::string kept_id = "000102030405060708090A0B0C0D0E0F@mef.example.net";
+  const std::string other_id = "101112131415161718191A1B1C1D1E1F@mef.example.net";
+  REQUIRE(store.put(make_key(1, kept_id)).ok());
+  REQUIRE(store.put(make_key(2, other_id)).ok());
+  const auto* kept = store.find<EnrolmentKeyRecord>(kept_id);
+  REQUIRE(kept != nullptr);
+  const SecretBuffer expected = patterned_secret(32, 1);
+
+  REQUIRE(store.put(make_key(3, "202122232425262728292A2B2C2D2E2F@mef.example.net")).ok());
+  REQUIRE(store.put(make_key(4, other_id)).ok());  // replaces another record
+  REQUIRE(store.remove(RecordKind::enrolment_key, other_id).ok());
+  REQUIRE(store.compact().ok());
+  KeyStore moved = std::move(store);
+  CHECK(kept->ke.equals(expected));
+  CHECK(kept->ke_id == kept_id);
+  CHECK(moved.find<EnrolmentKeyRecord>(kept_id) == kept);
+}
+
+TEST_CASE("key store: a directory that is not a directory, or is missing, is named in the error", "[keystore]") {
+  test::TempDir dir;
+  test::write_file(dir / "plain", std::string("x"));
+  const auto not_dir = KeyStore::open(dir / "plain", test_master_key());
+  REQUIRE_FALSE(not_dir.ok());
+  CHECK(not_dir.error().code == Errc::invalid_argument);
+  CHECK_THAT(not_dir.error().message, Catch::Contains("plain") && Catch::Contains("not a directory"));
+}
+
+TEST_CASE("read_key_file: reads at most one byte past the limit, refuses open modes and non-files", "[keystore]") {
+  test::TempDir dir;
+  test::write_file(dir / "short", std::string("abc"));
+  test::write_file(dir / "long", std::string(100, 'x'));
+  test::write_file(dir / "empty", std::string());
+  auto short_file = read_key_file(dir / "short", "test key file", 10);
+  REQUIRE(short_file.ok());
+  CHECK(short_file->equals(ByteView::of("abc")));
+  auto long_file = read_key_file(dir / "long", "test key file", 10);
+  REQUIRE(long_file.ok());
+  CHECK(long_file->size() == 11);  // the caller sees "longer than allowed" without the file being read whole
+  auto empty = read_key_file(dir / "empty", "test key file", 10);
+  REQUIRE(empty.ok());
+  CHECK(empty->empty());
+
+  test::write_file(dir / "open", std::string("secret-bytes"), 0620);
+  auto open_mode = read_key_file(dir / "open", "test key file", 100);
+  REQUIRE_FALSE(open_mode.ok());
+  CHECK(open_mode.error().code == Errc::permission);
+  CHECK_THAT(open_mode.error().message, Catch::Contains("test key file") && Catch::Contains("mode 0620") &&
+                                            !Catch::Contains("secret-bytes"));
+  auto directory = read_key_file(dir.path(), "test key file", 100);
+  REQUIRE_FALSE(directory.ok());
+  CHECK(directory.error().code == Errc::permission);
+  CHECK_THAT(directory.error().message, Catch::Contains("not a regular file"));
+  auto missing = read_key_file(dir / "missing", "test key file", 100);
+  REQUIRE_FALSE(missing.ok());
+  CHECK(missing.error().code == Errc::not_found);
 }
 
 TEST_CASE("master key file: format, mode and creation", "[keystore]") {

@@ -3,7 +3,10 @@
 // 6920 key names checked against Python's hashlib; hostile input (truncated, garbage, tampered, junk PEM) refused.
 #include <catch2/catch.hpp>
 
+#include <sys/stat.h>
+
 #include <algorithm>
+#include <cstdio>
 #include <ctime>
 #include <filesystem>
 #include <string>
@@ -238,7 +241,7 @@ TEST_CASE("x509: keys round-trip through PEM, DER and files; wrong curves and ju
   CHECK(must(crypto::PrivateKey::load_file((dir / "key.pem").string())).public_key_der() == key.public_key_der());
   auto missing = crypto::PrivateKey::load_file((dir / "nope.pem").string());
   REQUIRE_FALSE(missing.ok());
-  CHECK(missing.error().code == Errc::io);
+  CHECK(missing.error().code == Errc::not_found);
   CHECK(contains(missing.error().message, "nope.pem"));
 
   // PKCS#8 "PRIVATE KEY" from openssl is accepted; a P-384 key is not (P-256 pinned, TS-0003 §10.1.1.1).
@@ -258,6 +261,95 @@ TEST_CASE("x509: keys round-trip through PEM, DER and files; wrong curves and ju
   }
   Bytes truncated(der.data(), der.data() + der.size() / 2);
   CHECK_FALSE(crypto::PrivateKey::parse(SecretBuffer::copy_of(truncated)).ok());
+}
+
+TEST_CASE("x509: a private key file with group or other permission bits is refused, naming the mode", "[x509]") {
+  // STYLE.md §8: the daemon refuses such key files (the master key loader does the same, through the same helper).
+  TempDir dir;
+  auto key = must(crypto::PrivateKey::generate_p256());
+  const std::string pem = text_of(must(key.to_pem()));
+  for (const int mode : {0644, 0640, 0604, 0660, 0602}) {
+    char mode_text[8];
+    std::snprintf(mode_text, sizeof mode_text, "%04o", mode);
+    INFO("mode " << mode_text);
+    const auto path = dir / ("key-" + std::string(mode_text) + ".pem");
+    write_file(path, pem, mode);
+    auto loaded = crypto::PrivateKey::load_file(path.string());
+    REQUIRE_FALSE(loaded.ok());
+    CHECK(loaded.error().code == Errc::permission);
+    CHECK(contains(loaded.error().message, std::string("mode ") + mode_text));
+    CHECK(contains(loaded.error().message, path.string()));
+    CHECK(contains(loaded.error().message, "chmod 600"));
+  }
+  for (const int mode : {0600, 0400}) {
+    const auto path = dir / ("ok-" + std::to_string(mode) + ".pem");
+    write_file(path, pem, mode);
+    CHECK(must(crypto::PrivateKey::load_file(path.string())).public_key_der() == key.public_key_der());
+  }
+  // A certificate is public: its mode does not matter.
+  auto ca = must(crypto::CertificateAuthority::create_self_signed(std::move(key), "CN=Mode CA", std::time(nullptr),
+                                                                  std::time(nullptr) + kDay));
+  write_file(dir / "ca.pem", ca.certificate().pem(), 0644);
+  CHECK(must(crypto::Certificate::load_file((dir / "ca.pem").string())).der() == ca.certificate().der());
+  // Neither is a directory, a FIFO or an oversized file read.
+  ::mkfifo((dir / "fifo").c_str(), 0600);
+  auto fifo = crypto::PrivateKey::load_file((dir / "fifo").string());
+  REQUIRE_FALSE(fifo.ok());
+  CHECK(contains(fifo.error().message, "not a regular file"));
+  write_file(dir / "big.pem", std::string((std::size_t{1} << 20) + 1, 'A'), 0644);
+  auto big = crypto::Certificate::load_file((dir / "big.pem").string());
+  REQUIRE_FALSE(big.ok());
+  CHECK(big.error().code == Errc::limit);
+}
+
+TEST_CASE("x509: a key file parsed as a certificate or CSR by mistake is not quoted in the error", "[x509]") {
+  // Error messages reach logs (STYLE.md §9): a hex master key or a private key's PEM body must not appear in them.
+  auto key = must(crypto::PrivateKey::generate_p256());
+  const std::string key_pem = text_of(must(key.to_pem()));
+  const std::string hex_key = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n";
+  const std::string key_body = key_pem.substr(key_pem.find('\n') + 1, 64);
+  auto ca = must(crypto::CertificateAuthority::create_self_signed(must(crypto::PrivateKey::generate_p256()),
+                                                                  "CN=Quote CA", std::time(nullptr),
+                                                                  std::time(nullptr) + kDay));
+  // ('0' is 0x30, a DER SEQUENCE tag: that one goes to the DER parser, whose errors carry no input bytes either.)
+  const std::vector<std::string> inputs = {hex_key, hex_key.substr(2) + "00", "  " + hex_key,
+                                           ca.certificate().pem() + hex_key};
+  for (const std::string& input : inputs) {
+    for (const bool csr : {false, true}) {
+      const auto bytes = ByteView::of(input);
+      const std::string message = csr ? crypto::CertificateRequest::parse(bytes).error().message
+                                      : crypto::Certificate::parse(bytes).error().message;
+      INFO(message);
+      CHECK_FALSE(message.empty());
+      for (std::size_t at = 0; at + 8 <= 64; ++at) CHECK_FALSE(contains(message, hex_key.substr(at, 8)));
+    }
+  }
+  // A PEM block of another kind is named by its label, and nothing of its body is shown.
+  const std::string message = crypto::Certificate::parse(ByteView::of(key_pem)).error().message;
+  CHECK(contains(message, "'EC PRIVATE KEY' block"));
+  for (std::size_t at = 0; at + 8 <= key_body.size(); ++at) CHECK_FALSE(contains(message, key_body.substr(at, 8)));
+}
+
+TEST_CASE("x509: PEM of a private key is what openssl writes for the same key, and openssl reads it back", "[x509]") {
+  TempDir dir;
+  auto key = must(crypto::PrivateKey::generate_p256());
+  const SecretBuffer pem = must(key.to_pem());
+  const std::string text = text_of(pem);
+  CHECK(text.rfind("-----BEGIN EC PRIVATE KEY-----\n", 0) == 0);
+  CHECK(text.find('\0') == std::string::npos);
+  write_file(dir / "ours.pem", text);
+  write_file(dir / "ours.der", [&] {
+    const SecretBuffer der = must(key.to_der());
+    return Bytes(der.data(), der.data() + der.size());
+  }());
+  // openssl re-encodes our DER as SEC1 PEM: the bytes must be ours exactly (64-character lines, RFC 7468 §2).
+  must_run({"openssl", "ec", "-inform", "DER", "-in", (dir / "ours.der").string(), "-out",
+            (dir / "openssl.pem").string()});
+  CHECK(read_text_file(dir / "openssl.pem") == text);
+  must_run({"openssl", "ec", "-in", (dir / "ours.pem").string(), "-outform", "DER", "-out",
+            (dir / "openssl.der").string()});
+  const SecretBuffer der = must(key.to_der());
+  CHECK(der.equals(read_binary_file(dir / "openssl.der")));
 }
 
 TEST_CASE("x509: certificates made by openssl parse: URI SANs, DNS SANs, several URIs, no SAN", "[x509]") {

@@ -1,17 +1,32 @@
 // libFuzzer target: Certificate::parse (DER, and PEM with our own block splitter) and everything read from a parsed
-// certificate (SAN walk, AE-ID, public key id, verification callback), plus the raw-public-key parser. Hostile
-// bytes must give an Error, never a crash, hang or out-of-bounds read.
+// certificate (SAN walk, AE-ID, public key id, verification callback), plus the raw-public-key and private-key
+// parsers. Hostile bytes must give an Error, never a crash, hang or out-of-bounds read.
 #include <cstddef>
 #include <cstdint>
 #include <string>
 
 #include "dauth/crypto/identifiers.hpp"
 #include "dauth/crypto/x509.hpp"
+#include "dauth/secret.hpp"
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   namespace crypto = dauth::crypto;
   const dauth::ByteView input(data, size);
   (void)crypto::public_key_id_from_spki(input);
+  // Private keys (DER or PEM, a local file's content): what parses writes back as PEM and DER that parse to the
+  // same key (to_pem is our own encoder, not mbedTLS's).
+  if (auto key = crypto::PrivateKey::parse(dauth::SecretBuffer::copy_of(input)); key.ok()) {
+    auto pem = key->to_pem();
+    auto der = key->to_der();
+    if (!pem.ok() || !der.ok()) __builtin_trap();
+    auto from_pem = crypto::PrivateKey::parse(*pem);
+    auto from_der = crypto::PrivateKey::parse(*der);
+    if (!from_pem.ok() || !from_der.ok()) __builtin_trap();
+    auto der_again = from_der->to_der();
+    if (from_pem->public_key_der() != key->public_key_der() || !der_again.ok() || !der_again->equals(*der)) {
+      __builtin_trap();
+    }
+  }
 
   auto certificate = crypto::Certificate::parse(input);
   if (!certificate.ok()) return 0;

@@ -223,7 +223,9 @@ TEST_CASE("the MEF refuses bad enrolments and certificate requests, stores nothi
     REQUIRE(world.mef_enrolments() == before);
   }
   SECTION("a second enrolment on the same DTLS session (same exporter, same KeID): 4.09") {
-    const Bytes body = rspf::encode(rspf::EnrolmentRequest{}, rspf::ContentFormat::cbor);
+    // Asking for certificate enrolment (offered to the meter) keeps the session open for EST; without an
+    // instruction the MEF closes it after the 2.04 (PROTOCOL.md §3.4).
+    const Bytes body = rspf::encode(rspf::EnrolmentRequest{true, false, false}, rspf::ContentFormat::cbor);
     auto first = world.call(*world.meter_node, world.mef_address(), meter_bootstrap, post({"mef", "enrolment"}, 60, body));
     REQUIRE(first.ok());
     REQUIRE(first->code == 204);

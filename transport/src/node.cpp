@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <coap3/coap.h>
 #include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -219,6 +220,7 @@ class SessionImpl final : public Session {
   bool psk_key_supplied = false;
   bool timed_out = false;
   bool dead = false;                     // client: failed or closed; released after coap_io_process
+  bool close_requested = false;          // server: a response asked to end the session once it is sent
   std::string offered_identity;
   std::optional<PeerIdentity> verified;  // from validate_id / validate_cn
   std::string refusal;                   // our own reason for refusing, set in a callback
@@ -342,6 +344,8 @@ struct Node::Impl {
   std::map<std::pair<coap_session_t*, std::string>, PendingRequest> pending;
   std::map<std::pair<coap_session_t*, std::string>, std::shared_ptr<Responder::State>> deferred;
   std::vector<std::function<void()>> completions;  // user callbacks, run after coap_io_process returns
+  std::vector<std::function<void()>> posted;       // Node::post(), run after the completions
+  UniqueFd post_signal;                            // eventfd in `epoll`: readable while `posted` is not empty
 
   // Declared last so they are freed first: freeing a context raises SESSION_DEL events that use the maps above.
   std::map<std::string, std::unique_ptr<ClientPkiContext>> client_pki_contexts;
@@ -454,6 +458,15 @@ struct Node::Impl {
   }
 
   void housekeeping();
+  void run_posted() {
+    if (posted.empty()) return;
+    eventfd_t signalled = 0;
+    const int cleared = eventfd_read(post_signal.get(), &signalled);  // non-blocking: resets the counter to 0
+    (void)cleared;  // EAGAIN only if already 0: nothing to clear
+    auto batch = std::move(posted);
+    posted.clear();
+    for (auto& work : batch) work();
+  }
   void run_completions() {
     if (running_completions) return;
     running_completions = true;
@@ -466,6 +479,11 @@ struct Node::Impl {
   }
 
   Result<coap_session_t*> client_session_for(const Peer& peer, const ClientCredentials& credentials);
+  // The session cache key: peer, credential, SNI, expected peer. Without create_pki_context, a PKI credential that
+  // has no client context yet gets not_found (it cannot have a session either).
+  Result<std::string> cache_key_for(const Peer& peer, const ClientCredentials& credentials, bool create_pki_context,
+                                    ClientPkiContext** pki_out = nullptr);
+  static std::string pki_context_key(const ClientCredentials& credentials);
   Result<ClientPkiContext*> client_pki_context(const ClientCredentials& credentials);
   Result<void> add_context_to_loop(coap_context_t* context);
   ContextPtr new_context(ContextRole role, std::string& error);
@@ -490,7 +508,8 @@ const coap_bin_const_t* on_psk_identity(coap_bin_const_t* identity, coap_session
     impl->report_handshake_failure(state, FailureKind::handshake_failed, state.refusal);
     return nullptr;
   }
-  auto key = impl->config.psk_lookup(state.offered_identity);
+  const std::string sni = detail::server_name(session);
+  auto key = impl->config.psk_lookup(PskRequest{state.offered_identity, sni, state.remote});
   if (!key.ok() || key->empty()) {
     state.refusal = key.ok() ? "PSK handshake refused: empty key for the identity"
                              : "PSK handshake refused: " + key.error().message;
@@ -703,6 +722,8 @@ Request parse_request(const coap_pdu_t* pdu, bool legacy) {
       request.path.push_back(value);
     } else if (number == COAP_OPTION_URI_QUERY) {
       request.query.push_back(value);
+    } else if (number == COAP_OPTION_PROXY_URI) {
+      request.proxy_uri = value;
     } else if (number == COAP_OPTION_CONTENT_FORMAT) {
       request.content_format =
           static_cast<std::uint16_t>(coap_decode_var_bytes(coap_opt_value(option), coap_opt_length(option)));
@@ -735,6 +756,8 @@ void fill_response(coap_resource_t* resource, coap_session_t* session, const coa
   }
   state.count.packets_out++;
   state.count.bytes_out += response.payload.size() + 4;
+  // Carried out in housekeeping, after coap_io_process has sent this response (closing here would drop it).
+  if (response.close_session && state.secure && !state.client) state.close_requested = true;
   if (!response.payload.empty()) {
     auto* copy = new Bytes(response.payload);  // owned by libcoap until release_heap_bytes
     const int format = response.content_format ? static_cast<int>(*response.content_format) : -1;
@@ -926,6 +949,13 @@ void Node::Impl::housekeeping() {
     // Raises DTLS_CLOSED (reported in on_event); libcoap frees the session on its next sweep.
     coap_session_disconnected(raw, COAP_NACK_TLS_FAILED);
   }
+  for (auto& [raw, state] : sessions) {
+    if (state->client || !state->close_requested || coap_session_get_state(raw) == COAP_SESSION_STATE_NONE) continue;
+    state->close_requested = false;
+    // Sends close_notify (gnutls_bye / SSL_shutdown in coap_dtls_free_session) and sets the state to NONE; libcoap
+    // frees the session at its next sweep (SERVER_SESSION_DEL). The response went out in coap_io_process already.
+    coap_session_disconnected(raw, COAP_NACK_NOT_DELIVERABLE);
+  }
   for (auto it = pending.begin(); it != pending.end();) {
     if (now > it->second.deadline) {
       auto found = sessions.find(it->first.first);
@@ -964,7 +994,7 @@ void Node::Impl::housekeeping() {
   counters.live_client_sessions = client_cache.size();
 }
 
-Result<ClientPkiContext*> Node::Impl::client_pki_context(const ClientCredentials& credentials) {
+std::string Node::Impl::pki_context_key(const ClientCredentials& credentials) {
   const bool rpk = credentials.kind == ClientCredentials::Kind::rpk;
   const SecretBuffer& key = rpk ? credentials.rpk->private_key_pem : credentials.x509->private_key_pem;
   // One context per credential, not per SNI or expected peer: those two travel per session (SessionImpl and the
@@ -976,6 +1006,13 @@ Result<ClientPkiContext*> Node::Impl::client_pki_context(const ClientCredentials
   } else {
     for (const auto& pinned : credentials.rpk->pinned_peer_keys) context_key += "|" + pinned;
   }
+  return context_key;
+}
+
+Result<ClientPkiContext*> Node::Impl::client_pki_context(const ClientCredentials& credentials) {
+  const bool rpk = credentials.kind == ClientCredentials::Kind::rpk;
+  const SecretBuffer& key = rpk ? credentials.rpk->private_key_pem : credentials.x509->private_key_pem;
+  std::string context_key = pki_context_key(credentials);
   if (auto it = client_pki_contexts.find(context_key); it != client_pki_contexts.end()) return it->second.get();
 
   auto entry = std::make_unique<ClientPkiContext>();
@@ -1022,7 +1059,8 @@ Result<ClientPkiContext*> Node::Impl::client_pki_context(const ClientCredentials
   return raw;
 }
 
-Result<coap_session_t*> Node::Impl::client_session_for(const Peer& peer, const ClientCredentials& credentials) {
+Result<std::string> Node::Impl::cache_key_for(const Peer& peer, const ClientCredentials& credentials,
+                                              bool create_pki_context, ClientPkiContext** pki_out) {
   using Kind = ClientCredentials::Kind;
   std::string identity_key;
   switch (credentials.kind) {
@@ -1038,18 +1076,32 @@ Result<coap_session_t*> Node::Impl::client_session_for(const Peer& peer, const C
     return make_error(Errc::unsupported, "raw public keys (RFC 7250) need the GnuTLS build; this is " +
                                              std::string(to_string(compiled_backend())));
   }
-  auto address = parse_address(peer.host, peer.port);
-  if (!address.ok()) return std::move(address).error();
-
   ClientPkiContext* pki = nullptr;
   if (credentials.kind == Kind::x509 || credentials.kind == Kind::rpk) {
-    auto context = client_pki_context(credentials);
-    if (!context.ok()) return std::move(context).error();
-    pki = *context;
+    if (create_pki_context) {
+      auto context = client_pki_context(credentials);
+      if (!context.ok()) return std::move(context).error();
+      pki = *context;
+    } else {
+      auto it = client_pki_contexts.find(pki_context_key(credentials));
+      if (it == client_pki_contexts.end()) return make_error(Errc::not_found, "no client context for this credential");
+      pki = it->second.get();
+    }
     identity_key += pki->our_key_id + "|" + std::to_string(reinterpret_cast<std::uintptr_t>(pki)) + "|" +
                     credentials.expected_peer;
   }
-  const std::string cache_key = peer.host + "|" + std::to_string(peer.port) + "|" + identity_key + "|" + credentials.sni;
+  if (pki_out != nullptr) *pki_out = pki;
+  return peer.host + "|" + std::to_string(peer.port) + "|" + identity_key + "|" + credentials.sni;
+}
+
+Result<coap_session_t*> Node::Impl::client_session_for(const Peer& peer, const ClientCredentials& credentials) {
+  using Kind = ClientCredentials::Kind;
+  auto address = parse_address(peer.host, peer.port);
+  if (!address.ok()) return std::move(address).error();
+  ClientPkiContext* pki = nullptr;
+  auto key = cache_key_for(peer, credentials, /*create_pki_context=*/true, &pki);
+  if (!key.ok()) return std::move(key).error();
+  const std::string cache_key = std::move(*key);
   if (auto it = client_cache.find(cache_key); it != client_cache.end()) {
     auto found = sessions.find(it->second);
     if (found != sessions.end() && !found->second->dead) return it->second;
@@ -1181,6 +1233,16 @@ Result<std::unique_ptr<Node>> Node::create(NodeConfig config) {
   }
   impl->epoll.reset(epoll_create1(EPOLL_CLOEXEC));
   if (impl->epoll.get() < 0) return make_error(Errc::io, std::string("epoll_create1: ") + std::strerror(errno));
+  impl->post_signal.reset(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (impl->post_signal.get() < 0) return make_error(Errc::io, std::string("eventfd: ") + std::strerror(errno));
+  {
+    epoll_event event{};
+    event.events = EPOLLIN;
+    event.data.fd = impl->post_signal.get();
+    if (epoll_ctl(impl->epoll.get(), EPOLL_CTL_ADD, impl->post_signal.get(), &event) != 0) {
+      return make_error(Errc::io, std::string("epoll_ctl(ADD) of the post eventfd: ") + std::strerror(errno));
+    }
+  }
 
   if (!cfg.secure_addresses.empty() || !cfg.local_address.empty()) {
     std::string error;
@@ -1279,6 +1341,13 @@ Result<std::unique_ptr<Node>> Node::create(NodeConfig config) {
       coap_register_request_handler(resource, method, on_request);
     }
     coap_add_resource(context, resource);
+    // Proxy-Uri requests (a local AE naming its target AE, SPEC.md §6): without a proxy resource libcoap answers
+    // them 5.05 itself (RFC 7252 §5.7.2). The one name it is "known by" is reserved (RFC 6761 .invalid), so no
+    // Proxy-Uri host is ever taken for this node; the request reaches on_request and our routes with no Uri-Path.
+    const char* own_proxy_names[] = {"dauthd.proxy.invalid"};  // copied by libcoap
+    coap_resource_t* proxy = coap_resource_proxy_uri_init2(on_request, 1, own_proxy_names, 0);
+    if (proxy == nullptr) return make_error(Errc::internal, "coap_resource_proxy_uri_init2 failed");
+    coap_add_resource(context, proxy);
     if (auto added = impl->add_context_to_loop(context); !added.ok()) return std::move(added).error();
   }
   return std::unique_ptr<Node>(new Node(std::move(impl)));
@@ -1327,6 +1396,7 @@ void Node::request(const Peer& peer, const ClientCredentials& credentials, Reque
   if (request.accept) add_uint(COAP_OPTION_ACCEPT, *request.accept);
   if (!request.originator.empty()) add(kOptionOneM2mFrom, request.originator);
   if (!request.request_id.empty()) add(kOptionOneM2mRequestId, request.request_id);
+  if (!request.proxy_uri.empty()) add(COAP_OPTION_PROXY_URI, request.proxy_uri);
   coap_add_optlist_pdu(pdu, &options);
   std::unique_ptr<coap_optlist_t, OptlistDeleter> options_owner(options);
 
@@ -1360,6 +1430,25 @@ void Node::close_client_sessions() {
   impl_->housekeeping();
 }
 
+bool Node::close_client_session(const Peer& peer, const ClientCredentials& credentials) {
+  auto key = impl_->cache_key_for(peer, credentials, /*create_pki_context=*/false);
+  if (!key.ok()) return false;
+  auto it = impl_->client_cache.find(*key);
+  if (it == impl_->client_cache.end()) return false;
+  auto found = impl_->sessions.find(it->second);
+  if (found == impl_->sessions.end() || found->second->dead) return false;
+  impl_->kill_client_session(*found->second, make_error(Errc::io, "client session closed by us"));
+  impl_->housekeeping();
+  return true;
+}
+
+void Node::post(std::function<void()> work) {
+  if (!work) return;
+  impl_->posted.push_back(std::move(work));
+  const int signalled = eventfd_write(impl_->post_signal.get(), 1);  // cannot block: far from counter overflow
+  (void)signalled;
+}
+
 int Node::fd() const noexcept { return impl_->epoll.get(); }
 
 void Node::process_ready() {
@@ -1372,6 +1461,7 @@ void Node::process_ready() {
   // libcoap and GnuTLS copied the key the PSK callback returned; do not keep ours beyond this round.
   impl_->psk_in_flight = SecretBuffer();
   impl_->run_completions();
+  impl_->run_posted();
   impl_->housekeeping();
 }
 
@@ -1387,7 +1477,7 @@ std::chrono::milliseconds Node::next_timeout() {
       next = std::min(next, state->started + impl_->config.limits.handshake_timeout);
     }
   }
-  if (!impl_->completions.empty() || next <= now) return std::chrono::milliseconds(0);
+  if (!impl_->completions.empty() || !impl_->posted.empty() || next <= now) return std::chrono::milliseconds(0);
   // +1 ms: epoll_wait rounds down, and waking just before a deadline would spin once more.
   return std::chrono::duration_cast<std::chrono::milliseconds>(next - now) + std::chrono::milliseconds(1);
 }

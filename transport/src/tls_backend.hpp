@@ -18,5 +18,9 @@ Backend backend() noexcept;
 Result<SecretBuffer> export_keying_material(const coap_session_t* session, std::string_view label,
                                             std::size_t length);
 std::string cipher_suite(const coap_session_t* session);
+// The DNS name the client sent as SNI (RFC 6066 §3), read from the server's TLS object; "" if none. Valid from the
+// ClientHello on, so inside validate_id_call_back. Read per session on purpose: libcoap 4.3.1's
+// validate_sni_call_back runs once per distinct name per context (it caches the answer in psk_sni_entry_list).
+std::string server_name(const coap_session_t* session);
 
 }  // namespace dauth::transport::detail

@@ -40,4 +40,18 @@ std::string cipher_suite(const coap_session_t* session) {
   return name != nullptr ? name : "";
 }
 
+std::string server_name(const coap_session_t* session) {
+  gnutls_session_t tls = tls_of(session);
+  if (tls == nullptr) return {};
+  // RFC 6066 §3: at most one name per type; DNS names are at most 255 bytes (+ NUL).
+  for (unsigned index = 0;; ++index) {
+    char name[256];
+    size_t length = sizeof(name);
+    unsigned type = 0;
+    const int rc = gnutls_server_name_get(tls, name, &length, &type, index);
+    if (rc != GNUTLS_E_SUCCESS) return {};  // none sent, or longer than a DNS name may be
+    if (type == GNUTLS_NAME_DNS) return std::string(name, length);
+  }
+}
+
 }  // namespace dauth::transport::detail

@@ -38,4 +38,11 @@ std::string cipher_suite(const coap_session_t* session) {
   return name != nullptr ? name : "";
 }
 
+std::string server_name(const coap_session_t* session) {
+  SSL* tls = tls_of(session);
+  if (tls == nullptr) return {};
+  const char* name = SSL_get_servername(tls, TLSEXT_NAMETYPE_host_name);
+  return name != nullptr ? name : "";
+}
+
 }  // namespace dauth::transport::detail

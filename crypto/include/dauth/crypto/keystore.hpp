@@ -7,11 +7,14 @@
 //                   before put()/remove() return.
 // compact() writes a new snapshot (temporary file, fsync, rename, fsync of the directory) and starts a new journal.
 // A truncated, corrupted or tampered snapshot, or a bad entry in the middle of the journal, fails open() with
-// Errc::corrupt naming the file and offset; nothing is ever rewritten over it. The one tolerated defect is an
+// Errc::corrupt naming the file and offset; nothing is ever rewritten over it. (The first snapshot entry failing to
+// authenticate is Errc::crypto instead: a wrong master key looks exactly like that.) The one tolerated defect is an
 // incomplete final journal entry (a write interrupted by a crash, never acknowledged): open() reports it in
 // OpenReport, moves the torn bytes aside to keys.journal.torn-<unix time>, and drops them. The format is in
 // docs/keystore-format.md. Files are created 0600; the directory must not be group- or world-writable.
 //
+// One KeyStore per directory: open() takes an exclusive flock(2) on the directory for the life of the KeyStore and
+// fails (Errc::io, "already open") while another holds it — another process, or another KeyStore in this process.
 // Not thread-safe: the daemon is single-threaded (DESIGN.md §3).
 #pragma once
 
@@ -143,6 +146,9 @@ class KeyStore {
   // Errc::not_found if absent.
   Result<void> remove(RecordKind kind, std::string_view id);
 
+  // nullptr if absent. The pointer (and the SecretBuffers inside the record) stays valid until put() or remove() of
+  // this same kind and id, or until the KeyStore is destroyed or assigned to; puts and removes of other records,
+  // compact() and moving the KeyStore do not invalidate it. Copy what must outlive that (SecretBuffer::clone()).
   const Record* find(RecordKind kind, std::string_view id) const;
   template <class T>
   const T* find(std::string_view id) const;

@@ -32,6 +32,12 @@ struct EnroleeConfig {
   transport::Peer mef_address;        // numeric address of the MEF's coaps endpoint
   std::string mef_fqdn;               // SNI and the KeID suffix; "" = the FQDN after the KpmID's '@'
   bool request_certificate = false;   // ask for certificate enrolment (EST) when the MEF offers it
+  // Certificate-bootstrapped RSPF (SPEC.md §3.1, TS-0003 §8.3.2.1 "certificate-based"): the name of a
+  // CertificateRecord (our AE-ID certificate and its key) to authenticate with instead of KpmID/Kpm. Then kpm_id
+  // stays empty, mef_fqdn is required, and the MEF's certificate must chain to mef_trust_anchors_pem and carry
+  // mef_fqdn as dNSName. A certificate issued over EST afterwards replaces that record (same name = AE-ID).
+  std::string certificate_name;
+  std::string mef_trust_anchors_pem;
   UnixClock clock = system_unix_clock();
   LogSink log = stderr_log_sink();
   JitterSource jitter = random_jitter();
@@ -48,7 +54,9 @@ struct TargetKey {
 
 class Enrolee {
  public:
-  // Errors: no BootstrapKeyRecord for config.kpm_id, or an FQDN that does not match the KpmID's.
+  // Errors: no BootstrapKeyRecord for config.kpm_id, or an FQDN that does not match the KpmID's; with
+  // certificate_name: no such CertificateRecord, one without an AE-ID, no mef_fqdn or no trust anchors, or a kpm_id
+  // as well (one bootstrap credential).
   // Picks up a still-valid enrolment of this AE from the store (state enrolled) so that a restart keeps it.
   static Result<std::unique_ptr<Enrolee>> create(transport::Node& node, crypto::KeyStore& store,
                                                  EnroleeConfig config);
@@ -57,7 +65,7 @@ class Enrolee {
   Enrolee& operator=(const Enrolee&) = delete;
 
   using DoneCallback = std::function<void(Result<void>)>;
-  // Runs the RSPF: DTLS-PSK (KpmID, Kpm, SNI = MEF FQDN) -> POST /mef/enrolment -> derive Ke/KeID from our own
+  // Runs the RSPF: DTLS-PSK (KpmID, Kpm, SNI = MEF FQDN) or DTLS with our certificate -> POST /mef/enrolment -> derive Ke/KeID from our own
   // exporter, check the MEF's keId equals ours, store the EnrolmentKeyRecord; then, if the MEF instructs it and we
   // asked, EST simple enrolment on the same session and store the CertificateRecord. done runs exactly once, on
   // the loop thread. While enrolling, a second call fails at once with Errc::limit. A failure keeps the previous

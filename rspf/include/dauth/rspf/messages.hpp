@@ -65,17 +65,32 @@ struct CredentialFeed {
   std::vector<std::string> revoked;  // KeIDs the observer must drop
 };
 
+// 2.05 answer to GET /mef/revoked (SPEC.md §5): every certificate serial (upper-case hex) and KeID this MEF revoked.
+// version counts the revocations listed; revocations are never undone or removed, so it only grows and an observer
+// applies a list only when its version is above the last one it applied.
+struct RevocationList {
+  std::int64_t version = 0;
+  std::vector<std::string> serials;
+  std::vector<std::string> ke_ids;
+};
+// The list is the one answer that grows with the deployment: its own size cap, and one on its entries.
+inline constexpr std::size_t kMaxRevocationListSize = 65536;
+inline constexpr std::size_t kMaxRevocationListEntries = 1024;  // per array
+
 Bytes encode(const EnrolmentRequest& message, ContentFormat format);
 Bytes encode(const EnrolmentResponse& message, ContentFormat format);
 SecretBuffer encode(const FetchCredentialsResponse& message);
 Bytes encode(const ErrorBody& message, ContentFormat format);
 Bytes encode(const CredentialFeed& message, ContentFormat format);
+Bytes encode(const RevocationList& message, ContentFormat format);
 
 Result<EnrolmentRequest> decode_enrolment_request(ByteView payload, ContentFormat format);
 Result<EnrolmentResponse> decode_enrolment_response(ByteView payload, ContentFormat format);
 Result<FetchCredentialsResponse> decode_fetch_credentials_response(ByteView payload);
 Result<ErrorBody> decode_error_body(ByteView payload, ContentFormat format);
 Result<CredentialFeed> decode_credential_feed(ByteView payload, ContentFormat format);
+// Errors also for a serial that is not 2-40 hex digits or a keIds entry that is not a KeID.
+Result<RevocationList> decode_revocation_list(ByteView payload, ContentFormat format);
 
 // The path of a target's key retrieval: fetchCredentials/<KeID>/<SUID> (segments as CoAP Uri-Path gives them).
 struct FetchCredentialsPath {

@@ -5,8 +5,17 @@
 // ourselves (KeID/Ker). The answer is stored as a SessionKeyRecord (peer = the MEF's enroleeId, expiry = now +
 // lifetime). Never blocks; at most one retrieval per KeID at a time.
 //
+// Several local AEs: the handshake's SNI names the target AE (SPEC.md §2: clients send the peer AE-ID as SNI).
+// Each served AE has its own MEF contacts (a retrieval authenticates as that AE). No SNI means the first AE
+// (config.local_ae_id); an SNI that names none of them (e.g. the gateway's FQDN) is accepted for it only while it
+// is the only AE served, and refused (denied) once there are several.
+// Limitation: the key store keys a SessionKeyRecord by KeID alone (crypto validate() requires a plain KeID), so
+// when one KeID targets two local AEs, each retrieval replaces the other AE's record; the other AE's next
+// handshake is refused once and fetches again. Correct, but the pair alternates fetches (docs/rspf.md, "gaps").
+//
 // Loop contract: the lookup runs inside a libcoap DTLS callback, where opening another session would re-enter
-// libcoap, so it only queues. The owner calls start_pending_fetches() after each Node::process_ready().
+// libcoap, so it only queues and posts the start to the loop (Node::post()); start_pending_fetches() is kept for
+// owners that call it after process_ready() (harmless: nothing queued, nothing done).
 // The Node and KeyStore must outlive the TargetKeys; answers after its destruction are dropped.
 #pragma once
 
@@ -31,7 +40,7 @@ struct MefContact {
 };
 
 struct TargetKeysConfig {
-  std::string local_ae_id;                 // the Enrolment Target we serve (oneM2M-FR of the retrieval)
+  std::string local_ae_id;                 // the Enrolment Target we serve by default (oneM2M-FR of its retrievals)
   std::size_t max_fetches_in_flight = 32;  // bounds the MEF traffic that handshakes with made-up KeIDs can cause
   UnixClock clock = system_unix_clock();
   LogSink log = stderr_log_sink();
@@ -49,14 +58,17 @@ class TargetKeys {
   TargetKeys(const TargetKeys&) = delete;
   TargetKeys& operator=(const TargetKeys&) = delete;
 
-  // Errors: invalid FQDN. Replaces an earlier contact for the same MEF.
-  Result<void> add_mef(std::string_view mef_fqdn, MefContact contact);
+  // The MEF contact of one served AE: local_ae_id empty = config.local_ae_id; another AE-ID becomes a served AE
+  // (reachable by SNI). Errors: invalid FQDN or AE-ID. Replaces an earlier contact for the same AE and MEF.
+  Result<void> add_mef(std::string_view mef_fqdn, MefContact contact, std::string_view local_ae_id = {});
 
   // The peer server's PSK lookup (bind into a PskLookupSlot). Errors, all refusing the handshake:
   //   not_found  - not a KeID; or unknown KeID, retrieval queued or already running ("retry shortly");
-  //   denied     - KeID of an MEF we have no contact for (also reported to the fetch observer);
+  //   denied     - SNI names no AE served here (with several served); or KeID of an MEF the target AE has no
+  //                contact for (also reported to the fetch observer);
   //   limit      - too many retrievals in flight.
-  Result<SecretBuffer> lookup_psk(std::string_view identity);
+  Result<SecretBuffer> lookup_psk(const transport::PskRequest& request);
+  Result<SecretBuffer> lookup_psk(std::string_view identity);  // no SNI: for config.local_ae_id
   transport::PskLookup psk_lookup();
 
   // Starts the queued retrievals (see the loop contract above). Cheap when nothing is queued.

@@ -53,6 +53,9 @@ struct Request {
   std::optional<std::uint16_t> accept;
   std::string originator;             // oneM2M-FR (empty: absent)
   std::string request_id;             // oneM2M-RQI (empty: absent)
+  // Proxy-Uri (RFC 7252 §5.10.2, §5.7.2), e.g. "coap://CAE-valve/temp": a local AE names the target AE as host
+  // (SPEC.md §6). Empty: absent. A request carrying it has no Uri-Path, so it reaches the route with prefix {}.
+  std::string proxy_uri;
   Bytes payload;
 
   std::string path_text() const;      // "/a/b"
@@ -64,6 +67,10 @@ struct Response {
   std::optional<std::uint32_t> response_status;  // oneM2M-RSC
   std::string request_id;             // oneM2M-RQI, echoed when the request had one
   Bytes payload;
+  // Server side: end the DTLS session (close_notify) once this response has been sent, e.g. the MEF after the
+  // enrolment answer (PROTOCOL.md §3.4). Use it on single-datagram answers: a Block2 body or a separate (CON)
+  // response loses its remaining blocks / retransmissions. Ignored on plain (local) sessions and by clients.
+  bool close_session = false;
 
   static Response with_text(int code, std::string_view text);
 };
@@ -110,10 +117,17 @@ class Session : public crypto::KeyingMaterialExporter {
 
 // ---- Server credentials ---------------------------------------------------------------------------------------
 
-// PSK lookup by identity. Must answer from memory and never block (DESIGN.md §3): an identity it does not know yet
-// gets Errc::not_found (the handshake is refused with unknown_psk_identity; the caller may start an asynchronous
-// fetch and the client retries). The Error message becomes the logged refusal reason.
-using PskLookup = std::function<Result<SecretBuffer>(std::string_view identity)>;
+// What a PSK handshake asks for. The views are valid during the lookup call only.
+struct PskRequest {
+  std::string_view identity;  // the PSK identity the client offered (KpmID, KeID)
+  std::string_view sni;       // the server name the client sent (SPEC.md §2: our FQDN or the target AE-ID); "" none
+  std::string_view remote;    // "127.0.0.1:40000", for logs
+};
+
+// PSK lookup. Must answer from memory and never block (DESIGN.md §3): an identity it does not know yet gets
+// Errc::not_found (the handshake is refused with unknown_psk_identity; the caller may start an asynchronous fetch,
+// e.g. through Node::post(), and the client retries). The Error message becomes the logged refusal reason.
+using PskLookup = std::function<Result<SecretBuffer>(const PskRequest& request)>;
 
 // Our certificate chain and key, and the CAs our peers' certificates must chain to. PEM text; keys EC P-256.
 struct X509Credentials {
@@ -269,6 +283,16 @@ class Node {
   void request(const Peer& peer, const ClientCredentials& credentials, Request request, ResponseHandler handler);
   // Closes the cached client sessions (e.g. after an MEF exchange).
   void close_client_sessions();
+  // Closes the one cached session request() would use for (peer, credentials), if any (close_notify is sent);
+  // its pending requests fail with Errc::io. Returns whether there was one. The next request() opens a new
+  // session (fresh handshake, fresh exporter: the Enrolee before each enrolment).
+  bool close_client_session(const Peer& peer, const ClientCredentials& credentials);
+
+  // Runs work on the loop thread during the next process_ready(), outside every libcoap callback (so it may call
+  // request()): e.g. a PSK lookup that queues a key fetch. fd() stays readable until it has run. Call it from the
+  // loop thread only (not thread-safe). Work posted while posted work runs waits for the next round; work still
+  // queued when the Node is destroyed is dropped uncalled.
+  void post(std::function<void()> work);
 
   // ---- event loop ----
   int fd() const noexcept;                                // level-triggered epoll fd: readable = work to do

@@ -1,0 +1,23 @@
+// Reading a key file into guarded memory: the one place that decides whether a key file is private enough to use
+// (STYLE.md §8). The master key loader and PrivateKey::load_file use it; other modules reading key files should too.
+#pragma once
+
+#include <cstddef>
+#include <filesystem>
+#include <string_view>
+
+#include "dauth/error.hpp"
+#include "dauth/secret.hpp"
+
+namespace dauth::crypto {
+
+// Reads at most max_size + 1 bytes of path, so that a longer file shows as longer (size() > max_size) without being
+// read whole; the caller decides what a valid content is. Refuses, naming the path, and never the content:
+//   Errc::not_found   no such file;
+//   Errc::permission  not a regular file (directory, FIFO, device), or any group/other permission bit set (the
+//                     message names the mode, e.g. "mode 0644", and says "chmod 600"), or open() was denied;
+//   Errc::io          any other open/stat/read failure.
+// `what` names the file in messages ("master key file", "private key file").
+Result<SecretBuffer> read_key_file(const std::filesystem::path& path, std::string_view what, std::size_t max_size);
+
+}  // namespace dauth::crypto

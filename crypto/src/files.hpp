@@ -1,0 +1,63 @@
+// Small POSIX file helpers shared by the key store, the master key loader and the X.509 key/certificate loaders:
+// an owning file descriptor, mode text, the one way to read a key file, write loops and directory fsync.
+// Internal to dauth_crypto.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstddef>
+#include <filesystem>
+#include <string>
+#include <string_view>
+#include <utility>
+
+#include "dauth/crypto/key_file.hpp"
+#include "dauth/error.hpp"
+#include "dauth/secret.hpp"
+
+namespace dauth::crypto::files {
+
+// Owns one file descriptor; closes it exactly once.
+class UniqueFd {
+ public:
+  UniqueFd() = default;
+  explicit UniqueFd(int fd) : fd_(fd) {}
+  ~UniqueFd() { reset(); }
+  UniqueFd(UniqueFd&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
+  UniqueFd& operator=(UniqueFd&& other) noexcept {
+    if (this != &other) {
+      reset();
+      fd_ = std::exchange(other.fd_, -1);
+    }
+    return *this;
+  }
+  UniqueFd(const UniqueFd&) = delete;
+  UniqueFd& operator=(const UniqueFd&) = delete;
+
+  int get() const { return fd_; }
+  bool valid() const { return fd_ >= 0; }
+  void reset();
+
+ private:
+  int fd_ = -1;
+};
+
+// "0644": the permission bits as chmod(1) writes them.
+std::string mode_text(mode_t mode);
+
+// Errc::io: "<what> <path>: <strerror(err)>".
+Error io_error(const std::string& what, const std::filesystem::path& path, int err);
+
+// Writes all of [data, data + size) to fd (retrying short writes and EINTR); 0 on success, else the errno.
+int write_all(int fd, const std::uint8_t* data, std::size_t size);
+
+// fsync(2) of the directory that holds path, so that a create or rename in it is durable.
+Result<void> fsync_parent_directory(const std::filesystem::path& path);
+
+// read_key_file() is public: dauth/crypto/key_file.hpp.
+using crypto::read_key_file;
+
+// Reads a whole public file (certificates) of at most max_size bytes; Errc::limit when it is larger.
+Result<Bytes> read_public_file(const std::filesystem::path& path, std::string_view what, std::size_t max_size);
+
+}  // namespace dauth::crypto::files

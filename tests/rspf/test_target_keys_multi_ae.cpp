@@ -1,0 +1,139 @@
+// TargetKeys serving two local AEs on one gateway node: the handshake's SNI names the target AE (SPEC.md §2), each
+// AE fetches its own key as itself, and the fetches start from the loop (Node::post) without
+// start_pending_fetches().
+#include <catch2/catch.hpp>
+
+#include <sys/epoll.h>
+#include <unistd.h>
+
+#include "dauth/crypto/onem2m.hpp"
+#include "network_world.hpp"
+
+using namespace dauth;
+
+namespace {
+
+constexpr const char* kPumpKpmId = "pump@mef.example.net";
+
+transport::Request get_temp() {
+  transport::Request request;
+  request.method = transport::Method::get;
+  request.path = {"temp"};
+  return request;
+}
+
+// Like World::pump, but never calls TargetKeys::start_pending_fetches(): the posted start must do it.
+bool pump_nodes(test::World& world, const std::function<bool()>& done) {
+  std::vector<transport::Node*> nodes = {world.mef_node.get(), world.meter_node.get(), world.valve_node.get()};
+  const int epoll = ::epoll_create1(EPOLL_CLOEXEC);
+  for (auto* node : nodes) {
+    epoll_event event{};
+    event.events = EPOLLIN;
+    event.data.fd = node->fd();
+    ::epoll_ctl(epoll, EPOLL_CTL_ADD, node->fd(), &event);
+  }
+  const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(8);
+  while (!done() && std::chrono::steady_clock::now() < end) {
+    epoll_event event{};
+    (void)::epoll_wait(epoll, &event, 1, 20);
+    for (auto* node : nodes) node->process_ready();
+  }
+  ::close(epoll);
+  return done();
+}
+
+Result<transport::Response> call(test::World& world, const transport::ClientCredentials& credentials) {
+  std::optional<Result<transport::Response>> outcome;
+  world.meter_node->request(world.valve_address(), credentials, get_temp(),
+                            [&](Result<transport::Response> r, const transport::Session*) { outcome.emplace(std::move(r)); });
+  if (!pump_nodes(world, [&] { return outcome.has_value(); })) return make_error(Errc::timeout, "test: no answer");
+  return std::move(*outcome);
+}
+
+}  // namespace
+
+TEST_CASE("TargetKeys: two local AEs on one node, chosen by SNI, each with its own retrieved key") {
+  test::World world;
+  // The meter may talk to both AEs of the gateway; the pump is a second enrolled AE on the valve's node.
+  SecretBuffer pump_kpm = SecretBuffer::random(32);
+  test::World::put(*world.mef_store, test::World::enrolee_row(test::kMeterKpmId, world.meter_kpm, "CAE-meter",
+                                                              {"CAE-valve", "CAE-pump"}, test::kMeterLifetime, false));
+  test::World::put(*world.mef_store,
+                   test::World::enrolee_row(kPumpKpmId, pump_kpm, "CAE-pump", {}, test::kValveLifetime, false));
+  test::World::put(*world.valve_store, crypto::BootstrapKeyRecord{kPumpKpmId, pump_kpm.clone(), "CAE-pump"});
+  auto pump = world.make_enrolee(*world.valve_node, *world.valve_store, kPumpKpmId, false);
+  rspf::Enrolee* pump_enrolee = pump.get();
+  REQUIRE(world.valve_keys->add_mef(test::kMefFqdn, rspf::MefContact{world.mef_address(), [pump_enrolee] {
+                                                                       return pump_enrolee->mef_credentials();
+                                                                     }},
+                                    "CAE-pump")
+              .ok());
+  REQUIRE(world.valve_keys->add_mef(test::kMefFqdn, rspf::MefContact{}, "not an AE-ID").error().code ==
+          Errc::invalid_argument);
+
+  REQUIRE(world.enrol(*world.meter).ok());
+  REQUIRE(world.enrol(*world.valve).ok());
+  REQUIRE(world.enrol(*pump).ok());
+
+  auto to_valve_key = world.meter->key_for_target("CAE-valve");
+  auto to_pump_key = world.meter->key_for_target("CAE-pump");
+  REQUIRE(to_valve_key.ok());
+  REQUIRE(to_pump_key.ok());
+  REQUIRE_FALSE(to_valve_key->key.equals(to_pump_key->key));  // one KeID, a different key per target
+  const std::string ke_id = to_valve_key->ke_id;
+  const auto to_pump = transport::ClientCredentials::psk(ke_id, to_pump_key->key.clone(), "CAE-pump");
+  const auto to_valve = transport::ClientCredentials::psk(ke_id, to_valve_key->key.clone(), "CAE-valve");
+
+  // Pump first: refused, retrieval (as CAE-pump) posted to the loop, then the retry succeeds.
+  auto first = call(world, to_pump);
+  REQUIRE_FALSE(first.ok());
+  REQUIRE(pump_nodes(world, [&] { return world.valve_keys->fetches_pending() == 0; }));
+  const auto* record = world.valve_store->find<crypto::SessionKeyRecord>(ke_id);
+  REQUIRE(record != nullptr);
+  CHECK(record->local_ae_id == "CAE-pump");
+  CHECK(record->key.equals(to_pump_key->key));
+  auto second = call(world, to_pump);
+  INFO((second.ok() ? std::string("ok") : second.error().to_string()));
+  REQUIRE(second.ok());
+  CHECK(second->code == 205);
+  CHECK(world.log.contains("target CAE-pump key retrieval KeID " + ke_id));
+
+  // The same KeID towards the valve: the pump's record does not answer for it; the valve fetches its own key.
+  auto valve_first = call(world, to_valve);
+  REQUIRE_FALSE(valve_first.ok());
+  REQUIRE(pump_nodes(world, [&] { return world.valve_keys->fetches_pending() == 0; }));
+  record = world.valve_store->find<crypto::SessionKeyRecord>(ke_id);
+  REQUIRE(record != nullptr);
+  CHECK(record->local_ae_id == "CAE-valve");  // store keyed by KeID: it replaced the pump's (documented limit)
+  CHECK(record->key.equals(to_valve_key->key));
+  auto valve_second = call(world, to_valve);
+  REQUIRE(valve_second.ok());
+  CHECK(valve_second->code == 205);
+
+  // With two AEs served, an SNI naming neither is refused at once, without a retrieval.
+  REQUIRE(world.valve_keys->lookup_psk(transport::PskRequest{ke_id, "CAE-boiler", "127.0.0.1:1"}).error().code ==
+          Errc::denied);
+  REQUIRE(world.valve_keys->lookup_psk(transport::PskRequest{ke_id, "gateway.example.net", "127.0.0.1:1"})
+              .error()
+              .code == Errc::denied);
+  CHECK(world.valve_keys->fetches_pending() == 0);
+  // No SNI: the default AE (CAE-valve), whose key is stored now.
+  auto no_sni = world.valve_keys->lookup_psk(transport::PskRequest{ke_id, "", "127.0.0.1:1"});
+  REQUIRE(no_sni.ok());
+  CHECK(no_sni->equals(to_valve_key->key));
+}
+
+TEST_CASE("TargetKeys: with one local AE, an SNI that is not its AE-ID (e.g. the gateway FQDN) still selects it") {
+  test::World world;
+  REQUIRE(world.enrol(*world.meter).ok());
+  REQUIRE(world.enrol(*world.valve).ok());
+  auto key = world.meter->key_for_target("CAE-valve");
+  REQUIRE(key.ok());
+  const auto credentials = transport::ClientCredentials::psk(key->ke_id, key->key.clone(), "gateway.example.net");
+  REQUIRE_FALSE(call(world, credentials).ok());
+  REQUIRE(pump_nodes(world, [&] { return world.valve_keys->fetches_pending() == 0; }));
+  auto retry = call(world, credentials);
+  INFO((retry.ok() ? std::string("ok") : retry.error().to_string()));
+  REQUIRE(retry.ok());
+  CHECK(retry->code == 205);
+}
