@@ -1,5 +1,12 @@
 // dauthctl enrol <ae>: run the RSPF for a local AE now (Enrolee role).
+// The enrolment is asynchronous inside dauthd (the loop never blocks, DESIGN.md §3): "enrol" starts an attempt and
+// returns its number; dauthctl then asks "enrol.status" until that attempt has finished (at most --wait seconds).
+#include <chrono>
+#include <iostream>
+#include <thread>
+
 #include "client.hpp"
+#include "dauth/daemon/exit_codes.hpp"
 #include "verbs.hpp"
 
 namespace dauthctl {
@@ -7,12 +14,54 @@ namespace dauthctl {
 CLI::App* add_enrol(CLI::App& parent, Context& context) {
   CLI::App* sub = parent.add_subcommand("enrol", "enrol a local AE with its MEF now (Enrolee role)");
   static std::string ae_id;
+  static int wait_seconds = 60;
   sub->add_option("ae", ae_id, "AE-ID of a configured local AE ([[enrolee.ae]] id)")->required();
+  sub->add_option("--wait", wait_seconds, "seconds to wait for the outcome (0: start only)")->check(CLI::Range(0, 3600));
   sub->callback([&context] {
-    context.exit_code = call(context, "enrol", {{"ae_id", ae_id}}, [](const nlohmann::json& r, std::ostream& out) {
-      out << "enrolled " << r.value("enroleeId", ae_id) << ": KeID " << r.value("keId", "?") << ", expires "
-          << r.value("expiry", 0LL) << "\n";
-    });
+    using dauth::daemon::ExitCode;
+    std::uint64_t attempt = 0;
+    int rc = call_raw(context, "enrol", {{"ae_id", ae_id}},
+                      [&](const nlohmann::json& r) { attempt = r.value("attempt", std::uint64_t{0}); });
+    if (rc != 0) {
+      context.exit_code = rc;
+      return;
+    }
+    if (wait_seconds == 0) {
+      std::cout << (context.json ? nlohmann::json{{"ae_id", ae_id}, {"attempt", attempt}, {"state", "enrolling"}}.dump()
+                                 : "enrolment of " + ae_id + " started (attempt " + std::to_string(attempt) + ")")
+                << "\n";
+      context.exit_code = 0;
+      return;
+    }
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(wait_seconds);
+    nlohmann::json status;
+    for (;;) {
+      rc = call_raw(context, "enrol.status", {{"ae_id", ae_id}}, [&](const nlohmann::json& r) { status = r; });
+      if (rc != 0) {
+        context.exit_code = rc;
+        return;
+      }
+      if (status.value("attempts_done", std::uint64_t{0}) >= attempt && status.value("state", "") != "enrolling") {
+        break;
+      }
+      if (std::chrono::steady_clock::now() > deadline) {
+        std::cerr << "dauthctl: enrol " << ae_id << ": no outcome after " << wait_seconds
+                  << " s (still enrolling; see dauthctl status and the log)\n";
+        context.exit_code = dauth::daemon::as_int(ExitCode::failed);
+        return;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    const bool failed = !status["last_error"].is_null();
+    if (context.json) {
+      std::cout << status.dump() << "\n";
+    } else if (failed) {
+      std::cerr << "dauthctl: enrol " << ae_id << ": " << status["last_error"].get<std::string>() << "\n";
+    } else {
+      std::cout << "enrolled " << ae_id << ": KeID " << status.value("keId", "?") << ", expires "
+                << status.value("expiry", 0LL) << "\n";
+    }
+    context.exit_code = failed ? dauth::daemon::as_int(ExitCode::failed) : 0;
   });
   return sub;
 }

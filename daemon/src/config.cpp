@@ -18,6 +18,7 @@
 #include <toml++/toml.h>
 
 #include "dauth/crypto/identifiers.hpp"
+#include "dauth/crypto/keystore.hpp"
 #include "secret_file.hpp"
 
 namespace dauth::daemon {
@@ -822,7 +823,6 @@ const LoadedSecrets::Key* LoadedSecrets::find_file(const std::filesystem::path& 
 
 Result<LoadedSecrets> load_secrets(const Config& config) {
   // Sizes: master key 32 bytes (keystore.hpp kMasterKeySize); Kpm at least 16 bytes (SPEC.md §3.1), at most 64.
-  constexpr std::size_t kMasterKeyBytes = 32;
   constexpr std::size_t kKpmMinBytes = 16;
   constexpr std::size_t kKpmMaxBytes = 64;
   LoadedSecrets secrets;
@@ -836,7 +836,7 @@ Result<LoadedSecrets> load_secrets(const Config& config) {
   };
 
   if (d.master_key_source == "file") {
-    auto key = detail::read_hex_key_file(d.master_key_file, kMasterKeyBytes, kMasterKeyBytes);
+    auto key = crypto::load_master_key_file(d.master_key_file);
     if (!key) return fail(*daemon_table, "master_key_file", key.error());
     secrets.master_key_ = std::move(key).value();
   } else {
@@ -848,8 +848,7 @@ Result<LoadedSecrets> load_secrets(const Config& config) {
                                                   ": $CREDENTIALS_DIRECTORY is not set (not started by systemd "
                                                   "with LoadCredential=); use master_key_source = \"file\""));
     }
-    auto key = detail::read_hex_key_file(std::filesystem::path(directory) / d.master_key_credential,
-                                         kMasterKeyBytes, kMasterKeyBytes);
+    auto key = crypto::load_master_key_credential(d.master_key_credential);
     if (!key) return fail(*daemon_table, "master_key_credential", key.error());
     secrets.master_key_ = std::move(key).value();
   }

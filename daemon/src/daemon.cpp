@@ -8,8 +8,10 @@
 
 #include <cerrno>
 #include <cstring>
+#include <functional>
 
 #include "dauth/daemon/log.hpp"
+#include "roles.hpp"
 
 #ifndef DAUTH_VERSION
 #define DAUTH_VERSION "unknown"
@@ -18,17 +20,6 @@
 namespace dauth::daemon {
 
 namespace {
-
-// The verbs whose role has not landed yet, and the role each one needs (docs/control-protocol.md).
-struct PendingVerb {
-  const char* verb;
-  const char* role;
-};
-constexpr PendingVerb kPendingVerbs[] = {
-    {"sessions", "peer"},          {"peers", "peer"},
-    {"credentials.list", "enrolee"}, {"credentials.add", "enrolee"}, {"credentials.remove", "enrolee"},
-    {"enrol", "enrolee"},          {"revoke", "mef"},
-};
 
 std::time_t now() { return std::time(nullptr); }
 
@@ -133,12 +124,10 @@ Result<void> Daemon::set_up() {
   control_ = std::move(control).value();
   if (auto r = register_verbs(); !r) return r;
 
-  // EXTENSION POINT (roles): open the key store with secrets_.master_key(), then start the roles that config_
-  // switches on (config_.enrolee, config_.mef, config_.peer), each registering its fds with *loop_ and its
-  // verbs with *control_ (replacing the matching kPendingVerbs entry).
   if (config_.enrolee || config_.mef || config_.peer) {
-    log::warning("roles configured (" + config_.roles() +
-                 ") are not available in this build yet; serving the control socket only");
+    auto roles = Roles::start(*loop_, config_, secrets_);
+    if (!roles) return std::move(roles).error();
+    roles_ = std::move(roles).value();
   }
 
   if (const auto interval = notifier_.watchdog_interval()) {
@@ -178,12 +167,68 @@ Result<void> Daemon::register_verbs() {
       !r) {
     return r;
   }
-  for (const auto& pending : kPendingVerbs) {
-    const std::string verb = pending.verb;
-    const std::string role = pending.role;
-    // Honest placeholder until the role lands: never pretend to succeed.
-    if (auto r = add(verb, [verb, role](const ControlRequest&) -> Result<nlohmann::json> {
-          return make_error(Errc::unsupported, verb + ": not available yet: no " + role + " role in this build");
+  // Verbs of the roles. A role that is not configured gives a clear "unsupported" (docs/control-protocol.md).
+  const auto need = [this](const std::string& verb, const char* role) -> Result<void> {
+    const bool present = roles_ && ((std::string(role) == "mef" && roles_->has_mef()) ||
+                                    (std::string(role) == "enrolee" && roles_->has_enrolee()) ||
+                                    (std::string(role) == "peer" && roles_->has_peer()));
+    if (present) return ok_result();
+    return make_error(Errc::unsupported, verb + ": no " + role + " role configured ([" + role + "] section)");
+  };
+  const auto text_arg = [](const ControlRequest& request, const char* name) -> Result<std::string> {
+    const auto it = request.args.find(name);
+    if (it == request.args.end() || !it->is_string() || it->get<std::string>().empty()) {
+      return make_error(Errc::invalid_argument, request.verb + ": args." + name + " must be a non-empty string");
+    }
+    return it->get<std::string>();
+  };
+  struct RoleVerb {
+    const char* verb;
+    const char* role;
+    std::function<Result<nlohmann::json>(const ControlRequest&)> run;
+  };
+  const std::vector<RoleVerb> role_verbs = {
+      {"sessions", "peer", [this](const ControlRequest&) -> Result<nlohmann::json> { return roles_->sessions(); }},
+      {"peers", "peer", [this](const ControlRequest&) -> Result<nlohmann::json> { return roles_->peers(); }},
+      {"credentials.list", "enrolee",
+       [this](const ControlRequest&) -> Result<nlohmann::json> { return roles_->credentials(); }},
+      {"credentials.add", "enrolee",
+       [](const ControlRequest&) -> Result<nlohmann::json> {
+         return make_error(Errc::unsupported, "credentials.add: key bytes do not travel over the control socket in "
+                                              "this build; add an [[enrolee.ae]] with kpm_file and reload");
+       }},
+      {"credentials.remove", "enrolee",
+       [this, text_arg](const ControlRequest& request) -> Result<nlohmann::json> {
+         auto id = text_arg(request, "kpm_id");
+         if (!id) return std::move(id).error();
+         return roles_->remove_credential(*id);
+       }},
+      {"enrol", "enrolee",
+       [this, text_arg](const ControlRequest& request) -> Result<nlohmann::json> {
+         auto id = text_arg(request, "ae_id");
+         if (!id) return std::move(id).error();
+         return roles_->enrol(*id);
+       }},
+      {"enrol.status", "enrolee",
+       [this, text_arg](const ControlRequest& request) -> Result<nlohmann::json> {
+         auto id = text_arg(request, "ae_id");
+         if (!id) return std::move(id).error();
+         return roles_->enrolment_status(*id);
+       }},
+      {"revoke", "mef",
+       [this, text_arg](const ControlRequest& request) -> Result<nlohmann::json> {
+         auto id = text_arg(request, "id");
+         if (!id) return std::move(id).error();
+         return roles_->revoke(*id);
+       }},
+  };
+  for (const auto& role_verb : role_verbs) {
+    const std::string verb = role_verb.verb;
+    const std::string role = role_verb.role;
+    auto run = role_verb.run;
+    if (auto r = add(verb, [verb, role, run, need](const ControlRequest& request) -> Result<nlohmann::json> {
+          if (auto present = need(verb, role.c_str()); !present) return std::move(present).error();
+          return run(request);
         });
         !r) {
       return r;
@@ -198,7 +243,9 @@ Result<void> Daemon::run() {
     log::error(r.error().message);
     return r;
   }
-  // EXTENSION POINT (roles): wait here (bounded by daemon.shutdown_timeout) for the roles' sessions to close.
+  // Tear the roles down here, not in ~Daemon: the Nodes close their DTLS sessions (close_notify) and the key
+  // store's last writes are already fsync'ed (KeyStore::put), so the store on disk is consistent at exit.
+  roles_.reset();
   log::notice("dauthd stopped");
   return ok_result();
 }
@@ -249,9 +296,10 @@ Result<void> Daemon::reload() {
     log::notice("reload: daemon.control_socket, control_group, max_control_clients and state_directory take "
                 "effect after a restart; the running values stay");
   }
-  // EXTENSION POINT (roles): hand the new config and secrets to each role here (roles->reload(...)), which
-  // applies new credentials and policy to new sessions while live sessions continue; a role that refuses makes
-  // the whole reload fail() before anything below is swapped.
+  // New policy, peer addresses and key tables for new sessions; live sessions continue (Roles::reload).
+  if (roles_) {
+    if (auto r = roles_->reload(*config, *secrets); !r) return fail(r.error());
+  }
   config_ = std::move(config).value();
   secrets_ = std::move(secrets).value();
   log::set_threshold(config_.daemon.log_level);
@@ -281,7 +329,9 @@ nlohmann::json Daemon::status_json() const {
       {"config_loaded_at", static_cast<std::int64_t>(config_loaded_at_)},
       {"roles", {{"enrolee", config_.enrolee.has_value()}, {"mef", config_.mef.has_value()},
                  {"peer", config_.peer.has_value()}}},
-      {"roles_available", {{"enrolee", false}, {"mef", false}, {"peer", false}}},
+      {"roles_available", {{"enrolee", roles_ && roles_->has_enrolee()}, {"mef", roles_ && roles_->has_mef()},
+                           {"peer", roles_ && roles_->has_peer()}}},
+      {"ports", roles_ ? roles_->ports() : nlohmann::json::object()},
       {"control_socket", control_ ? control_->path().string() : std::string()},
       {"log_level", std::string(log::to_string(log::threshold()))},
       {"watchdog_usec", notifier_.watchdog_usec()},
@@ -293,8 +343,7 @@ nlohmann::json Daemon::status_json() const {
 }
 
 nlohmann::json Daemon::stats_json() const {
-  // Counters that exist in this build; the roles add theirs (sessions, handshakes, enrolments) when they land.
-  return {
+  nlohmann::json out = {
       {"uptime_seconds", static_cast<std::int64_t>(now() - started_at_)},
       {"control_requests_total", control_ ? control_->requests_served() : 0},
       {"control_requests_failed_total", control_ ? control_->requests_failed() : 0},
@@ -305,6 +354,8 @@ nlohmann::json Daemon::stats_json() const {
       {"sd_notify_failures_total", notifier_.failures()},
       {"keys_loaded", secrets_.size()},
   };
+  if (roles_) out.update(roles_->stats());
+  return out;
 }
 
 }  // namespace dauth::daemon

@@ -1,8 +1,7 @@
 // Reading hex key files into guarded memory (internal to the daemon module).
 //
-// Stop-gap: crypto::load_master_key_file() is declared in keystore.hpp but not implemented yet; this reader
-// applies the same rules (regular file, no group/world bits, hex with one optional trailing newline) to the
-// master key and to Kpm files. Once crypto implements its loader, master keys should go through it.
+// Kpm files (16–64 bytes): the same rules as crypto::load_master_key_file() (regular file, no group/world bits,
+// hex with one optional trailing newline), which reads the master key (config.cpp load_secrets()).
 #pragma once
 
 #include <cstddef>

@@ -236,14 +236,14 @@ TEST_CASE("key files with group or world access, or bad content, are refused", "
   auto secrets = load_secrets(*config);
   REQUIRE_FALSE(secrets.ok());
   CHECK(secrets.error().code == Errc::permission);
-  CHECK_THAT(secrets.error().message, Catch::StartsWith("t.toml:3:19: daemon.master_key_file: key file "));
-  CHECK_THAT(secrets.error().message, Catch::Contains("mode 0640 gives group/world access; must be 0600 or 0400"));
+  CHECK_THAT(secrets.error().message, Catch::StartsWith("t.toml:3:19: daemon.master_key_file: master key file "));
+  CHECK_THAT(secrets.error().message, Catch::Contains("mode 0640, must not be readable or writable by group or others"));
 
   dauth::test::write_file(dir / "master.key", std::string(62, 'c'), 0600);
   ::chmod((dir / "master.key").c_str(), 0600);
   secrets = load_secrets(*config);
   REQUIRE_FALSE(secrets.ok());
-  CHECK_THAT(secrets.error().message, Catch::Contains("62 hex characters; must be 64–64 hex characters"));
+  CHECK_THAT(secrets.error().message, Catch::Contains("62 bytes; expected exactly 64 hexadecimal characters"));
   CHECK(secrets.error().message.find(std::string(62, 'c')) == std::string::npos);
 
   // The credential source needs systemd's $CREDENTIALS_DIRECTORY.

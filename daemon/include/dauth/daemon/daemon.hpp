@@ -2,10 +2,10 @@
 // order of start() and tear-down is the reverse, by RAII. Every registration (signal, timer, control verb) is a
 // member whose destruction removes it.
 //
-// Roles: the Enrolee, MEF and Peer roles (rspf/, transport/) are not part of this build yet. Their places are
-// marked "EXTENSION POINT" in daemon.hpp/daemon.cpp; until they land, the control verbs that need them answer
-//   {"ok": false, "error": "<verb>: not available yet: no <role> role in this build", "code": "unsupported"}
-// which is documented in docs/control-protocol.md and dauthctl(1).
+// Roles: the key store, the MEF, the Enrolees and the Peer role (proxy path) live in one Roles object
+// (daemon/src/roles.hpp), started after the control socket. A verb whose role is not configured answers
+//   {"ok": false, "error": "<verb>: no <role> role configured ([<section>])", "code": "unsupported"}
+// (docs/control-protocol.md, dauthctl(1)).
 #pragma once
 
 #include <cstdint>
@@ -27,6 +27,8 @@ namespace dauth::daemon {
 
 // The project version, as dauthd --version and the status verb print it.
 std::string_view version() noexcept;
+
+class Roles;
 
 class Daemon {
  public:
@@ -64,10 +66,8 @@ class Daemon {
   EventLoop::Registration watchdog_timer_;
   std::unique_ptr<ControlServer> control_;
   std::vector<ControlServer::VerbRegistration> verbs_;
-  // EXTENSION POINT (roles): the key store (crypto::KeyStore, opened in state_directory with the master key),
-  // then the transport contexts, then the Enrolee, MEF and Peer role objects, each built from config_ and
-  // secrets_ in set_up() after the control socket, and given reload() and drain() calls. Declare them here, below
-  // control_, so that they are torn down before the control socket and the loop.
+  // The key store, transport Nodes and role objects; torn down before the verbs, the control socket and the loop.
+  std::unique_ptr<Roles> roles_;
 
   std::time_t started_at_ = 0;
   std::time_t config_loaded_at_ = 0;

@@ -1,0 +1,929 @@
+#include "roles.hpp"
+
+#include <netdb.h>
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <cstring>
+#include <ctime>
+#include <set>
+
+#include "dauth/crypto/identifiers.hpp"
+#include "dauth/crypto/x509.hpp"
+#include "dauth/daemon/log.hpp"
+
+namespace dauth::daemon {
+
+namespace {
+
+using transport::Method;
+using transport::Request;
+using transport::Response;
+
+constexpr Method kAllMethods[] = {Method::get,   Method::post,  Method::put,   Method::del,
+                                  Method::fetch, Method::patch, Method::ipatch};
+
+std::int64_t unix_now() { return static_cast<std::int64_t>(std::time(nullptr)); }
+
+// The host part and port of "host:port" / "[v6]:port".
+Result<std::pair<std::string, std::uint16_t>> split_host_port(const std::string& text) {
+  std::string host;
+  std::string port;
+  if (!text.empty() && text.front() == '[') {
+    const auto close = text.find(']');
+    if (close == std::string::npos || close + 1 >= text.size() || text[close + 1] != ':') {
+      return make_error(Errc::invalid_argument, "address " + crypto::quote_for_error(text) +
+                                                    ": expected [IPv6]:port");
+    }
+    host = text.substr(1, close - 1);
+    port = text.substr(close + 2);
+  } else {
+    const auto colon = text.rfind(':');
+    if (colon == std::string::npos) {
+      return make_error(Errc::invalid_argument, "address " + crypto::quote_for_error(text) + ": expected host:port");
+    }
+    host = text.substr(0, colon);
+    port = text.substr(colon + 1);
+  }
+  char* end = nullptr;
+  const unsigned long number = std::strtoul(port.c_str(), &end, 10);
+  if (port.empty() || *end != '\0' || number > 65535) {
+    return make_error(Errc::invalid_argument, "address " + crypto::quote_for_error(text) + ": port must be 0–65535");
+  }
+  return std::make_pair(host, static_cast<std::uint16_t>(number));
+}
+
+// Parses "coap://<AE-ID>/a/b?x=1" (RFC 7252 §6.4 subset: no port, no percent-encoding needed for AE-IDs).
+struct ProxyTarget {
+  std::string ae_id;
+  std::vector<std::string> path;
+  std::vector<std::string> query;
+};
+Result<ProxyTarget> parse_proxy_uri(const std::string& uri) {
+  const auto bad = [&](const std::string& why) {
+    return make_error(Errc::invalid_argument, "Proxy-Uri " + crypto::quote_for_error(uri) + ": " + why +
+                                                  "; expected coap://<target AE-ID>/<path>");
+  };
+  std::string rest;
+  for (const char* scheme : {"coap://", "coaps://"}) {
+    if (uri.rfind(scheme, 0) == 0) rest = uri.substr(std::strlen(scheme));
+  }
+  if (rest.empty()) return bad("scheme must be coap or coaps");
+  ProxyTarget target;
+  const auto path_start = rest.find_first_of("/?");
+  target.ae_id = rest.substr(0, path_start);
+  if (auto valid = crypto::validate_ae_id(target.ae_id); !valid) return bad("host is not an AE-ID");
+  if (path_start == std::string::npos) return target;
+  std::string path = rest.substr(path_start);
+  std::string query;
+  if (const auto q = path.find('?'); q != std::string::npos) {
+    query = path.substr(q + 1);
+    path = path.substr(0, q);
+  }
+  std::size_t start = 0;
+  while (start < path.size()) {
+    if (path[start] == '/') {
+      ++start;
+      continue;
+    }
+    const auto end = path.find('/', start);
+    target.path.push_back(path.substr(start, end == std::string::npos ? std::string::npos : end - start));
+    start = end == std::string::npos ? path.size() : end;
+  }
+  start = 0;
+  while (start < query.size()) {
+    const auto end = query.find('&', start);
+    target.query.push_back(query.substr(start, end == std::string::npos ? std::string::npos : end - start));
+    start = end == std::string::npos ? query.size() : end + 1;
+  }
+  return target;
+}
+
+constexpr std::uint16_t kContentFormatTextPlain = 0;  // RFC 7252 §12.3
+
+Response refusal(int code, std::optional<std::uint32_t> rsc, const std::string& text) {
+  Response response = Response::with_text(code, text);
+  // Explicit: transport sends a payload without content_format as Content-Format 65535 (reported to the lead).
+  response.content_format = kContentFormatTextPlain;
+  response.response_status = rsc;
+  return response;
+}
+
+// oneM2M-RSC (option 307) is critical (odd number): a plain CoAP client that did not send oneM2M-RQI (a stock
+// client) rejects a response carrying it with RST (RFC 7252 §5.4.1). Only oneM2M-aware local AEs get it.
+Response for_local_ae(Response response, const Request& request) {
+  if (request.request_id.empty()) response.response_status.reset();
+  return response;
+}
+
+}  // namespace
+
+Result<transport::Peer> resolve_address(const std::string& text) {
+  auto split = split_host_port(text);
+  if (!split) return std::move(split).error();
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_DGRAM;
+  hints.ai_flags = AI_NUMERICSERV;
+  addrinfo* found = nullptr;
+  const std::string port = std::to_string(split->second);
+  if (const int rc = ::getaddrinfo(split->first.c_str(), port.c_str(), &hints, &found); rc != 0) {
+    return make_error(Errc::not_found, "address " + crypto::quote_for_error(text) + ": " + ::gai_strerror(rc));
+  }
+  std::unique_ptr<addrinfo, decltype(&::freeaddrinfo)> owner(found, &::freeaddrinfo);
+  char host[NI_MAXHOST];
+  if (::getnameinfo(found->ai_addr, found->ai_addrlen, host, sizeof host, nullptr, 0, NI_NUMERICHOST) != 0) {
+    return make_error(Errc::internal, "address " + crypto::quote_for_error(text) + ": getnameinfo failed");
+  }
+  return transport::Peer{host, split->second};
+}
+
+// ---- state ------------------------------------------------------------------------------------------------
+
+struct NodeDriver {
+  std::string name;
+  std::unique_ptr<transport::Node> node;
+  EventLoop::Registration watch;
+  EventLoop::Registration timer;
+};
+
+struct LocalAeState {
+  LocalAe config;
+  std::unique_ptr<rspf::Enrolee> enrolee;
+  EventLoop::Registration timer;
+  std::uint64_t attempts_started = 0;
+  std::uint64_t attempts_done = 0;
+  std::optional<std::string> last_error;
+  std::int64_t last_attempt_at = 0;
+  std::int64_t next_attempt_delay_ms = 0;  // the delay last scheduled (renewal or backoff step)
+};
+
+// A session as dauthd saw it carry requests (transport has no session listing; libcoap owns the sessions).
+struct SeenSession {
+  std::string direction;  // "in" | "out"
+  std::string peer_ae_id;
+  std::string identity;   // PSK identity (KeID) or certificate AE-ID
+  std::string kind;
+  std::string remote;
+  std::string cipher;
+  std::int64_t created = 0;
+  std::int64_t last_used = 0;
+  std::uint64_t requests = 0;
+};
+
+struct PeerState {
+  std::string address_text;
+  std::optional<transport::Peer> address;
+  std::uint64_t requests = 0;
+  std::uint64_t failures = 0;
+  std::uint64_t retries = 0;
+  std::string last_outcome;
+  std::int64_t last_at = 0;
+};
+
+struct Roles::Impl {
+  explicit Impl(EventLoop& l) : loop(l) {}
+  ~Impl();
+
+  EventLoop& loop;
+  Config config;  // copy of the running configuration (policy, addresses)
+  std::optional<crypto::KeyStore> store;
+  rspf::PskLookupSlot mef_slot;
+  rspf::PskLookupSlot peer_slot;
+  std::vector<std::unique_ptr<NodeDriver>> drivers;  // mef, peer, enrolee (whichever exist)
+  NodeDriver* mef_driver = nullptr;
+  NodeDriver* peer_driver = nullptr;
+  NodeDriver* enrolee_driver = nullptr;
+  std::unique_ptr<rspf::Mef> mef;
+  std::vector<std::unique_ptr<LocalAeState>> aes;
+  std::unique_ptr<rspf::TargetKeys> target_keys;
+  std::string served_ae;  // the local AE the peer endpoint serves (TargetKeys: one AE, docs/rspf.md gaps)
+  std::map<std::string, PeerState> peers;
+  std::map<std::string, SeenSession> seen;
+  std::vector<EventLoop::Registration> retry_timers;
+  std::map<std::string, std::uint64_t> counters;
+  bool stopping = false;
+
+  rspf::LogSink log_sink() const {
+    return [](const std::string& line) { log::info("rspf: " + line); };
+  }
+  Result<void> drive(NodeDriver& driver);
+  void after_io();
+  void rearm(NodeDriver& driver);
+  Result<void> put_key_tables(const Config& cfg, const LoadedSecrets& secrets);
+  Result<void> resolve_peers(const Config& cfg, std::map<std::string, PeerState>& out) const;
+  LocalAeState* find_ae(const std::string& id);
+  void schedule_enrolment(LocalAeState& ae, std::chrono::milliseconds delay);
+  void start_enrolment(LocalAeState& ae);
+  void on_local_request(const transport::Session& session, const Request& request, transport::Responder responder);
+  void forward_to_peer(const std::string& target, const transport::Peer& address, std::string ke_id,
+                       std::shared_ptr<SecretBuffer> key, Request request,
+                       std::shared_ptr<transport::Responder> responder, std::size_t attempt);
+  void on_peer_request(const transport::Session& session, const Request& request, transport::Responder responder);
+  void note_session(const std::string& direction, const transport::Session& session, const std::string& peer_ae_id);
+  void count(const std::string& name) { ++counters[name]; }
+};
+
+Roles::Impl::~Impl() {
+  stopping = true;
+  retry_timers.clear();
+  for (auto& ae : aes) ae->timer.reset();
+  for (auto& d : drivers) {
+    d->watch.reset();
+    d->timer.reset();
+  }
+  mef_slot.unbind();
+  peer_slot.unbind();
+  // Roles before their Nodes' teardown; the Nodes before the store (declared order would do the reverse).
+  target_keys.reset();
+  aes.clear();
+  mef.reset();
+  drivers.clear();
+}
+
+Result<void> Roles::Impl::drive(NodeDriver& driver) {
+  auto watch = loop.watch(driver.node->fd(), EPOLLIN, [this, &driver](std::uint32_t) {
+    driver.node->process_ready();
+    after_io();
+  });
+  if (!watch) return std::move(watch).error();
+  driver.watch = std::move(watch).value();
+  rearm(driver);
+  return ok_result();
+}
+
+void Roles::Impl::rearm(NodeDriver& driver) {
+  // A one-shot timer at the node's next deadline (retransmissions, handshake and request timeouts). At least
+  // 1 ms: a zero it_value would disarm the timerfd instead of firing it.
+  auto delay = std::clamp(driver.node->next_timeout(), std::chrono::milliseconds(1), std::chrono::milliseconds(1000));
+  auto timer = loop.add_timer(delay, std::chrono::milliseconds(0), [this, &driver] {
+    driver.node->process_ready();
+    after_io();
+  });
+  if (timer) driver.timer = std::move(timer).value();
+}
+
+void Roles::Impl::after_io() {
+  if (target_keys) target_keys->start_pending_fetches();
+  for (auto& d : drivers) rearm(*d);
+}
+
+LocalAeState* Roles::Impl::find_ae(const std::string& id) {
+  for (auto& ae : aes) {
+    if (ae->config.id == id) return ae.get();
+  }
+  return nullptr;
+}
+
+// Configured bootstrap credentials (Enrolee) and enrolee table (MEF) go into the store, so that the roles find
+// them there; reload puts the new values (KeyStore::put replaces by id).
+Result<void> Roles::Impl::put_key_tables(const Config& cfg, const LoadedSecrets& secrets) {
+  if (cfg.enrolee) {
+    for (const auto& ae : cfg.enrolee->aes) {
+      if (ae.kpm_id.empty()) continue;
+      const auto* key = secrets.find_file(ae.kpm_file);
+      if (key == nullptr) return make_error(Errc::internal, "enrolee.ae " + ae.id + ": kpm_file not loaded");
+      crypto::BootstrapKeyRecord record{ae.kpm_id, key->key.clone(), ae.id};
+      if (auto r = store->put(std::move(record)); !r) return r;
+    }
+  }
+  if (cfg.mef) {
+    for (const auto& row : cfg.mef->enrolees) {
+      const auto* key = secrets.find_file(row.kpm_file);
+      if (key == nullptr) return make_error(Errc::internal, "mef.enrolee " + row.kpm_id + ": kpm_file not loaded");
+      crypto::EnroleeRecord record;
+      record.credential_id = row.kpm_id;
+      record.kpm = key->key.clone();
+      record.enrolee_id = row.enrolee_id;
+      record.targets = row.targets;
+      record.enrolment_lifetime_s = row.lifetime != 0 ? row.lifetime : cfg.mef->enrolment_lifetime;
+      record.certificate_enrolment = row.certificate_enrolment;
+      if (auto r = store->put(std::move(record)); !r) return r;
+    }
+  }
+  return ok_result();
+}
+
+Result<void> Roles::Impl::resolve_peers(const Config& cfg, std::map<std::string, PeerState>& out) const {
+  if (!cfg.peer) return ok_result();
+  for (const auto& entry : cfg.peer->addresses) {
+    auto address = resolve_address(entry.address);
+    if (!address) {
+      return make_error(address.error().code, "peer.address " + entry.ae_id + ": " + address.error().message);
+    }
+    PeerState state;
+    if (auto old = peers.find(entry.ae_id); old != peers.end()) state = old->second;  // keep the counters
+    state.address_text = entry.address;
+    state.address = *address;
+    out[entry.ae_id] = state;
+  }
+  return ok_result();
+}
+
+// ---- enrolment ---------------------------------------------------------------------------------------------
+
+void Roles::Impl::schedule_enrolment(LocalAeState& ae, std::chrono::milliseconds delay) {
+  auto timer = loop.add_timer(std::max(delay, std::chrono::milliseconds(1)), std::chrono::milliseconds(0),
+                              [this, &ae] { start_enrolment(ae); });
+  if (!timer) {
+    log::error("enrolee " + ae.config.id + ": cannot arm the enrolment timer: " + timer.error().message);
+    return;
+  }
+  ae.timer = std::move(timer).value();
+  ae.next_attempt_delay_ms = static_cast<std::int64_t>(delay.count());
+  log::info("enrolee " + ae.config.id + ": next enrolment attempt in " + std::to_string(delay.count()) + " ms");
+}
+
+void Roles::Impl::start_enrolment(LocalAeState& ae) {
+  if (stopping || !ae.enrolee) return;
+  if (ae.enrolee->state() == rspf::EnroleeState::enrolling) return;
+  ae.timer.reset();
+  ++ae.attempts_started;
+  ae.last_attempt_at = unix_now();
+  count("enrolments_started_total");
+  ae.enrolee->enrol([this, &ae](Result<void> outcome) {
+    ++ae.attempts_done;
+    if (outcome) {
+      ae.last_error.reset();
+      count("enrolments_succeeded_total");
+    } else {
+      ae.last_error = outcome.error().message;
+      count("enrolments_failed_total");
+    }
+    // Renewal at 2/3 of the lifetime, or the next backoff step with jitter (Enrolee::next_attempt_delay()).
+    if (!stopping) schedule_enrolment(ae, ae.enrolee->next_attempt_delay());
+  });
+  if (enrolee_driver) rearm(*enrolee_driver);
+}
+
+// ---- the local AE side (A): proxy to the target's dauthd -----------------------------------------------------
+
+void Roles::Impl::on_local_request(const transport::Session& session, const Request& request,
+                                   transport::Responder responder) {
+  count("proxy_requests_total");
+  if (request.proxy_uri.empty()) {
+    responder.respond(for_local_ae(refusal(404, std::nullopt, "dauthd local endpoint: send the request with Proxy-Uri "
+                                                 "coap://<target AE-ID>/<path> (coap-client -P)"), request));
+    return;
+  }
+  auto target = parse_proxy_uri(request.proxy_uri);
+  if (!target) {
+    count("proxy_rejected_total");
+    responder.respond(for_local_ae(refusal(400, std::nullopt, target.error().message), request));
+    return;
+  }
+  // SPEC.md §6: the local originator is the configured local AE named by oneM2M-FR; anything else gets 4.03.
+  LocalAeState* ae = request.originator.empty() ? nullptr : find_ae(request.originator);
+  if (ae == nullptr || !ae->enrolee) {
+    count("proxy_rejected_total");
+    log::notice("proxy: refused request from " + session.remote_address() + " to " + target->ae_id +
+                ": oneM2M-FR " + crypto::quote_for_error(request.originator) + " is not a configured local AE");
+    responder.respond(for_local_ae(refusal(403, kRscNoPrivilege,
+                              "oneM2M-FR " + crypto::quote_for_error(request.originator) +
+                                  " is not a local AE of this dauthd ([[enrolee.ae]] ids)"), request));
+    return;
+  }
+  auto key = ae->enrolee->key_for_target(target->ae_id);
+  if (!key) {
+    count("proxy_rejected_total");
+    log::notice("proxy: " + ae->config.id + " -> " + target->ae_id + " refused: " + key.error().message);
+    responder.respond(for_local_ae(refusal(403, kRscNoPrivilege, ae->config.id + " -> " + target->ae_id + ": " +
+                                                         key.error().message), request));
+    return;
+  }
+  auto peer = peers.find(target->ae_id);
+  if (peer == peers.end() || !peer->second.address) {
+    count("proxy_rejected_total");
+    responder.respond(for_local_ae(refusal(404, std::nullopt, "no [[peer.address]] configured for " + target->ae_id), request));
+    return;
+  }
+  Request forwarded;
+  forwarded.method = request.method;
+  forwarded.path = target->path;
+  forwarded.query = target->query;
+  forwarded.content_format = request.content_format;
+  forwarded.accept = request.accept;
+  forwarded.originator = ae->config.id;
+  forwarded.request_id = request.request_id;
+  forwarded.payload = request.payload;
+  forward_to_peer(target->ae_id, *peer->second.address, key->ke_id, std::make_shared<SecretBuffer>(std::move(key->key)),
+                  std::move(forwarded), std::make_shared<transport::Responder>(std::move(responder)), 0);
+}
+
+void Roles::Impl::forward_to_peer(const std::string& target, const transport::Peer& address, std::string ke_id,
+                                  std::shared_ptr<SecretBuffer> key, Request request,
+                                  std::shared_ptr<transport::Responder> responder, std::size_t attempt) {
+  auto& peer_state = peers[target];
+  ++peer_state.requests;
+  auto credentials = transport::ClientCredentials::psk(ke_id, key->clone(), target);  // SNI = target AE-ID
+  Request copy = request;
+  peer_driver->node->request(
+      address, credentials, std::move(request),
+      [this, target, address, ke_id, key, copy, responder, attempt](Result<Response> outcome,
+                                                                     const transport::Session* session) mutable {
+        auto& state = peers[target];
+        state.last_at = unix_now();
+        if (outcome) {
+          if (session) note_session("out", *session, target);
+          state.last_outcome = "ok: " + rspf::coap_code_text(outcome->code);
+          count("proxy_forwarded_total");
+          responder->respond(for_local_ae(std::move(outcome).value(), copy));
+          return;
+        }
+        ++state.failures;
+        state.last_outcome = outcome.error().message;
+        // SPEC.md §4: a first use is refused while the target fetches the key from the MEF (unknown identity);
+        // retry after 250 ms, 1 s, 3 s. A handshake failure is what the client sees of that refusal.
+        const bool handshake_refused = outcome.error().code == Errc::unauthenticated ||
+                                       outcome.error().code == Errc::timeout;
+        if (handshake_refused && attempt < std::size(kFirstUseRetryDelays) && !stopping) {
+          ++state.retries;
+          count("proxy_retries_total");
+          log::info("proxy: " + copy.originator + " -> " + target + " (KeID " + ke_id + ") attempt " +
+                    std::to_string(attempt + 1) + " failed (" + outcome.error().message + "); retrying in " +
+                    std::to_string(kFirstUseRetryDelays[attempt].count()) + " ms");
+          auto timer = loop.add_timer(kFirstUseRetryDelays[attempt], std::chrono::milliseconds(0),
+                                      [this, target, address, ke_id, key, copy, responder, attempt]() mutable {
+                                        forward_to_peer(target, address, ke_id, key, std::move(copy), responder,
+                                                        attempt + 1);
+                                      });
+          if (timer) {
+            retry_timers.push_back(std::move(timer).value());
+            return;
+          }
+        }
+        count("proxy_failed_total");
+        log::notice("proxy: " + copy.originator + " -> " + target + " failed: " + outcome.error().message);
+        responder->respond(
+            for_local_ae(refusal(502, std::nullopt, "peer dauthd for " + target + ": " + outcome.error().message), copy));
+      });
+  rearm(*peer_driver);
+}
+
+// ---- the receiving side (B): authenticate, check, deliver to the local AE -------------------------------------
+
+void Roles::Impl::on_peer_request(const transport::Session& session, const Request& request,
+                                  transport::Responder responder) {
+  count("peer_requests_total");
+  std::string requester;
+  std::string local_ae;
+  const auto& peer = session.peer();
+  if (peer.kind == transport::PeerKind::psk) {
+    if (const auto* record = store->find<crypto::SessionKeyRecord>(peer.value)) {
+      requester = record->peer_ae_id;
+      local_ae = record->local_ae_id;
+    }
+  } else if (peer.kind == transport::PeerKind::x509) {
+    requester = peer.value;
+    local_ae = served_ae;
+  }
+  if (requester.empty() || local_ae.empty()) {
+    count("peer_rejected_total");
+    log::notice("peer: refused request from " + session.remote_address() + ": identity " +
+                crypto::quote_for_error(peer.value) + " names no peer AE");
+    responder.respond(refusal(403, kRscNoPrivilege, "no peer AE-ID for this session's identity"));
+    return;
+  }
+  note_session("in", session, requester);
+  // Impersonation check: the request's originator must be the AE the session authenticated.
+  if (request.originator != requester) {
+    count("peer_impersonation_total");
+    log::notice("peer: refused impersonation from " + session.remote_address() + ": session authenticated " +
+                requester + ", oneM2M-FR " + crypto::quote_for_error(request.originator) + " (RSC 4106)");
+    responder.respond(refusal(403, kRscImpersonation,
+                              "oneM2M-FR " + crypto::quote_for_error(request.originator) +
+                                  " differs from the authenticated AE-ID " + requester));
+    return;
+  }
+  const std::string method(transport::to_string(request.method));
+  bool allowed = false;
+  for (const auto& rule : config.peer->policy) {
+    if (rule.peer != "*" && rule.peer != requester) continue;
+    if (std::find(rule.local_aes.begin(), rule.local_aes.end(), local_ae) == rule.local_aes.end()) continue;
+    if (std::find(rule.methods.begin(), rule.methods.end(), method) == rule.methods.end()) continue;
+    allowed = true;
+    break;
+  }
+  if (!allowed) {
+    count("peer_denied_total");
+    log::notice("peer: policy denies " + requester + " " + method + " " + request.path_text() + " on " + local_ae);
+    responder.respond(refusal(403, kRscNoPrivilege, "policy: " + requester + " may not " + method + " " + local_ae));
+    return;
+  }
+  const LocalAe* target = nullptr;
+  if (config.enrolee) {
+    for (const auto& ae : config.enrolee->aes) {
+      if (ae.id == local_ae) target = &ae;
+    }
+  }
+  if (target == nullptr || target->endpoint.empty()) {
+    responder.respond(refusal(404, std::nullopt, local_ae + " has no endpoint (enrolee.ae.endpoint)"));
+    return;
+  }
+  auto endpoint = resolve_address(target->endpoint);
+  if (!endpoint) {
+    responder.respond(refusal(500, std::nullopt, endpoint.error().message));
+    return;
+  }
+  // Plain CoAP to the AE without the options we consumed (oneM2M-FR/RQI are critical: a stock server rejects
+  // them with 4.02).
+  Request delivered;
+  delivered.method = request.method;
+  delivered.path = request.path;
+  delivered.query = request.query;
+  delivered.content_format = request.content_format;
+  delivered.accept = request.accept;
+  delivered.payload = request.payload;
+  auto shared = std::make_shared<transport::Responder>(std::move(responder));
+  const std::string request_id = request.request_id;
+  peer_driver->node->request(*endpoint, transport::ClientCredentials::plain(), std::move(delivered),
+                             [this, shared, request_id, local_ae](Result<Response> outcome, const transport::Session*) {
+                               if (!outcome) {
+                                 count("peer_delivery_failed_total");
+                                 log::notice("peer: delivery to " + local_ae + " failed: " + outcome.error().message);
+                                 shared->respond(refusal(504, std::nullopt, local_ae + ": " + outcome.error().message));
+                                 return;
+                               }
+                               count("peer_delivered_total");
+                               Response answer = std::move(outcome).value();
+                               answer.request_id = request_id;
+                               shared->respond(std::move(answer));
+                             });
+  rearm(*peer_driver);
+}
+
+void Roles::Impl::note_session(const std::string& direction, const transport::Session& session,
+                               const std::string& peer_ae_id) {
+  const std::string key = direction + " " + session.remote_address() + " " + session.peer().value;
+  auto& entry = seen[key];
+  const auto now = unix_now();
+  if (entry.created == 0) {
+    entry.direction = direction;
+    entry.remote = session.remote_address();
+    entry.identity = direction == "out" ? session.credential_id() : session.peer().value;
+    entry.kind = std::string(transport::to_string(session.peer().kind));
+    entry.cipher = session.cipher_suite();
+    entry.created =
+        std::chrono::duration_cast<std::chrono::seconds>(session.created().time_since_epoch()).count();
+  }
+  entry.peer_ae_id = peer_ae_id;
+  entry.last_used = now;
+  ++entry.requests;
+}
+
+// ---- start ---------------------------------------------------------------------------------------------------
+
+Roles::Roles(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Roles::~Roles() = default;
+
+bool Roles::has_mef() const { return impl_->mef != nullptr; }
+bool Roles::has_enrolee() const { return !impl_->aes.empty(); }
+bool Roles::has_peer() const { return impl_->peer_driver != nullptr; }
+
+Result<std::unique_ptr<Roles>> Roles::start(EventLoop& loop, const Config& config, const LoadedSecrets& secrets) {
+  auto impl = std::make_unique<Impl>(loop);
+  Impl& s = *impl;
+  s.config = config;
+  auto store = crypto::KeyStore::open(config.daemon.state_directory, secrets.master_key().clone());
+  if (!store) return std::move(store).error();
+  s.store.emplace(std::move(store).value());
+  if (auto r = s.put_key_tables(config, secrets); !r) return std::move(r).error();
+  if (auto r = s.resolve_peers(config, s.peers); !r) return std::move(r).error();
+
+  const auto observer = [](const std::string& node) {
+    return [node](const transport::Failure& failure) {
+      log::info(node + " " + transport::format_failure(failure));
+    };
+  };
+
+  if (config.mef) {
+    auto listen = split_host_port(config.mef->listen);
+    if (!listen) return make_error(listen.error().code, "mef.listen: " + listen.error().message);
+    transport::NodeConfig node_config;
+    node_config.secure_addresses = {listen->first};
+    node_config.secure_port = listen->second;
+    node_config.psk_lookup = s.mef_slot.lookup();
+    auto node = transport::Node::create(std::move(node_config));
+    if (!node) return make_error(node.error().code, "mef node: " + node.error().message);
+    auto driver = std::make_unique<NodeDriver>();
+    driver->name = "mef";
+    driver->node = std::move(node).value();
+    driver->node->set_failure_observer(observer("mef"));
+    rspf::MefConfig mef_config;
+    mef_config.fqdn = config.mef->fqdn;
+    mef_config.log = s.log_sink();
+    if (!config.mef->issuing_ca_certificate.empty() && !config.mef->issuing_ca_key.empty()) {
+      auto certificate = crypto::Certificate::load_file(config.mef->issuing_ca_certificate.string());
+      if (!certificate) return make_error(certificate.error().code, "mef.issuing_ca_certificate: " + certificate.error().message);
+      auto key = crypto::PrivateKey::load_file(config.mef->issuing_ca_key.string());
+      if (!key) return make_error(key.error().code, "mef.issuing_ca_key: " + key.error().message);
+      auto ca = crypto::CertificateAuthority::from(std::move(certificate).value(), std::move(key).value());
+      if (!ca) return make_error(ca.error().code, "mef issuing CA: " + ca.error().message);
+      mef_config.ca.emplace(std::move(ca).value());
+      mef_config.max_certificate_validity_s = config.mef->certificate_lifetime;
+    }
+    auto mef = rspf::Mef::create(*driver->node, *s.store, std::move(mef_config));
+    if (!mef) return std::move(mef).error();
+    s.mef = std::move(mef).value();
+    s.mef_slot.bind(s.mef->psk_lookup());
+    s.mef_driver = driver.get();
+    s.drivers.push_back(std::move(driver));
+    log::notice("mef " + config.mef->fqdn + " listening on coaps://" + config.mef->listen + " (port " +
+                std::to_string(s.mef_driver->node->secure_port()) + ")");
+  }
+
+  if (config.enrolee) {
+    transport::NodeConfig node_config;  // client only
+    auto node = transport::Node::create(std::move(node_config));
+    if (!node) return make_error(node.error().code, "enrolee node: " + node.error().message);
+    auto driver = std::make_unique<NodeDriver>();
+    driver->name = "enrolee";
+    driver->node = std::move(node).value();
+    driver->node->set_failure_observer(observer("enrolee"));
+    s.enrolee_driver = driver.get();
+    s.drivers.push_back(std::move(driver));
+    auto mef_address = resolve_address(config.enrolee->mef_address);
+    if (!mef_address) return make_error(mef_address.error().code, "enrolee.mef_address: " + mef_address.error().message);
+    for (const auto& ae : config.enrolee->aes) {
+      auto state = std::make_unique<LocalAeState>();
+      state->config = ae;
+      if (ae.kpm_id.empty()) {
+        log::warning("enrolee.ae " + ae.id + ": no kpm_id; the certificate-bootstrapped RSPF is not in this build, "
+                     "so this AE is not enrolled");
+      } else {
+        rspf::EnroleeConfig enrolee_config;
+        enrolee_config.kpm_id = ae.kpm_id;
+        enrolee_config.mef_address = *mef_address;
+        enrolee_config.mef_fqdn = config.enrolee->mef_fqdn;
+        enrolee_config.request_certificate = ae.certificate_enrolment;
+        enrolee_config.log = s.log_sink();
+        auto enrolee = rspf::Enrolee::create(*s.enrolee_driver->node, *s.store, std::move(enrolee_config));
+        if (!enrolee) return make_error(enrolee.error().code, "enrolee.ae " + ae.id + ": " + enrolee.error().message);
+        state->enrolee = std::move(enrolee).value();
+      }
+      s.aes.push_back(std::move(state));
+    }
+  }
+
+  if (config.peer) {
+    auto listen = split_host_port(config.peer->listen);
+    if (!listen) return make_error(listen.error().code, "peer.listen: " + listen.error().message);
+    transport::NodeConfig node_config;
+    node_config.secure_addresses = {listen->first};
+    node_config.secure_port = listen->second;
+    node_config.psk_lookup = s.peer_slot.lookup();
+    if (config.enrolee) {
+      auto local = split_host_port(config.enrolee->local_listen);
+      if (!local) return make_error(local.error().code, "enrolee.local_listen: " + local.error().message);
+      node_config.local_address = local->first;
+      node_config.local_port = local->second;
+    }
+    node_config.limits.idle_timeout = std::chrono::seconds(config.peer->idle_timeout);
+    node_config.limits.max_sessions = static_cast<std::size_t>(config.peer->max_sessions);
+    node_config.limits.max_client_sessions = static_cast<std::size_t>(config.peer->max_outgoing_sessions);
+    node_config.limits.max_handshakes = static_cast<std::size_t>(config.peer->max_handshakes);
+    node_config.limits.handshake_timeout = std::chrono::seconds(config.peer->handshake_timeout);
+    auto node = transport::Node::create(std::move(node_config));
+    if (!node) return make_error(node.error().code, "peer node: " + node.error().message);
+    auto driver = std::make_unique<NodeDriver>();
+    driver->name = "peer";
+    driver->node = std::move(node).value();
+    driver->node->set_failure_observer(observer("peer"));
+    s.peer_driver = driver.get();
+    s.drivers.push_back(std::move(driver));
+
+    Impl* self = &s;
+    for (const Method m : kAllMethods) {
+      s.peer_driver->node->add_route(m, {}, transport::Access::local,
+                                     [self](const transport::Session& session, const Request& request,
+                                            transport::Responder responder) {
+                                       self->on_local_request(session, request, std::move(responder));
+                                     });
+      s.peer_driver->node->add_route(m, {}, transport::Access::secure,
+                                     [self](const transport::Session& session, const Request& request,
+                                            transport::Responder responder) {
+                                       self->on_peer_request(session, request, std::move(responder));
+                                     });
+    }
+    // The served AE: the first local AE with an endpoint and an Enrolee (TargetKeys serves one AE; docs/rspf.md).
+    for (auto& ae : s.aes) {
+      if (ae->config.endpoint.empty() || !ae->enrolee) continue;
+      if (!s.served_ae.empty()) {
+        log::warning("enrolee.ae " + ae->config.id + ": only one local AE per gateway can be an Enrolment Target in "
+                     "this build (no SNI in the PSK lookup); serving " + s.served_ae);
+        continue;
+      }
+      rspf::TargetKeysConfig target_config;
+      target_config.local_ae_id = ae->config.id;
+      target_config.log = s.log_sink();
+      auto target_keys = rspf::TargetKeys::create(*s.peer_driver->node, *s.store, std::move(target_config));
+      if (!target_keys) return std::move(target_keys).error();
+      s.target_keys = std::move(target_keys).value();
+      rspf::Enrolee* enrolee = ae->enrolee.get();
+      rspf::MefContact contact{enrolee->mef_address(), [enrolee] { return enrolee->mef_credentials(); }};
+      if (auto r = s.target_keys->add_mef(enrolee->mef_fqdn(), std::move(contact)); !r) return std::move(r).error();
+      s.target_keys->set_fetch_observer([self](const std::string& ke_id, const Result<void>& outcome) {
+        self->count(outcome ? "key_fetches_succeeded_total" : "key_fetches_failed_total");
+        log::info("peer: key retrieval for KeID " + ke_id + ": " + (outcome ? std::string("stored") : outcome.error().message));
+      });
+      s.peer_slot.bind(s.target_keys->psk_lookup());
+      s.served_ae = ae->config.id;
+    }
+    log::notice("peer listening on coaps://" + config.peer->listen + " (port " +
+                std::to_string(s.peer_driver->node->secure_port()) + ")" +
+                (config.enrolee ? ", local AEs on coap://" + config.enrolee->local_listen + " (port " +
+                                      std::to_string(s.peer_driver->node->local_port()) + ")"
+                                : std::string()) +
+                (s.served_ae.empty() ? std::string() : ", serving " + s.served_ae));
+  }
+
+  for (auto& driver : s.drivers) {
+    if (auto r = s.drive(*driver); !r) return std::move(r).error();
+  }
+  // Enrol at start: an AE still enrolled from before a restart waits for its renewal time.
+  for (auto& ae : s.aes) {
+    if (!ae->enrolee) continue;
+    if (ae->enrolee->state() == rspf::EnroleeState::enrolled) {
+      log::info("enrolee " + ae->config.id + ": enrolment from the key store still valid (KeID " +
+                ae->enrolee->ke_id().value_or("?") + ")");
+      s.schedule_enrolment(*ae, ae->enrolee->next_attempt_delay());
+    } else {
+      s.start_enrolment(*ae);
+    }
+  }
+  return std::unique_ptr<Roles>(new Roles(std::move(impl)));
+}
+
+Result<void> Roles::reload(const Config& config, const LoadedSecrets& secrets) {
+  Impl& s = *impl_;
+  std::map<std::string, PeerState> peers;
+  if (auto r = s.resolve_peers(config, peers); !r) return r;
+  if (auto r = s.put_key_tables(config, secrets); !r) return r;
+  const auto listen_of = [](const auto& section) { return section ? section->listen : std::string(); };
+  if (listen_of(config.mef) != listen_of(s.config.mef) || listen_of(config.peer) != listen_of(s.config.peer) ||
+      config.enrolee.has_value() != s.config.enrolee.has_value() ||
+      (config.enrolee && config.enrolee->aes.size() != s.config.enrolee->aes.size())) {
+    log::notice("reload: listen addresses, roles and the set of local AEs take effect after a restart");
+  }
+  s.peers = std::move(peers);
+  // Keep the running sections' shape (the roles were built from it), take the new policy and endpoints.
+  if (s.config.peer && config.peer) {
+    s.config.peer->policy = config.peer->policy;
+    s.config.peer->addresses = config.peer->addresses;
+  }
+  if (s.config.enrolee && config.enrolee) {
+    for (auto& ae : s.config.enrolee->aes) {
+      for (const auto& fresh : config.enrolee->aes) {
+        if (fresh.id == ae.id) ae.endpoint = fresh.endpoint;
+      }
+    }
+  }
+  return ok_result();
+}
+
+// ---- control verbs -------------------------------------------------------------------------------------------
+
+Result<nlohmann::json> Roles::enrol(const std::string& ae_id) {
+  LocalAeState* ae = impl_->find_ae(ae_id);
+  if (ae == nullptr || !ae->enrolee) {
+    return make_error(Errc::not_found, "enrol: " + crypto::quote_for_error(ae_id) +
+                                           " is not a configured local AE with a kpm_id ([[enrolee.ae]])");
+  }
+  if (ae->enrolee->state() == rspf::EnroleeState::enrolling) {
+    return nlohmann::json{{"ae_id", ae_id}, {"attempt", ae->attempts_started}, {"state", "enrolling"}};
+  }
+  impl_->start_enrolment(*ae);
+  return nlohmann::json{{"ae_id", ae_id}, {"attempt", ae->attempts_started},
+                        {"state", std::string(rspf::to_string(ae->enrolee->state()))}};
+}
+
+Result<nlohmann::json> Roles::enrolment_status(const std::string& ae_id) const {
+  const LocalAeState* ae = impl_->find_ae(ae_id);
+  if (ae == nullptr || !ae->enrolee) {
+    return make_error(Errc::not_found, "enrol.status: " + crypto::quote_for_error(ae_id) +
+                                           " is not a configured local AE with a kpm_id");
+  }
+  nlohmann::json result{{"ae_id", ae_id},
+                        {"state", std::string(rspf::to_string(ae->enrolee->state()))},
+                        {"attempts_started", ae->attempts_started},
+                        {"attempts_done", ae->attempts_done},
+                        {"last_error", ae->last_error ? nlohmann::json(*ae->last_error) : nlohmann::json(nullptr)},
+                        {"keId", ae->enrolee->ke_id() ? nlohmann::json(*ae->enrolee->ke_id()) : nlohmann::json(nullptr)},
+                        {"enroleeId", ae_id},
+                        {"next_attempt_delay_ms", ae->next_attempt_delay_ms}};
+  if (const auto ke_id = ae->enrolee->ke_id()) {
+    if (const auto* record = impl_->store->find<crypto::EnrolmentKeyRecord>(*ke_id)) {
+      result["expiry"] = record->expires_at;
+    }
+  }
+  return result;
+}
+
+Result<nlohmann::json> Roles::revoke(const std::string& id) {
+  if (!impl_->mef) return make_error(Errc::unsupported, "revoke: this dauthd has no [mef] role");
+  auto revoked = impl_->mef->revoke(id);
+  if (!revoked && revoked.error().code == Errc::not_found) {
+    auto certificate = impl_->mef->revoke_certificate(id);
+    if (certificate) return nlohmann::json{{"id", id}, {"kind", "certificate"}};
+    if (certificate.error().code != Errc::not_found) return std::move(certificate).error();
+    return make_error(Errc::not_found, "revoke: no enrolment (KeID) or issued certificate (serial) " +
+                                           crypto::quote_for_error(id));
+  }
+  if (!revoked) return std::move(revoked).error();
+  return nlohmann::json{{"id", id}, {"kind", "enrolment"}};
+}
+
+Result<nlohmann::json> Roles::remove_credential(const std::string& kpm_id) {
+  if (impl_->aes.empty()) return make_error(Errc::unsupported, "credentials.remove: no [enrolee] role");
+  if (auto r = impl_->store->remove(crypto::RecordKind::bootstrap_key, kpm_id); !r) return std::move(r).error();
+  return nlohmann::json::object();
+}
+
+nlohmann::json Roles::credentials() const {
+  nlohmann::json rows = nlohmann::json::array();
+  const auto& store = *impl_->store;
+  store.for_each(crypto::RecordKind::bootstrap_key, [&](const crypto::Record& r) {
+    const auto& b = std::get<crypto::BootstrapKeyRecord>(r);
+    rows.push_back({{"kind", "bootstrap"}, {"id", b.kpm_id}, {"ae_id", b.ae_id}, {"fingerprint", b.kpm.fingerprint()}});
+  });
+  store.for_each(crypto::RecordKind::enrolment_key, [&](const crypto::Record& r) {
+    const auto& e = std::get<crypto::EnrolmentKeyRecord>(r);
+    rows.push_back({{"kind", "enrolment"}, {"id", e.ke_id}, {"ae_id", e.enrolee_id}, {"expires_at", e.expires_at},
+                    {"revoked_at", e.revoked_at}, {"fingerprint", e.ke.fingerprint()}});
+  });
+  store.for_each(crypto::RecordKind::session_key, [&](const crypto::Record& r) {
+    const auto& k = std::get<crypto::SessionKeyRecord>(r);
+    rows.push_back({{"kind", "session"}, {"id", k.ke_id}, {"ae_id", k.local_ae_id}, {"peer", k.peer_ae_id},
+                    {"expires_at", k.expires_at}, {"fingerprint", k.key.fingerprint()}});
+  });
+  store.for_each(crypto::RecordKind::certificate, [&](const crypto::Record& r) {
+    const auto& c = std::get<crypto::CertificateRecord>(r);
+    rows.push_back({{"kind", "certificate"}, {"id", c.name}, {"expires_at", c.expires_at}});
+  });
+  if (impl_->mef) {
+    store.for_each(crypto::RecordKind::enrolee, [&](const crypto::Record& r) {
+      const auto& e = std::get<crypto::EnroleeRecord>(r);
+      rows.push_back({{"kind", "enrolee"}, {"id", e.credential_id}, {"ae_id", e.enrolee_id},
+                      {"fingerprint", e.kpm.empty() ? std::string() : e.kpm.fingerprint()}});
+    });
+  }
+  return {{"credentials", rows}};
+}
+
+nlohmann::json Roles::sessions() const {
+  nlohmann::json rows = nlohmann::json::array();
+  for (const auto& [key, s] : impl_->seen) {
+    rows.push_back({{"direction", s.direction}, {"peer_ae_id", s.peer_ae_id}, {"identity", s.identity},
+                    {"kind", s.kind}, {"remote", s.remote}, {"cipher", s.cipher}, {"created", s.created},
+                    {"last_used", s.last_used}, {"requests", s.requests}});
+  }
+  nlohmann::json live = nullptr;
+  if (impl_->peer_driver) {
+    const auto stats = impl_->peer_driver->node->stats();
+    live = {{"server_sessions", stats.live_server_sessions}, {"client_sessions", stats.live_client_sessions},
+            {"handshakes_in_progress", stats.live_server_handshakes}};
+  }
+  return {{"sessions", rows}, {"live", live}};
+}
+
+nlohmann::json Roles::peers() const {
+  nlohmann::json rows = nlohmann::json::array();
+  for (const auto& [ae_id, p] : impl_->peers) {
+    rows.push_back({{"ae_id", ae_id}, {"address", p.address_text},
+                    {"resolved", p.address ? p.address->host + ":" + std::to_string(p.address->port) : ""},
+                    {"requests", p.requests}, {"failures", p.failures}, {"retries", p.retries},
+                    {"last_outcome", p.last_outcome}, {"last_at", p.last_at}});
+  }
+  return {{"peers", rows}};
+}
+
+nlohmann::json Roles::stats() const {
+  nlohmann::json out = nlohmann::json::object();
+  for (const auto& [name, value] : impl_->counters) out[name] = value;
+  for (const auto& driver : impl_->drivers) {
+    const auto s = driver->node->stats();
+    const std::string p = driver->name + "_";
+    out[p + "handshakes_completed_total"] = s.handshakes_completed;
+    out[p + "handshakes_failed_total"] = s.handshakes_failed;
+    out[p + "requests_served_total"] = s.requests_served;
+    out[p + "requests_rejected_total"] = s.requests_rejected;
+    out[p + "client_requests_failed_total"] = s.client_requests_failed;
+    out[p + "server_sessions"] = s.live_server_sessions;
+    out[p + "client_sessions"] = s.live_client_sessions;
+  }
+  out["keystore_records"] = impl_->store->size();
+  if (impl_->target_keys) out["key_fetches_pending"] = impl_->target_keys->fetches_pending();
+  return out;
+}
+
+nlohmann::json Roles::ports() const {
+  nlohmann::json out = nlohmann::json::object();
+  if (impl_->mef_driver) out["mef"] = impl_->mef_driver->node->secure_port();
+  if (impl_->peer_driver) {
+    out["peer"] = impl_->peer_driver->node->secure_port();
+    if (impl_->config.enrolee) out["local"] = impl_->peer_driver->node->local_port();
+  }
+  return out;
+}
+
+}  // namespace dauth::daemon

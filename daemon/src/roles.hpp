@@ -1,0 +1,81 @@
+// The network roles inside dauthd (internal to the daemon module): the key store, the transport Nodes, the MEF,
+// one Enrolee per local AE, the target-key lookup and the local-AE proxy path (SPEC.md §3–6, docs/rspf.md).
+//
+// Nodes (docs/rspf.md "Wiring"):
+//   mef node      secure endpoint mef.listen, PSK lookup = Mef (PskLookupSlot), Mef routes;
+//   peer node     secure endpoint peer.listen (lookup = TargetKeys), plain endpoint enrolee.local_listen, the
+//                 proxy routes, and the client sessions to peers, MEFs (key retrieval) and local AEs;
+//   enrolee node  client only: Enrolee::enrol() closes all of its node's client sessions (fresh exporter).
+// Every node's fd() is watched by the EventLoop; after each process_ready() its next_timeout() re-arms a one-shot
+// timer and TargetKeys::start_pending_fetches() runs (target_keys.hpp loop contract).
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "dauth/crypto/keystore.hpp"
+#include "dauth/daemon/config.hpp"
+#include "dauth/daemon/event_loop.hpp"
+#include "dauth/error.hpp"
+#include "dauth/rspf/enrolee.hpp"
+#include "dauth/rspf/mef.hpp"
+#include "dauth/rspf/role_support.hpp"
+#include "dauth/rspf/target_keys.hpp"
+#include "dauth/transport/transport.hpp"
+
+namespace dauth::daemon {
+
+// "127.0.0.1:5684", "[::1]:5684", "localhost:5684" -> numeric transport::Peer (getaddrinfo at start and reload
+// only: peer addresses are numeric inside the loop, docs/transport.md).
+Result<transport::Peer> resolve_address(const std::string& text);
+
+// SPEC.md §4: the A side retries a refused first handshake (target still fetching the key) after these delays.
+inline constexpr std::chrono::milliseconds kFirstUseRetryDelays[] = {std::chrono::milliseconds(250),
+                                                                      std::chrono::milliseconds(1000),
+                                                                      std::chrono::milliseconds(3000)};
+
+// oneM2M-RSC for an originator that is not the authenticated AE (TS-0004 Table 6.6.3.3-1: ORIGINATOR_HAS_NO_PRIVILEGE
+// is 4103; 4106 is the value SPEC.md/PROTOCOL.md pin for the impersonation refusal).
+inline constexpr std::uint32_t kRscImpersonation = 4106;
+inline constexpr std::uint32_t kRscNoPrivilege = 4103;
+
+class Roles {
+ public:
+  static Result<std::unique_ptr<Roles>> start(EventLoop& loop, const Config& config, const LoadedSecrets& secrets);
+  ~Roles();
+  Roles(const Roles&) = delete;
+  Roles& operator=(const Roles&) = delete;
+
+  // New policy, peer addresses and key tables for new sessions; live sessions continue. Listen addresses and
+  // the set of local AEs take effect after a restart (logged). Nothing changes when it fails.
+  Result<void> reload(const Config& config, const LoadedSecrets& secrets);
+
+  bool has_mef() const;
+  bool has_enrolee() const;
+  bool has_peer() const;
+
+  // Control verbs (docs/control-protocol.md).
+  Result<nlohmann::json> enrol(const std::string& ae_id);
+  Result<nlohmann::json> enrolment_status(const std::string& ae_id) const;
+  Result<nlohmann::json> revoke(const std::string& id);
+  Result<nlohmann::json> remove_credential(const std::string& kpm_id);
+  nlohmann::json credentials() const;
+  nlohmann::json sessions() const;
+  nlohmann::json peers() const;
+  nlohmann::json stats() const;
+  nlohmann::json ports() const;
+
+  struct Impl;
+
+ private:
+  explicit Roles(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace dauth::daemon

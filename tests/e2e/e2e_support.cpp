@@ -1,0 +1,243 @@
+#include "e2e_support.hpp"
+
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <fstream>
+#include <sstream>
+#include <stdexcept>
+#include <thread>
+
+namespace dauth::test {
+
+namespace {
+
+// A port the kernel considers free for UDP on 127.0.0.1 right now (bind to 0, read it, close).
+std::uint16_t free_udp_port() {
+  const int fd = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) throw std::runtime_error("socket() failed");
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t length = sizeof address;
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0 ||
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length) != 0) {
+    ::close(fd);
+    throw std::runtime_error("bind/getsockname failed");
+  }
+  ::close(fd);
+  return ntohs(address.sin_port);
+}
+
+std::string replace_all(std::string text, const std::string& from, const std::string& to) {
+  for (std::size_t at = text.find(from); at != std::string::npos; at = text.find(from, at + to.size())) {
+    text.replace(at, from.size(), to);
+  }
+  return text;
+}
+
+const char* kConfigOf(const std::string& node) {
+  return node == "mef" ? "mef" : node == "a" ? "gateway-a" : "gateway-b";
+}
+
+}  // namespace
+
+bool have_stock_tools() {
+  return have_program("coap-client-notls") && have_program("coap-server-notls") && have_program("openssl");
+}
+
+Deployment::Deployment() {
+  for (const char* name : {"MEF_PORT", "A_PEER", "A_LOCAL", "B_PEER", "B_LOCAL", "VALVE_PORT"}) {
+    ports_[name] = free_udp_port();
+  }
+  for (const char* sub : {"keys", "mef", "mef/state", "a", "a/state", "b", "b/state"}) {
+    std::filesystem::create_directory(dir_ / sub);
+    std::filesystem::permissions(dir_ / sub, std::filesystem::perms::owner_all, std::filesystem::perm_options::replace);
+  }
+  auto random_hex = [] {
+    const auto result = run_command({"openssl", "rand", "-hex", "32"});
+    if (result.exit_code != 0) throw std::runtime_error("openssl rand failed: " + result.output);
+    return result.output;
+  };
+  for (const char* name : {"meter", "valve", "intruder"}) {
+    write_file(dir_ / "keys" / (std::string(name) + ".kpm"), random_hex(), 0600);
+  }
+  for (const char* node : {"mef", "a", "b"}) write_file(dir_ / node / "master.key", random_hex(), 0600);
+  const auto key = (dir_ / "mef" / "ca.key").string();
+  const auto ca = (dir_ / "mef" / "ca.pem").string();
+  if (run_command({"openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", key}).exit_code != 0 ||
+      run_command({"openssl", "req", "-new", "-x509", "-key", key, "-out", ca, "-days", "30", "-subj",
+                   "/CN=dauth e2e MEF CA", "-addext", "basicConstraints=critical,CA:TRUE,pathlen:0", "-addext",
+                   "keyUsage=critical,keyCertSign,cRLSign"})
+              .exit_code != 0) {
+    throw std::runtime_error("openssl could not make the MEF CA");
+  }
+  ::chmod(key.c_str(), 0600);
+  for (const char* config : {"mef", "gateway-a", "gateway-b"}) {
+    std::string text =
+        read_text_file(std::filesystem::path(DAUTH_SOURCE_DIR) / "scripts" / "demo.d" / (std::string(config) + ".toml.in"));
+    text = replace_all(text, "@DIR@", dir_.path().string());
+    for (const auto& [name, port] : ports_) text = replace_all(text, "@" + name + "@", std::to_string(port));
+    write_file(dir_ / (std::string(config) + ".toml"), text, 0600);
+  }
+}
+
+Deployment::~Deployment() {
+  valve_.reset();
+  for (auto& [node, process] : processes_) {
+    if (process) {
+      process->signal(SIGTERM);
+      process->wait(std::chrono::seconds(10));
+    }
+  }
+}
+
+std::string Deployment::node_dir(const std::string& node) const { return (dir_ / node).string(); }
+std::filesystem::path Deployment::state(const std::string& node) const { return dir_ / node / "state"; }
+std::filesystem::path Deployment::log(const std::string& node) const { return dir_ / (node + ".log"); }
+
+void Deployment::start(const std::string& node) {
+  // Each run appends to the node's log (restarts keep the earlier lines for the no-secret check).
+  const auto run_log = dir_ / (node + ".run.log");
+  processes_[node] = std::make_unique<DaemonProcess>(
+      std::vector<std::string>{DAUTHD_PATH, "--config", (dir_ / (std::string(kConfigOf(node)) + ".toml")).string()},
+      std::vector<std::string>{}, run_log);
+  exits_[node].reset();
+  if (!wait_for_control_socket(dir_ / node / "control")) {
+    throw std::runtime_error("dauthd " + node + " did not open its control socket: " + read_text_file(run_log));
+  }
+  // The control socket answers before the roles run? No: Roles start in set_up() before READY; still poll status.
+  for (int i = 0; i < 100; ++i) {
+    if (ctl(node, {"status"}).exit_code == 0) return;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  throw std::runtime_error("dauthd " + node + " does not answer status");
+}
+
+void Deployment::stop(const std::string& node, int signal_number) {
+  auto& process = processes_[node];
+  if (!process) return;
+  process->signal(signal_number);
+  exits_[node] = process->wait();
+  std::ofstream(log(node), std::ios::app) << read_text_file(dir_ / (node + ".run.log"));
+  process.reset();
+}
+
+std::optional<int> Deployment::last_exit(const std::string& node) const {
+  const auto it = exits_.find(node);
+  return it == exits_.end() ? std::nullopt : it->second;
+}
+
+bool Deployment::running(const std::string& node) const {
+  const auto it = processes_.find(node);
+  return it != processes_.end() && it->second != nullptr;
+}
+
+void Deployment::start_valve() {
+  valve_ = std::make_unique<DaemonProcess>(
+      std::vector<std::string>{"/usr/bin/env", "coap-server-notls", "-A", "127.0.0.1", "-p",
+                               std::to_string(ports_.at("VALVE_PORT"))},
+      std::vector<std::string>{}, dir_ / "valve.log");
+  // Ready when it answers a direct GET.
+  for (int i = 0; i < 100; ++i) {
+    if (direct("get", "time").output.find("4.") == std::string::npos &&
+        !direct("get", "time").output.empty()) {
+      return;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  throw std::runtime_error("coap-server-notls did not answer");
+}
+
+CommandResult Deployment::ctl(const std::string& node, std::vector<std::string> args) const {
+  std::vector<std::string> argv = {DAUTHCTL_PATH, "-s", (dir_ / node / "control").string()};
+  argv.insert(argv.end(), args.begin(), args.end());
+  return run_command(argv);
+}
+
+nlohmann::json Deployment::ctl_json(const std::string& node, std::vector<std::string> args) const {
+  args.insert(args.begin(), "--json");
+  const auto result = ctl(node, args);
+  if (result.exit_code != 0) throw std::runtime_error("dauthctl " + node + " failed: " + result.output);
+  return nlohmann::json::parse(result.output);
+}
+
+nlohmann::json Deployment::verb(const std::string& node, const std::string& name, const nlohmann::json& args) const {
+  const auto reply = control_exchange(dir_ / node / "control", nlohmann::json{{"verb", name}, {"args", args}}.dump() + "\n");
+  const auto parsed = nlohmann::json::parse(reply, nullptr, false);
+  if (parsed.is_discarded() || !parsed.value("ok", false)) {
+    throw std::runtime_error("control verb " + name + " on " + node + " failed: " + reply);
+  }
+  return parsed["result"];
+}
+
+bool Deployment::wait_enrolled(const std::string& node, const std::string& ae_id, int limit_seconds) const {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(limit_seconds);
+  while (std::chrono::steady_clock::now() < deadline) {
+    const auto reply = control_exchange(dir_ / node / "control",
+                                        R"({"verb":"enrol.status","args":{"ae_id":")" + ae_id + "\"}}\n");
+    const auto parsed = nlohmann::json::parse(reply, nullptr, false);
+    if (!parsed.is_discarded() && parsed.value("ok", false) &&
+        parsed["result"].value("state", "") == "enrolled") {
+      return true;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  return false;
+}
+
+CommandResult Deployment::proxied(const std::string& originator, const std::string& method, const std::string& path,
+                                  const std::string& payload) const {
+  std::vector<std::string> argv = {"coap-client-notls", "-v", "6", "-B", "20", "-m", method, "-P",
+                                   "coap://127.0.0.1:" + std::to_string(ports_.at("A_LOCAL")), "-O",
+                                   "279," + originator};
+  if (!payload.empty()) {
+    argv.push_back("-e");
+    argv.push_back(payload);
+  }
+  argv.push_back("coap://CAE-valve/" + path);
+  return run_command(argv);
+}
+
+CommandResult Deployment::direct(const std::string& method, const std::string& path, const std::string& payload) const {
+  std::vector<std::string> argv = {"coap-client-notls", "-B", "5", "-m", method};
+  if (!payload.empty()) {
+    argv.push_back("-e");
+    argv.push_back(payload);
+  }
+  argv.push_back("coap://127.0.0.1:" + std::to_string(ports_.at("VALVE_PORT")) + "/" + path);
+  return run_command(argv);
+}
+
+std::string Deployment::master_key_hex(const std::string& node) const {
+  auto text = read_text_file(dir_ / node / "master.key");
+  while (!text.empty() && text.back() == '\n') text.pop_back();
+  return text;
+}
+
+std::vector<std::string> Deployment::key_files_hex() const {
+  std::vector<std::string> keys;
+  for (const char* name : {"meter", "valve", "intruder"}) {
+    auto text = read_text_file(dir_ / "keys" / (std::string(name) + ".kpm"));
+    while (!text.empty() && text.back() == '\n') text.pop_back();
+    keys.push_back(text);
+  }
+  for (const char* node : {"mef", "a", "b"}) keys.push_back(master_key_hex(node));
+  return keys;
+}
+
+std::string Deployment::all_logs() const {
+  std::string text;
+  for (const char* node : {"mef", "a", "b"}) {
+    if (std::filesystem::exists(log(node))) text += read_text_file(log(node));
+    const auto run_log = dir_ / (std::string(node) + ".run.log");
+    if (std::filesystem::exists(run_log)) text += read_text_file(run_log);
+  }
+  return text;
+}
+
+}  // namespace dauth::test
