@@ -1,7 +1,7 @@
 // Reading hex key files into guarded memory (internal to the daemon module).
 //
-// Kpm files (16–64 bytes): the same rules as crypto::load_master_key_file() (regular file, no group/world bits,
-// hex with one optional trailing newline), which reads the master key (config.cpp load_secrets()).
+// Kpm files (16–64 bytes): the file checks are crypto::read_key_file's (regular file, no group/world bits); this
+// adds the content rule (hex with one optional trailing newline).
 #pragma once
 
 #include <cstddef>
