@@ -1,4 +1,4 @@
-#include "roles.hpp"
+#include "roles_impl.hpp"
 
 #include <netdb.h>
 #include <sys/socket.h>
@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <cstring>
 #include <ctime>
-#include <set>
 
 #include "dauth/crypto/identifiers.hpp"
 #include "dauth/crypto/x509.hpp"
@@ -23,9 +22,10 @@ using transport::Response;
 constexpr Method kAllMethods[] = {Method::get,   Method::post,  Method::put,   Method::del,
                                   Method::fetch, Method::patch, Method::ipatch};
 
+}  // namespace
+
 std::int64_t unix_now() { return static_cast<std::int64_t>(std::time(nullptr)); }
 
-// The host part and port of "host:port" / "[v6]:port".
 Result<std::pair<std::string, std::uint16_t>> split_host_port(const std::string& text) {
   std::string host;
   std::string port;
@@ -53,71 +53,6 @@ Result<std::pair<std::string, std::uint16_t>> split_host_port(const std::string&
   return std::make_pair(host, static_cast<std::uint16_t>(number));
 }
 
-// Parses "coap://<AE-ID>/a/b?x=1" (RFC 7252 §6.4 subset: no port, no percent-encoding needed for AE-IDs).
-struct ProxyTarget {
-  std::string ae_id;
-  std::vector<std::string> path;
-  std::vector<std::string> query;
-};
-Result<ProxyTarget> parse_proxy_uri(const std::string& uri) {
-  const auto bad = [&](const std::string& why) {
-    return make_error(Errc::invalid_argument, "Proxy-Uri " + crypto::quote_for_error(uri) + ": " + why +
-                                                  "; expected coap://<target AE-ID>/<path>");
-  };
-  std::string rest;
-  for (const char* scheme : {"coap://", "coaps://"}) {
-    if (uri.rfind(scheme, 0) == 0) rest = uri.substr(std::strlen(scheme));
-  }
-  if (rest.empty()) return bad("scheme must be coap or coaps");
-  ProxyTarget target;
-  const auto path_start = rest.find_first_of("/?");
-  target.ae_id = rest.substr(0, path_start);
-  if (auto valid = crypto::validate_ae_id(target.ae_id); !valid) return bad("host is not an AE-ID");
-  if (path_start == std::string::npos) return target;
-  std::string path = rest.substr(path_start);
-  std::string query;
-  if (const auto q = path.find('?'); q != std::string::npos) {
-    query = path.substr(q + 1);
-    path = path.substr(0, q);
-  }
-  std::size_t start = 0;
-  while (start < path.size()) {
-    if (path[start] == '/') {
-      ++start;
-      continue;
-    }
-    const auto end = path.find('/', start);
-    target.path.push_back(path.substr(start, end == std::string::npos ? std::string::npos : end - start));
-    start = end == std::string::npos ? path.size() : end;
-  }
-  start = 0;
-  while (start < query.size()) {
-    const auto end = query.find('&', start);
-    target.query.push_back(query.substr(start, end == std::string::npos ? std::string::npos : end - start));
-    start = end == std::string::npos ? query.size() : end + 1;
-  }
-  return target;
-}
-
-constexpr std::uint16_t kContentFormatTextPlain = 0;  // RFC 7252 §12.3
-
-Response refusal(int code, std::optional<std::uint32_t> rsc, const std::string& text) {
-  Response response = Response::with_text(code, text);
-  // Explicit: transport sends a payload without content_format as Content-Format 65535 (reported to the lead).
-  response.content_format = kContentFormatTextPlain;
-  response.response_status = rsc;
-  return response;
-}
-
-// oneM2M-RSC (option 307) is critical (odd number): a plain CoAP client that did not send oneM2M-RQI (a stock
-// client) rejects a response carrying it with RST (RFC 7252 §5.4.1). Only oneM2M-aware local AEs get it.
-Response for_local_ae(Response response, const Request& request) {
-  if (request.request_id.empty()) response.response_status.reset();
-  return response;
-}
-
-}  // namespace
-
 Result<transport::Peer> resolve_address(const std::string& text) {
   auto split = split_host_port(text);
   if (!split) return std::move(split).error();
@@ -137,92 +72,6 @@ Result<transport::Peer> resolve_address(const std::string& text) {
   }
   return transport::Peer{host, split->second};
 }
-
-// ---- state ------------------------------------------------------------------------------------------------
-
-struct NodeDriver {
-  std::string name;
-  std::unique_ptr<transport::Node> node;
-  EventLoop::Registration watch;
-  EventLoop::Registration timer;
-};
-
-struct LocalAeState {
-  LocalAe config;
-  std::unique_ptr<rspf::Enrolee> enrolee;
-  EventLoop::Registration timer;
-  std::uint64_t attempts_started = 0;
-  std::uint64_t attempts_done = 0;
-  std::optional<std::string> last_error;
-  std::int64_t last_attempt_at = 0;
-  std::int64_t next_attempt_delay_ms = 0;  // the delay last scheduled (renewal or backoff step)
-};
-
-// A session as dauthd saw it carry requests (transport has no session listing; libcoap owns the sessions).
-struct SeenSession {
-  std::string direction;  // "in" | "out"
-  std::string peer_ae_id;
-  std::string identity;   // PSK identity (KeID) or certificate AE-ID
-  std::string kind;
-  std::string remote;
-  std::string cipher;
-  std::int64_t created = 0;
-  std::int64_t last_used = 0;
-  std::uint64_t requests = 0;
-};
-
-struct PeerState {
-  std::string address_text;
-  std::optional<transport::Peer> address;
-  std::uint64_t requests = 0;
-  std::uint64_t failures = 0;
-  std::uint64_t retries = 0;
-  std::string last_outcome;
-  std::int64_t last_at = 0;
-};
-
-struct Roles::Impl {
-  explicit Impl(EventLoop& l) : loop(l) {}
-  ~Impl();
-
-  EventLoop& loop;
-  Config config;  // copy of the running configuration (policy, addresses)
-  std::optional<crypto::KeyStore> store;
-  rspf::PskLookupSlot mef_slot;
-  rspf::PskLookupSlot peer_slot;
-  std::vector<std::unique_ptr<NodeDriver>> drivers;  // mef, peer, enrolee (whichever exist)
-  NodeDriver* mef_driver = nullptr;
-  NodeDriver* peer_driver = nullptr;
-  NodeDriver* enrolee_driver = nullptr;
-  std::unique_ptr<rspf::Mef> mef;
-  std::vector<std::unique_ptr<LocalAeState>> aes;
-  std::unique_ptr<rspf::TargetKeys> target_keys;
-  std::string served_ae;  // the local AE the peer endpoint serves (TargetKeys: one AE, docs/rspf.md gaps)
-  std::map<std::string, PeerState> peers;
-  std::map<std::string, SeenSession> seen;
-  std::vector<EventLoop::Registration> retry_timers;
-  std::map<std::string, std::uint64_t> counters;
-  bool stopping = false;
-
-  rspf::LogSink log_sink() const {
-    return [](const std::string& line) { log::info("rspf: " + line); };
-  }
-  Result<void> drive(NodeDriver& driver);
-  void after_io();
-  void rearm(NodeDriver& driver);
-  Result<void> put_key_tables(const Config& cfg, const LoadedSecrets& secrets);
-  Result<void> resolve_peers(const Config& cfg, std::map<std::string, PeerState>& out) const;
-  LocalAeState* find_ae(const std::string& id);
-  void schedule_enrolment(LocalAeState& ae, std::chrono::milliseconds delay);
-  void start_enrolment(LocalAeState& ae);
-  void on_local_request(const transport::Session& session, const Request& request, transport::Responder responder);
-  void forward_to_peer(const std::string& target, const transport::Peer& address, std::string ke_id,
-                       std::shared_ptr<SecretBuffer> key, Request request,
-                       std::shared_ptr<transport::Responder> responder, std::size_t attempt);
-  void on_peer_request(const transport::Session& session, const Request& request, transport::Responder responder);
-  void note_session(const std::string& direction, const transport::Session& session, const std::string& peer_ae_id);
-  void count(const std::string& name) { ++counters[name]; }
-};
 
 Roles::Impl::~Impl() {
   stopping = true;
@@ -354,221 +203,6 @@ void Roles::Impl::start_enrolment(LocalAeState& ae) {
     if (!stopping) schedule_enrolment(ae, ae.enrolee->next_attempt_delay());
   });
   if (enrolee_driver) rearm(*enrolee_driver);
-}
-
-// ---- the local AE side (A): proxy to the target's dauthd -----------------------------------------------------
-
-void Roles::Impl::on_local_request(const transport::Session& session, const Request& request,
-                                   transport::Responder responder) {
-  count("proxy_requests_total");
-  if (request.proxy_uri.empty()) {
-    responder.respond(for_local_ae(refusal(404, std::nullopt, "dauthd local endpoint: send the request with Proxy-Uri "
-                                                 "coap://<target AE-ID>/<path> (coap-client -P)"), request));
-    return;
-  }
-  auto target = parse_proxy_uri(request.proxy_uri);
-  if (!target) {
-    count("proxy_rejected_total");
-    responder.respond(for_local_ae(refusal(400, std::nullopt, target.error().message), request));
-    return;
-  }
-  // SPEC.md §6: the local originator is the configured local AE named by oneM2M-FR; anything else gets 4.03.
-  LocalAeState* ae = request.originator.empty() ? nullptr : find_ae(request.originator);
-  if (ae == nullptr || !ae->enrolee) {
-    count("proxy_rejected_total");
-    log::notice("proxy: refused request from " + session.remote_address() + " to " + target->ae_id +
-                ": oneM2M-FR " + crypto::quote_for_error(request.originator) + " is not a configured local AE");
-    responder.respond(for_local_ae(refusal(403, kRscNoPrivilege,
-                              "oneM2M-FR " + crypto::quote_for_error(request.originator) +
-                                  " is not a local AE of this dauthd ([[enrolee.ae]] ids)"), request));
-    return;
-  }
-  auto key = ae->enrolee->key_for_target(target->ae_id);
-  if (!key) {
-    count("proxy_rejected_total");
-    log::notice("proxy: " + ae->config.id + " -> " + target->ae_id + " refused: " + key.error().message);
-    responder.respond(for_local_ae(refusal(403, kRscNoPrivilege, ae->config.id + " -> " + target->ae_id + ": " +
-                                                         key.error().message), request));
-    return;
-  }
-  auto peer = peers.find(target->ae_id);
-  if (peer == peers.end() || !peer->second.address) {
-    count("proxy_rejected_total");
-    responder.respond(for_local_ae(refusal(404, std::nullopt, "no [[peer.address]] configured for " + target->ae_id), request));
-    return;
-  }
-  Request forwarded;
-  forwarded.method = request.method;
-  forwarded.path = target->path;
-  forwarded.query = target->query;
-  forwarded.content_format = request.content_format;
-  forwarded.accept = request.accept;
-  forwarded.originator = ae->config.id;
-  forwarded.request_id = request.request_id;
-  forwarded.payload = request.payload;
-  forward_to_peer(target->ae_id, *peer->second.address, key->ke_id, std::make_shared<SecretBuffer>(std::move(key->key)),
-                  std::move(forwarded), std::make_shared<transport::Responder>(std::move(responder)), 0);
-}
-
-void Roles::Impl::forward_to_peer(const std::string& target, const transport::Peer& address, std::string ke_id,
-                                  std::shared_ptr<SecretBuffer> key, Request request,
-                                  std::shared_ptr<transport::Responder> responder, std::size_t attempt) {
-  auto& peer_state = peers[target];
-  ++peer_state.requests;
-  auto credentials = transport::ClientCredentials::psk(ke_id, key->clone(), target);  // SNI = target AE-ID
-  Request copy = request;
-  peer_driver->node->request(
-      address, credentials, std::move(request),
-      [this, target, address, ke_id, key, copy, responder, attempt](Result<Response> outcome,
-                                                                     const transport::Session* session) mutable {
-        auto& state = peers[target];
-        state.last_at = unix_now();
-        if (outcome) {
-          if (session) note_session("out", *session, target);
-          state.last_outcome = "ok: " + rspf::coap_code_text(outcome->code);
-          count("proxy_forwarded_total");
-          responder->respond(for_local_ae(std::move(outcome).value(), copy));
-          return;
-        }
-        ++state.failures;
-        state.last_outcome = outcome.error().message;
-        // SPEC.md §4: a first use is refused while the target fetches the key from the MEF (unknown identity);
-        // retry after 250 ms, 1 s, 3 s. A handshake failure is what the client sees of that refusal.
-        const bool handshake_refused = outcome.error().code == Errc::unauthenticated ||
-                                       outcome.error().code == Errc::timeout;
-        if (handshake_refused && attempt < std::size(kFirstUseRetryDelays) && !stopping) {
-          ++state.retries;
-          count("proxy_retries_total");
-          log::info("proxy: " + copy.originator + " -> " + target + " (KeID " + ke_id + ") attempt " +
-                    std::to_string(attempt + 1) + " failed (" + outcome.error().message + "); retrying in " +
-                    std::to_string(kFirstUseRetryDelays[attempt].count()) + " ms");
-          auto timer = loop.add_timer(kFirstUseRetryDelays[attempt], std::chrono::milliseconds(0),
-                                      [this, target, address, ke_id, key, copy, responder, attempt]() mutable {
-                                        forward_to_peer(target, address, ke_id, key, std::move(copy), responder,
-                                                        attempt + 1);
-                                      });
-          if (timer) {
-            retry_timers.push_back(std::move(timer).value());
-            return;
-          }
-        }
-        count("proxy_failed_total");
-        log::notice("proxy: " + copy.originator + " -> " + target + " failed: " + outcome.error().message);
-        responder->respond(
-            for_local_ae(refusal(502, std::nullopt, "peer dauthd for " + target + ": " + outcome.error().message), copy));
-      });
-  rearm(*peer_driver);
-}
-
-// ---- the receiving side (B): authenticate, check, deliver to the local AE -------------------------------------
-
-void Roles::Impl::on_peer_request(const transport::Session& session, const Request& request,
-                                  transport::Responder responder) {
-  count("peer_requests_total");
-  std::string requester;
-  std::string local_ae;
-  const auto& peer = session.peer();
-  if (peer.kind == transport::PeerKind::psk) {
-    if (const auto* record = store->find<crypto::SessionKeyRecord>(peer.value)) {
-      requester = record->peer_ae_id;
-      local_ae = record->local_ae_id;
-    }
-  } else if (peer.kind == transport::PeerKind::x509) {
-    requester = peer.value;
-    local_ae = served_ae;
-  }
-  if (requester.empty() || local_ae.empty()) {
-    count("peer_rejected_total");
-    log::notice("peer: refused request from " + session.remote_address() + ": identity " +
-                crypto::quote_for_error(peer.value) + " names no peer AE");
-    responder.respond(refusal(403, kRscNoPrivilege, "no peer AE-ID for this session's identity"));
-    return;
-  }
-  note_session("in", session, requester);
-  // Impersonation check: the request's originator must be the AE the session authenticated.
-  if (request.originator != requester) {
-    count("peer_impersonation_total");
-    log::notice("peer: refused impersonation from " + session.remote_address() + ": session authenticated " +
-                requester + ", oneM2M-FR " + crypto::quote_for_error(request.originator) + " (RSC 4106)");
-    responder.respond(refusal(403, kRscImpersonation,
-                              "oneM2M-FR " + crypto::quote_for_error(request.originator) +
-                                  " differs from the authenticated AE-ID " + requester));
-    return;
-  }
-  const std::string method(transport::to_string(request.method));
-  bool allowed = false;
-  for (const auto& rule : config.peer->policy) {
-    if (rule.peer != "*" && rule.peer != requester) continue;
-    if (std::find(rule.local_aes.begin(), rule.local_aes.end(), local_ae) == rule.local_aes.end()) continue;
-    if (std::find(rule.methods.begin(), rule.methods.end(), method) == rule.methods.end()) continue;
-    allowed = true;
-    break;
-  }
-  if (!allowed) {
-    count("peer_denied_total");
-    log::notice("peer: policy denies " + requester + " " + method + " " + request.path_text() + " on " + local_ae);
-    responder.respond(refusal(403, kRscNoPrivilege, "policy: " + requester + " may not " + method + " " + local_ae));
-    return;
-  }
-  const LocalAe* target = nullptr;
-  if (config.enrolee) {
-    for (const auto& ae : config.enrolee->aes) {
-      if (ae.id == local_ae) target = &ae;
-    }
-  }
-  if (target == nullptr || target->endpoint.empty()) {
-    responder.respond(refusal(404, std::nullopt, local_ae + " has no endpoint (enrolee.ae.endpoint)"));
-    return;
-  }
-  auto endpoint = resolve_address(target->endpoint);
-  if (!endpoint) {
-    responder.respond(refusal(500, std::nullopt, endpoint.error().message));
-    return;
-  }
-  // Plain CoAP to the AE without the options we consumed (oneM2M-FR/RQI are critical: a stock server rejects
-  // them with 4.02).
-  Request delivered;
-  delivered.method = request.method;
-  delivered.path = request.path;
-  delivered.query = request.query;
-  delivered.content_format = request.content_format;
-  delivered.accept = request.accept;
-  delivered.payload = request.payload;
-  auto shared = std::make_shared<transport::Responder>(std::move(responder));
-  const std::string request_id = request.request_id;
-  peer_driver->node->request(*endpoint, transport::ClientCredentials::plain(), std::move(delivered),
-                             [this, shared, request_id, local_ae](Result<Response> outcome, const transport::Session*) {
-                               if (!outcome) {
-                                 count("peer_delivery_failed_total");
-                                 log::notice("peer: delivery to " + local_ae + " failed: " + outcome.error().message);
-                                 shared->respond(refusal(504, std::nullopt, local_ae + ": " + outcome.error().message));
-                                 return;
-                               }
-                               count("peer_delivered_total");
-                               Response answer = std::move(outcome).value();
-                               answer.request_id = request_id;
-                               shared->respond(std::move(answer));
-                             });
-  rearm(*peer_driver);
-}
-
-void Roles::Impl::note_session(const std::string& direction, const transport::Session& session,
-                               const std::string& peer_ae_id) {
-  const std::string key = direction + " " + session.remote_address() + " " + session.peer().value;
-  auto& entry = seen[key];
-  const auto now = unix_now();
-  if (entry.created == 0) {
-    entry.direction = direction;
-    entry.remote = session.remote_address();
-    entry.identity = direction == "out" ? session.credential_id() : session.peer().value;
-    entry.kind = std::string(transport::to_string(session.peer().kind));
-    entry.cipher = session.cipher_suite();
-    entry.created =
-        std::chrono::duration_cast<std::chrono::seconds>(session.created().time_since_epoch()).count();
-  }
-  entry.peer_ae_id = peer_ae_id;
-  entry.last_used = now;
-  ++entry.requests;
 }
 
 // ---- start ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,109 @@
+// Roles' internals, shared by roles.cpp (start, reload, enrolment, control verbs) and proxy.cpp (the local-AE
+// path on gateway A and the peer path on gateway B). Internal to the daemon module.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "roles.hpp"
+
+namespace dauth::daemon {
+
+std::int64_t unix_now();
+// The host part and port of "host:port" / "[v6]:port" (no name resolution).
+Result<std::pair<std::string, std::uint16_t>> split_host_port(const std::string& text);
+
+// ---- state ------------------------------------------------------------------------------------------------
+
+struct NodeDriver {
+  std::string name;
+  std::unique_ptr<transport::Node> node;
+  EventLoop::Registration watch;
+  EventLoop::Registration timer;
+};
+
+struct LocalAeState {
+  LocalAe config;
+  std::unique_ptr<rspf::Enrolee> enrolee;
+  EventLoop::Registration timer;
+  std::uint64_t attempts_started = 0;
+  std::uint64_t attempts_done = 0;
+  std::optional<std::string> last_error;
+  std::int64_t last_attempt_at = 0;
+  std::int64_t next_attempt_delay_ms = 0;  // the delay last scheduled (renewal or backoff step)
+};
+
+// A session as dauthd saw it carry requests (transport has no session listing; libcoap owns the sessions).
+struct SeenSession {
+  std::string direction;  // "in" | "out"
+  std::string peer_ae_id;
+  std::string identity;   // PSK identity (KeID) or certificate AE-ID
+  std::string kind;
+  std::string remote;
+  std::string cipher;
+  std::int64_t created = 0;
+  std::int64_t last_used = 0;
+  std::uint64_t requests = 0;
+};
+
+struct PeerState {
+  std::string address_text;
+  std::optional<transport::Peer> address;
+  std::uint64_t requests = 0;
+  std::uint64_t failures = 0;
+  std::uint64_t retries = 0;
+  std::string last_outcome;
+  std::int64_t last_at = 0;
+};
+
+struct Roles::Impl {
+  explicit Impl(EventLoop& l) : loop(l) {}
+  ~Impl();
+
+  EventLoop& loop;
+  Config config;  // copy of the running configuration (policy, addresses)
+  std::optional<crypto::KeyStore> store;
+  rspf::PskLookupSlot mef_slot;
+  rspf::PskLookupSlot peer_slot;
+  std::vector<std::unique_ptr<NodeDriver>> drivers;  // mef, peer, enrolee (whichever exist)
+  NodeDriver* mef_driver = nullptr;
+  NodeDriver* peer_driver = nullptr;
+  NodeDriver* enrolee_driver = nullptr;
+  std::unique_ptr<rspf::Mef> mef;
+  std::vector<std::unique_ptr<LocalAeState>> aes;
+  std::unique_ptr<rspf::TargetKeys> target_keys;
+  std::string served_ae;  // the local AE the peer endpoint serves (TargetKeys: one AE, docs/rspf.md gaps)
+  std::map<std::string, PeerState> peers;
+  std::map<std::string, SeenSession> seen;
+  std::vector<EventLoop::Registration> retry_timers;
+  std::map<std::string, std::uint64_t> counters;
+  bool stopping = false;
+
+  rspf::LogSink log_sink() const {
+    return [](const std::string& line) { log::info("rspf: " + line); };
+  }
+  Result<void> drive(NodeDriver& driver);
+  void after_io();
+  void rearm(NodeDriver& driver);
+  Result<void> put_key_tables(const Config& cfg, const LoadedSecrets& secrets);
+  Result<void> resolve_peers(const Config& cfg, std::map<std::string, PeerState>& out) const;
+  LocalAeState* find_ae(const std::string& id);
+  void schedule_enrolment(LocalAeState& ae, std::chrono::milliseconds delay);
+  void start_enrolment(LocalAeState& ae);
+  void on_local_request(const transport::Session& session, const transport::Request& request,
+                        transport::Responder responder);
+  void forward_to_peer(const std::string& target, const transport::Peer& address, std::string ke_id,
+                       std::shared_ptr<SecretBuffer> key, transport::Request request,
+                       std::shared_ptr<transport::Responder> responder, std::size_t attempt);
+  void on_peer_request(const transport::Session& session, const transport::Request& request,
+                       transport::Responder responder);
+  void note_session(const std::string& direction, const transport::Session& session, const std::string& peer_ae_id);
+  void count(const std::string& name) { ++counters[name]; }
+};
+
+}  // namespace dauth::daemon
