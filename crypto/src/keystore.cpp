@@ -132,11 +132,11 @@ Result<void> validate_fields(const BootstrapKeyRecord& r, const Record& whole) {
   return check_ae_id(whole, "ae_id", r.ae_id);
 }
 Result<void> validate_fields(const EnroleeRecord& r, const Record& whole) {
-  if (r.certificate_enrolment && r.kpm.empty()) {
-    // Certificate enrolees are identified by "cert:<AE-ID>" or "rpk:<key id>" (keystore.hpp).
-    if (r.credential_id.rfind("cert:", 0) != 0 && r.credential_id.rfind("rpk:", 0) != 0) {
-      return invalid_record(whole, "credential_id of a certificate enrolee must start with 'cert:' or 'rpk:'");
-    }
+  // Certificate-bootstrapped enrolees are identified by "cert:<AE-ID>" or "rpk:<key id>" and have no Kpm
+  // (keystore.hpp); whether the MEF offers them certificate enrolment is a separate choice.
+  const bool certificate_identity = r.credential_id.rfind("cert:", 0) == 0 || r.credential_id.rfind("rpk:", 0) == 0;
+  if (certificate_identity) {
+    if (!r.kpm.empty()) return invalid_record(whole, "a certificate-bootstrapped enrolee has no kpm");
   } else {
     if (auto ok = validate_kpm_id(r.credential_id); !ok) {
       return invalid_record(whole, "credential_id: " + ok.error().message);

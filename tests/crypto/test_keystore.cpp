@@ -296,7 +296,17 @@ TEST_CASE("key store: validate() refuses bad identifiers and key sizes", "[keyst
   refused(CertificateRecord{"mef-ca", {}, patterned_secret(10, 1), 0}, "chain_der");
   refused(IssuanceRecord{"01ab", "CAE-1", 0, 0, 0}, "serial_hex");
   refused(PinnedKeyRecord{"", "CAE-1"}, "id length 0");
+  refused(EnroleeRecord{"cert:CAE-1", patterned_secret(16, 1), "CAE-1", {}, 0, false}, "has no kpm");
+  refused(EnroleeRecord{"e@mef.example.net", SecretBuffer(), "CAE-1", {}, 0, true}, "kpm is 0 bytes");
   CHECK(store.size() == 0);
+}
+
+TEST_CASE("key store: a certificate-bootstrapped enrolee need not be offered certificate enrolment", "[keystore]") {
+  test::TempDir dir;
+  KeyStore store = open_store(dir.path());
+  REQUIRE(store.put(EnroleeRecord{"cert:CAE-valve", SecretBuffer(), "CAE-valve", {"CAE-meter"}, 3600, false}));
+  REQUIRE(store.put(EnroleeRecord{"rpk:ni:///sha-256;abc", SecretBuffer(), "CAE-pump", {}, 3600, true}));
+  CHECK(store.size() == 2);
 }
 
 TEST_CASE("key store: a wrong master key is refused and names itself", "[keystore]") {
