@@ -1,0 +1,63 @@
+// The shipped unit (systemd/dauthd.service): systemd itself parses and verifies it, its sandbox scores at most
+// 2.0 in `systemd-analyze security` (issue: exposure <= 2.0), and the install step points ExecStart at the
+// installed binary.
+#include <catch2/catch.hpp>
+
+#include <cstdlib>
+#include <filesystem>
+#include <regex>
+#include <string>
+
+#include "support.hpp"
+
+namespace {
+
+const std::filesystem::path kSource = DAUTH_SOURCE_DIR;
+const std::filesystem::path kUnit = kSource / "systemd" / "dauthd.service";
+
+}  // namespace
+
+TEST_CASE("the unit is Type=notify with watchdog, reload, state/runtime/config directories and a credential",
+          "[systemd]") {
+  const std::string unit = dauth::test::read_text_file(kUnit);
+  for (const char* line : {"Type=notify", "WatchdogSec=", "ExecReload=", "StateDirectory=dauth", "RuntimeDirectory=dauth",
+                           "ConfigurationDirectory=dauth", "LoadCredential=", "User=dauth", "NoNewPrivileges=yes"}) {
+    INFO(line);
+    CHECK(unit.find(std::string("\n") + line) != std::string::npos);
+  }
+}
+
+TEST_CASE("systemd-analyze verifies the unit and rates its exposure at most 2.0", "[systemd]") {
+  REQUIRE(dauth::test::have_program("systemd-analyze"));  // scripts/install-deps installs systemd
+  dauth::test::TempDir dir;
+  // verify checks that ExecStart's binary exists: point it at the one just built, as `cmake --install` does.
+  std::string unit = dauth::test::read_text_file(kUnit);
+  unit = std::regex_replace(unit, std::regex("/usr/sbin/dauthd"), DAUTHD_PATH);
+  const auto copy = dir.path() / "dauthd.service";
+  dauth::test::write_file(copy, unit, 0644);
+
+  const auto verify = dauth::test::run_command({"systemd-analyze", "verify", "--man=no", copy.string()});
+  INFO(verify.output);
+  CHECK(verify.exit_code == 0);
+  CHECK(verify.output.find("dauthd.service") == std::string::npos);  // no warning names the unit
+
+  const auto security = dauth::test::run_command(
+      {"systemd-analyze", "security", "--offline=true", "--threshold=20", copy.string()});
+  INFO(security.output);
+  CHECK(security.exit_code == 0);
+  std::smatch level;
+  REQUIRE(std::regex_search(security.output, level, std::regex("Overall exposure level for dauthd.service: ([0-9.]+)")));
+  CHECK(std::stod(level[1].str()) <= 2.0);
+}
+
+TEST_CASE("the unit cmake installs runs the binary from the install prefix", "[systemd]") {
+  const std::string installed = dauth::test::read_text_file(std::filesystem::path(DAUTH_BINARY_DIR) / "dauthd.service");
+  std::smatch exec;
+  REQUIRE(std::regex_search(installed, exec, std::regex("\nExecStart=(\\S+)")));
+  CHECK(std::filesystem::path(exec[1].str()).filename() == "dauthd");
+  CHECK(std::filesystem::path(exec[1].str()).is_absolute());
+  // Everything else is the shipped unit, byte for byte.
+  std::string shipped = dauth::test::read_text_file(kUnit);
+  shipped = std::regex_replace(shipped, std::regex("/usr/sbin/dauthd"), exec[1].str());
+  CHECK(installed == shipped);
+}
