@@ -1,17 +1,15 @@
 // dauthctl credentials list|add|remove: bootstrap credentials of local AEs (Enrolee role).
 // Keys travel by file or stdin, never argv or environment (STYLE.md §8): add --psk-file FILE|-.
-#include <fcntl.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
-#include <cstring>
 #include <iostream>
 
 #include "client.hpp"
 #include "dauth/crypto/identifiers.hpp"
 #include "dauth/daemon/exit_codes.hpp"
 #include "dauth/secret.hpp"
+#include "secret_file.hpp"
 #include "verbs.hpp"
 
 namespace dauthctl {
@@ -25,40 +23,33 @@ struct AddOptions {
 };
 
 // Reads a Kpm (hex) from a file or stdin into guarded memory and checks it; the key itself is not sent in this
-// build (see docs/control-protocol.md, credentials.add), only checked so that a bad file fails here, early.
+// build (see docs/control-protocol.md, credentials.add), only checked so that a bad file fails here, early. A file
+// gets exactly dauthd's checks (secret_file.hpp: private enough, hex, 16–64 bytes); stdin (a pipe) only the content.
 int check_psk(const std::string& source) {
   using dauth::daemon::ExitCode;
-  const bool from_stdin = source == "-";
-  int fd = STDIN_FILENO;
-  if (!from_stdin) {
-    fd = ::open(source.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-    if (fd < 0) {
-      std::cerr << "dauthctl: --psk-file " << source << ": " << std::strerror(errno) << "\n";
+  constexpr std::size_t kMinKpm = 16;
+  constexpr std::size_t kMaxKpm = 64;
+  if (source != "-") {
+    if (auto key = dauth::daemon::detail::read_hex_key_file(source, kMinKpm, kMaxKpm); !key) {
+      std::cerr << "dauthctl: --psk-file: " << key.error().message << "\n";
       return as_int(ExitCode::usage);
     }
-    struct stat st {};
-    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || (st.st_mode & 077) != 0) {
-      std::cerr << "dauthctl: --psk-file " << source << ": must be a regular file without group/world access "
-                << "(chmod 600 " << source << ")\n";
-      ::close(fd);
-      return as_int(ExitCode::usage);
-    }
+    return as_int(ExitCode::ok);
   }
-  constexpr std::size_t kMaxText = 129;  // 64 bytes as hex and a newline
+  constexpr std::size_t kMaxText = kMaxKpm * 2 + 1;  // hex and a newline
   dauth::SecretBuffer text(kMaxText + 1);
   std::size_t length = 0;
   for (;;) {
-    const ssize_t n = ::read(fd, text.data() + length, text.size() - length);
+    const ssize_t n = ::read(STDIN_FILENO, text.data() + length, text.size() - length);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) break;
     length += static_cast<std::size_t>(n);
     if (length == text.size()) break;
   }
-  if (!from_stdin) ::close(fd);
   if (length > 0 && text.data()[length - 1] == '\n') --length;
   auto key = dauth::secret_from_hex(std::string_view(reinterpret_cast<const char*>(text.data()), length));
-  if (!key || key->size() < 16 || key->size() > 64) {
-    std::cerr << "dauthctl: --psk-file " << source << ": must hold 16–64 bytes as hex (32–128 hex characters)\n";
+  if (!key || key->size() < kMinKpm || key->size() > kMaxKpm) {
+    std::cerr << "dauthctl: --psk-file -: stdin must hold 16–64 bytes as hex (32–128 hex characters)\n";
     return as_int(ExitCode::usage);
   }
   return as_int(ExitCode::ok);
