@@ -53,6 +53,15 @@ constexpr std::size_t kInitialScratchSize = 4096;
 // sodium_malloc maps its own pages (tens of microseconds, and vm.max_map_count caps a process at some 30k of them).
 constexpr std::size_t kPutChunkSize = std::size_t{1} << 20;
 constexpr std::size_t kKeyIdFieldMax = 0xffff;
+// Journals are preallocated with written zeros in steps of this size (docs/keystore-format.md): an append inside the
+// fill changes no file size, so its fdatasync flushes the data alone, without a file-system journal commit for the
+// inode. Written zeros, not fallocate(): unwritten extents need a metadata update on first write as well.
+constexpr std::size_t kJournalFillStep = std::size_t{64} << 10;
+// Torn appends into the zero fill: the disk writes whole sectors, so the part of an interrupted entry that did not
+// reach it reads as zeros from a sector boundary on; a sealed entry holds a run of this many zero bytes with
+// probability ~2^-128.
+constexpr std::size_t kSectorSize = 512;
+constexpr std::size_t kZeroRunOfTornEntry = 16;
 
 // Key sizes (SPEC.md §3.1: Kpm at least 128 bits; §3.3: Ke 256 bits; §4: Kab 256 bits).
 constexpr std::size_t kMinKpmSize = 16;
@@ -167,7 +176,7 @@ Result<void> validate_fields(const SessionKeyRecord& r, const Record& whole) {
   return ok_result();
 }
 Result<void> validate_fields(const CertificateRecord& r, const Record& whole) {
-  if (r.chain_der.empty()) return invalid_record(whole, "chain_der is empty (the leaf certificate comes first)");
+  // An empty chain is a raw public key credential (RFC 7250): the public key is the private key's (keystore.hpp).
   for (std::size_t i = 0; i < r.chain_der.size(); ++i) {
     if (r.chain_der[i].empty()) return invalid_record(whole, "chain_der[" + std::to_string(i) + "] is empty");
   }
@@ -225,6 +234,8 @@ struct StoreState {
   std::uint64_t generation = 0;
   std::uint64_t journal_entries = 0;  // the sequence number of the next journal entry
   std::uint64_t journal_size = 0;     // bytes of acknowledged journal content
+  std::uint64_t journal_allocated = 0;  // file size: journal_size plus the zero fill after it
+  bool journal_zero_fill = false;       // version 2 journal: preallocated (version 1 files are appended as they are)
   std::array<KindMap, kKindCount> records;
   std::vector<SecretBuffer> arenas;  // decrypted plaintext that lazy slots point into
   SecretBuffer scratch;              // plaintext of the entry being sealed
@@ -302,13 +313,16 @@ struct StoreState {
   }
 
   Result<void> start_journal(std::uint64_t journal_generation) {
-    Bytes header;
-    codec::append_header(header, codec::FileKind::journal, journal_generation);
-    auto fd = replace_file(kJournalTempName, kJournalName, header);
+    Bytes journal;
+    codec::append_header(journal, codec::FileKind::journal, journal_generation);
+    journal.resize(kJournalFillStep, 0);
+    auto fd = replace_file(kJournalTempName, kJournalName, journal);
     if (!fd) return std::move(fd).error();
     journal_fd = std::move(fd).value();
     journal_entries = 0;
     journal_size = codec::kHeaderSize;
+    journal_allocated = journal.size();
+    journal_zero_fill = true;
     return ok_result();
   }
 
@@ -318,6 +332,13 @@ struct StoreState {
     frame_buffer.clear();
     codec::append_sealed_entry(frame_buffer, sealing_key, codec::FileKind::journal, generation, journal_entries,
                                plaintext);
+    const std::size_t entry_size = frame_buffer.size();
+    if (journal_zero_fill && journal_size + entry_size > journal_allocated) {
+      // The entry outgrows the fill: extend it in the same write, so this append pays the one size change for the
+      // next kJournalFillStep bytes of entries.
+      const std::size_t end = journal_size + entry_size;
+      frame_buffer.resize((end + kJournalFillStep - 1) / kJournalFillStep * kJournalFillStep - journal_size, 0);
+    }
     const std::filesystem::path journal_path = path_of(kJournalName);
     std::size_t done = 0;
     while (done < frame_buffer.size()) {
@@ -330,6 +351,7 @@ struct StoreState {
         if (::ftruncate(journal_fd.get(), static_cast<off_t>(journal_size)) != 0) {
           broken = "a failed append to " + journal_path.string() + " could not be undone";
         }
+        journal_allocated = journal_size;  // the fill is cut off too; the next append writes a new one
         return io_error("cannot append to", journal_path, err);
       }
       done += static_cast<std::size_t>(n);
@@ -340,7 +362,8 @@ struct StoreState {
       broken = "fdatasync of " + journal_path.string() + " failed";
       return io_error("cannot fdatasync", journal_path, err);
     }
-    journal_size += frame_buffer.size();
+    journal_allocated = std::max<std::uint64_t>(journal_allocated, journal_size + frame_buffer.size());
+    journal_size += entry_size;
     ++journal_entries;
     return ok_result();
   }
@@ -538,9 +561,11 @@ Result<void> load_snapshot(Impl& store, ByteView file, OpenReport& report) {
                                        "): the file is truncated");
 }
 
-// Moves the torn bytes of the journal aside to keys.journal.torn-<unix time> and cuts them off the journal.
-Result<std::string> set_torn_tail_aside(Impl& store, const LoadedFile& journal, std::size_t good_size) {
-  const ByteView torn(journal.content.data() + good_size, journal.content.size() - good_size);
+// Moves the torn bytes [good_size, torn_end) of the journal aside to keys.journal.torn-<unix time> and cuts the
+// journal (zero fill included) at good_size.
+Result<std::string> set_torn_tail_aside(Impl& store, const LoadedFile& journal, std::size_t good_size,
+                                        std::size_t torn_end) {
+  const ByteView torn(journal.content.data() + good_size, torn_end - good_size);
   const std::string stem = kTornPrefix + std::to_string(static_cast<long long>(std::time(nullptr)));
   std::string name = stem;
   UniqueFd fd;
@@ -563,15 +588,87 @@ Result<std::string> set_torn_tail_aside(Impl& store, const LoadedFile& journal, 
   return name;
 }
 
+bool all_zero(const std::uint8_t* data, std::size_t size) {
+  return std::all_of(data, data + size, [](std::uint8_t b) { return b == 0; });
+}
+
+// Whether the frame [offset, offset + size), which does not authenticate and has only zero fill after it, can be an
+// interrupted append into the fill: some of its sectors never reached the disk, so it holds a run of zeros no sealed
+// entry has (kZeroRunOfTornEntry), or its bytes after its last sector boundary are all zero (a lost last sector that
+// held fewer bytes of it than that run).
+bool looks_like_torn_append(ByteView file, std::size_t offset, std::size_t size) {
+  const std::uint8_t* begin = file.data + offset;
+  const std::uint8_t* end = begin + size;
+  const std::size_t last_sector = (offset + size - 1) / kSectorSize * kSectorSize;
+  if (last_sector > offset && all_zero(file.data + last_sector, offset + size - last_sector)) return true;
+  std::size_t run = 0;
+  for (const std::uint8_t* p = begin; p != end; ++p) {
+    run = *p == 0 ? run + 1 : 0;
+    if (run >= kZeroRunOfTornEntry) return true;
+  }
+  return false;
+}
+
+// An interrupted final append, unless a damaged length field hides whole entries behind it: that is tampering or
+// bit rot, never a crash. The entry's own encoding says how long it really is; measure it on the unauthenticated
+// keystream decryption, then let the tag decide. Returns the error when the frame at offset is such a damaged one.
+std::optional<Error> damaged_length(const StoreState& store, ByteView file, std::size_t offset,
+                                    const codec::Frame& frame, std::uint64_t journal_generation,
+                                    std::uint64_t sequence) {
+  const std::size_t rest = file.size - offset;
+  const std::size_t header_bytes = codec::kLengthSize + codec::kNonceSize;
+  if (rest <= header_bytes) return std::nullopt;
+  const ByteView nonce(file.data + offset + codec::kLengthSize, codec::kNonceSize);
+  const std::size_t body = std::min(rest - header_bytes, codec::kMaxCiphertextSize);
+  SecretBuffer probe(body);
+  codec::decrypt_unauthenticated(store.sealing_key, nonce, ByteView(nonce.data + codec::kNonceSize, body),
+                                 probe.data());
+  const std::optional<std::size_t> measured = codec::measure_entry(probe.view());
+  if (!measured || header_bytes + *measured + codec::kTagSize > rest) return std::nullopt;
+  codec::Frame whole;
+  whole.status = codec::FrameStatus::complete;
+  whole.nonce = nonce;
+  whole.ciphertext = ByteView(nonce.data + codec::kNonceSize, *measured + codec::kTagSize);
+  if (!codec::open_entry(store.sealing_key, codec::FileKind::journal, journal_generation, sequence, whole,
+                         probe.data())) {
+    return std::nullopt;
+  }
+  return make_error(Errc::corrupt, where(kJournalName, sequence, offset) + ": length field " +
+                                       std::to_string(frame.length) + " does not match the entry (" +
+                                       std::to_string(whole.ciphertext.size) + " bytes): damaged");
+}
+
+struct JournalScan {
+  std::size_t good_size = 0;  // end of the last entry that authenticates
+  std::size_t torn_end = 0;   // end of the torn bytes to set aside (torn tail only)
+};
+
 // Reads the journal entries of generation journal_generation. apply=false only authenticates them (a stale
 // journal). Returns the byte size of the well-formed part; a torn final entry is described in torn.
-Result<std::size_t> load_journal(Impl& store, ByteView file, std::uint64_t journal_generation, bool apply,
-                                 OpenReport& report, std::string& torn) {
+// A version 2 journal (zero_fill) ends where only zeros follow; version 1 ends with the file.
+Result<JournalScan> load_journal(Impl& store, ByteView file, std::uint64_t journal_generation, bool zero_fill,
+                                 bool apply, OpenReport& report, std::string& torn) {
   SecretBuffer arena(file.size);
   std::size_t arena_used = 0;
   std::size_t offset = codec::kHeaderSize;
   std::uint64_t sequence = 0;
-  while (offset < file.size) {
+  // Past the last non-zero byte of a version 2 journal there is only fill. (The last entry may itself end in zero
+  // bytes: the loop reads whole frames, so it still ends after that entry.)
+  std::size_t content_end = file.size;
+  if (zero_fill) {
+    while (content_end > offset && file.data[content_end - 1] == 0) --content_end;
+  }
+  JournalScan scan;
+  scan.torn_end = file.size;
+  while (offset < content_end) {
+    if (zero_fill && all_zero(file.data + offset, std::min(codec::kLengthSize + codec::kNonceSize, file.size - offset))) {
+      // A frame header that never reached the disk, with later sectors of the same append that did: an interrupted
+      // append (overwriting 28 bytes of an acknowledged entry with zeros is a lost write, not covered).
+      torn = where(kJournalName, sequence, offset) + ": interrupted append (" + std::to_string(content_end - offset) +
+             " bytes after a frame header of zeros)";
+      scan.torn_end = content_end;
+      break;
+    }
     const codec::Frame frame = codec::read_frame(file, offset);
     if (frame.status == codec::FrameStatus::bad_length) {
       return frame_error(kJournalName, sequence, offset, frame, file.size);
@@ -581,27 +678,7 @@ Result<std::size_t> load_journal(Impl& store, ByteView file, std::uint64_t journ
       // tampering or bit rot, never a crash. The entry's own encoding says how long it really is; measure it on
       // the unauthenticated keystream decryption, then let the tag decide.
       const std::size_t rest = file.size - offset;
-      const std::size_t header_bytes = codec::kLengthSize + codec::kNonceSize;
-      if (rest > header_bytes) {
-        const ByteView nonce(file.data + offset + codec::kLengthSize, codec::kNonceSize);
-        const std::size_t body = std::min(rest - header_bytes, codec::kMaxCiphertextSize);
-        SecretBuffer probe(body);
-        codec::decrypt_unauthenticated(store.sealing_key, nonce, ByteView(nonce.data + codec::kNonceSize, body),
-                                       probe.data());
-        const std::optional<std::size_t> measured = codec::measure_entry(probe.view());
-        if (measured && header_bytes + *measured + codec::kTagSize <= rest) {
-          codec::Frame whole;
-          whole.status = codec::FrameStatus::complete;
-          whole.nonce = nonce;
-          whole.ciphertext = ByteView(nonce.data + codec::kNonceSize, *measured + codec::kTagSize);
-          if (codec::open_entry(store.sealing_key, codec::FileKind::journal, journal_generation, sequence, whole,
-                                probe.data())) {
-            return make_error(Errc::corrupt, where(kJournalName, sequence, offset) + ": length field " +
-                                                 std::to_string(frame.length) + " does not match the entry (" +
-                                                 std::to_string(whole.ciphertext.size) + " bytes): damaged");
-          }
-        }
-      }
+      if (auto damaged = damaged_length(store, file, offset, frame, journal_generation, sequence)) return *damaged;
       torn =
           where(kJournalName, sequence, offset) + ": incomplete final entry (" + std::to_string(rest) + " bytes" +
           (rest >= codec::kLengthSize ? " of " + std::to_string(codec::kLengthSize + codec::kNonceSize + frame.length)
@@ -611,6 +688,16 @@ Result<std::size_t> load_journal(Impl& store, ByteView file, std::uint64_t journ
     }
     std::uint8_t* plain = arena.data() + arena_used;
     if (!codec::open_entry(store.sealing_key, codec::FileKind::journal, journal_generation, sequence, frame, plain)) {
+      // A damaged length field that reaches into the zero fill looks like a torn append too; the entry's own
+      // length tells them apart.
+      if (zero_fill && offset + frame.total_size >= content_end &&
+          looks_like_torn_append(file, offset, frame.total_size)) {
+        if (auto damaged = damaged_length(store, file, offset, frame, journal_generation, sequence)) return *damaged;
+        torn = where(kJournalName, sequence, offset) + ": interrupted append (" +
+               std::to_string(frame.total_size) + "-byte entry, part of it zeros)";
+        scan.torn_end = std::max(content_end, offset + frame.total_size);
+        break;
+      }
       return open_error(kJournalName, sequence, offset, false);
     }
     const std::size_t plain_size = frame.length - codec::kTagSize;
@@ -651,7 +738,8 @@ Result<std::size_t> load_journal(Impl& store, ByteView file, std::uint64_t journ
     store.journal_entries = sequence;
     if (arena_used > 0) store.arenas.push_back(std::move(arena));
   }
-  return offset;
+  scan.good_size = offset;
+  return scan;
 }
 
 // Opens the store directory and checks the mode of what was opened (fstat on the descriptor: no window in which the
@@ -709,22 +797,27 @@ Result<void> open_existing(Impl& store, OpenReport& report) {
                                          std::to_string(store.generation) + ")");
   }
   std::string torn;
+  const bool zero_fill = header->version >= codec::kJournalVersion;
   if (header->generation < store.generation) {
     // A crash during compaction, after the new snapshot and before the new journal: the snapshot already holds
     // everything in this journal. Its entries must still authenticate, or a damaged generation field could
     // throw acknowledged entries away.
-    auto checked = load_journal(store, journal->content, header->generation, /*apply=*/false, report, torn);
+    auto checked =
+        load_journal(store, journal->content, header->generation, zero_fill, /*apply=*/false, report, torn);
     if (!checked) return std::move(checked).error();
     return store.start_journal(store.generation);
   }
-  auto good_size = load_journal(store, journal->content, store.generation, /*apply=*/true, report, torn);
-  if (!good_size) return std::move(good_size).error();
+  auto scan = load_journal(store, journal->content, store.generation, zero_fill, /*apply=*/true, report, torn);
+  if (!scan) return std::move(scan).error();
+  store.journal_allocated = journal->content.size();
   if (!torn.empty()) {
-    auto aside = set_torn_tail_aside(store, *journal, *good_size);
+    auto aside = set_torn_tail_aside(store, *journal, scan->good_size, scan->torn_end);
     if (!aside) return std::move(aside).error();
     report.torn_tail = torn + ", moved to " + (store.dir / *aside).string();
+    store.journal_allocated = scan->good_size;
   }
-  store.journal_size = *good_size;
+  store.journal_size = scan->good_size;
+  store.journal_zero_fill = zero_fill;
   store.journal_fd = std::move(journal->fd);
   return ok_result();
 }

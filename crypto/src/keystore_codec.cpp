@@ -337,7 +337,7 @@ void append_header(Bytes& out, FileKind kind, std::uint64_t generation) {
   const std::size_t at = out.size();
   out.resize(at + kHeaderSize);
   std::memcpy(out.data() + at, magic.data(), kMagicSize);
-  put_u16(out.data() + at + kMagicSize, kFormatVersion);
+  put_u16(out.data() + at + kMagicSize, kind == FileKind::journal ? kJournalVersion : kFormatVersion);
   put_u64(out.data() + at + kMagicSize + 2, generation);
 }
 
@@ -355,13 +355,17 @@ Result<FileHeader> parse_header(ByteView file, FileKind expected, std::string_vi
                           ", expected '" + std::string(magic) + "'");
   }
   const std::uint16_t version = get_u16(file.data + kMagicSize);
-  if (version != kFormatVersion) {
+  const std::uint16_t newest = expected == FileKind::journal ? kJournalVersion : kFormatVersion;
+  if (version < kFormatVersion || version > newest) {
     return make_error(Errc::corrupt, where + ": byte offset " + std::to_string(kMagicSize) + ": format version " +
                                          std::to_string(version) + ", this build reads version " +
-                                         std::to_string(kFormatVersion));
+                                         (newest == kFormatVersion ? std::to_string(kFormatVersion)
+                                                                   : std::to_string(kFormatVersion) + " or " +
+                                                                         std::to_string(newest)));
   }
   FileHeader header;
   header.kind = expected;
+  header.version = version;
   header.generation = get_u64(file.data + kMagicSize + 2);
   return header;
 }

@@ -21,16 +21,23 @@ enum class FileKind : std::uint8_t { snapshot = 1, journal = 2 };
 std::string_view magic_of(FileKind kind) noexcept;  // "DAUTHKS1" / "DAUTHJ01"
 
 inline constexpr std::size_t kMagicSize = 8;
+// The entry format (sealing, additional data, plaintext) and the snapshot file: version 1.
 inline constexpr std::uint16_t kFormatVersion = 1;
+// Journals are written as version 2: the same entries, then zero fill up to the preallocated size, so that an append
+// overwrites blocks the file already has and its fdatasync has no file size to commit. Version 1 journals (no fill)
+// are still read. The additional data of every entry keeps kFormatVersion (the entries did not change).
+inline constexpr std::uint16_t kJournalVersion = 2;
 // magic (8) | u16 format version | u64 generation, all big-endian.
 inline constexpr std::size_t kHeaderSize = kMagicSize + 2 + 8;
 
 struct FileHeader {
   FileKind kind = FileKind::snapshot;
+  std::uint16_t version = kFormatVersion;
   std::uint64_t generation = 0;
 };
+// Snapshots get kFormatVersion, journals kJournalVersion.
 void append_header(Bytes& out, FileKind kind, std::uint64_t generation);
-// Errc::corrupt naming file_name when the magic, version or size is wrong.
+// Errc::corrupt naming file_name when the magic, version or size is wrong (journals: version 1 or 2).
 Result<FileHeader> parse_header(ByteView file, FileKind expected, std::string_view file_name);
 
 // ---- entries -------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <chrono>
 #include <cstdlib>
@@ -185,6 +186,24 @@ std::vector<fs::path> torn_files(const fs::path& dir) {
 
 std::string error_of(const Result<KeyStore>& result) { return result ? std::string() : result.error().to_string(); }
 
+// docs/keystore-format.md: journal frames are u32 length | 24-byte nonce | ciphertext; a version 2 journal is then
+// zero-filled up to its preallocated size.
+constexpr std::size_t kJournalHeaderSize = 18;
+constexpr std::size_t kFrameHeaderSize = 4 + 24;
+constexpr std::size_t kJournalFillStep = 64 * 1024;
+
+// The end of the last frame of a journal (where its zero fill begins), found from the length fields alone.
+std::size_t journal_entries_end(const Bytes& journal) {
+  std::size_t offset = kJournalHeaderSize;
+  while (offset + kFrameHeaderSize <= journal.size()) {
+    const std::size_t length = std::size_t{journal[offset]} << 24 | std::size_t{journal[offset + 1]} << 16 |
+                               std::size_t{journal[offset + 2]} << 8 | journal[offset + 3];
+    if (length == 0) break;
+    offset += kFrameHeaderSize + length;
+  }
+  return offset;
+}
+
 }  // namespace
 
 TEST_CASE("key store: every record type survives a round trip and a restart", "[keystore]") {
@@ -293,7 +312,9 @@ TEST_CASE("key store: validate() refuses bad identifiers and key sizes", "[keyst
           "canonical");
   refused(SessionKeyRecord{kKeId1, patterned_secret(32, 1), "CAE-1", "CAE-2", 300, 0}, "suid");
   refused(EnroleeRecord{"e@mef.example.net", patterned_secret(16, 1), "CAE-1", {"bad target!"}, 0, false}, "targets");
-  refused(CertificateRecord{"mef-ca", {}, patterned_secret(10, 1), 0}, "chain_der");
+  refused(CertificateRecord{"mef-ca", {Bytes{}}, patterned_secret(10, 1), 0}, "chain_der[0] is empty");
+  // An empty chain is a raw public key credential (keystore.hpp).
+  CHECK(validate(CertificateRecord{"CAE-rpk", {}, patterned_secret(10, 1), 0}).ok());
   refused(IssuanceRecord{"01ab", "CAE-1", 0, 0, 0}, "serial_hex");
   refused(PinnedKeyRecord{"", "CAE-1"}, "id length 0");
   refused(EnroleeRecord{"cert:CAE-1", patterned_secret(16, 1), "CAE-1", {}, 0, false}, "has no kpm");
@@ -358,7 +379,9 @@ TEST_CASE("key store: one flipped byte anywhere in the journal fails open() and 
   build_mixed_store(dir.path());
   const Bytes snapshot = test::read_binary_file(dir / "keys.snapshot");
   const Bytes journal = test::read_binary_file(dir / "keys.journal");
-  for (std::size_t offset = 0; offset < journal.size(); ++offset) {
+  const std::size_t entries_end = journal_entries_end(journal);
+  REQUIRE(journal.size() == kJournalFillStep);  // the rest is zero fill, checked below
+  for (std::size_t offset = 0; offset < entries_end; ++offset) {
     for (const std::uint8_t mask : {std::uint8_t{0x01}, std::uint8_t{0x80}}) {
       Bytes damaged = journal;
       damaged[offset] ^= mask;
@@ -375,6 +398,32 @@ TEST_CASE("key store: one flipped byte anywhere in the journal fails open() and 
   }
   // Not even a length field grown past the end of the file passes for an interrupted append.
   CHECK(torn_files(dir.path()).empty());
+  // A flipped byte in the zero fill cannot be told from an interrupted append whose first sector never reached the
+  // disk: the store may refuse to open or set the bytes aside as a torn tail, but it never loses an entry.
+  std::vector<std::size_t> fill_offsets;
+  for (std::size_t offset = entries_end; offset < entries_end + 64; ++offset) fill_offsets.push_back(offset);
+  for (std::size_t offset = entries_end + 64; offset < journal.size(); offset += 4093) fill_offsets.push_back(offset);
+  fill_offsets.push_back(journal.size() - 1);
+  for (const std::size_t offset : fill_offsets) {
+    for (const std::uint8_t mask : {std::uint8_t{0x01}, std::uint8_t{0x80}}) {
+      Bytes damaged = journal;
+      damaged[offset] ^= mask;
+      test::write_file(dir / "keys.journal", damaged);
+      OpenReport report;
+      const auto opened = KeyStore::open(dir.path(), test_master_key(), &report);
+      INFO("fill offset " << offset << " mask " << int{mask} << ": " << error_of(opened));
+      if (!opened.ok()) {
+        CHECK(opened.error().code == Errc::corrupt);
+        REQUIRE(test::read_binary_file(dir / "keys.journal") == damaged);
+        continue;
+      }
+      CHECK(report.torn_tail.has_value());
+      CHECK(report.journal_entries == 4);
+      CHECK(opened->find<BootstrapKeyRecord>("boot-1@mef.example.net")->kpm.equals(patterned_secret(16, 11)));
+      CHECK(fs::file_size(dir / "keys.journal") == entries_end);
+      for (const auto& torn : torn_files(dir.path())) fs::remove(torn);
+    }
+  }
   test::write_file(dir / "keys.journal", journal);
   OpenReport report;
   KeyStore store = open_store(dir.path(), &report);
@@ -418,10 +467,12 @@ TEST_CASE("key store: a journal cut inside its last entry opens, reports and kee
   build_mixed_store(dir.path());
   const Bytes snapshot = test::read_binary_file(dir / "keys.snapshot");
   const Bytes journal = test::read_binary_file(dir / "keys.journal");
-  // The last entry is the remove of the pinned key: 4 + 24 + (1 + 1 + 2 + 24) + 16 bytes.
+  // The last entry is the remove of the pinned key: 4 + 24 + (1 + 1 + 2 + 24) + 16 bytes. The cuts drop the zero
+  // fill as well: the journal ends with the file, as a version 1 journal or a fill that never reached the disk.
   const std::size_t last_entry_size = 4 + 24 + 28 + 16;
-  const std::size_t last_entry_start = journal.size() - last_entry_size;
-  for (std::size_t length = last_entry_start; length <= journal.size(); ++length) {
+  const std::size_t entries_end = journal_entries_end(journal);
+  const std::size_t last_entry_start = entries_end - last_entry_size;
+  for (std::size_t length = last_entry_start; length <= entries_end; ++length) {
     test::write_file(dir / "keys.snapshot", snapshot);
     const Bytes cut(journal.begin(), journal.begin() + static_cast<std::ptrdiff_t>(length));
     test::write_file(dir / "keys.journal", cut);
@@ -429,11 +480,14 @@ TEST_CASE("key store: a journal cut inside its last entry opens, reports and kee
     OpenReport report;
     {
       KeyStore store = open_store(dir.path(), &report);
-      const bool torn = length > last_entry_start && length < journal.size();
+      // Zeros at the end of a version 2 journal are fill: a cut after only zero bytes of the entry is a clean end.
+      const bool torn = length < entries_end &&
+                        std::any_of(cut.begin() + static_cast<std::ptrdiff_t>(last_entry_start), cut.end(),
+                                    [](std::uint8_t b) { return b != 0; });
       CHECK(report.torn_tail.has_value() == torn);
-      CHECK(report.journal_entries == (length == journal.size() ? 4u : 3u));
+      CHECK(report.journal_entries == (length == entries_end ? 4u : 3u));
       // Removed only when the remove entry is whole.
-      CHECK((store.find(RecordKind::pinned_key, "ni:///sha-256;abcdEFGH-_") == nullptr) == (length == journal.size()));
+      CHECK((store.find(RecordKind::pinned_key, "ni:///sha-256;abcdEFGH-_") == nullptr) == (length == entries_end));
       const auto* one = store.find<BootstrapKeyRecord>("boot-1@mef.example.net");
       REQUIRE(one != nullptr);
       CHECK(one->kpm.equals(patterned_secret(16, 11)));
@@ -455,6 +509,163 @@ TEST_CASE("key store: a journal cut inside its last entry opens, reports and kee
     CHECK_FALSE(again.torn_tail);
     CHECK(torn_files(dir.path()).empty());
   }
+}
+
+TEST_CASE("key store: the journal is preallocated with zeros, which appends fill before it grows by one step",
+          "[keystore]") {
+  // 700 durable puts: on tmpfs, where the fill logic runs the same and costs less.
+  const std::unique_ptr<test::TempDir> owned = temp_dir_in_memory();
+  const test::TempDir& dir = *owned;
+  int grown_at = -1;
+  {
+    KeyStore store = open_store(dir.path());
+    const Bytes empty = test::read_binary_file(dir / "keys.journal");
+    REQUIRE(empty.size() == kJournalFillStep);
+    CHECK(empty[8] == 0);
+    CHECK(empty[9] == 2);  // format version 2: zero fill allowed
+    CHECK(std::all_of(empty.begin() + kJournalHeaderSize, empty.end(), [](std::uint8_t b) { return b == 0; }));
+    // About 100 bytes per entry: 700 of them need a second step of fill, and only then does the file grow.
+    for (int n = 0; n < 700; ++n) {
+      REQUIRE(store.put(bootstrap(n, static_cast<std::uint8_t>(n))).ok());
+      const auto size = fs::file_size(dir / "keys.journal");
+      if (grown_at < 0 && size != kJournalFillStep) {
+        grown_at = n;
+        CHECK(size == 2 * kJournalFillStep);
+        CHECK(journal_entries_end(test::read_binary_file(dir / "keys.journal")) > kJournalFillStep);
+      }
+    }
+  }
+  CHECK(grown_at > 500);
+  const Bytes journal = test::read_binary_file(dir / "keys.journal");
+  CHECK(journal.size() == 2 * kJournalFillStep);
+  const std::size_t entries_end = journal_entries_end(journal);
+  CHECK(std::all_of(journal.begin() + static_cast<std::ptrdiff_t>(entries_end), journal.end(),
+                    [](std::uint8_t b) { return b == 0; }));
+  OpenReport report;
+  KeyStore store = open_store(dir.path(), &report);
+  CHECK(report.journal_entries == 700);
+  CHECK_FALSE(report.torn_tail);
+  CHECK(store.size() == 700);
+  CHECK(store.find<BootstrapKeyRecord>("boot-699@mef.example.net")->kpm.equals(patterned_secret(16, static_cast<std::uint8_t>(699))));
+}
+
+TEST_CASE("key store: an interrupted append into the zero fill opens, reports and keeps what was written",
+          "[keystore]") {
+  // Sector by sector: each state a crash can leave when only some sectors of the last append reached the disk.
+  const std::unique_ptr<test::TempDir> owned = temp_dir_in_memory();
+  const test::TempDir& dir = *owned;
+  build_mixed_store(dir.path());
+  const Bytes snapshot = test::read_binary_file(dir / "keys.snapshot");
+  const Bytes before = test::read_binary_file(dir / "keys.journal");
+  // An entry over several sectors, whose last sector holds only 5 bytes of it (fewer than a zero run that counts).
+  {
+    KeyStore store = open_store(dir.path());
+    REQUIRE(store.put(CertificateRecord{"CAE-big", {Bytes(3071, 0x5a)}, patterned_secret(64, 7), 0}).ok());
+  }
+  const Bytes after = test::read_binary_file(dir / "keys.journal");
+  REQUIRE(after.size() == before.size());
+  const std::size_t entry_start = journal_entries_end(before);
+  const std::size_t entry_end = journal_entries_end(after);
+  REQUIRE(entry_end - entry_start > 3000);
+  REQUIRE(entry_end % 512 == 5);
+
+  // Torn states: one sector of the entry lost, or everything from a sector boundary on (a write cut short).
+  std::vector<std::pair<std::size_t, std::size_t>> lost;  // [from, to) reads as zeros
+  for (std::size_t sector = entry_start / 512 * 512; sector < entry_end; sector += 512) {
+    const std::size_t from = std::max(sector, entry_start);
+    const std::size_t to = std::min(sector + 512, entry_end);
+    lost.emplace_back(from, to);
+    lost.emplace_back(from, entry_end);
+  }
+  for (const auto& [from, to] : lost) {
+    test::write_file(dir / "keys.snapshot", snapshot);
+    Bytes torn = after;
+    std::fill(torn.begin() + static_cast<std::ptrdiff_t>(from), torn.begin() + static_cast<std::ptrdiff_t>(to), 0);
+    test::write_file(dir / "keys.journal", torn);
+    INFO("zeros at [" << from << ", " << to << "), entry [" << entry_start << ", " << entry_end << ")");
+    if (from == entry_start && to == entry_end) {
+      // Nothing of the append reached the disk: the journal as it was before.
+      OpenReport report;
+      KeyStore store = open_store(dir.path(), &report);
+      CHECK_FALSE(report.torn_tail);
+      CHECK(report.journal_entries == 4);
+      continue;
+    }
+    {
+      OpenReport report;
+      KeyStore store = open_store(dir.path(), &report);
+      REQUIRE(report.torn_tail.has_value());
+      CHECK_THAT(*report.torn_tail, Catch::Contains("byte offset " + std::to_string(entry_start)));
+      CHECK(report.journal_entries == 4);
+      CHECK(store.find<CertificateRecord>("CAE-big") == nullptr);
+      CHECK(store.find<BootstrapKeyRecord>("boot-1@mef.example.net")->kpm.equals(patterned_secret(16, 11)));
+      const auto torn_list = torn_files(dir.path());
+      REQUIRE(torn_list.size() == 1);
+      const Bytes kept = test::read_binary_file(torn_list.front());
+      REQUIRE(kept.size() >= 1);
+      CHECK(kept.size() <= entry_end - entry_start);
+      CHECK(std::equal(kept.begin(), kept.end(), torn.begin() + static_cast<std::ptrdiff_t>(entry_start)));
+      CHECK(fs::file_size(dir / "keys.journal") == entry_start);
+      fs::remove(torn_list.front());
+      // The next put lands where the torn entry began and writes a new fill.
+      REQUIRE(store.put(bootstrap(40, 40)).ok());
+      CHECK(fs::file_size(dir / "keys.journal") == kJournalFillStep);
+    }
+    OpenReport again;
+    KeyStore store = open_store(dir.path(), &again);
+    CHECK_FALSE(again.torn_tail);
+    CHECK(again.journal_entries == 5);
+    CHECK(store.find<BootstrapKeyRecord>("boot-40@mef.example.net") != nullptr);
+  }
+
+  // The whole entry, with one flipped byte instead of lost sectors, is damage, not an interrupted append.
+  for (const std::size_t offset : {entry_start + 40, entry_start + 1500, entry_end - 1}) {
+    test::write_file(dir / "keys.snapshot", snapshot);
+    Bytes damaged = after;
+    damaged[offset] ^= 0x01;
+    test::write_file(dir / "keys.journal", damaged);
+    const auto opened = KeyStore::open(dir.path(), test_master_key());
+    INFO("offset " << offset);
+    REQUIRE_FALSE(opened.ok());
+    CHECK(opened.error().code == Errc::corrupt);
+    CHECK(test::read_binary_file(dir / "keys.journal") == damaged);
+  }
+}
+
+TEST_CASE("key store: a version 1 journal (no zero fill) is read and appended to as it is", "[keystore]") {
+  test::TempDir dir;
+  build_mixed_store(dir.path());
+  const Bytes snapshot = test::read_binary_file(dir / "keys.snapshot");
+  Bytes journal = test::read_binary_file(dir / "keys.journal");
+  journal.resize(journal_entries_end(journal));
+  journal[9] = 1;  // the version field: entries authenticate the same under both versions
+  test::write_file(dir / "keys.journal", journal);
+  {
+    OpenReport report;
+    KeyStore store = open_store(dir.path(), &report);
+    CHECK(report.journal_entries == 4);
+    CHECK_FALSE(report.torn_tail);
+    REQUIRE(store.put(bootstrap(41, 41)).ok());
+    // Appended without fill: an older dauth still reads this file.
+    const Bytes appended = test::read_binary_file(dir / "keys.journal");
+    CHECK(appended.size() == journal_entries_end(appended));
+    CHECK(appended[9] == 1);
+  }
+  {
+    KeyStore store = open_store(dir.path());
+    CHECK(store.find<BootstrapKeyRecord>("boot-41@mef.example.net") != nullptr);
+    REQUIRE(store.compact().ok());
+  }
+  CHECK(test::read_binary_file(dir / "keys.journal")[9] == 2);  // the next journal is version 2
+
+  // Zeros after the entries of a version 1 journal are damage, not fill.
+  test::write_file(dir / "keys.snapshot", snapshot);
+  Bytes padded = journal;
+  padded.resize(padded.size() + 100, 0);
+  test::write_file(dir / "keys.journal", padded);
+  const auto opened = KeyStore::open(dir.path(), test_master_key());
+  REQUIRE_FALSE(opened.ok());
+  CHECK(opened.error().code == Errc::corrupt);
 }
 
 TEST_CASE("key store: a crash during compaction leaves a stale journal that is replaced", "[keystore]") {

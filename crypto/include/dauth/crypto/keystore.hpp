@@ -4,13 +4,15 @@
 // persisted in a state directory as sealed entries (XChaCha20-Poly1305 under a key derived from the master key):
 //   keys.snapshot   every record at one generation, closed by a sealed end marker with the record count;
 //   keys.journal    puts and removals since that snapshot, one sealed entry each, appended and fdatasync'ed
-//                   before put()/remove() return.
+//                   before put()/remove() return; preallocated with written zeros in 64 KiB steps, so that most
+//                   appends change no file size and their fdatasync commits no metadata.
 // compact() writes a new snapshot (temporary file, fsync, rename, fsync of the directory) and starts a new journal.
 // A truncated, corrupted or tampered snapshot, or a bad entry in the middle of the journal, fails open() with
 // Errc::corrupt naming the file and offset; nothing is ever rewritten over it. (The first snapshot entry failing to
 // authenticate is Errc::crypto instead: a wrong master key looks exactly like that.) The one tolerated defect is an
-// incomplete final journal entry (a write interrupted by a crash, never acknowledged): open() reports it in
-// OpenReport, moves the torn bytes aside to keys.journal.torn-<unix time>, and drops them. The format is in
+// incomplete final journal entry (a write interrupted by a crash, never acknowledged: cut short, or with sectors of
+// zero fill in it): open() reports it in OpenReport, moves the torn bytes aside to keys.journal.torn-<unix time>,
+// and drops them. The format is in
 // docs/keystore-format.md. Files are created 0600; the directory must not be group- or world-writable.
 //
 // One KeyStore per directory: open() takes an exclusive flock(2) on the directory for the life of the KeyStore and
@@ -74,10 +76,11 @@ struct SessionKeyRecord {
   std::int64_t expires_at = 0;
 };
 
-// A certificate credential with its private key (issued to us, or our MEF/CA identity). id = name.
+// A certificate credential with its private key (issued to us, or our MEF/CA identity), or with an empty chain a
+// raw public key credential (RFC 7250: the Enrolee's RPK bootstrap key, enrolee.hpp). id = name.
 struct CertificateRecord {
   std::string name;                     // AE-ID, or a role name such as "mef-ca"
-  std::vector<Bytes> chain_der;         // leaf first
+  std::vector<Bytes> chain_der;         // leaf first; empty = raw public key
   SecretBuffer private_key_der;
   std::int64_t expires_at = 0;
 };
