@@ -250,7 +250,7 @@ TEST_CASE("verbs of roles not configured fail honestly, and dauthctl prints the 
   const auto loose = d.ctl({"credentials", "add", "--kpm-id", "x@mef.example.net", "--ae", "CAE-x", "--psk-file",
                             (d.dir / "new.kpm").string()});
   CHECK(loose.exit_code == 2);
-  CHECK_THAT(loose.output, Catch::Contains("without group/world access"));
+  CHECK_THAT(loose.output, Catch::Contains("mode 0644, must not be readable or writable by group or others (chmod 600)"));
   CHECK(d.ctl({"no-such-verb"}).exit_code == 2);
 
   const auto prometheus = d.ctl({"stats", "--prometheus"});
