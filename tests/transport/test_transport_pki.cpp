@@ -2,6 +2,10 @@
 // and AE-ID-less certificates, unpinned keys; stock clients; a strict ECDHE-ECDSA-AES128-CCM8 client.
 #include <catch2/catch.hpp>
 
+#include <set>
+
+#include "dauth/crypto/x509.hpp"
+
 #include "transport_support.hpp"
 
 using namespace dauth;
@@ -77,6 +81,56 @@ TEST_CASE("X.509: mutual authentication, AE-IDs from the certificates, exporter 
   REQUIRE(ekm.result->ok());
   CHECK(text_of((*ekm.result)->payload) == ekm.client_export);
   CHECK(ekm.client_export.size() == 64);
+}
+
+TEST_CASE("X.509: the peer's certificate serial reaches the session, and peer_check refuses a revoked serial") {
+  TempDir dir;
+  Pki pki(dir);
+  auto client_certificate = crypto::Certificate::parse(ByteView::of(pki.text("client.pem")));
+  REQUIRE(client_certificate.ok());
+  const std::string serial = client_certificate->serial_hex();
+  REQUIRE_FALSE(serial.empty());
+  std::set<std::string> revoked;
+  std::vector<std::string> checked;
+  transport::NodeConfig config;
+  config.x509 = pki.credentials("server");
+  config.peer_check = [&](const transport::PeerIdentity& peer) -> Result<void> {
+    checked.push_back(peer.certificate_serial);
+    if (revoked.count(peer.certificate_serial) != 0) {
+      return make_error(Errc::denied, "serial " + peer.certificate_serial + " is on the MEF's revocation list");
+    }
+    return ok_result();
+  };
+  FailureLog failures;
+  auto server = make_server(std::move(config));
+  server->set_failure_observer(failures.observer());
+  server->add_route(Method::get, {"serial"}, transport::Access::secure,
+                    [](const transport::Session& session, const Request&, transport::Responder responder) {
+                      responder.respond(Response::with_text(205, session.peer().certificate_serial));
+                    });
+  const transport::Peer peer{"127.0.0.1", server->secure_port()};
+  const auto credentials = ClientCredentials::certificate(pki.credentials("client"), "server.example.net",
+                                                          "server.example.net");
+  {
+    auto client = make_client();
+    Reply accepted;
+    client->request(peer, credentials, get("serial"), capture(accepted));
+    REQUIRE(pump({server.get(), client.get()}, [&] { return accepted.done; }));
+    REQUIRE(accepted.result->ok());
+    CHECK(text_of((*accepted.result)->payload) == serial);
+    CHECK(checked == std::vector<std::string>{serial});
+  }
+  revoked.insert(serial);
+  auto client = make_client();
+  Reply refused;
+  const auto served_before = server->stats().requests_served;
+  client->request(peer, credentials, get("serial"), capture(refused));
+  REQUIRE(pump({server.get(), client.get()}, [&] { return refused.done; }));
+  CHECK_FALSE(refused.result->ok());
+  CHECK(server->stats().requests_served == served_before);  // never reached a handler
+  INFO(failures.text());
+  CHECK(failures.has(FailureKind::handshake_failed, kClientAeId));
+  CHECK(failures.text().find("on the MEF's revocation list") != std::string::npos);
 }
 
 TEST_CASE("X.509: foreign CA, expired and AE-ID-less certificates are refused and reported") {

@@ -270,6 +270,19 @@ void Responder::respond(Response response) {
 
 bool Responder::answered() const noexcept { return state_ && state_->response.has_value(); }
 
+// ---- Observation (client side of RFC 7641) ---------------------------------------------------------------------
+
+struct Observation::State {
+  std::weak_ptr<bool> node_alive;
+  Node::Impl* impl = nullptr;
+  coap_session_t* session = nullptr;
+  std::string token;
+  NotificationHandler handler;
+  std::optional<std::chrono::steady_clock::time_point> first_answer_deadline;  // until the first answer
+  bool ended = false;      // the final call is queued or done
+  bool cancelled = false;  // by the owner: no call from then on
+};
+
 // ---- Node::Impl ------------------------------------------------------------------------------------------------
 
 namespace {
@@ -279,6 +292,7 @@ struct Route {
   std::vector<std::string> prefix;
   Access access;
   RequestHandler handler;
+  bool exact = false;  // add_observable: the path itself only, not what lies below it
 };
 
 enum class ContextRole : std::uint8_t { server, client };
@@ -345,6 +359,10 @@ struct Node::Impl {
   std::map<std::pair<coap_session_t*, std::string>, std::shared_ptr<Responder::State>> deferred;
   std::vector<std::function<void()>> completions;  // user callbacks, run after coap_io_process returns
   std::vector<std::function<void()>> posted;       // Node::post(), run after the completions
+  std::multimap<Clock::time_point, std::function<void()>> timers;  // Node::post_after()
+  std::map<std::string, coap_resource_t*> observables;             // "a/b" -> its resource (owned by the context)
+  std::map<std::pair<coap_session_t*, std::string>, std::shared_ptr<Observation::State>> observations;
+  bool in_libcoap = false;  // inside coap_io_process: libcoap callbacks (request handlers) are running
   UniqueFd post_signal;                            // eventfd in `epoll`: readable while `posted` is not empty
 
   // Declared last so they are freed first: freeing a context raises SESSION_DEL events that use the maps above.
@@ -438,6 +456,36 @@ struct Node::Impl {
         ++it;
       }
     }
+    for (auto it = observations.begin(); it != observations.end();) {
+      if (it->first.first == session) {
+        auto observation = it->second;
+        it = observations.erase(it);
+        notify(observation, error, state, /*final=*/true);
+      } else {
+        ++it;
+      }
+    }
+  }
+
+  // Queues one call of an observation's handler (run after coap_io_process, like complete()).
+  void notify(const std::shared_ptr<Observation::State>& observation, Result<Response> result,
+              const SessionImpl* state, bool final) {
+    if (observation->ended) return;
+    if (final) observation->ended = true;
+    if (!result.ok()) {
+      report(FailureKind::request_failed, state != nullptr ? state->remote : std::string("?"),
+             state != nullptr ? state->offered_identity : std::string(),
+             "observation ended: " + result.error().message);
+    }
+    auto shared = std::make_shared<Result<Response>>(std::move(result));
+    std::weak_ptr<bool> node_alive = alive;
+    completions.push_back([observation, shared, state, node_alive]() {
+      if (observation->cancelled || !observation->handler) return;
+      const bool alive_now = !node_alive.expired();
+      // The handler may destroy its Observation (and with it this state's last owner): keep a copy.
+      NotificationHandler handler = observation->handler;
+      handler(std::move(*shared), alive_now ? state : nullptr);
+    });
   }
 
   void complete(PendingRequest request, Result<Response> result, const SessionImpl* state) {
@@ -467,6 +515,16 @@ struct Node::Impl {
     posted.clear();
     for (auto& work : batch) work();
   }
+  void run_due_timers() {
+    if (timers.empty()) return;
+    const auto now = Clock::now();
+    std::vector<std::function<void()>> due;
+    while (!timers.empty() && timers.begin()->first <= now) {
+      due.push_back(std::move(timers.begin()->second));
+      timers.erase(timers.begin());
+    }
+    for (auto& work : due) work();
+  }
   void run_completions() {
     if (running_completions) return;
     running_completions = true;
@@ -479,6 +537,9 @@ struct Node::Impl {
   }
 
   Result<coap_session_t*> client_session_for(const Peer& peer, const ClientCredentials& credentials);
+  // A request PDU for session, with a fresh token (returned in token_out); Observe 0 when observe is set.
+  coap_pdu_t* build_request_pdu(coap_session_t* session, SessionImpl& state, Request& request, bool observe,
+                                std::string& token_out);
   // The session cache key: peer, credential, SNI, expected peer. Without create_pki_context, a PKI credential that
   // has no client context yet gets not_found (it cannot have a session either).
   Result<std::string> cache_key_for(const Peer& peer, const ClientCredentials& credentials, bool create_pki_context,
@@ -519,9 +580,13 @@ const coap_bin_const_t* on_psk_identity(coap_bin_const_t* identity, coap_session
   impl->psk_in_flight = std::move(*key);
   impl->psk_in_flight_view = {impl->psk_in_flight.size(), impl->psk_in_flight.data()};
   state.psk_key_supplied = true;
-  state.verified = PeerIdentity{PeerKind::psk, state.offered_identity};
+  state.verified = PeerIdentity{PeerKind::psk, state.offered_identity, {}};
   state.credential = state.offered_identity;
   return &impl->psk_in_flight_view;
+}
+
+bool client_side_of(const coap_session_t* session) {
+  return coap_session_get_type(session) == COAP_SESSION_TYPE_CLIENT;
 }
 
 // Certificate / raw-public-key check (validate_cn_call_back). The identity comes from our own parsing of the DER:
@@ -550,7 +615,13 @@ int on_peer_certificate(const char* cn, const uint8_t* der, size_t der_length, c
     if (!key_id.ok()) return refuse("peer raw public key unreadable: " + key_id.error().message);
     state.offered_identity = *key_id;
     if (policy->pinned_keys.count(*key_id) == 0) return refuse("raw public key " + *key_id + " is not pinned");
-    state.verified = PeerIdentity{PeerKind::rpk, *key_id};
+    PeerIdentity peer{PeerKind::rpk, *key_id, {}};
+    if (!client_side_of(session) && impl->config.peer_check) {
+      if (auto allowed = impl->config.peer_check(peer); !allowed.ok()) {
+        return refuse("peer check refused raw public key " + *key_id + ": " + allowed.error().message);
+      }
+    }
+    state.verified = std::move(peer);
     return 1;
   }
   auto certificate = crypto::Certificate::parse(bytes);
@@ -576,7 +647,14 @@ int on_peer_certificate(const char* cn, const uint8_t* der, size_t der_length, c
                     "'");
     }
   }
-  state.verified = PeerIdentity{PeerKind::x509, state.offered_identity};
+  PeerIdentity peer{PeerKind::x509, state.offered_identity, certificate->serial_hex()};
+  if (!client_side && impl->config.peer_check) {
+    if (auto allowed = impl->config.peer_check(peer); !allowed.ok()) {
+      return refuse("peer check refused certificate serial " + peer.certificate_serial + " of '" + peer.value +
+                    "': " + allowed.error().message);
+    }
+  }
+  state.verified = std::move(peer);
   return 1;
 }
 
@@ -668,8 +746,14 @@ coap_response_t on_response(coap_session_t* session, const coap_pdu_t* /*sent*/,
   impl->mark_established(state);  // a response came through the DTLS layer: the handshake is done
   state.count.packets_in++;
   state.count.bytes_in += pdu_size(received);
-  auto it = impl->pending.find({session, token_key(coap_pdu_get_token(received))});
-  if (it == impl->pending.end()) return COAP_RESPONSE_OK;
+  const auto key = std::make_pair(session, token_key(coap_pdu_get_token(received)));
+  auto it = impl->pending.find(key);
+  auto observed = impl->observations.find(key);
+  if (it == impl->pending.end() && observed == impl->observations.end()) {
+    // A notification nobody observes any more (cancelled, timed out): an RST ends it at the server (RFC 7641 §3.6).
+    const bool notification = option_uint(received, COAP_OPTION_OBSERVE).has_value();
+    return notification ? COAP_RESPONSE_FAIL : COAP_RESPONSE_OK;
+  }
   Response response;
   response.code = coap_code_to_int(coap_pdu_get_code(received));
   if (auto format = option_uint(received, COAP_OPTION_CONTENT_FORMAT)) {
@@ -681,6 +765,16 @@ coap_response_t on_response(coap_session_t* session, const coap_pdu_t* /*sent*/,
   }
   response.request_id = option_string(received, kOptionOneM2mRequestId);
   response.payload = pdu_payload(received);
+  if (observed != impl->observations.end()) {
+    auto observation = observed->second;
+    observation->first_answer_deadline.reset();
+    // Only a success carries a live subscription (RFC 7641 §4.2: libcoap drops the option on other codes).
+    if (response.code / 100 == 2) response.observe = option_uint(received, COAP_OPTION_OBSERVE);
+    const bool final = !response.observe.has_value();
+    if (final) impl->observations.erase(observed);
+    impl->notify(observation, std::move(response), &state, final);
+    return COAP_RESPONSE_OK;
+  }
   impl->complete(std::move(it->second), std::move(response), &state);
   impl->pending.erase(it);
   return COAP_RESPONSE_OK;
@@ -690,8 +784,10 @@ void on_nack(coap_session_t* session, const coap_pdu_t* sent, const coap_nack_re
              const coap_mid_t /*mid*/) {
   Node::Impl* impl = impl_of(session);
   if (impl == nullptr || sent == nullptr) return;
-  auto it = impl->pending.find({session, token_key(coap_pdu_get_token(sent))});
-  if (it == impl->pending.end()) return;
+  const auto key = std::make_pair(session, token_key(coap_pdu_get_token(sent)));
+  auto it = impl->pending.find(key);
+  auto observed = impl->observations.find(key);
+  if (it == impl->pending.end() && observed == impl->observations.end()) return;
   SessionImpl& state = impl->state_for(session);
   Error error{Errc::io, ""};
   switch (reason) {
@@ -703,6 +799,12 @@ void on_nack(coap_session_t* session, const coap_pdu_t* sent, const coap_nack_re
       break;
     case COAP_NACK_RST: error = make_error(Errc::io, "peer " + state.remote + " answered with RST"); break;
     default: error = make_error(Errc::io, "peer " + state.remote + " unreachable"); break;
+  }
+  if (observed != impl->observations.end()) {
+    auto observation = observed->second;
+    impl->observations.erase(observed);
+    impl->notify(observation, std::move(error), &state, /*final=*/true);
+    return;
   }
   impl->complete(std::move(it->second), std::move(error), &state);
   impl->pending.erase(it);
@@ -759,9 +861,11 @@ void fill_response(coap_resource_t* resource, coap_session_t* session, const coa
   // Carried out in housekeeping, after coap_io_process has sent this response (closing here would drop it).
   if (response.close_session && state.secure && !state.client) state.close_requested = true;
   if (!response.payload.empty()) {
+    // libcoap adds Content-Format only for a non-zero media type (block.c coap_add_data_large_response): 0 means
+    // "none" there, so an explicit 0 (text/plain) is added here, and an unset one sends no option at all.
+    if (response.content_format == std::uint16_t{0}) coap_add_option(pdu, COAP_OPTION_CONTENT_FORMAT, 0, nullptr);
     auto* copy = new Bytes(response.payload);  // owned by libcoap until release_heap_bytes
-    const int format = response.content_format ? static_cast<int>(*response.content_format) : -1;
-    coap_add_data_large_response(resource, session, request, pdu, query, static_cast<uint16_t>(format), -1, 0,
+    coap_add_data_large_response(resource, session, request, pdu, query, response.content_format.value_or(0), -1, 0,
                                  copy->size(), copy->data(), release_heap_bytes, copy);
   } else if (response.content_format) {
     uint8_t buffer[4];
@@ -806,7 +910,7 @@ void on_request(coap_resource_t* resource, coap_session_t* session, const coap_p
       return;
     }
   } else if (!state.secure && !state.established) {
-    state.identity = PeerIdentity{PeerKind::local, state.remote};
+    state.identity = PeerIdentity{PeerKind::local, state.remote, {}};
     state.established = true;
   }
 
@@ -829,9 +933,12 @@ void on_request(coap_resource_t* resource, coap_session_t* session, const coap_p
   const Route* best = nullptr;
   for (const auto& route : impl->routes) {
     if (route.method != request.method || !prefix_matches(route.prefix, request.path)) continue;
+    if (route.exact && route.prefix.size() != request.path.size()) continue;
     const bool allowed = route.access == Access::both || (route.access == Access::secure) == state.secure;
     if (!allowed) continue;
-    if (best == nullptr || route.prefix.size() > best->prefix.size()) best = &route;
+    const bool longer = best == nullptr || route.prefix.size() > best->prefix.size();
+    const bool exact_over_prefix = best != nullptr && route.prefix.size() == best->prefix.size() && route.exact;
+    if (longer || exact_over_prefix) best = &route;
   }
   if (best == nullptr) {
     reject(404, std::string(to_string(request.method)) + " " + request.path_text() + ": no such resource");
@@ -840,8 +947,27 @@ void on_request(coap_resource_t* resource, coap_session_t* session, const coap_p
 
   auto shared = std::make_shared<Responder::State>();
   shared->node_alive = impl->alive;
+  coap_opt_iterator_t iterator_for_observe;
   best->handler(state, request, Responder(shared));
   shared->in_handler = false;
+  // A subscription or a notification (libcoap calls again with the stored request): the answer must be in this
+  // response PDU; libcoap's async re-dispatch would not carry the Observe option.
+  const bool observing = best->exact && coap_check_option(pdu, COAP_OPTION_OBSERVE, &iterator_for_observe) != nullptr;
+  // libcoap sends notifications as CON (COAP_RESOURCE_FLAGS_NOTIFY_CON); the first answer is an ACK or NON.
+  const bool notification = observing && coap_pdu_get_type(response_pdu) == COAP_MESSAGE_CON;
+  if (shared->response && notification && shared->response->code / 100 != 2) {
+    // libcoap 4.3.1 frees the subscription on a non-2.xx notification and then uses it (resource.c
+    // coap_notify_observers: coap_delete_observer, then obs->non_cnt and obs->session): a crash. So the refusal
+    // ends the subscription with its session instead (close_notify after this round; the client's observation
+    // ends with an error and a new subscription gets the refusal itself). Code 0 keeps libcoap off that path
+    // (it only strips the Observe option); the client drops the empty notification, the close follows at once.
+    impl->report(FailureKind::request_rejected, state.remote, state.identity.value,
+                 "notification of " + request.path_text() + " refused with " + std::to_string(shared->response->code) +
+                     ": subscription ended by closing the session");
+    state.close_requested = true;
+    coap_pdu_set_code(response_pdu, static_cast<coap_pdu_code_t>(0));
+    return;
+  }
   if (shared->response) {
     ++impl->counters.requests_served;
     Response response = std::move(*shared->response);
@@ -849,7 +975,7 @@ void on_request(coap_resource_t* resource, coap_session_t* session, const coap_p
     fill_response(resource, session, pdu, query, response_pdu, response, state);
     return;
   }
-  if (shared->responder_alive) {
+  if (shared->responder_alive && !observing) {
     // Deferred: libcoap sends an empty ACK now and re-dispatches the request when we trigger it (RFC 7252 §5.2.2).
     shared->async = coap_register_async(session, pdu, 0);
     if (shared->async == nullptr) {
@@ -861,7 +987,9 @@ void on_request(coap_resource_t* resource, coap_session_t* session, const coap_p
     return;
   }
   fill_response(resource, session, pdu, query, response_pdu,
-                Response::with_text(500, "handler gave no response"), state);
+                Response::with_text(500, observing ? "observable resource handler did not answer at once"
+                                                   : "handler gave no response"),
+                state);
 }
 
 }  // namespace
@@ -955,6 +1083,19 @@ void Node::Impl::housekeeping() {
     // Sends close_notify (gnutls_bye / SSL_shutdown in coap_dtls_free_session) and sets the state to NONE; libcoap
     // frees the session at its next sweep (SERVER_SESSION_DEL). The response went out in coap_io_process already.
     coap_session_disconnected(raw, COAP_NACK_NOT_DELIVERABLE);
+  }
+  for (auto it = observations.begin(); it != observations.end();) {
+    auto observation = it->second;
+    if (observation->first_answer_deadline && now > *observation->first_answer_deadline) {
+      auto found = sessions.find(it->first.first);
+      it = observations.erase(it);
+      notify(observation,
+             make_error(Errc::timeout, "no answer to the subscription within " +
+                                           std::to_string(config.limits.request_timeout.count()) + " ms"),
+             found != sessions.end() ? found->second.get() : nullptr, /*final=*/true);
+    } else {
+      ++it;
+    }
   }
   for (auto it = pending.begin(); it != pending.end();) {
     if (now > it->second.deadline) {
@@ -1172,10 +1313,10 @@ Result<coap_session_t*> Node::Impl::client_session_for(const Peer& peer, const C
   state.cache_key = cache_key;
   state.expected_peer = credentials.expected_peer;
   if (credentials.kind == Kind::psk) {
-    state.identity = PeerIdentity{PeerKind::psk, credentials.psk_identity};
+    state.identity = PeerIdentity{PeerKind::psk, credentials.psk_identity, {}};
     state.verified = state.identity;
   } else if (credentials.kind == Kind::none) {
-    state.identity = PeerIdentity{PeerKind::local, state.remote};
+    state.identity = PeerIdentity{PeerKind::local, state.remote, {}};
     state.established = true;
   }
   client_cache[cache_key] = session;
@@ -1357,28 +1498,75 @@ void Node::add_route(Method method, std::vector<std::string> prefix, Access acce
   impl_->routes.push_back(Route{method, std::move(prefix), access, std::move(handler)});
 }
 
+Result<void> Node::add_observable(std::vector<std::string> path, Access access, RequestHandler handler) {
+  if (!impl_->server_context) {
+    return make_error(Errc::invalid_argument, "add_observable: this node has no server endpoint");
+  }
+  std::string joined;
+  for (const auto& segment : path) {
+    if (segment.empty() || segment.find('/') != std::string::npos) {
+      return make_error(Errc::invalid_argument, "add_observable: path segment '" + segment +
+                                                    "' is empty or contains '/'");
+    }
+    joined += (joined.empty() ? "" : "/") + segment;
+  }
+  if (joined.empty()) return make_error(Errc::invalid_argument, "add_observable: empty path");
+  if (impl_->observables.count(joined) != 0) {
+    return make_error(Errc::invalid_argument, "add_observable: /" + joined + " is already observable");
+  }
+  // A real resource for the exact path: libcoap cannot observe its unknown (catch-all) resource (docs/transport.md
+  // §5). Its handler is the same dispatcher, so every method on this path still reaches our routes.
+  coap_str_const_t name{joined.size(), reinterpret_cast<const uint8_t*>(joined.data())};  // copied by libcoap
+  coap_resource_t* resource = coap_resource_init(&name, COAP_RESOURCE_FLAGS_NOTIFY_CON);  // a lost one is noticed
+  if (resource == nullptr) return make_error(Errc::internal, "coap_resource_init failed for /" + joined);
+  for (const coap_request_t method : {COAP_REQUEST_GET, COAP_REQUEST_POST, COAP_REQUEST_PUT, COAP_REQUEST_DELETE,
+                                      COAP_REQUEST_FETCH, COAP_REQUEST_PATCH, COAP_REQUEST_IPATCH}) {
+    coap_register_request_handler(resource, method, on_request);
+  }
+  coap_resource_set_get_observable(resource, 1);
+  coap_add_resource(impl_->server_context.get(), resource);
+  impl_->observables.emplace(joined, resource);
+  Route route{Method::get, std::move(path), access, std::move(handler)};
+  route.exact = true;
+  impl_->routes.push_back(std::move(route));
+  return ok_result();
+}
+
+bool Node::notify_observers(const std::vector<std::string>& path) {
+  std::string joined;
+  for (const auto& segment : path) joined += (joined.empty() ? "" : "/") + segment;
+  auto it = impl_->observables.find(joined);
+  if (it == impl_->observables.end()) return false;
+  // Only marks the resource dirty and arms libcoap's timer: the notifications go out in the next coap_io_process.
+  return coap_resource_notify_observers(it->second, nullptr) == 1;
+}
+
+std::size_t Node::close_server_sessions(PeerKind kind, std::string_view identity) {
+  std::size_t closed = 0;
+  for (auto& [raw, state] : impl_->sessions) {
+    if (state->client || !state->secure || state->close_requested) continue;
+    const std::optional<PeerIdentity>& peer = state->established ? std::optional<PeerIdentity>(state->identity)
+                                                                  : state->verified;
+    if (!peer || peer->kind != kind || peer->value != identity) continue;
+    if (coap_session_get_state(raw) == COAP_SESSION_STATE_NONE) continue;
+    state->close_requested = true;  // carried out by housekeeping, never inside a libcoap callback
+    ++closed;
+  }
+  if (closed > 0 && !impl_->in_libcoap) impl_->housekeeping();
+  return closed;
+}
+
 void Node::set_failure_observer(FailureObserver observer) { impl_->observer = std::move(observer); }
 
-void Node::request(const Peer& peer, const ClientCredentials& credentials, Request request,
-                   ResponseHandler handler) {
-  auto session = impl_->client_session_for(peer, credentials);
-  if (!session.ok()) {
-    impl_->report(session.error().code == Errc::limit ? FailureKind::limit : FailureKind::request_failed,
-                  peer.host + ":" + std::to_string(peer.port), credentials.psk_identity, session.error().message);
-    handler(std::move(session).error(), nullptr);
-    return;
-  }
-  coap_session_t* raw = *session;
-  SessionImpl& state = impl_->state_for(raw);
+coap_pdu_t* Node::Impl::build_request_pdu(coap_session_t* raw, SessionImpl& state, Request& request, bool observe,
+                                          std::string& token_out) {
   coap_pdu_t* pdu = coap_new_pdu(COAP_MESSAGE_CON, static_cast<coap_pdu_code_t>(request.method), raw);
-  if (pdu == nullptr) {
-    handler(make_error(Errc::internal, "coap_new_pdu failed"), nullptr);
-    return;
-  }
+  if (pdu == nullptr) return nullptr;
   uint8_t token[8];
   size_t token_length = 0;
   coap_session_new_token(raw, &token_length, token);
   coap_add_token(pdu, token_length, token);
+  token_out.assign(reinterpret_cast<const char*>(token), token_length);
 
   coap_optlist_t* options = nullptr;
   auto add = [&](std::uint16_t number, const std::string& value) {
@@ -1390,6 +1578,7 @@ void Node::request(const Peer& peer, const ClientCredentials& credentials, Reque
     const unsigned length = coap_encode_var_safe(buffer, sizeof(buffer), value);
     coap_insert_optlist(&options, coap_new_optlist(number, length, buffer));
   };
+  if (observe) add_uint(COAP_OPTION_OBSERVE, COAP_OBSERVE_ESTABLISH);
   for (const auto& segment : request.path) add(COAP_OPTION_URI_PATH, segment);
   for (const auto& item : request.query) add(COAP_OPTION_URI_QUERY, item);
   if (request.content_format) add_uint(COAP_OPTION_CONTENT_FORMAT, *request.content_format);
@@ -1406,7 +1595,27 @@ void Node::request(const Peer& peer, const ClientCredentials& credentials, Reque
     auto* copy = new Bytes(std::move(request.payload));  // owned by libcoap until release_heap_bytes
     coap_add_data_large_request(raw, pdu, copy->size(), copy->data(), release_heap_bytes, copy);
   }
-  const auto key = std::make_pair(raw, std::string(reinterpret_cast<const char*>(token), token_length));
+  return pdu;
+}
+
+void Node::request(const Peer& peer, const ClientCredentials& credentials, Request request,
+                   ResponseHandler handler) {
+  auto session = impl_->client_session_for(peer, credentials);
+  if (!session.ok()) {
+    impl_->report(session.error().code == Errc::limit ? FailureKind::limit : FailureKind::request_failed,
+                  peer.host + ":" + std::to_string(peer.port), credentials.psk_identity, session.error().message);
+    handler(std::move(session).error(), nullptr);
+    return;
+  }
+  coap_session_t* raw = *session;
+  SessionImpl& state = impl_->state_for(raw);
+  std::string token;
+  coap_pdu_t* pdu = impl_->build_request_pdu(raw, state, request, /*observe=*/false, token);
+  if (pdu == nullptr) {
+    handler(make_error(Errc::internal, "coap_new_pdu failed"), nullptr);
+    return;
+  }
+  const auto key = std::make_pair(raw, token);
   impl_->pending[key] = PendingRequest{std::move(handler), Clock::now() + impl_->config.limits.request_timeout, raw};
   if (coap_send(raw, pdu) == COAP_INVALID_MID) {
     auto it = impl_->pending.find(key);
@@ -1418,6 +1627,68 @@ void Node::request(const Peer& peer, const ClientCredentials& credentials, Reque
     }
     state.dead = true;
   }
+}
+
+Observation Node::observe(const Peer& peer, const ClientCredentials& credentials, Request request,
+                          NotificationHandler handler) {
+  auto session = impl_->client_session_for(peer, credentials);
+  if (!session.ok()) {
+    impl_->report(session.error().code == Errc::limit ? FailureKind::limit : FailureKind::request_failed,
+                  peer.host + ":" + std::to_string(peer.port), credentials.psk_identity, session.error().message);
+    handler(std::move(session).error(), nullptr);
+    return Observation();
+  }
+  coap_session_t* raw = *session;
+  SessionImpl& state = impl_->state_for(raw);
+  request.method = Method::get;
+  auto observation = std::make_shared<Observation::State>();
+  observation->node_alive = impl_->alive;
+  observation->impl = impl_.get();
+  observation->session = raw;
+  observation->handler = std::move(handler);
+  observation->first_answer_deadline = Clock::now() + impl_->config.limits.request_timeout;
+  coap_pdu_t* pdu = impl_->build_request_pdu(raw, state, request, /*observe=*/true, observation->token);
+  if (pdu == nullptr) {
+    observation->handler(make_error(Errc::internal, "coap_new_pdu failed"), nullptr);
+    return Observation();
+  }
+  impl_->observations[{raw, observation->token}] = observation;
+  if (coap_send(raw, pdu) == COAP_INVALID_MID) {
+    impl_->observations.erase({raw, observation->token});
+    impl_->notify(observation,
+                  make_error(Errc::io, "cannot send to " + state.remote + ": " + impl_->handshake_failure_reason(state)),
+                  &state, /*final=*/true);
+    state.dead = true;
+  }
+  return Observation(observation);
+}
+
+Observation::Observation(std::shared_ptr<State> state) : state_(std::move(state)) {}
+Observation::Observation(Observation&&) noexcept = default;
+Observation& Observation::operator=(Observation&& other) noexcept {
+  if (this != &other) {
+    cancel();
+    state_ = std::move(other.state_);
+  }
+  return *this;
+}
+Observation::~Observation() { cancel(); }
+
+bool Observation::active() const noexcept { return state_ && !state_->cancelled && !state_->ended; }
+
+void Observation::cancel() {
+  if (!state_ || state_->cancelled) return;
+  state_->cancelled = true;
+  if (state_->ended || state_->node_alive.expired()) return;
+  state_->ended = true;
+  Node::Impl* impl = state_->impl;
+  impl->observations.erase({state_->session, state_->token});
+  auto found = impl->sessions.find(state_->session);
+  if (found == impl->sessions.end() || found->second->dead) return;
+  // Deregister now (GET with Observe 1 on the subscription's token); libcoap can only once the first notification
+  // arrived. Otherwise the next notification gets an RST (on_response), which ends it at the server as well.
+  coap_binary_t token{state_->token.size(), reinterpret_cast<uint8_t*>(state_->token.data())};
+  (void)coap_cancel_observe(state_->session, &token, COAP_MESSAGE_CON);
 }
 
 void Node::close_client_sessions() {
@@ -1442,6 +1713,11 @@ bool Node::close_client_session(const Peer& peer, const ClientCredentials& crede
   return true;
 }
 
+void Node::post_after(std::chrono::milliseconds delay, std::function<void()> work) {
+  if (!work) return;
+  impl_->timers.emplace(Clock::now() + delay, std::move(work));
+}
+
 void Node::post(std::function<void()> work) {
   if (!work) return;
   impl_->posted.push_back(std::move(work));
@@ -1452,8 +1728,11 @@ void Node::post(std::function<void()> work) {
 int Node::fd() const noexcept { return impl_->epoll.get(); }
 
 void Node::process_ready() {
-  auto run = [](coap_context_t* context) {
-    if (context != nullptr) coap_io_process(context, COAP_IO_NO_WAIT);
+  auto run = [this](coap_context_t* context) {
+    if (context == nullptr) return;
+    impl_->in_libcoap = true;
+    coap_io_process(context, COAP_IO_NO_WAIT);
+    impl_->in_libcoap = false;
   };
   run(impl_->server_context.get());
   run(impl_->client_context.get());
@@ -1462,6 +1741,7 @@ void Node::process_ready() {
   impl_->psk_in_flight = SecretBuffer();
   impl_->run_completions();
   impl_->run_posted();
+  impl_->run_due_timers();
   impl_->housekeeping();
 }
 
@@ -1472,6 +1752,10 @@ std::chrono::milliseconds Node::next_timeout() {
   const auto now = Clock::now();
   auto next = now + std::chrono::seconds(1);
   for (const auto& [key, request] : impl_->pending) next = std::min(next, request.deadline);
+  for (const auto& [key, observation] : impl_->observations) {
+    if (observation->first_answer_deadline) next = std::min(next, *observation->first_answer_deadline);
+  }
+  if (!impl_->timers.empty()) next = std::min(next, impl_->timers.begin()->first);
   for (const auto& [raw, state] : impl_->sessions) {
     if (state->secure && !state->established && !state->timed_out) {
       next = std::min(next, state->started + impl_->config.limits.handshake_timeout);

@@ -63,7 +63,7 @@ struct Request {
 
 struct Response {
   int code = 205;                     // CoAP code as class*100 + detail: 205 = 2.05 Content, 413 = 4.13
-  std::optional<std::uint16_t> content_format;
+  std::optional<std::uint16_t> content_format;  // unset: no Content-Format option is sent
   std::optional<std::uint32_t> response_status;  // oneM2M-RSC
   std::string request_id;             // oneM2M-RQI, echoed when the request had one
   Bytes payload;
@@ -71,6 +71,9 @@ struct Response {
   // enrolment answer (PROTOCOL.md §3.4). Use it on single-datagram answers: a Block2 body or a separate (CON)
   // response loses its remaining blocks / retransmissions. Ignored on plain (local) sessions and by clients.
   bool close_session = false;
+  // Client side, Node::observe(): the Observe option (RFC 7641) of a notification; unset on a response that ends
+  // or never started the subscription. Ignored when sending (libcoap numbers the notifications).
+  std::optional<std::uint32_t> observe;
 
   static Response with_text(int code, std::string_view text);
 };
@@ -89,6 +92,7 @@ std::string_view to_string(PeerKind kind) noexcept;
 struct PeerIdentity {
   PeerKind kind = PeerKind::local;
   std::string value;
+  std::string certificate_serial;  // x509: the peer leaf certificate's serial, upper-case hex; "" otherwise
 };
 
 struct SessionCounters {        // CoAP messages this node sent and received on the session (payload + header)
@@ -194,6 +198,11 @@ struct NodeConfig {
   // known-option filter has two slots for numbers above 255, used by 279/283 (server) and 283/307 (client).
   bool accept_legacy_onem2m_options = false;
   Limits limits;
+  // Server side, optional: a last word on every certificate or raw-key peer once our own checks passed (chain,
+  // AE-ID, pinning), inside the handshake: an Error refuses it (access_denied; the message is the logged reason),
+  // so a refused peer never reaches a handler. E.g. an MEF revocation list by certificate_serial. Memory only,
+  // never blocks (like PskLookup).
+  std::function<Result<void>(const PeerIdentity& peer)> peer_check;
 };
 
 // ---- Handlers -------------------------------------------------------------------------------------------------
@@ -227,6 +236,34 @@ using RequestHandler = std::function<void(const Session& session, const Request&
 // Completion of a client request. session is the client session (for the exporter) when the handshake completed,
 // otherwise nullptr. Called exactly once, on the loop thread.
 using ResponseHandler = std::function<void(Result<Response> response, const Session* session)>;
+
+// Every answer of an observation (Node::observe), on the loop thread. A Response with `observe` set is a
+// notification: the subscription is live. The last call is either a Response without `observe` (the server refused
+// or ended the subscription, e.g. 4.03, or the resource is not observable) or an error (session closed or lost,
+// request timeout, RST): after it the subscription is gone and the owner may subscribe again (with backoff).
+using NotificationHandler = std::function<void(Result<Response> notification, const Session* session)>;
+
+// A client subscription (RFC 7641). Destroying it, or cancel(), deregisters: a GET with Observe 1 on the same
+// token if the session is still up (libcoap's coap_cancel_observe); a later notification gets an RST. No handler
+// call follows a cancel. Move-only; safe to destroy after the Node (then it does nothing).
+class Observation {
+ public:
+  Observation() = default;
+  Observation(Observation&&) noexcept;
+  Observation& operator=(Observation&&) noexcept;
+  Observation(const Observation&) = delete;
+  Observation& operator=(const Observation&) = delete;
+  ~Observation();
+
+  void cancel();
+  bool active() const noexcept;  // neither cancelled nor ended (its final call may still be queued)
+
+  struct State;
+  explicit Observation(std::shared_ptr<State> state);
+
+ private:
+  std::shared_ptr<State> state_;
+};
 
 // ---- Failures and statistics ------------------------------------------------------------------------------------
 
@@ -275,6 +312,22 @@ class Node {
 
   // Routes requests whose path starts with prefix (segment-wise) and whose method matches; longest prefix wins.
   void add_route(Method method, std::vector<std::string> prefix, Access access, RequestHandler handler);
+  // Makes exactly `path` observable (RFC 7641) and routes GET requests for exactly that path to handler (other
+  // methods and longer paths still go to add_route's routes; an exact route wins over a prefix of equal length).
+  // A GET with Observe 0 subscribes (libcoap keeps one subscription per session + token; it dies with the
+  // session). After notify_observers(path) libcoap calls handler once per subscriber, with that subscriber's
+  // Session and original request, so each answer is per peer; a non-2.xx answer ends that subscription. The
+  // handler must answer a subscription or notification synchronously (a kept Responder gets 5.00 there).
+  // Errors: invalid_argument (empty path, a segment with '/', path already observable, no server endpoint).
+  Result<void> add_observable(std::vector<std::string> path, Access access, RequestHandler handler);
+  // Announces a change of the observable path: notifications go out (CON) from the next process_ready(). Safe to
+  // call anywhere on the loop thread, also inside a request handler. Returns whether it has subscribers.
+  bool notify_observers(const std::vector<std::string>& path);
+  // Closes (close_notify) every live server session whose peer authenticated as (kind, identity), handshake done
+  // or done but not yet used, e.g. those of a revoked KeID. Their subscriptions and deferred answers end with them.
+  // Returns how many (the caller logs it: transport has no log of its own beyond failures). Called inside a libcoap
+  // callback (a request handler), the close happens at the end of that process_ready() round.
+  std::size_t close_server_sessions(PeerKind kind, std::string_view identity);
   void set_failure_observer(FailureObserver observer);
 
   // Sends request to peer with credentials, setting up or reusing a session (one per peer + credential + SNI +
@@ -288,11 +341,21 @@ class Node {
   // session (fresh handshake, fresh exporter: the Enrolee before each enrolment).
   bool close_client_session(const Peer& peer, const ClientCredentials& credentials);
 
+  // Subscribes to request's resource on peer (request sent as GET with Observe 0; method is forced to GET) over the
+  // same session cache as request(). handler: see NotificationHandler; the first answer must come within
+  // request_timeout. Set-up errors (bad address, limit) reach handler before observe() returns, and the returned
+  // Observation is then inactive. Keep the Observation: destroying it cancels.
+  Observation observe(const Peer& peer, const ClientCredentials& credentials, Request request,
+                      NotificationHandler handler);
+
   // Runs work on the loop thread during the next process_ready(), outside every libcoap callback (so it may call
   // request()): e.g. a PSK lookup that queues a key fetch. fd() stays readable until it has run. Call it from the
   // loop thread only (not thread-safe). Work posted while posted work runs waits for the next round; work still
   // queued when the Node is destroyed is dropped uncalled.
   void post(std::function<void()> work);
+  // The same, not before `delay` has passed (a timer of the loop: next_timeout() accounts for it), e.g. a
+  // re-subscription backoff. Timers still pending when the Node is destroyed are dropped uncalled.
+  void post_after(std::chrono::milliseconds delay, std::function<void()> work);
 
   // ---- event loop ----
   int fd() const noexcept;                                // level-triggered epoll fd: readable = work to do
