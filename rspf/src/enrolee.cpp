@@ -1,5 +1,5 @@
-// The Enrolee: pre-provisioned symmetric key RSPF (SPEC.md §3.2–3.4), EST-coaps certificate enrolment (§3.6),
-// renewal schedule (§3.7) and the keys for Enrolment Targets (§4).
+// The Enrolee: RSPF bootstrapped by a pre-provisioned symmetric key, a certificate or a raw public key (SPEC.md
+// §3.1–3.4), EST-coaps certificate enrolment (§3.6), renewal schedule (§3.7) and the keys for Enrolment Targets (§4).
 #include "dauth/rspf/enrolee.hpp"
 
 #include <algorithm>
@@ -81,6 +81,7 @@ struct Enrolee::Impl : std::enable_shared_from_this<Enrolee::Impl> {
   }
 
   std::string bootstrap_text() const {
+    if (!config.raw_public_key_name.empty()) return "DTLS with raw public key " + config.raw_public_key_name;
     return config.certificate_name.empty() ? "DTLS-PSK as " + config.kpm_id
                                            : "DTLS with certificate " + config.certificate_name;
   }
@@ -88,6 +89,20 @@ struct Enrolee::Impl : std::enable_shared_from_this<Enrolee::Impl> {
   // The bootstrap credential of SPEC.md §3.1, read from the store at each attempt (an EST renewal replaces the
   // certificate record).
   Result<transport::ClientCredentials> bootstrap_credentials() const {
+    if (!config.raw_public_key_name.empty()) {
+      const auto* record = store.find<crypto::CertificateRecord>(config.raw_public_key_name);
+      if (record == nullptr) {
+        return make_error(Errc::not_found, "bootstrap raw public key " + config.raw_public_key_name +
+                                               " is not in the store");
+      }
+      auto key = crypto::PrivateKey::parse(record->private_key_der);
+      if (!key.ok()) return std::move(key).error();
+      auto key_pem = key->to_pem();  // SEC1 "EC PRIVATE KEY": the form libcoap 4.3.1 takes for RPK
+      if (!key_pem.ok()) return std::move(key_pem).error();
+      // The MEF proves itself by a pinned key, as the PSK case proves it by knowing Kpm.
+      return transport::ClientCredentials::raw_public_key(
+          transport::RpkCredentials{std::move(*key_pem), config.mef_pinned_keys}, config.mef_fqdn);
+    }
     if (config.certificate_name.empty()) {
       const auto* bootstrap = store.find<crypto::BootstrapKeyRecord>(config.kpm_id);
       if (bootstrap == nullptr) {
@@ -254,8 +269,48 @@ Enrolee::~Enrolee() = default;
 
 Result<std::unique_ptr<Enrolee>> Enrolee::create(transport::Node& node, crypto::KeyStore& store,
                                                  EnroleeConfig config) {
+  if (!config.clock) config.clock = system_unix_clock();
+  if (!config.log) config.log = stderr_log_sink();
+  if (!config.jitter) config.jitter = random_jitter();
   std::string local_ae_id;
-  if (!config.certificate_name.empty()) {
+  if (!config.raw_public_key_name.empty()) {
+    if (!config.kpm_id.empty() || !config.certificate_name.empty()) {
+      return make_error(Errc::invalid_argument, "enrolee: raw public key " + config.raw_public_key_name +
+                                                    " and a kpm_id or certificate both given; an Enrolee has one "
+                                                    "bootstrap credential");
+    }
+    if (!transport::backend_supports_rpk()) {
+      return make_error(Errc::unsupported, "enrolee: raw public key bootstrap (" + config.raw_public_key_name +
+                                               ") needs the GnuTLS build of libcoap (RFC 7250)");
+    }
+    if (config.mef_fqdn.empty() || config.mef_pinned_keys.empty()) {
+      return make_error(Errc::invalid_argument, "enrolee: raw public key bootstrap (" + config.raw_public_key_name +
+                                                    ") needs mef_fqdn and at least one of mef_pinned_keys");
+    }
+    if (config.request_certificate) {
+      return make_error(Errc::invalid_argument, "enrolee: raw public key bootstrap (" + config.raw_public_key_name +
+                                                    ") cannot request a certificate: the issued certificate would "
+                                                    "replace the raw key record of the same name");
+    }
+    if (auto valid = crypto::validate_fqdn(config.mef_fqdn); !valid.ok()) return std::move(valid).error();
+    if (auto valid = crypto::validate_ae_id(config.raw_public_key_name); !valid.ok()) {
+      return make_error(Errc::invalid_argument, "enrolee: raw public key record " + config.raw_public_key_name +
+                                                    " must be named by our AE-ID: " + valid.error().message);
+    }
+    const auto* record = store.find<crypto::CertificateRecord>(config.raw_public_key_name);
+    if (record == nullptr) {
+      return make_error(Errc::not_found, "enrolee: no raw public key " + config.raw_public_key_name +
+                                             " in the key store");
+    }
+    if (!record->chain_der.empty()) {
+      return make_error(Errc::invalid_argument, "enrolee: " + config.raw_public_key_name +
+                                                    " holds a certificate; use certificate_name for it");
+    }
+    auto key = crypto::PrivateKey::parse(record->private_key_der);
+    if (!key.ok()) return std::move(key).error();
+    config.log("enrolee " + config.raw_public_key_name + " bootstraps with raw public key " + key->public_key_id());
+    local_ae_id = config.raw_public_key_name;
+  } else if (!config.certificate_name.empty()) {
     if (!config.kpm_id.empty()) {
       return make_error(Errc::invalid_argument, "enrolee: kpm_id " + config.kpm_id + " and certificate " +
                                                     config.certificate_name +
@@ -288,9 +343,6 @@ Result<std::unique_ptr<Enrolee>> Enrolee::create(transport::Node& node, crypto::
     }
     local_ae_id = bootstrap->ae_id;
   }
-  if (!config.clock) config.clock = system_unix_clock();
-  if (!config.log) config.log = stderr_log_sink();
-  if (!config.jitter) config.jitter = random_jitter();
   auto impl = std::make_shared<Impl>(node, store, std::move(config), std::move(local_ae_id));
   // A restart keeps a still-valid enrolment of this AE with this MEF (the latest one).
   // KeID text is canonical with a lower-case FQDN (identifiers.hpp).

@@ -154,6 +154,8 @@ struct Mef::Impl {
     // Durable before the answer (PROTOCOL.md §3.4): an Enrolee never holds a KeID its MEF could forget.
     if (auto stored = store.put(std::move(record)); !stored.ok()) return fail(stored.error(), 500);
     exchange.set_state(ExchangeState::stored, "KeID " + decision->ke_id + " for " + decision->enrolee_id);
+    // Durable now: the targets observing the feed may learn the KeID ahead of the enrolee's first handshake.
+    if (!enrolee->targets.empty()) announce_feed_change();
     Response answer = binary_response(204, static_cast<std::uint16_t>(*format), encode(*decision, *format));
     // PROTOCOL.md §3.4: the MEF then closes the session, unless an instruction (certEnrolment: EST /sen) continues
     // on it (SPEC.md §3.6); that session ends by the idle timeout.
@@ -176,6 +178,63 @@ struct Mef::Impl {
                                                  "': key retrieval needs an enrolled identity (KeID with Ker, or an "
                                                  "AE-ID certificate)");
   }
+
+  // ---- GET /fetchCredentials, observable (SPEC.md §4 last sentence, §5; PROTOCOL.md §4) ----
+  // Per subscriber: libcoap calls this once per observer with its own session and stored request.
+  void on_credential_feed(const Session& session, const Request& request, Responder responder) {
+    constexpr std::string_view route = "fetchCredentials feed";
+    auto requester = authenticated_ae_id(session);
+    if (!requester.ok()) return refuse(responder, session, route, requester.error(), 403);
+    if (request.originator != *requester) {
+      return refuse(responder, session, route,
+                    make_error(Errc::unauthenticated, "oneM2M-FR '" + request.originator +
+                                                          "' differs from the authenticated identity '" + *requester +
+                                                          "'"));
+    }
+    ContentFormat format = ContentFormat::cbor;
+    if (request.accept) {
+      auto accepted = content_format_from(*request.accept);
+      if (!accepted.ok()) return refuse(responder, session, route, accepted.error(), 406);
+      format = *accepted;
+    }
+    bool is_target = false;
+    store.for_each(crypto::RecordKind::enrolee, [&](const crypto::Record& r) {
+      const auto& row = std::get<crypto::EnroleeRecord>(r);
+      if (std::find(row.targets.begin(), row.targets.end(), *requester) != row.targets.end()) is_target = true;
+    });
+    if (!is_target) {
+      return refuse(responder, session, route,
+                    make_error(Errc::denied, "'" + *requester + "' is no enrolee's Enrolment Target at this MEF"));
+    }
+    const CredentialFeed feed = credential_feed_for(*requester);
+    responder.respond(binary_response(205, static_cast<std::uint16_t>(format), encode(feed, format)));
+  }
+
+  // The whole feed state for one target: KeIDs naming it, unexpired, split by revocation; each array capped.
+  CredentialFeed credential_feed_for(const std::string& target) const {
+    CredentialFeed feed;
+    const std::int64_t at = now();
+    std::size_t left_out = 0;
+    store.for_each(crypto::RecordKind::enrolment_key, [&](const crypto::Record& r) {
+      const auto& key = std::get<crypto::EnrolmentKeyRecord>(r);
+      if (key.expires_at <= at || std::find(key.targets.begin(), key.targets.end(), target) == key.targets.end()) {
+        return;
+      }
+      auto& list = key.revoked_at != 0 ? feed.revoked : feed.issued;
+      if (list.size() < kMaxCredentialFeedEntries) {
+        list.push_back(key.ke_id);
+      } else {
+        ++left_out;  // the target still fetches those on first use (SPEC.md §4)
+      }
+    });
+    if (left_out > 0) {
+      config.log("mef fetchCredentials feed for " + target + ": " + std::to_string(left_out) + " KeIDs left out (at most " +
+                 std::to_string(kMaxCredentialFeedEntries) + " per list)");
+    }
+    return feed;
+  }
+
+  void announce_feed_change() { node.notify_observers({"fetchCredentials"}); }
 
   // ---- GET /fetchCredentials/<KeID>/<SUID> (SPEC.md §4) ----
   void on_fetch_credentials(const Session& session, const Request& request, Responder responder) {
@@ -442,6 +501,11 @@ Result<std::unique_ptr<Mef>> Mef::create(transport::Node& node, crypto::KeyStore
                  [impl](const Session& s, const Request& r, Responder out) {
                    impl->on_fetch_credentials(s, r, std::move(out));
                  });
+  auto feed = node.add_observable({"fetchCredentials"}, Access::secure,
+                                  [impl](const Session& s, const Request& r, Responder out) {
+                                    impl->on_credential_feed(s, r, std::move(out));
+                                  });
+  if (!feed.ok()) return std::move(feed).error();
   if (impl->config.ca) {
     node.add_route(Method::post, {".well-known", "est", "sen"}, Access::secure,
                    [impl](const Session& s, const Request& r, Responder out) {
@@ -478,6 +542,7 @@ Result<void> Mef::revoke(std::string_view ke_id_text) {
                             std::to_string(revoked.revoked_at);
   if (auto stored = impl_->store.put(std::move(revoked)); !stored.ok()) return stored;
   impl_->config.log(audit);
+  impl_->announce_feed_change();  // the targets drop the key and its live sessions (PROTOCOL.md §5)
   return ok_result();
 }
 

@@ -409,13 +409,12 @@ Bytes encode(const CredentialFeed& message, ContentFormat format) {
 
 Result<CredentialFeed> decode_credential_feed(ByteView payload, ContentFormat format) {
   constexpr std::string_view kMessage = "credential feed";
-  constexpr std::size_t kMaxFeedItems = 64;
-  auto document = parse(payload, format, kMessage);
+  auto document = parse(payload, format, kMessage, kMaxCredentialFeedSize);
   if (!document) return std::move(document).error();
   const Fields fields(*document, kMessage);
   CredentialFeed feed;
   for (auto [key, out] : {std::pair{"issued", &feed.issued}, std::pair{"revoked", &feed.revoked}}) {
-    auto ids = fields.texts(key, false, kMaxFeedItems);
+    auto ids = fields.texts(key, false, kMaxCredentialFeedEntries);
     if (!ids) return std::move(ids).error();
     for (auto& id : *ids) {
       auto parsed = crypto::parse_ke_id(id);

@@ -56,6 +56,19 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
   bool start_posted = false;
   FetchObserver observer;
 
+  // The MEF feed subscription of one contact (same key as `mefs`).
+  struct Feed {
+    transport::Observation observation;
+    Backoff backoff;
+    bool live = false;             // a notification arrived on the current subscription
+    bool retry_scheduled = false;  // a subscribe() is waiting in the Node's timers
+    explicit Feed(JitterSource jitter) : backoff(std::move(jitter)) {}
+  };
+  std::map<std::pair<std::string, std::string>, Feed> feeds;
+  std::set<FetchKey> announced;   // issued KeIDs from a feed, waiting for a retrieval slot
+  std::set<std::string> revoked;  // KeIDs a feed announced revoked: refused without a retrieval
+  std::uint64_t notifications = 0;
+
   Impl(transport::Node& n, crypto::KeyStore& s, TargetKeysConfig c) : node(n), store(s), config(std::move(c)) {
     served.insert(config.local_ae_id);
   }
@@ -70,6 +83,7 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
                " -> " + std::string(to_string(next)) + ": " + reason);
     if (next == FetchState::stored || next == FetchState::failed) {
       if (it != fetches.end()) fetches.erase(it);
+      if (!announced.empty()) post_start();  // a slot is free for the next announced KeID
     } else {
       fetches[key] = next;
     }
@@ -95,6 +109,9 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
     auto ke_id = crypto::parse_ke_id(identity);
     if (!ke_id.ok()) {
       return make_error(Errc::not_found, "PSK identity " + crypto::quote_for_error(identity) + " is not a KeID");
+    }
+    if (revoked.count(ke_id->text()) != 0) {
+      return make_error(Errc::denied, "KeID " + ke_id->text() + " was revoked by its MEF (feed)");
     }
     auto target = target_of(sni);
     if (!target.ok()) {
@@ -142,11 +159,136 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
 
   void start_pending_fetches() {
     start_posted = false;
+    queue_announced();
     std::vector<FetchKey> queued;
     for (const auto& [key, state] : fetches) {
       if (state == FetchState::queued) queued.push_back(key);
     }
     for (const auto& key : queued) start_fetch(key);
+  }
+
+  bool holds_valid_key(const FetchKey& key) const {
+    const auto* record = store.find<crypto::SessionKeyRecord>(key.ke_id);
+    return record != nullptr && record->local_ae_id == key.local_ae_id && record->expires_at > now();
+  }
+
+  // Moves announced KeIDs into the retrieval queue while slots are free. Returns whether it queued any.
+  bool queue_announced() {
+    bool queued = false;
+    for (auto it = announced.begin(); it != announced.end() && fetches.size() < config.max_fetches_in_flight;) {
+      const FetchKey key = *it;
+      it = announced.erase(it);
+      if (fetches.count(key) != 0 || holds_valid_key(key) || revoked.count(key.ke_id) != 0) continue;
+      set_state(key, crypto::parse_ke_id(key.ke_id).value().mef_fqdn, FetchState::queued,
+                "announced by the MEF's feed, fetched ahead of the first handshake");
+      queued = true;
+    }
+    return queued;
+  }
+
+  // ---- the MEF feed (observed GET /fetchCredentials) ----
+
+  using ContactKey = std::pair<std::string, std::string>;  // (local AE, lower-case MEF FQDN)
+
+  void schedule_subscribe(const ContactKey& contact, std::chrono::milliseconds delay) {
+    auto it = feeds.find(contact);
+    if (it == feeds.end() || it->second.retry_scheduled) return;
+    it->second.retry_scheduled = true;
+    std::weak_ptr<Impl> weak = weak_from_this();
+    node.post_after(delay, [weak, contact] {
+      if (auto self = weak.lock()) self->subscribe(contact);
+    });
+  }
+
+  void feed_lost(const ContactKey& contact, Feed& feed, const std::string& reason) {
+    feed.live = false;
+    const auto delay = feed.backoff.next();
+    config.log("target " + contact.first + " feed mef=" + contact.second + " lost: " + reason + "; subscribing again in " +
+               std::to_string(delay.count()) + " ms");
+    schedule_subscribe(contact, delay);
+  }
+
+  void subscribe(const ContactKey& contact) {
+    auto feed = feeds.find(contact);
+    const auto mef = mefs.find(contact);
+    if (feed == feeds.end() || mef == mefs.end()) return;
+    feed->second.retry_scheduled = false;
+    auto credentials = mef->second.credentials ? mef->second.credentials()
+                                               : Result<transport::ClientCredentials>(make_error(
+                                                     Errc::not_found, "no credentials for MEF '" + contact.second + "'"));
+    if (!credentials.ok()) return feed_lost(contact, feed->second, "cannot authenticate: " + credentials.error().message);
+    transport::Request request;
+    request.method = transport::Method::get;
+    request.path = {"fetchCredentials"};
+    request.accept = static_cast<std::uint16_t>(ContentFormat::cbor);
+    request.originator = contact.first;
+    config.log("target " + contact.first + " feed mef=" + contact.second + " subscribing as " +
+               credentials->psk_identity);
+    std::weak_ptr<Impl> weak = weak_from_this();
+    feed->second.observation.cancel();
+    feed->second.observation = node.observe(
+        mef->second.address, *credentials, std::move(request),
+        [weak, contact](Result<transport::Response> notification, const transport::Session*) {
+          if (auto self = weak.lock()) self->on_feed(contact, std::move(notification));
+        });
+  }
+
+  void on_feed(const ContactKey& contact, Result<transport::Response> notification) {
+    auto it = feeds.find(contact);
+    if (it == feeds.end()) return;
+    Feed& feed = it->second;
+    if (!notification.ok()) return feed_lost(contact, feed, notification.error().to_string());
+    if (notification->code != 205) {
+      return feed_lost(contact, feed, error_from_response("MEF " + contact.second, *notification).to_string());
+    }
+    auto format = content_format_from(notification->content_format.value_or(transport::kContentFormatCbor));
+    auto message = format.ok() ? decode_credential_feed(ByteView(notification->payload), *format)
+                               : Result<CredentialFeed>(std::move(format).error());
+    if (!message.ok()) {
+      config.log("target " + contact.first + " feed mef=" + contact.second + " unreadable notification: " +
+                 message.error().to_string());
+    } else {
+      ++notifications;
+      apply_feed(contact, *message);
+    }
+    if (!notification->observe) return feed_lost(contact, feed, "the MEF answered without Observe");
+    feed.live = true;
+    feed.backoff.reset();
+  }
+
+  void apply_feed(const ContactKey& contact, const CredentialFeed& feed) {
+    const std::string& ae = contact.first;
+    const std::string& mef_fqdn = contact.second;
+    // An MEF speaks only for the KeIDs it derived (their '@' part names it).
+    auto from_this_mef = [&](const std::string& id) {
+      auto parsed = crypto::parse_ke_id(id);
+      return parsed.ok() && lower_case(parsed->mef_fqdn) == mef_fqdn;
+    };
+    for (const auto& id : feed.revoked) {
+      if (!from_this_mef(id)) continue;
+      const bool newly = revoked.insert(id).second;
+      announced.erase({id, ae});
+      bool removed = false;
+      if (store.find<crypto::SessionKeyRecord>(id) != nullptr) {
+        auto gone = store.remove(crypto::RecordKind::session_key, id);
+        if (!gone.ok()) {
+          config.log("target " + ae + " KeID " + id + " revoked, but its key could not be removed: " +
+                     gone.error().to_string());
+        }
+        removed = gone.ok();
+      }
+      const std::size_t closed = node.close_server_sessions(transport::PeerKind::psk, id);
+      if (newly || removed || closed > 0) {
+        config.log("target " + ae + " KeID " + id + " revoked by MEF " + mef_fqdn + ": key " +
+                   (removed ? "removed" : "not held") + ", " + std::to_string(closed) + " live session(s) closed");
+      }
+    }
+    for (const auto& id : feed.issued) {
+      if (!from_this_mef(id) || revoked.count(id) != 0) continue;
+      const FetchKey key{id, ae};
+      if (fetches.count(key) == 0 && !holds_valid_key(key)) announced.insert(key);
+    }
+    if (queue_announced()) post_start();
   }
 
   void start_fetch(const FetchKey& key) {
@@ -221,6 +363,7 @@ Result<std::unique_ptr<TargetKeys>> TargetKeys::create(transport::Node& node, cr
   }
   if (!config.clock) config.clock = system_unix_clock();
   if (!config.log) config.log = stderr_log_sink();
+  if (!config.jitter) config.jitter = random_jitter();
   return std::unique_ptr<TargetKeys>(new TargetKeys(std::make_shared<Impl>(node, store, std::move(config))));
 }
 
@@ -229,7 +372,14 @@ Result<void> TargetKeys::add_mef(std::string_view mef_fqdn, MefContact contact, 
   const std::string ae = local_ae_id.empty() ? impl_->config.local_ae_id : std::string(local_ae_id);
   if (auto valid = crypto::validate_ae_id(ae); !valid.ok()) return valid;
   impl_->served.insert(ae);
-  impl_->mefs[{ae, lower_case(mef_fqdn)}] = std::move(contact);
+  const Impl::ContactKey key{ae, lower_case(mef_fqdn)};
+  impl_->mefs[key] = std::move(contact);
+  if (impl_->config.observe_feed) {
+    auto feed = impl_->feeds.try_emplace(key, impl_->config.jitter).first;
+    feed->second.observation.cancel();  // a replaced contact subscribes again with its new address/credentials
+    feed->second.live = false;
+    impl_->schedule_subscribe(key, std::chrono::milliseconds(0));
+  }
   return ok_result();
 }
 
@@ -249,5 +399,13 @@ transport::PskLookup TargetKeys::psk_lookup() {
 void TargetKeys::start_pending_fetches() { impl_->start_pending_fetches(); }
 std::size_t TargetKeys::fetches_pending() const { return impl_->fetches.size(); }
 void TargetKeys::set_fetch_observer(FetchObserver observer) { impl_->observer = std::move(observer); }
+
+std::size_t TargetKeys::feeds_live() const {
+  std::size_t live = 0;
+  for (const auto& [key, feed] : impl_->feeds) live += feed.live ? 1 : 0;
+  return live;
+}
+std::uint64_t TargetKeys::feed_notifications() const { return impl_->notifications; }
+bool TargetKeys::is_revoked(std::string_view ke_id) const { return impl_->revoked.count(std::string(ke_id)) != 0; }
 
 }  // namespace dauth::rspf

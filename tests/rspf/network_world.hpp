@@ -111,7 +111,9 @@ struct World {
   std::unique_ptr<rspf::Enrolee> valve;
   std::unique_ptr<rspf::TargetKeys> valve_keys;
 
-  explicit World(bool with_ca = false) {
+  // observe_feed: the valve's TargetKeys subscribes to the MEF's /fetchCredentials feed (off by default, so that
+  // the tests of on-demand retrieval see the first handshake refused).
+  explicit World(bool with_ca = false, bool observe_feed = false) {
     mef_store.emplace(open_store(dir / "mef", master_key));
     put(*mef_store, enrolee_row(kMeterKpmId, meter_kpm, "CAE-meter", {"CAE-valve"}, kMeterLifetime, true));
     put(*mef_store, enrolee_row(kValveKpmId, valve_kpm, "CAE-valve", {}, kValveLifetime, false));
@@ -144,6 +146,8 @@ struct World {
     target.local_ae_id = "CAE-valve";
     target.clock = clock.function();
     target.log = log.sink();
+    target.observe_feed = observe_feed;
+    target.jitter = [] { return 0.0; };
     valve_keys = rspf::TargetKeys::create(*valve_node, *valve_store, std::move(target)).value();
     rspf::Enrolee* valve_enrolee = valve.get();
     (void)valve_keys->add_mef(kMefFqdn, rspf::MefContact{mef_address(), [valve_enrolee] {

@@ -145,6 +145,34 @@ TEST_CASE("error bodies and the credential feed round-trip", "[messages]") {
   }
 }
 
+TEST_CASE("the credential feed is byte-exact as PROTOCOL.md §4 shows, and capped at 1024 KeIDs per list",
+          "[messages]") {
+  const Bytes cbor = rspf::encode(rspf::CredentialFeed{{kKeId}, {}}, rspf::ContentFormat::cbor);
+  std::string hex;
+  for (const auto byte : cbor) {
+    static constexpr char kDigits[] = "0123456789abcdef";
+    hex += kDigits[byte >> 4];
+    hex += kDigits[byte & 0xf];
+  }
+  std::string ke_id_hex;
+  for (const char c : std::string(kKeId)) {
+    static constexpr char kDigits[] = "0123456789abcdef";
+    ke_id_hex += kDigits[static_cast<unsigned char>(c) >> 4];
+    ke_id_hex += kDigits[static_cast<unsigned char>(c) & 0xf];
+  }
+  // { "issued": [KeID], "revoked": [] }: map(2), text(6) "issued", array(1), text(48) KeID, text(7) "revoked", [].
+  CHECK(hex == "a2" "66697373756564" "81" "7830" + ke_id_hex + "67" "7265766f6b6564" "80");
+  const Bytes json_text = rspf::encode(rspf::CredentialFeed{{kKeId}, {}}, rspf::ContentFormat::json);
+  CHECK(std::string(json_text.begin(), json_text.end()) == std::string("{\"issued\":[\"") + kKeId + "\"],\"revoked\":[]}");
+
+  rspf::CredentialFeed full;
+  full.issued.assign(rspf::kMaxCredentialFeedEntries, kKeId);
+  REQUIRE(rspf::decode_credential_feed(rspf::encode(full, rspf::ContentFormat::cbor), rspf::ContentFormat::cbor).ok());
+  full.issued.push_back(kKeId);
+  REQUIRE_FALSE(
+      rspf::decode_credential_feed(rspf::encode(full, rspf::ContentFormat::cbor), rspf::ContentFormat::cbor).ok());
+}
+
 TEST_CASE("fetchCredentials paths parse and print", "[messages]") {
   auto path = rspf::parse_fetch_credentials_path({"fetchCredentials", kKeId, "22"});
   REQUIRE(path.ok());

@@ -1,14 +1,14 @@
-// The Enrolee role for one local AE (SPEC.md §3, §4; docs/rspf.md): runs the pre-provisioned symmetric key RSPF
-// with its MEF, keeps the enrolment key, optionally gets an AE-ID certificate over EST-coaps, and hands out the
-// usage-constrained key for each Enrolment Target.
+// The Enrolee role for one local AE (SPEC.md §3, §4; docs/rspf.md): runs the RSPF with its MEF, bootstrapped by a
+// pre-provisioned symmetric key, a certificate or a raw public key, keeps the enrolment key, optionally gets an AE-ID
+// certificate over EST-coaps, and hands out the usage-constrained key for each Enrolment Target.
 //
 // State machine (STYLE.md §14): idle -> enrolling -> enrolled | failed; enrolled/failed -> enrolling on the next
 // enrol(). Every transition is logged with the MEF address, old -> new and the reason. The daemon owns the timers:
 // next_attempt_delay() says when to call enrol() again (renewal at 2/3 of the lifetime, or backoff after failure).
 // The Node and KeyStore must outlive the Enrolee; a pending enrol() completes through the Node's loop.
-// enrol() first closes the Node's client sessions: Ke/KeID come from the session exporter, so each enrolment needs
-// a new DTLS session, and transport can only close all of a node's client sessions. Give the Enrolee a client-only
-// Node of its own (or accept that other client sessions of that node are reopened).
+// enrol() first closes the one cached client session to the MEF with the bootstrap credential
+// (Node::close_client_session): Ke/KeID come from the session exporter, so each enrolment needs a new DTLS session.
+// Other client sessions of the Node stay open, so the Enrolee can share the Node of its gateway.
 #pragma once
 
 #include <chrono>
@@ -16,6 +16,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <string_view>
 
@@ -38,6 +39,13 @@ struct EnroleeConfig {
   // mef_fqdn as dNSName. A certificate issued over EST afterwards replaces that record (same name = AE-ID).
   std::string certificate_name;
   std::string mef_trust_anchors_pem;
+  // Raw-public-key bootstrapped RSPF (SPEC.md §3.1, RFC 7250; GnuTLS builds only): the name of a CertificateRecord
+  // with an empty chain_der (a raw public key credential: our AE-ID as name, our P-256 key as private_key_der), whose
+  // RFC 6920 key id the MEF pins as enrolee "rpk:<id>". Then kpm_id and certificate_name stay empty, mef_fqdn is
+  // required (SNI and KeID suffix) and the MEF must present a key in mef_pinned_keys ("ni:///sha-256;..." ids).
+  // request_certificate is refused: an EST certificate would replace this record (same name).
+  std::string raw_public_key_name;
+  std::set<std::string> mef_pinned_keys;
   UnixClock clock = system_unix_clock();
   LogSink log = stderr_log_sink();
   JitterSource jitter = random_jitter();
@@ -55,8 +63,10 @@ struct TargetKey {
 class Enrolee {
  public:
   // Errors: no BootstrapKeyRecord for config.kpm_id, or an FQDN that does not match the KpmID's; with
-  // certificate_name: no such CertificateRecord, one without an AE-ID, no mef_fqdn or no trust anchors, or a kpm_id
-  // as well (one bootstrap credential).
+  // certificate_name: no such CertificateRecord, one without an AE-ID, no mef_fqdn or no trust anchors; with
+  // raw_public_key_name: no such record, one with a certificate chain or a key that does not parse, a name that is
+  // not an AE-ID, no mef_fqdn, no pinned MEF key, request_certificate, or a TLS backend without raw public keys
+  // (Errc::unsupported); more than one bootstrap credential.
   // Picks up a still-valid enrolment of this AE from the store (state enrolled) so that a restart keeps it.
   static Result<std::unique_ptr<Enrolee>> create(transport::Node& node, crypto::KeyStore& store,
                                                  EnroleeConfig config);
@@ -65,7 +75,8 @@ class Enrolee {
   Enrolee& operator=(const Enrolee&) = delete;
 
   using DoneCallback = std::function<void(Result<void>)>;
-  // Runs the RSPF: DTLS-PSK (KpmID, Kpm, SNI = MEF FQDN) or DTLS with our certificate -> POST /mef/enrolment -> derive Ke/KeID from our own
+  // Runs the RSPF: DTLS-PSK (KpmID, Kpm, SNI = MEF FQDN), DTLS with our certificate or with our raw public key ->
+  // POST /mef/enrolment -> derive Ke/KeID from our own
   // exporter, check the MEF's keId equals ours, store the EnrolmentKeyRecord; then, if the MEF instructs it and we
   // asked, EST simple enrolment on the same session and store the CertificateRecord. done runs exactly once, on
   // the loop thread. While enrolling, a second call fails at once with Errc::limit. A failure keeps the previous

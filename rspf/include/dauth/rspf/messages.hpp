@@ -59,11 +59,15 @@ struct ErrorBody {
   std::string detail;
 };
 
-// Notification body of the observed GET /fetchCredentials feed (SPEC.md §4–5).
+// 2.05 answer and notification body of the observed GET /fetchCredentials feed (SPEC.md §4–5, PROTOCOL.md §4):
+// the whole current state for the observer, not a delta, so a lost notification costs nothing.
 struct CredentialFeed {
-  std::vector<std::string> issued;   // KeIDs newly usable towards the observer
-  std::vector<std::string> revoked;  // KeIDs the observer must drop
+  std::vector<std::string> issued;   // valid, unexpired KeIDs whose enrolee names the observer as a target
+  std::vector<std::string> revoked;  // revoked, unexpired KeIDs naming the observer: it must drop them
 };
+// Caps of the feed (it grows with the deployment, like the revocation list): per array, and the encoded size.
+inline constexpr std::size_t kMaxCredentialFeedEntries = 1024;
+inline constexpr std::size_t kMaxCredentialFeedSize = 131072;
 
 // 2.05 answer to GET /mef/revoked (SPEC.md §5): every certificate serial (upper-case hex) and KeID this MEF revoked.
 // version counts the revocations listed; revocations are never undone or removed, so it only grows and an observer

@@ -13,6 +13,15 @@
 // when one KeID targets two local AEs, each retrieval replaces the other AE's record; the other AE's next
 // handshake is refused once and fetches again. Correct, but the pair alternates fetches (docs/rspf.md, "gaps").
 //
+// The MEF feed (SPEC.md §4 last sentence, §5; PROTOCOL.md §4): with config.observe_feed, every MEF contact also
+// observes GET /fetchCredentials (oneM2M-FR = that served AE, its own credentials). Each notification lists the
+// KeIDs issued for that AE and the revoked ones. Issued KeIDs we hold no valid key for are retrieved ahead of the
+// first handshake (each announcement once, within max_fetches_in_flight; the rest wait for free slots). Revoked
+// KeIDs: their SessionKeyRecord is removed, the live server sessions that authenticated with them are closed
+// (Node::close_server_sessions), and later handshakes with them are refused (denied) without a retrieval. A lost
+// subscription (session closed, MEF gone, refusal, credentials not ready yet) is retried with Backoff (1 s doubling
+// to 5 min, ± 10 %) through Node::post_after; a notification resets the backoff.
+//
 // Loop contract: the lookup runs inside a libcoap DTLS callback, where opening another session would re-enter
 // libcoap, so it only queues and posts the start to the loop (Node::post()); start_pending_fetches() is kept for
 // owners that call it after process_ready() (harmless: nothing queued, nothing done).
@@ -29,6 +38,7 @@
 #include "dauth/crypto/keystore.hpp"
 #include "dauth/error.hpp"
 #include "dauth/rspf/role_support.hpp"
+#include "dauth/rspf/schedule.hpp"
 #include "dauth/transport/transport.hpp"
 
 namespace dauth::rspf {
@@ -42,6 +52,8 @@ struct MefContact {
 struct TargetKeysConfig {
   std::string local_ae_id;                 // the Enrolment Target we serve by default (oneM2M-FR of its retrievals)
   std::size_t max_fetches_in_flight = 32;  // bounds the MEF traffic that handshakes with made-up KeIDs can cause
+  bool observe_feed = true;                // subscribe to each MEF's /fetchCredentials feed (see above)
+  JitterSource jitter = random_jitter();   // of the re-subscription backoff
   UnixClock clock = system_unix_clock();
   LogSink log = stderr_log_sink();
 };
@@ -78,6 +90,11 @@ class TargetKeys {
   // Told once per retrieval outcome (and for refusals of unknown MEFs): KeID and ok or the reason.
   using FetchObserver = std::function<void(const std::string& ke_id, const Result<void>& outcome)>;
   void set_fetch_observer(FetchObserver observer);
+
+  // Feed state, for status output and tests: contacts whose subscription is live, and every notification applied.
+  std::size_t feeds_live() const;
+  std::uint64_t feed_notifications() const;
+  bool is_revoked(std::string_view ke_id) const;  // announced revoked by its MEF's feed
 
   struct Impl;
 
