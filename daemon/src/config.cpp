@@ -191,8 +191,22 @@ std::string check_string(ValueCheck check, const std::string& value) {
       // SPEC.md §6: local AEs speak plain CoAP, which must never leave the host.
       return is_loopback(hp) ? "" : "must be a loopback address (127.0.0.0/8 or [::1]) and port";
     }
+    case ValueCheck::loopback_ip: {
+      // A source address, not an endpoint: the AE's source port changes with every socket it opens.
+      unsigned char address[16];
+      if (::inet_pton(AF_INET, value.c_str(), address) == 1) {
+        return address[0] == 127 ? "" : "must be a loopback address (127.0.0.0/8 or ::1), without port";
+      }
+      static const unsigned char kLoopback6[16] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1};
+      if (::inet_pton(AF_INET6, value.c_str(), address) == 1 &&
+          std::equal(std::begin(kLoopback6), std::end(kLoopback6), std::begin(address))) {
+        return {};
+      }
+      return "must be a loopback IP address (127.0.0.0/8 or ::1), without port";
+    }
     case ValueCheck::log_level: return one_of(value, {"error", "warning", "notice", "info", "debug"});
     case ValueCheck::master_key_source: return one_of(value, {"credential", "file"});
+    case ValueCheck::peer_credential: return one_of(value, {"psk", "certificate"});
     case ValueCheck::coap_method:
       return one_of(value, {"GET", "POST", "PUT", "DELETE", "FETCH", "PATCH", "IPATCH"});
     case ValueCheck::group_name: {
@@ -522,6 +536,7 @@ void Parser::check_cross_fields(const std::vector<ConfigTable>& tables) {
 
   // Local AEs: unique ids, exactly one bootstrap credential each, KpmIDs issued by the configured MEF.
   std::set<std::string> local_ae_ids;
+  std::map<std::string, const ConfigTable*> local_sources;
   const auto aes = array_tables(tables, "enrolee.ae");
   if (enrolee && aes.empty()) {
     error_at(enrolee->line, 1, "[enrolee]: needs at least one [[enrolee.ae]] (the local AEs it enrols)");
@@ -531,6 +546,16 @@ void Parser::check_cross_fields(const std::vector<ConfigTable>& tables) {
     if (!id) continue;
     if (!local_ae_ids.insert(std::get<std::string>(id->value)).second) {
       error_entry(*ae, *id, "AE-ID listed twice in [[enrolee.ae]]");
+    }
+    // A source address maps to one AE (the proxy takes a request from it as that AE's).
+    if (const ConfigEntry* source = ae->find("local_source")) {
+      const auto& address = std::get<std::string>(source->value);
+      const auto [first, inserted] = local_sources.emplace(address, ae);
+      if (!inserted) {
+        error_entry(*ae, *source, "already " + where_of(source_, *first->second,
+                                                           *first->second->find("local_source")) +
+                                      "; a source address maps to one AE");
+      }
     }
     const bool has_kpm_id = ae->find("kpm_id") != nullptr;
     const bool has_kpm_file = ae->find("kpm_file") != nullptr;
@@ -545,6 +570,10 @@ void Parser::check_cross_fields(const std::vector<ConfigTable>& tables) {
     if (has_kpm_id == has_cert && has_kpm_id == has_kpm_file && has_cert == has_key) {
       error_entry(*ae, *id, "needs exactly one bootstrap credential: kpm_id + kpm_file, or certificate_file + "
                             "private_key_file");
+    }
+    if (has_cert && enrolee && !enrolee->find("mef_trust_anchor")) {
+      error_entry(*ae, *ae->find("certificate_file"),
+                  "needs enrolee.mef_trust_anchor (the CA of the MEF's certificate) for the certificate RSPF");
     }
     const std::string* mef_fqdn = text_of(enrolee, "mef_fqdn");
     if (const ConfigEntry* kpm_id = ae->find("kpm_id"); kpm_id && mef_fqdn) {
@@ -574,9 +603,39 @@ void Parser::check_cross_fields(const std::vector<ConfigTable>& tables) {
                                       render(enrolment->value) + ": keys derived from Ke expire with it");
     }
   }
+  // MEF enrolee rows: exactly one bootstrap identity each (a KpmID with its key file, or a device certificate's
+  // AE-ID), each listed once; a certificate row needs the MEF to serve X.509 with trust anchors for devices.
   std::set<std::string> kpm_ids;
+  std::set<std::string> certificate_ae_ids;
   for (const ConfigTable* row : array_tables(tables, "mef.enrolee")) {
     const ConfigEntry* kpm_id = row->find("kpm_id");
+    const ConfigEntry* kpm_file = row->find("kpm_file");
+    const ConfigEntry* certificate_ae_id = row->find("certificate_ae_id");
+    const ConfigEntry* shown = kpm_id ? kpm_id : kpm_file ? kpm_file : certificate_ae_id;
+    if ((kpm_id == nullptr) != (kpm_file == nullptr)) {
+      error_entry(*row, *shown, "kpm_id and kpm_file go together: give both or neither");
+    }
+    if ((kpm_id != nullptr || kpm_file != nullptr) == (certificate_ae_id != nullptr)) {
+      if (shown) {
+        error_entry(*row, *shown, "needs exactly one bootstrap identity: kpm_id + kpm_file, or certificate_ae_id");
+      } else {
+        error_at(row->line, 1, "mef.enrolee[" + std::to_string(row->index) +
+                                   "]: needs exactly one bootstrap identity: kpm_id + kpm_file, or certificate_ae_id");
+      }
+    }
+    if (certificate_ae_id) {
+      if (!certificate_ae_ids.insert(std::get<std::string>(certificate_ae_id->value)).second) {
+        error_entry(*row, *certificate_ae_id, "AE-ID listed twice as certificate_ae_id in [[mef.enrolee]]");
+      }
+      if (mef && (!mef->find("certificate_file") || !mef->find("device_ca"))) {
+        error_entry(*row, *certificate_ae_id,
+                    "needs mef.certificate_file, mef.private_key_file and mef.device_ca (the MEF serves X.509)");
+      }
+    }
+    const ConfigEntry* cert = row->find("certificate_enrolment");
+    if (mef && std::get<bool>(cert->value) && !mef->find("issuing_ca_certificate")) {
+      error_entry(*row, *cert, "needs mef.issuing_ca_certificate and mef.issuing_ca_key");
+    }
     if (!kpm_id) continue;
     const auto& id = std::get<std::string>(kpm_id->value);
     if (!kpm_ids.insert(id).second) error_entry(*row, *kpm_id, "KpmID listed twice in [[mef.enrolee]]");
@@ -584,10 +643,6 @@ void Parser::check_cross_fields(const std::vector<ConfigTable>& tables) {
     auto issuer = crypto::issuer_fqdn_of(id);
     if (fqdn && issuer && *issuer != *fqdn) {
       error_entry(*row, *kpm_id, "names MEF " + *issuer + ", but mef.fqdn = " + toml_quote(*fqdn));
-    }
-    const ConfigEntry* cert = row->find("certificate_enrolment");
-    if (mef && std::get<bool>(cert->value) && !mef->find("issuing_ca_certificate")) {
-      error_entry(*row, *cert, "needs mef.issuing_ca_certificate and mef.issuing_ca_key");
     }
   }
 
@@ -626,6 +681,11 @@ void Parser::check_cross_fields(const std::vector<ConfigTable>& tables) {
     const ConfigEntry* id = row->find("ae_id");
     if (id && !remote_ids.insert(std::get<std::string>(id->value)).second) {
       error_entry(*row, *id, "AE-ID listed twice in [[peer.address]]");
+    }
+    const ConfigEntry* credential = row->find("credential");
+    if (peer && credential && std::get<std::string>(credential->value) == "certificate" &&
+        std::get<std::vector<std::string>>(peer->find("trust_anchors")->value).empty()) {
+      error_entry(*row, *credential, "needs peer.trust_anchors (the CAs of the peers' AE-ID certificates)");
     }
   }
   for (const ConfigTable* rule : array_tables(tables, "peer.policy")) {
@@ -708,6 +768,7 @@ void build_typed(Config& config) {
       LocalAe ae;
       ae.id = get<std::string>(t, "id");
       ae.endpoint = get<std::string>(t, "endpoint");
+      ae.local_source = get<std::string>(t, "local_source");
       ae.kpm_id = get<std::string>(t, "kpm_id");
       ae.kpm_file = get_path(t, "kpm_file");
       ae.certificate_file = get_path(t, "certificate_file");
@@ -718,6 +779,7 @@ void build_typed(Config& config) {
       MefEnrolee row;
       row.kpm_id = get<std::string>(t, "kpm_id");
       row.kpm_file = get_path(t, "kpm_file");
+      row.certificate_ae_id = get<std::string>(t, "certificate_ae_id");
       row.enrolee_id = get<std::string>(t, "enrolee_id");
       row.targets = get<std::vector<std::string>>(t, "targets");
       row.lifetime = get<std::int64_t>(t, "lifetime");
@@ -725,7 +787,8 @@ void build_typed(Config& config) {
       row.certificate_enrolment = get<bool>(t, "certificate_enrolment");
       config.mef->enrolees.push_back(std::move(row));
     } else if (t.section == "peer.address" && config.peer) {
-      config.peer->addresses.push_back({get<std::string>(t, "ae_id"), get<std::string>(t, "address")});
+      config.peer->addresses.push_back(
+          {get<std::string>(t, "ae_id"), get<std::string>(t, "address"), get<std::string>(t, "credential")});
     } else if (t.section == "peer.policy" && config.peer) {
       config.peer->policy.push_back({get<std::string>(t, "peer"), get<std::vector<std::string>>(t, "local_aes"),
                                      get<std::vector<std::string>>(t, "methods")});

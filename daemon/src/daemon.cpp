@@ -251,13 +251,54 @@ Result<void> Daemon::run() {
 }
 
 void Daemon::shut_down(const std::string& reason) {
-  if (stopping_) return;
+  if (stopping_) {
+    finish(reason + " during the drain: exiting now");
+    return;
+  }
   stopping_ = true;
-  log::notice("stopping on " + reason);
-  notifier_.stopping("stopping on " + reason);
-  // New control connections are refused from now on; the roles would start closing their sessions here
-  // (close_notify to every peer) within daemon.shutdown_timeout = config_.daemon.shutdown_timeout.
+  // New control connections are refused from now on; the watchdog keeps pinging while the drain runs.
   control_->stop_accepting();
+  if (roles_) roles_->begin_drain();
+  const std::size_t pending = roles_ ? roles_->pending().size() : 0;
+  const std::string status = "stopping on " + reason + ": " + std::to_string(pending) +
+                             " request(s)/enrolment(s) in flight, waiting at most " +
+                             std::to_string(config_.daemon.shutdown_timeout) + " s";
+  log::notice(status);
+  notifier_.stopping(status);
+  drain_deadline_ = std::chrono::steady_clock::now() + std::chrono::seconds(config_.daemon.shutdown_timeout);
+  // Polled: completions arrive through many paths (Responders, Enrolee callbacks); 20 ms is well below any
+  // request's own time scale and only runs during the drain.
+  auto timer = loop_->add_timer(std::chrono::milliseconds(1), std::chrono::milliseconds(20), [this] { check_drain(); });
+  if (!timer) {
+    finish("cannot arm the drain timer (" + timer.error().message + "): exiting now");
+    return;
+  }
+  drain_timer_ = std::move(timer).value();
+}
+
+void Daemon::check_drain() {
+  // Idle on two polls in a row: an answer given in this round is sent by the transport on its next round (a
+  // separate response goes through libcoap's async queue), so it leaves before the Nodes are destroyed.
+  const bool idle = !roles_ || roles_->idle();
+  if (idle && drain_idle_seen_) {
+    finish("drain complete");
+    return;
+  }
+  drain_idle_seen_ = idle;
+  if (!idle && std::chrono::steady_clock::now() >= drain_deadline_) {
+    finish("daemon.shutdown_timeout (" + std::to_string(config_.daemon.shutdown_timeout) + " s) reached");
+  }
+}
+
+void Daemon::finish(const std::string& how) {
+  const auto abandoned = roles_ ? roles_->pending() : std::vector<std::string>{};
+  if (abandoned.empty()) {
+    log::notice(how + "; closing the sessions");
+  } else {
+    log::warning(how + "; abandoning " + std::to_string(abandoned.size()) + " unfinished:");
+    for (const auto& what : abandoned) log::warning("abandoned: " + what);
+  }
+  drain_timer_.reset();
   watchdog_timer_.reset();
   loop_->stop();
 }

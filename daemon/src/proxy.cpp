@@ -1,6 +1,8 @@
 // The request paths of the peer role (SPEC.md §6): gateway A's local endpoint, where a local AE names its target
 // in Proxy-Uri and dauthd forwards over the AE-pair DTLS session; and gateway B's secure endpoint, where the
 // authenticated AE-ID is checked (impersonation, policy) before delivery to the local AE.
+#include <arpa/inet.h>
+
 #include <algorithm>
 #include <cstring>
 
@@ -80,6 +82,54 @@ Response for_local_ae(Response response, const Request& request) {
   return response;
 }
 
+// The address part of a session's "127.0.0.2:40000" / "[::1]:40000" (local AEs: the port is ephemeral).
+std::string source_address(const std::string& remote) {
+  auto split = split_host_port(remote);
+  return split ? split->first : remote;
+}
+
+// Equal IP literals, however written ("::1" and "0:0::1"); false if either is empty or not an address.
+bool same_ip(const std::string& a, const std::string& b) {
+  if (a.empty() || b.empty()) return false;
+  unsigned char x[16] = {};
+  unsigned char y[16] = {};
+  for (const int family : {AF_INET, AF_INET6}) {
+    if (::inet_pton(family, a.c_str(), x) == 1 && ::inet_pton(family, b.c_str(), y) == 1) {
+      return std::memcmp(x, y, sizeof x) == 0;
+    }
+  }
+  return false;
+}
+
+// SIGTERM drain (Roles::begin_drain): new work is refused with 5.03; the caller may retry with another dauthd or
+// after the restart.
+bool refuse_while_draining(const Roles::Impl& roles, const Request& request, transport::Responder& responder) {
+  if (!roles.draining) return false;
+  responder.respond(for_local_ae(refusal(503, std::nullopt, "dauthd is shutting down (SIGTERM); no new requests"),
+                                 request));
+  return true;
+}
+
+// A request accepted for forwarding or delivery is listed in Roles::Impl::in_flight while its Responder lives
+// (inside the tracker, which every copy of the returned pointer keeps alive); the drain waits until it answered.
+std::shared_ptr<transport::Responder> track_in_flight(Roles::Impl& roles, transport::Responder responder,
+                                                      std::string what) {
+  struct Tracked {
+    Tracked(std::shared_ptr<InFlightTable> t, std::uint64_t i, transport::Responder r)
+        : table(std::move(t)), id(i), responder(std::move(r)) {}
+    Tracked(const Tracked&) = delete;
+    Tracked& operator=(const Tracked&) = delete;
+    ~Tracked() { table->requests.erase(id); }
+    std::shared_ptr<InFlightTable> table;
+    std::uint64_t id;
+    transport::Responder responder;
+  };
+  const std::uint64_t id = ++roles.in_flight->next_id;
+  auto tracked = std::make_shared<Tracked>(roles.in_flight, id, std::move(responder));
+  roles.in_flight->requests.emplace(id, InFlightTable::Entry{std::move(what), &tracked->responder});
+  return std::shared_ptr<transport::Responder>(tracked, &tracked->responder);
+}
+
 }  // namespace
 
 // ---- the local AE side (A): proxy to the target's dauthd -----------------------------------------------------
@@ -87,6 +137,7 @@ Response for_local_ae(Response response, const Request& request) {
 void Roles::Impl::on_local_request(const transport::Session& session, const Request& request,
                                    transport::Responder responder) {
   count("proxy_requests_total");
+  if (refuse_while_draining(*this, request, responder)) return;
   if (request.proxy_uri.empty()) {
     responder.respond(for_local_ae(refusal(404, std::nullopt, "dauthd local endpoint: send the request with Proxy-Uri "
                                                  "coap://<target AE-ID>/<path> (coap-client -P)"), request));
@@ -98,15 +149,36 @@ void Roles::Impl::on_local_request(const transport::Session& session, const Requ
     responder.respond(for_local_ae(refusal(400, std::nullopt, target.error().message), request));
     return;
   }
-  // SPEC.md §6: the local originator is the configured local AE named by oneM2M-FR; anything else gets 4.03.
-  LocalAeState* ae = request.originator.empty() ? nullptr : find_ae(request.originator);
+  // SPEC.md §6: the local originator is the configured local AE named by oneM2M-FR, or the AE whose
+  // enrolee.ae.local_source is the request's source address; anything else gets 4.03. An AE with a local_source
+  // is bound to it: its oneM2M-FR from another source is refused too.
+  const std::string source = source_address(session.remote_address());
+  LocalAeState* mapped = nullptr;
+  for (auto& candidate : aes) {
+    if (same_ip(candidate->config.local_source, source)) mapped = candidate.get();
+  }
+  LocalAeState* named = request.originator.empty() ? nullptr : find_ae(request.originator);
+  const bool bound_elsewhere = named && !named->config.local_source.empty() && named != mapped;
+  if ((mapped && named && named != mapped) || bound_elsewhere) {
+    count("proxy_rejected_total");
+    const std::string why = "oneM2M-FR " + crypto::quote_for_error(request.originator) + " from source " + source +
+                            ": " + (bound_elsewhere ? named->config.id + " sends from local_source " +
+                                                          named->config.local_source
+                                                    : "that source is " + mapped->config.id + "'s (local_source)");
+    log::notice("proxy: refused request to " + target->ae_id + ": " + why);
+    responder.respond(for_local_ae(refusal(403, kRscNoPrivilege, why), request));
+    return;
+  }
+  LocalAeState* ae = mapped ? mapped : named;
   if (ae == nullptr || !ae->enrolee) {
     count("proxy_rejected_total");
-    log::notice("proxy: refused request from " + session.remote_address() + " to " + target->ae_id +
-                ": oneM2M-FR " + crypto::quote_for_error(request.originator) + " is not a configured local AE");
-    responder.respond(for_local_ae(refusal(403, kRscNoPrivilege,
-                              "oneM2M-FR " + crypto::quote_for_error(request.originator) +
-                                  " is not a local AE of this dauthd ([[enrolee.ae]] ids)"), request));
+    const std::string why =
+        request.originator.empty()
+            ? "no oneM2M-FR, and source " + source + " is no local AE's local_source ([[enrolee.ae]])"
+            : "oneM2M-FR " + crypto::quote_for_error(request.originator) +
+                  " is not a local AE of this dauthd ([[enrolee.ae]] ids)";
+    log::notice("proxy: refused request from " + session.remote_address() + " to " + target->ae_id + ": " + why);
+    responder.respond(for_local_ae(refusal(403, kRscNoPrivilege, why), request));
     return;
   }
   auto key = ae->enrolee->key_for_target(target->ae_id);
@@ -132,8 +204,12 @@ void Roles::Impl::on_local_request(const transport::Session& session, const Requ
   forwarded.originator = ae->config.id;
   forwarded.request_id = request.request_id;
   forwarded.payload = request.payload;
+  auto tracked = track_in_flight(*this, std::move(responder),
+                                 "proxied request " + ae->config.id + " -> " + target->ae_id + " " +
+                                     std::string(transport::to_string(request.method)) + " " + forwarded.path_text() +
+                                     " (from " + session.remote_address() + ")");
   forward_to_peer(target->ae_id, *peer->second.address, key->ke_id, std::make_shared<SecretBuffer>(std::move(key->key)),
-                  std::move(forwarded), std::make_shared<transport::Responder>(std::move(responder)), 0);
+                  std::move(forwarded), std::move(tracked), 0);
 }
 
 void Roles::Impl::forward_to_peer(const std::string& target, const transport::Peer& address, std::string ke_id,
@@ -141,7 +217,22 @@ void Roles::Impl::forward_to_peer(const std::string& target, const transport::Pe
                                   std::shared_ptr<transport::Responder> responder, std::size_t attempt) {
   auto& peer_state = peers[target];
   ++peer_state.requests;
-  auto credentials = transport::ClientCredentials::psk(ke_id, key->clone(), target);  // SNI = target AE-ID
+  transport::ClientCredentials credentials;
+  if (peer_state.credential == "certificate") {
+    // SAEF with X.509: the local AE's AE-ID certificate; the peer must present the target's (SAN URI = target).
+    auto x509 = x509_of_local_ae(request.originator);
+    if (!x509) {
+      ++peer_state.failures;
+      peer_state.last_outcome = x509.error().message;
+      count("proxy_failed_total");
+      log::notice("proxy: " + request.originator + " -> " + target + " refused: " + x509.error().message);
+      responder->respond(for_local_ae(refusal(403, kRscNoPrivilege, x509.error().message), request));
+      return;
+    }
+    credentials = transport::ClientCredentials::certificate(std::move(x509).value(), target, target);
+  } else {
+    credentials = transport::ClientCredentials::psk(ke_id, key->clone(), target);  // SNI = target AE-ID
+  }
   Request copy = request;
   peer_driver->node->request(
       address, credentials, std::move(request),
@@ -168,13 +259,19 @@ void Roles::Impl::forward_to_peer(const std::string& target, const transport::Pe
           log::info("proxy: " + copy.originator + " -> " + target + " (KeID " + ke_id + ") attempt " +
                     std::to_string(attempt + 1) + " failed (" + outcome.error().message + "); retrying in " +
                     std::to_string(kFirstUseRetryDelays[attempt].count()) + " ms");
+          // The one-shot timer removes its own registration when it fires (EventLoop allows that), so retries
+          // leave nothing behind.
+          const std::uint64_t retry_id = ++last_retry_id;
           auto timer = loop.add_timer(kFirstUseRetryDelays[attempt], std::chrono::milliseconds(0),
-                                      [this, target, address, ke_id, key, copy, responder, attempt]() mutable {
-                                        forward_to_peer(target, address, ke_id, key, std::move(copy), responder,
+                                      [this, retry_id, target, address, ke_id, key, copy, responder,
+                                       attempt]() mutable {
+                                        auto retried = std::move(copy);
+                                        retry_timers.erase(retry_id);
+                                        forward_to_peer(target, address, ke_id, key, std::move(retried), responder,
                                                         attempt + 1);
                                       });
           if (timer) {
-            retry_timers.push_back(std::move(timer).value());
+            retry_timers.emplace(retry_id, std::move(timer).value());
             return;
           }
         }
@@ -191,17 +288,20 @@ void Roles::Impl::forward_to_peer(const std::string& target, const transport::Pe
 void Roles::Impl::on_peer_request(const transport::Session& session, const Request& request,
                                   transport::Responder responder) {
   count("peer_requests_total");
+  if (refuse_while_draining(*this, request, responder)) return;
   std::string requester;
   std::string local_ae;
   const auto& peer = session.peer();
   if (peer.kind == transport::PeerKind::psk) {
     if (const auto* record = store->find<crypto::SessionKeyRecord>(peer.value)) {
       requester = record->peer_ae_id;
-      local_ae = record->local_ae_id;
+      // The AE the handshake named (its key is derived for that AE); the record names the last AE that fetched.
+      const auto target = psk_targets.find(session_target_key(session.remote_address(), peer.value));
+      local_ae = target != psk_targets.end() ? target->second : record->local_ae_id;
     }
   } else if (peer.kind == transport::PeerKind::x509) {
-    requester = peer.value;
-    local_ae = served_ae;
+    requester = peer.value;  // the AE-ID of the certificate's subjectAltName URI
+    local_ae = certificate_ae;
   }
   if (requester.empty() || local_ae.empty()) {
     count("peer_rejected_total");
@@ -260,7 +360,8 @@ void Roles::Impl::on_peer_request(const transport::Session& session, const Reque
   delivered.content_format = request.content_format;
   delivered.accept = request.accept;
   delivered.payload = request.payload;
-  auto shared = std::make_shared<transport::Responder>(std::move(responder));
+  auto shared = track_in_flight(*this, std::move(responder), "delivery of " + requester + "'s " + method + " " +
+                                                                 request.path_text() + " to local AE " + local_ae);
   const std::string request_id = request.request_id;
   peer_driver->node->request(*endpoint, transport::ClientCredentials::plain(), std::move(delivered),
                              [this, shared, request_id, local_ae](Result<Response> outcome, const transport::Session*) {

@@ -22,9 +22,50 @@ using transport::Response;
 constexpr Method kAllMethods[] = {Method::get,   Method::post,  Method::put,   Method::del,
                                   Method::fetch, Method::patch, Method::ipatch};
 
+// The certificates of a PEM file (a chain, or trust anchors), re-encoded as PEM; errors name the key.
+Result<std::string> load_certificates_pem(const std::filesystem::path& path, const std::string& key) {
+  auto certificates = crypto::Certificate::load_file(path.string());
+  if (!certificates) return make_error(certificates.error().code, key + ": " + certificates.error().message);
+  return certificates->pem();
+}
+
+// The MEF's X.509 server credentials (certificate RSPF): its FQDN certificate, and as trust anchors the device CA
+// and, for AE-ID certificates it issued (EST re-enrolment), its issuing CA.
+Result<transport::X509Credentials> mef_x509_credentials(const MefSettings& mef) {
+  auto chain = crypto::Certificate::load_file(mef.certificate_file.string());
+  if (!chain) return make_error(chain.error().code, "mef.certificate_file: " + chain.error().message);
+  const auto dns_names = chain->san_dns_names();
+  if (std::find(dns_names.begin(), dns_names.end(), mef.fqdn) == dns_names.end()) {
+    return make_error(Errc::invalid_argument, "mef.certificate_file " + mef.certificate_file.string() +
+                                                  ": no subjectAltName dNSName " + mef.fqdn +
+                                                  " (enrolees check the MEF's FQDN)");
+  }
+  auto key = crypto::PrivateKey::load_file(mef.private_key_file.string());
+  if (!key) return make_error(key.error().code, "mef.private_key_file: " + key.error().message);
+  if (key->public_key_der() != chain->public_key_der()) {
+    return make_error(Errc::invalid_argument, "mef.private_key_file " + mef.private_key_file.string() +
+                                                  " is not the key of mef.certificate_file");
+  }
+  auto key_pem = key->to_pem();
+  if (!key_pem) return make_error(key_pem.error().code, "mef.private_key_file: " + key_pem.error().message);
+  transport::X509Credentials credentials;
+  credentials.certificate_chain_pem = chain->pem();
+  credentials.private_key_pem = std::move(key_pem).value();
+  for (const auto& [path, name] : {std::pair{mef.device_ca, "mef.device_ca"},
+                                   std::pair{mef.issuing_ca_certificate, "mef.issuing_ca_certificate"}}) {
+    if (path.empty()) continue;
+    auto anchors = load_certificates_pem(path, name);
+    if (!anchors) return std::move(anchors).error();
+    credentials.trust_anchors_pem += *anchors;
+  }
+  return credentials;
+}
+
 }  // namespace
 
 std::int64_t unix_now() { return static_cast<std::int64_t>(std::time(nullptr)); }
+
+std::string device_certificate_name(const std::string& ae_id) { return "device:" + ae_id; }
 
 Result<std::pair<std::string, std::uint16_t>> split_host_port(const std::string& text) {
   std::string host;
@@ -117,6 +158,49 @@ void Roles::Impl::after_io() {
   for (auto& d : drivers) rearm(*d);
 }
 
+std::string Roles::Impl::served_ae_for_sni(std::string_view sni) const {
+  for (const auto& id : served_aes) {
+    if (id == sni) return id;
+  }
+  return served_aes.empty() ? std::string() : served_aes.front();
+}
+
+void Roles::Impl::note_psk_target(const transport::PskRequest& request) {
+  const auto key = session_target_key(request.remote, request.identity);
+  if (psk_targets.count(key) == 0) {
+    psk_target_order.push_back(key);
+    if (psk_target_order.size() > kMaxPskTargets) {
+      psk_targets.erase(psk_target_order.front());
+      psk_target_order.pop_front();
+    }
+  }
+  psk_targets[key] = served_ae_for_sni(request.sni);
+}
+
+Result<transport::X509Credentials> Roles::Impl::x509_of_local_ae(const std::string& ae_id) const {
+  const crypto::CertificateRecord* record = store->find<crypto::CertificateRecord>(ae_id);
+  if (record == nullptr || record->chain_der.empty() || record->expires_at <= unix_now()) {
+    record = store->find<crypto::CertificateRecord>(device_certificate_name(ae_id));
+  }
+  if (record == nullptr || record->chain_der.empty()) {
+    return make_error(Errc::not_found, "local AE " + ae_id + " has no certificate (none issued over EST, no "
+                                       "enrolee.ae.certificate_file)");
+  }
+  transport::X509Credentials credentials;
+  for (const auto& der : record->chain_der) {
+    auto certificate = crypto::Certificate::parse(ByteView(der));
+    if (!certificate) return make_error(certificate.error().code, "certificate of " + ae_id + ": " + certificate.error().message);
+    credentials.certificate_chain_pem += certificate->pem();
+  }
+  auto key = crypto::PrivateKey::parse(record->private_key_der);
+  if (!key) return make_error(key.error().code, "key of " + ae_id + ": " + key.error().message);
+  auto key_pem = key->to_pem();
+  if (!key_pem) return make_error(key_pem.error().code, "key of " + ae_id + ": " + key_pem.error().message);
+  credentials.private_key_pem = std::move(key_pem).value();
+  credentials.trust_anchors_pem = peer_trust_anchors_pem;
+  return credentials;
+}
+
 LocalAeState* Roles::Impl::find_ae(const std::string& id) {
   for (auto& ae : aes) {
     if (ae->config.id == id) return ae.get();
@@ -129,6 +213,10 @@ LocalAeState* Roles::Impl::find_ae(const std::string& id) {
 Result<void> Roles::Impl::put_key_tables(const Config& cfg, const LoadedSecrets& secrets) {
   if (cfg.enrolee) {
     for (const auto& ae : cfg.enrolee->aes) {
+      if (!ae.certificate_file.empty()) {
+        if (auto r = put_device_certificate(ae); !r) return r;
+        continue;
+      }
       if (ae.kpm_id.empty()) continue;
       const auto* key = secrets.find_file(ae.kpm_file);
       if (key == nullptr) return make_error(Errc::internal, "enrolee.ae " + ae.id + ": kpm_file not loaded");
@@ -138,11 +226,16 @@ Result<void> Roles::Impl::put_key_tables(const Config& cfg, const LoadedSecrets&
   }
   if (cfg.mef) {
     for (const auto& row : cfg.mef->enrolees) {
-      const auto* key = secrets.find_file(row.kpm_file);
-      if (key == nullptr) return make_error(Errc::internal, "mef.enrolee " + row.kpm_id + ": kpm_file not loaded");
       crypto::EnroleeRecord record;
-      record.credential_id = row.kpm_id;
-      record.kpm = key->key.clone();
+      if (!row.certificate_ae_id.empty()) {
+        // Certificate-bootstrapped enrolee: the Mef names an X.509 session "cert:<AE-ID>" (rspf/mef.hpp).
+        record.credential_id = "cert:" + row.certificate_ae_id;
+      } else {
+        const auto* key = secrets.find_file(row.kpm_file);
+        if (key == nullptr) return make_error(Errc::internal, "mef.enrolee " + row.kpm_id + ": kpm_file not loaded");
+        record.credential_id = row.kpm_id;
+        record.kpm = key->key.clone();
+      }
       record.enrolee_id = row.enrolee_id;
       record.targets = row.targets;
       record.enrolment_lifetime_s = row.lifetime != 0 ? row.lifetime : cfg.mef->enrolment_lifetime;
@@ -151,6 +244,36 @@ Result<void> Roles::Impl::put_key_tables(const Config& cfg, const LoadedSecrets&
     }
   }
   return ok_result();
+}
+
+// The configured device (or AE-ID) certificate of a local AE becomes the CertificateRecord the certificate-
+// bootstrapped Enrolee authenticates with, named device_certificate_name(AE-ID): the file stays the bootstrap
+// credential, and an AE-ID certificate issued over EST (stored under the AE-ID itself) does not replace it.
+Result<void> Roles::Impl::put_device_certificate(const LocalAe& ae) {
+  const auto fail = [&](const std::string& key, const Error& e) {
+    return make_error(e.code, "enrolee.ae " + ae.id + ": " + key + ": " + e.message);
+  };
+  auto certificate = crypto::Certificate::load_file(ae.certificate_file.string());
+  if (!certificate) return fail("certificate_file", certificate.error());
+  auto named = certificate->ae_id();
+  if (!named) return fail("certificate_file", named.error());
+  if (*named != ae.id) {
+    return make_error(Errc::invalid_argument, "enrolee.ae " + ae.id + ": certificate_file " +
+                                                  ae.certificate_file.string() + " names AE-ID " +
+                                                  crypto::quote_for_error(*named) + " (subjectAltName URI), not " +
+                                                  ae.id);
+  }
+  auto key = crypto::PrivateKey::load_file(ae.private_key_file.string());
+  if (!key) return fail("private_key_file", key.error());
+  if (key->public_key_der() != certificate->public_key_der()) {
+    return make_error(Errc::invalid_argument, "enrolee.ae " + ae.id + ": private_key_file " +
+                                                  ae.private_key_file.string() + " is not the key of certificate_file");
+  }
+  auto key_der = key->to_der();
+  if (!key_der) return fail("private_key_file", key_der.error());
+  crypto::CertificateRecord record{device_certificate_name(ae.id), certificate->chain_der(), std::move(key_der).value(),
+                                   static_cast<std::int64_t>(certificate->not_after())};
+  return store->put(std::move(record));
 }
 
 Result<void> Roles::Impl::resolve_peers(const Config& cfg, std::map<std::string, PeerState>& out) const {
@@ -163,6 +286,7 @@ Result<void> Roles::Impl::resolve_peers(const Config& cfg, std::map<std::string,
     PeerState state;
     if (auto old = peers.find(entry.ae_id); old != peers.end()) state = old->second;  // keep the counters
     state.address_text = entry.address;
+    state.credential = entry.credential;
     state.address = *address;
     out[entry.ae_id] = state;
   }
@@ -184,7 +308,7 @@ void Roles::Impl::schedule_enrolment(LocalAeState& ae, std::chrono::milliseconds
 }
 
 void Roles::Impl::start_enrolment(LocalAeState& ae) {
-  if (stopping || !ae.enrolee) return;
+  if (stopping || draining || !ae.enrolee) return;
   if (ae.enrolee->state() == rspf::EnroleeState::enrolling) return;
   ae.timer.reset();
   ++ae.attempts_started;
@@ -195,6 +319,12 @@ void Roles::Impl::start_enrolment(LocalAeState& ae) {
     if (outcome) {
       ae.last_error.reset();
       count("enrolments_succeeded_total");
+      // The peer endpoint's certificate is fixed at start (transport: one per context, set at creation).
+      if (ae.config.certificate_enrolment && !peer_trust_anchors_pem.empty() && !ae.config.endpoint.empty() &&
+          (certificate_ae.empty() || certificate_ae == ae.config.id)) {
+        log::notice("enrolee " + ae.config.id + ": AE-ID certificate issued over EST; certificate peer sessions "
+                    "present it after a restart of dauthd");
+      }
     } else {
       ae.last_error = outcome.error().message;
       count("enrolments_failed_total");
@@ -237,6 +367,11 @@ Result<std::unique_ptr<Roles>> Roles::start(EventLoop& loop, const Config& confi
     node_config.secure_addresses = {listen->first};
     node_config.secure_port = listen->second;
     node_config.psk_lookup = s.mef_slot.lookup();
+    if (!config.mef->certificate_file.empty()) {
+      auto x509 = mef_x509_credentials(*config.mef);
+      if (!x509) return std::move(x509).error();
+      node_config.x509 = std::move(x509).value();
+    }
     auto node = transport::Node::create(std::move(node_config));
     if (!node) return make_error(node.error().code, "mef node: " + node.error().message);
     auto driver = std::make_unique<NodeDriver>();
@@ -263,7 +398,8 @@ Result<std::unique_ptr<Roles>> Roles::start(EventLoop& loop, const Config& confi
     s.mef_driver = driver.get();
     s.drivers.push_back(std::move(driver));
     log::notice("mef " + config.mef->fqdn + " listening on coaps://" + config.mef->listen + " (port " +
-                std::to_string(s.mef_driver->node->secure_port()) + ")");
+                std::to_string(s.mef_driver->node->secure_port()) + "), " +
+                (config.mef->certificate_file.empty() ? "PSK" : "PSK and X.509") + " enrolees");
   }
 
   if (config.enrolee) {
@@ -278,23 +414,29 @@ Result<std::unique_ptr<Roles>> Roles::start(EventLoop& loop, const Config& confi
     s.drivers.push_back(std::move(driver));
     auto mef_address = resolve_address(config.enrolee->mef_address);
     if (!mef_address) return make_error(mef_address.error().code, "enrolee.mef_address: " + mef_address.error().message);
+    std::string mef_trust_anchors;  // certificate RSPF: the CA(s) of the MEF's FQDN certificate
+    if (!config.enrolee->mef_trust_anchor.empty()) {
+      auto anchors = load_certificates_pem(config.enrolee->mef_trust_anchor, "enrolee.mef_trust_anchor");
+      if (!anchors) return std::move(anchors).error();
+      mef_trust_anchors = std::move(anchors).value();
+    }
     for (const auto& ae : config.enrolee->aes) {
       auto state = std::make_unique<LocalAeState>();
       state->config = ae;
-      if (ae.kpm_id.empty()) {
-        log::warning("enrolee.ae " + ae.id + ": no kpm_id; the certificate-bootstrapped RSPF is not in this build, "
-                     "so this AE is not enrolled");
-      } else {
-        rspf::EnroleeConfig enrolee_config;
+      rspf::EnroleeConfig enrolee_config;
+      if (ae.certificate_file.empty()) {
         enrolee_config.kpm_id = ae.kpm_id;
-        enrolee_config.mef_address = *mef_address;
-        enrolee_config.mef_fqdn = config.enrolee->mef_fqdn;
-        enrolee_config.request_certificate = ae.certificate_enrolment;
-        enrolee_config.log = s.log_sink();
-        auto enrolee = rspf::Enrolee::create(*s.enrolee_driver->node, *s.store, std::move(enrolee_config));
-        if (!enrolee) return make_error(enrolee.error().code, "enrolee.ae " + ae.id + ": " + enrolee.error().message);
-        state->enrolee = std::move(enrolee).value();
+      } else {
+        enrolee_config.certificate_name = device_certificate_name(ae.id);  // put_key_tables() stored it
+        enrolee_config.mef_trust_anchors_pem = mef_trust_anchors;
       }
+      enrolee_config.mef_address = *mef_address;
+      enrolee_config.mef_fqdn = config.enrolee->mef_fqdn;
+      enrolee_config.request_certificate = ae.certificate_enrolment;
+      enrolee_config.log = s.log_sink();
+      auto enrolee = rspf::Enrolee::create(*s.enrolee_driver->node, *s.store, std::move(enrolee_config));
+      if (!enrolee) return make_error(enrolee.error().code, "enrolee.ae " + ae.id + ": " + enrolee.error().message);
+      state->enrolee = std::move(enrolee).value();
       s.aes.push_back(std::move(state));
     }
   }
@@ -306,6 +448,24 @@ Result<std::unique_ptr<Roles>> Roles::start(EventLoop& loop, const Config& confi
     node_config.secure_addresses = {listen->first};
     node_config.secure_port = listen->second;
     node_config.psk_lookup = s.peer_slot.lookup();
+    for (const auto& path : config.peer->trust_anchors) {
+      auto anchors = load_certificates_pem(path, "peer.trust_anchors " + path.string());
+      if (!anchors) return std::move(anchors).error();
+      s.peer_trust_anchors_pem += *anchors;
+    }
+    // Certificate peer sessions: the endpoint presents the certificate of the first served AE that has one (EST-
+    // issued, else its device certificate). transport takes one certificate per context, fixed at creation: one
+    // certificate AE per gateway, and a certificate issued later is served after a restart.
+    if (!s.peer_trust_anchors_pem.empty() && config.enrolee) {
+      for (const auto& ae : config.enrolee->aes) {
+        if (ae.endpoint.empty()) continue;
+        auto x509 = s.x509_of_local_ae(ae.id);
+        if (!x509) continue;
+        node_config.x509 = std::move(x509).value();
+        s.certificate_ae = ae.id;
+        break;
+      }
+    }
     if (config.enrolee) {
       auto local = split_host_port(config.enrolee->local_listen);
       if (!local) return make_error(local.error().code, "enrolee.local_listen: " + local.error().message);
@@ -339,36 +499,46 @@ Result<std::unique_ptr<Roles>> Roles::start(EventLoop& loop, const Config& confi
                                        self->on_peer_request(session, request, std::move(responder));
                                      });
     }
-    // The served AE: the first local AE with an endpoint and an Enrolee (TargetKeys serves one AE; docs/rspf.md).
+    // The served AEs: every local AE with an endpoint and an Enrolee is an Enrolment Target. The client names
+    // the target AE as SNI (forward_to_peer), so TargetKeys picks the AE, and retrieves keys as that AE.
     for (auto& ae : s.aes) {
       if (ae->config.endpoint.empty() || !ae->enrolee) continue;
-      if (!s.served_ae.empty()) {
-        log::warning("enrolee.ae " + ae->config.id + ": only one local AE per gateway can be an Enrolment Target in "
-                     "this build (no SNI in the PSK lookup); serving " + s.served_ae);
-        continue;
+      if (!s.target_keys) {
+        rspf::TargetKeysConfig target_config;
+        target_config.local_ae_id = ae->config.id;
+        target_config.log = s.log_sink();
+        auto target_keys = rspf::TargetKeys::create(*s.peer_driver->node, *s.store, std::move(target_config));
+        if (!target_keys) return std::move(target_keys).error();
+        s.target_keys = std::move(target_keys).value();
+        s.target_keys->set_fetch_observer([self](const std::string& ke_id, const Result<void>& outcome) {
+          self->count(outcome ? "key_fetches_succeeded_total" : "key_fetches_failed_total");
+          log::info("peer: key retrieval for KeID " + ke_id + ": " +
+                    (outcome ? std::string("stored") : outcome.error().message));
+        });
       }
-      rspf::TargetKeysConfig target_config;
-      target_config.local_ae_id = ae->config.id;
-      target_config.log = s.log_sink();
-      auto target_keys = rspf::TargetKeys::create(*s.peer_driver->node, *s.store, std::move(target_config));
-      if (!target_keys) return std::move(target_keys).error();
-      s.target_keys = std::move(target_keys).value();
       rspf::Enrolee* enrolee = ae->enrolee.get();
       rspf::MefContact contact{enrolee->mef_address(), [enrolee] { return enrolee->mef_credentials(); }};
-      if (auto r = s.target_keys->add_mef(enrolee->mef_fqdn(), std::move(contact)); !r) return std::move(r).error();
-      s.target_keys->set_fetch_observer([self](const std::string& ke_id, const Result<void>& outcome) {
-        self->count(outcome ? "key_fetches_succeeded_total" : "key_fetches_failed_total");
-        log::info("peer: key retrieval for KeID " + ke_id + ": " + (outcome ? std::string("stored") : outcome.error().message));
-      });
-      s.peer_slot.bind(s.target_keys->psk_lookup());
-      s.served_ae = ae->config.id;
+      if (auto r = s.target_keys->add_mef(enrolee->mef_fqdn(), std::move(contact), ae->config.id); !r) {
+        return make_error(r.error().code, "enrolee.ae " + ae->config.id + ": " + r.error().message);
+      }
+      s.served_aes.push_back(ae->config.id);
     }
+    if (s.target_keys) {
+      s.peer_slot.bind([self, lookup = s.target_keys->psk_lookup()](const transport::PskRequest& request) {
+        auto key = lookup(request);
+        if (key) self->note_psk_target(request);
+        return key;
+      });
+    }
+    std::string served;
+    for (const auto& id : s.served_aes) served += (served.empty() ? "" : ", ") + id;
     log::notice("peer listening on coaps://" + config.peer->listen + " (port " +
                 std::to_string(s.peer_driver->node->secure_port()) + ")" +
                 (config.enrolee ? ", local AEs on coap://" + config.enrolee->local_listen + " (port " +
                                       std::to_string(s.peer_driver->node->local_port()) + ")"
                                 : std::string()) +
-                (s.served_ae.empty() ? std::string() : ", serving " + s.served_ae));
+                (served.empty() ? std::string() : ", serving " + served) +
+                (s.certificate_ae.empty() ? std::string() : "; X.509 sessions reach " + s.certificate_ae));
   }
 
   for (auto& driver : s.drivers) {
@@ -421,7 +591,7 @@ Result<nlohmann::json> Roles::enrol(const std::string& ae_id) {
   LocalAeState* ae = impl_->find_ae(ae_id);
   if (ae == nullptr || !ae->enrolee) {
     return make_error(Errc::not_found, "enrol: " + crypto::quote_for_error(ae_id) +
-                                           " is not a configured local AE with a kpm_id ([[enrolee.ae]])");
+                                           " is not a configured local AE ([[enrolee.ae]])");
   }
   if (ae->enrolee->state() == rspf::EnroleeState::enrolling) {
     return nlohmann::json{{"ae_id", ae_id}, {"attempt", ae->attempts_started}, {"state", "enrolling"}};
@@ -435,7 +605,7 @@ Result<nlohmann::json> Roles::enrolment_status(const std::string& ae_id) const {
   const LocalAeState* ae = impl_->find_ae(ae_id);
   if (ae == nullptr || !ae->enrolee) {
     return make_error(Errc::not_found, "enrol.status: " + crypto::quote_for_error(ae_id) +
-                                           " is not a configured local AE with a kpm_id");
+                                           " is not a configured local AE ([[enrolee.ae]])");
   }
   nlohmann::json result{{"ae_id", ae_id},
                         {"state", std::string(rspf::to_string(ae->enrolee->state()))},
@@ -523,7 +693,7 @@ nlohmann::json Roles::sessions() const {
 nlohmann::json Roles::peers() const {
   nlohmann::json rows = nlohmann::json::array();
   for (const auto& [ae_id, p] : impl_->peers) {
-    rows.push_back({{"ae_id", ae_id}, {"address", p.address_text},
+    rows.push_back({{"ae_id", ae_id}, {"address", p.address_text}, {"credential", p.credential},
                     {"resolved", p.address ? p.address->host + ":" + std::to_string(p.address->port) : ""},
                     {"requests", p.requests}, {"failures", p.failures}, {"retries", p.retries},
                     {"last_outcome", p.last_outcome}, {"last_at", p.last_at}});
@@ -557,6 +727,31 @@ nlohmann::json Roles::ports() const {
     out["peer"] = impl_->peer_driver->node->secure_port();
     if (impl_->config.enrolee) out["local"] = impl_->peer_driver->node->local_port();
   }
+  return out;
+}
+
+// ---- drain (SIGTERM) -------------------------------------------------------------------------------------------
+
+void Roles::begin_drain() {
+  impl_->draining = true;
+  for (auto& ae : impl_->aes) ae->timer.reset();  // no renewal or backoff attempt starts during the drain
+}
+
+bool Roles::idle() const {
+  for (const auto& ae : impl_->aes) {
+    if (ae->enrolee && ae->enrolee->state() == rspf::EnroleeState::enrolling) return false;
+  }
+  return impl_->in_flight->unanswered().empty();
+}
+
+std::vector<std::string> Roles::pending() const {
+  std::vector<std::string> out;
+  for (const auto& ae : impl_->aes) {
+    if (ae->enrolee && ae->enrolee->state() == rspf::EnroleeState::enrolling) {
+      out.push_back("enrolment of " + ae->config.id + " with the MEF");
+    }
+  }
+  for (auto& what : impl_->in_flight->unanswered()) out.push_back(std::move(what));
   return out;
 }
 

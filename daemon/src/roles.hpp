@@ -71,6 +71,13 @@ class Roles {
   nlohmann::json stats() const;
   nlohmann::json ports() const;
 
+  // SIGTERM (dauthd(8)): from now on new local-AE and peer requests get 5.03 and no enrolment attempt starts;
+  // requests already accepted and running enrolments continue. idle() once they are all done; pending() names
+  // what is still running, for the log when daemon.shutdown_timeout cuts the drain short.
+  void begin_drain();
+  bool idle() const;
+  std::vector<std::string> pending() const;
+
   struct Impl;
 
  private:

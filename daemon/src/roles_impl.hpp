@@ -4,6 +4,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <memory>
 #include <optional>
@@ -15,6 +16,9 @@
 namespace dauth::daemon {
 
 std::int64_t unix_now();
+// The key store name of a local AE's configured device certificate (enrolee.ae.certificate_file); an AE-ID
+// certificate issued over EST is stored under the AE-ID itself.
+std::string device_certificate_name(const std::string& ae_id);
 // The host part and port of "host:port" / "[v6]:port" (no name resolution).
 Result<std::pair<std::string, std::uint16_t>> split_host_port(const std::string& text);
 
@@ -53,12 +57,33 @@ struct SeenSession {
 
 struct PeerState {
   std::string address_text;
+  std::string credential = "psk";  // peer.address.credential: psk | certificate
   std::optional<transport::Peer> address;
   std::uint64_t requests = 0;
   std::uint64_t failures = 0;
   std::uint64_t retries = 0;
   std::string last_outcome;
   std::int64_t last_at = 0;
+};
+
+// Requests accepted for forwarding (A) or delivery (B), with a description for the log of a drain cut short by
+// daemon.shutdown_timeout; one is in flight until its Responder has answered. Shared with the trackers (proxy.cpp
+// track_in_flight()), which may outlive Impl: a Responder captured by a timer callback goes when the EventLoop
+// drops that callback.
+struct InFlightTable {
+  struct Entry {
+    std::string what;
+    const transport::Responder* responder;
+  };
+  std::uint64_t next_id = 0;
+  std::map<std::uint64_t, Entry> requests;
+  std::vector<std::string> unanswered() const {
+    std::vector<std::string> out;
+    for (const auto& [id, entry] : requests) {
+      if (!entry.responder->answered()) out.push_back(entry.what);
+    }
+    return out;
+  }
 };
 
 struct Roles::Impl {
@@ -77,12 +102,36 @@ struct Roles::Impl {
   std::unique_ptr<rspf::Mef> mef;
   std::vector<std::unique_ptr<LocalAeState>> aes;
   std::unique_ptr<rspf::TargetKeys> target_keys;
-  std::string served_ae;  // the local AE the peer endpoint serves (TargetKeys: one AE, docs/rspf.md gaps)
+  // The local AEs the peer endpoint serves as Enrolment Targets (endpoint + Enrolee; TargetKeys picks one by SNI).
+  std::vector<std::string> served_aes;
+  // The local AE whose X.509 certificate the peer endpoint presents (transport: one certificate per context), if
+  // any: an incoming certificate session reaches this AE.
+  std::string certificate_ae;
+  std::string peer_trust_anchors_pem;  // peer.trust_anchors: the CAs of peers' AE-ID certificates
+  // The served AE each accepted PSK handshake named (SNI, checked by TargetKeys' lookup), by session_target_key():
+  // transport's Session does not expose the SNI, and the SessionKeyRecord (keyed by KeID alone) names only the last
+  // AE that fetched that KeID's key. Bounded: the oldest entries go first (kMaxPskTargets).
+  std::map<std::string, std::string> psk_targets;
+  std::deque<std::string> psk_target_order;
+  static constexpr std::size_t kMaxPskTargets = 4096;
+  static std::string session_target_key(std::string_view remote, std::string_view identity) {
+    return std::string(remote) + " " + std::string(identity);
+  }
+  // The served AE a handshake with this SNI reaches (TargetKeys' rule: a served AE by name, else the first one).
+  std::string served_ae_for_sni(std::string_view sni) const;
+  void note_psk_target(const transport::PskRequest& request);
+  // A local AE's certificate and key with peer.trust_anchors: its AE-ID certificate issued over EST while valid,
+  // else its configured device certificate. Errors: not_found (neither).
+  Result<transport::X509Credentials> x509_of_local_ae(const std::string& ae_id) const;
   std::map<std::string, PeerState> peers;
   std::map<std::string, SeenSession> seen;
-  std::vector<EventLoop::Registration> retry_timers;
+  std::map<std::uint64_t, EventLoop::Registration> retry_timers;  // pending first-use retries, by id
+  std::uint64_t last_retry_id = 0;
   std::map<std::string, std::uint64_t> counters;
   bool stopping = false;
+  // SIGTERM drain (Roles::begin_drain): new requests get 5.03, no enrolment starts, accepted work finishes.
+  bool draining = false;
+  std::shared_ptr<InFlightTable> in_flight = std::make_shared<InFlightTable>();
 
   rspf::LogSink log_sink() const {
     return [](const std::string& line) { log::info("rspf: " + line); };
@@ -91,6 +140,7 @@ struct Roles::Impl {
   void after_io();
   void rearm(NodeDriver& driver);
   Result<void> put_key_tables(const Config& cfg, const LoadedSecrets& secrets);
+  Result<void> put_device_certificate(const LocalAe& ae);
   Result<void> resolve_peers(const Config& cfg, std::map<std::string, PeerState>& out) const;
   LocalAeState* find_ae(const std::string& id);
   void schedule_enrolment(LocalAeState& ae, std::chrono::milliseconds delay);

@@ -123,7 +123,7 @@ OurPki make_our_pki(const std::string& ca_subject, const std::string& ae_id, std
 
 }  // namespace
 
-TEST_CASE("x509: our CA issues an AE-ID certificate from our CSR; our parser and openssl agree on every field",
+TEST_CASE("x509: our CA issues an AE-ID certificate from our CSR, our parser and openssl agree on every field",
           "[x509]") {
   REQUIRE(dauth::test::have_program("openssl"));
   TempDir dir;
@@ -223,7 +223,7 @@ TEST_CASE("x509: our CA issues an AE-ID certificate from our CSR; our parser and
   must(chain.verify(ca_cert, now));
 }
 
-TEST_CASE("x509: keys round-trip through PEM, DER and files; wrong curves and junk are refused", "[x509]") {
+TEST_CASE("x509: keys round-trip through PEM, DER and files, wrong curves and junk are refused", "[x509]") {
   TempDir dir;
   auto key = must(crypto::PrivateKey::generate_p256());
   auto other = must(crypto::PrivateKey::generate_p256());

@@ -36,6 +36,7 @@ std::string full_config(const std::string& key_dir) {
 [enrolee]
 mef_address = "mef.example.net:5684"
 mef_fqdn = "mef.example.net"
+mef_trust_anchor = "/etc/dauth/mef-ca.pem"
 
 [[enrolee.ae]]
 id = "CAE-meter"
@@ -51,12 +52,20 @@ private_key_file = "/etc/dauth/valve.key"
 [mef]
 fqdn = "mef.example.net"
 session_key_lifetime = 3600
+certificate_file = "/etc/dauth/mef.crt"
+private_key_file = "/etc/dauth/mef.key"
+device_ca = "/etc/dauth/device-ca.pem"
 
 [[mef.enrolee]]
 kpm_id = "meter01@mef.example.net"
 kpm_file = ")" + key_dir + R"(/meter.kpm"
 enrolee_id = "CAE-meter"
 targets = ["CAE-valve"]
+
+[[mef.enrolee]]
+certificate_ae_id = "CAE-valve"
+enrolee_id = "CAE-valve"
+targets = ["CAE-meter"]
 
 [peer]
 idle_timeout = 120
@@ -101,10 +110,17 @@ TEST_CASE("all three roles parse into the typed view", "[config]") {
   CHECK(config->enrolee->aes[1].certificate_file == "/etc/dauth/valve.crt");
   CHECK(config->enrolee->local_listen == "127.0.0.1:5683");
   REQUIRE(config->mef.has_value());
-  REQUIRE(config->mef->enrolees.size() == 1);
+  CHECK(config->enrolee->mef_trust_anchor == "/etc/dauth/mef-ca.pem");
+  REQUIRE(config->mef->enrolees.size() == 2);
   // lifetime 0 means mef.enrolment_lifetime, whose default is 30 days.
   CHECK(config->mef->enrolees[0].lifetime == 2592000);
   CHECK(config->mef->enrolees[0].targets == std::vector<std::string>{"CAE-valve"});
+  CHECK(config->mef->enrolees[0].certificate_ae_id.empty());
+  // A device-certificate enrolee: no KpmID, the AE-ID its certificate carries.
+  CHECK(config->mef->enrolees[1].kpm_id.empty());
+  CHECK(config->mef->enrolees[1].certificate_ae_id == "CAE-valve");
+  CHECK(config->mef->enrolees[1].enrolee_id == "CAE-valve");
+  CHECK(config->mef->device_ca == "/etc/dauth/device-ca.pem");
   REQUIRE(config->peer.has_value());
   CHECK(config->peer->idle_timeout == 120);
   CHECK(config->peer->max_outgoing_sessions == 256);
@@ -154,7 +170,7 @@ TEST_CASE("cross-field rules run after the keys and point at the offending value
   auto text = full_config("/keys");
   auto wrong_mef = std::regex_replace(text, std::regex("kpm_id = \"meter01@mef.example.net\"\nkpm_file"),
                                       "kpm_id = \"meter01@other.example.net\"\nkpm_file", std::regex_constants::format_first_only);
-  CHECK_THAT(error_of(wrong_mef), Catch::Contains("t.toml:12:10: enrolee.ae[0].kpm_id = \"meter01@other.example.net\": "
+  CHECK_THAT(error_of(wrong_mef), Catch::Contains("t.toml:13:10: enrolee.ae[0].kpm_id = \"meter01@other.example.net\": "
                                                   "names MEF other.example.net, but enrolee.mef_fqdn = \"mef.example.net\""));
   // Two roles on one UDP port.
   CHECK_THAT(error_of(std::string(kMinimal) + "[mef]\nfqdn = \"m.example\"\nlisten = \"0.0.0.0:5684\"\n[peer]\n"),
@@ -175,6 +191,53 @@ TEST_CASE("cross-field rules run after the keys and point at the offending value
   CHECK_THAT(error_of(std::string(kMinimal) + "[enrolee]\nmef_fqdn = \"m.example\"\nmef_address = \"m:1\"\n"
                                               "[[enrolee.ae]]\nid = \"CAE-a\"\n"),
              Catch::Contains("enrolee.ae[0].id = \"CAE-a\": needs exactly one bootstrap credential"));
+}
+
+TEST_CASE("enrolee table rows and certificate AEs: one bootstrap identity, and the X.509 set-up they need",
+          "[config]") {
+  const auto text = full_config("/keys");
+  // Both identities in one MEF row; neither.
+  auto both = std::regex_replace(text, std::regex("certificate_ae_id = \"CAE-valve\""),
+                                 "certificate_ae_id = \"CAE-valve\"\nkpm_id = \"v@mef.example.net\"\nkpm_file = \"/k\"");
+  CHECK_THAT(error_of(both), Catch::Contains("mef.enrolee[1].kpm_id = \"v@mef.example.net\": needs exactly one "
+                                             "bootstrap identity: kpm_id + kpm_file, or certificate_ae_id"));
+  auto neither = std::regex_replace(text, std::regex("certificate_ae_id = \"CAE-valve\"\n"), "");
+  CHECK_THAT(error_of(neither), Catch::Contains("mef.enrolee[1]: needs exactly one bootstrap identity"));
+  auto half = std::regex_replace(text, std::regex("certificate_ae_id = \"CAE-valve\""), "kpm_id = \"v@mef.example.net\"");
+  CHECK_THAT(error_of(half), Catch::Contains("mef.enrolee[1].kpm_id = \"v@mef.example.net\": kpm_id and kpm_file go "
+                                             "together"));
+  // The same certificate AE-ID twice.
+  CHECK_THAT(error_of(text + "\n[[mef.enrolee]]\ncertificate_ae_id = \"CAE-valve\"\nenrolee_id = \"CAE-valve\"\n"),
+             Catch::Contains("mef.enrolee[2].certificate_ae_id = \"CAE-valve\": AE-ID listed twice"));
+  // A certificate row needs the MEF to serve X.509 with a device CA.
+  auto no_device_ca = std::regex_replace(text, std::regex("device_ca = \"/etc/dauth/device-ca.pem\"\n"), "");
+  CHECK_THAT(error_of(no_device_ca),
+             Catch::Contains("mef.enrolee[1].certificate_ae_id = \"CAE-valve\": needs mef.certificate_file, "
+                             "mef.private_key_file and mef.device_ca"));
+  // An AE with a device certificate needs the MEF's trust anchor (the certificate RSPF checks the MEF's FQDN).
+  auto no_anchor = std::regex_replace(text, std::regex("mef_trust_anchor = \"/etc/dauth/mef-ca.pem\"\n"), "");
+  CHECK_THAT(error_of(no_anchor), Catch::Contains("enrolee.ae[1].certificate_file = \"/etc/dauth/valve.crt\": needs "
+                                                  "enrolee.mef_trust_anchor"));
+}
+
+TEST_CASE("peer.address.credential: psk by default, certificate needs peer.trust_anchors", "[config]") {
+  const auto text = full_config("/keys");
+  auto config = parse_config(text, "t.toml");
+  REQUIRE(config.ok());
+  CHECK(config->peer->addresses[0].credential == "psk");
+  auto certificate = std::regex_replace(text, std::regex("address = \"\\[::1\\]:5684\"\n"),
+                                        "address = \"[::1]:5684\"\ncredential = \"certificate\"\n");
+  CHECK_THAT(error_of(certificate), Catch::Contains("peer.address[0].credential = \"certificate\": needs "
+                                                    "peer.trust_anchors"));
+  auto anchored = std::regex_replace(certificate, std::regex("idle_timeout = 120\n"),
+                                     "idle_timeout = 120\ntrust_anchors = [\"/etc/dauth/mef-ca.pem\"]\n");
+  config = parse_config(anchored, "t.toml");
+  INFO((config.ok() ? std::string() : config.error().message));
+  REQUIRE(config.ok());
+  CHECK(config->peer->addresses[0].credential == "certificate");
+  auto unknown = std::regex_replace(text, std::regex("address = \"\\[::1\\]:5684\"\n"),
+                                    "address = \"[::1]:5684\"\ncredential = \"rpk\"\n");
+  CHECK_THAT(error_of(unknown), Catch::Contains("peer.address[0].credential = \"rpk\": must be one of psk certificate"));
 }
 
 TEST_CASE("every error of a file is reported, in file order", "[config]") {

@@ -46,6 +46,11 @@ const char* kConfigOf(const std::string& node) {
 
 }  // namespace
 
+CommandResult make_pki(std::vector<std::string> args) {
+  args.insert(args.begin(), {"bash", (std::filesystem::path(DAUTH_SOURCE_DIR) / "scripts" / "demo.d" / "make-pki").string()});
+  return run_command(args);
+}
+
 bool have_stock_tools() {
   return have_program("coap-client-notls") && have_program("coap-server-notls") && have_program("openssl");
 }
@@ -63,20 +68,14 @@ Deployment::Deployment() {
     if (result.exit_code != 0) throw std::runtime_error("openssl rand failed: " + result.output);
     return result.output;
   };
-  for (const char* name : {"meter", "valve", "intruder"}) {
+  for (const char* name : {"meter", "intruder"}) {
     write_file(dir_ / "keys" / (std::string(name) + ".kpm"), random_hex(), 0600);
   }
   for (const char* node : {"mef", "a", "b"}) write_file(dir_ / node / "master.key", random_hex(), 0600);
-  const auto key = (dir_ / "mef" / "ca.key").string();
-  const auto ca = (dir_ / "mef" / "ca.pem").string();
-  if (run_command({"openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", key}).exit_code != 0 ||
-      run_command({"openssl", "req", "-new", "-x509", "-key", key, "-out", ca, "-days", "30", "-subj",
-                   "/CN=dauth e2e MEF CA", "-addext", "basicConstraints=critical,CA:TRUE,pathlen:0", "-addext",
-                   "keyUsage=critical,keyCertSign,cRLSign"})
-              .exit_code != 0) {
-    throw std::runtime_error("openssl could not make the MEF CA");
+  // The demo's certificates (MEF CA and FQDN certificate, device CA, valve's device certificate).
+  if (const auto pki = make_pki({"demo", dir_.path().string()}); pki.exit_code != 0) {
+    throw std::runtime_error("scripts/demo.d/make-pki demo failed: " + pki.output);
   }
-  ::chmod(key.c_str(), 0600);
   for (const char* config : {"mef", "gateway-a", "gateway-b"}) {
     std::string text =
         read_text_file(std::filesystem::path(DAUTH_SOURCE_DIR) / "scripts" / "demo.d" / (std::string(config) + ".toml.in"));
@@ -88,6 +87,7 @@ Deployment::Deployment() {
 
 Deployment::~Deployment() {
   valve_.reset();
+  ae_servers_.clear();
   for (auto& [node, process] : processes_) {
     if (process) {
       process->signal(SIGTERM);
@@ -153,6 +153,29 @@ void Deployment::start_valve() {
   throw std::runtime_error("coap-server-notls did not answer");
 }
 
+void Deployment::start_ae_server(const std::string& name, std::uint16_t port) {
+  ae_servers_[name] = std::make_unique<DaemonProcess>(
+      std::vector<std::string>{"/usr/bin/env", "coap-server-notls", "-A", "127.0.0.1", "-p", std::to_string(port)},
+      std::vector<std::string>{}, dir_ / (name + ".log"));
+  const std::string uri = "coap://127.0.0.1:" + std::to_string(port) + "/time";
+  for (int i = 0; i < 100; ++i) {
+    const auto answer = run_command({"coap-client-notls", "-B", "5", uri});
+    if (answer.exit_code == 0 && !answer.output.empty() && answer.output.find("4.") == std::string::npos) return;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  throw std::runtime_error("coap-server-notls " + name + " did not answer");
+}
+
+std::uint16_t Deployment::add_port(const std::string& name) {
+  ports_[name] = free_udp_port();
+  return ports_[name];
+}
+
+void Deployment::edit_config(const std::string& node, const std::function<std::string(std::string)>& edit) {
+  const auto file = dir_ / (std::string(kConfigOf(node)) + ".toml");
+  write_file(file, edit(read_text_file(file)), 0600);
+}
+
 CommandResult Deployment::ctl(const std::string& node, std::vector<std::string> args) const {
   std::vector<std::string> argv = {DAUTHCTL_PATH, "-s", (dir_ / node / "control").string()};
   argv.insert(argv.end(), args.begin(), args.end());
@@ -192,6 +215,12 @@ bool Deployment::wait_enrolled(const std::string& node, const std::string& ae_id
 
 CommandResult Deployment::proxied(const std::string& originator, const std::string& method, const std::string& path,
                                   const std::string& payload) const {
+  return proxied_to(originator, "CAE-valve", method, path, payload);
+}
+
+CommandResult Deployment::proxied_to(const std::string& originator, const std::string& target,
+                                     const std::string& method, const std::string& path,
+                                     const std::string& payload) const {
   std::vector<std::string> argv = {"coap-client-notls", "-v", "6", "-B", "20", "-m", method, "-P",
                                    "coap://127.0.0.1:" + std::to_string(ports_.at("A_LOCAL")), "-O",
                                    "279," + originator};
@@ -199,7 +228,7 @@ CommandResult Deployment::proxied(const std::string& originator, const std::stri
     argv.push_back("-e");
     argv.push_back(payload);
   }
-  argv.push_back("coap://CAE-valve/" + path);
+  argv.push_back("coap://" + target + "/" + path);
   return run_command(argv);
 }
 
@@ -221,13 +250,59 @@ std::string Deployment::master_key_hex(const std::string& node) const {
 
 std::vector<std::string> Deployment::key_files_hex() const {
   std::vector<std::string> keys;
-  for (const char* name : {"meter", "valve", "intruder"}) {
+  for (const char* name : {"meter", "intruder"}) {
     auto text = read_text_file(dir_ / "keys" / (std::string(name) + ".kpm"));
     while (!text.empty() && text.back() == '\n') text.pop_back();
     keys.push_back(text);
   }
   for (const char* node : {"mef", "a", "b"}) keys.push_back(master_key_hex(node));
   return keys;
+}
+
+void Deployment::insert_config_line(const std::string& node, const std::string& after, const std::string& line) {
+  const auto path = dir_ / (std::string(kConfigOf(node)) + ".toml");
+  std::istringstream in(read_text_file(path));
+  std::string text;
+  bool inserted = false;
+  for (std::string current; std::getline(in, current);) {
+    text += current + "\n";
+    if (!inserted && current == after) {
+      text += line + "\n";
+      inserted = true;
+    }
+  }
+  if (!inserted) throw std::runtime_error(path.string() + ": no line " + after);
+  write_file(path, text, 0600);
+}
+
+void Deployment::signal(const std::string& node, int signal_number) const {
+  const auto it = processes_.find(node);
+  if (it != processes_.end() && it->second) it->second->signal(signal_number);
+}
+
+std::optional<int> Deployment::wait_exit(const std::string& node, std::chrono::seconds limit) {
+  auto& process = processes_[node];
+  if (!process) return exits_[node];
+  const auto status = process->wait(limit);
+  if (!status) return std::nullopt;
+  exits_[node] = status;
+  std::ofstream(log(node), std::ios::app) << read_text_file(dir_ / (node + ".run.log"));
+  process.reset();
+  return status;
+}
+
+std::string Deployment::run_log(const std::string& node) const {
+  const auto path = dir_ / (node + ".run.log");
+  return std::filesystem::exists(path) ? read_text_file(path) : std::string();
+}
+
+bool Deployment::wait_for_log(const std::string& node, const std::string& text, int limit_seconds) const {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(limit_seconds);
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (run_log(node).find(text) != std::string::npos) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return false;
 }
 
 std::string Deployment::all_logs() const {

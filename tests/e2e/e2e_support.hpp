@@ -3,10 +3,13 @@
 // under one TempDir, ports picked free at set-up. Waits are bounded polls, never timed assertions.
 #pragma once
 
+#include <chrono>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -26,6 +29,12 @@ class Deployment {
   std::optional<int> last_exit(const std::string& node) const;
   bool running(const std::string& node) const;
   void start_valve();
+  // Another local AE server (coap-server-notls) on 127.0.0.1:port, stopped with the Deployment.
+  void start_ae_server(const std::string& name, std::uint16_t port);
+  // A further free UDP port on 127.0.0.1, also substituted as @NAME@ by edit_config() callers.
+  std::uint16_t add_port(const std::string& name);
+  // Rewrites the node's configuration file (before start(), or before a restart / SIGHUP).
+  void edit_config(const std::string& node, const std::function<std::string(std::string)>& edit);
 
   CommandResult ctl(const std::string& node, std::vector<std::string> args) const;
   nlohmann::json ctl_json(const std::string& node, std::vector<std::string> args) const;  // --json, ok required
@@ -38,10 +47,25 @@ class Deployment {
   // are printed).
   CommandResult proxied(const std::string& originator, const std::string& method, const std::string& path,
                         const std::string& payload = {}) const;
+  // The same to another target AE.
+  CommandResult proxied_to(const std::string& originator, const std::string& target, const std::string& method,
+                           const std::string& path, const std::string& payload = {}) const;
   // coap-client-notls straight to the valve server.
   CommandResult direct(const std::string& method, const std::string& path, const std::string& payload = {}) const;
 
+  // Inserts `line` into the node's config file after the first line equal to `after` (e.g. "[daemon]"); call
+  // before start(). Throws if `after` is not there.
+  void insert_config_line(const std::string& node, const std::string& after, const std::string& line);
+  // Sends a signal without waiting; wait_exit() then collects the exit status (nullopt if still running at the
+  // limit) and appends the run's output to log(node), like stop().
+  void signal(const std::string& node, int signal_number) const;
+  std::optional<int> wait_exit(const std::string& node, std::chrono::seconds limit);
+  // Output of the node's current (or last) run so far; wait_for_log() polls it for `text`.
+  std::string run_log(const std::string& node) const;
+  bool wait_for_log(const std::string& node, const std::string& text, int limit_seconds = 30) const;
+
   std::filesystem::path state(const std::string& node) const;
+  std::filesystem::path dir() const { return dir_.path(); }
   std::filesystem::path log(const std::string& node) const;
   std::string master_key_hex(const std::string& node) const;
   std::vector<std::string> key_files_hex() const;  // every Kpm and master key as written
@@ -55,7 +79,11 @@ class Deployment {
   std::map<std::string, std::unique_ptr<DaemonProcess>> processes_;
   std::map<std::string, std::optional<int>> exits_;
   std::unique_ptr<DaemonProcess> valve_;
+  std::map<std::string, std::unique_ptr<DaemonProcess>> ae_servers_;
 };
+
+// scripts/demo.d/make-pki with these arguments ("ca <prefix> <CN>", "leaf <ca> <prefix> <CN> <SAN>", "demo <dir>").
+CommandResult make_pki(std::vector<std::string> args);
 
 // True when coap-client-notls, coap-server-notls and openssl are installed (libcoap3-bin).
 bool have_stock_tools();

@@ -193,7 +193,7 @@ TEST_CASE("an Enrolee bootstrapped by its AE-ID certificate enrols and gets an E
   REQUIRE(world.current_serial() != serial);
 }
 
-TEST_CASE("EST /sren re-enrols under the current certificate; refusals; the revocation list follows revocations",
+TEST_CASE("EST /sren re-enrols under the current certificate, refusals, the revocation list follows revocations",
           "[rspf][network][certificate][est]") {
   CertWorld world;
   // Before any enrolment: no issued certificate of this AE, so /sren with the device certificate is refused.

@@ -36,7 +36,7 @@ std::size_t handshake_failures(const World& world) {
 
 }  // namespace
 
-TEST_CASE("feed: an enrolment naming the target gives it the key before any handshake; a revocation drops key "
+TEST_CASE("feed: an enrolment naming the target gives it the key before any handshake, a revocation drops key "
           "and live session",
           "[rspf][network][feed]") {
   World world(/*with_ca=*/false, /*observe_feed=*/true);
@@ -91,7 +91,7 @@ TEST_CASE("feed: an enrolment naming the target gives it the key before any hand
   CHECK(fetch_outcomes.size() == 1);  // refused from the feed's list, without asking the MEF
 }
 
-TEST_CASE("feed: refused to a non-target and to a wrong oneM2M-FR; the answer lists issued and revoked KeIDs",
+TEST_CASE("feed: refused to a non-target and to a wrong oneM2M-FR, the answer lists issued and revoked KeIDs",
           "[rspf][network][feed]") {
   World world;
   REQUIRE(world.enrol(*world.valve).ok());

@@ -111,7 +111,7 @@ std::string text_of(const Result<void>& result) { return result.ok() ? std::stri
 
 }  // namespace
 
-TEST_CASE("an Enrolee bootstrapped by a raw public key enrols; Ke, KeID and the target key match the MEF's",
+TEST_CASE("an Enrolee bootstrapped by a raw public key enrols, Ke, KeID and the target key match the MEF's",
           "[rspf][network][rpk]") {
   if (!transport::backend_supports_rpk()) {
     // OpenSSL builds: the configuration is refused up front, not at the first handshake.

@@ -41,7 +41,7 @@ ClientCredentials alpha() { return ClientCredentials::psk("CAE-alpha", secret(kK
 
 }  // namespace
 
-TEST_CASE("Requests carry oneM2M options both ways; bodies over 4 KiB get 4.13; the server keeps serving") {
+TEST_CASE("Requests carry oneM2M options both ways, bodies over 4 KiB get 4.13, the server keeps serving") {
   transport::NodeConfig config;
   config.psk_lookup = psk_table(kKeys);
   auto server = make_server(std::move(config));

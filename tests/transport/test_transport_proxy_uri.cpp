@@ -32,7 +32,7 @@ std::unique_ptr<transport::Node> make_local_server() {
 
 }  // namespace
 
-TEST_CASE("Proxy-Uri is sent and parsed; the request reaches the empty-prefix route instead of libcoap's 5.05") {
+TEST_CASE("Proxy-Uri is sent and parsed, the request reaches the empty-prefix route instead of libcoap's 5.05") {
   auto server = make_local_server();
   transport::NodeConfig client_config;
   auto client = transport::Node::create(std::move(client_config));

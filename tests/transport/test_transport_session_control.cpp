@@ -129,7 +129,7 @@ TEST_CASE("A stock coap-client's SNI (the URI host) reaches the PSK lookup") {
   CHECK(sni_seen == "127.0.0.1");
 }
 
-TEST_CASE("A response with close_session ends the server session; the next request gets a fresh handshake") {
+TEST_CASE("A response with close_session ends the server session, the next request gets a fresh handshake") {
   transport::NodeConfig config;
   config.psk_lookup = psk_table(kKeys);
   auto server = make_server(std::move(config));

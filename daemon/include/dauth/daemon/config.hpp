@@ -41,11 +41,13 @@ enum class ValueCheck : std::uint8_t {
   listen_address,     // IP literal and port: "127.0.0.1:5684", "[::1]:5684", "0.0.0.0:5684"
   remote_address,     // host name or IP literal, and port
   loopback_address,   // 127.0.0.0/8 or [::1], and port (local AEs: SPEC.md §6)
+  loopback_ip,        // 127.0.0.0/8 or ::1, no port (a local AE's source address: ports are ephemeral)
   log_level,          // error | warning | notice | info | debug
   master_key_source,  // credential | file
   coap_method,        // GET | POST | PUT | DELETE | FETCH | PATCH | IPATCH
   group_name,         // an existing group (control socket access)
   credential_name,    // a systemd credential name: [A-Za-z0-9_.-]{1,255}
+  peer_credential,    // psk | certificate (how gateway A authenticates a local AE to a peer)
 };
 
 // One row of the configuration table.
@@ -112,6 +114,7 @@ struct DaemonSettings {
 struct LocalAe {
   std::string id;
   std::string endpoint;  // where the AE serves requests (loopback), empty if it only sends
+  std::string local_source;  // loopback IP its requests come from (no oneM2M-FR needed; SPEC.md §6); "" none
   std::string kpm_id;
   std::filesystem::path kpm_file;
   std::filesystem::path certificate_file;
@@ -127,9 +130,12 @@ struct EnroleeSettings {
   std::vector<LocalAe> aes;
 };
 
+// One enrolee table row: either kpm_id + kpm_file (pre-provisioned key) or certificate_ae_id (device certificate,
+// the MEF's record "cert:<AE-ID>").
 struct MefEnrolee {
   std::string kpm_id;
   std::filesystem::path kpm_file;
+  std::string certificate_ae_id;
   std::string enrolee_id;
   std::vector<std::string> targets;
   std::int64_t lifetime = 0;  // seconds; 0: mef.enrolment_lifetime
@@ -153,6 +159,7 @@ struct MefSettings {
 struct PeerAddress {
   std::string ae_id;
   std::string address;
+  std::string credential = "psk";  // "psk" (KeID + usage-constrained key) or "certificate" (the AE's X.509)
 };
 
 struct PolicyRule {

@@ -8,6 +8,7 @@
 // (docs/control-protocol.md, dauthctl(1)).
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <ctime>
 #include <filesystem>
@@ -40,7 +41,9 @@ class Daemon {
   Daemon(const Daemon&) = delete;
   Daemon& operator=(const Daemon&) = delete;
 
-  // Runs the event loop until SIGTERM or SIGINT has been handled (drain, STOPPING=1).
+  // Runs the event loop until SIGTERM or SIGINT has been handled: STOPPING=1, new requests get 5.03, accepted
+  // requests and running enrolments finish (at most daemon.shutdown_timeout; a second signal cuts it short), then
+  // the roles are torn down (close_notify on every DTLS session) and run() returns.
   Result<void> run();
 
   // SIGHUP: parse and validate the file again, load its secrets, then swap. A bad file or an unloadable key
@@ -55,6 +58,8 @@ class Daemon {
   Result<void> set_up();
   Result<void> register_verbs();
   void shut_down(const std::string& reason);
+  void check_drain();
+  void finish(const std::string& how);
 
   // ----- members in dependency order: later ones use earlier ones, and are destroyed first -----
   std::filesystem::path config_path_;
@@ -68,6 +73,10 @@ class Daemon {
   std::vector<ControlServer::VerbRegistration> verbs_;
   // The key store, transport Nodes and role objects; torn down before the verbs, the control socket and the loop.
   std::unique_ptr<Roles> roles_;
+  // SIGTERM drain: polls Roles::idle() until the in-flight work is done or daemon.shutdown_timeout has passed.
+  EventLoop::Registration drain_timer_;
+  std::chrono::steady_clock::time_point drain_deadline_;
+  bool drain_idle_seen_ = false;
 
   std::time_t started_at_ = 0;
   std::time_t config_loaded_at_ = 0;
