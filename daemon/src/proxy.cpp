@@ -295,9 +295,9 @@ void Roles::Impl::on_peer_request(const transport::Session& session, const Reque
   if (peer.kind == transport::PeerKind::psk) {
     if (const auto* record = store->find<crypto::SessionKeyRecord>(peer.value)) {
       requester = record->peer_ae_id;
-      // The AE the handshake named (its key is derived for that AE); the record names the last AE that fetched.
-      const auto target = psk_targets.find(session_target_key(session.remote_address(), peer.value));
-      local_ae = target != psk_targets.end() ? target->second : record->local_ae_id;
+      // The AE the handshake named by SNI (TargetKeys' lookup gave the key derived for that AE); not the record's
+      // local AE, which names only the last AE that fetched this KeID's key.
+      local_ae = served_ae_for_sni(session.server_name());
     }
   } else if (peer.kind == transport::PeerKind::x509) {
     requester = peer.value;  // the AE-ID of the certificate's subjectAltName URI

@@ -165,18 +165,6 @@ std::string Roles::Impl::served_ae_for_sni(std::string_view sni) const {
   return served_aes.empty() ? std::string() : served_aes.front();
 }
 
-void Roles::Impl::note_psk_target(const transport::PskRequest& request) {
-  const auto key = session_target_key(request.remote, request.identity);
-  if (psk_targets.count(key) == 0) {
-    psk_target_order.push_back(key);
-    if (psk_target_order.size() > kMaxPskTargets) {
-      psk_targets.erase(psk_target_order.front());
-      psk_target_order.pop_front();
-    }
-  }
-  psk_targets[key] = served_ae_for_sni(request.sni);
-}
-
 Result<transport::X509Credentials> Roles::Impl::x509_of_local_ae(const std::string& ae_id) const {
   const crypto::CertificateRecord* record = store->find<crypto::CertificateRecord>(ae_id);
   if (record == nullptr || record->chain_der.empty() || record->expires_at <= unix_now()) {
@@ -523,13 +511,7 @@ Result<std::unique_ptr<Roles>> Roles::start(EventLoop& loop, const Config& confi
       }
       s.served_aes.push_back(ae->config.id);
     }
-    if (s.target_keys) {
-      s.peer_slot.bind([self, lookup = s.target_keys->psk_lookup()](const transport::PskRequest& request) {
-        auto key = lookup(request);
-        if (key) self->note_psk_target(request);
-        return key;
-      });
-    }
+    if (s.target_keys) s.peer_slot.bind(s.target_keys->psk_lookup());
     std::string served;
     for (const auto& id : s.served_aes) served += (served.empty() ? "" : ", ") + id;
     log::notice("peer listening on coaps://" + config.peer->listen + " (port " +

@@ -4,7 +4,6 @@
 
 #include <chrono>
 #include <cstdint>
-#include <deque>
 #include <map>
 #include <memory>
 #include <optional>
@@ -108,18 +107,8 @@ struct Roles::Impl {
   // any: an incoming certificate session reaches this AE.
   std::string certificate_ae;
   std::string peer_trust_anchors_pem;  // peer.trust_anchors: the CAs of peers' AE-ID certificates
-  // The served AE each accepted PSK handshake named (SNI, checked by TargetKeys' lookup), by session_target_key():
-  // transport's Session does not expose the SNI, and the SessionKeyRecord (keyed by KeID alone) names only the last
-  // AE that fetched that KeID's key. Bounded: the oldest entries go first (kMaxPskTargets).
-  std::map<std::string, std::string> psk_targets;
-  std::deque<std::string> psk_target_order;
-  static constexpr std::size_t kMaxPskTargets = 4096;
-  static std::string session_target_key(std::string_view remote, std::string_view identity) {
-    return std::string(remote) + " " + std::string(identity);
-  }
   // The served AE a handshake with this SNI reaches (TargetKeys' rule: a served AE by name, else the first one).
   std::string served_ae_for_sni(std::string_view sni) const;
-  void note_psk_target(const transport::PskRequest& request);
   // A local AE's certificate and key with peer.trust_anchors: its AE-ID certificate issued over EST while valid,
   // else its configured device certificate. Errors: not_found (neither).
   Result<transport::X509Credentials> x509_of_local_ae(const std::string& ae_id) const;

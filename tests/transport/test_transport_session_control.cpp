@@ -104,6 +104,24 @@ TEST_CASE("The PSK lookup receives the identity, the SNI and the address of ever
   CHECK(seen[0].remote != seen[2].remote);  // two client nodes, two sockets
 }
 
+TEST_CASE("A server session reports the SNI its handshake carried, per session") {
+  transport::NodeConfig config;
+  config.psk_lookup = psk_table(kKeys);
+  auto server = make_server(std::move(config));
+  server->add_route(Method::get, {"sni"}, transport::Access::secure,
+                    [](const transport::Session& session, const Request&, transport::Responder responder) {
+                      responder.respond(Response::with_text(205, "sni=" + session.server_name()));
+                    });
+  auto client = make_client();
+  const auto text = [](const Response& response) {
+    return std::string(response.payload.begin(), response.payload.end());
+  };
+  CHECK(text(call(*server, *client, psk("CAE-alpha", "CAE-valve"), get({"sni"}))) == "sni=CAE-valve");
+  CHECK(text(call(*server, *client, psk("CAE-alpha", "CAE-pump"), get({"sni"}))) == "sni=CAE-pump");
+  CHECK(text(call(*server, *client, psk("CAE-alpha", "CAE-valve"), get({"sni"}))) == "sni=CAE-valve");  // cached
+  CHECK(text(call(*server, *client, psk("CAE-beta", ""), get({"sni"}))) == "sni=");
+}
+
 TEST_CASE("A stock coap-client's SNI (the URI host) reaches the PSK lookup") {
   if (!have_program("coap-client-gnutls")) {
     WARN("coap-client-gnutls not installed: skipped");

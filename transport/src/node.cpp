@@ -184,6 +184,7 @@ class SessionImpl final : public Session {
   const PeerIdentity& peer() const override { return identity; }
   const std::string& credential_id() const override { return credential; }
   const std::string& remote_address() const override { return remote; }
+  const std::string& server_name() const override { return sni; }
   bool is_client() const override { return client; }
   Backend backend() const override { return detail::backend(); }
   std::string cipher_suite() const override { return secure && established ? detail::cipher_suite(raw) : ""; }
@@ -222,6 +223,7 @@ class SessionImpl final : public Session {
   bool dead = false;                     // client: failed or closed; released after coap_io_process
   bool close_requested = false;          // server: a response asked to end the session once it is sent
   std::string offered_identity;
+  std::string sni;                       // server: the name the client's ClientHello carried
   std::optional<PeerIdentity> verified;  // from validate_id / validate_cn
   std::string refusal;                   // our own reason for refusing, set in a callback
   std::string cache_key;                 // client: key in the session cache
@@ -569,8 +571,8 @@ const coap_bin_const_t* on_psk_identity(coap_bin_const_t* identity, coap_session
     impl->report_handshake_failure(state, FailureKind::handshake_failed, state.refusal);
     return nullptr;
   }
-  const std::string sni = detail::server_name(session);
-  auto key = impl->config.psk_lookup(PskRequest{state.offered_identity, sni, state.remote});
+  state.sni = detail::server_name(session);
+  auto key = impl->config.psk_lookup(PskRequest{state.offered_identity, state.sni, state.remote});
   if (!key.ok() || key->empty()) {
     state.refusal = key.ok() ? "PSK handshake refused: empty key for the identity"
                              : "PSK handshake refused: " + key.error().message;
@@ -598,6 +600,7 @@ int on_peer_certificate(const char* cn, const uint8_t* der, size_t der_length, c
   Node::Impl* impl = policy->node;
   SessionImpl& state = impl->state_for(session);
   if (depth > 0) return validated ? 1 : 0;
+  if (!client_side_of(session)) state.sni = detail::server_name(session);
   auto refuse = [&](std::string reason) {
     state.refusal = std::move(reason);
     impl->report_handshake_failure(state, FailureKind::handshake_failed, state.refusal);

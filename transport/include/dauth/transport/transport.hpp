@@ -110,6 +110,9 @@ class Session : public crypto::KeyingMaterialExporter {
   virtual const PeerIdentity& peer() const = 0;
   virtual const std::string& credential_id() const = 0;  // PSK identity, or our certificate / key id used
   virtual const std::string& remote_address() const = 0;  // "127.0.0.1:40000", "[::1]:40000"
+  // Server side: the server name (SNI) the client sent in its ClientHello (SPEC.md §2: our FQDN or the target
+  // AE-ID); "" when none was sent, on client sessions and on plain sessions.
+  virtual const std::string& server_name() const = 0;
   virtual bool is_client() const = 0;
   virtual Backend backend() const = 0;
   virtual std::string cipher_suite() const = 0;            // IANA name, e.g. "TLS_PSK_WITH_AES_128_CCM_8"; "" if plain
