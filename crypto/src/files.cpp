@@ -101,17 +101,23 @@ Result<Bytes> read_public_file(const std::filesystem::path& path, std::string_vi
 
 namespace dauth::crypto {
 
+namespace {
+
+// The one rule (STYLE.md §8): a key file others may read or write is refused, not warned about, naming the mode.
+// Decided on the open descriptor: no window between the check and the read.
+Result<void> refuse_open_mode(const struct stat& st, const std::string& name) {
+  if ((st.st_mode & 077) == 0) return ok_result();
+  return make_error(Errc::permission, name + ": mode " + files::mode_text(st.st_mode) +
+                                          ", must not be readable or writable by group or others (chmod 600)");
+}
+
+}  // namespace
+
 Result<SecretBuffer> read_key_file(const std::filesystem::path& path, std::string_view what, std::size_t max_size) {
   struct stat st {};
   auto fd = files::open_regular_file(path, what, st);
   if (!fd) return std::move(fd).error();
-  // Refused, not just warned about (STYLE.md §8), and decided on the open descriptor: no window between the check
-  // and the read.
-  if ((st.st_mode & 077) != 0) {
-    return make_error(Errc::permission, std::string(what) + " " + path.string() + ": mode " +
-                                            files::mode_text(st.st_mode) +
-                                            ", must not be readable or writable by group or others (chmod 600)");
-  }
+  if (auto ok = refuse_open_mode(st, std::string(what) + " " + path.string()); !ok) return std::move(ok).error();
   // One byte more than allowed, so that a longer file shows as longer without reading it all. st_size only sizes
   // the buffer: at least 4 KiB, so that a file whose size stat does not report (a credential on a pseudo file
   // system) is still read whole.
@@ -121,6 +127,43 @@ Result<SecretBuffer> read_key_file(const std::filesystem::path& path, std::strin
   const long long length = files::read_into(fd->get(), content);
   if (length < 0) return files::io_error("cannot read " + std::string(what), path, static_cast<int>(-length));
   return content.slice(0, static_cast<std::size_t>(length));
+}
+
+Result<SecretBuffer> read_key_fd(int fd, std::string_view what, std::size_t max_size) {
+  const std::string name(what);
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) return make_error(Errc::io, name + ": fstat: " + std::strerror(errno));
+  const bool regular = S_ISREG(st.st_mode);
+  if (!regular && !S_ISFIFO(st.st_mode)) {
+    return make_error(Errc::permission, name + ": not a regular file or a pipe (pass the key file, or a pipe "
+                                               "holding the key)");
+  }
+  if (regular) {
+    // The policy does not depend on who opened the file.
+    if (auto ok = refuse_open_mode(st, name); !ok) return std::move(ok).error();
+  } else {
+    // A pipe whose writer is still open would block the caller's loop: never wait for it.
+    const int flags = ::fcntl(fd, F_GETFL);
+    if (flags < 0 || ::fcntl(fd, F_SETFL, flags | O_NONBLOCK) != 0) {
+      return make_error(Errc::io, name + ": fcntl: " + std::strerror(errno));
+    }
+  }
+  SecretBuffer content(max_size + 1);  // one byte more than allowed, as above
+  std::size_t length = 0;
+  while (length < content.size()) {
+    // A regular file is read from offset 0 with pread: the sender's file offset stays where it was.
+    const ssize_t n = regular ? ::pread(fd, content.data() + length, content.size() - length, static_cast<off_t>(length))
+                              : ::read(fd, content.data() + length, content.size() - length);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      return make_error(Errc::invalid_argument, name + ": the pipe's writer has not closed it; write the whole "
+                                                       "key, close the pipe, then send the request");
+    }
+    if (n < 0) return make_error(Errc::io, name + ": read: " + std::strerror(errno));
+    if (n == 0) break;
+    length += static_cast<std::size_t>(n);
+  }
+  return content.slice(0, length);
 }
 
 }  // namespace dauth::crypto

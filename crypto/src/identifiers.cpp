@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdio>
 
+#include "dauth/crypto/kdf.hpp"
 #include "dauth/secret.hpp"
 
 namespace dauth::crypto {
@@ -63,6 +64,26 @@ Result<void> validate_ae_id(std::string_view ae_id) {
   if (ae_id.back() == '/') return invalid("AE-ID", ae_id, "ends with '/'");
   if (ae_id.find("//", leading) != std::string_view::npos) return invalid("AE-ID", ae_id, "has an empty segment");
   return ok_result();
+}
+
+std::string server_name_for_ae_id(std::string_view ae_id) {
+  if (validate_fqdn(ae_id)) return std::string(ae_id);
+  // 160 bits of the hash: collision-free in practice, and one DNS label with the prefix (3 + 32 characters).
+  constexpr std::size_t kHashedBytes = 20;
+  constexpr std::string_view kBase32Alphabet = "abcdefghijklmnopqrstuvwxyz234567";
+  const Bytes digest = sha256(ByteView::of(ae_id));
+  std::string name = "ae-";
+  std::uint32_t bits = 0;
+  int bit_count = 0;
+  for (std::size_t i = 0; i < kHashedBytes; ++i) {  // 20 bytes = 160 bits = 32 base32 digits, no padding
+    bits = (bits << 8) | digest[i];
+    bit_count += 8;
+    while (bit_count >= 5) {
+      bit_count -= 5;
+      name.push_back(kBase32Alphabet[(bits >> bit_count) & 0x1f]);
+    }
+  }
+  return name;
 }
 
 Result<void> validate_fqdn(std::string_view fqdn) {

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <array>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 
 #include "dauth/crypto/identifiers.hpp"
@@ -88,8 +89,18 @@ struct Slot {
 };
 using KindMap = std::map<std::string, Slot, std::less<>>;
 
+// A removal written when a SessionKeyRecord's id was its KeID alone: the record it meant is now indexed as
+// "<KeID>#<local AE>", and such a store held at most one per KeID.
+KindMap::iterator legacy_session_key(KindMap& map, std::string_view ke_id) {
+  if (ke_id.find(kSessionKeyIdSeparator) != std::string_view::npos) return map.end();
+  const std::string prefix = std::string(ke_id) + kSessionKeyIdSeparator;
+  const auto it = map.lower_bound(prefix);
+  if (it == map.end() || it->first.compare(0, prefix.size(), prefix) != 0) return map.end();
+  return it;
+}
+
 Result<void> check_id_length(const Record& record) {
-  const std::string_view id = id_of(record);
+  const std::string id = id_of(record);
   if (id.empty() || id.size() > kKeyIdFieldMax) {
     return invalid_record(record, "id length " + std::to_string(id.size()) + ", must be 1–65535");
   }
@@ -204,15 +215,22 @@ std::string_view to_string(RecordKind kind) noexcept {
 
 RecordKind kind_of(const Record& record) noexcept { return static_cast<RecordKind>(record.index() + 1); }
 
-std::string_view id_of(const Record& record) noexcept {
+std::string session_key_id(std::string_view ke_id, std::string_view local_ae_id) {
+  std::string id;
+  id.reserve(ke_id.size() + 1 + local_ae_id.size());
+  id.append(ke_id).append(1, kSessionKeyIdSeparator).append(local_ae_id);
+  return id;
+}
+
+std::string id_of(const Record& record) {
   struct Id {
-    std::string_view operator()(const BootstrapKeyRecord& r) const { return r.kpm_id; }
-    std::string_view operator()(const EnroleeRecord& r) const { return r.credential_id; }
-    std::string_view operator()(const EnrolmentKeyRecord& r) const { return r.ke_id; }
-    std::string_view operator()(const SessionKeyRecord& r) const { return r.ke_id; }
-    std::string_view operator()(const CertificateRecord& r) const { return r.name; }
-    std::string_view operator()(const IssuanceRecord& r) const { return r.serial_hex; }
-    std::string_view operator()(const PinnedKeyRecord& r) const { return r.public_key_id; }
+    std::string operator()(const BootstrapKeyRecord& r) const { return r.kpm_id; }
+    std::string operator()(const EnroleeRecord& r) const { return r.credential_id; }
+    std::string operator()(const EnrolmentKeyRecord& r) const { return r.ke_id; }
+    std::string operator()(const SessionKeyRecord& r) const { return session_key_id(r.ke_id, r.local_ae_id); }
+    std::string operator()(const CertificateRecord& r) const { return r.name; }
+    std::string operator()(const IssuanceRecord& r) const { return r.serial_hex; }
+    std::string operator()(const PinnedKeyRecord& r) const { return r.public_key_id; }
   };
   return std::visit(Id{}, record);
 }
@@ -244,6 +262,7 @@ struct StoreState {
   std::size_t put_chunk_size = 0;
   std::size_t put_chunk_used = 0;
   Bytes frame_buffer;                 // ciphertext of the entry being appended
+  KeyStore::SyncStats sync_stats;     // the journal fdatasyncs of append(): the disk's share of each write
   std::optional<std::string> broken;  // set when the files may disagree with memory: writes are refused
 
   std::filesystem::path path_of(const char* name) const { return dir / name; }
@@ -356,9 +375,14 @@ struct StoreState {
       }
       done += static_cast<std::size_t>(n);
     }
-    if (::fdatasync(journal_fd.get()) != 0) {
+    const auto sync_start = std::chrono::steady_clock::now();
+    const int synced = ::fdatasync(journal_fd.get());
+    const int sync_errno = errno;
+    ++sync_stats.syncs;
+    sync_stats.time += std::chrono::steady_clock::now() - sync_start;
+    if (synced != 0) {
       // After a failed fdatasync the kernel may have dropped the dirty pages: the file content is unknown.
-      const int err = errno;
+      const int err = sync_errno;
       broken = "fdatasync of " + journal_path.string() + " failed";
       return io_error("cannot fdatasync", journal_path, err);
     }
@@ -715,7 +739,8 @@ Result<JournalScan> load_journal(Impl& store, ByteView file, std::uint64_t journ
           break;
         }
         case codec::EntryOp::remove: {
-          const auto it = map.find(entry->id);
+          auto it = map.find(entry->id);
+          if (it == map.end() && entry->kind == RecordKind::session_key) it = legacy_session_key(map, entry->id);
           if (it == map.end()) {
             return make_error(Errc::corrupt, where(kJournalName, sequence, offset) + ": removes " +
                                                  std::string(to_string(entry->kind)) + " record " +
@@ -950,5 +975,7 @@ std::size_t KeyStore::size(RecordKind kind) const {
 Result<void> KeyStore::compact() { return impl_->compact(); }
 
 const std::filesystem::path& KeyStore::directory() const { return impl_->dir; }
+
+KeyStore::SyncStats KeyStore::sync_stats() const { return impl_->sync_stats; }
 
 }  // namespace dauth::crypto

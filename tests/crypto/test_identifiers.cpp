@@ -81,3 +81,36 @@ TEST_CASE("quote_for_error escapes and truncates", "[identifiers]") {
   REQUIRE(crypto::quote_for_error("it's") == "'it\\x27s'");
   REQUIRE(crypto::quote_for_error(std::string(70, 'x')) == "'" + std::string(64, 'x') + "...'");
 }
+
+// The vectors were computed independently of this code (python3):
+//   import hashlib, base64
+//   name = lambda ae: "ae-" + base64.b32encode(hashlib.sha256(ae.encode()).digest()[:20]).decode().lower().rstrip("=")
+TEST_CASE("server names: an AE-ID that is a DNS name is sent as it is", "[identifiers]") {
+  for (const char* dns : {"CAE-valve", "CAE-Valve.example", "S9", "a", "gw-1.example.net"}) {
+    INFO(dns);
+    CHECK(crypto::server_name_for_ae_id(dns) == dns);
+  }
+  const std::string longest_label(63, 'a');
+  CHECK(crypto::server_name_for_ae_id(longest_label) == longest_label);
+}
+
+TEST_CASE("server names: any other AE-ID is ae- and base32 of 20 bytes of its SHA-256", "[identifiers]") {
+  struct Vector {
+    std::string ae_id;
+    std::string server_name;
+  };
+  const Vector vectors[] = {
+      {"/in-cse/CAE-sp-valve", "ae-hmcy3sydfhrarmgwkin7datqpozvciyc"},
+      {"//m2m.example.net/in-cse/CAE-meter-01", "ae-xqmdfax4sdi53wybeh72yevkczdkl7po"},
+      {"C_meter", "ae-bgvqn2txudyhtt6iborpcjdlcrak7n6x"},
+      {"CAE-x~1", "ae-jfxv76s3usgvsjqhbgucyhqalswxel2c"},
+      {"CAE-", "ae-32gbvuuirutb6dimkenwqrevb6pst3i7"},  // a label may not end with '-'
+      {std::string(64, 'a'), "ae-77qfj7t24dfw3rs4hl43mhksbh2dtbi5"},  // a label longer than 63
+  };
+  for (const auto& vector : vectors) {
+    INFO(vector.ae_id);
+    const std::string name = crypto::server_name_for_ae_id(vector.ae_id);
+    CHECK(name == vector.server_name);
+    CHECK(crypto::validate_fqdn(name).ok());  // what a TLS server accepts as SNI
+  }
+}

@@ -225,7 +225,7 @@ TEST_CASE("key store: every record type survives a round trip and a restart", "[
   CHECK(reopened.size() == records.size());
   CHECK(reopened.size(RecordKind::enrolee) == 2);
   require_all_present(reopened, records);
-  const auto* session = reopened.find<SessionKeyRecord>(kKeId2);
+  const auto* session = reopened.find<SessionKeyRecord>(session_key_id(kKeId2, "CAE-target-1"));
   REQUIRE(session != nullptr);
   CHECK(session->suid == 40);
   CHECK(reopened.find<BootstrapKeyRecord>(kKeId2) == nullptr);
@@ -272,6 +272,20 @@ TEST_CASE("key store: overwrite and remove survive a restart, before and after c
       CHECK(report.journal_entries == 2);
     }
   }
+}
+
+TEST_CASE("key store: sync_stats counts one journal fdatasync per put and remove and none for refusals",
+          "[keystore]") {
+  test::TempDir dir;
+  KeyStore store = open_store(dir.path());
+  const auto before = store.sync_stats();
+  for (int i = 0; i < 5; ++i) REQUIRE(store.put(bootstrap(i, static_cast<std::uint8_t>(i))).ok());
+  REQUIRE(store.remove(RecordKind::bootstrap_key, "boot-2@mef.example.net").ok());
+  REQUIRE_FALSE(store.remove(RecordKind::bootstrap_key, "boot-2@mef.example.net").ok());  // nothing written
+  REQUIRE_FALSE(store.put(BootstrapKeyRecord{"no at sign", patterned_secret(16, 1), "CAE-x"}).ok());
+  const auto after = store.sync_stats();
+  CHECK(after.syncs - before.syncs == 6);
+  CHECK(after.time > before.time);
 }
 
 TEST_CASE("key store: put() compacts by itself when the journal grows past 4096 entries", "[keystore]") {

@@ -18,6 +18,14 @@ Result<void> validate_ae_id(std::string_view ae_id);
 // DNS name (RFC 1123): 1–253 characters, labels 1–63 of [A-Za-z0-9-] not starting or ending with '-'.
 Result<void> validate_fqdn(std::string_view fqdn);
 
+// The TLS server name (SNI, RFC 6066 HostName) that names an AE (SPEC.md §2, docs/PROTOCOL.md §2). An AE-ID that
+// is a valid DNS name (validate_fqdn) is sent as it is, so stock clients (coaps://CAE-valve/...) keep working; any
+// other AE-ID (/in-cse/CAE-x, //sp/in-cse/CAE-x, C_meter) as "ae-" + lower-case base32 (RFC 4648 §6, no padding)
+// of the first 20 bytes of SHA-256(AE-ID bytes): 35 characters, one DNS label. A server compares a received SNI
+// byte-exact with this name of each AE it serves: AE-IDs are case-sensitive (CAE-Valve and CAE-valve are two
+// AEs), so a client that changes the case gets the unknown-SNI behaviour. Deterministic; never fails.
+std::string server_name_for_ae_id(std::string_view ae_id);
+
 // KpmID: "<relative>@<MEF-FQDN>", relative part [A-Za-z0-9._-]{1,64} (KpsaID form, TS-0003 §10.5).
 Result<void> validate_kpm_id(std::string_view kpm_id);
 

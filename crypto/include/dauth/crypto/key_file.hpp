@@ -20,4 +20,12 @@ namespace dauth::crypto {
 // `what` names the file in messages ("master key file", "private key file").
 Result<SecretBuffer> read_key_file(const std::filesystem::path& path, std::string_view what, std::size_t max_size);
 
+// The same for a descriptor someone else opened (a key passed over dauthd's control socket), named `what`:
+//   regular file  the same mode rule (the policy does not depend on who opened it), read from offset 0 (pread);
+//   pipe / FIFO   content only (a pipe has no meaningful mode), read without blocking: its writer must have
+//                 written the whole key and closed its end, else Errc::invalid_argument;
+//   anything else (socket, terminal, device, directory) Errc::permission, unread.
+// Never blocks; the descriptor stays open (its owner closes it).
+Result<SecretBuffer> read_key_fd(int fd, std::string_view what, std::size_t max_size);
+
 }  // namespace dauth::crypto

@@ -20,6 +20,7 @@
 // Not thread-safe: the daemon is single-threaded (DESIGN.md §3).
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <ctime>
 #include <filesystem>
@@ -66,7 +67,10 @@ struct EnrolmentKeyRecord {
   std::int64_t revoked_at = 0;          // 0 = not revoked (MEF side)
 };
 
-// Target side: a usage-constrained key fetched from the MEF (SPEC.md §4). id = KeID text the peer presents.
+// Target side: a usage-constrained key fetched from the MEF (SPEC.md §4). id = session_key_id(ke_id, local_ae_id):
+// the key differs per target AE (its derivation includes B-ID), so two local AEs targeted by one KeID keep one
+// record each. Stores written when the id was the KeID alone load under the new id (ids are derived from the
+// fields), and their journal removals by KeID still apply (docs/keystore-format.md).
 struct SessionKeyRecord {
   std::string ke_id;
   SecretBuffer key;                     // 32 bytes
@@ -115,7 +119,10 @@ enum class RecordKind : std::uint8_t {
 };
 std::string_view to_string(RecordKind kind) noexcept;
 RecordKind kind_of(const Record& record) noexcept;
-std::string_view id_of(const Record& record) noexcept;
+std::string id_of(const Record& record);
+// The id of a SessionKeyRecord: "<KeID>#<local AE-ID>" ('#' is in neither syntax, so the pair is unambiguous).
+inline constexpr char kSessionKeyIdSeparator = '#';
+std::string session_key_id(std::string_view ke_id, std::string_view local_ae_id);
 // Checks a record's fields (identifier syntax, key sizes) before it is stored.
 Result<void> validate(const Record& record);
 
@@ -166,6 +173,14 @@ class KeyStore {
   Result<void> compact();
 
   const std::filesystem::path& directory() const;
+
+  // The journal fdatasyncs so far (one per put or remove) and the time spent waiting in them: the disk's share of
+  // a durable write, reported by `dauthctl stats` and bench_mef.
+  struct SyncStats {
+    std::uint64_t syncs = 0;
+    std::chrono::nanoseconds time{0};
+  };
+  SyncStats sync_stats() const;
 
  private:
   struct Impl;
