@@ -16,26 +16,6 @@ using transport::Response;
 
 namespace {
 
-struct Reply {
-  bool done = false;
-  std::optional<Result<Response>> result;
-};
-
-transport::ResponseHandler capture(Reply& reply) {
-  return [&reply](Result<Response> result, const transport::Session*) {
-    reply.done = true;
-    reply.result.emplace(std::move(result));
-  };
-}
-
-std::unique_ptr<transport::Node> make_client(transport::Limits limits = {}) {
-  transport::NodeConfig config;
-  config.limits = limits;
-  auto node = transport::Node::create(std::move(config));
-  REQUIRE(node.ok());
-  return std::move(*node);
-}
-
 const std::map<std::string, std::string> kKeys{{"CAE-alpha", "alpha-secret-key-0123456789abcdef"}};
 ClientCredentials alpha() { return ClientCredentials::psk("CAE-alpha", secret(kKeys.at("CAE-alpha")), ""); }
 
@@ -59,7 +39,7 @@ TEST_CASE("Requests carry oneM2M options both ways, bodies over 4 KiB get 4.13, 
                       response.payload.assign(text.begin(), text.end());
                       responder.respond(std::move(response));
                     });
-  auto client = make_client();
+  auto client = make_client_node();
   const transport::Peer peer{"127.0.0.1", server->secure_port()};
 
   auto post = [&](std::size_t size) {
@@ -70,9 +50,7 @@ TEST_CASE("Requests carry oneM2M options both ways, bodies over 4 KiB get 4.13, 
     request.request_id = "rqi-42";
     request.content_format = transport::kContentFormatCbor;
     request.payload.assign(size, 0xA5);
-    Reply reply;
-    client->request(peer, alpha(), std::move(request), capture(reply));
-    REQUIRE(pump({server.get(), client.get()}, [&] { return reply.done; }));
+    CallResult reply = request_and_wait(*server, *client, peer, alpha(), std::move(request));
     REQUIRE(reply.result->ok());
     return std::move(**reply.result);
   };
@@ -105,13 +83,13 @@ TEST_CASE("A handler can keep its Responder and answer later (separate response)
                     });
   server->add_route(Method::get, {"dropped"}, transport::Access::secure,
                     [](const transport::Session&, const Request&, transport::Responder) {});
-  auto client = make_client();
+  auto client = make_client_node();
   const transport::Peer peer{"127.0.0.1", server->secure_port()};
 
   Request request;
   request.path = {"later"};
-  Reply reply;
-  client->request(peer, alpha(), request, capture(reply));
+  CallResult reply;
+  client->request(peer, alpha(), request, record_into(reply));
   REQUIRE(pump({server.get(), client.get()}, [&] { return kept.has_value(); }));
   // Let the empty ACK travel; the client must still be waiting.
   pump({server.get(), client.get()}, [] { return false; }, 300ms);
@@ -123,9 +101,7 @@ TEST_CASE("A handler can keep its Responder and answer later (separate response)
 
   Request dropped;
   dropped.path = {"dropped"};
-  Reply dropped_reply;
-  client->request(peer, alpha(), dropped, capture(dropped_reply));
-  REQUIRE(pump({server.get(), client.get()}, [&] { return dropped_reply.done; }));
+  const CallResult dropped_reply = request_and_wait(*server, *client, peer, alpha(), dropped);
   REQUIRE(dropped_reply.result->ok());
   CHECK((*dropped_reply.result)->code == 500);
 }
@@ -146,14 +122,12 @@ TEST_CASE("The local plain-CoAP endpoint is loopback only and reaches only local
                     [](const transport::Session& session, const Request&, transport::Responder responder) {
                       responder.respond(Response::with_text(205, std::string(transport::to_string(session.peer().kind))));
                     });
-  auto client = make_client();
+  auto client = make_client_node();
   const transport::Peer local{"127.0.0.1", server->local_port()};
   auto get = [&](const transport::Peer& peer, const ClientCredentials& credentials, std::string path) {
     Request request;
     request.path = {std::move(path)};
-    Reply reply;
-    client->request(peer, credentials, request, capture(reply));
-    REQUIRE(pump({server.get(), client.get()}, [&] { return reply.done; }));
+    CallResult reply = request_and_wait(*server, *client, peer, credentials, request);
     REQUIRE(reply.result->ok());
     return std::move(**reply.result);
   };
@@ -169,16 +143,16 @@ TEST_CASE("Outgoing client sessions are capped with a clear error") {
   auto server = make_server(std::move(config));
   transport::Limits limits;
   limits.max_client_sessions = 2;
-  auto client = make_client(limits);
+  auto client = make_client_node(limits);
   FailureLog client_log;
   client->set_failure_observer(client_log.observer());
-  std::vector<Reply> replies(3);
+  std::vector<CallResult> replies(3);
   for (std::size_t i = 0; i < replies.size(); ++i) {
     Request request;
     request.path = {"hello"};
     client->request({"127.0.0.1", server->secure_port()},
                     ClientCredentials::psk("CAE-alpha", secret(kKeys.at("CAE-alpha")), "sni-" + std::to_string(i)),
-                    request, capture(replies[i]));
+                    request, record_into(replies[i]));
   }
   REQUIRE(replies[2].done);  // refused at once
   REQUIRE_FALSE(replies[2].result->ok());
@@ -205,17 +179,17 @@ TEST_CASE("More stalled handshakes than the cap: bounded, and a legitimate peer 
   transport::Limits limits;
   limits.handshake_timeout = 60s;  // the attackers never give up by themselves
   limits.request_timeout = 60s;
-  auto attackers = make_client(limits);
+  auto attackers = make_client_node(limits);
   attackers->set_failure_observer([](const transport::Failure&) {});
   const transport::Peer peer{"127.0.0.1", server->secure_port()};
-  std::vector<Reply> stalled(10);
+  std::vector<CallResult> stalled(10);
   for (std::size_t i = 0; i < stalled.size(); ++i) {
     Request request;
     request.path = {"hello"};
     // A wrong key stalls the server after its flight: the worst kind of half-open handshake.
     attackers->request(peer, ClientCredentials::psk("CAE-alpha", secret("wrong-" + std::to_string(i) + "-key-xxxxxxx"),
                                                     "a" + std::to_string(i)),
-                       request, capture(stalled[i]));
+                       request, record_into(stalled[i]));
   }
   std::size_t max_live_handshakes = 0;
   pump({server.get(), attackers.get()}, [&] {
@@ -224,11 +198,11 @@ TEST_CASE("More stalled handshakes than the cap: bounded, and a legitimate peer 
   }, 800ms);
   CHECK(max_live_handshakes <= 3 + 1);  // libcoap counts the Client Hello session too (coap_session.c)
 
-  auto client = make_client();
-  Reply good;
+  auto client = make_client_node();
+  CallResult good;
   Request request;
   request.path = {"hello"};
-  client->request(peer, alpha(), request, capture(good));
+  client->request(peer, alpha(), request, record_into(good));
   REQUIRE(pump({server.get(), attackers.get(), client.get()}, [&] {
     max_live_handshakes = std::max(max_live_handshakes, server->stats().live_server_handshakes);
     return good.done;
@@ -252,16 +226,16 @@ TEST_CASE("Response handlers may send the next request and close sessions (no re
   transport::NodeConfig config;
   config.psk_lookup = psk_table(kKeys);
   auto server = make_server(std::move(config));
-  auto client = make_client();
+  auto client = make_client_node();
   const transport::Peer peer{"127.0.0.1", server->secure_port()};
   Request request;
   request.path = {"hello"};
-  Reply second;
+  CallResult second;
   bool first_ok = false;
   client->request(peer, alpha(), request, [&](Result<Response> result, const transport::Session* session) {
     first_ok = result.ok() && session != nullptr;
     client->close_client_sessions();
-    client->request(peer, alpha(), request, capture(second));
+    client->request(peer, alpha(), request, record_into(second));
   });
   REQUIRE(pump({server.get(), client.get()}, [&] { return second.done; }));
   CHECK(first_ok);
@@ -277,10 +251,10 @@ TEST_CASE("Response handlers may send the next request and close sessions (no re
   pump({server.get(), client.get()}, [] { return false; }, 100ms);
   const auto fds_before = open_fds();
   for (int i = 0; i < 5; ++i) {
-    Reply chained;
+    CallResult chained;
     client->request(peer, alpha(), request, [&](Result<Response> result, const transport::Session*) {
       client->close_client_sessions();
-      client->request(peer, alpha(), request, capture(chained));
+      client->request(peer, alpha(), request, record_into(chained));
       CHECK(result.ok());
     });
     REQUIRE(pump({server.get(), client.get()}, [&] { return chained.done; }));
@@ -306,13 +280,11 @@ TEST_CASE("IPv4 and IPv6 secure endpoints share one port") {
                     [](const transport::Session& session, const Request&, transport::Responder responder) {
                       responder.respond(Response::with_text(205, session.remote_address()));
                     });
-  auto client = make_client();
+  auto client = make_client_node();
   for (const std::string host : {"127.0.0.1", "::1"}) {
     Request request;
     request.path = {"hello"};
-    Reply reply;
-    client->request({host, server->secure_port()}, alpha(), request, capture(reply));
-    REQUIRE(pump({server.get(), client.get()}, [&] { return reply.done; }));
+    const CallResult reply = request_and_wait(*server, *client, {host, server->secure_port()}, alpha(), request);
     REQUIRE(reply.result->ok());
     CHECK(text_of((*reply.result)->payload).find(host == "::1" ? "[::1]:" : "127.0.0.1:") == 0);
   }

@@ -18,38 +18,6 @@ using transport::Response;
 
 namespace {
 
-struct Reply {
-  bool done = false;
-  std::optional<Result<Response>> result;
-  std::string client_export;
-  transport::PeerIdentity peer;
-};
-
-transport::ResponseHandler capture(Reply& reply) {
-  return [&reply](Result<Response> result, const transport::Session* session) {
-    reply.done = true;
-    reply.result.emplace(std::move(result));
-    if (session != nullptr) {
-      auto exported = session->export_keying_material("EXPORTER-dauth-test", 32);
-      if (exported.ok()) reply.client_export = hex_of(*exported);
-      reply.peer = session->peer();
-    }
-  };
-}
-
-Request get(std::string path) {
-  Request request;
-  request.method = Method::get;
-  request.path = {std::move(path)};
-  return request;
-}
-
-std::unique_ptr<transport::Node> make_client() {
-  auto node = transport::Node::create(transport::NodeConfig{});
-  REQUIRE(node.ok());
-  return std::move(*node);
-}
-
 std::string trim(std::string text) {
   while (!text.empty() && (text.back() == '\n' || text.back() == ' ')) text.pop_back();
   return text;
@@ -63,21 +31,17 @@ TEST_CASE("X.509: mutual authentication, AE-IDs from the certificates, exporter 
   transport::NodeConfig config;
   config.x509 = pki.credentials("server");
   auto server = make_server(std::move(config));
-  auto client = make_client();
+  auto client = make_client_node();
   const transport::Peer peer{"127.0.0.1", server->secure_port()};
   const auto credentials = ClientCredentials::certificate(pki.credentials("client"), "server.example.net",
                                                           "server.example.net");
-  Reply hello;
-  client->request(peer, credentials, get("hello"), capture(hello));
-  REQUIRE(pump({server.get(), client.get()}, [&] { return hello.done; }));
+  const CallResult hello = request_and_wait(*server, *client, peer, credentials, get_request({"hello"}));
   REQUIRE(hello.result->ok());
   CHECK(text_of((*hello.result)->payload) == "x509:" + kClientAeId);
   CHECK(hello.peer.kind == transport::PeerKind::x509);
   CHECK(hello.peer.value == kServerAeId);
 
-  Reply ekm;
-  client->request(peer, credentials, get("ekm"), capture(ekm));
-  REQUIRE(pump({server.get(), client.get()}, [&] { return ekm.done; }));
+  const CallResult ekm = request_and_wait(*server, *client, peer, credentials, get_request({"ekm"}));
   REQUIRE(ekm.result->ok());
   CHECK(text_of((*ekm.result)->payload) == ekm.client_export);
   CHECK(ekm.client_export.size() == 64);
@@ -112,19 +76,17 @@ TEST_CASE("X.509: the peer's certificate serial reaches the session, and peer_ch
   const auto credentials = ClientCredentials::certificate(pki.credentials("client"), "server.example.net",
                                                           "server.example.net");
   {
-    auto client = make_client();
-    Reply accepted;
-    client->request(peer, credentials, get("serial"), capture(accepted));
-    REQUIRE(pump({server.get(), client.get()}, [&] { return accepted.done; }));
+    auto client = make_client_node();
+    const CallResult accepted = request_and_wait(*server, *client, peer, credentials, get_request({"serial"}));
     REQUIRE(accepted.result->ok());
     CHECK(text_of((*accepted.result)->payload) == serial);
     CHECK(checked == std::vector<std::string>{serial});
   }
   revoked.insert(serial);
-  auto client = make_client();
-  Reply refused;
+  auto client = make_client_node();
+  CallResult refused;
   const auto served_before = server->stats().requests_served;
-  client->request(peer, credentials, get("serial"), capture(refused));
+  client->request(peer, credentials, get_request({"serial"}), record_into(refused));
   REQUIRE(pump({server.get(), client.get()}, [&] { return refused.done; }));
   CHECK_FALSE(refused.result->ok());
   CHECK(server->stats().requests_served == served_before);  // never reached a handler
@@ -142,14 +104,14 @@ TEST_CASE("X.509: foreign CA, expired and AE-ID-less certificates are refused an
   config.limits.handshake_timeout = 3s;
   auto server = make_server(std::move(config));
   server->set_failure_observer(server_log.observer());
-  auto client = make_client();
+  auto client = make_client_node();
   const transport::Peer peer{"127.0.0.1", server->secure_port()};
 
   std::size_t expected_failures = 0;
   for (const std::string name : {"rogueclient", "expired", "nouri"}) {
-    Reply refused;
-    client->request(peer, ClientCredentials::certificate(pki.credentials(name), "", ""), get("hello"),
-                    capture(refused));
+    CallResult refused;
+    client->request(peer, ClientCredentials::certificate(pki.credentials(name), "", ""), get_request({"hello"}),
+                    record_into(refused));
     ++expected_failures;
     REQUIRE(pump({server.get(), client.get()},
                  [&] { return refused.done && server_log.failures.size() >= expected_failures; }));
@@ -168,10 +130,9 @@ TEST_CASE("X.509: foreign CA, expired and AE-ID-less certificates are refused an
     CHECK(server_log.text().find("certificate verify failed") != std::string::npos);
   }
 
-  Reply good;
-  client->request(peer, ClientCredentials::certificate(pki.credentials("client"), "", ""), get("hello"),
-                  capture(good));
-  REQUIRE(pump({server.get(), client.get()}, [&] { return good.done; }));
+  const CallResult good = request_and_wait(*server, *client, peer,
+                                           ClientCredentials::certificate(pki.credentials("client"), "", ""),
+                                           get_request({"hello"}));
   REQUIRE(good.result->ok());
 }
 
@@ -181,12 +142,10 @@ TEST_CASE("X.509: the client refuses a server whose certificate names another pe
   transport::NodeConfig config;
   config.x509 = pki.credentials("server");
   auto server = make_server(std::move(config));
-  auto client = make_client();
-  Reply reply;
-  client->request({"127.0.0.1", server->secure_port()},
-                  ClientCredentials::certificate(pki.credentials("client"), "", "mef.example.net"), get("hello"),
-                  capture(reply));
-  REQUIRE(pump({server.get(), client.get()}, [&] { return reply.done; }));
+  auto client = make_client_node();
+  const auto expecting_mef = ClientCredentials::certificate(pki.credentials("client"), "", "mef.example.net");
+  const CallResult reply = request_and_wait(*server, *client, {"127.0.0.1", server->secure_port()}, expecting_mef,
+                                            get_request({"hello"}));
   REQUIRE_FALSE(reply.result->ok());
   CHECK(reply.result->error().message.find("expected 'mef.example.net'") != std::string::npos);
 }
@@ -238,35 +197,27 @@ TEST_CASE("RPK: pinned raw public keys authenticate both ends (GnuTLS), unpinned
   config.rpk = transport::RpkCredentials{secret(pki.text("rpk_a.key")), {id_b}};
   auto server = make_server(std::move(config));
   server->set_failure_observer(server_log.observer());
-  auto client = make_client();
+  auto client = make_client_node();
   const transport::Peer peer{"127.0.0.1", server->secure_port()};
 
-  Reply good;
-  client->request(peer,
-                  ClientCredentials::raw_public_key(transport::RpkCredentials{secret(pki.text("rpk_b.key")), {id_a}},
-                                                    ""),
-                  get("ekm"), capture(good));
-  REQUIRE(pump({server.get(), client.get()}, [&] { return good.done; }));
+  const auto key_b =
+      ClientCredentials::raw_public_key(transport::RpkCredentials{secret(pki.text("rpk_b.key")), {id_a}}, "");
+  const CallResult good = request_and_wait(*server, *client, peer, key_b, get_request({"ekm"}));
   REQUIRE(good.result->ok());
   CHECK(text_of((*good.result)->payload) == good.client_export);
   CHECK(good.peer.kind == transport::PeerKind::rpk);
   CHECK(good.peer.value == id_a);
 
-  Reply hello;
-  client->request(peer,
-                  ClientCredentials::raw_public_key(transport::RpkCredentials{secret(pki.text("rpk_b.key")), {id_a}},
-                                                    ""),
-                  get("hello"), capture(hello));
-  REQUIRE(pump({server.get(), client.get()}, [&] { return hello.done; }));
+  const CallResult hello = request_and_wait(*server, *client, peer, key_b, get_request({"hello"}));
   REQUIRE(hello.result->ok());
   CHECK(text_of((*hello.result)->payload) == "rpk:" + id_b);
 
   // The server's own key is not pinned at the server: a client using it is refused.
-  Reply refused;
+  CallResult refused;
   client->request(peer,
                   ClientCredentials::raw_public_key(transport::RpkCredentials{secret(pki.text("rpk_a.key")), {id_a}},
                                                     ""),
-                  get("hello"), capture(refused));
+                  get_request({"hello"}), record_into(refused));
   REQUIRE(pump({server.get(), client.get()}, [&] { return refused.done && !server_log.failures.empty(); }));
   REQUIRE_FALSE(refused.result->ok());
   INFO(server_log.text());

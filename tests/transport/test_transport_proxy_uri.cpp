@@ -34,37 +34,23 @@ std::unique_ptr<transport::Node> make_local_server() {
 
 TEST_CASE("Proxy-Uri is sent and parsed, the request reaches the empty-prefix route instead of libcoap's 5.05") {
   auto server = make_local_server();
-  transport::NodeConfig client_config;
-  auto client = transport::Node::create(std::move(client_config));
-  REQUIRE(client.ok());
+  auto client = make_client_node();
+  const transport::Peer peer{"127.0.0.1", server->local_port()};
 
   Request request;
   request.proxy_uri = "coap://CAE-valve/temp/now";
   request.originator = "CAE-meter";
-  bool done = false;
-  std::optional<Result<Response>> reply;
-  (*client)->request({"127.0.0.1", server->local_port()}, ClientCredentials::plain(), request,
-                     [&](Result<Response> result, const transport::Session*) {
-                       done = true;
-                       reply.emplace(std::move(result));
-                     });
-  REQUIRE(pump({server.get(), client->get()}, [&] { return done; }));
-  REQUIRE(reply->ok());
-  CHECK((*reply)->code == 205);
-  CHECK(text_of((*reply)->payload) == "proxy_uri=coap://CAE-valve/temp/now path=/ fr=CAE-meter");
+  const CallResult proxied = request_and_wait(*server, *client, peer, ClientCredentials::plain(), request);
+  REQUIRE(proxied.result->ok());
+  CHECK((*proxied.result)->code == 205);
+  CHECK(text_of((*proxied.result)->payload) == "proxy_uri=coap://CAE-valve/temp/now path=/ fr=CAE-meter");
 
   // Without Proxy-Uri the field stays empty and the path is the Uri-Path.
   Request plain;
   plain.path = {"x"};
-  done = false;
-  (*client)->request({"127.0.0.1", server->local_port()}, ClientCredentials::plain(), plain,
-                     [&](Result<Response> result, const transport::Session*) {
-                       done = true;
-                       reply.emplace(std::move(result));
-                     });
-  REQUIRE(pump({server.get(), client->get()}, [&] { return done; }));
-  REQUIRE(reply->ok());
-  CHECK(text_of((*reply)->payload) == "proxy_uri= path=/x fr=");
+  const CallResult reply = request_and_wait(*server, *client, peer, ClientCredentials::plain(), plain);
+  REQUIRE(reply.result->ok());
+  CHECK(text_of((*reply.result)->payload) == "proxy_uri= path=/x fr=");
 }
 
 TEST_CASE("Proxy-Uri: stock coap-client-notls -P reaches the route with the target AE-ID as host") {

@@ -8,49 +8,8 @@ using namespace dauth;
 using namespace dauth::test;
 using transport::ClientCredentials;
 using transport::FailureKind;
-using transport::Method;
-using transport::Request;
-using transport::Response;
 
 namespace {
-
-struct Reply {
-  bool done = false;
-  std::optional<Result<Response>> result;
-  std::string client_export;
-  std::string cipher;
-  transport::PeerIdentity peer;
-  transport::SessionCounters counters;
-};
-
-transport::ResponseHandler capture(Reply& reply) {
-  return [&reply](Result<Response> result, const transport::Session* session) {
-    reply.done = true;
-    reply.result.emplace(std::move(result));
-    if (session != nullptr) {
-      auto exported = session->export_keying_material("EXPORTER-dauth-test", 32);
-      if (exported.ok()) reply.client_export = hex_of(*exported);
-      reply.cipher = session->cipher_suite();
-      reply.peer = session->peer();
-      reply.counters = session->counters();
-    }
-  };
-}
-
-Request get(std::string path) {
-  Request request;
-  request.method = Method::get;
-  request.path = {std::move(path)};
-  return request;
-}
-
-std::unique_ptr<transport::Node> make_client(std::chrono::milliseconds handshake_timeout = 10s) {
-  transport::NodeConfig config;
-  config.limits.handshake_timeout = handshake_timeout;
-  auto node = transport::Node::create(std::move(config));
-  REQUIRE(node.ok());
-  return std::move(*node);
-}
 
 const std::map<std::string, std::string> kKeys{{"CAE-alpha", "alpha-secret-key-0123456789abcdef"},
                                                {"CAE-beta", "beta-secret-key-0123456789abcdef!"}};
@@ -61,20 +20,16 @@ TEST_CASE("PSK: our client and server agree on identity and RFC 5705 export") {
   transport::NodeConfig config;
   config.psk_lookup = psk_table(kKeys);
   auto server = make_server(std::move(config));
-  auto client = make_client();
+  auto client = make_client_node();
   const transport::Peer peer{"127.0.0.1", server->secure_port()};
   const auto credentials = ClientCredentials::psk("CAE-alpha", secret(kKeys.at("CAE-alpha")), "server.example.net");
 
-  Reply hello;
-  client->request(peer, credentials, get("hello"), capture(hello));
-  REQUIRE(pump({server.get(), client.get()}, [&] { return hello.done; }));
+  const CallResult hello = request_and_wait(*server, *client, peer, credentials, get_request({"hello"}));
   REQUIRE(hello.result->ok());
   CHECK((*hello.result)->code == 205);
   CHECK(text_of((*hello.result)->payload) == "psk:CAE-alpha");
 
-  Reply ekm;
-  client->request(peer, credentials, get("ekm"), capture(ekm));
-  REQUIRE(pump({server.get(), client.get()}, [&] { return ekm.done; }));
+  const CallResult ekm = request_and_wait(*server, *client, peer, credentials, get_request({"ekm"}));
   REQUIRE(ekm.result->ok());
   const std::string server_export = text_of((*ekm.result)->payload);
   CHECK(server_export.size() == 64);
@@ -89,10 +44,9 @@ TEST_CASE("PSK: our client and server agree on identity and RFC 5705 export") {
   CHECK(server->stats().requests_served == 2);
 
   // A second session (other identity) gets another export.
-  Reply other;
-  client->request(peer, ClientCredentials::psk("CAE-beta", secret(kKeys.at("CAE-beta")), ""), get("ekm"),
-                  capture(other));
-  REQUIRE(pump({server.get(), client.get()}, [&] { return other.done; }));
+  const CallResult other = request_and_wait(*server, *client, peer,
+                                            ClientCredentials::psk("CAE-beta", secret(kKeys.at("CAE-beta")), ""),
+                                            get_request({"ekm"}));
   REQUIRE(other.result->ok());
   CHECK(text_of((*other.result)->payload) == other.client_export);
   CHECK(other.client_export != ekm.client_export);
@@ -105,14 +59,12 @@ TEST_CASE("PSK: unknown identity is refused with an alert, reported, and the ser
   config.psk_lookup = psk_table(kKeys);
   auto server = make_server(std::move(config));
   server->set_failure_observer(server_log.observer());
-  auto client = make_client();
+  auto client = make_client_node();
   client->set_failure_observer(client_log.observer());
   const transport::Peer peer{"127.0.0.1", server->secure_port()};
 
-  Reply refused;
-  client->request(peer, ClientCredentials::psk("CAE-nobody", secret("whatever-key-0123456789"), ""), get("hello"),
-                  capture(refused));
-  REQUIRE(pump({server.get(), client.get()}, [&] { return refused.done; }));
+  const auto stranger = ClientCredentials::psk("CAE-nobody", secret("whatever-key-0123456789"), "");
+  const CallResult refused = request_and_wait(*server, *client, peer, stranger, get_request({"hello"}));
   REQUIRE_FALSE(refused.result->ok());
   CHECK(refused.result->error().code == Errc::unauthenticated);
   INFO(server_log.text());
@@ -120,10 +72,9 @@ TEST_CASE("PSK: unknown identity is refused with an alert, reported, and the ser
   CHECK(server_log.text().find("unknown PSK identity 'CAE-nobody'") != std::string::npos);
   CHECK(server->stats().handshakes_failed == 1);
 
-  Reply good;
-  client->request(peer, ClientCredentials::psk("CAE-alpha", secret(kKeys.at("CAE-alpha")), ""), get("hello"),
-                  capture(good));
-  REQUIRE(pump({server.get(), client.get()}, [&] { return good.done; }));
+  const CallResult good = request_and_wait(*server, *client, peer,
+                                           ClientCredentials::psk("CAE-alpha", secret(kKeys.at("CAE-alpha")), ""),
+                                           get_request({"hello"}));
   REQUIRE(good.result->ok());
   CHECK(text_of((*good.result)->payload) == "psk:CAE-alpha");
 }
@@ -136,13 +87,15 @@ TEST_CASE("PSK: a wrong key is reported as a silent handshake timeout on both en
   config.limits.handshake_timeout = 4s;  // the client gives up first, as a real client would
   auto server = make_server(std::move(config));
   server->set_failure_observer(server_log.observer());
-  auto client = make_client(1500ms);
+  transport::Limits impatient;
+  impatient.handshake_timeout = 1500ms;
+  auto client = make_client_node(impatient);
   client->set_failure_observer(client_log.observer());
   const transport::Peer peer{"127.0.0.1", server->secure_port()};
 
-  Reply wrong;
+  CallResult wrong;
   client->request(peer, ClientCredentials::psk("CAE-alpha", secret("not-the-right-key-0123456789"), ""),
-                  get("hello"), capture(wrong));
+                  get_request({"hello"}), record_into(wrong));
   REQUIRE(pump({server.get(), client.get()},
                [&] { return wrong.done && server_log.has(FailureKind::handshake_timeout, "CAE-alpha"); }));
   REQUIRE_FALSE(wrong.result->ok());

@@ -16,43 +16,17 @@ using transport::Response;
 
 namespace {
 
-struct Reply {
-  bool done = false;
-  std::optional<Result<Response>> result;
-};
-
-transport::ResponseHandler capture(Reply& reply) {
-  return [&reply](Result<Response> result, const transport::Session*) {
-    reply.done = true;
-    reply.result.emplace(std::move(result));
-  };
-}
-
-std::unique_ptr<transport::Node> make_client() {
-  auto node = transport::Node::create(transport::NodeConfig{});
-  REQUIRE(node.ok());
-  return std::move(*node);
-}
-
 const std::map<std::string, std::string> kKeys{{"CAE-alpha", "alpha-secret-key-0123456789abcdef"},
                                                {"CAE-beta", "beta-secret-key-0123456789abcdef0"}};
 ClientCredentials psk(const std::string& identity, const std::string& sni) {
   return ClientCredentials::psk(identity, secret(kKeys.at(identity)), sni);
 }
 
-Request get(std::vector<std::string> path) {
-  Request request;
-  request.method = Method::get;
-  request.path = std::move(path);
-  return request;
-}
-
 // One request, pumping both nodes until it completes.
 Response call(transport::Node& server, transport::Node& client, const ClientCredentials& credentials,
               Request request) {
-  Reply reply;
-  client.request({"127.0.0.1", server.secure_port()}, credentials, std::move(request), capture(reply));
-  REQUIRE(pump({&server, &client}, [&] { return reply.done; }));
+  CallResult reply =
+      request_and_wait(server, client, {"127.0.0.1", server.secure_port()}, credentials, std::move(request));
   INFO((reply.result->ok() ? std::string("ok") : reply.result->error().to_string()));
   REQUIRE(reply.result->ok());
   return std::move(**reply.result);
@@ -83,15 +57,15 @@ TEST_CASE("The PSK lookup receives the identity, the SNI and the address of ever
     return table(request);
   };
   auto server = make_server(std::move(config));
-  auto client = make_client();
+  auto client = make_client_node();
 
-  CHECK(call(*server, *client, psk("CAE-alpha", "CAE-valve"), get({"hello"})).code == 205);
-  CHECK(call(*server, *client, psk("CAE-beta", "CAE-pump"), get({"hello"})).code == 205);
+  CHECK(call(*server, *client, psk("CAE-alpha", "CAE-valve"), get_request({"hello"})).code == 205);
+  CHECK(call(*server, *client, psk("CAE-beta", "CAE-pump"), get_request({"hello"})).code == 205);
   // The same SNI once more, in a new session: libcoap's own SNI callback would not run again for a name it has
   // seen (it caches per name and context), our per-session read does.
-  auto other_client = make_client();
-  CHECK(call(*server, *other_client, psk("CAE-alpha", "CAE-valve"), get({"hello"})).code == 205);
-  CHECK(call(*server, *client, psk("CAE-alpha", ""), get({"hello"})).code == 205);
+  auto other_client = make_client_node();
+  CHECK(call(*server, *other_client, psk("CAE-alpha", "CAE-valve"), get_request({"hello"})).code == 205);
+  CHECK(call(*server, *client, psk("CAE-alpha", ""), get_request({"hello"})).code == 205);
 
   REQUIRE(seen.size() == 4);
   CHECK(seen[0].identity == "CAE-alpha");
@@ -112,14 +86,15 @@ TEST_CASE("A server session reports the SNI its handshake carried, per session")
                     [](const transport::Session& session, const Request&, transport::Responder responder) {
                       responder.respond(Response::with_text(205, "sni=" + session.server_name()));
                     });
-  auto client = make_client();
+  auto client = make_client_node();
   const auto text = [](const Response& response) {
     return std::string(response.payload.begin(), response.payload.end());
   };
-  CHECK(text(call(*server, *client, psk("CAE-alpha", "CAE-valve"), get({"sni"}))) == "sni=CAE-valve");
-  CHECK(text(call(*server, *client, psk("CAE-alpha", "CAE-pump"), get({"sni"}))) == "sni=CAE-pump");
-  CHECK(text(call(*server, *client, psk("CAE-alpha", "CAE-valve"), get({"sni"}))) == "sni=CAE-valve");  // cached
-  CHECK(text(call(*server, *client, psk("CAE-beta", ""), get({"sni"}))) == "sni=");
+  CHECK(text(call(*server, *client, psk("CAE-alpha", "CAE-valve"), get_request({"sni"}))) == "sni=CAE-valve");
+  CHECK(text(call(*server, *client, psk("CAE-alpha", "CAE-pump"), get_request({"sni"}))) == "sni=CAE-pump");
+  CHECK(text(call(*server, *client, psk("CAE-alpha", "CAE-valve"), get_request({"sni"}))) ==
+        "sni=CAE-valve");  // cached
+  CHECK(text(call(*server, *client, psk("CAE-beta", ""), get_request({"sni"}))) == "sni=");
 }
 
 TEST_CASE("A stock coap-client's SNI (the URI host) reaches the PSK lookup") {
@@ -157,15 +132,15 @@ TEST_CASE("A response with close_session ends the server session, the next reque
                       response.close_session = true;
                       responder.respond(std::move(response));
                     });
-  auto client = make_client();
+  auto client = make_client_node();
   const auto alpha = psk("CAE-alpha", "");
 
-  const std::string first_ekm = text_of(call(*server, *client, alpha, get({"ekm"})).payload);
+  const std::string first_ekm = text_of(call(*server, *client, alpha, get_request({"ekm"})).payload);
   // Without the flag the session stays: the same exporter on the next request.
-  CHECK(text_of(call(*server, *client, alpha, get({"ekm"})).payload) == first_ekm);
+  CHECK(text_of(call(*server, *client, alpha, get_request({"ekm"})).payload) == first_ekm);
   CHECK(server->stats().live_server_sessions == 1);
 
-  Request last = get({"last"});
+  Request last = get_request({"last"});
   last.method = Method::post;
   const Response answer = call(*server, *client, alpha, std::move(last));
   CHECK(answer.code == 204);
@@ -174,7 +149,7 @@ TEST_CASE("A response with close_session ends the server session, the next reque
   REQUIRE(pump({server.get(), client.get()}, [&] {
     return server->stats().live_server_sessions == 0 && client->stats().live_client_sessions == 0;
   }));
-  const std::string next_ekm = text_of(call(*server, *client, alpha, get({"ekm"})).payload);
+  const std::string next_ekm = text_of(call(*server, *client, alpha, get_request({"ekm"})).payload);
   CHECK(next_ekm != first_ekm);
   CHECK(server->stats().handshakes_completed == 2);
   CHECK(server->stats().handshakes_failed == 0);
@@ -184,13 +159,13 @@ TEST_CASE("close_client_session closes the one cached session for a peer and cre
   transport::NodeConfig config;
   config.psk_lookup = psk_table(kKeys);
   auto server = make_server(std::move(config));
-  auto client = make_client();
+  auto client = make_client_node();
   const auto alpha = psk("CAE-alpha", "");
   const auto beta = psk("CAE-beta", "");
   const transport::Peer peer{"127.0.0.1", server->secure_port()};
 
-  const std::string alpha_ekm = text_of(call(*server, *client, alpha, get({"ekm"})).payload);
-  const std::string beta_ekm = text_of(call(*server, *client, beta, get({"ekm"})).payload);
+  const std::string alpha_ekm = text_of(call(*server, *client, alpha, get_request({"ekm"})).payload);
+  const std::string beta_ekm = text_of(call(*server, *client, beta, get_request({"ekm"})).payload);
   REQUIRE(client->stats().live_client_sessions == 2);
   REQUIRE(server->stats().live_server_sessions == 2);
 
@@ -202,8 +177,8 @@ TEST_CASE("close_client_session closes the one cached session for a peer and cre
   // close_notify reached the server: it frees that session only.
   REQUIRE(pump({server.get(), client.get()}, [&] { return server->stats().live_server_sessions == 1; }));
 
-  CHECK(text_of(call(*server, *client, beta, get({"ekm"})).payload) == beta_ekm);     // untouched
-  CHECK(text_of(call(*server, *client, alpha, get({"ekm"})).payload) != alpha_ekm);   // new handshake
+  CHECK(text_of(call(*server, *client, beta, get_request({"ekm"})).payload) == beta_ekm);     // untouched
+  CHECK(text_of(call(*server, *client, alpha, get_request({"ekm"})).payload) != alpha_ekm);   // new handshake
   CHECK(server->stats().handshakes_completed == 3);
 }
 
@@ -211,10 +186,10 @@ TEST_CASE("close_client_session fails the pending requests of that session") {
   transport::NodeConfig config;
   config.psk_lookup = psk_table(kKeys);
   auto server = make_server(std::move(config));
-  auto client = make_client();
+  auto client = make_client_node();
   const auto alpha = psk("CAE-alpha", "");
-  Reply reply;
-  client->request({"127.0.0.1", server->secure_port()}, alpha, get({"hello"}), capture(reply));
+  CallResult reply;
+  client->request({"127.0.0.1", server->secure_port()}, alpha, get_request({"hello"}), record_into(reply));
   CHECK(client->close_client_session({"127.0.0.1", server->secure_port()}, alpha));
   REQUIRE(reply.done);  // the handler ran from close_client_session's housekeeping, on this thread
   REQUIRE_FALSE(reply.result->ok());
@@ -222,7 +197,7 @@ TEST_CASE("close_client_session fails the pending requests of that session") {
 }
 
 TEST_CASE("post() runs work at the next process_ready, outside libcoap callbacks, and keeps fd() readable") {
-  auto client = make_client();
+  auto client = make_client_node();
   std::vector<std::string> order;
   client->post([&] {
     order.push_back("first");
@@ -243,7 +218,7 @@ TEST_CASE("post() runs work at the next process_ready, outside libcoap callbacks
   transport::NodeConfig second_config;
   second_config.psk_lookup = psk_table(kKeys);
   auto second = make_server(std::move(second_config));
-  Reply relayed;
+  CallResult relayed;
   std::unique_ptr<transport::Node> gateway;
   transport::NodeConfig gateway_config;
   auto table = psk_table(kKeys);
@@ -253,15 +228,17 @@ TEST_CASE("post() runs work at the next process_ready, outside libcoap callbacks
     in_lookup = true;
     gateway->post([&] {
       ran_inside_lookup = in_lookup;
-      gateway->request({"127.0.0.1", second->secure_port()}, psk("CAE-beta", ""), get({"hello"}), capture(relayed));
+      gateway->request({"127.0.0.1", second->secure_port()}, psk("CAE-beta", ""), get_request({"hello"}),
+                       record_into(relayed));
     });
     auto key = table(request);
     in_lookup = false;
     return key;
   };
   gateway = make_server(std::move(gateway_config));
-  Reply direct;
-  client->request({"127.0.0.1", gateway->secure_port()}, psk("CAE-alpha", ""), get({"hello"}), capture(direct));
+  CallResult direct;
+  client->request({"127.0.0.1", gateway->secure_port()}, psk("CAE-alpha", ""), get_request({"hello"}),
+                  record_into(direct));
   REQUIRE(pump({client.get(), gateway.get(), second.get()}, [&] { return direct.done && relayed.done; }));
   CHECK_FALSE(ran_inside_lookup);
   REQUIRE(relayed.result->ok());

@@ -143,4 +143,41 @@ std::unique_ptr<transport::Node> make_server(transport::NodeConfig config) {
   return server;
 }
 
+transport::ResponseHandler record_into(CallResult& call) {
+  return [&call](Result<transport::Response> result, const transport::Session* session) {
+    call.done = true;
+    call.result.emplace(std::move(result));
+    if (session != nullptr) {
+      auto exported = session->export_keying_material("EXPORTER-dauth-test", 32);
+      if (exported.ok()) call.client_export = hex_of(*exported);
+      call.cipher = session->cipher_suite();
+      call.peer = session->peer();
+      call.counters = session->counters();
+    }
+  };
+}
+
+transport::Request get_request(std::vector<std::string> path) {
+  transport::Request request;
+  request.method = transport::Method::get;
+  request.path = std::move(path);
+  return request;
+}
+
+std::unique_ptr<transport::Node> make_client_node(transport::Limits limits) {
+  transport::NodeConfig config;
+  config.limits = limits;
+  auto node = transport::Node::create(std::move(config));
+  REQUIRE(node.ok());
+  return std::move(*node);
+}
+
+CallResult request_and_wait(transport::Node& server, transport::Node& client, const transport::Peer& peer,
+                            const transport::ClientCredentials& credentials, transport::Request request) {
+  CallResult call;
+  client.request(peer, credentials, std::move(request), record_into(call));
+  REQUIRE(pump({&server, &client}, [&] { return call.done; }));
+  return call;
+}
+
 }  // namespace dauth::test

@@ -9,6 +9,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -71,5 +72,27 @@ inline const std::string kClientAeId = "//m2m.example.net/in-cse/CAE-client-01";
 std::unique_ptr<transport::Node> make_server(transport::NodeConfig config);
 std::string hex_of(const SecretBuffer& secret);
 std::string text_of(const Bytes& bytes);
+
+// What a client saw of one request: its result and, when a session carried it, what that session reported at the
+// time (hex of the 32-byte "EXPORTER-dauth-test" export, cipher suite, the authenticated server, counters).
+struct CallResult {
+  bool done = false;
+  std::optional<Result<transport::Response>> result;
+  std::string client_export;
+  std::string cipher;
+  transport::PeerIdentity peer;
+  transport::SessionCounters counters;
+};
+transport::ResponseHandler record_into(CallResult& call);
+
+// A GET for the given Uri-Path segments.
+transport::Request get_request(std::vector<std::string> path);
+
+// A node without endpoints (client only) with the given limits.
+std::unique_ptr<transport::Node> make_client_node(transport::Limits limits = {});
+
+// Sends request from client to peer and pumps server and client until it completes (REQUIREs that it does).
+CallResult request_and_wait(transport::Node& server, transport::Node& client, const transport::Peer& peer,
+                            const transport::ClientCredentials& credentials, transport::Request request);
 
 }  // namespace dauth::test

@@ -228,6 +228,12 @@ class SessionImpl final : public Session {
   std::string refusal;                   // our own reason for refusing, set in a callback
   std::string cache_key;                 // client: key in the session cache
   std::string expected_peer;             // client, x509: required AE-ID or dNSName of the server
+  // Server, certificates by server name (docs/transport.md §3): whether this handshake must have its certificate
+  // chosen by SNI, whether that happened, and the TLS object our hook went on (libcoap recreates it after a failed
+  // ClientHello).
+  bool certificate_by_name = false;
+  bool certificate_selected = false;
+  const void* selector_installed_on = nullptr;
 };
 
 }  // namespace
@@ -345,6 +351,16 @@ struct Node::Impl {
   coap_dtls_pki_t server_pki{};
   coap_dtls_spsk_t server_psk{};
   std::string server_key_id;
+  // Certificates by server name (NodeConfig::x509_by_server_name, set_server_certificate). The context's PKI setup
+  // (server_*_pem above) is then only what libcoap parses for each session before our hook replaces the choice.
+  struct NamedCertificate {
+    std::string chain_pem;
+    SecretBuffer key_pem;
+  };
+  std::map<std::string, NamedCertificate> named_certificates;
+  bool select_by_name = false;     // on from the first named certificate; sessions begun before keep the default
+  bool server_pki_set = false;     // coap_context_set_pki done
+  std::string client_trust_anchors_pem;  // what client certificates are verified against (x509 or first named)
   SecretBuffer psk_in_flight;  // returned by validate_id; libcoap copies it at once (notes, Q1)
   coap_bin_const_t psk_in_flight_view{};
 
@@ -366,6 +382,7 @@ struct Node::Impl {
   std::map<std::pair<coap_session_t*, std::string>, std::shared_ptr<Observation::State>> observations;
   bool in_libcoap = false;  // inside coap_io_process: libcoap callbacks (request handlers) are running
   UniqueFd post_signal;                            // eventfd in `epoll`: readable while `posted` is not empty
+  std::set<std::string> client_snis;  // the PSK client sessions' SNIs, which libcoap points into (client_session_for)
 
   // Declared last so they are freed first: freeing a context raises SESSION_DEL events that use the maps above.
   std::map<std::string, std::unique_ptr<ClientPkiContext>> client_pki_contexts;
@@ -375,13 +392,23 @@ struct Node::Impl {
   ~Impl() {
     *alive = false;
     shutting_down = true;  // sessions our own tear-down aborts are not peer failures: no reports, no callbacks
-    for (auto& [key, session] : client_cache) coap_session_release(session);
+    for (auto& [key, session] : client_cache) release_client_session(session);
     client_cache.clear();
-    for (coap_session_t* session : graveyard) coap_session_release(session);
+    for (coap_session_t* session : graveyard) release_client_session(session);
     graveyard.clear();
     client_pki_contexts.clear();
     client_context.reset();
     server_context.reset();
+  }
+
+  // Drops our reference to a client session (the last one: libcoap frees it now). libcoap 4.3.1's
+  // coap_session_mfree deregisters every observation the session still holds (coap_cancel_observe, NON), and on a
+  // session that is no longer ESTABLISHED (the peer's close_notify, a failed handshake) coap_send_pdu opens a new
+  // DTLS handshake to send that: a stray ClientHello, and a leaked GnuTLS session if its setup fails
+  // (docs/transport.md §5). A closed session's observations ended with it, so it deregisters nothing.
+  static void release_client_session(coap_session_t* session) {
+    if (coap_session_get_state(session) != COAP_SESSION_STATE_ESTABLISHED) coap_session_set_no_observe_cancel(session);
+    coap_session_release(session);
   }
 
   // -- failures --
@@ -433,6 +460,9 @@ struct Node::Impl {
       const bool secure = coap_session_get_proto(session) == COAP_PROTO_DTLS;
       it = sessions.emplace(session, std::make_unique<SessionImpl>(session, client, secure)).first;
       coap_session_set_app_data(session, it->second.get());
+      // Every session passes here before it sends a CON (client: at creation; server: at SESSION_NEW or its first
+      // request), so the limit holds for requests and separate responses alike.
+      coap_session_set_nstart(session, secure ? config.limits.nstart : config.limits.plain_nstart);
     }
     return *it->second;
   }
@@ -550,6 +580,12 @@ struct Node::Impl {
   Result<ClientPkiContext*> client_pki_context(const ClientCredentials& credentials);
   Result<void> add_context_to_loop(coap_context_t* context);
   ContextPtr new_context(ContextRole role, std::string& error);
+
+  // Server PKI: the context's setup from one certificate (x509) or raw key; for named certificates, the first one.
+  Result<void> set_up_server_pki(const X509Credentials* x509, const RpkCredentials* rpk);
+  Result<void> put_named_certificate(const std::string& server_name, X509Credentials credentials);
+  // After each server round: hooks certificate selection into handshakes that have a TLS object by now.
+  void select_certificates_by_name();
 };
 
 namespace {
@@ -619,7 +655,7 @@ int on_peer_certificate(const char* cn, const uint8_t* der, size_t der_length, c
     state.offered_identity = *key_id;
     if (policy->pinned_keys.count(*key_id) == 0) return refuse("raw public key " + *key_id + " is not pinned");
     PeerIdentity peer{PeerKind::rpk, *key_id, {}};
-    if (!client_side_of(session) && impl->config.peer_check) {
+    if (impl->config.peer_check) {  // server and client sessions alike (transport.hpp)
       if (auto allowed = impl->config.peer_check(peer); !allowed.ok()) {
         return refuse("peer check refused raw public key " + *key_id + ": " + allowed.error().message);
       }
@@ -650,10 +686,16 @@ int on_peer_certificate(const char* cn, const uint8_t* der, size_t der_length, c
                     "'");
     }
   }
+  if (!client_side && state.certificate_by_name && !state.certificate_selected) {
+    // Our hook never chose this handshake's certificate (docs/transport.md §3): the client got the context's
+    // placeholder, which may belong to another name. Never let such a session through.
+    return refuse("server certificate was not chosen by the server name '" + state.sni + "'");
+  }
   PeerIdentity peer{PeerKind::x509, state.offered_identity, certificate->serial_hex()};
-  if (!client_side && impl->config.peer_check) {
+  if (impl->config.peer_check) {  // server and client sessions alike: a revoked server is refused too
     if (auto allowed = impl->config.peer_check(peer); !allowed.ok()) {
-      return refuse("peer check refused certificate serial " + peer.certificate_serial + " of '" + peer.value +
+      return refuse("peer check refused " + std::string(client_side ? "server" : "client") +
+                    " certificate serial " + peer.certificate_serial + " of '" + peer.value +
                     "': " + allowed.error().message);
     }
   }
@@ -667,7 +709,11 @@ int on_event(coap_session_t* session, coap_event_t event) {
   Node::Impl* impl = impl_of(session);
   if (impl == nullptr) return 0;
   switch (event) {
-    case COAP_EVENT_SERVER_SESSION_NEW: impl->state_for(session); break;
+    case COAP_EVENT_SERVER_SESSION_NEW: {
+      SessionImpl& state = impl->state_for(session);
+      state.certificate_by_name = impl->select_by_name && state.secure;
+      break;
+    }
     case COAP_EVENT_SERVER_SESSION_DEL: {
       auto it = impl->sessions.find(session);
       if (it != impl->sessions.end()) {
@@ -1133,7 +1179,7 @@ void Node::Impl::housekeeping() {
     run_completions();
     sessions.erase(raw);
     coap_session_set_app_data(raw, nullptr);
-    coap_session_release(raw);
+    release_client_session(raw);
   }
   counters.live_client_sessions = client_cache.size();
 }
@@ -1286,8 +1332,10 @@ Result<coap_session_t*> Node::Impl::client_session_for(const Peer& peer, const C
       coap_dtls_cpsk_t setup;
       std::memset(&setup, 0, sizeof(setup));
       setup.version = COAP_DTLS_CPSK_SETUP_VERSION;
-      std::string sni = credentials.sni;  // libcoap needs it during the call only
-      setup.client_sni = sni.empty() ? nullptr : sni.data();
+      // The session keeps a shallow copy of the setup and reads client_sni at every new handshake (a reconnect in
+      // coap_send_pdu), so the name must outlive the session: stable storage for the Node's lifetime.
+      setup.client_sni =
+          credentials.sni.empty() ? nullptr : const_cast<char*>(client_snis.insert(credentials.sni).first->c_str());
       setup.psk_info.identity = {credentials.psk_identity.size(),
                                  reinterpret_cast<const uint8_t*>(credentials.psk_identity.data())};
       // libcoap copies the session PSK (notes, Q1); the copy is unwiped heap: sessions are capped in time.
@@ -1344,6 +1392,121 @@ std::uint16_t port_of_endpoint(const coap_endpoint_t* endpoint) {
 }
 }  // namespace
 
+Result<void> Node::Impl::set_up_server_pki(const X509Credentials* x509, const RpkCredentials* rpk) {
+  coap_dtls_pki_t& pki = server_pki;
+  std::memset(&pki, 0, sizeof(pki));
+  pki.version = COAP_DTLS_PKI_SETUP_VERSION;
+  pki.validate_cn_call_back = on_peer_certificate;
+  server_policy.node = this;
+  pki.cn_call_back_arg = &server_policy;
+  pki.pki_key.key_type = COAP_PKI_KEY_PEM_BUF;
+  const SecretBuffer& key = x509 != nullptr ? x509->private_key_pem : rpk->private_key_pem;
+  auto private_key = crypto::PrivateKey::parse(key);
+  if (!private_key.ok()) {
+    return make_error(Errc::invalid_argument, "server private key: " + private_key.error().message);
+  }
+  server_key_id = private_key->public_key_id();
+  server_key_pem = nul_terminated(key.view());
+  pki.pki_key.key.pem_buf.private_key = server_key_pem.data();
+  pki.pki_key.key.pem_buf.private_key_len = server_key_pem.size();
+  if (rpk != nullptr) {
+    server_policy.rpk = true;
+    server_policy.pinned_keys = rpk->pinned_peer_keys;
+    pki.is_rpk_not_cert = 1;
+    pki.pki_key.key.pem_buf.public_cert = server_key_pem.data();
+    pki.pki_key.key.pem_buf.public_cert_len = server_key_pem.size();
+  } else {
+    server_chain_pem = nul_terminated(ByteView::of(x509->certificate_chain_pem));
+    server_trust_pem = nul_terminated(ByteView::of(x509->trust_anchors_pem));
+    pki.verify_peer_cert = 1;         // mutual authentication: a client certificate is required
+    pki.check_common_ca = 0;          // several MEF CAs may be trusted, not only our own issuer
+    pki.allow_self_signed = 0;
+    pki.allow_expired_certs = 0;
+    pki.cert_chain_validation = 1;
+    pki.cert_chain_verify_depth = 3;  // leaf, one intermediate, anchor (TS-0003 §10.1 profile)
+    pki.pki_key.key.pem_buf.public_cert = server_chain_pem.data();
+    pki.pki_key.key.pem_buf.public_cert_len = server_chain_pem.size();
+    pki.pki_key.key.pem_buf.ca_cert = server_trust_pem.data();
+    pki.pki_key.key.pem_buf.ca_cert_len = server_trust_pem.size();
+  }
+  if (coap_context_set_pki(server_context.get(), &pki) != 1) {
+    return make_error(Errc::invalid_argument,
+                      "server certificate/key rejected by the TLS backend: " +
+                          (libcoap_warnings().empty() ? std::string("no detail") : libcoap_warnings().back()));
+  }
+  server_pki_set = true;
+  if (x509 != nullptr) client_trust_anchors_pem = x509->trust_anchors_pem;
+  return {};
+}
+
+Result<void> Node::Impl::put_named_certificate(const std::string& server_name, X509Credentials credentials) {
+  if (server_name.empty()) return make_error(Errc::invalid_argument, "server certificate for an empty server name");
+  auto chain = crypto::Certificate::parse(ByteView::of(credentials.certificate_chain_pem));
+  if (!chain.ok()) {
+    return make_error(Errc::invalid_argument, "server certificate for '" + server_name + "': " + chain.error().message);
+  }
+  auto key = crypto::PrivateKey::parse(credentials.private_key_pem);
+  if (!key.ok()) {
+    return make_error(Errc::invalid_argument, "server key for '" + server_name + "': " + key.error().message);
+  }
+  if (key->public_key_id() != chain->public_key_id()) {
+    return make_error(Errc::invalid_argument, "server key for '" + server_name + "' is not the key of its certificate '" +
+                                                  chain->subject() + "'");
+  }
+  // One trust list per context: the client verification set up with the context's PKI setup applies to all.
+  if (credentials.trust_anchors_pem != client_trust_anchors_pem) {
+    return make_error(Errc::invalid_argument, "server certificate for '" + server_name +
+                                                  "': its trust anchors differ from the ones client certificates "
+                                                  "are verified against (one set per endpoint)");
+  }
+  NamedCertificate entry{credentials.certificate_chain_pem, std::move(credentials.private_key_pem)};
+  named_certificates.insert_or_assign(server_name, std::move(entry));
+  select_by_name = true;
+  return {};
+}
+
+namespace {
+
+// detail::ServerCertificateLookup: the certificate for one handshake, from the table as it is now.
+std::optional<detail::ServerCertificatePem> choose_server_certificate(coap_session_t* session,
+                                                                      const std::string& server_name) {
+  Node::Impl* impl = impl_of(session);
+  if (impl == nullptr) return std::nullopt;
+  SessionImpl& state = impl->state_for(session);
+  state.sni = server_name;
+  if (auto it = impl->named_certificates.find(server_name); it != impl->named_certificates.end()) {
+    state.certificate_selected = true;
+    return detail::ServerCertificatePem{it->second.chain_pem, it->second.key_pem.view()};
+  }
+  if (impl->config.x509) {  // the default certificate answers names the table does not know
+    state.certificate_selected = true;
+    return detail::ServerCertificatePem{impl->config.x509->certificate_chain_pem,
+                                        impl->config.x509->private_key_pem.view()};
+  }
+  state.refusal = "no server certificate for the server name '" + server_name + "'" +
+                  (server_name.empty() ? std::string(" (the client sent none)") : std::string());
+  impl->report_handshake_failure(state, FailureKind::handshake_failed, state.refusal);
+  return std::nullopt;
+}
+
+}  // namespace
+
+void Node::Impl::select_certificates_by_name() {
+  if (!select_by_name) return;
+  for (auto& [raw, state] : sessions) {
+    if (!state->certificate_by_name || state->established || state->certificate_selected) continue;
+    coap_tls_library_t library = COAP_TLS_LIBRARY_NOTLS;
+    const void* tls = coap_session_get_tls(raw, &library);
+    if (tls == nullptr || tls == state->selector_installed_on) continue;
+    if (detail::select_server_certificate_by_name(raw, choose_server_certificate).ok()) {
+      state->selector_installed_on = tls;
+    }
+    // On failure the handshake presents the placeholder and on_peer_certificate refuses it (fail closed).
+  }
+}
+
+bool backend_selects_server_certificates() noexcept { return detail::selects_server_certificates(); }
+
 Result<std::unique_ptr<Node>> Node::create(NodeConfig config) {
   ensure_sodium_initialised();
   start_libcoap_once();
@@ -1359,6 +1522,13 @@ Result<std::unique_ptr<Node>> Node::create(NodeConfig config) {
                       "900 (GnuTLS client sessions use select(), which aborts past ~1000 fds); got "
                       "max_client_sessions=" + std::to_string(limits.max_client_sessions));
   }
+  for (const std::uint16_t nstart : {limits.nstart, limits.plain_nstart}) {
+    if (nstart == 0 || nstart > kMaxNstart) {
+      return make_error(Errc::invalid_argument, "transport limits: nstart " + std::to_string(nstart) +
+                                                    " out of range: 1 (RFC 7252 default) to " +
+                                                    std::to_string(kMaxNstart) + " messages in flight per session");
+    }
+  }
   if (cfg.accept_legacy_onem2m_options) {
     // Legacy RQI 257 and RSC 265 are critical and would need a third and fourth long-option slot (see new_context).
     return make_error(Errc::unsupported,
@@ -1369,6 +1539,16 @@ Result<std::unique_ptr<Node>> Node::create(NodeConfig config) {
   if (cfg.rpk && cfg.x509) {
     return make_error(Errc::invalid_argument,
                       "server credentials: x509 and rpk together: libcoap 4.3.1 keeps one PKI setup per context");
+  }
+  if (!cfg.x509_by_server_name.empty() && !backend_selects_server_certificates()) {
+    return make_error(Errc::unsupported, "server certificates chosen by server name (SNI) need the GnuTLS build; "
+                                         "this is " + std::string(to_string(compiled_backend())) +
+                                         " (libcoap 4.3.1's OpenSSL backend has no per-handshake hook for it)");
+  }
+  if (cfg.rpk && !cfg.x509_by_server_name.empty()) {
+    return make_error(Errc::invalid_argument,
+                      "server credentials: rpk and certificates by server name together: libcoap 4.3.1 keeps one PKI "
+                      "setup per context");
   }
   if (cfg.rpk && !backend_supports_rpk()) {
     // OpenSSL accepts the setup and fails every handshake later (notes, Q2): refuse at configuration time.
@@ -1403,50 +1583,20 @@ Result<std::unique_ptr<Node>> Node::create(NodeConfig config) {
       psk.id_call_back_arg = impl.get();
       if (coap_context_set_psk2(context, &psk) != 1) return make_error(Errc::internal, "coap_context_set_psk2 failed");
     }
-    if (cfg.x509 || cfg.rpk) {
-      coap_dtls_pki_t& pki = impl->server_pki;
-      std::memset(&pki, 0, sizeof(pki));
-      pki.version = COAP_DTLS_PKI_SETUP_VERSION;
-      pki.validate_cn_call_back = on_peer_certificate;
-      impl->server_policy.node = impl.get();
-      pki.cn_call_back_arg = &impl->server_policy;
-      pki.pki_key.key_type = COAP_PKI_KEY_PEM_BUF;
-      const SecretBuffer& key = cfg.x509 ? cfg.x509->private_key_pem : cfg.rpk->private_key_pem;
-      auto private_key = crypto::PrivateKey::parse(key);
-      if (!private_key.ok()) {
-        return make_error(Errc::invalid_argument, "server private key: " + private_key.error().message);
-      }
-      impl->server_key_id = private_key->public_key_id();
-      impl->server_key_pem = nul_terminated(key.view());
-      pki.pki_key.key.pem_buf.private_key = impl->server_key_pem.data();
-      pki.pki_key.key.pem_buf.private_key_len = impl->server_key_pem.size();
-      if (cfg.rpk) {
-        impl->server_policy.rpk = true;
-        impl->server_policy.pinned_keys = cfg.rpk->pinned_peer_keys;
-        pki.is_rpk_not_cert = 1;
-        pki.pki_key.key.pem_buf.public_cert = impl->server_key_pem.data();
-        pki.pki_key.key.pem_buf.public_cert_len = impl->server_key_pem.size();
-      } else {
-        impl->server_chain_pem = nul_terminated(ByteView::of(cfg.x509->certificate_chain_pem));
-        impl->server_trust_pem = nul_terminated(ByteView::of(cfg.x509->trust_anchors_pem));
-        pki.verify_peer_cert = 1;         // mutual authentication: a client certificate is required
-        pki.check_common_ca = 0;          // several MEF CAs may be trusted, not only our own issuer
-        pki.allow_self_signed = 0;
-        pki.allow_expired_certs = 0;
-        pki.cert_chain_validation = 1;
-        pki.cert_chain_verify_depth = 3;  // leaf, one intermediate, anchor (TS-0003 §10.1 profile)
-        pki.pki_key.key.pem_buf.public_cert = impl->server_chain_pem.data();
-        pki.pki_key.key.pem_buf.public_cert_len = impl->server_chain_pem.size();
-        pki.pki_key.key.pem_buf.ca_cert = impl->server_trust_pem.data();
-        pki.pki_key.key.pem_buf.ca_cert_len = impl->server_trust_pem.size();
-      }
-      if (coap_context_set_pki(context, &pki) != 1) {
-        return make_error(Errc::invalid_argument,
-                          "server certificate/key rejected by the TLS backend: " +
-                              (libcoap_warnings().empty() ? std::string("no detail") : libcoap_warnings().back()));
+    if (cfg.x509 || cfg.rpk || !cfg.x509_by_server_name.empty()) {
+      const X509Credentials* first_named =
+          cfg.x509_by_server_name.empty() ? nullptr : &cfg.x509_by_server_name.begin()->second;
+      auto set_up = impl->set_up_server_pki(cfg.x509 ? &*cfg.x509 : first_named, cfg.rpk ? &*cfg.rpk : nullptr);
+      if (!set_up.ok()) return std::move(set_up).error();
+      auto named = std::move(cfg.x509_by_server_name);  // the table lives in named_certificates from here on
+      cfg.x509_by_server_name.clear();
+      for (auto& [name, credentials] : named) {
+        if (auto put = impl->put_named_certificate(name, std::move(credentials)); !put.ok()) {
+          return std::move(put).error();
+        }
       }
     }
-    if (!cfg.secure_addresses.empty() && !cfg.psk_lookup && !cfg.x509 && !cfg.rpk) {
+    if (!cfg.secure_addresses.empty() && !cfg.psk_lookup && !impl->server_pki_set) {
       return make_error(Errc::invalid_argument,
                         "secure endpoint without credentials: configure PSK, X.509 or RPK (never run without DTLS)");
     }
@@ -1557,6 +1707,53 @@ std::size_t Node::close_server_sessions(PeerKind kind, std::string_view identity
   }
   if (closed > 0 && !impl_->in_libcoap) impl_->housekeeping();
   return closed;
+}
+
+std::size_t Node::close_sessions_with_certificate_serial(std::string_view serial) {
+  if (serial.empty()) return 0;
+  std::size_t closed = 0;
+  for (auto& [raw, state] : impl_->sessions) {
+    if (!state->secure || state->dead || state->close_requested) continue;
+    const std::optional<PeerIdentity>& peer = state->established ? std::optional<PeerIdentity>(state->identity)
+                                                                  : state->verified;
+    if (!peer || peer->kind != PeerKind::x509 || peer->certificate_serial != serial) continue;
+    if (state->client) {
+      impl_->kill_client_session(*state, make_error(Errc::io, "client session closed by us: the server's "
+                                                              "certificate serial " + std::string(serial) +
+                                                              " was revoked"));
+    } else {
+      if (coap_session_get_state(raw) == COAP_SESSION_STATE_NONE) continue;
+      state->close_requested = true;  // carried out by housekeeping, never inside a libcoap callback
+    }
+    ++closed;
+  }
+  if (closed > 0 && !impl_->in_libcoap) impl_->housekeeping();
+  return closed;
+}
+
+Result<void> Node::set_server_certificate(const std::string& server_name, X509Credentials credentials) {
+  if (!backend_selects_server_certificates()) {
+    return make_error(Errc::unsupported, "server certificates chosen by server name (SNI) need the GnuTLS build; "
+                                         "this is " + std::string(to_string(compiled_backend())));
+  }
+  if (!impl_->server_context || impl_->config.secure_addresses.empty()) {
+    return make_error(Errc::unsupported, "server certificate for '" + server_name + "': this node has no secure "
+                                         "endpoint");
+  }
+  if (impl_->config.rpk) {
+    return make_error(Errc::unsupported, "server certificate for '" + server_name + "': this node presents a raw "
+                                         "public key (one PKI setup per context)");
+  }
+  if (!impl_->server_pki_set) {
+    // First certificate of a node that had none: it becomes the context's PKI setup (GnuTLS takes it for every
+    // session begun from now on; coap_dtls_context_set_pki only copies the setup and flags PKI as enabled).
+    if (auto set_up = impl_->set_up_server_pki(&credentials, nullptr); !set_up.ok()) return set_up;
+  }
+  return impl_->put_named_certificate(server_name, std::move(credentials));
+}
+
+bool Node::remove_server_certificate(const std::string& server_name) {
+  return impl_->named_certificates.erase(server_name) > 0;
 }
 
 void Node::set_failure_observer(FailureObserver observer) { impl_->observer = std::move(observer); }
@@ -1688,6 +1885,8 @@ void Observation::cancel() {
   impl->observations.erase({state_->session, state_->token});
   auto found = impl->sessions.find(state_->session);
   if (found == impl->sessions.end() || found->second->dead) return;
+  // On a session that is not ESTABLISHED, coap_cancel_observe would open a new handshake just to send this.
+  if (coap_session_get_state(state_->session) != COAP_SESSION_STATE_ESTABLISHED) return;
   // Deregister now (GET with Observe 1 on the subscription's token); libcoap can only once the first notification
   // arrived. Otherwise the next notification gets an RST (on_response), which ends it at the server as well.
   coap_binary_t token{state_->token.size(), reinterpret_cast<uint8_t*>(state_->token.data())};
@@ -1738,6 +1937,9 @@ void Node::process_ready() {
     impl_->in_libcoap = false;
   };
   run(impl_->server_context.get());
+  // Between the first ClientHello (libcoap made the TLS object and answered HelloVerifyRequest) and the one with
+  // the cookie, which a later round reads: the moment to hook certificate selection (docs/transport.md §3).
+  impl_->select_certificates_by_name();
   run(impl_->client_context.get());
   for (auto& [key, entry] : impl_->client_pki_contexts) run(entry->context.get());
   // libcoap and GnuTLS copied the key the PSK callback returned; do not keep ours beyond this round.

@@ -4,6 +4,7 @@
 
 #include <coap3/coap.h>
 
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -22,5 +23,23 @@ std::string cipher_suite(const coap_session_t* session);
 // ClientHello on, so inside validate_id_call_back. Read per session on purpose: libcoap 4.3.1's
 // validate_sni_call_back runs once per distinct name per context (it caches the answer in psk_sni_entry_list).
 std::string server_name(const coap_session_t* session);
+
+// ---- server certificates chosen per handshake by SNI (docs/transport.md §3 "Certificates by server name") ----
+
+// A chain and key for one handshake; the views must stay valid during the lookup call only (the backend copies).
+struct ServerCertificatePem {
+  std::string_view chain_pem;  // leaf first
+  ByteView key_pem;
+};
+// Called by the backend inside the handshake, once the ClientHello (and its SNI) is read: the certificate to present
+// to this server session's client, or nullopt to refuse the handshake (the lookup records and reports why).
+using ServerCertificateLookup = std::optional<ServerCertificatePem> (*)(coap_session_t* session,
+                                                                       const std::string& server_name);
+bool selects_server_certificates() noexcept;  // GnuTLS only
+// Makes this server session's handshake ask `lookup` for its certificate instead of presenting the context's PKI
+// setup. Must run after libcoap created the session's TLS object (on the first, cookieless ClientHello) and before
+// the handshake reaches certificate selection (the ClientHello that echoes the cookie, a later read).
+// Errors: unsupported (OpenSSL build), internal (no TLS object or credentials yet).
+Result<void> select_server_certificate_by_name(coap_session_t* session, ServerCertificateLookup lookup);
 
 }  // namespace dauth::transport::detail

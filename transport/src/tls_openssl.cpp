@@ -45,4 +45,13 @@ std::string server_name(const coap_session_t* session) {
   return name != nullptr ? name : "";
 }
 
+// Certificates by server name need a per-handshake hook libcoap 4.3.1's OpenSSL backend leaves no room for: it
+// hands the SSL object over from DTLSv1_listen and runs the handshake in the same call (coap_dtls_new_server_session),
+// and its SNI callback caches one SSL_CTX per name (tls_server_name_call_back). Node::create refuses the set-up.
+bool selects_server_certificates() noexcept { return false; }
+
+Result<void> select_server_certificate_by_name(coap_session_t* /*session*/, ServerCertificateLookup /*lookup*/) {
+  return make_error(Errc::unsupported, "server certificates chosen by server name need the GnuTLS build");
+}
+
 }  // namespace dauth::transport::detail

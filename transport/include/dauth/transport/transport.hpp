@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <set>
@@ -28,6 +29,7 @@ enum class Backend : std::uint8_t { gnutls, openssl };
 Backend compiled_backend() noexcept;               // fixed at configure time (DAUTH_TLS_BACKEND)
 std::string_view to_string(Backend backend) noexcept;
 bool backend_supports_rpk() noexcept;              // GnuTLS only (libcoap notes, Q2)
+bool backend_selects_server_certificates() noexcept;  // NodeConfig::x509_by_server_name: GnuTLS only
 
 // ---- Messages -------------------------------------------------------------------------------------------------
 
@@ -183,7 +185,14 @@ struct Limits {
   std::size_t max_client_sessions = 512;                    // <= 900: GnuTLS select()s, glibc aborts at fd 1024
   std::chrono::milliseconds request_timeout{20000};         // client: request sent -> response (incl. handshake)
   std::size_t max_request_size = 4096;                      // SPEC.md §2: larger requests get 4.13
+  // RFC 7252 §4.7 NSTART: confirmable messages in flight per session (client: requests; server: separate
+  // responses and notifications); libcoap queues the rest until an ACK or response frees a slot. 1 is the RFC's
+  // default; a higher value only where both ends are known (two dauthds, or loopback). 1..kMaxNstart.
+  std::uint16_t nstart = 1;                                 // DTLS sessions of this Node
+  std::uint16_t plain_nstart = 1;                           // plain CoAP sessions (local AEs on loopback)
 };
+
+inline constexpr std::uint16_t kMaxNstart = 64;  // bounds the burst one session can put on the network
 
 struct NodeConfig {
   // Secure endpoints ("0.0.0.0", "::", "127.0.0.1", "::1"); empty = no coaps server. Port 0 = ephemeral.
@@ -197,14 +206,21 @@ struct NodeConfig {
   std::optional<X509Credentials> x509;       // certificate server credentials (optional)
   std::optional<RpkCredentials> rpk;         // raw-public-key server credentials (exclusive with x509: one PKI
                                              // setup per libcoap context)
+  // Server certificates chosen per handshake by the SNI the client sent (SPEC.md §2: the target AE-ID), exact
+  // match; Node::set_server_certificate() adds or replaces one later, effective from the next handshake. A name
+  // not in the table gets `x509` if set, else the handshake is refused. Clients are verified against the trust
+  // anchors of `x509`, or else of the first certificate set here: every entry must carry the same anchors.
+  // GnuTLS builds only (Node::create: unsupported otherwise); exclusive with rpk. docs/transport.md §3.
+  std::map<std::string, X509Credentials> x509_by_server_name;
   // SPEC.md §2's legacy switch (FR 256 / RQI 257 / RSC 265). Node::create refuses it with libcoap 4.3.1: its
   // known-option filter has two slots for numbers above 255, used by 279/283 (server) and 283/307 (client).
   bool accept_legacy_onem2m_options = false;
   Limits limits;
-  // Server side, optional: a last word on every certificate or raw-key peer once our own checks passed (chain,
-  // AE-ID, pinning), inside the handshake: an Error refuses it (access_denied; the message is the logged reason),
-  // so a refused peer never reaches a handler. E.g. an MEF revocation list by certificate_serial. Memory only,
-  // never blocks (like PskLookup).
+  // Optional: a last word on every certificate or raw-key peer once our own checks passed (chain, AE-ID,
+  // pinning, expected server), inside the handshake, on server sessions and on client sessions of this Node
+  // alike: an Error refuses it (server: access_denied, a refused client never reaches a handler; client: the
+  // request fails), the message being the logged reason. E.g. an MEF revocation list by certificate_serial
+  // (rspf::RevocationWatch). Memory only, never blocks (like PskLookup).
   std::function<Result<void>(const PeerIdentity& peer)> peer_check;
 };
 
@@ -331,6 +347,18 @@ class Node {
   // Returns how many (the caller logs it: transport has no log of its own beyond failures). Called inside a libcoap
   // callback (a request handler), the close happens at the end of that process_ready() round.
   std::size_t close_server_sessions(PeerKind kind, std::string_view identity);
+  // Closes every live session, server (as close_server_sessions) and client (as close_client_session: pending
+  // requests and observations fail with Errc::io), whose peer presented the X.509 certificate with this serial
+  // (PeerIdentity::certificate_serial, upper-case hex), e.g. one its MEF revoked. Returns how many.
+  std::size_t close_sessions_with_certificate_serial(std::string_view serial);
+  // Presents `credentials` to every later handshake whose SNI is `server_name` (NodeConfig::x509_by_server_name),
+  // replacing what that name had; live sessions keep theirs. Works on a Node created without certificates too (its
+  // secure endpoint then starts accepting X.509 handshakes). Errors: unsupported (OpenSSL build, or a Node with
+  // RPK or without a secure endpoint), invalid_argument (unparsable chain or key, a key that is not the leaf's,
+  // trust anchors other than the ones clients are verified against).
+  Result<void> set_server_certificate(const std::string& server_name, X509Credentials credentials);
+  // Stops presenting a certificate for server_name (then as an unknown name). Returns whether it had one.
+  bool remove_server_certificate(const std::string& server_name);
   void set_failure_observer(FailureObserver observer);
 
   // Sends request to peer with credentials, setting up or reusing a session (one per peer + credential + SNI +
