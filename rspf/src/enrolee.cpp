@@ -404,6 +404,38 @@ Result<transport::ClientCredentials> Enrolee::mef_credentials() const {
                                            impl_->config.mef_fqdn);
 }
 
+const std::string& Enrolee::kpm_id() const { return impl_->config.kpm_id; }
+
+Result<void> Enrolee::use_bootstrap_key(const std::string& kpm_id) {
+  Impl& s = *impl_;
+  if (s.config.kpm_id.empty()) {
+    return make_error(Errc::invalid_argument, "enrolee " + s.ae_id + " bootstraps with " + s.bootstrap_text() +
+                                                  ", not with a pre-provisioned key");
+  }
+  if (s.state == EnroleeState::enrolling) {
+    return make_error(Errc::limit, "enrolee " + s.ae_id + " is enrolling; retry when the attempt has finished");
+  }
+  if (auto valid = crypto::validate_kpm_id(kpm_id); !valid.ok()) return std::move(valid).error();
+  auto issuer = crypto::issuer_fqdn_of(kpm_id);
+  if (!issuer.ok()) return std::move(issuer).error();
+  const auto lower = [](std::string text) {
+    std::transform(text.begin(), text.end(), text.begin(),
+                   [](char c) { return (c >= 'A' && c <= 'Z') ? static_cast<char>(c - 'A' + 'a') : c; });
+    return text;
+  };
+  if (lower(*issuer) != lower(s.config.mef_fqdn)) {  // DNS names compare case-insensitively
+    return make_error(Errc::invalid_argument, "KpmID " + kpm_id + " names MEF " + *issuer + ", but enrolee " +
+                                                  s.ae_id + " enrols with " + s.config.mef_fqdn);
+  }
+  const auto* bootstrap = s.store.find<crypto::BootstrapKeyRecord>(kpm_id);
+  if (bootstrap == nullptr || bootstrap->ae_id != s.ae_id) {
+    return make_error(Errc::not_found, "no bootstrap credential " + kpm_id + " for " + s.ae_id + " in the key store");
+  }
+  s.config.log("enrolee " + s.ae_id + ": bootstrap credential " + s.config.kpm_id + " -> " + kpm_id);
+  s.config.kpm_id = kpm_id;
+  return ok_result();
+}
+
 std::chrono::milliseconds Enrolee::next_attempt_delay() {
   switch (impl_->state) {
     case EnroleeState::idle: return std::chrono::milliseconds(0);

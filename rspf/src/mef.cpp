@@ -388,10 +388,11 @@ struct Mef::Impl {
   }
 
   // ---- POST /.well-known/est/sren (RFC 9148 §5, RFC 7030 §4.2.2; SPEC.md §3.6) ----
-  // Re-enrolment under the current certificate: the session must be authenticated by an AE-ID certificate, and the
-  // CSR may name only that AE-ID. transport does not tell which certificate (serial) the peer presented, so the
-  // MEF refuses while any unexpired certificate of that AE-ID is revoked: it cannot rule out that the session used
-  // it. The new certificate is bounded by the AE's latest valid enrolment, like /sen.
+  // Re-enrolment under the certificate this DTLS session presented: its serial (PeerIdentity::certificate_serial)
+  // must name an issuance of this MEF to the session's AE-ID that is neither revoked nor expired; a device
+  // certificate or another CA's certificate does not qualify (use /sen after an enrolment). The CSR may name only
+  // that AE-ID, and the new certificate is bounded by the AE's latest valid enrolment, like /sen. The presented
+  // certificate is not superseded: it stays valid until it expires or is revoked (docs/PROTOCOL.md §3.6).
   void on_simple_reenrol(const Session& session, const Request& request, Responder responder) {
     constexpr std::string_view route = "est/sren";
     if (!content_format_is_pkcs10(session, request, responder, route)) return;
@@ -417,25 +418,22 @@ struct Mef::Impl {
                                                                      : "not offered certificate enrolment")));
     }
     const std::int64_t at = now();
-    bool issued_valid = false;
-    std::string revoked_serial;
-    store.for_each(crypto::RecordKind::issuance, [&](const crypto::Record& r) {
-      const auto& issued = std::get<crypto::IssuanceRecord>(r);
-      if (issued.ae_id != ae_id || issued.expires_at <= at) return;
-      if (issued.revoked_at != 0) {
-        revoked_serial = issued.serial_hex;
-      } else {
-        issued_valid = true;
-      }
-    });
-    if (!revoked_serial.empty() || !issued_valid) {
+    const std::string& serial = peer.certificate_serial;
+    const auto* presented = serial.empty() ? nullptr : store.find<crypto::IssuanceRecord>(serial);
+    std::string why_not;
+    if (presented == nullptr) {
+      why_not = "the certificate this session presented (serial " + (serial.empty() ? std::string("none") : serial) +
+                ") was not issued by this MEF (use /sen after an enrolment)";
+    } else if (presented->ae_id != ae_id) {
+      why_not = "certificate serial " + serial + " was issued to '" + presented->ae_id + "'";
+    } else if (presented->revoked_at != 0) {
+      why_not = "certificate serial " + serial + " is revoked";
+    } else if (presented->expires_at <= at) {
+      why_not = "certificate serial " + serial + " has expired";
+    }
+    if (!why_not.empty()) {
       return refuse(responder, session, route,
-                    make_error(Errc::denied, "re-enrolment of '" + ae_id + "' refused: " +
-                                                 (revoked_serial.empty()
-                                                      ? std::string("this MEF holds no valid certificate it issued to it")
-                                                      : "its certificate serial " + revoked_serial +
-                                                            " is revoked and the session's certificate cannot be "
-                                                            "told apart from it")));
+                    make_error(Errc::denied, "re-enrolment of '" + ae_id + "' refused: " + why_not));
     }
     std::int64_t enrolment_expiry = 0;
     store.for_each(crypto::RecordKind::enrolment_key, [&](const crypto::Record& r) {
@@ -453,21 +451,49 @@ struct Mef::Impl {
     issue_certificate(session, request, responder, route, ae_id, enrolment_expiry);
   }
 
-  // ---- GET /mef/revoked (SPEC.md §5) ----
-  void on_revocation_list(const Session& /*session*/, const Request& /*request*/, Responder responder) {
+  // ---- GET /mef/revoked, observable (SPEC.md §5, PROTOCOL.md §5) ----
+  // Any authenticated session may read and observe it (peers apply it in their handshake check: RevocationWatch).
+  // The arrays list the unexpired revoked entries (an expired certificate fails the chain check anyway, and the
+  // list stays within the 1024 entries a reader accepts); the version counts every revocation ever recorded, so
+  // it only grows. Beyond 1024 unexpired entries per array the MEF answers 5.00, which ends the peers'
+  // subscriptions: they keep their last list and retry (fail closed, never a truncated list).
+  void on_revocation_list(const Session& session, const Request& request, Responder responder) {
+    constexpr std::string_view route = "mef/revoked";
+    ContentFormat format = ContentFormat::cbor;
+    if (request.accept) {
+      auto accepted = content_format_from(*request.accept);
+      if (!accepted.ok()) return refuse(responder, session, route, accepted.error(), 406);
+      format = *accepted;
+    }
     RevocationList list;
+    const std::int64_t at = now();
+    std::int64_t revocations = 0;
     store.for_each(crypto::RecordKind::issuance, [&](const crypto::Record& r) {
       const auto& issued = std::get<crypto::IssuanceRecord>(r);
-      if (issued.revoked_at != 0) list.serials.push_back(issued.serial_hex);
+      if (issued.revoked_at == 0) return;
+      ++revocations;
+      if (issued.expires_at > at) list.serials.push_back(issued.serial_hex);
     });
     store.for_each(crypto::RecordKind::enrolment_key, [&](const crypto::Record& r) {
       const auto& key = std::get<crypto::EnrolmentKeyRecord>(r);
-      if (key.revoked_at != 0) list.ke_ids.push_back(key.ke_id);
+      if (key.revoked_at == 0) return;
+      ++revocations;
+      if (key.expires_at > at) list.ke_ids.push_back(key.ke_id);
     });
-    list.version = static_cast<std::int64_t>(list.serials.size() + list.ke_ids.size());
-    responder.respond(binary_response(205, static_cast<std::uint16_t>(ContentFormat::cbor),
-                                      encode(list, ContentFormat::cbor)));
+    if (list.serials.size() > kMaxRevocationListEntries || list.ke_ids.size() > kMaxRevocationListEntries) {
+      return refuse(responder, session, route,
+                    make_error(Errc::limit, std::to_string(list.serials.size()) + " revoked certificates and " +
+                                                std::to_string(list.ke_ids.size()) +
+                                                " revoked KeIDs are unexpired: more than the " +
+                                                std::to_string(kMaxRevocationListEntries) +
+                                                " per array a revocation list may carry"),
+                    500);
+    }
+    list.version = revocations;
+    responder.respond(binary_response(205, static_cast<std::uint16_t>(format), encode(list, format)));
   }
+
+  void announce_revocation() { node.notify_observers({"mef", "revoked"}); }
 
   // ---- GET /.well-known/est/crts (RFC 9148 §5) ----
   void on_ca_certificates(const Session& /*session*/, const Request& /*request*/, Responder responder) {
@@ -493,10 +519,11 @@ Result<std::unique_ptr<Mef>> Mef::create(transport::Node& node, crypto::KeyStore
   using transport::Method;
   node.add_route(Method::post, {"mef", "enrolment"}, Access::secure,
                  [impl](const Session& s, const Request& r, Responder out) { impl->on_enrolment(s, r, std::move(out)); });
-  node.add_route(Method::get, {"mef", "revoked"}, Access::secure,
-                 [impl](const Session& s, const Request& r, Responder out) {
-                   impl->on_revocation_list(s, r, std::move(out));
-                 });
+  auto revoked = node.add_observable({"mef", "revoked"}, Access::secure,
+                                     [impl](const Session& s, const Request& r, Responder out) {
+                                       impl->on_revocation_list(s, r, std::move(out));
+                                     });
+  if (!revoked.ok()) return std::move(revoked).error();
   node.add_route(Method::get, {"fetchCredentials"}, Access::secure,
                  [impl](const Session& s, const Request& r, Responder out) {
                    impl->on_fetch_credentials(s, r, std::move(out));
@@ -543,6 +570,7 @@ Result<void> Mef::revoke(std::string_view ke_id_text) {
   if (auto stored = impl_->store.put(std::move(revoked)); !stored.ok()) return stored;
   impl_->config.log(audit);
   impl_->announce_feed_change();  // the targets drop the key and its live sessions (PROTOCOL.md §5)
+  impl_->announce_revocation();   // the list carries KeIDs too
   return ok_result();
 }
 
@@ -562,6 +590,7 @@ Result<void> Mef::revoke_certificate(std::string_view serial_hex) {
                             " at " + std::to_string(revoked.revoked_at);
   if (auto stored = impl_->store.put(std::move(revoked)); !stored.ok()) return stored;
   impl_->config.log(audit);
+  impl_->announce_revocation();  // observing peers refuse the serial and close its live sessions (PROTOCOL.md §5)
   return ok_result();
 }
 

@@ -14,6 +14,7 @@
 #include "dauth/crypto/identifiers.hpp"
 #include "dauth/crypto/onem2m.hpp"
 #include "dauth/rspf/messages.hpp"
+#include "dauth/rspf/mef_subscription.hpp"
 
 namespace dauth::rspf {
 
@@ -56,14 +57,8 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
   bool start_posted = false;
   FetchObserver observer;
 
-  // The MEF feed subscription of one contact (same key as `mefs`).
-  struct Feed {
-    transport::Observation observation;
-    Backoff backoff;
-    bool live = false;             // a notification arrived on the current subscription
-    bool retry_scheduled = false;  // a subscribe() is waiting in the Node's timers
-    explicit Feed(JitterSource jitter) : backoff(std::move(jitter)) {}
-  };
+  // The MEF feed subscription of one contact (same key as `mefs`); re-subscription and backoff live in it.
+  using Feed = std::unique_ptr<MefSubscription>;
   std::map<std::pair<std::string, std::string>, Feed> feeds;
   std::set<FetchKey> announced;   // issued KeIDs from a feed, waiting for a retrieval slot
   std::set<std::string> revoked;  // KeIDs a feed announced revoked: refused without a retrieval
@@ -96,7 +91,9 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
   // The served AE a handshake targets, from its SNI (see the header for the rule).
   Result<std::string> target_of(std::string_view sni) const {
     if (sni.empty()) return config.local_ae_id;
-    if (auto it = served.find(std::string(sni)); it != served.end()) return *it;
+    for (const auto& ae : served) {  // SNI = crypto::server_name_for_ae_id(AE-ID), compared byte-exact
+      if (crypto::server_name_for_ae_id(ae) == sni) return ae;
+    }
     if (served.size() == 1) return config.local_ae_id;  // e.g. our FQDN as SNI: unambiguous with one AE
     std::string names;
     for (const auto& ae : served) names += (names.empty() ? "" : ", ") + ae;
@@ -119,10 +116,8 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
       return std::move(target).error();
     }
     const FetchKey key{ke_id->text(), *target};
-    const auto* record = store.find<crypto::SessionKeyRecord>(key.ke_id);
-    if (record != nullptr && record->local_ae_id == key.local_ae_id && record->expires_at > now()) {
-      return record->key.clone();
-    }
+    const auto* record = store.find<crypto::SessionKeyRecord>(crypto::session_key_id(key.ke_id, key.local_ae_id));
+    if (record != nullptr && record->expires_at > now()) return record->key.clone();
     if (fetches.count(key) != 0) {
       return make_error(Errc::not_found, "KeID " + key.ke_id + " for " + key.local_ae_id +
                                              ": key retrieval from its MEF is running, retry shortly");
@@ -141,7 +136,7 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
                                          std::to_string(config.max_fetches_in_flight) + ")");
     }
     set_state(key, ke_id->mef_fqdn, FetchState::queued,
-              record != nullptr ? "stored key expired or for another AE" : "unknown KeID in a handshake");
+              record != nullptr ? "stored key expired" : "unknown KeID in a handshake");
     post_start();
     return make_error(Errc::not_found, "KeID " + key.ke_id + " for " + key.local_ae_id + ": unknown here, key " +
                                            "retrieval from " + ke_id->mef_fqdn + " started, retry shortly");
@@ -168,8 +163,8 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
   }
 
   bool holds_valid_key(const FetchKey& key) const {
-    const auto* record = store.find<crypto::SessionKeyRecord>(key.ke_id);
-    return record != nullptr && record->local_ae_id == key.local_ae_id && record->expires_at > now();
+    const auto* record = store.find<crypto::SessionKeyRecord>(crypto::session_key_id(key.ke_id, key.local_ae_id));
+    return record != nullptr && record->expires_at > now();
   }
 
   // Moves announced KeIDs into the retrieval queue while slots are free. Returns whether it queued any.
@@ -190,70 +185,31 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
 
   using ContactKey = std::pair<std::string, std::string>;  // (local AE, lower-case MEF FQDN)
 
-  void schedule_subscribe(const ContactKey& contact, std::chrono::milliseconds delay) {
-    auto it = feeds.find(contact);
-    if (it == feeds.end() || it->second.retry_scheduled) return;
-    it->second.retry_scheduled = true;
-    std::weak_ptr<Impl> weak = weak_from_this();
-    node.post_after(delay, [weak, contact] {
-      if (auto self = weak.lock()) self->subscribe(contact);
-    });
-  }
-
-  void feed_lost(const ContactKey& contact, Feed& feed, const std::string& reason) {
-    feed.live = false;
-    const auto delay = feed.backoff.next();
-    config.log("target " + contact.first + " feed mef=" + contact.second + " lost: " + reason + "; subscribing again in " +
-               std::to_string(delay.count()) + " ms");
-    schedule_subscribe(contact, delay);
-  }
-
-  void subscribe(const ContactKey& contact) {
-    auto feed = feeds.find(contact);
-    const auto mef = mefs.find(contact);
-    if (feed == feeds.end() || mef == mefs.end()) return;
-    feed->second.retry_scheduled = false;
-    auto credentials = mef->second.credentials ? mef->second.credentials()
-                                               : Result<transport::ClientCredentials>(make_error(
-                                                     Errc::not_found, "no credentials for MEF '" + contact.second + "'"));
-    if (!credentials.ok()) return feed_lost(contact, feed->second, "cannot authenticate: " + credentials.error().message);
+  // The feed subscription of one contact: GET /fetchCredentials with oneM2M-FR = that served AE.
+  Feed make_feed(const ContactKey& contact, MefContact mef) {
     transport::Request request;
-    request.method = transport::Method::get;
     request.path = {"fetchCredentials"};
     request.accept = static_cast<std::uint16_t>(ContentFormat::cbor);
     request.originator = contact.first;
-    config.log("target " + contact.first + " feed mef=" + contact.second + " subscribing as " +
-               credentials->psk_identity);
     std::weak_ptr<Impl> weak = weak_from_this();
-    feed->second.observation.cancel();
-    feed->second.observation = node.observe(
-        mef->second.address, *credentials, std::move(request),
-        [weak, contact](Result<transport::Response> notification, const transport::Session*) {
-          if (auto self = weak.lock()) self->on_feed(contact, std::move(notification));
+    return std::make_unique<MefSubscription>(
+        node, "target " + contact.first + " feed mef=" + contact.second, std::move(mef), std::move(request),
+        config.jitter, config.log, [weak, contact](const transport::Response& notification) {
+          if (auto self = weak.lock()) self->on_feed(contact, notification);
         });
   }
 
-  void on_feed(const ContactKey& contact, Result<transport::Response> notification) {
-    auto it = feeds.find(contact);
-    if (it == feeds.end()) return;
-    Feed& feed = it->second;
-    if (!notification.ok()) return feed_lost(contact, feed, notification.error().to_string());
-    if (notification->code != 205) {
-      return feed_lost(contact, feed, error_from_response("MEF " + contact.second, *notification).to_string());
-    }
-    auto format = content_format_from(notification->content_format.value_or(transport::kContentFormatCbor));
-    auto message = format.ok() ? decode_credential_feed(ByteView(notification->payload), *format)
+  void on_feed(const ContactKey& contact, const transport::Response& notification) {
+    auto format = content_format_from(notification.content_format.value_or(transport::kContentFormatCbor));
+    auto message = format.ok() ? decode_credential_feed(ByteView(notification.payload), *format)
                                : Result<CredentialFeed>(std::move(format).error());
     if (!message.ok()) {
       config.log("target " + contact.first + " feed mef=" + contact.second + " unreadable notification: " +
                  message.error().to_string());
-    } else {
-      ++notifications;
-      apply_feed(contact, *message);
+      return;
     }
-    if (!notification->observe) return feed_lost(contact, feed, "the MEF answered without Observe");
-    feed.live = true;
-    feed.backoff.reset();
+    ++notifications;
+    apply_feed(contact, *message);
   }
 
   void apply_feed(const ContactKey& contact, const CredentialFeed& feed) {
@@ -269,8 +225,9 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
       const bool newly = revoked.insert(id).second;
       announced.erase({id, ae});
       bool removed = false;
-      if (store.find<crypto::SessionKeyRecord>(id) != nullptr) {
-        auto gone = store.remove(crypto::RecordKind::session_key, id);
+      const std::string record_id = crypto::session_key_id(id, ae);
+      if (store.find<crypto::SessionKeyRecord>(record_id) != nullptr) {
+        auto gone = store.remove(crypto::RecordKind::session_key, record_id);
         if (!gone.ok()) {
           config.log("target " + ae + " KeID " + id + " revoked, but its key could not be removed: " +
                      gone.error().to_string());
@@ -373,13 +330,13 @@ Result<void> TargetKeys::add_mef(std::string_view mef_fqdn, MefContact contact, 
   if (auto valid = crypto::validate_ae_id(ae); !valid.ok()) return valid;
   impl_->served.insert(ae);
   const Impl::ContactKey key{ae, lower_case(mef_fqdn)};
-  impl_->mefs[key] = std::move(contact);
   if (impl_->config.observe_feed) {
-    auto feed = impl_->feeds.try_emplace(key, impl_->config.jitter).first;
-    feed->second.observation.cancel();  // a replaced contact subscribes again with its new address/credentials
-    feed->second.live = false;
-    impl_->schedule_subscribe(key, std::chrono::milliseconds(0));
+    // A replaced contact subscribes again with its new address/credentials (the old subscription is cancelled).
+    auto& feed = impl_->feeds[key];
+    feed = impl_->make_feed(key, contact);
+    feed->start();
   }
+  impl_->mefs[key] = std::move(contact);
   return ok_result();
 }
 
@@ -402,7 +359,7 @@ void TargetKeys::set_fetch_observer(FetchObserver observer) { impl_->observer = 
 
 std::size_t TargetKeys::feeds_live() const {
   std::size_t live = 0;
-  for (const auto& [key, feed] : impl_->feeds) live += feed.live ? 1 : 0;
+  for (const auto& [key, feed] : impl_->feeds) live += feed->live() ? 1 : 0;
   return live;
 }
 std::uint64_t TargetKeys::feed_notifications() const { return impl_->notifications; }

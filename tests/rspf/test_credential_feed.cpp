@@ -52,7 +52,7 @@ TEST_CASE("feed: an enrolment naming the target gives it the key before any hand
   // (a) The meter enrols naming the valve: the MEF notifies, the valve fetches the key ahead of time.
   REQUIRE(world.enrol(*world.meter).ok());
   const std::string meter_ke_id = *world.meter->ke_id();
-  REQUIRE(world.pump([&] { return world.valve_store->find<crypto::SessionKeyRecord>(meter_ke_id) != nullptr; }));
+  REQUIRE(world.pump([&] { return world.valve_store->find<crypto::SessionKeyRecord>(crypto::session_key_id(meter_ke_id, "CAE-valve")) != nullptr; }));
   CHECK(world.valve_keys->feed_notifications() > notifications_before);
   REQUIRE(fetch_outcomes.size() == 1);
   CHECK(fetch_outcomes.front() == std::make_pair(meter_ke_id, true));
@@ -74,7 +74,7 @@ TEST_CASE("feed: an enrolment naming the target gives it the key before any hand
   // (b) Revocation at the MEF: the valve drops the key and closes the live meter -> valve session.
   REQUIRE(world.mef->revoke(meter_ke_id).ok());
   REQUIRE(world.pump([&] { return world.valve_keys->is_revoked(meter_ke_id); }));
-  CHECK(world.valve_store->find<crypto::SessionKeyRecord>(meter_ke_id) == nullptr);
+  CHECK(world.valve_store->find<crypto::SessionKeyRecord>(crypto::session_key_id(meter_ke_id, "CAE-valve")) == nullptr);
   CHECK(world.log.contains("KeID " + meter_ke_id + " revoked by MEF " + std::string(kMefFqdn) +
                            ": key removed, 1 live session(s) closed"));
   // The meter sees the close_notify; its next request needs a new handshake, which the valve refuses.

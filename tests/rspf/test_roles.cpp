@@ -94,7 +94,7 @@ TEST_CASE("PSK RSPF end to end: enrolment, target key retrieval, then an AE-pair
     });
     REQUIRE(refusal_logged);
     REQUIRE(world.pump([&] { return world.valve_keys->fetches_pending() == 0; }));
-    const auto* fetched = world.valve_store->find<crypto::SessionKeyRecord>(meter_ke_id);
+    const auto* fetched = world.valve_store->find<crypto::SessionKeyRecord>(crypto::session_key_id(meter_ke_id, "CAE-valve"));
     REQUIRE(fetched != nullptr);
     REQUIRE(fetched->key.equals(key->key));
     REQUIRE(fetched->peer_ae_id == "CAE-meter");

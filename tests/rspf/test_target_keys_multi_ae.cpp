@@ -88,7 +88,7 @@ TEST_CASE("TargetKeys: two local AEs on one node, chosen by SNI, each with its o
   auto first = call(world, to_pump);
   REQUIRE_FALSE(first.ok());
   REQUIRE(pump_nodes(world, [&] { return world.valve_keys->fetches_pending() == 0; }));
-  const auto* record = world.valve_store->find<crypto::SessionKeyRecord>(ke_id);
+  const auto* record = world.valve_store->find<crypto::SessionKeyRecord>(crypto::session_key_id(ke_id, "CAE-pump"));
   REQUIRE(record != nullptr);
   CHECK(record->local_ae_id == "CAE-pump");
   CHECK(record->key.equals(to_pump_key->key));
@@ -102,9 +102,10 @@ TEST_CASE("TargetKeys: two local AEs on one node, chosen by SNI, each with its o
   auto valve_first = call(world, to_valve);
   REQUIRE_FALSE(valve_first.ok());
   REQUIRE(pump_nodes(world, [&] { return world.valve_keys->fetches_pending() == 0; }));
-  record = world.valve_store->find<crypto::SessionKeyRecord>(ke_id);
+  record = world.valve_store->find<crypto::SessionKeyRecord>(crypto::session_key_id(ke_id, "CAE-valve"));
   REQUIRE(record != nullptr);
-  CHECK(record->local_ae_id == "CAE-valve");  // store keyed by KeID: it replaced the pump's (documented limit)
+  CHECK(record->local_ae_id == "CAE-valve");
+  CHECK(world.valve_store->find<crypto::SessionKeyRecord>(crypto::session_key_id(ke_id, "CAE-pump")) != nullptr);
   CHECK(record->key.equals(to_valve_key->key));
   auto valve_second = call(world, to_valve);
   REQUIRE(valve_second.ok());

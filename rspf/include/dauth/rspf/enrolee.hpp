@@ -95,6 +95,13 @@ class Enrolee {
   const transport::Peer& mef_address() const;
   const std::string& mef_fqdn() const;
 
+  // The KpmID a PSK-bootstrapped Enrolee authenticates with ("" for certificate or raw-public-key bootstrap).
+  const std::string& kpm_id() const;
+  // Switches a PSK-bootstrapped Enrolee to another BootstrapKeyRecord of the same AE and MEF (dauthctl credentials
+  // add at run time); the next enrol() uses it. Errors: not PSK-bootstrapped (invalid_argument), enrolling (limit),
+  // a KpmID naming another MEF (invalid_argument), no such record or one for another AE (not_found).
+  Result<void> use_bootstrap_key(const std::string& kpm_id);
+
   // When to call enrol() next: enrolled -> at 2/3 of the lifetime (± 10 %) counted from the enrolment;
   // failed -> the next backoff step (1 s doubling to 5 min, ± 10 %); idle -> 0; enrolling -> 1 s (wait for done). Each call in state failed
   // advances the backoff.

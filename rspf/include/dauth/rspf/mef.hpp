@@ -39,7 +39,8 @@ class Mef {
  public:
   // Registers the routes on node (secure endpoint only): POST mef/enrolment, GET fetchCredentials/<KeID>/<SUID>,
   // the observable GET fetchCredentials feed (PROTOCOL.md §4: each target's issued and revoked KeIDs, notified
-  // after an enrolment naming targets is stored and after a revocation), GET mef/revoked, and with a CA POST
+  // after an enrolment naming targets is stored and after a revocation), the observable GET mef/revoked (PROTOCOL.md
+  // §5: revoked certificate serials and KeIDs, notified after every revocation), and with a CA POST
   // .well-known/est/sen, .well-known/est/sren and GET .well-known/est/crts. Errors: invalid FQDN; a node without
   // server endpoint or whose fetchCredentials path is already observable (one Mef per Node).
   static Result<std::unique_ptr<Mef>> create(transport::Node& node, crypto::KeyStore& store, MefConfig config);
@@ -58,7 +59,8 @@ class Mef {
   // feed's observers are notified.
   // Errors: not_found, or the store's error. Idempotent: revoking twice keeps the first time.
   Result<void> revoke(std::string_view ke_id);
-  // Marks an issued certificate revoked in its IssuanceRecord (serial as upper- or lower-case hex).
+  // Marks an issued certificate revoked in its IssuanceRecord (serial as upper- or lower-case hex), durably, and
+  // notifies the observers of mef/revoked (peers refuse the serial in handshakes and close its live sessions).
   Result<void> revoke_certificate(std::string_view serial_hex);
 
   const std::string& fqdn() const;

@@ -9,9 +9,8 @@
 // Each served AE has its own MEF contacts (a retrieval authenticates as that AE). No SNI means the first AE
 // (config.local_ae_id); an SNI that names none of them (e.g. the gateway's FQDN) is accepted for it only while it
 // is the only AE served, and refused (denied) once there are several.
-// Limitation: the key store keys a SessionKeyRecord by KeID alone (crypto validate() requires a plain KeID), so
-// when one KeID targets two local AEs, each retrieval replaces the other AE's record; the other AE's next
-// handshake is refused once and fetches again. Correct, but the pair alternates fetches (docs/rspf.md, "gaps").
+// The key differs per target AE (the derivation includes B-ID), so it is stored per (KeID, local AE)
+// (crypto::session_key_id): one KeID that targets two local AEs keeps both keys.
 //
 // The MEF feed (SPEC.md §4 last sentence, §5; PROTOCOL.md §4): with config.observe_feed, every MEF contact also
 // observes GET /fetchCredentials (oneM2M-FR = that served AE, its own credentials). Each notification lists the
@@ -20,7 +19,7 @@
 // KeIDs: their SessionKeyRecord is removed, the live server sessions that authenticated with them are closed
 // (Node::close_server_sessions), and later handshakes with them are refused (denied) without a retrieval. A lost
 // subscription (session closed, MEF gone, refusal, credentials not ready yet) is retried with Backoff (1 s doubling
-// to 5 min, ± 10 %) through Node::post_after; a notification resets the backoff.
+// to 5 min, ± 10 %) through Node::post_after; a notification resets the backoff (MefSubscription).
 //
 // Loop contract: the lookup runs inside a libcoap DTLS callback, where opening another session would re-enter
 // libcoap, so it only queues and posts the start to the loop (Node::post()); start_pending_fetches() is kept for
@@ -37,17 +36,12 @@
 
 #include "dauth/crypto/keystore.hpp"
 #include "dauth/error.hpp"
+#include "dauth/rspf/mef_subscription.hpp"
 #include "dauth/rspf/role_support.hpp"
 #include "dauth/rspf/schedule.hpp"
 #include "dauth/transport/transport.hpp"
 
 namespace dauth::rspf {
-
-// How to reach one MEF and authenticate to it (e.g. from Enrolee::mef_credentials()).
-struct MefContact {
-  transport::Peer address;
-  std::function<Result<transport::ClientCredentials>()> credentials;
-};
 
 struct TargetKeysConfig {
   std::string local_ae_id;                 // the Enrolment Target we serve by default (oneM2M-FR of its retrievals)
