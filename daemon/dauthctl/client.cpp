@@ -8,6 +8,7 @@
 #include <cstring>
 #include <iostream>
 #include <optional>
+#include <vector>
 
 #include "dauth/daemon/exit_codes.hpp"
 #include "dauth/error.hpp"
@@ -49,8 +50,27 @@ struct Exchange {
   nlohmann::json reply;
 };
 
-// Connects, sends one line, reads one line. Prints transport failures itself.
-Exchange exchange(const Context& context, const std::string& verb, const nlohmann::json& args) {
+// Sends the first part of the line with the descriptors attached (SCM_RIGHTS): dauthd attaches them to the
+// request of the line they came with (docs/control-protocol.md "Passing keys").
+ssize_t send_with_fds(int socket, const std::string& data, const std::vector<int>& fds) {
+  iovec part{const_cast<char*>(data.data()), data.size()};
+  msghdr message{};
+  message.msg_iov = &part;
+  message.msg_iovlen = 1;
+  std::vector<char> control(CMSG_SPACE(sizeof(int) * fds.size()));
+  message.msg_control = control.data();
+  message.msg_controllen = control.size();
+  cmsghdr* header = CMSG_FIRSTHDR(&message);
+  header->cmsg_level = SOL_SOCKET;
+  header->cmsg_type = SCM_RIGHTS;
+  header->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
+  std::memcpy(CMSG_DATA(header), fds.data(), sizeof(int) * fds.size());
+  return ::sendmsg(socket, &message, MSG_NOSIGNAL);
+}
+
+// Connects, sends one line (with fds, if any), reads one line. Prints transport failures itself.
+Exchange exchange(const Context& context, const std::string& verb, const nlohmann::json& args,
+                  const std::vector<int>& fds) {
   sockaddr_un address{};
   address.sun_family = AF_UNIX;
   if (context.socket.size() >= sizeof address.sun_path) {
@@ -75,7 +95,9 @@ Exchange exchange(const Context& context, const std::string& verb, const nlohman
   const std::string line = nlohmann::json{{"verb", verb}, {"args", args}}.dump() + "\n";
   std::size_t sent = 0;
   while (sent < line.size()) {
-    const ssize_t n = ::send(socket.get(), line.data() + sent, line.size() - sent, MSG_NOSIGNAL);
+    const ssize_t n = sent == 0 && !fds.empty()
+                          ? send_with_fds(socket.get(), line, fds)
+                          : ::send(socket.get(), line.data() + sent, line.size() - sent, MSG_NOSIGNAL);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) {
       std::cerr << "dauthctl: sending to " << context.socket << ": " << std::strerror(errno) << "\n";
@@ -109,8 +131,8 @@ Exchange exchange(const Context& context, const std::string& verb, const nlohman
 }  // namespace
 
 int call_raw(const Context& context, const std::string& verb, const nlohmann::json& args,
-             const std::function<void(const nlohmann::json& result)>& on_result) {
-  Exchange e = exchange(context, verb, args);
+             const std::function<void(const nlohmann::json& result)>& on_result, const std::vector<int>& fds) {
+  Exchange e = exchange(context, verb, args, fds);
   if (e.reply.is_null()) return e.exit_code;
   if (e.reply["ok"].get<bool>()) {
     on_result(e.reply.value("result", nlohmann::json::object()));
@@ -128,14 +150,18 @@ int call_raw(const Context& context, const std::string& verb, const nlohmann::js
   return as_int(code ? dauth::daemon::exit_code_for(*code) : ExitCode::failed);
 }
 
-int call(const Context& context, const std::string& verb, const nlohmann::json& args, const HumanPrinter& human) {
-  return call_raw(context, verb, args, [&](const nlohmann::json& result) {
-    if (context.json) {
-      std::cout << result.dump(2) << "\n";
-    } else {
-      human(result, std::cout);
-    }
-  });
+int call(const Context& context, const std::string& verb, const nlohmann::json& args, const HumanPrinter& human,
+         const std::vector<int>& fds) {
+  return call_raw(
+      context, verb, args,
+      [&](const nlohmann::json& result) {
+        if (context.json) {
+          std::cout << result.dump(2) << "\n";
+        } else {
+          human(result, std::cout);
+        }
+      },
+      fds);
 }
 
 std::string format_duration(long long seconds) {

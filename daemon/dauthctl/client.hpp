@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 #include <ostream>
 #include <string>
+#include <vector>
 
 #include "verbs.hpp"
 
@@ -14,12 +15,14 @@ namespace dauthctl {
 using HumanPrinter = std::function<void(const nlohmann::json& result, std::ostream& out)>;
 
 // Sends {"verb": verb, "args": args}, prints the result (human or --json) or the daemon's error unchanged, and
-// returns the exit code: 0 ok, 1 failed, 2 usage, 3 daemon unreachable, 4 refused (dauthctl(1)).
-int call(const Context& context, const std::string& verb, const nlohmann::json& args, const HumanPrinter& human);
+// returns the exit code: 0 ok, 1 failed, 2 usage, 3 daemon unreachable, 4 refused (dauthctl(1)). fds go with the
+// request line (SCM_RIGHTS); args name them by index ("key_fd": 0). The caller keeps them open until this returns.
+int call(const Context& context, const std::string& verb, const nlohmann::json& args, const HumanPrinter& human,
+         const std::vector<int>& fds = {});
 
 // Like call(), with a printer for a successful result that may decide the output itself (stats --prometheus).
 int call_raw(const Context& context, const std::string& verb, const nlohmann::json& args,
-             const std::function<void(const nlohmann::json& result)>& on_result);
+             const std::function<void(const nlohmann::json& result)>& on_result, const std::vector<int>& fds = {});
 
 // Human helpers shared by the verbs.
 std::string format_duration(long long seconds);

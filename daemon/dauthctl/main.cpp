@@ -18,7 +18,7 @@ struct VerbEntry {
 constexpr VerbEntry kVerbs[] = {
     {"status", dauthctl::add_status},   {"sessions", dauthctl::add_sessions}, {"credentials", dauthctl::add_credentials},
     {"enrol", dauthctl::add_enrol},     {"revoke", dauthctl::add_revoke},     {"peers", dauthctl::add_peers},
-    {"stats", dauthctl::add_stats},
+    {"stats", dauthctl::add_stats},     {"enrolees", dauthctl::add_enrolees}, {"genpsk", dauthctl::add_genpsk},
 };
 
 }  // namespace

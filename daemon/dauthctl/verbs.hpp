@@ -3,6 +3,7 @@
 #pragma once
 
 #include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
 #include <string>
 
 namespace dauthctl {
@@ -20,6 +21,8 @@ CLI::App* add_enrol(CLI::App& parent, Context& context);
 CLI::App* add_revoke(CLI::App& parent, Context& context);
 CLI::App* add_peers(CLI::App& parent, Context& context);
 CLI::App* add_stats(CLI::App& parent, Context& context);
+CLI::App* add_enrolees(CLI::App& parent, Context& context);
+CLI::App* add_genpsk(CLI::App& parent, Context& context);
 
 // Plain `dauthctl` means `dauthctl status`.
 int run_status(Context& context);

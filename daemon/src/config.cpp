@@ -759,6 +759,8 @@ void build_typed(Config& config) {
       p.max_outgoing_sessions = get<std::int64_t>(t, "max_outgoing_sessions");
       p.max_handshakes = get<std::int64_t>(t, "max_handshakes");
       p.handshake_timeout = get<std::int64_t>(t, "handshake_timeout");
+      p.nstart = get<std::int64_t>(t, "nstart");
+      p.local_nstart = get<std::int64_t>(t, "local_nstart");
       p.legacy_onem2m_options = get<bool>(t, "legacy_onem2m_options");
     }
   }

@@ -133,6 +133,12 @@ const std::vector<KeySpec>& config_schema() {
        "DTLS handshakes in progress at once (libcoap default 100)"},
       {"peer", "handshake_timeout", T::integer, C::none, 1, 300, "30", false, false, "seconds",
        "time a DTLS handshake may take"},
+      // RFC 7252 §4.7 allows NSTART > 1 where the path is known: both ends of a peer session are dauthds (and still
+      // back off on loss), and local AEs are on loopback. 16: bench_proxy, docs/transport.md §7.
+      {"peer", "nstart", T::integer, C::none, 1, 32, "16", false, false, "requests",
+       "requests (and separate responses) in flight at once on one DTLS session between dauthds (CoAP NSTART)"},
+      {"peer", "local_nstart", T::integer, C::none, 1, 32, "16", false, false, "requests",
+       "the same for the plain CoAP sessions with local AEs on loopback"},
       {"peer", "legacy_onem2m_options", T::boolean, C::none, 0, 0, "false", false, false, "",
        "also accept the pre-2022 oneM2M CoAP option numbers (FR 256, RQI 257, RSC 265)"},
 

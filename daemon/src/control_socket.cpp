@@ -11,6 +11,8 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <deque>
+#include <utility>
 
 #include "dauth/crypto/identifiers.hpp"
 #include "dauth/daemon/log.hpp"
@@ -47,6 +49,19 @@ bool someone_listens(const sockaddr_un& address) {
 
 }  // namespace
 
+ReceivedFd& ReceivedFd::operator=(ReceivedFd&& other) noexcept {
+  if (this != &other) {
+    reset();
+    fd_ = std::exchange(other.fd_, -1);
+  }
+  return *this;
+}
+
+void ReceivedFd::reset() noexcept {
+  if (fd_ >= 0) ::close(fd_);
+  fd_ = -1;
+}
+
 struct ControlServer::Client {
   int fd = -1;
   ControlPeer peer;
@@ -54,6 +69,11 @@ struct ControlServer::Client {
   std::string input;
   std::string output;
   bool close_after_flush = false;
+  // Bytes of the stream already taken out of input: with it, a descriptor's stream offset says which line carried it.
+  std::uint64_t consumed = 0;
+  // Descriptors received and not yet handed to a request, each with the stream offset of the first byte that came
+  // with it (the kernel delivers SCM_RIGHTS with the first byte of the sendmsg() that sent them).
+  std::deque<std::pair<std::uint64_t, ReceivedFd>> fds;
 
   ~Client() {
     watch.reset();  // out of the epoll set before the descriptor closes
@@ -166,9 +186,10 @@ void ControlServer::VerbRegistration::reset() noexcept {
   server_ = nullptr;
 }
 
-Result<ControlServer::VerbRegistration> ControlServer::add_verb(std::string verb, VerbHandler handler) {
+Result<ControlServer::VerbRegistration> ControlServer::add_verb(std::string verb, VerbHandler handler,
+                                                               std::size_t max_fds) {
   if (verbs_.count(verb)) return make_error(Errc::exists, "control verb '" + verb + "' registered twice");
-  verbs_.emplace(verb, std::move(handler));
+  verbs_.emplace(verb, Verb{std::move(handler), std::min(max_fds, kMaxFdsPerRequest)});
   return VerbRegistration(this, std::move(verb));
 }
 
@@ -256,7 +277,8 @@ void ControlServer::on_client(std::uint64_t id, std::uint32_t events) {
   char buffer[4096];
   bool peer_closed = false;
   for (;;) {
-    const ssize_t n = ::read(client.fd, buffer, sizeof buffer);
+    ssize_t n = 0;
+    if (!receive(client, buffer, sizeof buffer, n)) break;
     if (n > 0) {
       client.input.append(buffer, static_cast<std::size_t>(n));
       // Stop reading at the bound: whatever follows is not going to be parsed.
@@ -273,13 +295,21 @@ void ControlServer::on_client(std::uint64_t id, std::uint32_t events) {
     const auto newline = client.input.find('\n', start);
     if (newline == std::string::npos) break;
     if (newline - start > kMaxLineBytes) break;  // handled as oversized below
+    // The descriptors sent with any byte of this line belong to its request (those of an empty line are closed).
+    const std::uint64_t line_end = client.consumed + newline;
+    std::vector<ReceivedFd> fds;
+    while (!client.fds.empty() && client.fds.front().first <= line_end) {
+      fds.push_back(std::move(client.fds.front().second));
+      client.fds.pop_front();
+    }
     std::string line = client.input.substr(start, newline - start);
     start = newline + 1;
     if (!line.empty() && line.back() == '\r') line.pop_back();
     if (line.empty()) continue;
-    handle_line(client, line);
+    handle_line(client, line, std::move(fds));
   }
   client.input.erase(0, start);
+  client.consumed += start;
   const auto pending_newline = client.input.find('\n');
   const std::size_t pending_line = pending_newline == std::string::npos ? client.input.size() : pending_newline;
   if (pending_line > kMaxLineBytes) {
@@ -293,7 +323,42 @@ void ControlServer::on_client(std::uint64_t id, std::uint32_t events) {
   flush(id);
 }
 
-void ControlServer::handle_line(Client& client, const std::string& line) {
+bool ControlServer::receive(Client& client, char* buffer, std::size_t size, ssize_t& n) {
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * kMaxFdsPerRequest)];
+  iovec part{buffer, size};
+  msghdr message{};
+  message.msg_iov = &part;
+  message.msg_iovlen = 1;
+  message.msg_control = control;
+  message.msg_controllen = sizeof control;
+  // Close-on-exec from the start: no window in which a descriptor could leak into a child process.
+  n = ::recvmsg(client.fd, &message, MSG_CMSG_CLOEXEC);
+  if (n <= 0) return true;  // errno is the caller's to read
+  const std::uint64_t offset = client.consumed + client.input.size();
+  for (cmsghdr* c = CMSG_FIRSTHDR(&message); c != nullptr; c = CMSG_NXTHDR(&message, c)) {
+    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+    const std::size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    for (std::size_t i = 0; i < count; ++i) {
+      int fd = -1;
+      std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+      client.fds.emplace_back(offset, ReceivedFd(fd));  // owned (and closed) from here on
+    }
+  }
+  // MSG_CTRUNC: more were sent than fit; the kernel closed the rest. Either way this client sends more than any
+  // verb takes.
+  if ((message.msg_flags & MSG_CTRUNC) != 0 || client.fds.size() > kMaxFdsPerRequest) {
+    client.fds.clear();
+    ++failed_;
+    queue_reply(client, make_error(Errc::limit, "more than " + std::to_string(kMaxFdsPerRequest) +
+                                                    " file descriptors sent with one request; closing the connection"));
+    client.input.clear();
+    client.close_after_flush = true;
+    return false;
+  }
+  return true;
+}
+
+void ControlServer::handle_line(Client& client, const std::string& line, std::vector<ReceivedFd> fds) {
   ++requests_;
   const auto request = nlohmann::json::parse(line, nullptr, false);
   if (request.is_discarded() || !request.is_object()) {
@@ -329,10 +394,20 @@ void ControlServer::handle_line(Client& client, const std::string& line) {
                                                                "; known: " + known));
     return;
   }
+  if (fds.size() > handler->second.max_fds) {
+    ++failed_;
+    queue_reply(client, make_error(Errc::invalid_argument,
+                                   parsed.verb + ": " + std::to_string(fds.size()) +
+                                       " file descriptor(s) sent with the request, closed unread; this verb takes " +
+                                       (handler->second.max_fds == 0 ? std::string("none")
+                                                                     : "at most " + std::to_string(handler->second.max_fds))));
+    return;
+  }
+  parsed.fds = std::move(fds);
   log::debug("control: uid " + std::to_string(client.peer.uid) + " pid " + std::to_string(client.peer.pid) +
-             ": " + parsed.verb);
+             ": " + parsed.verb + (parsed.fds.empty() ? "" : " with " + std::to_string(parsed.fds.size()) + " fd(s)"));
   // Copy the handler: a verb may unregister verbs (including itself) while it runs.
-  const VerbHandler run = handler->second;
+  const VerbHandler run = handler->second.handler;
   Result<nlohmann::json> outcome = nlohmann::json::object();
   try {
     outcome = run(parsed);

@@ -229,9 +229,11 @@ void Roles::Impl::forward_to_peer(const std::string& target, const transport::Pe
       responder->respond(for_local_ae(refusal(403, kRscNoPrivilege, x509.error().message), request));
       return;
     }
-    credentials = transport::ClientCredentials::certificate(std::move(x509).value(), target, target);
+    credentials = transport::ClientCredentials::certificate(std::move(x509).value(),
+                                                            crypto::server_name_for_ae_id(target), target);
   } else {
-    credentials = transport::ClientCredentials::psk(ke_id, key->clone(), target);  // SNI = target AE-ID
+    // SNI names the target AE (SPEC.md §2; an AE-ID that is no DNS name as its hashed name, PROTOCOL.md §2).
+    credentials = transport::ClientCredentials::psk(ke_id, key->clone(), crypto::server_name_for_ae_id(target));
   }
   Request copy = request;
   peer_driver->node->request(
@@ -293,15 +295,18 @@ void Roles::Impl::on_peer_request(const transport::Session& session, const Reque
   std::string local_ae;
   const auto& peer = session.peer();
   if (peer.kind == transport::PeerKind::psk) {
-    if (const auto* record = store->find<crypto::SessionKeyRecord>(peer.value)) {
+    // The AE the handshake named by SNI: TargetKeys' lookup gave the key stored for (KeID, that AE).
+    local_ae = served_ae_for_sni(session.server_name());
+    if (const auto* record = store->find<crypto::SessionKeyRecord>(crypto::session_key_id(peer.value, local_ae))) {
       requester = record->peer_ae_id;
-      // The AE the handshake named by SNI (TargetKeys' lookup gave the key derived for that AE); not the record's
-      // local AE, which names only the last AE that fetched this KeID's key.
-      local_ae = served_ae_for_sni(session.server_name());
     }
   } else if (peer.kind == transport::PeerKind::x509) {
     requester = peer.value;  // the AE-ID of the certificate's subjectAltName URI
-    local_ae = certificate_ae;
+    // The AE whose certificate the handshake got by naming it as SNI; a session naming no certificate AE (only
+    // possible without per-name certificates, OpenSSL builds) reaches none.
+    for (const auto& ae_id : certificate_aes) {
+      if (crypto::server_name_for_ae_id(ae_id) == session.server_name()) local_ae = ae_id;
+    }
   }
   if (requester.empty() || local_ae.empty()) {
     count("peer_rejected_total");

@@ -4,6 +4,7 @@
 #include <sys/socket.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstring>
 #include <ctime>
 
@@ -125,6 +126,7 @@ Roles::Impl::~Impl() {
   mef_slot.unbind();
   peer_slot.unbind();
   // Roles before their Nodes' teardown; the Nodes before the store (declared order would do the reverse).
+  revocations.reset();
   target_keys.reset();
   aes.clear();
   mef.reset();
@@ -133,7 +135,9 @@ Roles::Impl::~Impl() {
 
 Result<void> Roles::Impl::drive(NodeDriver& driver) {
   auto watch = loop.watch(driver.node->fd(), EPOLLIN, [this, &driver](std::uint32_t) {
+    driver.in_round = true;
     driver.node->process_ready();
+    driver.in_round = false;
     after_io();
   });
   if (!watch) return std::move(watch).error();
@@ -143,14 +147,36 @@ Result<void> Roles::Impl::drive(NodeDriver& driver) {
 }
 
 void Roles::Impl::rearm(NodeDriver& driver) {
-  // A one-shot timer at the node's next deadline (retransmissions, handshake and request timeouts). At least
-  // 1 ms: a zero it_value would disarm the timerfd instead of firing it.
-  auto delay = std::clamp(driver.node->next_timeout(), std::chrono::milliseconds(1), std::chrono::milliseconds(1000));
+  // A one-shot timer at the node's next deadline (retransmissions, handshake and request timeouts, posted work),
+  // at most 1 s away. 0 means work is due now: the timer fires in the next loop turn (EventLoop arms 1 ns), not a
+  // 1 ms tick later. Only a node that keeps reporting due work it does not do gets the 1 ms floor back after
+  // kMaxImmediateTurns turns in a row, so a transport bug cannot make dauthd spin.
+  constexpr int kMaxImmediateTurns = 64;
+  // Called by a request handler inside process_ready() (forward_to_peer): the node reports the completions of
+  // this very round as due now, and after_io() re-arms once the round is over anyway.
+  if (driver.in_round) return;
+  auto delay = std::min(driver.node->next_timeout(), std::chrono::milliseconds(1000));
+  if (delay.count() > 0) {
+    driver.immediate_turns = 0;
+  } else {
+    delay = std::chrono::milliseconds(++driver.immediate_turns > kMaxImmediateTurns ? 1 : 0);
+  }
+  const auto due = std::chrono::steady_clock::now() + delay;
+  // An armed timer that fires no later than needed stays: re-creating it after every I/O event (timerfd_create,
+  // settime, two epoll_ctl, close, per driver) was about half of dauthd's system calls under proxy load (strace).
+  // Firing early costs one empty process_ready().
+  if (driver.timer.active() && driver.timer_due <= due) return;
   auto timer = loop.add_timer(delay, std::chrono::milliseconds(0), [this, &driver] {
+    driver.timer_due = std::chrono::steady_clock::time_point::max();
+    driver.in_round = true;
     driver.node->process_ready();
+    driver.in_round = false;
     after_io();
   });
-  if (timer) driver.timer = std::move(timer).value();
+  if (timer) {
+    driver.timer = std::move(timer).value();
+    driver.timer_due = due;
+  }
 }
 
 void Roles::Impl::after_io() {
@@ -160,9 +186,29 @@ void Roles::Impl::after_io() {
 
 std::string Roles::Impl::served_ae_for_sni(std::string_view sni) const {
   for (const auto& id : served_aes) {
-    if (id == sni) return id;
+    if (crypto::server_name_for_ae_id(id) == sni) return id;  // the name clients send for it, byte-exact
   }
   return served_aes.empty() ? std::string() : served_aes.front();
+}
+
+void Roles::Impl::serve_certificate_of(const std::string& ae_id) {
+  const LocalAeState* ae = find_ae(ae_id);
+  if (peer_driver == nullptr || peer_trust_anchors_pem.empty() || ae == nullptr || ae->config.endpoint.empty()) {
+    return;  // not served on the peer endpoint, or no certificate sessions there
+  }
+  auto x509 = x509_of_local_ae(ae_id);
+  if (!x509) {
+    log::notice("peer: no certificate to present for " + ae_id + ": " + x509.error().message);
+    return;
+  }
+  if (auto served = peer_driver->node->set_server_certificate(crypto::server_name_for_ae_id(ae_id),
+                                                              std::move(x509).value());
+      !served) {
+    log::notice("peer: cannot present the certificate of " + ae_id + ": " + served.error().message);
+    return;
+  }
+  certificate_aes.insert(ae_id);
+  log::info("peer: X.509 sessions naming " + ae_id + " get its current certificate from the next handshake");
 }
 
 Result<transport::X509Credentials> Roles::Impl::x509_of_local_ae(const std::string& ae_id) const {
@@ -197,8 +243,17 @@ LocalAeState* Roles::Impl::find_ae(const std::string& id) {
 }
 
 // Configured bootstrap credentials (Enrolee) and enrolee table (MEF) go into the store, so that the roles find
-// them there; reload puts the new values (KeyStore::put replaces by id).
+// them there; reload puts the new values (KeyStore::put replaces by id). Each id belongs to the configuration or to
+// dauthctl (credentials add, enrolees add; those refuse configured ids), and nothing goes silently:
+//   - a configured row replaces a stored one with the same id; when their content differs (changed in the file
+//     while dauthd was stopped, or added with dauthctl before the file named it), a notice says so;
+//   - a reload deletes the rows the previous configuration had and this one has not (removing a [[mef.enrolee]]
+//     from the file and reloading ends that enrolee's bootstrap), logged; a bootstrap credential still used by a
+//     running Enrolee moves to its AE's new kpm_id first, or stays until the restart;
+//   - rows added with dauthctl stay across reloads and restarts; at start those not in the configuration are logged.
 Result<void> Roles::Impl::put_key_tables(const Config& cfg, const LoadedSecrets& secrets) {
+  std::set<std::string> kpm_ids;
+  std::set<std::string> enrolee_ids;
   if (cfg.enrolee) {
     for (const auto& ae : cfg.enrolee->aes) {
       if (!ae.certificate_file.empty()) {
@@ -208,8 +263,14 @@ Result<void> Roles::Impl::put_key_tables(const Config& cfg, const LoadedSecrets&
       if (ae.kpm_id.empty()) continue;
       const auto* key = secrets.find_file(ae.kpm_file);
       if (key == nullptr) return make_error(Errc::internal, "enrolee.ae " + ae.id + ": kpm_file not loaded");
+      if (const auto* old = store->find<crypto::BootstrapKeyRecord>(ae.kpm_id);
+          old && !configured_kpm_ids.count(ae.kpm_id) && (!old->kpm.equals(key->key) || old->ae_id != ae.id)) {
+        log::notice("enrolee.ae " + ae.id + ": kpm_file replaces the stored credential " + ae.kpm_id +
+                    " (fingerprint " + old->kpm.fingerprint() + " -> " + key->key.fingerprint() + ")");
+      }
       crypto::BootstrapKeyRecord record{ae.kpm_id, key->key.clone(), ae.id};
       if (auto r = store->put(std::move(record)); !r) return r;
+      kpm_ids.insert(ae.kpm_id);
     }
   }
   if (cfg.mef) {
@@ -228,10 +289,81 @@ Result<void> Roles::Impl::put_key_tables(const Config& cfg, const LoadedSecrets&
       record.targets = row.targets;
       record.enrolment_lifetime_s = row.lifetime != 0 ? row.lifetime : cfg.mef->enrolment_lifetime;
       record.certificate_enrolment = row.certificate_enrolment;
+      if (const auto* old = store->find<crypto::EnroleeRecord>(record.credential_id);
+          old && !configured_enrolee_ids.count(record.credential_id) &&
+          (!old->kpm.equals(record.kpm) || old->enrolee_id != record.enrolee_id || old->targets != record.targets ||
+           old->enrolment_lifetime_s != record.enrolment_lifetime_s ||
+           old->certificate_enrolment != record.certificate_enrolment)) {
+        log::notice("mef.enrolee " + record.credential_id + ": the configuration replaces the stored row (changed "
+                    "in the file, or added with dauthctl enrolees add)");
+      }
+      enrolee_ids.insert(record.credential_id);
       if (auto r = store->put(std::move(record)); !r) return r;
     }
   }
+  if (key_tables_loaded) {
+    for (const auto& id : configured_enrolee_ids) {
+      if (enrolee_ids.count(id) || !store->find<crypto::EnroleeRecord>(id)) continue;
+      if (auto r = store->remove(crypto::RecordKind::enrolee, id); !r) return r;
+      log::notice("mef.enrolee " + id + ": no longer in the configuration; deleted from the enrolee table (its "
+                  "enrolments stay valid until they expire or are revoked)");
+    }
+    for (const auto& id : configured_kpm_ids) {
+      if (kpm_ids.count(id) || !store->find<crypto::BootstrapKeyRecord>(id)) continue;
+      bool in_use = false;
+      for (auto& ae : aes) {
+        if (!ae->enrolee || ae->enrolee->kpm_id() != id) continue;
+        // The AE's new configured credential, if it still has one (the set of local AEs changes at restart).
+        const LocalAe* fresh = nullptr;
+        if (cfg.enrolee) {
+          for (const auto& candidate : cfg.enrolee->aes) {
+            if (candidate.id == ae->config.id && !candidate.kpm_id.empty()) fresh = &candidate;
+          }
+        }
+        auto moved = fresh ? ae->enrolee->use_bootstrap_key(fresh->kpm_id)
+                           : Result<void>(make_error(Errc::not_found, "no kpm_id configured for it"));
+        if (!moved) {
+          in_use = true;
+          log::notice("enrolee.ae " + ae->config.id + ": credential " + id + " left the configuration but stays "
+                      "in use until the restart (" + moved.error().message + ")");
+        } else {
+          ae->config.kpm_id = fresh->kpm_id;
+        }
+      }
+      if (in_use) continue;
+      if (auto r = store->remove(crypto::RecordKind::bootstrap_key, id); !r) return r;
+      log::notice("enrolee: bootstrap credential " + id + " no longer in the configuration; deleted");
+    }
+  } else {
+    std::string runtime_rows;
+    if (cfg.mef) {
+      store->for_each(crypto::RecordKind::enrolee, [&](const crypto::Record& r) {
+        const auto& row = std::get<crypto::EnroleeRecord>(r);
+        if (!enrolee_ids.count(row.credential_id)) runtime_rows += (runtime_rows.empty() ? "" : ", ") + row.credential_id;
+      });
+    }
+    if (!runtime_rows.empty()) {
+      log::notice("mef: enrolee table rows kept from the key store, not in the configuration (added with dauthctl "
+                  "enrolees add, or removed from the file while dauthd was stopped; dauthctl enrolees remove deletes "
+                  "one): " + runtime_rows);
+    }
+  }
+  configured_kpm_ids = std::move(kpm_ids);
+  configured_enrolee_ids = std::move(enrolee_ids);
+  key_tables_loaded = true;
   return ok_result();
+}
+
+std::string Roles::Impl::bootstrap_kpm_id_of(const LocalAe& ae) const {
+  std::string added;
+  store->for_each(crypto::RecordKind::bootstrap_key, [&](const crypto::Record& r) {
+    const auto& b = std::get<crypto::BootstrapKeyRecord>(r);
+    if (b.ae_id == ae.id && !configured_kpm_ids.count(b.kpm_id) && added.empty()) added = b.kpm_id;
+  });
+  if (added.empty() || ae.kpm_id.empty()) return ae.kpm_id;
+  log::notice("enrolee.ae " + ae.id + ": bootstraps with " + added + ", added with dauthctl credentials add, not "
+              "the configured " + ae.kpm_id + " (dauthctl credentials remove " + added + " returns to it)");
+  return added;
 }
 
 // The configured device (or AE-ID) certificate of a local AE becomes the CertificateRecord the certificate-
@@ -307,12 +439,9 @@ void Roles::Impl::start_enrolment(LocalAeState& ae) {
     if (outcome) {
       ae.last_error.reset();
       count("enrolments_succeeded_total");
-      // The peer endpoint's certificate is fixed at start (transport: one per context, set at creation).
-      if (ae.config.certificate_enrolment && !peer_trust_anchors_pem.empty() && !ae.config.endpoint.empty() &&
-          (certificate_ae.empty() || certificate_ae == ae.config.id)) {
-        log::notice("enrolee " + ae.config.id + ": AE-ID certificate issued over EST; certificate peer sessions "
-                    "present it after a restart of dauthd");
-      }
+      if (revocations) revocations->retry_now();  // its subscription may have waited for these credentials
+      // An AE-ID certificate issued or renewed over EST: the next handshake naming this AE gets it.
+      if (ae.config.certificate_enrolment) serve_certificate_of(ae.config.id);
     } else {
       ae.last_error = outcome.error().message;
       count("enrolments_failed_total");
@@ -413,7 +542,7 @@ Result<std::unique_ptr<Roles>> Roles::start(EventLoop& loop, const Config& confi
       state->config = ae;
       rspf::EnroleeConfig enrolee_config;
       if (ae.certificate_file.empty()) {
-        enrolee_config.kpm_id = ae.kpm_id;
+        enrolee_config.kpm_id = s.bootstrap_kpm_id_of(ae);  // a credential added with dauthctl wins
       } else {
         enrolee_config.certificate_name = device_certificate_name(ae.id);  // put_key_tables() stored it
         enrolee_config.mef_trust_anchors_pem = mef_trust_anchors;
@@ -441,17 +570,23 @@ Result<std::unique_ptr<Roles>> Roles::start(EventLoop& loop, const Config& confi
       if (!anchors) return std::move(anchors).error();
       s.peer_trust_anchors_pem += *anchors;
     }
-    // Certificate peer sessions: the endpoint presents the certificate of the first served AE that has one (EST-
-    // issued, else its device certificate). transport takes one certificate per context, fixed at creation: one
-    // certificate AE per gateway, and a certificate issued later is served after a restart.
+    // Certificate peer sessions: every served AE with a certificate (EST-issued, else its device certificate) is
+    // presented to the handshakes whose SNI names it; one issued later is added by serve_certificate_of(). The
+    // OpenSSL build cannot choose per handshake (transport: unsupported): it presents the first one only.
     if (!s.peer_trust_anchors_pem.empty() && config.enrolee) {
       for (const auto& ae : config.enrolee->aes) {
         if (ae.endpoint.empty()) continue;
         auto x509 = s.x509_of_local_ae(ae.id);
         if (!x509) continue;
-        node_config.x509 = std::move(x509).value();
-        s.certificate_ae = ae.id;
-        break;
+        s.certificate_aes.insert(ae.id);
+        if (!transport::backend_selects_server_certificates()) {
+          node_config.x509 = std::move(x509).value();
+          log::notice("peer: this " + std::string(transport::to_string(transport::compiled_backend())) +
+                      " build presents one certificate (" + ae.id + "'s); other AEs' certificates need the "
+                      "GnuTLS build");
+          break;
+        }
+        node_config.x509_by_server_name.emplace(crypto::server_name_for_ae_id(ae.id), std::move(x509).value());
       }
     }
     if (config.enrolee) {
@@ -465,6 +600,16 @@ Result<std::unique_ptr<Roles>> Roles::start(EventLoop& loop, const Config& confi
     node_config.limits.max_client_sessions = static_cast<std::size_t>(config.peer->max_outgoing_sessions);
     node_config.limits.max_handshakes = static_cast<std::size_t>(config.peer->max_handshakes);
     node_config.limits.handshake_timeout = std::chrono::seconds(config.peer->handshake_timeout);
+    // peer.nstart / local_nstart (config table: 1–32): A→B requests and B→A separate responses share one session
+    // per AE pair, and B's deliveries one plain session per local AE, so NSTART 1 would serialise them.
+    node_config.limits.nstart = static_cast<std::uint16_t>(config.peer->nstart);
+    node_config.limits.plain_nstart = static_cast<std::uint16_t>(config.peer->local_nstart);
+    if (!s.peer_trust_anchors_pem.empty()) {
+      // Certificate peers, both directions, against the MEFs' revocation lists (the watch is created below).
+      node_config.peer_check = [impl = &s](const transport::PeerIdentity& peer) -> Result<void> {
+        return impl->revocations ? impl->revocations->check(peer) : ok_result();
+      };
+    }
     auto node = transport::Node::create(std::move(node_config));
     if (!node) return make_error(node.error().code, "peer node: " + node.error().message);
     auto driver = std::make_unique<NodeDriver>();
@@ -512,15 +657,38 @@ Result<std::unique_ptr<Roles>> Roles::start(EventLoop& loop, const Config& confi
       s.served_aes.push_back(ae->config.id);
     }
     if (s.target_keys) s.peer_slot.bind(s.target_keys->psk_lookup());
+    // The MEFs the local AEs are enrolled with, observed for certificate revocations (rspf/revocation_watch.hpp:
+    // until each MEF's list has arrived once since start, certificate peers are refused: fail closed).
+    if (!s.peer_trust_anchors_pem.empty()) {
+      for (auto& ae : s.aes) {
+        if (!ae->enrolee) continue;
+        if (!s.revocations) {
+          rspf::RevocationWatchConfig watch_config;
+          watch_config.log = s.log_sink();
+          s.revocations = rspf::RevocationWatch::create(*s.peer_driver->node, std::move(watch_config));
+        }
+        rspf::Enrolee* enrolee = ae->enrolee.get();
+        rspf::MefContact contact{enrolee->mef_address(), [enrolee] { return enrolee->mef_credentials(); }};
+        if (auto r = s.revocations->add_mef(enrolee->mef_fqdn(), std::move(contact)); !r) {
+          return make_error(r.error().code, "enrolee.ae " + ae->config.id + ": " + r.error().message);
+        }
+      }
+    }
     std::string served;
-    for (const auto& id : s.served_aes) served += (served.empty() ? "" : ", ") + id;
+    for (const auto& id : s.served_aes) {
+      // A peer must name an AE-ID that is no DNS name by its hashed server name (PROTOCOL.md §2): show it.
+      const std::string server_name = crypto::server_name_for_ae_id(id);
+      served += (served.empty() ? "" : ", ") + id + (server_name == id ? "" : " (SNI " + server_name + ")");
+    }
+    std::string by_certificate;
+    for (const auto& id : s.certificate_aes) by_certificate += (by_certificate.empty() ? "" : ", ") + id;
     log::notice("peer listening on coaps://" + config.peer->listen + " (port " +
                 std::to_string(s.peer_driver->node->secure_port()) + ")" +
                 (config.enrolee ? ", local AEs on coap://" + config.enrolee->local_listen + " (port " +
                                       std::to_string(s.peer_driver->node->local_port()) + ")"
                                 : std::string()) +
                 (served.empty() ? std::string() : ", serving " + served) +
-                (s.certificate_ae.empty() ? std::string() : "; X.509 sessions reach " + s.certificate_ae));
+                (s.certificate_aes.empty() ? std::string() : "; X.509 sessions reach " + by_certificate));
   }
 
   for (auto& driver : s.drivers) {
@@ -607,7 +775,12 @@ Result<nlohmann::json> Roles::enrolment_status(const std::string& ae_id) const {
 
 Result<nlohmann::json> Roles::revoke(const std::string& id) {
   if (!impl_->mef) return make_error(Errc::unsupported, "revoke: this dauthd has no [mef] role");
-  auto revoked = impl_->mef->revoke(id);
+  // A KeID names its MEF after '@'; anything else is tried as a certificate serial (Mef::revoke would refuse it as
+  // a malformed KeID, not as not_found).
+  auto revoked = id.find('@') != std::string::npos
+                     ? impl_->mef->revoke(id)
+                     : Result<void>(make_error(Errc::not_found, "revoke: " + crypto::quote_for_error(id) +
+                                                                    " is not a KeID"));
   if (!revoked && revoked.error().code == Errc::not_found) {
     auto certificate = impl_->mef->revoke_certificate(id);
     if (certificate) return nlohmann::json{{"id", id}, {"kind", "certificate"}};
@@ -619,10 +792,191 @@ Result<nlohmann::json> Roles::revoke(const std::string& id) {
   return nlohmann::json{{"id", id}, {"kind", "enrolment"}};
 }
 
+Result<nlohmann::json> Roles::add_credential(const std::string& kpm_id, const std::string& ae_id, SecretBuffer kpm) {
+  Impl& s = *impl_;
+  LocalAeState* ae = s.find_ae(ae_id);
+  if (ae == nullptr || !ae->enrolee) {
+    return make_error(Errc::not_found, "credentials.add: " + crypto::quote_for_error(ae_id) +
+                                           " is not a configured local AE; dauthd enrols only the AEs of its "
+                                           "configuration: add an [[enrolee.ae]] for it and restart");
+  }
+  if (ae->config.kpm_id.empty()) {
+    return make_error(Errc::invalid_argument, "credentials.add: local AE " + ae_id + " bootstraps with its device "
+                                              "certificate (enrolee.ae.certificate_file), not a pre-provisioned key");
+  }
+  if (auto valid = crypto::validate_kpm_id(kpm_id); !valid) {
+    return make_error(Errc::invalid_argument, "credentials.add: " + valid.error().message);
+  }
+  if (s.configured_kpm_ids.count(kpm_id)) {
+    return make_error(Errc::exists, "credentials.add: KpmID " + kpm_id + " belongs to the configuration "
+                                    "([[enrolee.ae]] kpm_id and kpm_file): change that key file and reload, or add "
+                                    "the new key under another KpmID");
+  }
+  const auto* existing = s.store->find<crypto::BootstrapKeyRecord>(kpm_id);
+  if (existing && existing->ae_id != ae_id) {
+    return make_error(Errc::exists, "credentials.add: KpmID " + kpm_id + " is already the credential of " +
+                                        existing->ae_id + " (dauthctl credentials remove " + kpm_id + " first)");
+  }
+  const auto lower = [](std::string text) {  // DNS names compare case-insensitively
+    for (auto& c : text) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    return text;
+  };
+  if (auto issuer = crypto::issuer_fqdn_of(kpm_id); !issuer || lower(*issuer) != lower(ae->enrolee->mef_fqdn())) {
+    return make_error(Errc::invalid_argument, "credentials.add: KpmID " + kpm_id + " must name the MEF " + ae_id +
+                                                  " enrols with (@" + ae->enrolee->mef_fqdn() + ")");
+  }
+  if (ae->enrolee->state() == rspf::EnroleeState::enrolling) {
+    return make_error(Errc::limit, "credentials.add: " + ae_id + " is enrolling; retry when the attempt has finished");
+  }
+  const std::string fingerprint = kpm.fingerprint();
+  const std::string previous = ae->enrolee->kpm_id();
+  if (auto r = s.store->put(crypto::BootstrapKeyRecord{kpm_id, std::move(kpm), ae_id}); !r) {
+    return make_error(r.error().code, "credentials.add: " + r.error().message);
+  }
+  if (auto r = ae->enrolee->use_bootstrap_key(kpm_id); !r) {
+    if (!existing) (void)s.store->remove(crypto::RecordKind::bootstrap_key, kpm_id);
+    return make_error(r.error().code, "credentials.add: " + r.error().message);
+  }
+  // One credential added at run time per AE: the one it replaces goes (named in the reply and the log).
+  nlohmann::json replaced = nullptr;
+  if (previous != kpm_id && !s.configured_kpm_ids.count(previous)) {
+    if (s.store->remove(crypto::RecordKind::bootstrap_key, previous)) replaced = previous;
+  }
+  log::notice("credentials: " + kpm_id + " (fingerprint " + fingerprint + ") added for local AE " + ae_id +
+              (replaced.is_null() ? std::string() : ", replacing " + previous) + "; the next enrolment uses it");
+  return nlohmann::json{{"kpm_id", kpm_id}, {"ae_id", ae_id}, {"fingerprint", fingerprint}, {"replaced", replaced}};
+}
+
 Result<nlohmann::json> Roles::remove_credential(const std::string& kpm_id) {
-  if (impl_->aes.empty()) return make_error(Errc::unsupported, "credentials.remove: no [enrolee] role");
-  if (auto r = impl_->store->remove(crypto::RecordKind::bootstrap_key, kpm_id); !r) return std::move(r).error();
-  return nlohmann::json::object();
+  Impl& s = *impl_;
+  if (s.aes.empty()) return make_error(Errc::unsupported, "credentials.remove: no [enrolee] role");
+  if (s.configured_kpm_ids.count(kpm_id)) {
+    return make_error(Errc::invalid_argument, "credentials.remove: KpmID " + kpm_id + " belongs to the configuration "
+                                    "([[enrolee.ae]] kpm_id and kpm_file): remove it there and restart");
+  }
+  const auto* record = s.store->find<crypto::BootstrapKeyRecord>(kpm_id);
+  if (record == nullptr) {
+    return make_error(Errc::not_found, "credentials.remove: no bootstrap credential " +
+                                           crypto::quote_for_error(kpm_id) + " (dauthctl credentials list)");
+  }
+  const std::string ae_id = record->ae_id;
+  // An AE bootstrapping with it returns to its configured credential.
+  nlohmann::json now_uses = nullptr;
+  for (auto& ae : s.aes) {
+    if (!ae->enrolee || ae->enrolee->kpm_id() != kpm_id) continue;
+    if (auto r = ae->enrolee->use_bootstrap_key(ae->config.kpm_id); !r) {
+      return make_error(r.error().code, "credentials.remove: " + r.error().message);
+    }
+    now_uses = ae->config.kpm_id;
+  }
+  if (auto r = s.store->remove(crypto::RecordKind::bootstrap_key, kpm_id); !r) {
+    return make_error(r.error().code, "credentials.remove: " + r.error().message);
+  }
+  log::notice("credentials: " + kpm_id + " of " + ae_id + " removed" +
+              (now_uses.is_null() ? std::string() : "; " + ae_id + " bootstraps with " + now_uses.get<std::string>() +
+                                                        " again"));
+  return nlohmann::json{{"kpm_id", kpm_id}, {"ae_id", ae_id}, {"now_uses", now_uses}};
+}
+
+namespace {
+
+nlohmann::json enrolee_row(const crypto::EnroleeRecord& e, bool configured) {
+  const bool psk = !e.kpm.empty();
+  return {{"id", e.credential_id},
+          {"kind", psk ? "psk" : "certificate"},
+          {"enrolee_id", e.enrolee_id},
+          {"targets", e.targets},
+          {"lifetime", e.enrolment_lifetime_s},
+          {"certificate_enrolment", e.certificate_enrolment},
+          {"fingerprint", psk ? nlohmann::json(e.kpm.fingerprint()) : nlohmann::json(nullptr)},
+          {"origin", configured ? "configuration" : "dauthctl"}};
+}
+
+}  // namespace
+
+nlohmann::json Roles::enrolees() const {
+  nlohmann::json rows = nlohmann::json::array();
+  impl_->store->for_each(crypto::RecordKind::enrolee, [&](const crypto::Record& r) {
+    const auto& e = std::get<crypto::EnroleeRecord>(r);
+    rows.push_back(enrolee_row(e, impl_->configured_enrolee_ids.count(e.credential_id) != 0));
+  });
+  return {{"enrolees", rows}};
+}
+
+Result<nlohmann::json> Roles::add_enrolee(const MefEnrolee& row, SecretBuffer kpm) {
+  Impl& s = *impl_;
+  if (!s.mef || !s.config.mef) return make_error(Errc::unsupported, "enrolees.add: no [mef] role");
+  const MefSettings& mef = *s.config.mef;
+  const auto bad = [](const std::string& why) { return make_error(Errc::invalid_argument, "enrolees.add: " + why); };
+  const bool psk = row.certificate_ae_id.empty();
+  if (psk == kpm.empty()) return bad("give a KpmID with its key, or a certificate AE-ID without one");
+  crypto::EnroleeRecord record;
+  if (psk) {
+    if (auto valid = crypto::validate_kpm_id(row.kpm_id); !valid) return bad(valid.error().message);
+    auto issuer = crypto::issuer_fqdn_of(row.kpm_id);
+    if (!issuer || *issuer != mef.fqdn) {
+      return bad("KpmID " + row.kpm_id + " must name this MEF (@" + mef.fqdn + ")");
+    }
+    record.credential_id = row.kpm_id;
+  } else {
+    if (auto valid = crypto::validate_ae_id(row.certificate_ae_id); !valid) return bad(valid.error().message);
+    if (mef.certificate_file.empty() || mef.device_ca.empty()) {
+      return make_error(Errc::unsupported, "enrolees.add: certificate enrolees need mef.certificate_file, "
+                                           "mef.private_key_file and mef.device_ca (the MEF serves X.509)");
+    }
+    record.credential_id = "cert:" + row.certificate_ae_id;  // the Mef's name for an X.509 session (rspf/mef.hpp)
+  }
+  if (auto valid = crypto::validate_ae_id(row.enrolee_id); !valid) return bad("enrolee AE-ID: " + valid.error().message);
+  for (const auto& target : row.targets) {
+    if (auto valid = crypto::validate_ae_id(target); !valid) return bad("target: " + valid.error().message);
+  }
+  constexpr std::int64_t kYear = 365LL * 86400;
+  if (row.lifetime < 0 || row.lifetime > kYear) {
+    return bad("lifetime " + std::to_string(row.lifetime) + ": must be 1–" + std::to_string(kYear) +
+               " seconds, or 0 for mef.enrolment_lifetime");
+  }
+  if (row.certificate_enrolment && mef.issuing_ca_certificate.empty()) {
+    return bad("certificate enrolment needs mef.issuing_ca_certificate and mef.issuing_ca_key");
+  }
+  if (s.configured_enrolee_ids.count(record.credential_id)) {
+    return make_error(Errc::exists, "enrolees.add: " + record.credential_id + " belongs to the configuration "
+                                    "([[mef.enrolee]]): change it there and reload");
+  }
+  if (s.store->find<crypto::EnroleeRecord>(record.credential_id)) {
+    return make_error(Errc::exists, "enrolees.add: " + record.credential_id + " is already in the enrolee table "
+                                    "(dauthctl enrolees remove " + record.credential_id + " first)");
+  }
+  record.kpm = std::move(kpm);
+  record.enrolee_id = row.enrolee_id;
+  record.targets = row.targets;
+  record.enrolment_lifetime_s = row.lifetime != 0 ? row.lifetime : mef.enrolment_lifetime;
+  record.certificate_enrolment = row.certificate_enrolment;
+  nlohmann::json result = enrolee_row(record, false);
+  if (auto r = s.store->put(std::move(record)); !r) return make_error(r.error().code, "enrolees.add: " + r.error().message);
+  log::notice("mef: enrolee " + result["id"].get<std::string>() + " (AE-ID " + row.enrolee_id + ") added with dauthctl" +
+              (psk ? ", Kpm fingerprint " + result["fingerprint"].get<std::string>() : std::string()));
+  return result;
+}
+
+Result<nlohmann::json> Roles::remove_enrolee(const std::string& id) {
+  Impl& s = *impl_;
+  if (!s.mef) return make_error(Errc::unsupported, "enrolees.remove: no [mef] role");
+  if (s.configured_enrolee_ids.count(id)) {
+    return make_error(Errc::invalid_argument, "enrolees.remove: " + id + " belongs to the configuration ([[mef.enrolee]]): "
+                                    "remove it there and reload");
+  }
+  const auto* record = s.store->find<crypto::EnroleeRecord>(id);
+  if (record == nullptr) {
+    return make_error(Errc::not_found, "enrolees.remove: no enrolee " + crypto::quote_for_error(id) +
+                                           " in the enrolee table (dauthctl enrolees list)");
+  }
+  const std::string enrolee_id = record->enrolee_id;
+  if (auto r = s.store->remove(crypto::RecordKind::enrolee, id); !r) {
+    return make_error(r.error().code, "enrolees.remove: " + r.error().message);
+  }
+  log::notice("mef: enrolee " + id + " (AE-ID " + enrolee_id + ") removed with dauthctl; its enrolments stay valid "
+              "until they expire or are revoked");
+  return nlohmann::json{{"id", id}, {"enrolee_id", enrolee_id}};
 }
 
 nlohmann::json Roles::credentials() const {
@@ -698,7 +1052,15 @@ nlohmann::json Roles::stats() const {
     out[p + "client_sessions"] = s.live_client_sessions;
   }
   out["keystore_records"] = impl_->store->size();
+  // The disk's share of every durable write (each put/remove waits for one journal fdatasync).
+  const auto syncs = impl_->store->sync_stats();
+  out["keystore_fdatasync_total"] = syncs.syncs;
+  out["keystore_fdatasync_seconds_total"] = std::chrono::duration<double>(syncs.time).count();
   if (impl_->target_keys) out["key_fetches_pending"] = impl_->target_keys->fetches_pending();
+  if (impl_->revocations) {
+    out["revocation_lists_applied_total"] = impl_->revocations->notifications();
+    out["revoked_certificates"] = impl_->revocations->revoked_count();
+  }
   return out;
 }
 
@@ -735,6 +1097,15 @@ std::vector<std::string> Roles::pending() const {
   }
   for (auto& what : impl_->in_flight->unanswered()) out.push_back(std::move(what));
   return out;
+}
+
+std::size_t Roles::abandon_in_flight() {
+  transport::Response response = transport::Response::with_text(
+      503, "dauthd is shutting down (daemon.shutdown_timeout reached); retry later");
+  response.content_format = 0;  // text/plain (RFC 7252 §12.3); no oneM2M-RSC: stock clients reject it (proxy.cpp)
+  const std::size_t answered = impl_->in_flight->answer_unanswered(response);
+  if (answered != 0) impl_->after_io();  // deferred answers leave on the Nodes' next round
+  return answered;
 }
 
 }  // namespace dauth::daemon

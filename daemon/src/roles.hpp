@@ -25,6 +25,7 @@
 #include "dauth/error.hpp"
 #include "dauth/rspf/enrolee.hpp"
 #include "dauth/rspf/mef.hpp"
+#include "dauth/rspf/revocation_watch.hpp"
 #include "dauth/rspf/role_support.hpp"
 #include "dauth/rspf/target_keys.hpp"
 #include "dauth/transport/transport.hpp"
@@ -65,6 +66,14 @@ class Roles {
   Result<nlohmann::json> enrolment_status(const std::string& ae_id) const;
   Result<nlohmann::json> revoke(const std::string& id);
   Result<nlohmann::json> remove_credential(const std::string& kpm_id);
+  // credentials.add: a BootstrapKeyRecord for a configured PSK-bootstrapped local AE, durable when it returns; the
+  // AE's Enrolee uses it from its next attempt on (and after a restart), instead of the configured kpm_id.
+  Result<nlohmann::json> add_credential(const std::string& kpm_id, const std::string& ae_id, SecretBuffer kpm);
+  // The MEF's enrolee table at run time (enrolees.list/add/remove). A row is owned by the configuration
+  // ([[mef.enrolee]]) or by dauthctl, never both: add and remove refuse configured ids.
+  nlohmann::json enrolees() const;
+  Result<nlohmann::json> add_enrolee(const MefEnrolee& row, SecretBuffer kpm);
+  Result<nlohmann::json> remove_enrolee(const std::string& id);
   nlohmann::json credentials() const;
   nlohmann::json sessions() const;
   nlohmann::json peers() const;
@@ -77,6 +86,9 @@ class Roles {
   void begin_drain();
   bool idle() const;
   std::vector<std::string> pending() const;
+  // daemon.shutdown_timeout reached: answers every request still in flight with 5.03 (the log lines of pending()
+  // stay), and wakes the Nodes so that the answers leave on their next round. Returns how many were answered.
+  std::size_t abandon_in_flight();
 
   struct Impl;
 

@@ -7,6 +7,8 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -28,6 +30,11 @@ struct NodeDriver {
   std::unique_ptr<transport::Node> node;
   EventLoop::Registration watch;
   EventLoop::Registration timer;
+  // Roles::Impl::rearm(): when `timer` fires (max() once it fired), zero-delay turns in a row, and whether
+  // node->process_ready() is running (after_io() re-arms once it returned).
+  std::chrono::steady_clock::time_point timer_due = std::chrono::steady_clock::time_point::max();
+  int immediate_turns = 0;
+  bool in_round = false;
 };
 
 struct LocalAeState {
@@ -72,7 +79,7 @@ struct PeerState {
 struct InFlightTable {
   struct Entry {
     std::string what;
-    const transport::Responder* responder;
+    transport::Responder* responder;  // owned by the tracker (proxy.cpp track_in_flight)
   };
   std::uint64_t next_id = 0;
   std::map<std::uint64_t, Entry> requests;
@@ -82,6 +89,17 @@ struct InFlightTable {
       if (!entry.responder->answered()) out.push_back(entry.what);
     }
     return out;
+  }
+  // daemon.shutdown_timeout: answers every unanswered request with `response` (a later answer is ignored,
+  // Responder::respond) so that no local AE or peer waits for a timeout; returns how many.
+  std::size_t answer_unanswered(const transport::Response& response) {
+    std::size_t answered = 0;
+    for (auto& [id, entry] : requests) {
+      if (entry.responder->answered()) continue;
+      entry.responder->respond(response);
+      ++answered;
+    }
+    return answered;
   }
 };
 
@@ -101,11 +119,17 @@ struct Roles::Impl {
   std::unique_ptr<rspf::Mef> mef;
   std::vector<std::unique_ptr<LocalAeState>> aes;
   std::unique_ptr<rspf::TargetKeys> target_keys;
+  // The MEFs' certificate revocation lists, applied by the peer node's peer_check (server and client sessions);
+  // only with peer.trust_anchors (certificate peer sessions) and an Enrolee (the MEFs to ask).
+  std::unique_ptr<rspf::RevocationWatch> revocations;
   // The local AEs the peer endpoint serves as Enrolment Targets (endpoint + Enrolee; TargetKeys picks one by SNI).
   std::vector<std::string> served_aes;
-  // The local AE whose X.509 certificate the peer endpoint presents (transport: one certificate per context), if
-  // any: an incoming certificate session reaches this AE.
-  std::string certificate_ae;
+  // The local AEs whose X.509 certificates the peer endpoint presents, each to the handshakes whose SNI names it
+  // (transport: NodeConfig::x509_by_server_name): an incoming certificate session reaches the AE its SNI named.
+  std::set<std::string> certificate_aes;
+  // Presents ae_id's current certificate (x509_of_local_ae) on the peer endpoint from the next handshake naming
+  // it, e.g. after EST issued or renewed it; live sessions keep theirs. Logs the outcome.
+  void serve_certificate_of(const std::string& ae_id);
   std::string peer_trust_anchors_pem;  // peer.trust_anchors: the CAs of peers' AE-ID certificates
   // The served AE a handshake with this SNI reaches (TargetKeys' rule: a served AE by name, else the first one).
   std::string served_ae_for_sni(std::string_view sni) const;
@@ -129,6 +153,14 @@ struct Roles::Impl {
   void after_io();
   void rearm(NodeDriver& driver);
   Result<void> put_key_tables(const Config& cfg, const LoadedSecrets& secrets);
+  // The ids the configuration owns (put_key_tables): KpmIDs of [[enrolee.ae]] (BootstrapKeyRecords) and credential
+  // ids of [[mef.enrolee]] (EnroleeRecords). Other records of those kinds were added with dauthctl at run time
+  // (docs/control-protocol.md "Run-time credentials").
+  std::set<std::string> configured_kpm_ids;
+  std::set<std::string> configured_enrolee_ids;
+  bool key_tables_loaded = false;
+  // The KpmID a configured PSK AE bootstraps with: the one added for it with dauthctl, if any, else its kpm_id.
+  std::string bootstrap_kpm_id_of(const LocalAe& ae) const;
   Result<void> put_device_certificate(const LocalAe& ae);
   Result<void> resolve_peers(const Config& cfg, std::map<std::string, PeerState>& out) const;
   LocalAeState* find_ae(const std::string& id);

@@ -246,7 +246,8 @@ TEST_CASE("every error of a file is reported, in file order", "[config]") {
         "t.toml:2:16: peer.idle_timeout = 0: must be 1–86400 seconds\n"
         "t.toml:3:18: peer.max_handshakes = 0: must be 1–1000 handshakes\n"
         "t.toml:4:1: peer.bogus: unknown key; allowed in [peer]: listen, trust_anchors, idle_timeout, max_sessions, "
-        "max_outgoing_sessions, max_handshakes, handshake_timeout, legacy_onem2m_options, [[peer.address]], "
+        "max_outgoing_sessions, max_handshakes, handshake_timeout, nstart, local_nstart, legacy_onem2m_options, "
+        "[[peer.address]], "
         "[[peer.policy]]");
 }
 

@@ -6,8 +6,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <catch2/catch.hpp>
 #include <chrono>
 #include <fstream>
+#include <regex>
 #include <sstream>
 #include <stdexcept>
 #include <thread>
@@ -313,6 +315,44 @@ std::string Deployment::all_logs() const {
     if (std::filesystem::exists(run_log)) text += read_text_file(run_log);
   }
   return text;
+}
+
+void start_all(Deployment& d) {
+  d.start("mef");
+  d.start_valve();
+  d.start("b");
+  d.start("a");
+  REQUIRE(d.wait_enrolled("b", "CAE-valve"));
+  REQUIRE(d.wait_enrolled("a", "CAE-meter"));
+}
+
+std::string put_marker(const Deployment& d) {
+  const auto marker = run_command({"openssl", "rand", "-hex", "8"}).output.substr(0, 16);
+  const auto put = d.direct("put", "example_data", marker);
+  REQUIRE(put.exit_code == 0);
+  return marker;
+}
+
+void start_with_certificate_peer_sessions(Deployment& d) {
+  const std::string mef_ca = (d.dir() / "mef" / "ca.pem").string();
+  d.edit_config("mef", [](std::string text) {
+    return std::regex_replace(text, std::regex("enrolee_id = \"CAE-meter\"\n"),
+                              "enrolee_id = \"CAE-meter\"\ncertificate_enrolment = true\n");
+  });
+  d.edit_config("a", [&](std::string text) {
+    text = std::regex_replace(text, std::regex("kpm_file = \"([^\"]*)/meter.kpm\"\n"),
+                              "kpm_file = \"$1/meter.kpm\"\ncertificate_enrolment = true\n");
+    text = std::regex_replace(text, std::regex("\\[peer\\]\n"), "[peer]\ntrust_anchors = [\"" + mef_ca + "\"]\n");
+    return std::regex_replace(text, std::regex("(ae_id = \"CAE-valve\"\naddress = \"[^\"]*\"\n)"),
+                              "$1credential = \"certificate\"\n");
+  });
+  d.edit_config("b", [&](std::string text) {
+    return std::regex_replace(text, std::regex("\\[peer\\]\n"), "[peer]\ntrust_anchors = [\"" + mef_ca + "\"]\n");
+  });
+  start_all(d);
+  d.stop("b", SIGTERM);
+  d.start("b");
+  REQUIRE(d.wait_enrolled("b", "CAE-valve"));
 }
 
 }  // namespace dauth::test

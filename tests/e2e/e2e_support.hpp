@@ -88,4 +88,25 @@ CommandResult make_pki(std::vector<std::string> args);
 // True when coap-client-notls, coap-server-notls and openssl are installed (libcoap3-bin).
 bool have_stock_tools();
 
+// Starts the MEF, the valve server, gateways B and A, and REQUIREs that valve and meter get enrolled.
+void start_all(Deployment& d);
+
+// A fresh random value PUT straight to the valve server: a proxied answer can only contain it if the request
+// really reached that server.
+std::string put_marker(const Deployment& d);
+
+// Certificate peer sessions: meter also enrols for an AE-ID certificate over EST, both gateways trust the MEF CA
+// for peers and A reaches valve with X.509; then start_all() and a restart of B, which presents the certificate
+// fixed at its start (valve's is issued only after it first started).
+void start_with_certificate_peer_sessions(Deployment& d);
+
 }  // namespace dauth::test
+
+// In a TEST_CASE: warns and returns when have_stock_tools() is false (a macro because it returns from the caller).
+#define DAUTH_E2E_SKIP_WITHOUT_STOCK_TOOLS()                                       \
+  do {                                                                            \
+    if (!::dauth::test::have_stock_tools()) {                                     \
+      WARN("coap-client-notls / coap-server-notls / openssl missing; skipped");   \
+      return;                                                                     \
+    }                                                                             \
+  } while (false)

@@ -26,24 +26,6 @@ std::string lower(std::string text) {
   return text;
 }
 
-// A fresh random value PUT straight to the valve server, then read back through the proxy path: the proxied answer
-// can only contain it if the request really reached that server.
-std::string put_marker(const Deployment& d) {
-  const auto marker = run_command({"openssl", "rand", "-hex", "8"}).output.substr(0, 16);
-  const auto put = d.direct("put", "example_data", marker);
-  REQUIRE(put.exit_code == 0);
-  return marker;
-}
-
-void start_all(Deployment& d) {
-  d.start("mef");
-  d.start_valve();
-  d.start("b");
-  d.start("a");
-  REQUIRE(d.wait_enrolled("b", "CAE-valve"));
-  REQUIRE(d.wait_enrolled("a", "CAE-meter"));
-}
-
 // The client request the A side would send, made by hand: KeID and the usage-constrained key derived from A's
 // stored enrolment (TS-0003 §10.3.7), with an originator of our choosing.
 struct DirectPeer {
@@ -86,10 +68,7 @@ Result<transport::Response> send_direct(const Deployment& d, const DirectPeer& p
 }  // namespace
 
 TEST_CASE("proxy path works, policy, originator and impersonation refusals, no key in any log", "[e2e]") {
-  if (!have_stock_tools()) {
-    WARN("coap-client-notls / coap-server-notls / openssl missing; skipped");
-    return;
-  }
+  DAUTH_E2E_SKIP_WITHOUT_STOCK_TOOLS();
   Deployment d;
   start_all(d);
   const auto marker = put_marker(d);
@@ -104,6 +83,10 @@ TEST_CASE("proxy path works, policy, originator and impersonation refusals, no k
   bool meter_session = false;
   for (const auto& s : sessions_b["sessions"]) meter_session |= s.value("peer_ae_id", "") == "CAE-meter";
   CHECK(meter_session);
+  // Every enrolment the MEF answered waited for one journal fdatasync first (durable before the answer).
+  const auto mef_stats = d.ctl_json("mef", {"stats"});
+  CHECK(mef_stats.value("keystore_fdatasync_total", std::int64_t{0}) >= 2);  // meter's and valve's enrolments
+  CHECK(mef_stats.value("keystore_fdatasync_seconds_total", 0.0) > 0.0);
 
   SECTION("policy: B lets meter GET only; intruder not at all") {
     const auto put = d.proxied("CAE-meter", "put", "example_data", "overwritten");
@@ -161,10 +144,7 @@ TEST_CASE("proxy path works, policy, originator and impersonation refusals, no k
 
 TEST_CASE("SIGTERM leaves a consistent store, kill -9 and restart keep every credential, sessions come back",
           "[e2e]") {
-  if (!have_stock_tools()) {
-    WARN("coap-client-notls / coap-server-notls / openssl missing; skipped");
-    return;
-  }
+  DAUTH_E2E_SKIP_WITHOUT_STOCK_TOOLS();
   Deployment d;
   start_all(d);
   const auto marker = put_marker(d);
@@ -215,10 +195,7 @@ TEST_CASE("SIGTERM leaves a consistent store, kill -9 and restart keep every cre
 }
 
 TEST_CASE("reload (SIGHUP) keeps live sessions and applies the new policy", "[e2e]") {
-  if (!have_stock_tools()) {
-    WARN("coap-client-notls / coap-server-notls / openssl missing; skipped");
-    return;
-  }
+  DAUTH_E2E_SKIP_WITHOUT_STOCK_TOOLS();
   Deployment d;
   start_all(d);
   const auto marker = put_marker(d);
@@ -234,10 +211,7 @@ TEST_CASE("reload (SIGHUP) keeps live sessions and applies the new policy", "[e2
 }
 
 TEST_CASE("MEF down at start: the enrolee retries with growing backoff and enrols once the MEF is up", "[e2e]") {
-  if (!have_stock_tools()) {
-    WARN("coap-client-notls / coap-server-notls / openssl missing; skipped");
-    return;
-  }
+  DAUTH_E2E_SKIP_WITHOUT_STOCK_TOOLS();
   Deployment d;
   d.start("a");
   // Collect the backoff delays of the first failed attempts (1 s, 2 s, 4 s ... ± 10 % jitter, Enrolee::
@@ -262,10 +236,7 @@ TEST_CASE("MEF down at start: the enrolee retries with growing backoff and enrol
 }
 
 TEST_CASE("peer restart: gateway A's cached session to B is dead, the next request sets up a new one", "[e2e]") {
-  if (!have_stock_tools()) {
-    WARN("coap-client-notls / coap-server-notls / openssl missing; skipped");
-    return;
-  }
+  DAUTH_E2E_SKIP_WITHOUT_STOCK_TOOLS();
   Deployment d;
   start_all(d);
   const auto marker = put_marker(d);
@@ -290,10 +261,7 @@ std::size_t count_rows(const nlohmann::json& listed, const std::string& kind, co
 }  // namespace
 
 TEST_CASE("certificate RSPF: a device certificate enrols, an untrusted one is refused and retried", "[e2e]") {
-  if (!have_stock_tools()) {
-    WARN("coap-client-notls / coap-server-notls / openssl missing; skipped");
-    return;
-  }
+  DAUTH_E2E_SKIP_WITHOUT_STOCK_TOOLS();
   Deployment d;
   const auto b = d.dir() / "b";
   // valve's device certificate from a CA the MEF does not trust (mef.device_ca is the demo device CA); the right
@@ -349,10 +317,7 @@ TEST_CASE("certificate RSPF: a device certificate enrols, an untrusted one is re
 }
 
 TEST_CASE("several Enrolment Targets behind one gateway: A reaches both, B's policy holds per local AE", "[e2e]") {
-  if (!have_stock_tools()) {
-    WARN("coap-client-notls / coap-server-notls / openssl missing; skipped");
-    return;
-  }
+  DAUTH_E2E_SKIP_WITHOUT_STOCK_TOOLS();
   Deployment d;
   // A second served AE on B, "pump" (pre-provisioned key), which meter may reach with GET and PUT; valve stays
   // GET only.
@@ -407,32 +372,9 @@ TEST_CASE("several Enrolment Targets behind one gateway: A reaches both, B's pol
 }
 
 TEST_CASE("certificate peer sessions: meter -> valve over X.509 with the AE-ID certificates issued over EST", "[e2e]") {
-  if (!have_stock_tools()) {
-    WARN("coap-client-notls / coap-server-notls / openssl missing; skipped");
-    return;
-  }
+  DAUTH_E2E_SKIP_WITHOUT_STOCK_TOOLS();
   Deployment d;
-  const std::string mef_ca = (d.dir() / "mef" / "ca.pem").string();
-  // meter also gets an AE-ID certificate; both gateways trust the MEF CA for peers; A reaches valve with X.509.
-  d.edit_config("mef", [](std::string text) {
-    return std::regex_replace(text, std::regex("enrolee_id = \"CAE-meter\"\n"),
-                              "enrolee_id = \"CAE-meter\"\ncertificate_enrolment = true\n");
-  });
-  d.edit_config("a", [&](std::string text) {
-    text = std::regex_replace(text, std::regex("kpm_file = \"([^\"]*)/meter.kpm\"\n"),
-                              "kpm_file = \"$1/meter.kpm\"\ncertificate_enrolment = true\n");
-    text = std::regex_replace(text, std::regex("\\[peer\\]\n"), "[peer]\ntrust_anchors = [\"" + mef_ca + "\"]\n");
-    return std::regex_replace(text, std::regex("(ae_id = \"CAE-valve\"\naddress = \"[^\"]*\"\n)"),
-                              "$1credential = \"certificate\"\n");
-  });
-  d.edit_config("b", [&](std::string text) {
-    return std::regex_replace(text, std::regex("\\[peer\\]\n"), "[peer]\ntrust_anchors = [\"" + mef_ca + "\"]\n");
-  });
-  start_all(d);
-  // B presents the certificate fixed at its start: restart it now that valve's AE-ID certificate is issued.
-  d.stop("b", SIGTERM);
-  d.start("b");
-  REQUIRE(d.wait_enrolled("b", "CAE-valve"));
+  start_with_certificate_peer_sessions(d);
   const auto marker = put_marker(d);
 
   const auto get = d.proxied("CAE-meter", "get", "example_data");

@@ -129,10 +129,7 @@ void start_with_local_ae(Deployment& d) {
 }  // namespace
 
 TEST_CASE("SIGTERM: a request in flight still gets its answer, a new one gets 5.03, exit 0", "[e2e][drain]") {
-  if (!have_stock_tools()) {
-    WARN("coap-client-notls / coap-server-notls / openssl missing; skipped");
-    return;
-  }
+  DAUTH_E2E_SKIP_WITHOUT_STOCK_TOOLS();
   Deployment d;
   d.insert_config_line("b", "[daemon]", "shutdown_timeout = 60");
   LocalAe valve(d.ports().at("VALVE_PORT"), std::chrono::milliseconds(2000));
@@ -168,10 +165,7 @@ TEST_CASE("SIGTERM: a request in flight still gets its answer, a new one gets 5.
 
 TEST_CASE("SIGTERM: a local AE that never answers is abandoned after shutdown_timeout, and a second SIGTERM exits at once",
           "[e2e][drain]") {
-  if (!have_stock_tools()) {
-    WARN("coap-client-notls / coap-server-notls / openssl missing; skipped");
-    return;
-  }
+  DAUTH_E2E_SKIP_WITHOUT_STOCK_TOOLS();
   Deployment d;
   d.insert_config_line("b", "[daemon]", "shutdown_timeout = 2");
   d.insert_config_line("a", "[daemon]", "shutdown_timeout = 120");
@@ -209,10 +203,7 @@ TEST_CASE("SIGTERM: a local AE that never answers is abandoned after shutdown_ti
 // without oneM2M-FR, and binds the AE to it. Here in the drain test binary because it is H3's one e2e file.
 TEST_CASE("local_source: a request from the mapped address is the AE's, other sources and other AEs get 4.03",
           "[e2e][local_source]") {
-  if (!have_stock_tools()) {
-    WARN("coap-client-notls / coap-server-notls / openssl missing; skipped");
-    return;
-  }
+  DAUTH_E2E_SKIP_WITHOUT_STOCK_TOOLS();
   Deployment d;
   d.insert_config_line("a", "id = \"CAE-meter\"", "local_source = \"127.0.0.2\"");
 
@@ -229,15 +220,9 @@ TEST_CASE("local_source: a request from the mapped address is the AE's, other so
   CHECK(checked.output.find("enrolee.ae[1].local_source = \"127.0.0.2\": already enrolee.ae[0].local_source (" +
                             clash.string() + ":") != std::string::npos);
 
-  d.start("mef");
-  d.start_valve();
-  d.start("b");
-  d.start("a");
-  REQUIRE(d.wait_enrolled("b", "CAE-valve"));
-  REQUIRE(d.wait_enrolled("a", "CAE-meter"));
+  start_all(d);
   REQUIRE(d.wait_enrolled("a", "CAE-intruder"));
-  const auto marker = run_command({"openssl", "rand", "-hex", "8"}).output.substr(0, 16);
-  REQUIRE(d.direct("put", "example_data", marker).exit_code == 0);
+  const auto marker = put_marker(d);
 
   const auto get_from = [&](const std::string& source, const std::string& originator) {
     std::vector<std::string> argv = {"coap-client-notls", "-v", "6", "-B", "20", "-a", source, "-m", "get", "-P",

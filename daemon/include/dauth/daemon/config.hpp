@@ -176,6 +176,8 @@ struct PeerSettings {
   std::int64_t max_outgoing_sessions = 0;
   std::int64_t max_handshakes = 0;
   std::int64_t handshake_timeout = 0;
+  std::int64_t nstart = 0;        // RFC 7252 §4.7, dauthd↔dauthd DTLS sessions
+  std::int64_t local_nstart = 0;  // the same, plain CoAP sessions with local AEs (loopback)
   bool legacy_onem2m_options = false;
   std::vector<PeerAddress> addresses;
   std::vector<PolicyRule> policy;

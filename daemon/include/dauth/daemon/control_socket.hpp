@@ -9,6 +9,13 @@
 // 0600 (or 0660 with the configured group); each connection's peer is also checked with SO_PEERCRED (root, the
 // daemon's own user, or a member of the control group). A line longer than kMaxLineBytes gets a "limit" reply and
 // the connection is closed. At most max_clients connections are served at once.
+//
+// File descriptors (SCM_RIGHTS) travel with a request line: key bytes never go through JSON (a std::string or
+// nlohmann value keeps unwiped copies), so dauthctl passes the open key file or a pipe holding the key, and the
+// request names it by index ("key_fd": 0). Descriptors are received close-on-exec and belong to the request whose
+// line carried them; each is closed when that request's handler returns, on every path. A verb accepts at most the
+// number it registered (default none): a request with more is refused and its descriptors closed. A connection
+// with more than kMaxFdsPerRequest descriptors pending (or a truncated set) gets a "limit" reply and is closed.
 #pragma once
 
 #include <sys/types.h>
@@ -34,10 +41,30 @@ struct ControlPeer {
   gid_t gid = 0;
 };
 
+// An open file descriptor received over the control socket; closed exactly once, when the owner goes.
+class ReceivedFd {
+ public:
+  ReceivedFd() = default;
+  explicit ReceivedFd(int fd) : fd_(fd) {}
+  ~ReceivedFd() { reset(); }
+  ReceivedFd(ReceivedFd&& other) noexcept : fd_(other.fd_) { other.fd_ = -1; }
+  ReceivedFd& operator=(ReceivedFd&& other) noexcept;
+  ReceivedFd(const ReceivedFd&) = delete;
+  ReceivedFd& operator=(const ReceivedFd&) = delete;
+  int get() const noexcept { return fd_; }
+  void reset() noexcept;
+
+ private:
+  int fd_ = -1;
+};
+
 struct ControlRequest {
   std::string verb;
   nlohmann::json args;  // always an object
   ControlPeer peer;
+  // The descriptors that came with this line, in the order sent; "args" refers to them by index. At most the
+  // verb's max_fds. Closed after the handler returns.
+  std::vector<ReceivedFd> fds;
 };
 
 // A verb's answer: the "result" object, or the Error that becomes {"ok": false, ...}.
@@ -54,6 +81,8 @@ class ControlServer {
   // Longest request line accepted, newline excluded. Requests are small; a bound stops a client from growing
   // the daemon's memory without limit.
   static constexpr std::size_t kMaxLineBytes = 64 * 1024;
+  // Most descriptors one request (and one connection, before its line is complete) may carry.
+  static constexpr std::size_t kMaxFdsPerRequest = 4;
 
   // Binds and listens. An existing socket file nobody answers on is replaced; one a live process answers on is
   // an error (Errc::exists), as is any other file at path.
@@ -80,8 +109,9 @@ class ControlServer {
     ControlServer* server_ = nullptr;
     std::string verb_;
   };
-  // Errc::exists if the verb is already registered.
-  Result<VerbRegistration> add_verb(std::string verb, VerbHandler handler);
+  // Errc::exists if the verb is already registered. max_fds: how many descriptors a request may carry (at most
+  // kMaxFdsPerRequest); a request with more is refused before the handler runs.
+  Result<VerbRegistration> add_verb(std::string verb, VerbHandler handler, std::size_t max_fds = 0);
 
   // Stops accepting connections (shutdown); live connections are served until they close.
   void stop_accepting() noexcept;
@@ -100,7 +130,10 @@ class ControlServer {
   ControlServer(EventLoop& loop, ControlSocketOptions options, int fd, gid_t group);
   void on_accept();
   void on_client(std::uint64_t id, std::uint32_t events);
-  void handle_line(Client& client, const std::string& line);
+  void handle_line(Client& client, const std::string& line, std::vector<ReceivedFd> fds);
+  // recvmsg() with room for kMaxFdsPerRequest descriptors; false when the connection must close (limit reply
+  // queued). n is read()'s result.
+  bool receive(Client& client, char* buffer, std::size_t size, ssize_t& n);
   void queue_reply(Client& client, const Result<nlohmann::json>& outcome);
   // Writes what it can; false when the client was closed.
   bool flush(std::uint64_t id);
@@ -113,7 +146,11 @@ class ControlServer {
   gid_t group_;
   bool has_group_;
   EventLoop::Registration listen_watch_;
-  std::map<std::string, VerbHandler> verbs_;
+  struct Verb {
+    VerbHandler handler;
+    std::size_t max_fds = 0;
+  };
+  std::map<std::string, Verb> verbs_;
   std::map<std::uint64_t, std::unique_ptr<Client>> clients_;
   std::uint64_t next_client_ = 1;
   std::uint64_t requests_ = 0;

@@ -1,0 +1,96 @@
+#include "key_source.hpp"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <iostream>
+
+#include "dauth/daemon/exit_codes.hpp"
+#include "dauth/secret.hpp"
+#include "secret_file.hpp"
+
+namespace dauthctl {
+
+namespace {
+
+using dauth::daemon::ExitCode;
+using dauth::daemon::as_int;
+namespace detail = dauth::daemon::detail;
+
+int usage(const char* option, const std::string& why) {
+  std::cerr << "dauthctl: " << option << ": " << why << "\n";
+  return as_int(ExitCode::usage);
+}
+
+// Standard input that is not a regular file: read to the end into guarded memory, check, copy into a new pipe.
+int pipe_from_stdin(const char* option, int& out_fd) {
+  constexpr std::size_t kMaxText = detail::kMaxKpmBytes * 2 + 1;  // hex and a newline
+  dauth::SecretBuffer text(kMaxText + 1);
+  std::size_t length = 0;
+  while (length < text.size()) {
+    const ssize_t n = ::read(STDIN_FILENO, text.data() + length, text.size() - length);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return usage(option, std::string("reading standard input: ") + std::strerror(errno));
+    if (n == 0) break;
+    length += static_cast<std::size_t>(n);
+  }
+  std::size_t hex = length;
+  if (hex > 0 && text.data()[hex - 1] == '\n') --hex;
+  auto key = dauth::secret_from_hex(std::string_view(reinterpret_cast<const char*>(text.data()), hex));
+  if (length > kMaxText || !key || key->size() < detail::kMinKpmBytes || key->size() > detail::kMaxKpmBytes) {
+    return usage(option, "standard input must hold 16–64 bytes as hex (32–128 hex characters, one optional "
+                         "trailing newline)");
+  }
+  int ends[2];
+  if (::pipe2(ends, O_CLOEXEC) != 0) return usage(option, std::string("pipe: ") + std::strerror(errno));
+  // At most 129 bytes into an empty pipe: never blocks (PIPE_BUF).
+  const ssize_t written = ::write(ends[1], text.data(), length);
+  const int err = errno;
+  ::close(ends[1]);  // the daemon reads to the end: the write end must be closed before the request goes
+  if (written != static_cast<ssize_t>(length)) {
+    ::close(ends[0]);
+    return usage(option, std::string("pipe: ") + std::strerror(err));
+  }
+  out_fd = ends[0];
+  return 0;
+}
+
+}  // namespace
+
+KeySource::~KeySource() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+int open_key_source(const std::string& source, const char* option, KeySource& out) {
+  if (source != "-") {
+    if (auto key = detail::read_hex_key_file(source, detail::kMinKpmBytes, detail::kMaxKpmBytes); !key) {
+      return usage(option, key.error().message);
+    }
+    const int fd = ::open(source.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+    if (fd < 0) return usage(option, source + ": " + std::strerror(errno));
+    out.fd_ = fd;
+    return 0;
+  }
+  struct stat st {};
+  if (::fstat(STDIN_FILENO, &st) != 0) return usage(option, std::string("standard input: ") + std::strerror(errno));
+  if (S_ISREG(st.st_mode)) {
+    // dauthd's rules on the descriptor itself (pread: the offset stays for dauthd's read).
+    auto key = detail::read_hex_key_fd(STDIN_FILENO, std::string(option) + " - (standard input)", detail::kMinKpmBytes,
+                                       detail::kMaxKpmBytes);
+    if (!key) return usage(option, key.error().message);
+    const int fd = ::fcntl(STDIN_FILENO, F_DUPFD_CLOEXEC, 0);
+    if (fd < 0) return usage(option, std::string("standard input: ") + std::strerror(errno));
+    out.fd_ = fd;
+    return 0;
+  }
+  if (::isatty(STDIN_FILENO)) {
+    return usage(option, "standard input is a terminal; pipe the key in (dauthctl genpsk | dauthctl ...) or give "
+                         "a key file");
+  }
+  return pipe_from_stdin(option, out.fd_);
+}
+
+}  // namespace dauthctl
