@@ -8,10 +8,15 @@
 // Set-up like the e2e tests and the demo, pre-provisioned keys only: an MEF dauthd and two gateway dauthds on
 // 127.0.0.1 (fresh keys, state directories and ports in a temporary directory), AE "meter" on A, AE "valve" on B
 // served by coap-server-notls. The load comes from transport/ Nodes in this process with plain credentials, so
-// process start-up does not count. One request in flight per client session: libcoap keeps NSTART = 1 per
-// session (RFC 7252 §4.7), so "N outstanding" uses N client Nodes, each with its own session.
+// process start-up does not count. "N outstanding" uses N client Nodes, each with its own session and one request
+// in flight (the AE side keeps RFC 7252's NSTART = 1), so the N requests share A's one DTLS session to B, B's
+// separate responses on it, and B's one plain session to the valve: peer.nstart / peer.local_nstart decide how
+// many of them are in flight at once.
 //
-// Usage: bench_proxy [sequential=2000] [throughput_requests=4000] [rounds=3]
+// Usage: bench_proxy [sequential=2000] [throughput_requests=4000] [rounds=3] [nstart]
+//   nstart: written as peer.nstart and peer.local_nstart of both gateways; omitted: dauthd's defaults.
+//   BENCH_PROXY_DAUTHD=<path> runs another dauthd build (e.g. a saved "before" binary; then omit nstart if it
+//   predates the key).
 // Prints the median over interleaved rounds (a busy machine slows both paths alike within a round) and the
 // proxied/direct ratios. Reports, does not assert.
 #include <fcntl.h>
@@ -120,7 +125,10 @@ struct Deployment {
   std::map<std::string, std::uint16_t> ports;
   std::map<std::string, pid_t> children;
 
-  Deployment() {
+  std::string dauthd_path = DAUTHD_PATH;
+
+  explicit Deployment(const std::string& nstart_setting) {
+    if (const char* other = std::getenv("BENCH_PROXY_DAUTHD")) dauthd_path = other;
     char dir_template[] = "/tmp/dauth-bench-proxy-XXXXXX";
     if (::mkdtemp(dir_template) == nullptr) throw std::runtime_error("mkdtemp failed");
     dir = dir_template;
@@ -139,6 +147,8 @@ struct Deployment {
              (dir / node / "control").string() + "\"\nmaster_key_source = \"file\"\nmaster_key_file = \"" +
              (dir / node / "master.key").string() + "\"\nlog_level = \"info\"\n\n";
     };
+    const std::string nstart_keys =
+        nstart_setting.empty() ? "" : "nstart = " + nstart_setting + "\nlocal_nstart = " + nstart_setting + "\n";
     const auto enrolee_section = [&](const char* local) {
       return "[enrolee]\nmef_address = \"127.0.0.1:" + port("mef") + "\"\nmef_fqdn = \"mef.bench.test\"\n" +
              "local_listen = \"127.0.0.1:" + port(local) + "\"\n\n";
@@ -155,13 +165,13 @@ struct Deployment {
     write_private(dir / "mef.toml", daemon_section("mef") + "[mef]\nfqdn = \"mef.bench.test\"\nlisten = \"127.0.0.1:" +
                                         port("mef") + "\"\n\n" + mef_row("meter", "valve") + mef_row("valve", "meter"));
     write_private(dir / "a.toml", daemon_section("a") + enrolee_section("a_local") + local_ae("meter", "") +
-                                      "[peer]\nlisten = \"127.0.0.1:" + port("a_peer") +
-                                      "\"\n\n[[peer.address]]\nae_id = \"CAE-valve\"\naddress = \"127.0.0.1:" +
+                                      "[peer]\nlisten = \"127.0.0.1:" + port("a_peer") + "\"\n" + nstart_keys +
+                                      "\n[[peer.address]]\nae_id = \"CAE-valve\"\naddress = \"127.0.0.1:" +
                                       port("b_peer") + "\"\n");
     write_private(dir / "b.toml", daemon_section("b") + enrolee_section("b_local") +
                                       local_ae("valve", "endpoint = \"127.0.0.1:" + port("valve") + "\"\n") +
-                                      "[peer]\nlisten = \"127.0.0.1:" + port("b_peer") +
-                                      "\"\n\n[[peer.address]]\nae_id = \"CAE-meter\"\naddress = \"127.0.0.1:" +
+                                      "[peer]\nlisten = \"127.0.0.1:" + port("b_peer") + "\"\n" + nstart_keys +
+                                      "\n[[peer.address]]\nae_id = \"CAE-meter\"\naddress = \"127.0.0.1:" +
                                       port("a_peer") + "\"\n\n[[peer.policy]]\npeer = \"CAE-meter\"\n" +
                                       "local_aes = [\"CAE-valve\"]\nmethods = [\"GET\"]\n");
   }
@@ -177,7 +187,7 @@ struct Deployment {
   }
 
   void start_dauthd(const std::string& node) {
-    children[node] = spawn({DAUTHD_PATH, "--config", (dir / (node + ".toml")).string()}, dir / (node + ".log"));
+    children[node] = spawn({dauthd_path, "--config", (dir / (node + ".toml")).string()}, dir / (node + ".log"));
     for (int i = 0; i < 200; ++i) {
       if (control(dir / node / "control", "{\"verb\":\"status\"}\n").find("\"ok\":true") != std::string::npos) return;
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
@@ -298,17 +308,27 @@ double percentile(std::vector<double> values, double p) {
 
 double median(std::vector<double> values) { return percentile(std::move(values), 0.5); }
 
+// CPU time a process has run, in microseconds (/proc/<pid>/schedstat, nanoseconds; dauthd and coap-server-notls are
+// single-threaded). Unlike wall-clock rates it hardly depends on what else the shared machine runs.
+double cpu_microseconds(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/schedstat");
+  double nanoseconds = 0;
+  in >> nanoseconds;
+  return nanoseconds / 1000.0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   const int sequential = argc > 1 ? std::atoi(argv[1]) : 2000;
   const int throughput_requests = argc > 2 ? std::atoi(argv[2]) : 4000;
   const int rounds = std::max(1, argc > 3 ? std::atoi(argv[3]) : 3);
+  const std::string nstart = argc > 4 ? std::to_string(std::max(1, std::atoi(argv[4]))) : "";
   const std::size_t windows[] = {1, 4, 16};
   ::signal(SIGPIPE, SIG_IGN);
 
   try {
-    Deployment deployment;
+    Deployment deployment(nstart);
     deployment.start();
 
     Target direct{"direct", {"127.0.0.1", deployment.ports.at("valve")}, {}};
@@ -328,15 +348,18 @@ int main(int argc, char** argv) {
       return 1;
     }
 
-    std::printf("backend=%s sequential=%d throughput_requests=%d rounds=%d\n",
+    std::printf("backend=%s sequential=%d throughput_requests=%d rounds=%d dauthd=%s\n",
                 std::string(transport::to_string(transport::compiled_backend())).c_str(), sequential,
-                throughput_requests, rounds);
+                throughput_requests, rounds, deployment.dauthd_path.c_str());
+    std::printf("peer.nstart = peer.local_nstart = %s\n",
+                nstart.empty() ? "dauthd's default (see dauthd.toml(5))" : nstart.c_str());
     std::printf("first proxied request (AE-pair DTLS handshake, key retrieval by B, A's retry): %.1f ms\n",
                 first / 1000.0);
 
     std::map<std::string, std::vector<double>> p50;
     std::map<std::string, std::vector<double>> p99;
     std::map<std::string, std::map<std::size_t, std::vector<double>>> rate;
+    std::map<std::string, std::map<std::size_t, std::vector<double>>> cpu;
     for (int round = 0; round < rounds; ++round) {
       for (const Target* target : {&direct, &proxied}) {
         const auto samples = clients.latencies(*target, sequential);
@@ -346,7 +369,18 @@ int main(int argc, char** argv) {
       for (const std::size_t window : windows) {
         for (const Target* target : {&direct, &proxied}) {
           Clients load(window);
+          // Server-side CPU per request: the valve alone (direct), or dauthd A + dauthd B + the valve (proxied).
+          std::vector<pid_t> servers{deployment.children.at("valve")};
+          if (target == &proxied) {
+            servers.push_back(deployment.children.at("a"));
+            servers.push_back(deployment.children.at("b"));
+          }
+          double cpu_before = 0;
+          for (const pid_t pid : servers) cpu_before -= cpu_microseconds(pid);
           rate[target->name][window].push_back(load.throughput(*target, throughput_requests));
+          double cpu_used = cpu_before;
+          for (const pid_t pid : servers) cpu_used += cpu_microseconds(pid);
+          cpu[target->name][window].push_back(cpu_used / throughput_requests);
           clients.failures += load.failures;
         }
       }
@@ -365,6 +399,11 @@ int main(int argc, char** argv) {
       row("throughput, " + std::to_string(window) + " outstanding (req/s)", median(rate["direct"][window]),
           median(rate["proxied"][window]));
     }
+    for (const std::size_t window : windows) {
+      row("server CPU/request, " + std::to_string(window) + " outst. (us)", median(cpu["direct"][window]),
+          median(cpu["proxied"][window]));
+    }
+    std::printf("(server CPU: coap-server-notls for direct; dauthd A + dauthd B + coap-server-notls for proxied)\n");
     std::printf("failed requests: %d\n", clients.failures);
     return clients.failures == 0 ? 0 : 1;
   } catch (const std::exception& error) {
