@@ -10,21 +10,24 @@ struct MefSubscription::State : std::enable_shared_from_this<MefSubscription::St
   std::string what;
   MefContact contact;
   transport::Request request;
+  JitterSource jitter;
+  std::chrono::milliseconds refresh = kSubscriptionRefresh;
   Backoff backoff;
   LogSink log;
   OnNotification on_notification;
   transport::Observation observation;
   bool live = false;
-  bool scheduled = false;        // a subscribe() is waiting in the Node's timers
+  bool scheduled = false;        // a subscribe() is waiting in the Node's timers (retry or refresh)
   std::uint64_t generation = 0;  // a scheduled subscribe() from an older generation does nothing (retry_now)
 
-  State(transport::Node& n, std::string w, MefContact c, transport::Request r, JitterSource jitter, LogSink l,
+  State(transport::Node& n, std::string w, MefContact c, transport::Request r, JitterSource jitter_source, LogSink l,
         OnNotification on)
       : node(n),
         what(std::move(w)),
         contact(std::move(c)),
         request(std::move(r)),
-        backoff(std::move(jitter)),
+        jitter(std::move(jitter_source)),
+        backoff(jitter),
         log(std::move(l)),
         on_notification(std::move(on)) {}
 
@@ -67,8 +70,26 @@ struct MefSubscription::State : std::enable_shared_from_this<MefSubscription::St
     if (notification->code != 205) return lost(error_from_response(what, *notification).to_string());
     on_notification(*notification);
     if (!notification->observe) return lost("the MEF answered without Observe");
+    const bool first = !live;
     live = true;
     backoff.reset();
+    // An MEF that crashed sends no close_notify and no more notifications: the subscription would look live for
+    // ever. Subscribing again now and then asks it (a silent MEF fails the new subscription, which ends the dead
+    // session in transport and starts over with backoff), and bounds how late a revocation can arrive.
+    if (first) schedule_refresh();
+  }
+
+  // A newer schedule() or start() makes this one stale (generation), as does losing the subscription meanwhile.
+  void schedule_refresh() {
+    const std::uint64_t mine = ++generation;
+    std::weak_ptr<State> weak = weak_from_this();
+    node.post_after(refresh_delay(refresh, jitter), [weak, mine] {
+      auto self = weak.lock();
+      if (self && self->generation == mine && self->live) {
+        self->log(self->what + " refreshing the subscription");
+        self->subscribe();
+      }
+    });
   }
 };
 
@@ -96,5 +117,7 @@ void MefSubscription::retry_now() {
 }
 
 bool MefSubscription::live() const { return state_->live; }
+
+void MefSubscription::set_refresh_interval(std::chrono::milliseconds interval) { state_->refresh = interval; }
 
 }  // namespace dauth::rspf

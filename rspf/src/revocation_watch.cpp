@@ -164,6 +164,7 @@ Result<void> RevocationWatch::add_mef(std::string_view mef_fqdn, MefContact cont
         impl_->config.jitter, impl_->config.log, [weak, fqdn](const transport::Response& notification) {
           if (auto self = weak.lock()) self->on_list(fqdn, notification);
         });
+    mef.subscription->set_refresh_interval(impl_->config.subscription_refresh);
     mef.subscription->start();
   }
   return ok_result();

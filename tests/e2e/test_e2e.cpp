@@ -249,6 +249,24 @@ TEST_CASE("peer restart: gateway A's cached session to B is dead, the next reque
   CHECK(d.ctl_json("b", {"stats"}).value("peer_handshakes_completed_total", 0) >= 1);  // B's counters restarted
 }
 
+TEST_CASE("peer crash: after kill -9 and restart of B, gateway A drops its dead session and sets up a new one",
+          "[e2e]") {
+  DAUTH_E2E_SKIP_WITHOUT_STOCK_TOOLS();
+  Deployment d;
+  start_all(d);
+  const auto marker = put_marker(d);
+  REQUIRE(d.proxied("CAE-meter", "get", "example_data").output.find(marker) != std::string::npos);
+  d.stop("b", SIGKILL);  // no close_notify: A still holds an established session B no longer knows
+  d.start("b");
+  // A request on the dead session goes unanswered; A must not keep using that session for the next ones.
+  bool answered = false;
+  for (int attempt = 0; attempt < 3 && !answered; ++attempt) {
+    answered = d.proxied("CAE-meter", "get", "example_data").output.find(marker) != std::string::npos;
+  }
+  CHECK(answered);
+  CHECK(d.ctl_json("b", {"stats"}).value("peer_handshakes_completed_total", 0) >= 1);
+}
+
 namespace {
 
 std::size_t count_rows(const nlohmann::json& listed, const std::string& kind, const std::string& key,

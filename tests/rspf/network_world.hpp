@@ -53,6 +53,11 @@ struct LogLines {
     }
     return false;
   }
+  std::size_t count(const std::string& text) const {
+    std::size_t n = 0;
+    for (const auto& line : lines) n += line.find(text) != std::string::npos ? 1 : 0;
+    return n;
+  }
 };
 
 inline crypto::KeyStore open_store(const std::filesystem::path& dir, const SecretBuffer& master_key) {

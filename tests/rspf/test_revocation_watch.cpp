@@ -150,10 +150,12 @@ struct RevocationWorld {
   }
 
   std::unique_ptr<rspf::RevocationWatch> make_watch(transport::Node& node, test::LogLines& log, const char* kpm_id,
-                                                    const SecretBuffer& kpm) {
+                                                    const SecretBuffer& kpm,
+                                                    std::chrono::milliseconds refresh = rspf::kSubscriptionRefresh) {
     rspf::RevocationWatchConfig config;
     config.jitter = [] { return 0.0; };
     config.log = log.sink();
+    config.subscription_refresh = refresh;
     auto watch = rspf::RevocationWatch::create(node, std::move(config));
     // Any session the MEF authenticates may read the list; a bootstrap PSK keeps this world small.
     std::string identity = kpm_id;
@@ -296,6 +298,20 @@ TEST_CASE("revocation watch: re-subscribes after the MEF restarts and keeps its 
   REQUIRE(world.mef->revoke_certificate(world.meter_serial).ok());
   REQUIRE(world.pump([&] { return world.b_watch->is_revoked(world.meter_serial); }));
   CHECK(world.b_watch->is_revoked(world.valve_serial));
+}
+
+TEST_CASE("revocation watch: a live subscription is renewed on its refresh interval and stays live",
+          "[rspf][network][revocation]") {
+  // An MEF that crashed sends neither close_notify nor notifications; only a renewed subscription finds out (its
+  // failure ends the silent session in transport). Here the MEF is alive: each renewal gets the current list.
+  RevocationWorld world;
+  test::LogLines refresh_log;
+  auto watch = world.make_watch(*world.b_node, refresh_log, kGatewayBKpmId, world.b_kpm, 300ms);
+  REQUIRE(world.pump([&] { return watch->feeds_live() == 1; }));
+  const auto first = watch->notifications();
+  REQUIRE(world.pump([&] { return refresh_log.count("refreshing the subscription") >= 2; }, 5000ms));
+  REQUIRE(world.pump([&] { return watch->feeds_live() == 1 && watch->notifications() >= first + 2; }));
+  CHECK(watch->complete());
 }
 
 TEST_CASE("EST /sren is authorised by the certificate the session presented, which it does not supersede",

@@ -287,6 +287,7 @@ struct Observation::State {
   std::string token;
   NotificationHandler handler;
   std::optional<std::chrono::steady_clock::time_point> first_answer_deadline;  // until the first answer
+  std::uint64_t packets_in_at_send = 0;  // as in PendingRequest
   bool ended = false;      // the final call is queued or done
   bool cancelled = false;  // by the owner: no call from then on
 };
@@ -309,6 +310,7 @@ struct PendingRequest {
   ResponseHandler handler;
   Clock::time_point deadline;
   coap_session_t* session;
+  std::uint64_t packets_in_at_send = 0;  // the session's count then: nothing since = the peer went silent
 };
 
 // What a PKI context accepts from its peers (validate_cn_call_back argument).
@@ -530,6 +532,14 @@ struct Node::Impl {
     completions.push_back([handler = std::move(request.handler), shared, state, node_alive]() {
       handler(std::move(*shared), node_alive.expired() ? nullptr : state);
     });
+  }
+
+  // A client request or subscription timed out and the peer sent nothing on its session since it went out: the
+  // peer is gone, or restarted and forgot the DTLS session (it drops records of sessions it does not know, and
+  // libcoap 4.3.1 keeps sending on an "established" session for ever). The session is released in this
+  // housekeeping round (its other pending requests fail), so the next request sets up a new one.
+  void end_if_silent(SessionImpl& state, std::uint64_t packets_in_at_send) {
+    if (state.client && state.count.packets_in == packets_in_at_send) state.dead = true;
   }
 
   void kill_client_session(SessionImpl& state, const Error& error) {
@@ -849,6 +859,10 @@ void on_nack(coap_session_t* session, const coap_pdu_t* sent, const coap_nack_re
     case COAP_NACK_RST: error = make_error(Errc::io, "peer " + state.remote + " answered with RST"); break;
     default: error = make_error(Errc::io, "peer " + state.remote + " unreachable"); break;
   }
+  if (reason == COAP_NACK_TOO_MANY_RETRIES) {
+    impl->end_if_silent(state, observed != impl->observations.end() ? observed->second->packets_in_at_send
+                                                                     : it->second.packets_in_at_send);
+  }
   if (observed != impl->observations.end()) {
     auto observation = observed->second;
     impl->observations.erase(observed);
@@ -1137,6 +1151,7 @@ void Node::Impl::housekeeping() {
     auto observation = it->second;
     if (observation->first_answer_deadline && now > *observation->first_answer_deadline) {
       auto found = sessions.find(it->first.first);
+      if (found != sessions.end()) end_if_silent(*found->second, observation->packets_in_at_send);
       it = observations.erase(it);
       notify(observation,
              make_error(Errc::timeout, "no answer to the subscription within " +
@@ -1149,6 +1164,7 @@ void Node::Impl::housekeeping() {
   for (auto it = pending.begin(); it != pending.end();) {
     if (now > it->second.deadline) {
       auto found = sessions.find(it->first.first);
+      if (found != sessions.end()) end_if_silent(*found->second, it->second.packets_in_at_send);
       const SessionImpl* state = found != sessions.end() ? found->second.get() : nullptr;
       complete(std::move(it->second),
                make_error(Errc::timeout, "no response within " +
@@ -1816,7 +1832,8 @@ void Node::request(const Peer& peer, const ClientCredentials& credentials, Reque
     return;
   }
   const auto key = std::make_pair(raw, token);
-  impl_->pending[key] = PendingRequest{std::move(handler), Clock::now() + impl_->config.limits.request_timeout, raw};
+  impl_->pending[key] = PendingRequest{std::move(handler), Clock::now() + impl_->config.limits.request_timeout, raw,
+                                       state.count.packets_in};
   if (coap_send(raw, pdu) == COAP_INVALID_MID) {
     auto it = impl_->pending.find(key);
     if (it != impl_->pending.end()) {
@@ -1847,6 +1864,7 @@ Observation Node::observe(const Peer& peer, const ClientCredentials& credentials
   observation->session = raw;
   observation->handler = std::move(handler);
   observation->first_answer_deadline = Clock::now() + impl_->config.limits.request_timeout;
+  observation->packets_in_at_send = state.count.packets_in;
   coap_pdu_t* pdu = impl_->build_request_pdu(raw, state, request, /*observe=*/true, observation->token);
   if (pdu == nullptr) {
     observation->handler(make_error(Errc::internal, "coap_new_pdu failed"), nullptr);

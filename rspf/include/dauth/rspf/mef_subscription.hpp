@@ -2,7 +2,9 @@
 // and RevocationWatch (/mef/revoked): subscribes with the contact's credentials, hands every 2.05 notification to
 // its owner, and subscribes again with Backoff (1 s doubling to 5 min, ± 10 %, schedule.hpp) through
 // Node::post_after whenever the subscription is lost (session closed, MEF gone, refusal, no Observe in the answer,
-// credentials not ready yet); a notification resets the backoff.
+// credentials not ready yet); a notification resets the backoff. A live subscription is renewed every
+// kSubscriptionRefresh (60 s ± 10 %, schedule.hpp): an MEF that crashed sends neither close_notify nor notifications,
+// and only a new subscription finds out (transport ends a session whose peer stays silent past request_timeout).
 //
 // Loop thread only. The Node must outlive the MefSubscription; destroying it cancels the observation and drops its
 // pending retry (callbacks hold a weak reference).
@@ -47,6 +49,8 @@ class MefSubscription {
   // were missing have just become available). Does nothing while live.
   void retry_now();
   bool live() const;  // a notification arrived on the current subscription
+  // How often a live subscription is renewed (default kSubscriptionRefresh), ± 10 %.
+  void set_refresh_interval(std::chrono::milliseconds interval);
 
   struct State;
 

@@ -33,8 +33,9 @@
 namespace dauth::rspf {
 
 struct RevocationWatchConfig {
-  JitterSource jitter = random_jitter();  // of the re-subscription backoff
+  JitterSource jitter = random_jitter();  // of the re-subscription backoff and refresh
   LogSink log = stderr_log_sink();
+  std::chrono::milliseconds subscription_refresh = kSubscriptionRefresh;  // see mef_subscription.hpp
 };
 
 class RevocationWatch {
