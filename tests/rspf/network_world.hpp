@@ -205,7 +205,9 @@ struct World {
   }
 
   // Drives every node (and the target's queued retrievals) until done() or max.
-  bool pump(const std::function<bool()>& done, std::chrono::milliseconds max = 8000ms) {
+  // start_fetches = false never calls TargetKeys::start_pending_fetches(): the fetches its own posted work starts
+  // are then the only ones (tests of that posting).
+  bool pump(const std::function<bool()>& done, std::chrono::milliseconds max = 8000ms, bool start_fetches = true) {
     std::vector<transport::Node*> nodes = {mef_node.get(), meter_node.get(), valve_node.get()};
     const int epoll = ::epoll_create1(EPOLL_CLOEXEC);
     for (auto* node : nodes) {
@@ -219,10 +221,25 @@ struct World {
       epoll_event event{};
       (void)::epoll_wait(epoll, &event, 1, 20);
       for (auto* node : nodes) node->process_ready();
-      valve_keys->start_pending_fetches();
+      if (start_fetches) valve_keys->start_pending_fetches();
     }
     ::close(epoll);
     return done();
+  }
+
+  // A second local AE on the valve's node, served as a target next to the valve: enrolled with the MEF under its
+  // own KpmID, and the meter's enrolee row names both as targets. Returns its Enrolee (not yet enrolled).
+  std::unique_ptr<rspf::Enrolee> add_second_target(const std::string& kpm_id, const std::string& ae_id) {
+    SecretBuffer kpm = SecretBuffer::random(32);
+    put(*mef_store, enrolee_row(kMeterKpmId, meter_kpm, "CAE-meter", {"CAE-valve", ae_id}, kMeterLifetime, false));
+    put(*mef_store, enrolee_row(kpm_id, kpm, ae_id, {}, kValveLifetime, false));
+    put(*valve_store, crypto::BootstrapKeyRecord{kpm_id, kpm.clone(), ae_id});
+    auto enrolee = make_enrolee(*valve_node, *valve_store, kpm_id, false);
+    rspf::Enrolee* raw = enrolee.get();
+    auto added = valve_keys->add_mef(kMefFqdn, rspf::MefContact{mef_address(), [raw] { return raw->mef_credentials(); }},
+                                     ae_id);
+    if (!added.ok()) throw std::runtime_error("add_mef: " + added.error().to_string());
+    return enrolee;
   }
 
   Result<void> enrol(rspf::Enrolee& enrolee) {

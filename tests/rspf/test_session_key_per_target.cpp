@@ -17,19 +17,7 @@ constexpr const char* kPumpKpmId = "pump@mef.example.net";
 TEST_CASE("session keys per target AE: one KeID towards two local AEs keeps both keys and never refetches",
           "[rspf][network][keystore]") {
   test::World world;
-  SecretBuffer pump_kpm = SecretBuffer::random(32);
-  test::World::put(*world.mef_store, test::World::enrolee_row(test::kMeterKpmId, world.meter_kpm, "CAE-meter",
-                                                              {"CAE-valve", "CAE-pump"}, test::kMeterLifetime, false));
-  test::World::put(*world.mef_store,
-                   test::World::enrolee_row(kPumpKpmId, pump_kpm, "CAE-pump", {}, test::kValveLifetime, false));
-  test::World::put(*world.valve_store, crypto::BootstrapKeyRecord{kPumpKpmId, pump_kpm.clone(), "CAE-pump"});
-  auto pump = world.make_enrolee(*world.valve_node, *world.valve_store, kPumpKpmId, false);
-  rspf::Enrolee* pump_enrolee = pump.get();
-  REQUIRE(world.valve_keys
-              ->add_mef(test::kMefFqdn,
-                        rspf::MefContact{world.mef_address(), [pump_enrolee] { return pump_enrolee->mef_credentials(); }},
-                        "CAE-pump")
-              .ok());
+  auto pump = world.add_second_target(kPumpKpmId, "CAE-pump");
   std::vector<std::string> fetched;
   world.valve_keys->set_fetch_observer([&](const std::string& ke_id, const Result<void>& outcome) {
     if (outcome.ok()) fetched.push_back(ke_id);

@@ -3,13 +3,12 @@
 // start_pending_fetches().
 #include <catch2/catch.hpp>
 
-#include <sys/epoll.h>
-#include <unistd.h>
 
 #include "dauth/crypto/onem2m.hpp"
 #include "network_world.hpp"
 
 using namespace dauth;
+using namespace std::chrono_literals;
 
 namespace {
 
@@ -22,31 +21,14 @@ transport::Request get_temp() {
   return request;
 }
 
-// Like World::pump, but never calls TargetKeys::start_pending_fetches(): the posted start must do it.
-bool pump_nodes(test::World& world, const std::function<bool()>& done) {
-  std::vector<transport::Node*> nodes = {world.mef_node.get(), world.meter_node.get(), world.valve_node.get()};
-  const int epoll = ::epoll_create1(EPOLL_CLOEXEC);
-  for (auto* node : nodes) {
-    epoll_event event{};
-    event.events = EPOLLIN;
-    event.data.fd = node->fd();
-    ::epoll_ctl(epoll, EPOLL_CTL_ADD, node->fd(), &event);
-  }
-  const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(8);
-  while (!done() && std::chrono::steady_clock::now() < end) {
-    epoll_event event{};
-    (void)::epoll_wait(epoll, &event, 1, 20);
-    for (auto* node : nodes) node->process_ready();
-  }
-  ::close(epoll);
-  return done();
-}
 
 Result<transport::Response> call(test::World& world, const transport::ClientCredentials& credentials) {
   std::optional<Result<transport::Response>> outcome;
   world.meter_node->request(world.valve_address(), credentials, get_temp(),
                             [&](Result<transport::Response> r, const transport::Session*) { outcome.emplace(std::move(r)); });
-  if (!pump_nodes(world, [&] { return outcome.has_value(); })) return make_error(Errc::timeout, "test: no answer");
+  if (!world.pump([&] { return outcome.has_value(); }, 8000ms, false)) {
+    return make_error(Errc::timeout, "test: no answer");
+  }
   return std::move(*outcome);
 }
 
@@ -55,19 +37,7 @@ Result<transport::Response> call(test::World& world, const transport::ClientCred
 TEST_CASE("TargetKeys: two local AEs on one node, chosen by SNI, each with its own retrieved key") {
   test::World world;
   // The meter may talk to both AEs of the gateway; the pump is a second enrolled AE on the valve's node.
-  SecretBuffer pump_kpm = SecretBuffer::random(32);
-  test::World::put(*world.mef_store, test::World::enrolee_row(test::kMeterKpmId, world.meter_kpm, "CAE-meter",
-                                                              {"CAE-valve", "CAE-pump"}, test::kMeterLifetime, false));
-  test::World::put(*world.mef_store,
-                   test::World::enrolee_row(kPumpKpmId, pump_kpm, "CAE-pump", {}, test::kValveLifetime, false));
-  test::World::put(*world.valve_store, crypto::BootstrapKeyRecord{kPumpKpmId, pump_kpm.clone(), "CAE-pump"});
-  auto pump = world.make_enrolee(*world.valve_node, *world.valve_store, kPumpKpmId, false);
-  rspf::Enrolee* pump_enrolee = pump.get();
-  REQUIRE(world.valve_keys->add_mef(test::kMefFqdn, rspf::MefContact{world.mef_address(), [pump_enrolee] {
-                                                                       return pump_enrolee->mef_credentials();
-                                                                     }},
-                                    "CAE-pump")
-              .ok());
+  auto pump = world.add_second_target(kPumpKpmId, "CAE-pump");
   REQUIRE(world.valve_keys->add_mef(test::kMefFqdn, rspf::MefContact{}, "not an AE-ID").error().code ==
           Errc::invalid_argument);
 
@@ -87,7 +57,7 @@ TEST_CASE("TargetKeys: two local AEs on one node, chosen by SNI, each with its o
   // Pump first: refused, retrieval (as CAE-pump) posted to the loop, then the retry succeeds.
   auto first = call(world, to_pump);
   REQUIRE_FALSE(first.ok());
-  REQUIRE(pump_nodes(world, [&] { return world.valve_keys->fetches_pending() == 0; }));
+  REQUIRE(world.pump([&] { return world.valve_keys->fetches_pending() == 0; }, 8000ms, false));
   const auto* record = world.valve_store->find<crypto::SessionKeyRecord>(crypto::session_key_id(ke_id, "CAE-pump"));
   REQUIRE(record != nullptr);
   CHECK(record->local_ae_id == "CAE-pump");
@@ -101,7 +71,7 @@ TEST_CASE("TargetKeys: two local AEs on one node, chosen by SNI, each with its o
   // The same KeID towards the valve: the pump's record does not answer for it; the valve fetches its own key.
   auto valve_first = call(world, to_valve);
   REQUIRE_FALSE(valve_first.ok());
-  REQUIRE(pump_nodes(world, [&] { return world.valve_keys->fetches_pending() == 0; }));
+  REQUIRE(world.pump([&] { return world.valve_keys->fetches_pending() == 0; }, 8000ms, false));
   record = world.valve_store->find<crypto::SessionKeyRecord>(crypto::session_key_id(ke_id, "CAE-valve"));
   REQUIRE(record != nullptr);
   CHECK(record->local_ae_id == "CAE-valve");
@@ -132,7 +102,7 @@ TEST_CASE("TargetKeys: with one local AE, an SNI that is not its AE-ID (e.g. the
   REQUIRE(key.ok());
   const auto credentials = transport::ClientCredentials::psk(key->ke_id, key->key.clone(), "gateway.example.net");
   REQUIRE_FALSE(call(world, credentials).ok());
-  REQUIRE(pump_nodes(world, [&] { return world.valve_keys->fetches_pending() == 0; }));
+  REQUIRE(world.pump([&] { return world.valve_keys->fetches_pending() == 0; }, 8000ms, false));
   auto retry = call(world, credentials);
   INFO((retry.ok() ? std::string("ok") : retry.error().to_string()));
   REQUIRE(retry.ok());

@@ -6,38 +6,19 @@
 
 #include <cctype>
 
-#include <sys/epoll.h>
-#include <unistd.h>
 
 #include "dauth/crypto/identifiers.hpp"
 #include "dauth/crypto/onem2m.hpp"
 #include "network_world.hpp"
 
 using namespace dauth;
+using namespace std::chrono_literals;
 
 namespace {
 
 constexpr const char* kSpValveKpmId = "sp-valve@mef.example.net";
 const std::string kSpValve = "/in-cse/CAE-sp-valve";
 
-bool pump_nodes(test::World& world, const std::function<bool()>& done) {
-  std::vector<transport::Node*> nodes = {world.mef_node.get(), world.meter_node.get(), world.valve_node.get()};
-  const int epoll = ::epoll_create1(EPOLL_CLOEXEC);
-  for (auto* node : nodes) {
-    epoll_event event{};
-    event.events = EPOLLIN;
-    event.data.fd = node->fd();
-    ::epoll_ctl(epoll, EPOLL_CTL_ADD, node->fd(), &event);
-  }
-  const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(8);
-  while (!done() && std::chrono::steady_clock::now() < end) {
-    epoll_event event{};
-    (void)::epoll_wait(epoll, &event, 1, 20);
-    for (auto* node : nodes) node->process_ready();
-  }
-  ::close(epoll);
-  return done();
-}
 
 Result<transport::Response> get_temp(test::World& world, const transport::ClientCredentials& credentials) {
   transport::Request request;
@@ -47,7 +28,9 @@ Result<transport::Response> get_temp(test::World& world, const transport::Client
   world.meter_node->request(
       world.valve_address(), credentials, std::move(request),
       [&](Result<transport::Response> r, const transport::Session*) { outcome.emplace(std::move(r)); });
-  if (!pump_nodes(world, [&] { return outcome.has_value(); })) return make_error(Errc::timeout, "test: no answer");
+  if (!world.pump([&] { return outcome.has_value(); }, 8000ms, false)) {
+    return make_error(Errc::timeout, "test: no answer");
+  }
   return std::move(*outcome);
 }
 
@@ -79,7 +62,7 @@ TEST_CASE("TargetKeys: an SP-relative AE-ID is reached over PSK by its mapped se
 
   // First use: refused while the key is retrieved as /in-cse/CAE-sp-valve; then the handshake succeeds.
   REQUIRE_FALSE(get_temp(world, credentials).ok());
-  REQUIRE(pump_nodes(world, [&] { return world.valve_keys->fetches_pending() == 0; }));
+  REQUIRE(world.pump([&] { return world.valve_keys->fetches_pending() == 0; }, 8000ms, false));
   const auto* record =
       world.valve_store->find<crypto::SessionKeyRecord>(crypto::session_key_id(key->ke_id, kSpValve));
   REQUIRE(record != nullptr);
