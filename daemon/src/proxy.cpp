@@ -4,6 +4,7 @@
 #include <arpa/inet.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstring>
 
 #include "dauth/crypto/identifiers.hpp"
@@ -19,7 +20,8 @@ using transport::Request;
 using transport::Response;
 
 
-// Parses "coap://<AE-ID>/a/b?x=1" (RFC 7252 §6.4 subset: no port, no percent-encoding needed for AE-IDs).
+// Parses "coap://<AE-ID>/a/b?x=1" (RFC 7252 §6.4 subset: no port). An AE-ID that cannot be a URI host as it is
+// (SP-relative "/in-cse/CAE-x") is percent-encoded there (RFC 3986 §3.2.2 reg-name): coap://%2Fin-cse%2FCAE-x/a.
 struct ProxyTarget {
   std::string ae_id;
   std::vector<std::string> path;
@@ -37,7 +39,19 @@ Result<ProxyTarget> parse_proxy_uri(const std::string& uri) {
   if (rest.empty()) return bad("scheme must be coap or coaps");
   ProxyTarget target;
   const auto path_start = rest.find_first_of("/?");
-  target.ae_id = rest.substr(0, path_start);
+  const std::string host = rest.substr(0, path_start);
+  for (std::size_t i = 0; i < host.size(); ++i) {
+    if (host[i] != '%') {
+      target.ae_id += host[i];
+      continue;
+    }
+    const auto hex_digit = [](char c) { return std::isxdigit(static_cast<unsigned char>(c)) != 0; };
+    if (i + 2 >= host.size() || !hex_digit(host[i + 1]) || !hex_digit(host[i + 2])) {
+      return bad("host has a '%' not followed by two hex digits");
+    }
+    target.ae_id += static_cast<char>(std::stoi(host.substr(i + 1, 2), nullptr, 16));
+    i += 2;
+  }
   if (auto valid = crypto::validate_ae_id(target.ae_id); !valid) return bad("host is not an AE-ID");
   if (path_start == std::string::npos) return target;
   std::string path = rest.substr(path_start);
