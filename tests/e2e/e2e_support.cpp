@@ -333,6 +333,14 @@ std::string put_marker(const Deployment& d) {
   return marker;
 }
 
+std::string put_marker_at(std::uint16_t port) {
+  const auto marker = run_command({"openssl", "rand", "-hex", "8"}).output.substr(0, 16);
+  REQUIRE(run_command({"coap-client-notls", "-B", "5", "-m", "put", "-e", marker,
+                       "coap://127.0.0.1:" + std::to_string(port) + "/example_data"})
+              .exit_code == 0);
+  return marker;
+}
+
 void start_with_certificate_peer_sessions(Deployment& d) {
   const std::string mef_ca = (d.dir() / "mef" / "ca.pem").string();
   d.edit_config("mef", [](std::string text) {

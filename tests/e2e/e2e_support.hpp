@@ -94,6 +94,8 @@ void start_all(Deployment& d);
 // A fresh random value PUT straight to the valve server: a proxied answer can only contain it if the request
 // really reached that server.
 std::string put_marker(const Deployment& d);
+// The same straight to another local AE's CoAP server on 127.0.0.1:port (e.g. one started with start_ae_server).
+std::string put_marker_at(std::uint16_t port);
 
 // Certificate peer sessions: meter also enrols for an AE-ID certificate over EST, both gateways trust the MEF CA
 // for peers and A reaches valve with X.509; then start_all() and a restart of B, which presents the certificate

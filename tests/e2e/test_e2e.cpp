@@ -362,10 +362,7 @@ TEST_CASE("several Enrolment Targets behind one gateway: A reaches both, B's pol
 
   // Each target gets its own request: different values PUT straight to each server come back through A and B.
   const auto valve_marker = put_marker(d);
-  const auto pump_marker = run_command({"openssl", "rand", "-hex", "8"}).output.substr(0, 16);
-  REQUIRE(run_command({"coap-client-notls", "-B", "5", "-m", "put", "-e", pump_marker,
-                       "coap://127.0.0.1:" + std::to_string(pump_port) + "/example_data"})
-              .exit_code == 0);
+  const auto pump_marker = put_marker_at(pump_port);
   const auto from_valve = d.proxied_to("CAE-meter", "CAE-valve", "get", "example_data");
   INFO(from_valve.output);
   CHECK(from_valve.output.find(valve_marker) != std::string::npos);

@@ -63,15 +63,8 @@ TEST_CASE("certificate AEs: B presents each AE's certificate by SNI, one issued 
   REQUIRE(d.wait_enrolled("a", "CAE-meter"));
 
   // Different values PUT straight to each server come back through A and B, each from its own AE.
-  const auto marker_of = [&](std::uint16_t port) {
-    const auto marker = run_command({"openssl", "rand", "-hex", "8"}).output.substr(0, 16);
-    REQUIRE(run_command({"coap-client-notls", "-B", "5", "-m", "put", "-e", marker,
-                         "coap://127.0.0.1:" + std::to_string(port) + "/example_data"})
-                .exit_code == 0);
-    return marker;
-  };
-  const auto valve_marker = marker_of(d.ports().at("VALVE_PORT"));
-  const auto pump_marker = marker_of(pump_port);
+  const auto valve_marker = put_marker_at(d.ports().at("VALVE_PORT"));
+  const auto pump_marker = put_marker_at(pump_port);
   const auto from_pump = d.proxied_to("CAE-meter", "CAE-pump", "get", "example_data");
   INFO(from_pump.output);
   CHECK(from_pump.output.find(pump_marker) != std::string::npos);

@@ -37,10 +37,7 @@ TEST_CASE("SP-relative target AE: percent-encoded in Proxy-Uri and reached by it
   REQUIRE(d.wait_enrolled("b", sp_pump));
 
   const auto valve_marker = put_marker(d);
-  const auto pump_marker = run_command({"openssl", "rand", "-hex", "8"}).output.substr(0, 16);
-  REQUIRE(run_command({"coap-client-notls", "-B", "5", "-m", "put", "-e", pump_marker,
-                       "coap://127.0.0.1:" + std::to_string(pump_port) + "/example_data"})
-              .exit_code == 0);
+  const auto pump_marker = put_marker_at(pump_port);
   const auto from_pump = d.proxied_to("CAE-meter", "%2Fin-cse%2FCAE-sp-pump", "get", "example_data");
   INFO(from_pump.output);
   CHECK(from_pump.output.find(pump_marker) != std::string::npos);
