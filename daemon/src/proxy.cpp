@@ -243,11 +243,10 @@ void Roles::Impl::forward_to_peer(const std::string& target, const transport::Pe
       responder->respond(for_local_ae(refusal(403, kRscNoPrivilege, x509.error().message), request));
       return;
     }
-    credentials = transport::ClientCredentials::certificate(std::move(x509).value(),
-                                                            crypto::server_name_for_ae_id(target), target);
+    credentials = transport::ClientCredentials::certificate(std::move(x509).value(), peer_state.server_name, target);
   } else {
     // SNI names the target AE (SPEC.md §2; an AE-ID that is no DNS name as its hashed name, PROTOCOL.md §2).
-    credentials = transport::ClientCredentials::psk(ke_id, key->clone(), crypto::server_name_for_ae_id(target));
+    credentials = transport::ClientCredentials::psk(ke_id, key->clone(), peer_state.server_name);
   }
   Request copy = request;
   peer_driver->node->request(
@@ -318,9 +317,8 @@ void Roles::Impl::on_peer_request(const transport::Session& session, const Reque
     requester = peer.value;  // the AE-ID of the certificate's subjectAltName URI
     // The AE whose certificate the handshake got by naming it as SNI; a session naming no certificate AE (only
     // possible without per-name certificates, OpenSSL builds) reaches none.
-    for (const auto& ae_id : certificate_aes) {
-      if (crypto::server_name_for_ae_id(ae_id) == session.server_name()) local_ae = ae_id;
-    }
+    const auto named = served_ae_by_server_name.find(session.server_name());
+    if (named != served_ae_by_server_name.end() && certificate_aes.count(named->second) != 0) local_ae = named->second;
   }
   if (requester.empty() || local_ae.empty()) {
     count("peer_rejected_total");

@@ -134,16 +134,18 @@ Roles::Impl::~Impl() {
 }
 
 Result<void> Roles::Impl::drive(NodeDriver& driver) {
-  auto watch = loop.watch(driver.node->fd(), EPOLLIN, [this, &driver](std::uint32_t) {
-    driver.in_round = true;
-    driver.node->process_ready();
-    driver.in_round = false;
-    after_io();
-  });
+  auto watch = loop.watch(driver.node->fd(), EPOLLIN, [this, &driver](std::uint32_t) { run_round(driver); });
   if (!watch) return std::move(watch).error();
   driver.watch = std::move(watch).value();
   rearm(driver);
   return ok_result();
+}
+
+void Roles::Impl::run_round(NodeDriver& driver) {
+  driver.in_round = true;  // rearm() calls from this node's own handlers wait for after_io()
+  driver.node->process_ready();
+  driver.in_round = false;
+  after_io();
 }
 
 void Roles::Impl::rearm(NodeDriver& driver) {
@@ -168,10 +170,7 @@ void Roles::Impl::rearm(NodeDriver& driver) {
   if (driver.timer.active() && driver.timer_due <= due) return;
   auto timer = loop.add_timer(delay, std::chrono::milliseconds(0), [this, &driver] {
     driver.timer_due = std::chrono::steady_clock::time_point::max();
-    driver.in_round = true;
-    driver.node->process_ready();
-    driver.in_round = false;
-    after_io();
+    run_round(driver);
   });
   if (timer) {
     driver.timer = std::move(timer).value();
@@ -185,9 +184,8 @@ void Roles::Impl::after_io() {
 }
 
 std::string Roles::Impl::served_ae_for_sni(std::string_view sni) const {
-  for (const auto& id : served_aes) {
-    if (crypto::server_name_for_ae_id(id) == sni) return id;  // the name clients send for it, byte-exact
-  }
+  // The name clients send for it, byte-exact.
+  if (auto it = served_ae_by_server_name.find(std::string(sni)); it != served_ae_by_server_name.end()) return it->second;
   return served_aes.empty() ? std::string() : served_aes.front();
 }
 
@@ -407,6 +405,7 @@ Result<void> Roles::Impl::resolve_peers(const Config& cfg, std::map<std::string,
     if (auto old = peers.find(entry.ae_id); old != peers.end()) state = old->second;  // keep the counters
     state.address_text = entry.address;
     state.credential = entry.credential;
+    state.server_name = crypto::server_name_for_ae_id(entry.ae_id);
     state.address = *address;
     out[entry.ae_id] = state;
   }
@@ -655,6 +654,7 @@ Result<std::unique_ptr<Roles>> Roles::start(EventLoop& loop, const Config& confi
         return make_error(r.error().code, "enrolee.ae " + ae->config.id + ": " + r.error().message);
       }
       s.served_aes.push_back(ae->config.id);
+      s.served_ae_by_server_name.emplace(crypto::server_name_for_ae_id(ae->config.id), ae->config.id);
     }
     if (s.target_keys) s.peer_slot.bind(s.target_keys->psk_lookup());
     // The MEFs the local AEs are enrolled with, observed for certificate revocations (rspf/revocation_watch.hpp:

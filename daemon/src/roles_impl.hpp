@@ -8,7 +8,6 @@
 #include <memory>
 #include <optional>
 #include <set>
-#include <set>
 #include <string>
 #include <vector>
 
@@ -64,6 +63,7 @@ struct SeenSession {
 struct PeerState {
   std::string address_text;
   std::string credential = "psk";  // peer.address.credential: psk | certificate
+  std::string server_name;         // the SNI naming this AE (crypto::server_name_for_ae_id), set with the address
   std::optional<transport::Peer> address;
   std::uint64_t requests = 0;
   std::uint64_t failures = 0;
@@ -124,6 +124,8 @@ struct Roles::Impl {
   std::unique_ptr<rspf::RevocationWatch> revocations;
   // The local AEs the peer endpoint serves as Enrolment Targets (endpoint + Enrolee; TargetKeys picks one by SNI).
   std::vector<std::string> served_aes;
+  // The server name clients send for each served AE (crypto::server_name_for_ae_id), computed once at start.
+  std::map<std::string, std::string> served_ae_by_server_name;
   // The local AEs whose X.509 certificates the peer endpoint presents, each to the handshakes whose SNI names it
   // (transport: NodeConfig::x509_by_server_name): an incoming certificate session reaches the AE its SNI named.
   std::set<std::string> certificate_aes;
@@ -151,6 +153,7 @@ struct Roles::Impl {
   }
   Result<void> drive(NodeDriver& driver);
   void after_io();
+  void run_round(NodeDriver& driver);  // process_ready() of one node (fd readable or timer), then after_io()
   void rearm(NodeDriver& driver);
   Result<void> put_key_tables(const Config& cfg, const LoadedSecrets& secrets);
   // The ids the configuration owns (put_key_tables): KpmIDs of [[enrolee.ae]] (BootstrapKeyRecords) and credential

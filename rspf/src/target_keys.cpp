@@ -51,7 +51,9 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
   transport::Node& node;
   crypto::KeyStore& store;
   TargetKeysConfig config;
-  std::set<std::string> served;                                   // AE-IDs; config.local_ae_id included
+  // Served AE-ID -> the server name clients send for it (crypto::server_name_for_ae_id: a SHA-256 for some AE-IDs,
+  // so computed once here, not per handshake); config.local_ae_id included.
+  std::map<std::string, std::string> served;
   std::map<std::pair<std::string, std::string>, MefContact> mefs;  // (local AE, lower-case FQDN) -> contact
   std::map<FetchKey, FetchState> fetches;                         // queued | fetching (others are removed)
   bool start_posted = false;
@@ -65,7 +67,7 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
   std::uint64_t notifications = 0;
 
   Impl(transport::Node& n, crypto::KeyStore& s, TargetKeysConfig c) : node(n), store(s), config(std::move(c)) {
-    served.insert(config.local_ae_id);
+    served.emplace(config.local_ae_id, crypto::server_name_for_ae_id(config.local_ae_id));
   }
 
   std::int64_t now() const { return config.clock(); }
@@ -91,12 +93,12 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
   // The served AE a handshake targets, from its SNI (see the header for the rule).
   Result<std::string> target_of(std::string_view sni) const {
     if (sni.empty()) return config.local_ae_id;
-    for (const auto& ae : served) {  // SNI = crypto::server_name_for_ae_id(AE-ID), compared byte-exact
-      if (crypto::server_name_for_ae_id(ae) == sni) return ae;
+    for (const auto& [ae, server_name] : served) {  // compared byte-exact
+      if (server_name == sni) return ae;
     }
     if (served.size() == 1) return config.local_ae_id;  // e.g. our FQDN as SNI: unambiguous with one AE
     std::string names;
-    for (const auto& ae : served) names += (names.empty() ? "" : ", ") + ae;
+    for (const auto& [ae, server_name] : served) names += (names.empty() ? "" : ", ") + ae;
     return make_error(Errc::denied, "SNI " + crypto::quote_for_error(sni) +
                                         " names none of the local AEs this gateway serves as Enrolment Target (" +
                                         names + ")");
@@ -328,7 +330,7 @@ Result<void> TargetKeys::add_mef(std::string_view mef_fqdn, MefContact contact, 
   if (auto valid = crypto::validate_fqdn(mef_fqdn); !valid.ok()) return valid;
   const std::string ae = local_ae_id.empty() ? impl_->config.local_ae_id : std::string(local_ae_id);
   if (auto valid = crypto::validate_ae_id(ae); !valid.ok()) return valid;
-  impl_->served.insert(ae);
+  impl_->served.emplace(ae, crypto::server_name_for_ae_id(ae));
   const Impl::ContactKey key{ae, lower_case(mef_fqdn)};
   if (impl_->config.observe_feed) {
     // A replaced contact subscribes again with its new address/credentials (the old subscription is cancelled).

@@ -60,6 +60,13 @@ struct LogLines {
   }
 };
 
+// An MEF's issuing CA built from another authority's certificate and key (MefConfig::ca takes its own copy).
+inline crypto::CertificateAuthority copy_of_authority(const crypto::CertificateAuthority& authority) {
+  return crypto::CertificateAuthority::from(crypto::Certificate::parse(ByteView(authority.certificate().der())).value(),
+                                            crypto::PrivateKey::parse(authority.key().to_der().value()).value())
+      .value();
+}
+
 inline crypto::KeyStore open_store(const std::filesystem::path& dir, const SecretBuffer& master_key) {
   std::filesystem::create_directories(dir);
   ::chmod(dir.c_str(), 0700);

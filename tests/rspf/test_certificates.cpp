@@ -78,10 +78,7 @@ struct CertWorld {
     mef_config.fqdn = kFqdn;
     mef_config.clock = clock.function();
     mef_config.log = log.sink();
-    mef_config.ca.emplace(crypto::CertificateAuthority::from(
-                              crypto::Certificate::parse(ByteView(ca->certificate().der())).value(),
-                              crypto::PrivateKey::parse(ca->key().to_der().value()).value())
-                              .value());
+    mef_config.ca.emplace(test::copy_of_authority(*ca));
     mef = rspf::Mef::create(*mef_node, *mef_store, std::move(mef_config)).value();
     mef_slot.bind(mef->psk_lookup());
 

@@ -116,10 +116,7 @@ struct RevocationWorld {
     mef_config.clock = clock.function();
     mef_config.log = mef_log.sink();
     // EST (/sren) with the same CA that signed the peers' certificates.
-    mef_config.ca.emplace(crypto::CertificateAuthority::from(
-                              crypto::Certificate::parse(ByteView(ca->certificate().der())).value(),
-                              crypto::PrivateKey::parse(ca->key().to_der().value()).value())
-                              .value());
+    mef_config.ca.emplace(test::copy_of_authority(*ca));
     mef = rspf::Mef::create(*mef_node, *mef_store, std::move(mef_config)).value();
     mef_slot.bind(mef->psk_lookup());
   }
