@@ -37,12 +37,9 @@ int pipe_from_stdin(const char* option, int& out_fd) {
     if (n == 0) break;
     length += static_cast<std::size_t>(n);
   }
-  std::size_t hex = length;
-  if (hex > 0 && text.data()[hex - 1] == '\n') --hex;
-  auto key = dauth::secret_from_hex(std::string_view(reinterpret_cast<const char*>(text.data()), hex));
-  if (length > kMaxText || !key || key->size() < detail::kMinKpmBytes || key->size() > detail::kMaxKpmBytes) {
-    return usage(option, "standard input must hold 16–64 bytes as hex (32–128 hex characters, one optional "
-                         "trailing newline)");
+  if (auto key = detail::parse_hex_key(text, length, "standard input", detail::kMinKpmBytes, detail::kMaxKpmBytes);
+      !key) {
+    return usage(option, key.error().message);
   }
   int ends[2];
   if (::pipe2(ends, O_CLOEXEC) != 0) return usage(option, std::string("pipe: ") + std::strerror(errno));

@@ -7,9 +7,6 @@
 
 namespace dauth::daemon::detail {
 
-namespace {
-
-// text[0, length) must be hex of min_bytes..max_bytes with at most one trailing newline. `what` names the source.
 Result<SecretBuffer> parse_hex_key(const SecretBuffer& text, std::size_t length, const std::string& what,
                                    std::size_t min_bytes, std::size_t max_bytes) {
   const std::size_t max_text = max_bytes * 2 + 1;
@@ -30,8 +27,6 @@ Result<SecretBuffer> parse_hex_key(const SecretBuffer& text, std::size_t length,
   if (!key) return make_error(Errc::invalid_argument, what + ": not hexadecimal (0-9, a-f, A-F only)");
   return std::move(key).value();
 }
-
-}  // namespace
 
 Result<SecretBuffer> read_hex_key_file(const std::filesystem::path& path, std::size_t min_bytes,
                                        std::size_t max_bytes) {

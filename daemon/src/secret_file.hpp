@@ -18,6 +18,11 @@ namespace dauth::daemon::detail {
 inline constexpr std::size_t kMinKpmBytes = 16;
 inline constexpr std::size_t kMaxKpmBytes = 64;
 
+// The content rule: text[0, length) must be hex of min_bytes..max_bytes with at most one trailing newline. `what`
+// names the source in errors, never the content.
+Result<SecretBuffer> parse_hex_key(const SecretBuffer& text, std::size_t length, const std::string& what,
+                                   std::size_t min_bytes, std::size_t max_bytes);
+
 // A key file holding min_bytes..max_bytes of key as hex. Errors name the file and the reason, never the content.
 Result<SecretBuffer> read_hex_key_file(const std::filesystem::path& path, std::size_t min_bytes,
                                        std::size_t max_bytes);
