@@ -380,6 +380,7 @@ struct Node::Impl {
   std::vector<std::function<void()>> completions;  // user callbacks, run after coap_io_process returns
   std::vector<std::function<void()>> posted;       // Node::post(), run after the completions
   std::multimap<Clock::time_point, std::function<void()>> timers;  // Node::post_after()
+  std::map<int, std::function<void()>> watches;                     // Node::add_watch(): fd -> run each round
   std::map<std::string, coap_resource_t*> observables;             // "a/b" -> its resource (owned by the context)
   std::map<std::pair<coap_session_t*, std::string>, std::shared_ptr<Observation::State>> observations;
   bool in_libcoap = false;  // inside coap_io_process: libcoap callbacks (request handlers) are running
@@ -566,6 +567,14 @@ struct Node::Impl {
       timers.erase(timers.begin());
     }
     for (auto& work : due) work();
+  }
+  void run_watches() {
+    if (watches.empty()) return;
+    std::vector<int> fds;  // a handler may remove a watch
+    for (const auto& [fd, handler] : watches) fds.push_back(fd);
+    for (const int fd : fds) {
+      if (auto it = watches.find(fd); it != watches.end()) it->second();
+    }
   }
   void run_completions() {
     if (running_completions) return;
@@ -1945,6 +1954,26 @@ void Node::post(std::function<void()> work) {
   (void)signalled;
 }
 
+Result<void> Node::add_watch(int fd, std::function<void()> each_round) {
+  if (fd < 0 || !each_round) return make_error(Errc::invalid_argument, "add_watch: needs a descriptor and a handler");
+  if (impl_->watches.count(fd) != 0) {
+    return make_error(Errc::exists, "add_watch: descriptor " + std::to_string(fd) + " is watched already");
+  }
+  epoll_event event{};
+  event.events = EPOLLIN;
+  event.data.fd = fd;
+  if (epoll_ctl(impl_->epoll.get(), EPOLL_CTL_ADD, fd, &event) != 0) {
+    return make_error(Errc::io, std::string("epoll_ctl(ADD) of a watched descriptor: ") + std::strerror(errno));
+  }
+  impl_->watches.emplace(fd, std::move(each_round));
+  return ok_result();
+}
+
+void Node::remove_watch(int fd) {
+  if (impl_->watches.erase(fd) == 0) return;
+  (void)epoll_ctl(impl_->epoll.get(), EPOLL_CTL_DEL, fd, nullptr);
+}
+
 int Node::fd() const noexcept { return impl_->epoll.get(); }
 
 void Node::process_ready() {
@@ -1963,6 +1992,7 @@ void Node::process_ready() {
   // libcoap and GnuTLS copied the key the PSK callback returned; do not keep ours beyond this round.
   impl_->psk_in_flight = SecretBuffer();
   impl_->run_completions();
+  impl_->run_watches();
   impl_->run_posted();
   impl_->run_due_timers();
   impl_->housekeeping();

@@ -388,6 +388,14 @@ class Node {
   // re-subscription backoff. Timers still pending when the Node is destroyed are dropped uncalled.
   void post_after(std::chrono::milliseconds delay, std::function<void()> work);
 
+  // Joins an outside source of work to this loop, e.g. a KeyStore's durable_fd(): while `fd` is readable
+  // (level-triggered), fd() is too, and every process_ready() round runs `each_round` on the loop thread, outside
+  // libcoap callbacks (after the round's completions, so it may answer deferred requests). each_round must be cheap
+  // when there is nothing to do, and must clear fd's readiness when there is. One watch per fd; remove_watch()
+  // before fd is closed.
+  Result<void> add_watch(int fd, std::function<void()> each_round);
+  void remove_watch(int fd);
+
   // ---- event loop ----
   int fd() const noexcept;                                // level-triggered epoll fd: readable = work to do
   void process_ready();                                   // does all pending I/O and timers, never blocks
