@@ -12,6 +12,7 @@ else()
 endif()
 
 pkg_check_modules(SODIUM REQUIRED IMPORTED_TARGET libsodium)
+find_package(Threads REQUIRED)
 pkg_check_modules(SYSTEMD REQUIRED IMPORTED_TARGET libsystemd)
 
 # Debian's mbedTLS 2.28 ships neither a pkg-config file nor a CMake package.

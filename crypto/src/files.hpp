@@ -50,6 +50,8 @@ Error io_error(const std::string& what, const std::filesystem::path& path, int e
 
 // Writes all of [data, data + size) to fd (retrying short writes and EINTR); 0 on success, else the errno.
 int write_all(int fd, const std::uint8_t* data, std::size_t size);
+// The same with pwrite(2) at offset (the file position is left alone).
+int pwrite_all(int fd, const std::uint8_t* data, std::size_t size, off_t offset);
 
 // fsync(2) of the directory that holds path, so that a create or rename in it is durable.
 Result<void> fsync_parent_directory(const std::filesystem::path& path);

@@ -2,15 +2,21 @@
 #include "dauth/crypto/keystore.hpp"
 
 #include <sodium.h>
+#include <sys/eventfd.h>
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <condition_variable>
 #include <cstring>
+#include <deque>
+#include <mutex>
+#include <thread>
 
 #include "dauth/crypto/identifiers.hpp"
 #include "dauth/crypto/kdf.hpp"
@@ -63,6 +69,12 @@ constexpr std::size_t kJournalFillStep = std::size_t{64} << 10;
 // probability ~2^-128.
 constexpr std::size_t kSectorSize = 512;
 constexpr std::size_t kZeroRunOfTornEntry = 16;
+// A lost first sector is recognised by zeros from the frame start to the sector boundary when that span covers the
+// length field and at least 4 nonce bytes (a sealed frame starts so with probability 2^-32), or the whole header.
+constexpr std::size_t kMinLostHeadBytes = 8;
+// Group commit writes at most this many bytes of entries in one append (a larger entry goes alone): bytes of one
+// interrupted group may follow a torn entry of a version 3 journal, up to this many (docs/keystore-format.md).
+constexpr std::size_t kMaxGroupBytes = std::size_t{256} << 10;
 
 // Key sizes (SPEC.md §3.1: Kpm at least 128 bits; §3.3: Ke 256 bits; §4: Kab 256 bits).
 constexpr std::size_t kMinKpmSize = 16;
@@ -243,6 +255,47 @@ Result<void> validate(const Record& record) {
 
 namespace {
 
+// Group commit (put_when_durable): the loop thread seals entries and queues their frames; the flush thread appends
+// everything queued with one pwrite and one fdatasync and then says how far the journal is durable. Only the
+// journal's file state (journal_fd, journal_size, journal_allocated) is shared: the flush thread uses it while
+// `writing`, the loop thread only after settle(), when the flush thread is idle with nothing queued. Records,
+// handlers and undo data never leave the loop thread.
+struct QueuedFrame {
+  Bytes frame;  // sealed: no plaintext crosses threads
+  std::uint64_t sequence = 0;
+};
+
+struct FlushFailure {
+  std::uint64_t first_sequence = 0;  // this entry and every later queued one were not written
+  std::string message;
+  bool breaks_store = false;         // the file content is unknown: refuse writes until reopened
+};
+
+struct GroupCommit {
+  std::mutex mutex;
+  std::condition_variable work;  // the flush thread waits for frames or stop
+  std::condition_variable idle;  // settle() waits for the flush thread to finish
+  std::deque<QueuedFrame> queued;
+  bool writing = false;
+  bool stop = false;
+  std::uint64_t durable_end = 0;         // every entry with a lower sequence is durable
+  std::optional<FlushFailure> failure;   // until the loop thread has taken it back (absorb())
+  KeyStore::SyncStats stats;
+  std::atomic<bool> outcome_ready{false};  // lock-free check for deliver_durable(), with `event`
+  UniqueFd event;                          // eventfd: readable while outcome_ready
+  std::thread thread;
+};
+
+// A put_when_durable() entry not yet durable, on the loop thread: what find() showed before it, to restore if its
+// write fails, and the handler to call.
+struct UnconfirmedPut {
+  std::uint64_t sequence = 0;
+  RecordKind kind{};
+  std::string id;
+  std::optional<Slot> previous;
+  KeyStore::DurableHandler on_durable;
+};
+
 // The state of an open store; KeyStore::Impl is this under the name the header declares.
 struct StoreState {
   std::filesystem::path dir;
@@ -254,6 +307,7 @@ struct StoreState {
   std::uint64_t journal_size = 0;     // bytes of acknowledged journal content
   std::uint64_t journal_allocated = 0;  // file size: journal_size plus the zero fill after it
   bool journal_zero_fill = false;       // version 2 journal: preallocated (version 1 files are appended as they are)
+  std::uint16_t journal_version = 0;    // group commit needs version 3 (several entries per append)
   std::array<KindMap, kKindCount> records;
   std::vector<SecretBuffer> arenas;  // decrypted plaintext that lazy slots point into
   SecretBuffer scratch;              // plaintext of the entry being sealed
@@ -264,6 +318,24 @@ struct StoreState {
   Bytes frame_buffer;                 // ciphertext of the entry being appended
   KeyStore::SyncStats sync_stats;     // the journal fdatasyncs of append(): the disk's share of each write
   std::optional<std::string> broken;  // set when the files may disagree with memory: writes are refused
+  GroupCommit group;
+  std::deque<UnconfirmedPut> unconfirmed;  // queued by put_when_durable(), oldest first
+  std::vector<std::pair<KeyStore::DurableHandler, Result<void>>> delivering;  // outcomes absorbed, handlers due
+
+  StoreState() = default;
+  StoreState(const StoreState&) = delete;
+  StoreState& operator=(const StoreState&) = delete;
+  ~StoreState() {
+    // Queued writes still go to disk; their handlers are dropped (keystore.hpp).
+    if (group.thread.joinable()) {
+      {
+        std::lock_guard lock(group.mutex);
+        group.stop = true;
+      }
+      group.work.notify_one();
+      group.thread.join();
+    }
+  }
 
   std::filesystem::path path_of(const char* name) const { return dir / name; }
 
@@ -339,60 +411,209 @@ struct StoreState {
     if (!fd) return std::move(fd).error();
     journal_fd = std::move(fd).value();
     journal_entries = 0;
+    {
+      // Sequence numbers start again at 0 (the flush thread is idle: callers settle() first).
+      std::lock_guard lock(group.mutex);
+      group.durable_end = 0;
+    }
     journal_size = codec::kHeaderSize;
     journal_allocated = journal.size();
     journal_zero_fill = true;
+    journal_version = codec::kJournalVersion;
     return ok_result();
   }
 
-  // Seals plaintext as the next journal entry, appends it and waits for fdatasync.
+  // The frame to append when the file is journal_allocated bytes long and the entries start at `at`: an entry that
+  // outgrows the zero fill extends it in the same write, so this append pays the one size change for the next
+  // kJournalFillStep bytes of entries.
+  void extend_fill(Bytes& frames, std::uint64_t at, std::uint64_t allocated) const {
+    if (!journal_zero_fill || at + frames.size() <= allocated) return;
+    const std::size_t end = at + frames.size();
+    frames.resize((end + kJournalFillStep - 1) / kJournalFillStep * kJournalFillStep - at, 0);
+  }
+
+  // The outcome of writing `frames` (entries_size bytes of entries, then any fill extension) at journal_size.
+  struct WriteOutcome {
+    std::optional<Error> error;
+    std::optional<std::string> breaks_store;
+  };
+
+  // Appends frames at journal_size and waits for fdatasync; on success journal_size grows by entries_size. Runs on
+  // the loop thread (append()) or on the flush thread while `group.writing` (the journal state is its then).
+  WriteOutcome write_and_sync(const Bytes& frames, std::size_t entries_size, std::uint64_t entries,
+                              KeyStore::SyncStats& stats) {
+    WriteOutcome outcome;
+    const std::filesystem::path journal_path = path_of(kJournalName);
+    if (const int err = files::pwrite_all(journal_fd.get(), frames.data(), frames.size(),
+                                          static_cast<off_t>(journal_size));
+        err != 0) {
+      // Cut the partial entries off again, or the next append would land behind garbage.
+      if (::ftruncate(journal_fd.get(), static_cast<off_t>(journal_size)) != 0) {
+        outcome.breaks_store = "a failed append to " + journal_path.string() + " could not be undone";
+      }
+      journal_allocated = journal_size;  // the fill is cut off too; the next append writes a new one
+      outcome.error = io_error("cannot append to", journal_path, err);
+      return outcome;
+    }
+    const auto sync_start = std::chrono::steady_clock::now();
+    const int synced = ::fdatasync(journal_fd.get());
+    const int sync_errno = errno;
+    ++stats.syncs;
+    stats.time += std::chrono::steady_clock::now() - sync_start;
+    if (synced != 0) {
+      // After a failed fdatasync the kernel may have dropped the dirty pages: the file content is unknown.
+      outcome.breaks_store = "fdatasync of " + journal_path.string() + " failed";
+      outcome.error = io_error("cannot fdatasync", journal_path, sync_errno);
+      return outcome;
+    }
+    stats.entries += entries;
+    journal_allocated = std::max<std::uint64_t>(journal_allocated, journal_size + frames.size());
+    journal_size += entries_size;
+    return outcome;
+  }
+
+  // Seals plaintext as the next journal entry, appends it and waits for fdatasync. Queued group writes go first.
   Result<void> append(ByteView plaintext) {
+    settle();
     if (auto ok = refuse_if_broken(); !ok) return ok;
     frame_buffer.clear();
     codec::append_sealed_entry(frame_buffer, sealing_key, codec::FileKind::journal, generation, journal_entries,
                                plaintext);
     const std::size_t entry_size = frame_buffer.size();
-    if (journal_zero_fill && journal_size + entry_size > journal_allocated) {
-      // The entry outgrows the fill: extend it in the same write, so this append pays the one size change for the
-      // next kJournalFillStep bytes of entries.
-      const std::size_t end = journal_size + entry_size;
-      frame_buffer.resize((end + kJournalFillStep - 1) / kJournalFillStep * kJournalFillStep - journal_size, 0);
-    }
-    const std::filesystem::path journal_path = path_of(kJournalName);
-    std::size_t done = 0;
-    while (done < frame_buffer.size()) {
-      const ssize_t n = ::pwrite(journal_fd.get(), frame_buffer.data() + done, frame_buffer.size() - done,
-                                 static_cast<off_t>(journal_size + done));
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) {
-        const int err = n < 0 ? errno : EIO;
-        // Cut the partial entry off again, or the next append would land behind garbage.
-        if (::ftruncate(journal_fd.get(), static_cast<off_t>(journal_size)) != 0) {
-          broken = "a failed append to " + journal_path.string() + " could not be undone";
-        }
-        journal_allocated = journal_size;  // the fill is cut off too; the next append writes a new one
-        return io_error("cannot append to", journal_path, err);
-      }
-      done += static_cast<std::size_t>(n);
-    }
-    const auto sync_start = std::chrono::steady_clock::now();
-    const int synced = ::fdatasync(journal_fd.get());
-    const int sync_errno = errno;
-    ++sync_stats.syncs;
-    sync_stats.time += std::chrono::steady_clock::now() - sync_start;
-    if (synced != 0) {
-      // After a failed fdatasync the kernel may have dropped the dirty pages: the file content is unknown.
-      const int err = sync_errno;
-      broken = "fdatasync of " + journal_path.string() + " failed";
-      return io_error("cannot fdatasync", journal_path, err);
-    }
-    journal_allocated = std::max<std::uint64_t>(journal_allocated, journal_size + frame_buffer.size());
-    journal_size += entry_size;
+    extend_fill(frame_buffer, journal_size, journal_allocated);
+    WriteOutcome outcome = write_and_sync(frame_buffer, entry_size, 1, sync_stats);
+    if (outcome.breaks_store) broken = std::move(outcome.breaks_store);
+    if (outcome.error) return std::move(*outcome.error);
     ++journal_entries;
     return ok_result();
   }
 
+  // ---- group commit ----
+
+  // Seals plaintext as the next journal entry and queues it for the flush thread (started on first use).
+  Result<std::uint64_t> queue_entry(ByteView plaintext) {
+    if (auto ok = refuse_if_broken(); !ok) return std::move(ok).error();
+    Bytes frame;
+    codec::append_sealed_entry(frame, sealing_key, codec::FileKind::journal, generation, journal_entries, plaintext);
+    const std::uint64_t sequence = journal_entries;
+    {
+      std::lock_guard lock(group.mutex);
+      if (group.failure) {
+        // Its entries are about to be taken back; sequence numbers after them would not match the file.
+        return make_error(Errc::io, "key store " + dir.string() + ": a write failed (" + group.failure->message +
+                                        ") and is not delivered yet; retry");
+      }
+      group.queued.push_back(QueuedFrame{std::move(frame), sequence});
+    }
+    if (!group.thread.joinable()) group.thread = std::thread([this] { run_flush_thread(); });
+    group.work.notify_one();
+    ++journal_entries;
+    return sequence;
+  }
+
+  void run_flush_thread() {
+    std::unique_lock lock(group.mutex);
+    Bytes frames;
+    for (;;) {
+      group.work.wait(lock, [this] { return group.stop || (!group.queued.empty() && !group.failure); });
+      if (group.queued.empty() || group.failure) return;  // stop: nothing (more) to write
+      // One append of everything queued, up to kMaxGroupBytes (a larger entry goes alone).
+      frames.clear();
+      const std::uint64_t first_sequence = group.queued.front().sequence;
+      std::uint64_t count = 0;
+      while (!group.queued.empty() &&
+             (count == 0 || frames.size() + group.queued.front().frame.size() <= kMaxGroupBytes)) {
+        const Bytes& frame = group.queued.front().frame;
+        frames.insert(frames.end(), frame.begin(), frame.end());
+        group.queued.pop_front();
+        ++count;
+      }
+      const std::size_t entries_size = frames.size();
+      extend_fill(frames, journal_size, journal_allocated);
+      group.writing = true;
+      KeyStore::SyncStats stats;
+      lock.unlock();
+      WriteOutcome outcome = write_and_sync(frames, entries_size, count, stats);
+      lock.lock();
+      group.writing = false;
+      group.stats.syncs += stats.syncs;
+      group.stats.entries += stats.entries;
+      group.stats.time += stats.time;
+      if (outcome.error) {
+        group.failure = FlushFailure{first_sequence, outcome.error->message, outcome.breaks_store.has_value()};
+        if (outcome.breaks_store) group.failure->message += "; " + *outcome.breaks_store;
+        group.queued.clear();  // later entries: their sequence numbers follow the failed ones
+      } else {
+        group.durable_end = first_sequence + count;
+      }
+      // The eventfd before the flag: deliver_durable() clears the flag before the eventfd, so the eventfd is never
+      // left readable behind a clear flag (a loop that would spin).
+      const int signalled = eventfd_write(group.event.get(), 1);  // cannot block: far from counter overflow
+      (void)signalled;
+      group.outcome_ready.store(true, std::memory_order_release);
+      group.idle.notify_all();
+    }
+  }
+
+  // Moves the flush thread's results onto the loop thread: confirmed entries and failed ones (taken back, newest
+  // first) become due handlers in `delivering`.
+  void absorb() {
+    std::uint64_t durable_end = 0;
+    std::optional<FlushFailure> failure;
+    {
+      std::lock_guard lock(group.mutex);
+      durable_end = group.durable_end;
+      failure = std::move(group.failure);
+      group.failure.reset();
+    }
+    while (!unconfirmed.empty() && unconfirmed.front().sequence < durable_end) {
+      delivering.emplace_back(std::move(unconfirmed.front().on_durable), ok_result());
+      unconfirmed.pop_front();
+    }
+    if (!failure) return;
+    for (auto it = unconfirmed.rbegin(); it != unconfirmed.rend(); ++it) {
+      KindMap& map = records[index_of(it->kind)];
+      if (it->previous) {
+        map.insert_or_assign(it->id, std::move(*it->previous));
+      } else {
+        map.erase(it->id);
+      }
+    }
+    for (auto& put : unconfirmed) {
+      delivering.emplace_back(std::move(put.on_durable), make_error(Errc::io, failure->message));
+    }
+    unconfirmed.clear();
+    journal_entries = failure->first_sequence;
+    if (failure->breaks_store) broken = failure->message;
+  }
+
+  // Waits until the flush thread is idle with nothing queued, then absorbs: afterwards the loop thread owns the
+  // journal state again, and memory matches what the file holds.
+  void settle() {
+    if (!group.thread.joinable()) return;
+    {
+      std::unique_lock lock(group.mutex);
+      group.idle.wait(lock, [this] { return !group.writing && (group.queued.empty() || group.failure); });
+    }
+    absorb();
+  }
+
+  void deliver_durable() {
+    if (!group.outcome_ready.load(std::memory_order_acquire) && delivering.empty()) return;
+    group.outcome_ready.store(false, std::memory_order_release);
+    eventfd_t signalled = 0;
+    const int cleared = eventfd_read(group.event.get(), &signalled);  // non-blocking: EAGAIN when already clear
+    (void)cleared;
+    absorb();
+    auto due = std::move(delivering);
+    delivering.clear();
+    for (auto& [handler, outcome] : due) {
+      if (handler) handler(std::move(outcome));
+    }
+  }
+
   Result<void> compact() {
+    settle();
     if (auto ok = refuse_if_broken(); !ok) return ok;
     const std::uint64_t new_generation = generation + 1;
     std::size_t lazy_bytes = 0;
@@ -633,6 +854,17 @@ bool looks_like_torn_append(ByteView file, std::size_t offset, std::size_t size)
   return false;
 }
 
+// Whether the frame at offset lost its first sector: zeros from its start to the next sector boundary, where they
+// cover the length field and kMinLostHeadBytes in all, or its whole header is zeros.
+bool lost_first_sector(ByteView file, std::size_t offset) {
+  const std::size_t header_end = std::min(offset + codec::kLengthSize + codec::kNonceSize, file.size);
+  const std::size_t boundary = (offset / kSectorSize + 1) * kSectorSize;
+  if (boundary < header_end && boundary - offset >= kMinLostHeadBytes) {
+    return all_zero(file.data + offset, boundary - offset);
+  }
+  return all_zero(file.data + offset, header_end - offset);
+}
+
 // An interrupted final append, unless a damaged length field hides whole entries behind it: that is tampering or
 // bit rot, never a crash. The entry's own encoding says how long it really is; measure it on the unauthenticated
 // keystream decryption, then let the tag decide. Returns the error when the frame at offset is such a damaged one.
@@ -671,7 +903,7 @@ struct JournalScan {
 // journal). Returns the byte size of the well-formed part; a torn final entry is described in torn.
 // A version 2 journal (zero_fill) ends where only zeros follow; version 1 ends with the file.
 Result<JournalScan> load_journal(Impl& store, ByteView file, std::uint64_t journal_generation, bool zero_fill,
-                                 bool apply, OpenReport& report, std::string& torn) {
+                                 bool group_writes, bool apply, OpenReport& report, std::string& torn) {
   SecretBuffer arena(file.size);
   std::size_t arena_used = 0;
   std::size_t offset = codec::kHeaderSize;
@@ -685,9 +917,9 @@ Result<JournalScan> load_journal(Impl& store, ByteView file, std::uint64_t journ
   JournalScan scan;
   scan.torn_end = file.size;
   while (offset < content_end) {
-    if (zero_fill && all_zero(file.data + offset, std::min(codec::kLengthSize + codec::kNonceSize, file.size - offset))) {
+    if (zero_fill && lost_first_sector(file, offset)) {
       // A frame header that never reached the disk, with later sectors of the same append that did: an interrupted
-      // append (overwriting 28 bytes of an acknowledged entry with zeros is a lost write, not covered).
+      // append (overwriting an acknowledged entry's header with zeros is a lost write, not covered).
       torn = where(kJournalName, sequence, offset) + ": interrupted append (" + std::to_string(content_end - offset) +
              " bytes after a frame header of zeros)";
       scan.torn_end = content_end;
@@ -714,7 +946,10 @@ Result<JournalScan> load_journal(Impl& store, ByteView file, std::uint64_t journ
     if (!codec::open_entry(store.sealing_key, codec::FileKind::journal, journal_generation, sequence, frame, plain)) {
       // A damaged length field that reaches into the zero fill looks like a torn append too; the entry's own
       // length tells them apart.
-      if (zero_fill && offset + frame.total_size >= content_end &&
+      // Version 3: more entries of the same interrupted group append may follow it, in any state.
+      const bool last_of_content = offset + frame.total_size >= content_end;
+      const bool within_one_group = group_writes && content_end - (offset + frame.total_size) <= kMaxGroupBytes;
+      if (zero_fill && (last_of_content || within_one_group) &&
           looks_like_torn_append(file, offset, frame.total_size)) {
         if (auto damaged = damaged_length(store, file, offset, frame, journal_generation, sequence)) return *damaged;
         torn = where(kJournalName, sequence, offset) + ": interrupted append (" +
@@ -822,17 +1057,20 @@ Result<void> open_existing(Impl& store, OpenReport& report) {
                                          std::to_string(store.generation) + ")");
   }
   std::string torn;
-  const bool zero_fill = header->version >= codec::kJournalVersion;
+  const bool zero_fill = header->version >= codec::kFirstZeroFillJournalVersion;
+  const bool group_writes = header->version >= codec::kJournalVersion;
   if (header->generation < store.generation) {
     // A crash during compaction, after the new snapshot and before the new journal: the snapshot already holds
     // everything in this journal. Its entries must still authenticate, or a damaged generation field could
     // throw acknowledged entries away.
     auto checked =
-        load_journal(store, journal->content, header->generation, zero_fill, /*apply=*/false, report, torn);
+        load_journal(store, journal->content, header->generation, zero_fill, group_writes, /*apply=*/false, report,
+                     torn);
     if (!checked) return std::move(checked).error();
     return store.start_journal(store.generation);
   }
-  auto scan = load_journal(store, journal->content, store.generation, zero_fill, /*apply=*/true, report, torn);
+  auto scan =
+      load_journal(store, journal->content, store.generation, zero_fill, group_writes, /*apply=*/true, report, torn);
   if (!scan) return std::move(scan).error();
   store.journal_allocated = journal->content.size();
   if (!torn.empty()) {
@@ -843,6 +1081,7 @@ Result<void> open_existing(Impl& store, OpenReport& report) {
   }
   store.journal_size = scan->good_size;
   store.journal_zero_fill = zero_fill;
+  store.journal_version = header->version;
   store.journal_fd = std::move(journal->fd);
   return ok_result();
 }
@@ -862,6 +1101,8 @@ Result<KeyStore> KeyStore::open(const std::filesystem::path& dir, SecretBuffer m
   auto impl = std::make_unique<Impl>();
   impl->dir = dir;
   impl->dir_fd = std::move(dir_fd).value();
+  impl->group.event = UniqueFd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!impl->group.event.valid()) return io_error("cannot create the flush eventfd of key store", dir, errno);
   // flock(2) locks belong to the open file description: a second KeyStore on the same directory is refused whether
   // it is in another process or in this one (keystore.hpp).
   if (::flock(impl->dir_fd.get(), LOCK_EX | LOCK_NB) != 0) {
@@ -906,38 +1147,93 @@ KeyStore::KeyStore(KeyStore&&) noexcept = default;
 KeyStore& KeyStore::operator=(KeyStore&&) noexcept = default;
 KeyStore::~KeyStore() = default;
 
+namespace {
+
+// The put entry's plaintext (op byte, record encoding) in the store's scratch buffer; the caller wipes it.
+ByteView encode_put(Impl& store, const Record& record) {
+  const std::size_t size = 1 + codec::encoded_record_size(record);
+  std::uint8_t* plain = store.scratch_of_size(size);
+  plain[0] = static_cast<std::uint8_t>(codec::EntryOp::put);
+  codec::write_record(record, plain + 1);
+  return ByteView(plain, size);
+}
+
+// Shows a written (or queued) put in memory, kept encoded like the records open() loads; the caller's record (and
+// its SecretBuffers) goes away afterwards. Returns what was there before.
+std::optional<Slot> show_put(Impl& store, const Record& record, ByteView plain) {
+  Slot slot;
+  slot.encoded_size = plain.size - 1;
+  slot.encoded = store.keep_encoding(ByteView(plain.data + 1, plain.size - 1));
+  KindMap& map = store.records[index_of(kind_of(record))];
+  std::string id = id_of(record);
+  std::optional<Slot> previous;
+  if (auto it = map.find(id); it != map.end()) previous = std::move(it->second);
+  map.insert_or_assign(std::move(id), std::move(slot));
+  return previous;
+}
+
+// put() compacts when the journal holds more than max(kMinCompactionThreshold, records) entries. The entries are
+// durable already: a failed compaction is retried later rather than reported as a failed put. It does mark the store
+// broken when the files may no longer match memory.
+void compact_if_due(Impl& store) {
+  const std::uint64_t threshold = std::max<std::uint64_t>(kMinCompactionThreshold, store.record_count());
+  if (store.journal_entries > threshold) (void)store.compact();
+}
+
+}  // namespace
+
 Result<void> KeyStore::put(Record record) {
   if (auto ok = validate(record); !ok) return ok;
   if (auto ok = impl_->refuse_if_broken(); !ok) return ok;
-  const std::size_t size = 1 + codec::encoded_record_size(record);
-  std::uint8_t* plain = impl_->scratch_of_size(size);
-  plain[0] = static_cast<std::uint8_t>(codec::EntryOp::put);
-  codec::write_record(record, plain + 1);
-  auto appended = impl_->append(ByteView(plain, size));
-  if (!appended) {
-    sodium_memzero(plain, size);
-    return appended;
-  }
-  // Kept encoded like the records open() loads; the caller's record (and its SecretBuffers) goes away here.
-  Slot slot;
-  slot.encoded_size = size - 1;
-  slot.encoded = impl_->keep_encoding(ByteView(plain + 1, size - 1));
-  sodium_memzero(plain, size);
-  impl_->records[index_of(kind_of(record))].insert_or_assign(std::string(id_of(record)), std::move(slot));
-
-  const std::uint64_t threshold = std::max<std::uint64_t>(kMinCompactionThreshold, impl_->record_count());
-  if (impl_->journal_entries > threshold) {
-    // The put is durable already; a failed compaction is retried on the next put rather than reported as a failed
-    // put. It does mark the store broken when the files may no longer match memory.
-    (void)impl_->compact();
-  }
+  const ByteView plain = encode_put(*impl_, record);
+  auto appended = impl_->append(plain);
+  if (appended) (void)show_put(*impl_, record, plain);
+  sodium_memzero(const_cast<std::uint8_t*>(plain.data), plain.size);
+  if (!appended) return appended;
+  compact_if_due(*impl_);
   return ok_result();
+}
+
+Result<void> KeyStore::put_when_durable(Record record, DurableHandler on_durable) {
+  if (auto ok = validate(record); !ok) return ok;
+  if (auto ok = impl_->refuse_if_broken(); !ok) return ok;
+  if (impl_->journal_version < codec::kJournalVersion) {
+    // An older journal allows one torn entry only (docs/keystore-format.md): start a version 3 one first.
+    if (auto compacted = impl_->compact(); !compacted) return compacted;
+  }
+  const ByteView plain = encode_put(*impl_, record);
+  auto queued = impl_->queue_entry(plain);
+  if (queued) {
+    UnconfirmedPut put;
+    put.sequence = *queued;
+    put.kind = kind_of(record);
+    put.id = id_of(record);
+    put.previous = show_put(*impl_, record, plain);
+    put.on_durable = std::move(on_durable);
+    impl_->unconfirmed.push_back(std::move(put));
+  }
+  sodium_memzero(const_cast<std::uint8_t*>(plain.data), plain.size);
+  if (!queued) return std::move(queued).error();
+  return ok_result();
+}
+
+int KeyStore::durable_fd() const noexcept { return impl_->group.event.get(); }
+
+void KeyStore::deliver_durable() {
+  impl_->deliver_durable();
+  compact_if_due(*impl_);
+}
+
+void KeyStore::finish_queued_writes() {
+  impl_->settle();
+  deliver_durable();
 }
 
 Result<void> KeyStore::remove(RecordKind kind, std::string_view id) {
   if (!known_kind(kind)) {
     return make_error(Errc::invalid_argument, "record kind " + std::to_string(static_cast<int>(kind)) + " is unknown");
   }
+  impl_->settle();  // a failed queued put of this id may be taken back: look afterwards
   KindMap& map = impl_->records[index_of(kind)];
   const auto it = map.find(id);
   if (it == map.end()) {
@@ -976,6 +1272,13 @@ Result<void> KeyStore::compact() { return impl_->compact(); }
 
 const std::filesystem::path& KeyStore::directory() const { return impl_->dir; }
 
-KeyStore::SyncStats KeyStore::sync_stats() const { return impl_->sync_stats; }
+KeyStore::SyncStats KeyStore::sync_stats() const {
+  KeyStore::SyncStats stats = impl_->sync_stats;
+  std::lock_guard lock(impl_->group.mutex);
+  stats.syncs += impl_->group.stats.syncs;
+  stats.entries += impl_->group.stats.entries;
+  stats.time += impl_->group.stats.time;
+  return stats;
+}
 
 }  // namespace dauth::crypto

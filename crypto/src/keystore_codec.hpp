@@ -23,10 +23,13 @@ std::string_view magic_of(FileKind kind) noexcept;  // "DAUTHKS1" / "DAUTHJ01"
 inline constexpr std::size_t kMagicSize = 8;
 // The entry format (sealing, additional data, plaintext) and the snapshot file: version 1.
 inline constexpr std::uint16_t kFormatVersion = 1;
-// Journals are written as version 2: the same entries, then zero fill up to the preallocated size, so that an append
-// overwrites blocks the file already has and its fdatasync has no file size to commit. Version 1 journals (no fill)
-// are still read. The additional data of every entry keeps kFormatVersion (the entries did not change).
-inline constexpr std::uint16_t kJournalVersion = 2;
+// Journals are written as version 3: the same entries, then zero fill up to the preallocated size (since version 2),
+// so that an append overwrites blocks the file already has and its fdatasync has no file size to commit; one append
+// may carry several entries (group commit, since version 3), so an interrupted one may leave several torn entries.
+// Versions 1 (no fill) and 2 are still read. The additional data of every entry keeps kFormatVersion (the entries
+// did not change).
+inline constexpr std::uint16_t kJournalVersion = 3;
+inline constexpr std::uint16_t kFirstZeroFillJournalVersion = 2;
 // magic (8) | u16 format version | u64 generation, all big-endian.
 inline constexpr std::size_t kHeaderSize = kMagicSize + 2 + 8;
 
@@ -37,7 +40,7 @@ struct FileHeader {
 };
 // Snapshots get kFormatVersion, journals kJournalVersion.
 void append_header(Bytes& out, FileKind kind, std::uint64_t generation);
-// Errc::corrupt naming file_name when the magic, version or size is wrong (journals: version 1 or 2).
+// Errc::corrupt naming file_name when the magic, version or size is wrong (journals: version 1 to 3).
 Result<FileHeader> parse_header(ByteView file, FileKind expected, std::string_view file_name);
 
 // ---- entries -------------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@
 //
 // One KeyStore per directory: open() takes an exclusive flock(2) on the directory for the life of the KeyStore and
 // fails (Errc::io, "already open") while another holds it — another process, or another KeyStore in this process.
-// Not thread-safe: the daemon is single-threaded (DESIGN.md §3).
+// Not thread-safe: call it from one thread, the daemon's loop (DESIGN.md §3). put_when_durable() (group commit) hands
+// its writes to a flush thread of the store's own, which touches nothing but the journal file.
 #pragma once
 
 #include <chrono>
@@ -151,10 +152,30 @@ class KeyStore {
   KeyStore& operator=(KeyStore&&) noexcept;
   ~KeyStore();
 
-  // Inserts or replaces the record with the same kind and id; durable (fdatasync) when it returns ok.
+  // Inserts or replaces the record with the same kind and id; durable (fdatasync) when it returns ok. Writes
+  // queued by put_when_durable() go to the file first (put() waits for them; their handlers still run from
+  // deliver_durable()).
   Result<void> put(Record record);
-  // Errc::not_found if absent.
+  // Errc::not_found if absent. Waits for queued writes like put().
   Result<void> remove(RecordKind kind, std::string_view id);
+
+  // Group commit: put() without waiting for the disk, for answers that must not go out before their record is
+  // durable (the MEF's enrolments). The record is queued and find() shows it at once; the store's flush thread
+  // writes everything queued in one append and one fdatasync, so writes queued while a flush runs share the next
+  // one. on_durable runs on the caller's thread, from deliver_durable(), once an fdatasync covering the entry has
+  // returned: with ok, or with the error that failed the write — the record is then taken back (find() shows the
+  // previous one again, or none) before on_durable runs. An invalid record, a store that refuses writes, or a
+  // failed write not yet delivered is returned at once, and on_durable is not called.
+  using DurableHandler = std::function<void(Result<void>)>;
+  Result<void> put_when_durable(Record record, DurableHandler on_durable);
+  // Readable (an eventfd; level-triggered) while finished flushes wait for deliver_durable(). Add it to the loop.
+  int durable_fd() const noexcept;
+  // Runs the handlers of finished flushes, oldest first. Cheap when there are none (no system call), so a loop may
+  // call it every round. Compacts afterwards when the journal has grown past the threshold of put().
+  void deliver_durable();
+  // Waits until every queued write has finished, then runs the handlers (deliver_durable()). For shutdown: the
+  // destructor also waits for queued writes, but drops their undelivered handlers uncalled.
+  void finish_queued_writes();
 
   // nullptr if absent. The pointer (and the SecretBuffers inside the record) stays valid until put() or remove() of
   // this same kind and id, or until the KeyStore is destroyed or assigned to; puts and removes of other records,
@@ -174,10 +195,12 @@ class KeyStore {
 
   const std::filesystem::path& directory() const;
 
-  // The journal fdatasyncs so far (one per put or remove) and the time spent waiting in them: the disk's share of
-  // a durable write, reported by `dauthctl stats` and bench_mef.
+  // The journal fdatasyncs so far (one per put or remove, one per group of put_when_durable()), the entries they
+  // made durable, and the time spent waiting in them: the disk's share of a durable write, reported by
+  // `dauthctl stats` and bench_mef.
   struct SyncStats {
     std::uint64_t syncs = 0;
+    std::uint64_t entries = 0;
     std::chrono::nanoseconds time{0};
   };
   SyncStats sync_stats() const;
