@@ -1055,6 +1055,7 @@ nlohmann::json Roles::stats() const {
   // The disk's share of every durable write (each put/remove waits for one journal fdatasync).
   const auto syncs = impl_->store->sync_stats();
   out["keystore_fdatasync_total"] = syncs.syncs;
+  out["keystore_durable_entries_total"] = syncs.entries;  // more than the syncs when group commit shared flushes
   out["keystore_fdatasync_seconds_total"] = std::chrono::duration<double>(syncs.time).count();
   if (impl_->target_keys) out["key_fetches_pending"] = impl_->target_keys->fetches_pending();
   if (impl_->revocations) {

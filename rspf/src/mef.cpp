@@ -151,17 +151,31 @@ struct Mef::Impl {
     record.enrolee_id = enrolee->enrolee_id;
     record.targets = enrolee->targets;
     record.expires_at = decision->expiry;
-    // Durable before the answer (PROTOCOL.md §3.4): an Enrolee never holds a KeID its MEF could forget.
-    if (auto stored = store.put(std::move(record)); !stored.ok()) return fail(stored.error(), 500);
-    exchange.set_state(ExchangeState::stored, "KeID " + decision->ke_id + " for " + decision->enrolee_id);
-    // Durable now: the targets observing the feed may learn the KeID ahead of the enrolee's first handshake.
-    if (!enrolee->targets.empty()) announce_feed_change();
+    // Durable before the answer (PROTOCOL.md §3.4): an Enrolee never holds a KeID its MEF could forget. Group
+    // commit: enrolments arriving while a flush runs share the next one, and the loop goes on meanwhile.
     Response answer = binary_response(204, static_cast<std::uint16_t>(*format), encode(*decision, *format));
     // PROTOCOL.md §3.4: the MEF then closes the session, unless an instruction (certEnrolment: EST /sen) continues
     // on it (SPEC.md §3.6); that session ends by the idle timeout.
     answer.close_session = decision->instructions.empty();
-    responder.respond(std::move(answer));
-    exchange.set_state(ExchangeState::answered, "2.04");
+    auto pending = std::make_shared<Responder>(std::move(responder));
+    auto on_durable = [this, exchange, pending, answer = std::move(answer), stored_what = "KeID " + decision->ke_id +
+                      " for " + decision->enrolee_id,
+                       announce = !enrolee->targets.empty()](Result<void> stored) mutable {
+      if (!stored.ok()) {
+        exchange.set_state(ExchangeState::refused, stored.error().to_string());
+        pending->respond(refusal_response(500, stored.error()));
+        return;
+      }
+      exchange.set_state(ExchangeState::stored, stored_what);
+      // Durable now: the targets observing the feed may learn the KeID ahead of the enrolee's first handshake.
+      if (announce) announce_feed_change();
+      pending->respond(std::move(answer));
+      exchange.set_state(ExchangeState::answered, "2.04");
+    };
+    if (auto queued = store.put_when_durable(std::move(record), std::move(on_durable)); !queued.ok()) {
+      exchange.set_state(ExchangeState::refused, queued.error().to_string());
+      pending->respond(refusal_response(500, queued.error()));
+    }
   }
 
   // The AE-ID a key-retrieval or EST session authenticated: KeID/Ker -> its enrolee, certificate -> its AE-ID.
@@ -502,7 +516,12 @@ struct Mef::Impl {
 };
 
 Mef::Mef(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
-Mef::~Mef() = default;
+
+Mef::~Mef() {
+  // Enrolments waiting for their flush are answered now, while this MEF and its Node still exist.
+  impl_->store.finish_queued_writes();
+  impl_->node.remove_watch(impl_->store.durable_fd());
+}
 
 Result<std::unique_ptr<Mef>> Mef::create(transport::Node& node, crypto::KeyStore& store, MefConfig config) {
   if (auto valid = crypto::validate_fqdn(config.fqdn); !valid.ok()) return std::move(valid).error();
@@ -513,6 +532,10 @@ Result<std::unique_ptr<Mef>> Mef::create(transport::Node& node, crypto::KeyStore
   }
   if (!config.clock) config.clock = system_unix_clock();
   if (!config.log) config.log = stderr_log_sink();
+  // Enrolment answers wait for their key-store flush (group commit): this loop delivers them.
+  if (auto watched = node.add_watch(store.durable_fd(), [&store] { store.deliver_durable(); }); !watched.ok()) {
+    return std::move(watched).error();
+  }
   std::unique_ptr<Mef> mef(new Mef(std::make_unique<Impl>(node, store, std::move(config))));
   Impl* impl = mef->impl_.get();
   using transport::Access;
