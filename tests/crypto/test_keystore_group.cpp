@@ -163,6 +163,21 @@ void require_torn_group_tail(const fs::path& dir, const Bytes& damaged, const st
   CHECK(store.find<BootstrapKeyRecord>(boot_id(100)) != nullptr);
 }
 
+// Reopens the store: no torn tail, journal_entries entries, and exactly bootstrap(n, n) for n < puts.
+void require_reopens_with_bootstraps(const std::filesystem::path& dir, int puts, std::size_t journal_entries) {
+  OpenReport report;
+  KeyStore store = open_store(dir, &report);
+  CHECK_FALSE(report.torn_tail);
+  CHECK(report.journal_entries == journal_entries);
+  CHECK(store.size() == static_cast<std::size_t>(puts));
+  for (int n = 0; n < puts; ++n) {
+    const auto* found = store.find<BootstrapKeyRecord>(boot_id(n));
+    INFO("record " << n);
+    REQUIRE(found != nullptr);
+    CHECK(found->kpm.equals(patterned_secret(16, static_cast<std::uint8_t>(n))));
+  }
+}
+
 }  // namespace
 
 TEST_CASE("key store group commit: handlers run from deliver_durable() in order and with ok", "[keystore][group]") {
@@ -214,17 +229,7 @@ TEST_CASE("key store group commit: handlers run from deliver_durable() in order 
     CHECK(after.syncs - before.syncs >= 1);
     CHECK(after.syncs - before.syncs <= static_cast<std::uint64_t>(kPuts));
   }
-  OpenReport report;
-  KeyStore store = open_store(dir.path(), &report);
-  CHECK_FALSE(report.torn_tail);
-  CHECK(report.journal_entries == kPuts + 1);
-  CHECK(store.size() == kPuts);
-  for (int n = 0; n < kPuts; ++n) {
-    const auto* found = store.find<BootstrapKeyRecord>(boot_id(n));
-    INFO("record " << n);
-    REQUIRE(found != nullptr);
-    CHECK(found->kpm.equals(patterned_secret(16, static_cast<std::uint8_t>(n))));
-  }
+  require_reopens_with_bootstraps(dir.path(), kPuts, kPuts + 1);
 }
 
 TEST_CASE("key store group commit: a failed write is taken back and reported to its handler and those queued behind",
@@ -355,17 +360,7 @@ TEST_CASE("key store group commit: the destructor writes queued puts and drops t
     }
   }  // destroyed without deliver_durable()
   CHECK(calls == 0);
-  OpenReport report;
-  KeyStore store = open_store(dir.path(), &report);
-  CHECK_FALSE(report.torn_tail);
-  CHECK(report.journal_entries == kPuts);
-  CHECK(store.size() == kPuts);
-  for (int n = 0; n < kPuts; ++n) {
-    const auto* found = store.find<BootstrapKeyRecord>(boot_id(n));
-    INFO("record " << n);
-    REQUIRE(found != nullptr);
-    CHECK(found->kpm.equals(patterned_secret(16, static_cast<std::uint8_t>(n))));
-  }
+  require_reopens_with_bootstraps(dir.path(), kPuts, kPuts);
 }
 
 TEST_CASE("key store group commit: a group append with lost sectors opens with its whole tail set aside",
