@@ -381,6 +381,7 @@ struct Node::Impl {
   std::vector<std::function<void()>> posted;       // Node::post(), run after the completions
   std::multimap<Clock::time_point, std::function<void()>> timers;  // Node::post_after()
   std::map<int, std::function<void()>> watches;                     // Node::add_watch(): fd -> run each round
+  std::uint64_t watches_generation = 0;                             // changes with every add_watch / remove_watch
   std::map<std::string, coap_resource_t*> observables;             // "a/b" -> its resource (owned by the context)
   std::map<std::pair<coap_session_t*, std::string>, std::shared_ptr<Observation::State>> observations;
   bool in_libcoap = false;  // inside coap_io_process: libcoap callbacks (request handlers) are running
@@ -569,11 +570,10 @@ struct Node::Impl {
     for (auto& work : due) work();
   }
   void run_watches() {
-    if (watches.empty()) return;
-    std::vector<int> fds;  // a handler may remove a watch
-    for (const auto& [fd, handler] : watches) fds.push_back(fd);
-    for (const int fd : fds) {
-      if (auto it = watches.find(fd); it != watches.end()) it->second();
+    const std::uint64_t generation = watches_generation;
+    for (auto it = watches.begin(); it != watches.end(); ++it) {
+      it->second();
+      if (watches_generation != generation) break;  // a handler added or removed a watch: the rest run next round
     }
   }
   void run_completions() {
@@ -1966,11 +1966,13 @@ Result<void> Node::add_watch(int fd, std::function<void()> each_round) {
     return make_error(Errc::io, std::string("epoll_ctl(ADD) of a watched descriptor: ") + std::strerror(errno));
   }
   impl_->watches.emplace(fd, std::move(each_round));
+  ++impl_->watches_generation;
   return ok_result();
 }
 
 void Node::remove_watch(int fd) {
   if (impl_->watches.erase(fd) == 0) return;
+  ++impl_->watches_generation;
   (void)epoll_ctl(impl_->epoll.get(), EPOLL_CTL_DEL, fd, nullptr);
 }
 
