@@ -158,9 +158,10 @@ struct Mef::Impl {
     // on it (SPEC.md §3.6); that session ends by the idle timeout.
     answer.close_session = decision->instructions.empty();
     auto pending = std::make_shared<Responder>(std::move(responder));
-    auto on_durable = [this, exchange, pending, answer = std::move(answer), stored_what = "KeID " + decision->ke_id +
-                      " for " + decision->enrolee_id,
-                       announce = !enrolee->targets.empty()](Result<void> stored) mutable {
+    std::string stored_what = "KeID " + decision->ke_id + " for " + decision->enrolee_id;
+    const bool announce = !enrolee->targets.empty();
+    auto on_durable = [this, exchange, pending, answer = std::move(answer), stored_what = std::move(stored_what),
+                       announce](Result<void> stored) mutable {
       if (!stored.ok()) {
         exchange.set_state(ExchangeState::refused, stored.error().to_string());
         pending->respond(refusal_response(500, stored.error()));
