@@ -598,8 +598,9 @@ struct StoreState {
     absorb();
   }
 
-  void deliver_durable() {
-    if (!group.outcome_ready.load(std::memory_order_acquire) && delivering.empty()) return;
+  // Returns whether anything was absorbed (only then can the journal have grown past the compaction threshold).
+  bool deliver_durable() {
+    if (!group.outcome_ready.load(std::memory_order_acquire) && delivering.empty()) return false;
     group.outcome_ready.store(false, std::memory_order_release);
     eventfd_t signalled = 0;
     const int cleared = eventfd_read(group.event.get(), &signalled);  // non-blocking: EAGAIN when already clear
@@ -610,6 +611,7 @@ struct StoreState {
     for (auto& [handler, outcome] : due) {
       if (handler) handler(std::move(outcome));
     }
+    return true;
   }
 
   Result<void> compact() {
@@ -1220,8 +1222,8 @@ Result<void> KeyStore::put_when_durable(Record record, DurableHandler on_durable
 int KeyStore::durable_fd() const noexcept { return impl_->group.event.get(); }
 
 void KeyStore::deliver_durable() {
-  impl_->deliver_durable();
-  compact_if_due(*impl_);
+  // Called every loop round: the threshold is checked only after a delivery, not on the idle path.
+  if (impl_->deliver_durable()) compact_if_due(*impl_);
 }
 
 void KeyStore::finish_queued_writes() {
