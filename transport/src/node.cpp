@@ -19,6 +19,7 @@
 #include <map>
 #include <utility>
 
+#include "dauth/crypto/kdf.hpp"
 #include "dauth/crypto/x509.hpp"
 #include "dauth/transport/transport.hpp"
 #include "tls_backend.hpp"
@@ -363,6 +364,7 @@ struct Node::Impl {
   bool select_by_name = false;     // on from the first named certificate; sessions begun before keep the default
   bool server_pki_set = false;     // coap_context_set_pki done
   std::string client_trust_anchors_pem;  // what client certificates are verified against (x509 or first named)
+  SecretBuffer etag_key = SecretBuffer::random(32);  // content_etag()
   SecretBuffer psk_in_flight;  // returned by validate_id; libcoap copies it at once (notes, Q1)
   coap_bin_const_t psk_in_flight_view{};
 
@@ -818,9 +820,14 @@ coap_response_t on_response(coap_session_t* session, const coap_pdu_t* /*sent*/,
   auto it = impl->pending.find(key);
   auto observed = impl->observations.find(key);
   if (it == impl->pending.end() && observed == impl->observations.end()) {
-    // A notification nobody observes any more (cancelled, timed out): an RST ends it at the server (RFC 7641 §3.6).
-    const bool notification = option_uint(received, COAP_OPTION_OBSERVE).has_value();
-    return notification ? COAP_RESPONSE_FAIL : COAP_RESPONSE_OK;
+    // A notification nobody observes any more (cancelled, or given up before its first answer came): it must end
+    // at the server, or every later notification costs a transfer (RFC 7641 §3.6). libcoap 4.3.1 ignores this
+    // handler's answer for a body it assembled from blocks, so no RST would go out: deregister explicitly (GET
+    // with Observe 1 on that subscription's token), and answer RST where libcoap knows no such subscription.
+    if (!option_uint(received, COAP_OPTION_OBSERVE).has_value()) return COAP_RESPONSE_OK;
+    const coap_bin_const_t token = coap_pdu_get_token(received);
+    coap_binary_t cancel{token.length, const_cast<uint8_t*>(token.s)};
+    return coap_cancel_observe(session, &cancel, COAP_MESSAGE_CON) == 1 ? COAP_RESPONSE_OK : COAP_RESPONSE_FAIL;
   }
   Response response;
   response.code = coap_code_to_int(coap_pdu_get_code(received));
@@ -915,8 +922,25 @@ Request parse_request(const coap_pdu_t* pdu, bool legacy) {
 
 void release_heap_bytes(coap_session_t* /*session*/, void* bytes) { delete static_cast<Bytes*>(bytes); }
 
+// Bodies above this size may go out block-wise (RFC 7959): a DTLS PDU holds at most about 1 KiB of payload.
+constexpr std::size_t kMaySplitIntoBlocks = 512;
+
+// The ETag of a block-wise body: derived from its content, so that two transfers of the same body agree and two of
+// different bodies converge on the newest. libcoap 4.3.1 keeps one block-wise transfer per (session, resource) and
+// serves every later block from the newest; given ETag 0 it draws a new ETag per response, and a client restarts a
+// transfer whose later blocks carry another ETag than its first. Two subscriptions of one resource on one session
+// then restarted each other for ever (docs/transport.md §6). Keyed per Node, so that the tag says nothing about a
+// body beyond "same or not". Never 0 (libcoap's "draw one").
+std::uint64_t content_etag(const SecretBuffer& key, const Bytes& payload) {
+  const SecretBuffer mac = crypto::hmac_sha256(key, ByteView(payload));
+  std::uint64_t tag = 0;
+  std::memcpy(&tag, mac.data(), sizeof(tag));
+  return tag == 0 ? 1 : tag;
+}
+
 void fill_response(coap_resource_t* resource, coap_session_t* session, const coap_pdu_t* request,
-                   const coap_string_t* query, coap_pdu_t* pdu, const Response& response, SessionImpl& state) {
+                   const coap_string_t* query, coap_pdu_t* pdu, const Response& response, SessionImpl& state,
+                   const SecretBuffer& etag_key) {
   const int code = response.code;
   coap_pdu_set_code(pdu, static_cast<coap_pdu_code_t>(((code / 100) << 5) | (code % 100)));
   if (!response.request_id.empty()) {
@@ -936,9 +960,11 @@ void fill_response(coap_resource_t* resource, coap_session_t* session, const coa
     // libcoap adds Content-Format only for a non-zero media type (block.c coap_add_data_large_response): 0 means
     // "none" there, so an explicit 0 (text/plain) is added here, and an unset one sends no option at all.
     if (response.content_format == std::uint16_t{0}) coap_add_option(pdu, COAP_OPTION_CONTENT_FORMAT, 0, nullptr);
+    const std::uint64_t etag =
+        response.payload.size() > kMaySplitIntoBlocks ? content_etag(etag_key, response.payload) : 0;
     auto* copy = new Bytes(response.payload);  // owned by libcoap until release_heap_bytes
-    coap_add_data_large_response(resource, session, request, pdu, query, response.content_format.value_or(0), -1, 0,
-                                 copy->size(), copy->data(), release_heap_bytes, copy);
+    coap_add_data_large_response(resource, session, request, pdu, query, response.content_format.value_or(0), -1,
+                                 etag, copy->size(), copy->data(), release_heap_bytes, copy);
   } else if (response.content_format) {
     uint8_t buffer[4];
     const unsigned length = coap_encode_var_safe(buffer, sizeof(buffer), *response.content_format);
@@ -963,7 +989,8 @@ void on_request(coap_resource_t* resource, coap_session_t* session, const coap_p
     auto shared = it->second;
     impl->deferred.erase(it);
     fill_response(resource, session, pdu, query, response_pdu,
-                  shared->response ? *shared->response : Response::with_text(500, "no response"), state);
+                  shared->response ? *shared->response : Response::with_text(500, "no response"), state,
+                  impl->etag_key);
     return;
   }
 
@@ -971,7 +998,8 @@ void on_request(coap_resource_t* resource, coap_session_t* session, const coap_p
   state.count.bytes_in += pdu_size(pdu);
   auto reject = [&](int code, const std::string& reason) {
     impl->report(FailureKind::request_rejected, state.remote, state.identity.value, reason);
-    fill_response(resource, session, pdu, query, response_pdu, Response::with_text(code, reason), state);
+    fill_response(resource, session, pdu, query, response_pdu, Response::with_text(code, reason), state,
+                  impl->etag_key);
   };
 
   if (state.secure) {
@@ -1044,7 +1072,7 @@ void on_request(coap_resource_t* resource, coap_session_t* session, const coap_p
     ++impl->counters.requests_served;
     Response response = std::move(*shared->response);
     if (response.request_id.empty()) response.request_id = request.request_id;
-    fill_response(resource, session, pdu, query, response_pdu, response, state);
+    fill_response(resource, session, pdu, query, response_pdu, response, state, impl->etag_key);
     return;
   }
   if (shared->responder_alive && !observing) {
@@ -1061,7 +1089,7 @@ void on_request(coap_resource_t* resource, coap_session_t* session, const coap_p
   fill_response(resource, session, pdu, query, response_pdu,
                 Response::with_text(500, observing ? "observable resource handler did not answer at once"
                                                    : "handler gave no response"),
-                state);
+                state, impl->etag_key);
 }
 
 }  // namespace
