@@ -144,6 +144,14 @@ struct Enrolee::Impl : std::enable_shared_from_this<Enrolee::Impl> {
     node.close_client_session(config.mef_address, *bootstrap);
     // One shared credential for both requests, so that EST goes over the same (cached) session (SPEC.md §3.6).
     auto credentials = std::make_shared<transport::ClientCredentials>(std::move(*bootstrap));
+    // The Enrolee, not the MEF, ends the enrolment session, once it holds the answer (and the certificate, when
+    // EST follows): the MEF's answer is a separate CON response that it retransmits until we acknowledge it, and a
+    // session the MEF closed at once would lose that answer with its first datagram (PROTOCOL.md §3.4).
+    std::weak_ptr<Impl> weak = weak_from_this();
+    DoneCallback done_with_session = [weak, credentials, done](Result<void> outcome) {
+      if (auto self = weak.lock()) self->node.close_client_session(self->config.mef_address, *credentials);
+      done(std::move(outcome));
+    };
     transport::Request request;
     request.method = transport::Method::post;
     request.path = {"mef", "enrolment"};
@@ -151,9 +159,9 @@ struct Enrolee::Impl : std::enable_shared_from_this<Enrolee::Impl> {
     request.accept = static_cast<std::uint16_t>(ContentFormat::cbor);
     request.originator = ae_id;
     request.payload = encode(EnrolmentRequest{config.request_certificate, false, false}, ContentFormat::cbor);
-    std::weak_ptr<Impl> weak = weak_from_this();
     node.request(config.mef_address, *credentials, std::move(request),
-                 [weak, credentials, done](Result<transport::Response> response, const transport::Session* session) {
+                 [weak, credentials, done = std::move(done_with_session)](Result<transport::Response> response,
+                                                                          const transport::Session* session) {
                    if (auto self = weak.lock()) self->on_enrolment_answer(std::move(response), session, credentials, done);
                  });
   }

@@ -78,6 +78,9 @@ struct Mef::Impl {
   transport::Node& node;
   crypto::KeyStore& store;
   MefConfig config;
+  // KeID -> repeated enrolment requests of its session that arrived while its record was being made durable; each
+  // is answered with the outcome of the first (on_enrolment).
+  std::map<std::string, std::vector<std::pair<std::shared_ptr<Responder>, Response>>> awaiting_durable;
 
   Impl(transport::Node& n, crypto::KeyStore& s, MefConfig c) : node(n), store(s), config(std::move(c)) {}
 
@@ -136,14 +139,30 @@ struct Mef::Impl {
     auto key = crypto::derive_enrolment_key(session, config.fqdn);
     if (!key.ok()) return fail(key.error());
     exchange.set_state(ExchangeState::key_derived, "KeID " + key->ke_id.text());
-    if (store.find<crypto::EnrolmentKeyRecord>(key->ke_id.text()) != nullptr) {
-      // Same session, same exporter, same KeID: a renewal must come over a new DTLS session (fresh key material).
-      return fail(make_error(Errc::exists, "this DTLS session already enrolled as KeID " + key->ke_id.text() +
-                                               "; renew over a new session"));
-    }
     const std::int64_t at = now();
     auto decision = decide_enrolment(*enrolee, *message, key->ke_id, at);
     if (!decision.ok()) return fail(decision.error());
+    if (const auto* stored = store.find<crypto::EnrolmentKeyRecord>(key->ke_id.text()); stored != nullptr) {
+      // Same session, same exporter, same KeID: the Enrolee asks again because our answer did not reach it (lost,
+      // or its retransmission crossed our separate response). It gets the enrolment we stored, and nothing new
+      // is stored: an enrolment is never one its Enrolee cannot learn of (PROTOCOL.md §3.4).
+      if (stored->enrolee_id != enrolee->enrolee_id || stored->revoked_at != 0) {
+        return fail(make_error(Errc::exists, "this DTLS session already enrolled as KeID " + stored->ke_id +
+                                                 ", which is no longer valid; enrol over a new session"));
+      }
+      decision->targets = stored->targets;
+      decision->expiry = stored->expires_at;
+      Response again = binary_response(204, static_cast<std::uint16_t>(*format), encode(*decision, *format));
+      if (auto waiting = awaiting_durable.find(stored->ke_id); waiting != awaiting_durable.end()) {
+        exchange.set_state(ExchangeState::stored, "repeated request: KeID " + stored->ke_id +
+                                                      " is being stored, answered once it is durable");
+        waiting->second.emplace_back(std::make_shared<Responder>(std::move(responder)), std::move(again));
+        return;
+      }
+      responder.respond(std::move(again));
+      exchange.set_state(ExchangeState::answered, "2.04 again: KeID " + stored->ke_id + " was stored before");
+      return;
+    }
     exchange.set_state(ExchangeState::decided, "expiry " + std::to_string(decision->expiry));
     crypto::EnrolmentKeyRecord record;
     record.ke_id = key->ke_id.text();
@@ -153,20 +172,28 @@ struct Mef::Impl {
     record.expires_at = decision->expiry;
     // Durable before the answer (PROTOCOL.md §3.4): an Enrolee never holds a KeID its MEF could forget. Group
     // commit: enrolments arriving while a flush runs share the next one, and the loop goes on meanwhile.
+    // A separate CON response, retransmitted until the Enrolee acknowledges it; the Enrolee closes the session
+    // once it has the answer (PROTOCOL.md §3.4). Closing it here would lose the answer with one lost datagram.
     Response answer = binary_response(204, static_cast<std::uint16_t>(*format), encode(*decision, *format));
-    // PROTOCOL.md §3.4: the MEF then closes the session, unless an instruction (certEnrolment: EST /sen) continues
-    // on it (SPEC.md §3.6); that session ends by the idle timeout.
-    answer.close_session = decision->instructions.empty();
     auto pending = std::make_shared<Responder>(std::move(responder));
     std::string stored_what = "KeID " + decision->ke_id + " for " + decision->enrolee_id;
     const bool announce = !enrolee->targets.empty();
+    const std::string ke_id_text = decision->ke_id;
+    awaiting_durable[ke_id_text];  // repeated requests on this session wait here for the same outcome
     auto on_durable = [this, exchange, pending, answer = std::move(answer), stored_what = std::move(stored_what),
-                       announce](Result<void> stored) mutable {
+                       announce, ke_id_text](Result<void> stored) mutable {
+      std::vector<std::pair<std::shared_ptr<Responder>, Response>> repeated;
+      if (auto waiting = awaiting_durable.find(ke_id_text); waiting != awaiting_durable.end()) {
+        repeated = std::move(waiting->second);
+        awaiting_durable.erase(waiting);
+      }
       if (!stored.ok()) {
         exchange.set_state(ExchangeState::refused, stored.error().to_string());
         pending->respond(refusal_response(500, stored.error()));
+        for (auto& [waiter, again] : repeated) waiter->respond(refusal_response(500, stored.error()));
         return;
       }
+      for (auto& [waiter, again] : repeated) waiter->respond(std::move(again));
       exchange.set_state(ExchangeState::stored, stored_what);
       // Durable now: the targets observing the feed may learn the KeID ahead of the enrolee's first handshake.
       if (announce) announce_feed_change();
@@ -174,6 +201,7 @@ struct Mef::Impl {
       exchange.set_state(ExchangeState::answered, "2.04");
     };
     if (auto queued = store.put_when_durable(std::move(record), std::move(on_durable)); !queued.ok()) {
+      awaiting_durable.erase(ke_id_text);
       exchange.set_state(ExchangeState::refused, queued.error().to_string());
       pending->respond(refusal_response(500, queued.error()));
     }

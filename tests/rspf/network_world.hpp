@@ -198,11 +198,13 @@ struct World {
   transport::Peer mef_address() const { return transport::Peer{"127.0.0.1", mef_node->secure_port()}; }
   transport::Peer valve_address() const { return transport::Peer{"127.0.0.1", valve_node->secure_port()}; }
 
+  // mef_port: where the Enrolee sends (e.g. an impairment relay in front of the MEF); 0 = the MEF itself.
   std::unique_ptr<rspf::Enrolee> make_enrolee(transport::Node& node, crypto::KeyStore& store, const std::string& kpm_id,
-                                              bool certificate) {
+                                              bool certificate, std::uint16_t mef_port = 0) {
     rspf::EnroleeConfig config;
     config.kpm_id = kpm_id;
     config.mef_address = mef_address();
+    if (mef_port != 0) config.mef_address.port = mef_port;
     config.request_certificate = certificate;
     config.clock = clock.function();
     config.log = log.sink();
