@@ -264,11 +264,16 @@ void Roles::Impl::forward_to_peer(const std::string& target, const transport::Pe
         }
         ++state.failures;
         state.last_outcome = outcome.error().message;
-        // SPEC.md §4: a first use is refused while the target fetches the key from the MEF (unknown identity);
-        // retry after 250 ms, 1 s, 3 s. A handshake failure is what the client sees of that refusal.
-        const bool handshake_refused = outcome.error().code == Errc::unauthenticated ||
-                                       outcome.error().code == Errc::timeout;
-        if (handshake_refused && attempt < std::size(kFirstUseRetryDelays) && !stopping) {
+        // A first use is refused while the target fetches the key from the MEF (unknown identity): retry after
+        // 250 ms, 1 s, 3 s; a handshake failure is what the client sees of that refusal. A timeout (B silent:
+        // restarted, gone, or our address changed; transport then ended the session) is retried on a new session
+        // too, but only for a method that may be repeated (RFC 7252 §5.1: POST and PATCH are not idempotent, and B
+        // may have carried out the request whose answer was lost).
+        const Errc failure = outcome.error().code;
+        const bool may_repeat = failure == Errc::unauthenticated ||
+                                (failure == Errc::timeout && copy.method != transport::Method::post &&
+                                 copy.method != transport::Method::patch);
+        if (may_repeat && attempt < std::size(kFirstUseRetryDelays) && !stopping) {
           ++state.retries;
           count("proxy_retries_total");
           log::info("proxy: " + copy.originator + " -> " + target + " (KeID " + ke_id + ") attempt " +

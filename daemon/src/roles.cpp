@@ -1045,6 +1045,7 @@ nlohmann::json Roles::stats() const {
     const std::string p = driver->name + "_";
     out[p + "handshakes_completed_total"] = s.handshakes_completed;
     out[p + "handshakes_failed_total"] = s.handshakes_failed;
+    out[p + "handshakes_restarted_total"] = s.handshakes_restarted;
     out[p + "requests_served_total"] = s.requests_served;
     out[p + "requests_rejected_total"] = s.requests_rejected;
     out[p + "client_requests_failed_total"] = s.client_requests_failed;

@@ -223,6 +223,7 @@ class SessionImpl final : public Session {
   bool timed_out = false;
   bool dead = false;                     // client: failed or closed; released after coap_io_process
   bool close_requested = false;          // server: a response asked to end the session once it is sent
+  unsigned handshake_attempt = 1;        // client: which try at reaching this peer it is (restart_stalled_handshakes)
   std::string offered_identity;
   std::string sni;                       // server: the name the client's ClientHello carried
   std::optional<PeerIdentity> verified;  // from validate_id / validate_cn
@@ -289,6 +290,7 @@ struct Observation::State {
   NotificationHandler handler;
   std::optional<std::chrono::steady_clock::time_point> first_answer_deadline;  // until the first answer
   std::uint64_t packets_in_at_send = 0;  // as in PendingRequest
+  std::optional<std::uint64_t> records_at_send;  // as in PendingRequest
   bool ended = false;      // the final call is queued or done
   bool cancelled = false;  // by the owner: no call from then on
 };
@@ -307,11 +309,31 @@ struct Route {
 
 enum class ContextRole : std::uint8_t { server, client };
 
+// restart_stalled_handshakes: the first attempt's limit (then doubled), and how many attempts a request gets. Ten
+// round trips of a 250 ms path, or one lost flight recovered by GnuTLS's 1 s retransmission timer and then some.
+constexpr std::chrono::milliseconds kHandshakeAttempt{2500};
+constexpr unsigned kMaxHandshakeAttempts = 3;
+
+// What a request needs to go again on a new session: kept for requests sent while their session's handshake ran
+// (nothing of them has left yet, so sending them again is always safe: restart_stalled_handshakes).
+struct Replay {
+  Peer peer;
+  ClientCredentials credentials;
+  Request request;
+  unsigned attempt = 1;
+};
+
 struct PendingRequest {
   ResponseHandler handler;
   Clock::time_point deadline;
   coap_session_t* session;
   std::uint64_t packets_in_at_send = 0;  // the session's count then: nothing since = the peer went silent
+  // Limits::silence_timeout (DTLS sessions): when to look whether the peer sent anything at all since, and the
+  // session's DTLS read counter at the send (unset while the handshake runs: the wait then starts once it is done).
+  // Cleared once anything was heard (a slow peer, not a gone one) or where it cannot be told.
+  std::optional<Clock::time_point> silence_check;
+  std::optional<std::uint64_t> records_at_send;
+  std::shared_ptr<Replay> replay;  // set while the request waits for its session's handshake
 };
 
 // What a PKI context accepts from its peers (validate_cn_call_back argument).
@@ -542,8 +564,106 @@ struct Node::Impl {
   // peer is gone, or restarted and forgot the DTLS session (it drops records of sessions it does not know, and
   // libcoap 4.3.1 keeps sending on an "established" session for ever). The session is released in this
   // housekeeping round (its other pending requests fail), so the next request sets up a new one.
-  void end_if_silent(SessionImpl& state, std::uint64_t packets_in_at_send) {
-    if (state.client && state.count.packets_in == packets_in_at_send) state.dead = true;
+  // Heard at all: a response, or (where the backend can tell) any DTLS record, e.g. the empty ACK of a request
+  // whose answer is merely slow, which must not cost the session's other requests.
+  void end_if_silent(SessionImpl& state, std::uint64_t packets_in_at_send,
+                     const std::optional<std::uint64_t>& records_at_send) {
+    if (!state.client || state.count.packets_in != packets_in_at_send) return;
+    if (records_at_send && detail::records_received(state.raw) != records_at_send) return;
+    state.dead = true;
+  }
+
+  // Limits::silence_timeout: ends the established DTLS client sessions on which a request has waited that long
+  // without a single record from the peer since it was sent.
+  void end_silent_sessions(Clock::time_point now) {
+    std::vector<SessionImpl*> silent;
+    for (auto& [key, request] : pending) {
+      if (!request.silence_check || now < *request.silence_check) continue;
+      auto found = sessions.find(key.first);
+      if (found == sessions.end() || found->second->dead) {
+        request.silence_check.reset();
+        continue;
+      }
+      SessionImpl& state = *found->second;
+      if (!state.established) {  // the handshake has its own timeout; the wait starts once it is done
+        request.silence_check = now + config.limits.silence_timeout;
+        continue;
+      }
+      const auto records = detail::records_received(key.first);
+      if (!records) {
+        request.silence_check.reset();
+        continue;
+      }
+      if (!request.records_at_send) {
+        request.records_at_send = records;
+        request.silence_check = now + config.limits.silence_timeout;
+        continue;
+      }
+      if (*records != *request.records_at_send || state.count.packets_in != request.packets_in_at_send) {
+        request.silence_check.reset();
+        continue;
+      }
+      if (std::find(silent.begin(), silent.end(), &state) == silent.end()) silent.push_back(&state);
+    }
+    for (SessionImpl* state : silent) {
+      kill_client_session(*state, make_error(Errc::timeout,
+                                             "nothing heard from " + state->remote + " for " +
+                                                 std::to_string(config.limits.silence_timeout.count()) +
+                                                 " ms after a request: DTLS session ended (the peer went away or "
+                                                 "restarted, or our address changed on the way, e.g. NAT "
+                                                 "rebinding); the next request sets up a new one"));
+    }
+  }
+
+  // A client handshake that made no progress for kHandshakeAttempt (doubling per attempt) is given up and its
+  // waiting requests go again on a new session, at most kMaxHandshakeAttempts in all and within their deadlines.
+  // Measured through a lossy path: with libcoap 4.3.1 on GnuTLS, once part of the peer's flight has arrived and a
+  // datagram of it was lost, neither end retransmits any more ("DTLS retransmit timeout" with nothing sent) and the
+  // handshake dies after libcoap's fifth timeout, about 5 s later; a stock coap-client-gnutls loses 8 of 20 such
+  // handshakes at 10 % loss (docs/transport.md §3). A new ClientHello is the way out.
+  void restart_stalled_handshakes(Clock::time_point now) {
+    std::vector<coap_session_t*> stalled;
+    for (auto& [raw, state] : sessions) {
+      if (!state->client || !state->secure || state->established || state->dead) continue;
+      if (coap_session_get_state(raw) == COAP_SESSION_STATE_ESTABLISHED) continue;
+      const auto limit = kHandshakeAttempt * (1u << std::min(state->handshake_attempt - 1, 4u));
+      if (now - state->started >= limit) stalled.push_back(raw);
+    }
+    for (coap_session_t* raw : stalled) {
+      std::vector<PendingRequest> again;
+      for (auto it = pending.begin(); it != pending.end();) {
+        const PendingRequest& entry = it->second;
+        if (it->first.first == raw && entry.replay && entry.replay->attempt < kMaxHandshakeAttempts &&
+            now < entry.deadline) {
+          again.push_back(std::move(it->second));
+          it = pending.erase(it);
+        } else {
+          ++it;
+        }
+      }
+      if (again.empty()) continue;  // nothing would go again: the handshake timeout decides
+      SessionImpl& state = *sessions.at(raw);
+      const std::string reason = "DTLS handshake with " + state.remote + " made no progress in " +
+                                 std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                                    now - state.started).count()) +
+                                 " ms (datagrams lost?): starting again, attempt " +
+                                 std::to_string(again.front().replay->attempt + 1) + " of " +
+                                 std::to_string(kMaxHandshakeAttempts);
+      state.refusal = reason;
+      report_handshake_failure(state, FailureKind::handshake_timeout, reason);
+      kill_client_session(state, make_error(Errc::timeout, reason));
+      // Out of the cache now, so that the requests below get a new session (released with the graveyard).
+      if (auto cached = client_cache.find(state.cache_key); cached != client_cache.end() && cached->second == raw) {
+        client_cache.erase(cached);
+        graveyard.push_back(raw);
+      }
+      ++counters.handshakes_restarted;
+      for (PendingRequest& entry : again) {
+        Replay& replay = *entry.replay;
+        send_request(replay.peer, replay.credentials, replay.request, std::move(entry.handler), entry.deadline,
+                     replay.attempt + 1);
+      }
+    }
   }
 
   void kill_client_session(SessionImpl& state, const Error& error) {
@@ -590,6 +710,9 @@ struct Node::Impl {
   }
 
   Result<coap_session_t*> client_session_for(const Peer& peer, const ClientCredentials& credentials);
+  // Node::request, and a request sent again by restart_stalled_handshakes (attempt > 1) with its first deadline.
+  void send_request(const Peer& peer, const ClientCredentials& credentials, Request request, ResponseHandler handler,
+                    Clock::time_point deadline, unsigned attempt);
   // A request PDU for session, with a fresh token (returned in token_out); Observe 0 when observe is set.
   coap_pdu_t* build_request_pdu(coap_session_t* session, SessionImpl& state, Request& request, bool observe,
                                 std::string& token_out);
@@ -876,8 +999,11 @@ void on_nack(coap_session_t* session, const coap_pdu_t* sent, const coap_nack_re
     default: error = make_error(Errc::io, "peer " + state.remote + " unreachable"); break;
   }
   if (reason == COAP_NACK_TOO_MANY_RETRIES) {
-    impl->end_if_silent(state, observed != impl->observations.end() ? observed->second->packets_in_at_send
-                                                                     : it->second.packets_in_at_send);
+    if (observed != impl->observations.end()) {
+      impl->end_if_silent(state, observed->second->packets_in_at_send, observed->second->records_at_send);
+    } else {
+      impl->end_if_silent(state, it->second.packets_in_at_send, it->second.records_at_send);
+    }
   }
   if (observed != impl->observations.end()) {
     auto observation = observed->second;
@@ -1148,6 +1274,7 @@ void Node::Impl::housekeeping() {
     ~Reset() { flag = false; }
   } reset{in_housekeeping};
   const auto now = Clock::now();
+  restart_stalled_handshakes(now);
   std::vector<coap_session_t*> to_disconnect;
   for (auto& [raw, state] : sessions) {
     if (!state->secure || state->established || state->dead) continue;
@@ -1188,7 +1315,9 @@ void Node::Impl::housekeeping() {
     auto observation = it->second;
     if (observation->first_answer_deadline && now > *observation->first_answer_deadline) {
       auto found = sessions.find(it->first.first);
-      if (found != sessions.end()) end_if_silent(*found->second, observation->packets_in_at_send);
+      if (found != sessions.end()) {
+        end_if_silent(*found->second, observation->packets_in_at_send, observation->records_at_send);
+      }
       it = observations.erase(it);
       notify(observation,
              make_error(Errc::timeout, "no answer to the subscription within " +
@@ -1198,10 +1327,13 @@ void Node::Impl::housekeeping() {
       ++it;
     }
   }
+  end_silent_sessions(now);
   for (auto it = pending.begin(); it != pending.end();) {
     if (now > it->second.deadline) {
       auto found = sessions.find(it->first.first);
-      if (found != sessions.end()) end_if_silent(*found->second, it->second.packets_in_at_send);
+      if (found != sessions.end()) {
+        end_if_silent(*found->second, it->second.packets_in_at_send, it->second.records_at_send);
+      }
       const SessionImpl* state = found != sessions.end() ? found->second.get() : nullptr;
       complete(std::move(it->second),
                make_error(Errc::timeout, "no response within " +
@@ -1569,7 +1701,7 @@ Result<std::unique_ptr<Node>> Node::create(NodeConfig config) {
   const Limits& limits = cfg.limits;
   if (limits.max_request_size == 0 || limits.max_client_sessions == 0 || limits.max_client_sessions > 900 ||
       limits.max_handshakes == 0 || limits.idle_timeout.count() <= 0 || limits.handshake_timeout.count() <= 0 ||
-      limits.request_timeout.count() <= 0) {
+      limits.request_timeout.count() <= 0 || limits.silence_timeout.count() <= 0) {
     return make_error(Errc::invalid_argument,
                       "transport limits: sizes, counts and timeouts must be > 0, and max_client_sessions at most "
                       "900 (GnuTLS client sessions use select(), which aborts past ~1000 fds); got "
@@ -1853,31 +1985,47 @@ coap_pdu_t* Node::Impl::build_request_pdu(coap_session_t* raw, SessionImpl& stat
 
 void Node::request(const Peer& peer, const ClientCredentials& credentials, Request request,
                    ResponseHandler handler) {
-  auto session = impl_->client_session_for(peer, credentials);
+  impl_->send_request(peer, credentials, std::move(request), std::move(handler),
+                      Clock::now() + impl_->config.limits.request_timeout, 1);
+}
+
+void Node::Impl::send_request(const Peer& peer, const ClientCredentials& credentials, Request request,
+                              ResponseHandler handler, Clock::time_point deadline, unsigned attempt) {
+  auto session = client_session_for(peer, credentials);
   if (!session.ok()) {
-    impl_->report(session.error().code == Errc::limit ? FailureKind::limit : FailureKind::request_failed,
-                  peer.host + ":" + std::to_string(peer.port), credentials.psk_identity, session.error().message);
+    report(session.error().code == Errc::limit ? FailureKind::limit : FailureKind::request_failed,
+           peer.host + ":" + std::to_string(peer.port), credentials.psk_identity, session.error().message);
     handler(std::move(session).error(), nullptr);
     return;
   }
   coap_session_t* raw = *session;
-  SessionImpl& state = impl_->state_for(raw);
+  SessionImpl& state = state_for(raw);
+  state.handshake_attempt = std::max(state.handshake_attempt, attempt);
+  std::shared_ptr<Replay> replay;
+  if (state.secure && !state.established && coap_session_get_state(raw) != COAP_SESSION_STATE_ESTABLISHED) {
+    replay = std::make_shared<Replay>(Replay{peer, credentials.clone(), request, attempt});
+  }
   std::string token;
-  coap_pdu_t* pdu = impl_->build_request_pdu(raw, state, request, /*observe=*/false, token);
+  coap_pdu_t* pdu = build_request_pdu(raw, state, request, /*observe=*/false, token);
   if (pdu == nullptr) {
     handler(make_error(Errc::internal, "coap_new_pdu failed"), nullptr);
     return;
   }
   const auto key = std::make_pair(raw, token);
-  impl_->pending[key] = PendingRequest{std::move(handler), Clock::now() + impl_->config.limits.request_timeout, raw,
-                                       state.count.packets_in};
+  PendingRequest entry{std::move(handler), deadline, raw, state.count.packets_in, std::nullopt, std::nullopt,
+                       std::move(replay)};
+  if (state.secure) {
+    entry.silence_check = Clock::now() + config.limits.silence_timeout;
+    entry.records_at_send = detail::records_received(raw);
+  }
+  pending[key] = std::move(entry);
   if (coap_send(raw, pdu) == COAP_INVALID_MID) {
-    auto it = impl_->pending.find(key);
-    if (it != impl_->pending.end()) {
-      impl_->complete(std::move(it->second),
-                      make_error(Errc::io, "cannot send to " + state.remote + ": " + impl_->handshake_failure_reason(state)),
-                      &state);
-      impl_->pending.erase(it);
+    auto it = pending.find(key);
+    if (it != pending.end()) {
+      complete(std::move(it->second),
+               make_error(Errc::io, "cannot send to " + state.remote + ": " + handshake_failure_reason(state)),
+               &state);
+      pending.erase(it);
     }
     state.dead = true;
   }
@@ -1902,6 +2050,7 @@ Observation Node::observe(const Peer& peer, const ClientCredentials& credentials
   observation->handler = std::move(handler);
   observation->first_answer_deadline = Clock::now() + impl_->config.limits.request_timeout;
   observation->packets_in_at_send = state.count.packets_in;
+  if (state.secure) observation->records_at_send = detail::records_received(raw);
   coap_pdu_t* pdu = impl_->build_request_pdu(raw, state, request, /*observe=*/true, observation->token);
   if (pdu == nullptr) {
     observation->handler(make_error(Errc::internal, "coap_new_pdu failed"), nullptr);
@@ -2034,7 +2183,9 @@ std::chrono::milliseconds Node::next_timeout() {
   // pending we still look once a second, a cheap bound in case a libcoap timer is not armed.
   const auto now = Clock::now();
   auto next = now + std::chrono::seconds(1);
-  for (const auto& [key, request] : impl_->pending) next = std::min(next, request.deadline);
+  for (const auto& [key, request] : impl_->pending) {
+    next = std::min(next, request.silence_check ? std::min(request.deadline, *request.silence_check) : request.deadline);
+  }
   for (const auto& [key, observation] : impl_->observations) {
     if (observation->first_answer_deadline) next = std::min(next, *observation->first_answer_deadline);
   }

@@ -4,6 +4,7 @@
 
 #include <coap3/coap.h>
 
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -23,6 +24,11 @@ std::string cipher_suite(const coap_session_t* session);
 // ClientHello on, so inside validate_id_call_back. Read per session on purpose: libcoap 4.3.1's
 // validate_sni_call_back runs once per distinct name per context (it caches the answer in psk_sni_entry_list).
 std::string server_name(const coap_session_t* session);
+// A value that changes with every DTLS record read from the peer on this session (its read sequence number, epoch
+// included), whatever the record carries: a response, an empty ACK, an alert. nullopt before the handshake is
+// done, and always on the OpenSSL build (no public read counter there). Tells a silent peer from a slow one
+// (Limits::silence_timeout).
+std::optional<std::uint64_t> records_received(const coap_session_t* session);
 
 // ---- server certificates chosen per handshake by SNI (docs/transport.md §3 "Certificates by server name") ----
 

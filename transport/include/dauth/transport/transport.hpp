@@ -184,6 +184,13 @@ struct Limits {
   std::chrono::milliseconds handshake_timeout{10000};       // a handshake not done by then is dropped and reported
   std::size_t max_client_sessions = 512;                    // <= 900: GnuTLS select()s, glibc aborts at fd 1024
   std::chrono::milliseconds request_timeout{20000};         // client: request sent -> response (incl. handshake)
+  // Client: a request over an established DTLS session after which nothing at all (no response, no empty ACK)
+  // came from the peer for this long ends that session, failing its requests with Errc::timeout, so that the next
+  // request (or a caller's retry) sets up a new one: the peer restarted and forgot the session, or our address
+  // changed on the way (NAT rebinding; libcoap 4.3.1 has no DTLS Connection ID). Longer than one CoAP
+  // retransmission round (ACK_TIMEOUT 2 s × ACK_RANDOM_FACTOR 1.5 = 3 s, RFC 7252 §4.8) plus a round trip, so a
+  // single lost datagram does not cost a new handshake. GnuTLS build only (it needs the session's read counter).
+  std::chrono::milliseconds silence_timeout{4000};
   std::size_t max_request_size = 4096;                      // SPEC.md §2: larger requests get 4.13
   // RFC 7252 §4.7 NSTART: confirmable messages in flight per session (client: requests; server: separate
   // responses and notifications); libcoap queues the rest until an ACK or response frees a slot. 1 is the RFC's
@@ -305,6 +312,7 @@ struct Failure {
 struct Stats {
   std::uint64_t handshakes_completed = 0;
   std::uint64_t handshakes_failed = 0;     // includes timeouts
+  std::uint64_t handshakes_restarted = 0;  // client handshakes that stalled and were begun again (datagrams lost)
   std::uint64_t requests_served = 0;
   std::uint64_t requests_rejected = 0;
   std::uint64_t client_requests_failed = 0;

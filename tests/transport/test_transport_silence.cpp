@@ -1,0 +1,110 @@
+// Limits::silence_timeout: a DTLS client session on which a request heard nothing at all from the peer ends long
+// before request_timeout (a peer that restarted, or our address changed on the way), and a slow peer that
+// acknowledged the request keeps its session.
+#include <catch2/catch.hpp>
+
+#include "transport_support.hpp"
+
+using namespace dauth;
+using namespace dauth::test;
+using transport::ClientCredentials;
+using transport::Method;
+using transport::Request;
+using transport::Response;
+
+namespace {
+
+const std::map<std::string, std::string> kKeys{{"CAE-alpha", "alpha-secret-key-0123456789abcdef"}};
+
+std::unique_ptr<transport::Node> make_quick_client() {
+  transport::NodeConfig config;
+  config.limits.silence_timeout = std::chrono::milliseconds(600);
+  config.limits.request_timeout = std::chrono::milliseconds(15000);
+  auto node = transport::Node::create(std::move(config));
+  REQUIRE(node.ok());
+  return std::move(*node);
+}
+
+Request get(std::vector<std::string> path) {
+  Request request;
+  request.method = Method::get;
+  request.path = std::move(path);
+  return request;
+}
+
+struct Outcome {
+  std::optional<Result<Response>> result;
+  transport::ResponseHandler handler() {
+    return [this](Result<Response> answer, const transport::Session*) { result.emplace(std::move(answer)); };
+  }
+};
+
+}  // namespace
+
+TEST_CASE("silence: a peer that stops answering ends the session after silence_timeout and the next request works") {
+  transport::NodeConfig server_config;
+  server_config.psk_lookup = psk_table(kKeys);
+  auto server = make_server(std::move(server_config));
+  auto client = make_quick_client();
+  const transport::Peer peer{"127.0.0.1", server->secure_port()};
+  const auto credentials = ClientCredentials::psk("CAE-alpha", secret(kKeys.at("CAE-alpha")), "");
+
+  Outcome first;
+  client->request(peer, credentials, get({"hello"}), first.handler());
+  REQUIRE(pump({server.get(), client.get()}, [&] { return first.result.has_value(); }));
+  REQUIRE(first.result->ok());
+
+  // The server's loop stops (its datagrams wait unread): from the client's side the peer is silent.
+  Outcome second;
+  client->request(peer, credentials, get({"hello"}), second.handler());
+  REQUIRE(pump({client.get()}, [&] { return second.result.has_value(); }, 10s));
+  REQUIRE_FALSE(second.result->ok());
+  CHECK(second.result->error().code == Errc::timeout);
+  CHECK(second.result->error().message.find("nothing heard from") != std::string::npos);  // not request_timeout's
+  REQUIRE(pump({client.get()}, [&] { return client->stats().live_client_sessions == 0; }, 2s));
+
+  // The next request sets up a new session (the server answers what it reads now; the old session's records
+  // are its business).
+  const auto handshakes_before = server->stats().handshakes_completed;
+  Outcome third;
+  client->request(peer, credentials, get({"hello"}), third.handler());
+  REQUIRE(pump({server.get(), client.get()}, [&] { return third.result.has_value(); }));
+  REQUIRE(third.result->ok());
+  CHECK(server->stats().handshakes_completed == handshakes_before + 1);
+}
+
+TEST_CASE("silence: a peer that acknowledged the request and answers late keeps its session") {
+  transport::NodeConfig server_config;
+  server_config.psk_lookup = psk_table(kKeys);
+  auto server = make_server(std::move(server_config));
+  transport::Node* server_node = server.get();
+  server->add_route(Method::get, {"slow"}, transport::Access::secure,
+                    [server_node](const transport::Session&, const Request&, transport::Responder responder) {
+                      // A separate response: libcoap sends the empty ACK now, the answer 1.5 s later.
+                      auto kept = std::make_shared<transport::Responder>(std::move(responder));
+                      server_node->post_after(std::chrono::milliseconds(1500),
+                                              [kept] { kept->respond(Response::with_text(205, "late")); });
+                    });
+  auto client = make_quick_client();
+  const transport::Peer peer{"127.0.0.1", server->secure_port()};
+  const auto credentials = ClientCredentials::psk("CAE-alpha", secret(kKeys.at("CAE-alpha")), "");
+  Outcome warm;
+  client->request(peer, credentials, get({"hello"}), warm.handler());
+  REQUIRE(pump({server.get(), client.get()}, [&] { return warm.result.has_value(); }));
+  REQUIRE(warm.result->ok());
+
+  const auto handshakes_before = server->stats().handshakes_completed;
+  Outcome slow;
+  client->request(peer, credentials, get({"slow"}), slow.handler());
+  REQUIRE(pump({server.get(), client.get()}, [&] { return slow.result.has_value(); }, 10s));
+  INFO((slow.result->ok() ? std::string("ok") : slow.result->error().to_string()));
+  REQUIRE(slow.result->ok());
+  CHECK(text_of((*slow.result)->payload) == "late");
+  CHECK(server->stats().handshakes_completed == handshakes_before);  // the same session throughout
+}
+
+TEST_CASE("silence: a silence_timeout of 0 is refused") {
+  transport::NodeConfig config;
+  config.limits.silence_timeout = std::chrono::milliseconds(0);
+  CHECK_FALSE(transport::Node::create(std::move(config)).ok());
+}
