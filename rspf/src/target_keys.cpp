@@ -4,8 +4,11 @@
 
 #include <sodium.h>
 
+#include <algorithm>
 #include <array>
+#include <chrono>
 #include <map>
+#include <optional>
 #include <set>
 #include <tuple>
 #include <utility>
@@ -65,6 +68,16 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
   std::set<FetchKey> announced;   // issued KeIDs from a feed, waiting for a retrieval slot
   std::set<std::string> revoked;  // KeIDs a feed announced revoked: refused without a retrieval
   std::uint64_t notifications = 0;
+  // Retrievals that failed, and when the next one may start: a KeID that keeps failing (MEF unreachable or
+  // refusing) is asked for with backoff (1 s doubling to 5 min, ± 10 %), not once per handshake that names it.
+  // Bounded: beyond kMaxFailedRemembered the entry due soonest is forgotten.
+  struct FailedFetch {
+    Backoff backoff;
+    std::chrono::steady_clock::time_point not_before;
+    std::string reason;
+  };
+  static constexpr std::size_t kMaxFailedRemembered = 4096;
+  std::map<FetchKey, FailedFetch> failed;
 
   Impl(transport::Node& n, crypto::KeyStore& s, TargetKeysConfig c) : node(n), store(s), config(std::move(c)) {
     served.emplace(config.local_ae_id, crypto::server_name_for_ae_id(config.local_ae_id));
@@ -78,12 +91,39 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
     const std::string old = it == fetches.end() ? "none" : std::string(to_string(it->second));
     config.log("target " + key.local_ae_id + " key retrieval KeID " + key.ke_id + " mef=" + mef + " " + old +
                " -> " + std::string(to_string(next)) + ": " + reason);
+    if (next == FetchState::failed) remember_failure(key, reason);
+    if (next == FetchState::stored) failed.erase(key);
     if (next == FetchState::stored || next == FetchState::failed) {
       if (it != fetches.end()) fetches.erase(it);
       if (!announced.empty()) post_start();  // a slot is free for the next announced KeID
     } else {
       fetches[key] = next;
     }
+  }
+
+  void remember_failure(const FetchKey& key, const std::string& reason) {
+    auto found = failed.find(key);
+    if (found == failed.end()) {
+      if (failed.size() >= kMaxFailedRemembered) {
+        failed.erase(std::min_element(failed.begin(), failed.end(), [](const auto& a, const auto& b) {
+          return a.second.not_before < b.second.not_before;
+        }));
+      }
+      found = failed.emplace(key, FailedFetch{Backoff(config.jitter), {}, {}}).first;
+    }
+    found->second.not_before = std::chrono::steady_clock::now() + found->second.backoff.next();
+    found->second.reason = reason;
+  }
+
+  // Why a retrieval of key may not start now (its last one failed and the backoff has not passed), if so.
+  std::optional<std::string> held_back(const FetchKey& key) const {
+    const auto found = failed.find(key);
+    if (found == failed.end()) return std::nullopt;
+    const auto now = std::chrono::steady_clock::now();
+    if (now >= found->second.not_before) return std::nullopt;
+    const auto wait = std::chrono::duration_cast<std::chrono::milliseconds>(found->second.not_before - now);
+    return "its key retrieval failed (" + found->second.reason + "); next try in " + std::to_string(wait.count()) +
+           " ms";
   }
 
   void tell(const std::string& ke_id, const Result<void>& outcome) {
@@ -132,6 +172,9 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
       tell(key.ke_id, refusal);
       return refusal;
     }
+    if (auto wait = held_back(key)) {
+      return make_error(Errc::not_found, "KeID " + key.ke_id + " for " + key.local_ae_id + ": " + *wait);
+    }
     if (fetches.size() >= config.max_fetches_in_flight) {
       return make_error(Errc::limit, "KeID " + key.ke_id + ": " + std::to_string(fetches.size()) +
                                          " key retrievals are already pending (limit " +
@@ -175,7 +218,7 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
     for (auto it = announced.begin(); it != announced.end() && fetches.size() < config.max_fetches_in_flight;) {
       const FetchKey key = *it;
       it = announced.erase(it);
-      if (fetches.count(key) != 0 || holds_valid_key(key) || revoked.count(key.ke_id) != 0) continue;
+      if (fetches.count(key) != 0 || holds_valid_key(key) || revoked.count(key.ke_id) != 0 || held_back(key)) continue;
       set_state(key, crypto::parse_ke_id(key.ke_id).value().mef_fqdn, FetchState::queued,
                 "announced by the MEF's feed, fetched ahead of the first handshake");
       queued = true;

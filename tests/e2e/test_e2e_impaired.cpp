@@ -4,8 +4,10 @@
 #include <signal.h>
 
 #include <catch2/catch.hpp>
+#include <chrono>
 #include <regex>
 #include <string>
+#include <thread>
 
 #include "e2e_support.hpp"
 #include "impair_relay_process.hpp"
@@ -86,4 +88,130 @@ TEST_CASE("PSK enrolment through 10 % loss each way with 100 +- 30 ms delay succ
   INFO("relay: up lost " << stats.at("up_dropped_loss") << " of " << stats.at("up_received") << ", down lost "
                          << stats.at("down_dropped_loss") << " of " << stats.at("down_received"));
   CHECK(stats.at("up_dropped_loss") + stats.at("down_dropped_loss") > 0);  // the path really lost datagrams
+}
+
+namespace {
+
+std::size_t certificates_named(const nlohmann::json& listed, const std::string& id) {
+  std::size_t n = 0;
+  for (const auto& row : listed["credentials"]) n += row.value("kind", "") == "certificate" && row.value("id", "") == id;
+  return n;
+}
+
+// Gateway B's certificate RSPF (device certificate, then EST for its AE-ID certificate) through `profile`: the
+// first enrolment at start and `again` more with dauthctl must all succeed.
+void certificate_rspf_through(const ImpairProfile& profile, std::uint64_t seed, int again) {
+  Deployment d;
+  ImpairRelay path(d.ports().at("MEF_PORT"), seed, profile);
+  enrol_through(d, "b", path.port());
+  d.start("mef");
+  d.start("b");
+  REQUIRE(d.wait_enrolled("b", "CAE-valve", 60));
+  for (int attempt = 0; attempt < again; ++attempt) {
+    const auto result = d.ctl("b", {"enrol", "CAE-valve", "--wait", "60"});
+    INFO("attempt " << attempt << ": " << result.output);
+    if (result.exit_code != 0) UNSCOPED_INFO("gateway B:\n" << d.run_log("b"));
+    CHECK(result.exit_code == 0);
+  }
+  CHECK(certificates_named(d.ctl_json("b", {"credentials", "list"}), "CAE-valve") == 1);  // issued over EST
+  const auto stats = path.stats();
+  INFO("relay: lost " << stats.at("up_dropped_loss") + stats.at("down_dropped_loss") << ", too large "
+                      << stats.at("up_dropped_mtu") + stats.at("down_dropped_mtu"));
+  CHECK(stats.at("up_received") > 0);
+}
+
+}  // namespace
+
+TEST_CASE("certificate RSPF with EST through 10 % loss each way with 50 ms delay", "[e2e][impaired]") {
+  DAUTH_E2E_SKIP_WITHOUT_STOCK_TOOLS();
+  certificate_rspf_through(ImpairProfile::lossy(0.10, 50, 0), /*seed=*/41, /*again=*/3);
+}
+
+TEST_CASE("certificate RSPF with EST over a path MTU of 1280 bytes and of 576 bytes", "[e2e][impaired]") {
+  DAUTH_E2E_SKIP_WITHOUT_STOCK_TOOLS();
+  for (const int mtu : {1280, 576}) {
+    INFO("path MTU " << mtu);
+    ImpairProfile profile = ImpairProfile::none();
+    profile.up.mtu = mtu;
+    profile.down.mtu = mtu;
+    certificate_rspf_through(profile, /*seed=*/5, /*again=*/1);
+  }
+}
+
+TEST_CASE("a frozen MEF does not take gateway B's peer service or control socket down", "[e2e][impaired]") {
+  DAUTH_E2E_SKIP_WITHOUT_STOCK_TOOLS();
+  Deployment d;
+  start_all(d);
+  const auto marker = put_marker(d);
+  REQUIRE(proxied_within(d, 20).output.find(marker) != std::string::npos);
+  d.signal("mef", SIGSTOP);
+  // B's feed and revocation subscriptions time out and retry against a silent MEF meanwhile.
+  const auto frozen_since = std::chrono::steady_clock::now();
+  int answered = 0;
+  int asked = 0;
+  while (std::chrono::steady_clock::now() - frozen_since < std::chrono::seconds(30)) {
+    ++asked;
+    answered += proxied_within(d, 10).output.find(marker) != std::string::npos ? 1 : 0;
+    CHECK(d.ctl("b", {"status"}).exit_code == 0);
+    CHECK(d.ctl("a", {"status"}).exit_code == 0);
+    std::this_thread::sleep_for(std::chrono::seconds(2));
+  }
+  d.signal("mef", SIGCONT);
+  INFO("answered " << answered << " of " << asked << " proxied requests while the MEF was frozen");
+  CHECK(answered == asked);
+  CHECK(d.running("b"));
+}
+
+TEST_CASE("PSK enrolment through 30 % bursty loss (mean burst 3 datagrams) succeeds every time", "[e2e][impaired]") {
+  DAUTH_E2E_SKIP_WITHOUT_STOCK_TOOLS();
+  Deployment d;
+  ImpairRelay bursty(d.ports().at("MEF_PORT"), /*seed=*/77, ImpairProfile::bursty(0.30, 3));
+  enrol_through(d, "a", bursty.port());
+  d.start("mef");
+  d.start("a");
+  REQUIRE(d.wait_enrolled("a", "CAE-meter", 60));
+  const auto again = d.ctl("a", {"enrol", "CAE-meter", "--wait", "60"});
+  INFO(again.output);
+  CHECK(again.exit_code == 0);
+  const auto stats = bursty.stats();
+  CHECK(stats.at("up_dropped_loss") + stats.at("down_dropped_loss") > 0);
+}
+
+// Two minutes without the MEF and without B: meanwhile the meter enrols again (a new KeID B has never seen) and
+// its old KeID is revoked. Afterwards, without any operator action, B learns the revocation from its feed, fetches
+// the new key on the first handshake, and the meter's requests reach the valve again.
+TEST_CASE("after a 2-minute partition key retrieval, the revocation feed and proxied requests recover by themselves",
+          "[e2e][impaired]") {
+  DAUTH_E2E_SKIP_WITHOUT_STOCK_TOOLS();
+  Deployment d;
+  ImpairRelay b_to_mef(d.ports().at("MEF_PORT"), /*seed=*/3, ImpairProfile::none());
+  ImpairRelay a_to_b(d.ports().at("B_PEER"), /*seed=*/4, ImpairProfile::none());
+  enrol_through(d, "b", b_to_mef.port());
+  route_a_to_valve_through(d, a_to_b.port());
+  start_all(d);
+  const auto marker = put_marker(d);
+  REQUIRE(proxied_within(d, 20).output.find(marker) != std::string::npos);
+  const std::string old_ke_id = d.verb("a", "enrol.status", {{"ae_id", "CAE-meter"}}).value("keId", "");
+  REQUIRE_FALSE(old_ke_id.empty());
+
+  b_to_mef.partition(true);
+  a_to_b.partition(true);
+  const auto cut_at = std::chrono::steady_clock::now();
+  REQUIRE(d.ctl("a", {"enrol", "CAE-meter", "--wait", "60"}).exit_code == 0);  // A still reaches the MEF
+  REQUIRE(d.ctl("mef", {"revoke", old_ke_id}).exit_code == 0);
+  CHECK(proxied_within(d, 10).output.find(marker) == std::string::npos);  // really cut off
+  std::this_thread::sleep_for(std::chrono::seconds(120) - (std::chrono::steady_clock::now() - cut_at));
+  b_to_mef.partition(false);
+  a_to_b.partition(false);
+
+  bool reached = false;
+  for (int round = 0; round < 30 && !reached; ++round) {
+    reached = proxied_within(d, 10).output.find(marker) != std::string::npos;
+  }
+  CHECK(reached);
+  // The revocation arrives with B's next subscription (its backoff after two minutes of failures is at most
+  // about a minute) and removes the old key.
+  CHECK(d.wait_for_log("b", "KeID " + old_ke_id + " revoked by MEF", 150));
+  CHECK(d.running("a"));
+  CHECK(d.running("b"));
 }
