@@ -9,6 +9,7 @@
 
 #include "dauth/crypto/identifiers.hpp"
 #include "dauth/daemon/log.hpp"
+#include "dauth/rspf/schedule.hpp"
 #include "roles_impl.hpp"
 
 namespace dauth::daemon {
@@ -126,20 +127,28 @@ bool refuse_while_draining(const Roles::Impl& roles, const Request& request, tra
 
 // A request accepted for forwarding or delivery is listed in Roles::Impl::in_flight while its Responder lives
 // (inside the tracker, which every copy of the returned pointer keeps alive); the drain waits until it answered.
+// `per_peer`, if given, counts it too (PeerState::in_flight) for as long.
 std::shared_ptr<transport::Responder> track_in_flight(Roles::Impl& roles, transport::Responder responder,
-                                                      std::string what) {
+                                                      std::string what,
+                                                      std::shared_ptr<std::size_t> per_peer = nullptr) {
   struct Tracked {
-    Tracked(std::shared_ptr<InFlightTable> t, std::uint64_t i, transport::Responder r)
-        : table(std::move(t)), id(i), responder(std::move(r)) {}
+    Tracked(std::shared_ptr<InFlightTable> t, std::uint64_t i, transport::Responder r, std::shared_ptr<std::size_t> c)
+        : table(std::move(t)), id(i), responder(std::move(r)), counter(std::move(c)) {
+      if (counter) ++*counter;
+    }
     Tracked(const Tracked&) = delete;
     Tracked& operator=(const Tracked&) = delete;
-    ~Tracked() { table->requests.erase(id); }
+    ~Tracked() {
+      table->requests.erase(id);
+      if (counter) --*counter;
+    }
     std::shared_ptr<InFlightTable> table;
     std::uint64_t id;
     transport::Responder responder;
+    std::shared_ptr<std::size_t> counter;
   };
   const std::uint64_t id = ++roles.in_flight->next_id;
-  auto tracked = std::make_shared<Tracked>(roles.in_flight, id, std::move(responder));
+  auto tracked = std::make_shared<Tracked>(roles.in_flight, id, std::move(responder), std::move(per_peer));
   roles.in_flight->requests.emplace(id, InFlightTable::Entry{std::move(what), &tracked->responder});
   return std::shared_ptr<transport::Responder>(tracked, &tracked->responder);
 }
@@ -209,6 +218,15 @@ void Roles::Impl::on_local_request(const transport::Session& session, const Requ
     responder.respond(for_local_ae(refusal(404, std::nullopt, "no [[peer.address]] configured for " + target->ae_id), request));
     return;
   }
+  if (*peer->second.in_flight >= kMaxProxiedInFlightPerPeer) {
+    count("proxy_rejected_total");
+    const std::string why = std::to_string(*peer->second.in_flight) + " requests to " + target->ae_id +
+                            " are still unanswered (at most " + std::to_string(kMaxProxiedInFlightPerPeer) +
+                            "): its dauthd is slow or unreachable; try again later";
+    log::notice("proxy: " + ae->config.id + " -> " + target->ae_id + " refused: " + why);
+    responder.respond(for_local_ae(refusal(503, std::nullopt, why), request));
+    return;
+  }
   Request forwarded;
   forwarded.method = request.method;
   forwarded.path = target->path;
@@ -221,7 +239,8 @@ void Roles::Impl::on_local_request(const transport::Session& session, const Requ
   auto tracked = track_in_flight(*this, std::move(responder),
                                  "proxied request " + ae->config.id + " -> " + target->ae_id + " " +
                                      std::string(transport::to_string(request.method)) + " " + forwarded.path_text() +
-                                     " (from " + session.remote_address() + ")");
+                                     " (from " + session.remote_address() + ")",
+                                 peer->second.in_flight);
   forward_to_peer(target->ae_id, *peer->second.address, key->ke_id, std::make_shared<SecretBuffer>(std::move(key->key)),
                   std::move(forwarded), std::move(tracked), 0);
 }
@@ -282,7 +301,9 @@ void Roles::Impl::forward_to_peer(const std::string& target, const transport::Pe
           // The one-shot timer removes its own registration when it fires (EventLoop allows that), so retries
           // leave nothing behind.
           const std::uint64_t retry_id = ++last_retry_id;
-          auto timer = loop.add_timer(kFirstUseRetryDelays[attempt], std::chrono::milliseconds(0),
+          // ± 10 %: requests that failed together (a peer restart) do not come back in lockstep.
+          auto timer = loop.add_timer(rspf::with_jitter(kFirstUseRetryDelays[attempt], rspf::random_jitter()),
+                                      std::chrono::milliseconds(0),
                                       [this, retry_id, target, address, ke_id, key, copy, responder,
                                        attempt]() mutable {
                                         auto retried = std::move(copy);

@@ -70,7 +70,15 @@ struct PeerState {
   std::uint64_t retries = 0;
   std::string last_outcome;
   std::int64_t last_at = 0;
+  // Proxied requests to this AE not answered yet (their trackers hold it and count themselves out, proxy.cpp);
+  // bounded by kMaxProxiedInFlightPerPeer so that a slow or unreachable peer cannot pile up work without end.
+  std::shared_ptr<std::size_t> in_flight = std::make_shared<std::size_t>(0);
 };
+
+// A local AE's request beyond this many unanswered ones to the same target AE gets 5.03 at once: each waits for up
+// to four attempts of request_timeout, and an AE that keeps sending to a dead peer must not grow memory or the
+// peer session's queue without bound. Far above what NSTART (at most 32 in flight per session) lets through.
+inline constexpr std::size_t kMaxProxiedInFlightPerPeer = 256;
 
 // Requests accepted for forwarding (A) or delivery (B), with a description for the log of a drain cut short by
 // daemon.shutdown_timeout; one is in flight until its Responder has answered. Shared with the trackers (proxy.cpp

@@ -83,7 +83,7 @@ struct MefSubscription::State : std::enable_shared_from_this<MefSubscription::St
   void schedule_refresh() {
     const std::uint64_t mine = ++generation;
     std::weak_ptr<State> weak = weak_from_this();
-    node.post_after(refresh_delay(refresh, jitter), [weak, mine] {
+    node.post_after(with_jitter(refresh, jitter), [weak, mine] {
       auto self = weak.lock();
       if (self && self->generation == mine && self->live) {
         self->log(self->what + " refreshing the subscription");

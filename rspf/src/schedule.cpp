@@ -29,7 +29,7 @@ std::chrono::milliseconds renewal_delay(std::int64_t lifetime_s, const JitterSou
   return std::max(jittered(base_ms, jitter), std::chrono::milliseconds(1000));
 }
 
-std::chrono::milliseconds refresh_delay(std::chrono::milliseconds interval, const JitterSource& jitter) {
+std::chrono::milliseconds with_jitter(std::chrono::milliseconds interval, const JitterSource& jitter) {
   return jittered(static_cast<double>(interval.count()), jitter);
 }
 

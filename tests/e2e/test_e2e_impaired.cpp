@@ -9,6 +9,7 @@
 #include <string>
 #include <thread>
 
+#include "dauth/transport/transport.hpp"
 #include "e2e_support.hpp"
 #include "impair_relay_process.hpp"
 
@@ -138,28 +139,53 @@ TEST_CASE("certificate RSPF with EST over a path MTU of 1280 bytes and of 576 by
   }
 }
 
-TEST_CASE("a frozen MEF does not take gateway B's peer service or control socket down", "[e2e][impaired]") {
-  DAUTH_E2E_SKIP_WITHOUT_STOCK_TOOLS();
-  Deployment d;
-  start_all(d);
+namespace {
+
+// While the MEF is unusable for gateway B for `duration`, every proxied request from A to B is answered and both
+// gateways' control sockets answer: B's feed and revocation subscriptions and key retrievals fail and retry
+// meanwhile, and none of that may take B's peer service down.
+void peer_service_stays_up(Deployment& d, std::chrono::seconds duration) {
   const auto marker = put_marker(d);
-  REQUIRE(proxied_within(d, 20).output.find(marker) != std::string::npos);
-  d.signal("mef", SIGSTOP);
-  // B's feed and revocation subscriptions time out and retry against a silent MEF meanwhile.
-  const auto frozen_since = std::chrono::steady_clock::now();
+  const auto since = std::chrono::steady_clock::now();
   int answered = 0;
   int asked = 0;
-  while (std::chrono::steady_clock::now() - frozen_since < std::chrono::seconds(30)) {
+  while (std::chrono::steady_clock::now() - since < duration) {
     ++asked;
     answered += proxied_within(d, 10).output.find(marker) != std::string::npos ? 1 : 0;
     CHECK(d.ctl("b", {"status"}).exit_code == 0);
     CHECK(d.ctl("a", {"status"}).exit_code == 0);
     std::this_thread::sleep_for(std::chrono::seconds(2));
   }
-  d.signal("mef", SIGCONT);
-  INFO("answered " << answered << " of " << asked << " proxied requests while the MEF was frozen");
+  INFO("answered " << answered << " of " << asked << " proxied requests");
   CHECK(answered == asked);
   CHECK(d.running("b"));
+}
+
+}  // namespace
+
+TEST_CASE("a frozen MEF does not take gateway B's peer service or control socket down", "[e2e][impaired]") {
+  DAUTH_E2E_SKIP_WITHOUT_STOCK_TOOLS();
+  Deployment d;
+  start_all(d);
+  REQUIRE(d.proxied("CAE-meter", "get", "example_data").exit_code == 0);  // A -> B session and key in place
+  d.signal("mef", SIGSTOP);
+  peer_service_stays_up(d, std::chrono::seconds(25));  // past request_timeout: subscriptions time out and retry
+  d.signal("mef", SIGCONT);
+}
+
+TEST_CASE("a 90 % lossy path to the MEF does not take gateway B's peer service down", "[e2e][impaired]") {
+  DAUTH_E2E_SKIP_WITHOUT_STOCK_TOOLS();
+  Deployment d;
+  ImpairRelay lossy(d.ports().at("MEF_PORT"), /*seed=*/90, ImpairProfile::none());
+  enrol_through(d, "b", lossy.port());
+  start_all(d);
+  REQUIRE(d.proxied("CAE-meter", "get", "example_data").exit_code == 0);
+  lossy.set("loss", "0.9");
+  // A new KeID naming the valve: the MEF's feed notification and B's key retrieval now cross the lossy path.
+  REQUIRE(d.ctl("a", {"enrol", "CAE-intruder", "--wait", "30"}).exit_code == 0);
+  peer_service_stays_up(d, std::chrono::seconds(25));
+  const auto stats = lossy.stats();
+  CHECK(stats.at("up_dropped_loss") + stats.at("down_dropped_loss") > 0);  // B and the MEF kept trying
 }
 
 TEST_CASE("PSK enrolment through 30 % bursty loss (mean burst 3 datagrams) succeeds every time", "[e2e][impaired]") {
@@ -214,4 +240,42 @@ TEST_CASE("after a 2-minute partition key retrieval, the revocation feed and pro
   CHECK(d.wait_for_log("b", "KeID " + old_ke_id + " revoked by MEF", 150));
   CHECK(d.running("a"));
   CHECK(d.running("b"));
+}
+
+TEST_CASE("requests to a frozen peer pile up to a bound, beyond it the local AE gets 5.03 at once", "[e2e][impaired]") {
+  DAUTH_E2E_SKIP_WITHOUT_STOCK_TOOLS();
+  Deployment d;
+  start_all(d);
+  const auto marker = put_marker(d);
+  REQUIRE(proxied_within(d, 20).output.find(marker) != std::string::npos);
+  d.signal("b", SIGSTOP);
+
+  // A local AE (a transport Node with plain credentials, as a stock client would be) sends 300 requests at once.
+  transport::NodeConfig config;
+  config.limits.plain_nstart = transport::kMaxNstart;
+  auto created = transport::Node::create(std::move(config));
+  REQUIRE(created.ok());
+  auto ae = std::move(*created);
+  constexpr int kSent = 300;
+  int refused_at_once = 0;
+  int other_answers = 0;
+  for (int i = 0; i < kSent; ++i) {
+    transport::Request request;
+    request.method = transport::Method::get;
+    request.proxy_uri = "coap://CAE-valve/example_data";
+    request.originator = "CAE-meter";
+    ae->request({"127.0.0.1", d.ports().at("A_LOCAL")}, transport::ClientCredentials::plain(), std::move(request),
+                [&](Result<transport::Response> answer, const transport::Session*) {
+                  const bool bounded = answer.ok() && answer->code == 503 &&
+                                       std::string(answer->payload.begin(), answer->payload.end())
+                                               .find("still unanswered") != std::string::npos;
+                  (bounded ? refused_at_once : other_answers)++;
+                });
+  }
+  ae->run_until([&] { return refused_at_once >= kSent - 256; }, std::chrono::seconds(20));
+  INFO("5.03 at once: " << refused_at_once << ", other answers: " << other_answers);
+  CHECK(refused_at_once == kSent - 256);
+  CHECK(other_answers == 0);  // the 256 wait for the frozen B
+  CHECK(d.ctl("a", {"status"}).exit_code == 0);
+  d.signal("b", SIGCONT);
 }

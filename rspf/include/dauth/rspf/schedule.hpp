@@ -20,7 +20,8 @@ inline constexpr std::chrono::seconds kBackoffMaximum{300};
 // A live MEF subscription (mef_subscription.hpp) is renewed this often, ± 10 %: how soon a subscriber notices an
 // MEF that crashed without close_notify, and so how late a revocation can arrive after such a crash.
 inline constexpr std::chrono::seconds kSubscriptionRefresh{60};
-std::chrono::milliseconds refresh_delay(std::chrono::milliseconds interval, const JitterSource& jitter);
+// interval ± kJitterFraction: every repeated delay (a subscription's renewal, a proxy retry) goes through here.
+std::chrono::milliseconds with_jitter(std::chrono::milliseconds interval, const JitterSource& jitter);
 
 // Delay from enrolment until renewal: 2/3 of lifetime_s, ± 10 %; at least 1 s.
 std::chrono::milliseconds renewal_delay(std::int64_t lifetime_s, const JitterSource& jitter);
