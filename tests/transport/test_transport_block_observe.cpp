@@ -58,18 +58,25 @@ struct Received {
   bool has(const std::string& text) const { return std::find(texts.begin(), texts.end(), text) != texts.end(); }
 };
 
+// A LargeFeedServer and one client Node subscribing to it as CAE-alpha (GET /feed).
+struct FeedClient {
+  LargeFeedServer server;
+  std::unique_ptr<transport::Node> client = transport::Node::create(transport::NodeConfig{}).value();
+  transport::Peer peer{"127.0.0.1", server.node->secure_port()};
+  ClientCredentials credentials = ClientCredentials::psk("CAE-alpha", secret(kKeys.at("CAE-alpha")), "");
+  Request request = [] {
+    Request get;
+    get.method = Method::get;
+    get.path = {"feed"};
+    return get;
+  }();
+};
+
 }  // namespace
 
 TEST_CASE("Two block-wise observations of one resource on one session both complete without a request storm") {
-  LargeFeedServer server;
-  auto created = transport::Node::create(transport::NodeConfig{});
-  REQUIRE(created.ok());
-  auto client = std::move(*created);
-  const transport::Peer peer{"127.0.0.1", server.node->secure_port()};
-  const auto credentials = ClientCredentials::psk("CAE-alpha", secret(kKeys.at("CAE-alpha")), "");
-  Request request;
-  request.method = Method::get;
-  request.path = {"feed"};
+  FeedClient world;
+  auto& [server, client, peer, credentials, request] = world;
   Received first, second;
   // The same peer and credentials: both ride on the one cached client session. They differ in an option, as a
   // subscription renewed with another oneM2M-FR would: libcoap 4.3.1 keeps one subscription per session for
@@ -100,15 +107,8 @@ TEST_CASE("Two block-wise observations of one resource on one session both compl
 }
 
 TEST_CASE("A block-wise subscription given up before its first answer is deregistered at the server") {
-  LargeFeedServer server;
-  auto created = transport::Node::create(transport::NodeConfig{});
-  REQUIRE(created.ok());
-  auto client = std::move(*created);
-  const transport::Peer peer{"127.0.0.1", server.node->secure_port()};
-  const auto credentials = ClientCredentials::psk("CAE-alpha", secret(kKeys.at("CAE-alpha")), "");
-  Request request;
-  request.method = Method::get;
-  request.path = {"feed"};
+  FeedClient world;
+  auto& [server, client, peer, credentials, request] = world;
   Received abandoned, kept;
   Observation abandoned_sub = client->observe(peer, credentials, request, abandoned.handler());
   // Given up before any answer (as a subscription whose first answer timed out): libcoap cannot deregister it

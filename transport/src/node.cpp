@@ -224,6 +224,9 @@ class SessionImpl final : public Session {
   bool dead = false;                     // client: failed or closed; released after coap_io_process
   bool close_requested = false;          // server: a response asked to end the session once it is sent
   unsigned handshake_attempt = 1;        // client: which try at reaching this peer it is (restart_stalled_handshakes)
+  // Client handshake: the records sent and received when last seen, and when either last moved.
+  std::optional<std::pair<std::uint64_t, std::uint64_t>> handshake_records;
+  Clock::time_point handshake_progress = Clock::now();
   std::string offered_identity;
   std::string sni;                       // server: the name the client's ClientHello carried
   std::optional<PeerIdentity> verified;  // from validate_id / validate_cn
@@ -309,9 +312,9 @@ struct Route {
 
 enum class ContextRole : std::uint8_t { server, client };
 
-// restart_stalled_handshakes: the first attempt's limit (then doubled), and how many attempts a request gets. Ten
-// round trips of a 250 ms path, or one lost flight recovered by GnuTLS's 1 s retransmission timer and then some.
-constexpr std::chrono::milliseconds kHandshakeAttempt{2500};
+// restart_stalled_handshakes: how long a client handshake may send and receive nothing at all (longer than GnuTLS's
+// second retransmission timer, 2 s, plus a round trip), and how many attempts a request gets.
+constexpr std::chrono::milliseconds kHandshakeStall{2500};
 constexpr unsigned kMaxHandshakeAttempts = 3;
 
 // What a request needs to go again on a new session: kept for requests sent while their session's handshake ran
@@ -615,19 +618,31 @@ struct Node::Impl {
     }
   }
 
-  // A client handshake that made no progress for kHandshakeAttempt (doubling per attempt) is given up and its
+  // A client handshake during which not one record went either way for kHandshakeStall is given up and its
   // waiting requests go again on a new session, at most kMaxHandshakeAttempts in all and within their deadlines.
   // Measured through a lossy path: with libcoap 4.3.1 on GnuTLS, once part of the peer's flight has arrived and a
   // datagram of it was lost, neither end retransmits any more ("DTLS retransmit timeout" with nothing sent) and the
   // handshake dies after libcoap's fifth timeout, about 5 s later; a stock coap-client-gnutls loses 8 of 20 such
-  // handshakes at 10 % loss (docs/transport.md §3). A new ClientHello is the way out.
+  // handshakes at 10 % loss (docs/transport.md §3). A new ClientHello is the way out. A handshake that is merely
+  // slow keeps going: GnuTLS retransmits a flight after 1 s, then 2 s, so it sends within kHandshakeStall. Where
+  // the backend cannot count records (OpenSSL), the time since the handshake began stands in (doubling per try).
   void restart_stalled_handshakes(Clock::time_point now) {
     std::vector<coap_session_t*> stalled;
     for (auto& [raw, state] : sessions) {
       if (!state->client || !state->secure || state->established || state->dead) continue;
       if (coap_session_get_state(raw) == COAP_SESSION_STATE_ESTABLISHED) continue;
-      const auto limit = kHandshakeAttempt * (1u << std::min(state->handshake_attempt - 1, 4u));
-      if (now - state->started >= limit) stalled.push_back(raw);
+      const auto sent = detail::records_sent(raw);
+      const auto received = detail::records_received(raw);
+      if (sent && received) {
+        const auto records = std::make_pair(*sent, *received);
+        if (records != state->handshake_records) {
+          state->handshake_records = records;
+          state->handshake_progress = now;
+        }
+        if (now - state->handshake_progress >= kHandshakeStall) stalled.push_back(raw);
+      } else if (now - state->started >= kHandshakeStall * (1u << std::min(state->handshake_attempt - 1, 4u))) {
+        stalled.push_back(raw);
+      }
     }
     for (coap_session_t* raw : stalled) {
       std::vector<PendingRequest> again;
@@ -643,10 +658,12 @@ struct Node::Impl {
       }
       if (again.empty()) continue;  // nothing would go again: the handshake timeout decides
       SessionImpl& state = *sessions.at(raw);
-      const std::string reason = "DTLS handshake with " + state.remote + " made no progress in " +
+      const std::string reason = "DTLS handshake with " + state.remote + " stalled " +
                                  std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(
                                                     now - state.started).count()) +
-                                 " ms (datagrams lost?): starting again, attempt " +
+                                 " ms after it began (nothing sent or received for " +
+                                 std::to_string(kHandshakeStall.count()) +
+                                 " ms: datagrams lost): starting again, attempt " +
                                  std::to_string(again.front().replay->attempt + 1) + " of " +
                                  std::to_string(kMaxHandshakeAttempts);
       state.refusal = reason;

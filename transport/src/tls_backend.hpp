@@ -25,10 +25,13 @@ std::string cipher_suite(const coap_session_t* session);
 // validate_sni_call_back runs once per distinct name per context (it caches the answer in psk_sni_entry_list).
 std::string server_name(const coap_session_t* session);
 // A value that changes with every DTLS record read from the peer on this session (its read sequence number, epoch
-// included), whatever the record carries: a response, an empty ACK, an alert. nullopt before the handshake is
-// done, and always on the OpenSSL build (no public read counter there). Tells a silent peer from a slow one
+// included), whatever the record carries: a response, an empty ACK, an alert, a handshake message. nullopt without
+// a TLS object, and always on the OpenSSL build (no public read counter there). Tells a silent peer from a slow one
 // (Limits::silence_timeout).
 std::optional<std::uint64_t> records_received(const coap_session_t* session);
+// The same for the records we sent (retransmissions included); like records_received, also while the handshake
+// runs (epoch 0), which is how a stalled handshake is told from a slow one (restart_stalled_handshakes).
+std::optional<std::uint64_t> records_sent(const coap_session_t* session);
 
 // ---- server certificates chosen per handshake by SNI (docs/transport.md §3 "Certificates by server name") ----
 

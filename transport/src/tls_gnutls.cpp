@@ -35,15 +35,20 @@ Result<SecretBuffer> export_keying_material(const coap_session_t* session, std::
   return out;
 }
 
-std::optional<std::uint64_t> records_received(const coap_session_t* session) {
+namespace {
+std::optional<std::uint64_t> record_sequence(const coap_session_t* session, bool read) {
   gnutls_session_t tls = tls_of(session);
   if (tls == nullptr) return std::nullopt;
   unsigned char sequence[8];
-  if (gnutls_record_get_state(tls, /*read=*/1, nullptr, nullptr, nullptr, sequence) < 0) return std::nullopt;
+  if (gnutls_record_get_state(tls, read ? 1 : 0, nullptr, nullptr, nullptr, sequence) < 0) return std::nullopt;
   std::uint64_t value = 0;
   for (unsigned char byte : sequence) value = (value << 8) | byte;
   return value;
 }
+}  // namespace
+
+std::optional<std::uint64_t> records_received(const coap_session_t* session) { return record_sequence(session, true); }
+std::optional<std::uint64_t> records_sent(const coap_session_t* session) { return record_sequence(session, false); }
 
 std::string cipher_suite(const coap_session_t* session) {
   gnutls_session_t tls = tls_of(session);

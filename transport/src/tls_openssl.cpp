@@ -17,6 +17,7 @@ SSL* tls_of(const coap_session_t* session) {
 }  // namespace
 
 std::optional<std::uint64_t> records_received(const coap_session_t* /*session*/) { return std::nullopt; }
+std::optional<std::uint64_t> records_sent(const coap_session_t* /*session*/) { return std::nullopt; }
 
 Result<SecretBuffer> export_keying_material(const coap_session_t* session, std::string_view label,
                                             std::size_t length) {
