@@ -1,5 +1,7 @@
 #include "dauth/crypto/kdf.hpp"
 
+#include <sodium.h>
+
 #include <mbedtls/hkdf.h>
 #include <mbedtls/md.h>
 #include <mbedtls/sha256.h>
@@ -81,6 +83,19 @@ Bytes sha256(ByteView data) {
     throw std::runtime_error("SHA-256 failed in mbedTLS");
   }
   return digest;
+}
+
+std::uint64_t short_hash(const SecretBuffer& key, ByteView data) {
+  static_assert(kShortHashKeySize == crypto_shorthash_KEYBYTES, "SipHash-2-4 key size");
+  if (key.size() != kShortHashKeySize) {
+    throw std::invalid_argument("short_hash: key of " + std::to_string(key.size()) + " bytes, needs " +
+                                std::to_string(kShortHashKeySize));
+  }
+  unsigned char tag[crypto_shorthash_BYTES];
+  crypto_shorthash(tag, data.data, data.size, key.data());
+  std::uint64_t value = 0;
+  for (unsigned char byte : tag) value = (value << 8) | byte;
+  return value;
 }
 
 }  // namespace dauth::crypto

@@ -46,8 +46,8 @@ CLI::App* add_enrol(CLI::App& parent, Context& context) {
       }
       const auto done = status.value("attempts_done", std::uint64_t{0});
       const bool settled = done >= attempt && status.value("state", "") != "enrolling";
-      if (settled && status["last_error"].is_null()) break;
-      if (settled && done > reported) {
+      if (settled && status.value("state", "") == "enrolled" && status["keId"].is_string()) break;
+      if (settled && done > reported && status["last_error"].is_string()) {
         reported = done;
         std::cerr << "dauthctl: enrol " << ae_id << ": attempt " << done << " failed: "
                   << status["last_error"].get<std::string>() << "; dauthd tries again in "

@@ -286,24 +286,23 @@ void Roles::Impl::forward_to_peer(const std::string& target, const transport::Pe
         // A first use is refused while the target fetches the key from the MEF (unknown identity): retry after
         // 250 ms, 1 s, 3 s; a handshake failure is what the client sees of that refusal. A timeout (B silent:
         // restarted, gone, or our address changed; transport then ended the session) is retried on a new session
-        // too, but only for a method that may be repeated (RFC 7252 §5.1: POST and PATCH are not idempotent, and B
-        // may have carried out the request whose answer was lost).
+        // too, but only for a method that may be repeated (B may have carried out the request whose answer was
+        // lost).
         const Errc failure = outcome.error().code;
-        const bool may_repeat = failure == Errc::unauthenticated ||
-                                (failure == Errc::timeout && copy.method != transport::Method::post &&
-                                 copy.method != transport::Method::patch);
-        if (may_repeat && attempt < std::size(kFirstUseRetryDelays) && !stopping) {
+        const bool retry = failure == Errc::unauthenticated ||
+                           (failure == Errc::timeout && transport::may_repeat(copy.method));
+        if (retry && attempt < std::size(kFirstUseRetryDelays) && !stopping) {
           ++state.retries;
           count("proxy_retries_total");
+          // ± 10 %: requests that failed together (a peer restart) do not come back in lockstep.
+          const auto delay = rspf::with_jitter(kFirstUseRetryDelays[attempt], rspf::random_jitter());
           log::info("proxy: " + copy.originator + " -> " + target + " (KeID " + ke_id + ") attempt " +
                     std::to_string(attempt + 1) + " failed (" + outcome.error().message + "); retrying in " +
-                    std::to_string(kFirstUseRetryDelays[attempt].count()) + " ms");
+                    std::to_string(delay.count()) + " ms");
           // The one-shot timer removes its own registration when it fires (EventLoop allows that), so retries
           // leave nothing behind.
           const std::uint64_t retry_id = ++last_retry_id;
-          // ± 10 %: requests that failed together (a peer restart) do not come back in lockstep.
-          auto timer = loop.add_timer(rspf::with_jitter(kFirstUseRetryDelays[attempt], rspf::random_jitter()),
-                                      std::chrono::milliseconds(0),
+          auto timer = loop.add_timer(delay, std::chrono::milliseconds(0),
                                       [this, retry_id, target, address, ke_id, key, copy, responder,
                                        attempt]() mutable {
                                         auto retried = std::move(copy);

@@ -140,29 +140,33 @@ struct Mef::Impl {
     if (!key.ok()) return fail(key.error());
     exchange.set_state(ExchangeState::key_derived, "KeID " + key->ke_id.text());
     const std::int64_t at = now();
-    auto decision = decide_enrolment(*enrolee, *message, key->ke_id, at);
-    if (!decision.ok()) return fail(decision.error());
     if (const auto* stored = store.find<crypto::EnrolmentKeyRecord>(key->ke_id.text()); stored != nullptr) {
       // Same session, same exporter, same KeID: the Enrolee asks again because our answer did not reach it (lost,
-      // or its retransmission crossed our separate response). It gets the enrolment we stored, and nothing new
-      // is stored: an enrolment is never one its Enrolee cannot learn of (PROTOCOL.md §3.4).
-      if (stored->enrolee_id != enrolee->enrolee_id || stored->revoked_at != 0) {
+      // or its retransmission crossed our separate response). It gets the enrolment we stored, decided then, and
+      // nothing new is stored: an enrolment is never one its Enrolee cannot learn of (PROTOCOL.md §3.4).
+      if (stored->enrolee_id != enrolee->enrolee_id || stored->revoked_at != 0 || stored->expires_at <= at) {
         return fail(make_error(Errc::exists, "this DTLS session already enrolled as KeID " + stored->ke_id +
-                                                 ", which is no longer valid; enrol over a new session"));
+                                                 ", which is no longer valid (revoked or expired); enrol over a "
+                                                 "new session"));
       }
-      decision->targets = stored->targets;
-      decision->expiry = stored->expires_at;
-      Response again = binary_response(204, static_cast<std::uint16_t>(*format), encode(*decision, *format));
+      EnrolmentResponse again{stored->ke_id, stored->enrolee_id, stored->targets, stored->expires_at, {}};
+      // The instruction (EST next) follows from the enrolee row and the request, as for the first answer.
+      if (auto decided = decide_enrolment(*enrolee, *message, key->ke_id, at); decided.ok()) {
+        again.instructions = std::move(decided->instructions);
+      }
+      Response answer = binary_response(204, static_cast<std::uint16_t>(*format), encode(again, *format));
       if (auto waiting = awaiting_durable.find(stored->ke_id); waiting != awaiting_durable.end()) {
         exchange.set_state(ExchangeState::stored, "repeated request: KeID " + stored->ke_id +
                                                       " is being stored, answered once it is durable");
-        waiting->second.emplace_back(std::make_shared<Responder>(std::move(responder)), std::move(again));
+        waiting->second.emplace_back(std::make_shared<Responder>(std::move(responder)), std::move(answer));
         return;
       }
-      responder.respond(std::move(again));
+      responder.respond(std::move(answer));
       exchange.set_state(ExchangeState::answered, "2.04 again: KeID " + stored->ke_id + " was stored before");
       return;
     }
+    auto decision = decide_enrolment(*enrolee, *message, key->ke_id, at);
+    if (!decision.ok()) return fail(decision.error());
     exchange.set_state(ExchangeState::decided, "expiry " + std::to_string(decision->expiry));
     crypto::EnrolmentKeyRecord record;
     record.ke_id = key->ke_id.text();

@@ -80,3 +80,17 @@ TEST_CASE("SHA-256 of public data", "[kdf][kat]") {
   REQUIRE(dauth::to_hex(dauth::crypto::sha256(ByteView::of("abc"))) ==
           "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
 }
+
+TEST_CASE("short_hash is SipHash-2-4 (the reference vectors), keyed, and refuses a key of another size", "[kdf]") {
+  Bytes key_bytes(16);
+  for (std::size_t i = 0; i < key_bytes.size(); ++i) key_bytes[i] = static_cast<std::uint8_t>(i);
+  const SecretBuffer key = SecretBuffer::copy_of(ByteView(key_bytes));
+  // SipHash paper, appendix A: key 00..0f; messages 00..(n-1); outputs as bytes, read here big-endian.
+  CHECK(dauth::crypto::short_hash(key, ByteView(Bytes{})) == 0x310e0edd47db6f72ULL);
+  Bytes fifteen(15);
+  for (std::size_t i = 0; i < fifteen.size(); ++i) fifteen[i] = static_cast<std::uint8_t>(i);
+  CHECK(dauth::crypto::short_hash(key, ByteView(fifteen)) == 0xe545be4961ca29a1ULL);
+  const SecretBuffer other = SecretBuffer::random(dauth::crypto::kShortHashKeySize);
+  CHECK(dauth::crypto::short_hash(other, ByteView(fifteen)) != dauth::crypto::short_hash(key, ByteView(fifteen)));
+  CHECK_THROWS_AS(dauth::crypto::short_hash(SecretBuffer::random(32), ByteView(fifteen)), std::invalid_argument);
+}

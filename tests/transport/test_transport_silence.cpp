@@ -3,6 +3,8 @@
 // acknowledged the request keeps its session.
 #include <catch2/catch.hpp>
 
+#include <thread>
+
 #include "transport_support.hpp"
 
 using namespace dauth;
@@ -73,6 +75,48 @@ TEST_CASE("silence: a peer that stops answering ends the session after silence_t
   CHECK(server->stats().handshakes_completed == handshakes_before + 1);
 }
 
+TEST_CASE("silence: a request sent while the handshake ran is watched from the end of the handshake") {
+  transport::NodeConfig server_config;
+  server_config.psk_lookup = psk_table(kKeys);
+  auto server = make_server(std::move(server_config));
+  auto client = make_quick_client();
+  const transport::Peer peer{"127.0.0.1", server->secure_port()};
+  const auto credentials = ClientCredentials::psk("CAE-alpha", secret(kKeys.at("CAE-alpha")), "");
+  Outcome first;
+  client->request(peer, credentials, get({"hello"}), first.handler());  // waits for the handshake it starts
+  // Both loops run until the client's handshake is done (it sends the waiting request in that same round); from
+  // then on the server reads nothing: the peer fell silent right after the handshake.
+  const auto until = std::chrono::steady_clock::now() + 10s;
+  while (client->stats().handshakes_completed == 0 && std::chrono::steady_clock::now() < until) {
+    server->process_ready();
+    client->process_ready();
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  REQUIRE(client->stats().handshakes_completed == 1);
+  REQUIRE(pump({client.get()}, [&] { return first.result.has_value(); }, 10s));  // request_timeout is 15 s
+  REQUIRE_FALSE(first.result->ok());
+  CHECK(first.result->error().message.find("nothing heard from") != std::string::npos);
+}
+
+TEST_CASE("silence: a POST is not given up for silence (it waits for CoAP's retransmissions)") {
+  transport::NodeConfig server_config;
+  server_config.psk_lookup = psk_table(kKeys);
+  auto server = make_server(std::move(server_config));
+  auto client = make_quick_client();
+  const transport::Peer peer{"127.0.0.1", server->secure_port()};
+  const auto credentials = ClientCredentials::psk("CAE-alpha", secret(kKeys.at("CAE-alpha")), "");
+  Outcome warm;
+  client->request(peer, credentials, get({"hello"}), warm.handler());
+  REQUIRE(pump({server.get(), client.get()}, [&] { return warm.result.has_value(); }));
+  Outcome post;
+  Request request = get({"hello"});
+  request.method = Method::post;
+  client->request(peer, credentials, std::move(request), post.handler());
+  pump({client.get()}, [&] { return post.result.has_value(); }, 2s);  // the server is silent meanwhile
+  CHECK_FALSE(post.result.has_value());  // far past silence_timeout (600 ms): still waiting
+  CHECK(client->stats().live_client_sessions == 1);
+}
+
 TEST_CASE("silence: a peer that acknowledged the request and answers late keeps its session") {
   transport::NodeConfig server_config;
   server_config.psk_lookup = psk_table(kKeys);
@@ -103,8 +147,10 @@ TEST_CASE("silence: a peer that acknowledged the request and answers late keeps 
   CHECK(server->stats().handshakes_completed == handshakes_before);  // the same session throughout
 }
 
-TEST_CASE("silence: a silence_timeout of 0 is refused") {
+TEST_CASE("silence: a silence_timeout of 0 is refused, naming it") {
   transport::NodeConfig config;
   config.limits.silence_timeout = std::chrono::milliseconds(0);
-  CHECK_FALSE(transport::Node::create(std::move(config)).ok());
+  auto node = transport::Node::create(std::move(config));
+  REQUIRE_FALSE(node.ok());
+  CHECK(node.error().message.find("silence_timeout 0 ms: must be above 0") != std::string::npos);
 }

@@ -21,6 +21,19 @@ std::string_view to_string(Method method) noexcept {
   return index < kNames.size() ? kNames[index] : "?";
 }
 
+bool may_repeat(Method method) noexcept {
+  switch (method) {
+    case Method::get:
+    case Method::put:
+    case Method::del:
+    case Method::fetch:
+    case Method::ipatch: return true;
+    case Method::post:
+    case Method::patch: return false;
+  }
+  return false;
+}
+
 std::string_view to_string(PeerKind kind) noexcept {
   static constexpr std::array<std::string_view, 4> kNames{"local", "psk", "x509", "rpk"};
   static_assert(kNames.size() == static_cast<std::size_t>(PeerKind::rpk) + 1);

@@ -331,9 +331,10 @@ struct PendingRequest {
   Clock::time_point deadline;
   coap_session_t* session;
   std::uint64_t packets_in_at_send = 0;  // the session's count then: nothing since = the peer went silent
-  // Limits::silence_timeout (DTLS sessions): when to look whether the peer sent anything at all since, and the
-  // session's DTLS read counter at the send (unset while the handshake runs: the wait then starts once it is done).
-  // Cleared once anything was heard (a slow peer, not a gone one) or where it cannot be told.
+  // Limits::silence_timeout (DTLS sessions, requests that may_repeat): when to look whether the peer sent anything
+  // at all since, and the session's DTLS read counter at the send (taken by mark_established for a request sent
+  // while the handshake ran). Cleared once anything was heard (a slow peer, not a gone one) or where it cannot be
+  // told.
   std::optional<Clock::time_point> silence_check;
   std::optional<std::uint64_t> records_at_send;
   std::shared_ptr<Replay> replay;  // set while the request waits for its session's handshake
@@ -389,7 +390,7 @@ struct Node::Impl {
   bool select_by_name = false;     // on from the first named certificate; sessions begun before keep the default
   bool server_pki_set = false;     // coap_context_set_pki done
   std::string client_trust_anchors_pem;  // what client certificates are verified against (x509 or first named)
-  SecretBuffer etag_key = SecretBuffer::random(32);  // content_etag()
+  SecretBuffer etag_key = SecretBuffer::random(crypto::kShortHashKeySize);  // content_etag()
   SecretBuffer psk_in_flight;  // returned by validate_id; libcoap copies it at once (notes, Q1)
   coap_bin_const_t psk_in_flight_view{};
 
@@ -503,7 +504,22 @@ struct Node::Impl {
     if (state.established) return;
     state.established = true;
     if (state.verified) state.identity = *state.verified;
-    if (state.secure) ++counters.handshakes_completed;
+    if (!state.secure) return;
+    ++counters.handshakes_completed;
+    // The requests that waited for the handshake: nothing to send again any more, and their silence is counted
+    // from now (Limits::silence_timeout).
+    const auto now = Clock::now();
+    const auto records = detail::records_received(state.raw);
+    for (auto it = pending.lower_bound({state.raw, std::string()}); it != pending.end() && it->first.first == state.raw;
+         ++it) {
+      PendingRequest& request = it->second;
+      request.replay.reset();
+      if (request.silence_check) {
+        request.silence_check = now + config.limits.silence_timeout;
+        request.records_at_send = records;
+        request.packets_in_at_send = state.count.packets_in;
+      }
+    }
   }
 
   // -- client sessions --
@@ -588,18 +604,13 @@ struct Node::Impl {
         continue;
       }
       SessionImpl& state = *found->second;
-      if (!state.established) {  // the handshake has its own timeout; the wait starts once it is done
+      if (!state.established) {  // the handshake has its own timeout; mark_established starts the wait
         request.silence_check = now + config.limits.silence_timeout;
         continue;
       }
       const auto records = detail::records_received(key.first);
-      if (!records) {
+      if (!records || !request.records_at_send) {
         request.silence_check.reset();
-        continue;
-      }
-      if (!request.records_at_send) {
-        request.records_at_send = records;
-        request.silence_check = now + config.limits.silence_timeout;
         continue;
       }
       if (*records != *request.records_at_send || state.count.packets_in != request.packets_in_at_send) {
@@ -624,8 +635,9 @@ struct Node::Impl {
   // datagram of it was lost, neither end retransmits any more ("DTLS retransmit timeout" with nothing sent) and the
   // handshake dies after libcoap's fifth timeout, about 5 s later; a stock coap-client-gnutls loses 8 of 20 such
   // handshakes at 10 % loss (docs/transport.md §3). A new ClientHello is the way out. A handshake that is merely
-  // slow keeps going: GnuTLS retransmits a flight after 1 s, then 2 s, so it sends within kHandshakeStall. Where
-  // the backend cannot count records (OpenSSL), the time since the handshake began stands in (doubling per try).
+  // slow keeps going: GnuTLS retransmits a flight after 1 s, then 2 s, so it sends within kHandshakeStall (only a
+  // flight lost a third time, 4 s later, is cut short, which costs one more ClientHello). Where the backend cannot
+  // count records (OpenSSL), the time since the handshake began stands in (doubling per try).
   void restart_stalled_handshakes(Clock::time_point now) {
     std::vector<coap_session_t*> stalled;
     for (auto& [raw, state] : sessions) {
@@ -1065,19 +1077,15 @@ Request parse_request(const coap_pdu_t* pdu, bool legacy) {
 
 void release_heap_bytes(coap_session_t* /*session*/, void* bytes) { delete static_cast<Bytes*>(bytes); }
 
-// Bodies above this size may go out block-wise (RFC 7959): a DTLS PDU holds at most about 1 KiB of payload.
-constexpr std::size_t kMaySplitIntoBlocks = 512;
-
-// The ETag of a block-wise body: derived from its content, so that two transfers of the same body agree and two of
-// different bodies converge on the newest. libcoap 4.3.1 keeps one block-wise transfer per (session, resource) and
-// serves every later block from the newest; given ETag 0 it draws a new ETag per response, and a client restarts a
-// transfer whose later blocks carry another ETag than its first. Two subscriptions of one resource on one session
-// then restarted each other for ever (docs/transport.md §6). Keyed per Node, so that the tag says nothing about a
-// body beyond "same or not". Never 0 (libcoap's "draw one").
+// The ETag of a response body: derived from its content, so that two block-wise transfers of the same body agree
+// and two of different bodies converge on the newest. libcoap 4.3.1 keeps one block-wise transfer per (session,
+// resource) and serves every later block from the newest; given ETag 0 it draws a new ETag per response, and a
+// client restarts a transfer whose later blocks carry another ETag than its first. Two subscriptions of one
+// resource on one session then restarted each other for ever (docs/transport.md §6). Computed for every body:
+// whether libcoap goes block-wise also depends on the Block2 size the client asked for. Keyed per Node (SipHash),
+// so that the tag says nothing about a body beyond "same or not". Never 0 (libcoap's "draw one").
 std::uint64_t content_etag(const SecretBuffer& key, const Bytes& payload) {
-  const SecretBuffer mac = crypto::hmac_sha256(key, ByteView(payload));
-  std::uint64_t tag = 0;
-  std::memcpy(&tag, mac.data(), sizeof(tag));
+  const std::uint64_t tag = crypto::short_hash(key, ByteView(payload));
   return tag == 0 ? 1 : tag;
 }
 
@@ -1103,8 +1111,7 @@ void fill_response(coap_resource_t* resource, coap_session_t* session, const coa
     // libcoap adds Content-Format only for a non-zero media type (block.c coap_add_data_large_response): 0 means
     // "none" there, so an explicit 0 (text/plain) is added here, and an unset one sends no option at all.
     if (response.content_format == std::uint16_t{0}) coap_add_option(pdu, COAP_OPTION_CONTENT_FORMAT, 0, nullptr);
-    const std::uint64_t etag =
-        response.payload.size() > kMaySplitIntoBlocks ? content_etag(etag_key, response.payload) : 0;
+    const std::uint64_t etag = content_etag(etag_key, response.payload);
     auto* copy = new Bytes(response.payload);  // owned by libcoap until release_heap_bytes
     coap_add_data_large_response(resource, session, request, pdu, query, response.content_format.value_or(0), -1,
                                  etag, copy->size(), copy->data(), release_heap_bytes, copy);
@@ -1716,9 +1723,15 @@ Result<std::unique_ptr<Node>> Node::create(NodeConfig config) {
   impl->config = std::move(config);
   NodeConfig& cfg = impl->config;
   const Limits& limits = cfg.limits;
+  // (A silence_timeout at or above request_timeout is allowed: the request's own timeout then comes first.)
+  if (limits.silence_timeout.count() <= 0) {
+    return make_error(Errc::invalid_argument, "transport limits: silence_timeout " +
+                                                  std::to_string(limits.silence_timeout.count()) +
+                                                  " ms: must be above 0");
+  }
   if (limits.max_request_size == 0 || limits.max_client_sessions == 0 || limits.max_client_sessions > 900 ||
       limits.max_handshakes == 0 || limits.idle_timeout.count() <= 0 || limits.handshake_timeout.count() <= 0 ||
-      limits.request_timeout.count() <= 0 || limits.silence_timeout.count() <= 0) {
+      limits.request_timeout.count() <= 0) {
     return make_error(Errc::invalid_argument,
                       "transport limits: sizes, counts and timeouts must be > 0, and max_client_sessions at most "
                       "900 (GnuTLS client sessions use select(), which aborts past ~1000 fds); got "
@@ -2008,12 +2021,18 @@ void Node::request(const Peer& peer, const ClientCredentials& credentials, Reque
 
 void Node::Impl::send_request(const Peer& peer, const ClientCredentials& credentials, Request request,
                               ResponseHandler handler, Clock::time_point deadline, unsigned attempt) {
+  // Set-up errors reach Node::request's caller before it returns (its contract); a request sent again from
+  // housekeeping gets its answer from the completions like any other.
+  auto fail_now = [&](Error error) {
+    if (attempt == 1) return handler(std::move(error), nullptr);
+    complete(PendingRequest{std::move(handler), deadline, nullptr, 0, std::nullopt, std::nullopt, nullptr},
+             std::move(error), nullptr);
+  };
   auto session = client_session_for(peer, credentials);
   if (!session.ok()) {
     report(session.error().code == Errc::limit ? FailureKind::limit : FailureKind::request_failed,
            peer.host + ":" + std::to_string(peer.port), credentials.psk_identity, session.error().message);
-    handler(std::move(session).error(), nullptr);
-    return;
+    return fail_now(std::move(session).error());
   }
   coap_session_t* raw = *session;
   SessionImpl& state = state_for(raw);
@@ -2024,16 +2043,15 @@ void Node::Impl::send_request(const Peer& peer, const ClientCredentials& credent
   }
   std::string token;
   coap_pdu_t* pdu = build_request_pdu(raw, state, request, /*observe=*/false, token);
-  if (pdu == nullptr) {
-    handler(make_error(Errc::internal, "coap_new_pdu failed"), nullptr);
-    return;
-  }
+  if (pdu == nullptr) return fail_now(make_error(Errc::internal, "coap_new_pdu failed"));
   const auto key = std::make_pair(raw, token);
   PendingRequest entry{std::move(handler), deadline, raw, state.count.packets_in, std::nullopt, std::nullopt,
                        std::move(replay)};
-  if (state.secure) {
+  if (state.secure && may_repeat(request.method)) {
     entry.silence_check = Clock::now() + config.limits.silence_timeout;
-    entry.records_at_send = detail::records_received(raw);
+    // While the handshake runs the counter exists too (epoch 0), but the handshake itself moves it:
+    // mark_established takes the reading then.
+    if (state.established) entry.records_at_send = detail::records_received(raw);
   }
   pending[key] = std::move(entry);
   if (coap_send(raw, pdu) == COAP_INVALID_MID) {
@@ -2067,7 +2085,7 @@ Observation Node::observe(const Peer& peer, const ClientCredentials& credentials
   observation->handler = std::move(handler);
   observation->first_answer_deadline = Clock::now() + impl_->config.limits.request_timeout;
   observation->packets_in_at_send = state.count.packets_in;
-  if (state.secure) observation->records_at_send = detail::records_received(raw);
+  if (state.secure && state.established) observation->records_at_send = detail::records_received(raw);
   coap_pdu_t* pdu = impl_->build_request_pdu(raw, state, request, /*observe=*/true, observation->token);
   if (pdu == nullptr) {
     observation->handler(make_error(Errc::internal, "coap_new_pdu failed"), nullptr);

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 
 #include "dauth/error.hpp"
 #include "dauth/secret.hpp"
@@ -19,5 +20,11 @@ Result<SecretBuffer> hkdf_sha256(const SecretBuffer& ikm, ByteView salt, ByteVie
 
 // SHA-256 of public data (certificate and public-key fingerprints).
 Bytes sha256(ByteView data);
+
+// A keyed 64-bit tag of data (SipHash-2-4, libsodium crypto_shorthash) under a kShortHashKeySize-byte key, where a
+// tag must say "same or not" and nothing else about the data, at a few ns per byte: e.g. transport's ETags of
+// response bodies. Not a MAC for authentication (64 bits). A key of another size throws std::invalid_argument.
+inline constexpr std::size_t kShortHashKeySize = 16;
+std::uint64_t short_hash(const SecretBuffer& key, ByteView data);
 
 }  // namespace dauth::crypto

@@ -35,6 +35,11 @@ bool backend_selects_server_certificates() noexcept;  // NodeConfig::x509_by_ser
 
 enum class Method : std::uint8_t { get = 1, post = 2, put = 3, del = 4, fetch = 5, patch = 6, ipatch = 7 };
 std::string_view to_string(Method method) noexcept;
+// Whether a request with this method may be sent again on a new session when its answer may have been lost
+// (RFC 7252 §5.1, RFC 8132: GET, PUT, DELETE, FETCH and iPATCH are idempotent; POST and PATCH are not, and the
+// peer may have carried one out already). Decides both where transport ends a silent session for a request
+// (Limits::silence_timeout) and where the proxy retries a timed-out one.
+bool may_repeat(Method method) noexcept;
 
 // oneM2M CoAP option numbers, TS-0008 current numbering (SPEC.md §2), and the pre-2022 ones.
 inline constexpr std::uint16_t kOptionOneM2mFrom = 279;
@@ -179,17 +184,21 @@ struct Peer {
 struct Limits {
   // Pinned defaults (DESIGN.md §4 asks for explicit values; docs/transport.md gives the reasons).
   std::size_t max_sessions = 1000;                          // live server sessions (libcoap max idle sessions)
-  std::size_t max_handshakes = 100;                         // concurrent server handshakes; oldest dropped beyond
+  std::size_t max_handshakes = 100;                         // concurrent server handshakes; beyond, libcoap
+                                                            // ignores new ClientHellos (their DTLS rtx retries)
   std::chrono::seconds idle_timeout{300};                   // idle server session lifetime: bounds unwiped PSK copies
   std::chrono::milliseconds handshake_timeout{10000};       // a handshake not done by then is dropped and reported
   std::size_t max_client_sessions = 512;                    // <= 900: GnuTLS select()s, glibc aborts at fd 1024
   std::chrono::milliseconds request_timeout{20000};         // client: request sent -> response (incl. handshake)
-  // Client: a request over an established DTLS session after which nothing at all (no response, no empty ACK)
-  // came from the peer for this long ends that session, failing its requests with Errc::timeout, so that the next
-  // request (or a caller's retry) sets up a new one: the peer restarted and forgot the session, or our address
-  // changed on the way (NAT rebinding; libcoap 4.3.1 has no DTLS Connection ID). Longer than one CoAP
-  // retransmission round (ACK_TIMEOUT 2 s × ACK_RANDOM_FACTOR 1.5 = 3 s, RFC 7252 §4.8) plus a round trip, so a
-  // single lost datagram does not cost a new handshake. GnuTLS build only (it needs the session's read counter).
+  // Client: a request that may be repeated (may_repeat) over an established DTLS session after which nothing at
+  // all (no response, no empty ACK) came from the peer for this long ends that session, failing its requests with
+  // Errc::timeout, so that the next request (or a caller's retry) sets up a new one: the peer restarted and forgot
+  // the session, or our address changed on the way (NAT rebinding; libcoap 4.3.1 has no DTLS Connection ID).
+  // Longer than one CoAP retransmission round (ACK_TIMEOUT 2 s × ACK_RANDOM_FACTOR 1.5 = 3 s, RFC 7252 §4.8) plus
+  // a round trip, so one lost datagram does not cost a new handshake; two do (3.6 % of requests at 10 % loss each
+  // way), which the caller's retry absorbs. A POST or PATCH never ends a session this way (a retry could repeat
+  // it): it waits for CoAP's retransmissions and request_timeout. Counted from the send, or from the end of the
+  // handshake for a request sent while it ran. GnuTLS build only (it needs the session's read counter).
   std::chrono::milliseconds silence_timeout{4000};
   std::size_t max_request_size = 4096;                      // SPEC.md §2: larger requests get 4.13
   // RFC 7252 §4.7 NSTART: confirmable messages in flight per session (client: requests; server: separate
