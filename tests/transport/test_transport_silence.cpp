@@ -34,6 +34,18 @@ Request get(std::vector<std::string> path) {
   return request;
 }
 
+// A PSK server (make_server) and a client with silence_timeout 600 ms, request_timeout 15 s.
+struct Pair {
+  std::unique_ptr<transport::Node> server = [] {
+    transport::NodeConfig config;
+    config.psk_lookup = psk_table(kKeys);
+    return make_server(std::move(config));
+  }();
+  std::unique_ptr<transport::Node> client = make_quick_client();
+  transport::Peer peer{"127.0.0.1", server->secure_port()};
+  ClientCredentials credentials = ClientCredentials::psk("CAE-alpha", secret(kKeys.at("CAE-alpha")), "");
+};
+
 struct Outcome {
   std::optional<Result<Response>> result;
   transport::ResponseHandler handler() {
@@ -44,12 +56,8 @@ struct Outcome {
 }  // namespace
 
 TEST_CASE("silence: a peer that stops answering ends the session after silence_timeout and the next request works") {
-  transport::NodeConfig server_config;
-  server_config.psk_lookup = psk_table(kKeys);
-  auto server = make_server(std::move(server_config));
-  auto client = make_quick_client();
-  const transport::Peer peer{"127.0.0.1", server->secure_port()};
-  const auto credentials = ClientCredentials::psk("CAE-alpha", secret(kKeys.at("CAE-alpha")), "");
+  Pair pair;
+  auto& [server, client, peer, credentials] = pair;
 
   Outcome first;
   client->request(peer, credentials, get({"hello"}), first.handler());
@@ -76,12 +84,8 @@ TEST_CASE("silence: a peer that stops answering ends the session after silence_t
 }
 
 TEST_CASE("silence: a request sent while the handshake ran is watched from the end of the handshake") {
-  transport::NodeConfig server_config;
-  server_config.psk_lookup = psk_table(kKeys);
-  auto server = make_server(std::move(server_config));
-  auto client = make_quick_client();
-  const transport::Peer peer{"127.0.0.1", server->secure_port()};
-  const auto credentials = ClientCredentials::psk("CAE-alpha", secret(kKeys.at("CAE-alpha")), "");
+  Pair pair;
+  auto& [server, client, peer, credentials] = pair;
   Outcome first;
   client->request(peer, credentials, get({"hello"}), first.handler());  // waits for the handshake it starts
   // Both loops run until the client's handshake is done (it sends the waiting request in that same round); from
@@ -99,12 +103,8 @@ TEST_CASE("silence: a request sent while the handshake ran is watched from the e
 }
 
 TEST_CASE("silence: a POST is not given up for silence (it waits for CoAP's retransmissions)") {
-  transport::NodeConfig server_config;
-  server_config.psk_lookup = psk_table(kKeys);
-  auto server = make_server(std::move(server_config));
-  auto client = make_quick_client();
-  const transport::Peer peer{"127.0.0.1", server->secure_port()};
-  const auto credentials = ClientCredentials::psk("CAE-alpha", secret(kKeys.at("CAE-alpha")), "");
+  Pair pair;
+  auto& [server, client, peer, credentials] = pair;
   Outcome warm;
   client->request(peer, credentials, get({"hello"}), warm.handler());
   REQUIRE(pump({server.get(), client.get()}, [&] { return warm.result.has_value(); }));
@@ -118,9 +118,8 @@ TEST_CASE("silence: a POST is not given up for silence (it waits for CoAP's retr
 }
 
 TEST_CASE("silence: a peer that acknowledged the request and answers late keeps its session") {
-  transport::NodeConfig server_config;
-  server_config.psk_lookup = psk_table(kKeys);
-  auto server = make_server(std::move(server_config));
+  Pair pair;
+  auto& [server, client, peer, credentials] = pair;
   transport::Node* server_node = server.get();
   server->add_route(Method::get, {"slow"}, transport::Access::secure,
                     [server_node](const transport::Session&, const Request&, transport::Responder responder) {
@@ -129,9 +128,6 @@ TEST_CASE("silence: a peer that acknowledged the request and answers late keeps 
                       server_node->post_after(std::chrono::milliseconds(1500),
                                               [kept] { kept->respond(Response::with_text(205, "late")); });
                     });
-  auto client = make_quick_client();
-  const transport::Peer peer{"127.0.0.1", server->secure_port()};
-  const auto credentials = ClientCredentials::psk("CAE-alpha", secret(kKeys.at("CAE-alpha")), "");
   Outcome warm;
   client->request(peer, credentials, get({"hello"}), warm.handler());
   REQUIRE(pump({server.get(), client.get()}, [&] { return warm.result.has_value(); }));
