@@ -346,7 +346,8 @@ void proxied_vs_direct(int rounds, std::uint64_t seed_base) {
     return text.empty() ? std::string("no answer") : "answer '" + text + "'";
   };
 
-  // The first proxied request sets up the AE-pair session (B fetches the key from the MEF, A retries; SPEC.md §4).
+  // The first proxied request sets up the AE-pair session (B fetches the key from the MEF, A retries;
+  // docs/PROTOCOL.md §4).
   // Reported, not part of the statistics.
   std::string first_text = "failed 3 times";
   for (int i = 1; i <= 3; ++i) {
