@@ -447,7 +447,6 @@ struct Node::Impl {
 
   void report(FailureKind kind, const std::string& peer, const std::string& identity, const std::string& reason) {
     if (shutting_down) return;
-    Failure failure{kind, peer, identity, reason};
     switch (kind) {
       case FailureKind::handshake_failed:
       case FailureKind::handshake_timeout: ++counters.handshakes_failed; break;
@@ -455,6 +454,12 @@ struct Node::Impl {
       case FailureKind::request_failed: ++counters.client_requests_failed; break;
       case FailureKind::limit: break;
     }
+    publish(Failure{kind, peer, identity, reason});
+  }
+
+  // To the failure observer (or stderr) without counting it as a failure.
+  void publish(const Failure& failure) {
+    if (shutting_down) return;
     if (observer) {
       observer(failure);
     } else {
@@ -679,7 +684,10 @@ struct Node::Impl {
                                  std::to_string(again.front().replay->attempt + 1) + " of " +
                                  std::to_string(kMaxHandshakeAttempts);
       state.refusal = reason;
-      report_handshake_failure(state, FailureKind::handshake_timeout, reason);
+      // A handshake begun again is not a failure yet (Stats::handshakes_restarted counts it); the reason is still
+      // reported, so that an operator sees the path losing datagrams.
+      state.failure_reported = true;
+      publish(Failure{FailureKind::handshake_timeout, state.remote, state.offered_identity, reason});
       kill_client_session(state, make_error(Errc::timeout, reason));
       // Out of the cache now, so that the requests below get a new session (released with the graveyard).
       if (auto cached = client_cache.find(state.cache_key); cached != client_cache.end() && cached->second == raw) {
