@@ -519,11 +519,9 @@ struct Node::Impl {
          ++it) {
       PendingRequest& request = it->second;
       request.replay.reset();
-      if (request.silence_check) {
-        request.silence_check = now + config.limits.silence_timeout;
-        request.records_at_send = records;
-        request.packets_in_at_send = state.count.packets_in;
-      }
+      request.records_at_send = records;  // end_if_silent too: what came before this point was the handshake
+      request.packets_in_at_send = state.count.packets_in;
+      if (request.silence_check) request.silence_check = now + config.limits.silence_timeout;
     }
   }
 
@@ -2055,12 +2053,10 @@ void Node::Impl::send_request(const Peer& peer, const ClientCredentials& credent
   const auto key = std::make_pair(raw, token);
   PendingRequest entry{std::move(handler), deadline, raw, state.count.packets_in, std::nullopt, std::nullopt,
                        std::move(replay)};
-  if (state.secure && may_repeat(request.method)) {
-    entry.silence_check = Clock::now() + config.limits.silence_timeout;
-    // While the handshake runs the counter exists too (epoch 0), but the handshake itself moves it:
-    // mark_established takes the reading then.
-    if (state.established) entry.records_at_send = detail::records_received(raw);
-  }
+  // While the handshake runs the counter exists too (epoch 0), but the handshake itself moves it:
+  // mark_established takes the reading then.
+  if (state.secure && state.established) entry.records_at_send = detail::records_received(raw);
+  if (state.secure && may_repeat(request.method)) entry.silence_check = Clock::now() + config.limits.silence_timeout;
   pending[key] = std::move(entry);
   if (coap_send(raw, pdu) == COAP_INVALID_MID) {
     auto it = pending.find(key);

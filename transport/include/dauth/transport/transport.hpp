@@ -74,9 +74,10 @@ struct Response {
   std::optional<std::uint32_t> response_status;  // oneM2M-RSC
   std::string request_id;             // oneM2M-RQI, echoed when the request had one
   Bytes payload;
-  // Server side: end the DTLS session (close_notify) once this response has been sent, e.g. the MEF after the
-  // enrolment answer (PROTOCOL.md §3.4). Use it on single-datagram answers: a Block2 body or a separate (CON)
-  // response loses its remaining blocks / retransmissions. Ignored on plain (local) sessions and by clients.
+  // Server side: end the DTLS session (close_notify) once this response has been sent. Only for a piggybacked
+  // answer of one datagram: a Block2 body or a separate (CON) response loses its remaining blocks /
+  // retransmissions (why the MEF leaves closing the enrolment session to the Enrolee, PROTOCOL.md §3.4). Ignored
+  // on plain (local) sessions and by clients.
   bool close_session = false;
   // Client side, Node::observe(): the Observe option (RFC 7641) of a notification; unset on a response that ends
   // or never started the subscription. Ignored when sending (libcoap numbers the notifications).
