@@ -11,12 +11,14 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <iostream>
 #include <map>
+#include <set>
 #include <utility>
 
 #include "dauth/crypto/kdf.hpp"
@@ -402,6 +404,15 @@ struct Node::Impl {
   Stats counters;
 
   std::map<coap_session_t*, std::unique_ptr<SessionImpl>> sessions;
+  // The loop's work follows what happened, not what exists (docs/transport.md §7): these name the few sessions a
+  // round must look at, so that idle established sessions cost nothing per round.
+  std::set<coap_session_t*> handshaking;          // secure sessions whose handshake has not ended (either side)
+  std::vector<coap_session_t*> close_requests;    // server sessions to end once this round's responses are out
+  bool client_session_died = false;               // some client session is dead: housekeeping releases it
+  bool server_sweep_wanted = false;               // the server context must run once even if its fd is quiet
+  // The earliest request deadline, silence check or first-answer deadline: before it, housekeeping does not look
+  // at the pending requests at all. Lowered by every new deadline (expect_by), recomputed by the scan.
+  Clock::time_point next_deadline = Clock::time_point::max();
   std::map<std::string, coap_session_t*> client_cache;
   std::map<std::pair<coap_session_t*, std::string>, PendingRequest> pending;
   std::map<std::pair<coap_session_t*, std::string>, std::shared_ptr<Responder::State>> deferred;
@@ -497,6 +508,7 @@ struct Node::Impl {
       const bool secure = coap_session_get_proto(session) == COAP_PROTO_DTLS;
       it = sessions.emplace(session, std::make_unique<SessionImpl>(session, client, secure)).first;
       coap_session_set_app_data(session, it->second.get());
+      if (secure) handshaking.insert(session);
       // Every session passes here before it sends a CON (client: at creation; server: at SESSION_NEW or its first
       // request), so the limit holds for requests and separate responses alike.
       coap_session_set_nstart(session, secure ? config.limits.nstart : config.limits.plain_nstart);
@@ -504,10 +516,32 @@ struct Node::Impl {
     return *it->second;
   }
 
+  // Our record of a session ends (libcoap freed it, or we released our last reference).
+  void forget_session(coap_session_t* session) {
+    handshaking.erase(session);
+    sessions.erase(session);
+  }
+
+  void expect_by(Clock::time_point deadline) { next_deadline = std::min(next_deadline, deadline); }
+
+  // A client session that failed or was closed: no new request uses it, housekeeping releases it.
+  void mark_dead(SessionImpl& state) {
+    state.dead = true;
+    if (state.client) client_session_died = true;
+  }
+
+  // A server session to end once this round's responses are out (housekeeping; never inside a libcoap callback).
+  void request_close(SessionImpl& state) {
+    if (state.close_requested) return;
+    state.close_requested = true;
+    close_requests.push_back(state.raw);
+  }
+
   // The handshake is done: the identity our callbacks verified becomes the session's peer identity.
   void mark_established(SessionImpl& state) {
     if (state.established) return;
     state.established = true;
+    handshaking.erase(state.raw);
     if (state.verified) state.identity = *state.verified;
     if (!state.secure) return;
     ++counters.handshakes_completed;
@@ -521,7 +555,10 @@ struct Node::Impl {
       request.replay.reset();
       request.records_at_send = records;  // end_if_silent too: what came before this point was the handshake
       request.packets_in_at_send = state.count.packets_in;
-      if (request.silence_check) request.silence_check = now + config.limits.silence_timeout;
+      if (request.silence_check) {
+        request.silence_check = now + config.limits.silence_timeout;
+        expect_by(*request.silence_check);
+      }
     }
   }
 
@@ -592,7 +629,7 @@ struct Node::Impl {
                      const std::optional<std::uint64_t>& records_at_send) {
     if (!state.client || state.count.packets_in != packets_in_at_send) return;
     if (records_at_send && detail::records_received(state.raw) != records_at_send) return;
-    state.dead = true;
+    mark_dead(state);
   }
 
   // Limits::silence_timeout: ends the established DTLS client sessions on which a request has waited that long
@@ -600,7 +637,11 @@ struct Node::Impl {
   void end_silent_sessions(Clock::time_point now) {
     std::vector<SessionImpl*> silent;
     for (auto& [key, request] : pending) {
-      if (!request.silence_check || now < *request.silence_check) continue;
+      if (!request.silence_check) continue;
+      if (now < *request.silence_check) {
+        expect_by(*request.silence_check);
+        continue;
+      }
       auto found = sessions.find(key.first);
       if (found == sessions.end() || found->second->dead) {
         request.silence_check.reset();
@@ -609,6 +650,7 @@ struct Node::Impl {
       SessionImpl& state = *found->second;
       if (!state.established) {  // the handshake has its own timeout; mark_established starts the wait
         request.silence_check = now + config.limits.silence_timeout;
+        expect_by(*request.silence_check);
         continue;
       }
       const auto records = detail::records_received(key.first);
@@ -643,8 +685,9 @@ struct Node::Impl {
   // count records (OpenSSL), the time since the handshake began stands in (doubling per try).
   void restart_stalled_handshakes(Clock::time_point now) {
     std::vector<coap_session_t*> stalled;
-    for (auto& [raw, state] : sessions) {
-      if (!state->client || !state->secure || state->established || state->dead) continue;
+    for (coap_session_t* raw : handshaking) {
+      const auto& state = sessions.at(raw);
+      if (!state->client || state->established || state->dead) continue;
       if (coap_session_get_state(raw) == COAP_SESSION_STATE_ESTABLISHED) continue;
       const auto sent = detail::records_sent(raw);
       const auto received = detail::records_received(raw);
@@ -702,11 +745,14 @@ struct Node::Impl {
   }
 
   void kill_client_session(SessionImpl& state, const Error& error) {
-    state.dead = true;
+    mark_dead(state);
     fail_pending_of(state.raw, error);
   }
 
   void housekeeping();
+  // Housekeeping's scan of the requests and subscriptions, run only once next_deadline has come: ends those past
+  // their deadline or silent for too long, and computes next_deadline anew.
+  void end_due_requests(Clock::time_point now);
   void run_posted() {
     if (posted.empty()) return;
     eventfd_t signalled = 0;
@@ -903,7 +949,7 @@ int on_event(coap_session_t* session, coap_event_t event) {
                                                          : FailureKind::handshake_failed,
                                          impl->handshake_failure_reason(state));
         }
-        impl->sessions.erase(it);
+        impl->forget_session(session);
       }
       break;
     }
@@ -1097,7 +1143,7 @@ std::uint64_t content_etag(const SecretBuffer& key, const Bytes& payload) {
 
 void fill_response(coap_resource_t* resource, coap_session_t* session, const coap_pdu_t* request,
                    const coap_string_t* query, coap_pdu_t* pdu, const Response& response, SessionImpl& state,
-                   const SecretBuffer& etag_key) {
+                   Node::Impl& impl) {
   const int code = response.code;
   coap_pdu_set_code(pdu, static_cast<coap_pdu_code_t>(((code / 100) << 5) | (code % 100)));
   if (!response.request_id.empty()) {
@@ -1112,12 +1158,12 @@ void fill_response(coap_resource_t* resource, coap_session_t* session, const coa
   state.count.packets_out++;
   state.count.bytes_out += response.payload.size() + 4;
   // Carried out in housekeeping, after coap_io_process has sent this response (closing here would drop it).
-  if (response.close_session && state.secure && !state.client) state.close_requested = true;
+  if (response.close_session && state.secure && !state.client) impl.request_close(state);
   if (!response.payload.empty()) {
     // libcoap adds Content-Format only for a non-zero media type (block.c coap_add_data_large_response): 0 means
     // "none" there, so an explicit 0 (text/plain) is added here, and an unset one sends no option at all.
     if (response.content_format == std::uint16_t{0}) coap_add_option(pdu, COAP_OPTION_CONTENT_FORMAT, 0, nullptr);
-    const std::uint64_t etag = content_etag(etag_key, response.payload);
+    const std::uint64_t etag = content_etag(impl.etag_key, response.payload);
     auto* copy = new Bytes(response.payload);  // owned by libcoap until release_heap_bytes
     coap_add_data_large_response(resource, session, request, pdu, query, response.content_format.value_or(0), -1,
                                  etag, copy->size(), copy->data(), release_heap_bytes, copy);
@@ -1146,7 +1192,7 @@ void on_request(coap_resource_t* resource, coap_session_t* session, const coap_p
     impl->deferred.erase(it);
     fill_response(resource, session, pdu, query, response_pdu,
                   shared->response ? *shared->response : Response::with_text(500, "no response"), state,
-                  impl->etag_key);
+                  *impl);
     return;
   }
 
@@ -1155,7 +1201,7 @@ void on_request(coap_resource_t* resource, coap_session_t* session, const coap_p
   auto reject = [&](int code, const std::string& reason) {
     impl->report(FailureKind::request_rejected, state.remote, state.identity.value, reason);
     fill_response(resource, session, pdu, query, response_pdu, Response::with_text(code, reason), state,
-                  impl->etag_key);
+                  *impl);
   };
 
   if (state.secure) {
@@ -1220,7 +1266,7 @@ void on_request(coap_resource_t* resource, coap_session_t* session, const coap_p
     impl->report(FailureKind::request_rejected, state.remote, state.identity.value,
                  "notification of " + request.path_text() + " refused with " + std::to_string(shared->response->code) +
                      ": subscription ended by closing the session");
-    state.close_requested = true;
+    impl->request_close(state);
     coap_pdu_set_code(response_pdu, static_cast<coap_pdu_code_t>(0));
     return;
   }
@@ -1228,7 +1274,7 @@ void on_request(coap_resource_t* resource, coap_session_t* session, const coap_p
     ++impl->counters.requests_served;
     Response response = std::move(*shared->response);
     if (response.request_id.empty()) response.request_id = request.request_id;
-    fill_response(resource, session, pdu, query, response_pdu, response, state, impl->etag_key);
+    fill_response(resource, session, pdu, query, response_pdu, response, state, *impl);
     return;
   }
   if (shared->responder_alive && !observing) {
@@ -1245,7 +1291,7 @@ void on_request(coap_resource_t* resource, coap_session_t* session, const coap_p
   fill_response(resource, session, pdu, query, response_pdu,
                 Response::with_text(500, observing ? "observable resource handler did not answer at once"
                                                    : "handler gave no response"),
-                state, impl->etag_key);
+                state, *impl);
 }
 
 }  // namespace
@@ -1305,26 +1351,34 @@ void Node::Impl::housekeeping() {
   } reset{in_housekeeping};
   const auto now = Clock::now();
   restart_stalled_handshakes(now);
+  // Handshakes: bounded by Limits::max_handshakes (server) and the client sessions being set up, whatever the
+  // number of established sessions. A copy, since mark_established and the timeouts below change the set.
   std::vector<coap_session_t*> to_disconnect;
-  for (auto& [raw, state] : sessions) {
-    if (!state->secure || state->established || state->dead) continue;
-    if (coap_session_get_state(raw) == COAP_SESSION_STATE_ESTABLISHED) {
-      mark_established(*state);
+  const std::vector<coap_session_t*> unfinished(handshaking.begin(), handshaking.end());
+  for (coap_session_t* raw : unfinished) {
+    SessionImpl& state = *sessions.at(raw);
+    if (state.established || state.dead || state.timed_out) {
+      handshaking.erase(raw);
       continue;
     }
-    if (!state->timed_out && now - state->started > config.limits.handshake_timeout) {
-      state->timed_out = true;
-      if (state->client) {
+    if (coap_session_get_state(raw) == COAP_SESSION_STATE_ESTABLISHED) {
+      mark_established(state);
+      continue;
+    }
+    if (now - state.started > config.limits.handshake_timeout) {
+      state.timed_out = true;
+      handshaking.erase(raw);
+      if (state.client) {
         // libcoap sends no alert for a wrong PSK: the client only ever sees silence (notes, Q1).
-        std::string reason = "DTLS handshake with " + state->remote + " did not complete within " +
+        std::string reason = "DTLS handshake with " + state.remote + " did not complete within " +
                              std::to_string(config.limits.handshake_timeout.count()) + " ms";
-        if (state->identity.kind == PeerKind::psk) {
+        if (state.identity.kind == PeerKind::psk) {
           reason += " and the server sent no alert: most likely a wrong PSK for identity '" +
-                    state->offered_identity + "' (libcoap answers a bad Finished with silence)";
+                    state.offered_identity + "' (libcoap answers a bad Finished with silence)";
         }
-        state->refusal = reason;
-        report_handshake_failure(*state, FailureKind::handshake_timeout, reason);
-        kill_client_session(*state, make_error(Errc::timeout, reason));
+        state.refusal = reason;
+        report_handshake_failure(state, FailureKind::handshake_timeout, reason);
+        kill_client_session(state, make_error(Errc::timeout, reason));
       } else {
         to_disconnect.push_back(raw);
       }
@@ -1333,17 +1387,62 @@ void Node::Impl::housekeeping() {
   for (coap_session_t* raw : to_disconnect) {
     // Raises DTLS_CLOSED (reported in on_event); libcoap frees the session on its next sweep.
     coap_session_disconnected(raw, COAP_NACK_TLS_FAILED);
+    server_sweep_wanted = true;
   }
-  for (auto& [raw, state] : sessions) {
-    if (state->client || !state->close_requested || coap_session_get_state(raw) == COAP_SESSION_STATE_NONE) continue;
-    state->close_requested = false;
+  const auto closing = std::move(close_requests);
+  close_requests.clear();
+  for (coap_session_t* raw : closing) {
+    auto found = sessions.find(raw);
+    if (found == sessions.end()) continue;  // libcoap freed it meanwhile
+    SessionImpl& state = *found->second;
+    if (state.client || !state.close_requested) continue;
+    state.close_requested = false;
+    if (coap_session_get_state(raw) == COAP_SESSION_STATE_NONE) continue;
     // Sends close_notify (gnutls_bye / SSL_shutdown in coap_dtls_free_session) and sets the state to NONE; libcoap
     // frees the session at its next sweep (SERVER_SESSION_DEL). The response went out in coap_io_process already.
     coap_session_disconnected(raw, COAP_NACK_NOT_DELIVERABLE);
+    server_sweep_wanted = true;
   }
+  if (now >= next_deadline) end_due_requests(now);
+  run_completions();
+  // Release dead client sessions only now, outside libcoap's callbacks, and never while user callbacks of this
+  // round still hold Session pointers (a handler may have called close_client_sessions()).
+  if (running_completions) return;
+  if (client_session_died) {
+    client_session_died = false;
+    for (auto it = client_cache.begin(); it != client_cache.end();) {
+      auto found = sessions.find(it->second);
+      if (found == sessions.end() || found->second->dead) {
+        graveyard.push_back(it->second);
+        it = client_cache.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  while (!graveyard.empty()) {
+    coap_session_t* raw = graveyard.back();
+    graveyard.pop_back();
+    fail_pending_of(raw, make_error(Errc::io, "client session closed"));
+    run_completions();
+    forget_session(raw);
+    coap_session_set_app_data(raw, nullptr);
+    release_client_session(raw);
+  }
+  counters.live_client_sessions = client_cache.size();
+}
+
+void Node::Impl::end_due_requests(Clock::time_point now) {
+  // Every deadline still ahead lowers next_deadline again (here, or in expect_by from the requests sent anew).
+  next_deadline = Clock::time_point::max();
   for (auto it = observations.begin(); it != observations.end();) {
     auto observation = it->second;
-    if (observation->first_answer_deadline && now > *observation->first_answer_deadline) {
+    if (!observation->first_answer_deadline) {
+      ++it;
+    } else if (now <= *observation->first_answer_deadline) {
+      expect_by(*observation->first_answer_deadline);
+      ++it;
+    } else {
       auto found = sessions.find(it->first.first);
       if (found != sessions.end()) {
         end_if_silent(*found->second, observation->packets_in_at_send, observation->records_at_send);
@@ -1353,8 +1452,6 @@ void Node::Impl::housekeeping() {
              make_error(Errc::timeout, "no answer to the subscription within " +
                                            std::to_string(config.limits.request_timeout.count()) + " ms"),
              found != sessions.end() ? found->second.get() : nullptr, /*final=*/true);
-    } else {
-      ++it;
     }
   }
   end_silent_sessions(now);
@@ -1371,32 +1468,10 @@ void Node::Impl::housekeeping() {
                state);
       it = pending.erase(it);
     } else {
+      expect_by(it->second.deadline);
       ++it;
     }
   }
-  run_completions();
-  // Release dead client sessions only now, outside libcoap's callbacks, and never while user callbacks of this
-  // round still hold Session pointers (a handler may have called close_client_sessions()).
-  if (running_completions) return;
-  for (auto it = client_cache.begin(); it != client_cache.end();) {
-    auto found = sessions.find(it->second);
-    if (found == sessions.end() || found->second->dead) {
-      graveyard.push_back(it->second);
-      it = client_cache.erase(it);
-    } else {
-      ++it;
-    }
-  }
-  while (!graveyard.empty()) {
-    coap_session_t* raw = graveyard.back();
-    graveyard.pop_back();
-    fail_pending_of(raw, make_error(Errc::io, "client session closed"));
-    run_completions();
-    sessions.erase(raw);
-    coap_session_set_app_data(raw, nullptr);
-    release_client_session(raw);
-  }
-  counters.live_client_sessions = client_cache.size();
 }
 
 std::string Node::Impl::pki_context_key(const ClientCredentials& credentials) {
@@ -1592,6 +1667,23 @@ Result<coap_session_t*> Node::Impl::client_session_for(const Peer& peer, const C
 
 // ---- Node ----------------------------------------------------------------------------------------------------
 
+namespace {
+// One round of a libcoap context without coap_io_process: that function walks all of the context's sessions
+// before it reads (coap_io_prepare_epoll) and coap_io_do_epoll walks them all again after, so with thousands of
+// live sessions each round costs two walks. coap_io_do_epoll alone reads what is ready, then prepares (sends due
+// retransmissions, frees expired sessions, re-arms libcoap's timerfd): one walk per round, same work otherwise.
+// (coap_io_process's other steps: the cache, unused here, and async responses, which the prepare also sends.)
+void run_libcoap(coap_context_t* context) {
+  std::array<epoll_event, 16> events{};
+  int count = 0;
+  do {
+    count = epoll_wait(coap_context_get_coap_fd(context), events.data(), static_cast<int>(events.size()), 0);
+    if (count < 0) count = 0;  // EINTR: run the prepare anyway; the fd stays readable if data is waiting
+    coap_io_do_epoll(context, events.data(), static_cast<size_t>(count));
+  } while (count == static_cast<int>(events.size()));
+}
+}  // namespace
+
 Node::Node(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Node::~Node() = default;
 
@@ -1708,7 +1800,8 @@ std::optional<detail::ServerCertificatePem> choose_server_certificate(coap_sessi
 
 void Node::Impl::select_certificates_by_name() {
   if (!select_by_name) return;
-  for (auto& [raw, state] : sessions) {
+  for (coap_session_t* raw : handshaking) {
+    const auto& state = sessions.at(raw);
     if (!state->certificate_by_name || state->established || state->certificate_selected) continue;
     coap_tls_library_t library = COAP_TLS_LIBRARY_NOTLS;
     const void* tls = coap_session_get_tls(raw, &library);
@@ -1923,7 +2016,7 @@ std::size_t Node::close_server_sessions(PeerKind kind, std::string_view identity
                                                                   : state->verified;
     if (!peer || peer->kind != kind || peer->value != identity) continue;
     if (coap_session_get_state(raw) == COAP_SESSION_STATE_NONE) continue;
-    state->close_requested = true;  // carried out by housekeeping, never inside a libcoap callback
+    impl_->request_close(*state);  // carried out by housekeeping, never inside a libcoap callback
     ++closed;
   }
   if (closed > 0 && !impl_->in_libcoap) impl_->housekeeping();
@@ -1944,7 +2037,7 @@ std::size_t Node::close_sessions_with_certificate_serial(std::string_view serial
                                                               " was revoked"));
     } else {
       if (coap_session_get_state(raw) == COAP_SESSION_STATE_NONE) continue;
-      state->close_requested = true;  // carried out by housekeeping, never inside a libcoap callback
+      impl_->request_close(*state);  // carried out by housekeeping, never inside a libcoap callback
     }
     ++closed;
   }
@@ -2057,6 +2150,7 @@ void Node::Impl::send_request(const Peer& peer, const ClientCredentials& credent
   // mark_established takes the reading then.
   if (state.secure && state.established) entry.records_at_send = detail::records_received(raw);
   if (state.secure && may_repeat(request.method)) entry.silence_check = Clock::now() + config.limits.silence_timeout;
+  expect_by(entry.silence_check ? std::min(deadline, *entry.silence_check) : deadline);
   pending[key] = std::move(entry);
   if (coap_send(raw, pdu) == COAP_INVALID_MID) {
     auto it = pending.find(key);
@@ -2066,7 +2160,7 @@ void Node::Impl::send_request(const Peer& peer, const ClientCredentials& credent
                &state);
       pending.erase(it);
     }
-    state.dead = true;
+    mark_dead(state);
   }
 }
 
@@ -2088,6 +2182,7 @@ Observation Node::observe(const Peer& peer, const ClientCredentials& credentials
   observation->session = raw;
   observation->handler = std::move(handler);
   observation->first_answer_deadline = Clock::now() + impl_->config.limits.request_timeout;
+  impl_->expect_by(*observation->first_answer_deadline);
   observation->packets_in_at_send = state.count.packets_in;
   if (state.secure && state.established) observation->records_at_send = detail::records_received(raw);
   coap_pdu_t* pdu = impl_->build_request_pdu(raw, state, request, /*observe=*/true, observation->token);
@@ -2101,7 +2196,7 @@ Observation Node::observe(const Peer& peer, const ClientCredentials& credentials
     impl_->notify(observation,
                   make_error(Errc::io, "cannot send to " + state.remote + ": " + impl_->handshake_failure_reason(state)),
                   &state, /*final=*/true);
-    state.dead = true;
+    impl_->mark_dead(state);
   }
   return Observation(observation);
 }
@@ -2195,16 +2290,33 @@ void Node::remove_watch(int fd) {
 int Node::fd() const noexcept { return impl_->epoll.get(); }
 
 void Node::process_ready() {
+  // Which of our fds are ready: a context whose fd is quiet has nothing to read and no libcoap timer due, so it is
+  // not run at all. libcoap 4.3.1 walks every session of a context each time it runs one (coap_io_prepare_io), so
+  // running an idle server context is the cost that grows with live sessions (docs/transport.md §7).
+  std::array<epoll_event, 16> events{};
+  const int count = epoll_wait(impl_->epoll.get(), events.data(), static_cast<int>(events.size()), 0);
+  const bool all_ready = count < 0 || count == static_cast<int>(events.size());  // unknown: run everything
+  auto ready = [&](coap_context_t* context) {
+    if (all_ready) return true;
+    const int fd = coap_context_get_coap_fd(context);
+    return std::any_of(events.begin(), events.begin() + count, [fd](const epoll_event& e) { return e.data.fd == fd; });
+  };
   auto run = [this](coap_context_t* context) {
     if (context == nullptr) return;
     impl_->in_libcoap = true;
-    coap_io_process(context, COAP_IO_NO_WAIT);
+    run_libcoap(context);
     impl_->in_libcoap = false;
   };
-  run(impl_->server_context.get());
+  if (impl_->server_context && (impl_->server_sweep_wanted || ready(impl_->server_context.get()))) {
+    impl_->server_sweep_wanted = false;
+    run(impl_->server_context.get());
+  }
   // Between the first ClientHello (libcoap made the TLS object and answered HelloVerifyRequest) and the one with
   // the cookie, which a later round reads: the moment to hook certificate selection (docs/transport.md §3).
   impl_->select_certificates_by_name();
+  // Client contexts run every round: a session we opened or a request we sent outside libcoap since the last round
+  // (a ClientHello sent by coap_new_client_session, say) has its retransmission timer armed only when libcoap
+  // next prepares that context. They hold only our outgoing sessions, a handful.
   run(impl_->client_context.get());
   for (auto& [key, entry] : impl_->client_pki_contexts) run(entry->context.get());
   // libcoap and GnuTLS copied the key the PSK callback returned; do not keep ours beyond this round.
@@ -2221,20 +2333,17 @@ std::chrono::milliseconds Node::next_timeout() {
   // expiry wake fd() by themselves. We add our own deadlines: request timeouts and handshake timeouts. With none
   // pending we still look once a second, a cheap bound in case a libcoap timer is not armed.
   const auto now = Clock::now();
-  auto next = now + std::chrono::seconds(1);
-  for (const auto& [key, request] : impl_->pending) {
-    next = std::min(next, request.silence_check ? std::min(request.deadline, *request.silence_check) : request.deadline);
-  }
-  for (const auto& [key, observation] : impl_->observations) {
-    if (observation->first_answer_deadline) next = std::min(next, *observation->first_answer_deadline);
-  }
+  auto next = std::min(now + std::chrono::seconds(1), impl_->next_deadline);
   if (!impl_->timers.empty()) next = std::min(next, impl_->timers.begin()->first);
-  for (const auto& [raw, state] : impl_->sessions) {
-    if (state->secure && !state->established && !state->timed_out) {
+  for (coap_session_t* raw : impl_->handshaking) {
+    const auto& state = impl_->sessions.at(raw);
+    if (!state->established && !state->timed_out) {
       next = std::min(next, state->started + impl_->config.limits.handshake_timeout);
     }
   }
-  if (!impl_->completions.empty() || !impl_->posted.empty() || next <= now) return std::chrono::milliseconds(0);
+  if (!impl_->completions.empty() || !impl_->posted.empty() || impl_->server_sweep_wanted || next <= now) {
+    return std::chrono::milliseconds(0);
+  }
   // +1 ms: epoll_wait rounds down, and waking just before a deadline would spin once more.
   return std::chrono::duration_cast<std::chrono::milliseconds>(next - now) + std::chrono::milliseconds(1);
 }
