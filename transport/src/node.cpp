@@ -410,6 +410,7 @@ struct Node::Impl {
   std::vector<coap_session_t*> close_requests;    // server sessions to end once this round's responses are out
   bool client_session_died = false;               // some client session is dead: housekeeping releases it
   bool server_sweep_wanted = false;               // the server context must run once even if its fd is quiet
+  bool client_contexts_touched = false;           // we opened, used or released a client session outside a round
   // The earliest request deadline, silence check or first-answer deadline: before it, housekeeping does not look
   // at the pending requests at all. Lowered by every new deadline (expect_by), recomputed by the scan.
   Clock::time_point next_deadline = Clock::time_point::max();
@@ -1428,6 +1429,7 @@ void Node::Impl::housekeeping() {
     forget_session(raw);
     coap_session_set_app_data(raw, nullptr);
     release_client_session(raw);
+    client_contexts_touched = true;
   }
   counters.live_client_sessions = client_cache.size();
 }
@@ -1662,6 +1664,7 @@ Result<coap_session_t*> Node::Impl::client_session_for(const Peer& peer, const C
   }
   client_cache[cache_key] = session;
   counters.live_client_sessions = client_cache.size();
+  client_contexts_touched = true;  // its handshake's retransmission timer is armed by the context's next prepare
   return session;
 }
 
@@ -1673,12 +1676,18 @@ namespace {
 // live sessions each round costs two walks. coap_io_do_epoll alone reads what is ready, then prepares (sends due
 // retransmissions, frees expired sessions, re-arms libcoap's timerfd): one walk per round, same work otherwise.
 // (coap_io_process's other steps: the cache, unused here, and async responses, which the prepare also sends.)
-void run_libcoap(coap_context_t* context) {
+// A context with nothing ready (no datagram, its timerfd not due) is not prepared at all unless `prepare` asks:
+// libcoap arms its timerfd itself for what it schedules (retransmissions, notifications, async answers), so a quiet
+// context has nothing to do; only what we did to it outside its rounds (a new client session's handshake timer,
+// a session we disconnected) needs one prepare.
+void run_libcoap(coap_context_t* context, bool prepare) {
   std::array<epoll_event, 16> events{};
   int count = 0;
   do {
     count = epoll_wait(coap_context_get_coap_fd(context), events.data(), static_cast<int>(events.size()), 0);
-    if (count < 0) count = 0;  // EINTR: run the prepare anyway; the fd stays readable if data is waiting
+    if (count < 0) count = 0;  // EINTR: the fd stays readable if data is waiting
+    if (count == 0 && !prepare) return;
+    prepare = false;
     coap_io_do_epoll(context, events.data(), static_cast<size_t>(count));
   } while (count == static_cast<int>(events.size()));
 }
@@ -2152,6 +2161,7 @@ void Node::Impl::send_request(const Peer& peer, const ClientCredentials& credent
   if (state.secure && may_repeat(request.method)) entry.silence_check = Clock::now() + config.limits.silence_timeout;
   expect_by(entry.silence_check ? std::min(deadline, *entry.silence_check) : deadline);
   pending[key] = std::move(entry);
+  client_contexts_touched = true;
   if (coap_send(raw, pdu) == COAP_INVALID_MID) {
     auto it = pending.find(key);
     if (it != pending.end()) {
@@ -2191,6 +2201,7 @@ Observation Node::observe(const Peer& peer, const ClientCredentials& credentials
     return Observation();
   }
   impl_->observations[{raw, observation->token}] = observation;
+  impl_->client_contexts_touched = true;
   if (coap_send(raw, pdu) == COAP_INVALID_MID) {
     impl_->observations.erase({raw, observation->token});
     impl_->notify(observation,
@@ -2228,6 +2239,7 @@ void Observation::cancel() {
   // Deregister now (GET with Observe 1 on the subscription's token); libcoap can only once the first notification
   // arrived. Otherwise the next notification gets an RST (on_response), which ends it at the server as well.
   coap_binary_t token{state_->token.size(), reinterpret_cast<uint8_t*>(state_->token.data())};
+  impl->client_contexts_touched = true;
   (void)coap_cancel_observe(state_->session, &token, COAP_MESSAGE_CON);
 }
 
@@ -2290,35 +2302,21 @@ void Node::remove_watch(int fd) {
 int Node::fd() const noexcept { return impl_->epoll.get(); }
 
 void Node::process_ready() {
-  // Which of our fds are ready: a context whose fd is quiet has nothing to read and no libcoap timer due, so it is
-  // not run at all. libcoap 4.3.1 walks every session of a context each time it runs one (coap_io_prepare_io), so
-  // running an idle server context is the cost that grows with live sessions (docs/transport.md §7).
-  std::array<epoll_event, 16> events{};
-  const int count = epoll_wait(impl_->epoll.get(), events.data(), static_cast<int>(events.size()), 0);
-  const bool all_ready = count < 0 || count == static_cast<int>(events.size());  // unknown: run everything
-  auto ready = [&](coap_context_t* context) {
-    if (all_ready) return true;
-    const int fd = coap_context_get_coap_fd(context);
-    return std::any_of(events.begin(), events.begin() + count, [fd](const epoll_event& e) { return e.data.fd == fd; });
-  };
-  auto run = [this](coap_context_t* context) {
+  auto run = [this](coap_context_t* context, bool prepare) {
     if (context == nullptr) return;
     impl_->in_libcoap = true;
-    run_libcoap(context);
+    run_libcoap(context, prepare);
     impl_->in_libcoap = false;
   };
-  if (impl_->server_context && (impl_->server_sweep_wanted || ready(impl_->server_context.get()))) {
-    impl_->server_sweep_wanted = false;
-    run(impl_->server_context.get());
-  }
+  // libcoap 4.3.1 walks every session of a context each time it prepares one (coap_io_prepare_io), so a quiet
+  // server context is not run at all: that walk is the cost that grows with live sessions (docs/transport.md §8).
+  run(impl_->server_context.get(), std::exchange(impl_->server_sweep_wanted, false));
   // Between the first ClientHello (libcoap made the TLS object and answered HelloVerifyRequest) and the one with
   // the cookie, which a later round reads: the moment to hook certificate selection (docs/transport.md §3).
   impl_->select_certificates_by_name();
-  // Client contexts run every round: a session we opened or a request we sent outside libcoap since the last round
-  // (a ClientHello sent by coap_new_client_session, say) has its retransmission timer armed only when libcoap
-  // next prepares that context. They hold only our outgoing sessions, a handful.
-  run(impl_->client_context.get());
-  for (auto& [key, entry] : impl_->client_pki_contexts) run(entry->context.get());
+  const bool clients_touched = std::exchange(impl_->client_contexts_touched, false);
+  run(impl_->client_context.get(), clients_touched);
+  for (auto& [key, entry] : impl_->client_pki_contexts) run(entry->context.get(), clients_touched);
   // libcoap and GnuTLS copied the key the PSK callback returned; do not keep ours beyond this round.
   impl_->psk_in_flight = SecretBuffer();
   impl_->run_completions();
@@ -2341,7 +2339,8 @@ std::chrono::milliseconds Node::next_timeout() {
       next = std::min(next, state->started + impl_->config.limits.handshake_timeout);
     }
   }
-  if (!impl_->completions.empty() || !impl_->posted.empty() || impl_->server_sweep_wanted || next <= now) {
+  if (!impl_->completions.empty() || !impl_->posted.empty() || impl_->server_sweep_wanted ||
+      impl_->client_contexts_touched || next <= now) {
     return std::chrono::milliseconds(0);
   }
   // +1 ms: epoll_wait rounds down, and waking just before a deadline would spin once more.
