@@ -460,10 +460,31 @@ bool Roles::has_mef() const { return impl_->mef != nullptr; }
 bool Roles::has_enrolee() const { return !impl_->aes.empty(); }
 bool Roles::has_peer() const { return impl_->peer_driver != nullptr; }
 
+namespace {
+// What Roles keeps of a configuration: the typed sections it consults after start (listen addresses, policy, peer
+// addresses, the MEF's certificate files). Not the parse tables (every key's value and position: the Daemon keeps
+// them for messages and `dauthctl config`), nor the [[mef.enrolee]] rows (put_key_tables stores them in the key
+// store, which is what enrolment consults). With 10,000 rows those were some 8 MB of a second copy.
+Config what_roles_keep(const Config& config) {
+  Config kept;
+  kept.source = config.source;
+  kept.daemon = config.daemon;
+  kept.enrolee = config.enrolee;
+  kept.peer = config.peer;
+  if (config.mef) {
+    MefSettings mef = *config.mef;
+    mef.enrolees.clear();
+    mef.enrolees.shrink_to_fit();
+    kept.mef = std::move(mef);
+  }
+  return kept;
+}
+}  // namespace
+
 Result<std::unique_ptr<Roles>> Roles::start(EventLoop& loop, const Config& config, const LoadedSecrets& secrets) {
   auto impl = std::make_unique<Impl>(loop);
   Impl& s = *impl;
-  s.config = config;
+  s.config = what_roles_keep(config);
   auto store = crypto::KeyStore::open(config.daemon.state_directory, secrets.master_key().clone());
   if (!store) return std::move(store).error();
   s.store.emplace(std::move(store).value());

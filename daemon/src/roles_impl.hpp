@@ -116,7 +116,7 @@ struct Roles::Impl {
   ~Impl();
 
   EventLoop& loop;
-  Config config;  // copy of the running configuration (policy, addresses)
+  Config config;  // the running configuration's typed sections (what_roles_keep): policy, addresses, listeners
   std::optional<crypto::KeyStore> store;
   rspf::PskLookupSlot mef_slot;
   rspf::PskLookupSlot peer_slot;
