@@ -364,6 +364,22 @@ struct StoreState {
     return n;
   }
 
+  // Whether the record stored under kind and id has exactly this encoding. Decodes nothing: a lazy slot is compared
+  // as it lies in its arena.
+  bool stores_encoding(RecordKind kind, const std::string& id, ByteView encoding) const {
+    const KindMap& map = records[index_of(kind)];
+    const auto it = map.find(id);
+    if (it == map.end()) return false;
+    const Slot& slot = it->second;
+    if (!slot.record) {
+      return slot.encoded_size == encoding.size && sodium_memcmp(slot.encoded, encoding.data, encoding.size) == 0;
+    }
+    if (codec::encoded_record_size(*slot.record) != encoding.size) return false;
+    SecretBuffer stored(encoding.size);
+    codec::write_record(*slot.record, stored.data());
+    return sodium_memcmp(stored.data(), encoding.data, encoding.size) == 0;
+  }
+
   const Record* materialise(const Slot& slot) const {
     if (!slot.record) {
       auto decoded = codec::parse_record(ByteView(slot.encoded, slot.encoded_size), codec::SecretFields::copy);
@@ -1188,6 +1204,14 @@ Result<void> KeyStore::put(Record record) {
   if (auto ok = validate(record); !ok) return ok;
   if (auto ok = impl_->refuse_if_broken(); !ok) return ok;
   const ByteView plain = encode_put(*impl_, record);
+  // Exactly what is stored already: nothing to write, and it is durable (unless a queued group write holds it; then
+  // it goes the usual way, which waits for that write). dauthd puts every configured row at each start: one
+  // fdatasync per unchanged row made a 10,000-row MEF take 10-40 s to start.
+  if (impl_->unconfirmed.empty() &&
+      impl_->stores_encoding(kind_of(record), id_of(record), ByteView(plain.data + 1, plain.size - 1))) {
+    sodium_memzero(const_cast<std::uint8_t*>(plain.data), plain.size);
+    return ok_result();
+  }
   auto appended = impl_->append(plain);
   if (appended) (void)show_put(*impl_, record, plain);
   sodium_memzero(const_cast<std::uint8_t*>(plain.data), plain.size);
@@ -1248,6 +1272,13 @@ Result<void> KeyStore::remove(RecordKind kind, std::string_view id) {
   if (!appended) return appended;
   map.erase(it);
   return ok_result();
+}
+
+bool KeyStore::holds(const Record& record) const {
+  const std::size_t size = codec::encoded_record_size(record);
+  SecretBuffer encoding(size);
+  codec::write_record(record, encoding.data());
+  return impl_->stores_encoding(kind_of(record), id_of(record), ByteView(encoding.data(), size));
 }
 
 const Record* KeyStore::find(RecordKind kind, std::string_view id) const {

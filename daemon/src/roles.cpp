@@ -261,14 +261,16 @@ Result<void> Roles::Impl::put_key_tables(const Config& cfg, const LoadedSecrets&
       if (ae.kpm_id.empty()) continue;
       const auto* key = secrets.find_file(ae.kpm_file);
       if (key == nullptr) return make_error(Errc::internal, "enrolee.ae " + ae.id + ": kpm_file not loaded");
+      crypto::Record record = crypto::BootstrapKeyRecord{ae.kpm_id, key->key.clone(), ae.id};
+      kpm_ids.insert(ae.kpm_id);
+      // Unchanged since the last start: nothing to write (holds() decodes nothing; find() would keep a decoded copy).
+      if (store->holds(record)) continue;
       if (const auto* old = store->find<crypto::BootstrapKeyRecord>(ae.kpm_id);
-          old && !configured_kpm_ids.count(ae.kpm_id) && (!old->kpm.equals(key->key) || old->ae_id != ae.id)) {
+          old && !configured_kpm_ids.count(ae.kpm_id)) {
         log::notice("enrolee.ae " + ae.id + ": kpm_file replaces the stored credential " + ae.kpm_id +
                     " (fingerprint " + old->kpm.fingerprint() + " -> " + key->key.fingerprint() + ")");
       }
-      crypto::BootstrapKeyRecord record{ae.kpm_id, key->key.clone(), ae.id};
       if (auto r = store->put(std::move(record)); !r) return r;
-      kpm_ids.insert(ae.kpm_id);
     }
   }
   if (cfg.mef) {
@@ -287,16 +289,16 @@ Result<void> Roles::Impl::put_key_tables(const Config& cfg, const LoadedSecrets&
       record.targets = row.targets;
       record.enrolment_lifetime_s = row.lifetime != 0 ? row.lifetime : cfg.mef->enrolment_lifetime;
       record.certificate_enrolment = row.certificate_enrolment;
-      if (const auto* old = store->find<crypto::EnroleeRecord>(record.credential_id);
-          old && !configured_enrolee_ids.count(record.credential_id) &&
-          (!old->kpm.equals(record.kpm) || old->enrolee_id != record.enrolee_id || old->targets != record.targets ||
-           old->enrolment_lifetime_s != record.enrolment_lifetime_s ||
-           old->certificate_enrolment != record.certificate_enrolment)) {
-        log::notice("mef.enrolee " + record.credential_id + ": the configuration replaces the stored row (changed "
-                    "in the file, or added with dauthctl enrolees add)");
+      const std::string id = record.credential_id;
+      enrolee_ids.insert(id);
+      crypto::Record row_record = std::move(record);
+      // Unchanged since the last start: nothing to write (holds() decodes nothing; find() would keep a decoded copy).
+      if (store->holds(row_record)) continue;
+      if (store->find<crypto::EnroleeRecord>(id) != nullptr && !configured_enrolee_ids.count(id)) {
+        log::notice("mef.enrolee " + id + ": the configuration replaces the stored row (changed in the file, or "
+                    "added with dauthctl enrolees add)");
       }
-      enrolee_ids.insert(record.credential_id);
-      if (auto r = store->put(std::move(record)); !r) return r;
+      if (auto r = store->put(std::move(row_record)); !r) return r;
     }
   }
   if (key_tables_loaded) {

@@ -212,6 +212,56 @@ TEST_CASE("key store: sync_stats counts one journal fdatasync per put and remove
   CHECK(after.time > before.time);
 }
 
+TEST_CASE("key store: a put of exactly the stored record writes nothing and holds() tells so without decoding",
+          "[keystore]") {
+  test::TempDir dir;
+  const std::vector<Record> records = one_of_each();
+  {
+    KeyStore store = open_store(dir.path());
+    for (const auto& record : records) {
+      CHECK_FALSE(store.holds(record));
+      REQUIRE(store.put(copy_record(record)).ok());
+      CHECK(store.holds(record));
+    }
+    const auto syncs = store.sync_stats().syncs;
+    for (const auto& record : records) REQUIRE(store.put(copy_record(record)).ok());  // stored as put: lazy slots
+    CHECK(store.sync_stats().syncs == syncs);
+    // Decoded by find(): still compared field for field.
+    REQUIRE(store.find<BootstrapKeyRecord>("boot-1@mef.example.net") != nullptr);
+    REQUIRE(store.put(copy_record(records[0])).ok());
+    CHECK(store.sync_stats().syncs == syncs);
+  }
+  // After a restart the records lie encoded in the arenas of the opened files: the same.
+  {
+    OpenReport report;
+    KeyStore store = open_store(dir.path(), &report);
+    CHECK(report.journal_entries == records.size());  // the repeated puts left no entry
+    const auto syncs = store.sync_stats().syncs;
+    for (const auto& record : records) {
+      CHECK(store.holds(record));
+      REQUIRE(store.put(copy_record(record)).ok());
+    }
+    CHECK(store.sync_stats().syncs == syncs);
+    // Any field that differs is a real put: a key byte, a target, a flag.
+    auto changed_key = copy_record(records[0]);
+    std::get<BootstrapKeyRecord>(changed_key).kpm = patterned_secret(16, 77);
+    auto changed_target = copy_record(records[1]);
+    std::get<EnroleeRecord>(changed_target).targets.back() = "CAE-target-9";
+    auto changed_flag = copy_record(records[1]);
+    std::get<EnroleeRecord>(changed_flag).certificate_enrolment = false;
+    for (auto* record : {&changed_key, &changed_target, &changed_flag}) {
+      CHECK_FALSE(store.holds(*record));
+      REQUIRE(store.put(copy_record(*record)).ok());
+      CHECK(store.holds(*record));
+    }
+    CHECK(store.sync_stats().syncs == syncs + 3);
+    CHECK(store.find<BootstrapKeyRecord>("boot-1@mef.example.net")->kpm.equals(patterned_secret(16, 77)));
+  }
+  OpenReport report;
+  CHECK(open_store(dir.path(), &report).size() == records.size());
+  CHECK(report.journal_entries == records.size() + 3);
+}
+
 TEST_CASE("key store: put() compacts by itself when the journal grows past 4096 entries", "[keystore]") {
   // 4100 fdatasyncs take seconds to tens of seconds on a busy disk; on tmpfs they are free and the compaction logic
   // under test is the same.

@@ -173,6 +173,27 @@ TEST_CASE("dauthd serves status, survives a bad reload, reloads a good one, and 
   check_no_key_bytes(dauth::test::read_text_file(d.log));
 }
 
+TEST_CASE("a restart writes none of the unchanged configured rows to the key store, a changed one it does",
+          "[dauthd]") {
+  Deployment d;
+  const auto fdatasyncs_after_start = [&](const std::string& name) -> std::int64_t {
+    NotifyListener notify(d.dir / ("notify-" + name));
+    DaemonProcess daemon({DAUTHD_PATH, "-c", d.config.string()}, {notify.environment()}, d.log);
+    INFO(dauth::test::read_text_file(d.log));
+    REQUIRE(notify.wait_for("READY=1").has_value());
+    const auto stats = d.ctl({"--json", "stats"});
+    REQUIRE(stats.exit_code == 0);
+    daemon.signal(SIGTERM);
+    REQUIRE(daemon.wait().has_value());
+    return nlohmann::json::parse(stats.output).value("keystore_fdatasync_total", std::int64_t{-1});
+  };
+  CHECK(fdatasyncs_after_start("first") == 1);  // the one [[mef.enrolee]] row goes into the new store
+  CHECK(fdatasyncs_after_start("again") == 0);  // unchanged: nothing written (it was one fdatasync per row)
+  dauth::test::write_file(d.config, d.config_text("info") + "targets = [\"CAE-valve\"]\n", 0600);
+  CHECK(fdatasyncs_after_start("changed") == 1);
+  check_no_key_bytes(dauth::test::read_text_file(d.log));
+}
+
 TEST_CASE("the watchdog is pinged when WATCHDOG_USEC is set", "[dauthd]") {
   Deployment d;
   NotifyListener notify(d.dir / "notify");

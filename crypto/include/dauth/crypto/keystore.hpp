@@ -154,7 +154,7 @@ class KeyStore {
 
   // Inserts or replaces the record with the same kind and id; durable (fdatasync) when it returns ok. Writes
   // queued by put_when_durable() go to the file first (put() waits for them; their handlers still run from
-  // deliver_durable()).
+  // deliver_durable()). A record exactly like the stored one writes nothing (no entry, no fdatasync).
   Result<void> put(Record record);
   // Errc::not_found if absent. Waits for queued writes like put().
   Result<void> remove(RecordKind kind, std::string_view id);
@@ -181,6 +181,8 @@ class KeyStore {
   // this same kind and id, or until the KeyStore is destroyed or assigned to; puts and removes of other records,
   // compact() and moving the KeyStore do not invalidate it. Copy what must outlive that (SecretBuffer::clone()).
   const Record* find(RecordKind kind, std::string_view id) const;
+  // Whether exactly this record (kind, id and every field) is stored. Decodes nothing, unlike find().
+  bool holds(const Record& record) const;
   template <class T>
   const T* find(std::string_view id) const;
 
