@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <array>
+#include <map>
 
 #include "dauth/crypto/identifiers.hpp"
 #include "dauth/crypto/onem2m.hpp"
@@ -44,6 +45,11 @@ struct Enrolee::Impl : std::enable_shared_from_this<Enrolee::Impl> {
   Backoff backoff;
   std::string current_ke_id;           // "" = none
   std::int64_t renewal_due_ms = 0;     // unix milliseconds
+  // The usage-constrained keys handed out by key_for_target, derived once per (KeID, target) instead of per proxied
+  // request. Only keys of target_keys_ke_id (the current KeID) are held, at most one per Enrolment Target of its
+  // record; forget_target_keys() wipes them (SecretBuffer) whenever that KeID stops being the usable one.
+  std::string target_keys_ke_id;
+  std::map<std::string, SecretBuffer, std::less<>> target_keys;
 
   Impl(transport::Node& n, crypto::KeyStore& s, EnroleeConfig c, std::string ae)
       : node(n), store(s), config(std::move(c)), ae_id(std::move(ae)), backoff(config.jitter) {}
@@ -62,6 +68,46 @@ struct Enrolee::Impl : std::enable_shared_from_this<Enrolee::Impl> {
   const crypto::EnrolmentKeyRecord* current_record() const {
     if (current_ke_id.empty()) return nullptr;
     return store.find<crypto::EnrolmentKeyRecord>(current_ke_id);
+  }
+
+  void forget_target_keys() {
+    target_keys.clear();
+    target_keys_ke_id.clear();
+  }
+
+  // SPEC.md §4. The record is read from the store on every call, so that whatever changed it (a renewal here, a
+  // revocation by the MEF role of the same dauthd in a shared store, expiry) is seen at once; only the HMAC is
+  // saved.
+  Result<TargetKey> key_for_target(std::string_view target_ae_id) {
+    const auto* record = current_record();
+    if (record == nullptr) {
+      forget_target_keys();
+      return make_error(Errc::not_found, "'" + ae_id + "' is not enrolled");
+    }
+    if (record->expires_at <= now()) {
+      forget_target_keys();
+      return make_error(Errc::expired, "enrolment " + record->ke_id + " of '" + ae_id + "' has expired");
+    }
+    if (record->revoked_at != 0) {
+      forget_target_keys();
+      return make_error(Errc::denied, "enrolment " + record->ke_id + " of '" + ae_id + "' was revoked at " +
+                                          std::to_string(record->revoked_at));
+    }
+    if (std::find(record->targets.begin(), record->targets.end(), target_ae_id) == record->targets.end()) {
+      return make_error(Errc::denied, "'" + std::string(target_ae_id) + "' is not an Enrolment Target of '" + ae_id +
+                                          "' (the MEF named " + std::to_string(record->targets.size()) + ")");
+    }
+    if (target_keys_ke_id != record->ke_id) {
+      forget_target_keys();
+      target_keys_ke_id = record->ke_id;
+    }
+    auto cached = target_keys.find(target_ae_id);
+    if (cached == target_keys.end()) {
+      auto key = crypto::derive_usage_constrained_key(record->ke, crypto::Suid::rspf_key_for_saef, target_ae_id);
+      if (!key.ok()) return std::move(key).error();
+      cached = target_keys.emplace(std::string(target_ae_id), std::move(*key)).first;
+    }
+    return TargetKey{record->ke_id, cached->second.clone()};
   }
 
   void schedule_renewal(std::int64_t lifetime_s) {
@@ -203,6 +249,7 @@ struct Enrolee::Impl : std::enable_shared_from_this<Enrolee::Impl> {
     record.expires_at = message->expiry;
     if (auto stored = store.put(std::move(record)); !stored.ok()) return fail(done, std::move(stored).error());
     current_ke_id = ours;
+    forget_target_keys();  // the keys of the previous KeID are of no further use: wiped now, not at the next call
     schedule_renewal(message->expiry - at);
     config.log("enrolee " + ae_id + " stored KeID " + ours + " (expiry " + std::to_string(message->expiry) + ")");
 
@@ -387,19 +434,13 @@ std::optional<std::string> Enrolee::ke_id() const {
 }
 
 Result<TargetKey> Enrolee::key_for_target(std::string_view target_ae_id) const {
-  const auto* record = impl_->current_record();
-  if (record == nullptr) return make_error(Errc::not_found, "'" + impl_->ae_id + "' is not enrolled");
-  if (record->expires_at <= impl_->now()) {
-    return make_error(Errc::expired, "enrolment " + record->ke_id + " of '" + impl_->ae_id + "' has expired");
-  }
-  if (std::find(record->targets.begin(), record->targets.end(), target_ae_id) == record->targets.end()) {
-    return make_error(Errc::denied, "'" + std::string(target_ae_id) + "' is not an Enrolment Target of '" +
-                                        impl_->ae_id + "' (the MEF named " + std::to_string(record->targets.size()) +
-                                        ")");
-  }
-  auto key = crypto::derive_usage_constrained_key(record->ke, crypto::Suid::rspf_key_for_saef, target_ae_id);
-  if (!key.ok()) return std::move(key).error();
-  return TargetKey{record->ke_id, std::move(*key)};
+  return impl_->key_for_target(target_ae_id);
+}
+
+std::vector<std::pair<std::string, std::string>> Enrolee::cached_target_keys() const {
+  std::vector<std::pair<std::string, std::string>> cached;
+  for (const auto& [target, key] : impl_->target_keys) cached.emplace_back(impl_->target_keys_ke_id, target);
+  return cached;
 }
 
 Result<transport::ClientCredentials> Enrolee::mef_credentials() const {

@@ -4,6 +4,9 @@
 
 #include <algorithm>
 #include <array>
+#include <deque>
+#include <map>
+#include <set>
 
 #include "dauth/crypto/identifiers.hpp"
 #include "dauth/crypto/onem2m.hpp"
@@ -64,6 +67,15 @@ Result<ContentFormat> request_format(const Request& request) {
   return content_format_from(*request.content_format);
 }
 
+// The versioned credential feed (PROTOCOL.md §4): the last kFeedLogSize changes are kept, so that an observer
+// answered within that many changes gets only what changed since; one that lags further gets the whole state. A
+// delta never names more KeIDs than the log holds, so it stays within the feed's cap per array.
+constexpr std::size_t kFeedLogSize = 1024;
+static_assert(kFeedLogSize <= kMaxCredentialFeedEntries, "a delta must fit the feed's cap per array");
+// Versioned observers remembered (what each was last answered); the least recently answered is forgotten beyond
+// this and gets the whole state at its next answer.
+constexpr std::size_t kMaxFeedObservers = 8192;
+
 Response binary_response(int code, std::uint16_t content_format, Bytes payload) {
   Response response;
   response.code = code;
@@ -81,6 +93,24 @@ struct Mef::Impl {
   // KeID -> repeated enrolment requests of its session that arrived while its record was being made durable; each
   // is answered with the outcome of the first (on_enrolment).
   std::map<std::string, std::vector<std::pair<std::shared_ptr<Responder>, Response>>> awaiting_durable;
+
+  // The versioned feed's state (PROTOCOL.md §4, kFeedLogSize): one change per enrolment naming targets and per
+  // KeID revocation, numbered by feed_version; the targets and the revocation are read from the KeID's record when
+  // a delta is built. In memory only: after a restart every observer subscribes again and gets the whole state.
+  struct FeedChange {
+    std::int64_t version;
+    std::string ke_id;
+  };
+  std::deque<FeedChange> feed_log;  // consecutive versions, the newest last
+  std::int64_t feed_version = 0;
+  // (authenticated identity, oneM2M-FR) -> the version it was last answered, and when (feed_uses tick).
+  struct FeedObserver {
+    std::int64_t version;
+    std::uint64_t last_use;
+  };
+  std::map<std::string, FeedObserver> feed_observers;
+  std::map<std::uint64_t, std::string> feed_observers_by_use;  // least recently answered first
+  std::uint64_t feed_uses = 0;
 
   Impl(transport::Node& n, crypto::KeyStore& s, MefConfig c) : node(n), store(s), config(std::move(c)) {}
 
@@ -200,7 +230,7 @@ struct Mef::Impl {
       for (auto& [waiter, again] : repeated) waiter->respond(std::move(again));
       exchange.set_state(ExchangeState::stored, stored_what);
       // Durable now: the targets observing the feed may learn the KeID ahead of the enrolee's first handshake.
-      if (announce) announce_feed_change();
+      if (announce) announce_feed_change(ke_id_text);
       pending->respond(std::move(answer));
       exchange.set_state(ExchangeState::answered, "2.04");
     };
@@ -227,7 +257,9 @@ struct Mef::Impl {
   }
 
   // ---- GET /fetchCredentials, observable (SPEC.md §4 last sentence, §5; PROTOCOL.md §4) ----
-  // Per subscriber: libcoap calls this once per observer with its own session and stored request.
+  // Per subscriber: libcoap calls this once per observer with its own session and stored request, so each observer
+  // gets its own body. Its stored request never changes, so what it was last answered is remembered here
+  // (feed_observers), keyed by its authenticated identity and oneM2M-FR.
   void on_credential_feed(const Session& session, const Request& request, Responder responder) {
     constexpr std::string_view route = "fetchCredentials feed";
     auto requester = authenticated_ae_id(session);
@@ -244,6 +276,29 @@ struct Mef::Impl {
       if (!accepted.ok()) return refuse(responder, session, route, accepted.error(), 406);
       format = *accepted;
     }
+    const bool versioned = !request.query.empty();
+    const bool delta_wanted = request.query.size() == 1 && request.query.front() == kFeedQueryDelta;
+    if (versioned && !delta_wanted && !(request.query.size() == 1 && request.query.front() == kFeedQueryFull)) {
+      std::string given;
+      for (const auto& word : request.query) given += (given.empty() ? "" : "&") + word;
+      return refuse(responder, session, route,
+                    make_error(Errc::invalid_argument, "query " + crypto::quote_for_error(given) +
+                                                           ": the feed takes \"delta\" or \"full\", or none"),
+                    400);
+    }
+    const std::string observer = std::string(transport::to_string(session.peer().kind)) + ":" +
+                                 session.peer().value + "|" + *requester;
+    if (delta_wanted) {
+      // Only what changed since its last answer, if the log still holds all of it. Whether the requester is still
+      // some enrolee's target is checked with the whole state only: a delta names only KeIDs naming it anyway.
+      const auto known = feed_observers.find(observer);
+      if (known != feed_observers.end() && known->second.version >= feed_log_floor()) {
+        CredentialFeed delta = feed_changes_for(*requester, known->second.version);
+        note_feed_answer(observer, feed_version);
+        responder.respond(binary_response(205, static_cast<std::uint16_t>(format), encode(delta, format)));
+        return;
+      }
+    }
     bool is_target = false;
     store.for_each(crypto::RecordKind::enrolee, [&](const crypto::Record& r) {
       const auto& row = std::get<crypto::EnroleeRecord>(r);
@@ -253,7 +308,11 @@ struct Mef::Impl {
       return refuse(responder, session, route,
                     make_error(Errc::denied, "'" + *requester + "' is no enrolee's Enrolment Target at this MEF"));
     }
-    const CredentialFeed feed = credential_feed_for(*requester);
+    CredentialFeed feed = credential_feed_for(*requester);
+    if (versioned) {
+      feed.version = feed_version;
+      note_feed_answer(observer, feed_version);
+    }
     responder.respond(binary_response(205, static_cast<std::uint16_t>(format), encode(feed, format)));
   }
 
@@ -281,7 +340,47 @@ struct Mef::Impl {
     return feed;
   }
 
-  void announce_feed_change() { node.notify_observers({"fetchCredentials"}); }
+  // The oldest version a delta can start from: every change after it is still in the log.
+  std::int64_t feed_log_floor() const { return feed_log.empty() ? feed_version : feed_log.front().version - 1; }
+
+  // What changed for one target after version `since` (>= feed_log_floor()): each KeID once, by its record's state
+  // now (issued then revoked within the window: revoked only); expired or forgotten KeIDs left out.
+  CredentialFeed feed_changes_for(const std::string& target, std::int64_t since) const {
+    CredentialFeed delta;
+    delta.version = feed_version;
+    delta.since = since;
+    const std::int64_t at = now();
+    std::set<std::string_view> named;
+    const auto first = feed_log.begin() + static_cast<std::ptrdiff_t>(since - feed_log_floor());
+    for (auto change = first; change != feed_log.end(); ++change) {
+      const auto* key = store.find<crypto::EnrolmentKeyRecord>(change->ke_id);
+      if (key == nullptr || key->expires_at <= at ||
+          std::find(key->targets.begin(), key->targets.end(), target) == key->targets.end()) {
+        continue;
+      }
+      if (!named.insert(change->ke_id).second) continue;
+      (key->revoked_at != 0 ? delta.revoked : delta.issued).push_back(key->ke_id);
+    }
+    return delta;
+  }
+
+  void note_feed_answer(const std::string& observer, std::int64_t version) {
+    auto [it, added] = feed_observers.try_emplace(observer, FeedObserver{version, 0});
+    if (!added) feed_observers_by_use.erase(it->second.last_use);
+    it->second = FeedObserver{version, ++feed_uses};
+    feed_observers_by_use.emplace(feed_uses, observer);
+    if (feed_observers.size() > kMaxFeedObservers) {
+      feed_observers.erase(feed_observers_by_use.begin()->second);
+      feed_observers_by_use.erase(feed_observers_by_use.begin());
+    }
+  }
+
+  // A new or revoked KeID naming targets: one more feed version, then the observers are notified.
+  void announce_feed_change(const std::string& ke_id) {
+    feed_log.push_back(FeedChange{++feed_version, ke_id});
+    if (feed_log.size() > kFeedLogSize) feed_log.pop_front();
+    node.notify_observers({"fetchCredentials"});
+  }
 
   // ---- GET /fetchCredentials/<KeID>/<SUID> (SPEC.md §4) ----
   void on_fetch_credentials(const Session& session, const Request& request, Responder responder) {
@@ -621,11 +720,14 @@ Result<void> Mef::revoke(std::string_view ke_id_text) {
   if (record->revoked_at != 0) return ok_result();
   crypto::EnrolmentKeyRecord revoked{record->ke_id, record->ke.clone(), record->enrolee_id, record->targets,
                                      record->expires_at, impl_->now()};
+  const std::vector<std::string> targets = record->targets;
+  const std::string revoked_ke_id = record->ke_id;
   const std::string audit = "mef audit: revoked KeID " + revoked.ke_id + " of " + revoked.enrolee_id + " at " +
                             std::to_string(revoked.revoked_at);
   if (auto stored = impl_->store.put(std::move(revoked)); !stored.ok()) return stored;
   impl_->config.log(audit);
-  impl_->announce_feed_change();  // the targets drop the key and its live sessions (PROTOCOL.md §5)
+  // The targets drop the key and its live sessions (PROTOCOL.md §5).
+  if (!targets.empty()) impl_->announce_feed_change(revoked_ke_id);
   impl_->announce_revocation();   // the list carries KeIDs too
   return ok_result();
 }

@@ -404,7 +404,11 @@ Result<ErrorBody> decode_error_body(ByteView payload, ContentFormat format) {
 }
 
 Bytes encode(const CredentialFeed& message, ContentFormat format) {
-  return serialise({{"issued", message.issued}, {"revoked", message.revoked}}, format);
+  json document{{"issued", message.issued}, {"revoked", message.revoked}};
+  // nlohmann's object is ordered by key: issued, revoked, since, version (the order PROTOCOL.md §4 shows).
+  if (message.version) document["version"] = *message.version;
+  if (message.version && message.since) document["since"] = *message.since;
+  return serialise(document, format);
 }
 
 Result<CredentialFeed> decode_credential_feed(ByteView payload, ContentFormat format) {
@@ -421,6 +425,21 @@ Result<CredentialFeed> decode_credential_feed(ByteView payload, ContentFormat fo
       if (!parsed) return fields.wrong(key, "an array of KeIDs (" + parsed.error().message + ")");
       out->push_back(parsed->text());
     }
+  }
+  if (fields.raw("version") != nullptr) {
+    auto version = fields.integer("version");
+    if (!version) return std::move(version).error();
+    feed.version = *version;
+  }
+  if (fields.raw("since") != nullptr) {
+    if (!feed.version) return make_error(Errc::parse, std::string(kMessage) + ": \"since\" without \"version\"");
+    auto since = fields.integer("since");
+    if (!since) return std::move(since).error();
+    if (*since > *feed.version) {
+      return make_error(Errc::parse, std::string(kMessage) + ": \"since\" " + std::to_string(*since) +
+                                         " is above \"version\" " + std::to_string(*feed.version));
+    }
+    feed.since = *since;
   }
   return feed;
 }

@@ -68,6 +68,15 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
   std::set<FetchKey> announced;   // issued KeIDs from a feed, waiting for a retrieval slot
   std::set<std::string> revoked;  // KeIDs a feed announced revoked: refused without a retrieval
   std::uint64_t notifications = 0;
+  // The versioned feed of each contact (PROTOCOL.md §4): the MEF's feed version its state is at (none: not known,
+  // e.g. an MEF of an earlier release), and the full read after a gap.
+  struct FeedVersion {
+    std::optional<std::int64_t> applied;
+    bool full_read_running = false;
+    std::optional<CredentialFeed> held;  // the newest delta that came during the full read
+  };
+  std::map<std::pair<std::string, std::string>, FeedVersion> feed_versions;
+  TargetKeys::FeedStats feed_stats;
   // Retrievals that failed, and when the next one may start: a KeID that keeps failing (MEF unreachable or
   // refusing) is asked for with backoff (1 s doubling to 5 min, ± 10 %), not once per handshake that names it.
   // Bounded: beyond kMaxFailedRemembered the entry due soonest is forgotten.
@@ -234,6 +243,7 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
   Feed make_feed(const ContactKey& contact, MefContact mef) {
     transport::Request request;
     request.path = {"fetchCredentials"};
+    request.query = {std::string(kFeedQueryDelta)};
     request.accept = static_cast<std::uint16_t>(ContentFormat::cbor);
     request.originator = contact.first;
     std::weak_ptr<Impl> weak = weak_from_this();
@@ -254,7 +264,99 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
       return;
     }
     ++notifications;
-    apply_feed(contact, *message);
+    take_feed_body(contact, *message);
+  }
+
+  // PROTOCOL.md §4, "The versioned feed": a whole state is applied and sets the version (also a lower one: an MEF
+  // that restarted counts from 0 again, and its first answer to a new subscription is the whole state); a delta is
+  // applied when it follows on from what we hold (since <= applied; applying a change twice is harmless).
+  void take_feed_body(const ContactKey& contact, const CredentialFeed& body) {
+    FeedVersion& at = feed_versions[contact];
+    if (!body.version || !body.since) {
+      if (body.version) {
+        at.applied = *body.version;
+      } else {
+        at.applied.reset();  // an MEF of an earlier release: the whole state, every time
+      }
+      ++feed_stats.full_states;
+      apply_feed(contact, body);
+      if (at.held && at.applied && *at.held->since <= *at.applied) {
+        const CredentialFeed held = std::move(*at.held);
+        at.held.reset();
+        at.applied = std::max(*at.applied, *held.version);
+        ++feed_stats.deltas;
+        apply_feed(contact, held);
+      }
+      at.held.reset();
+      return;
+    }
+    if (at.applied && *body.since <= *at.applied) {
+      at.applied = std::max(*at.applied, *body.version);
+      ++feed_stats.deltas;
+      apply_feed(contact, body);
+      return;
+    }
+    ++feed_stats.gaps;
+    at.held = body;
+    if (at.full_read_running) return;
+    config.log("target " + contact.first + " feed mef=" + contact.second + ": changes since version " +
+               std::to_string(*body.since) + ", but " +
+               (at.applied ? "version " + std::to_string(*at.applied) + " is applied" : std::string("no version is known")) +
+               " (a notification was missed); reading the whole state");
+    start_full_read(contact);
+  }
+
+  // GET /fetchCredentials?full, without Observe, on the contact's session.
+  void start_full_read(const ContactKey& contact) {
+    const auto mef = mefs.find(contact);
+    if (mef == mefs.end()) return;
+    auto credentials = mef->second.credentials ? mef->second.credentials()
+                                               : Result<transport::ClientCredentials>(make_error(
+                                                     Errc::not_found, "no credentials for MEF '" + contact.second + "'"));
+    if (!credentials.ok()) {
+      config.log("target " + contact.first + " feed mef=" + contact.second +
+                 " cannot read the whole state: " + credentials.error().message);
+      return;
+    }
+    transport::Request request;
+    request.method = transport::Method::get;
+    request.path = {"fetchCredentials"};
+    request.query = {std::string(kFeedQueryFull)};
+    request.accept = static_cast<std::uint16_t>(ContentFormat::cbor);
+    request.originator = contact.first;
+    feed_versions[contact].full_read_running = true;
+    ++feed_stats.full_reads;
+    std::weak_ptr<Impl> weak = weak_from_this();
+    node.request(mef->second.address, *credentials, std::move(request),
+                 [weak, contact](Result<transport::Response> answer, const transport::Session*) {
+                   if (auto self = weak.lock()) self->on_full_read(contact, std::move(answer));
+                 });
+  }
+
+  void on_full_read(const ContactKey& contact, Result<transport::Response> answer) {
+    feed_versions[contact].full_read_running = false;
+    const std::string what = "target " + contact.first + " feed mef=" + contact.second + " whole-state read ";
+    if (!answer.ok()) {
+      config.log(what + "failed: " + answer.error().to_string() + " (the next gap or subscription refresh retries)");
+      return;
+    }
+    if (answer->code != 205) {
+      config.log(what + "refused: " + error_from_response("MEF " + contact.second, *answer).message);
+      return;
+    }
+    auto format = content_format_from(answer->content_format.value_or(transport::kContentFormatCbor));
+    auto message = format.ok() ? decode_credential_feed(ByteView(answer->payload), *format)
+                               : Result<CredentialFeed>(std::move(format).error());
+    if (!message.ok()) {
+      config.log(what + "unreadable: " + message.error().to_string());
+      return;
+    }
+    if (message->since) {
+      config.log(what + "answered changes since version " + std::to_string(*message->since) +
+                 ", not the whole state; ignored");
+      return;
+    }
+    take_feed_body(contact, *message);
   }
 
   void apply_feed(const ContactKey& contact, const CredentialFeed& feed) {
@@ -409,5 +511,6 @@ std::size_t TargetKeys::feeds_live() const {
 }
 std::uint64_t TargetKeys::feed_notifications() const { return impl_->notifications; }
 bool TargetKeys::is_revoked(std::string_view ke_id) const { return impl_->revoked.count(std::string(ke_id)) != 0; }
+TargetKeys::FeedStats TargetKeys::feed_stats() const { return impl_->feed_stats; }
 
 }  // namespace dauth::rspf

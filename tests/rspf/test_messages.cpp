@@ -1,6 +1,8 @@
 // RSPF message encodings (docs/PROTOCOL.md §3–5): round trips in CBOR and JSON, cross-checked with nlohmann's own
 // CBOR codec as an independent implementation, and refusals that name the key.
 #include <catch2/catch.hpp>
+
+#include <cstring>
 #include <nlohmann/json.hpp>
 #include <sodium.h>
 
@@ -171,6 +173,59 @@ TEST_CASE("the credential feed is byte-exact as PROTOCOL.md §4 shows, and cappe
   full.issued.push_back(kKeId);
   REQUIRE_FALSE(
       rspf::decode_credential_feed(rspf::encode(full, rspf::ContentFormat::cbor), rspf::ContentFormat::cbor).ok());
+}
+
+TEST_CASE("the versioned credential feed is byte-exact as PROTOCOL.md §4 shows, and malformed versions are refused",
+          "[messages]") {
+  const auto hex_of = [](const Bytes& bytes) {
+    static constexpr char kDigits[] = "0123456789abcdef";
+    std::string hex;
+    for (const auto byte : bytes) {
+      hex += kDigits[byte >> 4];
+      hex += kDigits[byte & 0xf];
+    }
+    return hex;
+  };
+  const std::string ke_id_hex = hex_of(Bytes(kKeId, kKeId + std::strlen(kKeId)));
+  rspf::CredentialFeed whole{{kKeId}, {}, 7, std::nullopt};
+  // { "issued": [KeID], "revoked": [], "version": 7 }
+  CHECK(hex_of(rspf::encode(whole, rspf::ContentFormat::cbor)) ==
+        "a3" "66697373756564" "81" "7830" + ke_id_hex + "67" "7265766f6b6564" "80" "67" "76657273696f6e" "07");
+  rspf::CredentialFeed delta{{}, {kKeId}, 7, 6};
+  // { "issued": [], "revoked": [KeID], "since": 6, "version": 7 }
+  CHECK(hex_of(rspf::encode(delta, rspf::ContentFormat::cbor)) ==
+        "a4" "66697373756564" "80" "67" "7265766f6b6564" "81" "7830" + ke_id_hex + "65" "73696e6365" "06" "67"
+        "76657273696f6e" "07");
+  const Bytes json_text = rspf::encode(delta, rspf::ContentFormat::json);
+  CHECK(std::string(json_text.begin(), json_text.end()) ==
+        std::string("{\"issued\":[],\"revoked\":[\"") + kKeId + "\"],\"since\":6,\"version\":7}");
+  for (auto format : {rspf::ContentFormat::cbor, rspf::ContentFormat::json}) {
+    auto back = rspf::decode_credential_feed(rspf::encode(delta, format), format);
+    REQUIRE(back.ok());
+    CHECK(back->version == 7);
+    CHECK(back->since == 6);
+    CHECK(back->revoked == std::vector<std::string>{kKeId});
+    auto unversioned = rspf::decode_credential_feed(rspf::encode(rspf::CredentialFeed{{kKeId}, {}}, format), format);
+    REQUIRE(unversioned.ok());
+    CHECK_FALSE(unversioned->version.has_value());
+  }
+
+  const auto refused = [](const std::string& json_body) {
+    auto decoded = rspf::decode_credential_feed(ByteView::of(json_body), rspf::ContentFormat::json);
+    REQUIRE_FALSE(decoded.ok());
+    return decoded.error().message;
+  };
+  CHECK(refused(R"({"issued":[],"since":3})") == "credential feed: \"since\" without \"version\"");
+  CHECK(refused(R"({"issued":[],"since":8,"version":7})") == "credential feed: \"since\" 8 is above \"version\" 7");
+  CHECK(refused(R"({"issued":[],"version":-1})").find("\"version\" must be an unsigned integer") != std::string::npos);
+  CHECK(refused(R"({"issued":[],"version":"7"})").find("\"version\" must be an unsigned integer") != std::string::npos);
+  CHECK(refused(R"({"issued":["not a KeID"],"version":7})").find("\"issued\" must be an array of KeIDs") !=
+        std::string::npos);
+  const std::string oversized(rspf::kMaxCredentialFeedSize + 1, ' ');
+  auto too_big = rspf::decode_credential_feed(ByteView::of(oversized), rspf::ContentFormat::json);
+  REQUIRE_FALSE(too_big.ok());
+  CHECK(too_big.error().code == dauth::Errc::limit);
+  CHECK(too_big.error().message.find("exceeds 131072") != std::string::npos);
 }
 
 TEST_CASE("fetchCredentials paths parse and print", "[messages]") {

@@ -19,6 +19,8 @@
 #include <set>
 #include <string>
 #include <string_view>
+#include <utility>
+#include <vector>
 
 #include "dauth/crypto/keystore.hpp"
 #include "dauth/error.hpp"
@@ -87,8 +89,14 @@ class Enrolee {
   const std::string& ae_id() const;
   // The current KeID, if enrolled (also in state failed while an earlier enrolment is still valid).
   std::optional<std::string> ke_id() const;
-  // Errors: not enrolled, enrolment expired, target not among the MEF's Enrolment Targets.
+  // Errors: not enrolled (not_found), enrolment expired (expired) or revoked in this store (denied: a dauthd whose
+  // MEF role revoked the KeID), target not among the MEF's Enrolment Targets (denied).
+  // Each key is derived once per (KeID, target) and kept, wiped, until the KeID is replaced by an enrolment or
+  // found expired, revoked or gone; each call checks the stored record first. const: that memo is no state a
+  // caller can observe (the same key comes back either way).
   Result<TargetKey> key_for_target(std::string_view target_ae_id) const;
+  // (KeID, target AE-ID) of each key key_for_target keeps, for status output and tests; never the keys.
+  std::vector<std::pair<std::string, std::string>> cached_target_keys() const;
   // The credential to re-authenticate to our MEF (SPEC.md §3.5): psk(KeID, Ker, sni = MEF FQDN). Used for key
   // retrieval when this AE is itself an Enrolment Target.
   Result<transport::ClientCredentials> mef_credentials() const;

@@ -38,8 +38,9 @@ struct MefConfig {
 class Mef {
  public:
   // Registers the routes on node (secure endpoint only): POST mef/enrolment, GET fetchCredentials/<KeID>/<SUID>,
-  // the observable GET fetchCredentials feed (PROTOCOL.md §4: each target's issued and revoked KeIDs, notified
-  // after an enrolment naming targets is stored and after a revocation), the observable GET mef/revoked (PROTOCOL.md
+  // the observable GET fetchCredentials feed (PROTOCOL.md §4: each target's issued and revoked KeIDs, the whole
+  // state or, versioned with ?delta, only what changed since an observer's last answer; notified after an enrolment
+  // naming targets is stored and after a revocation), the observable GET mef/revoked (PROTOCOL.md
   // §5: revoked certificate serials and KeIDs, notified after every revocation), and with a CA POST
   // .well-known/est/sen, .well-known/est/sren and GET .well-known/est/crts. Errors: invalid FQDN; a node without
   // server endpoint or whose fetchCredentials path is already observable (one Mef per Node).
@@ -55,8 +56,8 @@ class Mef {
   Result<SecretBuffer> lookup_psk(std::string_view identity) const;
   transport::PskLookup psk_lookup();
 
-  // Marks the KeID revoked (revoked_at = now), durably; every key derived from it is refused from then on, and the
-  // feed's observers are notified.
+  // Marks the KeID revoked (revoked_at = now), durably; every key derived from it is refused from then on, and, if
+  // it names targets, the feed's observers are notified.
   // Errors: not_found, or the store's error. Idempotent: revoking twice keeps the first time.
   Result<void> revoke(std::string_view ke_id);
   // Marks an issued certificate revoked in its IssuanceRecord (serial as upper- or lower-case hex), durably, and

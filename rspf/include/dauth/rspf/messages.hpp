@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -59,12 +60,21 @@ struct ErrorBody {
   std::string detail;
 };
 
-// 2.05 answer and notification body of the observed GET /fetchCredentials feed (SPEC.md §4–5, PROTOCOL.md §4):
-// the whole current state for the observer, not a delta, so a lost notification costs nothing.
+// 2.05 answer and notification body of the observed GET /fetchCredentials feed (SPEC.md §4–5, PROTOCOL.md §4).
+// Unversioned (no query; what targets of earlier releases ask for): the whole current state, every time. Versioned
+// (query "delta" or "full"): `version` is the MEF's feed version the body brings the observer to; without `since`
+// the body is the whole state at that version, with `since` only what changed after version `since` (issued:
+// newly issued, revoked: newly revoked), valid only for an observer that already holds version `since` or later.
 struct CredentialFeed {
   std::vector<std::string> issued;   // valid, unexpired KeIDs whose enrolee names the observer as a target
   std::vector<std::string> revoked;  // revoked, unexpired KeIDs naming the observer: it must drop them
+  std::optional<std::int64_t> version = std::nullopt;
+  std::optional<std::int64_t> since = std::nullopt;  // only with version, and never above it
 };
+// The Uri-Query words of the versioned feed: the subscription ("delta": the whole state first, then only changes)
+// and the recovery read after a gap ("full": always the whole state).
+inline constexpr std::string_view kFeedQueryDelta = "delta";
+inline constexpr std::string_view kFeedQueryFull = "full";
 // Caps of the feed (it grows with the deployment, like the revocation list): per array, and the encoded size.
 inline constexpr std::size_t kMaxCredentialFeedEntries = 1024;
 inline constexpr std::size_t kMaxCredentialFeedSize = 131072;

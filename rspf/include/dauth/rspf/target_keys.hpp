@@ -13,8 +13,14 @@
 // (crypto::session_key_id): one KeID that targets two local AEs keeps both keys.
 //
 // The MEF feed (SPEC.md §4 last sentence, §5; PROTOCOL.md §4): with config.observe_feed, every MEF contact also
-// observes GET /fetchCredentials (oneM2M-FR = that served AE, its own credentials). Each notification lists the
-// KeIDs issued for that AE and the revoked ones. Issued KeIDs we hold no valid key for are retrieved ahead of the
+// observes GET /fetchCredentials?delta (oneM2M-FR = that served AE, its own credentials): the first answer lists
+// every KeID issued for that AE and the revoked ones at the MEF's feed version n, each later notification only
+// what changed since a version m (`since`). A notification whose m is above the version this contact has applied
+// (a notification it never got: the MEF remembers what it answered, not what arrived) is a gap: the contact reads
+// the whole state with a plain GET /fetchCredentials?full and goes on from its version; until that answer comes,
+// deltas are held back (the newest one is checked again after it). A full read that fails is retried by the next
+// gap or the next subscription refresh. An MEF of an earlier release answers the whole state without a version:
+// it is applied as such each time. Issued KeIDs we hold no valid key for are retrieved ahead of the
 // first handshake (each announcement once, within max_fetches_in_flight; the rest wait for free slots). Revoked
 // KeIDs: their SessionKeyRecord is removed, the live server sessions that authenticated with them are closed
 // (Node::close_server_sessions), and later handshakes with them are refused (denied) without a retrieval. A lost
@@ -89,6 +95,13 @@ class TargetKeys {
   std::size_t feeds_live() const;
   std::uint64_t feed_notifications() const;
   bool is_revoked(std::string_view ke_id) const;  // announced revoked by its MEF's feed
+  struct FeedStats {
+    std::uint64_t full_states = 0;  // whole-state bodies applied (first answers, full reads, MEFs without versions)
+    std::uint64_t deltas = 0;       // deltas applied
+    std::uint64_t gaps = 0;         // deltas that did not follow on from the version applied
+    std::uint64_t full_reads = 0;   // GET /fetchCredentials?full sent after a gap
+  };
+  FeedStats feed_stats() const;  // summed over the contacts
 
   struct Impl;
 
