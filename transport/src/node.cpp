@@ -1823,7 +1823,7 @@ Result<std::unique_ptr<Node>> Node::create(NodeConfig config) {
     if (!impl->server_context) return make_error(Errc::internal, error);
     coap_context_t* context = impl->server_context.get();
 
-    // Credentials first: coap_new_endpoint(DTLS) fails unless PSK or PKI is set up (notes, Q1). With GnuTLS the
+    // Credentials first: coap_new_endpoint(DTLS) fails unless PSK or PKI is set up. With GnuTLS the
     // context never gets a PKI setup (set_up_server_pki), so it always gets the PSK one; on a node without PSK
     // keys select_certificates_by_name takes the PSK credentials off each session (no PSK suites offered).
     if (cfg.psk_lookup || detail::attaches_server_pki()) {
