@@ -5,6 +5,8 @@
 // answer per name (docs/transport.md §3): the replacement test fails with it.
 #include <catch2/catch.hpp>
 
+#include <optional>
+
 #include "dauth/crypto/x509.hpp"
 
 #include "transport_support.hpp"
@@ -141,6 +143,36 @@ TEST_CASE("X.509 by SNI: a replaced certificate is served from the next handshak
   // Removed: A is now an unknown name (no default here: refused).
   CHECK(server->remove_server_certificate(kAeA));
   CHECK_FALSE(ask(*server, pki, kAeA, kAeA).result->ok());
+}
+
+TEST_CASE("X.509 by SNI: a handshake that presented a certificate completes after its replacement") {
+  if (!transport::backend_selects_server_certificates()) return;
+  TempDir dir;
+  Pki pki(dir);
+  make_ae_certificates(pki);
+  transport::Node* server_node = nullptr;
+  std::optional<Result<void>> replaced;
+  transport::NodeConfig config;
+  config.x509_by_server_name.emplace(kAeA, pki.credentials("ae_a"));
+  // Checking the client's certificate comes after the server sent its own and signed with its key: the
+  // certificate is replaced right then, in the middle of this handshake.
+  config.peer_check = [&](const transport::PeerIdentity&) -> Result<void> {
+    if (!replaced) replaced = server_node->set_server_certificate(kAeA, pki.credentials("ae_a_renewed"));
+    return ok_result();
+  };
+  auto server = make_server(std::move(config));
+  server_node = server.get();
+
+  const CallResult begun_before = ask(*server, pki, kAeA, kAeA);
+  REQUIRE(replaced.has_value());
+  REQUIRE(replaced->ok());
+  REQUIRE(begun_before.result->ok());
+  CHECK(begun_before.peer.certificate_serial == serial_of(pki, "ae_a"));
+  CHECK(text_of((*begun_before.result)->payload) == "x509:" + kClientAeId);
+
+  const CallResult next = ask(*server, pki, kAeA, kAeA);
+  REQUIRE(next.result->ok());
+  CHECK(next.peer.certificate_serial == serial_of(pki, "ae_a_renewed"));
 }
 
 TEST_CASE("X.509 by SNI: an unknown name is refused without a default and gets the default with one") {

@@ -235,12 +235,11 @@ class SessionImpl final : public Session {
   std::string refusal;                   // our own reason for refusing, set in a callback
   std::string cache_key;                 // client: key in the session cache
   std::string expected_peer;             // client, x509: required AE-ID or dNSName of the server
-  // Server, certificates by server name (docs/transport.md §3): whether this handshake must have its certificate
-  // chosen by SNI, whether that happened, and the TLS object our hook went on (libcoap recreates it after a failed
-  // ClientHello).
-  bool certificate_by_name = false;
-  bool certificate_selected = false;
-  const void* selector_installed_on = nullptr;
+  // Server, GnuTLS (docs/transport.md §3): the TLS object the node's certificate credentials went on (libcoap
+  // recreates it after a failed ClientHello), and the certificate its handshake presents, kept alive while GnuTLS
+  // may use it even if the certificate is replaced meanwhile.
+  const void* server_pki_attached_to = nullptr;
+  std::shared_ptr<const detail::ServerCertificate> presented_certificate;
 };
 
 }  // namespace
@@ -382,15 +381,15 @@ struct Node::Impl {
   coap_dtls_pki_t server_pki{};
   coap_dtls_spsk_t server_psk{};
   std::string server_key_id;
-  // Certificates by server name (NodeConfig::x509_by_server_name, set_server_certificate). The context's PKI setup
-  // (server_*_pem above) is then only what libcoap parses for each session before our hook replaces the choice.
-  struct NamedCertificate {
-    std::string chain_pem;
-    SecretBuffer key_pem;
-  };
-  std::map<std::string, NamedCertificate> named_certificates;
-  bool select_by_name = false;     // on from the first named certificate; sessions begun before keep the default
-  bool server_pki_set = false;     // coap_context_set_pki done
+  // GnuTLS: the certificate credentials, built once (set_up_server_pki) and attached to each server session
+  // (select_certificates_by_name) instead of a PKI setup libcoap would parse for every session (docs/transport.md
+  // §3); the server_*_pem above stay empty. The certificates it presents, parsed once: the default (x509) and those
+  // by server name (x509_by_server_name, set_server_certificate).
+  std::shared_ptr<const detail::ServerPki> server_credentials;
+  std::shared_ptr<const detail::ServerCertificate> default_certificate;
+  std::map<std::string, std::shared_ptr<const detail::ServerCertificate>> named_certificates;
+  std::set<coap_session_t*> awaiting_server_credentials;  // server sessions whose handshake may still need them
+  bool server_pki_set = false;     // server credentials set up (either backend)
   std::string client_trust_anchors_pem;  // what client certificates are verified against (x509 or first named)
   SecretBuffer etag_key = SecretBuffer::random(crypto::kShortHashKeySize);  // content_etag()
   SecretBuffer psk_in_flight;  // returned by validate_id; libcoap copies it at once (notes, Q1)
@@ -520,6 +519,7 @@ struct Node::Impl {
   // Our record of a session ends (libcoap freed it, or we released our last reference).
   void forget_session(coap_session_t* session) {
     handshaking.erase(session);
+    awaiting_server_credentials.erase(session);
     sessions.erase(session);
   }
 
@@ -807,10 +807,12 @@ struct Node::Impl {
   Result<void> add_context_to_loop(coap_context_t* context);
   ContextPtr new_context(ContextRole role, std::string& error);
 
-  // Server PKI: the context's setup from one certificate (x509) or raw key; for named certificates, the first one.
+  // Server PKI from one certificate's trust anchors (x509; for named certificates, the first one's) or a raw key:
+  // credentials built once (GnuTLS) or the context's setup (OpenSSL).
   Result<void> set_up_server_pki(const X509Credentials* x509, const RpkCredentials* rpk);
   Result<void> put_named_certificate(const std::string& server_name, X509Credentials credentials);
-  // After each server round: hooks certificate selection into handshakes that have a TLS object by now.
+  // After each server round (GnuTLS): attaches the server credentials, whose certificate is chosen by server name,
+  // to the handshakes that got a TLS object since. Touches only sessions still in their handshake's first flights.
   void select_certificates_by_name();
 };
 
@@ -868,13 +870,13 @@ int on_peer_certificate(const char* cn, const uint8_t* der, size_t der_length, c
     impl->report_handshake_failure(state, FailureKind::handshake_failed, state.refusal);
     return 0;  // GnuTLS sends access_denied
   };
-  if (!validated) return refuse("peer certificate did not verify against the trust anchors");
   const ByteView bytes(der, der_length);
   const bool raw_key = cn != nullptr && std::strcmp(cn, COAP_DTLS_RPK_CERT_CN) == 0;
   if (policy->rpk != raw_key) {
     return refuse(policy->rpk ? "peer sent a certificate where a raw public key was required"
                               : "peer sent a raw public key where a certificate was required");
   }
+  if (!validated) return refuse("peer certificate did not verify against the trust anchors");
   if (raw_key) {
     auto key_id = crypto::public_key_id_from_spki(bytes);
     if (!key_id.ok()) return refuse("peer raw public key unreadable: " + key_id.error().message);
@@ -912,11 +914,6 @@ int on_peer_certificate(const char* cn, const uint8_t* der, size_t der_length, c
                     "'");
     }
   }
-  if (!client_side && state.certificate_by_name && !state.certificate_selected) {
-    // Our hook never chose this handshake's certificate (docs/transport.md §3): the client got the context's
-    // placeholder, which may belong to another name. Never let such a session through.
-    return refuse("server certificate was not chosen by the server name '" + state.sni + "'");
-  }
   PeerIdentity peer{PeerKind::x509, state.offered_identity, certificate->serial_hex()};
   if (impl->config.peer_check) {  // server and client sessions alike: a revoked server is refused too
     if (auto allowed = impl->config.peer_check(peer); !allowed.ok()) {
@@ -937,7 +934,7 @@ int on_event(coap_session_t* session, coap_event_t event) {
   switch (event) {
     case COAP_EVENT_SERVER_SESSION_NEW: {
       SessionImpl& state = impl->state_for(session);
-      state.certificate_by_name = impl->select_by_name && state.secure;
+      if (impl->server_credentials && state.secure) impl->awaiting_server_credentials.insert(session);
       break;
     }
     case COAP_EVENT_SERVER_SESSION_DEL: {
@@ -1708,47 +1705,70 @@ std::uint16_t port_of_endpoint(const coap_endpoint_t* endpoint) {
 }
 }  // namespace
 
+namespace {
+std::shared_ptr<const detail::ServerCertificate> choose_server_certificate(coap_session_t* session,
+                                                                          const std::string& server_name);
+}  // namespace
+
 Result<void> Node::Impl::set_up_server_pki(const X509Credentials* x509, const RpkCredentials* rpk) {
-  coap_dtls_pki_t& pki = server_pki;
-  std::memset(&pki, 0, sizeof(pki));
-  pki.version = COAP_DTLS_PKI_SETUP_VERSION;
-  pki.validate_cn_call_back = on_peer_certificate;
   server_policy.node = this;
-  pki.cn_call_back_arg = &server_policy;
-  pki.pki_key.key_type = COAP_PKI_KEY_PEM_BUF;
   const SecretBuffer& key = x509 != nullptr ? x509->private_key_pem : rpk->private_key_pem;
   auto private_key = crypto::PrivateKey::parse(key);
   if (!private_key.ok()) {
     return make_error(Errc::invalid_argument, "server private key: " + private_key.error().message);
   }
   server_key_id = private_key->public_key_id();
-  server_key_pem = nul_terminated(key.view());
-  pki.pki_key.key.pem_buf.private_key = server_key_pem.data();
-  pki.pki_key.key.pem_buf.private_key_len = server_key_pem.size();
   if (rpk != nullptr) {
     server_policy.rpk = true;
     server_policy.pinned_keys = rpk->pinned_peer_keys;
-    pki.is_rpk_not_cert = 1;
-    pki.pki_key.key.pem_buf.public_cert = server_key_pem.data();
-    pki.pki_key.key.pem_buf.public_cert_len = server_key_pem.size();
-  } else {
-    server_chain_pem = nul_terminated(ByteView::of(x509->certificate_chain_pem));
-    server_trust_pem = nul_terminated(ByteView::of(x509->trust_anchors_pem));
-    pki.verify_peer_cert = 1;         // mutual authentication: a client certificate is required
-    pki.check_common_ca = 0;          // several MEF CAs may be trusted, not only our own issuer
-    pki.allow_self_signed = 0;
-    pki.allow_expired_certs = 0;
-    pki.cert_chain_validation = 1;
-    pki.cert_chain_verify_depth = 3;  // leaf, one intermediate, anchor (TS-0003 §10.1 profile)
-    pki.pki_key.key.pem_buf.public_cert = server_chain_pem.data();
-    pki.pki_key.key.pem_buf.public_cert_len = server_chain_pem.size();
-    pki.pki_key.key.pem_buf.ca_cert = server_trust_pem.data();
-    pki.pki_key.key.pem_buf.ca_cert_len = server_trust_pem.size();
   }
-  if (coap_context_set_pki(server_context.get(), &pki) != 1) {
-    return make_error(Errc::invalid_argument,
-                      "server certificate/key rejected by the TLS backend: " +
-                          (libcoap_warnings().empty() ? std::string("no detail") : libcoap_warnings().back()));
+  if (detail::attaches_server_pki()) {
+    // The credentials the node's handshakes share, parsed once here: a PSK handshake never touches them, an X.509
+    // one gets its certificate from choose_server_certificate (docs/transport.md §3).
+    auto built = rpk != nullptr ? detail::make_rpk_server_pki(key.view(), on_peer_certificate, &server_policy)
+                                : detail::make_x509_server_pki(x509->trust_anchors_pem, choose_server_certificate,
+                                                               on_peer_certificate, &server_policy);
+    if (!built.ok()) return make_error(Errc::invalid_argument, "server credentials: " + built.error().message);
+    if (config.x509) {
+      auto loaded = detail::load_server_certificate(config.x509->certificate_chain_pem,
+                                                    config.x509->private_key_pem.view());
+      if (!loaded.ok()) return make_error(Errc::invalid_argument, "server certificate: " + loaded.error().message);
+      default_certificate = *std::move(loaded);
+    }
+    server_credentials = *std::move(built);
+  } else {
+    coap_dtls_pki_t& pki = server_pki;
+    std::memset(&pki, 0, sizeof(pki));
+    pki.version = COAP_DTLS_PKI_SETUP_VERSION;
+    pki.validate_cn_call_back = on_peer_certificate;
+    pki.cn_call_back_arg = &server_policy;
+    pki.pki_key.key_type = COAP_PKI_KEY_PEM_BUF;
+    server_key_pem = nul_terminated(key.view());
+    pki.pki_key.key.pem_buf.private_key = server_key_pem.data();
+    pki.pki_key.key.pem_buf.private_key_len = server_key_pem.size();
+    if (rpk != nullptr) {
+      pki.is_rpk_not_cert = 1;
+      pki.pki_key.key.pem_buf.public_cert = server_key_pem.data();
+      pki.pki_key.key.pem_buf.public_cert_len = server_key_pem.size();
+    } else {
+      server_chain_pem = nul_terminated(ByteView::of(x509->certificate_chain_pem));
+      server_trust_pem = nul_terminated(ByteView::of(x509->trust_anchors_pem));
+      pki.verify_peer_cert = 1;         // mutual authentication: a client certificate is required
+      pki.check_common_ca = 0;          // several MEF CAs may be trusted, not only our own issuer
+      pki.allow_self_signed = 0;
+      pki.allow_expired_certs = 0;
+      pki.cert_chain_validation = 1;
+      pki.cert_chain_verify_depth = 3;  // leaf, one intermediate, anchor (TS-0003 §10.1 profile)
+      pki.pki_key.key.pem_buf.public_cert = server_chain_pem.data();
+      pki.pki_key.key.pem_buf.public_cert_len = server_chain_pem.size();
+      pki.pki_key.key.pem_buf.ca_cert = server_trust_pem.data();
+      pki.pki_key.key.pem_buf.ca_cert_len = server_trust_pem.size();
+    }
+    if (coap_context_set_pki(server_context.get(), &pki) != 1) {
+      return make_error(Errc::invalid_argument,
+                        "server certificate/key rejected by the TLS backend: " +
+                            (libcoap_warnings().empty() ? std::string("no detail") : libcoap_warnings().back()));
+    }
   }
   server_pki_set = true;
   if (x509 != nullptr) client_trust_anchors_pem = x509->trust_anchors_pem;
@@ -1775,54 +1795,61 @@ Result<void> Node::Impl::put_named_certificate(const std::string& server_name, X
                                                   "': its trust anchors differ from the ones client certificates "
                                                   "are verified against (one set per endpoint)");
   }
-  NamedCertificate entry{credentials.certificate_chain_pem, std::move(credentials.private_key_pem)};
-  named_certificates.insert_or_assign(server_name, std::move(entry));
-  select_by_name = true;
+  auto loaded = detail::load_server_certificate(credentials.certificate_chain_pem, credentials.private_key_pem.view());
+  if (!loaded.ok()) {
+    return make_error(Errc::invalid_argument, "server certificate for '" + server_name + "': " +
+                                                  loaded.error().message);
+  }
+  // Handshakes that chose the previous one keep it (SessionImpl::presented_certificate) until they end.
+  named_certificates.insert_or_assign(server_name, *std::move(loaded));
   return {};
 }
 
 namespace {
 
 // detail::ServerCertificateLookup: the certificate for one handshake, from the table as it is now.
-std::optional<detail::ServerCertificatePem> choose_server_certificate(coap_session_t* session,
-                                                                      const std::string& server_name) {
+std::shared_ptr<const detail::ServerCertificate> choose_server_certificate(coap_session_t* session,
+                                                                          const std::string& server_name) {
   Node::Impl* impl = impl_of(session);
-  if (impl == nullptr) return std::nullopt;
+  if (impl == nullptr) return nullptr;
   SessionImpl& state = impl->state_for(session);
   state.sni = server_name;
-  if (auto it = impl->named_certificates.find(server_name); it != impl->named_certificates.end()) {
-    state.certificate_selected = true;
-    return detail::ServerCertificatePem{it->second.chain_pem, it->second.key_pem.view()};
-  }
-  if (impl->config.x509) {  // the default certificate answers names the table does not know
-    state.certificate_selected = true;
-    return detail::ServerCertificatePem{impl->config.x509->certificate_chain_pem,
-                                        impl->config.x509->private_key_pem.view()};
-  }
+  const auto named = impl->named_certificates.find(server_name);
+  // The default certificate answers names the table does not know.
+  state.presented_certificate = named != impl->named_certificates.end() ? named->second : impl->default_certificate;
+  if (state.presented_certificate) return state.presented_certificate;
   state.refusal = "no server certificate for the server name '" + server_name + "'" +
                   (server_name.empty() ? std::string(" (the client sent none)") : std::string());
   impl->report_handshake_failure(state, FailureKind::handshake_failed, state.refusal);
-  return std::nullopt;
+  return nullptr;
 }
 
 }  // namespace
 
 void Node::Impl::select_certificates_by_name() {
-  if (!select_by_name) return;
-  for (coap_session_t* raw : handshaking) {
-    const auto& state = sessions.at(raw);
-    if (!state->certificate_by_name || state->established || state->certificate_selected) continue;
+  for (auto it = awaiting_server_credentials.begin(); it != awaiting_server_credentials.end();) {
+    coap_session_t* raw = *it;
+    auto found = sessions.find(raw);
+    if (found == sessions.end()) {
+      it = awaiting_server_credentials.erase(it);
+      continue;
+    }
+    SessionImpl& state = *found->second;
     coap_tls_library_t library = COAP_TLS_LIBRARY_NOTLS;
     const void* tls = coap_session_get_tls(raw, &library);
-    if (tls == nullptr || tls == state->selector_installed_on) continue;
-    if (detail::select_server_certificate_by_name(raw, choose_server_certificate).ok()) {
-      state->selector_installed_on = tls;
+    if (tls != nullptr && tls != state.server_pki_attached_to &&
+        detail::attach_server_pki(raw, *server_credentials, static_cast<bool>(config.psk_lookup)).ok()) {
+      state.server_pki_attached_to = tls;
     }
-    // On failure the handshake presents the placeholder and on_peer_certificate refuses it (fail closed).
+    // Failing that, the handshake has no certificate credentials: PSK only, or nothing (fail closed). Past the
+    // cookie exchange (a SERVER session) libcoap keeps the TLS object for good: nothing left to attach.
+    const bool done = tls != nullptr && tls == state.server_pki_attached_to &&
+                      coap_session_get_type(raw) == COAP_SESSION_TYPE_SERVER;
+    it = done ? awaiting_server_credentials.erase(it) : std::next(it);
   }
 }
 
-bool backend_selects_server_certificates() noexcept { return detail::selects_server_certificates(); }
+bool backend_selects_server_certificates() noexcept { return detail::attaches_server_pki(); }
 
 Result<std::unique_ptr<Node>> Node::create(NodeConfig config) {
   ensure_sodium_initialised();
@@ -1897,8 +1924,10 @@ Result<std::unique_ptr<Node>> Node::create(NodeConfig config) {
     if (!impl->server_context) return make_error(Errc::internal, error);
     coap_context_t* context = impl->server_context.get();
 
-    // Credentials first: coap_new_endpoint(DTLS) fails unless PSK or PKI is set up (notes, Q1).
-    if (cfg.psk_lookup) {
+    // Credentials first: coap_new_endpoint(DTLS) fails unless PSK or PKI is set up. With GnuTLS the
+    // context never gets a PKI setup (set_up_server_pki), so it always gets the PSK one; on a node without PSK
+    // keys select_certificates_by_name takes the PSK credentials off each session (no PSK suites offered).
+    if (cfg.psk_lookup || detail::attaches_server_pki()) {
       coap_dtls_spsk_t& psk = impl->server_psk;
       std::memset(&psk, 0, sizeof(psk));
       psk.version = COAP_DTLS_SPSK_SETUP_VERSION;
@@ -2068,8 +2097,8 @@ Result<void> Node::set_server_certificate(const std::string& server_name, X509Cr
                                          "public key (one PKI setup per context)");
   }
   if (!impl_->server_pki_set) {
-    // First certificate of a node that had none: it becomes the context's PKI setup (GnuTLS takes it for every
-    // session begun from now on; coap_dtls_context_set_pki only copies the setup and flags PKI as enabled).
+    // First certificate of a node that had none: the server credentials are built now, with its trust anchors;
+    // the sessions begun from now on get them.
     if (auto set_up = impl_->set_up_server_pki(&credentials, nullptr); !set_up.ok()) return set_up;
   }
   return impl_->put_named_certificate(server_name, std::move(credentials));

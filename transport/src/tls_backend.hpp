@@ -5,6 +5,7 @@
 #include <coap3/coap.h>
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -33,22 +34,42 @@ std::optional<std::uint64_t> records_received(const coap_session_t* session);
 // runs (epoch 0), which is how a stalled handshake is told from a slow one (restart_stalled_handshakes).
 std::optional<std::uint64_t> records_sent(const coap_session_t* session);
 
-// ---- server certificates chosen per handshake by SNI (docs/transport.md §3 "Certificates by server name") ----
+// ---- server PKI built once (docs/transport.md §3 "Certificates by server name", "Credentials built once") ----
+//
+// GnuTLS: libcoap 4.3.1 parses a context's PKI setup again for every new server session, PSK ones included
+// (setup_server_ssl_session). So the server context gets no PKI setup there; the certificate credentials are built
+// once per node (ServerPki) and attached to each new server session by node.cpp before its handshake needs them.
+// OpenSSL: libcoap keeps the PKI setup (attaches_server_pki() is false, the functions below answer unsupported).
 
-// A chain and key for one handshake; the views must stay valid during the lookup call only (the backend copies).
-struct ServerCertificatePem {
-  std::string_view chain_pem;  // leaf first
-  ByteView key_pem;
-};
-// Called by the backend inside the handshake, once the ClientHello (and its SNI) is read: the certificate to present
-// to this server session's client, or nullopt to refuse the handshake (the lookup records and reports why).
-using ServerCertificateLookup = std::optional<ServerCertificatePem> (*)(coap_session_t* session,
-                                                                       const std::string& server_name);
-bool selects_server_certificates() noexcept;  // GnuTLS only
-// Makes this server session's handshake ask `lookup` for its certificate instead of presenting the context's PKI
-// setup. Must run after libcoap created the session's TLS object (on the first, cookieless ClientHello) and before
-// the handshake reaches certificate selection (the ClientHello that echoes the cookie, a later read).
-// Errors: unsupported (OpenSSL build), internal (no TLS object or credentials yet).
-Result<void> select_server_certificate_by_name(coap_session_t* session, ServerCertificateLookup lookup);
+// A certificate chain and its private key, parsed once; every handshake that presents them shares them. Held by
+// shared_ptr: whoever chose it for a handshake keeps it alive until that handshake is over, so replacing a
+// certificate never frees one a running handshake still uses.
+struct ServerCertificate;
+Result<std::shared_ptr<const ServerCertificate>> load_server_certificate(std::string_view chain_pem,
+                                                                         ByteView key_pem);
+
+// Called inside the handshake once the ClientHello (and its SNI) is read: the certificate to present to this
+// server session's client, or nullptr to refuse the handshake (the lookup records and reports why).
+using ServerCertificateLookup = std::shared_ptr<const ServerCertificate> (*)(coap_session_t* session,
+                                                                            const std::string& server_name);
+
+// The credentials every server session of a node shares: trust anchors and the certificate lookup (X.509), or the
+// raw key (RPK), and the peer check. `check` gets exactly what libcoap's validate_cn_call_back would get: the peer's
+// leaf certificate (or SubjectPublicKeyInfo with cn COAP_DTLS_RPK_CERT_CN), depth 0, validated 1, `check_arg`;
+// a chain that does not verify never reaches it (the reason is logged through libcoap's log handler, naming the
+// session, as libcoap's own verification does).
+struct ServerPki;
+bool attaches_server_pki() noexcept;  // GnuTLS only
+Result<std::shared_ptr<const ServerPki>> make_x509_server_pki(std::string_view trust_anchors_pem,
+                                                              ServerCertificateLookup lookup,
+                                                              coap_dtls_cn_callback_t check, void* check_arg);
+Result<std::shared_ptr<const ServerPki>> make_rpk_server_pki(ByteView key_pem, coap_dtls_cn_callback_t check,
+                                                             void* check_arg);
+// Gives this server session's handshake the node's certificate credentials, and with `psk_too` false takes the
+// PSK credentials libcoap gave it away (a node without PSK keys offers no PSK suites). Must run after libcoap
+// created the session's TLS object (on the first, cookieless ClientHello) and before the handshake reads the
+// ClientHello that echoes the cookie (a later read). `pki` must outlive the session's TLS object.
+// Errors: unsupported (OpenSSL build), internal (no TLS object).
+Result<void> attach_server_pki(coap_session_t* session, const ServerPki& pki, bool psk_too);
 
 }  // namespace dauth::transport::detail

@@ -3,6 +3,7 @@
 #include <gnutls/gnutls.h>
 
 #include <cstring>
+#include <vector>
 
 #include "tls_backend.hpp"
 
@@ -72,22 +73,99 @@ std::string server_name(const coap_session_t* session) {
   }
 }
 
-// ---- certificates by server name ----------------------------------------------------------------------------
+// ---- server PKI built once ---------------------------------------------------------------------------------
 //
-// libcoap 4.3.1's validate_sni_call_back cannot serve a renewed certificate: post_client_hello_gnutls_pki asks it
-// once per distinct name per context and keeps the parsed credentials (pki_sni_entry_list) until the context is
-// freed. What libcoap does per handshake is parse the context's PKI setup into credentials of the session's own
-// (setup_server_ssl_session, from coap_dtls_hello on the first, cookieless ClientHello). We give those per-session
-// credentials a GnuTLS retrieve function: GnuTLS calls it when it picks the server certificate, after reading the
-// ClientHello, so it sees the SNI of this very handshake and our certificate table as it is now. The verify
-// function and trust anchors libcoap put on the same credentials stay in place.
+// libcoap 4.3.1 builds certificate credentials for every new server session from the context's PKI setup
+// (setup_server_ssl_session -> setup_pki_credentials): it parses the PEM key, chain and trust anchors again and
+// lets GnuTLS check that key and certificate match by signing and verifying, PSK sessions included. Its SNI
+// callback cannot serve a renewed certificate either (post_client_hello_gnutls_pki keeps the first answer per name
+// until the context is freed). So node.cpp gives the server context no PKI setup on this backend: one
+// gnutls_certificate_credentials_t per node carries the trust anchors, the verification and a retrieve function,
+// and node.cpp attaches it to each server session between the cookieless ClientHello and the one with the cookie
+// (docs/transport.md §3). GnuTLS calls the retrieve function when it picks the server certificate, after reading
+// the ClientHello, so it sees the SNI of this very handshake and the certificate table as it is now.
+
+struct ServerCertificate {
+  ServerCertificate() = default;
+  ServerCertificate(const ServerCertificate&) = delete;
+  ServerCertificate& operator=(const ServerCertificate&) = delete;
+  ~ServerCertificate() {
+    for (unsigned i = 0; i < chain_length; ++i) gnutls_pcert_deinit(&chain[i]);
+    if (key != nullptr) gnutls_privkey_deinit(key);  // GnuTLS wipes the key's numbers on release
+  }
+  static constexpr unsigned kMaxChain = 4;  // leaf, intermediate, anchor (chain depth 3) and one spare
+  gnutls_pcert_st chain[kMaxChain]{};
+  unsigned chain_length = 0;
+  gnutls_privkey_t key = nullptr;
+};
+
+struct ServerPki {
+  ServerPki() = default;
+  ServerPki(const ServerPki&) = delete;
+  ServerPki& operator=(const ServerPki&) = delete;
+  ~ServerPki() {
+    if (credentials != nullptr) gnutls_certificate_free_credentials(credentials);
+  }
+  gnutls_certificate_credentials_t credentials = nullptr;
+  bool raw_public_key = false;
+  ServerCertificateLookup lookup = nullptr;  // X.509 only
+  coap_dtls_cn_callback_t check = nullptr;
+  void* check_arg = nullptr;
+};
 
 namespace {
 
-ServerCertificateLookup the_lookup = nullptr;  // one per process: node.cpp's (it finds its Node from the session)
+gnutls_datum_t datum_of(const void* data, std::size_t size) {
+  return {static_cast<unsigned char*>(const_cast<void*>(data)), static_cast<unsigned>(size)};
+}
 
-// GnuTLS frees what we return after use (GNUTLS_CERT_RETR_DEINIT_ALL): each handshake gets its own parsed copy,
-// so a certificate replaced meanwhile can be freed by its owner at once.
+// The SubjectPublicKeyInfo (DER) of a public key.
+Result<std::vector<std::uint8_t>> spki_of(gnutls_pubkey_t key) {
+  gnutls_datum_t der{};
+  const int rc = gnutls_pubkey_export2(key, GNUTLS_X509_FMT_DER, &der);
+  if (rc < 0) return make_error(Errc::crypto, std::string("gnutls_pubkey_export2: ") + gnutls_strerror(rc));
+  std::vector<std::uint8_t> out(der.data, der.data + der.size);
+  gnutls_free(der.data);
+  return out;
+}
+
+Result<std::vector<std::uint8_t>> spki_of_private_key(gnutls_privkey_t key) {
+  gnutls_pubkey_t public_key = nullptr;
+  if (gnutls_pubkey_init(&public_key) < 0) return make_error(Errc::crypto, "gnutls_pubkey_init failed");
+  const int rc = gnutls_pubkey_import_privkey(public_key, key, 0, 0);
+  auto spki = rc < 0 ? Result<std::vector<std::uint8_t>>(make_error(
+                           Errc::crypto, std::string("gnutls_pubkey_import_privkey: ") + gnutls_strerror(rc)))
+                     : spki_of(public_key);
+  gnutls_pubkey_deinit(public_key);
+  return spki;
+}
+
+Result<gnutls_privkey_t> import_private_key(ByteView key_pem) {
+  gnutls_privkey_t key = nullptr;
+  if (gnutls_privkey_init(&key) < 0) return make_error(Errc::crypto, "gnutls_privkey_init failed");
+  const gnutls_datum_t pem = datum_of(key_pem.data, key_pem.size);
+  const int rc = gnutls_privkey_import_x509_raw(key, &pem, GNUTLS_X509_FMT_PEM, nullptr, 0);
+  if (rc < 0) {
+    gnutls_privkey_deinit(key);
+    return make_error(Errc::invalid_argument, std::string("server private key: ") + gnutls_strerror(rc));
+  }
+  return key;
+}
+
+const ServerPki* pki_of(gnutls_session_t tls) { return static_cast<const ServerPki*>(gnutls_session_get_ptr(tls)); }
+
+std::string sni_of(gnutls_session_t tls) {
+  for (unsigned index = 0;; ++index) {
+    char buffer[256];  // RFC 6066 §3: DNS names are at most 255 bytes
+    size_t length = sizeof(buffer);
+    unsigned type = 0;
+    if (gnutls_server_name_get(tls, buffer, &length, &type, index) != GNUTLS_E_SUCCESS) return {};
+    if (type == GNUTLS_NAME_DNS) return std::string(buffer, length);
+  }
+}
+
+// GnuTLS's certificate retrieve function (gnutls_certificate_set_retrieve_function3). No DEINIT flags: GnuTLS
+// uses the parsed chain and key in place; the lookup's owner keeps them alive for the handshake.
 int retrieve_server_certificate(gnutls_session_t tls, const gnutls_cert_retr_st* /*info*/, gnutls_pcert_st** certs,
                                 unsigned int* certs_length, gnutls_ocsp_data_st** ocsp, unsigned int* ocsp_length,
                                 gnutls_privkey_t* privkey, unsigned int* flags) {
@@ -96,64 +174,181 @@ int retrieve_server_certificate(gnutls_session_t tls, const gnutls_cert_retr_st*
   *ocsp = nullptr;
   *ocsp_length = 0;
   *privkey = nullptr;
-  *flags = GNUTLS_CERT_RETR_DEINIT_ALL;
+  *flags = 0;
+  const ServerPki* pki = pki_of(tls);
   auto* session = static_cast<coap_session_t*>(gnutls_transport_get_ptr(tls));
-  if (session == nullptr || the_lookup == nullptr) return -1;
-  std::string name;
-  for (unsigned index = 0;; ++index) {
-    char buffer[256];  // RFC 6066 §3: DNS names are at most 255 bytes
-    size_t length = sizeof(buffer);
-    unsigned type = 0;
-    if (gnutls_server_name_get(tls, buffer, &length, &type, index) != GNUTLS_E_SUCCESS) break;
-    if (type == GNUTLS_NAME_DNS) {
-      name.assign(buffer, length);
-      break;
-    }
-  }
-  const auto chosen = the_lookup(session, name);
+  if (pki == nullptr || pki->lookup == nullptr || session == nullptr) return -1;
+  const std::shared_ptr<const ServerCertificate> chosen = pki->lookup(session, sni_of(tls));
   if (!chosen) return -1;  // the handshake fails (GnuTLS: insufficient credentials); the lookup reported why
-
-  constexpr unsigned kMaxChain = 4;  // leaf, intermediate, anchor (chain depth 3) and one spare
-  auto* list = static_cast<gnutls_pcert_st*>(gnutls_calloc(kMaxChain, sizeof(gnutls_pcert_st)));
-  if (list == nullptr) return -1;
-  unsigned count = kMaxChain;
-  const gnutls_datum_t chain{reinterpret_cast<unsigned char*>(const_cast<char*>(chosen->chain_pem.data())),
-                             static_cast<unsigned>(chosen->chain_pem.size())};
-  if (gnutls_pcert_list_import_x509_raw(list, &count, &chain, GNUTLS_X509_FMT_PEM, 0) < 0 || count == 0) {
-    gnutls_free(list);
-    return -1;
-  }
-  gnutls_privkey_t key = nullptr;
-  const gnutls_datum_t key_pem{const_cast<unsigned char*>(chosen->key_pem.data),
-                               static_cast<unsigned>(chosen->key_pem.size)};
-  if (gnutls_privkey_init(&key) < 0 ||
-      gnutls_privkey_import_x509_raw(key, &key_pem, GNUTLS_X509_FMT_PEM, nullptr, 0) < 0) {
-    if (key != nullptr) gnutls_privkey_deinit(key);
-    for (unsigned i = 0; i < count; ++i) gnutls_pcert_deinit(&list[i]);
-    gnutls_free(list);
-    return -1;
-  }
-  *certs = list;
-  *certs_length = count;
-  *privkey = key;
+  *certs = const_cast<gnutls_pcert_st*>(chosen->chain);
+  *certs_length = chosen->chain_length;
+  *privkey = chosen->key;
   return 0;
+}
+
+// Why a chain did not verify, in a line libcoap's log handler takes like libcoap's own verification lines (they
+// name the session, so node.cpp's failure report quotes it for this peer).
+void log_unverified(coap_session_t* session, unsigned status) {
+  const char* reason = "the chain did not verify";
+  if ((status & (GNUTLS_CERT_NOT_ACTIVATED | GNUTLS_CERT_EXPIRED)) != 0) {
+    reason = "The certificate has an invalid usage date";
+  } else if ((status & GNUTLS_CERT_SIGNER_NOT_FOUND) != 0) {
+    reason = "The peer certificate's CA is unknown (or it is self-signed)";
+  } else if ((status & GNUTLS_CERT_SIGNER_CONSTRAINTS_FAILURE) != 0) {
+    reason = "The chain is longer than allowed or breaks its issuers' constraints";
+  }
+  coap_log(LOG_WARNING, "   %s: client certificate refused: %s (GnuTLS status 0x%x)\n", coap_session_str(session),
+           reason, status);
+}
+
+int refuse_peer(gnutls_session_t tls, gnutls_alert_description_t alert) {
+  (void)gnutls_alert_send(tls, GNUTLS_AL_FATAL, alert);
+  return -1;  // GNUTLS_E_CERTIFICATE_ERROR: libcoap ends the session
+}
+
+// GnuTLS's verify function (gnutls_certificate_set_verify_function): what libcoap's cert_verify_gnutls does with
+// dauth's setup (verify_peer_cert, no self-signed, no expired, chain validation; raw keys to the check unverified
+// by any chain), then the same peer check as every other handshake.
+int verify_client(gnutls_session_t tls) {
+  const ServerPki* pki = pki_of(tls);
+  auto* session = static_cast<coap_session_t*>(gnutls_transport_get_ptr(tls));
+  if (pki == nullptr || session == nullptr) return -1;
+  if (gnutls_auth_get_type(tls) != GNUTLS_CRD_CERTIFICATE) return 0;
+  unsigned count = 0;
+  const gnutls_datum_t* peers = gnutls_certificate_get_peers(tls, &count);
+  if (count == 0 || peers == nullptr) {
+    // Only an RPK server asks without requiring (GNUTLS_CERT_REQUEST, as libcoap does for is_rpk_not_cert).
+    return pki->raw_public_key ? 0 : refuse_peer(tls, GNUTLS_A_BAD_CERTIFICATE);
+  }
+  if (gnutls_certificate_type_get2(tls, GNUTLS_CTYPE_PEERS) == GNUTLS_CRT_RAW) {
+    // The SubjectPublicKeyInfo as GnuTLS re-encodes it (libcoap's check_rpk_cert does the same).
+    gnutls_pcert_st raw{};
+    if (gnutls_pcert_import_rawpk_raw(&raw, &peers[0], GNUTLS_X509_FMT_DER, 0, 0) < 0) {
+      return refuse_peer(tls, GNUTLS_A_BAD_CERTIFICATE);
+    }
+    auto spki = spki_of(raw.pubkey);
+    gnutls_pcert_deinit(&raw);
+    if (!spki.ok()) return refuse_peer(tls, GNUTLS_A_BAD_CERTIFICATE);
+    if (pki->check(COAP_DTLS_RPK_CERT_CN, spki->data(), spki->size(), session, 0, 1, pki->check_arg) == 0) {
+      return refuse_peer(tls, GNUTLS_A_ACCESS_DENIED);
+    }
+    return 0;
+  }
+  if (pki->raw_public_key) {
+    // No chain verification without trust anchors: the check refuses a certificate where a raw key is required.
+    (void)pki->check(nullptr, peers[0].data, peers[0].size, session, 0, 0, pki->check_arg);
+    return refuse_peer(tls, GNUTLS_A_UNSUPPORTED_CERTIFICATE);
+  }
+  unsigned status = 0;
+  if (gnutls_certificate_verify_peers(tls, nullptr, 0, &status) < 0) return refuse_peer(tls, GNUTLS_A_BAD_CERTIFICATE);
+  if (status != 0) {
+    log_unverified(session, status);
+    const bool issuer_unknown = (status & GNUTLS_CERT_SIGNER_NOT_FOUND) != 0;
+    return refuse_peer(tls, issuer_unknown ? GNUTLS_A_UNKNOWN_CA : GNUTLS_A_BAD_CERTIFICATE);
+  }
+  if (pki->check(nullptr, peers[0].data, peers[0].size, session, 0, 1, pki->check_arg) == 0) {
+    return refuse_peer(tls, GNUTLS_A_ACCESS_DENIED);
+  }
+  return 0;
+}
+
+Result<std::shared_ptr<ServerPki>> new_server_pki(coap_dtls_cn_callback_t check, void* check_arg) {
+  auto pki = std::make_shared<ServerPki>();
+  if (gnutls_certificate_allocate_credentials(&pki->credentials) < 0) {
+    return make_error(Errc::crypto, "gnutls_certificate_allocate_credentials failed");
+  }
+  pki->check = check;
+  pki->check_arg = check_arg;
+  gnutls_certificate_set_verify_function(pki->credentials, verify_client);
+  return pki;
 }
 
 }  // namespace
 
-bool selects_server_certificates() noexcept { return true; }
-
-Result<void> select_server_certificate_by_name(coap_session_t* session, ServerCertificateLookup lookup) {
-  gnutls_session_t tls = tls_of(session);
-  if (tls == nullptr) return make_error(Errc::internal, "server certificate selection: the session has no TLS object yet");
-  void* credentials = nullptr;
-  if (gnutls_credentials_get(tls, GNUTLS_CRD_CERTIFICATE, &credentials) < 0 || credentials == nullptr) {
-    return make_error(Errc::internal, "server certificate selection: the session has no certificate credentials");
+Result<std::shared_ptr<const ServerCertificate>> load_server_certificate(std::string_view chain_pem,
+                                                                         ByteView key_pem) {
+  auto certificate = std::make_shared<ServerCertificate>();
+  unsigned count = ServerCertificate::kMaxChain;
+  const gnutls_datum_t chain = datum_of(chain_pem.data(), chain_pem.size());
+  int rc = gnutls_pcert_list_import_x509_raw(certificate->chain, &count, &chain, GNUTLS_X509_FMT_PEM, 0);
+  if (rc < 0 || count == 0) {
+    return make_error(Errc::invalid_argument, std::string("server certificate chain: ") +
+                                                  (rc < 0 ? gnutls_strerror(rc) : "no certificate in the PEM"));
   }
-  the_lookup = lookup;
-  // The credentials are this session's own (libcoap allocates them per session and frees them with it).
-  gnutls_certificate_set_retrieve_function3(
-      static_cast<gnutls_certificate_credentials_t>(credentials), retrieve_server_certificate);
+  certificate->chain_length = count;
+  auto key = import_private_key(key_pem);
+  if (!key.ok()) return std::move(key).error();
+  certificate->key = *key;
+  // The one key/certificate match check, here instead of in every handshake.
+  auto key_spki = spki_of_private_key(certificate->key);
+  auto certificate_spki = spki_of(certificate->chain[0].pubkey);
+  if (!key_spki.ok()) return std::move(key_spki).error();
+  if (!certificate_spki.ok()) return std::move(certificate_spki).error();
+  if (*key_spki != *certificate_spki) {
+    return make_error(Errc::invalid_argument, "server private key is not the key of its certificate");
+  }
+  return std::shared_ptr<const ServerCertificate>(std::move(certificate));
+}
+
+bool attaches_server_pki() noexcept { return true; }
+
+Result<std::shared_ptr<const ServerPki>> make_x509_server_pki(std::string_view trust_anchors_pem,
+                                                              ServerCertificateLookup lookup,
+                                                              coap_dtls_cn_callback_t check, void* check_arg) {
+  auto pki = new_server_pki(check, check_arg);
+  if (!pki.ok()) return std::move(pki).error();
+  (*pki)->lookup = lookup;
+  gnutls_certificate_credentials_t credentials = (*pki)->credentials;
+  const gnutls_datum_t anchors = datum_of(trust_anchors_pem.data(), trust_anchors_pem.size());
+  const int added = gnutls_certificate_set_x509_trust_mem(credentials, &anchors, GNUTLS_X509_FMT_PEM);
+  if (added <= 0) {
+    return make_error(Errc::invalid_argument, std::string("trust anchors: ") +
+                                                  (added < 0 ? gnutls_strerror(added) : "no certificate in the PEM"));
+  }
+  gnutls_certificate_set_retrieve_function3(credentials, retrieve_server_certificate);
+  // libcoap's mapping of dauth's setup: chain depth 3 (leaf, intermediate, anchor) allows depth + 2 certificates
+  // (setup_pki_credentials), no CRLs (check_cert_revocation 0: revocation is the peer check's, by serial).
+  gnutls_certificate_set_verify_limits(credentials, 0, 3 + 2);
+  gnutls_certificate_set_verify_flags(credentials, GNUTLS_VERIFY_DISABLE_CRL_CHECKS);
+  return std::shared_ptr<const ServerPki>(*std::move(pki));
+}
+
+Result<std::shared_ptr<const ServerPki>> make_rpk_server_pki(ByteView key_pem, coap_dtls_cn_callback_t check,
+                                                             void* check_arg) {
+  auto pki = new_server_pki(check, check_arg);
+  if (!pki.ok()) return std::move(pki).error();
+  (*pki)->raw_public_key = true;
+  auto key = import_private_key(key_pem);
+  if (!key.ok()) return std::move(key).error();
+  // On success the credentials own the raw key's pcert contents and the private key (gnutls_certificate_set_key
+  // copies the list itself).
+  gnutls_pcert_st raw{};
+  gnutls_pubkey_t public_key = nullptr;
+  int rc = gnutls_pubkey_init(&public_key);
+  if (rc >= 0) rc = gnutls_pubkey_import_privkey(public_key, *key, 0, 0);
+  if (rc >= 0) rc = gnutls_pcert_import_rawpk(&raw, public_key, 0);  // on success the pcert owns the public key
+  const bool imported = rc >= 0;
+  if (!imported && public_key != nullptr) gnutls_pubkey_deinit(public_key);
+  if (rc >= 0) rc = gnutls_certificate_set_key((*pki)->credentials, nullptr, 0, &raw, 1, *key);
+  if (rc < 0) {
+    gnutls_privkey_deinit(*key);
+    if (imported) gnutls_pcert_deinit(&raw);
+    return make_error(Errc::invalid_argument, std::string("raw public key: ") + gnutls_strerror(rc));
+  }
+  return std::shared_ptr<const ServerPki>(*std::move(pki));
+}
+
+Result<void> attach_server_pki(coap_session_t* session, const ServerPki& pki, bool psk_too) {
+  gnutls_session_t tls = tls_of(session);
+  if (tls == nullptr) return make_error(Errc::internal, "server credentials: the session has no TLS object yet");
+  if (!psk_too) gnutls_credentials_clear(tls);  // libcoap's PSK credentials stay libcoap's; it frees them
+  const int rc = gnutls_credentials_set(tls, GNUTLS_CRD_CERTIFICATE, pki.credentials);
+  if (rc < 0) return make_error(Errc::internal, std::string("gnutls_credentials_set: ") + gnutls_strerror(rc));
+  gnutls_session_set_ptr(tls, const_cast<ServerPki*>(&pki));
+  // As libcoap does for dauth's setup: a client certificate is required, a client raw key requested; no CA names
+  // in the CertificateRequest (several MEF CAs may be trusted).
+  gnutls_certificate_server_set_request(tls, pki.raw_public_key ? GNUTLS_CERT_REQUEST : GNUTLS_CERT_REQUIRE);
+  gnutls_certificate_send_x509_rdn_sequence(tls, 1);
   return {};
 }
 

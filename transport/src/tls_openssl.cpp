@@ -48,13 +48,34 @@ std::string server_name(const coap_session_t* session) {
   return name != nullptr ? name : "";
 }
 
-// Certificates by server name need a per-handshake hook libcoap 4.3.1's OpenSSL backend leaves no room for: it
-// hands the SSL object over from DTLSv1_listen and runs the handshake in the same call (coap_dtls_new_server_session),
-// and its SNI callback caches one SSL_CTX per name (tls_server_name_call_back). Node::create refuses the set-up.
-bool selects_server_certificates() noexcept { return false; }
+// Certificates by server name, and server credentials built once, need a per-handshake hook libcoap 4.3.1's
+// OpenSSL backend leaves no room for: it hands the SSL object over from DTLSv1_listen and runs the handshake in the
+// same call (coap_dtls_new_server_session), and its SNI callback caches one SSL_CTX per name
+// (tls_server_name_call_back). The server context keeps libcoap's PKI setup here, which libcoap applies to each
+// server SSL object again in its ClientHello callback (setup_pki_ssl); Node::create refuses certificates by name.
+struct ServerCertificate {};
+struct ServerPki {};
 
-Result<void> select_server_certificate_by_name(coap_session_t* /*session*/, ServerCertificateLookup /*lookup*/) {
-  return make_error(Errc::unsupported, "server certificates chosen by server name need the GnuTLS build");
+Result<std::shared_ptr<const ServerCertificate>> load_server_certificate(std::string_view /*chain_pem*/,
+                                                                         ByteView /*key_pem*/) {
+  return make_error(Errc::unsupported, "server certificates loaded by dauth need the GnuTLS build");
+}
+
+bool attaches_server_pki() noexcept { return false; }
+
+Result<std::shared_ptr<const ServerPki>> make_x509_server_pki(std::string_view /*trust_anchors_pem*/,
+                                                              ServerCertificateLookup /*lookup*/,
+                                                              coap_dtls_cn_callback_t /*check*/, void* /*arg*/) {
+  return make_error(Errc::unsupported, "server credentials built by dauth need the GnuTLS build");
+}
+
+Result<std::shared_ptr<const ServerPki>> make_rpk_server_pki(ByteView /*key_pem*/, coap_dtls_cn_callback_t /*check*/,
+                                                             void* /*arg*/) {
+  return make_error(Errc::unsupported, "server credentials built by dauth need the GnuTLS build");
+}
+
+Result<void> attach_server_pki(coap_session_t* /*session*/, const ServerPki& /*pki*/, bool /*psk_too*/) {
+  return make_error(Errc::unsupported, "server credentials built by dauth need the GnuTLS build");
 }
 
 }  // namespace dauth::transport::detail
