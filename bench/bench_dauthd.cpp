@@ -410,22 +410,6 @@ void add_cpu_row(const std::string& measure, const Side& stock, const Side& daut
 
 // ---- servers ---------------------------------------------------------------------------------------------------
 
-// Two consecutive free UDP ports: coap-server-gnutls -p P listens for CoAP on P and for DTLS on P + 1.
-std::uint16_t free_port_pair() {
-  for (int attempt = 0; attempt < 50; ++attempt) {
-    const std::uint16_t port = free_udp_port();
-    if (port >= 65535) continue;
-    const int fd = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    sockaddr_in address{};
-    address.sin_family = AF_INET;
-    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    address.sin_port = htons(static_cast<std::uint16_t>(port + 1));
-    const bool free = ::bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) == 0;
-    ::close(fd);
-    if (free) return port;
-  }
-  throw std::runtime_error("no two consecutive free UDP ports");
-}
 
 // A stock coap-server-gnutls; its DTLS port is dtls_port.
 struct StockServer {
@@ -433,7 +417,7 @@ struct StockServer {
   std::uint16_t dtls_port = 0;
 
   StockServer(const std::filesystem::path& dir, const std::string& name, bool psk, const std::string& pki_prefix) {
-    const std::uint16_t port = free_port_pair();
+    const std::uint16_t port = free_udp_port_pair();
     dtls_port = static_cast<std::uint16_t>(port + 1);
     std::vector<std::string> argv = {"coap-server-gnutls", "-A", "127.0.0.1", "-p", std::to_string(port), "-v", "0"};
     if (psk) argv.insert(argv.end(), {"-k", kStockPsk});
@@ -531,12 +515,13 @@ std::string read_text(const std::filesystem::path& path) {
 
 // Gateway B (and the MEF and the valve) as bench_deployment sets them up, gateway A not started. B may hold many
 // sessions for the live-session measure; they must not expire while it runs.
-void start_without_a(Deployment& d) {
+Deployment& start_without_a(Deployment& d) {
   d.replace_in_config("b", "[peer]\n", "[peer]\nmax_sessions = 12000\nidle_timeout = 3600\n");
   d.start_dauthd("mef");
   d.start_valve();
   d.start_dauthd("b");
   d.wait_enrolled("b", "CAE-valve");
+  return d;
 }
 
 // Waits until the node's log has `text`; throws after limit_seconds.
@@ -550,20 +535,34 @@ void wait_for_log(const Deployment& d, const std::string& node, const std::strin
 
 // ---- measures --------------------------------------------------------------------------------------------------
 
+// What measure_psk and measure_live share: the deployment without gateway A, this process enrolled as CAE-meter,
+// a stock PSK server, the two operations (PSK handshake + GET each) and a warmed-up client pool.
+struct ForwardedGet {
+  ForwardedGet(const Options& options, const std::string& name)
+      : d({options.dauthd_path, "bench-dauthd-" + name, ""}),
+        bench(start_without_a(d)),
+        stock_server(d.dir, name, true, ""),
+        stock_op{stock_server.peer(),
+                 transport::ClientCredentials::psk(kStockPskIdentity, SecretBuffer::copy_of(ByteView::of(kStockPsk)),
+                                                   ""),
+                 get_time(""), 205},
+        dauthd_op{{"127.0.0.1", d.ports.at("b_peer")}, bench.to_valve(), get_time("CAE-meter"), 205},
+        pool(options.clients) {
+    pool.warm_up(stock_op, "coap-server-gnutls");
+    pool.warm_up(dauthd_op, "dauthd B");
+  }
+  Deployment d;
+  BenchEnrolee bench;
+  StockServer stock_server;
+  const Op stock_op;
+  const Op dauthd_op;
+  ClientPool pool;
+};
+
 void measure_psk(const Options& options) {
   std::printf("\n-- psk: PSK handshake + GET, dauthd B forwarding to the valve vs stock answering itself --\n");
-  Deployment d({options.dauthd_path, "bench-dauthd-psk", ""});
-  start_without_a(d);
-  BenchEnrolee bench(d);
-  StockServer stock_server(d.dir, "psk", true, "");
-  const Op stock_op{stock_server.peer(),
-                    transport::ClientCredentials::psk(kStockPskIdentity,
-                                                      SecretBuffer::copy_of(ByteView::of(kStockPsk)), ""),
-                    get_time(""), 205};
-  const Op dauthd_op{{"127.0.0.1", d.ports.at("b_peer")}, bench.to_valve(), get_time("CAE-meter"), 205};
-  ClientPool pool(options.clients);
-  pool.warm_up(stock_op, "coap-server-gnutls");
-  pool.warm_up(dauthd_op, "dauthd B");
+  ForwardedGet f(options, "psk");
+  auto& [d, bench, stock_server, stock_op, dauthd_op, pool] = f;
   Side stock{"stock", {stock_server.pid}, repeat(stock_op)};
   Side dauthd{"dauthd", {d.children.at("b")}, repeat(dauthd_op)};
   interleave(pool, options.clients, {&stock, &dauthd}, options.rounds, options.ops, "psk");
@@ -735,18 +734,8 @@ long dauthd_live_sessions(const Deployment& d, const std::string& node) {
 
 void measure_live(const Options& options) {
   std::printf("\n-- live: PSK handshake + GET with N idle sessions held open --\n");
-  Deployment d({options.dauthd_path, "bench-dauthd-live", ""});
-  start_without_a(d);
-  BenchEnrolee bench(d);
-  StockServer stock_server(d.dir, "live", true, "");
-  const Op stock_op{stock_server.peer(),
-                    transport::ClientCredentials::psk(kStockPskIdentity,
-                                                      SecretBuffer::copy_of(ByteView::of(kStockPsk)), ""),
-                    get_time(""), 205};
-  const Op dauthd_op{{"127.0.0.1", d.ports.at("b_peer")}, bench.to_valve(), get_time("CAE-meter"), 205};
-  ClientPool pool(options.clients);
-  pool.warm_up(stock_op, "coap-server-gnutls");
-  pool.warm_up(dauthd_op, "dauthd B");
+  ForwardedGet f(options, "live");
+  auto& [d, bench, stock_server, stock_op, dauthd_op, pool] = f;
   Holders stock_holders;
   Holders dauthd_holders;
   std::vector<int> levels = options.live;
@@ -868,12 +857,7 @@ void measure_mef(const Options& options) {
                                                              read_key_file(d.dir / "keys" / "meter.kpm"), kMefFqdn);
   transport::Request revoked;
   revoked.path = {"mef", "revoked"};
-  transport::Request enrolment;
-  enrolment.method = transport::Method::post;
-  enrolment.path = {"mef", "enrolment"};
-  enrolment.content_format = static_cast<std::uint16_t>(rspf::ContentFormat::cbor);
-  enrolment.originator = "CAE-meter";
-  enrolment.payload = rspf::encode(rspf::EnrolmentRequest{}, rspf::ContentFormat::cbor);
+  transport::Request enrolment = rspf::enrolment_request("CAE-meter", rspf::EnrolmentRequest{});
   const Op handshake_op{mef, credentials.clone(), revoked, 205};
   const Op enrolment_op{mef, credentials.clone(), enrolment, 204};
   ClientPool pool(options.mef_in_flight);

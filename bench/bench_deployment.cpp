@@ -61,6 +61,22 @@ std::uint16_t free_udp_port() {
   return ntohs(address.sin_port);
 }
 
+std::uint16_t free_udp_port_pair() {
+  for (int attempt = 0; attempt < 100; ++attempt) {
+    const std::uint16_t port = free_udp_port();
+    if (port == 65535) continue;
+    const int fd = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    sockaddr_in address{};
+    address.sin_family = AF_INET;
+    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    address.sin_port = htons(static_cast<std::uint16_t>(port + 1));
+    const bool free = ::bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) == 0;
+    ::close(fd);
+    if (free) return port;
+  }
+  throw std::runtime_error("no two consecutive free UDP ports");
+}
+
 void write_private(const std::filesystem::path& path, const std::string& text) {
   std::ofstream(path) << text;
   ::chmod(path.c_str(), 0600);

@@ -174,23 +174,6 @@ void print_counters(const Deployment& d, const std::string& node, const std::vec
   std::printf("\n");
 }
 
-// A UDP port p on 127.0.0.1 with p + 1 free as well: coap-server-gnutls -p p serves DTLS on p + 1.
-std::uint16_t free_udp_port_pair() {
-  for (int i = 0; i < 100; ++i) {
-    const std::uint16_t port = free_udp_port();
-    if (port == 65535) continue;
-    const int fd = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    sockaddr_in address{};
-    address.sin_family = AF_INET;
-    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    address.sin_port = htons(static_cast<std::uint16_t>(port + 1));
-    const bool free = ::bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) == 0;
-    ::close(fd);
-    if (free) return port;
-  }
-  throw std::runtime_error("no two adjacent free UDP ports");
-}
-
 // ---- part 1: enrolment vs anchor -----------------------------------------------------------------------------------
 
 void enrolment_vs_anchor(int rounds, std::uint64_t seed_base, bool retry_anchor) {

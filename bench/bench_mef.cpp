@@ -339,12 +339,7 @@ int main(int argc, char** argv) {
   transport::Request ping;
   ping.method = transport::Method::get;
   ping.path = {"ping"};
-  transport::Request enrolment;
-  enrolment.method = transport::Method::post;
-  enrolment.path = {"mef", "enrolment"};
-  enrolment.content_format = static_cast<std::uint16_t>(rspf::ContentFormat::cbor);
-  enrolment.originator = "CAE-meter";
-  enrolment.payload = rspf::encode(rspf::EnrolmentRequest{}, rspf::ContentFormat::cbor);
+  transport::Request enrolment = rspf::enrolment_request("CAE-meter", rspf::EnrolmentRequest{});
   const Exchange baseline_exchange{baseline_node.get(), &ping, 205};
   const Exchange mef_exchange{mef_node.get(), &enrolment, 204};
 

@@ -14,6 +14,17 @@
 
 namespace dauth::rspf {
 
+transport::Request enrolment_request(const std::string& ae_id, const EnrolmentRequest& body) {
+  transport::Request request;
+  request.method = transport::Method::post;
+  request.path = {"mef", "enrolment"};
+  request.content_format = static_cast<std::uint16_t>(ContentFormat::cbor);
+  request.accept = static_cast<std::uint16_t>(ContentFormat::cbor);
+  request.originator = ae_id;
+  request.payload = encode(body, ContentFormat::cbor);
+  return request;
+}
+
 namespace {
 constexpr std::array<std::string_view, 4> kStateNames = {"idle", "enrolling", "enrolled", "failed"};
 static_assert(kStateNames.size() == static_cast<std::size_t>(EnroleeState::failed) + 1, "one name per EnroleeState");
@@ -198,14 +209,8 @@ struct Enrolee::Impl : std::enable_shared_from_this<Enrolee::Impl> {
       if (auto self = weak.lock()) self->node.close_client_session(self->config.mef_address, *credentials);
       done(std::move(outcome));
     };
-    transport::Request request;
-    request.method = transport::Method::post;
-    request.path = {"mef", "enrolment"};
-    request.content_format = static_cast<std::uint16_t>(ContentFormat::cbor);
-    request.accept = static_cast<std::uint16_t>(ContentFormat::cbor);
-    request.originator = ae_id;
-    request.payload = encode(EnrolmentRequest{config.request_certificate, false, false}, ContentFormat::cbor);
-    node.request(config.mef_address, *credentials, std::move(request),
+    node.request(config.mef_address, *credentials,
+                 enrolment_request(ae_id, EnrolmentRequest{config.request_certificate, false, false}),
                  [weak, credentials, done = std::move(done_with_session)](Result<transport::Response> response,
                                                                           const transport::Session* session) {
                    if (auto self = weak.lock()) self->on_enrolment_answer(std::move(response), session, credentials, done);

@@ -29,6 +29,28 @@ namespace dauth::test {
 
 using namespace std::chrono_literals;
 
+// Drives `nodes` (others stay paused: their datagrams wait in their sockets) until done() or max; each_round runs
+// after every round.
+inline bool pump_nodes(const std::vector<transport::Node*>& nodes, const std::function<bool()>& done,
+                       std::chrono::milliseconds max = 8000ms, const std::function<void()>& each_round = {}) {
+  const int epoll = ::epoll_create1(EPOLL_CLOEXEC);
+  for (auto* node : nodes) {
+    epoll_event event{};
+    event.events = EPOLLIN;
+    event.data.fd = node->fd();
+    ::epoll_ctl(epoll, EPOLL_CTL_ADD, node->fd(), &event);
+  }
+  const auto end = std::chrono::steady_clock::now() + max;
+  while (!done() && std::chrono::steady_clock::now() < end) {
+    epoll_event event{};
+    (void)::epoll_wait(epoll, &event, 1, 20);
+    for (auto* node : nodes) node->process_ready();
+    if (each_round) each_round();
+  }
+  ::close(epoll);
+  return done();
+}
+
 inline constexpr const char* kMefFqdn = "mef.example.net";
 inline constexpr const char* kMeterKpmId = "meter@mef.example.net";
 inline constexpr const char* kValveKpmId = "valve@mef.example.net";
@@ -217,23 +239,9 @@ struct World {
   // start_fetches = false never calls TargetKeys::start_pending_fetches(): the fetches its own posted work starts
   // are then the only ones (tests of that posting).
   bool pump(const std::function<bool()>& done, std::chrono::milliseconds max = 8000ms, bool start_fetches = true) {
-    std::vector<transport::Node*> nodes = {mef_node.get(), meter_node.get(), valve_node.get()};
-    const int epoll = ::epoll_create1(EPOLL_CLOEXEC);
-    for (auto* node : nodes) {
-      epoll_event event{};
-      event.events = EPOLLIN;
-      event.data.fd = node->fd();
-      ::epoll_ctl(epoll, EPOLL_CTL_ADD, node->fd(), &event);
-    }
-    const auto end = std::chrono::steady_clock::now() + max;
-    while (!done() && std::chrono::steady_clock::now() < end) {
-      epoll_event event{};
-      (void)::epoll_wait(epoll, &event, 1, 20);
-      for (auto* node : nodes) node->process_ready();
+    return pump_nodes({mef_node.get(), meter_node.get(), valve_node.get()}, done, max, [&] {
       if (start_fetches) valve_keys->start_pending_fetches();
-    }
-    ::close(epoll);
-    return done();
+    });
   }
 
   // A second local AE on the valve's node, served as a target next to the valve: enrolled with the MEF under its

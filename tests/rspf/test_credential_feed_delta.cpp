@@ -32,26 +32,6 @@ rspf::CredentialFeed body_of(const transport::Response& response) {
   return *feed;
 }
 
-// Drives only `nodes` (the others are paused: their datagrams wait in their sockets) until done() or max.
-bool pump_only(const std::vector<transport::Node*>& nodes, const std::function<bool()>& done,
-               std::chrono::milliseconds max = 8000ms) {
-  const int epoll = ::epoll_create1(EPOLL_CLOEXEC);
-  for (auto* node : nodes) {
-    epoll_event event{};
-    event.events = EPOLLIN;
-    event.data.fd = node->fd();
-    ::epoll_ctl(epoll, EPOLL_CTL_ADD, node->fd(), &event);
-  }
-  const auto end = std::chrono::steady_clock::now() + max;
-  while (!done() && std::chrono::steady_clock::now() < end) {
-    epoll_event event{};
-    (void)::epoll_wait(epoll, &event, 1, 20);
-    for (auto* node : nodes) node->process_ready();
-  }
-  ::close(epoll);
-  return done();
-}
-
 }  // namespace
 
 TEST_CASE("versioned feed: the whole state on subscription, then only what changed", "[rspf][network][feed]") {
@@ -149,14 +129,14 @@ TEST_CASE("versioned feed: the target applies deltas, drops a revoked key from o
   const std::vector<transport::Node*> without_valve = {world.mef_node.get(), world.meter_node.get(), thief_node.get()};
   std::optional<Result<void>> enrolled;
   world.meter->enrol([&](Result<void> r) { enrolled.emplace(std::move(r)); });
-  REQUIRE(pump_only(without_valve, [&] { return enrolled.has_value(); }));
+  REQUIRE(pump_nodes(without_valve, [&] { return enrolled.has_value(); }));
   REQUIRE(enrolled->ok());
   const std::string second_ke_id = *world.meter->ke_id();
   // Another change, then a client with the valve's own identity takes an answer of the feed: the MEF now counts the
   // valve as answered up to the newest version, and the valve's next notification starts there.
   enrolled.reset();
   world.meter->enrol([&](Result<void> r) { enrolled.emplace(std::move(r)); });
-  REQUIRE(pump_only(without_valve, [&] { return enrolled.has_value(); }));
+  REQUIRE(pump_nodes(without_valve, [&] { return enrolled.has_value(); }));
   REQUIRE(enrolled->ok());
   const std::string third_ke_id = *world.meter->ke_id();
   auto valve_credentials = world.valve->mef_credentials();
@@ -164,7 +144,7 @@ TEST_CASE("versioned feed: the target applies deltas, drops a revoked key from o
   std::optional<Result<transport::Response>> taken;
   thief_node->request(world.mef_address(), *valve_credentials, feed_request("CAE-valve", {"delta"}),
                       [&](Result<transport::Response> r, const transport::Session*) { taken.emplace(std::move(r)); });
-  REQUIRE(pump_only(without_valve, [&] { return taken.has_value(); }));
+  REQUIRE(pump_nodes(without_valve, [&] { return taken.has_value(); }));
   REQUIRE(taken->ok());
   REQUIRE(body_of(**taken).since.has_value());
 

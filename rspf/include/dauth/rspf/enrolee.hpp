@@ -24,11 +24,16 @@
 
 #include "dauth/crypto/keystore.hpp"
 #include "dauth/error.hpp"
+#include "dauth/rspf/messages.hpp"
 #include "dauth/rspf/role_support.hpp"
 #include "dauth/rspf/schedule.hpp"
 #include "dauth/transport/transport.hpp"
 
 namespace dauth::rspf {
+
+// The enrolment request (docs/PROTOCOL.md §3): POST /mef/enrolment with a CBOR body, CBOR asked for in return,
+// oneM2M-FR = the enrolling AE-ID.
+transport::Request enrolment_request(const std::string& ae_id, const EnrolmentRequest& body);
 
 struct EnroleeConfig {
   std::string kpm_id;                 // names the BootstrapKeyRecord (KpmID, Kpm, local AE-ID) in the store
