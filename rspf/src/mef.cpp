@@ -103,6 +103,14 @@ struct Mef::Impl {
   };
   std::deque<FeedChange> feed_log;  // consecutive versions, the newest last
   std::int64_t feed_version = 0;
+  // This run's feed epoch: versions restart at 0 with every start, so a target holding version 4 of the last run
+  // must not take "changes since 1" of this one as following on (it would miss what changed in between, a
+  // revocation included). Random, so that no two runs share one; positive, to fit the feed's integers.
+  const std::int64_t feed_epoch = [] {
+    std::uint64_t drawn = 0;
+    random_bytes(reinterpret_cast<std::uint8_t*>(&drawn), sizeof drawn);
+    return static_cast<std::int64_t>(drawn >> 1);
+  }();
   // (authenticated identity, oneM2M-FR) -> the version it was last answered, and when (feed_uses tick).
   struct FeedObserver {
     std::int64_t version;
@@ -311,6 +319,7 @@ struct Mef::Impl {
     CredentialFeed feed = credential_feed_for(*requester);
     if (versioned) {
       feed.version = feed_version;
+      feed.epoch = feed_epoch;
       note_feed_answer(observer, feed_version);
     }
     responder.respond(binary_response(205, static_cast<std::uint16_t>(format), encode(feed, format)));
@@ -349,6 +358,7 @@ struct Mef::Impl {
     CredentialFeed delta;
     delta.version = feed_version;
     delta.since = since;
+    delta.epoch = feed_epoch;
     const std::int64_t at = now();
     std::set<std::string_view> named;
     const auto first = feed_log.begin() + static_cast<std::ptrdiff_t>(since - feed_log_floor());

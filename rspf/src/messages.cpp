@@ -405,8 +405,11 @@ Result<ErrorBody> decode_error_body(ByteView payload, ContentFormat format) {
 
 Bytes encode(const CredentialFeed& message, ContentFormat format) {
   json document{{"issued", message.issued}, {"revoked", message.revoked}};
-  // nlohmann's object is ordered by key: issued, revoked, since, version (the order PROTOCOL.md §4 shows).
-  if (message.version) document["version"] = *message.version;
+  // nlohmann's object is ordered by key: epoch, issued, revoked, since, version (the order PROTOCOL.md §4 shows).
+  if (message.version) {
+    document["version"] = *message.version;
+    document["epoch"] = message.epoch.value_or(0);
+  }
   if (message.version && message.since) document["since"] = *message.since;
   return serialise(document, format);
 }
@@ -440,6 +443,14 @@ Result<CredentialFeed> decode_credential_feed(ByteView payload, ContentFormat fo
                                          " is above \"version\" " + std::to_string(*feed.version));
     }
     feed.since = *since;
+  }
+  if ((fields.raw("epoch") != nullptr) != feed.version.has_value()) {
+    return make_error(Errc::parse, std::string(kMessage) + ": \"epoch\" and \"version\" go together");
+  }
+  if (feed.version) {
+    auto epoch = fields.integer("epoch");
+    if (!epoch) return std::move(epoch).error();
+    feed.epoch = *epoch;
   }
   return feed;
 }

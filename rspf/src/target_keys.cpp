@@ -72,6 +72,7 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
   // e.g. an MEF of an earlier release), and the full read after a gap.
   struct FeedVersion {
     std::optional<std::int64_t> applied;
+    std::optional<std::int64_t> epoch;  // the MEF run `applied` counts in
     bool full_read_running = false;
     std::optional<CredentialFeed> held;  // the newest delta that came during the full read
   };
@@ -267,30 +268,31 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
     take_feed_body(contact, *message);
   }
 
-  // PROTOCOL.md §4, "The versioned feed": a whole state is applied and sets the version (also a lower one: an MEF
-  // that restarted counts from 0 again, and its first answer to a new subscription is the whole state); a delta is
-  // applied when it follows on from what we hold (since <= applied; applying a change twice is harmless).
+  // PROTOCOL.md §4, "The versioned feed": a whole state is applied and sets the epoch and version (also a lower
+  // version: an MEF that restarted counts from 0 again in a new epoch); a delta is applied when it follows on from
+  // what we hold: same epoch, since <= applied (applying a change twice is harmless). Anything else is a gap.
   void take_feed_body(const ContactKey& contact, const CredentialFeed& body) {
     FeedVersion& at = feed_versions[contact];
+    const auto follows_on = [&at](const CredentialFeed& delta) {
+      return at.applied && at.epoch == delta.epoch && *delta.since <= *at.applied;
+    };
     if (!body.version || !body.since) {
-      if (body.version) {
-        at.applied = *body.version;
-      } else {
-        at.applied.reset();  // an MEF of an earlier release: the whole state, every time
-      }
+      at.applied = body.version;  // none: an MEF of an earlier release, the whole state every time
+      at.epoch = body.epoch;
       ++feed_stats.full_states;
       apply_feed(contact, body);
-      if (at.held && at.applied && *at.held->since <= *at.applied) {
+      // The newest delta that came during the full read, if it goes beyond it (older ones the state includes).
+      if (at.held && follows_on(*at.held) && *at.held->version > *at.applied) {
         const CredentialFeed held = std::move(*at.held);
         at.held.reset();
-        at.applied = std::max(*at.applied, *held.version);
+        at.applied = *held.version;
         ++feed_stats.deltas;
         apply_feed(contact, held);
       }
       at.held.reset();
       return;
     }
-    if (at.applied && *body.since <= *at.applied) {
+    if (follows_on(body)) {
       at.applied = std::max(*at.applied, *body.version);
       ++feed_stats.deltas;
       apply_feed(contact, body);
@@ -299,10 +301,13 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
     ++feed_stats.gaps;
     at.held = body;
     if (at.full_read_running) return;
+    const std::string held_state =
+        !at.applied ? std::string("no version is known")
+        : at.epoch != body.epoch
+            ? "the state held is of another feed epoch (the MEF restarted since)"
+            : "version " + std::to_string(*at.applied) + " is applied (a notification was missed)";
     config.log("target " + contact.first + " feed mef=" + contact.second + ": changes since version " +
-               std::to_string(*body.since) + ", but " +
-               (at.applied ? "version " + std::to_string(*at.applied) + " is applied" : std::string("no version is known")) +
-               " (a notification was missed); reading the whole state");
+               std::to_string(*body.since) + ", but " + held_state + "; reading the whole state");
     start_full_read(contact);
   }
 

@@ -165,3 +165,61 @@ TEST_CASE("versioned feed: the target applies deltas, drops a revoked key from o
   CHECK(world.valve_keys->feed_stats().deltas > stats.deltas);
   CHECK(world.valve_keys->feed_stats().full_reads == 1);
 }
+
+TEST_CASE("versioned feed: after an MEF restart a delta of its new epoch is a gap, so a revocation made meanwhile "
+          "reaches the target", "[rspf][network][feed]") {
+  // Without the epoch the valve, holding version 4 of the first run, took the new run's "changes since 1" as
+  // following on and never learnt of the revocation (its key stayed usable).
+  World world(false, true);
+  REQUIRE(world.enrol(*world.valve).ok());
+  REQUIRE(world.pump([&] { return world.valve_keys->feeds_live() == 1; }));
+  const auto key_held = [&](const std::string& ke_id) {
+    return world.valve_store->find<crypto::SessionKeyRecord>(crypto::session_key_id(ke_id, "CAE-valve")) != nullptr;
+  };
+  std::string ids[4];
+  for (int i = 0; i < 4; ++i) {  // versions 1..4 in the first epoch
+    REQUIRE(world.enrol(*world.meter).ok());
+    ids[i] = *world.meter->ke_id();
+    REQUIRE(world.pump([&] { return key_held(ids[i]); }));
+  }
+  // The MEF restarts on the same port with the same store: its feed versions count from 0 again.
+  const auto port = world.mef_node->secure_port();
+  world.mef.reset();
+  world.mef_slot.unbind();
+  world.mef_node.reset();
+  transport::NodeConfig config;
+  config.secure_addresses = {"127.0.0.1"};
+  config.secure_port = port;
+  config.psk_lookup = world.mef_slot.lookup();
+  config.limits = quick_limits();
+  world.mef_node = transport::Node::create(std::move(config)).value();
+  rspf::MefConfig mc;
+  mc.fqdn = kMefFqdn;
+  mc.clock = world.clock.function();
+  mc.log = world.log.sink();
+  world.mef = rspf::Mef::create(*world.mef_node, *world.mef_store, std::move(mc)).value();
+  world.mef_slot.bind(world.mef->psk_lookup());
+  // New epoch: revoke the newest meter KeID (version 1), then another client of the valve's identity reads ?delta.
+  REQUIRE(world.mef->revoke(ids[3]).ok());
+  auto other = make_node(std::nullopt, &world.failures);  // a second client under the valve's identity
+  transport::Request request;
+  request.method = transport::Method::get;
+  request.path = {"fetchCredentials"};
+  request.query = {"delta"};
+  request.originator = "CAE-valve";
+  std::optional<Result<transport::Response>> taken;
+  other->request(world.mef_address(), world.valve->mef_credentials().value(), request,
+                 [&](Result<transport::Response> r, const transport::Session*) { taken.emplace(std::move(r)); });
+  REQUIRE(pump_nodes({world.mef_node.get(), other.get()}, [&] { return taken.has_value(); }));
+  REQUIRE(taken->ok());
+  // The valve re-subscribes (its old session died with the MEF) and settles.
+  const auto before = world.valve_keys->feed_stats();
+  REQUIRE(world.pump([&] { return world.valve_keys->feed_stats().deltas > before.deltas ||
+                                  world.valve_keys->feed_stats().full_states > before.full_states; }, 15000ms));
+  // The revocation of the new epoch arrives by the whole state the gap asks for.
+  REQUIRE(world.pump([&] { return world.valve_keys->is_revoked(ids[3]); }, 10000ms));
+  CHECK_FALSE(key_held(ids[3]));
+  const auto after = world.valve_keys->feed_stats();
+  CHECK(after.gaps > before.gaps);
+  CHECK(after.full_reads > before.full_reads);
+}

@@ -187,23 +187,25 @@ TEST_CASE("the versioned credential feed is byte-exact as PROTOCOL.md §4 shows,
     return hex;
   };
   const std::string ke_id_hex = hex_of(Bytes(kKeId, kKeId + std::strlen(kKeId)));
-  rspf::CredentialFeed whole{{kKeId}, {}, 7, std::nullopt};
-  // { "issued": [KeID], "revoked": [], "version": 7 }
+  rspf::CredentialFeed whole{{kKeId}, {}, 7, std::nullopt, 4660};
+  // { "epoch": 4660, "issued": [KeID], "revoked": [], "version": 7 }
   CHECK(hex_of(rspf::encode(whole, rspf::ContentFormat::cbor)) ==
-        "a3" "66697373756564" "81" "7830" + ke_id_hex + "67" "7265766f6b6564" "80" "67" "76657273696f6e" "07");
-  rspf::CredentialFeed delta{{}, {kKeId}, 7, 6};
-  // { "issued": [], "revoked": [KeID], "since": 6, "version": 7 }
-  CHECK(hex_of(rspf::encode(delta, rspf::ContentFormat::cbor)) ==
-        "a4" "66697373756564" "80" "67" "7265766f6b6564" "81" "7830" + ke_id_hex + "65" "73696e6365" "06" "67"
+        "a4" "6565706f6368" "191234" "66697373756564" "81" "7830" + ke_id_hex + "67" "7265766f6b6564" "80" "67"
         "76657273696f6e" "07");
+  rspf::CredentialFeed delta{{}, {kKeId}, 7, 6, 4660};
+  // { "epoch": 4660, "issued": [], "revoked": [KeID], "since": 6, "version": 7 }
+  CHECK(hex_of(rspf::encode(delta, rspf::ContentFormat::cbor)) ==
+        "a5" "6565706f6368" "191234" "66697373756564" "80" "67" "7265766f6b6564" "81" "7830" + ke_id_hex + "65"
+        "73696e6365" "06" "67" "76657273696f6e" "07");
   const Bytes json_text = rspf::encode(delta, rspf::ContentFormat::json);
   CHECK(std::string(json_text.begin(), json_text.end()) ==
-        std::string("{\"issued\":[],\"revoked\":[\"") + kKeId + "\"],\"since\":6,\"version\":7}");
+        std::string("{\"epoch\":4660,\"issued\":[],\"revoked\":[\"") + kKeId + "\"],\"since\":6,\"version\":7}");
   for (auto format : {rspf::ContentFormat::cbor, rspf::ContentFormat::json}) {
     auto back = rspf::decode_credential_feed(rspf::encode(delta, format), format);
     REQUIRE(back.ok());
     CHECK(back->version == 7);
     CHECK(back->since == 6);
+    CHECK(back->epoch == 4660);
     CHECK(back->revoked == std::vector<std::string>{kKeId});
     auto unversioned = rspf::decode_credential_feed(rspf::encode(rspf::CredentialFeed{{kKeId}, {}}, format), format);
     REQUIRE(unversioned.ok());
@@ -216,6 +218,10 @@ TEST_CASE("the versioned credential feed is byte-exact as PROTOCOL.md §4 shows,
     return decoded.error().message;
   };
   CHECK(refused(R"({"issued":[],"since":3})") == "credential feed: \"since\" without \"version\"");
+  CHECK(refused(R"({"issued":[],"version":7})") == "credential feed: \"epoch\" and \"version\" go together");
+  CHECK(refused(R"({"epoch":1,"issued":[]})") == "credential feed: \"epoch\" and \"version\" go together");
+  CHECK(refused(R"({"epoch":-2,"issued":[],"version":7})").find("\"epoch\" must be an unsigned integer") !=
+        std::string::npos);
   CHECK(refused(R"({"issued":[],"since":8,"version":7})") == "credential feed: \"since\" 8 is above \"version\" 7");
   CHECK(refused(R"({"issued":[],"version":-1})").find("\"version\" must be an unsigned integer") != std::string::npos);
   CHECK(refused(R"({"issued":[],"version":"7"})").find("\"version\" must be an unsigned integer") != std::string::npos);

@@ -70,6 +70,9 @@ struct CredentialFeed {
   std::vector<std::string> revoked;  // revoked, unexpired KeIDs naming the observer: it must drop them
   std::optional<std::int64_t> version = std::nullopt;
   std::optional<std::int64_t> since = std::nullopt;  // only with version, and never above it
+  // Which run of the MEF the versions count in (drawn at its start; versions restart at 0 with a new one): a delta
+  // follows on from a state only within one epoch. Present exactly when version is.
+  std::optional<std::int64_t> epoch = std::nullopt;
 };
 // The Uri-Query words of the versioned feed: the subscription ("delta": the whole state first, then only changes)
 // and the recovery read after a gap ("full": always the whole state).
