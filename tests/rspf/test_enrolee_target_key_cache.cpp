@@ -1,6 +1,6 @@
-// Enrolee::key_for_target keeps each usage-constrained key (SPEC.md §4) for the life of its KeID instead of deriving
-// it per proxied request: the kept key must equal a fresh derivation, and a renewal, a revocation in the store,
-// the record's removal or expiry must make the old key unreachable and drop it.
+// Enrolee::key_for_target keeps each usage-constrained key (docs/PROTOCOL.md §4) for the life of its KeID instead
+// of deriving it per proxied request: the kept key must equal a fresh derivation, and a renewal, a revocation in
+// the store, the record's removal or expiry must make the old key unreachable and drop it.
 #include <catch2/catch.hpp>
 
 #include <algorithm>
