@@ -81,24 +81,31 @@ struct Enrolee::Impl : std::enable_shared_from_this<Enrolee::Impl> {
     return store.find<crypto::EnrolmentKeyRecord>(current_ke_id);
   }
 
+  // The current enrolment, if there is one and it has not expired: what key_for_target and mef_credentials use.
+  Result<const crypto::EnrolmentKeyRecord*> unexpired_record() const {
+    const auto* record = current_record();
+    if (record == nullptr) return make_error(Errc::not_found, "'" + ae_id + "' is not enrolled");
+    if (record->expires_at <= now()) {
+      return make_error(Errc::expired, "enrolment " + record->ke_id + " of '" + ae_id + "' has expired");
+    }
+    return record;
+  }
+
   void forget_target_keys() {
     target_keys.clear();
     target_keys_ke_id.clear();
   }
 
-  // SPEC.md §4. The record is read from the store on every call, so that whatever changed it (a renewal here, a
-  // revocation by the MEF role of the same dauthd in a shared store, expiry) is seen at once; only the HMAC is
-  // saved.
+  // docs/PROTOCOL.md §4. The record is read from the store on every call, so that whatever changed it (a renewal
+  // here, a revocation by the MEF role of the same dauthd in a shared store, expiry) is seen at once; only the HMAC
+  // is saved.
   Result<TargetKey> key_for_target(std::string_view target_ae_id) {
-    const auto* record = current_record();
-    if (record == nullptr) {
+    auto usable = unexpired_record();
+    if (!usable.ok()) {
       forget_target_keys();
-      return make_error(Errc::not_found, "'" + ae_id + "' is not enrolled");
+      return std::move(usable).error();
     }
-    if (record->expires_at <= now()) {
-      forget_target_keys();
-      return make_error(Errc::expired, "enrolment " + record->ke_id + " of '" + ae_id + "' has expired");
-    }
+    const crypto::EnrolmentKeyRecord* record = *usable;
     if (record->revoked_at != 0) {
       forget_target_keys();
       return make_error(Errc::denied, "enrolment " + record->ke_id + " of '" + ae_id + "' was revoked at " +
@@ -449,12 +456,9 @@ std::vector<std::pair<std::string, std::string>> Enrolee::cached_target_keys() c
 }
 
 Result<transport::ClientCredentials> Enrolee::mef_credentials() const {
-  const auto* record = impl_->current_record();
-  if (record == nullptr) return make_error(Errc::not_found, "'" + impl_->ae_id + "' is not enrolled");
-  if (record->expires_at <= impl_->now()) {
-    return make_error(Errc::expired, "enrolment " + record->ke_id + " of '" + impl_->ae_id + "' has expired");
-  }
-  return transport::ClientCredentials::psk(record->ke_id, crypto::derive_reauthentication_key(record->ke),
+  auto record = impl_->unexpired_record();
+  if (!record.ok()) return std::move(record).error();
+  return transport::ClientCredentials::psk((*record)->ke_id, crypto::derive_reauthentication_key((*record)->ke),
                                            impl_->config.mef_fqdn);
 }
 

@@ -730,14 +730,14 @@ Result<void> Mef::revoke(std::string_view ke_id_text) {
   if (record->revoked_at != 0) return ok_result();
   crypto::EnrolmentKeyRecord revoked{record->ke_id, record->ke.clone(), record->enrolee_id, record->targets,
                                      record->expires_at, impl_->now()};
-  const std::vector<std::string> targets = record->targets;
+  const bool names_targets = !record->targets.empty();
   const std::string revoked_ke_id = record->ke_id;
   const std::string audit = "mef audit: revoked KeID " + revoked.ke_id + " of " + revoked.enrolee_id + " at " +
                             std::to_string(revoked.revoked_at);
   if (auto stored = impl_->store.put(std::move(revoked)); !stored.ok()) return stored;
   impl_->config.log(audit);
   // The targets drop the key and its live sessions (PROTOCOL.md §5).
-  if (!targets.empty()) impl_->announce_feed_change(revoked_ke_id);
+  if (names_targets) impl_->announce_feed_change(revoked_ke_id);
   impl_->announce_revocation();   // the list carries KeIDs too
   return ok_result();
 }

@@ -241,24 +241,35 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
   using ContactKey = std::pair<std::string, std::string>;  // (local AE, lower-case MEF FQDN)
 
   // The feed subscription of one contact: GET /fetchCredentials with oneM2M-FR = that served AE.
-  Feed make_feed(const ContactKey& contact, MefContact mef) {
+  // GET /fetchCredentials?<query> for the contact's local AE: the subscription (delta) and the full read (full).
+  static transport::Request feed_request(const ContactKey& contact, std::string_view query) {
     transport::Request request;
     request.path = {"fetchCredentials"};
-    request.query = {std::string(kFeedQueryDelta)};
+    request.query = {std::string(query)};
     request.accept = static_cast<std::uint16_t>(ContentFormat::cbor);
     request.originator = contact.first;
+    return request;
+  }
+
+  // A feed body as the MEF sent it (notification or full read), in its Content-Format (CBOR when none is given).
+  static Result<CredentialFeed> feed_body_of(const transport::Response& answer) {
+    auto format = content_format_from(answer.content_format.value_or(transport::kContentFormatCbor));
+    if (!format.ok()) return std::move(format).error();
+    return decode_credential_feed(ByteView(answer.payload), *format);
+  }
+
+  Feed make_feed(const ContactKey& contact, MefContact mef) {
     std::weak_ptr<Impl> weak = weak_from_this();
     return std::make_unique<MefSubscription>(
-        node, "target " + contact.first + " feed mef=" + contact.second, std::move(mef), std::move(request),
+        node, "target " + contact.first + " feed mef=" + contact.second, std::move(mef),
+        feed_request(contact, kFeedQueryDelta),
         config.jitter, config.log, [weak, contact](const transport::Response& notification) {
           if (auto self = weak.lock()) self->on_feed(contact, notification);
         });
   }
 
   void on_feed(const ContactKey& contact, const transport::Response& notification) {
-    auto format = content_format_from(notification.content_format.value_or(transport::kContentFormatCbor));
-    auto message = format.ok() ? decode_credential_feed(ByteView(notification.payload), *format)
-                               : Result<CredentialFeed>(std::move(format).error());
+    auto message = feed_body_of(notification);
     if (!message.ok()) {
       config.log("target " + contact.first + " feed mef=" + contact.second + " unreadable notification: " +
                  message.error().to_string());
@@ -323,16 +334,10 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
                  " cannot read the whole state: " + credentials.error().message);
       return;
     }
-    transport::Request request;
-    request.method = transport::Method::get;
-    request.path = {"fetchCredentials"};
-    request.query = {std::string(kFeedQueryFull)};
-    request.accept = static_cast<std::uint16_t>(ContentFormat::cbor);
-    request.originator = contact.first;
     feed_versions[contact].full_read_running = true;
     ++feed_stats.full_reads;
     std::weak_ptr<Impl> weak = weak_from_this();
-    node.request(mef->second.address, *credentials, std::move(request),
+    node.request(mef->second.address, *credentials, feed_request(contact, kFeedQueryFull),
                  [weak, contact](Result<transport::Response> answer, const transport::Session*) {
                    if (auto self = weak.lock()) self->on_full_read(contact, std::move(answer));
                  });
@@ -349,9 +354,7 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
       config.log(what + "refused: " + error_from_response("MEF " + contact.second, *answer).message);
       return;
     }
-    auto format = content_format_from(answer->content_format.value_or(transport::kContentFormatCbor));
-    auto message = format.ok() ? decode_credential_feed(ByteView(answer->payload), *format)
-                               : Result<CredentialFeed>(std::move(format).error());
+    auto message = feed_body_of(*answer);
     if (!message.ok()) {
       config.log(what + "unreadable: " + message.error().to_string());
       return;

@@ -402,7 +402,6 @@ struct Node::Impl {
   PkiPolicy server_policy;
   coap_dtls_pki_t server_pki{};
   coap_dtls_spsk_t server_psk{};
-  std::string server_key_id;
   // GnuTLS: the certificate credentials, built once (set_up_server_pki) and attached to each server session
   // (select_certificates_by_name) instead of a PKI setup libcoap would parse for every session (docs/transport.md
   // §3); the server_*_pem above stay empty. The certificates it presents, parsed once: the default (x509) and those
@@ -1735,11 +1734,10 @@ std::shared_ptr<const detail::ServerCertificate> choose_server_certificate(coap_
 Result<void> Node::Impl::set_up_server_pki(const X509Credentials* x509, const RpkCredentials* rpk) {
   server_policy.node = this;
   const SecretBuffer& key = x509 != nullptr ? x509->private_key_pem : rpk->private_key_pem;
-  auto private_key = crypto::PrivateKey::parse(key);
-  if (!private_key.ok()) {
+  // Checked here, with dauth's own parser, for both backends and with a clear message.
+  if (auto private_key = crypto::PrivateKey::parse(key); !private_key.ok()) {
     return make_error(Errc::invalid_argument, "server private key: " + private_key.error().message);
   }
-  server_key_id = private_key->public_key_id();
   if (rpk != nullptr) {
     server_policy.rpk = true;
     server_policy.pinned_keys = rpk->pinned_peer_keys;
