@@ -1,4 +1,4 @@
-// Key store load speed (DESIGN.md §5: loading 100k records must take well under a second).
+// Key store load speed (docs/keystore-format.md: loading 100k records must take well under a second).
 //
 // Writes 100k records of every kind through the public API into a store on tmpfs (/dev/shm when there is one, so
 // that 100k fdatasyncs do not dominate the set-up), then times KeyStore::open() of the snapshot alone and of the

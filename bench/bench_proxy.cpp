@@ -164,7 +164,7 @@ int main(int argc, char** argv) {
 
     Clients clients(*std::max_element(std::begin(windows), std::end(windows)));
     // The first proxied request sets up the AE-pair session: B fetches the key from the MEF, A retries
-    // (SPEC.md §4). Reported, not part of the statistics.
+    // (PROTOCOL.md §4). Reported, not part of the statistics.
     const auto first = clients.latencies(proxied, 1).front();
     clients.latencies(direct, 10);
     clients.latencies(proxied, 10);

@@ -10,7 +10,7 @@ namespace dauth::crypto {
 
 namespace {
 
-constexpr std::size_t kMaxAeIdLength = 128;       // SPEC.md §1
+constexpr std::size_t kMaxAeIdLength = 128;       // PROTOCOL.md §1
 constexpr std::size_t kMaxFqdnLength = 253;       // RFC 1035 §2.3.4, without the trailing dot
 constexpr std::size_t kMaxLabelLength = 63;
 constexpr std::size_t kMaxRelativeKpmIdLength = 64;

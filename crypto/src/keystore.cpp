@@ -1,4 +1,4 @@
-// The sealed key store (DESIGN.md §5); the file format is in docs/keystore-format.md and keystore_codec.hpp.
+// The sealed key store (docs/keystore-format.md); the file format is in docs/keystore-format.md and keystore_codec.hpp.
 #include "dauth/crypto/keystore.hpp"
 
 #include <sodium.h>
@@ -76,7 +76,7 @@ constexpr std::size_t kMinLostHeadBytes = 8;
 // interrupted group may follow a torn entry of a version 3 journal, up to this many (docs/keystore-format.md).
 constexpr std::size_t kMaxGroupBytes = std::size_t{256} << 10;
 
-// Key sizes (SPEC.md §3.1: Kpm at least 128 bits; §3.3: Ke 256 bits; §4: Kab 256 bits).
+// Key sizes (PROTOCOL.md §3.1: Kpm at least 128 bits; §3.3: Ke 256 bits; §4: Kab 256 bits).
 constexpr std::size_t kMinKpmSize = 16;
 constexpr std::size_t kKeSize = 32;
 
@@ -399,7 +399,7 @@ struct StoreState {
   }
 
   // Writes content to tmp_name (0600), fsyncs it, renames it over final_name and fsyncs the directory, so that a
-  // crash leaves either the old or the new file (DESIGN.md §5). Returns the open descriptor of the new file.
+  // crash leaves either the old or the new file (docs/keystore-format.md). Returns the open descriptor of the new file.
   Result<UniqueFd> replace_file(const char* tmp_name, const char* final_name, const Bytes& content) {
     const std::filesystem::path tmp_path = path_of(tmp_name);
     if (::unlinkat(dir_fd.get(), tmp_name, 0) != 0 && errno != ENOENT) {

@@ -1,4 +1,4 @@
-// The master key of the sealed key store: a key file or a systemd credential (DESIGN.md §5, STYLE.md §8).
+// The master key of the sealed key store: a key file or a systemd credential (docs/keystore-format.md, STYLE.md §8).
 #include <fcntl.h>
 #include <sodium.h>
 #include <sys/stat.h>

@@ -53,7 +53,7 @@ Result<SecretBuffer> derive_usage_constrained_key(const SecretBuffer& ke, Suid s
   if (auto ok = validate_ae_id(target_id); !ok) {
     return make_error(Errc::invalid_argument, "Enrolment Target " + ok.error().message);
   }
-  // TS-0003 §10.3.7: label || SUID || target ID. SUID as decimal ASCII (SPEC.md §4), no separators.
+  // TS-0003 §10.3.7: label || SUID || target ID. SUID as decimal ASCII (PROTOCOL.md §4), no separators.
   std::string message(kUsageConstrainedLabel);
   message += std::to_string(static_cast<int>(suid));
   message += target_id;

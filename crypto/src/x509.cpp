@@ -1,5 +1,5 @@
-// X.509 on mbedTLS 2.28: certificates, P-256 keys, CSRs and a small CA (SPEC.md §3.6, §4; TS-0003 §10.1).
-// The 2.28 quirks worked around here are measured in /work/shared/notes/libcoap-4.3.1.md §Q3.
+// X.509 on mbedTLS 2.28: certificates, P-256 keys, CSRs and a small CA (PROTOCOL.md §3.6, §4; TS-0003 §10.1).
+// The 2.28 quirks worked around here are listed in docs/crypto.md.
 #include "dauth/crypto/x509.hpp"
 
 #include <mbedtls/ecp.h>
@@ -81,7 +81,7 @@ Result<void> require_p256(const mbedtls_pk_context& pk, const std::string& whose
 // Common names become part of a DN string that mbedtls_x509_string_to_names parses: characters with a meaning
 // there (RFC 4514 §3 specials) are refused instead of escaped.
 Result<void> validate_common_name(std::string_view cn) {
-  constexpr std::size_t kMaxCommonName = 128;  // AE-IDs are up to 128 characters (SPEC.md §1)
+  constexpr std::size_t kMaxCommonName = 128;  // AE-IDs are up to 128 characters (PROTOCOL.md §1)
   if (cn.empty() || cn.size() > kMaxCommonName) {
     return make_error(Errc::invalid_argument, "common name " + quote_for_error(cn) + " has " +
                                                   std::to_string(cn.size()) + " characters (1-128 allowed)");
@@ -234,7 +234,7 @@ bool Certificate::is_ca() const { return impl_->chain->ca_istrue != 0; }
 
 namespace {
 std::vector<std::string> san_entries(const mbedtls_x509_crt& crt, int san_type) {
-  // mbedTLS 2.28 lists every SAN entry with its raw tag and value; its parse helper rejects URIs (notes Q3).
+  // mbedTLS 2.28 lists every SAN entry with its raw tag and value; its parse helper rejects URIs (docs/crypto.md).
   std::vector<std::string> out;
   const int wanted = MBEDTLS_ASN1_CONTEXT_SPECIFIC | san_type;
   for (const mbedtls_x509_sequence* s = &crt.subject_alt_names; s != nullptr; s = s->next) {
@@ -465,7 +465,7 @@ Result<CertificateRequest> CertificateRequest::create(const PrivateKey& key, std
   if (const int rc = mbedtls_x509write_csr_set_subject_name(writer.get(), subject.c_str()); rc != 0) {
     return mbedtls_error(rc, "CSR subject " + quote_for_error(subject));
   }
-  // 2.28 has no `critical` argument here (notes Q3); a requested SAN is never critical anyway.
+  // 2.28 has no `critical` argument here (docs/crypto.md); a requested SAN is never critical anyway.
   if (const int rc = mbedtls_x509write_csr_set_extension(writer.get(), MBEDTLS_OID_SUBJECT_ALT_NAME,
                                                          MBEDTLS_OID_SIZE(MBEDTLS_OID_SUBJECT_ALT_NAME),
                                                          san->data(), san->size());
@@ -510,8 +510,8 @@ std::vector<std::string> CertificateRequest::requested_san_uris() const { return
 Bytes CertificateRequest::public_key_der() const { return spki_der_of(&impl_->csr->pk); }
 
 Result<void> CertificateRequest::verify_signature() const {
-  // mbedTLS 2.28 has no mbedtls_x509_csr_verify (notes Q3): hash the CertificationRequestInfo with the signature's
-  // digest and check the signature with the request's own key (RFC 2986 §3 proof of possession).
+  // mbedTLS 2.28 has no mbedtls_x509_csr_verify (docs/crypto.md): hash the CertificationRequestInfo with the
+  // signature's digest and check the signature with the request's own key (RFC 2986 §3 proof of possession).
   mbedtls_x509_csr& csr = *impl_->csr.get();
   const mbedtls_md_info_t* md = mbedtls_md_info_from_type(csr.sig_md);
   if (md == nullptr) {
@@ -575,7 +575,7 @@ Result<void> check_params(const IssueParams& params) {
 }
 
 // Writes and signs one certificate: issuer_key signs, subject_key is certified. Every parameter is pinned by the
-// profile in x509.hpp; the extension DER is built by hand where 2.28 has no setter (notes Q3).
+// profile in x509.hpp; the extension DER is built by hand where 2.28 has no setter (docs/crypto.md).
 Result<Certificate> sign_certificate(mbedtls_pk_context* issuer_key, const std::string& issuer_name,
                                      mbedtls_pk_context* subject_key, const std::string& subject_name,
                                      const IssueParams& params, const Extensions& extensions) {
@@ -606,7 +606,7 @@ Result<Certificate> sign_certificate(mbedtls_pk_context* issuer_key, const std::
     return mbedtls_error(rc, where + ": issuer " + quote_for_error(issuer_name));
   }
   if (extensions.is_ca) {
-    // pathlen 0: this CA signs end entities only (SPEC.md §3.6); RFC 5280 §4.2.1.9 makes it critical.
+    // pathlen 0: this CA signs end entities only (PROTOCOL.md §3.6); RFC 5280 §4.2.1.9 makes it critical.
     rc = mbedtls_x509write_crt_set_basic_constraints(w, 1, 0);
     if (rc == 0) rc = mbedtls_x509write_crt_set_key_usage(w, MBEDTLS_X509_KU_KEY_CERT_SIGN | MBEDTLS_X509_KU_CRL_SIGN);
     if (rc == 0) rc = mbedtls_x509write_crt_set_subject_key_identifier(w);
@@ -646,7 +646,7 @@ Result<Certificate> sign_certificate(mbedtls_pk_context* issuer_key, const std::
   return Certificate::parse(*der);
 }
 
-// The issuer name is given to mbedTLS 2.28 as a string (notes Q3), so the CA subject must survive
+// The issuer name is given to mbedTLS 2.28 as a string (docs/crypto.md), so the CA subject must survive
 // dn_gets -> string_to_names -> DER unchanged, or issued certificates would not chain to the CA.
 Result<std::string> issuer_name_of(const mbedtls_x509_crt& ca) {
   const std::string name = name_string(ca.subject);

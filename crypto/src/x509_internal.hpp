@@ -76,10 +76,10 @@ inline bool looks_like_der(ByteView bytes) { return bytes.size > 0 && bytes.data
 
 // The URI entries (tag [6], 0x86) of the subjectAltName extension requested in a CSR's CertificationRequestInfo
 // (RFC 2986 §4.1 attributes -> PKCS#9 extensionRequest -> RFC 5280 §4.2.1.6). mbedTLS 2.28 does not expose
-// requested extensions (libcoap notes, Q3). Every length is bounds-checked; malformed structure is an error.
+// requested extensions (docs/crypto.md). Every length is bounds-checked; malformed structure is an error.
 Result<std::vector<std::string>> csr_requested_san_uris(ByteView certification_request_info);
 
-// DER of the extension values we write (mbedTLS 2.28 has no SAN or EKU setter, libcoap notes Q3).
+// DER of the extension values we write (mbedTLS 2.28 has no SAN or EKU setter, docs/crypto.md).
 Result<Bytes> encode_subject_alt_names(const std::vector<std::string>& uris, const std::vector<std::string>& dns);
 Result<Bytes> encode_eku_server_client();
 

@@ -1,4 +1,4 @@
-// dauthctl revoke <id>: revoke a KeID or a certificate serial (MEF role, SPEC.md §5).
+// dauthctl revoke <id>: revoke a KeID or a certificate serial (MEF role, PROTOCOL.md §5).
 #include "client.hpp"
 #include "verbs.hpp"
 

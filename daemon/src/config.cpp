@@ -188,7 +188,7 @@ std::string check_string(ValueCheck check, const std::string& value) {
     case ValueCheck::loopback_address: {
       auto why = parse_host_port(value, hp);
       if (!why.empty()) return why;
-      // SPEC.md §6: local AEs speak plain CoAP, which must never leave the host.
+      // PROTOCOL.md §6: local AEs speak plain CoAP, which must never leave the host.
       return is_loopback(hp) ? "" : "must be a loopback address (127.0.0.0/8 or [::1]) and port";
     }
     case ValueCheck::loopback_ip: {
@@ -890,7 +890,7 @@ const LoadedSecrets::Key* LoadedSecrets::find_file(const std::filesystem::path& 
 }
 
 Result<LoadedSecrets> load_secrets(const Config& config) {
-  // Sizes: master key 32 bytes (keystore.hpp kMasterKeySize); Kpm at least 16 bytes (SPEC.md §3.1), at most 64.
+  // Sizes: master key 32 bytes (keystore.hpp kMasterKeySize); Kpm at least 16 bytes (PROTOCOL.md §3.1), at most 64.
   constexpr std::size_t kKpmMinBytes = 16;
   constexpr std::size_t kKpmMaxBytes = 64;
   LoadedSecrets secrets;

@@ -14,12 +14,12 @@ constexpr std::int64_t kPathMax = 4095;
 const std::vector<SectionSpec>& config_sections() {
   static const std::vector<SectionSpec> sections = {
       {"daemon", false, false, "process settings: state, control socket, master key, logging"},
-      {"enrolee", false, true, "Enrolee role: local AEs enrol with their MEF (SPEC.md §3)"},
+      {"enrolee", false, true, "Enrolee role: local AEs enrol with their MEF (PROTOCOL.md §3)"},
       {"enrolee.ae", true, false, "one local AE and its bootstrap credential"},
-      {"mef", false, true, "MEF role: enrolment and key retrieval for enrolees (SPEC.md §3–5)"},
+      {"mef", false, true, "MEF role: enrolment and key retrieval for enrolees (PROTOCOL.md §3–5)"},
       {"mef.enrolee", true, false,
        "one row of the MEF's enrolee table: a pre-provisioned key (kpm_id) or a device certificate (certificate_ae_id)"},
-      {"peer", false, true, "Peer role: AE-to-AE sessions over DTLS and the access policy (SPEC.md §4)"},
+      {"peer", false, true, "Peer role: AE-to-AE sessions over DTLS and the access policy (PROTOCOL.md §4)"},
       {"peer.address", true, false, "static address of a remote AE's dauthd"},
       {"peer.policy", true, false, "access rule: which remote AE may reach which local AEs with which methods"},
   };
@@ -59,7 +59,7 @@ const std::vector<KeySpec>& config_schema() {
       {"enrolee", "mef_trust_anchor", T::path, C::none, 1, kPathMax, "", false, false, "",
        "PEM CA certificate(s) that sign the MEF's FQDN certificate (certificate RSPF)"},
       {"enrolee", "local_listen", T::string, C::loopback_address, 1, 64, "\"127.0.0.1:5683\"", false, false, "",
-       "loopback address where local AEs send plain CoAP requests (SPEC.md §6)"},
+       "loopback address where local AEs send plain CoAP requests (PROTOCOL.md §6)"},
 
       // [[enrolee.ae]]
       {"enrolee.ae", "id", T::string, C::ae_id, 1, 128, "", true, false, "", "the local AE's AE-ID"},
@@ -120,13 +120,13 @@ const std::vector<KeySpec>& config_schema() {
        "address peer sessions are accepted on (coaps)"},
       {"peer", "trust_anchors", T::path_list, C::none, 0, 64, "[]", false, false, "",
        "PEM CA certificates (MEF CAs) that sign peers' AE-ID certificates"},
-      // DESIGN.md §4: libcoap's own idle default is 300 s; we set it explicitly because it bounds how long
+      // docs/transport.md §2: libcoap's own idle default is 300 s; we set it explicitly because it bounds how long
       // libcoap's unwiped copies of session PSKs live (STYLE.md §11).
       {"peer", "idle_timeout", T::integer, C::none, 1, kDay, "300", false, false, "seconds",
        "idle time after which a peer session is closed"},
       {"peer", "max_sessions", T::integer, C::none, 1, 65535, "1024", false, false, "sessions",
        "incoming peer sessions held at once"},
-      // DESIGN.md §4: the GnuTLS client side select()s per session; glibc aborts near 1024 descriptors.
+      // docs/transport.md §2: the GnuTLS client side select()s per session; glibc aborts near 1024 descriptors.
       {"peer", "max_outgoing_sessions", T::integer, C::none, 1, 900, "256", false, false, "sessions",
        "outgoing peer sessions held at once (GnuTLS limit: below 1000)"},
       {"peer", "max_handshakes", T::integer, C::none, 1, 1000, "100", false, false, "handshakes",

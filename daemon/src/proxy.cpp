@@ -1,4 +1,4 @@
-// The request paths of the peer role (SPEC.md §6): gateway A's local endpoint, where a local AE names its target
+// The request paths of the peer role (PROTOCOL.md §6): gateway A's local endpoint, where a local AE names its target
 // in Proxy-Uri and dauthd forwards over the AE-pair DTLS session; and gateway B's secure endpoint, where the
 // authenticated AE-ID is checked (impersonation, policy) before delivery to the local AE.
 #include <arpa/inet.h>
@@ -172,7 +172,7 @@ void Roles::Impl::on_local_request(const transport::Session& session, const Requ
     responder.respond(for_local_ae(refusal(400, std::nullopt, target.error().message), request));
     return;
   }
-  // SPEC.md §6: the local originator is the configured local AE named by oneM2M-FR, or the AE whose
+  // PROTOCOL.md §6: the local originator is the configured local AE named by oneM2M-FR, or the AE whose
   // enrolee.ae.local_source is the request's source address; anything else gets 4.03. An AE with a local_source
   // is bound to it: its oneM2M-FR from another source is refused too.
   const std::string source = source_address(session.remote_address());
@@ -264,7 +264,7 @@ void Roles::Impl::forward_to_peer(const std::string& target, const transport::Pe
     }
     credentials = transport::ClientCredentials::certificate(std::move(x509).value(), peer_state.server_name, target);
   } else {
-    // SNI names the target AE (SPEC.md §2; an AE-ID that is no DNS name as its hashed name, PROTOCOL.md §2).
+    // SNI names the target AE (PROTOCOL.md §2; an AE-ID that is no DNS name as its hashed name, PROTOCOL.md §2).
     credentials = transport::ClientCredentials::psk(ke_id, key->clone(), peer_state.server_name);
   }
   Request copy = request;

@@ -1,5 +1,5 @@
 // The network roles inside dauthd (internal to the daemon module): the key store, the transport Nodes, the MEF,
-// one Enrolee per local AE, the target-key lookup and the local-AE proxy path (SPEC.md §3–6, docs/rspf.md).
+// one Enrolee per local AE, the target-key lookup and the local-AE proxy path (PROTOCOL.md §3–6, docs/rspf.md).
 //
 // Nodes (docs/rspf.md "Wiring"):
 //   mef node      secure endpoint mef.listen, PSK lookup = Mef (PskLookupSlot), Mef routes;
@@ -36,13 +36,13 @@ namespace dauth::daemon {
 // only: peer addresses are numeric inside the loop, docs/transport.md).
 Result<transport::Peer> resolve_address(const std::string& text);
 
-// SPEC.md §4: the A side retries a refused first handshake (target still fetching the key) after these delays.
+// PROTOCOL.md §4: the A side retries a refused first handshake (target still fetching the key) after these delays.
 inline constexpr std::chrono::milliseconds kFirstUseRetryDelays[] = {std::chrono::milliseconds(250),
                                                                       std::chrono::milliseconds(1000),
                                                                       std::chrono::milliseconds(3000)};
 
 // oneM2M-RSC for an originator that is not the authenticated AE (TS-0004 Table 6.6.3.3-1: ORIGINATOR_HAS_NO_PRIVILEGE
-// is 4103; 4106 is the value SPEC.md/PROTOCOL.md pin for the impersonation refusal).
+// is 4103; 4106 is the value PROTOCOL.md pins for the impersonation refusal).
 inline constexpr std::uint32_t kRscImpersonation = 4106;
 inline constexpr std::uint32_t kRscNoPrivilege = 4103;
 

@@ -1,4 +1,4 @@
-// The Enrolee: RSPF bootstrapped by a pre-provisioned symmetric key, a certificate or a raw public key (SPEC.md
+// The Enrolee: RSPF bootstrapped by a pre-provisioned symmetric key, a certificate or a raw public key (PROTOCOL.md
 // §3.1–3.4), EST-coaps certificate enrolment (§3.6), renewal schedule (§3.7) and the keys for Enrolment Targets (§4).
 #include "dauth/rspf/enrolee.hpp"
 
@@ -150,7 +150,7 @@ struct Enrolee::Impl : std::enable_shared_from_this<Enrolee::Impl> {
                                            : "DTLS with certificate " + config.certificate_name;
   }
 
-  // The bootstrap credential of SPEC.md §3.1, read from the store at each attempt (an EST renewal replaces the
+  // The bootstrap credential of PROTOCOL.md §3.1, read from the store at each attempt (an EST renewal replaces the
   // certificate record).
   Result<transport::ClientCredentials> bootstrap_credentials() const {
     if (!config.raw_public_key_name.empty()) {
@@ -206,7 +206,7 @@ struct Enrolee::Impl : std::enable_shared_from_this<Enrolee::Impl> {
     // Every enrolment needs a fresh DTLS session: Ke/KeID come from its exporter, and a cached session would give
     // the same KeID again. Only that one cached session is closed; other sessions of the Node stay.
     node.close_client_session(config.mef_address, *bootstrap);
-    // One shared credential for both requests, so that EST goes over the same (cached) session (SPEC.md §3.6).
+    // One shared credential for both requests, so that EST goes over the same (cached) session (PROTOCOL.md §3.6).
     auto credentials = std::make_shared<transport::ClientCredentials>(std::move(*bootstrap));
     // The Enrolee, not the MEF, ends the enrolment session, once it holds the answer (and the certificate, when
     // EST follows): the MEF's answer is a separate CON response that it retransmits until we acknowledge it, and a

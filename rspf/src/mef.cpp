@@ -1,4 +1,4 @@
-// The MEF role: enrolment (SPEC.md §3.2–3.4), key retrieval (§4), EST-coaps certificate enrolment (§3.6, RFC 9148)
+// The MEF role: enrolment (PROTOCOL.md §3.2–3.4), key retrieval (§4), EST-coaps certificate enrolment (§3.6, RFC 9148)
 // and revocation (§5). Every answer is decided from the authenticated session identity, never from the payload.
 #include "dauth/rspf/mef.hpp"
 
@@ -61,7 +61,7 @@ std::string describe(const Session& session) {
          session.peer().value;
 }
 
-// The body format of a request: Content-Format if given (50 or 60), CBOR otherwise (SPEC.md §2).
+// The body format of a request: Content-Format if given (50 or 60), CBOR otherwise (PROTOCOL.md §2).
 Result<ContentFormat> request_format(const Request& request) {
   if (!request.content_format) return ContentFormat::cbor;
   return content_format_from(*request.content_format);
@@ -146,7 +146,7 @@ struct Mef::Impl {
     if (auto ke_id = crypto::parse_ke_id(identity); ke_id.ok()) {
       auto record = valid_enrolment_key(identity);
       if (!record.ok()) return std::move(record).error();
-      return crypto::derive_reauthentication_key((*record)->ke);  // SPEC.md §3.5
+      return crypto::derive_reauthentication_key((*record)->ke);  // PROTOCOL.md §3.5
     }
     const auto* enrolee = store.find<crypto::EnroleeRecord>(identity);
     if (enrolee == nullptr || enrolee->kpm.empty()) {
@@ -156,7 +156,7 @@ struct Mef::Impl {
     return enrolee->kpm.clone();
   }
 
-  // ---- POST /mef/enrolment (SPEC.md §3.3–3.4) ----
+  // ---- POST /mef/enrolment (PROTOCOL.md §3.3–3.4) ----
   void on_enrolment(const Session& session, const Request& request, Responder responder) {
     EnrolmentExchange exchange(config.log, describe(session));
     auto fail = [&](const Error& error, std::optional<int> code = std::nullopt) {
@@ -264,7 +264,7 @@ struct Mef::Impl {
                                                  "AE-ID certificate)");
   }
 
-  // ---- GET /fetchCredentials, observable (SPEC.md §4 last sentence, §5; PROTOCOL.md §4) ----
+  // ---- GET /fetchCredentials, observable (PROTOCOL.md §4–5) ----
   // Per subscriber: libcoap calls this once per observer with its own session and stored request, so each observer
   // gets its own body. Its stored request never changes, so what it was last answered is remembered here
   // (feed_observers), keyed by its authenticated identity and oneM2M-FR.
@@ -339,7 +339,7 @@ struct Mef::Impl {
       if (list.size() < kMaxCredentialFeedEntries) {
         list.push_back(key.ke_id);
       } else {
-        ++left_out;  // the target still fetches those on first use (SPEC.md §4)
+        ++left_out;  // the target still fetches those on first use (PROTOCOL.md §4)
       }
     });
     if (left_out > 0) {
@@ -392,7 +392,7 @@ struct Mef::Impl {
     node.notify_observers({"fetchCredentials"});
   }
 
-  // ---- GET /fetchCredentials/<KeID>/<SUID> (SPEC.md §4) ----
+  // ---- GET /fetchCredentials/<KeID>/<SUID> (PROTOCOL.md §4) ----
   void on_fetch_credentials(const Session& session, const Request& request, Responder responder) {
     constexpr std::string_view route = "fetchCredentials";
     auto requester = authenticated_ae_id(session);
@@ -479,7 +479,7 @@ struct Mef::Impl {
     return make_error(Errc::internal, "no unused certificate serial after 8 random draws");
   }
 
-  // ---- POST /.well-known/est/sen (RFC 9148 §5, SPEC.md §3.6) ----
+  // ---- POST /.well-known/est/sen (RFC 9148 §5, PROTOCOL.md §3.6) ----
   void on_simple_enrol(const Session& session, const Request& request, Responder responder) {
     constexpr std::string_view route = "est/sen";
     if (!content_format_is_pkcs10(session, request, responder, route)) return;
@@ -522,7 +522,7 @@ struct Mef::Impl {
     issued.issued_at = at;
     issued.expires_at = static_cast<std::int64_t>(params.not_after);
     const std::string serial_hex = issued.serial_hex;
-    // Recorded before the answer: every certificate in the field can be found and revoked (SPEC.md §5).
+    // Recorded before the answer: every certificate in the field can be found and revoked (PROTOCOL.md §5).
     if (auto stored = store.put(std::move(issued)); !stored.ok()) {
       return refuse(responder, session, route, stored.error(), 500);
     }
@@ -543,7 +543,7 @@ struct Mef::Impl {
     return false;
   }
 
-  // ---- POST /.well-known/est/sren (RFC 9148 §5, RFC 7030 §4.2.2; SPEC.md §3.6) ----
+  // ---- POST /.well-known/est/sren (RFC 9148 §5, RFC 7030 §4.2.2; PROTOCOL.md §3.6) ----
   // Re-enrolment under the certificate this DTLS session presented: its serial (PeerIdentity::certificate_serial)
   // must name an issuance of this MEF to the session's AE-ID that is neither revoked nor expired; a device
   // certificate or another CA's certificate does not qualify (use /sen after an enrolment). The CSR may name only
@@ -607,7 +607,7 @@ struct Mef::Impl {
     issue_certificate(session, request, responder, route, ae_id, enrolment_expiry);
   }
 
-  // ---- GET /mef/revoked, observable (SPEC.md §5, PROTOCOL.md §5) ----
+  // ---- GET /mef/revoked, observable (PROTOCOL.md §5) ----
   // Any authenticated session may read and observe it (peers apply it in their handshake check: RevocationWatch).
   // The arrays list the unexpired revoked entries (an expired certificate fails the chain check anyway, and the
   // list stays within the 1024 entries a reader accepts); the version counts every revocation ever recorded, so

@@ -1,4 +1,4 @@
-// Target key retrieval (SPEC.md §4): answer handshakes from memory, fetch unknown KeIDs from their MEF in the
+// Target key retrieval (PROTOCOL.md §4): answer handshakes from memory, fetch unknown KeIDs from their MEF in the
 // background, store what the MEF answers.
 #include "dauth/rspf/target_keys.hpp"
 
@@ -42,7 +42,7 @@ std::string lower_case(std::string_view text) {
 std::string_view to_string(FetchState state) noexcept { return kFetchStateNames[static_cast<std::size_t>(state)]; }
 
 struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
-  // One retrieval: a KeID for one served AE (the key differs per target AE: SPEC.md §4, "22" || B-ID).
+  // One retrieval: a KeID for one served AE (the key differs per target AE: PROTOCOL.md §4, "22" || B-ID).
   struct FetchKey {
     std::string ke_id;
     std::string local_ae_id;

@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
-"""Independent reference for dauth's key derivations, written from SPEC.md and RFC 5869 with Python's hmac and
+"""Independent reference for dauth's key derivations, written from docs/PROTOCOL.md and RFC 5869 with Python's hmac and
 hashlib only (no code shared with the C++). Reads one JSON object per line on stdin, writes one hex result per line.
 
 ops:
   {"op": "hmac", "key": hex, "msg": hex}
   {"op": "hkdf", "ikm": hex, "salt": hex, "info": hex, "length": n}
   {"op": "bootstrap", "export": hex(48 bytes), "fqdn": str}         -> "<KeID> <Ke hex>"
-  {"op": "ker", "ke": hex}                                            (SPEC.md §3.5)
-  {"op": "usage", "ke": hex, "suid": n, "target": str}                (TS-0003 §10.3.7, SPEC.md §4)
+  {"op": "ker", "ke": hex}                                            (PROTOCOL.md §3.5)
+  {"op": "usage", "ke": hex, "suid": n, "target": str}                (TS-0003 §10.3.7, PROTOCOL.md §4)
 """
 import hashlib
 import hmac

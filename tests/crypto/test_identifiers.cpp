@@ -1,4 +1,4 @@
-// Identifier validation (SPEC.md §1, §3.1, §3.3): accepted forms, refused forms, and errors that quote the value.
+// Identifier validation (PROTOCOL.md §1, §3.1, §3.3): accepted forms, refused forms, and errors that quote the value.
 #include <catch2/catch.hpp>
 
 #include "dauth/crypto/identifiers.hpp"

@@ -1,4 +1,4 @@
-// TS-0003 derivations (SPEC.md §3.3–3.5, §4) against the independent Python reference on many random inputs.
+// TS-0003 derivations (PROTOCOL.md §3.3–3.5, §4) against the independent Python reference on many random inputs.
 #include <catch2/catch.hpp>
 
 #include "dauth/crypto/onem2m.hpp"

@@ -1,4 +1,4 @@
-// X.509 on mbedTLS 2.28 (SPEC.md §3.6, §4; TS-0003 §10.1): our CA, CSRs and keys checked by our parser and by the
+// X.509 on mbedTLS 2.28 (PROTOCOL.md §3.6, §4; TS-0003 §10.1): our CA, CSRs and keys checked by our parser and by the
 // `openssl` command as an independent consumer; certificates and CSRs made by `openssl` parsed by our code; RFC
 // 6920 key names checked against Python's hashlib; hostile input (truncated, garbage, tampered, junk PEM) refused.
 #include <catch2/catch.hpp>

@@ -73,7 +73,7 @@ TEST_CASE("proxy path works, policy, originator and impersonation refusals, no k
   start_all(d);
   const auto marker = put_marker(d);
 
-  // meter -> valve through A and B: the first use makes B fetch the key from the MEF (A retries, SPEC.md §4).
+  // meter -> valve through A and B: the first use makes B fetch the key from the MEF (A retries, PROTOCOL.md §4).
   const auto get = d.proxied("CAE-meter", "get", "example_data");
   INFO(get.output);
   CHECK(get.exit_code == 0);

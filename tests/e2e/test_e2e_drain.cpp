@@ -120,7 +120,7 @@ void start_with_local_ae(Deployment& d) {
   d.start("a");
   REQUIRE(d.wait_enrolled("b", "CAE-valve"));
   REQUIRE(d.wait_enrolled("a", "CAE-meter"));
-  // The first use sets up the AE-pair session (B fetches the key from the MEF, A retries: SPEC.md §4).
+  // The first use sets up the AE-pair session (B fetches the key from the MEF, A retries: PROTOCOL.md §4).
   const auto warm_up = d.proxied("CAE-meter", "get", "fast");
   INFO(warm_up.output);
   REQUIRE(warm_up.output.find("fast answer") != std::string::npos);
@@ -199,7 +199,7 @@ TEST_CASE("SIGTERM: a local AE that never answers is abandoned after shutdown_ti
   CHECK(b_log.find("abandoned: delivery of CAE-meter's GET /never to local AE CAE-valve") != std::string::npos);
 }
 
-// Loopback-source mapping (issue 5, SPEC.md §6): enrolee.ae.local_source makes requests from that address the AE's
+// Loopback-source mapping (issue 5, PROTOCOL.md §6): enrolee.ae.local_source makes requests from that address the AE's
 // without oneM2M-FR, and binds the AE to it. Here in the drain test binary because it is H3's one e2e file.
 TEST_CASE("local_source: a request from the mapped address is the AE's, other sources and other AEs get 4.03",
           "[e2e][local_source]") {

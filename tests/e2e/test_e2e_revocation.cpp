@@ -1,5 +1,5 @@
 // End to end: a certificate revoked at the MEF (dauthctl revoke <serial>) is refused by the peer gateway in new
-// handshakes and its live X.509 peer session ends (SPEC.md §5, PROTOCOL.md §5; rspf/revocation_watch.hpp).
+// handshakes and its live X.509 peer session ends (PROTOCOL.md §5; rspf/revocation_watch.hpp).
 #include <signal.h>
 
 #include <catch2/catch.hpp>

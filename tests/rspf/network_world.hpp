@@ -99,7 +99,7 @@ inline crypto::KeyStore open_store(const std::filesystem::path& dir, const Secre
 
 inline transport::Limits quick_limits() {
   transport::Limits limits;
-  limits.handshake_timeout = 1500ms;  // the wrong-Kpm case waits for this: no alert is sent (libcoap notes, Q1)
+  limits.handshake_timeout = 1500ms;  // the wrong-Kpm case waits for this: no alert is sent (docs/transport.md §3)
   limits.request_timeout = 4000ms;
   return limits;
 }

@@ -1,4 +1,4 @@
-// Certificate-bootstrapped RSPF, EST re-enrolment (/sren) and the MEF's revocation list (SPEC.md §3.1, §3.6, §5),
+// Certificate-bootstrapped RSPF, EST re-enrolment (/sren) and the MEF's revocation list (PROTOCOL.md §3.1, §3.6, §5),
 // over real DTLS with X.509 on loopback: the MEF serves its FQDN certificate, the Enrolee authenticates with its
 // AE-ID certificate, both issued by one test CA that is also the MEF's EST CA.
 #include <catch2/catch.hpp>

@@ -1,4 +1,4 @@
-// The MEF's observed GET /fetchCredentials feed (SPEC.md §4 last sentence, §5; PROTOCOL.md §4–5): a target learns
+// The MEF's observed GET /fetchCredentials feed (PROTOCOL.md §4–5): a target learns
 // new KeIDs ahead of the first handshake, drops revoked ones with their live sessions, and the feed is refused to
 // non-targets and to a wrong oneM2M-FR. Real Mef, Enrolee and TargetKeys objects on loopback DTLS.
 #include <catch2/catch.hpp>

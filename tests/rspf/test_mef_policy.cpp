@@ -1,4 +1,4 @@
-// The MEF's decisions (SPEC.md §3.4, §4): each rule on its own, with the refusal reason and the CoAP mapping.
+// The MEF's decisions (PROTOCOL.md §3.4, §4): each rule on its own, with the refusal reason and the CoAP mapping.
 #include <catch2/catch.hpp>
 
 #include "dauth/rspf/mef_policy.hpp"

@@ -1,4 +1,4 @@
-// Certificate revocation applied in the handshake (SPEC.md §5, PROTOCOL.md §5, rspf/revocation_watch.hpp), over
+// Certificate revocation applied in the handshake (PROTOCOL.md §5, rspf/revocation_watch.hpp), over
 // real DTLS on loopback: an MEF with a CA, gateway B serving with the valve's AE-ID certificate, gateway A reaching
 // it with the meter's; each gateway's RevocationWatch observes the MEF's /mef/revoked through its own Node and is
 // that Node's peer_check (server side on B, client side on A).

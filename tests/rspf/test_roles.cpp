@@ -1,4 +1,4 @@
-// The rspf network roles end to end (SPEC.md §3–5): real DTLS-PSK on loopback between an MEF, an Enrolee and an
+// The rspf network roles end to end (PROTOCOL.md §3–5): real DTLS-PSK on loopback between an MEF, an Enrolee and an
 // Enrolment Target, each with its own KeyStore on disk.
 #include <catch2/catch.hpp>
 
@@ -205,7 +205,7 @@ TEST_CASE("the MEF refuses bad enrolments and certificate requests, stores nothi
     REQUIRE_FALSE(outcome.ok());
     INFO(outcome.error().to_string());
     // GnuTLS on both ends fails the Finished at once; other backend pairs stay silent until the handshake timeout
-    // (libcoap notes, Q1). Either way the reason names the handshake.
+    // (docs/transport.md §3). Either way the reason names the handshake.
     REQUIRE((outcome.error().code == Errc::unauthenticated || outcome.error().code == Errc::timeout));
     REQUIRE(outcome.error().message.find("handshake") != std::string::npos);
     REQUIRE(impostor->state() == rspf::EnroleeState::failed);

@@ -1,4 +1,4 @@
-// Raw-public-key bootstrapped RSPF (SPEC.md §3.1, RFC 7250; GnuTLS builds), over real DTLS on loopback: the MEF
+// Raw-public-key bootstrapped RSPF (PROTOCOL.md §3.1, RFC 7250; GnuTLS builds), over real DTLS on loopback: the MEF
 // serves its own P-256 raw public key and pins the enrolee's key id, whose enrolee row is "rpk:<key id>"; the
 // Enrolee authenticates with its key (a CertificateRecord with an empty chain) and pins the MEF's key id.
 #include <catch2/catch.hpp>

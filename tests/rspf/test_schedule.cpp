@@ -1,4 +1,4 @@
-// Renewal at 2/3 of the lifetime and exponential backoff, both with ±10 % jitter (SPEC.md §3.7).
+// Renewal at 2/3 of the lifetime and exponential backoff, both with ±10 % jitter (PROTOCOL.md §3.7).
 #include <catch2/catch.hpp>
 
 #include "dauth/rspf/schedule.hpp"

@@ -1,4 +1,4 @@
-// TargetKeys serving two local AEs on one gateway node: the handshake's SNI names the target AE (SPEC.md §2), each
+// TargetKeys serving two local AEs on one gateway node: the handshake's SNI names the target AE (PROTOCOL.md §2), each
 // AE fetches its own key as itself, and the fetches start from the loop (Node::post) without
 // start_pending_fetches().
 #include <catch2/catch.hpp>

@@ -1,5 +1,5 @@
 // Cross-backend RFC 5705 exporter: a GnuTLS server (this process) and our transport/ built on libcoap-3-openssl
-// (a helper process) derive the same keying material, with PSK and with certificates (notes, Q2).
+// (a helper process) derive the same keying material, with PSK and with certificates (docs/transport.md §3).
 #include <catch2/catch.hpp>
 
 #include "transport_support.hpp"

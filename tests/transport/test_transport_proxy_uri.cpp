@@ -1,4 +1,4 @@
-// Proxy-Uri (RFC 7252 §5.10.2): a local AE names its target AE as the URI host (SPEC.md §6, dauthd's proxy path).
+// Proxy-Uri (RFC 7252 §5.10.2): a local AE names its target AE as the URI host (PROTOCOL.md §6, dauthd's proxy path).
 // Checked with our own client and with the stock coap-client-notls -P, which sends Proxy-Uri to the proxy address.
 #include <catch2/catch.hpp>
 

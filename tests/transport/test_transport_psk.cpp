@@ -1,5 +1,5 @@
 // DTLS-PSK over loopback: our server <-> our client, stock libcoap clients, a strict CCM_8-only OpenSSL client,
-// and the refusals (unknown identity, wrong key) with their reports (SPEC.md §2, DESIGN.md §4).
+// and the refusals (unknown identity, wrong key) with their reports (PROTOCOL.md §2, docs/transport.md §2).
 #include <catch2/catch.hpp>
 
 #include "transport_support.hpp"
@@ -121,7 +121,7 @@ TEST_CASE("PSK: stock coap-client-gnutls and coap-client-openssl get the peer id
       WARN(program << " not installed: skipped");
       continue;
     }
-    // coap-client exits 0 even when the handshake fails (notes, Q1): judge by its output.
+    // coap-client exits 0 even when the handshake fails (docs/transport.md §3): judge by its output.
     const auto good = run_command({program, "-B", "5", "-u", "CAE-beta", "-k", kKeys.at("CAE-beta"), uri});
     INFO(program << ": " << good.output);
     CHECK(good.output.find("psk:CAE-beta") != std::string::npos);

@@ -1,8 +1,8 @@
 // Node: the libcoap 4.3.1 contexts of this process, their DTLS credentials, sessions and request routing.
 //
-// Every libcoap trap this file works around is listed in /work/shared/notes/libcoap-4.3.1.md ("notes, Qn") and in
-// docs/transport.md. The loop is single-threaded; libcoap callbacks never block and never call back into user
-// code that could re-enter libcoap, except request handlers, which must fill the response synchronously.
+// Every libcoap trap this file works around is listed, with what was measured, in docs/transport.md §3. The loop is
+// single-threaded; libcoap callbacks never block and never call back into user code that could re-enter libcoap,
+// except request handlers, which must fill the response synchronously.
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <coap3/coap.h>
@@ -240,7 +240,7 @@ class SessionImpl final : public Session {
   SessionCounters count;
 
   // Handshake bookkeeping. Server sessions learn the peer in the DTLS callbacks and take it on the first request
-  // (GnuTLS raises no DTLS_CONNECTED for server sessions: notes, Q1).
+  // (GnuTLS raises no DTLS_CONNECTED for server sessions: docs/transport.md §3).
   bool established = false;
   bool failure_reported = false;
   bool psk_key_supplied = false;
@@ -371,8 +371,8 @@ struct PkiPolicy {
 };
 
 // A client context for one PKI credential: coap_new_client_session_pki() overwrites the context's PKI setup
-// (notes, Q1), so each distinct credential gets its own context. libcoap keeps a shallow copy of the setup, so
-// the buffers live here as long as the context.
+// (docs/transport.md §3), so each distinct credential gets its own context. libcoap keeps a shallow copy of the setup,
+// so the buffers live here as long as the context.
 struct ClientPkiContext {
   SecretBuffer key_pem;
   SecretBuffer chain_pem;
@@ -413,7 +413,7 @@ struct Node::Impl {
   bool server_pki_set = false;     // server credentials set up (either backend)
   std::string client_trust_anchors_pem;  // what client certificates are verified against (x509 or first named)
   SecretBuffer etag_key = SecretBuffer::random(crypto::kShortHashKeySize);  // content_etag()
-  SecretBuffer psk_in_flight;  // returned by validate_id; libcoap copies it at once (notes, Q1)
+  SecretBuffer psk_in_flight;  // returned by validate_id; libcoap copies it at once (docs/transport.md §3)
   coap_bin_const_t psk_in_flight_view{};
 
   std::uint16_t bound_secure_port = 0;
@@ -845,7 +845,7 @@ Node::Impl* impl_of(const coap_session_t* session) {
 
 // ---- DTLS callbacks ----------------------------------------------------------------------------------------------
 
-// PSK server lookup (validate_id_call_back). Never blocks: the lookup answers from memory (DESIGN.md §3).
+// PSK server lookup (validate_id_call_back). Never blocks: the lookup answers from memory (docs/transport.md §1).
 const coap_bin_const_t* on_psk_identity(coap_bin_const_t* identity, coap_session_t* session, void* arg) {
   auto* impl = static_cast<Node::Impl*>(arg);
   SessionImpl& state = impl->state_for(session);
@@ -877,8 +877,8 @@ bool client_side_of(const coap_session_t* session) {
 }
 
 // Certificate / raw-public-key check (validate_cn_call_back). The identity comes from our own parsing of the DER:
-// libcoap's cn argument differs per backend (notes, Q1). GnuTLS calls this for depth 0 only, after its own chain
-// verification; OpenSSL also for depth 1.
+// libcoap's cn argument differs per backend (docs/transport.md §3). GnuTLS calls this for depth 0 only, after its own
+// chain verification; OpenSSL also for depth 1.
 int on_peer_certificate(const char* cn, const uint8_t* der, size_t der_length, coap_session_t* session,
                         unsigned depth, int validated, void* arg) {
   auto* policy = static_cast<PkiPolicy*>(arg);
@@ -921,7 +921,7 @@ int on_peer_certificate(const char* cn, const uint8_t* der, size_t der_length, c
   } else {
     const auto dns = certificate->san_dns_names();
     state.offered_identity = dns.empty() ? certificate->subject() : dns.front();
-    // A server may authenticate by FQDN (an MEF's certificate, SPEC.md §3.2); a client must carry an AE-ID.
+    // A server may authenticate by FQDN (an MEF's certificate, PROTOCOL.md §3.2); a client must carry an AE-ID.
     if (!client_side || dns.empty()) {
       return refuse("peer certificate '" + certificate->subject() + "' carries no AE-ID: " + ae_id.error().message);
     }
@@ -1224,7 +1224,7 @@ void on_request(coap_resource_t* resource, coap_session_t* session, const coap_p
   };
 
   if (state.secure) {
-    // First request: the handshake is complete; the peer identity and exporter are readable now (notes, Q1).
+    // First request: the handshake is complete; the peer identity and exporter are readable now (docs/transport.md §3).
     impl->mark_established(state);
     if (!state.verified) {  // fail closed: never serve a DTLS peer that none of our callbacks vetted
       reject(401, "DTLS session completed without an identity from our callbacks");
@@ -1325,9 +1325,9 @@ ContextPtr Node::Impl::new_context(ContextRole role, std::string& error) {
   }
   coap_set_app_data(context.get(), this);
   // Bodies over one datagram arrive by Block1/Block2 (RFC 7959), reassembled by libcoap, so that the 4 KiB limit
-  // (SPEC.md §2) is checked on the whole body.
+  // (PROTOCOL.md §2) is checked on the whole body.
   coap_context_set_block_mode(context.get(), COAP_BLOCK_USE_LIBCOAP | COAP_BLOCK_SINGLE_BODY);
-  // Unregistered critical options get 4.02 Bad Option in requests and an RST for responses (SPEC.md §6). libcoap
+  // Unregistered critical options get 4.02 Bad Option in requests and an RST for responses (PROTOCOL.md §6). libcoap
   // 4.3.1's known-option filter has only two slots for numbers above 255 (COAP_OPT_FILTER_LONG = 2; a third
   // registration is silently lost), so each context registers the two it receives: a server context gets requests
   // (FR 279, RQI 283), a client context gets responses (RQI 283, RSC 307).
@@ -1341,7 +1341,7 @@ ContextPtr Node::Impl::new_context(ContextRole role, std::string& error) {
   coap_register_event_handler(context.get(), on_event);
   coap_register_response_handler(context.get(), on_response);
   coap_register_nack_handler(context.get(), on_nack);
-  // Explicit limits instead of libcoap's defaults (DESIGN.md §4).
+  // Explicit limits instead of libcoap's defaults (docs/transport.md §2).
   coap_context_set_session_timeout(context.get(), static_cast<unsigned>(config.limits.idle_timeout.count()));
   coap_context_set_max_idle_sessions(context.get(), static_cast<unsigned>(config.limits.max_sessions));
   coap_context_set_max_handshake_sessions(context.get(), static_cast<unsigned>(config.limits.max_handshakes));
@@ -1388,7 +1388,7 @@ void Node::Impl::housekeeping() {
       state.timed_out = true;
       handshaking.erase(raw);
       if (state.client) {
-        // libcoap sends no alert for a wrong PSK: the client only ever sees silence (notes, Q1).
+        // libcoap sends no alert for a wrong PSK: the client only ever sees silence (docs/transport.md §3).
         std::string reason = "DTLS handshake with " + state.remote + " did not complete within " +
                              std::to_string(config.limits.handshake_timeout.count()) + " ms";
         if (state.identity.kind == PeerKind::psk) {
@@ -1533,7 +1533,7 @@ Result<ClientPkiContext*> Node::Impl::client_pki_context(const ClientCredentials
   if (rpk) {
     entry->policy.pinned_keys = credentials.rpk->pinned_peer_keys;
     setup.is_rpk_not_cert = 1;
-    // libcoap derives the SPKI from an "EC PRIVATE KEY" PEM given as both halves (notes, Q2).
+    // libcoap derives the SPKI from an "EC PRIVATE KEY" PEM given as both halves (docs/transport.md §3).
     setup.pki_key.key.pem_buf.public_cert = entry->key_pem.data();
     setup.pki_key.key.pem_buf.public_cert_len = entry->key_pem.size();
   } else {
@@ -1617,7 +1617,8 @@ Result<coap_session_t*> Node::Impl::client_session_for(const Peer& peer, const C
   }
   if (detail::backend() == Backend::gnutls) {
     // GnuTLS client sessions select() on their socket: an fd >= FD_SETSIZE (1024) aborts the process in glibc
-    // (DESIGN.md §4). The new socket takes the lowest free fd, so probe it and refuse before libcoap gets there.
+    // (docs/transport.md §2). The new socket takes the lowest free fd, so probe it and refuse before libcoap gets
+    // there.
     const int probe = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
     if (probe >= 0) ::close(probe);
     if (probe < 0 || probe >= kHighestSelectableFd) {
@@ -1648,7 +1649,7 @@ Result<coap_session_t*> Node::Impl::client_session_for(const Peer& peer, const C
           credentials.sni.empty() ? nullptr : const_cast<char*>(client_snis.insert(credentials.sni).first->c_str());
       setup.psk_info.identity = {credentials.psk_identity.size(),
                                  reinterpret_cast<const uint8_t*>(credentials.psk_identity.data())};
-      // libcoap copies the session PSK (notes, Q1); the copy is unwiped heap: sessions are capped in time.
+      // libcoap copies the session PSK (docs/transport.md §3); the copy is unwiped heap: sessions are capped in time.
       setup.psk_info.key = {credentials.psk_key.size(), credentials.psk_key.data()};
       session = coap_new_client_session_psk2(client_context.get(), nullptr, &*address, COAP_PROTO_DTLS, &setup);
       credential_id = credentials.psk_identity;
@@ -1921,7 +1922,7 @@ Result<std::unique_ptr<Node>> Node::create(NodeConfig config) {
                       "setup per context");
   }
   if (cfg.rpk && !backend_supports_rpk()) {
-    // OpenSSL accepts the setup and fails every handshake later (notes, Q2): refuse at configuration time.
+    // OpenSSL accepts the setup and fails every handshake later (docs/transport.md §3): refuse at configuration time.
     return make_error(Errc::unsupported, "raw public keys (RFC 7250) need the GnuTLS build; this is " +
                                              std::string(to_string(compiled_backend())));
   }
@@ -2007,7 +2008,7 @@ Result<std::unique_ptr<Node>> Node::create(NodeConfig config) {
       coap_register_request_handler(resource, method, on_request);
     }
     coap_add_resource(context, resource);
-    // Proxy-Uri requests (a local AE naming its target AE, SPEC.md §6): without a proxy resource libcoap answers
+    // Proxy-Uri requests (a local AE naming its target AE, PROTOCOL.md §6): without a proxy resource libcoap answers
     // them 5.05 itself (RFC 7252 §5.7.2). The one name it is "known by" is reserved (RFC 6761 .invalid), so no
     // Proxy-Uri host is ever taken for this node; the request reaches on_request and our routes with no Uri-Path.
     const char* own_proxy_names[] = {"dauthd.proxy.invalid"};  // copied by libcoap

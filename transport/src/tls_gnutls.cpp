@@ -1,4 +1,4 @@
-// GnuTLS side of the exporter and suite name (libcoap notes, Q2: gnutls_prf_rfc5705 through coap_session_get_tls).
+// GnuTLS side of the exporter and suite name (docs/transport.md §3: gnutls_prf_rfc5705 through coap_session_get_tls).
 #include <gnutls/abstract.h>
 #include <gnutls/gnutls.h>
 

@@ -1,4 +1,4 @@
-// OpenSSL side of the exporter and suite name (libcoap notes, Q2: SSL_export_keying_material).
+// OpenSSL side of the exporter and suite name (docs/transport.md §3: SSL_export_keying_material).
 #include <openssl/ssl.h>
 
 #include "tls_backend.hpp"

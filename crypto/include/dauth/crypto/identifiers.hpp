@@ -1,4 +1,4 @@
-// Validation of the identifiers of SPEC.md §1 and §3: AE-ID, KpmID, KeID, FQDN. Every error names the value
+// Validation of the identifiers of PROTOCOL.md §1 and §3: AE-ID, KpmID, KeID, FQDN. Every error names the value
 // (quoted, truncated to 64 characters), the rule it broke, and what is allowed.
 #pragma once
 
@@ -18,7 +18,7 @@ Result<void> validate_ae_id(std::string_view ae_id);
 // DNS name (RFC 1123): 1–253 characters, labels 1–63 of [A-Za-z0-9-] not starting or ending with '-'.
 Result<void> validate_fqdn(std::string_view fqdn);
 
-// The TLS server name (SNI, RFC 6066 HostName) that names an AE (SPEC.md §2, docs/PROTOCOL.md §2). An AE-ID that
+// The TLS server name (SNI, RFC 6066 HostName) that names an AE (PROTOCOL.md §2). An AE-ID that
 // is a valid DNS name (validate_fqdn) is sent as it is, so stock clients (coaps://CAE-valve/...) keep working; any
 // other AE-ID (/in-cse/CAE-x, //sp/in-cse/CAE-x, C_meter) as "ae-" + lower-case base32 (RFC 4648 §6, no padding)
 // of the first 20 bytes of SHA-256(AE-ID bytes): 35 characters, one DNS label. A server compares a received SNI

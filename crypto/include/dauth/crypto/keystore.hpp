@@ -1,6 +1,6 @@
-// The sealed key store (DESIGN.md §5): the only code that touches key files.
+// The sealed key store (docs/keystore-format.md): the only code that touches key files.
 //
-// Records are typed (one struct per credential of SPEC.md), kept in memory in ordered maps (O(log n) lookup) and
+// Records are typed (one struct per credential of PROTOCOL.md), kept in memory in ordered maps (O(log n) lookup) and
 // persisted in a state directory as sealed entries (XChaCha20-Poly1305 under a key derived from the master key):
 //   keys.snapshot   every record at one generation, closed by a sealed end marker with the record count;
 //   keys.journal    puts and removals since that snapshot, one sealed entry each, appended and fdatasync'ed
@@ -16,9 +16,9 @@
 // docs/keystore-format.md. Files are created 0600; the directory must not be group- or world-writable.
 //
 // One KeyStore per directory: open() takes an exclusive flock(2) on the directory for the life of the KeyStore and
-// fails (Errc::io, "already open") while another holds it — another process, or another KeyStore in this process.
-// Not thread-safe: call it from one thread, the daemon's loop (DESIGN.md §3). put_when_durable() (group commit) hands
-// its writes to a flush thread of the store's own, which touches nothing but the journal file.
+// fails (Errc::io, "already open") while another holds it — another process, or another KeyStore in this process. Not
+// thread-safe: call it from one thread, the daemon's loop (docs/transport.md §1). put_when_durable() (group commit)
+// hands its writes to a flush thread of the store's own, which touches nothing but the journal file.
 #pragma once
 
 #include <chrono>
@@ -40,14 +40,14 @@
 
 namespace dauth::crypto {
 
-// Enrolee side: a pre-provisioned bootstrap credential (SPEC.md §3.1, PSK RSPF). id = kpm_id.
+// Enrolee side: a pre-provisioned bootstrap credential (PROTOCOL.md §3.1, PSK RSPF). id = kpm_id.
 struct BootstrapKeyRecord {
   std::string kpm_id;     // "<relative>@<MEF-FQDN>"
   SecretBuffer kpm;       // >= 16 bytes
   std::string ae_id;      // the local AE this credential enrols
 };
 
-// MEF side: one row of the enrolee table (SPEC.md §3.1). id = credential identity (KpmID, or for certificate
+// MEF side: one row of the enrolee table (PROTOCOL.md §3.1). id = credential identity (KpmID, or for certificate
 // enrolees "cert:" + AE-ID / "rpk:" + public key id).
 struct EnroleeRecord {
   std::string credential_id;
@@ -58,7 +58,7 @@ struct EnroleeRecord {
   bool certificate_enrolment = false;   // offer EST certificate enrolment
 };
 
-// Both sides: the product of an enrolment (SPEC.md §3.3–3.4). id = KeID text (upper-case hex).
+// Both sides: the product of an enrolment (PROTOCOL.md §3.3–3.4). id = KeID text (upper-case hex).
 struct EnrolmentKeyRecord {
   std::string ke_id;
   SecretBuffer ke;                      // 32 bytes
@@ -68,7 +68,7 @@ struct EnrolmentKeyRecord {
   std::int64_t revoked_at = 0;          // 0 = not revoked (MEF side)
 };
 
-// Target side: a usage-constrained key fetched from the MEF (SPEC.md §4). id = session_key_id(ke_id, local_ae_id):
+// Target side: a usage-constrained key fetched from the MEF (PROTOCOL.md §4). id = session_key_id(ke_id, local_ae_id):
 // the key differs per target AE (its derivation includes B-ID), so two local AEs targeted by one KeID keep one
 // record each. Stores written when the id was the KeID alone load under the new id (ids are derived from the
 // fields), and their journal removals by KeID still apply (docs/keystore-format.md).
@@ -90,7 +90,7 @@ struct CertificateRecord {
   std::int64_t expires_at = 0;
 };
 
-// MEF side: audit record of an issued certificate (SPEC.md §3.6, §5). id = serial hex (upper-case).
+// MEF side: audit record of an issued certificate (PROTOCOL.md §3.6, §5). id = serial hex (upper-case).
 struct IssuanceRecord {
   std::string serial_hex;
   std::string ae_id;
@@ -99,7 +99,7 @@ struct IssuanceRecord {
   std::int64_t revoked_at = 0;
 };
 
-// A raw public key pinned to an identity (RFC 7250, SPEC.md §4). id = RFC 6920 public key id.
+// A raw public key pinned to an identity (RFC 7250, PROTOCOL.md §4). id = RFC 6920 public key id.
 struct PinnedKeyRecord {
   std::string public_key_id;
   std::string ae_id;

@@ -1,4 +1,4 @@
-// The oneM2M TS-0003 key derivations that dauth implements (SPEC.md §3–4), byte-exact where TS-0003 is normative.
+// The oneM2M TS-0003 key derivations that dauth implements (PROTOCOL.md §3–4), byte-exact where TS-0003 is normative.
 #pragma once
 
 #include <cstddef>
@@ -25,7 +25,7 @@ inline constexpr std::size_t kBootstrapExportSize = 48;
 inline constexpr std::size_t kRelativeKeIdSize = 16;
 inline constexpr std::size_t kEnrolmentKeySize = 32;
 
-// TS-0004 m2m:suid values that dauth uses (SPEC.md §1).
+// TS-0004 m2m:suid values that dauth uses (PROTOCOL.md §1).
 enum class Suid : int {
   preprovisioned_with_mef = 10,
   rspf_key_for_saef = 22,
@@ -39,14 +39,14 @@ struct EnrolmentKey {
   SecretBuffer ke;   // 32 bytes; never travels
 };
 
-// Splits the 48-byte bootstrap export: RelativeKeID = out[0..16), Ke = out[16..48) (SPEC.md §3.3; TS-0003's
+// Splits the 48-byte bootstrap export: RelativeKeID = out[0..16), Ke = out[16..48) (PROTOCOL.md §3.3; TS-0003's
 // "most significant" bytes read big-endian).
 Result<EnrolmentKey> split_bootstrap_export(const SecretBuffer& exported, std::string_view mef_fqdn);
 
 // Exports kBootstrapExportSize bytes with kBootstrapExporterLabel and splits them.
 Result<EnrolmentKey> derive_enrolment_key(const KeyingMaterialExporter& session, std::string_view mef_fqdn);
 
-// Ker = HMAC-SHA-256(Ke, "dauth Enrolment Re-authentication Key derivation") — dauth's own recipe (SPEC.md §3.5).
+// Ker = HMAC-SHA-256(Ke, "dauth Enrolment Re-authentication Key derivation") — dauth's own recipe (PROTOCOL.md §3.5).
 inline constexpr std::string_view kReauthenticationLabel = "dauth Enrolment Re-authentication Key derivation";
 SecretBuffer derive_reauthentication_key(const SecretBuffer& ke);
 

@@ -1,4 +1,4 @@
-// X.509 on mbedTLS 2.28: certificates, EC P-256 keys, CSRs, and a small CA (SPEC.md §3.6, §4; TS-0003 §10.1).
+// X.509 on mbedTLS 2.28: certificates, EC P-256 keys, CSRs, and a small CA (PROTOCOL.md §3.6, §4; TS-0003 §10.1).
 //
 // Every type owns its mbedTLS context (RAII); none is copyable, all are movable. Private keys live in mbedTLS
 // contexts while in use and are serialised only into SecretBuffer.
@@ -40,7 +40,7 @@ class Certificate {
   bool is_ca() const;
 
   // subjectAltName entries of the leaf, walking the SAN sequence ourselves: mbedTLS 2.28's SAN helper rejects
-  // URI names (libcoap notes, Q3). Values are returned byte-exact; entries with other tags are skipped.
+  // URI names (docs/crypto.md). Values are returned byte-exact; entries with other tags are skipped.
   std::vector<std::string> san_uris() const;       // tag 0x86
   std::vector<std::string> san_dns_names() const;  // tag 0x82
 
@@ -63,7 +63,7 @@ class Certificate {
   friend class CertificateAuthority;
 };
 
-// RFC 6920 "ni:///sha-256;..." name of a DER SubjectPublicKeyInfo (raw public keys, SPEC.md §4).
+// RFC 6920 "ni:///sha-256;..." name of a DER SubjectPublicKeyInfo (raw public keys, PROTOCOL.md §4).
 std::string public_key_id_of_spki(ByteView spki_der);
 // Parses a DER SubjectPublicKeyInfo (raw public key, RFC 7250) and returns its identifier; error if not a key.
 Result<std::string> public_key_id_from_spki(ByteView spki_der);

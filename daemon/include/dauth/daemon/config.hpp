@@ -34,13 +34,13 @@ enum class ValueType : std::uint8_t { boolean, integer, string, path, string_lis
 // Syntax checks applied to string values beyond their length.
 enum class ValueCheck : std::uint8_t {
   none,
-  ae_id,              // SPEC.md §1 (crypto::validate_ae_id)
+  ae_id,              // PROTOCOL.md §1 (crypto::validate_ae_id)
   ae_id_or_any,       // an AE-ID or "*"
   fqdn,               // RFC 1123 host name
-  kpm_id,             // "<relative>@<MEF-FQDN>" (SPEC.md §3.1)
+  kpm_id,             // "<relative>@<MEF-FQDN>" (PROTOCOL.md §3.1)
   listen_address,     // IP literal and port: "127.0.0.1:5684", "[::1]:5684", "0.0.0.0:5684"
   remote_address,     // host name or IP literal, and port
-  loopback_address,   // 127.0.0.0/8 or [::1], and port (local AEs: SPEC.md §6)
+  loopback_address,   // 127.0.0.0/8 or [::1], and port (local AEs: PROTOCOL.md §6)
   loopback_ip,        // 127.0.0.0/8 or ::1, no port (a local AE's source address: ports are ephemeral)
   log_level,          // error | warning | notice | info | debug
   master_key_source,  // credential | file
@@ -114,7 +114,7 @@ struct DaemonSettings {
 struct LocalAe {
   std::string id;
   std::string endpoint;  // where the AE serves requests (loopback), empty if it only sends
-  std::string local_source;  // loopback IP its requests come from (no oneM2M-FR needed; SPEC.md §6); "" none
+  std::string local_source;  // loopback IP its requests come from (no oneM2M-FR needed; PROTOCOL.md §6); "" none
   std::string kpm_id;
   std::filesystem::path kpm_file;
   std::filesystem::path certificate_file;

@@ -1,4 +1,4 @@
-// The daemon's single-threaded event loop (DESIGN.md §3): one epoll set over file descriptors (libcoap's epoll
+// The daemon's single-threaded event loop (docs/transport.md §1): one epoll set over file descriptors (libcoap's epoll
 // fd, the control socket and its clients), a signalfd and timerfds. Callbacks run on the loop's thread and must
 // not block.
 //

@@ -1,4 +1,4 @@
-// The Enrolee role for one local AE (SPEC.md §3, §4; docs/rspf.md): runs the RSPF with its MEF, bootstrapped by a
+// The Enrolee role for one local AE (PROTOCOL.md §3, §4; docs/rspf.md): runs the RSPF with its MEF, bootstrapped by a
 // pre-provisioned symmetric key, a certificate or a raw public key, keeps the enrolment key, optionally gets an AE-ID
 // certificate over EST-coaps, and hands out the usage-constrained key for each Enrolment Target.
 //
@@ -40,13 +40,13 @@ struct EnroleeConfig {
   transport::Peer mef_address;        // numeric address of the MEF's coaps endpoint
   std::string mef_fqdn;               // SNI and the KeID suffix; "" = the FQDN after the KpmID's '@'
   bool request_certificate = false;   // ask for certificate enrolment (EST) when the MEF offers it
-  // Certificate-bootstrapped RSPF (SPEC.md §3.1, TS-0003 §8.3.2.1 "certificate-based"): the name of a
+  // Certificate-bootstrapped RSPF (PROTOCOL.md §3.1, TS-0003 §8.3.2.1 "certificate-based"): the name of a
   // CertificateRecord (our AE-ID certificate and its key) to authenticate with instead of KpmID/Kpm. Then kpm_id
   // stays empty, mef_fqdn is required, and the MEF's certificate must chain to mef_trust_anchors_pem and carry
   // mef_fqdn as dNSName. A certificate issued over EST afterwards replaces that record (same name = AE-ID).
   std::string certificate_name;
   std::string mef_trust_anchors_pem;
-  // Raw-public-key bootstrapped RSPF (SPEC.md §3.1, RFC 7250; GnuTLS builds only): the name of a CertificateRecord
+  // Raw-public-key bootstrapped RSPF (PROTOCOL.md §3.1, RFC 7250; GnuTLS builds only): the name of a CertificateRecord
   // with an empty chain_der (a raw public key credential: our AE-ID as name, our P-256 key as private_key_der), whose
   // RFC 6920 key id the MEF pins as enrolee "rpk:<id>". Then kpm_id and certificate_name stay empty, mef_fqdn is
   // required (SNI and KeID suffix) and the MEF must present a key in mef_pinned_keys ("ni:///sha-256;..." ids).
@@ -61,7 +61,7 @@ struct EnroleeConfig {
 enum class EnroleeState : std::uint8_t { idle, enrolling, enrolled, failed };
 std::string_view to_string(EnroleeState state) noexcept;
 
-// The credential for a DTLS-PSK session to an Enrolment Target (SPEC.md §4): psk_identity = ke_id, psk = key.
+// The credential for a DTLS-PSK session to an Enrolment Target (PROTOCOL.md §4): psk_identity = ke_id, psk = key.
 struct TargetKey {
   std::string ke_id;
   SecretBuffer key;  // HMAC-SHA-256(Ke, label || "22" || target AE-ID), all 32 bytes
@@ -87,7 +87,7 @@ class Enrolee {
   // exporter, check the MEF's keId equals ours, store the EnrolmentKeyRecord; then, if the MEF instructs it and we
   // asked, EST simple enrolment on the same session and store the CertificateRecord. done runs exactly once, on
   // the loop thread. While enrolling, a second call fails at once with Errc::limit. A failure keeps the previous
-  // still-valid enrolment in use (SPEC.md §3.7).
+  // still-valid enrolment in use (PROTOCOL.md §3.7).
   void enrol(DoneCallback done);
 
   EnroleeState state() const;
@@ -102,7 +102,7 @@ class Enrolee {
   Result<TargetKey> key_for_target(std::string_view target_ae_id) const;
   // (KeID, target AE-ID) of each key key_for_target keeps, for status output and tests; never the keys.
   std::vector<std::pair<std::string, std::string>> cached_target_keys() const;
-  // The credential to re-authenticate to our MEF (SPEC.md §3.5): psk(KeID, Ker, sni = MEF FQDN). Used for key
+  // The credential to re-authenticate to our MEF (PROTOCOL.md §3.5): psk(KeID, Ker, sni = MEF FQDN). Used for key
   // retrieval when this AE is itself an Enrolment Target.
   Result<transport::ClientCredentials> mef_credentials() const;
   const transport::Peer& mef_address() const;

@@ -1,10 +1,10 @@
-// The MEF role (SPEC.md §3–5, docs/rspf.md): authenticates enrolees by their bootstrap credential, derives and
+// The MEF role (PROTOCOL.md §3–5, docs/rspf.md): authenticates enrolees by their bootstrap credential, derives and
 // stores their enrolment keys, answers the targets' key retrieval, issues AE-ID certificates over EST-coaps
 // (RFC 9148) and revokes.
 //
 // Ownership: the Mef keeps references to the Node and the KeyStore, which must outlive it. Its routes stay
 // registered in the Node (transport has no route removal): destroy or stop driving the Node before the Mef.
-// Single-threaded like the Node (DESIGN.md §3).
+// Single-threaded like the Node (docs/transport.md §1).
 #pragma once
 
 #include <cstdint>
@@ -50,8 +50,8 @@ class Mef {
   Mef& operator=(const Mef&) = delete;
 
   // The Node's PSK lookup for the MEF's secure endpoint (bind it into a PskLookupSlot):
-  //   a KpmID  -> that EnroleeRecord's Kpm (bootstrap, SPEC.md §3.2);
-  //   a KeID   -> Ker of that EnrolmentKeyRecord, unless revoked or expired (re-authentication, SPEC.md §3.5).
+  //   a KpmID  -> that EnroleeRecord's Kpm (bootstrap, PROTOCOL.md §3.2);
+  //   a KeID   -> Ker of that EnrolmentKeyRecord, unless revoked or expired (re-authentication, PROTOCOL.md §3.5).
   // Anything else: Errc::not_found. Never blocks (memory only).
   Result<SecretBuffer> lookup_psk(std::string_view identity) const;
   transport::PskLookup psk_lookup();

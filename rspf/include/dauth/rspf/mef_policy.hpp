@@ -1,4 +1,4 @@
-// The MEF's decisions, separate from the network so that each rule is tested on its own (SPEC.md §3.4, §4).
+// The MEF's decisions, separate from the network so that each rule is tested on its own (PROTOCOL.md §3.4, §4).
 // Every refusal is an Error whose message says why; the caller maps it to a CoAP answer (coap_code_for).
 #pragma once
 
@@ -12,7 +12,7 @@
 
 namespace dauth::rspf {
 
-// What the MEF answers an authenticated enrolee (step 4 of SPEC.md §3): Errc::denied when the request asks
+// What the MEF answers an authenticated enrolee (step 4 of PROTOCOL.md §3): Errc::denied when the request asks
 // for more than the enrolee's policy offers (certificate enrolment not offered, MAF enrolment or remote
 // management, which dauth does not provide).
 Result<EnrolmentResponse> decide_enrolment(const crypto::EnroleeRecord& enrolee, const EnrolmentRequest& request,

@@ -23,7 +23,7 @@ enum class ContentFormat : std::uint16_t { json = 50, cbor = 60 };
 // Errc::unsupported for anything but 50 and 60 (the caller answers 4.15).
 Result<ContentFormat> content_format_from(unsigned value);
 
-inline constexpr std::size_t kMaxPayloadSize = 4096;  // SPEC.md §2: larger requests are refused with 4.13
+inline constexpr std::size_t kMaxPayloadSize = 4096;  // docs/PROTOCOL.md §2: larger requests are refused with 4.13
 
 // POST /mef/enrolment — TS-0003 §8.3.2.1 step 1: the three indications.
 struct EnrolmentRequest {
@@ -60,7 +60,7 @@ struct ErrorBody {
   std::string detail;
 };
 
-// 2.05 answer and notification body of the observed GET /fetchCredentials feed (SPEC.md §4–5, PROTOCOL.md §4).
+// 2.05 answer and notification body of the observed GET /fetchCredentials feed (PROTOCOL.md §4–5).
 // Unversioned (no query; what targets of earlier releases ask for): the whole current state, every time. Versioned
 // (query "delta" or "full"): `version` is the MEF's feed version the body brings the observer to; without `since`
 // the body is the whole state at that version, with `since` only what changed after version `since` (issued:
@@ -82,9 +82,9 @@ inline constexpr std::string_view kFeedQueryFull = "full";
 inline constexpr std::size_t kMaxCredentialFeedEntries = 1024;
 inline constexpr std::size_t kMaxCredentialFeedSize = 131072;
 
-// 2.05 answer to GET /mef/revoked (SPEC.md §5): every certificate serial (upper-case hex) and KeID this MEF revoked.
-// version counts the revocations listed; revocations are never undone or removed, so it only grows and an observer
-// applies a list only when its version is above the last one it applied.
+// 2.05 answer to GET /mef/revoked (PROTOCOL.md §5): every certificate serial (upper-case hex) and KeID this MEF
+// revoked. version counts the revocations listed; revocations are never undone or removed, so it only grows and an
+// observer applies a list only when its version is above the last one it applied.
 struct RevocationList {
   std::int64_t version = 0;
   std::vector<std::string> serials;

@@ -1,4 +1,4 @@
-// Certificate revocation applied in the handshake (SPEC.md §5, PROTOCOL.md §5, docs/rspf.md "RevocationWatch"):
+// Certificate revocation applied in the handshake (PROTOCOL.md §5, docs/rspf.md "RevocationWatch"):
 // observes GET /mef/revoked at each MEF this gateway is enrolled with (one MefSubscription per MEF FQDN, with the
 // credentials of any local AE enrolled there), keeps each MEF's latest list of revoked certificate serials in
 // memory, and answers the transport's peer_check (server and client side) from it.

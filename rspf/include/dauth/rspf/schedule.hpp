@@ -1,4 +1,4 @@
-// When the Enrolee renews and how it retries (SPEC.md §3.7): renew at 2/3 of the lifetime ± 10 % jitter; retry
+// When the Enrolee renews and how it retries (PROTOCOL.md §3.7): renew at 2/3 of the lifetime ± 10 % jitter; retry
 // failures with exponential backoff from 1 s doubling to 5 min, ± 10 % jitter, so that a fleet that lost its MEF
 // does not come back in lockstep.
 #pragma once

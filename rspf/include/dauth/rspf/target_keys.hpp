@@ -1,18 +1,18 @@
-// Target key retrieval (SPEC.md §4, docs/rspf.md): the PSK lookup of a peer server whose local AE is an Enrolment
+// Target key retrieval (PROTOCOL.md §4, docs/rspf.md): the PSK lookup of a peer server whose local AE is an Enrolment
 // Target. A KeID with a valid SessionKeyRecord gets its key at once. An unknown KeID whose MEF (after the '@') is
-// configured is refused now (Errc::not_found: the client gets unknown_psk_identity and retries, DESIGN.md §3) and
-// queued for retrieval: GET /fetchCredentials/<KeID>/22 to that MEF with oneM2M-FR = our AE-ID, authenticated as
+// configured is refused now (Errc::not_found: the client gets unknown_psk_identity and retries, docs/transport.md §1)
+// and queued for retrieval: GET /fetchCredentials/<KeID>/22 to that MEF with oneM2M-FR = our AE-ID, authenticated as
 // ourselves (KeID/Ker). The answer is stored as a SessionKeyRecord (peer = the MEF's enroleeId, expiry = now +
 // lifetime). Never blocks; at most one retrieval per KeID at a time.
 //
-// Several local AEs: the handshake's SNI names the target AE (SPEC.md §2: clients send the peer AE-ID as SNI).
+// Several local AEs: the handshake's SNI names the target AE (PROTOCOL.md §2: clients send the peer AE-ID as SNI).
 // Each served AE has its own MEF contacts (a retrieval authenticates as that AE). No SNI means the first AE
 // (config.local_ae_id); an SNI that names none of them (e.g. the gateway's FQDN) is accepted for it only while it
 // is the only AE served, and refused (denied) once there are several.
 // The key differs per target AE (the derivation includes B-ID), so it is stored per (KeID, local AE)
 // (crypto::session_key_id): one KeID that targets two local AEs keeps both keys.
 //
-// The MEF feed (SPEC.md §4 last sentence, §5; PROTOCOL.md §4): with config.observe_feed, every MEF contact also
+// The MEF feed (PROTOCOL.md §4–5): with config.observe_feed, every MEF contact also
 // observes GET /fetchCredentials?delta (oneM2M-FR = that served AE, its own credentials): the first answer lists
 // every KeID issued for that AE and the revoked ones at the MEF's feed version n, each later notification only
 // what changed since a version m (`since`). A notification whose m is above the version this contact has applied

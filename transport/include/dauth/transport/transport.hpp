@@ -2,7 +2,7 @@
 //
 // The only module that includes libcoap and TLS-backend headers; nothing of theirs appears here. One `Node` owns
 // every libcoap context of the process and joins the daemon's epoll loop through fd() / process_ready() /
-// next_timeout() (DESIGN.md §3: single thread, no callback blocks). Contract details, pinned parameters and the
+// next_timeout() (docs/transport.md §1: single thread, no callback blocks). Contract details, pinned parameters and the
 // libcoap traps behind them: docs/transport.md.
 #pragma once
 
@@ -28,7 +28,7 @@ namespace dauth::transport {
 enum class Backend : std::uint8_t { gnutls, openssl };
 Backend compiled_backend() noexcept;               // fixed at configure time (DAUTH_TLS_BACKEND)
 std::string_view to_string(Backend backend) noexcept;
-bool backend_supports_rpk() noexcept;              // GnuTLS only (libcoap notes, Q2)
+bool backend_supports_rpk() noexcept;              // GnuTLS only (docs/transport.md §3)
 bool backend_selects_server_certificates() noexcept;  // NodeConfig::x509_by_server_name: GnuTLS only
 
 // ---- Messages -------------------------------------------------------------------------------------------------
@@ -41,7 +41,7 @@ std::string_view to_string(Method method) noexcept;
 // (Limits::silence_timeout) and where the proxy retries a timed-out one.
 bool may_repeat(Method method) noexcept;
 
-// oneM2M CoAP option numbers, TS-0008 current numbering (SPEC.md §2), and the pre-2022 ones.
+// oneM2M CoAP option numbers, TS-0008 current numbering (PROTOCOL.md §2), and the pre-2022 ones.
 inline constexpr std::uint16_t kOptionOneM2mFrom = 279;
 inline constexpr std::uint16_t kOptionOneM2mRequestId = 283;
 inline constexpr std::uint16_t kOptionOneM2mResponseStatus = 307;
@@ -61,7 +61,7 @@ struct Request {
   std::string originator;             // oneM2M-FR (empty: absent)
   std::string request_id;             // oneM2M-RQI (empty: absent)
   // Proxy-Uri (RFC 7252 §5.10.2, §5.7.2), e.g. "coap://CAE-valve/temp": a local AE names the target AE as host
-  // (SPEC.md §6). Empty: absent. A request carrying it has no Uri-Path, so it reaches the route with prefix {}.
+  // (PROTOCOL.md §6). Empty: absent. A request carrying it has no Uri-Path, so it reaches the route with prefix {}.
   std::string proxy_uri;
   Bytes payload;
 
@@ -93,7 +93,7 @@ enum class PeerKind : std::uint8_t {
   psk,    // value: the PSK identity the peer used (KpmID, KeID)
   x509,   // value: the AE-ID from the subjectAltName URI (our own DER parsing, TS-0003 §8.1.2.5); for a server
           //        certificate without AE-ID (an MEF FQDN certificate) its first dNSName
-  rpk,    // value: RFC 6920 "ni:///sha-256;..." of the peer's SubjectPublicKeyInfo (SPEC.md §4)
+  rpk,    // value: RFC 6920 "ni:///sha-256;..." of the peer's SubjectPublicKeyInfo (PROTOCOL.md §4)
 };
 std::string_view to_string(PeerKind kind) noexcept;
 
@@ -118,7 +118,7 @@ class Session : public crypto::KeyingMaterialExporter {
   virtual const PeerIdentity& peer() const = 0;
   virtual const std::string& credential_id() const = 0;  // PSK identity, or our certificate / key id used
   virtual const std::string& remote_address() const = 0;  // "127.0.0.1:40000", "[::1]:40000"
-  // Server side: the server name (SNI) the client sent in its ClientHello (SPEC.md §2: our FQDN or the target
+  // Server side: the server name (SNI) the client sent in its ClientHello (PROTOCOL.md §2: our FQDN or the target
   // AE-ID); "" when none was sent, on client sessions and on plain sessions.
   virtual const std::string& server_name() const = 0;
   virtual bool is_client() const = 0;
@@ -135,11 +135,11 @@ class Session : public crypto::KeyingMaterialExporter {
 // What a PSK handshake asks for. The views are valid during the lookup call only.
 struct PskRequest {
   std::string_view identity;  // the PSK identity the client offered (KpmID, KeID)
-  std::string_view sni;       // the server name the client sent (SPEC.md §2: our FQDN or the target AE-ID); "" none
+  std::string_view sni;       // the server name the client sent (PROTOCOL.md §2: our FQDN or the target AE-ID); "" none
   std::string_view remote;    // "127.0.0.1:40000", for logs
 };
 
-// PSK lookup. Must answer from memory and never block (DESIGN.md §3): an identity it does not know yet gets
+// PSK lookup. Must answer from memory and never block (docs/transport.md §1): an identity it does not know yet gets
 // Errc::not_found (the handshake is refused with unknown_psk_identity; the caller may start an asynchronous fetch,
 // e.g. through Node::post(), and the client retries). The Error message becomes the logged refusal reason.
 using PskLookup = std::function<Result<SecretBuffer>(const PskRequest& request)>;
@@ -165,7 +165,7 @@ struct ClientCredentials {
   SecretBuffer psk_key;
   std::optional<X509Credentials> x509;
   std::optional<RpkCredentials> rpk;
-  std::string sni;               // server name sent in the ClientHello (SPEC.md §2: peer FQDN or AE-ID)
+  std::string sni;               // server name sent in the ClientHello (PROTOCOL.md §2: peer FQDN or AE-ID)
   std::string expected_peer;     // x509: required AE-ID or dNSName of the server ("" = any trusted)
 
   static ClientCredentials plain();
@@ -183,7 +183,7 @@ struct Peer {
 // ---- Configuration ------------------------------------------------------------------------------------------
 
 struct Limits {
-  // Pinned defaults (DESIGN.md §4 asks for explicit values; docs/transport.md gives the reasons).
+  // Pinned defaults (docs/transport.md §2 asks for explicit values; docs/transport.md gives the reasons).
   std::size_t max_sessions = 1000;                          // live server sessions (libcoap max idle sessions)
   std::size_t max_handshakes = 100;                         // concurrent server handshakes; beyond, libcoap
                                                             // ignores new ClientHellos (their DTLS rtx retries)
@@ -201,7 +201,7 @@ struct Limits {
   // it): it waits for CoAP's retransmissions and request_timeout. Counted from the send, or from the end of the
   // handshake for a request sent while it ran. GnuTLS build only (it needs the session's read counter).
   std::chrono::milliseconds silence_timeout{4000};
-  std::size_t max_request_size = 4096;                      // SPEC.md §2: larger requests get 4.13
+  std::size_t max_request_size = 4096;                      // PROTOCOL.md §2: larger requests get 4.13
   // RFC 7252 §4.7 NSTART: confirmable messages in flight per session (client: requests; server: separate
   // responses and notifications); libcoap queues the rest until an ACK or response frees a slot. 1 is the RFC's
   // default; a higher value only where both ends are known (two dauthds, or loopback). 1..kMaxNstart.
@@ -223,13 +223,13 @@ struct NodeConfig {
   std::optional<X509Credentials> x509;       // certificate server credentials (optional)
   std::optional<RpkCredentials> rpk;         // raw-public-key server credentials (exclusive with x509: one PKI
                                              // setup per libcoap context)
-  // Server certificates chosen per handshake by the SNI the client sent (SPEC.md §2: the target AE-ID), exact
+  // Server certificates chosen per handshake by the SNI the client sent (PROTOCOL.md §2: the target AE-ID), exact
   // match; Node::set_server_certificate() adds or replaces one later, effective from the next handshake. A name
   // not in the table gets `x509` if set, else the handshake is refused. Clients are verified against the trust
   // anchors of `x509`, or else of the first certificate set here: every entry must carry the same anchors.
   // GnuTLS builds only (Node::create: unsupported otherwise); exclusive with rpk. docs/transport.md §3.
   std::map<std::string, X509Credentials> x509_by_server_name;
-  // SPEC.md §2's legacy switch (FR 256 / RQI 257 / RSC 265). Node::create refuses it with libcoap 4.3.1: its
+  // PROTOCOL.md §2's legacy switch (FR 256 / RQI 257 / RSC 265). Node::create refuses it with libcoap 4.3.1: its
   // known-option filter has two slots for numbers above 255, used by 279/283 (server) and 283/307 (client).
   bool accept_legacy_onem2m_options = false;
   Limits limits;
