@@ -107,7 +107,7 @@ void Deployment::start(const std::string& node) {
   const auto run_log = dir_ / (node + ".run.log");
   processes_[node] = std::make_unique<DaemonProcess>(
       std::vector<std::string>{DAUTHD_PATH, "--config", (dir_ / (std::string(kConfigOf(node)) + ".toml")).string()},
-      std::vector<std::string>{}, run_log);
+      environments_[node], run_log);
   exits_[node].reset();
   if (!wait_for_control_socket(dir_ / node / "control")) {
     throw std::runtime_error("dauthd " + node + " did not open its control socket: " + read_text_file(run_log));
@@ -166,6 +166,10 @@ void Deployment::start_ae_server(const std::string& name, std::uint16_t port) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
   throw std::runtime_error("coap-server-notls " + name + " did not answer");
+}
+
+void Deployment::set_environment(const std::string& node, std::vector<std::string> environment) {
+  environments_[node] = std::move(environment);
 }
 
 std::uint16_t Deployment::add_port(const std::string& name) {

@@ -33,6 +33,8 @@ class Deployment {
   void start_ae_server(const std::string& name, std::uint16_t port);
   // A further free UDP port on 127.0.0.1, also substituted as @NAME@ by edit_config() callers.
   std::uint16_t add_port(const std::string& name);
+  // Extra environment entries ("NAME=value") for the node's next start().
+  void set_environment(const std::string& node, std::vector<std::string> environment);
   // Rewrites the node's configuration file (before start(), or before a restart / SIGHUP).
   void edit_config(const std::string& node, const std::function<std::string(std::string)>& edit);
 
@@ -78,6 +80,7 @@ class Deployment {
   std::map<std::string, std::uint16_t> ports_;
   std::map<std::string, std::unique_ptr<DaemonProcess>> processes_;
   std::map<std::string, std::optional<int>> exits_;
+  std::map<std::string, std::vector<std::string>> environments_;
   std::unique_ptr<DaemonProcess> valve_;
   std::map<std::string, std::unique_ptr<DaemonProcess>> ae_servers_;
 };

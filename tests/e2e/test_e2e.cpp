@@ -142,6 +142,85 @@ TEST_CASE("proxy path works, policy, originator and impersonation refusals, no k
   CHECK(checked >= 1);
 }
 
+namespace {
+
+// Every secret a store holds: bootstrap and enrolee Kpm, Ke, fetched usage-constrained keys, private keys.
+std::vector<std::string> secrets_hex_in_store(const Deployment& d, const std::string& node) {
+  auto master = secret_from_hex(d.master_key_hex(node));
+  REQUIRE(master.ok());
+  auto store = crypto::KeyStore::open(d.state(node), std::move(master).value());
+  REQUIRE(store.ok());
+  std::vector<std::string> secrets;
+  auto add = [&](const SecretBuffer& secret) {
+    if (!secret.empty()) secrets.push_back(lower(to_hex(secret.view())));
+  };
+  for (const auto kind : {crypto::RecordKind::bootstrap_key, crypto::RecordKind::enrolee, crypto::RecordKind::enrolment_key,
+                          crypto::RecordKind::session_key, crypto::RecordKind::certificate}) {
+    store->for_each(kind, [&](const crypto::Record& record) {
+      std::visit(
+          [&](const auto& r) {
+            using R = std::decay_t<decltype(r)>;
+            if constexpr (std::is_same_v<R, crypto::BootstrapKeyRecord> || std::is_same_v<R, crypto::EnroleeRecord>) {
+              add(r.kpm);
+            } else if constexpr (std::is_same_v<R, crypto::EnrolmentKeyRecord>) {
+              add(r.ke);
+            } else if constexpr (std::is_same_v<R, crypto::SessionKeyRecord>) {
+              add(r.key);
+            } else if constexpr (std::is_same_v<R, crypto::CertificateRecord>) {
+              add(r.private_key_der);
+            }
+          },
+          record);
+    });
+  }
+  return secrets;
+}
+
+}  // namespace
+
+TEST_CASE("no key in any log at the most verbose settings: log_level debug and DAUTH_TRANSPORT_DEBUG", "[e2e]") {
+  DAUTH_E2E_SKIP_WITHOUT_STOCK_TOOLS();
+  Deployment d;
+  for (const char* node : {"mef", "a", "b"}) {
+    d.edit_config(node, [](std::string text) {
+      const std::string info = "log_level = \"info\"";
+      const auto at = text.find(info);
+      REQUIRE(at != std::string::npos);
+      return text.replace(at, info.size(), "log_level = \"debug\"");
+    });
+    d.set_environment(node, {"DAUTH_TRANSPORT_DEBUG=1"});
+  }
+  start_all(d);
+  const auto marker = put_marker(d);
+  // meter -> valve: B fetches the usage-constrained key from the MEF (it travels in a CoAP payload), A derives it.
+  const auto get = d.proxied("CAE-meter", "get", "example_data");
+  INFO(get.output);
+  REQUIRE(get.exit_code == 0);
+  REQUIRE(get.output.find(marker) != std::string::npos);
+  for (const char* node : {"a", "b", "mef"}) d.stop(node, SIGTERM);
+
+  const auto logs = lower(d.all_logs());
+  // The settings were in force: dauthd's debug lines and libcoap's PDU lines were written.
+  REQUIRE(logs.find("libcoap: ") != std::string::npos);
+  REQUIRE(logs.find("<7>") != std::string::npos);
+  std::vector<std::string> secrets = d.key_files_hex();
+  for (auto& hex : secrets) hex = lower(hex);
+  std::size_t stored = 0;
+  for (const char* node : {"mef", "a", "b"}) {
+    for (auto& hex : secrets_hex_in_store(d, node)) {
+      secrets.push_back(std::move(hex));
+      ++stored;
+    }
+  }
+  // At least: Kpm at A and at the MEF, Ke at A, B and the MEF, the fetched key at B, the MEF's CA key.
+  CHECK(stored >= 7);
+  for (const auto& hex : secrets) {
+    INFO("secret starting " << hex.substr(0, 4));
+    // Any 8 bytes of a key in a row, in hex, as libcoap's dumps or a careless log line would print them.
+    for (std::size_t at = 0; at + 16 <= hex.size(); at += 16) CHECK(logs.find(hex.substr(at, 16)) == std::string::npos);
+  }
+}
+
 TEST_CASE("SIGTERM leaves a consistent store, kill -9 and restart keep every credential, sessions come back",
           "[e2e]") {
   DAUTH_E2E_SKIP_WITHOUT_STOCK_TOOLS();
