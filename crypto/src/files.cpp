@@ -115,8 +115,8 @@ namespace dauth::crypto {
 
 namespace {
 
-// The one rule (STYLE.md §8): a key file others may read or write is refused, not warned about, naming the mode.
-// Decided on the open descriptor: no window between the check and the read.
+// The one rule (docs/conventions.md §8): a key file others may read or write is refused, not warned about, naming the
+// mode. Decided on the open descriptor: no window between the check and the read.
 Result<void> refuse_open_mode(const struct stat& st, const std::string& name) {
   if ((st.st_mode & 077) == 0) return ok_result();
   return make_error(Errc::permission, name + ": mode " + files::mode_text(st.st_mode) +

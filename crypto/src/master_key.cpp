@@ -1,4 +1,5 @@
-// The master key of the sealed key store: a key file or a systemd credential (docs/keystore-format.md, STYLE.md §8).
+// The master key of the sealed key store: a key file or a systemd credential (docs/keystore-format.md,
+// docs/conventions.md §8).
 #include <fcntl.h>
 #include <sodium.h>
 #include <sys/stat.h>

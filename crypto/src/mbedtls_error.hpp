@@ -1,5 +1,5 @@
-// The one place where an mbedTLS return code becomes a dauth::Error (STYLE.md §15). Internal to dauth_crypto: no
-// other module sees mbedTLS codes.
+// The one place where an mbedTLS return code becomes a dauth::Error (docs/conventions.md §15). Internal to
+// dauth_crypto: no other module sees mbedTLS codes.
 #pragma once
 
 #include <string_view>

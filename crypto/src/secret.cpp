@@ -186,6 +186,20 @@ void random_bytes(std::uint8_t* out, std::size_t size) {
   randombytes_buf(out, size);
 }
 
+std::uint32_t random_uniform(std::uint32_t upper_bound) {
+  if (upper_bound == 0) return 0;
+  ensure_sodium_initialised();
+  return randombytes_uniform(upper_bound);
+}
+
+SecretBuffer secret_to_hex_line(const SecretBuffer& secret) {
+  SecretBuffer text(secret.size() * 2 + 1);
+  // sodium_bin2hex runs in constant time and writes a NUL after the digits: the newline takes its place.
+  sodium_bin2hex(reinterpret_cast<char*>(text.data()), text.size(), secret.data(), secret.size());
+  text.data()[secret.size() * 2] = '\n';
+  return text;
+}
+
 std::string to_hex(ByteView bytes, bool upper_case) {
   static constexpr char kLower[] = "0123456789abcdef";
   static constexpr char kUpper[] = "0123456789ABCDEF";

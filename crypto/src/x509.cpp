@@ -379,7 +379,7 @@ Result<PrivateKey> PrivateKey::parse(const SecretBuffer& pem_or_der) {
 }
 
 Result<PrivateKey> PrivateKey::load_file(const std::string& path) {
-  // Like the master key: a private key file with group or other permission bits is refused (STYLE.md §8).
+  // Like the master key: a private key file with group or other permission bits is refused (docs/conventions.md §8).
   auto bytes = files::read_key_file(path, "private key file", kMaxFileSize);
   if (!bytes) return std::move(bytes).error();
   if (bytes->size() > kMaxFileSize) {

@@ -25,8 +25,8 @@ unsigned char* reader_start(ByteView bytes) { return const_cast<unsigned char*>(
 bool is_pem_space(char c) { return c == ' ' || c == '\t' || c == '\r' || c == '\n'; }
 
 // Names what stands where a PEM block should start without quoting it: the text may be a key file given by mistake
-// (a hex master key, a private key's base64), and error messages end up in logs (STYLE.md §9). Only the label of
-// another PEM block is shown: the BEGIN line of an EC private key says what the file is and is not secret.
+// (a hex master key, a private key's base64), and error messages end up in logs (docs/conventions.md §9). Only the
+// label of another PEM block is shown: the BEGIN line of an EC private key says what the file is and is not secret.
 std::string describe_unexpected_text(std::string_view text) {
   constexpr std::string_view kBegin = "-----BEGIN ";
   constexpr std::size_t kMaxLabel = 64;

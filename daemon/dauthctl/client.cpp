@@ -140,7 +140,7 @@ int call_raw(const Context& context, const std::string& verb, const nlohmann::js
   }
   const std::string error = e.reply.value("error", std::string("(no error message)"));
   const std::string word = e.reply.value("code", std::string());
-  // The daemon's reason, unchanged (STYLE.md §3): on stdout as the reply object with --json, else on stderr.
+  // The daemon's reason, unchanged (docs/conventions.md §3): on stdout as the reply object with --json, else on stderr.
   if (context.json) {
     std::cout << e.reply.dump(2) << "\n";
   } else {

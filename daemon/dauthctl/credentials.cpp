@@ -1,6 +1,7 @@
 // dauthctl credentials list|add|remove: the credentials in dauthd's key store (list: any role) and the bootstrap
 // credentials of local AEs (add, remove: Enrolee role). Keys travel by file or stdin, never argv or environment
-// (STYLE.md §8): add --psk-file FILE|- passes the open file, or a pipe holding the key, to dauthd (key_source.hpp).
+// (docs/conventions.md §8): add --psk-file FILE|- passes the open file, or a pipe holding the key, to dauthd
+// (key_source.hpp).
 #include <iostream>
 
 #include "client.hpp"

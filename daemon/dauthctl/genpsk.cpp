@@ -1,9 +1,8 @@
-// dauthctl genpsk [--out FILE] [--bytes N]: a new random pre-provisioned key (libsodium randombytes) in the key-file
+// dauthctl genpsk [--out FILE] [--bytes N]: a new random pre-provisioned key (SecretBuffer::random) in the key-file
 // format dauthd reads (hex, one newline; secret_file.hpp), like `wg genkey`. Local only: no daemon involved.
 // --out writes the file 0600 through a temporary file and link(2), so an existing file is never overwritten and a
 // crash leaves no half-written key; without --out the key goes to standard output.
 #include <fcntl.h>
-#include <sodium.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -44,11 +43,7 @@ int write_all(int fd, const std::uint8_t* data, std::size_t size) {
 
 // The key as hex and a newline, in guarded memory (never a std::string).
 dauth::SecretBuffer key_text(std::size_t bytes) {
-  const dauth::SecretBuffer key = dauth::SecretBuffer::random(bytes);
-  dauth::SecretBuffer text(bytes * 2 + 1);
-  ::sodium_bin2hex(reinterpret_cast<char*>(text.data()), text.size(), key.data(), key.size());
-  text.data()[bytes * 2] = '\n';  // sodium_bin2hex wrote a NUL there
-  return text;
+  return dauth::secret_to_hex_line(dauth::SecretBuffer::random(bytes));
 }
 
 int write_file(const std::filesystem::path& path, const dauth::SecretBuffer& text, bool json,
@@ -109,7 +104,6 @@ CLI::App* add_genpsk(CLI::App& parent, Context& context) {
       ->check(CLI::Range(dauth::daemon::detail::kMinKpmBytes, dauth::daemon::detail::kMaxKpmBytes))
       ->capture_default_str();
   sub->callback([&context] {
-    dauth::ensure_sodium_initialised();
     const dauth::SecretBuffer text = key_text(bytes);
     if (!out.empty()) {
       auto key = dauth::secret_from_hex(std::string_view(reinterpret_cast<const char*>(text.data()), bytes * 2));

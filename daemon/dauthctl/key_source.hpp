@@ -1,5 +1,5 @@
 // The key of --psk-file FILE|- as an open descriptor for dauthd (docs/control-protocol.md "Passing keys"): keys
-// travel by file or stdin, never argv, environment or JSON (STYLE.md §8).
+// travel by file or stdin, never argv, environment or JSON (docs/conventions.md §8).
 #pragma once
 
 #include <string>

@@ -1,4 +1,4 @@
-// dauthctl: control client for dauthd. This file is only the verb table and main (STYLE.md §1, like wg.c).
+// dauthctl: control client for dauthd. This file is only the verb table and main (docs/conventions.md §1, like wg.c).
 // Exit codes (dauthctl(1)): 0 ok, 1 operation failed, 2 usage, 3 daemon unreachable, 4 refused.
 #include <iostream>
 

@@ -1,5 +1,5 @@
-// dauthctl's verbs: one file per verb (STYLE.md §1), each adding its CLI11 subcommand. main.cpp lists them in
-// one table. Every verb prints through print_reply(): the same fields for human output and for --json.
+// dauthctl's verbs: one file per verb (docs/conventions.md §1), each adding its CLI11 subcommand. main.cpp lists them
+// in one table. Every verb prints through print_reply(): the same fields for human output and for --json.
 #pragma once
 
 #include <CLI/CLI.hpp>

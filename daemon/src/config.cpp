@@ -1,4 +1,4 @@
-// Parsing and validating dauthd.toml against config_schema() (STYLE.md §5–6): parse into a new value, check
+// Parsing and validating dauthd.toml against config_schema() (docs/conventions.md §5–6): parse into a new value, check
 // every key, then the cross-field rules, and only then build the typed view. Nothing here exits or logs.
 #include "dauth/daemon/config.hpp"
 
@@ -488,7 +488,7 @@ void Parser::parse_root(const toml::table& root, std::vector<ConfigTable>& out) 
   }
 }
 
-// ----- cross-field rules (STYLE.md §6: checked once, at the end) -----
+// ----- cross-field rules (docs/conventions.md §6: checked once, at the end) -----
 
 const ConfigTable* find_table(const std::vector<ConfigTable>& tables, std::string_view section) {
   for (const auto& t : tables) {
@@ -829,7 +829,7 @@ std::string Config::normalised(const LoadedSecrets* secrets) const {
     for (const ConfigEntry& e : table.entries) {
       text += std::string(e.spec->name) + " = " + render(e.value);
       if (e.spec->key_file) {
-        // The file name is not secret; its content is, and is never printed (STYLE.md §7).
+        // The file name is not secret; its content is, and is never printed (docs/conventions.md §7).
         text += "  # key (hidden)";
         const LoadedSecrets::Key* key = nullptr;
         if (secrets && e.spec->name == "master_key_credential" && daemon.master_key_source == "credential") {

@@ -1,4 +1,4 @@
-// The configuration table (STYLE.md §6). docs/dauthd.toml.5 and docs/dauthd.toml.example list exactly these
+// The configuration table (docs/conventions.md §6). docs/dauthd.toml.5 and docs/dauthd.toml.example list exactly these
 // keys; tests/daemon/test_config.cpp checks that they agree.
 #include "dauth/daemon/config.hpp"
 
@@ -121,7 +121,7 @@ const std::vector<KeySpec>& config_schema() {
       {"peer", "trust_anchors", T::path_list, C::none, 0, 64, "[]", false, false, "",
        "PEM CA certificates (MEF CAs) that sign peers' AE-ID certificates"},
       // docs/transport.md §2: libcoap's own idle default is 300 s; we set it explicitly because it bounds how long
-      // libcoap's unwiped copies of session PSKs live (STYLE.md §11).
+      // libcoap's unwiped copies of session PSKs live (docs/conventions.md §11).
       {"peer", "idle_timeout", T::integer, C::none, 1, kDay, "300", false, false, "seconds",
        "idle time after which a peer session is closed"},
       {"peer", "max_sessions", T::integer, C::none, 1, 65535, "1024", false, false, "sessions",

@@ -93,8 +93,8 @@ Result<std::unique_ptr<Daemon>> Daemon::start(std::filesystem::path config_path,
   return daemon;
 }
 
-// The set-up list (STYLE.md §16, chrony's X_Initialise() calls): each step uses only the ones above it, and the
-// members that hold them are declared in this order, so tear-down is this list reversed.
+// The set-up list (docs/conventions.md §16, chrony's X_Initialise() calls): each step uses only the ones above it, and
+// the members that hold them are declared in this order, so tear-down is this list reversed.
 Result<void> Daemon::set_up() {
   started_at_ = now();
   config_loaded_at_ = started_at_;

@@ -81,7 +81,7 @@ int main(int argc, char** argv) {
     return as_int(ExitCode::usage);
   }
   log::set_threshold(config->daemon.log_level);
-  // Fail closed (STYLE.md §12): a key that does not load stops us here.
+  // Fail closed (docs/conventions.md §12): a key that does not load stops us here.
   auto secrets = dauth::daemon::load_secrets(*config);
   if (!secrets) {
     if (check_config) {

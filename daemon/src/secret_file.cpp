@@ -30,8 +30,8 @@ Result<SecretBuffer> parse_hex_key(const SecretBuffer& text, std::size_t length,
 
 Result<SecretBuffer> read_hex_key_file(const std::filesystem::path& path, std::size_t min_bytes,
                                        std::size_t max_bytes) {
-  // Whether the file is private enough is decided in one place, crypto::read_key_file (STYLE.md §8: refuse, do
-  // not warn); here only what a Kpm file holds: hex, with at most one trailing newline.
+  // Whether the file is private enough is decided in one place, crypto::read_key_file (docs/conventions.md §8: refuse,
+  // do not warn); here only what a Kpm file holds: hex, with at most one trailing newline.
   const std::size_t max_text = max_bytes * 2 + 1;
   auto text = crypto::read_key_file(path, "key file", max_text);
   if (!text) return std::move(text).error();

@@ -22,7 +22,8 @@ using transport::Responder;
 using transport::Response;
 using transport::Session;
 
-// One enrolment exchange, as an explicit state machine (STYLE.md §14): every transition is logged with the peer.
+// One enrolment exchange, as an explicit state machine (docs/conventions.md §14): every transition is logged with the
+// peer.
 enum class ExchangeState : std::uint8_t { received, authenticated, key_derived, decided, stored, answered, refused };
 constexpr std::array<std::string_view, 7> kExchangeStateNames = {"received", "authenticated", "key-derived",
                                                                  "decided",  "stored",        "answered",
@@ -421,10 +422,12 @@ struct Mef::Impl {
     config.log("mef fetchCredentials peer=" + describe(session) + " KeID " + ke_id + " -> key for " + *requester +
                " (fingerprint " + answer.credential.fingerprint() + ", lifetime " +
                std::to_string(answer.lifetime_s) + " s)");
-    const SecretBuffer body = encode(answer);
-    // transport::Response holds the payload as Bytes (ordinary heap): docs/rspf.md, "gaps".
-    responder.respond(binary_response(205, static_cast<std::uint16_t>(ContentFormat::cbor),
-                                      Bytes(body.data(), body.data() + body.size())));
+    Response response;
+    response.code = 205;
+    response.content_format = static_cast<std::uint16_t>(ContentFormat::cbor);
+    // The key stays in guarded memory up to libcoap's PDU.
+    response.secret_payload = std::make_shared<const SecretBuffer>(encode(answer));
+    responder.respond(std::move(response));
   }
 
   // The enrolee a certificate request comes from, with the expiry its certificate may not outlive. The bootstrap

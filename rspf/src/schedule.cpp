@@ -1,7 +1,5 @@
 #include "dauth/rspf/schedule.hpp"
 
-#include <sodium.h>
-
 #include <algorithm>
 #include <cmath>
 
@@ -18,9 +16,8 @@ std::chrono::milliseconds jittered(double base_ms, const JitterSource& jitter) {
 
 JitterSource random_jitter() {
   return [] {
-    ensure_sodium_initialised();
     constexpr std::uint32_t kSteps = 1u << 20;
-    return 2.0 * static_cast<double>(randombytes_uniform(kSteps + 1)) / kSteps - 1.0;
+    return 2.0 * static_cast<double>(random_uniform(kSteps + 1)) / kSteps - 1.0;
   };
 }
 

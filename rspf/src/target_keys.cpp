@@ -2,8 +2,6 @@
 // background, store what the MEF answers.
 #include "dauth/rspf/target_keys.hpp"
 
-#include <sodium.h>
-
 #include <algorithm>
 #include <array>
 #include <chrono>
@@ -24,11 +22,6 @@ namespace dauth::rspf {
 namespace {
 constexpr std::array<std::string_view, 4> kFetchStateNames = {"queued", "fetching", "stored", "failed"};
 static_assert(kFetchStateNames.size() == static_cast<std::size_t>(FetchState::failed) + 1, "one name per FetchState");
-
-void wipe(Bytes& bytes) {
-  if (!bytes.empty()) sodium_memzero(bytes.data(), bytes.size());
-  bytes.clear();
-}
 
 std::string lower_case(std::string_view text) {
   std::string out(text);
@@ -95,7 +88,7 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
 
   std::int64_t now() const { return config.clock(); }
 
-  // One retrieval's state machine (STYLE.md §14): queued -> fetching -> stored | failed.
+  // One retrieval's state machine (docs/conventions.md §14): queued -> fetching -> stored | failed.
   void set_state(const FetchKey& key, const std::string& mef, FetchState next, const std::string& reason) {
     auto it = fetches.find(key);
     const std::string old = it == fetches.end() ? "none" : std::string(to_string(it->second));
@@ -427,6 +420,7 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
     request.path = fetch_credentials_path(ke_id, crypto::Suid::rspf_key_for_saef);
     request.accept = static_cast<std::uint16_t>(ContentFormat::cbor);
     request.originator = key.local_ae_id;
+    request.answer_is_secret = true;  // the answer carries the key: guarded memory from the PDU on
     set_state(key, mef_fqdn, FetchState::fetching, "GET " + request.path_text() + " as " + credentials->psk_identity);
     std::weak_ptr<Impl> weak = weak_from_this();
     node.request(mef->second.address, *credentials, std::move(request),
@@ -442,9 +436,8 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
     };
     if (!answer.ok()) return give_up(std::move(answer).error());
     if (answer->code != 205) return give_up(error_from_response("MEF " + mef_fqdn, *answer));
-    auto message = decode_fetch_credentials_response(ByteView(answer->payload));
-    // The payload held the key: wipe our copy of it now (transport's own copy is outside our reach).
-    wipe(answer->payload);
+    if (!answer->secret_payload) return give_up(make_error(Errc::parse, "MEF " + mef_fqdn + " answered 2.05 without a body"));
+    auto message = decode_fetch_credentials_response(answer->secret_payload->view());
     if (!message.ok()) return give_up(std::move(message).error());
     if (message->lifetime_s <= 0) {
       return give_up(make_error(Errc::expired, "MEF gave a lifetime of " + std::to_string(message->lifetime_s) + " s"));

@@ -1,4 +1,4 @@
-// SecretBuffer: the one secret type (STYLE.md §10), with tests that prove the wipe and the release happen.
+// SecretBuffer: the one secret type (docs/conventions.md §10), with tests that prove the wipe and the release happen.
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>

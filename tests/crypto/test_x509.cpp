@@ -264,7 +264,8 @@ TEST_CASE("x509: keys round-trip through PEM, DER and files, wrong curves and ju
 }
 
 TEST_CASE("x509: a private key file with group or other permission bits is refused, naming the mode", "[x509]") {
-  // STYLE.md §8: the daemon refuses such key files (the master key loader does the same, through the same helper).
+  // docs/conventions.md §8: the daemon refuses such key files (the master key loader does the same, through the same
+  // helper).
   TempDir dir;
   auto key = must(crypto::PrivateKey::generate_p256());
   const std::string pem = text_of(must(key.to_pem()));
@@ -303,7 +304,8 @@ TEST_CASE("x509: a private key file with group or other permission bits is refus
 }
 
 TEST_CASE("x509: a key file parsed as a certificate or CSR by mistake is not quoted in the error", "[x509]") {
-  // Error messages reach logs (STYLE.md §9): a hex master key or a private key's PEM body must not appear in them.
+  // Error messages reach logs (docs/conventions.md §9): a hex master key or a private key's PEM body must not appear in
+  // them.
   auto key = must(crypto::PrivateKey::generate_p256());
   const std::string key_pem = text_of(must(key.to_pem()));
   const std::string hex_key = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n";

@@ -84,7 +84,7 @@ struct Deployment {
   }
 };
 
-// Every log this file's daemons wrote is checked for the key bytes (STYLE.md §9).
+// Every log this file's daemons wrote is checked for the key bytes (docs/conventions.md §9).
 void check_no_key_bytes(const std::string& text) {
   CHECK(text.find(kMasterHex) == std::string::npos);
   CHECK(text.find(kKpmHex) == std::string::npos);

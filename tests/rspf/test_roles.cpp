@@ -108,7 +108,7 @@ TEST_CASE("PSK RSPF end to end: enrolment, target key retrieval, then an AE-pair
     REQUIRE(second->code == 205);
     REQUIRE(std::string(second->payload.begin(), second->payload.end()) == meter_ke_id);
 
-    // No log line carries key material (STYLE.md §9).
+    // No log line carries key material (docs/conventions.md §9).
     for (const auto& line : world.log.lines) {
       REQUIRE(line.find(hex_of(world.meter_kpm)) == std::string::npos);
       REQUIRE(line.find(hex_of(meter_ke)) == std::string::npos);

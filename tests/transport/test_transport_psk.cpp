@@ -145,3 +145,47 @@ TEST_CASE("PSK: a client that offers only TLS_PSK_WITH_AES_128_CCM_8 completes t
   INFO(result.output);
   CHECK(result.output.find("Cipher is PSK-AES128-CCM8") != std::string::npos);
 }
+
+TEST_CASE("PSK: a secret body travels in guarded memory at both ends and an error body stays readable") {
+  transport::NodeConfig config;
+  config.psk_lookup = psk_table(kKeys);
+  auto server = make_server(std::move(config));
+  // The session's own export stands for a key: both ends can compute it, so the body can be checked.
+  server->add_route(transport::Method::get, {"key"}, transport::Access::secure,
+                    [](const transport::Session& session, const transport::Request&, transport::Responder responder) {
+                      auto exported = session.export_keying_material("EXPORTER-dauth-test", 32);
+                      if (!exported.ok()) return responder.respond(transport::Response::with_text(500, "no export"));
+                      transport::Response response;
+                      response.content_format = 42;
+                      response.secret_payload = std::make_shared<const SecretBuffer>(std::move(exported).value());
+                      responder.respond(std::move(response));
+                    });
+  auto client = make_client_node();
+  const transport::Peer peer{"127.0.0.1", server->secure_port()};
+  const auto credentials = ClientCredentials::psk("CAE-alpha", secret(kKeys.at("CAE-alpha")), "");
+
+  auto secret_request = [](std::vector<std::string> path) {
+    auto request = get_request(std::move(path));
+    request.answer_is_secret = true;
+    return request;
+  };
+  const CallResult guarded = request_and_wait(*server, *client, peer, credentials, secret_request({"key"}));
+  REQUIRE(guarded.result->ok());
+  CHECK((*guarded.result)->code == 205);
+  CHECK((*guarded.result)->content_format == std::optional<std::uint16_t>(42));
+  CHECK((*guarded.result)->payload.empty());
+  REQUIRE((*guarded.result)->secret_payload);
+  CHECK(hex_of(*(*guarded.result)->secret_payload) == guarded.client_export);
+
+  // A client that did not ask for guarded memory (a stock client's view) gets the same bytes as a plain body.
+  const CallResult plain = request_and_wait(*server, *client, peer, credentials, get_request({"key"}));
+  REQUIRE(plain.result->ok());
+  CHECK_FALSE((*plain.result)->secret_payload);
+  CHECK(hex_of(SecretBuffer::copy_of(ByteView((*plain.result)->payload))) == plain.client_export);
+
+  // Refusals keep their text where error handling reads it.
+  const CallResult missing = request_and_wait(*server, *client, peer, credentials, secret_request({"nothing-here"}));
+  REQUIRE(missing.result->ok());
+  CHECK((*missing.result)->code == 404);
+  CHECK_FALSE((*missing.result)->secret_payload);
+}

@@ -37,7 +37,7 @@ using Clock = std::chrono::steady_clock;
 // Below FD_SETSIZE (1024) with room for the fds a GnuTLS handshake and libcoap open meanwhile.
 constexpr int kHighestSelectableFd = 1000;
 
-// ---- RAII for C handles (STYLE.md: no naked free) --------------------------------------------------------------
+// ---- RAII for C handles (docs/conventions.md §16) --------------------------------------------------------------
 
 struct ContextDeleter {
   void operator()(coap_context_t* context) const noexcept { coap_free_context(context); }
@@ -361,6 +361,7 @@ struct PendingRequest {
   std::optional<Clock::time_point> silence_check;
   std::optional<std::uint64_t> records_at_send;
   std::shared_ptr<Replay> replay;  // set while the request waits for its session's handshake
+  bool answer_is_secret = false;   // Request::answer_is_secret: the body goes to Response::secret_payload
 };
 
 // What a PKI context accepts from its peers (validate_cn_call_back argument).
@@ -1017,13 +1018,13 @@ std::optional<std::uint32_t> option_uint(const coap_pdu_t* pdu, std::uint16_t nu
   return coap_decode_var_bytes(coap_opt_value(option), coap_opt_length(option));
 }
 
-Bytes pdu_payload(const coap_pdu_t* pdu) {
+ByteView pdu_payload(const coap_pdu_t* pdu) {
   size_t length = 0;
   const uint8_t* data = nullptr;
   size_t offset = 0;
   size_t total = 0;
   if (coap_get_data_large(pdu, &length, &data, &offset, &total) == 0) return {};
-  return Bytes(data, data + length);
+  return ByteView(data, length);
 }
 
 int coap_code_to_int(coap_pdu_code_t code) {
@@ -1062,7 +1063,12 @@ coap_response_t on_response(coap_session_t* session, const coap_pdu_t* /*sent*/,
     response.response_status = option_uint(received, kLegacyOptionOneM2mResponseStatus);
   }
   response.request_id = option_string(received, kOptionOneM2mRequestId);
-  response.payload = pdu_payload(received);
+  const ByteView body = pdu_payload(received);
+  if (it != impl->pending.end() && it->second.answer_is_secret && response.code / 100 == 2) {
+    response.secret_payload = std::make_shared<const SecretBuffer>(SecretBuffer::copy_of(body));
+  } else {
+    response.payload.assign(body.data, body.data + body.size);
+  }
   if (observed != impl->observations.end()) {
     auto observation = observed->second;
     observation->first_answer_deadline.reset();
@@ -1147,6 +1153,9 @@ Request parse_request(const coap_pdu_t* pdu, bool legacy) {
 }
 
 void release_heap_bytes(coap_session_t* /*session*/, void* bytes) { delete static_cast<Bytes*>(bytes); }
+void release_heap_secret(coap_session_t* /*session*/, void* secret) {
+  delete static_cast<std::shared_ptr<const SecretBuffer>*>(secret);
+}
 
 // The ETag of a response body: derived from its content, so that two block-wise transfers of the same body agree
 // and two of different bodies converge on the newest. libcoap 4.3.1 keeps one block-wise transfer per (session,
@@ -1175,13 +1184,24 @@ void fill_response(coap_resource_t* resource, coap_session_t* session, const coa
     coap_add_option(pdu, kOptionOneM2mResponseStatus, length, buffer);
   }
   state.count.packets_out++;
-  state.count.bytes_out += response.payload.size() + 4;
+  const std::size_t secret_size = response.secret_payload ? response.secret_payload->size() : 0;
+  state.count.bytes_out += response.payload.size() + secret_size + 4;
   // Carried out in housekeeping, after coap_io_process has sent this response (closing here would drop it).
   if (response.close_session && state.secure && !state.client) impl.request_close(state);
-  if (!response.payload.empty()) {
-    // libcoap adds Content-Format only for a non-zero media type (block.c coap_add_data_large_response): 0 means
-    // "none" there, so an explicit 0 (text/plain) is added here, and an unset one sends no option at all.
-    if (response.content_format == std::uint16_t{0}) coap_add_option(pdu, COAP_OPTION_CONTENT_FORMAT, 0, nullptr);
+  const bool has_body = !response.payload.empty() || secret_size != 0;
+  // libcoap adds Content-Format only for a non-zero media type (block.c coap_add_data_large_response): 0 means
+  // "none" there, so an explicit 0 (text/plain) is added here, and an unset one sends no option at all.
+  if (has_body && response.content_format == std::uint16_t{0}) {
+    coap_add_option(pdu, COAP_OPTION_CONTENT_FORMAT, 0, nullptr);
+  }
+  if (secret_size != 0) {
+    // Key material: ETag 0 lets libcoap draw one, so that no tag is derived from a key. Such bodies are one
+    // datagram (a 32-byte key in a small map), so the block-wise ETag agreement below never matters for them.
+    // libcoap holds a reference until release_heap_secret: no copy of the key is made here.
+    auto* held = new std::shared_ptr<const SecretBuffer>(response.secret_payload);
+    coap_add_data_large_response(resource, session, request, pdu, query, response.content_format.value_or(0), -1,
+                                 0, (*held)->size(), (*held)->data(), release_heap_secret, held);
+  } else if (!response.payload.empty()) {
     const std::uint64_t etag = content_etag(impl.etag_key, response.payload);
     auto* copy = new Bytes(response.payload);  // owned by libcoap until release_heap_bytes
     coap_add_data_large_response(resource, session, request, pdu, query, response.content_format.value_or(0), -1,
@@ -1209,9 +1229,8 @@ void on_request(coap_resource_t* resource, coap_session_t* session, const coap_p
   if (auto it = impl->deferred.find(key); it != impl->deferred.end()) {
     auto shared = it->second;
     impl->deferred.erase(it);
-    fill_response(resource, session, pdu, query, response_pdu,
-                  shared->response ? *shared->response : Response::with_text(500, "no response"), state,
-                  *impl);
+    if (!shared->response) shared->response = Response::with_text(500, "no response");
+    fill_response(resource, session, pdu, query, response_pdu, *shared->response, state, *impl);
     return;
   }
 
@@ -2203,8 +2222,8 @@ void Node::Impl::send_request(const Peer& peer, const ClientCredentials& credent
   coap_pdu_t* pdu = build_request_pdu(raw, state, request, /*observe=*/false, token);
   if (pdu == nullptr) return fail_now(make_error(Errc::internal, "coap_new_pdu failed"));
   const auto key = std::make_pair(raw, token);
-  PendingRequest entry{std::move(handler), deadline, raw, state.count.packets_in, std::nullopt, std::nullopt,
-                       std::move(replay)};
+  PendingRequest entry{std::move(handler), deadline, raw,          state.count.packets_in, std::nullopt,
+                       std::nullopt,       std::move(replay), request.answer_is_secret};
   // While the handshake runs the counter exists too (epoch 0), but the handshake itself moves it:
   // mark_established takes the reading then.
   if (state.secure && state.established) entry.records_at_send = detail::records_received(raw);

@@ -1,4 +1,4 @@
-// dauth::Error and dauth::Result<T>: the one error type at every module edge (STYLE.md §15).
+// dauth::Error and dauth::Result<T>: the one error type at every module edge (docs/conventions.md §15).
 //
 // Third-party error codes (mbedTLS, libsodium, libcoap, GnuTLS, OpenSSL) are mapped into an Errc in exactly one
 // function per module; the message says what failed, where, with which value, and what is allowed.

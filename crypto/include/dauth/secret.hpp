@@ -1,4 +1,4 @@
-// SecretBuffer: the only type that holds key material (STYLE.md §10).
+// SecretBuffer: the only type that holds key material (docs/conventions.md §10).
 //
 // Backed by libsodium guarded memory (sodium_malloc: guard pages, mlock where the limit allows, excluded from core
 // dumps with MADV_DONTDUMP). Secrets of up to 1 KiB share guarded 64 KiB arenas (one region per secret would
@@ -84,6 +84,9 @@ bool released_secret_is_wiped(const std::uint8_t* former_address, std::size_t si
 
 // Cryptographically secure random bytes (randombytes_buf).
 void random_bytes(std::uint8_t* out, std::size_t size);
+// A uniformly distributed random number in [0, upper_bound) (randombytes_uniform: no modulo bias); 0 if the bound
+// is 0.
+std::uint32_t random_uniform(std::uint32_t upper_bound);
 
 // Hex of non-secret bytes (identifiers, serials, hashes).
 std::string to_hex(ByteView bytes, bool upper_case = false);
@@ -91,5 +94,8 @@ Result<Bytes> from_hex(std::string_view hex);
 
 // Hex into guarded memory without an intermediate copy (key files). Whitespace is not accepted.
 Result<SecretBuffer> secret_from_hex(std::string_view hex);
+// The secret as lower-case hex text followed by a newline, in guarded memory (a key file's content), constant
+// time.
+SecretBuffer secret_to_hex_line(const SecretBuffer& secret);
 
 }  // namespace dauth

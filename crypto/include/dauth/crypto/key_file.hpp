@@ -1,5 +1,6 @@
 // Reading a key file into guarded memory: the one place that decides whether a key file is private enough to use
-// (STYLE.md §8). The master key loader and PrivateKey::load_file use it; other modules reading key files should too.
+// (docs/conventions.md §8). The master key loader and PrivateKey::load_file use it; other modules reading key files
+// should too.
 #pragma once
 
 #include <cstddef>

@@ -1,4 +1,5 @@
-// dauthd configuration: one TOML file (default /etc/dauth/dauthd.toml), described by one table (STYLE.md §6).
+// dauthd configuration: one TOML file (default /etc/dauth/dauthd.toml), described by one table (docs/conventions.md
+// §6).
 //
 // config_schema() is that table: one row per key with its type, range, default and one-line doc. The parser
 // accepts nothing else: unknown sections and keys are errors, every value is type- and range-checked, and the
@@ -8,7 +9,7 @@
 // touch the running daemon: the caller parses into a new Config, validates, then swaps (reload keeps the old
 // one on failure). Roles are switched on by the presence of their section: [enrolee], [mef], [peer].
 //
-// The configuration holds no key material, only the paths to it (secrets travel by file, STYLE.md §8);
+// The configuration holds no key material, only the paths to it (secrets travel by file, docs/conventions.md §8);
 // load_secrets() reads those files, refusing group/world-accessible ones.
 #pragma once
 
@@ -224,7 +225,7 @@ class LoadedSecrets {
   std::map<std::string, Key> files_;
 };
 
-// Loads the master key (daemon.master_key_source) and every key file of config. Fails closed (STYLE.md §12):
+// Loads the master key (daemon.master_key_source) and every key file of config. Fails closed (docs/conventions.md §12):
 // the first unreadable, group/world-accessible or malformed file is an error naming the key, file and reason.
 Result<LoadedSecrets> load_secrets(const Config& config);
 

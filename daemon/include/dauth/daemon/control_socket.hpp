@@ -4,7 +4,8 @@
 //   reply:    {"ok": true, "result": {...}}
 //             {"ok": false, "error": "<what, where, which value, what is allowed>", "code": "<Errc word>"}
 //
-// Replies are uniform (STYLE.md §3): every failure, including a malformed request, an unknown verb, a refused
+// Replies are uniform (docs/conventions.md §3): every failure, including a malformed request, an unknown verb, a
+// refused
 // peer or an oversized line, is an {"ok": false} reply that dauthctl prints unchanged. The socket file is created
 // 0600 (or 0660 with the configured group); each connection's peer is also checked with SO_PEERCRED (root, the
 // daemon's own user, or a member of the control group). A line longer than kMaxLineBytes gets a "limit" reply and
@@ -92,7 +93,8 @@ class ControlServer {
   ControlServer(const ControlServer&) = delete;
   ControlServer& operator=(const ControlServer&) = delete;
 
-  // A verb stays registered while its VerbRegistration lives (STYLE.md §16: the removal sits next to the add).
+  // A verb stays registered while its VerbRegistration lives (docs/conventions.md §16: the removal sits next to the
+  // add).
   class VerbRegistration {
    public:
     VerbRegistration() = default;

@@ -1,5 +1,5 @@
-// The Daemon object (STYLE.md §16): holds its components as members in dependency order, so that set-up is the
-// order of start() and tear-down is the reverse, by RAII. Every registration (signal, timer, control verb) is a
+// The Daemon object (docs/conventions.md §16): holds its components as members in dependency order, so that set-up is
+// the order of start() and tear-down is the reverse, by RAII. Every registration (signal, timer, control verb) is a
 // member whose destruction removes it.
 //
 // Roles: the key store, the MEF, the Enrolees and the Peer role (proxy path) live in one Roles object
@@ -91,7 +91,7 @@ class Daemon {
 Result<void> block_daemon_signals();
 
 // For a process that holds keys: no core dumps (RLIMIT_CORE = 0) and not dumpable (no ptrace by the same uid,
-// no /proc/<pid>/mem for others). STYLE.md §11: libcoap keeps unwiped copies of session PSKs on the heap.
+// no /proc/<pid>/mem for others). docs/conventions.md §11: libcoap keeps unwiped copies of session PSKs on the heap.
 Result<void> harden_process();
 
 }  // namespace dauth::daemon

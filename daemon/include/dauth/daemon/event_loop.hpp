@@ -3,7 +3,7 @@
 // not block.
 //
 // Every registration returns a Registration; destroying it removes the watch (and closes the timerfd/signalfd
-// the loop created for it), so a component's registrations are torn down with the component (STYLE.md §16).
+// the loop created for it), so a component's registrations are torn down with the component (docs/conventions.md §16).
 // A Registration may be destroyed from inside any callback, including its own: removal is deferred safely.
 // The loop must outlive every Registration it handed out.
 #pragma once

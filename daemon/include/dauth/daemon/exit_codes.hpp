@@ -1,4 +1,4 @@
-// Process exit codes shared by dauthd and dauthctl (STYLE.md §4); documented in dauthd(8) and dauthctl(1).
+// Process exit codes shared by dauthd and dauthctl (docs/conventions.md §4); documented in dauthd(8) and dauthctl(1).
 // The values are a contract for scripts: never renumber.
 #pragma once
 

@@ -1,6 +1,6 @@
 // Logging to stderr with sd-daemon(3) "<N>" priority prefixes, which journald turns into syslog priorities.
 // One line per message (embedded newlines are replaced so that a message cannot forge another entry).
-// Never pass key material: log KeIDs, PSK identities and SecretBuffer::fingerprint() only (STYLE.md §9).
+// Never pass key material: log KeIDs, PSK identities and SecretBuffer::fingerprint() only (docs/conventions.md §9).
 #pragma once
 
 #include <optional>

@@ -2,8 +2,8 @@
 // pre-provisioned symmetric key, a certificate or a raw public key, keeps the enrolment key, optionally gets an AE-ID
 // certificate over EST-coaps, and hands out the usage-constrained key for each Enrolment Target.
 //
-// State machine (STYLE.md §14): idle -> enrolling -> enrolled | failed; enrolled/failed -> enrolling on the next
-// enrol(). Every transition is logged with the MEF address, old -> new and the reason. The daemon owns the timers:
+// State machine (docs/conventions.md §14): idle -> enrolling -> enrolled | failed; enrolled/failed -> enrolling on the
+// next enrol(). Every transition is logged with the MEF address, old -> new and the reason. The daemon owns the timers:
 // next_attempt_delay() says when to call enrol() again (renewal at 2/3 of the lifetime, or backoff after failure).
 // The Node and KeyStore must outlive the Enrolee; a pending enrol() completes through the Node's loop.
 // enrol() first closes the one cached client session to the MEF with the bootstrap credential

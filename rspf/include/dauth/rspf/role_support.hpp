@@ -18,7 +18,7 @@ namespace dauth::rspf {
 using UnixClock = std::function<std::int64_t()>;
 UnixClock system_unix_clock();
 
-// One line per event, never key material (STYLE.md §9): KeIDs, PSK identities and fingerprints only.
+// One line per event, never key material (docs/conventions.md §9): KeIDs, PSK identities and fingerprints only.
 // The default writes "rspf: <line>" to stderr; the daemon routes it to its logger.
 using LogSink = std::function<void(const std::string& line)>;
 LogSink stderr_log_sink();

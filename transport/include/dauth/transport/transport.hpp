@@ -64,6 +64,10 @@ struct Request {
   // (PROTOCOL.md §6). Empty: absent. A request carrying it has no Uri-Path, so it reaches the route with prefix {}.
   std::string proxy_uri;
   Bytes payload;
+  // Client side: a success's body carries key material (a fetchCredentials answer, PROTOCOL.md §4). It arrives in
+  // Response::secret_payload, never in Response::payload: keys never pass through ordinary heap memory of ours.
+  // Error bodies ({error, detail}) still arrive in payload.
+  bool answer_is_secret = false;
 
   std::string path_text() const;      // "/a/b"
 };
@@ -74,6 +78,11 @@ struct Response {
   std::optional<std::uint32_t> response_status;  // oneM2M-RSC
   std::string request_id;             // oneM2M-RQI, echoed when the request had one
   Bytes payload;
+  // A body that carries key material, in guarded memory (set it instead of payload). Sending: copied into libcoap's
+  // PDU only (which libcoap frees unwiped, docs/transport.md §3), no ETag derived from it. Receiving: filled
+  // instead of payload when the request set answer_is_secret. Shared, so that copies of a Response never copy the
+  // key; it is wiped when the last copy goes.
+  std::shared_ptr<const SecretBuffer> secret_payload;
   // Server side: end the DTLS session (close_notify) once this response has been sent. Only for a piggybacked
   // answer of one datagram: a Block2 body or a separate (CON) response loses its remaining blocks /
   // retransmissions (why the MEF leaves closing the enrolment session to the Enrolee, PROTOCOL.md §3.4). Ignored
