@@ -38,7 +38,8 @@ std::optional<std::uint64_t> records_sent(const coap_session_t* session);
 //
 // GnuTLS: libcoap 4.3.1 parses a context's PKI setup again for every new server session, PSK ones included
 // (setup_server_ssl_session). So the server context gets no PKI setup there; the certificate credentials are built
-// once per node (ServerPki) and attached to each new server session by node.cpp before its handshake needs them.
+// once per node (ServerPki) and attached to each new server session by node_server.cpp before its handshake needs
+// them.
 // OpenSSL: libcoap keeps the PKI setup (attaches_server_pki() is false, the functions below answer unsupported).
 
 // A certificate chain and its private key, parsed once; every handshake that presents them shares them. Held by

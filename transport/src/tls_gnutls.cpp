@@ -79,9 +79,9 @@ std::string server_name(const coap_session_t* session) {
 // (setup_server_ssl_session -> setup_pki_credentials): it parses the PEM key, chain and trust anchors again and
 // lets GnuTLS check that key and certificate match by signing and verifying, PSK sessions included. Its SNI
 // callback cannot serve a renewed certificate either (post_client_hello_gnutls_pki keeps the first answer per name
-// until the context is freed). So node.cpp gives the server context no PKI setup on this backend: one
+// until the context is freed). So node_server.cpp gives the server context no PKI setup on this backend: one
 // gnutls_certificate_credentials_t per node carries the trust anchors, the verification and a retrieve function,
-// and node.cpp attaches it to each server session between the cookieless ClientHello and the one with the cookie
+// and node_server.cpp attaches it to each server session between the cookieless ClientHello and the one with the cookie
 // (docs/transport.md §3). GnuTLS calls the retrieve function when it picks the server certificate, after reading
 // the ClientHello, so it sees the SNI of this very handshake and the certificate table as it is now.
 
