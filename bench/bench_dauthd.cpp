@@ -417,7 +417,8 @@ struct StockServer {
   std::uint16_t dtls_port = 0;
 
   StockServer(const std::filesystem::path& dir, const std::string& name, bool psk, const std::string& pki_prefix) {
-    const std::uint16_t port = free_udp_port_pair();
+    // coap-server -p P listens for CoAP on P and for DTLS on P + 1, each over UDP and TCP.
+    const std::uint16_t port = test::free_loopback_ports(2, test::PortUse::udp_and_tcp);
     dtls_port = static_cast<std::uint16_t>(port + 1);
     std::vector<std::string> argv = {"coap-server-gnutls", "-A", "127.0.0.1", "-p", std::to_string(port), "-v", "0"};
     if (psk) argv.insert(argv.end(), {"-k", kStockPsk});

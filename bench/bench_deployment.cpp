@@ -1,7 +1,6 @@
 #include "bench_deployment.hpp"
 
 #include <fcntl.h>
-#include <netinet/in.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
@@ -46,36 +45,6 @@ int exit_code_of(int status) {
 }
 
 }  // namespace
-
-std::uint16_t free_udp_port() {
-  const int fd = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t length = sizeof address;
-  if (fd < 0 || ::bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0 ||
-      ::getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length) != 0) {
-    throw std::runtime_error("no free UDP port");
-  }
-  ::close(fd);
-  return ntohs(address.sin_port);
-}
-
-std::uint16_t free_udp_port_pair() {
-  for (int attempt = 0; attempt < 100; ++attempt) {
-    const std::uint16_t port = free_udp_port();
-    if (port == 65535) continue;
-    const int fd = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    sockaddr_in address{};
-    address.sin_family = AF_INET;
-    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    address.sin_port = htons(static_cast<std::uint16_t>(port + 1));
-    const bool free = ::bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) == 0;
-    ::close(fd);
-    if (free) return port;
-  }
-  throw std::runtime_error("no two consecutive free UDP ports");
-}
 
 void write_private(const std::filesystem::path& path, const std::string& text) {
   std::ofstream(path) << text;
@@ -152,7 +121,8 @@ Deployment::Deployment(const DeploymentOptions& options)
   std::string dir_template = "/tmp/dauth-" + options.name + "-XXXXXX";
   if (::mkdtemp(dir_template.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
   dir = dir_template;
-  for (const char* name : {"mef", "a_peer", "a_local", "b_peer", "b_local", "valve"}) ports[name] = free_udp_port();
+  for (const char* name : {"mef", "a_peer", "a_local", "b_peer", "b_local"}) ports[name] = test::free_loopback_port();
+  ports["valve"] = test::free_loopback_port(test::PortUse::udp_and_tcp);  // coap-server-notls
   for (const char* sub : {"keys", "mef", "mef/state", "a", "a/state", "b", "b/state"}) {
     std::filesystem::create_directory(dir / sub);
     ::chmod((dir / sub).c_str(), 0700);

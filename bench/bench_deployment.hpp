@@ -13,12 +13,9 @@
 #include <string>
 #include <vector>
 
-namespace dauth::bench {
+#include "loopback_ports.hpp"  // every port a benchmark names comes from there
 
-// A UDP port on 127.0.0.1 the kernel considers free right now (bind to 0, read it, close).
-std::uint16_t free_udp_port();
-// Two consecutive free UDP ports, the first returned: coap-server -p P listens for CoAP on P and for DTLS on P + 1.
-std::uint16_t free_udp_port_pair();
+namespace dauth::bench {
 
 // `bytes` random bytes from /dev/urandom as lower-case hex and a newline (dauthd's key-file format).
 std::string random_hex(std::size_t bytes);

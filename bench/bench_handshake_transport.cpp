@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "dauth/transport/transport.hpp"
+#include "loopback_ports.hpp"
 
 using namespace dauth;
 using Clock = std::chrono::steady_clock;
@@ -289,8 +290,10 @@ int main(int argc, char** argv) {
   for (const Mode mode : {Mode::psk, Mode::psk_on_x509_endpoint, Mode::x509}) {
     const char* kind = name_of(mode);
     const bool pki = clients_use_x509(mode);
-    const std::uint16_t stock_port = 25684;
-    const std::uint16_t our_port = 25694;
+    // The stock server's DTLS port: coap-server -p P listens for CoAP on P and for DTLS on P + 1, over UDP and TCP.
+    const auto stock_port =
+        static_cast<std::uint16_t>(dauth::test::free_loopback_ports(2, dauth::test::PortUse::udp_and_tcp) + 1);
+    const std::uint16_t our_port = dauth::test::free_loopback_port();
     const pid_t stock = start_stock_server(dir, stock_port, pki);
     const pid_t ours = start_our_server(dir, our_port, mode);
     Bench stock_bench(stock_port, pki, dir);

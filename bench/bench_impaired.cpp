@@ -188,7 +188,8 @@ void enrolment_vs_anchor(int rounds, std::uint64_t seed_base, bool retry_anchor)
 
   // The anchor: the stock DTLS-PSK server and client. Their key is on argv because the stock tools take it only
   // there; it is a throw-away key of this run, never printed.
-  const std::uint16_t anchor_port = free_udp_port_pair();
+  // coap-server -p P listens for CoAP on P and for DTLS on P + 1, each over UDP and TCP.
+  const std::uint16_t anchor_port = dauth::test::free_loopback_ports(2, dauth::test::PortUse::udp_and_tcp);
   const std::string identity = "bench-anchor";
   std::string key = random_hex(16);
   key.pop_back();

@@ -1,9 +1,7 @@
 // End to end: the real dauthd and dauthctl binaries, a temp config, state directory and control socket, and a
 // real AF_UNIX datagram socket as $NOTIFY_SOCKET. Assertions use --json and the sd_notify messages, never log text
 // (except the check that no log carries key bytes).
-#include <netinet/in.h>
 #include <signal.h>
-#include <sys/socket.h>
 #include <unistd.h>
 #include <sys/stat.h>
 
@@ -11,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "daemon_process.hpp"
+#include "loopback_ports.hpp"
 #include "support.hpp"
 
 using dauth::test::CommandResult;
@@ -24,28 +23,13 @@ namespace {
 const std::string kMasterHex = "5f1e0c9a7b3d2e8f4a6c1b0d9e8f7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e0f";
 const std::string kKpmHex = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90";
 
-// A UDP port free on 127.0.0.1 right now (bind to 0, read it, close): the MEF role binds mef.listen for real.
-std::uint16_t free_udp_port() {
-  const int fd = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-  REQUIRE(fd >= 0);
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t length = sizeof address;
-  const bool bound = ::bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) == 0 &&
-                     ::getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length) == 0;
-  ::close(fd);
-  REQUIRE(bound);
-  return ntohs(address.sin_port);
-}
-
 // A temp deployment: config, state directory, master key and a Kpm file, all under one TempDir.
 struct Deployment {
   TempDir dir;
   std::filesystem::path config = dir / "dauthd.toml";
   std::filesystem::path socket = dir / "control";
   std::filesystem::path log = dir / "dauthd.log";
-  std::uint16_t mef_port = free_udp_port();
+  std::uint16_t mef_port = dauth::test::free_loopback_port();  // the MEF role binds mef.listen for real
 
   Deployment() {
     std::filesystem::create_directory(dir / "state");

@@ -1,8 +1,6 @@
 #include "e2e_support.hpp"
 
-#include <netinet/in.h>
 #include <signal.h>
-#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -17,23 +15,6 @@
 namespace dauth::test {
 
 namespace {
-
-// A port the kernel considers free for UDP on 127.0.0.1 right now (bind to 0, read it, close).
-std::uint16_t free_udp_port() {
-  const int fd = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) throw std::runtime_error("socket() failed");
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t length = sizeof address;
-  if (::bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0 ||
-      ::getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length) != 0) {
-    ::close(fd);
-    throw std::runtime_error("bind/getsockname failed");
-  }
-  ::close(fd);
-  return ntohs(address.sin_port);
-}
 
 std::string replace_all(std::string text, const std::string& from, const std::string& to) {
   for (std::size_t at = text.find(from); at != std::string::npos; at = text.find(from, at + to.size())) {
@@ -58,9 +39,8 @@ bool have_stock_tools() {
 }
 
 Deployment::Deployment() {
-  for (const char* name : {"MEF_PORT", "A_PEER", "A_LOCAL", "B_PEER", "B_LOCAL", "VALVE_PORT"}) {
-    ports_[name] = free_udp_port();
-  }
+  for (const char* name : {"MEF_PORT", "A_PEER", "A_LOCAL", "B_PEER", "B_LOCAL"}) ports_[name] = free_loopback_port();
+  ports_["VALVE_PORT"] = free_loopback_port(PortUse::udp_and_tcp);  // coap-server-notls, or a test's own socket
   for (const char* sub : {"keys", "mef", "mef/state", "a", "a/state", "b", "b/state"}) {
     std::filesystem::create_directory(dir_ / sub);
     std::filesystem::permissions(dir_ / sub, std::filesystem::perms::owner_all, std::filesystem::perm_options::replace);
@@ -173,7 +153,7 @@ void Deployment::set_environment(const std::string& node, std::vector<std::strin
 }
 
 std::uint16_t Deployment::add_port(const std::string& name) {
-  ports_[name] = free_udp_port();
+  ports_[name] = free_loopback_port(PortUse::udp_and_tcp);  // for start_ae_server() too
   return ports_[name];
 }
 

@@ -1,6 +1,6 @@
 // A three-node deployment on 127.0.0.1 for the end-to-end tests: the MEF and gateways A and B of the demo
 // (scripts/demo.d/*.toml.in), AE "valve" served by coap-server-notls behind B, fresh keys and state directories
-// under one TempDir, ports picked free at set-up. Waits are bounded polls, never timed assertions.
+// under one TempDir, ports from free_loopback_port() at set-up. Waits are bounded polls, never timed assertions.
 #pragma once
 
 #include <chrono>
@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "daemon_process.hpp"
+#include "loopback_ports.hpp"
 #include "support.hpp"
 
 namespace dauth::test {
@@ -31,7 +32,7 @@ class Deployment {
   void start_valve();
   // Another local AE server (coap-server-notls) on 127.0.0.1:port, stopped with the Deployment.
   void start_ae_server(const std::string& name, std::uint16_t port);
-  // A further free UDP port on 127.0.0.1, also substituted as @NAME@ by edit_config() callers.
+  // A further port from free_loopback_port() (UDP and TCP free), also substituted as @NAME@ by edit_config() callers.
   std::uint16_t add_port(const std::string& name);
   // Extra environment entries ("NAME=value") for the node's next start().
   void set_environment(const std::string& node, std::vector<std::string> environment);

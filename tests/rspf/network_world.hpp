@@ -23,6 +23,7 @@
 #include "dauth/rspf/enrolee.hpp"
 #include "dauth/rspf/mef.hpp"
 #include "dauth/rspf/target_keys.hpp"
+#include "loopback_ports.hpp"
 #include "support.hpp"
 
 namespace dauth::test {
@@ -104,12 +105,14 @@ inline transport::Limits quick_limits() {
   return limits;
 }
 
+// secure_port 0: any port the kernel picks (the Node reports it).
 inline std::unique_ptr<transport::Node> make_node(std::optional<transport::PskLookup> server_lookup,
-                                                  std::vector<transport::Failure>* failures) {
+                                                  std::vector<transport::Failure>* failures,
+                                                  std::uint16_t secure_port = 0) {
   transport::NodeConfig config;
   if (server_lookup) {
     config.secure_addresses = {"127.0.0.1"};
-    config.secure_port = 0;
+    config.secure_port = secure_port;
     config.psk_lookup = std::move(*server_lookup);
   }
   config.limits = quick_limits();
@@ -151,7 +154,8 @@ struct World {
     mef_store.emplace(open_store(dir / "mef", master_key));
     put(*mef_store, enrolee_row(kMeterKpmId, meter_kpm, "CAE-meter", {"CAE-valve"}, kMeterLifetime, true));
     put(*mef_store, enrolee_row(kValveKpmId, valve_kpm, "CAE-valve", {}, kValveLifetime, false));
-    mef_node = make_node(mef_slot.lookup(), &failures);
+    // A port no other test takes while this MEF is down: tests restart it on the same one.
+    mef_node = make_node(mef_slot.lookup(), &failures, free_loopback_port());
     rspf::MefConfig config;
     config.fqdn = kMefFqdn;
     config.clock = clock.function();

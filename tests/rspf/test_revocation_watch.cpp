@@ -40,7 +40,7 @@ struct RevocationWorld {
 
   std::optional<crypto::KeyStore> mef_store;
   rspf::PskLookupSlot mef_slot;
-  std::uint16_t mef_port = 0;
+  std::uint16_t mef_port = test::free_loopback_port();  // kept across the MEF's restart
   std::unique_ptr<transport::Node> mef_node;
   std::unique_ptr<rspf::Mef> mef;
 
@@ -99,7 +99,7 @@ struct RevocationWorld {
     return transport::X509Credentials{certificate.pem(), key.to_pem().value(), ca_pem};
   }
 
-  // The MEF on its port (0 the first time; the same port after a restart), on the same store.
+  // The MEF on its port (the same after a restart), on the same store.
   void start_mef() {
     transport::NodeConfig config;
     config.secure_addresses = {"127.0.0.1"};
@@ -110,7 +110,6 @@ struct RevocationWorld {
     config.limits = test::quick_limits();
     mef_node = transport::Node::create(std::move(config)).value();
     mef_node->set_failure_observer([this](const transport::Failure& f) { mef_failures.push_back(f); });
-    mef_port = mef_node->secure_port();
     rspf::MefConfig mef_config;
     mef_config.fqdn = test::kMefFqdn;
     mef_config.clock = clock.function();

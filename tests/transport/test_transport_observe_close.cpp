@@ -10,6 +10,7 @@
 
 #include <catch2/catch.hpp>
 
+#include "loopback_ports.hpp"
 #include "transport_support.hpp"
 
 using namespace dauth;
@@ -42,7 +43,7 @@ struct FeedServer {
   FeedServer() {
     transport::NodeConfig config;
     config.psk_lookup = psk_table(kKeys);
-    node = make_server(std::move(config));
+    node = make_server(std::move(config), free_loopback_port());  // PortListener binds it after the server
     auto added = node->add_observable({"feed"}, transport::Access::secure,
                                       [calls = handler_calls](const transport::Session&, const Request&,
                                                               transport::Responder responder) {

@@ -123,9 +123,9 @@ transport::X509Credentials Pki::credentials(const std::string& name) const {
   return transport::X509Credentials{text(name + ".pem"), secret(text(name + ".key")), text("ca.pem")};
 }
 
-std::unique_ptr<transport::Node> make_server(transport::NodeConfig config) {
+std::unique_ptr<transport::Node> make_server(transport::NodeConfig config, std::uint16_t secure_port) {
   if (config.secure_addresses.empty()) config.secure_addresses = {"127.0.0.1"};
-  config.secure_port = 0;
+  config.secure_port = secure_port;
   auto node = transport::Node::create(std::move(config));
   if (!node.ok()) throw std::runtime_error("server node: " + node.error().to_string());
   auto server = std::move(*node);

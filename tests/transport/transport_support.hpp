@@ -67,9 +67,11 @@ struct Pki {
 inline const std::string kServerAeId = "//m2m.example.net/in-cse/CAE-server-01";
 inline const std::string kClientAeId = "//m2m.example.net/in-cse/CAE-client-01";
 
-// A node with a coaps endpoint on 127.0.0.1 (ephemeral port) whose GET /hello returns "<kind>:<identity>" and
-// whose GET /ekm returns the hex of a 32-byte RFC 5705 export with label "EXPORTER-dauth-test".
-std::unique_ptr<transport::Node> make_server(transport::NodeConfig config);
+// A node with a coaps endpoint on 127.0.0.1:secure_port (0: ephemeral) whose GET /hello returns
+// "<kind>:<identity>" and whose GET /ekm returns the hex of a 32-byte RFC 5705 export with label
+// "EXPORTER-dauth-test". A test that binds the port again after the server stopped takes one from
+// free_loopback_port().
+std::unique_ptr<transport::Node> make_server(transport::NodeConfig config, std::uint16_t secure_port = 0);
 std::string hex_of(const SecretBuffer& secret);
 std::string text_of(const Bytes& bytes);
 
