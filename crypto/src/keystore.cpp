@@ -45,6 +45,14 @@ constexpr std::size_t kKindCount = std::variant_size_v<Record>;
 constexpr std::array<std::string_view, kKindCount> kKindNames = {
     "bootstrap_key", "enrolee", "enrolment_key", "session_key", "certificate", "issuance", "pinned_key",
 };
+// Sized by the Record variant: a record type added without a name would leave an empty entry.
+constexpr bool every_kind_named() {
+  for (const auto name : kKindNames) {
+    if (name.empty()) return false;
+  }
+  return true;
+}
+static_assert(every_kind_named(), "one name per Record alternative");
 
 constexpr const char* kSnapshotName = "keys.snapshot";
 constexpr const char* kSnapshotTempName = "keys.snapshot.tmp";
