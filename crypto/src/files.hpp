@@ -1,5 +1,6 @@
 // Small POSIX file helpers shared by the key store, the master key loader and the X.509 key/certificate loaders:
-// an owning file descriptor, mode text, the one way to read a key file, write loops and directory fsync.
+// mode text, the one way to read a key file, write loops and directory fsync. (The owning descriptor is
+// dauth/unique_fd.hpp.)
 // Internal to dauth_crypto.
 #pragma once
 
@@ -14,33 +15,11 @@
 #include "dauth/crypto/key_file.hpp"
 #include "dauth/error.hpp"
 #include "dauth/secret.hpp"
+#include "dauth/unique_fd.hpp"
 
 namespace dauth::crypto::files {
 
-// Owns one file descriptor; closes it exactly once.
-class UniqueFd {
- public:
-  UniqueFd() = default;
-  explicit UniqueFd(int fd) : fd_(fd) {}
-  ~UniqueFd() { reset(); }
-  UniqueFd(UniqueFd&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
-  UniqueFd& operator=(UniqueFd&& other) noexcept {
-    if (this != &other) {
-      reset();
-      fd_ = std::exchange(other.fd_, -1);
-    }
-    return *this;
-  }
-  UniqueFd(const UniqueFd&) = delete;
-  UniqueFd& operator=(const UniqueFd&) = delete;
-
-  int get() const { return fd_; }
-  bool valid() const { return fd_ >= 0; }
-  void reset();
-
- private:
-  int fd_ = -1;
-};
+using dauth::UniqueFd;
 
 // "0644": the permission bits as chmod(1) writes them.
 std::string mode_text(mode_t mode);

@@ -35,6 +35,8 @@
 #include <utility>
 #include <vector>
 
+#include "dauth/unique_fd.hpp"
+
 namespace {
 
 using Clock = std::chrono::steady_clock;
@@ -58,33 +60,7 @@ constexpr std::size_t kMaxControlLine = 1024;
 constexpr int kIpv4UdpOverhead = 20 + 8;
 constexpr int kIpv6UdpOverhead = 40 + 8;
 
-// Owns one file descriptor; closes it exactly once.
-class UniqueFd {
- public:
-  UniqueFd() = default;
-  explicit UniqueFd(int fd) : fd_(fd) {}
-  ~UniqueFd() { reset(); }
-  UniqueFd(UniqueFd&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
-  UniqueFd& operator=(UniqueFd&& other) noexcept {
-    if (this != &other) {
-      reset();
-      fd_ = std::exchange(other.fd_, -1);
-    }
-    return *this;
-  }
-  UniqueFd(const UniqueFd&) = delete;
-  UniqueFd& operator=(const UniqueFd&) = delete;
-
-  int get() const { return fd_; }
-  bool valid() const { return fd_ >= 0; }
-  void reset() {
-    if (fd_ >= 0) ::close(fd_);
-    fd_ = -1;
-  }
-
- private:
-  int fd_ = -1;
-};
+using dauth::UniqueFd;
 
 // A command-line or control-command value that is not allowed; what() says which, where and what is allowed.
 struct UsageError : std::runtime_error {

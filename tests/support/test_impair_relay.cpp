@@ -24,6 +24,7 @@
 #include <utility>
 #include <vector>
 
+#include "dauth/unique_fd.hpp"
 #include "impair_relay_process.hpp"
 #include "support.hpp"
 
@@ -43,40 +44,38 @@ class UdpSocket {
  public:
   UdpSocket() : fd_(::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0)) {
     sockaddr_in address = loopback(0);
-    if (fd_ < 0 || ::bind(fd_, reinterpret_cast<const sockaddr*>(&address), sizeof address) != 0) {
+    if (!fd_.valid() || ::bind(fd_.get(), reinterpret_cast<const sockaddr*>(&address), sizeof address) != 0) {
       const std::string reason = std::strerror(errno);
-      if (fd_ >= 0) ::close(fd_);
       throw std::runtime_error("UDP socket on 127.0.0.1: " + reason);
     }
   }
-  ~UdpSocket() { ::close(fd_); }
   UdpSocket(const UdpSocket&) = delete;
   UdpSocket& operator=(const UdpSocket&) = delete;
 
   std::uint16_t port() const {
     sockaddr_in address{};
     socklen_t length = sizeof address;
-    ::getsockname(fd_, reinterpret_cast<sockaddr*>(&address), &length);
+    ::getsockname(fd_.get(), reinterpret_cast<sockaddr*>(&address), &length);
     return ntohs(address.sin_port);
   }
 
   void send_to(std::uint16_t port, const std::string& payload) const {
     const sockaddr_in address = loopback(port);
-    if (::sendto(fd_, payload.data(), payload.size(), 0, reinterpret_cast<const sockaddr*>(&address), sizeof address) !=
-        static_cast<ssize_t>(payload.size())) {
+    if (::sendto(fd_.get(), payload.data(), payload.size(), 0, reinterpret_cast<const sockaddr*>(&address),
+                 sizeof address) != static_cast<ssize_t>(payload.size())) {
       throw std::runtime_error("sendto 127.0.0.1:" + std::to_string(port) + ": " + std::strerror(errno));
     }
   }
 
   // The next datagram and its source port, or nullopt when none arrives within `limit`.
   std::optional<std::pair<std::string, std::uint16_t>> receive(std::chrono::milliseconds limit) const {
-    pollfd ready{fd_, POLLIN, 0};
+    pollfd ready{fd_.get(), POLLIN, 0};
     if (::poll(&ready, 1, static_cast<int>(limit.count())) <= 0) return std::nullopt;
     char buffer[65536];
     sockaddr_in from{};
     socklen_t length = sizeof from;
     const ssize_t size =
-        ::recvfrom(fd_, buffer, sizeof buffer, MSG_DONTWAIT, reinterpret_cast<sockaddr*>(&from), &length);
+        ::recvfrom(fd_.get(), buffer, sizeof buffer, MSG_DONTWAIT, reinterpret_cast<sockaddr*>(&from), &length);
     if (size < 0) return std::nullopt;
     return std::make_pair(std::string(buffer, static_cast<std::size_t>(size)), ntohs(from.sin_port));
   }
@@ -90,7 +89,7 @@ class UdpSocket {
     return address;
   }
 
-  int fd_;
+  dauth::UniqueFd fd_;
 };
 
 // Echoes every datagram to its sender from a thread, and records which source ports it came from.
