@@ -134,7 +134,7 @@ int call_raw(const Context& context, const std::string& verb, const nlohmann::js
     std::cerr << error << "\n";
   }
   const auto code = errc_from_word(word);
-  return as_int(code ? dauth::daemon::exit_code_for(*code) : ExitCode::failed);
+  return as_int(code ? dauth::daemon::exit_code_for(*code, dauth::daemon::ErrorStage::operation) : ExitCode::failed);
 }
 
 int call(const Context& context, const std::string& verb, const nlohmann::json& args, const HumanPrinter& human,

@@ -27,17 +27,6 @@ void log_lines(const std::string& text) {
   }
 }
 
-ExitCode start_failure_code(dauth::Errc code) {
-  // Configuration, credentials and permissions are the operator's to fix (2); the rest is a runtime failure.
-  switch (code) {
-    case dauth::Errc::exists:
-    case dauth::Errc::io:
-    case dauth::Errc::internal:
-    case dauth::Errc::limit: return ExitCode::failed;
-    default: return ExitCode::usage;
-  }
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -99,7 +88,7 @@ int main(int argc, char** argv) {
   auto daemon = dauth::daemon::Daemon::start(config_path, std::move(config).value(), std::move(secrets).value());
   if (!daemon) {
     log_lines("start failed: " + daemon.error().message);
-    return as_int(start_failure_code(daemon.error().code));
+    return as_int(dauth::daemon::exit_code_for(daemon.error().code, dauth::daemon::ErrorStage::start_up));
   }
   if (auto r = (*daemon)->run(); !r) return as_int(ExitCode::failed);
   return as_int(ExitCode::ok);
