@@ -1028,6 +1028,17 @@ Result<JournalScan> load_journal(Impl& store, ByteView file, std::uint64_t journ
   return scan;
 }
 
+}  // namespace
+
+Result<void> check_store_directory_mode(mode_t mode, const std::string& what) {
+  if ((mode & (S_IWGRP | S_IWOTH)) == 0) return ok_result();
+  return make_error(Errc::permission, what + ": mode " + mode_text(mode) +
+                                          " is writable by group or others; must not be (chmod 700, or 750 to let "
+                                          "the group read)");
+}
+
+namespace {
+
 // Opens the store directory and checks the mode of what was opened (fstat on the descriptor: no window in which the
 // path could be swapped between the check and the use).
 Result<UniqueFd> open_directory(const std::filesystem::path& dir) {
@@ -1040,9 +1051,8 @@ Result<UniqueFd> open_directory(const std::filesystem::path& dir) {
   }
   struct stat st {};
   if (::fstat(fd.get(), &st) != 0) return io_error("cannot stat key store directory", dir, errno);
-  if ((st.st_mode & 022) != 0) {
-    return make_error(Errc::permission, "key store directory " + dir.string() + ": mode " + mode_text(st.st_mode) +
-                                            ", must not be writable by group or others (chmod 700)");
+  if (auto mode = check_store_directory_mode(st.st_mode, "key store directory " + dir.string()); !mode) {
+    return std::move(mode).error();
   }
   return fd;
 }

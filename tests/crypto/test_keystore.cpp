@@ -722,6 +722,11 @@ TEST_CASE("key store: file and directory permissions are enforced", "[keystore]"
   REQUIRE_FALSE(opened.ok());
   CHECK(opened.error().code == Errc::permission);
   CHECK_THAT(opened.error().message, Catch::Contains("mode 0770") && Catch::Contains("group or others"));
+  // The one rule and advice, which dauthd also gives for daemon.state_directory (test_dauthd.cpp).
+  CHECK(opened.error().message ==
+        check_store_directory_mode(S_IFDIR | 0770, "key store directory " + dir.path().string()).error().message);
+  CHECK(check_store_directory_mode(S_IFDIR | 0750, "d").ok());
+  CHECK(check_store_directory_mode(S_IFDIR | 0702, "d").error().code == Errc::permission);
   ::chmod(dir.path().c_str(), 0755);  // readable by others is fine, writable is not
   CHECK(KeyStore::open(dir.path(), test_master_key()).ok());
   ::chmod(dir.path().c_str(), 0700);
