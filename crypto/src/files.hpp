@@ -1,6 +1,6 @@
 // Small POSIX file helpers shared by the key store, the master key loader and the X.509 key/certificate loaders:
-// mode text, the one way to read a key file, write loops and directory fsync. (The owning descriptor is
-// dauth/unique_fd.hpp.)
+// mode text, io errors, the one way to read a key file, and write loops. (The owning descriptor is
+// dauth/unique_fd.hpp, the one way to write a key file dauth/crypto/key_file.hpp.)
 // Internal to dauth_crypto.
 #pragma once
 
@@ -31,9 +31,6 @@ Error io_error(const std::string& what, const std::filesystem::path& path, int e
 int write_all(int fd, const std::uint8_t* data, std::size_t size);
 // The same with pwrite(2) at offset (the file position is left alone).
 int pwrite_all(int fd, const std::uint8_t* data, std::size_t size, off_t offset);
-
-// fsync(2) of the directory that holds path, so that a create or rename in it is durable.
-Result<void> fsync_parent_directory(const std::filesystem::path& path);
 
 // read_key_file() is public: dauth/crypto/key_file.hpp.
 using crypto::read_key_file;
