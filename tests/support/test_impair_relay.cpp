@@ -24,6 +24,7 @@
 #include <utility>
 #include <vector>
 
+#include "dauth/transport/address.hpp"
 #include "dauth/unique_fd.hpp"
 #include "impair_relay_process.hpp"
 #include "support.hpp"
@@ -446,6 +447,18 @@ TEST_CASE("bad options exit with 2 and name the option and the value", "[relay]"
   const auto remote_listen = dauth::test::run_command({relay, "--listen", "0.0.0.0:0", "--upstream", "[::1]:5683"});
   CHECK(remote_listen.exit_code == 2);
   CHECK_THAT(remote_listen.output, Catch::Contains("--listen 0.0.0.0:0"));
+
+  // dauthd's host:port rule (dauth/transport/address.hpp): brackets for IPv6, a port, 1–65535 (0 only to listen).
+  for (const std::string bad : {"[::1]", "::1:5683", "127.0.0.1", "127.0.0.1:0", "127.0.0.1:65536"}) {
+    INFO(bad);
+    const auto refused = dauth::test::run_command({relay, "--upstream", bad});
+    CHECK(refused.exit_code == 2);
+    CHECK_THAT(refused.output, Catch::Contains("--upstream " + bad + ": " +
+                                               dauth::transport::parse_host_port(bad).error().message));
+  }
+  const auto listen_range = dauth::test::run_command({relay, "--listen", "[::1]:65536", "--upstream", "[::1]:5683"});
+  CHECK(listen_range.exit_code == 2);
+  CHECK_THAT(listen_range.output, Catch::Contains("--listen [::1]:65536: port 65536: must be 0–65535"));
 
   const auto missing = dauth::test::run_command({relay, "--loss", "0.1"});
   CHECK(missing.exit_code == 2);
