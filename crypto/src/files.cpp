@@ -11,11 +11,6 @@
 
 namespace dauth::crypto::files {
 
-void UniqueFd::reset() {
-  if (fd_ >= 0) ::close(fd_);
-  fd_ = -1;
-}
-
 std::string mode_text(mode_t mode) {
   char text[8];
   std::snprintf(text, sizeof text, "%04o", static_cast<unsigned>(mode & 07777));
@@ -48,14 +43,6 @@ int pwrite_all(int fd, const std::uint8_t* data, std::size_t size, off_t offset)
     done += static_cast<std::size_t>(n);
   }
   return 0;
-}
-
-Result<void> fsync_parent_directory(const std::filesystem::path& path) {
-  const std::filesystem::path parent = path.has_parent_path() ? path.parent_path() : std::filesystem::path(".");
-  UniqueFd dir(::open(parent.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (!dir.valid()) return io_error("cannot open directory", parent, errno);
-  if (::fsync(dir.get()) != 0) return io_error("cannot fsync directory", parent, errno);
-  return ok_result();
 }
 
 namespace {
@@ -176,6 +163,68 @@ Result<SecretBuffer> read_key_fd(int fd, std::string_view what, std::size_t max_
     length += static_cast<std::size_t>(n);
   }
   return content.slice(0, length);
+}
+
+Result<UniqueFd> write_key_file_at(int dir_fd, const std::filesystem::path& dir, const std::string& name,
+                                   ByteView content, IfExists if_exists) {
+  const std::string tmp_name = name + ".tmp";
+  const std::filesystem::path tmp_path = dir / tmp_name;
+  const std::filesystem::path final_path = dir / name;
+  if (if_exists == IfExists::replace && ::unlinkat(dir_fd, tmp_name.c_str(), 0) != 0 && errno != ENOENT) {
+    return files::io_error("cannot remove leftover", tmp_path, errno);
+  }
+  UniqueFd fd(::openat(dir_fd, tmp_name.c_str(), O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600));
+  if (!fd.valid()) {
+    const int err = errno;
+    if (err == EEXIST) {
+      return make_error(Errc::exists, tmp_path.string() + " exists (left by an interrupted write?); remove it to "
+                                                          "write " + final_path.string());
+    }
+    return files::io_error("cannot create", tmp_path, err);
+  }
+  // From here on the temporary is ours: removed unless it became the file.
+  bool renamed = false;
+  struct RemoveTemporary {
+    int dir_fd;
+    const std::string& name;
+    const bool& renamed;
+    ~RemoveTemporary() {
+      if (!renamed) ::unlinkat(dir_fd, name.c_str(), 0);
+    }
+  } cleanup{dir_fd, tmp_name, renamed};
+
+  if (::fchmod(fd.get(), 0600) != 0) return files::io_error("cannot chmod", tmp_path, errno);  // whatever the umask
+  if (const int err = files::write_all(fd.get(), content.data, content.size); err != 0) {
+    return files::io_error("cannot write", tmp_path, err);
+  }
+  if (::fsync(fd.get()) != 0) return files::io_error("cannot fsync", tmp_path, errno);
+  if (if_exists == IfExists::replace) {
+    if (::renameat(dir_fd, tmp_name.c_str(), dir_fd, name.c_str()) != 0) {
+      return files::io_error("cannot rename " + tmp_path.string() + " to", final_path, errno);
+    }
+  } else {
+    // link(2) fails with EEXIST instead of replacing, even if the name appeared while we wrote.
+    if (::linkat(dir_fd, tmp_name.c_str(), dir_fd, name.c_str(), 0) != 0) {
+      const int err = errno;
+      if (err == EEXIST) {
+        return make_error(Errc::exists, final_path.string() + " already exists; refusing to overwrite a key file");
+      }
+      return files::io_error("cannot link " + tmp_path.string() + " to", final_path, err);
+    }
+    if (::unlinkat(dir_fd, tmp_name.c_str(), 0) != 0) return files::io_error("cannot remove", tmp_path, errno);
+  }
+  renamed = true;
+  if (::fsync(dir_fd) != 0) return files::io_error("cannot fsync directory", dir, errno);
+  return fd;
+}
+
+Result<void> write_key_file(const std::filesystem::path& path, ByteView content, IfExists if_exists) {
+  const std::filesystem::path dir = path.has_parent_path() ? path.parent_path() : std::filesystem::path(".");
+  UniqueFd dir_fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!dir_fd.valid()) return files::io_error("cannot open directory", dir, errno);
+  auto written = write_key_file_at(dir_fd.get(), dir, path.filename().string(), content, if_exists);
+  if (!written) return std::move(written).error();
+  return ok_result();
 }
 
 }  // namespace dauth::crypto

@@ -1,5 +1,6 @@
 // Small POSIX file helpers shared by the key store, the master key loader and the X.509 key/certificate loaders:
-// an owning file descriptor, mode text, the one way to read a key file, write loops and directory fsync.
+// mode text, io errors, the one way to read a key file, and write loops. (The owning descriptor is
+// dauth/unique_fd.hpp, the one way to write a key file dauth/crypto/key_file.hpp.)
 // Internal to dauth_crypto.
 #pragma once
 
@@ -14,33 +15,11 @@
 #include "dauth/crypto/key_file.hpp"
 #include "dauth/error.hpp"
 #include "dauth/secret.hpp"
+#include "dauth/unique_fd.hpp"
 
 namespace dauth::crypto::files {
 
-// Owns one file descriptor; closes it exactly once.
-class UniqueFd {
- public:
-  UniqueFd() = default;
-  explicit UniqueFd(int fd) : fd_(fd) {}
-  ~UniqueFd() { reset(); }
-  UniqueFd(UniqueFd&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
-  UniqueFd& operator=(UniqueFd&& other) noexcept {
-    if (this != &other) {
-      reset();
-      fd_ = std::exchange(other.fd_, -1);
-    }
-    return *this;
-  }
-  UniqueFd(const UniqueFd&) = delete;
-  UniqueFd& operator=(const UniqueFd&) = delete;
-
-  int get() const { return fd_; }
-  bool valid() const { return fd_ >= 0; }
-  void reset();
-
- private:
-  int fd_ = -1;
-};
+using dauth::UniqueFd;
 
 // "0644": the permission bits as chmod(1) writes them.
 std::string mode_text(mode_t mode);
@@ -52,9 +31,6 @@ Error io_error(const std::string& what, const std::filesystem::path& path, int e
 int write_all(int fd, const std::uint8_t* data, std::size_t size);
 // The same with pwrite(2) at offset (the file position is left alone).
 int pwrite_all(int fd, const std::uint8_t* data, std::size_t size, off_t offset);
-
-// fsync(2) of the directory that holds path, so that a create or rename in it is durable.
-Result<void> fsync_parent_directory(const std::filesystem::path& path);
 
 // read_key_file() is public: dauth/crypto/key_file.hpp.
 using crypto::read_key_file;

@@ -45,11 +45,17 @@ constexpr std::size_t kKindCount = std::variant_size_v<Record>;
 constexpr std::array<std::string_view, kKindCount> kKindNames = {
     "bootstrap_key", "enrolee", "enrolment_key", "session_key", "certificate", "issuance", "pinned_key",
 };
+// Sized by the Record variant: a record type added without a name would leave an empty entry.
+constexpr bool every_kind_named() {
+  for (const auto name : kKindNames) {
+    if (name.empty()) return false;
+  }
+  return true;
+}
+static_assert(every_kind_named(), "one name per Record alternative");
 
 constexpr const char* kSnapshotName = "keys.snapshot";
-constexpr const char* kSnapshotTempName = "keys.snapshot.tmp";
 constexpr const char* kJournalName = "keys.journal";
-constexpr const char* kJournalTempName = "keys.journal.tmp";
 constexpr const char* kTornPrefix = "keys.journal.torn-";
 // HKDF info of the sealing key (docs/keystore-format.md): a new format derives a new key by changing it.
 constexpr std::string_view kSealingInfo = "dauth key store v1 sealing";
@@ -398,32 +404,17 @@ struct StoreState {
     return ok_result();
   }
 
-  // Writes content to tmp_name (0600), fsyncs it, renames it over final_name and fsyncs the directory, so that a
-  // crash leaves either the old or the new file (docs/keystore-format.md). Returns the open descriptor of the new file.
-  Result<UniqueFd> replace_file(const char* tmp_name, const char* final_name, const Bytes& content) {
-    const std::filesystem::path tmp_path = path_of(tmp_name);
-    if (::unlinkat(dir_fd.get(), tmp_name, 0) != 0 && errno != ENOENT) {
-      return io_error("cannot remove leftover", tmp_path, errno);
-    }
-    UniqueFd fd(::openat(dir_fd.get(), tmp_name, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600));
-    if (!fd.valid()) return io_error("cannot create", tmp_path, errno);
-    if (::fchmod(fd.get(), 0600) != 0) return io_error("cannot chmod", tmp_path, errno);  // whatever the umask
-    if (const int err = files::write_all(fd.get(), content.data(), content.size()); err != 0) {
-      return io_error("cannot write", tmp_path, err);
-    }
-    if (::fsync(fd.get()) != 0) return io_error("cannot fsync", tmp_path, errno);
-    if (::renameat(dir_fd.get(), tmp_name, dir_fd.get(), final_name) != 0) {
-      return io_error("cannot rename " + tmp_path.string() + " to", path_of(final_name), errno);
-    }
-    if (::fsync(dir_fd.get()) != 0) return io_error("cannot fsync directory", dir, errno);
-    return fd;
+  // Replaces the file so that a crash leaves either the old or the new one (docs/keystore-format.md: through
+  // "<name>.tmp"). Returns the open descriptor of the new file.
+  Result<UniqueFd> replace_file(const char* final_name, const Bytes& content) {
+    return write_key_file_at(dir_fd.get(), dir, final_name, content, IfExists::replace);
   }
 
   Result<void> start_journal(std::uint64_t journal_generation) {
     Bytes journal;
     codec::append_header(journal, codec::FileKind::journal, journal_generation);
     journal.resize(kJournalFillStep, 0);
-    auto fd = replace_file(kJournalTempName, kJournalName, journal);
+    auto fd = replace_file(kJournalName, journal);
     if (!fd) return std::move(fd).error();
     journal_fd = std::move(fd).value();
     journal_entries = 0;
@@ -677,7 +668,7 @@ struct StoreState {
                                ByteView(end, sizeof end));
     scratch.wipe();
 
-    auto written = replace_file(kSnapshotTempName, kSnapshotName, snapshot);
+    auto written = replace_file(kSnapshotName, snapshot);
     if (!written) {
       // The rename may have happened before a failing directory fsync: appending to the old journal could then
       // put acknowledged entries into a journal that the next open() discards as stale.
@@ -1020,6 +1011,17 @@ Result<JournalScan> load_journal(Impl& store, ByteView file, std::uint64_t journ
   return scan;
 }
 
+}  // namespace
+
+Result<void> check_store_directory_mode(mode_t mode, const std::string& what) {
+  if ((mode & (S_IWGRP | S_IWOTH)) == 0) return ok_result();
+  return make_error(Errc::permission, what + ": mode " + mode_text(mode) +
+                                          " is writable by group or others; must not be (chmod 700, or 750 to let "
+                                          "the group read)");
+}
+
+namespace {
+
 // Opens the store directory and checks the mode of what was opened (fstat on the descriptor: no window in which the
 // path could be swapped between the check and the use).
 Result<UniqueFd> open_directory(const std::filesystem::path& dir) {
@@ -1032,9 +1034,8 @@ Result<UniqueFd> open_directory(const std::filesystem::path& dir) {
   }
   struct stat st {};
   if (::fstat(fd.get(), &st) != 0) return io_error("cannot stat key store directory", dir, errno);
-  if ((st.st_mode & 022) != 0) {
-    return make_error(Errc::permission, "key store directory " + dir.string() + ": mode " + mode_text(st.st_mode) +
-                                            ", must not be writable by group or others (chmod 700)");
+  if (auto mode = check_store_directory_mode(st.st_mode, "key store directory " + dir.string()); !mode) {
+    return std::move(mode).error();
   }
   return fd;
 }
@@ -1047,7 +1048,7 @@ Result<void> create_store(Impl& store, OpenReport&) {
   codec::write_end_entry(0, end);
   codec::append_sealed_entry(snapshot, store.sealing_key, codec::FileKind::snapshot, kFirstGeneration, 0,
                              ByteView(end, sizeof end));
-  auto written = store.replace_file(kSnapshotTempName, kSnapshotName, snapshot);
+  auto written = store.replace_file(kSnapshotName, snapshot);
   if (!written) return std::move(written).error();
   store.generation = kFirstGeneration;
   return store.start_journal(kFirstGeneration);

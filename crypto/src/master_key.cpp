@@ -17,8 +17,6 @@ namespace dauth::crypto {
 
 namespace {
 
-using files::io_error;
-using files::UniqueFd;
 
 constexpr std::size_t kHexSize = 2 * kMasterKeySize;
 
@@ -63,37 +61,16 @@ Result<SecretBuffer> load_master_key_credential(std::string_view name) {
 }
 
 Result<void> write_new_master_key_file(const std::filesystem::path& path) {
-  // O_EXCL: never replace a key that may still seal a store; O_NOFOLLOW: never write through a planted symlink.
-  UniqueFd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600));
-  if (!fd.valid()) {
-    const int err = errno;
-    if (err == EEXIST) {
-      return make_error(Errc::exists, "master key file " + path.string() + " already exists; refusing to overwrite it");
-    }
-    return io_error("cannot create master key file", path, err);
-  }
-  bool written = false;
-  // Removes a half-written key file on every failure path below.
-  struct RemoveUnlessWritten {
-    const std::filesystem::path& path;
-    const bool& written;
-    ~RemoveUnlessWritten() {
-      if (!written) ::unlink(path.c_str());
-    }
-  } cleanup{path, written};
-
-  if (::fchmod(fd.get(), 0600) != 0) return io_error("cannot chmod master key file", path, errno);
   const SecretBuffer key = SecretBuffer::random(kMasterKeySize);
   SecretBuffer text(kHexSize + 1);  // sodium_bin2hex writes a terminating NUL, replaced by the newline
   sodium_bin2hex(reinterpret_cast<char*>(text.data()), text.size(), key.data(), key.size());
   text.data()[kHexSize] = '\n';
-  if (const int err = files::write_all(fd.get(), text.data(), text.size()); err != 0) {
-    return io_error("cannot write master key file", path, err);
+  // IfExists::refuse: never replace a key that may still seal a store.
+  auto written = write_key_file(path, ByteView(text.data(), text.size()), IfExists::refuse);
+  if (!written && written.error().code == Errc::exists) {
+    return make_error(Errc::exists, "master key file: " + written.error().message);
   }
-  if (::fsync(fd.get()) != 0) return io_error("cannot fsync master key file", path, errno);
-  if (auto synced = files::fsync_parent_directory(path); !synced) return synced;
-  written = true;
-  return ok_result();
+  return written;
 }
 
 }  // namespace dauth::crypto

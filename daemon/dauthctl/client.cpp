@@ -12,6 +12,7 @@
 
 #include "dauth/daemon/exit_codes.hpp"
 #include "dauth/error.hpp"
+#include "dauth/unique_fd.hpp"
 
 namespace dauthctl {
 
@@ -22,20 +23,6 @@ using dauth::daemon::as_int;
 
 // A reply the daemon is still computing is normal; one that never comes is not. Generous: the machine may be busy.
 constexpr int kReplyTimeoutSeconds = 60;
-
-class Socket {
- public:
-  explicit Socket(int fd) : fd_(fd) {}
-  ~Socket() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  Socket(const Socket&) = delete;
-  Socket& operator=(const Socket&) = delete;
-  int get() const { return fd_; }
-
- private:
-  int fd_;
-};
 
 std::optional<dauth::Errc> errc_from_word(const std::string& word) {
   for (std::size_t i = 0; i < dauth::kErrcCount; ++i) {
@@ -79,7 +66,7 @@ Exchange exchange(const Context& context, const std::string& verb, const nlohman
     return {as_int(ExitCode::usage), {}};
   }
   std::memcpy(address.sun_path, context.socket.c_str(), context.socket.size() + 1);
-  Socket socket(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  dauth::UniqueFd socket(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
   if (socket.get() < 0 ||
       ::connect(socket.get(), reinterpret_cast<const sockaddr*>(&address), sizeof address) != 0) {
     const int err = errno;
@@ -147,7 +134,7 @@ int call_raw(const Context& context, const std::string& verb, const nlohmann::js
     std::cerr << error << "\n";
   }
   const auto code = errc_from_word(word);
-  return as_int(code ? dauth::daemon::exit_code_for(*code) : ExitCode::failed);
+  return as_int(code ? dauth::daemon::exit_code_for(*code, dauth::daemon::ErrorStage::operation) : ExitCode::failed);
 }
 
 int call(const Context& context, const std::string& verb, const nlohmann::json& args, const HumanPrinter& human,

@@ -56,7 +56,7 @@ CLI::App* add_credentials(CLI::App& parent, Context& context) {
       context.exit_code = usage("--ae", r.error());
       return;
     }
-    KeySource key;
+    dauth::UniqueFd key;
     if (const int rc = open_key_source(add_options.psk_file, "--psk-file", key); rc != 0) {
       context.exit_code = rc;
       return;
@@ -69,7 +69,7 @@ CLI::App* add_credentials(CLI::App& parent, Context& context) {
           if (r.contains("replaced") && r["replaced"].is_string()) out << ", replacing " << r["replaced"].get<std::string>();
           out << "\n";
         },
-        {key.fd()});
+        {key.get()});
   });
 
   static std::string remove_id;

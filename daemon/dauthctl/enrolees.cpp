@@ -79,7 +79,7 @@ CLI::App* add_enrolees(CLI::App& parent, Context& context) {
     for (const auto& t : o.targets) {
       if (auto r = dauth::crypto::validate_ae_id(t); !r) return usage("--target: " + r.error().message);
     }
-    KeySource key;
+    dauth::UniqueFd key;
     std::vector<int> fds;
     if (!o.kpm_id.empty()) {
       if (auto r = dauth::crypto::validate_kpm_id(o.kpm_id); !r) return usage("--kpm-id: " + r.error().message);
@@ -89,7 +89,7 @@ CLI::App* add_enrolees(CLI::App& parent, Context& context) {
       }
       args["kpm_id"] = o.kpm_id;
       args["key_fd"] = 0;
-      fds.push_back(key.fd());
+      fds.push_back(key.get());
     } else {
       if (auto r = dauth::crypto::validate_ae_id(o.certificate_ae_id); !r) {
         return usage("--certificate-ae: " + r.error().message);

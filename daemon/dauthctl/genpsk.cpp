@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <iostream>
 
+#include "dauth/crypto/key_file.hpp"
 #include "dauth/daemon/exit_codes.hpp"
 #include "dauth/secret.hpp"
 #include "secret_file.hpp"
@@ -63,23 +64,12 @@ int write_file(const std::filesystem::path& path, const dauth::SecretBuffer& tex
     std::cerr << "dauthctl: genpsk: warning: directory " << dir.string() << " is mode " << mode_text(dir_st.st_mode)
               << " (group/world-writable): others could replace the key file\n";
   }
-  std::string temporary = (dir / ".genpsk-XXXXXX").string();
-  const int fd = ::mkostemp(temporary.data(), O_CLOEXEC);  // created 0600
-  if (fd < 0) return fail(std::string("cannot create a temporary file: ") + std::strerror(errno), ExitCode::failed);
-  int err = ::fchmod(fd, 0600) != 0 ? errno : write_all(fd, text.data(), text.size());
-  if (err == 0 && ::fsync(fd) != 0) err = errno;
-  ::close(fd);
-  // link(2) fails with EEXIST instead of replacing: no overwrite even if the file appeared meanwhile.
-  if (err == 0 && ::link(temporary.c_str(), path.c_str()) != 0) err = errno;
-  ::unlink(temporary.c_str());
-  if (err != 0) {
-    return fail(err == EEXIST ? std::string("exists; refusing to overwrite a key file (remove it first)")
-                              : std::strerror(err),
-                err == EEXIST ? ExitCode::usage : ExitCode::failed);
-  }
-  if (const int dir_fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC); dir_fd >= 0) {
-    ::fsync(dir_fd);  // the new name is durable
-    ::close(dir_fd);
+  // The key store's way (temporary, fsync, link, directory fsync): no overwrite even if the file appears meanwhile.
+  if (auto written = dauth::crypto::write_key_file(path, dauth::ByteView(text.data(), text.size()),
+                                                   dauth::crypto::IfExists::refuse);
+      !written) {
+    std::cerr << "dauthctl: genpsk: " << written.error().message << "\n";  // names the path
+    return as_int(written.error().code == dauth::Errc::exists ? ExitCode::usage : ExitCode::failed);
   }
   if (json) {
     std::cout << nlohmann::json{{"file", path.string()}, {"bytes", (text.size() - 1) / 2},

@@ -57,18 +57,14 @@ int pipe_from_stdin(const char* option, int& out_fd) {
 
 }  // namespace
 
-KeySource::~KeySource() {
-  if (fd_ >= 0) ::close(fd_);
-}
-
-int open_key_source(const std::string& source, const char* option, KeySource& out) {
+int open_key_source(const std::string& source, const char* option, dauth::UniqueFd& out) {
   if (source != "-") {
     if (auto key = detail::read_hex_key_file(source, detail::kMinKpmBytes, detail::kMaxKpmBytes); !key) {
       return usage(option, key.error().message);
     }
     const int fd = ::open(source.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
     if (fd < 0) return usage(option, source + ": " + std::strerror(errno));
-    out.fd_ = fd;
+    out.reset(fd);
     return 0;
   }
   struct stat st {};
@@ -80,14 +76,17 @@ int open_key_source(const std::string& source, const char* option, KeySource& ou
     if (!key) return usage(option, key.error().message);
     const int fd = ::fcntl(STDIN_FILENO, F_DUPFD_CLOEXEC, 0);
     if (fd < 0) return usage(option, std::string("standard input: ") + std::strerror(errno));
-    out.fd_ = fd;
+    out.reset(fd);
     return 0;
   }
   if (::isatty(STDIN_FILENO)) {
     return usage(option, "standard input is a terminal; pipe the key in (dauthctl genpsk | dauthctl ...) or give "
                          "a key file");
   }
-  return pipe_from_stdin(option, out.fd_);
+  int fd = -1;
+  const int rc = pipe_from_stdin(option, fd);
+  out.reset(fd);
+  return rc;
 }
 
 }  // namespace dauthctl

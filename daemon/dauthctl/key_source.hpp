@@ -4,27 +4,16 @@
 
 #include <string>
 
+#include "dauth/unique_fd.hpp"
+
 namespace dauthctl {
-
-// Owns the descriptor passed with the request.
-class KeySource {
- public:
-  KeySource() = default;
-  ~KeySource();
-  KeySource(const KeySource&) = delete;
-  KeySource& operator=(const KeySource&) = delete;
-  int fd() const { return fd_; }
-
- private:
-  friend int open_key_source(const std::string& source, const char* option, KeySource& out);
-  int fd_ = -1;
-};
 
 // FILE: checked with dauthd's own reader (secret_file.hpp: regular, no group/other bits, 16–64 bytes of hex), then
 // passed open; dauthd checks it again on the descriptor. "-": standard input; a regular file (`< key`) is checked
 // the same way and passed as is (so the mode rule still holds), a terminal is refused, anything else (a pipe) is
 // read to its end, checked, and handed over in a new pipe that holds the whole key, so dauthd never waits for a
 // writer. On failure prints the reason (naming `option`) and returns the exit code (2); 0 on success.
-int open_key_source(const std::string& source, const char* option, KeySource& out);
+// out owns the descriptor passed with the request.
+int open_key_source(const std::string& source, const char* option, dauth::UniqueFd& out);
 
 }  // namespace dauthctl

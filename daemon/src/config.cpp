@@ -19,6 +19,7 @@
 
 #include "dauth/crypto/identifiers.hpp"
 #include "dauth/crypto/keystore.hpp"
+#include "dauth/transport/address.hpp"
 #include "secret_file.hpp"
 
 namespace dauth::daemon {
@@ -100,57 +101,6 @@ std::string range_text(const KeySpec& spec) {
 
 // ----- string syntax checks: each returns what is wrong and what is allowed, or an empty string -----
 
-struct HostPort {
-  std::string host;
-  int port = 0;
-  int family = 0;  // AF_INET, AF_INET6, or 0 for a host name
-  unsigned char address[16] = {};
-};
-
-std::string parse_host_port(std::string_view text, HostPort& out) {
-  const std::string_view allowed = "must be host:port, e.g. 127.0.0.1:5684, [::1]:5684 or mef.example.net:5684";
-  std::string_view host;
-  std::string_view port;
-  if (!text.empty() && text.front() == '[') {
-    const auto close = text.find(']');
-    if (close == std::string_view::npos || close + 1 >= text.size() || text[close + 1] != ':') {
-      return std::string(allowed);
-    }
-    host = text.substr(1, close - 1);
-    port = text.substr(close + 2);
-  } else {
-    const auto colon = text.rfind(':');
-    if (colon == std::string_view::npos || text.find(':') != colon) return std::string(allowed);
-    host = text.substr(0, colon);
-    port = text.substr(colon + 1);
-  }
-  if (host.empty() || port.empty() || port.size() > 5 ||
-      !std::all_of(port.begin(), port.end(), [](char c) { return c >= '0' && c <= '9'; })) {
-    return std::string(allowed);
-  }
-  out.port = std::atoi(std::string(port).c_str());
-  if (out.port < 1 || out.port > 65535) return "port " + std::string(port) + ": must be 1–65535";
-  out.host = std::string(host);
-  if (::inet_pton(AF_INET6, out.host.c_str(), out.address) == 1) {
-    out.family = AF_INET6;
-  } else if (::inet_pton(AF_INET, out.host.c_str(), out.address) == 1) {
-    out.family = AF_INET;
-  } else {
-    auto fqdn = crypto::validate_fqdn(out.host);
-    if (!fqdn) return "host: " + fqdn.error().message;
-  }
-  return {};
-}
-
-bool is_loopback(const HostPort& hp) {
-  if (hp.family == AF_INET) return hp.address[0] == 127;
-  if (hp.family == AF_INET6) {
-    static const unsigned char kLoopback6[16] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1};
-    return std::equal(std::begin(kLoopback6), std::end(kLoopback6), std::begin(hp.address));
-  }
-  return false;
-}
-
 std::string one_of(std::string_view value, std::initializer_list<std::string_view> allowed) {
   for (const auto a : allowed) {
     if (a == value) return {};
@@ -161,7 +111,6 @@ std::string one_of(std::string_view value, std::initializer_list<std::string_vie
 }
 
 std::string check_string(ValueCheck check, const std::string& value) {
-  HostPort hp;
   switch (check) {
     case ValueCheck::none: return {};
     case ValueCheck::ae_id_or_any:
@@ -179,31 +128,26 @@ std::string check_string(ValueCheck check, const std::string& value) {
       auto r = crypto::validate_kpm_id(value);
       return r ? std::string() : r.error().message;
     }
-    case ValueCheck::listen_address: {
-      auto why = parse_host_port(value, hp);
-      if (!why.empty()) return why;
-      return hp.family == 0 ? "must be an IP address and port (a listen address is bound, not resolved)" : "";
+    case ValueCheck::remote_address: {
+      auto parsed = transport::parse_host_port(value);  // the one host:port syntax (dauth/transport/address.hpp)
+      return parsed ? std::string() : parsed.error().message;
     }
-    case ValueCheck::remote_address: return parse_host_port(value, hp);
+    case ValueCheck::listen_address:
     case ValueCheck::loopback_address: {
-      auto why = parse_host_port(value, hp);
-      if (!why.empty()) return why;
+      auto parsed = transport::parse_host_port(value);
+      if (!parsed) return parsed.error().message;
+      auto address = transport::numeric_address(parsed->host, parsed->port);
+      if (!address) return "must be an IP address and port (a listen address is bound, not resolved)";
       // PROTOCOL.md §6: local AEs speak plain CoAP, which must never leave the host.
-      return is_loopback(hp) ? "" : "must be a loopback address (127.0.0.0/8 or [::1]) and port";
+      if (check == ValueCheck::loopback_address && !transport::is_loopback(address->get())) {
+        return "must be a loopback address (127.0.0.0/8 or [::1]) and port";
+      }
+      return {};
     }
-    case ValueCheck::loopback_ip: {
+    case ValueCheck::loopback_ip:
       // A source address, not an endpoint: the AE's source port changes with every socket it opens.
-      unsigned char address[16];
-      if (::inet_pton(AF_INET, value.c_str(), address) == 1) {
-        return address[0] == 127 ? "" : "must be a loopback address (127.0.0.0/8 or ::1), without port";
-      }
-      static const unsigned char kLoopback6[16] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1};
-      if (::inet_pton(AF_INET6, value.c_str(), address) == 1 &&
-          std::equal(std::begin(kLoopback6), std::end(kLoopback6), std::begin(address))) {
-        return {};
-      }
-      return "must be a loopback IP address (127.0.0.0/8 or ::1), without port";
-    }
+      return transport::is_loopback_ip(value) ? ""
+                                              : "must be a loopback IP address (127.0.0.0/8 or ::1), without port";
     case ValueCheck::log_level: return one_of(value, {"error", "warning", "notice", "info", "debug"});
     case ValueCheck::master_key_source: return one_of(value, {"credential", "file"});
     case ValueCheck::peer_credential: return one_of(value, {"psk", "certificate"});
@@ -658,18 +602,15 @@ void Parser::check_cross_fields(const std::vector<ConfigTable>& tables) {
       if (!bound[i].table || !bound[j].table) continue;
       const ConfigEntry* a = bound[i].table->find(bound[i].key);
       const ConfigEntry* b = bound[j].table->find(bound[j].key);
-      HostPort pa;
-      HostPort pb;
-      if (!parse_host_port(std::get<std::string>(a->value), pa).empty() ||
-          !parse_host_port(std::get<std::string>(b->value), pb).empty()) {
-        continue;
-      }
-      if (pa.port == pb.port) {
+      const auto pa = transport::parse_host_port(std::get<std::string>(a->value));
+      const auto pb = transport::parse_host_port(std::get<std::string>(b->value));
+      if (!pa || !pb) continue;
+      if (pa->port == pb->port) {
         const ConfigEntry& shown = b->line ? *b : *a;
         const ConfigTable& shown_table = b->line ? *bound[j].table : *bound[i].table;
         const ConfigEntry& other = b->line ? *a : *b;
         const ConfigTable& other_table = b->line ? *bound[i].table : *bound[j].table;
-        error_entry(shown_table, shown, "UDP port " + std::to_string(pa.port) + " is also used by " +
+        error_entry(shown_table, shown, "UDP port " + std::to_string(pa->port) + " is also used by " +
                                             where_of(source_, other_table, other) + " = " + render(other.value) +
                                             "; each role needs its own port");
       }

@@ -40,30 +40,14 @@ Result<sockaddr_un> socket_address(const std::filesystem::path& path) {
 
 // True if some process accepts connections on the socket file.
 bool someone_listens(const sockaddr_un& address) {
-  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return false;
-  const bool answered = ::connect(fd, reinterpret_cast<const sockaddr*>(&address), sizeof address) == 0;
-  ::close(fd);
-  return answered;
+  const UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  return fd.valid() && ::connect(fd.get(), reinterpret_cast<const sockaddr*>(&address), sizeof address) == 0;
 }
 
 }  // namespace
 
-ReceivedFd& ReceivedFd::operator=(ReceivedFd&& other) noexcept {
-  if (this != &other) {
-    reset();
-    fd_ = std::exchange(other.fd_, -1);
-  }
-  return *this;
-}
-
-void ReceivedFd::reset() noexcept {
-  if (fd_ >= 0) ::close(fd_);
-  fd_ = -1;
-}
-
 struct ControlServer::Client {
-  int fd = -1;
+  UniqueFd fd;
   ControlPeer peer;
   EventLoop::Registration watch;
   std::string input;
@@ -73,16 +57,15 @@ struct ControlServer::Client {
   std::uint64_t consumed = 0;
   // Descriptors received and not yet handed to a request, each with the stream offset of the first byte that came
   // with it (the kernel delivers SCM_RIGHTS with the first byte of the sendmsg() that sent them).
-  std::deque<std::pair<std::uint64_t, ReceivedFd>> fds;
+  std::deque<std::pair<std::uint64_t, UniqueFd>> fds;
 
   ~Client() {
     watch.reset();  // out of the epoll set before the descriptor closes
-    if (fd >= 0) ::close(fd);
   }
 };
 
-ControlServer::ControlServer(EventLoop& loop, ControlSocketOptions options, int fd, gid_t group)
-    : loop_(loop), options_(std::move(options)), listen_fd_(fd), group_(group),
+ControlServer::ControlServer(EventLoop& loop, ControlSocketOptions options, UniqueFd fd, gid_t group)
+    : loop_(loop), options_(std::move(options)), listen_fd_(std::move(fd)), group_(group),
       has_group_(!options_.group.empty()) {}
 
 Result<std::unique_ptr<ControlServer>> ControlServer::open(EventLoop& loop, const ControlSocketOptions& options) {
@@ -112,15 +95,14 @@ Result<std::unique_ptr<ControlServer>> ControlServer::open(EventLoop& loop, cons
     ::unlink(options.path.c_str());  // stale socket of a process that died
   }
 
-  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-  if (fd < 0) return socket_error(Errc::io, options.path, std::string("socket: ") + std::strerror(errno));
+  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+  if (!fd.valid()) return socket_error(Errc::io, options.path, std::string("socket: ") + std::strerror(errno));
   // The file is created with the umask's mode: 0600 from the start, never briefly wider.
   const mode_t previous = ::umask(0177);
-  const int bound = ::bind(fd, reinterpret_cast<const sockaddr*>(&address.value()), sizeof(sockaddr_un));
+  const int bound = ::bind(fd.get(), reinterpret_cast<const sockaddr*>(&address.value()), sizeof(sockaddr_un));
   const int bind_errno = errno;
   ::umask(previous);
   if (bound != 0) {
-    ::close(fd);
     return socket_error(bind_errno == EACCES ? Errc::permission : Errc::io, options.path,
                         std::string("bind: ") + std::strerror(bind_errno));
   }
@@ -128,21 +110,20 @@ Result<std::unique_ptr<ControlServer>> ControlServer::open(EventLoop& loop, cons
     if (::chown(options.path.c_str(), static_cast<uid_t>(-1), group) != 0 || ::chmod(options.path.c_str(), 0660) != 0) {
       const int err = errno;
       ::unlink(options.path.c_str());
-      ::close(fd);
       return socket_error(Errc::permission, options.path, "cannot give it to group " + options.group + ": " +
                                                               std::strerror(err));
     }
   }
-  if (::listen(fd, 16) != 0) {
+  if (::listen(fd.get(), 16) != 0) {
     const int err = errno;
     ::unlink(options.path.c_str());
-    ::close(fd);
     return socket_error(Errc::io, options.path, std::string("listen: ") + std::strerror(err));
   }
 
-  std::unique_ptr<ControlServer> server(new ControlServer(loop, options, fd, group));
+  const int listen_fd = fd.get();
+  std::unique_ptr<ControlServer> server(new ControlServer(loop, options, std::move(fd), group));
   ControlServer* self = server.get();
-  auto watch = loop.watch(fd, EPOLLIN, [self](std::uint32_t) { self->on_accept(); });
+  auto watch = loop.watch(listen_fd, EPOLLIN, [self](std::uint32_t) { self->on_accept(); });
   if (!watch) return watch.error();  // the destructor closes fd and removes the file
   server->listen_watch_ = std::move(watch).value();
   return server;
@@ -151,17 +132,16 @@ Result<std::unique_ptr<ControlServer>> ControlServer::open(EventLoop& loop, cons
 ControlServer::~ControlServer() {
   clients_.clear();
   listen_watch_.reset();
-  if (listen_fd_ >= 0) {
-    ::close(listen_fd_);
+  if (listen_fd_.valid()) {
+    listen_fd_.reset();
     ::unlink(options_.path.c_str());
   }
 }
 
 void ControlServer::stop_accepting() noexcept {
   listen_watch_.reset();
-  if (listen_fd_ >= 0) {
-    ::close(listen_fd_);
-    listen_fd_ = -1;
+  if (listen_fd_.valid()) {
+    listen_fd_.reset();
     ::unlink(options_.path.c_str());
   }
 }
@@ -220,7 +200,7 @@ bool ControlServer::peer_allowed(const ControlPeer& peer) const {
 
 void ControlServer::on_accept() {
   for (;;) {
-    const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    const int fd = ::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd < 0) {
       if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
         log::warning(std::string("control socket: accept: ") + std::strerror(errno));
@@ -228,7 +208,7 @@ void ControlServer::on_accept() {
       return;
     }
     auto client = std::make_unique<Client>();
-    client->fd = fd;
+    client->fd.reset(fd);
     ucred credentials{};
     socklen_t length = sizeof credentials;
     const bool have_credentials = ::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &credentials, &length) == 0;
@@ -297,7 +277,7 @@ void ControlServer::on_client(std::uint64_t id, std::uint32_t events) {
     if (newline - start > kMaxLineBytes) break;  // handled as oversized below
     // The descriptors sent with any byte of this line belong to its request (those of an empty line are closed).
     const std::uint64_t line_end = client.consumed + newline;
-    std::vector<ReceivedFd> fds;
+    std::vector<UniqueFd> fds;
     while (!client.fds.empty() && client.fds.front().first <= line_end) {
       fds.push_back(std::move(client.fds.front().second));
       client.fds.pop_front();
@@ -332,7 +312,7 @@ bool ControlServer::receive(Client& client, char* buffer, std::size_t size, ssiz
   message.msg_control = control;
   message.msg_controllen = sizeof control;
   // Close-on-exec from the start: no window in which a descriptor could leak into a child process.
-  n = ::recvmsg(client.fd, &message, MSG_CMSG_CLOEXEC);
+  n = ::recvmsg(client.fd.get(), &message, MSG_CMSG_CLOEXEC);
   if (n <= 0) return true;  // errno is the caller's to read
   const std::uint64_t offset = client.consumed + client.input.size();
   for (cmsghdr* c = CMSG_FIRSTHDR(&message); c != nullptr; c = CMSG_NXTHDR(&message, c)) {
@@ -341,7 +321,7 @@ bool ControlServer::receive(Client& client, char* buffer, std::size_t size, ssiz
     for (std::size_t i = 0; i < count; ++i) {
       int fd = -1;
       std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
-      client.fds.emplace_back(offset, ReceivedFd(fd));  // owned (and closed) from here on
+      client.fds.emplace_back(offset, UniqueFd(fd));  // owned (and closed) from here on
     }
   }
   // MSG_CTRUNC: more were sent than fit; the kernel closed the rest. Either way this client sends more than any
@@ -358,7 +338,7 @@ bool ControlServer::receive(Client& client, char* buffer, std::size_t size, ssiz
   return true;
 }
 
-void ControlServer::handle_line(Client& client, const std::string& line, std::vector<ReceivedFd> fds) {
+void ControlServer::handle_line(Client& client, const std::string& line, std::vector<UniqueFd> fds) {
   ++requests_;
   const auto request = nlohmann::json::parse(line, nullptr, false);
   if (request.is_discarded() || !request.is_object()) {
@@ -439,7 +419,7 @@ bool ControlServer::flush(std::uint64_t id) {
   if (it == clients_.end()) return false;
   Client& client = *it->second;
   while (!client.output.empty()) {
-    const ssize_t n = ::send(client.fd, client.output.data(), client.output.size(), MSG_NOSIGNAL);
+    const ssize_t n = ::send(client.fd.get(), client.output.data(), client.output.size(), MSG_NOSIGNAL);
     if (n > 0) {
       client.output.erase(0, static_cast<std::size_t>(n));
       continue;
@@ -454,11 +434,11 @@ bool ControlServer::flush(std::uint64_t id) {
     return false;
   }
   if (client.close_after_flush) {
-    ::shutdown(client.fd, SHUT_WR);
+    ::shutdown(client.fd.get(), SHUT_WR);
     // Discard what the client already sent (the rest of an oversized line): closing with unread data makes the
     // kernel reset the connection, and the client could lose the reply that says why.
     char discard[4096];
-    for (int rounds = 0; rounds < 256 && ::read(client.fd, discard, sizeof discard) > 0; ++rounds) {
+    for (int rounds = 0; rounds < 256 && ::read(client.fd.get(), discard, sizeof discard) > 0; ++rounds) {
     }
     close_client(id);
     return false;

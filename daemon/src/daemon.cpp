@@ -11,6 +11,7 @@
 #include <functional>
 
 #include "dauth/crypto/identifiers.hpp"
+#include "dauth/crypto/keystore.hpp"
 #include "dauth/daemon/log.hpp"
 #include "roles.hpp"
 #include "secret_file.hpp"
@@ -33,20 +34,15 @@ Result<void> check_state_directory(const ConfigTable* table, const std::string& 
       where += ":" + std::to_string(e->line) + ":" + std::to_string(e->column);
     }
   }
-  where += ": daemon.state_directory = \"" + dir.string() + "\": ";
+  where += ": daemon.state_directory = \"" + dir.string() + "\"";
   struct stat st {};
   if (::stat(dir.c_str(), &st) != 0) {
-    return make_error(Errc::not_found, where + std::strerror(errno) +
+    return make_error(Errc::not_found, where + ": " + std::strerror(errno) +
                                            " (systemd creates it from StateDirectory=; otherwise create it 0700)");
   }
-  if (!S_ISDIR(st.st_mode)) return make_error(Errc::invalid_argument, where + "not a directory");
-  // The key store refuses a directory others can write to (keystore.hpp); say so at start, not at first use.
-  if ((st.st_mode & 022) != 0) {
-    char mode[8];
-    std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(st.st_mode & 07777));
-    return make_error(Errc::permission, where + "mode " + mode + " is group/world-writable; must be 0700 or 0750");
-  }
-  return ok_result();
+  if (!S_ISDIR(st.st_mode)) return make_error(Errc::invalid_argument, where + ": not a directory");
+  // The key store's own rule (keystore.hpp), said at start with the config position, not at first use.
+  return crypto::check_store_directory_mode(st.st_mode, where);
 }
 
 }  // namespace

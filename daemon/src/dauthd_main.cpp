@@ -27,17 +27,6 @@ void log_lines(const std::string& text) {
   }
 }
 
-ExitCode start_failure_code(dauth::Errc code) {
-  // Configuration, credentials and permissions are the operator's to fix (2); the rest is a runtime failure.
-  switch (code) {
-    case dauth::Errc::exists:
-    case dauth::Errc::io:
-    case dauth::Errc::internal:
-    case dauth::Errc::limit: return ExitCode::failed;
-    default: return ExitCode::usage;
-  }
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -71,26 +60,22 @@ int main(int argc, char** argv) {
     return as_int(ExitCode::failed);
   }
 
-  auto config = dauth::daemon::load_config(config_path);
-  if (!config) {
+  // A configuration or key that does not load is the operator's to fix: exit 2, with the reason on stderr for
+  // --check-config and in the log otherwise.
+  const auto refuse = [check_config](const dauth::Error& error) {
     if (check_config) {
-      std::cerr << config.error().message << "\n";
+      std::cerr << error.message << "\n";
     } else {
-      log_lines(config.error().message);
+      log_lines(error.message);
     }
     return as_int(ExitCode::usage);
-  }
+  };
+  auto config = dauth::daemon::load_config(config_path);
+  if (!config) return refuse(config.error());
   log::set_threshold(config->daemon.log_level);
   // Fail closed (docs/conventions.md §12): a key that does not load stops us here.
   auto secrets = dauth::daemon::load_secrets(*config);
-  if (!secrets) {
-    if (check_config) {
-      std::cerr << secrets.error().message << "\n";
-    } else {
-      log_lines(secrets.error().message);
-    }
-    return as_int(ExitCode::usage);
-  }
+  if (!secrets) return refuse(secrets.error());
   if (check_config) {
     std::cout << config->normalised(&secrets.value());
     return as_int(ExitCode::ok);
@@ -99,7 +84,7 @@ int main(int argc, char** argv) {
   auto daemon = dauth::daemon::Daemon::start(config_path, std::move(config).value(), std::move(secrets).value());
   if (!daemon) {
     log_lines("start failed: " + daemon.error().message);
-    return as_int(start_failure_code(daemon.error().code));
+    return as_int(dauth::daemon::exit_code_for(daemon.error().code, dauth::daemon::ErrorStage::start_up));
   }
   if (auto r = (*daemon)->run(); !r) return as_int(ExitCode::failed);
   return as_int(ExitCode::ok);

@@ -58,7 +58,6 @@ EventLoop::~EventLoop() {
   for (auto& [id, entry] : entries_) {
     if (entry.owns_fd) ::close(entry.fd);
   }
-  ::close(epoll_fd_);
 }
 
 Result<EventLoop::Registration> EventLoop::add(Entry entry, std::uint32_t events) {
@@ -66,7 +65,7 @@ Result<EventLoop::Registration> EventLoop::add(Entry entry, std::uint32_t events
   epoll_event ev{};
   ev.events = events;
   ev.data.u64 = id;  // ids are never reused, so a stale event for a removed entry finds nothing
-  if (::epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, entry.fd, &ev) != 0) {
+  if (::epoll_ctl(epoll_fd_.get(), EPOLL_CTL_ADD, entry.fd, &ev) != 0) {
     auto error = system_error("epoll_ctl ADD fd " + std::to_string(entry.fd));
     if (entry.owns_fd) ::close(entry.fd);
     return error;
@@ -78,7 +77,7 @@ Result<EventLoop::Registration> EventLoop::add(Entry entry, std::uint32_t events
 void EventLoop::remove(std::uint64_t id) noexcept {
   const auto it = entries_.find(id);
   if (it == entries_.end()) return;
-  ::epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, it->second.fd, nullptr);
+  ::epoll_ctl(epoll_fd_.get(), EPOLL_CTL_DEL, it->second.fd, nullptr);
   if (it->second.owns_fd) ::close(it->second.fd);
   entries_.erase(it);  // a running callback holds its own shared_ptr, so erasing here is safe
 }
@@ -89,7 +88,7 @@ Result<void> EventLoop::modify(std::uint64_t id, std::uint32_t events) {
   epoll_event ev{};
   ev.events = events;
   ev.data.u64 = id;
-  if (::epoll_ctl(epoll_fd_, EPOLL_CTL_MOD, it->second.fd, &ev) != 0) return system_error("epoll_ctl MOD");
+  if (::epoll_ctl(epoll_fd_.get(), EPOLL_CTL_MOD, it->second.fd, &ev) != 0) return system_error("epoll_ctl MOD");
   return ok_result();
 }
 
@@ -160,7 +159,7 @@ Result<void> EventLoop::run() {
   running_ = true;
   std::array<epoll_event, 32> events{};
   while (running_) {
-    const int n = ::epoll_wait(epoll_fd_, events.data(), static_cast<int>(events.size()), -1);
+    const int n = ::epoll_wait(epoll_fd_.get(), events.data(), static_cast<int>(events.size()), -1);
     if (n < 0) {
       if (errno == EINTR) continue;
       running_ = false;

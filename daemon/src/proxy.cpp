@@ -10,6 +10,7 @@
 #include "dauth/crypto/identifiers.hpp"
 #include "dauth/daemon/log.hpp"
 #include "dauth/rspf/schedule.hpp"
+#include "dauth/transport/address.hpp"
 #include "roles_impl.hpp"
 
 namespace dauth::daemon {
@@ -99,8 +100,8 @@ Response for_local_ae(Response response, const Request& request) {
 
 // The address part of a session's "127.0.0.2:40000" / "[::1]:40000" (local AEs: the port is ephemeral).
 std::string source_address(const std::string& remote) {
-  auto split = split_host_port(remote);
-  return split ? split->first : remote;
+  auto split = transport::parse_host_port(remote);
+  return split ? split->host : remote;
 }
 
 // Equal IP literals, however written ("::1" and "0:0::1"); false if either is empty or not an address.

@@ -11,6 +11,7 @@
 #include "dauth/crypto/identifiers.hpp"
 #include "dauth/crypto/x509.hpp"
 #include "dauth/daemon/log.hpp"
+#include "dauth/transport/address.hpp"
 
 namespace dauth::daemon {
 
@@ -68,43 +69,18 @@ std::int64_t unix_now() { return static_cast<std::int64_t>(std::time(nullptr)); 
 
 std::string device_certificate_name(const std::string& ae_id) { return "device:" + ae_id; }
 
-Result<std::pair<std::string, std::uint16_t>> split_host_port(const std::string& text) {
-  std::string host;
-  std::string port;
-  if (!text.empty() && text.front() == '[') {
-    const auto close = text.find(']');
-    if (close == std::string::npos || close + 1 >= text.size() || text[close + 1] != ':') {
-      return make_error(Errc::invalid_argument, "address " + crypto::quote_for_error(text) +
-                                                    ": expected [IPv6]:port");
-    }
-    host = text.substr(1, close - 1);
-    port = text.substr(close + 2);
-  } else {
-    const auto colon = text.rfind(':');
-    if (colon == std::string::npos) {
-      return make_error(Errc::invalid_argument, "address " + crypto::quote_for_error(text) + ": expected host:port");
-    }
-    host = text.substr(0, colon);
-    port = text.substr(colon + 1);
-  }
-  char* end = nullptr;
-  const unsigned long number = std::strtoul(port.c_str(), &end, 10);
-  if (port.empty() || *end != '\0' || number > 65535) {
-    return make_error(Errc::invalid_argument, "address " + crypto::quote_for_error(text) + ": port must be 0–65535");
-  }
-  return std::make_pair(host, static_cast<std::uint16_t>(number));
-}
-
 Result<transport::Peer> resolve_address(const std::string& text) {
-  auto split = split_host_port(text);
-  if (!split) return std::move(split).error();
+  auto split = transport::parse_host_port(text);
+  if (!split) {
+    return make_error(split.error().code, "address " + crypto::quote_for_error(text) + ": " + split.error().message);
+  }
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_DGRAM;
   hints.ai_flags = AI_NUMERICSERV;
   addrinfo* found = nullptr;
-  const std::string port = std::to_string(split->second);
-  if (const int rc = ::getaddrinfo(split->first.c_str(), port.c_str(), &hints, &found); rc != 0) {
+  const std::string port = std::to_string(split->port);
+  if (const int rc = ::getaddrinfo(split->host.c_str(), port.c_str(), &hints, &found); rc != 0) {
     return make_error(Errc::not_found, "address " + crypto::quote_for_error(text) + ": " + ::gai_strerror(rc));
   }
   std::unique_ptr<addrinfo, decltype(&::freeaddrinfo)> owner(found, &::freeaddrinfo);
@@ -112,7 +88,7 @@ Result<transport::Peer> resolve_address(const std::string& text) {
   if (::getnameinfo(found->ai_addr, found->ai_addrlen, host, sizeof host, nullptr, 0, NI_NUMERICHOST) != 0) {
     return make_error(Errc::internal, "address " + crypto::quote_for_error(text) + ": getnameinfo failed");
   }
-  return transport::Peer{host, split->second};
+  return transport::Peer{host, split->port};
 }
 
 Roles::Impl::~Impl() {
@@ -500,11 +476,11 @@ Result<std::unique_ptr<Roles>> Roles::start(EventLoop& loop, const Config& confi
   };
 
   if (config.mef) {
-    auto listen = split_host_port(config.mef->listen);
+    auto listen = transport::parse_host_port(config.mef->listen);
     if (!listen) return make_error(listen.error().code, "mef.listen: " + listen.error().message);
     transport::NodeConfig node_config;
-    node_config.secure_addresses = {listen->first};
-    node_config.secure_port = listen->second;
+    node_config.secure_addresses = {listen->host};
+    node_config.secure_port = listen->port;
     node_config.psk_lookup = s.mef_slot.lookup();
     if (!config.mef->certificate_file.empty()) {
       auto x509 = mef_x509_credentials(*config.mef);
@@ -581,11 +557,11 @@ Result<std::unique_ptr<Roles>> Roles::start(EventLoop& loop, const Config& confi
   }
 
   if (config.peer) {
-    auto listen = split_host_port(config.peer->listen);
+    auto listen = transport::parse_host_port(config.peer->listen);
     if (!listen) return make_error(listen.error().code, "peer.listen: " + listen.error().message);
     transport::NodeConfig node_config;
-    node_config.secure_addresses = {listen->first};
-    node_config.secure_port = listen->second;
+    node_config.secure_addresses = {listen->host};
+    node_config.secure_port = listen->port;
     node_config.psk_lookup = s.peer_slot.lookup();
     for (const auto& path : config.peer->trust_anchors) {
       auto anchors = load_certificates_pem(path, "peer.trust_anchors " + path.string());
@@ -612,10 +588,10 @@ Result<std::unique_ptr<Roles>> Roles::start(EventLoop& loop, const Config& confi
       }
     }
     if (config.enrolee) {
-      auto local = split_host_port(config.enrolee->local_listen);
+      auto local = transport::parse_host_port(config.enrolee->local_listen);
       if (!local) return make_error(local.error().code, "enrolee.local_listen: " + local.error().message);
-      node_config.local_address = local->first;
-      node_config.local_port = local->second;
+      node_config.local_address = local->host;
+      node_config.local_port = local->port;
     }
     node_config.limits.idle_timeout = std::chrono::seconds(config.peer->idle_timeout);
     node_config.limits.max_sessions = static_cast<std::size_t>(config.peer->max_sessions);

@@ -19,8 +19,6 @@ std::int64_t unix_now();
 // The key store name of a local AE's configured device certificate (enrolee.ae.certificate_file); an AE-ID
 // certificate issued over EST is stored under the AE-ID itself.
 std::string device_certificate_name(const std::string& ae_id);
-// The host part and port of "host:port" / "[v6]:port" (no name resolution).
-Result<std::pair<std::string, std::uint16_t>> split_host_port(const std::string& text);
 
 // ---- state ------------------------------------------------------------------------------------------------
 

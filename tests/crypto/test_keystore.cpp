@@ -702,6 +702,58 @@ TEST_CASE("key store: a crash during compaction leaves a stale journal that is r
   CHECK(opened.error().code == Errc::corrupt);
 }
 
+TEST_CASE("key files are written whole: temporary, fsync, rename or link, 0600 whatever the umask", "[keystore]") {
+  test::TempDir dir;
+  const Bytes first{'o', 'n', 'e', '\n'};
+  const Bytes second{'t', 'w', 'o', '\n'};
+
+  const mode_t previous_umask = ::umask(0);  // the most permissive umask must not leak into a key file's mode
+  const auto created = write_key_file(dir / "k", first, IfExists::refuse);
+  ::umask(previous_umask);
+  REQUIRE(created.ok());
+  struct stat st {};
+  REQUIRE(::stat((dir / "k").c_str(), &st) == 0);
+  CHECK((st.st_mode & 0777) == 0600);
+  CHECK(test::read_text_file(dir / "k") == "one\n");
+  CHECK_FALSE(fs::exists(dir / "k.tmp"));
+
+  // refuse: the old file stays, and no temporary is left.
+  const auto again = write_key_file(dir / "k", second, IfExists::refuse);
+  REQUIRE_FALSE(again.ok());
+  CHECK(again.error().code == Errc::exists);
+  CHECK(test::read_text_file(dir / "k") == "one\n");
+  CHECK_FALSE(fs::exists(dir / "k.tmp"));
+
+  // A leftover temporary: refuse leaves it alone (it may be someone's file) and says so; replace (the key store,
+  // which holds its directory's lock) removes it and takes the name.
+  test::write_file(dir / "m.tmp", "someone's\n", 0600);
+  const auto blocked = write_key_file(dir / "m", first, IfExists::refuse);
+  REQUIRE_FALSE(blocked.ok());
+  CHECK(blocked.error().code == Errc::exists);
+  CHECK_THAT(blocked.error().message, Catch::Contains((dir / "m.tmp").string()));
+  CHECK(test::read_text_file(dir / "m.tmp") == "someone's\n");
+  CHECK_FALSE(fs::exists(dir / "m"));
+  test::write_file(dir / "k.tmp", "half a", 0600);
+  REQUIRE(write_key_file(dir / "k", second, IfExists::replace).ok());
+  CHECK(test::read_text_file(dir / "k") == "two\n");
+  CHECK_FALSE(fs::exists(dir / "k.tmp"));
+
+  // The master key goes the same way: a leftover of an interrupted write is never taken for a key.
+  test::write_file(dir / "master.key.tmp", "0123", 0600);
+  const auto master = write_new_master_key_file(dir / "master.key");
+  REQUIRE_FALSE(master.ok());
+  CHECK(master.error().code == Errc::exists);
+  CHECK_FALSE(fs::exists(dir / "master.key"));
+  fs::remove(dir / "master.key.tmp");
+  REQUIRE(write_new_master_key_file(dir / "master.key").ok());
+  CHECK(load_master_key_file(dir / "master.key").ok());
+  CHECK_FALSE(fs::exists(dir / "master.key.tmp"));
+
+  const auto no_directory = write_key_file(dir / "absent" / "k", first, IfExists::refuse);
+  REQUIRE_FALSE(no_directory.ok());
+  CHECK(no_directory.error().code == Errc::io);
+}
+
 TEST_CASE("key store: file and directory permissions are enforced", "[keystore]") {
   test::TempDir dir;
   build_mixed_store(dir.path());
@@ -722,6 +774,11 @@ TEST_CASE("key store: file and directory permissions are enforced", "[keystore]"
   REQUIRE_FALSE(opened.ok());
   CHECK(opened.error().code == Errc::permission);
   CHECK_THAT(opened.error().message, Catch::Contains("mode 0770") && Catch::Contains("group or others"));
+  // The one rule and advice, which dauthd also gives for daemon.state_directory (test_dauthd.cpp).
+  CHECK(opened.error().message ==
+        check_store_directory_mode(S_IFDIR | 0770, "key store directory " + dir.path().string()).error().message);
+  CHECK(check_store_directory_mode(S_IFDIR | 0750, "d").ok());
+  CHECK(check_store_directory_mode(S_IFDIR | 0702, "d").error().code == Errc::permission);
   ::chmod(dir.path().c_str(), 0755);  // readable by others is fine, writable is not
   CHECK(KeyStore::open(dir.path(), test_master_key()).ok());
   ::chmod(dir.path().c_str(), 0700);

@@ -81,16 +81,14 @@ std::optional<int> DaemonProcess::wait(std::chrono::seconds limit) {
 }
 
 NotifyListener::NotifyListener(std::filesystem::path path) : path_(std::move(path)) {
-  fd_ = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  fd_.reset(::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0));
   const sockaddr_un address = unix_address(path_);
-  if (fd_ < 0 || ::bind(fd_, reinterpret_cast<const sockaddr*>(&address), sizeof address) != 0) {
+  if (!fd_.valid() || ::bind(fd_.get(), reinterpret_cast<const sockaddr*>(&address), sizeof address) != 0) {
     throw std::runtime_error("notify socket " + path_.string() + ": " + std::strerror(errno));
   }
 }
 
-NotifyListener::~NotifyListener() {
-  if (fd_ >= 0) ::close(fd_);
-}
+NotifyListener::~NotifyListener() = default;
 
 std::optional<std::string> NotifyListener::wait_for(const std::string& line, std::chrono::seconds limit) {
   const auto has_line = [&](const std::string& message) {
@@ -111,10 +109,10 @@ std::optional<std::string> NotifyListener::wait_for(const std::string& line, std
     }
     const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
     if (left.count() <= 0) return std::nullopt;
-    pollfd p{fd_, POLLIN, 0};
+    pollfd p{fd_.get(), POLLIN, 0};
     if (::poll(&p, 1, static_cast<int>(left.count())) <= 0) continue;
     char buffer[4096];
-    const ssize_t n = ::recv(fd_, buffer, sizeof buffer, 0);
+    const ssize_t n = ::recv(fd_.get(), buffer, sizeof buffer, 0);
     if (n > 0) received_.emplace_back(buffer, static_cast<std::size_t>(n));
   }
 }

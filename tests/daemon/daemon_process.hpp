@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "dauth/unique_fd.hpp"
+
 namespace dauth::test {
 
 inline constexpr std::chrono::seconds kHangLimit{30};
@@ -49,7 +51,7 @@ class NotifyListener {
 
  private:
   std::filesystem::path path_;
-  int fd_ = -1;
+  dauth::UniqueFd fd_;
   std::vector<std::string> received_;
   std::size_t consumed_ = 0;
 };

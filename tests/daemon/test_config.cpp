@@ -8,6 +8,8 @@
 #include <set>
 
 #include "dauth/daemon/config.hpp"
+#include "dauth/transport/address.hpp"
+#include "roles.hpp"
 #include "support.hpp"
 
 using dauth::Errc;
@@ -163,6 +165,39 @@ TEST_CASE("a value out of range says what is allowed", "[config]") {
              Catch::Contains("enrolee.local_listen = \"10.0.0.1:5683\": must be a loopback address"));
   CHECK_THAT(error_of("[peer]\n[[peer.policy]]\npeer = \"bad id\"\nlocal_aes = [\"a\"]\n"),
              Catch::Contains("t.toml:3:8: peer.policy[0].peer = \"bad id\": AE-ID 'bad id'"));
+}
+
+TEST_CASE("every address key and the roles take the one host:port syntax", "[config][address]") {
+  const auto peer_listen = [](const std::string& value) {
+    return std::string(kMinimal) + "[peer]\nlisten = \"" + value + "\"\n";
+  };
+  const auto mef_address = [](const std::string& value) {
+    return std::string(kMinimal) + "[enrolee]\nmef_fqdn = \"m.example\"\nmef_address = \"" + value + "\"\n";
+  };
+  const auto local_listen = [](const std::string& value) {
+    return std::string(kMinimal) + "[enrolee]\nmef_fqdn = \"m.example\"\nmef_address = \"m:1\"\nlocal_listen = \"" +
+           value + "\"\n";
+  };
+  CHECK(parse_config(peer_listen("[::1]:5684"), "t.toml").ok());
+  CHECK(parse_config(peer_listen("127.0.0.1:5684"), "t.toml").ok());
+  CHECK(dauth::daemon::resolve_address("[::1]:5683")->host == "::1");
+  CHECK(dauth::daemon::resolve_address("127.0.0.1:5683")->port == 5683);
+  // The same refusal, in the same words, whichever key or role reads the value.
+  for (const std::string bad : {"::1:5684", "[::1]", "127.0.0.1", "127.0.0.1:0", "127.0.0.1:65536"}) {
+    INFO(bad);
+    const auto why = dauth::transport::parse_host_port(bad);
+    REQUIRE_FALSE(why.ok());
+    const std::string& reason = why.error().message;
+    CHECK_THAT(error_of(peer_listen(bad)), Catch::Contains("peer.listen = \"" + bad + "\": " + reason));
+    CHECK_THAT(error_of(mef_address(bad)), Catch::Contains("enrolee.mef_address = \"" + bad + "\": " + reason));
+    CHECK_THAT(error_of(local_listen(bad)), Catch::Contains("enrolee.local_listen = \"" + bad + "\": " + reason));
+    const auto resolved = dauth::daemon::resolve_address(bad);
+    REQUIRE_FALSE(resolved.ok());
+    CHECK(resolved.error().code == Errc::invalid_argument);
+    CHECK_THAT(resolved.error().message, Catch::EndsWith(reason));
+  }
+  CHECK_THAT(error_of(local_listen("[::2]:5683")), Catch::Contains("must be a loopback address"));
+  CHECK_THAT(error_of(peer_listen("peer.example.net:5684")), Catch::Contains("must be an IP address"));
 }
 
 TEST_CASE("cross-field rules run after the keys and point at the offending value", "[config]") {

@@ -15,6 +15,7 @@
 #include <thread>
 
 #include "dauth/daemon/control_socket.hpp"
+#include "dauth/unique_fd.hpp"
 #include "secret_file.hpp"
 #include "support.hpp"
 
@@ -121,15 +122,14 @@ class Server {
 class Client {
  public:
   explicit Client(const std::filesystem::path& path) {
-    fd_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    fd_.reset(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
     sockaddr_un address{};
     address.sun_family = AF_UNIX;
     std::strcpy(address.sun_path, path.c_str());
-    REQUIRE(::connect(fd_, reinterpret_cast<const sockaddr*>(&address), sizeof address) == 0);
+    REQUIRE(::connect(fd_.get(), reinterpret_cast<const sockaddr*>(&address), sizeof address) == 0);
     timeval timeout{30, 0};
-    ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
+    ::setsockopt(fd_.get(), SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
   }
-  ~Client() { ::close(fd_); }
   void send(const std::string& bytes, const std::vector<int>& fds = {}) {
     iovec part{const_cast<char*>(bytes.data()), bytes.size()};
     msghdr message{};
@@ -145,7 +145,7 @@ class Client {
       header->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
       std::memcpy(CMSG_DATA(header), fds.data(), sizeof(int) * fds.size());
     }
-    REQUIRE(::sendmsg(fd_, &message, MSG_NOSIGNAL) == static_cast<ssize_t>(bytes.size()));
+    REQUIRE(::sendmsg(fd_.get(), &message, MSG_NOSIGNAL) == static_cast<ssize_t>(bytes.size()));
   }
   nlohmann::json reply() {
     for (;;) {
@@ -155,7 +155,7 @@ class Client {
         return nlohmann::json::parse(line);
       }
       char chunk[4096];
-      const ssize_t n = ::recv(fd_, chunk, sizeof chunk, 0);
+      const ssize_t n = ::recv(fd_.get(), chunk, sizeof chunk, 0);
       REQUIRE(n > 0);
       buffer_.append(chunk, static_cast<std::size_t>(n));
     }
@@ -163,11 +163,11 @@ class Client {
   // True when the server closed the connection (EOF after any pending reply).
   bool closed_by_server() {
     char chunk[64];
-    return ::recv(fd_, chunk, sizeof chunk, 0) == 0;
+    return ::recv(fd_.get(), chunk, sizeof chunk, 0) == 0;
   }
 
  private:
-  int fd_ = -1;
+  dauth::UniqueFd fd_;
   std::string buffer_;
 };
 

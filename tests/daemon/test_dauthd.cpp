@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "daemon_process.hpp"
+#include "dauth/crypto/keystore.hpp"
 #include "loopback_ports.hpp"
 #include "support.hpp"
 
@@ -296,6 +297,18 @@ TEST_CASE("dauthd refuses to start with a key file others can read, and dauthctl
   CHECK_THAT(refused.output, Catch::Contains("mode 0640, must not be readable or writable by group or others"));
   CHECK_FALSE(std::filesystem::exists(d.socket));
   check_no_key_bytes(refused.output);
+
+  ::chmod((d.dir / "master.key").c_str(), 0600);
+  // The state directory: the key store's own rule and advice (crypto::check_store_directory_mode), with the
+  // config position.
+  ::chmod((d.dir / "state").c_str(), 0770);
+  const auto open_state = run_command({DAUTHD_PATH, "-c", d.config.string()});
+  CHECK(open_state.exit_code == 2);
+  const std::string where = "daemon.state_directory = \"" + (d.dir / "state").string() + "\"";
+  const std::string rule = dauth::crypto::check_store_directory_mode(S_IFDIR | 0770, where).error().message;
+  CHECK_THAT(rule, Catch::Contains("mode 0770 is writable by group or others") && Catch::Contains("chmod 700"));
+  CHECK_THAT(open_state.output, Catch::Contains(rule));
+  CHECK_FALSE(std::filesystem::exists(d.socket));
 
   const auto unreachable = d.ctl({"status"});
   CHECK(unreachable.exit_code == 3);

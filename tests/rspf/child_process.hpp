@@ -14,6 +14,8 @@
 #include <string>
 #include <vector>
 
+#include "dauth/unique_fd.hpp"
+
 namespace dauth::test {
 
 class ChildProcess {
@@ -36,14 +38,13 @@ class ChildProcess {
       ::_exit(127);
     }
     ::close(fds[1]);
-    out_ = fds[0];
+    out_.reset(fds[0]);
   }
   ~ChildProcess() {
     if (running()) {
       ::kill(pid_, SIGKILL);
       (void)wait(std::chrono::milliseconds(5000));
     }
-    if (out_ >= 0) ::close(out_);
   }
   ChildProcess(const ChildProcess&) = delete;
   ChildProcess& operator=(const ChildProcess&) = delete;
@@ -94,10 +95,10 @@ class ChildProcess {
     return false;
   }
   bool read_some(int timeout_ms) {
-    pollfd p{out_, POLLIN, 0};
+    pollfd p{out_.get(), POLLIN, 0};
     if (::poll(&p, 1, timeout_ms) <= 0) return false;
     char chunk[4096];
-    const ssize_t n = ::read(out_, chunk, sizeof chunk);
+    const ssize_t n = ::read(out_.get(), chunk, sizeof chunk);
     if (n <= 0) return false;
     buffer_.append(chunk, static_cast<std::size_t>(n));
     all_.append(chunk, static_cast<std::size_t>(n));
@@ -105,7 +106,7 @@ class ChildProcess {
   }
 
   pid_t pid_ = -1;
-  int out_ = -1;
+  dauth::UniqueFd out_;
   std::string buffer_;
   std::string all_;
   std::optional<int> exit_code_;

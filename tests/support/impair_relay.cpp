@@ -35,6 +35,9 @@
 #include <utility>
 #include <vector>
 
+#include "dauth/transport/address.hpp"
+#include "dauth/unique_fd.hpp"
+
 namespace {
 
 using Clock = std::chrono::steady_clock;
@@ -58,33 +61,7 @@ constexpr std::size_t kMaxControlLine = 1024;
 constexpr int kIpv4UdpOverhead = 20 + 8;
 constexpr int kIpv6UdpOverhead = 40 + 8;
 
-// Owns one file descriptor; closes it exactly once.
-class UniqueFd {
- public:
-  UniqueFd() = default;
-  explicit UniqueFd(int fd) : fd_(fd) {}
-  ~UniqueFd() { reset(); }
-  UniqueFd(UniqueFd&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
-  UniqueFd& operator=(UniqueFd&& other) noexcept {
-    if (this != &other) {
-      reset();
-      fd_ = std::exchange(other.fd_, -1);
-    }
-    return *this;
-  }
-  UniqueFd(const UniqueFd&) = delete;
-  UniqueFd& operator=(const UniqueFd&) = delete;
-
-  int get() const { return fd_; }
-  bool valid() const { return fd_ >= 0; }
-  void reset() {
-    if (fd_ >= 0) ::close(fd_);
-    fd_ = -1;
-  }
-
- private:
-  int fd_ = -1;
-};
+using dauth::UniqueFd;
 
 // A command-line or control-command value that is not allowed; what() says which, where and what is allowed.
 struct UsageError : std::runtime_error {
@@ -141,49 +118,14 @@ Endpoint parse_loopback_endpoint(const std::string& option, const std::string& t
   const auto fail = [&](const std::string& why) {
     return UsageError(option + " " + text + ": " + why + "; " + kLoopbackAllowed);
   };
-  std::string host;
-  std::string port_text;
-  if (!text.empty() && text.front() == '[') {
-    const auto close = text.find("]:");
-    if (close == std::string::npos) throw fail("an IPv6 address needs brackets and a port");
-    host = text.substr(1, close - 1);
-    port_text = text.substr(close + 2);
-  } else {
-    const auto colon = text.rfind(':');
-    if (colon == std::string::npos) throw fail("no port");
-    host = text.substr(0, colon);
-    port_text = text.substr(colon + 1);
-    if (host.find(':') != std::string::npos) throw fail("an IPv6 address needs brackets");
-  }
-  char* end = nullptr;
-  errno = 0;
-  const unsigned long port = std::strtoul(port_text.c_str(), &end, 10);
-  const unsigned long lowest_port = port_zero_allowed ? 0 : 1;
-  if (port_text.empty() || *end != '\0' || errno != 0 || port_text.front() == '-' || port < lowest_port ||
-      port > 65535) {
-    throw fail("port '" + port_text + "' must be " + std::to_string(lowest_port) + "-65535");
-  }
-  Endpoint endpoint;
-  in_addr v4{};
-  in6_addr v6{};
-  if (::inet_pton(AF_INET, host.c_str(), &v4) == 1) {
-    if ((ntohl(v4.s_addr) >> 24) != 127) throw fail("not a loopback address");
-    auto* address = reinterpret_cast<sockaddr_in*>(&endpoint.address);
-    address->sin_family = AF_INET;
-    address->sin_addr = v4;
-    address->sin_port = htons(static_cast<std::uint16_t>(port));
-    endpoint.length = sizeof(sockaddr_in);
-  } else if (::inet_pton(AF_INET6, host.c_str(), &v6) == 1) {
-    if (!IN6_IS_ADDR_LOOPBACK(&v6)) throw fail("not a loopback address");
-    auto* address = reinterpret_cast<sockaddr_in6*>(&endpoint.address);
-    address->sin6_family = AF_INET6;
-    address->sin6_addr = v6;
-    address->sin6_port = htons(static_cast<std::uint16_t>(port));
-    endpoint.length = sizeof(sockaddr_in6);
-  } else {
-    throw fail("'" + host + "' is not a numeric address");
-  }
-  return endpoint;
+  // dauth's own host:port and loopback rules (dauth/transport/address.hpp), so the relay takes what dauthd takes.
+  auto parsed = dauth::transport::parse_host_port(
+      text, port_zero_allowed ? dauth::transport::PortZero::allowed : dauth::transport::PortZero::refused);
+  if (!parsed) throw fail(parsed.error().message);
+  auto address = dauth::transport::numeric_address(parsed->host, parsed->port);
+  if (!address) throw fail(address.error().message);
+  if (!dauth::transport::is_loopback(address->get())) throw fail("not a loopback address");
+  return endpoint_from(address->storage, address->length);
 }
 
 // ---------------------------------------------------------------------------------------------------------------

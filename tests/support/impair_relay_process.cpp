@@ -131,19 +131,6 @@ ImpairProfile ImpairProfile::bursty(double average_loss, double mean_burst) {
   return profile;
 }
 
-ImpairRelay::PipeEnd& ImpairRelay::PipeEnd::operator=(PipeEnd&& other) noexcept {
-  if (this != &other) {
-    reset();
-    fd_ = std::exchange(other.fd_, -1);
-  }
-  return *this;
-}
-
-void ImpairRelay::PipeEnd::reset() {
-  if (fd_ >= 0) ::close(fd_);
-  fd_ = -1;
-}
-
 namespace {
 
 // A pipe whose both ends close on exec: only the ends dup2()ed onto the child's 0, 1, 2 survive into it, so no

@@ -13,6 +13,8 @@
 #include <utility>
 #include <vector>
 
+#include "dauth/unique_fd.hpp"
+
 namespace dauth::test {
 
 // What the relay does to one direction; the defaults impair nothing. Units and ranges are the relay's options
@@ -90,22 +92,7 @@ class ImpairRelay {
 
  private:
   // Owns one pipe end; closes it exactly once.
-  class PipeEnd {
-   public:
-    PipeEnd() = default;
-    explicit PipeEnd(int fd) : fd_(fd) {}
-    ~PipeEnd() { reset(); }
-    PipeEnd(PipeEnd&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
-    PipeEnd& operator=(PipeEnd&& other) noexcept;
-    PipeEnd(const PipeEnd&) = delete;
-    PipeEnd& operator=(const PipeEnd&) = delete;
-    int get() const { return fd_; }
-    bool valid() const { return fd_ >= 0; }
-    void reset();
-
-   private:
-    int fd_ = -1;
-  };
+  using PipeEnd = dauth::UniqueFd;
 
   // The next line on the relay's stdout, or nullopt when the relay closed it (exited). Throws after `limit`.
   std::optional<std::string> read_line(const std::string& waiting_for, std::chrono::milliseconds limit);

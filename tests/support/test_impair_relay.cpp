@@ -24,6 +24,8 @@
 #include <utility>
 #include <vector>
 
+#include "dauth/transport/address.hpp"
+#include "dauth/unique_fd.hpp"
 #include "impair_relay_process.hpp"
 #include "support.hpp"
 
@@ -43,40 +45,38 @@ class UdpSocket {
  public:
   UdpSocket() : fd_(::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0)) {
     sockaddr_in address = loopback(0);
-    if (fd_ < 0 || ::bind(fd_, reinterpret_cast<const sockaddr*>(&address), sizeof address) != 0) {
+    if (!fd_.valid() || ::bind(fd_.get(), reinterpret_cast<const sockaddr*>(&address), sizeof address) != 0) {
       const std::string reason = std::strerror(errno);
-      if (fd_ >= 0) ::close(fd_);
       throw std::runtime_error("UDP socket on 127.0.0.1: " + reason);
     }
   }
-  ~UdpSocket() { ::close(fd_); }
   UdpSocket(const UdpSocket&) = delete;
   UdpSocket& operator=(const UdpSocket&) = delete;
 
   std::uint16_t port() const {
     sockaddr_in address{};
     socklen_t length = sizeof address;
-    ::getsockname(fd_, reinterpret_cast<sockaddr*>(&address), &length);
+    ::getsockname(fd_.get(), reinterpret_cast<sockaddr*>(&address), &length);
     return ntohs(address.sin_port);
   }
 
   void send_to(std::uint16_t port, const std::string& payload) const {
     const sockaddr_in address = loopback(port);
-    if (::sendto(fd_, payload.data(), payload.size(), 0, reinterpret_cast<const sockaddr*>(&address), sizeof address) !=
-        static_cast<ssize_t>(payload.size())) {
+    if (::sendto(fd_.get(), payload.data(), payload.size(), 0, reinterpret_cast<const sockaddr*>(&address),
+                 sizeof address) != static_cast<ssize_t>(payload.size())) {
       throw std::runtime_error("sendto 127.0.0.1:" + std::to_string(port) + ": " + std::strerror(errno));
     }
   }
 
   // The next datagram and its source port, or nullopt when none arrives within `limit`.
   std::optional<std::pair<std::string, std::uint16_t>> receive(std::chrono::milliseconds limit) const {
-    pollfd ready{fd_, POLLIN, 0};
+    pollfd ready{fd_.get(), POLLIN, 0};
     if (::poll(&ready, 1, static_cast<int>(limit.count())) <= 0) return std::nullopt;
     char buffer[65536];
     sockaddr_in from{};
     socklen_t length = sizeof from;
     const ssize_t size =
-        ::recvfrom(fd_, buffer, sizeof buffer, MSG_DONTWAIT, reinterpret_cast<sockaddr*>(&from), &length);
+        ::recvfrom(fd_.get(), buffer, sizeof buffer, MSG_DONTWAIT, reinterpret_cast<sockaddr*>(&from), &length);
     if (size < 0) return std::nullopt;
     return std::make_pair(std::string(buffer, static_cast<std::size_t>(size)), ntohs(from.sin_port));
   }
@@ -90,7 +90,7 @@ class UdpSocket {
     return address;
   }
 
-  int fd_;
+  dauth::UniqueFd fd_;
 };
 
 // Echoes every datagram to its sender from a thread, and records which source ports it came from.
@@ -447,6 +447,18 @@ TEST_CASE("bad options exit with 2 and name the option and the value", "[relay]"
   const auto remote_listen = dauth::test::run_command({relay, "--listen", "0.0.0.0:0", "--upstream", "[::1]:5683"});
   CHECK(remote_listen.exit_code == 2);
   CHECK_THAT(remote_listen.output, Catch::Contains("--listen 0.0.0.0:0"));
+
+  // dauthd's host:port rule (dauth/transport/address.hpp): brackets for IPv6, a port, 1–65535 (0 only to listen).
+  for (const std::string bad : {"[::1]", "::1:5683", "127.0.0.1", "127.0.0.1:0", "127.0.0.1:65536"}) {
+    INFO(bad);
+    const auto refused = dauth::test::run_command({relay, "--upstream", bad});
+    CHECK(refused.exit_code == 2);
+    CHECK_THAT(refused.output, Catch::Contains("--upstream " + bad + ": " +
+                                               dauth::transport::parse_host_port(bad).error().message));
+  }
+  const auto listen_range = dauth::test::run_command({relay, "--listen", "[::1]:65536", "--upstream", "[::1]:5683"});
+  CHECK(listen_range.exit_code == 2);
+  CHECK_THAT(listen_range.output, Catch::Contains("--listen [::1]:65536: port 65536: must be 0–65535"));
 
   const auto missing = dauth::test::run_command({relay, "--loss", "0.1"});
   CHECK(missing.exit_code == 2);

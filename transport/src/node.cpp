@@ -13,6 +13,7 @@
 #include <utility>
 
 #include "dauth/crypto/kdf.hpp"
+#include "dauth/transport/address.hpp"
 #include "dauth/transport/transport.hpp"
 #include "node_impl.hpp"
 #include "tls_backend.hpp"
@@ -28,26 +29,14 @@ std::string address_text(const coap_address_t* address) {
   return std::string(reinterpret_cast<const char*>(buffer), length);
 }
 
+// Names are not resolved here: no blocking DNS in the loop (numeric_address, address.hpp).
 Result<coap_address_t> parse_address(const std::string& host, std::uint16_t port) {
+  auto numeric = numeric_address(host, port);
+  if (!numeric.ok()) return make_error(Errc::invalid_argument, "address '" + host + "': " + numeric.error().message);
   coap_address_t address;
   coap_address_init(&address);
-  in_addr v4{};
-  in6_addr v6{};
-  if (inet_pton(AF_INET, host.c_str(), &v4) == 1) {
-    address.addr.sin.sin_family = AF_INET;
-    address.addr.sin.sin_addr = v4;
-    address.addr.sin.sin_port = htons(port);
-    address.size = sizeof(address.addr.sin);
-  } else if (inet_pton(AF_INET6, host.c_str(), &v6) == 1) {
-    address.addr.sin6.sin6_family = AF_INET6;
-    address.addr.sin6.sin6_addr = v6;
-    address.addr.sin6.sin6_port = htons(port);
-    address.size = sizeof(address.addr.sin6);
-  } else {
-    return make_error(Errc::invalid_argument, "address '" + host +
-                                                  "' is not a numeric IPv4 or IPv6 address (names are not resolved "
-                                                  "here: no blocking DNS in the loop)");
-  }
+  std::memcpy(&address.addr, &numeric->storage, numeric->length);
+  address.size = numeric->length;
   return address;
 }
 
@@ -135,12 +124,6 @@ int on_event(coap_session_t* session, coap_event_t event) {
 }  // namespace detail
 
 namespace {
-
-bool is_loopback(const coap_address_t& address) {
-  if (address.addr.sa.sa_family == AF_INET) return (ntohl(address.addr.sin.sin_addr.s_addr) >> 24) == 127;
-  if (address.addr.sa.sa_family == AF_INET6) return IN6_IS_ADDR_LOOPBACK(&address.addr.sin6.sin6_addr);
-  return false;
-}
 
 std::uint16_t port_of_endpoint(const coap_endpoint_t* endpoint) {
   // coap_endpoint_str() prints the bound address, "[::]:5684" or "0.0.0.0:5684"; 4.3.1 has no getter for it.
@@ -391,7 +374,7 @@ Result<std::unique_ptr<Node>> Node::create(NodeConfig config) {
     if (!cfg.local_address.empty()) {
       auto address = parse_address(cfg.local_address, cfg.local_port);
       if (!address.ok()) return std::move(address).error();
-      if (!is_loopback(*address)) {
+      if (!is_loopback(address->addr.sa)) {
         return make_error(Errc::invalid_argument, "local (plain CoAP) endpoint '" + cfg.local_address +
                                                       "' is not a loopback address: only 127.0.0.0/8 or ::1 allowed");
       }

@@ -23,6 +23,7 @@
 #include <utility>
 #include <vector>
 
+#include "dauth/unique_fd.hpp"
 #include "dauth/crypto/kdf.hpp"
 #include "dauth/transport/transport.hpp"
 #include "tls_backend.hpp"
@@ -37,25 +38,6 @@ struct ContextDeleter {
   void operator()(coap_context_t* context) const noexcept { coap_free_context(context); }
 };
 using ContextPtr = std::unique_ptr<coap_context_t, ContextDeleter>;
-
-class UniqueFd {
- public:
-  UniqueFd() = default;
-  explicit UniqueFd(int fd) : fd_(fd) {}
-  ~UniqueFd() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  UniqueFd(const UniqueFd&) = delete;
-  UniqueFd& operator=(const UniqueFd&) = delete;
-  int get() const noexcept { return fd_; }
-  void reset(int fd) noexcept {
-    if (fd_ >= 0) ::close(fd_);
-    fd_ = fd;
-  }
-
- private:
-  int fd_ = -1;
-};
 
 // libcoap_log.cpp: libcoap's own log lines, kept (never printed) so that a failure report can quote the backend's
 // reason.

@@ -32,8 +32,27 @@ enum class Errc : std::uint8_t {
 };
 inline constexpr std::size_t kErrcCount = 15;
 
-// Stable lower-case word for logs, the control protocol and --json output.
-std::string_view to_string(Errc code) noexcept;
+// Stable lower-case word for logs, the control protocol and --json output; "unknown" for a value outside Errc.
+constexpr std::string_view to_string(Errc code) noexcept {
+  switch (code) {
+    case Errc::invalid_argument: return "invalid_argument";
+    case Errc::parse: return "parse";
+    case Errc::crypto: return "crypto";
+    case Errc::io: return "io";
+    case Errc::corrupt: return "corrupt";
+    case Errc::permission: return "permission";
+    case Errc::not_found: return "not_found";
+    case Errc::exists: return "exists";
+    case Errc::expired: return "expired";
+    case Errc::unauthenticated: return "unauthenticated";
+    case Errc::denied: return "denied";
+    case Errc::unsupported: return "unsupported";
+    case Errc::limit: return "limit";
+    case Errc::timeout: return "timeout";
+    case Errc::internal: return "internal";
+  }
+  return "unknown";
+}
 
 struct Error {
   Errc code;

@@ -21,6 +21,8 @@
 // hands its writes to a flush thread of the store's own, which touches nothing but the journal file.
 #pragma once
 
+#include <sys/types.h>
+
 #include <chrono>
 #include <cstdint>
 #include <ctime>
@@ -135,6 +137,11 @@ Result<SecretBuffer> load_master_key_file(const std::filesystem::path& path);
 Result<SecretBuffer> load_master_key_credential(std::string_view name);
 // A new random master key in the file format above (0600, refuses to overwrite an existing file).
 Result<void> write_new_master_key_file(const std::filesystem::path& path);
+
+// The rule for the key store's directory, which dauthd also applies to daemon.state_directory at start (the store
+// lives there): nobody but its owner may write to it, or another user could replace a key-store file. Readable by
+// group or others is allowed. Errc::permission "<what>: mode 0770 is writable by group or others; ..." with the fix.
+Result<void> check_store_directory_mode(mode_t mode, const std::string& what);
 
 struct OpenReport {
   std::size_t snapshot_records = 0;

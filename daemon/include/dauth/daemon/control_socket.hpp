@@ -33,6 +33,7 @@
 
 #include "dauth/daemon/event_loop.hpp"
 #include "dauth/error.hpp"
+#include "dauth/unique_fd.hpp"
 
 namespace dauth::daemon {
 
@@ -42,30 +43,13 @@ struct ControlPeer {
   gid_t gid = 0;
 };
 
-// An open file descriptor received over the control socket; closed exactly once, when the owner goes.
-class ReceivedFd {
- public:
-  ReceivedFd() = default;
-  explicit ReceivedFd(int fd) : fd_(fd) {}
-  ~ReceivedFd() { reset(); }
-  ReceivedFd(ReceivedFd&& other) noexcept : fd_(other.fd_) { other.fd_ = -1; }
-  ReceivedFd& operator=(ReceivedFd&& other) noexcept;
-  ReceivedFd(const ReceivedFd&) = delete;
-  ReceivedFd& operator=(const ReceivedFd&) = delete;
-  int get() const noexcept { return fd_; }
-  void reset() noexcept;
-
- private:
-  int fd_ = -1;
-};
-
 struct ControlRequest {
   std::string verb;
   nlohmann::json args;  // always an object
   ControlPeer peer;
   // The descriptors that came with this line, in the order sent; "args" refers to them by index. At most the
   // verb's max_fds. Closed after the handler returns.
-  std::vector<ReceivedFd> fds;
+  std::vector<UniqueFd> fds;
 };
 
 // A verb's answer: the "result" object, or the Error that becomes {"ok": false, ...}.
@@ -129,10 +113,10 @@ class ControlServer {
 
  private:
   struct Client;
-  ControlServer(EventLoop& loop, ControlSocketOptions options, int fd, gid_t group);
+  ControlServer(EventLoop& loop, ControlSocketOptions options, UniqueFd fd, gid_t group);
   void on_accept();
   void on_client(std::uint64_t id, std::uint32_t events);
-  void handle_line(Client& client, const std::string& line, std::vector<ReceivedFd> fds);
+  void handle_line(Client& client, const std::string& line, std::vector<UniqueFd> fds);
   // recvmsg() with room for kMaxFdsPerRequest descriptors; false when the connection must close (limit reply
   // queued). n is read()'s result.
   bool receive(Client& client, char* buffer, std::size_t size, ssize_t& n);
@@ -144,7 +128,7 @@ class ControlServer {
 
   EventLoop& loop_;
   ControlSocketOptions options_;
-  int listen_fd_;
+  UniqueFd listen_fd_;
   gid_t group_;
   bool has_group_;
   EventLoop::Registration listen_watch_;

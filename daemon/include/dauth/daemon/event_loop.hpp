@@ -19,6 +19,7 @@
 #include <memory>
 
 #include "dauth/error.hpp"
+#include "dauth/unique_fd.hpp"
 
 namespace dauth::daemon {
 
@@ -88,7 +89,7 @@ class EventLoop {
   Result<void> modify(std::uint64_t id, std::uint32_t events);
   void dispatch(std::uint64_t id, std::uint32_t events);
 
-  int epoll_fd_;
+  UniqueFd epoll_fd_;  // closed after the owned descriptors (the destructor closes those)
   bool running_ = false;
   std::uint64_t next_id_ = 1;
   std::map<std::uint64_t, Entry> entries_;

@@ -19,7 +19,13 @@ enum class ExitCode : int {
 std::string_view to_string(ExitCode code) noexcept;
 inline int as_int(ExitCode code) noexcept { return static_cast<int>(code); }
 
-// The exit code a CLI uses for an error the daemon reported with this Errc word.
-ExitCode exit_code_for(Errc code) noexcept;
+// When an error ended the process: the same Errc means a different exit code at start-up than in an operation.
+enum class ErrorStage {
+  start_up,   // dauthd loading its configuration, credentials and key store: what the operator must fix is 2
+  operation,  // a dauthctl request the daemon answered: refusals are 4, other failures of the operation 1
+};
+
+// The one Errc -> exit code map, for dauthd's start-up and dauthctl's replies alike.
+ExitCode exit_code_for(Errc code, ErrorStage stage) noexcept;
 
 }  // namespace dauth::daemon
