@@ -115,6 +115,16 @@ Result<void> validate_fqdn(std::string_view fqdn) {
   return ok_result();
 }
 
+std::string canonical_fqdn(std::string_view fqdn) {
+  std::string out(fqdn);
+  for (char& c : out) {
+    if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');  // ASCII only: not the locale's tolower
+  }
+  return out;
+}
+
+bool same_fqdn(std::string_view a, std::string_view b) { return canonical_fqdn(a) == canonical_fqdn(b); }
+
 Result<std::string> issuer_fqdn_of(std::string_view key_id) {
   const std::size_t at = key_id.find('@');
   if (at == std::string_view::npos) {
@@ -147,6 +157,41 @@ Result<void> validate_kpm_id(std::string_view kpm_id) {
   return ok_result();
 }
 
+Result<std::string> canonical_kpm_id(std::string_view kpm_id) {
+  if (auto valid = validate_kpm_id(kpm_id); !valid) return std::move(valid).error();
+  const std::size_t at = kpm_id.find('@');
+  return std::string(kpm_id.substr(0, at + 1)) + canonical_fqdn(kpm_id.substr(at + 1));
+}
+
+bool key_id_names_mef(std::string_view key_id, std::string_view mef_fqdn) {
+  auto issuer = issuer_fqdn_of(key_id);
+  return issuer.ok() && same_fqdn(*issuer, mef_fqdn);
+}
+
+Result<std::string> canonical_serial(std::string_view serial_hex) {
+  constexpr std::size_t kMaxSerialHexDigits = 40;  // RFC 5280 §4.1.2.2: 20 octets
+  if (serial_hex.empty() || serial_hex.size() > kMaxSerialHexDigits) {
+    return invalid("certificate serial", serial_hex,
+                   "length " + std::to_string(serial_hex.size()) + ", must be 1–" +
+                       std::to_string(kMaxSerialHexDigits) + " hex digits");
+  }
+  std::string digits;
+  for (const char c : serial_hex) {
+    if (c >= 'a' && c <= 'f') {
+      digits.push_back(static_cast<char>(c - 'a' + 'A'));
+    } else if ((c >= 'A' && c <= 'F') || (c >= '0' && c <= '9')) {
+      digits.push_back(c);
+    } else {
+      return invalid("certificate serial", serial_hex, "is not hexadecimal (0-9, A-F, either case)");
+    }
+  }
+  // The same integer has one spelling: leading zeros go (a DER sign octet included), then whole octets again.
+  const std::size_t first = digits.find_first_not_of('0');
+  digits.erase(0, first == std::string::npos ? digits.size() : first);
+  if (digits.size() % 2 != 0 || digits.empty()) digits.insert(0, digits.empty() ? "00" : "0");
+  return digits;
+}
+
 std::string KeId::text() const {
   return to_hex(ByteView(relative.data(), relative.size()), /*upper_case=*/true) + "@" + mef_fqdn;
 }
@@ -164,10 +209,7 @@ Result<KeId> parse_ke_id(std::string_view ke_id) {
   if (!bytes) return invalid("KeID", ke_id, "part before '@' is not hexadecimal (0-9, A-F)");
   KeId parsed;
   std::copy(bytes->begin(), bytes->end(), parsed.relative.begin());
-  // DNS names compare case-insensitively (RFC 4343); the canonical text is lower-case.
-  parsed.mef_fqdn = std::move(issuer).value();
-  std::transform(parsed.mef_fqdn.begin(), parsed.mef_fqdn.end(), parsed.mef_fqdn.begin(),
-                 [](char c) { return (c >= 'A' && c <= 'Z') ? static_cast<char>(c - 'A' + 'a') : c; });
+  parsed.mef_fqdn = canonical_fqdn(*issuer);
   return parsed;
 }
 

@@ -213,9 +213,9 @@ Result<void> validate_fields(const CertificateRecord& r, const Record& whole) {
   return ok_result();
 }
 Result<void> validate_fields(const IssuanceRecord& r, const Record& whole) {
-  if (!from_hex(r.serial_hex) ||
-      std::any_of(r.serial_hex.begin(), r.serial_hex.end(), [](char c) { return c >= 'a' && c <= 'f'; })) {
-    return invalid_record(whole, "serial_hex must be upper-case hexadecimal with an even number of digits");
+  if (auto canonical = canonical_serial(r.serial_hex); !canonical || *canonical != r.serial_hex) {
+    return invalid_record(whole, "serial_hex must be canonical (upper-case hex of whole octets, no leading zero "
+                                 "octet: identifiers.hpp canonical_serial)");
   }
   return check_ae_id(whole, "ae_id", r.ae_id);
 }

@@ -21,16 +21,13 @@ Result<EnrolmentKey> split_bootstrap_export(const SecretBuffer& exported, std::s
     return make_error(Errc::invalid_argument, "bootstrap export has " + std::to_string(exported.size()) +
                                                   " bytes, must be " + std::to_string(kBootstrapExportSize));
   }
-  std::string canonical_fqdn(mef_fqdn);
-  if (auto ok = validate_fqdn(canonical_fqdn); !ok) {
+  if (auto ok = validate_fqdn(mef_fqdn); !ok) {
     return make_error(Errc::invalid_argument, "MEF " + ok.error().message);
   }
-  std::transform(canonical_fqdn.begin(), canonical_fqdn.end(), canonical_fqdn.begin(),
-                 [](char c) { return (c >= 'A' && c <= 'Z') ? static_cast<char>(c - 'A' + 'a') : c; });
   // TS-0003 §10.3.1: RelativeKeID = the 16 most significant bytes, Ke = the 32 least significant (big-endian).
   EnrolmentKey key;
   std::copy(exported.data(), exported.data() + kRelativeKeIdSize, key.ke_id.relative.begin());
-  key.ke_id.mef_fqdn = std::move(canonical_fqdn);
+  key.ke_id.mef_fqdn = canonical_fqdn(mef_fqdn);
   key.ke = exported.slice(kRelativeKeIdSize, kEnrolmentKeySize);
   return key;
 }

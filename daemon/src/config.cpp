@@ -523,7 +523,7 @@ void Parser::check_cross_fields(const std::vector<ConfigTable>& tables) {
     const std::string* mef_fqdn = text_of(enrolee, "mef_fqdn");
     if (const ConfigEntry* kpm_id = ae->find("kpm_id"); kpm_id && mef_fqdn) {
       auto issuer = crypto::issuer_fqdn_of(std::get<std::string>(kpm_id->value));
-      if (issuer && *issuer != *mef_fqdn) {
+      if (issuer && !crypto::same_fqdn(*issuer, *mef_fqdn)) {
         error_entry(*ae, *kpm_id, "names MEF " + *issuer + ", but enrolee.mef_fqdn = " + toml_quote(*mef_fqdn));
       }
     }
@@ -583,10 +583,13 @@ void Parser::check_cross_fields(const std::vector<ConfigTable>& tables) {
     }
     if (!kpm_id) continue;
     const auto& id = std::get<std::string>(kpm_id->value);
-    if (!kpm_ids.insert(id).second) error_entry(*row, *kpm_id, "KpmID listed twice in [[mef.enrolee]]");
+    const auto canonical = crypto::canonical_kpm_id(id);  // "k@MEF.example" and "k@mef.example" are one KpmID
+    if (canonical && !kpm_ids.insert(*canonical).second) {
+      error_entry(*row, *kpm_id, "KpmID listed twice in [[mef.enrolee]]");
+    }
     const std::string* fqdn = text_of(mef, "fqdn");
     auto issuer = crypto::issuer_fqdn_of(id);
-    if (fqdn && issuer && *issuer != *fqdn) {
+    if (fqdn && issuer && !crypto::same_fqdn(*issuer, *fqdn)) {
       error_entry(*row, *kpm_id, "names MEF " + *issuer + ", but mef.fqdn = " + toml_quote(*fqdn));
     }
   }
@@ -661,6 +664,16 @@ std::filesystem::path get_path(const ConfigTable& table, std::string_view key) {
   return get<std::string>(table, key);
 }
 
+// DNS names and KpmIDs enter the typed view in their one canonical form (PROTOCOL.md §1), so that every lookup and
+// comparison after the parser agrees whatever case the file used. The values were validated before this.
+std::string get_fqdn(const ConfigTable& table, std::string_view key) {
+  return crypto::canonical_fqdn(get<std::string>(table, key));
+}
+std::string get_kpm_id(const ConfigTable& table, std::string_view key) {
+  const std::string given = get<std::string>(table, key);
+  return given.empty() ? given : crypto::canonical_kpm_id(given).value();
+}
+
 void build_typed(Config& config) {
   for (const ConfigTable& t : config.tables) {
     if (t.section == "daemon") {
@@ -677,12 +690,12 @@ void build_typed(Config& config) {
     } else if (t.section == "enrolee") {
       auto& e = config.enrolee.emplace();
       e.mef_address = get<std::string>(t, "mef_address");
-      e.mef_fqdn = get<std::string>(t, "mef_fqdn");
+      e.mef_fqdn = get_fqdn(t, "mef_fqdn");
       e.mef_trust_anchor = get_path(t, "mef_trust_anchor");
       e.local_listen = get<std::string>(t, "local_listen");
     } else if (t.section == "mef") {
       auto& m = config.mef.emplace();
-      m.fqdn = get<std::string>(t, "fqdn");
+      m.fqdn = get_fqdn(t, "fqdn");
       m.listen = get<std::string>(t, "listen");
       m.certificate_file = get_path(t, "certificate_file");
       m.private_key_file = get_path(t, "private_key_file");
@@ -713,7 +726,7 @@ void build_typed(Config& config) {
       ae.id = get<std::string>(t, "id");
       ae.endpoint = get<std::string>(t, "endpoint");
       ae.local_source = get<std::string>(t, "local_source");
-      ae.kpm_id = get<std::string>(t, "kpm_id");
+      ae.kpm_id = get_kpm_id(t, "kpm_id");
       ae.kpm_file = get_path(t, "kpm_file");
       ae.certificate_file = get_path(t, "certificate_file");
       ae.private_key_file = get_path(t, "private_key_file");
@@ -721,7 +734,7 @@ void build_typed(Config& config) {
       config.enrolee->aes.push_back(std::move(ae));
     } else if (t.section == "mef.enrolee" && config.mef) {
       MefEnrolee row;
-      row.kpm_id = get<std::string>(t, "kpm_id");
+      row.kpm_id = get_kpm_id(t, "kpm_id");
       row.kpm_file = get_path(t, "kpm_file");
       row.certificate_ae_id = get<std::string>(t, "certificate_ae_id");
       row.enrolee_id = get<std::string>(t, "enrolee_id");

@@ -37,7 +37,8 @@ Result<transport::X509Credentials> mef_x509_credentials(const MefSettings& mef) 
   auto chain = crypto::Certificate::load_file(mef.certificate_file.string());
   if (!chain) return make_error(chain.error().code, "mef.certificate_file: " + chain.error().message);
   const auto dns_names = chain->san_dns_names();
-  if (std::find(dns_names.begin(), dns_names.end(), mef.fqdn) == dns_names.end()) {
+  if (std::none_of(dns_names.begin(), dns_names.end(),
+                   [&](const std::string& name) { return crypto::same_fqdn(name, mef.fqdn); })) {
     return make_error(Errc::invalid_argument, "mef.certificate_file " + mef.certificate_file.string() +
                                                   ": no subjectAltName dNSName " + mef.fqdn +
                                                   " (enrolees check the MEF's FQDN)");
@@ -791,7 +792,8 @@ Result<nlohmann::json> Roles::revoke(const std::string& id) {
   return nlohmann::json{{"id", id}, {"kind", "enrolment"}};
 }
 
-Result<nlohmann::json> Roles::add_credential(const std::string& kpm_id, const std::string& ae_id, SecretBuffer kpm) {
+Result<nlohmann::json> Roles::add_credential(const std::string& given_kpm_id, const std::string& ae_id,
+                                             SecretBuffer kpm) {
   Impl& s = *impl_;
   LocalAeState* ae = s.find_ae(ae_id);
   if (ae == nullptr || !ae->enrolee) {
@@ -803,9 +805,9 @@ Result<nlohmann::json> Roles::add_credential(const std::string& kpm_id, const st
     return make_error(Errc::invalid_argument, "credentials.add: local AE " + ae_id + " bootstraps with its device "
                                               "certificate (enrolee.ae.certificate_file), not a pre-provisioned key");
   }
-  if (auto valid = crypto::validate_kpm_id(kpm_id); !valid) {
-    return make_error(Errc::invalid_argument, "credentials.add: " + valid.error().message);
-  }
+  auto canonical = crypto::canonical_kpm_id(given_kpm_id);  // stored and compared in one form (PROTOCOL.md §1)
+  if (!canonical) return make_error(Errc::invalid_argument, "credentials.add: " + canonical.error().message);
+  const std::string& kpm_id = *canonical;
   if (s.configured_kpm_ids.count(kpm_id)) {
     return make_error(Errc::exists, "credentials.add: KpmID " + kpm_id + " belongs to the configuration "
                                     "([[enrolee.ae]] kpm_id and kpm_file): change that key file and reload, or add "
@@ -816,11 +818,7 @@ Result<nlohmann::json> Roles::add_credential(const std::string& kpm_id, const st
     return make_error(Errc::exists, "credentials.add: KpmID " + kpm_id + " is already the credential of " +
                                         existing->ae_id + " (dauthctl credentials remove " + kpm_id + " first)");
   }
-  const auto lower = [](std::string text) {  // DNS names compare case-insensitively
-    for (auto& c : text) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-    return text;
-  };
-  if (auto issuer = crypto::issuer_fqdn_of(kpm_id); !issuer || lower(*issuer) != lower(ae->enrolee->mef_fqdn())) {
+  if (!crypto::key_id_names_mef(kpm_id, ae->enrolee->mef_fqdn())) {
     return make_error(Errc::invalid_argument, "credentials.add: KpmID " + kpm_id + " must name the MEF " + ae_id +
                                                   " enrols with (@" + ae->enrolee->mef_fqdn() + ")");
   }
@@ -846,8 +844,10 @@ Result<nlohmann::json> Roles::add_credential(const std::string& kpm_id, const st
   return nlohmann::json{{"kpm_id", kpm_id}, {"ae_id", ae_id}, {"fingerprint", fingerprint}, {"replaced", replaced}};
 }
 
-Result<nlohmann::json> Roles::remove_credential(const std::string& kpm_id) {
+Result<nlohmann::json> Roles::remove_credential(const std::string& given_kpm_id) {
   Impl& s = *impl_;
+  auto canonical = crypto::canonical_kpm_id(given_kpm_id);  // as add_credential stored it
+  const std::string kpm_id = canonical ? *canonical : given_kpm_id;
   if (s.aes.empty()) return make_error(Errc::unsupported, "credentials.remove: no [enrolee] role");
   if (s.configured_kpm_ids.count(kpm_id)) {
     return make_error(Errc::invalid_argument, "credentials.remove: KpmID " + kpm_id + " belongs to the configuration "
@@ -911,12 +911,12 @@ Result<nlohmann::json> Roles::add_enrolee(const MefEnrolee& row, SecretBuffer kp
   if (psk == kpm.empty()) return bad("give a KpmID with its key, or a certificate AE-ID without one");
   crypto::EnroleeRecord record;
   if (psk) {
-    if (auto valid = crypto::validate_kpm_id(row.kpm_id); !valid) return bad(valid.error().message);
-    auto issuer = crypto::issuer_fqdn_of(row.kpm_id);
-    if (!issuer || *issuer != mef.fqdn) {
+    auto kpm_id = crypto::canonical_kpm_id(row.kpm_id);  // the Mef looks its PSK identities up in this form
+    if (!kpm_id) return bad(kpm_id.error().message);
+    if (!crypto::key_id_names_mef(*kpm_id, mef.fqdn)) {
       return bad("KpmID " + row.kpm_id + " must name this MEF (@" + mef.fqdn + ")");
     }
-    record.credential_id = row.kpm_id;
+    record.credential_id = std::move(*kpm_id);
   } else {
     if (auto valid = crypto::validate_ae_id(row.certificate_ae_id); !valid) return bad(valid.error().message);
     if (mef.certificate_file.empty() || mef.device_ca.empty()) {
@@ -957,8 +957,10 @@ Result<nlohmann::json> Roles::add_enrolee(const MefEnrolee& row, SecretBuffer kp
   return result;
 }
 
-Result<nlohmann::json> Roles::remove_enrolee(const std::string& id) {
+Result<nlohmann::json> Roles::remove_enrolee(const std::string& given_id) {
   Impl& s = *impl_;
+  auto canonical = crypto::canonical_kpm_id(given_id);  // a KpmID as add_enrolee stored it; "cert:..." as given
+  const std::string id = canonical ? *canonical : given_id;
   if (!s.mef) return make_error(Errc::unsupported, "enrolees.remove: no [mef] role");
   if (s.configured_enrolee_ids.count(id)) {
     return make_error(Errc::invalid_argument, "enrolees.remove: " + id + " belongs to the configuration ([[mef.enrolee]]): "

@@ -417,12 +417,12 @@ Result<std::unique_ptr<Enrolee>> Enrolee::create(transport::Node& node, crypto::
     }
     local_ae_id = bootstrap->ae_id;
   }
+  // The SNI sent to the MEF, the KeID's FQDN and every comparison use one spelling (PROTOCOL.md §1).
+  config.mef_fqdn = crypto::canonical_fqdn(config.mef_fqdn);
   auto impl = std::make_shared<Impl>(node, store, std::move(config), std::move(local_ae_id));
   // A restart keeps a still-valid enrolment of this AE with this MEF (the latest one).
-  // KeID text is canonical with a lower-case FQDN (identifiers.hpp).
-  std::string suffix = "@" + impl->config.mef_fqdn;
-  std::transform(suffix.begin(), suffix.end(), suffix.begin(),
-                 [](char c) { return (c >= 'A' && c <= 'Z') ? static_cast<char>(c - 'A' + 'a') : c; });
+  // KeID text is canonical (identifiers.hpp), as config.mef_fqdn is by now.
+  const std::string suffix = "@" + impl->config.mef_fqdn;
   const crypto::EnrolmentKeyRecord* best = nullptr;
   const std::int64_t now = impl->now();
   store.for_each(crypto::RecordKind::enrolment_key, [&](const crypto::Record& r) {
@@ -483,12 +483,7 @@ Result<void> Enrolee::use_bootstrap_key(const std::string& kpm_id) {
   if (auto valid = crypto::validate_kpm_id(kpm_id); !valid.ok()) return std::move(valid).error();
   auto issuer = crypto::issuer_fqdn_of(kpm_id);
   if (!issuer.ok()) return std::move(issuer).error();
-  const auto lower = [](std::string text) {
-    std::transform(text.begin(), text.end(), text.begin(),
-                   [](char c) { return (c >= 'A' && c <= 'Z') ? static_cast<char>(c - 'A' + 'a') : c; });
-    return text;
-  };
-  if (lower(*issuer) != lower(s.config.mef_fqdn)) {  // DNS names compare case-insensitively
+  if (!crypto::same_fqdn(*issuer, s.config.mef_fqdn)) {
     return make_error(Errc::invalid_argument, "KpmID " + kpm_id + " names MEF " + *issuer + ", but enrolee " +
                                                   s.ae_id + " enrols with " + s.config.mef_fqdn);
   }

@@ -54,10 +54,17 @@ class EnrolmentExchange {
   ExchangeState state_ = ExchangeState::received;
 };
 
+// The enrolee table key of a PSK identity: a KpmID in its canonical form, so that an Enrolee writing its MEF's FQDN
+// in another case finds its row (PROTOCOL.md §1); any other identity as it is (it finds no row).
+std::string enrolee_credential_id(std::string_view psk_identity) {
+  auto kpm_id = crypto::canonical_kpm_id(psk_identity);
+  return kpm_id ? std::move(*kpm_id) : std::string(psk_identity);
+}
+
 // The key under which the enrolee table knows the session's credential (keystore.hpp, EnroleeRecord).
 std::string enrolee_credential_id(const transport::PeerIdentity& peer) {
   switch (peer.kind) {
-    case transport::PeerKind::psk: return peer.value;
+    case transport::PeerKind::psk: return enrolee_credential_id(peer.value);
     case transport::PeerKind::x509: return "cert:" + peer.value;
     case transport::PeerKind::rpk: return "rpk:" + peer.value;
     case transport::PeerKind::local: return {};
@@ -157,7 +164,7 @@ struct Mef::Impl {
       if (!record.ok()) return std::move(record).error();
       return crypto::derive_reauthentication_key((*record)->ke);  // PROTOCOL.md §3.5
     }
-    const auto* enrolee = store.find<crypto::EnroleeRecord>(identity);
+    const auto* enrolee = store.find<crypto::EnroleeRecord>(enrolee_credential_id(identity));
     if (enrolee == nullptr || enrolee->kpm.empty()) {
       return make_error(Errc::not_found, "PSK identity " + crypto::quote_for_error(identity) +
                                              " is neither an enrolee's KpmID nor a KeID of this MEF");
@@ -678,6 +685,7 @@ Mef::~Mef() {
 
 Result<std::unique_ptr<Mef>> Mef::create(transport::Node& node, crypto::KeyStore& store, MefConfig config) {
   if (auto valid = crypto::validate_fqdn(config.fqdn); !valid.ok()) return std::move(valid).error();
+  config.fqdn = crypto::canonical_fqdn(config.fqdn);
   if (config.max_certificate_validity_s <= 0) {
     return make_error(Errc::invalid_argument, "MEF max certificate validity " +
                                                   std::to_string(config.max_certificate_validity_s) +
@@ -754,10 +762,8 @@ Result<void> Mef::revoke(std::string_view ke_id_text) {
 }
 
 Result<void> Mef::revoke_certificate(std::string_view serial_hex) {
-  std::string serial(serial_hex);
-  std::transform(serial.begin(), serial.end(), serial.begin(),
-                 [](char c) { return (c >= 'a' && c <= 'f') ? static_cast<char>(c - 'a' + 'A') : c; });
-  const auto* record = impl_->store.find<crypto::IssuanceRecord>(serial);
+  auto serial = crypto::canonical_serial(serial_hex);
+  const auto* record = serial ? impl_->store.find<crypto::IssuanceRecord>(*serial) : nullptr;
   if (record == nullptr) {
     return make_error(Errc::not_found, "revoke: certificate serial " + crypto::quote_for_error(serial_hex) +
                                            " was not issued by this MEF");

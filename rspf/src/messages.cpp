@@ -471,15 +471,9 @@ Result<RevocationList> decode_revocation_list(ByteView payload, ContentFormat fo
   auto serials = fields.texts("serials", true, kMaxRevocationListEntries);
   if (!serials) return std::move(serials).error();
   for (auto& serial : *serials) {
-    // RFC 5280 §4.1.2.2: at most 20 bytes.
-    const bool hex = !serial.empty() && serial.size() <= 40 && serial.size() % 2 == 0 &&
-                     std::all_of(serial.begin(), serial.end(), [](char c) {
-                       return (c >= '0' && c <= '9') || (c >= 'A' && c <= 'F') || (c >= 'a' && c <= 'f');
-                     });
-    if (!hex) return fields.wrong("serials", "an array of certificate serials (2-40 hex digits)");
-    std::transform(serial.begin(), serial.end(), serial.begin(),
-                   [](char c) { return (c >= 'a' && c <= 'f') ? static_cast<char>(c - 'a' + 'A') : c; });
-    list.serials.push_back(std::move(serial));
+    auto canonical = crypto::canonical_serial(serial);
+    if (!canonical) return fields.wrong("serials", "an array of certificate serials (" + canonical.error().message + ")");
+    list.serials.push_back(std::move(*canonical));
   }
   auto ke_ids = fields.texts("keIds", true, kMaxRevocationListEntries);
   if (!ke_ids) return std::move(ke_ids).error();

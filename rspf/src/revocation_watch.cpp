@@ -11,26 +11,6 @@
 
 namespace dauth::rspf {
 
-namespace {
-
-std::string lower_case(std::string_view text) {
-  std::string out(text);
-  for (char& c : out) {
-    if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
-  }
-  return out;
-}
-
-std::string upper_case(std::string_view text) {
-  std::string out(text);
-  for (char& c : out) {
-    if (c >= 'a' && c <= 'z') c = static_cast<char>(c - 'a' + 'A');
-  }
-  return out;
-}
-
-}  // namespace
-
 struct RevocationWatch::Impl : std::enable_shared_from_this<RevocationWatch::Impl> {
   // One MEF: its contacts, its subscription, and the last list applied from it.
   struct Mef {
@@ -38,12 +18,12 @@ struct RevocationWatch::Impl : std::enable_shared_from_this<RevocationWatch::Imp
     std::unique_ptr<MefSubscription> subscription;
     bool received = false;
     std::int64_t version = -1;
-    std::set<std::string> serials;  // upper-case hex
+    std::set<std::string> serials;  // crypto::canonical_serial form
   };
 
   transport::Node& node;
   RevocationWatchConfig config;
-  std::map<std::string, Mef> mefs;  // by lower-case FQDN
+  std::map<std::string, Mef> mefs;  // by crypto::canonical_fqdn
   RevokedObserver observer;
   std::uint64_t applied = 0;
 
@@ -65,7 +45,8 @@ struct RevocationWatch::Impl : std::enable_shared_from_this<RevocationWatch::Imp
                                             "arrives (fail closed)");
       }
     }
-    const std::string serial = upper_case(peer.certificate_serial);
+    // Both sides are crypto::canonical_serial: the list by decode, the peer's by Certificate::serial_hex().
+    const std::string& serial = peer.certificate_serial;
     for (const auto& [fqdn, mef] : mefs) {
       if (mef.serials.count(serial) != 0) {
         return make_error(Errc::denied, "certificate serial " + serial + " of '" + peer.value +
@@ -116,7 +97,7 @@ struct RevocationWatch::Impl : std::enable_shared_from_this<RevocationWatch::Imp
                  " (version " + std::to_string(mef.version) + " applied)");
       return;
     }
-    std::set<std::string> serials(list->serials.begin(), list->serials.end());  // decode made them upper-case
+    std::set<std::string> serials(list->serials.begin(), list->serials.end());  // decode made them canonical
     std::vector<std::string> newly;
     for (const auto& serial : serials) {
       if (mef.serials.count(serial) == 0) newly.push_back(serial);
@@ -151,7 +132,7 @@ std::unique_ptr<RevocationWatch> RevocationWatch::create(transport::Node& node, 
 
 Result<void> RevocationWatch::add_mef(std::string_view mef_fqdn, MefContact contact) {
   if (auto valid = crypto::validate_fqdn(mef_fqdn); !valid.ok()) return valid;
-  const std::string fqdn = lower_case(mef_fqdn);
+  const std::string fqdn = crypto::canonical_fqdn(mef_fqdn);
   Impl::Mef& mef = impl_->mefs[fqdn];
   mef.contacts.push_back(std::move(contact));
   if (!mef.subscription) {
@@ -170,7 +151,10 @@ Result<void> RevocationWatch::add_mef(std::string_view mef_fqdn, MefContact cont
   return ok_result();
 }
 
-bool RevocationWatch::is_revoked(std::string_view serial) const { return impl_->is_revoked(upper_case(serial)); }
+bool RevocationWatch::is_revoked(std::string_view serial) const {
+  auto canonical = crypto::canonical_serial(serial);
+  return canonical && impl_->is_revoked(*canonical);
+}
 
 bool RevocationWatch::complete() const {
   for (const auto& [fqdn, mef] : impl_->mefs) {

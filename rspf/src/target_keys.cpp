@@ -19,17 +19,6 @@
 
 namespace dauth::rspf {
 
-namespace {
-
-std::string lower_case(std::string_view text) {
-  std::string out(text);
-  for (char& c : out) {
-    if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
-  }
-  return out;
-}
-}  // namespace
-
 // A switch without default: -Wswitch (an error here) names any state left without a name.
 std::string_view to_string(FetchState state) noexcept {
   switch (state) {
@@ -57,7 +46,7 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
   // Served AE-ID -> the server name clients send for it (crypto::server_name_for_ae_id: a SHA-256 for some AE-IDs,
   // so computed once here, not per handshake); config.local_ae_id included.
   std::map<std::string, std::string> served;
-  std::map<std::pair<std::string, std::string>, MefContact> mefs;  // (local AE, lower-case FQDN) -> contact
+  std::map<std::pair<std::string, std::string>, MefContact> mefs;  // (local AE, canonical_fqdn) -> contact
   std::map<FetchKey, FetchState> fetches;                         // queued | fetching (others are removed)
   bool start_posted = false;
   FetchObserver observer;
@@ -373,7 +362,7 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
     // An MEF speaks only for the KeIDs it derived (their '@' part names it).
     auto from_this_mef = [&](const std::string& id) {
       auto parsed = crypto::parse_ke_id(id);
-      return parsed.ok() && lower_case(parsed->mef_fqdn) == mef_fqdn;
+      return parsed.ok() && parsed->mef_fqdn == mef_fqdn;  // both crypto::canonical_fqdn
     };
     for (const auto& id : feed.revoked) {
       if (!from_this_mef(id)) continue;
@@ -484,7 +473,7 @@ Result<void> TargetKeys::add_mef(std::string_view mef_fqdn, MefContact contact, 
   const std::string ae = local_ae_id.empty() ? impl_->config.local_ae_id : std::string(local_ae_id);
   if (auto valid = crypto::validate_ae_id(ae); !valid.ok()) return valid;
   impl_->served.emplace(ae, crypto::server_name_for_ae_id(ae));
-  const Impl::ContactKey key{ae, lower_case(mef_fqdn)};
+  const Impl::ContactKey key{ae, crypto::canonical_fqdn(mef_fqdn)};
   if (impl_->config.observe_feed) {
     // A replaced contact subscribes again with its new address/credentials (the old subscription is cancelled).
     auto& feed = impl_->feeds[key];
@@ -518,7 +507,10 @@ std::size_t TargetKeys::feeds_live() const {
   return live;
 }
 std::uint64_t TargetKeys::feed_notifications() const { return impl_->notifications; }
-bool TargetKeys::is_revoked(std::string_view ke_id) const { return impl_->revoked.count(std::string(ke_id)) != 0; }
+bool TargetKeys::is_revoked(std::string_view ke_id) const {
+  auto parsed = crypto::parse_ke_id(ke_id);  // the set holds canonical KeID text (feed decoding)
+  return parsed && impl_->revoked.count(parsed->text()) != 0;
+}
 TargetKeys::FeedStats TargetKeys::feed_stats() const { return impl_->feed_stats; }
 
 }  // namespace dauth::rspf

@@ -2,8 +2,12 @@
 #include <catch2/catch.hpp>
 
 #include "dauth/crypto/identifiers.hpp"
+#include "dauth/crypto/onem2m.hpp"
+#include "dauth/crypto/x509.hpp"
+#include "dauth/secret.hpp"
 
 namespace crypto = dauth::crypto;
+using dauth::SecretBuffer;
 
 TEST_CASE("AE-IDs: plain, SP-relative and absolute forms are accepted", "[identifiers]") {
   for (const char* ok : {"CAE-meter-01", "/in-cse/CAE-meter-01", "//m2m.example.net/in-cse/CAE-meter-01", "S9",
@@ -113,4 +117,61 @@ TEST_CASE("server names: any other AE-ID is ae- and base32 of 20 bytes of its SH
     CHECK(name == vector.server_name);
     CHECK(crypto::validate_fqdn(name).ok());  // what a TLS server accepts as SNI
   }
+}
+
+TEST_CASE("canonical FQDNs are lower-case ASCII and compare case-insensitively", "[identifiers]") {
+  REQUIRE(crypto::canonical_fqdn("MEF.Example.COM") == "mef.example.com");
+  REQUIRE(crypto::canonical_fqdn("mef-1.example.com") == "mef-1.example.com");
+  REQUIRE(crypto::same_fqdn("MEF.Example.COM", "mef.example.com"));
+  REQUIRE_FALSE(crypto::same_fqdn("mef.example.com", "mef.example.net"));
+  // RFC 1123 names are ASCII: bytes beyond it are not case-folded (no locale tolower).
+  REQUIRE(crypto::canonical_fqdn("\xC3\x89") == "\xC3\x89");
+  REQUIRE_FALSE(crypto::validate_fqdn("mef.example.com.").ok());  // no trailing dot to strip: it is refused
+}
+
+TEST_CASE("canonical KpmIDs keep the relative part and lower-case the MEF FQDN", "[identifiers]") {
+  REQUIRE(*crypto::canonical_kpm_id("Meter-01@MEF.Example.COM") == "Meter-01@mef.example.com");
+  REQUIRE(*crypto::canonical_kpm_id("meter@mef.example.com") == "meter@mef.example.com");
+  REQUIRE_THAT(crypto::canonical_kpm_id("meter@mef_x").error().message, Catch::Contains("not a valid FQDN"));
+  REQUIRE(crypto::key_id_names_mef("meter@mef.example.com", "MEF.Example.COM"));
+  REQUIRE(crypto::key_id_names_mef("00112233445566778899AABBCCDDEEFF@Mef.Example.com", "mef.example.com"));
+  REQUIRE_FALSE(crypto::key_id_names_mef("meter@mef.example.net", "mef.example.com"));
+  REQUIRE_FALSE(crypto::key_id_names_mef("meter", "mef.example.com"));
+}
+
+TEST_CASE("KeID and enrolment key FQDNs use the canonical form", "[identifiers]") {
+  auto id = crypto::parse_ke_id("00112233445566778899aabbccddeeff@MEF.Example.COM");
+  REQUIRE(id.ok());
+  REQUIRE(id->mef_fqdn == crypto::canonical_fqdn("MEF.Example.COM"));
+  auto exported = SecretBuffer::random(crypto::kBootstrapExportSize);
+  auto key = crypto::split_bootstrap_export(exported, "MEF.Example.COM");
+  REQUIRE(key.ok());
+  REQUIRE(key->ke_id.mef_fqdn == "mef.example.com");
+}
+
+TEST_CASE("canonical serials are Certificate::serial_hex spellings: upper-case whole octets without leading zeros",
+          "[identifiers]") {
+  REQUIRE(*crypto::canonical_serial("0a1b") == "0A1B");
+  REQUIRE(*crypto::canonical_serial("A1B") == "0A1B");
+  REQUIRE(*crypto::canonical_serial("000A1B") == "0A1B");
+  REQUIRE(*crypto::canonical_serial("008f") == "8F");  // a DER sign octet is not part of the number
+  REQUIRE(*crypto::canonical_serial("0") == "00");
+  REQUIRE(*crypto::canonical_serial(std::string(40, 'f')) == std::string(40, 'F'));
+  REQUIRE_THAT(crypto::canonical_serial("").error().message, Catch::Contains("must be 1–40 hex digits"));
+  REQUIRE_FALSE(crypto::canonical_serial(std::string(41, 'a')).ok());
+  REQUIRE_THAT(crypto::canonical_serial("0x1F").error().message, Catch::Contains("not hexadecimal"));
+  REQUIRE_FALSE(crypto::canonical_serial("0A:1B").ok());
+
+  // A certificate whose DER serial needs a sign octet (0x00 0x8F ...) prints as the canonical serial.
+  auto ca = crypto::CertificateAuthority::create_self_signed(crypto::PrivateKey::generate_p256().value(),
+                                                             "CN=serial test CA", 1700000000, 1800000000);
+  REQUIRE(ca.ok());
+  crypto::IssueParams params;
+  params.serial = {0x8F, 0x01, 0x02};
+  params.not_before = 1700000000;
+  params.not_after = 1800000000;
+  auto certificate = ca->issue_for_key(crypto::PrivateKey::generate_p256().value(), {"serial test", {}, {}}, params);
+  REQUIRE(certificate.ok());
+  REQUIRE(certificate->serial_hex() == "8F0102");
+  REQUIRE(*crypto::canonical_serial("008f0102") == certificate->serial_hex());
 }

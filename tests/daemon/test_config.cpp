@@ -228,6 +228,31 @@ TEST_CASE("cross-field rules run after the keys and point at the offending value
              Catch::Contains("enrolee.ae[0].id = \"CAE-a\": needs exactly one bootstrap credential"));
 }
 
+TEST_CASE("MEF FQDNs compare as DNS names: other case is the same MEF and enters the typed view lower-case",
+          "[config]") {
+  // PROTOCOL.md §1: the MEF is named in capitals where the FQDN is configured, in lower case in the KpmIDs.
+  auto text = full_config("/keys");
+  text = std::regex_replace(text, std::regex("mef_fqdn = \"mef.example.net\""), "mef_fqdn = \"MEF.Example.NET\"");
+  text = std::regex_replace(text, std::regex("\nfqdn = \"mef.example.net\""), "\nfqdn = \"Mef.Example.Net\"");
+  auto config = parse_config(text, "t.toml");
+  INFO((config.ok() ? std::string() : config.error().message));
+  REQUIRE(config.ok());
+  CHECK(config->enrolee->mef_fqdn == "mef.example.net");
+  CHECK(config->mef->fqdn == "mef.example.net");
+  // And the other way round: KpmIDs naming the MEF in capitals are stored canonical (relative part as written).
+  auto upper_ids = std::regex_replace(full_config("/keys"), std::regex("kpm_id = \"meter01@mef.example.net\""),
+                                      "kpm_id = \"Meter01@MEF.EXAMPLE.net\"");
+  auto upper = parse_config(upper_ids, "t.toml");
+  INFO((upper.ok() ? std::string() : upper.error().message));
+  REQUIRE(upper.ok());
+  CHECK(upper->enrolee->aes[0].kpm_id == "Meter01@mef.example.net");
+  CHECK(upper->mef->enrolees[0].kpm_id == "Meter01@mef.example.net");
+  // One KpmID in two spellings is one KpmID listed twice.
+  CHECK_THAT(error_of(full_config("/keys") + "\n[[mef.enrolee]]\nkpm_id = \"meter01@MEF.example.net\"\n"
+                                             "kpm_file = \"/k2\"\nenrolee_id = \"CAE-other\"\n"),
+             Catch::Contains("mef.enrolee[2].kpm_id = \"meter01@MEF.example.net\": KpmID listed twice"));
+}
+
 TEST_CASE("enrolee table rows and certificate AEs: one bootstrap identity, and the X.509 set-up they need",
           "[config]") {
   const auto text = full_config("/keys");

@@ -362,3 +362,25 @@ TEST_CASE("key retrieval is refused to non-targets, for SUID 42, for revoked and
   REQUIRE(reported.size() == 1);
   REQUIRE(world.valve_keys->fetches_pending() == 0);
 }
+
+TEST_CASE("an Enrolee whose KpmID writes the MEF's FQDN in capitals enrols: the MEF compares it as a DNS name",
+          "[rspf][network]") {
+  World world;
+  const SecretBuffer kpm = SecretBuffer::random(32);
+  // The MEF's enrolee table holds the KpmID as the daemon stores it (canonical) ...
+  World::put(*world.mef_store, World::enrolee_row("dial@mef.example.net", kpm, "CAE-dial", {}, 600, false));
+  // ... and the device was provisioned with the MEF's name written in another case (PROTOCOL.md §1).
+  World::put(*world.valve_store, crypto::BootstrapKeyRecord{"dial@MEF.Example.NET", kpm.clone(), "CAE-dial"});
+  auto dial = world.make_enrolee(*world.valve_node, *world.valve_store, "dial@MEF.Example.NET", false);
+  CHECK(dial->mef_fqdn() == test::kMefFqdn);  // the SNI it sends
+
+  auto enrolled = world.enrol(*dial);
+  INFO((enrolled.ok() ? std::string("ok") : enrolled.error().to_string()));
+  REQUIRE(enrolled.ok());
+  // Both ends derived the same KeID, its FQDN part canonical, and the MEF's record names the right enrolee.
+  REQUIRE(dial->ke_id().has_value());
+  REQUIRE(crypto::parse_ke_id(*dial->ke_id())->mef_fqdn == test::kMefFqdn);
+  const auto* at_mef = world.mef_store->find<crypto::EnrolmentKeyRecord>(*dial->ke_id());
+  REQUIRE(at_mef != nullptr);
+  REQUIRE(at_mef->enrolee_id == "CAE-dial");
+}

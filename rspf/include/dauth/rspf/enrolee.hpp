@@ -38,7 +38,7 @@ transport::Request enrolment_request(const std::string& ae_id, const EnrolmentRe
 struct EnroleeConfig {
   std::string kpm_id;                 // names the BootstrapKeyRecord (KpmID, Kpm, local AE-ID) in the store
   transport::Peer mef_address;        // numeric address of the MEF's coaps endpoint
-  std::string mef_fqdn;               // SNI and the KeID suffix; "" = the FQDN after the KpmID's '@'
+  std::string mef_fqdn;               // SNI, KeID suffix (made canonical_fqdn); "" = the KpmID's issuer
   bool request_certificate = false;   // ask for certificate enrolment (EST) when the MEF offers it
   // Certificate-bootstrapped RSPF (PROTOCOL.md §3.1, TS-0003 §8.3.2.1 "certificate-based"): the name of a
   // CertificateRecord (our AE-ID certificate and its key) to authenticate with instead of KpmID/Kpm. Then kpm_id

@@ -51,7 +51,7 @@ class RevocationWatch {
   // contact's. Errors: invalid FQDN.
   Result<void> add_mef(std::string_view mef_fqdn, MefContact contact);
 
-  // The serial (hex, either case) is on a list received from one of the MEFs.
+  // The serial (any spelling crypto::canonical_serial accepts) is on a list received from one of the MEFs.
   bool is_revoked(std::string_view serial) const;
   // Every added MEF's list has arrived at least once.
   bool complete() const;

@@ -94,7 +94,7 @@ class TargetKeys {
   // Feed state, for status output and tests: contacts whose subscription is live, and every notification applied.
   std::size_t feeds_live() const;
   std::uint64_t feed_notifications() const;
-  bool is_revoked(std::string_view ke_id) const;  // announced revoked by its MEF's feed
+  bool is_revoked(std::string_view ke_id) const;  // announced revoked by its MEF's feed (KeID in either case)
   struct FeedStats {
     std::uint64_t full_states = 0;  // whole-state bodies applied (first answers, full reads, MEFs without versions)
     std::uint64_t deltas = 0;       // deltas applied

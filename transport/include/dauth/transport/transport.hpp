@@ -109,7 +109,7 @@ std::string_view to_string(PeerKind kind) noexcept;
 struct PeerIdentity {
   PeerKind kind = PeerKind::local;
   std::string value;
-  std::string certificate_serial;  // x509: the peer leaf certificate's serial, upper-case hex; "" otherwise
+  std::string certificate_serial;  // x509: the leaf's serial as crypto::canonical_serial; "" otherwise
 };
 
 struct SessionCounters {        // CoAP messages this node sent and received on the session (payload + header)
@@ -376,7 +376,7 @@ class Node {
   std::size_t close_server_sessions(PeerKind kind, std::string_view identity);
   // Closes every live session, server (as close_server_sessions) and client (as close_client_session: pending
   // requests and observations fail with Errc::io), whose peer presented the X.509 certificate with this serial
-  // (PeerIdentity::certificate_serial, upper-case hex), e.g. one its MEF revoked. Returns how many.
+  // (PeerIdentity::certificate_serial, canonical), e.g. one its MEF revoked. Returns how many.
   std::size_t close_sessions_with_certificate_serial(std::string_view serial);
   // Presents `credentials` to every later handshake whose SNI is `server_name` (NodeConfig::x509_by_server_name),
   // replacing what that name had; live sessions keep theirs. Works on a Node created without certificates too (its
