@@ -9,6 +9,7 @@
 
 #include "dauth/crypto/identifiers.hpp"
 #include "dauth/daemon/log.hpp"
+#include "dauth/rspf/role_support.hpp"
 #include "dauth/rspf/schedule.hpp"
 #include "dauth/transport/address.hpp"
 #include "roles_impl.hpp"
@@ -81,12 +82,10 @@ Result<ProxyTarget> parse_proxy_uri(const std::string& uri) {
   return target;
 }
 
-constexpr std::uint16_t kContentFormatTextPlain = 0;  // RFC 7252 §12.3
-
-Response refusal(int code, std::optional<std::uint32_t> rsc, const std::string& text) {
-  Response response = Response::with_text(code, text);
-  // Explicit: transport sends a payload without content_format as Content-Format 65535 (reported to the lead).
-  response.content_format = kContentFormatTextPlain;
+// Every refusal carries the body every dauth role answers with (PROTOCOL.md §2): CBOR { "error": <word of the
+// Errc>, "detail": <text> }, Content-Format 60, from the one helper the MEF uses too.
+Response refusal(int code, std::optional<std::uint32_t> rsc, const Error& error) {
+  Response response = rspf::refusal_response(code, error);
   response.response_status = rsc;
   return response;
 }
@@ -121,8 +120,9 @@ bool same_ip(const std::string& a, const std::string& b) {
 // after the restart.
 bool refuse_while_draining(const Roles::Impl& roles, const Request& request, transport::Responder& responder) {
   if (!roles.draining) return false;
-  responder.respond(for_local_ae(refusal(503, std::nullopt, "dauthd is shutting down (SIGTERM); no new requests"),
-                                 request));
+  responder.respond(for_local_ae(
+      refusal(503, std::nullopt, make_error(Errc::denied, "dauthd is shutting down (SIGTERM); no new requests")),
+      request));
   return true;
 }
 
@@ -163,14 +163,16 @@ void Roles::Impl::on_local_request(const transport::Session& session, const Requ
   count("proxy_requests_total");
   if (refuse_while_draining(*this, request, responder)) return;
   if (request.proxy_uri.empty()) {
-    responder.respond(for_local_ae(refusal(404, std::nullopt, "dauthd local endpoint: send the request with Proxy-Uri "
-                                                 "coap://<target AE-ID>/<path> (coap-client -P)"), request));
+    responder.respond(for_local_ae(refusal(404, std::nullopt,
+                                           make_error(Errc::not_found,
+                                                      "dauthd local endpoint: send the request with Proxy-Uri "
+                                                      "coap://<target AE-ID>/<path> (coap-client -P)")), request));
     return;
   }
   auto target = parse_proxy_uri(request.proxy_uri);
   if (!target) {
     count("proxy_rejected_total");
-    responder.respond(for_local_ae(refusal(400, std::nullopt, target.error().message), request));
+    responder.respond(for_local_ae(refusal(400, std::nullopt, target.error()), request));
     return;
   }
   // PROTOCOL.md §6: the local originator is the configured local AE named by oneM2M-FR, or the AE whose
@@ -190,7 +192,7 @@ void Roles::Impl::on_local_request(const transport::Session& session, const Requ
                                                           named->config.local_source
                                                     : "that source is " + mapped->config.id + "'s (local_source)");
     log::notice("proxy: refused request to " + target->ae_id + ": " + why);
-    responder.respond(for_local_ae(refusal(403, kRscNoPrivilege, why), request));
+    responder.respond(for_local_ae(refusal(403, kRscNoPrivilege, make_error(Errc::denied, why)), request));
     return;
   }
   LocalAeState* ae = mapped ? mapped : named;
@@ -202,21 +204,24 @@ void Roles::Impl::on_local_request(const transport::Session& session, const Requ
             : "oneM2M-FR " + crypto::quote_for_error(request.originator) +
                   " is not a local AE of this dauthd ([[enrolee.ae]] ids)";
     log::notice("proxy: refused request from " + session.remote_address() + " to " + target->ae_id + ": " + why);
-    responder.respond(for_local_ae(refusal(403, kRscNoPrivilege, why), request));
+    responder.respond(for_local_ae(refusal(403, kRscNoPrivilege, make_error(Errc::denied, why)), request));
     return;
   }
   auto key = ae->enrolee->key_for_target(target->ae_id);
   if (!key) {
     count("proxy_rejected_total");
     log::notice("proxy: " + ae->config.id + " -> " + target->ae_id + " refused: " + key.error().message);
-    responder.respond(for_local_ae(refusal(403, kRscNoPrivilege, ae->config.id + " -> " + target->ae_id + ": " +
-                                                         key.error().message), request));
+    responder.respond(for_local_ae(refusal(403, kRscNoPrivilege,
+                                           make_error(key.error().code, ae->config.id + " -> " + target->ae_id +
+                                                                            ": " + key.error().message)), request));
     return;
   }
   auto peer = peers.find(target->ae_id);
   if (peer == peers.end() || !peer->second.address) {
     count("proxy_rejected_total");
-    responder.respond(for_local_ae(refusal(404, std::nullopt, "no [[peer.address]] configured for " + target->ae_id), request));
+    responder.respond(for_local_ae(refusal(404, std::nullopt,
+                                           make_error(Errc::not_found, "no [[peer.address]] configured for " +
+                                                                           target->ae_id)), request));
     return;
   }
   if (*peer->second.in_flight >= kMaxProxiedInFlightPerPeer) {
@@ -225,7 +230,7 @@ void Roles::Impl::on_local_request(const transport::Session& session, const Requ
                             " are still unanswered (at most " + std::to_string(kMaxProxiedInFlightPerPeer) +
                             "): its dauthd is slow or unreachable; try again later";
     log::notice("proxy: " + ae->config.id + " -> " + target->ae_id + " refused: " + why);
-    responder.respond(for_local_ae(refusal(503, std::nullopt, why), request));
+    responder.respond(for_local_ae(refusal(503, std::nullopt, make_error(Errc::limit, why)), request));
     return;
   }
   Request forwarded;
@@ -260,7 +265,7 @@ void Roles::Impl::forward_to_peer(const std::string& target, const transport::Pe
       peer_state.last_outcome = x509.error().message;
       count("proxy_failed_total");
       log::notice("proxy: " + request.originator + " -> " + target + " refused: " + x509.error().message);
-      responder->respond(for_local_ae(refusal(403, kRscNoPrivilege, x509.error().message), request));
+      responder->respond(for_local_ae(refusal(403, kRscNoPrivilege, x509.error()), request));
       return;
     }
     credentials = transport::ClientCredentials::certificate(std::move(x509).value(), peer_state.server_name, target);
@@ -319,7 +324,10 @@ void Roles::Impl::forward_to_peer(const std::string& target, const transport::Pe
         count("proxy_failed_total");
         log::notice("proxy: " + copy.originator + " -> " + target + " failed: " + outcome.error().message);
         responder->respond(
-            for_local_ae(refusal(502, std::nullopt, "peer dauthd for " + target + ": " + outcome.error().message), copy));
+            for_local_ae(refusal(502, std::nullopt,
+                                        make_error(outcome.error().code,
+                                                   "peer dauthd for " + target + ": " + outcome.error().message)),
+            copy));
       });
   rearm(*peer_driver);
 }
@@ -350,7 +358,8 @@ void Roles::Impl::on_peer_request(const transport::Session& session, const Reque
     count("peer_rejected_total");
     log::notice("peer: refused request from " + session.remote_address() + ": identity " +
                 crypto::quote_for_error(peer.value) + " names no peer AE");
-    responder.respond(refusal(403, kRscNoPrivilege, "no peer AE-ID for this session's identity"));
+    responder.respond(
+        refusal(403, kRscNoPrivilege, make_error(Errc::denied, "no peer AE-ID for this session's identity")));
     return;
   }
   note_session("in", session, requester);
@@ -360,8 +369,10 @@ void Roles::Impl::on_peer_request(const transport::Session& session, const Reque
     log::notice("peer: refused impersonation from " + session.remote_address() + ": session authenticated " +
                 requester + ", oneM2M-FR " + crypto::quote_for_error(request.originator) + " (RSC 4106)");
     responder.respond(refusal(403, kRscImpersonation,
-                              "oneM2M-FR " + crypto::quote_for_error(request.originator) +
-                                  " differs from the authenticated AE-ID " + requester));
+                              make_error(Errc::unauthenticated, "oneM2M-FR " +
+                                                                    crypto::quote_for_error(request.originator) +
+                                                                    " differs from the authenticated AE-ID " +
+                                                                    requester)));
     return;
   }
   const std::string method(transport::to_string(request.method));
@@ -376,7 +387,9 @@ void Roles::Impl::on_peer_request(const transport::Session& session, const Reque
   if (!allowed) {
     count("peer_denied_total");
     log::notice("peer: policy denies " + requester + " " + method + " " + request.path_text() + " on " + local_ae);
-    responder.respond(refusal(403, kRscNoPrivilege, "policy: " + requester + " may not " + method + " " + local_ae));
+    responder.respond(refusal(403, kRscNoPrivilege,
+                              make_error(Errc::denied,
+                                         "policy: " + requester + " may not " + method + " " + local_ae)));
     return;
   }
   const LocalAe* target = nullptr;
@@ -386,12 +399,13 @@ void Roles::Impl::on_peer_request(const transport::Session& session, const Reque
     }
   }
   if (target == nullptr || target->endpoint.empty()) {
-    responder.respond(refusal(404, std::nullopt, local_ae + " has no endpoint (enrolee.ae.endpoint)"));
+    responder.respond(refusal(
+        404, std::nullopt, make_error(Errc::not_found, local_ae + " has no endpoint (enrolee.ae.endpoint)")));
     return;
   }
   auto endpoint = resolve_address(target->endpoint);
   if (!endpoint) {
-    responder.respond(refusal(500, std::nullopt, endpoint.error().message));
+    responder.respond(refusal(500, std::nullopt, endpoint.error()));
     return;
   }
   // Plain CoAP to the AE without the options we consumed (oneM2M-FR/RQI are critical: a stock server rejects
@@ -411,7 +425,9 @@ void Roles::Impl::on_peer_request(const transport::Session& session, const Reque
                                if (!outcome) {
                                  count("peer_delivery_failed_total");
                                  log::notice("peer: delivery to " + local_ae + " failed: " + outcome.error().message);
-                                 shared->respond(refusal(504, std::nullopt, local_ae + ": " + outcome.error().message));
+                                 shared->respond(refusal(504, std::nullopt,
+                                                         make_error(outcome.error().code,
+                                                                    local_ae + ": " + outcome.error().message)));
                                  return;
                                }
                                count("peer_delivered_total");

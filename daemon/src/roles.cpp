@@ -1103,9 +1103,9 @@ std::vector<std::string> Roles::pending() const {
 }
 
 std::size_t Roles::abandon_in_flight() {
-  transport::Response response = transport::Response::with_text(
-      503, "dauthd is shutting down (daemon.shutdown_timeout reached); retry later");
-  response.content_format = 0;  // text/plain (RFC 7252 §12.3); no oneM2M-RSC: stock clients reject it (proxy.cpp)
+  // The refusal body of every dauth answer (PROTOCOL.md §2); no oneM2M-RSC: stock clients reject it (proxy.cpp).
+  const transport::Response response = rspf::refusal_response(
+      503, make_error(Errc::timeout, "dauthd is shutting down (daemon.shutdown_timeout reached); retry later"));
   const std::size_t answered = impl_->in_flight->answer_unanswered(response);
   if (answered != 0) impl_->after_io();  // deferred answers leave on the Nodes' next round
   return answered;

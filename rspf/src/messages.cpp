@@ -4,6 +4,10 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
+#include <set>
+#include <string_view>
+#include <vector>
 
 namespace dauth::rspf {
 
@@ -21,7 +25,7 @@ Bytes serialise(const json& document, ContentFormat format) {
   return Bytes(text.begin(), text.end());
 }
 
-bool cbor_well_formed(ByteView payload);
+Result<void> check_cbor(ByteView payload, std::string_view message);
 
 Result<json> parse(ByteView payload, ContentFormat format, std::string_view message,
                    std::size_t max_size = kMaxPayloadSize) {
@@ -30,18 +34,37 @@ Result<json> parse(ByteView payload, ContentFormat format, std::string_view mess
                                        " bytes exceeds " + std::to_string(max_size));
   }
   // nlohmann's CBOR reader recurses per nesting level and throws on absurd container counts even with
-  // allow_exceptions=false (found by fuzz_rspf_messages): check shape and depth with our own bounded reader first.
-  if (format == ContentFormat::cbor && !cbor_well_formed(payload)) {
-    return make_error(Errc::parse, std::string(message) + ": not well-formed CBOR (definite lengths, nesting at "
-                                                          "most 8)");
+  // allow_exceptions=false (found by fuzz_rspf_messages), takes invalid UTF-8 in text strings and lets the last of
+  // repeated map keys win: our own bounded reader refuses all of that first.
+  if (format == ContentFormat::cbor) {
+    if (auto strict = check_cbor(payload, message); !strict) return std::move(strict).error();
   }
   const std::uint8_t* end = payload.data + payload.size;
   json document;
+  // JSON: nlohmann's lexer refuses invalid UTF-8 itself; a repeated key is seen through the parser callback (the
+  // key event comes at the depth of the object holding it, one more than that object's object_start).
+  std::vector<std::set<std::string>> keys_by_depth;
+  std::optional<std::string> repeated_key;
+  const json::parser_callback_t note_keys = [&](int depth, json::parse_event_t event, json& parsed) {
+    const auto level = static_cast<std::size_t>(depth);
+    if (event == json::parse_event_t::object_start) {
+      if (keys_by_depth.size() < level + 2) keys_by_depth.resize(level + 2);
+      keys_by_depth[level + 1].clear();
+    } else if (event == json::parse_event_t::key && level < keys_by_depth.size() &&
+               !keys_by_depth[level].insert(parsed.get<std::string>()).second && !repeated_key) {
+      repeated_key = parsed.get<std::string>();
+    }
+    return true;
+  };
   try {
     document = format == ContentFormat::cbor ? json::from_cbor(payload.data, end, true, false)
-                                             : json::parse(payload.data, end, nullptr, false);
+                                             : json::parse(payload.data, end, note_keys, false);
   } catch (const json::exception& e) {
     return make_error(Errc::parse, std::string(message) + ": " + e.what());
+  }
+  if (repeated_key) {
+    return make_error(Errc::parse, std::string(message) + ": map key " + crypto::quote_for_error(*repeated_key) +
+                                       " appears more than once");
   }
   if (document.is_discarded()) {
     return make_error(Errc::parse, std::string(message) + ": not well-formed " +
@@ -225,9 +248,124 @@ class CborSecretWriter {
 
 constexpr std::size_t kCredentialSize = 32;
 
-bool cbor_well_formed(ByteView payload) {
-  CborCursor cursor{payload.data, payload.size};
-  return cursor.skip_item(0) && cursor.left == 0;
+// RFC 3629: shortest forms only, no surrogates, nothing above U+10FFFF.
+bool valid_utf8(const std::uint8_t* text, std::size_t size) {
+  std::size_t i = 0;
+  while (i < size) {
+    const std::uint8_t lead = text[i];
+    if (lead < 0x80) {
+      ++i;
+      continue;
+    }
+    // Lead byte: how many continuation bytes follow, its payload bits, and the least code point that needs them.
+    std::size_t continuation = 3;
+    std::uint32_t point = lead & 0x07U;
+    std::uint32_t lowest = 0x10000;
+    if ((lead & 0xe0) == 0xc0) {
+      continuation = 1;
+      point = lead & 0x1fU;
+      lowest = 0x80;
+    } else if ((lead & 0xf0) == 0xe0) {
+      continuation = 2;
+      point = lead & 0x0fU;
+      lowest = 0x800;
+    } else if ((lead & 0xf8) != 0xf0) {
+      return false;
+    }
+    if (continuation >= size - i) return false;
+    for (std::size_t k = 1; k <= continuation; ++k) {
+      if ((text[i + k] & 0xc0) != 0x80) return false;
+      point = (point << 6) | (text[i + k] & 0x3fU);
+    }
+    if (point < lowest || point > 0x10ffff || (point >= 0xd800 && point <= 0xdfff)) return false;
+    i += continuation + 1;
+  }
+  return true;
+}
+
+// The one strict reading every CBOR payload of RSPF gets before its decoder sees it: one well-formed item,
+// definite lengths, nesting at most kMaxSkipDepth, text strings in valid UTF-8, maps keyed by text strings that
+// do not repeat (RFC 8949 §5.6: a decoder that lets a repeated key win is open to two readers seeing two
+// messages). It only reads: the fetchCredentials answer's key is not copied.
+class StrictCborCheck {
+ public:
+  explicit StrictCborCheck(ByteView payload) : cursor_{payload.data, payload.size} {}
+
+  std::optional<std::string> problem() {
+    if (!item(0)) return problem_;
+    if (cursor_.left != 0) return std::to_string(cursor_.left) + " bytes after the CBOR item";
+    return std::nullopt;
+  }
+
+ private:
+  bool fail(std::string why) {
+    problem_ = std::move(why);
+    return false;
+  }
+  bool text(std::uint64_t length, std::string_view* out) {
+    const std::uint8_t* bytes = nullptr;
+    if (length > cursor_.left || !cursor_.take(static_cast<std::size_t>(length), bytes)) return fail("truncated CBOR");
+    if (!valid_utf8(bytes, static_cast<std::size_t>(length))) return fail("a text string is not valid UTF-8");
+    if (out != nullptr) *out = std::string_view(reinterpret_cast<const char*>(bytes), static_cast<std::size_t>(length));
+    return true;
+  }
+  bool item(int depth) {
+    if (depth > kMaxSkipDepth) return fail("nesting deeper than " + std::to_string(kMaxSkipDepth));
+    std::uint8_t major = 0;
+    std::uint64_t argument = 0;
+    if (!cursor_.head(major, argument)) return fail("truncated CBOR or an indefinite length");
+    const std::uint8_t* ignored = nullptr;
+    switch (major) {
+      case kMajorBytes:
+        if (argument > cursor_.left || !cursor_.take(static_cast<std::size_t>(argument), ignored)) {
+          return fail("truncated CBOR");
+        }
+        return true;
+      case kMajorText:
+        return text(argument, nullptr);
+      case kMajorArray:
+        if (argument > cursor_.left) return fail("truncated CBOR");  // every item takes at least one byte
+        for (std::uint64_t i = 0; i < argument; ++i) {
+          if (!item(depth + 1)) return false;
+        }
+        return true;
+      case kMajorMap: {
+        if (argument > cursor_.left / 2) return fail("truncated CBOR");
+        std::vector<std::string_view> keys;
+        keys.reserve(static_cast<std::size_t>(argument));
+        for (std::uint64_t i = 0; i < argument; ++i) {
+          std::uint8_t key_major = 0;
+          std::uint64_t key_length = 0;
+          if (!cursor_.head(key_major, key_length)) return fail("truncated CBOR or an indefinite length");
+          if (key_major != kMajorText) return fail("a map key is not a text string");
+          std::string_view key;
+          if (!text(key_length, &key)) return false;
+          keys.push_back(key);
+          if (!item(depth + 1)) return false;
+        }
+        std::sort(keys.begin(), keys.end());
+        const auto repeated = std::adjacent_find(keys.begin(), keys.end());
+        if (repeated != keys.end()) {
+          return fail("map key " + crypto::quote_for_error(*repeated) + " appears more than once");
+        }
+        return true;
+      }
+      case kMajorTag:
+        return item(depth + 1);
+      default:  // unsigned, negative, simple values and floats: the head was the whole item
+        return true;
+    }
+  }
+
+  CborCursor cursor_;
+  std::string problem_;
+};
+
+Result<void> check_cbor(ByteView payload, std::string_view message) {
+  if (auto problem = StrictCborCheck(payload).problem()) {
+    return make_error(Errc::parse, std::string(message) + ": not accepted as CBOR: " + *problem);
+  }
+  return ok_result();
 }
 
 }  // namespace
@@ -333,6 +471,7 @@ Result<FetchCredentialsResponse> decode_fetch_credentials_response(ByteView payl
   const std::string kMessage = "fetchCredentials response";
   auto malformed = [&](const std::string& what) { return make_error(Errc::parse, kMessage + ": " + what); };
   if (payload.size > kMaxPayloadSize) return malformed("payload larger than 4096 bytes");
+  if (auto strict = check_cbor(payload, kMessage); !strict) return std::move(strict).error();
   CborCursor cursor{payload.data, payload.size};
   std::uint8_t major = 0;
   std::uint64_t entries = 0;

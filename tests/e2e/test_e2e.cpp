@@ -13,6 +13,7 @@
 
 #include "dauth/crypto/keystore.hpp"
 #include "dauth/crypto/onem2m.hpp"
+#include "dauth/rspf/messages.hpp"
 #include "dauth/transport/transport.hpp"
 #include "e2e_support.hpp"
 
@@ -50,10 +51,13 @@ DirectPeer meter_key_from_store(const Deployment& d) {
   return peer;
 }
 
-Result<transport::Response> send_direct(const Deployment& d, const DirectPeer& peer, const std::string& originator) {
+Result<transport::Response> send_direct(const Deployment& d, const DirectPeer& peer, const std::string& originator,
+                                        transport::Method method = transport::Method::get) {
   auto node = transport::Node::create(transport::NodeConfig{});
   REQUIRE(node.ok());
   transport::Request request;
+  request.method = method;
+  if (method == transport::Method::put) request.payload = {'x'};
   request.path = {"example_data"};
   request.originator = originator;
   std::optional<Result<transport::Response>> reply;
@@ -63,6 +67,15 @@ Result<transport::Response> send_direct(const Deployment& d, const DirectPeer& p
   (*node)->run_until([&] { return reply.has_value(); }, std::chrono::seconds(30));
   REQUIRE(reply.has_value());
   return std::move(*reply);
+}
+
+// The refusal body every dauthd answer carries (PROTOCOL.md §2), read by the decoder with its Content-Format.
+rspf::ErrorBody error_body_of(const transport::Response& response) {
+  REQUIRE(response.content_format == std::optional<std::uint16_t>(60));
+  auto body = rspf::decode_error_body(ByteView(response.payload), rspf::ContentFormat::cbor);
+  INFO(std::string(response.payload.begin(), response.payload.end()));
+  REQUIRE(body.ok());
+  return std::move(body).value();
 }
 
 }  // namespace
@@ -119,6 +132,16 @@ TEST_CASE("proxy path works, policy, originator and impersonation refusals, no k
     REQUIRE(forged.ok());
     CHECK(forged->code == 403);
     CHECK(forged->response_status == std::optional<std::uint32_t>(4106));
+    // Every refusal of the peer endpoint carries the error body of PROTOCOL.md §2 (it used to be plain text).
+    const auto forged_body = error_body_of(*forged);
+    CHECK(forged_body.error == "unauthenticated");
+    CHECK(forged_body.detail.find("differs from the authenticated AE-ID CAE-meter") != std::string::npos);
+    const auto denied = send_direct(d, peer, "CAE-meter", transport::Method::put);
+    REQUIRE(denied.ok());
+    CHECK(denied->code == 403);
+    const auto denied_body = error_body_of(*denied);
+    CHECK(denied_body.error == "denied");
+    CHECK(denied_body.detail == "policy: CAE-meter may not PUT CAE-valve");
     CHECK(d.ctl_json("b", {"stats"}).value("peer_impersonation_total", 0) == 1);
   }
 

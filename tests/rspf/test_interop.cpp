@@ -116,18 +116,20 @@ struct InteropMef {
   }
   ~InteropMef() { slot.unbind(); }
 
-  std::string write_request() const {
+  std::string write_request(
+      const Bytes& body = rspf::encode(rspf::EnrolmentRequest{}, rspf::ContentFormat::cbor)) const {
     const auto path = dir / "request.bin";
-    test::write_file(path, coap_post({"mef", "enrolment"}, static_cast<std::uint16_t>(rspf::ContentFormat::cbor),
-                                     rspf::encode(rspf::EnrolmentRequest{}, rspf::ContentFormat::cbor)));
+    test::write_file(path,
+                     coap_post({"mef", "enrolment"}, static_cast<std::uint16_t>(rspf::ContentFormat::cbor), body));
     return path.string();
   }
 
   // s_client with the request on stdin, kept open 2 s for the answer. No -ign_eof: then either the MEF's close
   // after the 2.04 or stdin's EOF ends s_client, so it never waits for a session the server keeps (idle timeout).
+  // Unbuffered (stdbuf): what it printed is there even when `timeout` ends it.
   std::string s_client(const std::string& request, const std::string& credential_options) {
-    const std::string script = "(cat '" + request + "'; sleep 2) | timeout 20 openssl s_client -dtls1_2 -connect 127.0.0.1:" +
-                               std::to_string(node->secure_port()) + " " + credential_options +
+    const std::string script = "(cat '" + request + "'; sleep 2) | timeout 20 stdbuf -o0 openssl s_client -dtls1_2 " +
+                               "-connect 127.0.0.1:" + std::to_string(node->secure_port()) + " " + credential_options +
                                " -servername " + kFqdn +
                                " -keymatexport EXPORTER-oneM2M-Bootstrap -keymatexportlen 48 2>&1";
     return run_while_serving(*node, script);
@@ -205,4 +207,39 @@ TEST_CASE("openssl s_client's exporter matches the MEF for a certificate enrolee
   INFO(output);
   REQUIRE(output.find("Cipher is ECDHE-ECDSA-AES128-CCM8") != std::string::npos);
   world.require_same_enrolment(output, "CAE-certmeter");
+}
+
+TEST_CASE("openssl s_client: enrolment CBOR with a repeated key is answered 4.00 and enrols nothing",
+          "[rspf][network][interop][strict]") {
+  REQUIRE(test::have_program("openssl"));
+  InteropMef world;
+  const SecretBuffer kpm = SecretBuffer::random(32);
+  test::World::put(*world.store, test::World::enrolee_row("opener@mef.example.net", kpm, "CAE-opener",
+                                                          {"CAE-door"}, 600, false));
+  // { "remoteMgmt": false, "remoteMgmt": true }: a last-key-wins reader would enrol.
+  const Bytes twice = {0xa2, 0x6a, 'r', 'e', 'm', 'o', 't', 'e', 'M', 'g', 'm', 't', 0xf4,
+                       0x6a, 'r', 'e', 'm', 'o', 't', 'e', 'M', 'g', 'm', 't', 0xf5};
+  const std::string output =
+      world.s_client(world.write_request(twice), "-psk_identity opener@mef.example.net -psk " + to_hex(kpm.view()) +
+                                                     " -cipher PSK-AES128-CCM8");
+  INFO(output);
+  // The ErrorBody's text strings are readable in the raw CoAP answer s_client prints.
+  CHECK(output.find("'remoteMgmt' appears more than once") != std::string::npos);
+  CHECK(world.store->size(crypto::RecordKind::enrolment_key) == 0);
+}
+
+// PROTOCOL.md, docs/transport.md §1: what a DTLS client sees when the server's PSK lookup refuses its identity. The
+// alert is whatever libcoap 4.3.1 with GnuTLS sends; an independent client reads it here so that the docs follow.
+TEST_CASE("a refused PSK identity gets the fatal alert the docs name, as openssl s_client reads it",
+          "[rspf][network][interop]") {
+  REQUIRE(test::have_program("openssl"));
+  InteropMef world;
+  const std::string output = world.s_client(world.write_request(), "-msg -cipher PSK-AES128-CCM8 -psk_identity "
+                                                                    "ghost@mef.example.net -psk " +
+                                                                        to_hex(SecretBuffer::random(32).view()));
+  INFO(output);
+  CHECK(output.find("SSL alert number 40") != std::string::npos);
+  CHECK(output.find("alert handshake failure") != std::string::npos);
+  CHECK(output.find("SSL alert number 115") == std::string::npos);  // not unknown_psk_identity
+  CHECK(world.store->size(crypto::RecordKind::enrolment_key) == 0);
 }

@@ -123,7 +123,7 @@ TEST_CASE("the fetchCredentials reader refuses every malformed shape", "[message
     REQUIRE_FALSE(rspf::decode_fetch_credentials_response(ByteView(wire.data(), cut)).ok());
   }
   wire.push_back(0);
-  REQUIRE_THAT(rspf::decode_fetch_credentials_response(wire).error().message, Catch::Contains("after the map"));
+  REQUIRE_THAT(rspf::decode_fetch_credentials_response(wire).error().message, Catch::Contains("1 bytes after the"));
   // Indefinite-length items and absurd counts are refused, not followed.
   REQUIRE_FALSE(rspf::decode_fetch_credentials_response(text("\xbf\xff")).ok());
   REQUIRE_FALSE(rspf::decode_fetch_credentials_response(text("\xbb\xff\xff\xff\xff\xff\xff\xff\xff")).ok());
@@ -264,4 +264,106 @@ TEST_CASE("CBOR that nlohmann's reader throws on is refused as a parse error (fu
   deep.push_back(0xa0);
   REQUIRE_THAT(rspf::decode_enrolment_request(deep, rspf::ContentFormat::cbor).error().message,
                Catch::Contains("nesting"));
+}
+
+namespace {
+// CBOR text-string item of raw bytes (which need not be UTF-8): major type 3, length below 24.
+Bytes cbor_text(const std::string& bytes) {
+  Bytes out;
+  out.reserve(1 + bytes.size());
+  out.push_back(static_cast<std::uint8_t>(0x60 | bytes.size()));
+  for (const char c : bytes) out.push_back(static_cast<std::uint8_t>(c));
+  return out;
+}
+Bytes cbor_map(std::initializer_list<std::pair<Bytes, Bytes>> entries) {
+  Bytes out{static_cast<std::uint8_t>(0xa0 | entries.size())};
+  for (const auto& [key, value] : entries) {
+    out.insert(out.end(), key.begin(), key.end());
+    out.insert(out.end(), value.begin(), value.end());
+  }
+  return out;
+}
+const Bytes kTrue{0xf5};
+const Bytes kFalse{0xf4};
+}  // namespace
+
+TEST_CASE("CBOR text strings must be valid UTF-8 and map keys must not repeat in every RSPF message",
+          "[messages][strict]") {
+  const auto cert = cbor_text("certEnrolment");
+  struct Case {
+    const char* name;
+    Bytes wire;
+    const char* says;
+  };
+  const Case cases[] = {
+      {"invalid UTF-8 key", cbor_map({{cert, kTrue}, {cbor_text("x\xff"), kTrue}}), "not valid UTF-8"},
+      {"invalid UTF-8 value", cbor_map({{cert, kTrue}, {cbor_text("note"), cbor_text("\xc3\x28")}}),
+       "not valid UTF-8"},
+      {"overlong encoding", cbor_map({{cert, kTrue}, {cbor_text("note"), cbor_text("\xc0\xaf")}}), "not valid UTF-8"},
+      {"UTF-16 surrogate", cbor_map({{cert, kTrue}, {cbor_text("note"), cbor_text("\xed\xa0\x80")}}),
+       "not valid UTF-8"},
+      {"truncated sequence", cbor_map({{cert, kTrue}, {cbor_text("note"), cbor_text("ok\xe2\x82")}}),
+       "not valid UTF-8"},
+      {"above U+10FFFF", cbor_map({{cert, kTrue}, {cbor_text("note"), cbor_text("\xf4\x90\x80\x80")}}),
+       "not valid UTF-8"},
+      {"duplicate key", cbor_map({{cert, kFalse}, {cert, kTrue}}), "'certEnrolment' appears more than once"},
+      {"duplicate unknown key", cbor_map({{cert, kTrue}, {cbor_text("x"), kTrue}, {cbor_text("x"), kFalse}}),
+       "'x' appears more than once"},
+      {"duplicate key in a nested map",
+       cbor_map({{cert, kTrue}, {cbor_text("x"), cbor_map({{cbor_text("a"), kTrue}, {cbor_text("a"), kTrue}})}}),
+       "'a' appears more than once"},
+      {"integer map key", cbor_map({{cert, kTrue}, {Bytes{0x01}, kTrue}}), "map key is not a text string"},
+  };
+  for (const auto& c : cases) {
+    INFO(c.name);
+    auto request = rspf::decode_enrolment_request(c.wire, rspf::ContentFormat::cbor);
+    REQUIRE_FALSE(request.ok());
+    CHECK(request.error().code == dauth::Errc::parse);
+    CHECK_THAT(request.error().message, Catch::Contains(c.says));
+    // The same check guards every decoder, the hand-written fetchCredentials reader included.
+    CHECK_THAT(rspf::decode_error_body(c.wire, rspf::ContentFormat::cbor).error().message, Catch::Contains(c.says));
+    CHECK_THAT(rspf::decode_credential_feed(c.wire, rspf::ContentFormat::cbor).error().message,
+               Catch::Contains(c.says));
+    CHECK_THAT(rspf::decode_enrolment_response(c.wire, rspf::ContentFormat::cbor).error().message,
+               Catch::Contains(c.says));
+    CHECK_THAT(rspf::decode_revocation_list(c.wire, rspf::ContentFormat::cbor).error().message,
+               Catch::Contains(c.says));
+    CHECK_THAT(rspf::decode_fetch_credentials_response(c.wire).error().message, Catch::Contains(c.says));
+  }
+  // A repeated known key in the fetchCredentials answer: the hand-written reader would have let the last one win.
+  const auto key = cbor_text("credential");
+  Bytes credential{0x58, 0x20};
+  credential.insert(credential.end(), 32, 7);
+  const auto twice = cbor_map({{key, credential},
+                               {cbor_text("enroleeId"), cbor_text("CAE-a")},
+                               {cbor_text("lifetime"), Bytes{0x05}},
+                               {key, credential}});
+  CHECK_THAT(rspf::decode_fetch_credentials_response(twice).error().message,
+             Catch::Contains("'credential' appears more than once"));
+
+  // Valid UTF-8 of every length and distinct keys still pass.
+  auto fine = rspf::decode_enrolment_request(
+      cbor_map({{cert, kTrue}, {cbor_text("note"), cbor_text("\x7f\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80")}}),
+      rspf::ContentFormat::cbor);
+  REQUIRE(fine.ok());
+  CHECK(fine->cert_enrolment);
+}
+
+TEST_CASE("a JSON map key that repeats is refused too", "[messages][strict]") {
+  auto twice = rspf::decode_enrolment_request(text(R"({"certEnrolment":false,"certEnrolment":true})"),
+                                              rspf::ContentFormat::json);
+  REQUIRE_FALSE(twice.ok());
+  CHECK_THAT(twice.error().message, Catch::Contains("'certEnrolment' appears more than once"));
+  auto nested = rspf::decode_enrolment_request(text(R"({"certEnrolment":true,"x":{"a":1,"b":{"a":2},"a":3}})"),
+                                               rspf::ContentFormat::json);
+  REQUIRE_FALSE(nested.ok());
+  CHECK_THAT(nested.error().message, Catch::Contains("'a' appears more than once"));
+  // The same key in sibling or nested maps is not a repetition.
+  auto siblings = rspf::decode_enrolment_request(
+      text(R"({"certEnrolment":true,"x":[{"a":1},{"a":2}],"y":{"a":{"a":3}}})"), rspf::ContentFormat::json);
+  REQUIRE(siblings.ok());
+  auto invalid =
+      rspf::decode_enrolment_request(text("{\"certEnrolment\":true,\"x\xff\":1}"), rspf::ContentFormat::json);
+  REQUIRE_FALSE(invalid.ok());
+  CHECK(invalid.error().code == dauth::Errc::parse);
 }

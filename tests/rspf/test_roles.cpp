@@ -243,6 +243,41 @@ TEST_CASE("the MEF refuses bad enrolments and certificate requests, stores nothi
     REQUIRE(error_body(*answer).error == "parse");
     REQUIRE(world.mef_enrolments() == 0);
   }
+  SECTION("CBOR with an invalid-UTF-8 key or value or a repeated key: 4.00 naming it, nothing stored") {
+    // { "certEnrolment": true, <key>: <value> } written by hand: no encoder writes these.
+    const Bytes cert_true = {0xa2, 0x6d, 'c', 'e', 'r', 't', 'E', 'n', 'r', 'o', 'l', 'm', 'e', 'n', 't', 0xf5};
+    struct Case {
+      const char* name;
+      Bytes tail;  // the second entry
+      const char* says;
+    };
+    const Case cases[] = {
+        {"invalid UTF-8 key", {0x62, 'x', 0xff, 0xf5}, "not valid UTF-8"},
+        {"invalid UTF-8 value", {0x61, 'x', 0x62, 0xc3, 0x28}, "not valid UTF-8"},
+        {"repeated key", {0x6d, 'c', 'e', 'r', 't', 'E', 'n', 'r', 'o', 'l', 'm', 'e', 'n', 't', 0xf4},
+         "'certEnrolment' appears more than once"},
+    };
+    for (const auto& c : cases) {
+      INFO(c.name);
+      Bytes body = cert_true;
+      body.insert(body.end(), c.tail.begin(), c.tail.end());
+      auto answer =
+          world.call(*world.meter_node, world.mef_address(), meter_bootstrap, post({"mef", "enrolment"}, 60, body));
+      REQUIRE(answer.ok());
+      CHECK(answer->code == 400);
+      const auto refused = error_body(*answer);
+      CHECK(refused.error == "parse");
+      CHECK_THAT(refused.detail, Catch::Contains(c.says));
+      CHECK(world.mef_enrolments() == 0);
+    }
+    // The valid request still enrols, on the same session.
+    auto fine = world.call(*world.meter_node, world.mef_address(), meter_bootstrap,
+                           post({"mef", "enrolment"}, 60, rspf::encode(rspf::EnrolmentRequest{true, false, false},
+                                                                        rspf::ContentFormat::cbor)));
+    REQUIRE(fine.ok());
+    CHECK(fine->code == 204);
+    CHECK(world.mef_enrolments() == 1);
+  }
   SECTION("asking for more than the policy offers: 4.03") {
     auto answer = world.call(*world.meter_node, world.mef_address(), meter_bootstrap,
                              post({"mef", "enrolment"}, 60,

@@ -32,7 +32,7 @@ const coap_bin_const_t* on_psk_identity(coap_bin_const_t* identity, coap_session
     state.refusal = key.ok() ? "PSK handshake refused: empty key for the identity"
                              : "PSK handshake refused: " + key.error().message;
     impl->report_handshake_failure(state, FailureKind::handshake_failed, state.refusal);
-    return nullptr;  // libcoap/GnuTLS answer with a fatal unknown_psk_identity alert
+    return nullptr;  // libcoap/GnuTLS answer with a fatal handshake_failure alert (docs/transport.md §1)
   }
   impl->psk_in_flight = std::move(*key);
   impl->psk_in_flight_view = {impl->psk_in_flight.size(), impl->psk_in_flight.data()};

@@ -2,8 +2,11 @@
 // JSON (50) accepted. TS-0003 §8.3.2.1 fixes the parameters but not their encoding; the key names are dauth's.
 //
 // Decoders are strict on types and required keys and ignore unknown keys (forward compatibility); every error
-// names the message, the key and what was expected. The one message that carries a key (the fetchCredentials
-// answer) is encoded straight into SecretBuffer and decoded without leaving the key in ordinary heap memory.
+// names the message, the key and what was expected. Before any decoder reads a CBOR payload, one check refuses
+// what two readers could read differently: invalid UTF-8 in a text string, a map key that is not a text string or
+// that repeats (JSON: repeated keys too; nlohmann's lexer refuses invalid UTF-8). The one message that carries a
+// key (the fetchCredentials answer) is encoded straight into SecretBuffer and decoded without leaving the key in
+// ordinary heap memory.
 #pragma once
 
 #include <cstdint>

@@ -1,6 +1,6 @@
 // Target key retrieval (PROTOCOL.md §4, docs/rspf.md): the PSK lookup of a peer server whose local AE is an Enrolment
 // Target. A KeID with a valid SessionKeyRecord gets its key at once. An unknown KeID whose MEF (after the '@') is
-// configured is refused now (Errc::not_found: the client gets unknown_psk_identity and retries, docs/transport.md §1)
+// configured is refused now (Errc::not_found: the client gets a fatal alert and retries, docs/transport.md §1)
 // and queued for retrieval: GET /fetchCredentials/<KeID>/22 to that MEF with oneM2M-FR = our AE-ID, authenticated as
 // ourselves (KeID/Ker). The answer is stored as a SessionKeyRecord (peer = the MEF's enroleeId, expiry = now +
 // lifetime). Never blocks; at most one retrieval per KeID at a time.

@@ -149,8 +149,9 @@ struct PskRequest {
 };
 
 // PSK lookup. Must answer from memory and never block (docs/transport.md §1): an identity it does not know yet gets
-// Errc::not_found (the handshake is refused with unknown_psk_identity; the caller may start an asynchronous fetch,
-// e.g. through Node::post(), and the client retries). The Error message becomes the logged refusal reason.
+// Errc::not_found (the handshake is refused: GnuTLS builds send the fatal alert handshake_failure, not
+// unknown_psk_identity, docs/transport.md §1; the caller may start an asynchronous fetch, e.g. through Node::post(),
+// and the client retries). The Error message becomes the logged refusal reason.
 using PskLookup = std::function<Result<SecretBuffer>(const PskRequest& request)>;
 
 // Our certificate chain and key, and the CAs our peers' certificates must chain to. PEM text; keys EC P-256.
