@@ -23,6 +23,7 @@ CLI::App* add_peers(CLI::App& parent, Context& context);
 CLI::App* add_stats(CLI::App& parent, Context& context);
 CLI::App* add_enrolees(CLI::App& parent, Context& context);
 CLI::App* add_genpsk(CLI::App& parent, Context& context);
+CLI::App* add_reload(CLI::App& parent, Context& context);
 
 // Plain `dauthctl` means `dauthctl status`.
 int run_status(Context& context);

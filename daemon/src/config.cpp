@@ -19,6 +19,7 @@
 
 #include "dauth/crypto/identifiers.hpp"
 #include "dauth/crypto/keystore.hpp"
+#include "dauth/rspf/credential_rules.hpp"
 #include "dauth/transport/address.hpp"
 #include "secret_file.hpp"
 
@@ -520,11 +521,11 @@ void Parser::check_cross_fields(const std::vector<ConfigTable>& tables) {
       error_entry(*ae, *ae->find("certificate_file"),
                   "needs enrolee.mef_trust_anchor (the CA of the MEF's certificate) for the certificate RSPF");
     }
+    // The bootstrap key's rule is rspf's, as for dauthctl credentials add (Enrolee::use_bootstrap_key).
     const std::string* mef_fqdn = text_of(enrolee, "mef_fqdn");
     if (const ConfigEntry* kpm_id = ae->find("kpm_id"); kpm_id && mef_fqdn) {
-      auto issuer = crypto::issuer_fqdn_of(std::get<std::string>(kpm_id->value));
-      if (issuer && !crypto::same_fqdn(*issuer, *mef_fqdn)) {
-        error_entry(*ae, *kpm_id, "names MEF " + *issuer + ", but enrolee.mef_fqdn = " + toml_quote(*mef_fqdn));
+      if (auto named = rspf::check_kpm_id_names_mef(std::get<std::string>(kpm_id->value), *mef_fqdn); !named) {
+        error_entry(*ae, *kpm_id, named.error().message + " (enrolee.mef_fqdn)");
       }
     }
   }
@@ -548,49 +549,48 @@ void Parser::check_cross_fields(const std::vector<ConfigTable>& tables) {
                                       render(enrolment->value) + ": keys derived from Ke expire with it");
     }
   }
-  // MEF enrolee rows: exactly one bootstrap identity each (a KpmID with its key file, or a device certificate's
-  // AE-ID), each listed once; a certificate row needs the MEF to serve X.509 with trust anchors for devices.
+  // MEF enrolee rows: the row rules are rspf's (check_enrolee_row), the same as for dauthctl enrolees add; here
+  // only what a file adds: the key comes from kpm_file, and each identity is listed once.
   std::set<std::string> kpm_ids;
   std::set<std::string> certificate_ae_ids;
+  rspf::MefOffer offer;
+  if (mef) {
+    offer.fqdn = *text_of(mef, "fqdn");
+    offer.serves_x509 = mef->find("certificate_file") && mef->find("device_ca");
+    offer.issues_certificates = mef->find("issuing_ca_certificate") != nullptr;
+  }
   for (const ConfigTable* row : array_tables(tables, "mef.enrolee")) {
     const ConfigEntry* kpm_id = row->find("kpm_id");
     const ConfigEntry* kpm_file = row->find("kpm_file");
     const ConfigEntry* certificate_ae_id = row->find("certificate_ae_id");
-    const ConfigEntry* shown = kpm_id ? kpm_id : kpm_file ? kpm_file : certificate_ae_id;
-    if ((kpm_id == nullptr) != (kpm_file == nullptr)) {
-      error_entry(*row, *shown, "kpm_id and kpm_file go together: give both or neither");
-    }
-    if ((kpm_id != nullptr || kpm_file != nullptr) == (certificate_ae_id != nullptr)) {
-      if (shown) {
-        error_entry(*row, *shown, "needs exactly one bootstrap identity: kpm_id + kpm_file, or certificate_ae_id");
-      } else {
-        error_at(row->line, 1, "mef.enrolee[" + std::to_string(row->index) +
-                                   "]: needs exactly one bootstrap identity: kpm_id + kpm_file, or certificate_ae_id");
+    rspf::EnroleeRow checked;
+    if (kpm_id) checked.kpm_id = std::get<std::string>(kpm_id->value);
+    checked.has_key = kpm_file != nullptr;
+    if (certificate_ae_id) checked.certificate_ae_id = std::get<std::string>(certificate_ae_id->value);
+    checked.enrolee_id = std::get<std::string>(row->find("enrolee_id")->value);
+    checked.targets = std::get<std::vector<std::string>>(row->find("targets")->value);
+    checked.lifetime = std::get<std::int64_t>(row->find("lifetime")->value);
+    checked.certificate_enrolment = std::get<bool>(row->find("certificate_enrolment")->value);
+    if (mef) {
+      for (const auto& problem : rspf::check_enrolee_row(checked, offer)) {
+        const ConfigEntry* at = row->find(problem.field);
+        if (!at && problem.field == "kpm_id") at = kpm_file;
+        if (!at) at = kpm_id ? kpm_id : kpm_file ? kpm_file : certificate_ae_id;
+        if (at) {
+          error_entry(*row, *at, problem.message);
+        } else {
+          error_at(row->line, 1, "mef.enrolee[" + std::to_string(row->index) + "]: " + problem.message);
+        }
       }
     }
-    if (certificate_ae_id) {
-      if (!certificate_ae_ids.insert(std::get<std::string>(certificate_ae_id->value)).second) {
-        error_entry(*row, *certificate_ae_id, "AE-ID listed twice as certificate_ae_id in [[mef.enrolee]]");
-      }
-      if (mef && (!mef->find("certificate_file") || !mef->find("device_ca"))) {
-        error_entry(*row, *certificate_ae_id,
-                    "needs mef.certificate_file, mef.private_key_file and mef.device_ca (the MEF serves X.509)");
-      }
-    }
-    const ConfigEntry* cert = row->find("certificate_enrolment");
-    if (mef && std::get<bool>(cert->value) && !mef->find("issuing_ca_certificate")) {
-      error_entry(*row, *cert, "needs mef.issuing_ca_certificate and mef.issuing_ca_key");
+    if (certificate_ae_id && !certificate_ae_ids.insert(checked.certificate_ae_id).second) {
+      error_entry(*row, *certificate_ae_id, "AE-ID listed twice as certificate_ae_id in [[mef.enrolee]]");
     }
     if (!kpm_id) continue;
-    const auto& id = std::get<std::string>(kpm_id->value);
-    const auto canonical = crypto::canonical_kpm_id(id);  // "k@MEF.example" and "k@mef.example" are one KpmID
+    // "k@MEF.example" and "k@mef.example" are one KpmID.
+    const auto canonical = crypto::canonical_kpm_id(checked.kpm_id);
     if (canonical && !kpm_ids.insert(*canonical).second) {
       error_entry(*row, *kpm_id, "KpmID listed twice in [[mef.enrolee]]");
-    }
-    const std::string* fqdn = text_of(mef, "fqdn");
-    auto issuer = crypto::issuer_fqdn_of(id);
-    if (fqdn && issuer && !crypto::same_fqdn(*issuer, *fqdn)) {
-      error_entry(*row, *kpm_id, "names MEF " + *issuer + ", but mef.fqdn = " + toml_quote(*fqdn));
     }
   }
 

@@ -2,6 +2,8 @@
 // keys; tests/daemon/test_config.cpp checks that they agree.
 #include "dauth/daemon/config.hpp"
 
+#include "dauth/rspf/credential_rules.hpp"
+
 namespace dauth::daemon {
 
 namespace {
@@ -108,9 +110,9 @@ const std::vector<KeySpec>& config_schema() {
        "AE-ID in the subjectAltName URI of the enrolee's device certificate (certificate RSPF; instead of kpm_id)"},
       {"mef.enrolee", "enrolee_id", T::string, C::ae_id, 1, 128, "", true, false, "",
        "AE-ID assigned to the enrolee"},
-      {"mef.enrolee", "targets", T::string_list, C::ae_id, 0, 1024, "[]", false, false, "",
+      {"mef.enrolee", "targets", T::string_list, C::ae_id, 0, static_cast<std::int64_t>(rspf::kMaxEnroleeTargets), "[]", false, false, "",
        "AE-IDs the enrolee may talk to (Enrolment Targets)"},
-      {"mef.enrolee", "lifetime", T::integer, C::none, 0, kYear, "0", false, false, "seconds",
+      {"mef.enrolee", "lifetime", T::integer, C::none, 0, rspf::kMaxEnroleeLifetimeS, "0", false, false, "seconds",
        "Enrolment Expiry for this enrolee; 0: mef.enrolment_lifetime"},
       {"mef.enrolee", "certificate_enrolment", T::boolean, C::none, 0, 0, "false", false, false, "",
        "offer EST certificate enrolment to this enrolee"},

@@ -8,13 +8,12 @@
 
 #include <cerrno>
 #include <cstring>
-#include <functional>
 
 #include "dauth/crypto/identifiers.hpp"
 #include "dauth/crypto/keystore.hpp"
 #include "dauth/daemon/log.hpp"
 #include "roles.hpp"
-#include "secret_file.hpp"
+#include "verbs/verbs.hpp"
 
 #ifndef DAUTH_VERSION
 #define DAUTH_VERSION "unknown"
@@ -143,173 +142,19 @@ Result<void> Daemon::set_up() {
   return ok_result();
 }
 
+// One registration per row of the verb table (verbs/verbs.hpp); each removal is its VerbRegistration in verbs_,
+// destroyed before control_.
 Result<void> Daemon::register_verbs() {
-  // Each registration's removal is its VerbRegistration in verbs_, destroyed before control_.
-  auto add = [this](const std::string& verb, VerbHandler handler, std::size_t max_fds = 0) -> Result<void> {
-    auto registration = control_->add_verb(verb, std::move(handler), max_fds);
+  for (const ControlVerb& verb : control_verbs()) {
+    auto registration = control_->add_verb(
+        verb.name,
+        [this, &verb](const ControlRequest& request) -> Result<nlohmann::json> {
+          VerbContext context{*this, roles_.get()};
+          return run_control_verb(verb, context, request);
+        },
+        verb.max_fds);
     if (!registration) return std::move(registration).error();
     verbs_.push_back(std::move(registration).value());
-    return ok_result();
-  };
-  if (auto r = add("status", [this](const ControlRequest&) -> Result<nlohmann::json> { return status_json(); });
-      !r) {
-    return r;
-  }
-  if (auto r = add("stats", [this](const ControlRequest&) -> Result<nlohmann::json> { return stats_json(); }); !r) {
-    return r;
-  }
-  if (auto r = add("reload", [this](const ControlRequest&) -> Result<nlohmann::json> {
-        if (auto outcome = reload(); !outcome) return std::move(outcome).error();
-        return status_json();
-      });
-      !r) {
-    return r;
-  }
-  // Verbs of the roles. A role that is not configured gives a clear "unsupported" (docs/control-protocol.md).
-  const auto need = [this](const std::string& verb, const char* role) -> Result<void> {
-    const bool present = roles_ && (std::string(role) == "any" || (std::string(role) == "mef" && roles_->has_mef()) ||
-                                    (std::string(role) == "enrolee" && roles_->has_enrolee()) ||
-                                    (std::string(role) == "peer" && roles_->has_peer()));
-    if (present) return ok_result();
-    if (std::string(role) == "any") return make_error(Errc::unsupported, verb + ": no role configured");
-    return make_error(Errc::unsupported, verb + ": no " + role + " role configured ([" + role + "] section)");
-  };
-  const auto text_arg = [](const ControlRequest& request, const char* name) -> Result<std::string> {
-    const auto it = request.args.find(name);
-    if (it == request.args.end() || !it->is_string() || it->get<std::string>().empty()) {
-      return make_error(Errc::invalid_argument, request.verb + ": args." + name + " must be a non-empty string");
-    }
-    return it->get<std::string>();
-  };
-  // Key bytes never travel in JSON (docs/control-protocol.md "Passing keys"): args.key_fd names a descriptor sent
-  // with the request (SCM_RIGHTS), read here into guarded memory with the key-file rules; the server closes it.
-  const auto key_from_fd = [](const ControlRequest& request) -> Result<SecretBuffer> {
-    if (request.fds.empty()) {
-      return make_error(Errc::invalid_argument,
-                        request.verb + ": no file descriptor came with the request; the key travels as an open key "
-                                       "file or pipe (SCM_RIGHTS) named by args.key_fd, never in JSON (dauthctl "
-                                       "--psk-file FILE|- does this)");
-    }
-    const auto it = request.args.find("key_fd");
-    if (it == request.args.end() || !it->is_number_unsigned() || it->get<std::uint64_t>() >= request.fds.size()) {
-      return make_error(Errc::invalid_argument, request.verb + ": args.key_fd must be the index (0–" +
-                                                    std::to_string(request.fds.size() - 1) +
-                                                    ") of a file descriptor sent with the request");
-    }
-    const std::size_t index = it->get<std::size_t>();
-    return detail::read_hex_key_fd(request.fds[index].get(), request.verb + ": key_fd " + std::to_string(index),
-                                   detail::kMinKpmBytes, detail::kMaxKpmBytes);
-  };
-  struct RoleVerb {
-    const char* verb;
-    const char* role;
-    std::function<Result<nlohmann::json>(const ControlRequest&)> run;
-    std::size_t max_fds = 0;
-  };
-  const std::vector<RoleVerb> role_verbs = {
-      {"sessions", "peer", [this](const ControlRequest&) -> Result<nlohmann::json> { return roles_->sessions(); }},
-      {"peers", "peer", [this](const ControlRequest&) -> Result<nlohmann::json> { return roles_->peers(); }},
-      {"credentials.list", "any",
-       [this](const ControlRequest&) -> Result<nlohmann::json> { return roles_->credentials(); }},
-      {"credentials.add", "enrolee",
-       [this, text_arg, key_from_fd](const ControlRequest& request) -> Result<nlohmann::json> {
-         auto kpm_id = text_arg(request, "kpm_id");
-         if (!kpm_id) return std::move(kpm_id).error();
-         auto ae_id = text_arg(request, "ae_id");
-         if (!ae_id) return std::move(ae_id).error();
-         auto key = key_from_fd(request);
-         if (!key) return std::move(key).error();
-         return roles_->add_credential(*kpm_id, *ae_id, std::move(key).value());
-       },
-       1},
-      {"credentials.remove", "enrolee",
-       [this, text_arg](const ControlRequest& request) -> Result<nlohmann::json> {
-         auto id = text_arg(request, "kpm_id");
-         if (!id) return std::move(id).error();
-         return roles_->remove_credential(*id);
-       }},
-      {"enrol", "enrolee",
-       [this, text_arg](const ControlRequest& request) -> Result<nlohmann::json> {
-         auto id = text_arg(request, "ae_id");
-         if (!id) return std::move(id).error();
-         return roles_->enrol(*id);
-       }},
-      {"enrol.status", "enrolee",
-       [this, text_arg](const ControlRequest& request) -> Result<nlohmann::json> {
-         auto id = text_arg(request, "ae_id");
-         if (!id) return std::move(id).error();
-         return roles_->enrolment_status(*id);
-       }},
-      {"enrolees.list", "mef",
-       [this](const ControlRequest&) -> Result<nlohmann::json> { return roles_->enrolees(); }},
-      {"enrolees.add", "mef",
-       [this, text_arg, key_from_fd](const ControlRequest& request) -> Result<nlohmann::json> {
-         const auto& args = request.args;
-         MefEnrolee row;
-         auto enrolee_id = text_arg(request, "enrolee_id");
-         if (!enrolee_id) return std::move(enrolee_id).error();
-         row.enrolee_id = *enrolee_id;
-         SecretBuffer key;
-         if (args.contains("certificate_ae_id")) {
-           auto id = text_arg(request, "certificate_ae_id");
-           if (!id) return std::move(id).error();
-           if (args.contains("kpm_id") || !request.fds.empty()) {
-             return make_error(Errc::invalid_argument, "enrolees.add: a certificate enrolee has no KpmID and no key");
-           }
-           row.certificate_ae_id = *id;
-         } else {
-           auto id = text_arg(request, "kpm_id");
-           if (!id) return std::move(id).error();
-           row.kpm_id = *id;
-           auto read = key_from_fd(request);
-           if (!read) return std::move(read).error();
-           key = std::move(read).value();
-         }
-         if (const auto targets = args.find("targets"); targets != args.end()) {
-           if (!targets->is_array()) return make_error(Errc::invalid_argument, "enrolees.add: args.targets must be an array of AE-IDs");
-           for (const auto& target : *targets) {
-             if (!target.is_string()) return make_error(Errc::invalid_argument, "enrolees.add: args.targets must be an array of AE-IDs");
-             row.targets.push_back(target.get<std::string>());
-           }
-         }
-         if (const auto lifetime = args.find("lifetime"); lifetime != args.end()) {
-           if (!lifetime->is_number_integer()) return make_error(Errc::invalid_argument, "enrolees.add: args.lifetime must be an integer (seconds)");
-           row.lifetime = lifetime->get<std::int64_t>();
-         }
-         if (const auto offer = args.find("certificate_enrolment"); offer != args.end()) {
-           if (!offer->is_boolean()) return make_error(Errc::invalid_argument, "enrolees.add: args.certificate_enrolment must be true or false");
-           row.certificate_enrolment = offer->get<bool>();
-         }
-         return roles_->add_enrolee(row, std::move(key));
-       },
-       1},
-      {"enrolees.remove", "mef",
-       [this, text_arg](const ControlRequest& request) -> Result<nlohmann::json> {
-         auto id = text_arg(request, "id");
-         if (!id) return std::move(id).error();
-         return roles_->remove_enrolee(*id);
-       }},
-      {"revoke", "mef",
-       [this, text_arg](const ControlRequest& request) -> Result<nlohmann::json> {
-         auto id = text_arg(request, "id");
-         if (!id) return std::move(id).error();
-         return roles_->revoke(*id);
-       }},
-  };
-  for (const auto& role_verb : role_verbs) {
-    const std::string verb = role_verb.verb;
-    const std::string role = role_verb.role;
-    auto run = role_verb.run;
-    if (auto r = add(
-            verb,
-            [verb, role, run, need](const ControlRequest& request) -> Result<nlohmann::json> {
-              if (auto present = need(verb, role.c_str()); !present) return std::move(present).error();
-              return run(request);
-            },
-            role_verb.max_fds);
-        !r) {
-      return r;
-    }
   }
   return ok_result();
 }

@@ -11,6 +11,7 @@
 #include "dauth/crypto/identifiers.hpp"
 #include "dauth/crypto/x509.hpp"
 #include "dauth/daemon/log.hpp"
+#include "dauth/rspf/credential_rules.hpp"
 #include "dauth/transport/address.hpp"
 
 namespace dauth::daemon {
@@ -226,28 +227,44 @@ LocalAeState* Roles::Impl::find_ae(const std::string& id) {
 //     from the file and reloading ends that enrolee's bootstrap), logged; a bootstrap credential still used by a
 //     running Enrolee moves to its AE's new kpm_id first, or stays until the restart;
 //   - rows added with dauthctl stay across reloads and restarts; at start those not in the configuration are logged.
+// Two steps, so that a reload that cannot be applied changes nothing (roles.hpp): plan_key_tables() builds and
+// checks every record (device certificates loaded, KeyStore rules applied) without touching the store or an
+// Enrolee; apply_key_tables() writes them and, if one write fails, puts back what it had already changed.
 Result<void> Roles::Impl::put_key_tables(const Config& cfg, const LoadedSecrets& secrets) {
-  std::set<std::string> kpm_ids;
-  std::set<std::string> enrolee_ids;
+  auto plan = plan_key_tables(cfg, secrets);
+  if (!plan) return std::move(plan).error();
+  return apply_key_tables(std::move(plan).value());
+}
+
+Result<KeyTablePlan> Roles::Impl::plan_key_tables(const Config& cfg, const LoadedSecrets& secrets) const {
+  KeyTablePlan plan;
+  const auto add_write = [&](crypto::Record record, const std::string& where) -> Result<void> {
+    if (auto valid = crypto::validate(record); !valid) {
+      return make_error(valid.error().code, where + ": " + valid.error().message);
+    }
+    // Unchanged since the last start: nothing to write (holds() decodes nothing; find() would keep a decoded copy).
+    if (!store->holds(record)) plan.writes.push_back(std::move(record));
+    return ok_result();
+  };
   if (cfg.enrolee) {
     for (const auto& ae : cfg.enrolee->aes) {
       if (!ae.certificate_file.empty()) {
-        if (auto r = put_device_certificate(ae); !r) return r;
+        auto record = device_certificate_record(ae);
+        if (!record) return std::move(record).error();
+        if (auto r = add_write(std::move(record).value(), "enrolee.ae " + ae.id); !r) return std::move(r).error();
         continue;
       }
       if (ae.kpm_id.empty()) continue;
       const auto* key = secrets.find_file(ae.kpm_file);
       if (key == nullptr) return make_error(Errc::internal, "enrolee.ae " + ae.id + ": kpm_file not loaded");
+      plan.kpm_ids.insert(ae.kpm_id);
       crypto::Record record = crypto::BootstrapKeyRecord{ae.kpm_id, key->key.clone(), ae.id};
-      kpm_ids.insert(ae.kpm_id);
-      // Unchanged since the last start: nothing to write (holds() decodes nothing; find() would keep a decoded copy).
-      if (store->holds(record)) continue;
       if (const auto* old = store->find<crypto::BootstrapKeyRecord>(ae.kpm_id);
-          old && !configured_kpm_ids.count(ae.kpm_id)) {
-        log::notice("enrolee.ae " + ae.id + ": kpm_file replaces the stored credential " + ae.kpm_id +
-                    " (fingerprint " + old->kpm.fingerprint() + " -> " + key->key.fingerprint() + ")");
+          old && !configured_kpm_ids.count(ae.kpm_id) && !store->holds(record)) {
+        plan.notices.push_back("enrolee.ae " + ae.id + ": kpm_file replaces the stored credential " + ae.kpm_id +
+                               " (fingerprint " + old->kpm.fingerprint() + " -> " + key->key.fingerprint() + ")");
       }
-      if (auto r = store->put(std::move(record)); !r) return r;
+      if (auto r = add_write(std::move(record), "enrolee.ae " + ae.id); !r) return std::move(r).error();
     }
   }
   if (cfg.mef) {
@@ -267,66 +284,143 @@ Result<void> Roles::Impl::put_key_tables(const Config& cfg, const LoadedSecrets&
       record.enrolment_lifetime_s = row.lifetime != 0 ? row.lifetime : cfg.mef->enrolment_lifetime;
       record.certificate_enrolment = row.certificate_enrolment;
       const std::string id = record.credential_id;
-      enrolee_ids.insert(id);
+      plan.enrolee_ids.insert(id);
       crypto::Record row_record = std::move(record);
-      // Unchanged since the last start: nothing to write (holds() decodes nothing; find() would keep a decoded copy).
-      if (store->holds(row_record)) continue;
-      if (store->find<crypto::EnroleeRecord>(id) != nullptr && !configured_enrolee_ids.count(id)) {
-        log::notice("mef.enrolee " + id + ": the configuration replaces the stored row (changed in the file, or "
-                    "added with dauthctl enrolees add)");
+      if (!store->holds(row_record) && store->find<crypto::EnroleeRecord>(id) != nullptr &&
+          !configured_enrolee_ids.count(id)) {
+        plan.notices.push_back("mef.enrolee " + id + ": the configuration replaces the stored row (changed in the "
+                               "file, or added with dauthctl enrolees add)");
       }
-      if (auto r = store->put(std::move(row_record)); !r) return r;
+      if (auto r = add_write(std::move(row_record), "mef.enrolee " + id); !r) return std::move(r).error();
     }
   }
-  if (key_tables_loaded) {
-    for (const auto& id : configured_enrolee_ids) {
-      if (enrolee_ids.count(id) || !store->find<crypto::EnroleeRecord>(id)) continue;
-      if (auto r = store->remove(crypto::RecordKind::enrolee, id); !r) return r;
-      log::notice("mef.enrolee " + id + ": no longer in the configuration; deleted from the enrolee table (its "
-                  "enrolments stay valid until they expire or are revoked)");
-    }
-    for (const auto& id : configured_kpm_ids) {
-      if (kpm_ids.count(id) || !store->find<crypto::BootstrapKeyRecord>(id)) continue;
-      bool in_use = false;
-      for (auto& ae : aes) {
-        if (!ae->enrolee || ae->enrolee->kpm_id() != id) continue;
-        // The AE's new configured credential, if it still has one (the set of local AEs changes at restart).
-        const LocalAe* fresh = nullptr;
-        if (cfg.enrolee) {
-          for (const auto& candidate : cfg.enrolee->aes) {
-            if (candidate.id == ae->config.id && !candidate.kpm_id.empty()) fresh = &candidate;
-          }
-        }
-        auto moved = fresh ? ae->enrolee->use_bootstrap_key(fresh->kpm_id)
-                           : Result<void>(make_error(Errc::not_found, "no kpm_id configured for it"));
-        if (!moved) {
-          in_use = true;
-          log::notice("enrolee.ae " + ae->config.id + ": credential " + id + " left the configuration but stays "
-                      "in use until the restart (" + moved.error().message + ")");
-        } else {
-          ae->config.kpm_id = fresh->kpm_id;
-        }
-      }
-      if (in_use) continue;
-      if (auto r = store->remove(crypto::RecordKind::bootstrap_key, id); !r) return r;
-      log::notice("enrolee: bootstrap credential " + id + " no longer in the configuration; deleted");
-    }
-  } else {
+  if (!key_tables_loaded) {
     std::string runtime_rows;
     if (cfg.mef) {
       store->for_each(crypto::RecordKind::enrolee, [&](const crypto::Record& r) {
         const auto& row = std::get<crypto::EnroleeRecord>(r);
-        if (!enrolee_ids.count(row.credential_id)) runtime_rows += (runtime_rows.empty() ? "" : ", ") + row.credential_id;
+        if (!plan.enrolee_ids.count(row.credential_id)) {
+          runtime_rows += (runtime_rows.empty() ? "" : ", ") + row.credential_id;
+        }
       });
     }
     if (!runtime_rows.empty()) {
-      log::notice("mef: enrolee table rows kept from the key store, not in the configuration (added with dauthctl "
-                  "enrolees add, or removed from the file while dauthd was stopped; dauthctl enrolees remove deletes "
-                  "one): " + runtime_rows);
+      plan.notices.push_back("mef: enrolee table rows kept from the key store, not in the configuration (added with "
+                             "dauthctl enrolees add, or removed from the file while dauthd was stopped; dauthctl "
+                             "enrolees remove deletes one): " + runtime_rows);
+    }
+    return plan;
+  }
+  for (const auto& id : configured_enrolee_ids) {
+    if (plan.enrolee_ids.count(id) || !store->find<crypto::EnroleeRecord>(id)) continue;
+    plan.removals.push_back({crypto::RecordKind::enrolee, id, {}});
+  }
+  for (const auto& id : configured_kpm_ids) {
+    if (plan.kpm_ids.count(id) || !store->find<crypto::BootstrapKeyRecord>(id)) continue;
+    KeyTablePlan::Removal removal{crypto::RecordKind::bootstrap_key, id, {}};
+    for (const auto& ae : aes) {
+      if (!ae->enrolee || ae->enrolee->kpm_id() != id) continue;
+      // The AE's new configured credential, if it still has one (the set of local AEs changes at restart).
+      std::string fresh;
+      if (cfg.enrolee) {
+        for (const auto& candidate : cfg.enrolee->aes) {
+          if (candidate.id == ae->config.id && !candidate.kpm_id.empty()) fresh = candidate.kpm_id;
+        }
+      }
+      removal.moves.push_back({ae.get(), fresh});
+    }
+    plan.removals.push_back(std::move(removal));
+  }
+  return plan;
+}
+
+namespace {
+// A copy of the stored record of a kind the key tables write, to put back if a later write fails.
+std::optional<crypto::Record> stored_copy(const crypto::KeyStore& store, crypto::RecordKind kind,
+                                          const std::string& id) {
+  switch (kind) {
+    case crypto::RecordKind::bootstrap_key:
+      if (const auto* r = store.find<crypto::BootstrapKeyRecord>(id)) {
+        return crypto::Record{crypto::BootstrapKeyRecord{r->kpm_id, r->kpm.clone(), r->ae_id}};
+      }
+      break;
+    case crypto::RecordKind::enrolee:
+      if (const auto* r = store.find<crypto::EnroleeRecord>(id)) {
+        return crypto::Record{crypto::EnroleeRecord{r->credential_id, r->kpm.clone(), r->enrolee_id, r->targets,
+                                                    r->enrolment_lifetime_s, r->certificate_enrolment}};
+      }
+      break;
+    case crypto::RecordKind::certificate:
+      if (const auto* r = store.find<crypto::CertificateRecord>(id)) {
+        return crypto::Record{
+            crypto::CertificateRecord{r->name, r->chain_der, r->private_key_der.clone(), r->expires_at}};
+      }
+      break;
+    default:
+      break;
+  }
+  return std::nullopt;
+}
+}  // namespace
+
+Result<void> Roles::Impl::apply_key_tables(KeyTablePlan plan) {
+  // What each store operation replaced, newest last: undone in reverse when a later one fails.
+  struct Undo {
+    crypto::RecordKind kind;
+    std::string id;
+    std::optional<crypto::Record> before;
+  };
+  std::vector<Undo> done;
+  std::vector<std::pair<LocalAeState*, std::string>> moved;  // Enrolees moved off a retired KpmID, and that KpmID
+  const auto roll_back = [&](const Error& error) -> Result<void> {
+    for (auto& [ae, previous] : moved) (void)ae->enrolee->use_bootstrap_key(previous);
+    for (auto it = done.rbegin(); it != done.rend(); ++it) {
+      auto restored = it->before ? store->put(std::move(*it->before)) : store->remove(it->kind, it->id);
+      if (!restored) log::error("key store: cannot undo the change of " + it->id + ": " + restored.error().message);
+    }
+    return make_error(error.code, error.message + " (key tables left as they were)");
+  };
+  for (auto& record : plan.writes) {
+    const crypto::RecordKind kind = crypto::kind_of(record);
+    std::string id = crypto::id_of(record);
+    auto before = stored_copy(*store, kind, id);
+    if (auto r = store->put(std::move(record)); !r) return roll_back(r.error());
+    done.push_back({kind, std::move(id), std::move(before)});
+  }
+  std::vector<std::string> notices = std::move(plan.notices);
+  for (auto& removal : plan.removals) {
+    bool in_use = false;
+    for (const auto& move : removal.moves) {
+      LocalAeState& ae = *move.ae;
+      auto moved_to = !move.to.empty()
+                          ? ae.enrolee->use_bootstrap_key(move.to)
+                          : Result<void>(make_error(Errc::not_found, "no kpm_id configured for it"));
+      if (!moved_to) {
+        in_use = true;
+        notices.push_back("enrolee.ae " + ae.config.id + ": credential " + removal.id + " left the configuration but "
+                          "stays in use until the restart (" + moved_to.error().message + ")");
+      } else {
+        moved.push_back({&ae, removal.id});
+      }
+    }
+    if (in_use) continue;
+    auto before = stored_copy(*store, removal.kind, removal.id);
+    if (auto r = store->remove(removal.kind, removal.id); !r) return roll_back(r.error());
+    done.push_back({removal.kind, removal.id, std::move(before)});
+    notices.push_back(removal.kind == crypto::RecordKind::enrolee
+                          ? "mef.enrolee " + removal.id + ": no longer in the configuration; deleted from the enrolee "
+                            "table (its enrolments stay valid until they expire or are revoked)"
+                          : "enrolee: bootstrap credential " + removal.id + " no longer in the configuration; deleted");
+  }
+  // Applied: the in-memory side follows.
+  for (const auto& removal : plan.removals) {
+    for (const auto& move : removal.moves) {
+      if (!move.to.empty() && move.ae->enrolee->kpm_id() == move.to) move.ae->config.kpm_id = move.to;
     }
   }
-  configured_kpm_ids = std::move(kpm_ids);
-  configured_enrolee_ids = std::move(enrolee_ids);
+  for (const auto& line : notices) log::notice(line);
+  configured_kpm_ids = std::move(plan.kpm_ids);
+  configured_enrolee_ids = std::move(plan.enrolee_ids);
   key_tables_loaded = true;
   return ok_result();
 }
@@ -346,7 +440,7 @@ std::string Roles::Impl::bootstrap_kpm_id_of(const LocalAe& ae) const {
 // The configured device (or AE-ID) certificate of a local AE becomes the CertificateRecord the certificate-
 // bootstrapped Enrolee authenticates with, named device_certificate_name(AE-ID): the file stays the bootstrap
 // credential, and an AE-ID certificate issued over EST (stored under the AE-ID itself) does not replace it.
-Result<void> Roles::Impl::put_device_certificate(const LocalAe& ae) {
+Result<crypto::CertificateRecord> Roles::Impl::device_certificate_record(const LocalAe& ae) const {
   const auto fail = [&](const std::string& key, const Error& e) {
     return make_error(e.code, "enrolee.ae " + ae.id + ": " + key + ": " + e.message);
   };
@@ -368,9 +462,8 @@ Result<void> Roles::Impl::put_device_certificate(const LocalAe& ae) {
   }
   auto key_der = key->to_der();
   if (!key_der) return fail("private_key_file", key_der.error());
-  crypto::CertificateRecord record{device_certificate_name(ae.id), certificate->chain_der(), std::move(key_der).value(),
-                                   static_cast<std::int64_t>(certificate->not_after())};
-  return store->put(std::move(record));
+  return crypto::CertificateRecord{device_certificate_name(ae.id), certificate->chain_der(),
+                                   std::move(key_der).value(), static_cast<std::int64_t>(certificate->not_after())};
 }
 
 Result<void> Roles::Impl::resolve_peers(const Config& cfg, std::map<std::string, PeerState>& out) const {
@@ -458,239 +551,243 @@ Config what_roles_keep(const Config& config) {
   }
   return kept;
 }
-}  // namespace
 
-Result<std::unique_ptr<Roles>> Roles::start(EventLoop& loop, const Config& config, const LoadedSecrets& secrets) {
-  auto impl = std::make_unique<Impl>(loop);
-  Impl& s = *impl;
-  s.config = what_roles_keep(config);
-  auto store = crypto::KeyStore::open(config.daemon.state_directory, secrets.master_key().clone());
-  if (!store) return std::move(store).error();
-  s.store.emplace(std::move(store).value());
-  if (auto r = s.put_key_tables(config, secrets); !r) return std::move(r).error();
-  if (auto r = s.resolve_peers(config, s.peers); !r) return std::move(r).error();
+// The steps of Roles::start, in its order; each uses only what the ones before it set up.
 
-  const auto observer = [](const std::string& node) {
-    return [node](const transport::Failure& failure) {
-      log::info(node + " " + transport::format_failure(failure));
-    };
-  };
+transport::FailureObserver failure_observer(const std::string& node) {
+  return [node](const transport::Failure& failure) { log::info(node + " " + transport::format_failure(failure)); };
+}
 
-  if (config.mef) {
-    auto listen = transport::parse_host_port(config.mef->listen);
-    if (!listen) return make_error(listen.error().code, "mef.listen: " + listen.error().message);
-    transport::NodeConfig node_config;
-    node_config.secure_addresses = {listen->host};
-    node_config.secure_port = listen->port;
-    node_config.psk_lookup = s.mef_slot.lookup();
-    if (!config.mef->certificate_file.empty()) {
-      auto x509 = mef_x509_credentials(*config.mef);
-      if (!x509) return std::move(x509).error();
-      node_config.x509 = std::move(x509).value();
-    }
-    auto node = transport::Node::create(std::move(node_config));
-    if (!node) return make_error(node.error().code, "mef node: " + node.error().message);
-    auto driver = std::make_unique<NodeDriver>();
-    driver->name = "mef";
-    driver->node = std::move(node).value();
-    driver->node->set_failure_observer(observer("mef"));
-    rspf::MefConfig mef_config;
-    mef_config.fqdn = config.mef->fqdn;
-    mef_config.log = s.log_sink();
-    if (!config.mef->issuing_ca_certificate.empty() && !config.mef->issuing_ca_key.empty()) {
-      auto certificate = crypto::Certificate::load_file(config.mef->issuing_ca_certificate.string());
-      if (!certificate) return make_error(certificate.error().code, "mef.issuing_ca_certificate: " + certificate.error().message);
-      auto key = crypto::PrivateKey::load_file(config.mef->issuing_ca_key.string());
-      if (!key) return make_error(key.error().code, "mef.issuing_ca_key: " + key.error().message);
-      auto ca = crypto::CertificateAuthority::from(std::move(certificate).value(), std::move(key).value());
-      if (!ca) return make_error(ca.error().code, "mef issuing CA: " + ca.error().message);
-      mef_config.ca.emplace(std::move(ca).value());
-      mef_config.max_certificate_validity_s = config.mef->certificate_lifetime;
-    }
-    auto mef = rspf::Mef::create(*driver->node, *s.store, std::move(mef_config));
-    if (!mef) return std::move(mef).error();
-    s.mef = std::move(mef).value();
-    s.mef_slot.bind(s.mef->psk_lookup());
-    s.mef_driver = driver.get();
-    s.drivers.push_back(std::move(driver));
-    log::notice("mef " + config.mef->fqdn + " listening on coaps://" + config.mef->listen + " (port " +
-                std::to_string(s.mef_driver->node->secure_port()) + "), " +
-                (config.mef->certificate_file.empty() ? "PSK" : "PSK and X.509") + " enrolees");
+// [mef]: its node (PSK, and X.509 with mef.certificate_file), the issuing CA, the Mef and its PSK lookup.
+Result<void> start_mef(Roles::Impl& s, const Config& config) {
+  auto listen = transport::parse_host_port(config.mef->listen);
+  if (!listen) return make_error(listen.error().code, "mef.listen: " + listen.error().message);
+  transport::NodeConfig node_config;
+  node_config.secure_addresses = {listen->host};
+  node_config.secure_port = listen->port;
+  node_config.psk_lookup = s.mef_slot.lookup();
+  if (!config.mef->certificate_file.empty()) {
+    auto x509 = mef_x509_credentials(*config.mef);
+    if (!x509) return std::move(x509).error();
+    node_config.x509 = std::move(x509).value();
   }
+  auto node = transport::Node::create(std::move(node_config));
+  if (!node) return make_error(node.error().code, "mef node: " + node.error().message);
+  auto driver = std::make_unique<NodeDriver>();
+  driver->name = "mef";
+  driver->node = std::move(node).value();
+  driver->node->set_failure_observer(failure_observer("mef"));
+  rspf::MefConfig mef_config;
+  mef_config.fqdn = config.mef->fqdn;
+  mef_config.log = s.log_sink();
+  if (!config.mef->issuing_ca_certificate.empty() && !config.mef->issuing_ca_key.empty()) {
+    auto certificate = crypto::Certificate::load_file(config.mef->issuing_ca_certificate.string());
+    if (!certificate) return make_error(certificate.error().code, "mef.issuing_ca_certificate: " + certificate.error().message);
+    auto key = crypto::PrivateKey::load_file(config.mef->issuing_ca_key.string());
+    if (!key) return make_error(key.error().code, "mef.issuing_ca_key: " + key.error().message);
+    auto ca = crypto::CertificateAuthority::from(std::move(certificate).value(), std::move(key).value());
+    if (!ca) return make_error(ca.error().code, "mef issuing CA: " + ca.error().message);
+    mef_config.ca.emplace(std::move(ca).value());
+    mef_config.max_certificate_validity_s = config.mef->certificate_lifetime;
+  }
+  auto mef = rspf::Mef::create(*driver->node, *s.store, std::move(mef_config));
+  if (!mef) return std::move(mef).error();
+  s.mef = std::move(mef).value();
+  s.mef_slot.bind(s.mef->psk_lookup());
+  s.mef_driver = driver.get();
+  s.drivers.push_back(std::move(driver));
+  log::notice("mef " + config.mef->fqdn + " listening on coaps://" + config.mef->listen + " (port " +
+              std::to_string(s.mef_driver->node->secure_port()) + "), " +
+              (config.mef->certificate_file.empty() ? "PSK" : "PSK and X.509") + " enrolees");
+  return ok_result();
+}
 
-  if (config.enrolee) {
-    transport::NodeConfig node_config;  // client only
-    auto node = transport::Node::create(std::move(node_config));
-    if (!node) return make_error(node.error().code, "enrolee node: " + node.error().message);
-    auto driver = std::make_unique<NodeDriver>();
-    driver->name = "enrolee";
-    driver->node = std::move(node).value();
-    driver->node->set_failure_observer(observer("enrolee"));
-    s.enrolee_driver = driver.get();
-    s.drivers.push_back(std::move(driver));
-    auto mef_address = resolve_address(config.enrolee->mef_address);
-    if (!mef_address) return make_error(mef_address.error().code, "enrolee.mef_address: " + mef_address.error().message);
-    std::string mef_trust_anchors;  // certificate RSPF: the CA(s) of the MEF's FQDN certificate
-    if (!config.enrolee->mef_trust_anchor.empty()) {
-      auto anchors = load_certificates_pem(config.enrolee->mef_trust_anchor, "enrolee.mef_trust_anchor");
-      if (!anchors) return std::move(anchors).error();
-      mef_trust_anchors = std::move(anchors).value();
+// [enrolee]: the client-only node and one Enrolee per [[enrolee.ae]].
+Result<void> start_enrolees(Roles::Impl& s, const Config& config) {
+  transport::NodeConfig node_config;  // client only
+  auto node = transport::Node::create(std::move(node_config));
+  if (!node) return make_error(node.error().code, "enrolee node: " + node.error().message);
+  auto driver = std::make_unique<NodeDriver>();
+  driver->name = "enrolee";
+  driver->node = std::move(node).value();
+  driver->node->set_failure_observer(failure_observer("enrolee"));
+  s.enrolee_driver = driver.get();
+  s.drivers.push_back(std::move(driver));
+  auto mef_address = resolve_address(config.enrolee->mef_address);
+  if (!mef_address) return make_error(mef_address.error().code, "enrolee.mef_address: " + mef_address.error().message);
+  std::string mef_trust_anchors;  // certificate RSPF: the CA(s) of the MEF's FQDN certificate
+  if (!config.enrolee->mef_trust_anchor.empty()) {
+    auto anchors = load_certificates_pem(config.enrolee->mef_trust_anchor, "enrolee.mef_trust_anchor");
+    if (!anchors) return std::move(anchors).error();
+    mef_trust_anchors = std::move(anchors).value();
+  }
+  for (const auto& ae : config.enrolee->aes) {
+    auto state = std::make_unique<LocalAeState>();
+    state->config = ae;
+    rspf::EnroleeConfig enrolee_config;
+    if (ae.certificate_file.empty()) {
+      enrolee_config.kpm_id = s.bootstrap_kpm_id_of(ae);  // a credential added with dauthctl wins
+    } else {
+      enrolee_config.certificate_name = device_certificate_name(ae.id);  // put_key_tables() stored it
+      enrolee_config.mef_trust_anchors_pem = mef_trust_anchors;
     }
+    enrolee_config.mef_address = *mef_address;
+    enrolee_config.mef_fqdn = config.enrolee->mef_fqdn;
+    enrolee_config.request_certificate = ae.certificate_enrolment;
+    enrolee_config.log = s.log_sink();
+    auto enrolee = rspf::Enrolee::create(*s.enrolee_driver->node, *s.store, std::move(enrolee_config));
+    if (!enrolee) return make_error(enrolee.error().code, "enrolee.ae " + ae.id + ": " + enrolee.error().message);
+    state->enrolee = std::move(enrolee).value();
+    s.aes.push_back(std::move(state));
+  }
+  return ok_result();
+}
+
+// [peer]: the node with the peer endpoint (PSK by TargetKeys, X.509 per served AE) and the local endpoint.
+Result<void> start_peer_node(Roles::Impl& s, const Config& config) {
+  auto listen = transport::parse_host_port(config.peer->listen);
+  if (!listen) return make_error(listen.error().code, "peer.listen: " + listen.error().message);
+  transport::NodeConfig node_config;
+  node_config.secure_addresses = {listen->host};
+  node_config.secure_port = listen->port;
+  node_config.psk_lookup = s.peer_slot.lookup();
+  for (const auto& path : config.peer->trust_anchors) {
+    auto anchors = load_certificates_pem(path, "peer.trust_anchors " + path.string());
+    if (!anchors) return std::move(anchors).error();
+    s.peer_trust_anchors_pem += *anchors;
+  }
+  // Certificate peer sessions: every served AE with a certificate (EST-issued, else its device certificate) is
+  // presented to the handshakes whose SNI names it; one issued later is added by serve_certificate_of(). The
+  // OpenSSL build cannot choose per handshake (transport: unsupported): it presents the first one only.
+  if (!s.peer_trust_anchors_pem.empty() && config.enrolee) {
     for (const auto& ae : config.enrolee->aes) {
-      auto state = std::make_unique<LocalAeState>();
-      state->config = ae;
-      rspf::EnroleeConfig enrolee_config;
-      if (ae.certificate_file.empty()) {
-        enrolee_config.kpm_id = s.bootstrap_kpm_id_of(ae);  // a credential added with dauthctl wins
-      } else {
-        enrolee_config.certificate_name = device_certificate_name(ae.id);  // put_key_tables() stored it
-        enrolee_config.mef_trust_anchors_pem = mef_trust_anchors;
+      if (ae.endpoint.empty()) continue;
+      auto x509 = s.x509_of_local_ae(ae.id);
+      if (!x509) continue;
+      s.certificate_aes.insert(ae.id);
+      if (!transport::backend_selects_server_certificates()) {
+        node_config.x509 = std::move(x509).value();
+        log::notice("peer: this " + std::string(transport::to_string(transport::compiled_backend())) +
+                    " build presents one certificate (" + ae.id + "'s); other AEs' certificates need the "
+                    "GnuTLS build");
+        break;
       }
-      enrolee_config.mef_address = *mef_address;
-      enrolee_config.mef_fqdn = config.enrolee->mef_fqdn;
-      enrolee_config.request_certificate = ae.certificate_enrolment;
-      enrolee_config.log = s.log_sink();
-      auto enrolee = rspf::Enrolee::create(*s.enrolee_driver->node, *s.store, std::move(enrolee_config));
-      if (!enrolee) return make_error(enrolee.error().code, "enrolee.ae " + ae.id + ": " + enrolee.error().message);
-      state->enrolee = std::move(enrolee).value();
-      s.aes.push_back(std::move(state));
+      node_config.x509_by_server_name.emplace(crypto::server_name_for_ae_id(ae.id), std::move(x509).value());
     }
   }
+  if (config.enrolee) {
+    auto local = transport::parse_host_port(config.enrolee->local_listen);
+    if (!local) return make_error(local.error().code, "enrolee.local_listen: " + local.error().message);
+    node_config.local_address = local->host;
+    node_config.local_port = local->port;
+  }
+  node_config.limits.idle_timeout = std::chrono::seconds(config.peer->idle_timeout);
+  node_config.limits.max_sessions = static_cast<std::size_t>(config.peer->max_sessions);
+  node_config.limits.max_client_sessions = static_cast<std::size_t>(config.peer->max_outgoing_sessions);
+  node_config.limits.max_handshakes = static_cast<std::size_t>(config.peer->max_handshakes);
+  node_config.limits.handshake_timeout = std::chrono::seconds(config.peer->handshake_timeout);
+  // peer.nstart / local_nstart (config table: 1–32): A→B requests and B→A separate responses share one session
+  // per AE pair, and B's deliveries one plain session per local AE, so NSTART 1 would serialise them.
+  node_config.limits.nstart = static_cast<std::uint16_t>(config.peer->nstart);
+  node_config.limits.plain_nstart = static_cast<std::uint16_t>(config.peer->local_nstart);
+  if (!s.peer_trust_anchors_pem.empty()) {
+    // Certificate peers, both directions, against the MEFs' revocation lists (the watch is created below).
+    node_config.peer_check = [impl = &s](const transport::PeerIdentity& peer) -> Result<void> {
+      return impl->revocations ? impl->revocations->check(peer) : ok_result();
+    };
+  }
+  auto node = transport::Node::create(std::move(node_config));
+  if (!node) return make_error(node.error().code, "peer node: " + node.error().message);
+  auto driver = std::make_unique<NodeDriver>();
+  driver->name = "peer";
+  driver->node = std::move(node).value();
+  driver->node->set_failure_observer(failure_observer("peer"));
+  s.peer_driver = driver.get();
+  s.drivers.push_back(std::move(driver));
+  return ok_result();
+}
 
-  if (config.peer) {
-    auto listen = transport::parse_host_port(config.peer->listen);
-    if (!listen) return make_error(listen.error().code, "peer.listen: " + listen.error().message);
-    transport::NodeConfig node_config;
-    node_config.secure_addresses = {listen->host};
-    node_config.secure_port = listen->port;
-    node_config.psk_lookup = s.peer_slot.lookup();
-    for (const auto& path : config.peer->trust_anchors) {
-      auto anchors = load_certificates_pem(path, "peer.trust_anchors " + path.string());
-      if (!anchors) return std::move(anchors).error();
-      s.peer_trust_anchors_pem += *anchors;
+// The peer node's routes, the served AEs (TargetKeys) and the MEFs' revocation lists.
+Result<void> serve_local_aes(Roles::Impl& s) {
+  Roles::Impl* self = &s;
+  for (const Method m : kAllMethods) {
+    s.peer_driver->node->add_route(m, {}, transport::Access::local,
+                                   [self](const transport::Session& session, const Request& request,
+                                          transport::Responder responder) {
+                                     self->on_local_request(session, request, std::move(responder));
+                                   });
+    s.peer_driver->node->add_route(m, {}, transport::Access::secure,
+                                   [self](const transport::Session& session, const Request& request,
+                                          transport::Responder responder) {
+                                     self->on_peer_request(session, request, std::move(responder));
+                                   });
+  }
+  // The served AEs: every local AE with an endpoint and an Enrolee is an Enrolment Target. The client names
+  // the target AE as SNI (forward_to_peer), so TargetKeys picks the AE, and retrieves keys as that AE.
+  for (auto& ae : s.aes) {
+    if (ae->config.endpoint.empty() || !ae->enrolee) continue;
+    if (!s.target_keys) {
+      rspf::TargetKeysConfig target_config;
+      target_config.local_ae_id = ae->config.id;
+      target_config.log = s.log_sink();
+      auto target_keys = rspf::TargetKeys::create(*s.peer_driver->node, *s.store, std::move(target_config));
+      if (!target_keys) return std::move(target_keys).error();
+      s.target_keys = std::move(target_keys).value();
+      s.target_keys->set_fetch_observer([self](const std::string& ke_id, const Result<void>& outcome) {
+        self->count(outcome ? "key_fetches_succeeded_total" : "key_fetches_failed_total");
+        log::info("peer: key retrieval for KeID " + ke_id + ": " +
+                  (outcome ? std::string("stored") : outcome.error().message));
+      });
     }
-    // Certificate peer sessions: every served AE with a certificate (EST-issued, else its device certificate) is
-    // presented to the handshakes whose SNI names it; one issued later is added by serve_certificate_of(). The
-    // OpenSSL build cannot choose per handshake (transport: unsupported): it presents the first one only.
-    if (!s.peer_trust_anchors_pem.empty() && config.enrolee) {
-      for (const auto& ae : config.enrolee->aes) {
-        if (ae.endpoint.empty()) continue;
-        auto x509 = s.x509_of_local_ae(ae.id);
-        if (!x509) continue;
-        s.certificate_aes.insert(ae.id);
-        if (!transport::backend_selects_server_certificates()) {
-          node_config.x509 = std::move(x509).value();
-          log::notice("peer: this " + std::string(transport::to_string(transport::compiled_backend())) +
-                      " build presents one certificate (" + ae.id + "'s); other AEs' certificates need the "
-                      "GnuTLS build");
-          break;
-        }
-        node_config.x509_by_server_name.emplace(crypto::server_name_for_ae_id(ae.id), std::move(x509).value());
-      }
+    rspf::Enrolee* enrolee = ae->enrolee.get();
+    rspf::MefContact contact{enrolee->mef_address(), [enrolee] { return enrolee->mef_credentials(); }};
+    if (auto r = s.target_keys->add_mef(enrolee->mef_fqdn(), std::move(contact), ae->config.id); !r) {
+      return make_error(r.error().code, "enrolee.ae " + ae->config.id + ": " + r.error().message);
     }
-    if (config.enrolee) {
-      auto local = transport::parse_host_port(config.enrolee->local_listen);
-      if (!local) return make_error(local.error().code, "enrolee.local_listen: " + local.error().message);
-      node_config.local_address = local->host;
-      node_config.local_port = local->port;
-    }
-    node_config.limits.idle_timeout = std::chrono::seconds(config.peer->idle_timeout);
-    node_config.limits.max_sessions = static_cast<std::size_t>(config.peer->max_sessions);
-    node_config.limits.max_client_sessions = static_cast<std::size_t>(config.peer->max_outgoing_sessions);
-    node_config.limits.max_handshakes = static_cast<std::size_t>(config.peer->max_handshakes);
-    node_config.limits.handshake_timeout = std::chrono::seconds(config.peer->handshake_timeout);
-    // peer.nstart / local_nstart (config table: 1–32): A→B requests and B→A separate responses share one session
-    // per AE pair, and B's deliveries one plain session per local AE, so NSTART 1 would serialise them.
-    node_config.limits.nstart = static_cast<std::uint16_t>(config.peer->nstart);
-    node_config.limits.plain_nstart = static_cast<std::uint16_t>(config.peer->local_nstart);
-    if (!s.peer_trust_anchors_pem.empty()) {
-      // Certificate peers, both directions, against the MEFs' revocation lists (the watch is created below).
-      node_config.peer_check = [impl = &s](const transport::PeerIdentity& peer) -> Result<void> {
-        return impl->revocations ? impl->revocations->check(peer) : ok_result();
-      };
-    }
-    auto node = transport::Node::create(std::move(node_config));
-    if (!node) return make_error(node.error().code, "peer node: " + node.error().message);
-    auto driver = std::make_unique<NodeDriver>();
-    driver->name = "peer";
-    driver->node = std::move(node).value();
-    driver->node->set_failure_observer(observer("peer"));
-    s.peer_driver = driver.get();
-    s.drivers.push_back(std::move(driver));
-
-    Impl* self = &s;
-    for (const Method m : kAllMethods) {
-      s.peer_driver->node->add_route(m, {}, transport::Access::local,
-                                     [self](const transport::Session& session, const Request& request,
-                                            transport::Responder responder) {
-                                       self->on_local_request(session, request, std::move(responder));
-                                     });
-      s.peer_driver->node->add_route(m, {}, transport::Access::secure,
-                                     [self](const transport::Session& session, const Request& request,
-                                            transport::Responder responder) {
-                                       self->on_peer_request(session, request, std::move(responder));
-                                     });
-    }
-    // The served AEs: every local AE with an endpoint and an Enrolee is an Enrolment Target. The client names
-    // the target AE as SNI (forward_to_peer), so TargetKeys picks the AE, and retrieves keys as that AE.
+    s.served_aes.push_back(ae->config.id);
+    s.served_ae_by_server_name.emplace(crypto::server_name_for_ae_id(ae->config.id), ae->config.id);
+  }
+  if (s.target_keys) s.peer_slot.bind(s.target_keys->psk_lookup());
+  // The MEFs the local AEs are enrolled with, observed for certificate revocations (rspf/revocation_watch.hpp:
+  // until each MEF's list has arrived once since start, certificate peers are refused: fail closed).
+  if (!s.peer_trust_anchors_pem.empty()) {
     for (auto& ae : s.aes) {
-      if (ae->config.endpoint.empty() || !ae->enrolee) continue;
-      if (!s.target_keys) {
-        rspf::TargetKeysConfig target_config;
-        target_config.local_ae_id = ae->config.id;
-        target_config.log = s.log_sink();
-        auto target_keys = rspf::TargetKeys::create(*s.peer_driver->node, *s.store, std::move(target_config));
-        if (!target_keys) return std::move(target_keys).error();
-        s.target_keys = std::move(target_keys).value();
-        s.target_keys->set_fetch_observer([self](const std::string& ke_id, const Result<void>& outcome) {
-          self->count(outcome ? "key_fetches_succeeded_total" : "key_fetches_failed_total");
-          log::info("peer: key retrieval for KeID " + ke_id + ": " +
-                    (outcome ? std::string("stored") : outcome.error().message));
-        });
+      if (!ae->enrolee) continue;
+      if (!s.revocations) {
+        rspf::RevocationWatchConfig watch_config;
+        watch_config.log = s.log_sink();
+        s.revocations = rspf::RevocationWatch::create(*s.peer_driver->node, std::move(watch_config));
       }
       rspf::Enrolee* enrolee = ae->enrolee.get();
       rspf::MefContact contact{enrolee->mef_address(), [enrolee] { return enrolee->mef_credentials(); }};
-      if (auto r = s.target_keys->add_mef(enrolee->mef_fqdn(), std::move(contact), ae->config.id); !r) {
+      if (auto r = s.revocations->add_mef(enrolee->mef_fqdn(), std::move(contact)); !r) {
         return make_error(r.error().code, "enrolee.ae " + ae->config.id + ": " + r.error().message);
       }
-      s.served_aes.push_back(ae->config.id);
-      s.served_ae_by_server_name.emplace(crypto::server_name_for_ae_id(ae->config.id), ae->config.id);
     }
-    if (s.target_keys) s.peer_slot.bind(s.target_keys->psk_lookup());
-    // The MEFs the local AEs are enrolled with, observed for certificate revocations (rspf/revocation_watch.hpp:
-    // until each MEF's list has arrived once since start, certificate peers are refused: fail closed).
-    if (!s.peer_trust_anchors_pem.empty()) {
-      for (auto& ae : s.aes) {
-        if (!ae->enrolee) continue;
-        if (!s.revocations) {
-          rspf::RevocationWatchConfig watch_config;
-          watch_config.log = s.log_sink();
-          s.revocations = rspf::RevocationWatch::create(*s.peer_driver->node, std::move(watch_config));
-        }
-        rspf::Enrolee* enrolee = ae->enrolee.get();
-        rspf::MefContact contact{enrolee->mef_address(), [enrolee] { return enrolee->mef_credentials(); }};
-        if (auto r = s.revocations->add_mef(enrolee->mef_fqdn(), std::move(contact)); !r) {
-          return make_error(r.error().code, "enrolee.ae " + ae->config.id + ": " + r.error().message);
-        }
-      }
-    }
-    std::string served;
-    for (const auto& id : s.served_aes) {
-      // A peer must name an AE-ID that is no DNS name by its hashed server name (PROTOCOL.md §2): show it.
-      const std::string server_name = crypto::server_name_for_ae_id(id);
-      served += (served.empty() ? "" : ", ") + id + (server_name == id ? "" : " (SNI " + server_name + ")");
-    }
-    std::string by_certificate;
-    for (const auto& id : s.certificate_aes) by_certificate += (by_certificate.empty() ? "" : ", ") + id;
-    log::notice("peer listening on coaps://" + config.peer->listen + " (port " +
-                std::to_string(s.peer_driver->node->secure_port()) + ")" +
-                (config.enrolee ? ", local AEs on coap://" + config.enrolee->local_listen + " (port " +
-                                      std::to_string(s.peer_driver->node->local_port()) + ")"
-                                : std::string()) +
-                (served.empty() ? std::string() : ", serving " + served) +
-                (s.certificate_aes.empty() ? std::string() : "; X.509 sessions reach " + by_certificate));
   }
+  return ok_result();
+}
 
+void log_peer_listening(const Roles::Impl& s, const Config& config) {
+  std::string served;
+  for (const auto& id : s.served_aes) {
+    // A peer must name an AE-ID that is no DNS name by its hashed server name (PROTOCOL.md §2): show it.
+    const std::string server_name = crypto::server_name_for_ae_id(id);
+    served += (served.empty() ? "" : ", ") + id + (server_name == id ? "" : " (SNI " + server_name + ")");
+  }
+  std::string by_certificate;
+  for (const auto& id : s.certificate_aes) by_certificate += (by_certificate.empty() ? "" : ", ") + id;
+  log::notice("peer listening on coaps://" + config.peer->listen + " (port " +
+              std::to_string(s.peer_driver->node->secure_port()) + ")" +
+              (config.enrolee ? ", local AEs on coap://" + config.enrolee->local_listen + " (port " +
+                                    std::to_string(s.peer_driver->node->local_port()) + ")"
+                              : std::string()) +
+              (served.empty() ? std::string() : ", serving " + served) +
+              (s.certificate_aes.empty() ? std::string() : "; X.509 sessions reach " + by_certificate));
+}
+
+// Every node's fd in the loop, then the first enrolments.
+Result<void> drive_and_enrol(Roles::Impl& s) {
   for (auto& driver : s.drivers) {
     if (auto r = s.drive(*driver); !r) return std::move(r).error();
   }
@@ -705,6 +802,35 @@ Result<std::unique_ptr<Roles>> Roles::start(EventLoop& loop, const Config& confi
       s.start_enrolment(*ae);
     }
   }
+  return ok_result();
+}
+
+}  // namespace
+
+// The set-up list: the key store and its configured tables, the peers' addresses, then one step per role
+// (docs/rspf.md "Wiring"), then the loop watches and the first enrolments. Tear-down is Impl::~Impl.
+Result<std::unique_ptr<Roles>> Roles::start(EventLoop& loop, const Config& config, const LoadedSecrets& secrets) {
+  auto impl = std::make_unique<Impl>(loop);
+  Impl& s = *impl;
+  s.config = what_roles_keep(config);
+  auto store = crypto::KeyStore::open(config.daemon.state_directory, secrets.master_key().clone());
+  if (!store) return std::move(store).error();
+  s.store.emplace(std::move(store).value());
+  if (auto r = s.put_key_tables(config, secrets); !r) return std::move(r).error();
+  if (auto r = s.resolve_peers(config, s.peers); !r) return std::move(r).error();
+
+  if (config.mef) {
+    if (auto r = start_mef(s, config); !r) return std::move(r).error();
+  }
+  if (config.enrolee) {
+    if (auto r = start_enrolees(s, config); !r) return std::move(r).error();
+  }
+  if (config.peer) {
+    if (auto r = start_peer_node(s, config); !r) return std::move(r).error();
+    if (auto r = serve_local_aes(s); !r) return std::move(r).error();
+    log_peer_listening(s, config);
+  }
+  if (auto r = drive_and_enrol(s); !r) return std::move(r).error();
   return std::unique_ptr<Roles>(new Roles(std::move(impl)));
 }
 
@@ -801,13 +927,13 @@ Result<nlohmann::json> Roles::add_credential(const std::string& given_kpm_id, co
                                            " is not a configured local AE; dauthd enrols only the AEs of its "
                                            "configuration: add an [[enrolee.ae]] for it and restart");
   }
-  if (ae->config.kpm_id.empty()) {
-    return make_error(Errc::invalid_argument, "credentials.add: local AE " + ae_id + " bootstraps with its device "
-                                              "certificate (enrolee.ae.certificate_file), not a pre-provisioned key");
-  }
   auto canonical = crypto::canonical_kpm_id(given_kpm_id);  // stored and compared in one form (PROTOCOL.md §1)
   if (!canonical) return make_error(Errc::invalid_argument, "credentials.add: " + canonical.error().message);
   const std::string& kpm_id = *canonical;
+  // The bootstrap key's rules (PSK AE, well-formed KpmID naming its MEF, not enrolling) are the Enrolee's.
+  if (auto acceptable = ae->enrolee->check_bootstrap_key(kpm_id); !acceptable) {
+    return make_error(acceptable.error().code, "credentials.add: " + acceptable.error().message);
+  }
   if (s.configured_kpm_ids.count(kpm_id)) {
     return make_error(Errc::exists, "credentials.add: KpmID " + kpm_id + " belongs to the configuration "
                                     "([[enrolee.ae]] kpm_id and kpm_file): change that key file and reload, or add "
@@ -817,13 +943,6 @@ Result<nlohmann::json> Roles::add_credential(const std::string& given_kpm_id, co
   if (existing && existing->ae_id != ae_id) {
     return make_error(Errc::exists, "credentials.add: KpmID " + kpm_id + " is already the credential of " +
                                         existing->ae_id + " (dauthctl credentials remove " + kpm_id + " first)");
-  }
-  if (!crypto::key_id_names_mef(kpm_id, ae->enrolee->mef_fqdn())) {
-    return make_error(Errc::invalid_argument, "credentials.add: KpmID " + kpm_id + " must name the MEF " + ae_id +
-                                                  " enrols with (@" + ae->enrolee->mef_fqdn() + ")");
-  }
-  if (ae->enrolee->state() == rspf::EnroleeState::enrolling) {
-    return make_error(Errc::limit, "credentials.add: " + ae_id + " is enrolling; retry when the attempt has finished");
   }
   const std::string fingerprint = kpm.fingerprint();
   const std::string previous = ae->enrolee->kpm_id();
@@ -906,37 +1025,21 @@ Result<nlohmann::json> Roles::add_enrolee(const MefEnrolee& row, SecretBuffer kp
   Impl& s = *impl_;
   if (!s.mef || !s.config.mef) return make_error(Errc::unsupported, "enrolees.add: no [mef] role");
   const MefSettings& mef = *s.config.mef;
-  const auto bad = [](const std::string& why) { return make_error(Errc::invalid_argument, "enrolees.add: " + why); };
+  // The row rules are rspf's, the same as for a [[mef.enrolee]] row of the configuration (config.cpp).
+  rspf::EnroleeRow checked{row.kpm_id, !kpm.empty(), row.certificate_ae_id, row.enrolee_id, row.targets,
+                           row.lifetime, row.certificate_enrolment};
+  const rspf::MefOffer offer{mef.fqdn, !mef.certificate_file.empty() && !mef.device_ca.empty(),
+                             !mef.issuing_ca_certificate.empty()};
+  if (const auto problems = rspf::check_enrolee_row(checked, offer); !problems.empty()) {
+    std::string why;
+    for (const auto& problem : problems) why += (why.empty() ? "" : "; ") + problem.field + ": " + problem.message;
+    return make_error(Errc::invalid_argument, "enrolees.add: " + why);
+  }
   const bool psk = row.certificate_ae_id.empty();
-  if (psk == kpm.empty()) return bad("give a KpmID with its key, or a certificate AE-ID without one");
   crypto::EnroleeRecord record;
-  if (psk) {
-    auto kpm_id = crypto::canonical_kpm_id(row.kpm_id);  // the Mef looks its PSK identities up in this form
-    if (!kpm_id) return bad(kpm_id.error().message);
-    if (!crypto::key_id_names_mef(*kpm_id, mef.fqdn)) {
-      return bad("KpmID " + row.kpm_id + " must name this MEF (@" + mef.fqdn + ")");
-    }
-    record.credential_id = std::move(*kpm_id);
-  } else {
-    if (auto valid = crypto::validate_ae_id(row.certificate_ae_id); !valid) return bad(valid.error().message);
-    if (mef.certificate_file.empty() || mef.device_ca.empty()) {
-      return make_error(Errc::unsupported, "enrolees.add: certificate enrolees need mef.certificate_file, "
-                                           "mef.private_key_file and mef.device_ca (the MEF serves X.509)");
-    }
-    record.credential_id = "cert:" + row.certificate_ae_id;  // the Mef's name for an X.509 session (rspf/mef.hpp)
-  }
-  if (auto valid = crypto::validate_ae_id(row.enrolee_id); !valid) return bad("enrolee AE-ID: " + valid.error().message);
-  for (const auto& target : row.targets) {
-    if (auto valid = crypto::validate_ae_id(target); !valid) return bad("target: " + valid.error().message);
-  }
-  constexpr std::int64_t kYear = 365LL * 86400;
-  if (row.lifetime < 0 || row.lifetime > kYear) {
-    return bad("lifetime " + std::to_string(row.lifetime) + ": must be 1–" + std::to_string(kYear) +
-               " seconds, or 0 for mef.enrolment_lifetime");
-  }
-  if (row.certificate_enrolment && mef.issuing_ca_certificate.empty()) {
-    return bad("certificate enrolment needs mef.issuing_ca_certificate and mef.issuing_ca_key");
-  }
+  // The Mef's name for an X.509 session is "cert:<AE-ID>" (rspf/mef.hpp).
+  // A KpmID in the form the Mef looks its PSK identities up in (checked above, so canonical_kpm_id succeeds).
+  record.credential_id = psk ? crypto::canonical_kpm_id(row.kpm_id).value() : "cert:" + row.certificate_ae_id;
   if (s.configured_enrolee_ids.count(record.credential_id)) {
     return make_error(Errc::exists, "enrolees.add: " + record.credential_id + " belongs to the configuration "
                                     "([[mef.enrolee]]): change it there and reload");

@@ -109,6 +109,25 @@ struct InFlightTable {
   }
 };
 
+// What put_key_tables() changes, computed without touching the store or an Enrolee: every record already built
+// and checked, so that applying it can fail only on a write, which apply_key_tables() undoes.
+struct KeyTablePlan {
+  std::vector<crypto::Record> writes;  // each differs from the stored record
+  struct Move {
+    LocalAeState* ae;  // a running Enrolee bootstrapping with the KpmID being retired
+    std::string to;    // its AE's configured kpm_id now; empty: none, the retired one stays until the restart
+  };
+  struct Removal {
+    crypto::RecordKind kind;
+    std::string id;
+    std::vector<Move> moves;  // done first; the record stays if one fails
+  };
+  std::vector<Removal> removals;  // configured rows the new configuration no longer has
+  std::set<std::string> kpm_ids;      // the new configured_kpm_ids
+  std::set<std::string> enrolee_ids;  // the new configured_enrolee_ids
+  std::vector<std::string> notices;   // logged once applied
+};
+
 struct Roles::Impl {
   explicit Impl(EventLoop& l) : loop(l) {}
   ~Impl();
@@ -161,7 +180,10 @@ struct Roles::Impl {
   void after_io();
   void run_round(NodeDriver& driver);  // process_ready() of one node (fd readable or timer), then after_io()
   void rearm(NodeDriver& driver);
+  // Puts the configured key tables into the store: plan_key_tables() then apply_key_tables() (roles.cpp).
   Result<void> put_key_tables(const Config& cfg, const LoadedSecrets& secrets);
+  Result<KeyTablePlan> plan_key_tables(const Config& cfg, const LoadedSecrets& secrets) const;
+  Result<void> apply_key_tables(KeyTablePlan plan);
   // The ids the configuration owns (put_key_tables): KpmIDs of [[enrolee.ae]] (BootstrapKeyRecords) and credential
   // ids of [[mef.enrolee]] (EnroleeRecords). Other records of those kinds were added with dauthctl at run time
   // (docs/control-protocol.md "Run-time credentials").
@@ -170,7 +192,7 @@ struct Roles::Impl {
   bool key_tables_loaded = false;
   // The KpmID a configured PSK AE bootstraps with: the one added for it with dauthctl, if any, else its kpm_id.
   std::string bootstrap_kpm_id_of(const LocalAe& ae) const;
-  Result<void> put_device_certificate(const LocalAe& ae);
+  Result<crypto::CertificateRecord> device_certificate_record(const LocalAe& ae) const;
   Result<void> resolve_peers(const Config& cfg, std::map<std::string, PeerState>& out) const;
   LocalAeState* find_ae(const std::string& id);
   void schedule_enrolment(LocalAeState& ae, std::chrono::milliseconds delay);

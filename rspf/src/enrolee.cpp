@@ -9,6 +9,7 @@
 #include "dauth/crypto/identifiers.hpp"
 #include "dauth/crypto/onem2m.hpp"
 #include "dauth/crypto/x509.hpp"
+#include "dauth/rspf/credential_rules.hpp"
 #include "dauth/rspf/mef.hpp"
 #include "dauth/rspf/messages.hpp"
 
@@ -471,22 +472,22 @@ Result<transport::ClientCredentials> Enrolee::mef_credentials() const {
 
 const std::string& Enrolee::kpm_id() const { return impl_->config.kpm_id; }
 
-Result<void> Enrolee::use_bootstrap_key(const std::string& kpm_id) {
-  Impl& s = *impl_;
+Result<void> Enrolee::check_bootstrap_key(const std::string& kpm_id) const {
+  const Impl& s = *impl_;
   if (s.config.kpm_id.empty()) {
     return make_error(Errc::invalid_argument, "enrolee " + s.ae_id + " bootstraps with " + s.bootstrap_text() +
                                                   ", not with a pre-provisioned key");
   }
+  if (auto named = check_kpm_id_names_mef(kpm_id, s.config.mef_fqdn); !named) return named;
   if (s.state == EnroleeState::enrolling) {
     return make_error(Errc::limit, "enrolee " + s.ae_id + " is enrolling; retry when the attempt has finished");
   }
-  if (auto valid = crypto::validate_kpm_id(kpm_id); !valid.ok()) return std::move(valid).error();
-  auto issuer = crypto::issuer_fqdn_of(kpm_id);
-  if (!issuer.ok()) return std::move(issuer).error();
-  if (!crypto::same_fqdn(*issuer, s.config.mef_fqdn)) {
-    return make_error(Errc::invalid_argument, "KpmID " + kpm_id + " names MEF " + *issuer + ", but enrolee " +
-                                                  s.ae_id + " enrols with " + s.config.mef_fqdn);
-  }
+  return ok_result();
+}
+
+Result<void> Enrolee::use_bootstrap_key(const std::string& kpm_id) {
+  Impl& s = *impl_;
+  if (auto acceptable = check_bootstrap_key(kpm_id); !acceptable) return acceptable;
   const auto* bootstrap = s.store.find<crypto::BootstrapKeyRecord>(kpm_id);
   if (bootstrap == nullptr || bootstrap->ae_id != s.ae_id) {
     return make_error(Errc::not_found, "no bootstrap credential " + kpm_id + " for " + s.ae_id + " in the key store");

@@ -206,7 +206,8 @@ TEST_CASE("cross-field rules run after the keys and point at the offending value
   auto wrong_mef = std::regex_replace(text, std::regex("kpm_id = \"meter01@mef.example.net\"\nkpm_file"),
                                       "kpm_id = \"meter01@other.example.net\"\nkpm_file", std::regex_constants::format_first_only);
   CHECK_THAT(error_of(wrong_mef), Catch::Contains("t.toml:13:10: enrolee.ae[0].kpm_id = \"meter01@other.example.net\": "
-                                                  "names MEF other.example.net, but enrolee.mef_fqdn = \"mef.example.net\""));
+                                                  "KpmID 'meter01@other.example.net' names MEF other.example.net, not "
+                                                  "mef.example.net (enrolee.mef_fqdn)"));
   // Two roles on one UDP port.
   CHECK_THAT(error_of(std::string(kMinimal) + "[mef]\nfqdn = \"m.example\"\nlisten = \"0.0.0.0:5684\"\n[peer]\n"),
              Catch::Contains("t.toml:6:10: mef.listen = \"0.0.0.0:5684\": UDP port 5684 is also used by peer.listen "
@@ -260,12 +261,12 @@ TEST_CASE("enrolee table rows and certificate AEs: one bootstrap identity, and t
   auto both = std::regex_replace(text, std::regex("certificate_ae_id = \"CAE-valve\""),
                                  "certificate_ae_id = \"CAE-valve\"\nkpm_id = \"v@mef.example.net\"\nkpm_file = \"/k\"");
   CHECK_THAT(error_of(both), Catch::Contains("mef.enrolee[1].kpm_id = \"v@mef.example.net\": needs exactly one "
-                                             "bootstrap identity: kpm_id + kpm_file, or certificate_ae_id"));
+                                             "bootstrap identity: a KpmID with its key, or a certificate AE-ID"));
   auto neither = std::regex_replace(text, std::regex("certificate_ae_id = \"CAE-valve\"\n"), "");
   CHECK_THAT(error_of(neither), Catch::Contains("mef.enrolee[1]: needs exactly one bootstrap identity"));
   auto half = std::regex_replace(text, std::regex("certificate_ae_id = \"CAE-valve\""), "kpm_id = \"v@mef.example.net\"");
-  CHECK_THAT(error_of(half), Catch::Contains("mef.enrolee[1].kpm_id = \"v@mef.example.net\": kpm_id and kpm_file go "
-                                             "together"));
+  CHECK_THAT(error_of(half), Catch::Contains("mef.enrolee[1].kpm_id = \"v@mef.example.net\": a KpmID and its key (kpm_file, "
+                                             "or the key sent with the request) go together"));
   // The same certificate AE-ID twice.
   CHECK_THAT(error_of(text + "\n[[mef.enrolee]]\ncertificate_ae_id = \"CAE-valve\"\nenrolee_id = \"CAE-valve\"\n"),
              Catch::Contains("mef.enrolee[2].certificate_ae_id = \"CAE-valve\": AE-ID listed twice"));

@@ -179,6 +179,164 @@ TEST_CASE("a restart writes none of the unchanged configured rows to the key sto
   check_no_key_bytes(dauth::test::read_text_file(d.log));
 }
 
+TEST_CASE("a reload that fails after the file parsed changes no key table and keeps the old configuration",
+          "[dauthd]") {
+  // The Enrolee role next to the MEF: a local AE with a configured bootstrap key (a BootstrapKeyRecord).
+  Deployment d;
+  const std::string enrolee_section = "\n[enrolee]\nmef_fqdn = \"mef.example.net\"\nmef_address = \"127.0.0.1:" +
+                                      std::to_string(d.mef_port) + "\"\nlocal_listen = \"127.0.0.1:" +
+                                      std::to_string(free_udp_port()) + "\"\n";
+  const auto meter_ae = [&](const std::string& kpm_file) {
+    return "\n[[enrolee.ae]]\nid = \"CAE-gauge\"\nkpm_id = \"gauge01@mef.example.net\"\nkpm_file = \"" +
+           (d.dir / kpm_file).string() + "\"\n";
+  };
+  dauth::test::write_file(d.config, d.config_text("info") + enrolee_section + meter_ae("meter.kpm"), 0600);
+  NotifyListener notify(d.dir / "notify");
+  DaemonProcess daemon({DAUTHD_PATH, "-c", d.config.string()}, {notify.environment()}, d.log);
+  INFO(dauth::test::read_text_file(d.log));
+  REQUIRE(notify.wait_for("READY=1").has_value());
+  const auto credentials = [&] {
+    const auto r = d.ctl({"--json", "credentials", "list"});
+    REQUIRE(r.exit_code == 0);
+    return nlohmann::json::parse(r.output)["credentials"];
+  };
+  const auto before = credentials();
+  const auto fingerprint_of = [](const nlohmann::json& rows, const std::string& id) {
+    for (const auto& row : rows) {
+      if (row["id"] == id) return row["fingerprint"].get<std::string>();
+    }
+    return std::string("(absent)");
+  };
+  REQUIRE(fingerprint_of(before, "gauge01@mef.example.net") != "(absent)");
+
+  // Valid TOML and valid rules: a new key for gauge01 (a different file), and a second AE whose certificate file
+  // does not exist, which only the roles find out, after the first AE's record was built.
+  const std::string other_key(64, 'c');
+  dauth::test::write_file(d.dir / "gauge-new.kpm", other_key + "\n", 0600);
+  dauth::test::write_file(d.config,
+                          d.config_text("debug") + enrolee_section + "mef_trust_anchor = \"" +
+                              (d.dir / "mef-ca.pem").string() + "\"\n" + meter_ae("gauge-new.kpm") +
+                              "\n[[enrolee.ae]]\nid = \"CAE-valve\"\ncertificate_file = \"" +
+                              (d.dir / "missing.pem").string() + "\"\nprivate_key_file = \"" +
+                              (d.dir / "missing.key").string() + "\"\n",
+                          0600);
+  REQUIRE(run_command({DAUTHD_PATH, "--check-config", "-c", d.config.string()}).exit_code == 0);
+  daemon.signal(SIGHUP);
+  REQUIRE(notify.wait_for("RELOADING=1").has_value());
+  const auto after_reload = notify.wait_for("READY=1");
+  REQUIRE(after_reload.has_value());
+  CHECK_THAT(*after_reload, Catch::Contains("last reload failed, old configuration kept"));
+
+  auto status = d.status();
+  CHECK(status["state"] == "running");
+  CHECK(status["reload_failures"] == 1);
+  CHECK_THAT(status["last_reload"]["error"].get<std::string>(),
+             Catch::Contains("enrolee.ae CAE-valve: certificate_file"));
+  CHECK(status["reloads"] == 0);
+  CHECK(status["log_level"] == "info");  // the old configuration
+  const auto after = credentials();
+  CHECK(fingerprint_of(after, "gauge01@mef.example.net") == fingerprint_of(before, "gauge01@mef.example.net"));
+  CHECK(after == before);
+
+  // dauthctl reload reports the same refusal, and still nothing changes.
+  const auto reload = d.ctl({"--json", "reload"});
+  CHECK(reload.exit_code == 1);
+  CHECK_THAT(reload.output, Catch::Contains("enrolee.ae CAE-valve: certificate_file"));
+  CHECK(credentials() == before);
+  status = d.status();
+  CHECK(status["reload_failures"] == 2);
+
+  daemon.signal(SIGTERM);
+  CHECK(daemon.wait() == std::optional<int>(0));
+  check_no_key_bytes(dauth::test::read_text_file(d.log));
+}
+
+TEST_CASE("an enrolee table row from the file and from dauthctl enrolees add breaks one rule with one message",
+          "[dauthd][control]") {
+  Deployment d;
+  dauth::test::write_file(d.dir / "pump.kpm", std::string(64, 'b') + "\n", 0600);
+  const auto row = [&](const std::string& kpm_id, const std::string& targets) {
+    return "\n[[mef.enrolee]]\nkpm_id = \"" + kpm_id + "\"\nkpm_file = \"" + (d.dir / "pump.kpm").string() +
+           "\"\nenrolee_id = \"CAE-pump\"\ntargets = " + targets + "\n";
+  };
+  const auto check_config = [&](const std::string& extra) {
+    const std::filesystem::path file = d.dir / "candidate.toml";
+    dauth::test::write_file(file, d.config_text("info") + extra, 0600);
+    return run_command({DAUTHD_PATH, "--check-config", "-c", file.string()});
+  };
+  DaemonProcess daemon({DAUTHD_PATH, "-c", d.config.string()}, {}, d.log);
+  REQUIRE(dauth::test::wait_for_control_socket(d.socket));
+  const auto add = [&](const std::string& kpm_id, const std::vector<std::string>& targets) {
+    std::vector<std::string> args = {"enrolees", "add", "--enrolee", "CAE-pump", "--kpm-id", kpm_id,
+                                     "--psk-file", (d.dir / "pump.kpm").string()};
+    for (const auto& target : targets) {
+      args.push_back("--target");
+      args.push_back(target);
+    }
+    return d.ctl(args);
+  };
+
+  // A KpmID of another MEF.
+  const std::string other_mef = "KpmID 'pump@other.example.net' names MEF other.example.net, not mef.example.net";
+  const auto by_file = check_config(row("pump@other.example.net", "[]"));
+  CHECK(by_file.exit_code == 2);
+  CHECK_THAT(by_file.output, Catch::Contains("mef.enrolee[1].kpm_id = \"pump@other.example.net\": " + other_mef));
+  const auto by_verb = add("pump@other.example.net", {});
+  CHECK(by_verb.exit_code == 2);
+  CHECK_THAT(by_verb.output, Catch::Contains("enrolees.add: kpm_id: " + other_mef));
+
+  // A target listed twice: the file always refused it; the verb stored it.
+  const auto twice_by_file = check_config(row("pump@mef.example.net", "[\"CAE-valve\", \"CAE-valve\"]"));
+  CHECK(twice_by_file.exit_code == 2);
+  CHECK_THAT(twice_by_file.output, Catch::Contains("listed twice"));
+  const auto twice_by_verb = add("pump@mef.example.net", {"CAE-valve", "CAE-valve"});
+  CHECK(twice_by_verb.exit_code == 2);
+  CHECK_THAT(twice_by_verb.output, Catch::Contains("enrolees.add: targets: target 'CAE-valve' listed twice"));
+  const auto rows = nlohmann::json::parse(d.ctl({"--json", "enrolees", "list"}).output)["enrolees"];
+  CHECK(rows.size() == 1);  // only the configured row
+
+  // The MEF's FQDN compares case-insensitively (a DNS name) on both paths.
+  CHECK(check_config(row("pump@MEF.example.net", "[]")).exit_code == 0);
+  CHECK(add("pump@MEF.example.net", {}).exit_code == 0);
+
+  daemon.signal(SIGTERM);
+  CHECK(daemon.wait() == std::optional<int>(0));
+}
+
+TEST_CASE("a local AE bootstrap key from the file and from dauthctl credentials add meets one rule",
+          "[dauthd][control]") {
+  Deployment d;
+  const auto config_with = [&](const std::string& kpm_id) {
+    return d.config_text("info") + "\n[enrolee]\nmef_fqdn = \"mef.example.net\"\nmef_address = \"127.0.0.1:" +
+           std::to_string(d.mef_port) + "\"\nlocal_listen = \"127.0.0.1:" + std::to_string(free_udp_port()) +
+           "\"\n\n[[enrolee.ae]]\nid = \"CAE-gauge\"\nkpm_id = \"" + kpm_id + "\"\nkpm_file = \"" +
+           (d.dir / "meter.kpm").string() + "\"\n";
+  };
+  // An FQDN that differs in case only names the same MEF: the file refused it, dauthctl credentials add took it.
+  dauth::test::write_file(d.config, config_with("gauge01@MEF.example.net"), 0600);
+  const auto accepted = run_command({DAUTHD_PATH, "--check-config", "-c", d.config.string()});
+  INFO(accepted.output);
+  CHECK(accepted.exit_code == 0);
+
+  dauth::test::write_file(d.config, config_with("gauge01@other.example.net"), 0600);
+  const std::string other_mef = "KpmID 'gauge01@other.example.net' names MEF other.example.net, not mef.example.net";
+  const auto refused = run_command({DAUTHD_PATH, "--check-config", "-c", d.config.string()});
+  CHECK(refused.exit_code == 2);
+  CHECK_THAT(refused.output, Catch::Contains(other_mef));
+
+  dauth::test::write_file(d.config, config_with("gauge01@mef.example.net"), 0600);
+  DaemonProcess daemon({DAUTHD_PATH, "-c", d.config.string()}, {}, d.log);
+  REQUIRE(dauth::test::wait_for_control_socket(d.socket));
+  dauth::test::write_file(d.dir / "new.kpm", std::string(64, 'd') + "\n", 0600);
+  const auto by_verb = d.ctl({"credentials", "add", "--kpm-id", "gauge01@other.example.net", "--ae", "CAE-gauge",
+                              "--psk-file", (d.dir / "new.kpm").string()});
+  CHECK(by_verb.exit_code == 2);
+  CHECK_THAT(by_verb.output, Catch::Contains("credentials.add: " + other_mef));
+
+  daemon.signal(SIGTERM);
+  CHECK(daemon.wait() == std::optional<int>(0));
+}
+
 TEST_CASE("the watchdog is pinged when WATCHDOG_USEC is set", "[dauthd]") {
   Deployment d;
   NotifyListener notify(d.dir / "notify");

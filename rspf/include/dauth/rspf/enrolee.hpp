@@ -114,6 +114,9 @@ class Enrolee {
   // add at run time); the next enrol() uses it. Errors: not PSK-bootstrapped (invalid_argument), enrolling (limit),
   // a KpmID naming another MEF (invalid_argument), no such record or one for another AE (not_found).
   Result<void> use_bootstrap_key(const std::string& kpm_id);
+  // use_bootstrap_key()'s rules without the store lookup, for a key about to be stored (dauthctl credentials add):
+  // PSK-bootstrapped, not enrolling, and the KpmID names this Enrolee's MEF (check_kpm_id_names_mef).
+  Result<void> check_bootstrap_key(const std::string& kpm_id) const;
 
   // When to call enrol() next: enrolled -> at 2/3 of the lifetime (± 10 %) counted from the enrolment;
   // failed -> the next backoff step (1 s doubling to 5 min, ± 10 %); idle -> 0; enrolling -> 1 s (wait for done). Each call in state failed
