@@ -519,6 +519,7 @@ Result<std::unique_ptr<Roles>> Roles::start(EventLoop& loop, const Config& confi
     driver->node->set_failure_observer(observer("mef"));
     rspf::MefConfig mef_config;
     mef_config.fqdn = config.mef->fqdn;
+    mef_config.session_key_lifetime_s = config.mef->session_key_lifetime;
     mef_config.log = s.log_sink();
     if (!config.mef->issuing_ca_certificate.empty() && !config.mef->issuing_ca_key.empty()) {
       auto certificate = crypto::Certificate::load_file(config.mef->issuing_ca_certificate.string());
@@ -626,6 +627,8 @@ Result<std::unique_ptr<Roles>> Roles::start(EventLoop& loop, const Config& confi
     // per AE pair, and B's deliveries one plain session per local AE, so NSTART 1 would serialise them.
     node_config.limits.nstart = static_cast<std::uint16_t>(config.peer->nstart);
     node_config.limits.plain_nstart = static_cast<std::uint16_t>(config.peer->local_nstart);
+    // Both endpoints of this node (peers and local AEs); libcoap 4.3.1 builds refuse it here (Node::create).
+    node_config.accept_legacy_onem2m_options = config.peer->legacy_onem2m_options;
     if (!s.peer_trust_anchors_pem.empty()) {
       // Certificate peers, both directions, against the MEFs' revocation lists (the watch is created below).
       node_config.peer_check = [impl = &s](const transport::PeerIdentity& peer) -> Result<void> {
