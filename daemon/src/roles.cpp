@@ -684,13 +684,14 @@ Result<std::unique_ptr<Roles>> Roles::start(EventLoop& loop, const Config& confi
     }
     if (s.target_keys) s.peer_slot.bind(s.target_keys->psk_lookup());
     // The MEFs the local AEs are enrolled with, observed for certificate revocations (rspf/revocation_watch.hpp:
-    // until each MEF's list has arrived once since start, certificate peers are refused: fail closed).
+    // lists kept in the key store; fail closed per MEF while its list is unknown or stale).
     if (!s.peer_trust_anchors_pem.empty()) {
       for (auto& ae : s.aes) {
         if (!ae->enrolee) continue;
         if (!s.revocations) {
           rspf::RevocationWatchConfig watch_config;
           watch_config.log = s.log_sink();
+          watch_config.store = &*s.store;  // each MEF's last list, loaded again after a restart
           s.revocations = rspf::RevocationWatch::create(*s.peer_driver->node, std::move(watch_config));
         }
         rspf::Enrolee* enrolee = ae->enrolee.get();

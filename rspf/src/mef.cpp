@@ -623,6 +623,8 @@ struct Mef::Impl {
       format = *accepted;
     }
     RevocationList list;
+    // The serials are this CA's (peers key revocations by issuer and serial); an MEF without one issues none.
+    if (config.ca) list.issuer = config.ca->certificate().subject();
     const std::int64_t at = now();
     std::int64_t revocations = 0;
     store.for_each(crypto::RecordKind::issuance, [&](const crypto::Record& r) {

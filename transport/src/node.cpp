@@ -867,7 +867,7 @@ const coap_bin_const_t* on_psk_identity(coap_bin_const_t* identity, coap_session
   impl->psk_in_flight = std::move(*key);
   impl->psk_in_flight_view = {impl->psk_in_flight.size(), impl->psk_in_flight.data()};
   state.psk_key_supplied = true;
-  state.verified = PeerIdentity{PeerKind::psk, state.offered_identity, {}};
+  state.verified = PeerIdentity{PeerKind::psk, state.offered_identity, {}, {}};
   state.credential = state.offered_identity;
   return &impl->psk_in_flight_view;
 }
@@ -903,7 +903,7 @@ int on_peer_certificate(const char* cn, const uint8_t* der, size_t der_length, c
     if (!key_id.ok()) return refuse("peer raw public key unreadable: " + key_id.error().message);
     state.offered_identity = *key_id;
     if (policy->pinned_keys.count(*key_id) == 0) return refuse("raw public key " + *key_id + " is not pinned");
-    PeerIdentity peer{PeerKind::rpk, *key_id, {}};
+    PeerIdentity peer{PeerKind::rpk, *key_id, {}, {}};
     if (impl->config.peer_check) {  // server and client sessions alike (transport.hpp)
       if (auto allowed = impl->config.peer_check(peer); !allowed.ok()) {
         return refuse("peer check refused raw public key " + *key_id + ": " + allowed.error().message);
@@ -935,7 +935,7 @@ int on_peer_certificate(const char* cn, const uint8_t* der, size_t der_length, c
                     "'");
     }
   }
-  PeerIdentity peer{PeerKind::x509, state.offered_identity, certificate->serial_hex()};
+  PeerIdentity peer{PeerKind::x509, state.offered_identity, certificate->serial_hex(), certificate->issuer()};
   if (impl->config.peer_check) {  // server and client sessions alike: a revoked server is refused too
     if (auto allowed = impl->config.peer_check(peer); !allowed.ok()) {
       return refuse("peer check refused " + std::string(client_side ? "server" : "client") +
@@ -1231,7 +1231,7 @@ void on_request(coap_resource_t* resource, coap_session_t* session, const coap_p
       return;
     }
   } else if (!state.secure && !state.established) {
-    state.identity = PeerIdentity{PeerKind::local, state.remote, {}};
+    state.identity = PeerIdentity{PeerKind::local, state.remote, {}, {}};
     state.established = true;
   }
 
@@ -1675,10 +1675,10 @@ Result<coap_session_t*> Node::Impl::client_session_for(const Peer& peer, const C
   state.cache_key = cache_key;
   state.expected_peer = credentials.expected_peer;
   if (credentials.kind == Kind::psk) {
-    state.identity = PeerIdentity{PeerKind::psk, credentials.psk_identity, {}};
+    state.identity = PeerIdentity{PeerKind::psk, credentials.psk_identity, {}, {}};
     state.verified = state.identity;
   } else if (credentials.kind == Kind::none) {
-    state.identity = PeerIdentity{PeerKind::local, state.remote, {}};
+    state.identity = PeerIdentity{PeerKind::local, state.remote, {}, {}};
     state.established = true;
   }
   client_cache[cache_key] = session;
@@ -2082,7 +2082,7 @@ std::size_t Node::close_server_sessions(PeerKind kind, std::string_view identity
   return closed;
 }
 
-std::size_t Node::close_sessions_with_certificate_serial(std::string_view serial) {
+std::size_t Node::close_sessions_with_certificate_serial(std::string_view serial, std::string_view issuer) {
   if (serial.empty()) return 0;
   std::size_t closed = 0;
   for (auto& [raw, state] : impl_->sessions) {
@@ -2090,6 +2090,7 @@ std::size_t Node::close_sessions_with_certificate_serial(std::string_view serial
     const std::optional<PeerIdentity>& peer = state->established ? std::optional<PeerIdentity>(state->identity)
                                                                   : state->verified;
     if (!peer || peer->kind != PeerKind::x509 || peer->certificate_serial != serial) continue;
+    if (!issuer.empty() && peer->certificate_issuer != issuer) continue;
     if (state->client) {
       impl_->kill_client_session(*state, make_error(Errc::io, "client session closed by us: the server's "
                                                               "certificate serial " + std::string(serial) +
