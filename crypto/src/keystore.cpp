@@ -44,7 +44,8 @@ namespace {
 
 constexpr std::size_t kKindCount = std::variant_size_v<Record>;
 constexpr std::array<std::string_view, kKindCount> kKindNames = {
-    "bootstrap_key", "enrolee", "enrolment_key", "session_key", "certificate", "issuance", "pinned_key", "revocation_list",
+    "bootstrap_key", "enrolee",  "enrolment_key", "session_key",
+    "certificate",   "issuance", "pinned_key",    "revocation_list",
 };
 
 constexpr const char* kSnapshotName = "keys.snapshot";
@@ -218,7 +219,9 @@ Result<void> validate_fields(const PinnedKeyRecord& r, const Record& whole) {
   return check_ae_id(whole, "ae_id", r.ae_id);
 }
 Result<void> validate_fields(const RevocationListRecord& r, const Record& whole) {
-  if (auto valid = validate_fqdn(r.mef_fqdn); !valid.ok()) return invalid_record(whole, "mef_fqdn: " + valid.error().message);
+  if (auto valid = validate_fqdn(r.mef_fqdn); !valid.ok()) {
+    return invalid_record(whole, "mef_fqdn: " + valid.error().message);
+  }
   for (const auto& serial : r.serials) {
     if (!from_hex(serial) || std::any_of(serial.begin(), serial.end(), [](char c) { return c >= 'a' && c <= 'f'; })) {
       return invalid_record(whole, "serials must be upper-case hexadecimal with an even number of digits");

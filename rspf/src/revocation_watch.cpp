@@ -108,7 +108,8 @@ struct RevocationWatch::Impl : std::enable_shared_from_this<RevocationWatch::Imp
     for (const auto& [fqdn, mef] : mefs) {
       if (auto why = unusable(fqdn, mef, at)) {
         return make_error(Errc::denied, *why + ", and no list held names the issuer '" + issuer +
-                                            "': certificates of that issuer are refused until it arrives (fail closed)");
+                                            "': certificates of that issuer are refused until it arrives "
+                                            "(fail closed)");
       }
     }
     return ok_result();

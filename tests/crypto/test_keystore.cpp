@@ -934,7 +934,8 @@ TEST_CASE("key store: SIGKILL at any moment loses no acknowledged put or remove"
   run_crash_trials(WriterMode::synchronous, 20261123, std::chrono::seconds(20));
 }
 
-TEST_CASE("key store: a revocation list record (kind 8) survives the journal and a restart and compaction", "[keystore]") {
+TEST_CASE("key store: a revocation list record (kind 8) survives the journal and a restart and compaction",
+          "[keystore]") {
   // Added after kinds 1-7 without a format change: stores without it open as before (every other test here).
   test::TempDir dir;
   const RevocationListRecord list{"mef.example.net", "CN=Example MEF CA", 3, {"01AB", "52FF"}, 1800000000};

@@ -212,7 +212,9 @@ TEST_CASE("revocation watch: certificates wait for the list, a revoked client ce
   // Fail closed: before the MEF's list has arrived (e.g. right after a restart, MEF unreachable), every X.509 peer
   // is refused; raw public keys and PSK peers are not concerned.
   REQUIRE_FALSE(world.b_watch->complete());
-  auto early = world.b_watch->check(transport::PeerIdentity{transport::PeerKind::x509, "CAE-meter", world.meter_serial, world.ca->certificate().subject()});
+  const transport::PeerIdentity meter{transport::PeerKind::x509, "CAE-meter", world.meter_serial,
+                                      world.ca->certificate().subject()};
+  auto early = world.b_watch->check(meter);
   REQUIRE_FALSE(early.ok());
   CHECK(early.error().message.find("not received yet") != std::string::npos);
   CHECK(world.b_watch->check(transport::PeerIdentity{transport::PeerKind::rpk, "ni:///sha-256;x", {}, {}}).ok());
@@ -286,7 +288,9 @@ TEST_CASE("revocation watch: re-subscribes after the MEF restarts and keeps its 
   CHECK(world.b_log.contains("revocation watch mef=mef.example.net lost:"));
   CHECK(world.b_watch->complete());
   CHECK(world.b_watch->is_revoked(world.valve_serial));
-  CHECK(world.b_watch->check(transport::PeerIdentity{transport::PeerKind::x509, "CAE-meter", world.meter_serial, world.ca->certificate().subject()}).ok());
+  CHECK(world.b_watch->check(transport::PeerIdentity{transport::PeerKind::x509, "CAE-meter", world.meter_serial,
+                                                     world.ca->certificate().subject()})
+            .ok());
 
   // Back on the same port and store: the watch subscribes again (backoff) and gets the next revocation.
   world.start_mef();
@@ -423,7 +427,8 @@ struct CaMef {
   transport::PeerIdentity issue(const std::string& ae_id, Bytes serial, std::int64_t now) {
     auto key = crypto::PrivateKey::generate_p256().value();
     auto certificate =
-        ca->issue_for_key(key, crypto::SubjectNames{ae_id, {ae_id}, {}}, crypto::IssueParams{std::move(serial), now - 60, now + 86400})
+        ca->issue_for_key(key, crypto::SubjectNames{ae_id, {ae_id}, {}},
+                          crypto::IssueParams{std::move(serial), now - 60, now + 86400})
             .value();
     crypto::IssuanceRecord issued;
     issued.serial_hex = certificate.serial_hex();
@@ -489,7 +494,9 @@ struct TwoMefWorld {
   }
 };
 
-std::string refusal_of(const Result<void>& verdict) { return verdict.ok() ? std::string("accepted") : verdict.error().message; }
+std::string refusal_of(const Result<void>& verdict) {
+  return verdict.ok() ? std::string("accepted") : verdict.error().message;
+}
 
 }  // namespace
 
