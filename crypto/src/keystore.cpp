@@ -38,12 +38,14 @@ static_assert(kind_for<SessionKeyRecord>() == RecordKind::session_key);
 static_assert(kind_for<CertificateRecord>() == RecordKind::certificate);
 static_assert(kind_for<IssuanceRecord>() == RecordKind::issuance);
 static_assert(kind_for<PinnedKeyRecord>() == RecordKind::pinned_key);
+static_assert(kind_for<RevocationListRecord>() == RecordKind::revocation_list);
 
 namespace {
 
 constexpr std::size_t kKindCount = std::variant_size_v<Record>;
 constexpr std::array<std::string_view, kKindCount> kKindNames = {
-    "bootstrap_key", "enrolee", "enrolment_key", "session_key", "certificate", "issuance", "pinned_key",
+    "bootstrap_key", "enrolee",  "enrolment_key", "session_key",
+    "certificate",   "issuance", "pinned_key",    "revocation_list",
 };
 // Sized by the Record variant: a record type added without a name would leave an empty entry.
 constexpr bool every_kind_named() {
@@ -222,6 +224,17 @@ Result<void> validate_fields(const IssuanceRecord& r, const Record& whole) {
 Result<void> validate_fields(const PinnedKeyRecord& r, const Record& whole) {
   return check_ae_id(whole, "ae_id", r.ae_id);
 }
+Result<void> validate_fields(const RevocationListRecord& r, const Record& whole) {
+  if (auto valid = validate_fqdn(r.mef_fqdn); !valid.ok()) {
+    return invalid_record(whole, "mef_fqdn: " + valid.error().message);
+  }
+  for (const auto& serial : r.serials) {
+    if (!from_hex(serial) || std::any_of(serial.begin(), serial.end(), [](char c) { return c >= 'a' && c <= 'f'; })) {
+      return invalid_record(whole, "serials must be upper-case hexadecimal with an even number of digits");
+    }
+  }
+  return ok_result();
+}
 
 #undef DAUTH_TRY
 
@@ -249,6 +262,7 @@ std::string id_of(const Record& record) {
     std::string operator()(const CertificateRecord& r) const { return r.name; }
     std::string operator()(const IssuanceRecord& r) const { return r.serial_hex; }
     std::string operator()(const PinnedKeyRecord& r) const { return r.public_key_id; }
+    std::string operator()(const RevocationListRecord& r) const { return r.mef_fqdn; }
   };
   return std::visit(Id{}, record);
 }

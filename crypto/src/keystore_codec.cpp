@@ -107,6 +107,14 @@ void fields(A& a, R& r) {
   a.text("public_key_id", r.public_key_id);
   a.text("ae_id", r.ae_id);
 }
+template <class A, class R, IfRecord<R, RevocationListRecord> = 0>
+void fields(A& a, R& r) {
+  a.text("mef_fqdn", r.mef_fqdn);
+  a.text("issuer", r.issuer);
+  a.i64("version", r.version);
+  a.text_list("serials", r.serials);
+  a.i64("received_at", r.received_at);
+}
 
 // Counts bytes; also notes the first field that does not fit its length prefix.
 class Sizer {

@@ -579,6 +579,7 @@ Result<void> start_mef(Roles::Impl& s, const Config& config) {
   driver->node->set_failure_observer(failure_observer("mef"));
   rspf::MefConfig mef_config;
   mef_config.fqdn = config.mef->fqdn;
+  mef_config.session_key_lifetime_s = config.mef->session_key_lifetime;
   mef_config.log = s.log_sink();
   if (!config.mef->issuing_ca_certificate.empty() && !config.mef->issuing_ca_key.empty()) {
     auto certificate = crypto::Certificate::load_file(config.mef->issuing_ca_certificate.string());
@@ -690,6 +691,8 @@ Result<void> start_peer_node(Roles::Impl& s, const Config& config) {
   // per AE pair, and B's deliveries one plain session per local AE, so NSTART 1 would serialise them.
   node_config.limits.nstart = static_cast<std::uint16_t>(config.peer->nstart);
   node_config.limits.plain_nstart = static_cast<std::uint16_t>(config.peer->local_nstart);
+  // Both endpoints of this node (peers and local AEs); libcoap 4.3.1 builds refuse it here (Node::create).
+  node_config.accept_legacy_onem2m_options = config.peer->legacy_onem2m_options;
   if (!s.peer_trust_anchors_pem.empty()) {
     // Certificate peers, both directions, against the MEFs' revocation lists (the watch is created below).
     node_config.peer_check = [impl = &s](const transport::PeerIdentity& peer) -> Result<void> {
@@ -749,13 +752,14 @@ Result<void> serve_local_aes(Roles::Impl& s) {
   }
   if (s.target_keys) s.peer_slot.bind(s.target_keys->psk_lookup());
   // The MEFs the local AEs are enrolled with, observed for certificate revocations (rspf/revocation_watch.hpp:
-  // until each MEF's list has arrived once since start, certificate peers are refused: fail closed).
+  // lists kept in the key store; fail closed per MEF while its list is unknown or stale).
   if (!s.peer_trust_anchors_pem.empty()) {
     for (auto& ae : s.aes) {
       if (!ae->enrolee) continue;
       if (!s.revocations) {
         rspf::RevocationWatchConfig watch_config;
         watch_config.log = s.log_sink();
+        watch_config.store = &*s.store;  // each MEF's last list, loaded again after a restart
         s.revocations = rspf::RevocationWatch::create(*s.peer_driver->node, std::move(watch_config));
       }
       rspf::Enrolee* enrolee = ae->enrolee.get();

@@ -433,7 +433,8 @@ struct Mef::Impl {
     }
     auto key = crypto::derive_usage_constrained_key(record->ke, path->suid, *requester);
     if (!key.ok()) return refuse(responder, session, route, key.error());
-    FetchCredentialsResponse answer{std::move(*key), record->enrolee_id, record->expires_at - at};
+    FetchCredentialsResponse answer{std::move(*key), record->enrolee_id,
+                                    std::min(config.session_key_lifetime_s, record->expires_at - at)};
     config.log("mef fetchCredentials peer=" + describe(session) + " KeID " + ke_id + " -> key for " + *requester +
                " (fingerprint " + answer.credential.fingerprint() + ", lifetime " +
                std::to_string(answer.lifetime_s) + " s)");
@@ -640,6 +641,8 @@ struct Mef::Impl {
       format = *accepted;
     }
     RevocationList list;
+    // The serials are this CA's (peers key revocations by issuer and serial); an MEF without one issues none.
+    if (config.ca) list.issuer = config.ca->certificate().subject();
     const std::int64_t at = now();
     std::int64_t revocations = 0;
     store.for_each(crypto::RecordKind::issuance, [&](const crypto::Record& r) {
@@ -690,6 +693,10 @@ Result<std::unique_ptr<Mef>> Mef::create(transport::Node& node, crypto::KeyStore
     return make_error(Errc::invalid_argument, "MEF max certificate validity " +
                                                   std::to_string(config.max_certificate_validity_s) +
                                                   " s: must be > 0");
+  }
+  if (config.session_key_lifetime_s <= 0) {
+    return make_error(Errc::invalid_argument, "MEF session key lifetime " +
+                                                  std::to_string(config.session_key_lifetime_s) + " s: must be > 0");
   }
   if (!config.clock) config.clock = system_unix_clock();
   if (!config.log) config.log = stderr_log_sink();

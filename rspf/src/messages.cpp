@@ -595,7 +595,9 @@ Result<CredentialFeed> decode_credential_feed(ByteView payload, ContentFormat fo
 }
 
 Bytes encode(const RevocationList& message, ContentFormat format) {
-  return serialise({{"version", message.version}, {"serials", message.serials}, {"keIds", message.ke_ids}}, format);
+  json document{{"version", message.version}, {"serials", message.serials}, {"keIds", message.ke_ids}};
+  if (!message.issuer.empty()) document["issuer"] = message.issuer;
+  return serialise(document, format);
 }
 
 Result<RevocationList> decode_revocation_list(ByteView payload, ContentFormat format) {
@@ -607,6 +609,11 @@ Result<RevocationList> decode_revocation_list(ByteView payload, ContentFormat fo
   auto version = fields.integer("version");
   if (!version) return std::move(version).error();
   list.version = *version;
+  if (fields.raw("issuer") != nullptr) {
+    auto issuer = fields.text("issuer");
+    if (!issuer) return std::move(issuer).error();
+    list.issuer = std::move(*issuer);
+  }
   auto serials = fields.texts("serials", true, kMaxRevocationListEntries);
   if (!serials) return std::move(serials).error();
   for (auto& serial : *serials) {

@@ -2,6 +2,7 @@
 #include "dauth/rspf/revocation_watch.hpp"
 
 #include <map>
+#include <optional>
 #include <set>
 #include <utility>
 #include <vector>
@@ -11,14 +12,30 @@
 
 namespace dauth::rspf {
 
+namespace {
+
+// An unchanged list is written again only this often: it renews received_at (the staleness bound counts from the
+// stored time after a restart) without a journal entry per subscription refresh.
+constexpr std::int64_t kUnchangedListStoreInterval = 3600;
+
+}  // namespace
+
 struct RevocationWatch::Impl : std::enable_shared_from_this<RevocationWatch::Impl> {
-  // One MEF: its contacts, its subscription, and the last list applied from it.
+  // One MEF: its contacts, its subscription, and the last list applied from it (received, or loaded from the store).
   struct Mef {
     std::vector<MefContact> contacts;
     std::unique_ptr<MefSubscription> subscription;
-    bool received = false;
+    bool received = false;  // a list arrived since start
+    bool known = false;     // a list is held: received, or loaded from the store
+    std::string issuer;     // the list's issuer DN; "" = an MEF of an earlier release: applies to every issuer
     std::int64_t version = -1;
+    std::int64_t confirmed_at = 0;  // unix seconds: when its MEF last sent it
+    std::int64_t stored_at = 0;     // confirmed_at of the copy in the store (0: none)
     std::set<std::string> serials;  // crypto::canonical_serial form
+
+    bool applies_to(const std::string& certificate_issuer) const {
+      return issuer.empty() || issuer == certificate_issuer;
+    }
   };
 
   transport::Node& node;
@@ -29,6 +46,8 @@ struct RevocationWatch::Impl : std::enable_shared_from_this<RevocationWatch::Imp
 
   Impl(transport::Node& n, RevocationWatchConfig c) : node(n), config(std::move(c)) {}
 
+  std::int64_t now() const { return config.clock(); }
+
   bool is_revoked(const std::string& serial) const {
     for (const auto& [fqdn, mef] : mefs) {
       if (mef.serials.count(serial) != 0) return true;
@@ -36,21 +55,46 @@ struct RevocationWatch::Impl : std::enable_shared_from_this<RevocationWatch::Imp
     return false;
   }
 
+  // Why the list of `mef` cannot vouch now (unknown or stale), if so.
+  std::optional<std::string> unusable(const std::string& fqdn, const Mef& mef, std::int64_t at) const {
+    if (!mef.known) {
+      return "the revocation list of MEF " + fqdn + " is unknown (not received yet since start, none stored)";
+    }
+    const std::int64_t age = at - mef.confirmed_at;
+    if (age > static_cast<std::int64_t>(config.max_list_age.count())) {
+      return "the revocation list of MEF " + fqdn + " is stale: last received " + std::to_string(age) +
+             " s ago, more than " + std::to_string(config.max_list_age.count()) + " s";
+    }
+    return std::nullopt;
+  }
+
   Result<void> check(const transport::PeerIdentity& peer) const {
     if (peer.kind != transport::PeerKind::x509) return ok_result();
-    for (const auto& [fqdn, mef] : mefs) {
-      if (!mef.received) {
-        return make_error(Errc::denied, "revocation list of MEF " + fqdn +
-                                            " not received yet since start: certificates are refused until it "
-                                            "arrives (fail closed)");
-      }
-    }
     // Both sides are crypto::canonical_serial: the list by decode, the peer's by Certificate::serial_hex().
     const std::string& serial = peer.certificate_serial;
+    const std::string& issuer = peer.certificate_issuer;
     for (const auto& [fqdn, mef] : mefs) {
-      if (mef.serials.count(serial) != 0) {
-        return make_error(Errc::denied, "certificate serial " + serial + " of '" + peer.value +
-                                            "' is revoked by MEF " + fqdn);
+      if (mef.known && mef.applies_to(issuer) && mef.serials.count(serial) != 0) {
+        return make_error(Errc::denied, "certificate serial " + serial + " (issuer '" + issuer + "') of '" +
+                                            peer.value + "' is revoked by MEF " + fqdn);
+      }
+    }
+    const std::int64_t at = now();
+    // The MEF whose list names this issuer answers for it alone: other MEFs being unreachable does not matter.
+    for (const auto& [fqdn, mef] : mefs) {
+      if (!mef.known || mef.issuer.empty() || mef.issuer != issuer) continue;
+      if (auto why = unusable(fqdn, mef, at)) {
+        return make_error(Errc::denied, *why + ": certificates of its issuer '" + issuer +
+                                            "' are refused until it answers (fail closed)");
+      }
+      return ok_result();
+    }
+    // No list names this issuer: any MEF whose list is unknown or stale may be the one that issued it.
+    for (const auto& [fqdn, mef] : mefs) {
+      if (auto why = unusable(fqdn, mef, at)) {
+        return make_error(Errc::denied, *why + ", and no list held names the issuer '" + issuer +
+                                            "': certificates of that issuer are refused until it arrives "
+                                            "(fail closed)");
       }
     }
     return ok_result();
@@ -80,6 +124,39 @@ struct RevocationWatch::Impl : std::enable_shared_from_this<RevocationWatch::Imp
     return contact;
   }
 
+  // The list stored for this MEF by an earlier run, if any (config.store).
+  void load_stored(const std::string& fqdn, Mef& mef) {
+    if (config.store == nullptr) return;
+    const auto* stored = config.store->find<crypto::RevocationListRecord>(fqdn);
+    if (stored == nullptr) return;
+    mef.known = true;
+    mef.issuer = stored->issuer;
+    mef.version = stored->version;
+    mef.confirmed_at = stored->received_at;
+    mef.stored_at = stored->received_at;
+    mef.serials = std::set<std::string>(stored->serials.begin(), stored->serials.end());
+    config.log("revocation watch mef=" + fqdn + " loaded stored list version " + std::to_string(mef.version) + ": " +
+               std::to_string(mef.serials.size()) + " revoked certificate serial(s), received " +
+               std::to_string(now() - mef.confirmed_at) + " s ago");
+  }
+
+  void store_list(const std::string& fqdn, Mef& mef) {
+    if (config.store == nullptr) return;
+    crypto::RevocationListRecord record;
+    record.mef_fqdn = fqdn;
+    record.issuer = mef.issuer;
+    record.version = mef.version;
+    record.serials.assign(mef.serials.begin(), mef.serials.end());
+    record.received_at = mef.confirmed_at;
+    if (auto stored = config.store->put(std::move(record)); stored.ok()) {
+      mef.stored_at = mef.confirmed_at;
+    } else {
+      // Still applied in memory; after a restart the previous stored list (or none) is what we start from.
+      config.log("revocation watch mef=" + fqdn + " list version " + std::to_string(mef.version) +
+                 " applied but not stored: " + stored.error().to_string());
+    }
+  }
+
   void on_list(const std::string& fqdn, const transport::Response& notification) {
     auto it = mefs.find(fqdn);
     if (it == mefs.end()) return;
@@ -100,20 +177,28 @@ struct RevocationWatch::Impl : std::enable_shared_from_this<RevocationWatch::Imp
     std::set<std::string> serials(list->serials.begin(), list->serials.end());  // decode made them canonical
     std::vector<std::string> newly;
     for (const auto& serial : serials) {
-      if (mef.serials.count(serial) == 0) newly.push_back(serial);
+      if (mef.serials.count(serial) == 0 || mef.issuer != list->issuer) newly.push_back(serial);
     }
     const bool first = !mef.received;
+    const bool changed = !mef.known || mef.version != list->version || mef.issuer != list->issuer ||
+                         mef.serials != serials;
     mef.serials = std::move(serials);
+    mef.issuer = list->issuer;
     mef.version = list->version;
+    mef.confirmed_at = now();
     mef.received = true;
+    mef.known = true;
     ++applied;
+    if (changed || mef.confirmed_at - mef.stored_at >= kUnchangedListStoreInterval) store_list(fqdn, mef);
     if (first || !newly.empty()) {
       config.log("revocation watch mef=" + fqdn + " applied list version " + std::to_string(mef.version) + ": " +
                  std::to_string(mef.serials.size()) + " revoked certificate serial(s), " +
-                 std::to_string(newly.size()) + " new");
+                 std::to_string(newly.size()) + " new" +
+                 (mef.issuer.empty() ? std::string(", no issuer named (any issuer)")
+                                     : ", issuer '" + mef.issuer + "'"));
     }
     for (const auto& serial : newly) {
-      const std::size_t closed = node.close_sessions_with_certificate_serial(serial);
+      const std::size_t closed = node.close_sessions_with_certificate_serial(serial, mef.issuer);
       config.log("revocation watch: certificate serial " + serial + " revoked by MEF " + fqdn + ", " +
                  std::to_string(closed) + " live session(s) closed");
       if (observer) observer(serial, fqdn);
@@ -127,6 +212,7 @@ RevocationWatch::~RevocationWatch() = default;
 std::unique_ptr<RevocationWatch> RevocationWatch::create(transport::Node& node, RevocationWatchConfig config) {
   if (!config.log) config.log = stderr_log_sink();
   if (!config.jitter) config.jitter = random_jitter();
+  if (!config.clock) config.clock = system_unix_clock();
   return std::unique_ptr<RevocationWatch>(new RevocationWatch(std::make_shared<Impl>(node, std::move(config))));
 }
 
@@ -136,6 +222,7 @@ Result<void> RevocationWatch::add_mef(std::string_view mef_fqdn, MefContact cont
   Impl::Mef& mef = impl_->mefs[fqdn];
   mef.contacts.push_back(std::move(contact));
   if (!mef.subscription) {
+    impl_->load_stored(fqdn, mef);
     transport::Request request;
     request.path = {"mef", "revoked"};
     request.accept = static_cast<std::uint16_t>(ContentFormat::cbor);

@@ -472,3 +472,21 @@ TEST_CASE("dauthd refuses to start with a key file others can read, and dauthctl
   CHECK(unreachable.exit_code == 3);
   CHECK(d.ctl({"--json", "stats"}).exit_code == 3);
 }
+
+TEST_CASE("peer.legacy_onem2m_options reaches the peer node: with libcoap 4.3.1 dauthd refuses to start with it",
+          "[dauthd]") {
+  // The switch used to be parsed and then dropped: dauthd ran without the legacy option numbers it promised.
+  // Now the peer node gets it, and transport refuses it with the reason (its option filter is full).
+  Deployment d;
+  dauth::test::write_file(d.config,
+                          d.config_text("info") + "\n[peer]\nlisten = \"127.0.0.1:" +
+                              std::to_string(free_udp_port()) + "\"\nlegacy_onem2m_options = true\n",
+                          0600);
+  DaemonProcess daemon({DAUTHD_PATH, "-c", d.config.string()}, {}, d.log);
+  const auto status = daemon.wait(std::chrono::seconds(10));  // before: still running (killed at the limit)
+  REQUIRE(status.has_value());
+  CHECK(*status != 0);
+  const std::string log = dauth::test::read_text_file(d.log);
+  CHECK_THAT(log, Catch::Contains("peer node: accept_legacy_onem2m_options"));
+  CHECK_THAT(log, Catch::Contains("two option numbers above 255"));
+}

@@ -67,4 +67,15 @@ TEST_CASE("certificate revocation: the peer refuses a revoked AE-ID certificate 
   INFO(after.output);
   CHECK(after.output.find(marker) == std::string::npos);
   CHECK(d.wait_for_log("b", "is revoked by MEF", 10));
+
+  // B restarts while the MEF is down: the list it stored applies at once (before: memory only, so B knew no
+  // revoked serial until the MEF answered again), and the revoked certificate stays refused.
+  d.stop("mef", SIGTERM);
+  d.stop("b", SIGTERM);
+  d.start("b");
+  CHECK(d.ctl_json("b", {"stats"}).value("revoked_certificates", 0) == 1);
+  CHECK(d.wait_for_log("b", "loaded stored list version", 10));
+  const auto after_restart = d.proxied("CAE-meter", "get", "example_data");
+  INFO(after_restart.output);
+  CHECK(after_restart.output.find(marker) == std::string::npos);
 }

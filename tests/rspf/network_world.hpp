@@ -149,8 +149,9 @@ struct World {
   std::unique_ptr<rspf::TargetKeys> valve_keys;
 
   // observe_feed: the valve's TargetKeys subscribes to the MEF's /fetchCredentials feed (off by default, so that
-  // the tests of on-demand retrieval see the first handshake refused).
-  explicit World(bool with_ca = false, bool observe_feed = false) {
+  // the tests of on-demand retrieval see the first handshake refused). session_key_lifetime_s: the MEF's
+  // MefConfig::session_key_lifetime_s (0: its default).
+  explicit World(bool with_ca = false, bool observe_feed = false, std::int64_t session_key_lifetime_s = 0) {
     mef_store.emplace(open_store(dir / "mef", master_key));
     put(*mef_store, enrolee_row(kMeterKpmId, meter_kpm, "CAE-meter", {"CAE-valve"}, kMeterLifetime, true));
     put(*mef_store, enrolee_row(kValveKpmId, valve_kpm, "CAE-valve", {}, kValveLifetime, false));
@@ -160,6 +161,7 @@ struct World {
     config.fqdn = kMefFqdn;
     config.clock = clock.function();
     config.log = log.sink();
+    if (session_key_lifetime_s != 0) config.session_key_lifetime_s = session_key_lifetime_s;
     if (with_ca) {
       auto key = crypto::PrivateKey::generate_p256();
       auto ca = crypto::CertificateAuthority::create_self_signed(std::move(*key), "CN=Test MEF CA", clock.now - 3600,

@@ -250,18 +250,23 @@ TEST_CASE("EST /sren re-enrols under the current certificate, refusals, the revo
 }
 
 TEST_CASE("revocation list messages: round trip and strict decoding", "[rspf][messages]") {
-  rspf::RevocationList list{7, {"4A0B", "01"}, {"00112233445566778899AABBCCDDEEFF@mef.example.net"}};
+  rspf::RevocationList list{7, {"4A0B", "01"}, {"00112233445566778899AABBCCDDEEFF@mef.example.net"}, "CN=MEF CA"};
   for (auto format : {rspf::ContentFormat::cbor, rspf::ContentFormat::json}) {
     auto back = rspf::decode_revocation_list(ByteView(rspf::encode(list, format)), format);
     REQUIRE(back.ok());
     REQUIRE(back->version == 7);
     REQUIRE(back->serials == list.serials);
     REQUIRE(back->ke_ids == list.ke_ids);
+    REQUIRE(back->issuer == "CN=MEF CA");
   }
+
   auto decode_json = [](const std::string& text) {
     return rspf::decode_revocation_list(ByteView::of(text), rspf::ContentFormat::json);
   };
   REQUIRE(decode_json(R"({"version":1,"serials":["0a"],"keIds":[]})")->serials == std::vector<std::string>{"0A"});
+  // An MEF of an earlier release names no issuer (its list then applies to every issuer, RevocationWatch).
+  REQUIRE(decode_json(R"({"version":1,"serials":[],"keIds":[]})")->issuer.empty());
+  REQUIRE(decode_json(R"({"version":1,"issuer":7,"serials":[],"keIds":[]})").error().code == Errc::parse);
   REQUIRE(decode_json(R"({"version":1,"serials":["XYZ1"],"keIds":[]})").error().code == Errc::parse);
   // One spelling per serial (crypto::canonical_serial), the one Certificate::serial_hex() gives a peer's certificate:
   // a sign octet or an odd digit count would otherwise never match it.

@@ -211,11 +211,13 @@ TEST_CASE("revocation watch: certificates wait for the list, a revoked client ce
   // Fail closed: before the MEF's list has arrived (e.g. right after a restart, MEF unreachable), every X.509 peer
   // is refused; raw public keys and PSK peers are not concerned.
   REQUIRE_FALSE(world.b_watch->complete());
-  auto early = world.b_watch->check(transport::PeerIdentity{transport::PeerKind::x509, "CAE-meter", world.meter_serial});
+  const transport::PeerIdentity meter{transport::PeerKind::x509, "CAE-meter", world.meter_serial,
+                                      world.ca->certificate().subject()};
+  auto early = world.b_watch->check(meter);
   REQUIRE_FALSE(early.ok());
   CHECK(early.error().message.find("not received yet") != std::string::npos);
-  CHECK(world.b_watch->check(transport::PeerIdentity{transport::PeerKind::rpk, "ni:///sha-256;x", {}}).ok());
-  CHECK(world.b_watch->check(transport::PeerIdentity{transport::PeerKind::psk, "k@mef.example.net", {}}).ok());
+  CHECK(world.b_watch->check(transport::PeerIdentity{transport::PeerKind::rpk, "ni:///sha-256;x", {}, {}}).ok());
+  CHECK(world.b_watch->check(transport::PeerIdentity{transport::PeerKind::psk, "k@mef.example.net", {}, {}}).ok());
 
   REQUIRE(world.pump([&] { return world.a_watch->complete() && world.b_watch->complete(); }));
   CHECK(world.b_watch->feeds_live() == 1);
@@ -285,7 +287,9 @@ TEST_CASE("revocation watch: re-subscribes after the MEF restarts and keeps its 
   CHECK(world.b_log.contains("revocation watch mef=mef.example.net lost:"));
   CHECK(world.b_watch->complete());
   CHECK(world.b_watch->is_revoked(world.valve_serial));
-  CHECK(world.b_watch->check(transport::PeerIdentity{transport::PeerKind::x509, "CAE-meter", world.meter_serial}).ok());
+  CHECK(world.b_watch->check(transport::PeerIdentity{transport::PeerKind::x509, "CAE-meter", world.meter_serial,
+                                                     world.ca->certificate().subject()})
+            .ok());
 
   // Back on the same port and store: the watch subscribes again (backoff) and gets the next revocation.
   world.start_mef();
@@ -363,4 +367,225 @@ TEST_CASE("EST /sren is authorised by the certificate the session presented, whi
   CHECK(world.mef_store->size(crypto::RecordKind::issuance) == issued_before + 1);
   CHECK(world.mef_store->find<crypto::IssuanceRecord>(world.meter_serial)->revoked_at == 0);
   CHECK(sren(world.meter_credentials).code == 204);
+}
+
+// ---- several MEFs: revocations by (issuer, serial), lists kept in the key store, fail closed per MEF ----
+
+namespace {
+
+// One MEF with its own issuing CA and store, which the watching gateway reads with a bootstrap PSK of its own.
+struct CaMef {
+  std::string fqdn;
+  std::string gateway_kpm_id;
+  SecretBuffer gateway_kpm = SecretBuffer::random(32);
+  std::optional<crypto::CertificateAuthority> ca;
+  std::optional<crypto::KeyStore> store;
+  rspf::PskLookupSlot slot;
+  std::uint16_t port = 0;
+  std::unique_ptr<transport::Node> node;
+  std::unique_ptr<rspf::Mef> mef;
+  test::LogLines log;
+  std::vector<transport::Failure> failures;
+
+  CaMef(const std::filesystem::path& dir, const SecretBuffer& master_key, const std::string& mef_fqdn,
+        const std::string& ca_name, std::int64_t now)
+      : fqdn(mef_fqdn), gateway_kpm_id("gw@" + mef_fqdn) {
+    ca.emplace(crypto::CertificateAuthority::create_self_signed(crypto::PrivateKey::generate_p256().value(),
+                                                                 "CN=" + ca_name, now - 3600, now + 10 * 86400)
+                   .value());
+    store.emplace(test::open_store(dir, master_key));
+    test::World::put(*store, test::World::enrolee_row(gateway_kpm_id, gateway_kpm, "CAE-gw", {}, 900, false));
+  }
+  ~CaMef() { slot.unbind(); }
+
+  void start(test::TestClock& clock) {
+    transport::NodeConfig config;
+    config.secure_addresses = {"127.0.0.1"};
+    config.secure_port = port;
+    config.psk_lookup = slot.lookup();
+    config.limits = test::quick_limits();
+    node = transport::Node::create(std::move(config)).value();
+    node->set_failure_observer([this](const transport::Failure& f) { failures.push_back(f); });
+    port = node->secure_port();
+    rspf::MefConfig mef_config;
+    mef_config.fqdn = fqdn;
+    mef_config.clock = clock.function();
+    mef_config.log = log.sink();
+    mef_config.ca.emplace(test::copy_of_authority(*ca));
+    mef = rspf::Mef::create(*node, *store, std::move(mef_config)).value();
+    slot.bind(mef->psk_lookup());
+  }
+  void stop() {
+    slot.unbind();
+    mef.reset();
+    node.reset();
+  }
+
+  // The identity a peer presenting a certificate of this MEF's CA has in the handshake (issuer and serial read from
+  // the certificate as transport reads them); recorded as issued, so the MEF can revoke it.
+  transport::PeerIdentity issue(const std::string& ae_id, Bytes serial, std::int64_t now) {
+    auto key = crypto::PrivateKey::generate_p256().value();
+    auto certificate =
+        ca->issue_for_key(key, crypto::SubjectNames{ae_id, {ae_id}, {}},
+                          crypto::IssueParams{std::move(serial), now - 60, now + 86400})
+            .value();
+    crypto::IssuanceRecord issued;
+    issued.serial_hex = certificate.serial_hex();
+    issued.ae_id = ae_id;
+    issued.issued_at = now;
+    issued.expires_at = now + 86400;
+    test::World::put(*store, std::move(issued));
+    return transport::PeerIdentity{transport::PeerKind::x509, ae_id, certificate.serial_hex(), certificate.issuer()};
+  }
+
+  rspf::MefContact contact() const {
+    std::string identity = gateway_kpm_id;
+    const SecretBuffer* key = &gateway_kpm;
+    std::string name = fqdn;
+    return rspf::MefContact{transport::Peer{"127.0.0.1", port},
+                            [identity, key, name]() -> Result<transport::ClientCredentials> {
+                              return transport::ClientCredentials::psk(identity, key->clone(), name);
+                            }};
+  }
+};
+
+// A gateway (client-only node) watching two MEFs whose CAs issue the same serials, with its lists in its own store.
+struct TwoMefWorld {
+  test::TempDir dir;
+  SecretBuffer master_key = SecretBuffer::random(crypto::kMasterKeySize);
+  test::TestClock clock;
+  CaMef first{dir / "mef1", master_key, "mef.example.net", "First MEF CA", clock.now};
+  CaMef second{dir / "mef2", master_key, "mef2.example.net", "Second MEF CA", clock.now};
+  std::optional<crypto::KeyStore> gateway_store;
+  std::vector<transport::Failure> gateway_failures;
+  std::unique_ptr<transport::Node> gateway_node;
+  test::LogLines gateway_log;
+  std::unique_ptr<rspf::RevocationWatch> watch;
+
+  TwoMefWorld() {
+    first.start(clock);
+    second.start(clock);
+    gateway_store.emplace(test::open_store(dir / "gateway", master_key));
+    gateway_node = test::make_node(std::nullopt, &gateway_failures);
+  }
+
+  // The gateway's watch as after a (re)start; store = false: memory only.
+  void start_watch(bool store = true) {
+    watch.reset();
+    rspf::RevocationWatchConfig config;
+    config.jitter = [] { return 0.0; };
+    config.log = gateway_log.sink();
+    config.clock = clock.function();
+    config.store = store ? &*gateway_store : nullptr;
+    watch = rspf::RevocationWatch::create(*gateway_node, std::move(config));
+    REQUIRE(watch->add_mef(first.fqdn, first.contact()).ok());
+    REQUIRE(watch->add_mef(second.fqdn, second.contact()).ok());
+  }
+
+  bool pump(const std::function<bool()>& done, std::chrono::milliseconds max = 8000ms) {
+    const auto end = std::chrono::steady_clock::now() + max;
+    while (!done() && std::chrono::steady_clock::now() < end) {
+      for (auto* node : {first.node.get(), second.node.get(), gateway_node.get()}) {
+        if (node != nullptr) (void)node->run_until([] { return false; }, 3ms);
+      }
+    }
+    return done();
+  }
+};
+
+std::string refusal_of(const Result<void>& verdict) {
+  return verdict.ok() ? std::string("accepted") : verdict.error().message;
+}
+
+}  // namespace
+
+TEST_CASE("revocation watch: the same serial from two MEFs' CAs is two certificates - revoking one leaves the other",
+          "[rspf][network][revocation]") {
+  TwoMefWorld world;
+  const auto from_first = world.first.issue("CAE-one", Bytes{0x52, 0x07}, world.clock.now);
+  const auto from_second = world.second.issue("CAE-two", Bytes{0x52, 0x07}, world.clock.now);
+  REQUIRE(from_first.certificate_serial == from_second.certificate_serial);
+  REQUIRE(from_first.certificate_issuer != from_second.certificate_issuer);
+  world.start_watch();
+  REQUIRE(world.pump([&] { return world.watch->complete(); }));
+  CHECK(world.watch->check(from_first).ok());
+  CHECK(world.watch->check(from_second).ok());
+
+  REQUIRE(world.first.mef->revoke_certificate(from_first.certificate_serial).ok());
+  REQUIRE(world.pump([&] { return world.watch->is_revoked(from_first.certificate_serial); }));
+  const auto refused = world.watch->check(from_first);
+  REQUIRE_FALSE(refused.ok());
+  CHECK(refused.error().message.find("is revoked by MEF mef.example.net") != std::string::npos);
+  INFO(refusal_of(world.watch->check(from_second)));
+  CHECK(world.watch->check(from_second).ok());
+  CHECK(world.gateway_log.contains("issuer 'CN=First MEF CA'"));
+}
+
+TEST_CASE("revocation watch: after a restart the stored lists apply and one unreachable MEF blocks only its own "
+          "certificates",
+          "[rspf][network][revocation][keystore]") {
+  TwoMefWorld world;
+  const auto revoked = world.first.issue("CAE-one", Bytes{0x52, 0x01}, world.clock.now);
+  const auto valid_first = world.first.issue("CAE-one", Bytes{0x52, 0x02}, world.clock.now);
+  const auto valid_second = world.second.issue("CAE-two", Bytes{0x52, 0x03}, world.clock.now);
+  world.start_watch();
+  REQUIRE(world.pump([&] { return world.watch->complete(); }));
+  REQUIRE(world.first.mef->revoke_certificate(revoked.certificate_serial).ok());
+  REQUIRE(world.pump([&] { return world.watch->is_revoked(revoked.certificate_serial); }));
+  const auto* stored = world.gateway_store->find<crypto::RevocationListRecord>("mef.example.net");
+  REQUIRE(stored != nullptr);
+  CHECK(stored->serials == std::vector<std::string>{revoked.certificate_serial});
+  CHECK(stored->issuer == "CN=First MEF CA");
+
+  // Restart of the gateway (its store reopened from disk) while the second MEF is down.
+  world.watch.reset();
+  world.gateway_store.reset();
+  world.gateway_store.emplace(test::open_store(world.dir / "gateway", world.master_key));
+  world.second.stop();
+  world.clock.now += 600;
+  world.start_watch();
+  // Before any MEF answered: the stored lists decide.
+  CHECK_FALSE(world.watch->complete());
+  CHECK(world.watch->is_revoked(revoked.certificate_serial));
+  const auto still_revoked = world.watch->check(revoked);
+  REQUIRE_FALSE(still_revoked.ok());
+  CHECK(still_revoked.error().message.find("is revoked by MEF mef.example.net") != std::string::npos);
+  INFO(refusal_of(world.watch->check(valid_first)) + " / " + refusal_of(world.watch->check(valid_second)));
+  CHECK(world.watch->check(valid_first).ok());
+  CHECK(world.watch->check(valid_second).ok());
+  CHECK(world.gateway_log.contains("revocation watch mef=mef2.example.net loaded stored list version 0"));
+
+  // The first MEF answers, the second stays unreachable: the first's certificates are judged by its fresh list.
+  const auto applied = world.watch->notifications();
+  REQUIRE(world.pump([&] { return world.watch->notifications() > applied; }));
+  CHECK_FALSE(world.watch->complete());
+  CHECK(world.watch->check(valid_first).ok());
+  CHECK_FALSE(world.watch->check(revoked).ok());
+
+  // Beyond the age bound without a word from the second MEF, its certificates are refused; the first's are not
+  // (its MEF sends a new list: a revocation).
+  world.clock.now += std::chrono::duration_cast<std::chrono::seconds>(rspf::kMaxRevocationListAge).count() + 1;
+  const auto other = world.first.issue("CAE-three", Bytes{0x52, 0x04}, world.clock.now);
+  REQUIRE(world.first.mef->revoke_certificate(other.certificate_serial).ok());
+  REQUIRE(world.pump([&] { return world.watch->is_revoked(other.certificate_serial); }));
+  CHECK(world.watch->check(valid_first).ok());
+  const auto stale = world.watch->check(valid_second);
+  REQUIRE_FALSE(stale.ok());
+  CHECK(stale.error().message.find("revocation list of MEF mef2.example.net is stale") != std::string::npos);
+}
+
+TEST_CASE("revocation watch: without a stored list an unreachable MEF blocks only certificates no list names",
+          "[rspf][network][revocation]") {
+  TwoMefWorld world;
+  const auto from_first = world.first.issue("CAE-one", Bytes{0x52, 0x02}, world.clock.now);
+  const auto from_second = world.second.issue("CAE-two", Bytes{0x52, 0x03}, world.clock.now);
+  world.second.stop();
+  world.start_watch(/*store=*/false);
+  REQUIRE(world.pump([&] { return world.watch->notifications() >= 1; }));
+  CHECK_FALSE(world.watch->complete());
+  INFO(refusal_of(world.watch->check(from_first)));
+  CHECK(world.watch->check(from_first).ok());
+  const auto unknown = world.watch->check(from_second);
+  REQUIRE_FALSE(unknown.ok());
+  CHECK(unknown.error().message.find("revocation list of MEF mef2.example.net is unknown") != std::string::npos);
 }

@@ -68,3 +68,62 @@ TEST_CASE("session keys per target AE: one KeID towards two local AEs keeps both
   CHECK(reopened.find<crypto::SessionKeyRecord>(crypto::session_key_id(ke_id, "CAE-pump")) != nullptr);
   CHECK(reopened.find<crypto::SessionKeyRecord>(ke_id) == nullptr);
 }
+
+// mef.session_key_lifetime (MefConfig::session_key_lifetime_s): a target keeps the key it retrieved for
+// min(that, the KeID's remaining enrolment), then retrieves it again at the next handshake, not the whole
+// enrolment long (before, the MEF answered the remaining enrolment: 2,591,987 s with the default 30 days).
+TEST_CASE("a target keeps a retrieved key for the MEF's session key lifetime and then fetches it again",
+          "[rspf][network][keystore]") {
+  constexpr std::int64_t kSessionKeyLifetime = 120;  // below the meter's enrolment (test::kMeterLifetime)
+  static_assert(kSessionKeyLifetime < test::kMeterLifetime, "the session key lifetime must be the shorter one");
+  test::World world(/*with_ca=*/false, /*observe_feed=*/false, kSessionKeyLifetime);
+  std::size_t fetched = 0;
+  world.valve_keys->set_fetch_observer([&](const std::string&, const Result<void>& outcome) {
+    if (outcome.ok()) ++fetched;
+  });
+  REQUIRE(world.enrol(*world.meter).ok());
+  REQUIRE(world.enrol(*world.valve).ok());
+  auto to_valve_key = world.meter->key_for_target("CAE-valve");
+  REQUIRE(to_valve_key.ok());
+  const std::string ke_id = to_valve_key->ke_id;
+  const auto to_valve = transport::ClientCredentials::psk(ke_id, to_valve_key->key.clone(), "CAE-valve");
+  transport::Request temp;
+  temp.path = {"temp"};
+  auto handshake = [&] {
+    world.meter_node->close_client_sessions();
+    return world.call(*world.meter_node, world.valve_address(), to_valve, temp);
+  };
+
+  REQUIRE_FALSE(handshake().ok());  // unknown KeID: refused while its key is fetched
+  REQUIRE(world.pump([&] { return world.valve_keys->fetches_pending() == 0; }));
+  REQUIRE(fetched == 1);
+  const auto* record = world.valve_store->find<crypto::SessionKeyRecord>(crypto::session_key_id(ke_id, "CAE-valve"));
+  REQUIRE(record != nullptr);
+  CHECK(record->expires_at == world.clock.now + kSessionKeyLifetime);
+  CHECK(world.log.contains("lifetime " + std::to_string(kSessionKeyLifetime) + " s"));
+  REQUIRE(handshake().ok());
+
+  // Just before the key's end: still answered from the store.
+  world.clock.now += kSessionKeyLifetime - 1;
+  REQUIRE(handshake().ok());
+  CHECK(fetched == 1);
+
+  // At its end (the enrolment still has 480 s): refused once, fetched again, then accepted with the same key.
+  world.clock.now += 1;
+  REQUIRE_FALSE(handshake().ok());
+  REQUIRE(world.pump([&] { return world.valve_keys->fetches_pending() == 0; }));
+  CHECK(fetched == 2);
+  auto answer = handshake();
+  INFO((answer.ok() ? std::string("ok") : answer.error().to_string()));
+  REQUIRE(answer.ok());
+  CHECK(answer->code == 205);
+
+  // Near the enrolment's end the remaining enrolment is the shorter one.
+  world.clock.now += test::kMeterLifetime - kSessionKeyLifetime - 30;
+  REQUIRE_FALSE(handshake().ok());
+  REQUIRE(world.pump([&] { return world.valve_keys->fetches_pending() == 0; }));
+  CHECK(fetched == 3);
+  record = world.valve_store->find<crypto::SessionKeyRecord>(crypto::session_key_id(ke_id, "CAE-valve"));
+  REQUIRE(record != nullptr);
+  CHECK(record->expires_at == world.clock.now + 30);
+}

@@ -37,7 +37,7 @@ const coap_bin_const_t* on_psk_identity(coap_bin_const_t* identity, coap_session
   impl->psk_in_flight = std::move(*key);
   impl->psk_in_flight_view = {impl->psk_in_flight.size(), impl->psk_in_flight.data()};
   state.psk_key_supplied = true;
-  state.verified = PeerIdentity{PeerKind::psk, state.offered_identity, {}};
+  state.verified = PeerIdentity{PeerKind::psk, state.offered_identity, {}, {}};
   state.credential = state.offered_identity;
   return &impl->psk_in_flight_view;
 }
@@ -77,7 +77,7 @@ int on_peer_certificate(const char* cn, const uint8_t* der, size_t der_length, c
     if (!key_id.ok()) return refuse("peer raw public key unreadable: " + key_id.error().message);
     state.offered_identity = *key_id;
     if (policy->pinned_keys.count(*key_id) == 0) return refuse("raw public key " + *key_id + " is not pinned");
-    PeerIdentity peer{PeerKind::rpk, *key_id, {}};
+    PeerIdentity peer{PeerKind::rpk, *key_id, {}, {}};
     if (impl->config.peer_check) {  // server and client sessions alike (transport.hpp)
       if (auto allowed = impl->config.peer_check(peer); !allowed.ok()) {
         return refuse("peer check refused raw public key " + *key_id + ": " + allowed.error().message);
@@ -109,7 +109,7 @@ int on_peer_certificate(const char* cn, const uint8_t* der, size_t der_length, c
                     "'");
     }
   }
-  PeerIdentity peer{PeerKind::x509, state.offered_identity, certificate->serial_hex()};
+  PeerIdentity peer{PeerKind::x509, state.offered_identity, certificate->serial_hex(), certificate->issuer()};
   if (impl->config.peer_check) {  // server and client sessions alike: a revoked server is refused too
     if (auto allowed = impl->config.peer_check(peer); !allowed.ok()) {
       return refuse("peer check refused " + std::string(client_side ? "server" : "client") +

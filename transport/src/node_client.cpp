@@ -529,10 +529,10 @@ Result<coap_session_t*> Node::Impl::client_session_for(const Peer& peer, const C
   state.cache_key = cache_key;
   state.expected_peer = credentials.expected_peer;
   if (credentials.kind == Kind::psk) {
-    state.identity = PeerIdentity{PeerKind::psk, credentials.psk_identity, {}};
+    state.identity = PeerIdentity{PeerKind::psk, credentials.psk_identity, {}, {}};
     state.verified = state.identity;
   } else if (credentials.kind == Kind::none) {
-    state.identity = PeerIdentity{PeerKind::local, state.remote, {}};
+    state.identity = PeerIdentity{PeerKind::local, state.remote, {}, {}};
     state.established = true;
   }
   client_cache[cache_key] = session;

@@ -200,7 +200,7 @@ void on_request(coap_resource_t* resource, coap_session_t* session, const coap_p
       return;
     }
   } else if (!state.secure && !state.established) {
-    state.identity = PeerIdentity{PeerKind::local, state.remote, {}};
+    state.identity = PeerIdentity{PeerKind::local, state.remote, {}, {}};
     state.established = true;
   }
 
@@ -348,7 +348,7 @@ std::size_t Node::close_server_sessions(PeerKind kind, std::string_view identity
   return closed;
 }
 
-std::size_t Node::close_sessions_with_certificate_serial(std::string_view serial) {
+std::size_t Node::close_sessions_with_certificate_serial(std::string_view serial, std::string_view issuer) {
   if (serial.empty()) return 0;
   std::size_t closed = 0;
   for (auto& [raw, state] : impl_->sessions) {
@@ -356,6 +356,7 @@ std::size_t Node::close_sessions_with_certificate_serial(std::string_view serial
     const std::optional<PeerIdentity>& peer = state->established ? std::optional<PeerIdentity>(state->identity)
                                                                   : state->verified;
     if (!peer || peer->kind != PeerKind::x509 || peer->certificate_serial != serial) continue;
+    if (!issuer.empty() && peer->certificate_issuer != issuer) continue;
     if (state->client) {
       impl_->kill_client_session(*state, make_error(Errc::io, "client session closed by us: the server's "
                                                               "certificate serial " + std::string(serial) +

@@ -107,8 +107,18 @@ struct PinnedKeyRecord {
   std::string ae_id;
 };
 
+// Peer side: the last certificate revocation list applied from one MEF (PROTOCOL.md §5, rspf::RevocationWatch),
+// kept so that a restart starts from it instead of refusing certificates until that MEF answers. id = mef_fqdn.
+struct RevocationListRecord {
+  std::string mef_fqdn;                 // lower case
+  std::string issuer;                   // subject DN of the MEF's issuing CA as its list names it; "" = none named
+  std::int64_t version = 0;             // the list's version (revocations the MEF ever made)
+  std::vector<std::string> serials;     // revoked certificate serials, upper-case hex
+  std::int64_t received_at = 0;         // unix seconds: when the MEF last sent it
+};
+
 using Record = std::variant<BootstrapKeyRecord, EnroleeRecord, EnrolmentKeyRecord, SessionKeyRecord,
-                            CertificateRecord, IssuanceRecord, PinnedKeyRecord>;
+                            CertificateRecord, IssuanceRecord, PinnedKeyRecord, RevocationListRecord>;
 
 // Stored in files: the values never change meaning.
 enum class RecordKind : std::uint8_t {
@@ -119,6 +129,7 @@ enum class RecordKind : std::uint8_t {
   certificate = 5,
   issuance = 6,
   pinned_key = 7,
+  revocation_list = 8,
 };
 std::string_view to_string(RecordKind kind) noexcept;
 RecordKind kind_of(const Record& record) noexcept;

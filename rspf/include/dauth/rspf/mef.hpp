@@ -31,6 +31,9 @@ struct MefConfig {
   std::string fqdn;                                          // MEF-FQDN: names every KeID we derive
   std::optional<crypto::CertificateAuthority> ca;            // EST is served only with a CA
   std::int64_t max_certificate_validity_s = 30 * 86400;      // issued certificates: min(this, enrolment expiry)
+  // A target's key retrieval answers lifetime = min(this, the KeID's remaining enrolment): the target keeps the key
+  // that long, then fetches it again (and so learns of a revocation it missed in the feed). PROTOCOL.md §4.
+  std::int64_t session_key_lifetime_s = 86400;
   UnixClock clock = system_unix_clock();
   LogSink log = stderr_log_sink();
 };

@@ -92,6 +92,7 @@ struct RevocationList {
   std::int64_t version = 0;
   std::vector<std::string> serials;
   std::vector<std::string> ke_ids;
+  std::string issuer;  // subject DN of the CA whose serials these are; "" = not named (an MEF of an earlier release)
 };
 // The list is the one answer that grows with the deployment: its own size cap, and one on its entries.
 inline constexpr std::size_t kMaxRevocationListSize = 65536;

@@ -1,22 +1,31 @@
 // Certificate revocation applied in the handshake (PROTOCOL.md §5, docs/rspf.md "RevocationWatch"):
 // observes GET /mef/revoked at each MEF this gateway is enrolled with (one MefSubscription per MEF FQDN, with the
-// credentials of any local AE enrolled there), keeps each MEF's latest list of revoked certificate serials in
-// memory, and answers the transport's peer_check (server and client side) from it.
+// credentials of any local AE enrolled there), keeps each MEF's latest list of revoked certificate serials, and
+// answers the transport's peer_check (server and client side) from it.
 //
-// Fail closed without persistence: the lists are not stored. Until the list of every added MEF has arrived once
-// since start, every X.509 peer is refused ("revocation list of MEF … not received yet"), so a serial revoked
-// before a restart is never accepted while the MEF is unreachable; certificate peer sessions wait for the MEF
-// instead. A list received once stays in force while its subscription is lost and re-subscribed (Backoff).
-// A list is applied only if its version is not below the last one applied from that MEF (versions only grow).
+// Revocations are keyed by (issuer, serial): each MEF's list names the subject DN of the CA that issues its
+// certificates ("issuer"), and the peer's leaf certificate names its issuer (PeerIdentity::certificate_issuer), so
+// the same serial from two MEFs' CAs is two certificates. A list without an issuer (an MEF of an earlier release)
+// applies to every issuer, as before.
 //
-// Serials are compared without their issuer (PeerIdentity has none): the MEF's serials are 16 random bytes, so a
-// collision with another CA's serial only ever refuses more. Raw public keys and PSK peers are not affected:
-// revocation by serial does not apply to them (KeIDs are revoked through TargetKeys' /fetchCredentials feed).
+// Fail closed per MEF: a certificate whose issuer a list names is judged by that MEF's list alone, and refused only
+// while that list is stale (not sent or confirmed by its MEF for longer than config.max_list_age). A certificate
+// whose issuer no list names yet is refused while some MEF's list is unknown (never received since start and none
+// stored: it may be that MEF's) or stale. With config.store, every applied list is kept as a
+// crypto::RevocationListRecord and loaded back by add_mef(), so a restart is neither blind nor blocked by an MEF
+// that is unreachable then. A list received stays in force while its subscription is lost and re-subscribed
+// (Backoff). A list is applied only if its version is not below the last one applied from that MEF (stored ones
+// included: versions only grow).
+//
+// Raw public keys and PSK peers are not affected: revocation by serial does not apply to them (KeIDs are revoked
+// through TargetKeys' /fetchCredentials feed).
 //
 // A newly revoked serial also closes the live sessions (server and client) of the watch's Node whose peer
-// presented it (Node::close_sessions_with_certificate_serial). Loop thread only; the Node must outlive the watch.
+// presented it under that issuer (Node::close_sessions_with_certificate_serial). Loop thread only; the Node (and
+// the store) must outlive the watch.
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -24,6 +33,7 @@
 #include <string>
 #include <string_view>
 
+#include "dauth/crypto/keystore.hpp"
 #include "dauth/error.hpp"
 #include "dauth/rspf/mef_subscription.hpp"
 #include "dauth/rspf/role_support.hpp"
@@ -32,10 +42,17 @@
 
 namespace dauth::rspf {
 
+// How long a list vouches for its MEF's certificates without a word from that MEF (a live subscription confirms it
+// at every refresh, kSubscriptionRefresh): one day of MEF outage, after which that MEF's certificates are refused.
+inline constexpr std::chrono::seconds kMaxRevocationListAge{24 * 3600};
+
 struct RevocationWatchConfig {
   JitterSource jitter = random_jitter();  // of the re-subscription backoff and refresh
   LogSink log = stderr_log_sink();
   std::chrono::milliseconds subscription_refresh = kSubscriptionRefresh;  // see mef_subscription.hpp
+  crypto::KeyStore* store = nullptr;  // keeps the applied lists across restarts; nullptr: memory only
+  std::chrono::seconds max_list_age = kMaxRevocationListAge;
+  UnixClock clock = system_unix_clock();
 };
 
 class RevocationWatch {
@@ -46,17 +63,19 @@ class RevocationWatch {
   RevocationWatch(const RevocationWatch&) = delete;
   RevocationWatch& operator=(const RevocationWatch&) = delete;
 
-  // Observes the MEF `mef_fqdn`. Several contacts for one MEF (one per local AE enrolled there) share one
-  // subscription: it authenticates with the first contact whose credentials are ready. The address is the first
-  // contact's. Errors: invalid FQDN.
+  // Observes the MEF `mef_fqdn`, starting from its list in config.store if there is one. Several contacts for one
+  // MEF (one per local AE enrolled there) share one subscription: it authenticates with the first contact whose
+  // credentials are ready. The address is the first contact's. Errors: invalid FQDN.
   Result<void> add_mef(std::string_view mef_fqdn, MefContact contact);
 
-  // The serial (any spelling crypto::canonical_serial accepts) is on a list received from one of the MEFs.
+  // The serial (any spelling crypto::canonical_serial accepts) is on a list held (received or stored) from one of
+  // the MEFs, for any issuer.
   bool is_revoked(std::string_view serial) const;
-  // Every added MEF's list has arrived at least once.
+  // Every added MEF's list has arrived at least once since start.
   bool complete() const;
-  // The peer_check verdict: an X.509 peer is refused if its serial is revoked, or while the watch is not
-  // complete(); other peers pass. Memory only, never blocks.
+  // The peer_check verdict (see the top of this file): an X.509 peer is refused if a list that applies to its issuer
+  // names its serial, or while the list it depends on is unknown or stale; other peers pass. Memory only, never
+  // blocks.
   Result<void> check(const transport::PeerIdentity& peer) const;
   // check() as a NodeConfig::peer_check that outlives nothing: after the watch is gone it refuses X.509 peers.
   std::function<Result<void>(const transport::PeerIdentity&)> peer_check() const;

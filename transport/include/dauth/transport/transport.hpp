@@ -110,6 +110,9 @@ struct PeerIdentity {
   PeerKind kind = PeerKind::local;
   std::string value;
   std::string certificate_serial;  // x509: the leaf's serial as crypto::canonical_serial; "" otherwise
+  // x509: the leaf's issuer DN (crypto::Certificate::issuer(), as an MEF's revocation list names its CA); "" otherwise.
+  // A serial is unique per issuer only: revocation checks compare both.
+  std::string certificate_issuer;
 };
 
 struct SessionCounters {        // CoAP messages this node sent and received on the session (payload + header)
@@ -377,8 +380,9 @@ class Node {
   std::size_t close_server_sessions(PeerKind kind, std::string_view identity);
   // Closes every live session, server (as close_server_sessions) and client (as close_client_session: pending
   // requests and observations fail with Errc::io), whose peer presented the X.509 certificate with this serial
-  // (PeerIdentity::certificate_serial, canonical), e.g. one its MEF revoked. Returns how many.
-  std::size_t close_sessions_with_certificate_serial(std::string_view serial);
+  // (PeerIdentity::certificate_serial, canonical) from this issuer (PeerIdentity::certificate_issuer; "" = any
+  // issuer), e.g. one its MEF revoked. Returns how many.
+  std::size_t close_sessions_with_certificate_serial(std::string_view serial, std::string_view issuer = {});
   // Presents `credentials` to every later handshake whose SNI is `server_name` (NodeConfig::x509_by_server_name),
   // replacing what that name had; live sessions keep theirs. Works on a Node created without certificates too (its
   // secure endpoint then starts accepting X.509 handshakes). Errors: unsupported (OpenSSL build, or a Node with
