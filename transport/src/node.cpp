@@ -210,6 +210,7 @@ class SessionImpl final : public Session {
   const std::string& credential_id() const override { return credential; }
   const std::string& remote_address() const override { return remote; }
   const std::string& server_name() const override { return sni; }
+  const SessionGrant& grant() const override { return granted; }
   bool is_client() const override { return client; }
   Backend backend() const override { return detail::backend(); }
   std::string cipher_suite() const override { return secure && established ? detail::cipher_suite(raw) : ""; }
@@ -254,6 +255,7 @@ class SessionImpl final : public Session {
   std::string offered_identity;
   std::string sni;                       // server: the name the client's ClientHello carried
   std::optional<PeerIdentity> verified;  // from validate_id / validate_cn
+  SessionGrant granted;                  // server: set with `verified`, by the same callback
   std::string refusal;                   // our own reason for refusing, set in a callback
   std::string cache_key;                 // client: key in the session cache
   std::string expected_peer;             // client, x509: required AE-ID or dNSName of the server
@@ -262,6 +264,7 @@ class SessionImpl final : public Session {
   // may use it even if the certificate is replaced meanwhile.
   const void* server_pki_attached_to = nullptr;
   std::shared_ptr<const detail::ServerCertificate> presented_certificate;
+  std::string presented_local_ae_id;     // X509Credentials::local_ae_id of presented_certificate
 };
 
 }  // namespace
@@ -408,7 +411,16 @@ struct Node::Impl {
   // by server name (x509_by_server_name, set_server_certificate).
   std::shared_ptr<const detail::ServerPki> server_credentials;
   std::shared_ptr<const detail::ServerCertificate> default_certificate;
-  std::map<std::string, std::shared_ptr<const detail::ServerCertificate>> named_certificates;
+  struct NamedCertificate {
+    std::shared_ptr<const detail::ServerCertificate> certificate;
+    std::string local_ae_id;  // X509Credentials::local_ae_id: the grant of the sessions it is presented to
+  };
+  std::map<std::string, NamedCertificate> named_certificates;
+  // config.x509's local_ae_id: the grant of the sessions the default certificate is presented to (OpenSSL: all).
+  const std::string& default_local_ae_id() const {
+    static const std::string none;
+    return config.x509 ? config.x509->local_ae_id : none;
+  }
   std::set<coap_session_t*> awaiting_server_credentials;  // server sessions whose handshake may still need them
   bool server_pki_set = false;     // server credentials set up (either backend)
   std::string client_trust_anchors_pem;  // what client certificates are verified against (x509 or first named)
@@ -857,17 +869,18 @@ const coap_bin_const_t* on_psk_identity(coap_bin_const_t* identity, coap_session
     return nullptr;
   }
   state.sni = detail::server_name(session);
-  auto key = impl->config.psk_lookup(PskRequest{state.offered_identity, state.sni, state.remote});
-  if (!key.ok() || key->empty()) {
-    state.refusal = key.ok() ? "PSK handshake refused: empty key for the identity"
-                             : "PSK handshake refused: " + key.error().message;
+  auto granted = impl->config.psk_lookup(PskRequest{state.offered_identity, state.sni, state.remote});
+  if (!granted.ok() || granted->key.empty()) {
+    state.refusal = granted.ok() ? "PSK handshake refused: empty key for the identity"
+                                 : "PSK handshake refused: " + granted.error().message;
     impl->report_handshake_failure(state, FailureKind::handshake_failed, state.refusal);
     return nullptr;  // libcoap/GnuTLS answer with a fatal unknown_psk_identity alert
   }
-  impl->psk_in_flight = std::move(*key);
+  impl->psk_in_flight = std::move(granted->key);
   impl->psk_in_flight_view = {impl->psk_in_flight.size(), impl->psk_in_flight.data()};
   state.psk_key_supplied = true;
   state.verified = PeerIdentity{PeerKind::psk, state.offered_identity, {}};
+  state.granted = SessionGrant{std::move(granted->peer_ae_id), std::move(granted->local_ae_id)};
   state.credential = state.offered_identity;
   return &impl->psk_in_flight_view;
 }
@@ -910,6 +923,7 @@ int on_peer_certificate(const char* cn, const uint8_t* der, size_t der_length, c
       }
     }
     state.verified = std::move(peer);
+    if (!client_side_of(session)) state.granted = SessionGrant{*key_id, {}};  // no local AE presents a raw key
     return 1;
   }
   auto certificate = crypto::Certificate::parse(bytes);
@@ -942,6 +956,12 @@ int on_peer_certificate(const char* cn, const uint8_t* der, size_t der_length, c
                     " certificate serial " + peer.certificate_serial + " of '" + peer.value +
                     "': " + allowed.error().message);
     }
+  }
+  if (!client_side) {
+    // The local AE is the one whose certificate this handshake presented (GnuTLS: chosen by SNI in
+    // choose_server_certificate; OpenSSL: always config.x509).
+    state.granted = SessionGrant{peer.value, state.presented_certificate ? state.presented_local_ae_id
+                                                                         : impl->default_local_ae_id()};
   }
   state.verified = std::move(peer);
   return 1;
@@ -1822,7 +1842,8 @@ Result<void> Node::Impl::put_named_certificate(const std::string& server_name, X
                                                   loaded.error().message);
   }
   // Handshakes that chose the previous one keep it (SessionImpl::presented_certificate) until they end.
-  named_certificates.insert_or_assign(server_name, *std::move(loaded));
+  named_certificates.insert_or_assign(server_name,
+                                      NamedCertificate{*std::move(loaded), std::move(credentials.local_ae_id)});
   return {};
 }
 
@@ -1837,7 +1858,9 @@ std::shared_ptr<const detail::ServerCertificate> choose_server_certificate(coap_
   state.sni = server_name;
   const auto named = impl->named_certificates.find(server_name);
   // The default certificate answers names the table does not know.
-  state.presented_certificate = named != impl->named_certificates.end() ? named->second : impl->default_certificate;
+  const bool by_name = named != impl->named_certificates.end();
+  state.presented_certificate = by_name ? named->second.certificate : impl->default_certificate;
+  state.presented_local_ae_id = by_name ? named->second.local_ae_id : impl->default_local_ae_id();
   if (state.presented_certificate) return state.presented_certificate;
   state.refusal = "no server certificate for the server name '" + server_name + "'" +
                   (server_name.empty() ? std::string(" (the client sent none)") : std::string());
