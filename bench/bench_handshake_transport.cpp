@@ -109,9 +109,9 @@ bool clients_use_x509(Mode mode) { return mode == Mode::x509; }
   config.secure_port = port;
   if (server_has_x509(mode)) config.x509 = credentials(dir, "server");
   if (mode != Mode::x509) {
-    config.psk_lookup = [](const transport::PskRequest& request) -> Result<SecretBuffer> {
+    config.psk_lookup = [](const transport::PskRequest& request) -> Result<transport::PskGrant> {
       if (request.identity != kPskIdentity) return make_error(Errc::not_found, "unknown");
-      return SecretBuffer::copy_of(ByteView::of(kPsk));
+      return transport::PskGrant{SecretBuffer::copy_of(ByteView::of(kPsk)), {}, {}};
     };
   }
   config.limits.max_handshakes = 1000;

@@ -309,9 +309,9 @@ int main(int argc, char** argv) {
   slot.bind(mef->psk_lookup());  // the Mef also joins its store's flush notifications to mef_node (add_watch)
 
   // Baseline: the same Node type with a fixed PSK and a trivial route.
-  auto baseline_node = make_node([&kpm](const transport::PskRequest& request) -> Result<SecretBuffer> {
+  auto baseline_node = make_node([&kpm](const transport::PskRequest& request) -> Result<transport::PskGrant> {
     if (request.identity != kKpmId) return make_error(Errc::not_found, "unknown identity");
-    return kpm.clone();
+    return transport::PskGrant{kpm.clone(), {}, {}};
   });
   baseline_node->add_route(transport::Method::get, {"ping"}, transport::Access::secure,
                            [](const transport::Session&, const transport::Request&, transport::Responder out) {

@@ -338,28 +338,22 @@ void Roles::Impl::on_peer_request(const transport::Session& session, const Reque
                                   transport::Responder responder) {
   count("peer_requests_total");
   if (refuse_while_draining(*this, request, responder)) return;
-  std::string requester;
-  std::string local_ae;
+  // Who asks and which local AE they reach were decided in the handshake (transport::SessionGrant): PSK by
+  // TargetKeys' lookup (the record's peer AE-ID, the served AE the SNI named), X.509 by the peer certificate's AE-ID
+  // and the local AE whose certificate the SNI selected. A raw-public-key session names no local AE.
   const auto& peer = session.peer();
-  if (peer.kind == transport::PeerKind::psk) {
-    // The AE the handshake named by SNI: TargetKeys' lookup gave the key stored for (KeID, that AE).
-    local_ae = served_ae_for_sni(session.server_name());
-    if (const auto* record = store->find<crypto::SessionKeyRecord>(crypto::session_key_id(peer.value, local_ae))) {
-      requester = record->peer_ae_id;
-    }
-  } else if (peer.kind == transport::PeerKind::x509) {
-    requester = peer.value;  // the AE-ID of the certificate's subjectAltName URI
-    // The AE whose certificate the handshake got by naming it as SNI; a session naming no certificate AE (only
-    // possible without per-name certificates, OpenSSL builds) reaches none.
-    const auto named = served_ae_by_server_name.find(session.server_name());
-    if (named != served_ae_by_server_name.end() && certificate_aes.count(named->second) != 0) local_ae = named->second;
-  }
+  const auto& grant = session.grant();
+  const bool authenticated_ae = peer.kind == transport::PeerKind::psk || peer.kind == transport::PeerKind::x509;
+  const std::string requester = authenticated_ae ? grant.peer_ae_id : std::string();
+  const std::string& local_ae = grant.local_ae_id;
   if (requester.empty() || local_ae.empty()) {
     count("peer_rejected_total");
     log::notice("peer: refused request from " + session.remote_address() + ": identity " +
-                crypto::quote_for_error(peer.value) + " names no peer AE");
-    responder.respond(
-        refusal(403, kRscNoPrivilege, make_error(Errc::denied, "no peer AE-ID for this session's identity")));
+                crypto::quote_for_error(peer.value) + "'s session names " +
+                (requester.empty() ? "no peer AE" : "no local AE"));
+    responder.respond(refusal(403, kRscNoPrivilege,
+                              make_error(Errc::denied, requester.empty() ? "no peer AE-ID for this session's identity"
+                                                                         : "this session reaches no local AE")));
     return;
   }
   note_session("in", session, requester);

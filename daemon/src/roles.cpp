@@ -157,14 +157,7 @@ void Roles::Impl::rearm(NodeDriver& driver) {
 }
 
 void Roles::Impl::after_io() {
-  if (target_keys) target_keys->start_pending_fetches();
   for (auto& d : drivers) rearm(*d);
-}
-
-std::string Roles::Impl::served_ae_for_sni(std::string_view sni) const {
-  // The name clients send for it, byte-exact.
-  if (auto it = served_ae_by_server_name.find(std::string(sni)); it != served_ae_by_server_name.end()) return it->second;
-  return served_aes.empty() ? std::string() : served_aes.front();
 }
 
 void Roles::Impl::serve_certificate_of(const std::string& ae_id) {
@@ -208,6 +201,7 @@ Result<transport::X509Credentials> Roles::Impl::x509_of_local_ae(const std::stri
   if (!key_pem) return make_error(key_pem.error().code, "key of " + ae_id + ": " + key_pem.error().message);
   credentials.private_key_pem = std::move(key_pem).value();
   credentials.trust_anchors_pem = peer_trust_anchors_pem;
+  credentials.local_ae_id = ae_id;  // presented by the peer endpoint, it grants its sessions this AE
   return credentials;
 }
 
@@ -748,7 +742,6 @@ Result<void> serve_local_aes(Roles::Impl& s) {
       return make_error(r.error().code, "enrolee.ae " + ae->config.id + ": " + r.error().message);
     }
     s.served_aes.push_back(ae->config.id);
-    s.served_ae_by_server_name.emplace(crypto::server_name_for_ae_id(ae->config.id), ae->config.id);
   }
   if (s.target_keys) s.peer_slot.bind(s.target_keys->psk_lookup());
   // The MEFs the local AEs are enrolled with, observed for certificate revocations (rspf/revocation_watch.hpp:

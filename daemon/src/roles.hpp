@@ -7,7 +7,7 @@
 //                 proxy routes, and the client sessions to peers, MEFs (key retrieval) and local AEs;
 //   enrolee node  client only: Enrolee::enrol() closes all of its node's client sessions (fresh exporter).
 // Every node's fd() is watched by the EventLoop; after each process_ready() its next_timeout() re-arms a one-shot
-// timer and TargetKeys::start_pending_fetches() runs (target_keys.hpp loop contract).
+// timer (TargetKeys starts its key retrievals itself, from posted work: target_keys.hpp loop contract).
 #pragma once
 
 #include <chrono>

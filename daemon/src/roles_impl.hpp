@@ -147,21 +147,19 @@ struct Roles::Impl {
   // The MEFs' certificate revocation lists, applied by the peer node's peer_check (server and client sessions);
   // only with peer.trust_anchors (certificate peer sessions) and an Enrolee (the MEFs to ask).
   std::unique_ptr<rspf::RevocationWatch> revocations;
-  // The local AEs the peer endpoint serves as Enrolment Targets (endpoint + Enrolee; TargetKeys picks one by SNI).
+  // The local AEs the peer endpoint serves as Enrolment Targets (endpoint + Enrolee; TargetKeys picks one by SNI
+  // and names it in the PSK session's grant).
   std::vector<std::string> served_aes;
-  // The server name clients send for each served AE (crypto::server_name_for_ae_id), computed once at start.
-  std::map<std::string, std::string> served_ae_by_server_name;
   // The local AEs whose X.509 certificates the peer endpoint presents, each to the handshakes whose SNI names it
-  // (transport: NodeConfig::x509_by_server_name): an incoming certificate session reaches the AE its SNI named.
+  // (transport: NodeConfig::x509_by_server_name): the certificate carries its AE-ID (X509Credentials::local_ae_id)
+  // into the grant of the sessions it is presented to.
   std::set<std::string> certificate_aes;
   // Presents ae_id's current certificate (x509_of_local_ae) on the peer endpoint from the next handshake naming
   // it, e.g. after EST issued or renewed it; live sessions keep theirs. Logs the outcome.
   void serve_certificate_of(const std::string& ae_id);
   std::string peer_trust_anchors_pem;  // peer.trust_anchors: the CAs of peers' AE-ID certificates
-  // The served AE a handshake with this SNI reaches (TargetKeys' rule: a served AE by name, else the first one).
-  std::string served_ae_for_sni(std::string_view sni) const;
-  // A local AE's certificate and key with peer.trust_anchors: its AE-ID certificate issued over EST while valid,
-  // else its configured device certificate. Errors: not_found (neither).
+  // A local AE's certificate and key with peer.trust_anchors (local_ae_id = ae_id): its AE-ID certificate issued
+  // over EST while valid, else its configured device certificate. Errors: not_found (neither).
   Result<transport::X509Credentials> x509_of_local_ae(const std::string& ae_id) const;
   std::map<std::string, PeerState> peers;
   std::map<std::string, SeenSession> seen;

@@ -158,18 +158,20 @@ struct Mef::Impl {
     return record;
   }
 
-  Result<SecretBuffer> lookup_psk(std::string_view identity) const {
+  // The grant names the enrolee (peer) and no local AE: the MEF's own resources serve every enrolee alike.
+  Result<transport::PskGrant> lookup_psk(std::string_view identity) const {
     if (auto ke_id = crypto::parse_ke_id(identity); ke_id.ok()) {
       auto record = valid_enrolment_key(identity);
       if (!record.ok()) return std::move(record).error();
-      return crypto::derive_reauthentication_key((*record)->ke);  // PROTOCOL.md §3.5
+      // PROTOCOL.md §3.5
+      return transport::PskGrant{crypto::derive_reauthentication_key((*record)->ke), (*record)->enrolee_id, {}};
     }
     const auto* enrolee = store.find<crypto::EnroleeRecord>(enrolee_credential_id(identity));
     if (enrolee == nullptr || enrolee->kpm.empty()) {
       return make_error(Errc::not_found, "PSK identity " + crypto::quote_for_error(identity) +
                                              " is neither an enrolee's KpmID nor a KeID of this MEF");
     }
-    return enrolee->kpm.clone();
+    return transport::PskGrant{enrolee->kpm.clone(), enrolee->enrolee_id, {}};
   }
 
   // ---- POST /mef/enrolment (PROTOCOL.md §3.3–3.4) ----
@@ -741,7 +743,7 @@ Result<std::unique_ptr<Mef>> Mef::create(transport::Node& node, crypto::KeyStore
   return mef;
 }
 
-Result<SecretBuffer> Mef::lookup_psk(std::string_view identity) const { return impl_->lookup_psk(identity); }
+Result<transport::PskGrant> Mef::lookup_psk(std::string_view identity) const { return impl_->lookup_psk(identity); }
 
 transport::PskLookup Mef::psk_lookup() {
   Impl* impl = impl_.get();

@@ -23,7 +23,7 @@ PskLookupSlot::PskLookupSlot() : target_(std::make_shared<transport::PskLookup>(
 
 transport::PskLookup PskLookupSlot::lookup() const {
   std::shared_ptr<transport::PskLookup> target = target_;
-  return [target](const transport::PskRequest& request) -> Result<SecretBuffer> {
+  return [target](const transport::PskRequest& request) -> Result<transport::PskGrant> {
     if (!*target) {
       return make_error(Errc::not_found, "PSK identity '" + std::string(request.identity) +
                                              "': no role answers PSK lookups on this node yet");

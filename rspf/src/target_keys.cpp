@@ -143,7 +143,7 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
                                         names + ")");
   }
 
-  Result<SecretBuffer> lookup_psk(std::string_view identity, std::string_view sni) {
+  Result<transport::PskGrant> lookup_psk(std::string_view identity, std::string_view sni) {
     auto ke_id = crypto::parse_ke_id(identity);
     if (!ke_id.ok()) {
       return make_error(Errc::not_found, "PSK identity " + crypto::quote_for_error(identity) + " is not a KeID");
@@ -158,7 +158,9 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
     }
     const FetchKey key{ke_id->text(), *target};
     const auto* record = store.find<crypto::SessionKeyRecord>(crypto::session_key_id(key.ke_id, key.local_ae_id));
-    if (record != nullptr && record->expires_at > now()) return record->key.clone();
+    if (record != nullptr && record->expires_at > now()) {
+      return transport::PskGrant{record->key.clone(), record->peer_ae_id, key.local_ae_id};
+    }
     if (fetches.count(key) != 0) {
       return make_error(Errc::not_found, "KeID " + key.ke_id + " for " + key.local_ae_id +
                                              ": key retrieval from its MEF is running, retry shortly");
@@ -484,20 +486,21 @@ Result<void> TargetKeys::add_mef(std::string_view mef_fqdn, MefContact contact, 
   return ok_result();
 }
 
-Result<SecretBuffer> TargetKeys::lookup_psk(const transport::PskRequest& request) {
+Result<transport::PskGrant> TargetKeys::lookup_psk(const transport::PskRequest& request) {
   return impl_->lookup_psk(request.identity, request.sni);
 }
-Result<SecretBuffer> TargetKeys::lookup_psk(std::string_view identity) { return impl_->lookup_psk(identity, {}); }
+Result<transport::PskGrant> TargetKeys::lookup_psk(std::string_view identity) {
+  return impl_->lookup_psk(identity, {});
+}
 
 transport::PskLookup TargetKeys::psk_lookup() {
   std::weak_ptr<Impl> weak = impl_;
-  return [weak](const transport::PskRequest& request) -> Result<SecretBuffer> {
+  return [weak](const transport::PskRequest& request) -> Result<transport::PskGrant> {
     if (auto self = weak.lock()) return self->lookup_psk(request.identity, request.sni);
     return make_error(Errc::not_found, "target key retrieval has shut down");
   };
 }
 
-void TargetKeys::start_pending_fetches() { impl_->start_pending_fetches(); }
 std::size_t TargetKeys::fetches_pending() const { return impl_->fetches.size(); }
 void TargetKeys::set_fetch_observer(FetchObserver observer) { impl_->observer = std::move(observer); }
 

@@ -28,12 +28,13 @@ std::string lower(std::string text) {
 }
 
 // The client request the A side would send, made by hand: KeID and the usage-constrained key derived from A's
-// stored enrolment (TS-0003 §10.3.7), with an originator of our choosing.
+// stored enrolment (TS-0003 §10.3.7) for a target AE, with an originator of our choosing.
 struct DirectPeer {
   std::string ke_id;
   SecretBuffer key;
+  std::string target = "CAE-valve";  // the target AE, named as SNI (PROTOCOL.md §2)
 };
-DirectPeer meter_key_from_store(const Deployment& d) {
+DirectPeer meter_key_from_store(const Deployment& d, const std::string& target = "CAE-valve") {
   auto master = secret_from_hex(d.master_key_hex("a"));
   REQUIRE(master.ok());
   auto store = crypto::KeyStore::open(d.state("a"), std::move(master).value());
@@ -42,10 +43,11 @@ DirectPeer meter_key_from_store(const Deployment& d) {
   store->for_each(crypto::RecordKind::enrolment_key, [&](const crypto::Record& record) {
     const auto& e = std::get<crypto::EnrolmentKeyRecord>(record);
     if (e.enrolee_id != "CAE-meter") return;
-    auto key = crypto::derive_usage_constrained_key(e.ke, crypto::Suid::rspf_key_for_saef, "CAE-valve");
+    auto key = crypto::derive_usage_constrained_key(e.ke, crypto::Suid::rspf_key_for_saef, target);
     REQUIRE(key.ok());
     peer.ke_id = e.ke_id;
     peer.key = std::move(key).value();
+    peer.target = target;
   });
   REQUIRE_FALSE(peer.ke_id.empty());
   return peer;
@@ -62,7 +64,7 @@ Result<transport::Response> send_direct(const Deployment& d, const DirectPeer& p
   request.originator = originator;
   std::optional<Result<transport::Response>> reply;
   (*node)->request({"127.0.0.1", d.ports().at("B_PEER")},
-                   transport::ClientCredentials::psk(peer.ke_id, peer.key.clone(), "CAE-valve"), request,
+                   transport::ClientCredentials::psk(peer.ke_id, peer.key.clone(), peer.target), request,
                    [&](Result<transport::Response> r, const transport::Session*) { reply.emplace(std::move(r)); });
   (*node)->run_until([&] { return reply.has_value(); }, std::chrono::seconds(30));
   REQUIRE(reply.has_value());
@@ -486,6 +488,25 @@ TEST_CASE("several Enrolment Targets behind one gateway: A reaches both, B's pol
   CHECK(pump_now.output.find("from-meter") != std::string::npos);
   // B fetched one key per (KeID, target AE) from the MEF, as that AE.
   CHECK(d.ctl_json("b", {"stats"}).value("key_fetches_succeeded_total", 0) >= 2);
+
+  // The session's handshake decides whom it serves, and requests on it keep that: a client that spells the KeID's
+  // MEF name in capitals (DNS names compare case-insensitively, so B's lookup finds the key) and names pump by SNI
+  // reaches pump with meter's rights.
+  d.stop("a", SIGTERM);  // its key store is read here
+  auto to_pump = meter_key_from_store(d, "CAE-pump");
+  const auto at = to_pump.ke_id.find('@');
+  REQUIRE(at != std::string::npos);
+  std::transform(to_pump.ke_id.begin() + static_cast<std::ptrdiff_t>(at), to_pump.ke_id.end(), to_pump.ke_id.begin() +
+                 static_cast<std::ptrdiff_t>(at), [](unsigned char c) { return static_cast<char>(std::toupper(c)); });
+  const auto direct_pump = send_direct(d, to_pump, "CAE-meter");
+  INFO((direct_pump.ok() ? std::string("ok") : direct_pump.error().to_string()));
+  REQUIRE(direct_pump.ok());
+  CHECK(direct_pump->code == 205);
+  CHECK(std::string(direct_pump->payload.begin(), direct_pump->payload.end()).find("from-meter") != std::string::npos);
+  // An SNI that names neither served AE reaches none of them (no fallback to the first one): refused in the
+  // handshake.
+  to_pump.target = "gateway.example.net";
+  CHECK_FALSE(send_direct(d, to_pump, "CAE-meter").ok());
 }
 
 TEST_CASE("certificate peer sessions: meter -> valve over X.509 with the AE-ID certificates issued over EST", "[e2e]") {

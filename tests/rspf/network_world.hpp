@@ -241,13 +241,9 @@ struct World {
     return std::move(*enrolee);
   }
 
-  // Drives every node (and the target's queued retrievals) until done() or max.
-  // start_fetches = false never calls TargetKeys::start_pending_fetches(): the fetches its own posted work starts
-  // are then the only ones (tests of that posting).
-  bool pump(const std::function<bool()>& done, std::chrono::milliseconds max = 8000ms, bool start_fetches = true) {
-    return pump_nodes({mef_node.get(), meter_node.get(), valve_node.get()}, done, max, [&] {
-      if (start_fetches) valve_keys->start_pending_fetches();
-    });
+  // Drives every node until done() or max. The target's retrievals start from its own posted work (Node::post).
+  bool pump(const std::function<bool()>& done, std::chrono::milliseconds max = 8000ms) {
+    return pump_nodes({mef_node.get(), meter_node.get(), valve_node.get()}, done, max);
   }
 
   // A second local AE on the valve's node, served as a target next to the valve: enrolled with the MEF under its

@@ -1,6 +1,5 @@
 // TargetKeys serving two local AEs on one gateway node: the handshake's SNI names the target AE (PROTOCOL.md §2), each
-// AE fetches its own key as itself, and the fetches start from the loop (Node::post) without
-// start_pending_fetches().
+// AE fetches its own key as itself, and the fetches start from the loop (Node::post).
 #include <catch2/catch.hpp>
 
 
@@ -26,7 +25,7 @@ Result<transport::Response> call(test::World& world, const transport::ClientCred
   std::optional<Result<transport::Response>> outcome;
   world.meter_node->request(world.valve_address(), credentials, get_temp(),
                             [&](Result<transport::Response> r, const transport::Session*) { outcome.emplace(std::move(r)); });
-  if (!world.pump([&] { return outcome.has_value(); }, 8000ms, false)) {
+  if (!world.pump([&] { return outcome.has_value(); })) {
     return make_error(Errc::timeout, "test: no answer");
   }
   return std::move(*outcome);
@@ -57,7 +56,7 @@ TEST_CASE("TargetKeys: two local AEs on one node, chosen by SNI, each with its o
   // Pump first: refused, retrieval (as CAE-pump) posted to the loop, then the retry succeeds.
   auto first = call(world, to_pump);
   REQUIRE_FALSE(first.ok());
-  REQUIRE(world.pump([&] { return world.valve_keys->fetches_pending() == 0; }, 8000ms, false));
+  REQUIRE(world.pump([&] { return world.valve_keys->fetches_pending() == 0; }));
   const auto* record = world.valve_store->find<crypto::SessionKeyRecord>(crypto::session_key_id(ke_id, "CAE-pump"));
   REQUIRE(record != nullptr);
   CHECK(record->local_ae_id == "CAE-pump");
@@ -71,7 +70,7 @@ TEST_CASE("TargetKeys: two local AEs on one node, chosen by SNI, each with its o
   // The same KeID towards the valve: the pump's record does not answer for it; the valve fetches its own key.
   auto valve_first = call(world, to_valve);
   REQUIRE_FALSE(valve_first.ok());
-  REQUIRE(world.pump([&] { return world.valve_keys->fetches_pending() == 0; }, 8000ms, false));
+  REQUIRE(world.pump([&] { return world.valve_keys->fetches_pending() == 0; }));
   record = world.valve_store->find<crypto::SessionKeyRecord>(crypto::session_key_id(ke_id, "CAE-valve"));
   REQUIRE(record != nullptr);
   CHECK(record->local_ae_id == "CAE-valve");
@@ -91,7 +90,15 @@ TEST_CASE("TargetKeys: two local AEs on one node, chosen by SNI, each with its o
   // No SNI: the default AE (CAE-valve), whose key is stored now.
   auto no_sni = world.valve_keys->lookup_psk(transport::PskRequest{ke_id, "", "127.0.0.1:1"});
   REQUIRE(no_sni.ok());
-  CHECK(no_sni->equals(to_valve_key->key));
+  CHECK(no_sni->key.equals(to_valve_key->key));
+  CHECK(no_sni->local_ae_id == "CAE-valve");
+  CHECK(no_sni->peer_ae_id == "CAE-meter");
+  // By SNI: the pump's key, granting the pump.
+  auto by_pump = world.valve_keys->lookup_psk(transport::PskRequest{ke_id, "CAE-pump", "127.0.0.1:1"});
+  REQUIRE(by_pump.ok());
+  CHECK(by_pump->key.equals(to_pump_key->key));
+  CHECK(by_pump->local_ae_id == "CAE-pump");
+  CHECK(by_pump->peer_ae_id == "CAE-meter");
 }
 
 TEST_CASE("TargetKeys: with one local AE, an SNI that is not its AE-ID (e.g. the gateway FQDN) still selects it") {
@@ -102,7 +109,7 @@ TEST_CASE("TargetKeys: with one local AE, an SNI that is not its AE-ID (e.g. the
   REQUIRE(key.ok());
   const auto credentials = transport::ClientCredentials::psk(key->ke_id, key->key.clone(), "gateway.example.net");
   REQUIRE_FALSE(call(world, credentials).ok());
-  REQUIRE(world.pump([&] { return world.valve_keys->fetches_pending() == 0; }, 8000ms, false));
+  REQUIRE(world.pump([&] { return world.valve_keys->fetches_pending() == 0; }));
   auto retry = call(world, credentials);
   INFO((retry.ok() ? std::string("ok") : retry.error().to_string()));
   REQUIRE(retry.ok());

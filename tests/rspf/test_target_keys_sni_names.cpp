@@ -28,7 +28,7 @@ Result<transport::Response> get_temp(test::World& world, const transport::Client
   world.meter_node->request(
       world.valve_address(), credentials, std::move(request),
       [&](Result<transport::Response> r, const transport::Session*) { outcome.emplace(std::move(r)); });
-  if (!world.pump([&] { return outcome.has_value(); }, 8000ms, false)) {
+  if (!world.pump([&] { return outcome.has_value(); })) {
     return make_error(Errc::timeout, "test: no answer");
   }
   return std::move(*outcome);
@@ -62,7 +62,7 @@ TEST_CASE("TargetKeys: an SP-relative AE-ID is reached over PSK by its mapped se
 
   // First use: refused while the key is retrieved as /in-cse/CAE-sp-valve; then the handshake succeeds.
   REQUIRE_FALSE(get_temp(world, credentials).ok());
-  REQUIRE(world.pump([&] { return world.valve_keys->fetches_pending() == 0; }, 8000ms, false));
+  REQUIRE(world.pump([&] { return world.valve_keys->fetches_pending() == 0; }));
   const auto* record =
       world.valve_store->find<crypto::SessionKeyRecord>(crypto::session_key_id(key->ke_id, kSpValve));
   REQUIRE(record != nullptr);
@@ -83,5 +83,8 @@ TEST_CASE("TargetKeys: an SP-relative AE-ID is reached over PSK by its mapped se
         Errc::denied);
   auto by_name = world.valve_keys->lookup_psk(transport::PskRequest{key->ke_id, server_name, "127.0.0.1:1"});
   REQUIRE(by_name.ok());
-  CHECK(by_name->equals(key->key));
+  CHECK(by_name->key.equals(key->key));
+  // The grant names the AE the SNI mapped to and the requester the MEF vouched for (the record's peer).
+  CHECK(by_name->local_ae_id == kSpValve);
+  CHECK(by_name->peer_ae_id == "CAE-meter");
 }

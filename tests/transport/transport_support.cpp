@@ -59,12 +59,12 @@ BackgroundNode::~BackgroundNode() {
 SecretBuffer secret(const std::string& text) { return SecretBuffer::copy_of(ByteView::of(text)); }
 
 transport::PskLookup psk_table(std::map<std::string, std::string> keys) {
-  return [keys = std::move(keys)](const transport::PskRequest& request) -> Result<SecretBuffer> {
+  return [keys = std::move(keys)](const transport::PskRequest& request) -> Result<transport::PskGrant> {
     auto it = keys.find(std::string(request.identity));
     if (it == keys.end()) {
       return make_error(Errc::not_found, "unknown PSK identity '" + std::string(request.identity) + "'");
     }
-    return secret(it->second);
+    return transport::PskGrant{secret(it->second), {}, {}};
   };
 }
 

@@ -27,17 +27,18 @@ const coap_bin_const_t* on_psk_identity(coap_bin_const_t* identity, coap_session
     return nullptr;
   }
   state.sni = detail::server_name(session);
-  auto key = impl->config.psk_lookup(PskRequest{state.offered_identity, state.sni, state.remote});
-  if (!key.ok() || key->empty()) {
-    state.refusal = key.ok() ? "PSK handshake refused: empty key for the identity"
-                             : "PSK handshake refused: " + key.error().message;
+  auto granted = impl->config.psk_lookup(PskRequest{state.offered_identity, state.sni, state.remote});
+  if (!granted.ok() || granted->key.empty()) {
+    state.refusal = granted.ok() ? "PSK handshake refused: empty key for the identity"
+                                 : "PSK handshake refused: " + granted.error().message;
     impl->report_handshake_failure(state, FailureKind::handshake_failed, state.refusal);
     return nullptr;  // libcoap/GnuTLS answer with a fatal handshake_failure alert (docs/transport.md §1)
   }
-  impl->psk_in_flight = std::move(*key);
+  impl->psk_in_flight = std::move(granted->key);
   impl->psk_in_flight_view = {impl->psk_in_flight.size(), impl->psk_in_flight.data()};
   state.psk_key_supplied = true;
   state.verified = PeerIdentity{PeerKind::psk, state.offered_identity, {}, {}};
+  state.granted = SessionGrant{std::move(granted->peer_ae_id), std::move(granted->local_ae_id)};
   state.credential = state.offered_identity;
   return &impl->psk_in_flight_view;
 }
@@ -84,6 +85,7 @@ int on_peer_certificate(const char* cn, const uint8_t* der, size_t der_length, c
       }
     }
     state.verified = std::move(peer);
+    if (!client_side_of(session)) state.granted = SessionGrant{*key_id, {}};  // no local AE presents a raw key
     return 1;
   }
   auto certificate = crypto::Certificate::parse(bytes);
@@ -116,6 +118,12 @@ int on_peer_certificate(const char* cn, const uint8_t* der, size_t der_length, c
                     " certificate serial " + peer.certificate_serial + " of '" + peer.value +
                     "': " + allowed.error().message);
     }
+  }
+  if (!client_side) {
+    // The local AE is the one whose certificate this handshake presented (GnuTLS: chosen by SNI in
+    // choose_server_certificate; OpenSSL: always config.x509).
+    state.granted = SessionGrant{peer.value, state.presented_certificate ? state.presented_local_ae_id
+                                                                         : impl->default_local_ae_id()};
   }
   state.verified = std::move(peer);
   return 1;

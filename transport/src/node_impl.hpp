@@ -71,6 +71,7 @@ class SessionImpl final : public Session {
   const std::string& credential_id() const override { return credential; }
   const std::string& remote_address() const override { return remote; }
   const std::string& server_name() const override { return sni; }
+  const SessionGrant& grant() const override { return granted; }
   bool is_client() const override { return client; }
   Backend backend() const override { return detail::backend(); }
   std::string cipher_suite() const override { return secure && established ? detail::cipher_suite(raw) : ""; }
@@ -115,6 +116,7 @@ class SessionImpl final : public Session {
   std::string offered_identity;
   std::string sni;                       // server: the name the client's ClientHello carried
   std::optional<PeerIdentity> verified;  // from validate_id / validate_cn
+  SessionGrant granted;                  // server: set with `verified`, by the same callback
   std::string refusal;                   // our own reason for refusing, set in a callback
   std::string cache_key;                 // client: key in the session cache
   std::string expected_peer;             // client, x509: required AE-ID or dNSName of the server
@@ -123,6 +125,7 @@ class SessionImpl final : public Session {
   // may use it even if the certificate is replaced meanwhile.
   const void* server_pki_attached_to = nullptr;
   std::shared_ptr<const detail::ServerCertificate> presented_certificate;
+  std::string presented_local_ae_id;     // X509Credentials::local_ae_id of presented_certificate
 };
 
 struct Route {
@@ -241,7 +244,16 @@ struct Node::Impl {
   // by server name (x509_by_server_name, set_server_certificate).
   std::shared_ptr<const detail::ServerPki> server_credentials;
   std::shared_ptr<const detail::ServerCertificate> default_certificate;
-  std::map<std::string, std::shared_ptr<const detail::ServerCertificate>> named_certificates;
+  struct NamedCertificate {
+    std::shared_ptr<const detail::ServerCertificate> certificate;
+    std::string local_ae_id;  // X509Credentials::local_ae_id: the grant of the sessions it is presented to
+  };
+  std::map<std::string, NamedCertificate> named_certificates;
+  // config.x509's local_ae_id: the grant of the sessions the default certificate is presented to (OpenSSL: all).
+  const std::string& default_local_ae_id() const {
+    static const std::string none;
+    return config.x509 ? config.x509->local_ae_id : none;
+  }
   std::set<coap_session_t*> awaiting_server_credentials;  // server sessions whose handshake may still need them
   bool server_pki_set = false;     // server credentials set up (either backend)
   std::string client_trust_anchors_pem;  // what client certificates are verified against (x509 or first named)

@@ -468,7 +468,8 @@ Result<void> Node::Impl::put_named_certificate(const std::string& server_name, X
                                                   loaded.error().message);
   }
   // Handshakes that chose the previous one keep it (SessionImpl::presented_certificate) until they end.
-  named_certificates.insert_or_assign(server_name, *std::move(loaded));
+  named_certificates.insert_or_assign(server_name,
+                                      NamedCertificate{*std::move(loaded), std::move(credentials.local_ae_id)});
   return {};
 }
 
@@ -483,7 +484,9 @@ std::shared_ptr<const detail::ServerCertificate> choose_server_certificate(coap_
   state.sni = server_name;
   const auto named = impl->named_certificates.find(server_name);
   // The default certificate answers names the table does not know.
-  state.presented_certificate = named != impl->named_certificates.end() ? named->second : impl->default_certificate;
+  const bool by_name = named != impl->named_certificates.end();
+  state.presented_certificate = by_name ? named->second.certificate : impl->default_certificate;
+  state.presented_local_ae_id = by_name ? named->second.local_ae_id : impl->default_local_ae_id();
   if (state.presented_certificate) return state.presented_certificate;
   state.refusal = "no server certificate for the server name '" + server_name + "'" +
                   (server_name.empty() ? std::string(" (the client sent none)") : std::string());

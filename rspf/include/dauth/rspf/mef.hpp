@@ -56,7 +56,7 @@ class Mef {
   //   a KpmID  -> that EnroleeRecord's Kpm (bootstrap, PROTOCOL.md §3.2);
   //   a KeID   -> Ker of that EnrolmentKeyRecord, unless revoked or expired (re-authentication, PROTOCOL.md §3.5).
   // Anything else: Errc::not_found. Never blocks (memory only).
-  Result<SecretBuffer> lookup_psk(std::string_view identity) const;
+  Result<transport::PskGrant> lookup_psk(std::string_view identity) const;  // peer = the enrolee's AE-ID
   transport::PskLookup psk_lookup();
 
   // Marks the KeID revoked (revoked_at = now), durably; every key derived from it is refused from then on, and, if

@@ -28,8 +28,12 @@
 // to 5 min, ± 10 %) through Node::post_after; a notification resets the backoff (MefSubscription).
 //
 // Loop contract: the lookup runs inside a libcoap DTLS callback, where opening another session would re-enter
-// libcoap, so it only queues and posts the start to the loop (Node::post()); start_pending_fetches() is kept for
-// owners that call it after process_ready() (harmless: nothing queued, nothing done).
+// libcoap, so it only queues and posts the start to the loop (Node::post()): the one path every retrieval (also the
+// feed's announced KeIDs) starts by; owners call nothing.
+//
+// The lookup is the one place that maps a handshake's SNI to a served AE: its PskGrant names that AE (local) and the
+// record's peer AE-ID (peer), and transport keeps both as the session's grant (transport::Session::grant()), which
+// request handlers read instead of deciding again.
 // The Node and KeyStore must outlive the TargetKeys; answers after its destruction are dropped.
 #pragma once
 
@@ -74,17 +78,16 @@ class TargetKeys {
   // (reachable by SNI). Errors: invalid FQDN or AE-ID. Replaces an earlier contact for the same AE and MEF.
   Result<void> add_mef(std::string_view mef_fqdn, MefContact contact, std::string_view local_ae_id = {});
 
-  // The peer server's PSK lookup (bind into a PskLookupSlot). Errors, all refusing the handshake:
+  // The peer server's PSK lookup (bind into a PskLookupSlot): the key stored for (KeID, target AE), with the grant
+  // {peer = the record's peer AE-ID, local = the target AE chosen by SNI}. Errors, all refusing the handshake:
   //   not_found  - not a KeID; or unknown KeID, retrieval queued or already running ("retry shortly");
   //   denied     - SNI names no AE served here (with several served); or KeID of an MEF the target AE has no
   //                contact for (also reported to the fetch observer);
   //   limit      - too many retrievals in flight.
-  Result<SecretBuffer> lookup_psk(const transport::PskRequest& request);
-  Result<SecretBuffer> lookup_psk(std::string_view identity);  // no SNI: for config.local_ae_id
+  Result<transport::PskGrant> lookup_psk(const transport::PskRequest& request);
+  Result<transport::PskGrant> lookup_psk(std::string_view identity);  // no SNI: for config.local_ae_id
   transport::PskLookup psk_lookup();
 
-  // Starts the queued retrievals (see the loop contract above). Cheap when nothing is queued.
-  void start_pending_fetches();
   std::size_t fetches_pending() const;  // queued + in flight
 
   // Told once per retrieval outcome (and for refusals of unknown MEFs): KeID and ok or the reason.

@@ -125,6 +125,16 @@ struct SessionCounters {        // CoAP messages this node sent and received on 
 // An authenticated (or local) CoAP session. Server-side objects live until libcoap drops the session (idle
 // timeout, peer close); request handlers get a reference that is valid for the duration of the call. The RFC 5705
 // exporter works once the handshake is complete: in a request handler, or in a client's response callback.
+// Whom a server session serves, decided once, in its handshake, by the credentials lookup that let it in (PSK:
+// the PskLookup's answer; X.509: the peer certificate's AE-ID and X509Credentials::local_ae_id of the certificate
+// the SNI selected; RPK: the peer's key id and no local AE). Request handlers read it and never decide it again.
+// Empty on client and plain sessions.
+struct SessionGrant {
+  std::string peer_ae_id;   // the AE the peer authenticated as ("" = the lookup did not say; RPK: the key id)
+  std::string local_ae_id;  // the local AE the session reaches ("" = none)
+  bool complete() const noexcept { return !peer_ae_id.empty() && !local_ae_id.empty(); }
+};
+
 class Session : public crypto::KeyingMaterialExporter {
  public:
   virtual const PeerIdentity& peer() const = 0;
@@ -133,6 +143,7 @@ class Session : public crypto::KeyingMaterialExporter {
   // Server side: the server name (SNI) the client sent in its ClientHello (PROTOCOL.md §2: our FQDN or the target
   // AE-ID); "" when none was sent, on client sessions and on plain sessions.
   virtual const std::string& server_name() const = 0;
+  virtual const SessionGrant& grant() const = 0;  // server side, what the handshake granted (see SessionGrant)
   virtual bool is_client() const = 0;
   virtual Backend backend() const = 0;
   virtual std::string cipher_suite() const = 0;            // IANA name, e.g. "TLS_PSK_WITH_AES_128_CCM_8"; "" if plain
@@ -151,17 +162,27 @@ struct PskRequest {
   std::string_view remote;    // "127.0.0.1:40000", for logs
 };
 
+// A PSK lookup's answer: the key, and whom the session then serves (Session::grant(); the key is not kept there).
+struct PskGrant {
+  SecretBuffer key;
+  std::string peer_ae_id;   // the AE the identity belongs to, "" if the lookup does not know it
+  std::string local_ae_id;  // the local AE the session reaches, "" if none
+};
+
 // PSK lookup. Must answer from memory and never block (docs/transport.md §1): an identity it does not know yet gets
 // Errc::not_found (the handshake is refused: GnuTLS builds send the fatal alert handshake_failure, not
 // unknown_psk_identity, docs/transport.md §1; the caller may start an asynchronous fetch, e.g. through Node::post(),
 // and the client retries). The Error message becomes the logged refusal reason.
-using PskLookup = std::function<Result<SecretBuffer>(const PskRequest& request)>;
+using PskLookup = std::function<Result<PskGrant>(const PskRequest& request)>;
 
 // Our certificate chain and key, and the CAs our peers' certificates must chain to. PEM text; keys EC P-256.
 struct X509Credentials {
   std::string certificate_chain_pem;   // leaf first
   SecretBuffer private_key_pem;        // "EC PRIVATE KEY" or "PRIVATE KEY"
   std::string trust_anchors_pem;       // one or more CA certificates
+  // Server side: the local AE whose certificate this is, SessionGrant::local_ae_id of the sessions it is presented
+  // to ("" = they reach none). Unused by clients.
+  std::string local_ae_id{};
 };
 
 // Raw public keys (RFC 7250, GnuTLS builds only). libcoap derives our SubjectPublicKeyInfo from the key.
