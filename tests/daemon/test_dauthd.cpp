@@ -185,7 +185,7 @@ TEST_CASE("a reload that fails after the file parsed changes no key table and ke
   Deployment d;
   const std::string enrolee_section = "\n[enrolee]\nmef_fqdn = \"mef.example.net\"\nmef_address = \"127.0.0.1:" +
                                       std::to_string(d.mef_port) + "\"\nlocal_listen = \"127.0.0.1:" +
-                                      std::to_string(free_udp_port()) + "\"\n";
+                                      std::to_string(dauth::test::free_loopback_port()) + "\"\n";
   const auto meter_ae = [&](const std::string& kpm_file) {
     return "\n[[enrolee.ae]]\nid = \"CAE-gauge\"\nkpm_id = \"gauge01@mef.example.net\"\nkpm_file = \"" +
            (d.dir / kpm_file).string() + "\"\n";
@@ -308,7 +308,7 @@ TEST_CASE("a local AE bootstrap key from the file and from dauthctl credentials 
   Deployment d;
   const auto config_with = [&](const std::string& kpm_id) {
     return d.config_text("info") + "\n[enrolee]\nmef_fqdn = \"mef.example.net\"\nmef_address = \"127.0.0.1:" +
-           std::to_string(d.mef_port) + "\"\nlocal_listen = \"127.0.0.1:" + std::to_string(free_udp_port()) +
+           std::to_string(d.mef_port) + "\"\nlocal_listen = \"127.0.0.1:" + std::to_string(dauth::test::free_loopback_port()) +
            "\"\n\n[[enrolee.ae]]\nid = \"CAE-gauge\"\nkpm_id = \"" + kpm_id + "\"\nkpm_file = \"" +
            (d.dir / "meter.kpm").string() + "\"\n";
   };
@@ -480,7 +480,7 @@ TEST_CASE("peer.legacy_onem2m_options reaches the peer node: with libcoap 4.3.1 
   Deployment d;
   dauth::test::write_file(d.config,
                           d.config_text("info") + "\n[peer]\nlisten = \"127.0.0.1:" +
-                              std::to_string(free_udp_port()) + "\"\nlegacy_onem2m_options = true\n",
+                              std::to_string(dauth::test::free_loopback_port()) + "\"\nlegacy_onem2m_options = true\n",
                           0600);
   DaemonProcess daemon({DAUTHD_PATH, "-c", d.config.string()}, {}, d.log);
   const auto status = daemon.wait(std::chrono::seconds(10));  // before: still running (killed at the limit)

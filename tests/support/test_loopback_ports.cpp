@@ -110,8 +110,9 @@ TEST_CASE("two processes running at the same time never get the same loopback po
     const auto size = static_cast<ssize_t>(ports.size() * sizeof ports[0]);
     const bool written = ::write(to_parent[1], ports.data(), static_cast<std::size_t>(size)) == size;
     char done = 0;
-    (void)::read(to_child[0], &done, 1);  // holds its blocks until the parent has taken its second set
-    ::_exit(written ? 0 : 1);
+    // Holds its blocks until the parent has taken its second set (or is gone: then read returns 0).
+    const bool waited = ::read(to_child[0], &done, 1) >= 0;
+    ::_exit(written && waited ? 0 : 1);
   }
   ::close(to_parent[1]);
   ::close(to_child[0]);
