@@ -229,8 +229,10 @@ Result<void> validate_fields(const RevocationListRecord& r, const Record& whole)
     return invalid_record(whole, "mef_fqdn: " + valid.error().message);
   }
   for (const auto& serial : r.serials) {
-    if (!from_hex(serial) || std::any_of(serial.begin(), serial.end(), [](char c) { return c >= 'a' && c <= 'f'; })) {
-      return invalid_record(whole, "serials must be upper-case hexadecimal with an even number of digits");
+    // Compared byte for byte with Certificate::serial_hex() at every handshake: one form only.
+    if (auto canonical = canonical_serial(serial); !canonical || *canonical != serial) {
+      return invalid_record(whole, "serials must be canonical (upper-case hex of whole octets, no leading zero "
+                                   "octet: identifiers.hpp canonical_serial)");
     }
   }
   return ok_result();

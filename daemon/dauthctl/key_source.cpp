@@ -10,6 +10,7 @@
 
 #include "dauth/daemon/exit_codes.hpp"
 #include "dauth/secret.hpp"
+#include "dauth/unique_fd.hpp"
 #include "secret_file.hpp"
 
 namespace dauthctl {
@@ -43,15 +44,14 @@ int pipe_from_stdin(const char* option, int& out_fd) {
   }
   int ends[2];
   if (::pipe2(ends, O_CLOEXEC) != 0) return usage(option, std::string("pipe: ") + std::strerror(errno));
+  dauth::UniqueFd read_end(ends[0]);
+  dauth::UniqueFd write_end(ends[1]);
   // At most 129 bytes into an empty pipe: never blocks (PIPE_BUF).
-  const ssize_t written = ::write(ends[1], text.data(), length);
+  const ssize_t written = ::write(write_end.get(), text.data(), length);
   const int err = errno;
-  ::close(ends[1]);  // the daemon reads to the end: the write end must be closed before the request goes
-  if (written != static_cast<ssize_t>(length)) {
-    ::close(ends[0]);
-    return usage(option, std::string("pipe: ") + std::strerror(err));
-  }
-  out_fd = ends[0];
+  write_end.reset();  // the daemon reads to the end: the write end must be closed before the request goes
+  if (written != static_cast<ssize_t>(length)) return usage(option, std::string("pipe: ") + std::strerror(err));
+  out_fd = read_end.release();
   return 0;
 }
 

@@ -54,11 +54,7 @@ Result<std::unique_ptr<EventLoop>> EventLoop::create() {
   return std::unique_ptr<EventLoop>(new EventLoop(fd));
 }
 
-EventLoop::~EventLoop() {
-  for (auto& [id, entry] : entries_) {
-    if (entry.owns_fd) ::close(entry.fd);
-  }
-}
+EventLoop::~EventLoop() = default;  // each Entry closes the descriptor it owns
 
 Result<EventLoop::Registration> EventLoop::add(Entry entry, std::uint32_t events) {
   const std::uint64_t id = next_id_++;
@@ -66,9 +62,7 @@ Result<EventLoop::Registration> EventLoop::add(Entry entry, std::uint32_t events
   ev.events = events;
   ev.data.u64 = id;  // ids are never reused, so a stale event for a removed entry finds nothing
   if (::epoll_ctl(epoll_fd_.get(), EPOLL_CTL_ADD, entry.fd, &ev) != 0) {
-    auto error = system_error("epoll_ctl ADD fd " + std::to_string(entry.fd));
-    if (entry.owns_fd) ::close(entry.fd);
-    return error;
+    return system_error("epoll_ctl ADD fd " + std::to_string(entry.fd));  // `entry` closes an owned fd
   }
   entries_.emplace(id, std::move(entry));
   return Registration(this, id);
@@ -78,8 +72,8 @@ void EventLoop::remove(std::uint64_t id) noexcept {
   const auto it = entries_.find(id);
   if (it == entries_.end()) return;
   ::epoll_ctl(epoll_fd_.get(), EPOLL_CTL_DEL, it->second.fd, nullptr);
-  if (it->second.owns_fd) ::close(it->second.fd);
-  entries_.erase(it);  // a running callback holds its own shared_ptr, so erasing here is safe
+  // Closes an owned fd. A running callback holds its own shared_ptr, so erasing here is safe.
+  entries_.erase(it);
 }
 
 Result<void> EventLoop::modify(std::uint64_t id, std::uint32_t events) {
@@ -93,24 +87,23 @@ Result<void> EventLoop::modify(std::uint64_t id, std::uint32_t events) {
 }
 
 Result<EventLoop::Registration> EventLoop::watch(int fd, std::uint32_t events, FdCallback callback) {
-  Entry entry{Kind::fd, fd, false, std::make_shared<FdCallback>(std::move(callback)), nullptr, nullptr};
+  Entry entry{Kind::fd, fd, UniqueFd(), std::make_shared<FdCallback>(std::move(callback)), nullptr, nullptr};
   return add(std::move(entry), events);
 }
 
 Result<EventLoop::Registration> EventLoop::add_timer(std::chrono::milliseconds first,
                                                      std::chrono::milliseconds interval, TimerCallback callback) {
-  const int fd = ::timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
-  if (fd < 0) return system_error("timerfd_create");
+  UniqueFd owned(::timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC));
+  if (!owned.valid()) return system_error("timerfd_create");
+  const int fd = owned.get();
   itimerspec spec{};
   // A zero it_value disarms a timerfd: the earliest "now" is one nanosecond.
   spec.it_value = first.count() > 0 ? to_timespec(first) : timespec{0, 1};
   spec.it_interval = to_timespec(interval);
   if (::timerfd_settime(fd, 0, &spec, nullptr) != 0) {
-    auto error = system_error("timerfd_settime");
-    ::close(fd);
-    return error;
+    return system_error("timerfd_settime");
   }
-  Entry entry{Kind::timer, fd, true, nullptr, std::make_shared<TimerCallback>(std::move(callback)), nullptr};
+  Entry entry{Kind::timer, fd, std::move(owned), nullptr, std::make_shared<TimerCallback>(std::move(callback)), nullptr};
   return add(std::move(entry), EPOLLIN);
 }
 
@@ -119,9 +112,10 @@ Result<EventLoop::Registration> EventLoop::on_signals(std::initializer_list<int>
   sigset_t set;
   sigemptyset(&set);
   for (const int s : signals) sigaddset(&set, s);
-  const int fd = ::signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
-  if (fd < 0) return system_error("signalfd");
-  Entry entry{Kind::signal, fd, true, nullptr, nullptr, std::make_shared<SignalCallback>(std::move(callback))};
+  UniqueFd owned(::signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC));
+  if (!owned.valid()) return system_error("signalfd");
+  const int fd = owned.get();
+  Entry entry{Kind::signal, fd, std::move(owned), nullptr, nullptr, std::make_shared<SignalCallback>(std::move(callback))};
   return add(std::move(entry), EPOLLIN);
 }
 

@@ -1,7 +1,6 @@
 // The request paths of the peer role (PROTOCOL.md §6): gateway A's local endpoint, where a local AE names its target
 // in Proxy-Uri and dauthd forwards over the AE-pair DTLS session; and gateway B's secure endpoint, where the
 // authenticated AE-ID is checked (impersonation, policy) before delivery to the local AE.
-#include <arpa/inet.h>
 
 #include <algorithm>
 #include <cctype>
@@ -105,15 +104,9 @@ std::string source_address(const std::string& remote) {
 
 // Equal IP literals, however written ("::1" and "0:0::1"); false if either is empty or not an address.
 bool same_ip(const std::string& a, const std::string& b) {
-  if (a.empty() || b.empty()) return false;
-  unsigned char x[16] = {};
-  unsigned char y[16] = {};
-  for (const int family : {AF_INET, AF_INET6}) {
-    if (::inet_pton(family, a.c_str(), x) == 1 && ::inet_pton(family, b.c_str(), y) == 1) {
-      return std::memcmp(x, y, sizeof x) == 0;
-    }
-  }
-  return false;
+  auto x = transport::numeric_address(a, 0);
+  auto y = transport::numeric_address(b, 0);
+  return x && y && x->length == y->length && std::memcmp(&x->storage, &y->storage, x->length) == 0;
 }
 
 // SIGTERM drain (Roles::begin_drain): new work is refused with 5.03; the caller may retry with another dauthd or

@@ -9,13 +9,10 @@ namespace dauth::rspf {
 
 Result<void> check_kpm_id_names_mef(std::string_view kpm_id, std::string_view mef_fqdn) {
   if (auto valid = crypto::validate_kpm_id(kpm_id); !valid) return std::move(valid).error();
-  auto issuer = crypto::issuer_fqdn_of(kpm_id);
-  if (!issuer) return std::move(issuer).error();
-  if (!crypto::same_fqdn(*issuer, mef_fqdn)) {
-    return make_error(Errc::invalid_argument, "KpmID " + crypto::quote_for_error(kpm_id) + " names MEF " +
-                                                  *issuer + ", not " + std::string(mef_fqdn));
-  }
-  return ok_result();
+  if (crypto::key_id_names_mef(kpm_id, mef_fqdn)) return ok_result();
+  return make_error(Errc::invalid_argument, "KpmID " + crypto::quote_for_error(kpm_id) + " names MEF " +
+                                                crypto::issuer_fqdn_of(kpm_id).value() + ", not " +
+                                                std::string(mef_fqdn));
 }
 
 std::vector<RowProblem> check_enrolee_row(const EnroleeRow& row, const MefOffer& mef) {

@@ -126,13 +126,11 @@ int on_event(coap_session_t* session, coap_event_t event) {
 namespace {
 
 std::uint16_t port_of_endpoint(const coap_endpoint_t* endpoint) {
-  // coap_endpoint_str() prints the bound address, "[::]:5684" or "0.0.0.0:5684"; 4.3.1 has no getter for it.
+  // coap_endpoint_str() prints the bound address and the protocol, "[::]:5684 DTLS" or "0.0.0.0:5683 UDP"; 4.3.1
+  // has no getter for the address.
   const std::string text = coap_endpoint_str(endpoint);
-  const auto colon = text.rfind(':');
-  if (colon == std::string::npos) return 0;
-  std::size_t end = colon + 1;
-  while (end < text.size() && text[end] >= '0' && text[end] <= '9') ++end;
-  return static_cast<std::uint16_t>(std::stoul(text.substr(colon + 1, end - colon - 1)));
+  auto bound = parse_host_port(std::string_view(text).substr(0, text.find(' ')), PortZero::allowed);
+  return bound ? bound->port : 0;
 }
 
 }  // namespace

@@ -113,7 +113,7 @@ struct RevocationListRecord {
   std::string mef_fqdn;                 // lower case
   std::string issuer;                   // subject DN of the MEF's issuing CA as its list names it; "" = none named
   std::int64_t version = 0;             // the list's version (revocations the MEF ever made)
-  std::vector<std::string> serials;     // revoked certificate serials, upper-case hex
+  std::vector<std::string> serials;     // revoked certificate serials, crypto::canonical_serial form
   std::int64_t received_at = 0;         // unix seconds: when the MEF last sent it
 };
 

@@ -77,7 +77,7 @@ class EventLoop {
   struct Entry {
     Kind kind;
     int fd;
-    bool owns_fd;
+    UniqueFd owned;  // fd itself when the loop created it (timers, signals); closed with the entry
     std::shared_ptr<FdCallback> on_fd;
     std::shared_ptr<TimerCallback> on_timer;
     std::shared_ptr<SignalCallback> on_signal;

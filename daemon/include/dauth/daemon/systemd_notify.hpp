@@ -2,7 +2,8 @@
 // RELOADING=1 around a reload, STOPPING=1 on shutdown, WATCHDOG=1 pings.
 //
 // Outside systemd (no $NOTIFY_SOCKET) every call is a no-op. A failed notification is logged once per kind and
-// otherwise ignored: it must never stop the daemon (notes/libcoap-4.3.1.md Q7).
+// otherwise ignored: it must never stop the daemon (a watchdog ping that cannot be sent is systemd's problem to
+// notice, not a reason to stop serving peers).
 #pragma once
 
 #include <chrono>

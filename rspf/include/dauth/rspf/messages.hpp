@@ -85,9 +85,9 @@ inline constexpr std::string_view kFeedQueryFull = "full";
 inline constexpr std::size_t kMaxCredentialFeedEntries = 1024;
 inline constexpr std::size_t kMaxCredentialFeedSize = 131072;
 
-// 2.05 answer to GET /mef/revoked (PROTOCOL.md §5): every certificate serial (upper-case hex) and KeID this MEF
-// revoked. version counts the revocations listed; revocations are never undone or removed, so it only grows and an
-// observer applies a list only when its version is above the last one it applied.
+// 2.05 answer to GET /mef/revoked (PROTOCOL.md §5): every unexpired certificate serial (crypto::canonical_serial form)
+// and KeID this MEF revoked. version counts the revocations it ever made, expired ones included; revocations are
+// never undone, so it only grows and an observer applies a list only when its version is above the last one applied.
 struct RevocationList {
   std::int64_t version = 0;
   std::vector<std::string> serials;

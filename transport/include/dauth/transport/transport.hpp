@@ -132,7 +132,6 @@ struct SessionCounters {        // CoAP messages this node sent and received on 
 struct SessionGrant {
   std::string peer_ae_id;   // the AE the peer authenticated as ("" = the lookup did not say; RPK: the key id)
   std::string local_ae_id;  // the local AE the session reaches ("" = none)
-  bool complete() const noexcept { return !peer_ae_id.empty() && !local_ae_id.empty(); }
 };
 
 class Session : public crypto::KeyingMaterialExporter {
