@@ -1012,4 +1012,8 @@ TEST_CASE("key store: a revocation list record (kind 8) survives the journal and
   require_all_present(store, expected);
   CHECK(store.put(RevocationListRecord{"not a name", "", 0, {}, 0}).error().code == Errc::invalid_argument);
   CHECK(store.put(RevocationListRecord{"mef.example.net", "", 0, {"01ab"}, 0}).error().code == Errc::invalid_argument);
+  // Serials are compared byte for byte with Certificate::serial_hex(): a leading zero octet would never match.
+  CHECK(store.put(RevocationListRecord{"mef.example.net", "", 0, {"008F0102"}, 0}).error().code ==
+        Errc::invalid_argument);
+  CHECK(store.put(RevocationListRecord{"mef.example.net", "", 0, {"8F0102"}, 0}).ok());
 }
