@@ -548,8 +548,17 @@ Config what_roles_keep(const Config& config) {
 
 // The steps of Roles::start, in its order; each uses only what the ones before it set up.
 
-transport::FailureObserver failure_observer(const std::string& node) {
-  return [node](const transport::Failure& failure) { log::info(node + " " + transport::format_failure(failure)); };
+// A role's Node, driven by the loop (rearm) and logging its failures under its name ("mef", "enrolee", "peer").
+Result<NodeDriver*> add_node_driver(Roles::Impl& s, const std::string& name, transport::NodeConfig node_config) {
+  auto node = transport::Node::create(std::move(node_config));
+  if (!node) return make_error(node.error().code, name + " node: " + node.error().message);
+  auto driver = std::make_unique<NodeDriver>();
+  driver->name = name;
+  driver->node = std::move(node).value();
+  driver->node->set_failure_observer(
+      [name](const transport::Failure& failure) { log::info(name + " " + transport::format_failure(failure)); });
+  s.drivers.push_back(std::move(driver));
+  return s.drivers.back().get();
 }
 
 // [mef]: its node (PSK, and X.509 with mef.certificate_file), the issuing CA, the Mef and its PSK lookup.
@@ -565,12 +574,9 @@ Result<void> start_mef(Roles::Impl& s, const Config& config) {
     if (!x509) return std::move(x509).error();
     node_config.x509 = std::move(x509).value();
   }
-  auto node = transport::Node::create(std::move(node_config));
-  if (!node) return make_error(node.error().code, "mef node: " + node.error().message);
-  auto driver = std::make_unique<NodeDriver>();
-  driver->name = "mef";
-  driver->node = std::move(node).value();
-  driver->node->set_failure_observer(failure_observer("mef"));
+  auto driver = add_node_driver(s, "mef", std::move(node_config));
+  if (!driver) return std::move(driver).error();
+  s.mef_driver = *driver;
   rspf::MefConfig mef_config;
   mef_config.fqdn = config.mef->fqdn;
   mef_config.session_key_lifetime_s = config.mef->session_key_lifetime;
@@ -585,12 +591,10 @@ Result<void> start_mef(Roles::Impl& s, const Config& config) {
     mef_config.ca.emplace(std::move(ca).value());
     mef_config.max_certificate_validity_s = config.mef->certificate_lifetime;
   }
-  auto mef = rspf::Mef::create(*driver->node, *s.store, std::move(mef_config));
+  auto mef = rspf::Mef::create(*s.mef_driver->node, *s.store, std::move(mef_config));
   if (!mef) return std::move(mef).error();
   s.mef = std::move(mef).value();
   s.mef_slot.bind(s.mef->psk_lookup());
-  s.mef_driver = driver.get();
-  s.drivers.push_back(std::move(driver));
   log::notice("mef " + config.mef->fqdn + " listening on coaps://" + config.mef->listen + " (port " +
               std::to_string(s.mef_driver->node->secure_port()) + "), " +
               (config.mef->certificate_file.empty() ? "PSK" : "PSK and X.509") + " enrolees");
@@ -599,15 +603,9 @@ Result<void> start_mef(Roles::Impl& s, const Config& config) {
 
 // [enrolee]: the client-only node and one Enrolee per [[enrolee.ae]].
 Result<void> start_enrolees(Roles::Impl& s, const Config& config) {
-  transport::NodeConfig node_config;  // client only
-  auto node = transport::Node::create(std::move(node_config));
-  if (!node) return make_error(node.error().code, "enrolee node: " + node.error().message);
-  auto driver = std::make_unique<NodeDriver>();
-  driver->name = "enrolee";
-  driver->node = std::move(node).value();
-  driver->node->set_failure_observer(failure_observer("enrolee"));
-  s.enrolee_driver = driver.get();
-  s.drivers.push_back(std::move(driver));
+  auto driver = add_node_driver(s, "enrolee", transport::NodeConfig{});  // client only
+  if (!driver) return std::move(driver).error();
+  s.enrolee_driver = *driver;
   auto mef_address = resolve_address(config.enrolee->mef_address);
   if (!mef_address) return make_error(mef_address.error().code, "enrolee.mef_address: " + mef_address.error().message);
   std::string mef_trust_anchors;  // certificate RSPF: the CA(s) of the MEF's FQDN certificate
@@ -693,14 +691,9 @@ Result<void> start_peer_node(Roles::Impl& s, const Config& config) {
       return impl->revocations ? impl->revocations->check(peer) : ok_result();
     };
   }
-  auto node = transport::Node::create(std::move(node_config));
-  if (!node) return make_error(node.error().code, "peer node: " + node.error().message);
-  auto driver = std::make_unique<NodeDriver>();
-  driver->name = "peer";
-  driver->node = std::move(node).value();
-  driver->node->set_failure_observer(failure_observer("peer"));
-  s.peer_driver = driver.get();
-  s.drivers.push_back(std::move(driver));
+  auto driver = add_node_driver(s, "peer", std::move(node_config));
+  if (!driver) return std::move(driver).error();
+  s.peer_driver = *driver;
   return ok_result();
 }
 
