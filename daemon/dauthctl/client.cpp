@@ -6,6 +6,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <ctime>
 #include <iostream>
 #include <optional>
 #include <vector>
@@ -163,6 +164,64 @@ std::string format_duration(long long seconds) {
   return text + std::to_string(seconds % 60) + "s";
 }
 
+namespace {
+
+std::string units(long long seconds) {
+  struct Unit {
+    long long length;
+    const char* name;
+  };
+  static constexpr Unit kUnits[] = {{365 * 86400LL, "year"}, {86400, "day"}, {3600, "hour"}, {60, "minute"}, {1, "second"}};
+  std::string text;
+  int shown = 0;
+  for (const auto& unit : kUnits) {
+    const long long count = seconds / unit.length;
+    if (count == 0 || shown == 2) continue;  // the two largest units say enough
+    seconds -= count * unit.length;
+    text += (text.empty() ? "" : ", ") + std::to_string(count) + " " + unit.name + (count == 1 ? "" : "s");
+    ++shown;
+  }
+  return text;
+}
+
+bool is_time_field(const std::string& key) {
+  return key == "created" || key == "last_used" || key == "at" ||
+         (key.size() > 3 && key.compare(key.size() - 3, 3, "_at") == 0);
+}
+
+std::string iso_local_time(std::int64_t unix_seconds) {
+  const std::time_t t = static_cast<std::time_t>(unix_seconds);
+  std::tm tm{};
+  ::localtime_r(&t, &tm);
+  char text[40];
+  std::strftime(text, sizeof text, "%Y-%m-%dT%H:%M:%S%z", &tm);
+  return text;
+}
+
+std::string row_value(const std::string& key, const nlohmann::json& value) {
+  if (is_time_field(key) && value.is_number_integer()) {
+    const auto at = value.get<std::int64_t>();
+    return at == 0 ? "never" : iso_local_time(at);
+  }
+  if (!value.is_string()) return value.dump();
+  const std::string text = value.get<std::string>();
+  if (!text.empty() && text.find_first_of(" \t\r\n\"\\") == std::string::npos) return text;
+  std::string quoted = "\"";
+  for (const char c : text) {
+    if (c == '"' || c == '\\') quoted += '\\';
+    quoted += (c == '\n' || c == '\r' || c == '\t') ? ' ' : c;
+  }
+  return quoted + "\"";
+}
+
+}  // namespace
+
+std::string when(std::int64_t now, std::int64_t at) {
+  if (at == 0) return "never";
+  if (at == now) return "now";
+  return at < now ? units(now - at) + " ago" : "in " + units(at - now);
+}
+
 void print_rows(const nlohmann::json& rows, std::ostream& out, const char* empty_text) {
   if (!rows.is_array() || rows.empty()) {
     out << empty_text << "\n";
@@ -175,7 +234,7 @@ void print_rows(const nlohmann::json& rows, std::ostream& out, const char* empty
     }
     std::string line;
     for (const auto& [key, value] : row.items()) {
-      line += (line.empty() ? "" : "  ") + key + "=" + (value.is_string() ? value.get<std::string>() : value.dump());
+      line += (line.empty() ? "" : "  ") + key + "=" + row_value(key, value);
     }
     out << line << "\n";
   }

@@ -1,6 +1,7 @@
 // dauthctl's side of the control protocol (docs/control-protocol.md): one request line, one reply line.
 #pragma once
 
+#include <cstdint>
 #include <functional>
 #include <nlohmann/json.hpp>
 #include <ostream>
@@ -26,6 +27,11 @@ int call_raw(const Context& context, const std::string& verb, const nlohmann::js
 
 // Human helpers shared by the verbs.
 std::string format_duration(long long seconds);
+// A moment relative to now, as wg show writes it: "1 minute, 12 seconds ago", "in 29 days, 3 hours", "now";
+// "never" for 0 (the replies' "no time").
+std::string when(std::int64_t now, std::int64_t at);
+// key=value rows: values with spaces, quotes or nothing are double-quoted (with \" and \\ escaped), so that each
+// row splits on spaces; time fields (*_at, created, last_used) as local ISO 8601 times, 0 as "never".
 void print_rows(const nlohmann::json& rows, std::ostream& out, const char* empty_text);
 
 }  // namespace dauthctl

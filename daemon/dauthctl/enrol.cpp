@@ -1,4 +1,4 @@
-// dauthctl enrol <ae>: run the RSPF for a local AE now (Enrolee role).
+// dauthctl enrol <ae>: run the RSPF for a local AE now (Enrolee role); enrol --status <ae> only reads its state.
 // The enrolment is asynchronous inside dauthd (the loop never blocks): "enrol" starts an attempt and returns its
 // number; dauthctl then asks "enrol.status" until an attempt from that one on has succeeded, or --wait seconds have
 // passed. A failed attempt is reported and not the end: dauthd tries again by itself with backoff (1 s, 2 s, 4 s
@@ -13,14 +13,44 @@
 
 namespace dauthctl {
 
+namespace {
+
+// enrol --status: what enrol.status says, read-only (no attempt starts, no KeID is minted).
+void print_enrolment_status(const nlohmann::json& s, std::ostream& out) {
+  const std::int64_t now = s.value("now", std::int64_t{0});
+  out << s.value("ae_id", "?") << ": " << s.value("state", "?");
+  if (s["keId"].is_string()) out << ", KeID " << s["keId"].get<std::string>();
+  if (s.value("expiry", std::int64_t{0}) != 0) out << ", expires " << when(now, s.value("expiry", std::int64_t{0}));
+  out << "\n";
+  out << "  attempts: " << s.value("attempts_started", 0) << " started, " << s.value("attempts_done", 0) << " done\n";
+  out << "  latest enrolment: " << when(now, s.value("last_enrolled_at", std::int64_t{0})) << "\n";
+  if (s["last_error"].is_string()) {
+    out << "  latest failure: " << when(now, s.value("last_error_at", std::int64_t{0})) << ": "
+        << s["last_error"].get<std::string>() << "\n";
+  }
+  if (s.value("next_attempt_at", std::int64_t{0}) != 0) {
+    out << "  next attempt: " << when(now, s.value("next_attempt_at", std::int64_t{0})) << "\n";
+  }
+}
+
+}  // namespace
+
 CLI::App* add_enrol(CLI::App& parent, Context& context) {
   CLI::App* sub = parent.add_subcommand("enrol", "enrol a local AE with its MEF now (Enrolee role)");
   static std::string ae_id;
   static int wait_seconds = 60;
   sub->add_option("ae", ae_id, "AE-ID of a configured local AE ([[enrolee.ae]] id)")->required();
   sub->add_option("--wait", wait_seconds, "seconds to wait for the outcome (0: start only)")->check(CLI::Range(0, 3600));
+  static bool status_only = false;
+  sub->add_flag("--status", status_only,
+                "only show the AE's enrolment state, latest outcome and next attempt; start nothing")
+      ->excludes("--wait");
   sub->callback([&context] {
     using dauth::daemon::ExitCode;
+    if (status_only) {
+      context.exit_code = call(context, "enrol.status", {{"ae_id", ae_id}}, print_enrolment_status);
+      return;
+    }
     std::uint64_t attempt = 0;
     int rc = call_raw(context, "enrol", {{"ae_id", ae_id}},
                       [&](const nlohmann::json& r) { attempt = r.value("attempt", std::uint64_t{0}); });

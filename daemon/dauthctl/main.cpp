@@ -16,6 +16,7 @@ struct VerbEntry {
 
 // The verbs, in the order `dauthctl --help` lists them.
 constexpr VerbEntry kVerbs[] = {
+    {"show", dauthctl::add_show},       {"dump", dauthctl::add_dump},
     {"status", dauthctl::add_status},   {"sessions", dauthctl::add_sessions}, {"credentials", dauthctl::add_credentials},
     {"enrol", dauthctl::add_enrol},     {"revoke", dauthctl::add_revoke},     {"peers", dauthctl::add_peers},
     {"stats", dauthctl::add_stats},     {"enrolees", dauthctl::add_enrolees}, {"genpsk", dauthctl::add_genpsk},
@@ -39,6 +40,6 @@ int main(int argc, char** argv) {
     const int rc = app.exit(e);
     return rc == 0 ? dauth::daemon::as_int(ExitCode::ok) : dauth::daemon::as_int(ExitCode::usage);
   }
-  if (app.get_subcommands().empty()) return dauthctl::run_status(context);
+  if (app.get_subcommands().empty()) return dauthctl::run_show(context);
   return context.exit_code;
 }

@@ -14,6 +14,8 @@ struct Context {
   int exit_code = 0;
 };
 
+CLI::App* add_show(CLI::App& parent, Context& context);
+CLI::App* add_dump(CLI::App& parent, Context& context);
 CLI::App* add_status(CLI::App& parent, Context& context);
 CLI::App* add_sessions(CLI::App& parent, Context& context);
 CLI::App* add_credentials(CLI::App& parent, Context& context);
@@ -25,7 +27,8 @@ CLI::App* add_enrolees(CLI::App& parent, Context& context);
 CLI::App* add_genpsk(CLI::App& parent, Context& context);
 CLI::App* add_reload(CLI::App& parent, Context& context);
 
-// Plain `dauthctl` means `dauthctl status`.
+// Plain `dauthctl` means `dauthctl show`.
+int run_show(Context& context);
 int run_status(Context& context);
 
 }  // namespace dauthctl

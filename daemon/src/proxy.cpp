@@ -256,6 +256,7 @@ void Roles::Impl::forward_to_peer(const std::string& target, const transport::Pe
     if (!x509) {
       ++peer_state.failures;
       peer_state.last_outcome = x509.error().message;
+      note_peer_failure(target, x509.error().message);
       count("proxy_failed_total");
       log::notice("proxy: " + request.originator + " -> " + target + " refused: " + x509.error().message);
       responder->respond(for_local_ae(refusal(403, kRscNoPrivilege, x509.error()), request));
@@ -275,13 +276,23 @@ void Roles::Impl::forward_to_peer(const std::string& target, const transport::Pe
         state.last_at = unix_now();
         if (outcome) {
           if (session) note_session("out", *session, target);
-          state.last_outcome = "ok: " + rspf::coap_code_text(outcome->code);
+          if (outcome->code >= 400) {
+            // The peer's dauthd (policy, impersonation) or its AE refused: an answer, but not a success.
+            const std::string why = rspf::error_from_response(target, *outcome).message;
+            ++state.failures;
+            state.last_outcome = "refused: " + why;
+            note_peer_failure(target, why);
+          } else {
+            state.last_outcome = "answered " + rspf::coap_code_text(outcome->code);
+            peer_activity[target].last_success_at = state.last_at;
+          }
           count("proxy_forwarded_total");
           responder->respond(for_local_ae(std::move(outcome).value(), copy));
           return;
         }
         ++state.failures;
         state.last_outcome = outcome.error().message;
+        note_peer_failure(target, outcome.error().message);
         // A first use is refused while the target fetches the key from the MEF (unknown identity): retry after
         // 250 ms, 1 s, 3 s; a handshake failure is what the client sees of that refusal. A timeout (B silent:
         // restarted, gone, or our address changed; transport then ended the session) is retried on a new session
@@ -353,6 +364,7 @@ void Roles::Impl::on_peer_request(const transport::Session& session, const Reque
   // Impersonation check: the request's originator must be the AE the session authenticated.
   if (request.originator != requester) {
     count("peer_impersonation_total");
+    note_peer_failure(requester, "impersonation refused: oneM2M-FR " + crypto::quote_for_error(request.originator));
     log::notice("peer: refused impersonation from " + session.remote_address() + ": session authenticated " +
                 requester + ", oneM2M-FR " + crypto::quote_for_error(request.originator) + " (RSC 4106)");
     responder.respond(refusal(403, kRscImpersonation,
@@ -373,6 +385,7 @@ void Roles::Impl::on_peer_request(const transport::Session& session, const Reque
   }
   if (!allowed) {
     count("peer_denied_total");
+    note_peer_failure(requester, "policy denies " + method + " " + request.path_text() + " on " + local_ae);
     log::notice("peer: policy denies " + requester + " " + method + " " + request.path_text() + " on " + local_ae);
     responder.respond(refusal(403, kRscNoPrivilege,
                               make_error(Errc::denied,
@@ -428,6 +441,7 @@ void Roles::Impl::on_peer_request(const transport::Session& session, const Reque
 void Roles::Impl::note_session(const std::string& direction, const transport::Session& session,
                                const std::string& peer_ae_id) {
   const std::string key = direction + " " + session.remote_address() + " " + session.peer().value;
+  if (seen.size() >= kMaxSeenSessions && !seen.count(key)) forget_ended_sessions();
   auto& entry = seen[key];
   const auto now = unix_now();
   if (entry.created == 0) {
@@ -442,6 +456,21 @@ void Roles::Impl::note_session(const std::string& direction, const transport::Se
   entry.peer_ae_id = peer_ae_id;
   entry.last_used = now;
   ++entry.requests;
+  auto& activity = peer_activity[peer_ae_id];
+  activity.last_handshake_at = std::max(activity.last_handshake_at, entry.created);
+  activity.last_request_at = now;
+  // The local AE this request came from (A: the KeID's enrolee) or goes to (B: the session's grant).
+  for (auto& ae : aes) {
+    const bool ours = direction == "in" ? session.grant().local_ae_id == ae->config.id
+                                        : ae->enrolee && ae->enrolee->ke_id() == session.credential_id();
+    if (ours) ae->last_request_at = now;
+  }
+}
+
+void Roles::Impl::note_peer_failure(const std::string& ae_id, const std::string& reason) {
+  auto& activity = peer_activity[ae_id];
+  activity.last_failure_at = unix_now();
+  activity.last_failure = reason;
 }
 
 }  // namespace dauth::daemon

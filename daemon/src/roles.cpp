@@ -478,6 +478,15 @@ Result<void> Roles::Impl::resolve_peers(const Config& cfg, std::map<std::string,
   return ok_result();
 }
 
+// A Node's failure, once: logged under the node's name; the MEF's handshake failures also become the latest failure
+// of the enrolee whose identity was offered (dauthctl show on the MEF).
+void Roles::Impl::on_node_failure(const NodeDriver& driver, const transport::Failure& failure) {
+  log::info(driver.name + " " + transport::format_failure(failure));
+  const bool handshake = failure.kind == transport::FailureKind::handshake_failed ||
+                         failure.kind == transport::FailureKind::handshake_timeout;
+  if (handshake && mef && &driver == mef_driver) mef->note_handshake_failure(failure.identity_offered, failure.reason);
+}
+
 // ---- enrolment ---------------------------------------------------------------------------------------------
 
 void Roles::Impl::schedule_enrolment(LocalAeState& ae, std::chrono::milliseconds delay) {
@@ -489,6 +498,7 @@ void Roles::Impl::schedule_enrolment(LocalAeState& ae, std::chrono::milliseconds
   }
   ae.timer = std::move(timer).value();
   ae.next_attempt_delay_ms = static_cast<std::int64_t>(delay.count());
+  ae.next_attempt_at = unix_now() + (delay.count() + 999) / 1000;
   log::info("enrolee " + ae.config.id + ": next enrolment attempt in " + std::to_string(delay.count()) + " ms");
 }
 
@@ -503,12 +513,14 @@ void Roles::Impl::start_enrolment(LocalAeState& ae) {
     ++ae.attempts_done;
     if (outcome) {
       ae.last_error.reset();
+      ae.last_enrolled_at = unix_now();
       count("enrolments_succeeded_total");
       if (revocations) revocations->retry_now();  // its subscription may have waited for these credentials
       // An AE-ID certificate issued or renewed over EST: the next handshake naming this AE gets it.
       if (ae.config.certificate_enrolment) serve_certificate_of(ae.config.id);
     } else {
       ae.last_error = outcome.error().message;
+      ae.last_error_at = unix_now();
       count("enrolments_failed_total");
     }
     // Renewal at 2/3 of the lifetime, or the next backoff step with jitter (Enrolee::next_attempt_delay()).
@@ -556,7 +568,7 @@ Result<NodeDriver*> add_node_driver(Roles::Impl& s, const std::string& name, tra
   driver->name = name;
   driver->node = std::move(node).value();
   driver->node->set_failure_observer(
-      [name](const transport::Failure& failure) { log::info(name + " " + transport::format_failure(failure)); });
+      [impl = &s, node = driver.get()](const transport::Failure& failure) { impl->on_node_failure(*node, failure); });
   s.drivers.push_back(std::move(driver));
   return s.drivers.back().get();
 }
@@ -880,7 +892,11 @@ Result<nlohmann::json> Roles::enrolment_status(const std::string& ae_id) const {
                         {"last_error", ae->last_error ? nlohmann::json(*ae->last_error) : nlohmann::json(nullptr)},
                         {"keId", ae->enrolee->ke_id() ? nlohmann::json(*ae->enrolee->ke_id()) : nlohmann::json(nullptr)},
                         {"enroleeId", ae_id},
-                        {"next_attempt_delay_ms", ae->next_attempt_delay_ms}};
+                        {"next_attempt_delay_ms", ae->next_attempt_delay_ms},
+                        {"next_attempt_at", ae->timer.active() ? ae->next_attempt_at : 0},
+                        {"last_enrolled_at", ae->last_enrolled_at},
+                        {"last_error_at", ae->last_error ? ae->last_error_at : 0},
+                        {"now", unix_now()}};
   if (const auto ke_id = ae->enrolee->ke_id()) {
     if (const auto* record = impl_->store->find<crypto::EnrolmentKeyRecord>(*ke_id)) {
       result["expiry"] = record->expires_at;
@@ -1104,12 +1120,56 @@ nlohmann::json Roles::credentials() const {
   return {{"credentials", rows}};
 }
 
+namespace {
+
+std::int64_t unix_seconds(std::chrono::system_clock::time_point at) {
+  return std::chrono::duration_cast<std::chrono::seconds>(at.time_since_epoch()).count();
+}
+
+// The key of Impl::seen for a live session (note_session's key).
+std::string seen_key(const transport::SessionSummary& live) {
+  return std::string(live.client ? "out" : "in") + " " + live.remote_address + " " + live.peer.value;
+}
+
+}  // namespace
+
+std::string Roles::Impl::peer_at(const std::string& remote_address) const {
+  for (const auto& [ae_id, p] : peers) {
+    if (p.address && transport::host_port_text(p.address->host, p.address->port) == remote_address) return ae_id;
+  }
+  return {};
+}
+
+void Roles::Impl::forget_ended_sessions() {
+  std::set<std::string> live_keys;
+  if (peer_driver) {
+    for (const auto& live : peer_driver->node->live_sessions()) live_keys.insert(seen_key(live));
+  }
+  for (auto it = seen.begin(); it != seen.end();) it = live_keys.count(it->first) ? std::next(it) : seen.erase(it);
+}
+
 nlohmann::json Roles::sessions() const {
+  Impl& s = *impl_;
+  s.forget_ended_sessions();
   nlohmann::json rows = nlohmann::json::array();
-  for (const auto& [key, s] : impl_->seen) {
-    rows.push_back({{"direction", s.direction}, {"peer_ae_id", s.peer_ae_id}, {"identity", s.identity},
-                    {"kind", s.kind}, {"remote", s.remote}, {"cipher", s.cipher}, {"created", s.created},
-                    {"last_used", s.last_used}, {"requests", s.requests}});
+  if (s.peer_driver) {
+    // Live DTLS sessions only (transport's list), with the requests dauthd proxied over each (`seen`).
+    for (const auto& live : s.peer_driver->node->live_sessions()) {
+      if (!live.secure) continue;
+      const auto noted = s.seen.find(seen_key(live));
+      const SeenSession* carried = noted == s.seen.end() ? nullptr : &noted->second;
+      rows.push_back({{"direction", live.client ? "out" : "in"},
+                      {"peer_ae_id", carried ? carried->peer_ae_id
+                                             : (live.client ? s.peer_at(live.remote_address) : live.grant.peer_ae_id)},
+                      {"local_ae_id", live.grant.local_ae_id},
+                      {"identity", live.client ? live.credential_id : live.peer.value},
+                      {"kind", std::string(transport::to_string(live.peer.kind))},
+                      {"remote", live.remote_address},
+                      {"cipher", live.cipher_suite},
+                      {"created", unix_seconds(live.created)},
+                      {"last_used", unix_seconds(live.last_received)},
+                      {"requests", carried ? carried->requests : 0}});
+    }
   }
   nlohmann::json live = nullptr;
   if (impl_->peer_driver) {
@@ -1118,6 +1178,123 @@ nlohmann::json Roles::sessions() const {
             {"handshakes_in_progress", stats.live_server_handshakes}};
   }
   return {{"sessions", rows}, {"live", live}};
+}
+
+// dauthctl show (docs/control-protocol.md "show"): per local AE, per remote AE and, on an MEF, per enrolee: who,
+// with which credential until when, live sessions, the latest handshake, request, success and failure with its
+// reason. Times are unix seconds, 0 = never; "" = none. One place: dauthctl's show, dump and --json all print this.
+nlohmann::json Roles::show() const {
+  Impl& s = *impl_;
+  const auto live = s.peer_driver ? s.peer_driver->node->live_sessions() : std::vector<transport::SessionSummary>{};
+
+  nlohmann::json local_aes = nlohmann::json::array();
+  for (const auto& ae : s.aes) {
+    const auto ke_id = ae->enrolee ? ae->enrolee->ke_id() : std::nullopt;
+    std::int64_t expires_at = 0;
+    if (ke_id) {
+      if (const auto* record = s.store->find<crypto::EnrolmentKeyRecord>(*ke_id)) expires_at = record->expires_at;
+    }
+    // Peer sessions only: out with its KeID to a configured peer (not its key retrievals from the MEF), or in.
+    std::size_t sessions = 0;
+    for (const auto& session : live) {
+      if (!session.secure) continue;
+      if (session.client ? ke_id && session.credential_id == *ke_id && !s.peer_at(session.remote_address).empty()
+                         : session.grant.local_ae_id == ae->config.id) {
+        ++sessions;
+      }
+    }
+    const bool psk = !ae->config.kpm_id.empty();
+    local_aes.push_back({{"ae_id", ae->config.id},
+                         {"credential_kind", psk ? "psk" : "certificate"},
+                         {"credential", ae->enrolee && psk ? ae->enrolee->kpm_id() : ae->config.certificate_file.string()},
+                         {"state", ae->enrolee ? std::string(rspf::to_string(ae->enrolee->state())) : "none"},
+                         {"ke_id", ke_id ? *ke_id : std::string()},
+                         {"expires_at", expires_at},
+                         {"next_attempt_at", ae->timer.active() ? ae->next_attempt_at : 0},
+                         {"last_enrolled_at", ae->last_enrolled_at},
+                         {"last_request_at", ae->last_request_at},
+                         {"last_failure_at", ae->last_error ? ae->last_error_at : 0},
+                         {"last_failure", ae->last_error.value_or("")},
+                         {"attempts", ae->attempts_started},
+                         {"sessions", sessions}});
+  }
+
+  // Configured peers first, then the AEs that reached us without being configured (incoming sessions).
+  std::map<std::string, nlohmann::json> peers;
+  auto peer_row = [&](const std::string& ae_id) -> nlohmann::json& {
+    auto [it, added] = peers.try_emplace(ae_id);
+    if (added) {
+      const auto known = s.peers.find(ae_id);
+      const PeerState* p = known == s.peers.end() ? nullptr : &known->second;
+      const auto noted = s.peer_activity.find(ae_id);
+      const PeerActivity none;
+      const PeerActivity& a = noted == s.peer_activity.end() ? none : noted->second;
+      it->second = {{"ae_id", ae_id},
+                    {"address", p ? p->address_text : std::string()},
+                    {"credential", p ? p->credential : std::string()},
+                    {"sessions", 0},
+                    {"last_handshake_at", a.last_handshake_at},
+                    {"last_request_at", a.last_request_at},
+                    {"last_success_at", a.last_success_at},
+                    {"last_failure_at", a.last_failure_at},
+                    {"last_failure", a.last_failure},
+                    {"requests", p ? p->requests : 0},
+                    {"failures", p ? p->failures : 0}};
+    }
+    return it->second;
+  };
+  for (const auto& [ae_id, p] : s.peers) peer_row(ae_id);
+  for (const auto& [ae_id, a] : s.peer_activity) peer_row(ae_id);
+  for (const auto& session : live) {
+    if (!session.secure) continue;
+    // Outgoing: the session to a configured peer's address; incoming: the AE its handshake authenticated.
+    const std::string ae_id = session.client ? s.peer_at(session.remote_address) : session.grant.peer_ae_id;
+    if (ae_id.empty()) continue;
+    auto& row = peer_row(ae_id);
+    row["sessions"] = row["sessions"].get<std::size_t>() + 1;
+    row["last_handshake_at"] = std::max(row["last_handshake_at"].get<std::int64_t>(), unix_seconds(session.created));
+  }
+  nlohmann::json peer_rows = nlohmann::json::array();
+  for (auto& [ae_id, row] : peers) peer_rows.push_back(std::move(row));
+
+  nlohmann::json enrolees = nullptr;
+  if (s.mef) {
+    enrolees = nlohmann::json::array();
+    // Live enrolments (not revoked, not expired) per enrolee, and the one that expires last.
+    struct Enrolments {
+      std::size_t valid = 0;
+      std::int64_t expires_at = 0;
+    };
+    std::map<std::string, Enrolments> by_enrolee;
+    const std::int64_t now = unix_now();
+    s.store->for_each(crypto::RecordKind::enrolment_key, [&](const crypto::Record& r) {
+      const auto& e = std::get<crypto::EnrolmentKeyRecord>(r);
+      if (e.revoked_at != 0 || e.expires_at <= now) return;
+      auto& entry = by_enrolee[e.enrolee_id];
+      ++entry.valid;
+      entry.expires_at = std::max(entry.expires_at, e.expires_at);
+    });
+    const auto& activity = s.mef->activity();
+    s.store->for_each(crypto::RecordKind::enrolee, [&](const crypto::Record& r) {
+      const auto& e = std::get<crypto::EnroleeRecord>(r);
+      const auto seen = activity.find(e.enrolee_id);
+      const rspf::EnroleeActivity none;
+      const rspf::EnroleeActivity& a = seen == activity.end() ? none : seen->second;
+      const auto valid = by_enrolee.find(e.enrolee_id);
+      enrolees.push_back({{"id", e.credential_id},
+                          {"enrolee_id", e.enrolee_id},
+                          {"kind", e.kpm.empty() ? "certificate" : "psk"},
+                          {"enrolments", valid == by_enrolee.end() ? 0 : valid->second.valid},
+                          {"expires_at", valid == by_enrolee.end() ? 0 : valid->second.expires_at},
+                          {"last_ke_id", a.last_ke_id},
+                          {"last_seen_at", a.last_seen_at},
+                          {"last_enrolled_at", a.last_enrolled_at},
+                          {"last_failure_at", a.last_failure_at},
+                          {"last_failure", a.last_failure},
+                          {"failures", a.failures}});
+    });
+  }
+  return {{"local_aes", local_aes}, {"peers", peer_rows}, {"enrolees", enrolees}};
 }
 
 nlohmann::json Roles::peers() const {

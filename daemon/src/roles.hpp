@@ -77,6 +77,8 @@ class Roles {
   nlohmann::json credentials() const;
   nlohmann::json sessions() const;
   nlohmann::json peers() const;
+  // dauthctl show: local AEs, remote AEs and (MEF) enrolees with their credentials, sessions and latest outcomes.
+  nlohmann::json show() const;
   nlohmann::json stats() const;
   nlohmann::json ports() const;
 

@@ -43,6 +43,20 @@ struct LocalAeState {
   std::optional<std::string> last_error;
   std::int64_t last_attempt_at = 0;
   std::int64_t next_attempt_delay_ms = 0;  // the delay last scheduled (renewal or backoff step)
+  std::int64_t next_attempt_at = 0;        // when that attempt is due (unix seconds)
+  std::int64_t last_enrolled_at = 0;       // the latest successful attempt
+  std::int64_t last_error_at = 0;          // when last_error happened
+  std::int64_t last_request_at = 0;        // the latest request it sent through dauthd (A) or received (B)
+};
+
+// What dauthd saw of a remote AE lately, both directions (dauthctl show): sessions it authenticated in, requests
+// proxied to it, and its refusals. Kept only for AEs a handshake authenticated or the configuration names.
+struct PeerActivity {
+  std::int64_t last_handshake_at = 0;  // the newest session that carried a request, either direction
+  std::int64_t last_request_at = 0;    // the latest request to it (A) or from it (B)
+  std::int64_t last_success_at = 0;    // the latest request answered 2.xx
+  std::int64_t last_failure_at = 0;
+  std::string last_failure;            // why: the transport error, or the refusal (code and detail)
 };
 
 // A session as dauthd saw it carry requests (transport has no session listing; libcoap owns the sessions).
@@ -162,7 +176,17 @@ struct Roles::Impl {
   // over EST while valid, else its configured device certificate. Errors: not_found (neither).
   Result<transport::X509Credentials> x509_of_local_ae(const std::string& ae_id) const;
   std::map<std::string, PeerState> peers;
-  std::map<std::string, SeenSession> seen;
+  std::map<std::string, SeenSession> seen;  // by note_session's key; bounded by forget_ended_sessions()
+  // Drops the `seen` entries of sessions that ended (transport's live_sessions()): at each listing, and when
+  // kMaxSeenSessions is passed.
+  void forget_ended_sessions();
+  // The configured peer (its AE-ID) whose resolved address is remote_address ("127.0.0.1:5684"); "" if none, e.g.
+  // an MEF the key retrievals go to.
+  std::string peer_at(const std::string& remote_address) const;
+  static constexpr std::size_t kMaxSeenSessions = 4096;
+  std::map<std::string, PeerActivity> peer_activity;  // by remote AE-ID
+  // Records a failure of the exchange with a remote AE (peer_activity) for dauthctl show.
+  void note_peer_failure(const std::string& ae_id, const std::string& reason);
   std::map<std::uint64_t, EventLoop::Registration> retry_timers;  // pending first-use retries, by id
   std::uint64_t last_retry_id = 0;
   std::map<std::string, std::uint64_t> counters;
@@ -202,6 +226,7 @@ struct Roles::Impl {
                        std::shared_ptr<transport::Responder> responder, std::size_t attempt);
   void on_peer_request(const transport::Session& session, const transport::Request& request,
                        transport::Responder responder);
+  void on_node_failure(const NodeDriver& driver, const transport::Failure& failure);
   void note_session(const std::string& direction, const transport::Session& session, const std::string& peer_ae_id);
   void count(const std::string& name) { ++counters[name]; }
 };

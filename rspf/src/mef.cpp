@@ -140,10 +140,30 @@ struct Mef::Impl {
 
   std::int64_t now() const { return config.clock(); }
 
+  std::map<std::string, EnroleeActivity> activity;  // Mef::activity()
+  EnroleeActivity& seen(const std::string& enrolee_id) {
+    auto& entry = activity[enrolee_id];
+    entry.last_seen_at = now();
+    return entry;
+  }
+  void note_failure(const std::string& enrolee_id, const std::string& reason) {
+    if (enrolee_id.empty()) return;
+    auto& entry = seen(enrolee_id);
+    entry.last_failure_at = entry.last_seen_at;
+    entry.last_failure = reason;
+    ++entry.failures;
+  }
+  // The enrolee a session authenticated as: the grant of its PSK (KpmID or KeID), or its certificate's AE-ID.
+  static std::string enrolee_of(const Session& session) {
+    if (!session.grant().peer_ae_id.empty()) return session.grant().peer_ae_id;
+    return session.peer().kind == transport::PeerKind::x509 ? session.peer().value : std::string();
+  }
+
   // A refusal: logged once here, answered with ErrorBody and the mapped code.
   void refuse(Responder& responder, const Session& session, std::string_view route, const Error& error,
               std::optional<int> code = std::nullopt) {
     config.log("mef " + std::string(route) + " peer=" + describe(session) + " refused: " + error.to_string());
+    note_failure(enrolee_of(session), std::string(route) + " refused: " + error.message);
     responder.respond(code ? refusal_response(*code, error) : refusal_response(error));
   }
 
@@ -179,6 +199,7 @@ struct Mef::Impl {
     EnrolmentExchange exchange(config.log, describe(session));
     auto fail = [&](const Error& error, std::optional<int> code = std::nullopt) {
       exchange.set_state(ExchangeState::refused, error.to_string());
+      note_failure(enrolee_of(session), "enrolment refused: " + error.message);
       responder.respond(code ? refusal_response(*code, error) : refusal_response(error));
     };
     const auto* enrolee = store.find<crypto::EnroleeRecord>(enrolee_credential_id(session.peer()));
@@ -241,7 +262,7 @@ struct Mef::Impl {
     const std::string ke_id_text = decision->ke_id;
     awaiting_durable[ke_id_text];  // repeated requests on this session wait here for the same outcome
     auto on_durable = [this, exchange, pending, answer = std::move(answer), stored_what = std::move(stored_what),
-                       announce, ke_id_text](Result<void> stored) mutable {
+                       announce, ke_id_text, enrolee_id = decision->enrolee_id](Result<void> stored) mutable {
       std::vector<std::pair<std::shared_ptr<Responder>, Response>> repeated;
       if (auto waiting = awaiting_durable.find(ke_id_text); waiting != awaiting_durable.end()) {
         repeated = std::move(waiting->second);
@@ -249,6 +270,7 @@ struct Mef::Impl {
       }
       if (!stored.ok()) {
         exchange.set_state(ExchangeState::refused, stored.error().to_string());
+        note_failure(enrolee_id, "enrolment not stored: " + stored.error().message);
         pending->respond(refusal_response(500, stored.error()));
         for (auto& [waiter, again] : repeated) waiter->respond(refusal_response(500, stored.error()));
         return;
@@ -259,10 +281,15 @@ struct Mef::Impl {
       if (announce) announce_feed_change(ke_id_text);
       pending->respond(std::move(answer));
       exchange.set_state(ExchangeState::answered, "2.04");
+      auto& entry = seen(enrolee_id);
+      entry.last_enrolled_at = entry.last_seen_at;
+      entry.last_ke_id = ke_id_text;
+      ++entry.enrolments;
     };
     if (auto queued = store.put_when_durable(std::move(record), std::move(on_durable)); !queued.ok()) {
       awaiting_durable.erase(ke_id_text);
       exchange.set_state(ExchangeState::refused, queued.error().to_string());
+      note_failure(decision->enrolee_id, "enrolment not stored: " + queued.error().message);
       pending->respond(refusal_response(500, queued.error()));
     }
   }
@@ -789,5 +816,21 @@ Result<void> Mef::revoke_certificate(std::string_view serial_hex) {
 }
 
 const std::string& Mef::fqdn() const { return impl_->config.fqdn; }
+
+const std::map<std::string, EnroleeActivity>& Mef::activity() const { return impl_->activity; }
+
+void Mef::note_handshake_failure(std::string_view identity_offered, const std::string& reason) {
+  Impl& s = *impl_;
+  std::string enrolee_id;
+  if (auto ke_id = crypto::parse_ke_id(identity_offered); ke_id.ok()) {
+    if (const auto* record = s.store.find<crypto::EnrolmentKeyRecord>(ke_id->text())) enrolee_id = record->enrolee_id;
+  } else if (const auto* row = s.store.find<crypto::EnroleeRecord>(enrolee_credential_id(identity_offered))) {
+    enrolee_id = row->enrolee_id;
+  } else if (const auto* by_certificate =
+                 s.store.find<crypto::EnroleeRecord>("cert:" + std::string(identity_offered))) {
+    enrolee_id = by_certificate->enrolee_id;
+  }
+  s.note_failure(enrolee_id, "handshake failed: " + reason);
+}
 
 }  // namespace dauth::rspf

@@ -133,7 +133,9 @@ TEST_CASE("dauthctl verbs and its man page and the daemon verb table agree", "[c
     for (const auto& request : it->second) {
       INFO("sends " << request);
       CHECK(table.count(request) == 1);
-      CHECK(request.substr(0, request.find('.')) == verb);
+      // dump prints show's reply for scripts: one daemon verb, two renderings (dauthctl(1) DUMP FORMAT).
+      const std::string group = request.substr(0, request.find('.'));
+      CHECK((group == verb || (verb == "dump" && group == "show")));
       all_sent.insert(request);
     }
   }

@@ -5,6 +5,9 @@
 #include <sys/epoll.h>
 #include <unistd.h>
 
+#include <chrono>
+#include <thread>
+
 #include "transport_support.hpp"
 
 using namespace dauth;
@@ -245,4 +248,52 @@ TEST_CASE("post() runs work at the next process_ready, outside libcoap callbacks
   CHECK(text_of((*relayed.result)->payload) == "psk:CAE-beta");
   REQUIRE(direct.result->ok());
   CHECK(text_of((*direct.result)->payload) == "psk:CAE-alpha");
+}
+
+TEST_CASE("live_sessions lists the established sessions of both sides and forgets closed ones") {
+  transport::NodeConfig config;
+  config.psk_lookup = psk_table(kKeys);
+  auto server = make_server(std::move(config));
+  auto client = make_client_node();
+  const auto alpha = psk("CAE-alpha", "CAE-valve");
+  const transport::Peer peer{"127.0.0.1", server->secure_port()};
+  CHECK(server->live_sessions().empty());
+
+  const auto before = std::chrono::system_clock::now() - std::chrono::seconds(1);
+  call(*server, *client, alpha, get_request({"hello"}));
+  call(*server, *client, psk("CAE-beta", ""), get_request({"hello"}));
+
+  const auto served = server->live_sessions();
+  REQUIRE(served.size() == 2);
+  CHECK_FALSE(served[0].client);
+  CHECK(served[0].secure);
+  CHECK(served[0].peer.kind == transport::PeerKind::psk);
+  CHECK(served[0].peer.value == "CAE-alpha");
+  CHECK(served[0].server_name == "CAE-valve");
+  CHECK(served[0].cipher_suite.find("PSK") != std::string::npos);
+  CHECK(served[0].created >= before);
+  CHECK(served[0].last_received >= served[0].created);
+  CHECK(served[0].counters.packets_in == 1);
+  CHECK(served[1].peer.value == "CAE-beta");
+
+  const auto used = client->live_sessions();
+  REQUIRE(used.size() == 2);
+  CHECK(used[0].client);
+  CHECK(used[0].credential_id == "CAE-alpha");
+  CHECK(used[0].remote_address == "127.0.0.1:" + std::to_string(server->secure_port()));
+
+  // A later request moves last_received, not created.
+  const auto first_received = server->live_sessions()[0].last_received;
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  call(*server, *client, alpha, get_request({"hello"}));
+  const auto again = server->live_sessions();
+  REQUIRE(again.size() == 2);
+  CHECK(again[0].created == served[0].created);
+  CHECK(again[0].last_received > first_received);
+  CHECK(again[0].counters.packets_in == 2);
+
+  REQUIRE(client->close_client_session(peer, alpha));
+  CHECK(client->live_sessions().size() == 1);
+  REQUIRE(pump({server.get(), client.get()}, [&] { return server->live_sessions().size() == 1; }));
+  CHECK(server->live_sessions()[0].peer.value == "CAE-beta");
 }

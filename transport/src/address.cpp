@@ -108,4 +108,8 @@ bool is_loopback_ip(const std::string& host) {
   return address.ok() && is_loopback(address->get());
 }
 
+std::string host_port_text(const std::string& host, std::uint16_t port) {
+  return (is_ipv6_literal(host) ? "[" + host + "]" : host) + ":" + std::to_string(port);
+}
+
 }  // namespace dauth::transport

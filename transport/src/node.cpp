@@ -6,6 +6,7 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <iostream>
@@ -419,6 +420,29 @@ Stats Node::stats() const {
   }
   stats.live_client_sessions = impl_->client_cache.size();
   return stats;
+}
+
+std::vector<SessionSummary> Node::live_sessions() const {
+  std::vector<SessionSummary> out;
+  for (const auto& [raw, state] : impl_->sessions) {
+    if (state->dead || (state->secure && !state->established)) continue;
+    SessionSummary summary;
+    summary.client = state->client;
+    summary.secure = state->secure;
+    summary.peer = state->identity;
+    summary.grant = state->granted;
+    summary.credential_id = state->credential;
+    summary.remote_address = state->remote;
+    summary.server_name = state->sni;
+    summary.cipher_suite = state->cipher_suite();
+    summary.created = state->created_at;
+    summary.last_received = state->last_received;
+    summary.counters = state->count;
+    out.push_back(std::move(summary));
+  }
+  std::stable_sort(out.begin(), out.end(),
+                   [](const SessionSummary& a, const SessionSummary& b) { return a.created < b.created; });
+  return out;
 }
 
 }  // namespace dauth::transport

@@ -78,6 +78,7 @@ coap_response_t on_response(coap_session_t* session, const coap_pdu_t* /*sent*/,
   impl->mark_established(state);  // a response came through the DTLS layer: the handshake is done
   state.count.packets_in++;
   state.count.bytes_in += pdu_size(received);
+  state.last_received = std::chrono::system_clock::now();
   const auto key = std::make_pair(session, token_key(coap_pdu_get_token(received)));
   auto it = impl->pending.find(key);
   auto observed = impl->observations.find(key);

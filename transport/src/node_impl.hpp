@@ -65,6 +65,7 @@ class SessionImpl final : public Session {
         secure(secure_session),
         remote(address_text(coap_session_get_addr_remote(raw_session))),
         created_at(std::chrono::system_clock::now()),
+        last_received(created_at),
         started(Clock::now()) {}
 
   const PeerIdentity& peer() const override { return identity; }
@@ -96,6 +97,7 @@ class SessionImpl final : public Session {
   bool secure;
   std::string remote;
   std::chrono::system_clock::time_point created_at;
+  std::chrono::system_clock::time_point last_received;  // the latest request (server) or response (client)
   Clock::time_point started;
   PeerIdentity identity;
   std::string credential;

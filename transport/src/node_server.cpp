@@ -186,6 +186,7 @@ void on_request(coap_resource_t* resource, coap_session_t* session, const coap_p
 
   state.count.packets_in++;
   state.count.bytes_in += pdu_size(pdu);
+  state.last_received = std::chrono::system_clock::now();
   auto reject = [&](int code, const std::string& reason) {
     impl->report(FailureKind::request_rejected, state.remote, state.identity.value, reason);
     fill_response(resource, session, pdu, query, response_pdu, Response::with_text(code, reason), state,

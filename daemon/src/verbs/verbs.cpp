@@ -20,6 +20,7 @@ std::string_view to_string(VerbRole role) noexcept {
 const std::vector<ControlVerb>& control_verbs() {
   using R = VerbRole;
   static const std::vector<ControlVerb> table = {
+      {"show", R::none, 0, run_show},
       {"status", R::none, 0, run_status},
       {"stats", R::none, 0, run_stats},
       {"reload", R::none, 0, run_reload},

@@ -64,6 +64,7 @@ Result<std::string> text_arg(const ControlRequest& request, const char* name);
 Result<SecretBuffer> key_from_fd(const ControlRequest& request);
 
 // ---- the verbs' run functions, one file each group ----
+Result<nlohmann::json> run_show(VerbContext&, const ControlRequest&);                // show.cpp
 Result<nlohmann::json> run_status(VerbContext&, const ControlRequest&);              // status.cpp
 Result<nlohmann::json> run_stats(VerbContext&, const ControlRequest&);               // stats.cpp
 Result<nlohmann::json> run_reload(VerbContext&, const ControlRequest&);              // reload.cpp

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -36,6 +37,19 @@ struct MefConfig {
   std::int64_t session_key_lifetime_s = 86400;
   UnixClock clock = system_unix_clock();
   LogSink log = stderr_log_sink();
+};
+
+// What the MEF saw of one enrolee (an AE-ID of its enrolee table) since it started, for the operator (dauthctl show
+// on the MEF). In memory only; kept for enrolees the table or an enrolment names, never for unknown identities, so
+// a flood of strangers cannot grow it.
+struct EnroleeActivity {
+  std::int64_t last_seen_at = 0;      // the latest handshake, request or refusal attributed to this enrolee
+  std::int64_t last_enrolled_at = 0;  // the latest enrolment answered (2.04)
+  std::string last_ke_id;             // the KeID of that enrolment
+  std::int64_t last_failure_at = 0;
+  std::string last_failure;           // why, as logged (refused request or failed handshake)
+  std::uint64_t enrolments = 0;
+  std::uint64_t failures = 0;
 };
 
 class Mef {
@@ -68,6 +82,12 @@ class Mef {
   Result<void> revoke_certificate(std::string_view serial_hex);
 
   const std::string& fqdn() const;
+
+  // Per enrolee AE-ID (EnroleeRecord::enrolee_id), what it did lately (EnroleeActivity).
+  const std::map<std::string, EnroleeActivity>& activity() const;
+  // A handshake with this MEF failed (transport's FailureObserver): counted as the failure of the enrolee the
+  // offered identity names (its KpmID, a KeID it holds, or its certificate's AE-ID). Unknown identities are ignored.
+  void note_handshake_failure(std::string_view identity_offered, const std::string& reason);
 
   struct Impl;
 

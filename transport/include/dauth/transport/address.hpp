@@ -26,6 +26,9 @@ enum class PortZero { refused, allowed };
 // saying what is wrong and what is allowed, without quoting text (the caller names the value and where it is from).
 Result<HostPort> parse_host_port(std::string_view text, PortZero port_zero = PortZero::refused);
 
+// The inverse of parse_host_port for an IP literal: "127.0.0.1:5684", "[::1]:5684" (Session::remote_address's form).
+std::string host_port_text(const std::string& host, std::uint16_t port);
+
 // An IPv4 or IPv6 literal and a port, as the socket API takes it.
 struct SocketAddress {
   sockaddr_storage storage{};

@@ -364,6 +364,22 @@ struct Stats {
   std::size_t live_client_sessions = 0;
 };
 
+// A live session as the operator sees it (Node::live_sessions(); dauthctl show and sessions): established DTLS
+// sessions and plain ones, not those still in their handshake or already failed or closed.
+struct SessionSummary {
+  bool client = false;
+  bool secure = false;
+  PeerIdentity peer;             // whom the peer authenticated as (server: once its first request came)
+  SessionGrant grant;            // server side: what the handshake granted
+  std::string credential_id;     // PSK identity, or our certificate / key id used
+  std::string remote_address;
+  std::string server_name;       // server: the SNI the client sent; client: "" (see Session::server_name)
+  std::string cipher_suite;      // IANA name; "" if plain
+  std::chrono::system_clock::time_point created;        // when the session began (its handshake)
+  std::chrono::system_clock::time_point last_received;  // the latest request (server) or response (client)
+  SessionCounters counters;
+};
+
 // Receives each failure once, as it happens. The default writes one structured line to stderr:
 //   transport: event=handshake_failed peer=127.0.0.1:40000 identity="CAE-x" reason="..."
 using FailureObserver = std::function<void(const Failure&)>;
@@ -458,6 +474,9 @@ class Node {
   std::uint16_t secure_port() const noexcept;             // the bound port (useful with port 0)
   std::uint16_t local_port() const noexcept;
   Stats stats() const;
+  // The live sessions of both sides, oldest first (dauthctl show): a snapshot, cheap enough for a control verb
+  // (one pass over the sessions), never for the per-packet path.
+  std::vector<SessionSummary> live_sessions() const;
 
   struct Impl;
 
