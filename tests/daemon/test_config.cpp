@@ -364,6 +364,14 @@ TEST_CASE("key files with group or world access, or bad content, are refused", "
   CHECK(secrets.error().code == Errc::permission);
   CHECK_THAT(secrets.error().message, Catch::StartsWith("t.toml:3:19: daemon.master_key_file: master key file "));
   CHECK_THAT(secrets.error().message, Catch::Contains("mode 0640, must not be readable or writable by group or others"));
+  // dauthd(8) KEY FILES quotes this refusal as the operator sees it.
+  const std::string man = dauth::test::read_text_file(DAUTH_SOURCE_DIR "/docs/dauthd.8");
+  const auto quoted = man.find("mode found (\\(lq");
+  REQUIRE(quoted != std::string::npos);
+  const auto start = man.find("\\(lq", quoted) + 4;
+  std::string quote = man.substr(start, man.find("\\(rq", start) - start);
+  quote = std::regex_replace(quote, std::regex("\n"), " ");
+  CHECK_THAT(secrets.error().message, Catch::Contains(quote));
 
   dauth::test::write_file(dir / "master.key", std::string(62, 'c'), 0600);
   ::chmod((dir / "master.key").c_str(), 0600);

@@ -1,7 +1,8 @@
-// End to end: the stock-client commands the documentation shows (README.md, docs/interop.md, docs/PROTOCOL.md,
+// End to end: what the documents tell an operator to do, done. The stock-client commands the documentation shows (README.md, docs/interop.md, docs/PROTOCOL.md,
 // docs/dauthd.8) are read from those files and run, as written, against the demo deployment with the stock
 // coap-client-gnutls and coap-client-openssl (libcoap3-bin); only the port of gateway A's local endpoint is the
-// deployment's. A document whose example stops working, or that drifts from the others, fails here.
+// deployment's. A document whose example stops working, or that drifts from the others, fails here. And the backup
+// and restore of a gateway as dauthd(8) describes it.
 #include <signal.h>
 
 #include <catch2/catch.hpp>
@@ -141,4 +142,46 @@ TEST_CASE("the documented stock-client commands reach the valve as written and t
   run_all(with_source);
   // Every command the documents show was run.
   CHECK(commands == std::set<std::string>{with_originator, with_source});
+}
+
+TEST_CASE("backup and restore as dauthd(8) says: a gateway restored from a copy taken while stopped keeps its enrolment",
+          "[e2e][docs]") {
+  DAUTH_E2E_SKIP_WITHOUT_STOCK_TOOLS();
+  if (!have_program("tar")) {
+    WARN("tar missing; skipped");
+    return;
+  }
+  Deployment d;
+  start_all(d);
+  const auto enrolled = d.verb("a", "enrol.status", {{"ae_id", "CAE-meter"}});
+  const std::string ke_id = enrolled.value("keId", "");
+  REQUIRE_FALSE(ke_id.empty());
+
+  // Gateway A's configuration (file, key files, master key) and its state directory, taken with dauthd stopped,
+  // then the originals gone: the new machine has only the backup.
+  d.stop("a", SIGTERM);
+  const auto backup = (d.dir() / "gateway-a.tar.gz").string();
+  const auto taken = run_command({"tar", "--numeric-owner", "-cpzf", backup, "-C", d.dir().string(), "gateway-a.toml",
+                                  "a", "keys"});
+  INFO(taken.output);
+  REQUIRE(taken.exit_code == 0);
+  for (const char* part : {"gateway-a.toml", "a"}) std::filesystem::remove_all(d.dir() / part);
+  REQUIRE(run_command({"tar", "-xpzf", backup, "-C", d.dir().string()}).exit_code == 0);
+
+  d.start("a");
+  REQUIRE(d.wait_enrolled("a", "CAE-meter"));
+  const auto restored = d.verb("a", "enrol.status", {{"ae_id", "CAE-meter"}});
+  CHECK(restored.value("keId", "") == ke_id);            // the enrolment from the store, not a new one
+  CHECK(restored.value("attempts_started", -1) == 0);
+  const auto answer = d.proxied("CAE-meter", "get", "time");
+  INFO(answer.output);
+  CHECK(answered_by_valve(answer));
+
+  // The store opens only with the master key it was sealed with.
+  d.stop("a", SIGTERM);
+  write_file(d.dir() / "a" / "master.key", run_command({"openssl", "rand", "-hex", "32"}).output, 0600);
+  const auto refused = run_command({"timeout", "30", DAUTHD_PATH, "--config", (d.dir() / "gateway-a.toml").string()});
+  INFO(refused.output);
+  CHECK(refused.exit_code == 2);
+  CHECK(refused.output.find("wrong master key or tampered file") != std::string::npos);
 }
