@@ -17,7 +17,8 @@ const std::vector<SectionSpec>& config_sections() {
   static const std::vector<SectionSpec> sections = {
       {"daemon", false, false, "process settings: state, control socket, master key, logging"},
       {"enrolee", false, true, "Enrolee role: local AEs enrol with their MEF (PROTOCOL.md §3)"},
-      {"enrolee.ae", true, false, "one local AE and its bootstrap credential"},
+      {"enrolee.ae", true, false,
+       "one local AE and its bootstrap credential: kpm_id + kpm_file, or certificate_file + private_key_file"},
       {"mef", false, true, "MEF role: enrolment and key retrieval for enrolees (PROTOCOL.md §3–5)"},
       {"mef.enrolee", true, false,
        "one row of the MEF's enrolee table: a pre-provisioned key (kpm_id) or a device certificate (certificate_ae_id)"},
@@ -55,7 +56,7 @@ const std::vector<KeySpec>& config_schema() {
 
       // [enrolee]
       {"enrolee", "mef_address", T::string, C::remote_address, 1, 260, "", true, false, "",
-       "host:port of the MEF (coaps, usually port 5684)"},
+       "host:port of the MEF's mef.listen (coaps; port 5685 unless that MEF sets another)"},
       {"enrolee", "mef_fqdn", T::string, C::fqdn, 1, 253, "", true, false, "",
        "MEF-FQDN: names the MEF in KpmIDs and KeIDs and is checked against its certificate"},
       {"enrolee", "mef_trust_anchor", T::path, C::none, 1, kPathMax, "", false, false, "",
@@ -83,7 +84,7 @@ const std::vector<KeySpec>& config_schema() {
       // [mef]
       {"mef", "fqdn", T::string, C::fqdn, 1, 253, "", true, false, "", "this MEF's MEF-FQDN"},
       {"mef", "listen", T::string, C::listen_address, 1, 64, "\"0.0.0.0:5685\"", false, false, "",
-       "address the MEF accepts DTLS on (peer sessions use peer.listen)"},
+       "address the MEF accepts DTLS on: port 5685, since peer.listen takes the coaps port 5684 on the same host"},
       {"mef", "certificate_file", T::path, C::none, 1, kPathMax, "", false, false, "",
        "PEM certificate chain of the MEF (dNSName = mef.fqdn): serves the certificate RSPF next to PSK"},
       {"mef", "private_key_file", T::path, C::none, 1, kPathMax, "", false, false, "",

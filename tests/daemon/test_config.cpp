@@ -6,6 +6,7 @@
 #include <fstream>
 #include <regex>
 #include <set>
+#include <sstream>
 
 #include "dauth/daemon/config.hpp"
 #include "dauth/transport/address.hpp"
@@ -36,7 +37,7 @@ std::string error_of(const std::string& text) {
 std::string full_config(const std::string& key_dir) {
   return std::string(kMinimal) + R"(
 [enrolee]
-mef_address = "mef.example.net:5684"
+mef_address = "mef.example.net:5685"
 mef_fqdn = "mef.example.net"
 mef_trust_anchor = "/etc/dauth/mef-ca.pem"
 
@@ -363,6 +364,14 @@ TEST_CASE("key files with group or world access, or bad content, are refused", "
   CHECK(secrets.error().code == Errc::permission);
   CHECK_THAT(secrets.error().message, Catch::StartsWith("t.toml:3:19: daemon.master_key_file: master key file "));
   CHECK_THAT(secrets.error().message, Catch::Contains("mode 0640, must not be readable or writable by group or others"));
+  // dauthd(8) KEY FILES quotes this refusal as the operator sees it.
+  const std::string man = dauth::test::read_text_file(DAUTH_SOURCE_DIR "/docs/dauthd.8");
+  const auto quoted = man.find("mode found (\\(lq");
+  REQUIRE(quoted != std::string::npos);
+  const auto start = man.find("\\(lq", quoted) + 4;
+  std::string quote = man.substr(start, man.find("\\(rq", start) - start);
+  quote = std::regex_replace(quote, std::regex("\n"), " ");
+  CHECK_THAT(secrets.error().message, Catch::Contains(quote));
 
   dauth::test::write_file(dir / "master.key", std::string(62, 'c'), 0600);
   ::chmod((dir / "master.key").c_str(), 0600);
@@ -463,6 +472,141 @@ TEST_CASE("the man page and the example configuration list exactly the keys of t
     CHECK(dauth::test::read_text_file(DAUTH_SOURCE_DIR "/docs/dauthd.toml.example").find(bracket) != std::string::npos);
     CHECK(dauth::test::read_text_file(DAUTH_SOURCE_DIR "/docs/dauthd.toml.5").find(".SS \"" + bracket + "\"") !=
           std::string::npos);
+  }
+}
+
+namespace {
+
+// The man page with the generated part of every section and key (config.hpp: man_page_section, man_page_entry)
+// written anew from the table, and every other line as it is: a section's header and doc line; a key's ".TP",
+// ".B name", facts and doc line (paragraphs after them are the page's own).
+std::string regenerated_man_page(const std::string& page) {
+  std::vector<std::string> lines;
+  std::istringstream in(page);
+  for (std::string line; std::getline(in, line);) lines.push_back(line);
+  const std::regex header(R"(^\.SS "\[\[?([a-z_.]+)\]\]?"$)");
+  const std::regex key(R"(^\.B ([a-z0-9_]+)$)");
+  std::string out;
+  std::string section;
+  std::smatch m;
+  for (std::size_t i = 0; i < lines.size(); ++i) {
+    const dauth::daemon::SectionSpec* spec_of_section = nullptr;
+    if (std::regex_match(lines[i], m, header)) {
+      section = m[1];
+      for (const auto& s : config_sections()) {
+        if (s.name == section) spec_of_section = &s;
+      }
+    }
+    if (spec_of_section != nullptr && i + 1 < lines.size()) {
+      out += dauth::daemon::man_page_section(*spec_of_section);
+      ++i;
+      continue;
+    }
+    const dauth::daemon::KeySpec* spec_of_key = nullptr;
+    if (lines[i] == ".TP" && i + 3 < lines.size() && std::regex_match(lines[i + 1], m, key)) {
+      for (const auto& k : config_schema()) {
+        if (k.section == section && k.name == std::string(m[1])) spec_of_key = &k;
+      }
+    }
+    if (spec_of_key != nullptr) {
+      out += dauth::daemon::man_page_entry(*spec_of_key);
+      i += 3;
+      continue;
+    }
+    out += lines[i] + "\n";
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("the man page shows each key's type, range, default and doc as the table has them", "[config][docs]") {
+  const std::string page = dauth::test::read_text_file(DAUTH_SOURCE_DIR "/docs/dauthd.toml.5");
+  const std::string expected = regenerated_man_page(page);
+  if (expected != page) {
+    const std::string regenerated = DAUTH_BINARY_DIR "/dauthd.toml.5.regenerated";
+    dauth::test::write_file(regenerated, expected, 0644);
+    FAIL("docs/dauthd.toml.5 differs from daemon/src/config_schema.cpp; the page with the table's text is "
+         << regenerated << " (diff it, then copy it over docs/dauthd.toml.5)");
+  }
+  // Every key's generated text is there (an entry the regeneration did not recognise would slip through above).
+  for (const auto& k : config_schema()) {
+    INFO(k.section << "." << k.name);
+    CHECK(page.find(dauth::daemon::man_page_entry(k)) != std::string::npos);
+  }
+  // Ranges read as a person writes them, never as code ("60\(enkYear seconds").
+  CHECK(page.find("kYear") == std::string::npos);
+  CHECK(page.find("kDay") == std::string::npos);
+}
+
+TEST_CASE("the example configuration describes each key with the table's doc line", "[config][docs]") {
+  // "## <doc>[ (required)]" right above each "# key = value" line (an example may show a key twice, with other
+  // values: then its doc line is above the first).
+  std::istringstream in(dauth::test::read_text_file(DAUTH_SOURCE_DIR "/docs/dauthd.toml.example"));
+  const std::regex header(R"(^#?\s*\[\[?([a-z_.]+)\]\]?\s*$)");
+  const std::regex setting(R"(^#\s?([a-z0-9_]+)\s*=)");
+  std::string section;
+  std::string previous;
+  std::set<std::string> described;
+  std::smatch m;
+  for (std::string line; std::getline(in, line); previous = line) {
+    if (std::regex_match(line, m, header)) {
+      section = m[1];
+      continue;
+    }
+    if (!std::regex_search(line, m, setting) || previous.rfind("## ", 0) != 0) continue;
+    for (const auto& k : config_schema()) {
+      if (k.section != section || k.name != std::string(m[1])) continue;
+      INFO(section << "." << k.name);
+      CHECK(previous == "## " + std::string(k.doc) + (k.required ? " (required)" : ""));
+      described.insert(section + "." + std::string(k.name));
+    }
+  }
+  CHECK(described == schema_keys());
+}
+
+TEST_CASE("range texts: durations in words, other units as numbers", "[config][docs]") {
+  const auto range_of = [](std::string_view section, std::string_view name) {
+    for (const auto& k : config_schema()) {
+      if (k.section == section && k.name == name) return dauth::daemon::describe_range(k);
+    }
+    FAIL("no key " << section << "." << name);
+    return std::string();
+  };
+  CHECK(range_of("mef", "enrolment_lifetime") == "60 seconds to 1 year");
+  CHECK(range_of("mef", "certificate_lifetime") == "1 hour to 3 years");
+  CHECK(range_of("mef.enrolee", "lifetime") == "0 to 1 year");
+  CHECK(range_of("peer", "idle_timeout") == "1 second to 1 day");
+  CHECK(range_of("daemon", "shutdown_timeout") == "0 to 300 seconds");
+  CHECK(range_of("daemon", "max_control_clients") == "1 to 64 connections");
+  CHECK(range_of("peer", "listen").empty());
+}
+
+TEST_CASE("one MEF port everywhere: enrolee.mef_address's doc and examples use mef.listen's default port",
+          "[config][docs]") {
+  std::string mef_port;
+  std::string peer_port;
+  std::string mef_address_doc;
+  for (const auto& k : config_schema()) {
+    const std::string where = std::string(k.section) + "." + std::string(k.name);
+    const std::string value(k.default_value);
+    if (where == "mef.listen") mef_port = value.substr(value.rfind(':') + 1, 4);
+    if (where == "peer.listen") peer_port = value.substr(value.rfind(':') + 1, 4);
+    if (where == "enrolee.mef_address") mef_address_doc = std::string(k.doc);
+  }
+  REQUIRE(mef_port.size() == 4);
+  REQUIRE(mef_port != peer_port);
+  INFO(mef_address_doc);
+  CHECK(mef_address_doc.find("port " + mef_port) != std::string::npos);
+  CHECK(mef_address_doc.find(peer_port) == std::string::npos);
+  // The example's mef_address and every MEF address the documents show.
+  const std::regex mef_address(R"(mef_address = "[^"]*:([0-9]+)\")");
+  for (const char* file : {"/docs/dauthd.toml.example", "/docs/dauthd.toml.5", "/docs/interop.md", "/README.md"}) {
+    const std::string text = dauth::test::read_text_file(std::string(DAUTH_SOURCE_DIR) + file);
+    for (auto it = std::sregex_iterator(text.begin(), text.end(), mef_address); it != std::sregex_iterator(); ++it) {
+      INFO(file << ": " << (*it)[0]);
+      CHECK((*it)[1] == mef_port);
+    }
   }
 }
 

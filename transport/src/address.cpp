@@ -13,7 +13,7 @@ namespace dauth::transport {
 namespace {
 
 constexpr std::string_view kHostPortForms =
-    "must be host:port, e.g. 127.0.0.1:5684, [::1]:5684 or mef.example.net:5684";
+    "must be host:port, e.g. 127.0.0.1:5684, [::1]:5684 or mef.example.net:5685";
 
 Error invalid(const std::string& why) { return make_error(Errc::invalid_argument, why); }
 

@@ -76,6 +76,16 @@ struct SectionSpec {
 const std::vector<SectionSpec>& config_sections();
 const std::vector<KeySpec>& config_schema();
 
+// The table as dauthd.toml(5) shows it (daemon/src/config_doc.cpp; tests/daemon/test_config.cpp checks that the
+// man page holds exactly this text). An integer's allowed values for a reader: "1 to 64 connections", durations
+// in words where they are whole hours, days or years ("60 seconds to 1 year"); empty for other types.
+std::string describe_range(const KeySpec& spec);
+// A section's header and doc line: '.SS "[[enrolee.ae]]"' and its doc.
+std::string man_page_section(const SectionSpec& section);
+// A key's entry: ".TP", ".B name", "(type, range; default ...)" and its doc as a sentence. The man page may follow it
+// with more paragraphs of its own.
+std::string man_page_entry(const KeySpec& spec);
+
 using ConfigValue = std::variant<bool, std::int64_t, std::string, std::vector<std::string>>;
 
 // One key's effective value and where it came from (line 0: the default).

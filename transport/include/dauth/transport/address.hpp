@@ -21,7 +21,7 @@ struct HostPort {
 // Port 0 asks the kernel for a free port when binding; anywhere else it is a mistake.
 enum class PortZero { refused, allowed };
 
-// "127.0.0.1:5684", "[::1]:5684" or "mef.example.net:5684": an IPv6 literal only in brackets (and nothing else in
+// "127.0.0.1:5684", "[::1]:5684" or "mef.example.net:5685": an IPv6 literal only in brackets (and nothing else in
 // them), any other host without; the port 1–65535 in decimal (0–65535 with PortZero::allowed). Errc::invalid_argument
 // saying what is wrong and what is allowed, without quoting text (the caller names the value and where it is from).
 Result<HostPort> parse_host_port(std::string_view text, PortZero port_zero = PortZero::refused);
