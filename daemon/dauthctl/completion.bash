@@ -34,7 +34,7 @@ _dauthctl_parse_help() {
 
 _dauthctl() {
   local cur=${COMP_WORDS[COMP_CWORD]} program=${COMP_WORDS[0]}
-  [[ $program == "~/"* ]] && program=$HOME/${program#"~/"}
+  [[ $program == \~/* ]] && program=$HOME/${program:2}  # as typed: the shell has not expanded the tilde yet
   COMPREPLY=()
 
   # The verb chain typed so far (e.g. "credentials add"): the words that named a subcommand of the one before.
