@@ -490,3 +490,27 @@ TEST_CASE("peer.legacy_onem2m_options reaches the peer node: with libcoap 4.3.1 
   CHECK_THAT(log, Catch::Contains("peer node: accept_legacy_onem2m_options"));
   CHECK_THAT(log, Catch::Contains("two option numbers above 255"));
 }
+
+TEST_CASE("a second dauthd on the ports of a running one exits 1 naming the address", "[dauthd]") {
+  // libcoap binds with SO_REUSEADDR: the second one used to start and share mef.listen with the first.
+  Deployment first;
+  NotifyListener notify(first.dir / "notify");
+  DaemonProcess running({DAUTHD_PATH, "-c", first.config.string()}, {notify.environment()}, first.log);
+  INFO(dauth::test::read_text_file(first.log));
+  REQUIRE(notify.wait_for("READY=1").has_value());
+
+  Deployment second;  // its own state, key files and control socket; the first one's MEF port
+  second.mef_port = first.mef_port;
+  second.write_config("info");
+  DaemonProcess refused({DAUTHD_PATH, "-c", second.config.string()}, {}, second.log);
+  const auto code = refused.wait(std::chrono::seconds(10));  // before: still running (killed at the limit)
+  const std::string log = dauth::test::read_text_file(second.log);
+  INFO(log);
+  REQUIRE(code.has_value());
+  CHECK(*code == 1);
+  CHECK_THAT(log, Catch::Contains("cannot listen on coaps://127.0.0.1:" + std::to_string(first.mef_port) +
+                                  ": UDP port in use by another socket"));
+  CHECK(first.status()["state"] == "running");
+  running.signal(SIGTERM);
+  CHECK(running.wait() == std::optional<int>(0));
+}
