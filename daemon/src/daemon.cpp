@@ -93,6 +93,7 @@ Result<std::unique_ptr<Daemon>> Daemon::start(std::filesystem::path config_path,
 Result<void> Daemon::set_up() {
   started_at_ = now();
   config_loaded_at_ = started_at_;
+  running_restart_values_ = restart_values(config_);
   log::set_threshold(config_.daemon.log_level);
 
   const ConfigTable* daemon_table = nullptr;
@@ -265,15 +266,11 @@ Result<void> Daemon::reload() {
   auto secrets = load_secrets(*config);
   if (!secrets) return fail(secrets.error());
 
-  // These are bound or opened once; a changed value waits for a restart, and we say so.
-  const auto& before = config_.daemon;
-  const auto& after = config->daemon;
-  if (before.control_socket != after.control_socket || before.control_group != after.control_group ||
-      before.state_directory != after.state_directory || before.max_control_clients != after.max_control_clients) {
-    log::notice("reload: daemon.control_socket, control_group, max_control_clients and state_directory take "
-                "effect after a restart; the running values stay");
-  }
-  // New policy, peer addresses and key tables for new sessions; live sessions continue (Roles::reload).
+  // Each changed key by its reload rule (config_schema.cpp): the live ones are applied below, the others keep
+  // their running value and are named.
+  auto applied = live_changes(config_, *config);
+  auto pending = restart_pending(running_restart_values_, restart_values(*config));
+  // New policy, peer addresses, local AEs' sources and endpoints, key tables; live sessions continue.
   if (roles_) {
     if (auto r = roles_->reload(*config, *secrets); !r) return fail(r.error());
   }
@@ -284,9 +281,20 @@ Result<void> Daemon::reload() {
   config_loaded_at_ = now();
   last_reload_at_ = config_loaded_at_;
   last_reload_error_.reset();
+  last_reload_applied_ = std::move(applied);
+  restart_pending_ = std::move(pending);
+  const auto listed = [](const std::vector<std::string>& names) {
+    std::string text;
+    for (const auto& name : names) text += (text.empty() ? "" : ", ") + name;
+    return text.empty() ? std::string("none") : text;
+  };
   log::notice("configuration reloaded: roles " + config_.roles() + ", " + std::to_string(secrets_.size()) +
-              " key(s) loaded");
-  notifier_.ready("running; roles: " + config_.roles() + "; reloaded");
+              " key(s) loaded; applied: " + listed(last_reload_applied_));
+  for (const auto& name : restart_pending_) {
+    log::notice("reload: needs a restart: " + name + " (the running value stays until then)");
+  }
+  notifier_.ready("running; roles: " + config_.roles() + "; reloaded" +
+                  (restart_pending_.empty() ? std::string() : "; restart pending: " + listed(restart_pending_)));
   return ok_result();
 }
 
@@ -295,7 +303,8 @@ nlohmann::json Daemon::status_json() const {
   if (last_reload_at_ != 0) {
     last_reload = {{"ok", !last_reload_error_.has_value()},
                    {"at", static_cast<std::int64_t>(last_reload_at_)},
-                   {"error", last_reload_error_ ? nlohmann::json(*last_reload_error_) : nlohmann::json(nullptr)}};
+                   {"error", last_reload_error_ ? nlohmann::json(*last_reload_error_) : nlohmann::json(nullptr)},
+                   {"applied", last_reload_applied_}};
   }
   return {
       {"version", std::string(version())},
@@ -316,6 +325,7 @@ nlohmann::json Daemon::status_json() const {
       {"reloads", reloads_},
       {"reload_failures", reload_failures_},
       {"last_reload", last_reload},
+      {"restart_pending", restart_pending_},
   };
 }
 

@@ -514,3 +514,41 @@ TEST_CASE("a second dauthd on the ports of a running one exits 1 naming the addr
   running.signal(SIGTERM);
   CHECK(running.wait() == std::optional<int>(0));
 }
+
+TEST_CASE("reload applies the live keys and names each key that needs a restart until the restart", "[dauthd]") {
+  // Before, a changed mef.listen got one notice line, and status and the reload reply said plain "ok".
+  Deployment d;
+  NotifyListener notify(d.dir / "notify");
+  DaemonProcess daemon({DAUTHD_PATH, "-c", d.config.string()}, {notify.environment()}, d.log);
+  INFO(dauth::test::read_text_file(d.log));
+  REQUIRE(notify.wait_for("READY=1").has_value());
+  const std::uint16_t running_port = d.mef_port;
+
+  d.mef_port = dauth::test::free_loopback_port();
+  d.write_config("debug");
+  const auto reply = d.ctl({"reload"});
+  INFO(reply.output);
+  CHECK(reply.exit_code == 0);
+  CHECK_THAT(reply.output, Catch::Contains("applied: daemon.log_level") &&
+                               Catch::Contains("needs a restart: mef.listen"));
+  const auto json = nlohmann::json::parse(d.ctl({"--json", "reload"}).output);
+  CHECK(json["restart_pending"] == nlohmann::json::array({"mef.listen"}));
+  auto status = d.status();
+  CHECK(status["restart_pending"] == nlohmann::json::array({"mef.listen"}));
+  CHECK(status["log_level"] == "debug");          // applied
+  CHECK(status["ports"]["mef"] == running_port);  // kept: the MEF still listens where it did
+  CHECK_THAT(d.ctl({"status"}).output, Catch::Contains("restart pending: mef.listen"));
+  const auto reloaded = notify.wait_for("READY=1");
+  REQUIRE(reloaded.has_value());
+  CHECK_THAT(*reloaded, Catch::Contains("restart pending: mef.listen"));
+  CHECK_THAT(dauth::test::read_text_file(d.log), Catch::Contains("reload: needs a restart: mef.listen"));
+
+  // Back to the running value: nothing pending any more.
+  d.mef_port = running_port;
+  d.write_config("debug");
+  REQUIRE(d.ctl({"reload"}).exit_code == 0);
+  CHECK(d.status()["restart_pending"] == nlohmann::json::array());
+
+  daemon.signal(SIGTERM);
+  CHECK(daemon.wait() == std::optional<int>(0));
+}

@@ -76,6 +76,22 @@ struct SectionSpec {
 const std::vector<SectionSpec>& config_sections();
 const std::vector<KeySpec>& config_schema();
 
+// How a changed key takes effect on reload (SIGHUP, dauthctl reload). The one place that decides is the table of
+// reload_rules() (config_schema.cpp, next to the schema; tests/daemon/test_config.cpp checks that it names every
+// schema key exactly once); Daemon::reload and Roles::reload apply what it calls live.
+enum class Reload : std::uint8_t {
+  live,            // applied by the reload
+  restart,         // bound or built once at start: the running value stays until a restart, and reload says so
+  live_while_set,  // a new value is applied; setting or removing it needs a restart (an AE's endpoint)
+};
+struct ReloadRule {
+  std::string_view section;
+  std::string_view name;
+  Reload reload;
+};
+const std::vector<ReloadRule>& reload_rules();
+Reload reload_rule(std::string_view section, std::string_view name);  // Reload::restart for a key not in the table
+
 using ConfigValue = std::variant<bool, std::int64_t, std::string, std::vector<std::string>>;
 
 // One key's effective value and where it came from (line 0: the default).
@@ -203,6 +219,21 @@ struct Config {
 Result<Config> parse_config(std::string_view text, std::string_view source_name);
 // Reads and parses a file; Errc::io when it cannot be read.
 Result<Config> load_config(const std::filesystem::path& file);
+
+// ----- what a reload changes (config_reload.cpp) -----
+
+// The values a running daemon keeps until a restart, by config name: each present role section ("mef"), each
+// local AE ("enrolee.ae (CAE-meter)"), every key whose rule is restart ("mef.listen", "enrolee.ae.
+// certificate_enrolment (CAE-meter)") and, for live_while_set keys, whether they are set. Taken at start; a
+// reload compares the new file's with it, so a change reverted before the restart is no longer pending.
+using RestartValues = std::map<std::string, std::string>;
+RestartValues restart_values(const Config& config);
+// The config names whose value differs between the two (in either direction), sorted.
+std::vector<std::string> restart_pending(const RestartValues& running, const RestartValues& fresh);
+// The keys a reload from `before` to `after` applies: live keys whose value changed, live_while_set keys whose
+// value changed while set on both sides, and rows of the live arrays of tables added or removed
+// ("peer.policy[2]"). Local AEs are matched by id ("enrolee.ae.local_source (CAE-meter)"), other rows by position.
+std::vector<std::string> live_changes(const Config& before, const Config& after);
 
 // ----- key material named by the configuration -----
 
