@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "dauth/crypto/identifiers.hpp"
+#include "dauth/daemon/check_config.hpp"
 #include "dauth/crypto/keystore.hpp"
 #include "dauth/daemon/log.hpp"
 #include "roles.hpp"
@@ -24,25 +25,6 @@ namespace dauth::daemon {
 namespace {
 
 std::time_t now() { return std::time(nullptr); }
-
-Result<void> check_state_directory(const ConfigTable* table, const std::string& source,
-                                   const std::filesystem::path& dir) {
-  std::string where = source;
-  if (table) {
-    if (const ConfigEntry* e = table->find("state_directory"); e && e->line) {
-      where += ":" + std::to_string(e->line) + ":" + std::to_string(e->column);
-    }
-  }
-  where += ": daemon.state_directory = \"" + dir.string() + "\"";
-  struct stat st {};
-  if (::stat(dir.c_str(), &st) != 0) {
-    return make_error(Errc::not_found, where + ": " + std::strerror(errno) +
-                                           " (systemd creates it from StateDirectory=; otherwise create it 0700)");
-  }
-  if (!S_ISDIR(st.st_mode)) return make_error(Errc::invalid_argument, where + ": not a directory");
-  // The key store's own rule (keystore.hpp), said at start with the config position, not at first use.
-  return crypto::check_store_directory_mode(st.st_mode, where);
-}
 
 }  // namespace
 
@@ -96,11 +78,7 @@ Result<void> Daemon::set_up() {
   running_restart_values_ = restart_values(config_);
   log::set_threshold(config_.daemon.log_level);
 
-  const ConfigTable* daemon_table = nullptr;
-  for (const auto& t : config_.tables) {
-    if (t.section == "daemon") daemon_table = &t;
-  }
-  if (auto r = check_state_directory(daemon_table, config_.source, config_.daemon.state_directory); !r) return r;
+  if (auto r = check_state_directory(config_); !r) return r;
 
   auto loop = EventLoop::create();
   if (!loop) return std::move(loop).error();

@@ -1,9 +1,13 @@
 // End to end: the real dauthd and dauthctl binaries, a temp config, state directory and control socket, and a
 // real AF_UNIX datagram socket as $NOTIFY_SOCKET. Assertions use --json and the sd_notify messages, never log text
 // (except the check that no log carries key bytes).
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <pwd.h>
 #include <signal.h>
-#include <unistd.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
@@ -551,4 +555,92 @@ TEST_CASE("reload applies the live keys and names each key that needs a restart 
 
   daemon.signal(SIGTERM);
   CHECK(daemon.wait() == std::optional<int>(0));
+}
+
+TEST_CASE("dauthd --check-config checks what starting needs: the state directory, the systemd credential, ports",
+          "[dauthd][check-config]") {
+  Deployment d;
+  // A missing state directory used to pass the check; start then failed.
+  std::filesystem::remove(d.dir / "state");
+  auto checked = run_command({DAUTHD_PATH, "--check-config", "-c", d.config.string()});
+  INFO(checked.output);
+  CHECK(checked.exit_code == 2);
+  CHECK_THAT(checked.output, Catch::Contains("daemon.state_directory = \"" + (d.dir / "state").string() + "\": No such file"));
+  std::filesystem::create_directory(d.dir / "state");
+  std::filesystem::permissions(d.dir / "state", std::filesystem::perms::owner_all,
+                               std::filesystem::perm_options::replace);
+
+  // The packaged default takes the master key from systemd (LoadCredential=): outside systemd that is a note, not
+  // the "$CREDENTIALS_DIRECTORY is not set" error it used to be.
+  std::string packaged = d.config_text("info");
+  const std::string from_file = "master_key_source = \"file\"\n";
+  packaged.replace(packaged.find(from_file), from_file.size(), "master_key_source = \"credential\"\n");
+  dauth::test::write_file(d.config, packaged, 0600);
+  checked = run_command({"/usr/bin/env", "-u", "CREDENTIALS_DIRECTORY", DAUTHD_PATH, "--check-config", "-c",
+                         d.config.string()});
+  INFO(checked.output);
+  CHECK(checked.exit_code == 0);
+  CHECK_THAT(checked.output, Catch::Contains("note: daemon.master_key_credential = \"master-key\": not checked here; "
+                                             "the key will come from systemd LoadCredential="));
+  d.write_config("info");
+
+  // A port another socket holds is an error naming the key; one the running dauthd of this configuration holds
+  // is a note.
+  {
+    dauth::UniqueFd holder(::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+    sockaddr_in address{};
+    address.sin_family = AF_INET;
+    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    address.sin_port = htons(d.mef_port);
+    REQUIRE(::bind(holder.get(), reinterpret_cast<const sockaddr*>(&address), sizeof address) == 0);
+    checked = run_command({DAUTHD_PATH, "--check-config", "-c", d.config.string()});
+    INFO(checked.output);
+    CHECK(checked.exit_code == 2);
+    CHECK_THAT(checked.output, Catch::Contains("mef.listen = \"127.0.0.1:" + std::to_string(d.mef_port) +
+                                               "\": UDP port in use by another socket"));
+  }
+  NotifyListener notify(d.dir / "notify");
+  DaemonProcess running({DAUTHD_PATH, "-c", d.config.string()}, {notify.environment()}, d.log);
+  REQUIRE(notify.wait_for("READY=1").has_value());
+  checked = run_command({DAUTHD_PATH, "--check-config", "-c", d.config.string()});
+  INFO(checked.output);
+  CHECK(checked.exit_code == 0);
+  CHECK_THAT(checked.output, Catch::Contains("held by the running dauthd (pid " + std::to_string(running.pid())));
+  running.signal(SIGTERM);
+  CHECK(running.wait() == std::optional<int>(0));
+}
+
+TEST_CASE("dauthd --check-config -u USER sees the key file that user cannot read", "[dauthd][check-config]") {
+  // Run as root, the check used to read every key file itself and pass; dauthd then failed as its service user.
+  if (::geteuid() != 0) {
+    WARN("not root: -u cannot change user; skipped");
+    return;
+  }
+  const passwd* nobody = ::getpwnam("nobody");
+  REQUIRE(nobody != nullptr);
+  Deployment d;
+  for (const auto& path : {d.dir.path(), d.dir / "state", d.config, d.dir / "master.key"}) {
+    REQUIRE(::chown(path.c_str(), nobody->pw_uid, nobody->pw_gid) == 0);
+  }
+  // meter.kpm stays root's, mode 0600.
+  auto checked = run_command({DAUTHD_PATH, "--check-config", "-u", "nobody", "-c", d.config.string()});
+  INFO(checked.output);
+  CHECK(checked.exit_code == 2);
+  CHECK_THAT(checked.output, Catch::Contains((d.dir / "meter.kpm").string()) &&
+                                 Catch::Contains("Permission denied"));
+  // As root, without -u, the same file passes, and the check says who it checked as.
+  const auto as_root = run_command({DAUTHD_PATH, "--check-config", "-c", d.config.string()});
+  CHECK(as_root.exit_code == 0);
+  CHECK_THAT(as_root.output, Catch::Contains("note: checking as root"));
+
+  REQUIRE(::chown((d.dir / "meter.kpm").c_str(), nobody->pw_uid, nobody->pw_gid) == 0);
+  checked = run_command({DAUTHD_PATH, "--check-config", "-u", "nobody", "-c", d.config.string()});
+  INFO(checked.output);
+  CHECK(checked.exit_code == 0);
+  CHECK(run_command({DAUTHD_PATH, "--check-config", "-u", "no-such-user-dauth", "-c", d.config.string()}).exit_code ==
+        2);
+  // Back to root's, so that the TempDir can remove it all.
+  for (const auto& path : {d.dir.path(), d.dir / "state", d.config, d.dir / "master.key", d.dir / "meter.kpm"}) {
+    REQUIRE(::chown(path.c_str(), 0, 0) == 0);
+  }
 }

@@ -237,6 +237,11 @@ std::vector<std::string> live_changes(const Config& before, const Config& after)
 
 // ----- key material named by the configuration -----
 
+// SystemdCredential::later (dauthd --check-config outside systemd): with master_key_source = "credential" and no
+// $CREDENTIALS_DIRECTORY, the master key is left out (it comes from LoadCredential= when systemd starts the unit)
+// instead of refused.
+enum class SystemdCredential : std::uint8_t { required, later };
+
 // The master key and every key file of a Config, loaded into guarded memory. Movable, not copyable.
 class LoadedSecrets {
  public:
@@ -251,13 +256,13 @@ class LoadedSecrets {
   std::size_t size() const { return files_.size() + (master_key_.empty() ? 0 : 1); }
 
  private:
-  friend Result<LoadedSecrets> load_secrets(const Config& config);
+  friend Result<LoadedSecrets> load_secrets(const Config& config, SystemdCredential credential);
   SecretBuffer master_key_;
   std::map<std::string, Key> files_;
 };
 
 // Loads the master key (daemon.master_key_source) and every key file of config. Fails closed (docs/conventions.md §12):
 // the first unreadable, group/world-accessible or malformed file is an error naming the key, file and reason.
-Result<LoadedSecrets> load_secrets(const Config& config);
+Result<LoadedSecrets> load_secrets(const Config& config, SystemdCredential credential = SystemdCredential::required);
 
 }  // namespace dauth::daemon
