@@ -103,7 +103,6 @@ void check_port(const Config& config, std::string_view section, std::string_view
 }  // namespace
 
 Result<void> become_user(const std::string& name) {
-  errno = 0;
   const passwd* user = ::getpwnam(name.c_str());
   if (user == nullptr) return make_error(Errc::not_found, "-u " + name + ": no such user");
   const uid_t uid = user->pw_uid;
@@ -134,14 +133,11 @@ Result<void> check_state_directory(const Config& config) {
   if (!S_ISDIR(st.st_mode)) return make_error(Errc::invalid_argument, place + ": not a directory");
   // The key store's own rule (keystore.hpp), said at start with the config position, not at first use.
   if (auto mode = crypto::check_store_directory_mode(st.st_mode, place); !mode) return mode;
+  // The kernel's own answer for this process's effective ids (ACLs included): dauthd writes its store there.
   if (::faccessat(AT_FDCWD, dir.c_str(), R_OK | W_OK | X_OK, AT_EACCESS) != 0) {
     return make_error(Errc::permission, place + ": user " + user_name() + " cannot create files in it: " +
                                             std::strerror(errno) + " (owner uid " + std::to_string(st.st_uid) +
-                                            ", mode " + [&] {
-                                              char mode[8];
-                                              std::snprintf(mode, sizeof mode, "%04o", st.st_mode & 07777);
-                                              return std::string(mode);
-                                            }() + ")");
+                                            "; chown it to the user dauthd runs as)");
   }
   return ok_result();
 }

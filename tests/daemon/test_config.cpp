@@ -529,9 +529,10 @@ TEST_CASE("a reload's changes: live keys applied, restart keys pending by config
   CHECK(live_changes(*running, fresh) == Names{"peer.policy[0].methods"});
 
   // A listen address (its default made explicit is no change) and a node limit wait for a restart.
-  fresh = edited("fqdn = \"mef.example.net\"\nsession", "fqdn = \"mef.example.net\"\nlisten = \"0.0.0.0:5685\"\nsession");
+  const std::string mef_fqdn = "fqdn = \"mef.example.net\"\nsession";
+  fresh = edited(mef_fqdn, "fqdn = \"mef.example.net\"\nlisten = \"0.0.0.0:5685\"\nsession");
   CHECK(restart_pending(restart_values(*running), restart_values(fresh)).empty());
-  fresh = edited("fqdn = \"mef.example.net\"\nsession", "fqdn = \"mef.example.net\"\nlisten = \"0.0.0.0:5699\"\nsession");
+  fresh = edited(mef_fqdn, "fqdn = \"mef.example.net\"\nlisten = \"0.0.0.0:5699\"\nsession");
   CHECK(live_changes(*running, fresh).empty());
   CHECK(restart_pending(restart_values(*running), restart_values(fresh)) == Names{"mef.listen"});
   fresh = edited("idle_timeout = 120", "idle_timeout = 60");

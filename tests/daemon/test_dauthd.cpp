@@ -214,7 +214,8 @@ TEST_CASE("a reload that fails after the file parsed changes no key table and ke
   REQUIRE(fingerprint_of(before, "gauge01@mef.example.net") != "(absent)");
 
   // Valid TOML and valid rules: a new key for gauge01 (a different file), and a second AE whose certificate file
-  // does not exist, which only the roles find out, after the first AE's record was built.
+  // does not exist, which the reload finds out only in the roles, after the first AE's record was built
+  // (--check-config names it beforehand).
   const std::string other_key(64, 'c');
   dauth::test::write_file(d.dir / "gauge-new.kpm", other_key + "\n", 0600);
   dauth::test::write_file(d.config,
@@ -224,7 +225,10 @@ TEST_CASE("a reload that fails after the file parsed changes no key table and ke
                               (d.dir / "missing.pem").string() + "\"\nprivate_key_file = \"" +
                               (d.dir / "missing.key").string() + "\"\n",
                           0600);
-  REQUIRE(run_command({DAUTHD_PATH, "--check-config", "-c", d.config.string()}).exit_code == 0);
+  const auto checked = run_command({DAUTHD_PATH, "--check-config", "-c", d.config.string()});
+  CHECK(checked.exit_code == 2);
+  CHECK_THAT(checked.output, Catch::Contains((d.dir / "missing.pem").string() + ": user ") &&
+                                 Catch::Contains("cannot read it: No such file or directory"));
   daemon.signal(SIGHUP);
   REQUIRE(notify.wait_for("RELOADING=1").has_value());
   const auto after_reload = notify.wait_for("READY=1");
@@ -565,7 +569,8 @@ TEST_CASE("dauthd --check-config checks what starting needs: the state directory
   auto checked = run_command({DAUTHD_PATH, "--check-config", "-c", d.config.string()});
   INFO(checked.output);
   CHECK(checked.exit_code == 2);
-  CHECK_THAT(checked.output, Catch::Contains("daemon.state_directory = \"" + (d.dir / "state").string() + "\": No such file"));
+  CHECK_THAT(checked.output,
+             Catch::Contains("daemon.state_directory = \"" + (d.dir / "state").string() + "\": No such file"));
   std::filesystem::create_directory(d.dir / "state");
   std::filesystem::permissions(d.dir / "state", std::filesystem::perms::owner_all,
                                std::filesystem::perm_options::replace);

@@ -256,7 +256,8 @@ Result<void> make_udp_port_exclusive(const SocketAddress& bound) {
     socklen_t local_length = sizeof local;
     if (::fstat(fd, &st) != 0 || !S_ISSOCK(st.st_mode) ||
         ::getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &type_length) != 0 || type != SOCK_DGRAM ||
-        ::getsockname(fd, reinterpret_cast<sockaddr*>(&local), &local_length) != 0 || !same_bound_address(local, bound)) {
+        ::getsockname(fd, reinterpret_cast<sockaddr*>(&local), &local_length) != 0 ||
+        !same_bound_address(local, bound)) {
       continue;
     }
     const int off = 0;

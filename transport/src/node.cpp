@@ -139,7 +139,9 @@ Result<coap_endpoint_t*> bind_exclusively(coap_context_t* context, const std::st
                                           coap_proto_t proto) {
   const std::string url = std::string(proto == COAP_PROTO_DTLS ? "coaps://" : "coap://") + host + ":" +
                           std::to_string(port);
-  const auto refuse = [&](const Error& error) { return make_error(error.code, "cannot listen on " + url + ": " + error.message); };
+  const auto refuse = [&](const Error& error) {
+    return make_error(error.code, "cannot listen on " + url + ": " + error.message);
+  };
   auto wanted = parse_address(host, port);
   if (!wanted.ok()) return std::move(wanted).error();
   auto numeric = numeric_address(host, port);
