@@ -272,7 +272,9 @@ Result<void> make_udp_port_exclusive(const SocketAddress& bound) {
   if (ours.size() > 1) return port_in_use(" of this process");
   // From here no socket can join us (ours no longer sets SO_REUSEADDR); one that did before shows up here.
   const std::uint16_t port = port_of(bound);
-  for (const auto& [path, family] : {std::pair{"/proc/net/udp", AF_INET}, std::pair{"/proc/net/udp6", AF_INET6}}) {
+  // /proc/self/net, not /proc/net: the unit's ProcSubset=pid hides the latter.
+  for (const auto& [path, family] :
+       {std::pair{"/proc/self/net/udp", AF_INET}, std::pair{"/proc/self/net/udp6", AF_INET6}}) {
     for (const ProcSocket& socket : proc_udp_sockets(path, family)) {
       if (socket.port != port || socket.inode == ours.front()) continue;
       if (same_datagrams(socket.local, bound.storage)) {
