@@ -2,6 +2,9 @@
 // keys; tests/daemon/test_config.cpp checks that they agree.
 #include "dauth/daemon/config.hpp"
 
+#include <map>
+#include <utility>
+
 #include "dauth/rspf/credential_rules.hpp"
 
 namespace dauth::daemon {
@@ -237,10 +240,15 @@ const std::vector<ReloadRule>& reload_rules() {
 }
 
 Reload reload_rule(std::string_view section, std::string_view name) {
-  for (const auto& rule : reload_rules()) {
-    if (rule.section == section && rule.name == name) return rule.reload;
-  }
-  return Reload::restart;  // unreachable for schema keys (test_config.cpp); never claim to apply what we do not know
+  // Indexed once: a reload looks up every key of every row (10,000 [[mef.enrolee]] rows: 70,000 look-ups).
+  static const auto index = [] {
+    std::map<std::pair<std::string_view, std::string_view>, Reload> by_key;
+    for (const auto& rule : reload_rules()) by_key.emplace(std::pair{rule.section, rule.name}, rule.reload);
+    return by_key;
+  }();
+  const auto it = index.find({section, name});
+  // Unreachable for schema keys (test_config.cpp); never claim to apply what we do not know.
+  return it == index.end() ? Reload::restart : it->second;
 }
 
 }  // namespace dauth::daemon
