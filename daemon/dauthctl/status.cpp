@@ -40,6 +40,11 @@ void print_status(const nlohmann::json& s, std::ostream& out) {
         << (last.value("ok", false) ? ": ok" : ": refused: " + last.value("error", std::string()));
   }
   out << "\n";
+  std::string pending;
+  for (const auto& name : s.value("restart_pending", nlohmann::json::array())) {
+    pending += (pending.empty() ? "" : ", ") + name.get<std::string>();
+  }
+  if (!pending.empty()) out << "restart pending: " << pending << "\n";
 }
 
 }  // namespace

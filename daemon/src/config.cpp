@@ -843,7 +843,7 @@ const LoadedSecrets::Key* LoadedSecrets::find_file(const std::filesystem::path& 
   return it == files_.end() ? nullptr : &it->second;
 }
 
-Result<LoadedSecrets> load_secrets(const Config& config) {
+Result<LoadedSecrets> load_secrets(const Config& config, SystemdCredential credential) {
   // Sizes: master key 32 bytes (keystore.hpp kMasterKeySize); Kpm at least 16 bytes (PROTOCOL.md §3.1), at most 64.
   constexpr std::size_t kKpmMinBytes = 16;
   constexpr std::size_t kKpmMaxBytes = 64;
@@ -864,15 +864,18 @@ Result<LoadedSecrets> load_secrets(const Config& config) {
   } else {
     // systemd LoadCredential= (systemd.exec(5)): $CREDENTIALS_DIRECTORY/<name>, readable only by us.
     const char* directory = std::getenv("CREDENTIALS_DIRECTORY");
-    if (!directory || !*directory) {
+    if ((!directory || !*directory) && credential == SystemdCredential::later) {
+      // Left out: the caller says where it will come from.
+    } else if (!directory || !*directory) {
       return fail(*daemon_table, "master_key_credential",
                   make_error(Errc::not_found, "credential " + toml_quote(d.master_key_credential) +
                                                   ": $CREDENTIALS_DIRECTORY is not set (not started by systemd "
                                                   "with LoadCredential=); use master_key_source = \"file\""));
+    } else {
+      auto key = crypto::load_master_key_credential(d.master_key_credential);
+      if (!key) return fail(*daemon_table, "master_key_credential", key.error());
+      secrets.master_key_ = std::move(key).value();
     }
-    auto key = crypto::load_master_key_credential(d.master_key_credential);
-    if (!key) return fail(*daemon_table, "master_key_credential", key.error());
-    secrets.master_key_ = std::move(key).value();
   }
 
   for (const ConfigTable& table : config.tables) {

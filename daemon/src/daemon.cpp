@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "dauth/crypto/identifiers.hpp"
+#include "dauth/daemon/check_config.hpp"
 #include "dauth/crypto/keystore.hpp"
 #include "dauth/daemon/log.hpp"
 #include "roles.hpp"
@@ -24,25 +25,6 @@ namespace dauth::daemon {
 namespace {
 
 std::time_t now() { return std::time(nullptr); }
-
-Result<void> check_state_directory(const ConfigTable* table, const std::string& source,
-                                   const std::filesystem::path& dir) {
-  std::string where = source;
-  if (table) {
-    if (const ConfigEntry* e = table->find("state_directory"); e && e->line) {
-      where += ":" + std::to_string(e->line) + ":" + std::to_string(e->column);
-    }
-  }
-  where += ": daemon.state_directory = \"" + dir.string() + "\"";
-  struct stat st {};
-  if (::stat(dir.c_str(), &st) != 0) {
-    return make_error(Errc::not_found, where + ": " + std::strerror(errno) +
-                                           " (systemd creates it from StateDirectory=; otherwise create it 0700)");
-  }
-  if (!S_ISDIR(st.st_mode)) return make_error(Errc::invalid_argument, where + ": not a directory");
-  // The key store's own rule (keystore.hpp), said at start with the config position, not at first use.
-  return crypto::check_store_directory_mode(st.st_mode, where);
-}
 
 }  // namespace
 
@@ -93,13 +75,10 @@ Result<std::unique_ptr<Daemon>> Daemon::start(std::filesystem::path config_path,
 Result<void> Daemon::set_up() {
   started_at_ = now();
   config_loaded_at_ = started_at_;
+  running_restart_values_ = restart_values(config_);
   log::set_threshold(config_.daemon.log_level);
 
-  const ConfigTable* daemon_table = nullptr;
-  for (const auto& t : config_.tables) {
-    if (t.section == "daemon") daemon_table = &t;
-  }
-  if (auto r = check_state_directory(daemon_table, config_.source, config_.daemon.state_directory); !r) return r;
+  if (auto r = check_state_directory(config_); !r) return r;
 
   auto loop = EventLoop::create();
   if (!loop) return std::move(loop).error();
@@ -265,15 +244,11 @@ Result<void> Daemon::reload() {
   auto secrets = load_secrets(*config);
   if (!secrets) return fail(secrets.error());
 
-  // These are bound or opened once; a changed value waits for a restart, and we say so.
-  const auto& before = config_.daemon;
-  const auto& after = config->daemon;
-  if (before.control_socket != after.control_socket || before.control_group != after.control_group ||
-      before.state_directory != after.state_directory || before.max_control_clients != after.max_control_clients) {
-    log::notice("reload: daemon.control_socket, control_group, max_control_clients and state_directory take "
-                "effect after a restart; the running values stay");
-  }
-  // New policy, peer addresses and key tables for new sessions; live sessions continue (Roles::reload).
+  // Each changed key by its reload rule (config_schema.cpp): the live ones are applied below, the others keep
+  // their running value and are named.
+  auto applied = live_changes(config_, *config);
+  auto pending = restart_pending(running_restart_values_, restart_values(*config));
+  // New policy, peer addresses, local AEs' sources and endpoints, key tables; live sessions continue.
   if (roles_) {
     if (auto r = roles_->reload(*config, *secrets); !r) return fail(r.error());
   }
@@ -284,9 +259,20 @@ Result<void> Daemon::reload() {
   config_loaded_at_ = now();
   last_reload_at_ = config_loaded_at_;
   last_reload_error_.reset();
+  last_reload_applied_ = std::move(applied);
+  restart_pending_ = std::move(pending);
+  const auto listed = [](const std::vector<std::string>& names) {
+    std::string text;
+    for (const auto& name : names) text += (text.empty() ? "" : ", ") + name;
+    return text.empty() ? std::string("none") : text;
+  };
   log::notice("configuration reloaded: roles " + config_.roles() + ", " + std::to_string(secrets_.size()) +
-              " key(s) loaded");
-  notifier_.ready("running; roles: " + config_.roles() + "; reloaded");
+              " key(s) loaded; applied: " + listed(last_reload_applied_));
+  for (const auto& name : restart_pending_) {
+    log::notice("reload: needs a restart: " + name + " (the running value stays until then)");
+  }
+  notifier_.ready("running; roles: " + config_.roles() + "; reloaded" +
+                  (restart_pending_.empty() ? std::string() : "; restart pending: " + listed(restart_pending_)));
   return ok_result();
 }
 
@@ -295,7 +281,8 @@ nlohmann::json Daemon::status_json() const {
   if (last_reload_at_ != 0) {
     last_reload = {{"ok", !last_reload_error_.has_value()},
                    {"at", static_cast<std::int64_t>(last_reload_at_)},
-                   {"error", last_reload_error_ ? nlohmann::json(*last_reload_error_) : nlohmann::json(nullptr)}};
+                   {"error", last_reload_error_ ? nlohmann::json(*last_reload_error_) : nlohmann::json(nullptr)},
+                   {"applied", last_reload_applied_}};
   }
   return {
       {"version", std::string(version())},
@@ -316,6 +303,7 @@ nlohmann::json Daemon::status_json() const {
       {"reloads", reloads_},
       {"reload_failures", reload_failures_},
       {"last_reload", last_reload},
+      {"restart_pending", restart_pending_},
   };
 }
 

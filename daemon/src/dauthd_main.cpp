@@ -1,10 +1,13 @@
 // dauthd: parse the command line, load and validate the configuration and its keys, then hand over to Daemon.
 // Exit codes (dauthd(8)): 0 clean stop or config OK, 1 runtime failure, 2 usage or configuration error.
 #include <CLI/CLI.hpp>
+#include <unistd.h>
+
 #include <cstdio>
 #include <iostream>
 #include <string>
 
+#include "dauth/daemon/check_config.hpp"
 #include "dauth/daemon/config.hpp"
 #include "dauth/daemon/daemon.hpp"
 #include "dauth/daemon/exit_codes.hpp"
@@ -27,6 +30,31 @@ void log_lines(const std::string& text) {
   }
 }
 
+// --check-config: everything as the service user (-u), so that what it cannot read or bind shows here and not at
+// start. Errors and notes on stderr, the effective configuration on stdout.
+int run_check_config(const std::string& config_path, const std::string& user) {
+  const auto refuse = [](const std::string& message) {
+    std::cerr << message << "\n";
+    return as_int(ExitCode::usage);
+  };
+  if (!user.empty()) {
+    if (auto r = dauth::daemon::become_user(user); !r) return refuse(r.error().message);
+  } else if (::geteuid() == 0) {
+    std::cerr << "note: checking as root; the packaged service runs as user dauth: dauthd --check-config -u dauth "
+                 "checks what that user can read and bind\n";
+  }
+  auto config = dauth::daemon::load_config(config_path);
+  if (!config) return refuse(config.error().message);
+  auto secrets = dauth::daemon::load_secrets(*config, dauth::daemon::SystemdCredential::later);
+  if (!secrets) return refuse(secrets.error().message);
+  const auto deployment = dauth::daemon::check_deployment(*config);
+  for (const auto& note : deployment.notes) std::cerr << "note: " << note << "\n";
+  for (const auto& error : deployment.errors) std::cerr << error << "\n";
+  if (!deployment.errors.empty()) return as_int(ExitCode::usage);
+  std::cout << config->normalised(&secrets.value());
+  return as_int(ExitCode::ok);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -34,10 +62,16 @@ int main(int argc, char** argv) {
   std::string config_path(dauth::daemon::kDefaultConfigPath);
   bool check_config = false;
   bool show_version = false;
+  std::string check_user;
   app.add_option("-c,--config", config_path, "configuration file")->capture_default_str();
-  app.add_flag("--check-config", check_config,
-               "validate the configuration and its key files, print the effective configuration (keys hidden), "
-               "exit 0 if valid, 2 if not");
+  auto* check = app.add_flag("--check-config", check_config,
+                             "validate the configuration and its key files, and what starting needs (state "
+                             "directory, readable files, free ports); print the effective configuration (keys "
+                             "hidden), exit 0 if valid, 2 if not");
+  app.add_option("-u,--user", check_user,
+                 "with --check-config: check as this user, the one the service runs as (dauthd.service: "
+                 "User=dauth); needs root")
+      ->needs(check);
   app.add_flag("--version", show_version, "print the version and exit");
   try {
     app.parse(argc, argv);
@@ -62,24 +96,17 @@ int main(int argc, char** argv) {
 
   // A configuration or key that does not load is the operator's to fix: exit 2, with the reason on stderr for
   // --check-config and in the log otherwise.
-  const auto refuse = [check_config](const dauth::Error& error) {
-    if (check_config) {
-      std::cerr << error.message << "\n";
-    } else {
-      log_lines(error.message);
-    }
+  const auto refuse = [](const dauth::Error& error) {
+    log_lines(error.message);
     return as_int(ExitCode::usage);
   };
+  if (check_config) return run_check_config(config_path, check_user);
   auto config = dauth::daemon::load_config(config_path);
   if (!config) return refuse(config.error());
   log::set_threshold(config->daemon.log_level);
   // Fail closed (docs/conventions.md §12): a key that does not load stops us here.
   auto secrets = dauth::daemon::load_secrets(*config);
   if (!secrets) return refuse(secrets.error());
-  if (check_config) {
-    std::cout << config->normalised(&secrets.value());
-    return as_int(ExitCode::ok);
-  }
 
   auto daemon = dauth::daemon::Daemon::start(config_path, std::move(config).value(), std::move(secrets).value());
   if (!daemon) {

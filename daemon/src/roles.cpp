@@ -836,28 +836,42 @@ Result<std::unique_ptr<Roles>> Roles::start(EventLoop& loop, const Config& confi
   return std::unique_ptr<Roles>(new Roles(std::move(impl)));
 }
 
+// Applies what the reload rules call live (config_schema.cpp); Daemon::reload names the rest as needing a restart.
+// Everything that can fail comes first (peer addresses resolved, key tables written or rolled back); the rest is
+// assignment, so a reload is applied whole or not at all.
 Result<void> Roles::reload(const Config& config, const LoadedSecrets& secrets) {
   Impl& s = *impl_;
   std::map<std::string, PeerState> peers;
   if (auto r = s.resolve_peers(config, peers); !r) return r;
   if (auto r = s.put_key_tables(config, secrets); !r) return r;
-  const auto listen_of = [](const auto& section) { return section ? section->listen : std::string(); };
-  if (listen_of(config.mef) != listen_of(s.config.mef) || listen_of(config.peer) != listen_of(s.config.peer) ||
-      config.enrolee.has_value() != s.config.enrolee.has_value() ||
-      (config.enrolee && config.enrolee->aes.size() != s.config.enrolee->aes.size())) {
-    log::notice("reload: listen addresses, roles and the set of local AEs take effect after a restart");
-  }
   s.peers = std::move(peers);
   // Keep the running sections' shape (the roles were built from it), take the new policy and endpoints.
   if (s.config.peer && config.peer) {
     s.config.peer->policy = config.peer->policy;
     s.config.peer->addresses = config.peer->addresses;
   }
+  if (s.config.mef && config.mef) s.config.mef->enrolment_lifetime = config.mef->enrolment_lifetime;
+  // A value changes live, setting or removing one waits for a restart (Reload::live_while_set).
+  const auto take_while_set = [](auto& running, const auto& fresh) {
+    if (!running.empty() && !fresh.empty()) running = fresh;
+  };
   if (s.config.enrolee && config.enrolee) {
-    for (auto& ae : s.config.enrolee->aes) {
-      for (const auto& fresh : config.enrolee->aes) {
-        if (fresh.id == ae.id) ae.endpoint = fresh.endpoint;
+    for (const LocalAe& fresh : config.enrolee->aes) {
+      for (auto& ae : s.config.enrolee->aes) {
+        if (ae.id == fresh.id) take_while_set(ae.endpoint, fresh.endpoint);
       }
+      LocalAeState* running = s.find_ae(fresh.id);
+      if (running == nullptr) continue;  // a new local AE: at the restart
+      running->config.local_source = fresh.local_source;
+      take_while_set(running->config.endpoint, fresh.endpoint);
+      const bool new_certificate = !running->config.certificate_file.empty() && !fresh.certificate_file.empty() &&
+                                   (running->config.certificate_file != fresh.certificate_file ||
+                                    running->config.private_key_file != fresh.private_key_file);
+      take_while_set(running->config.certificate_file, fresh.certificate_file);
+      take_while_set(running->config.private_key_file, fresh.private_key_file);
+      // The Enrolee reads its device certificate from the store at each attempt (put_key_tables wrote it); the
+      // peer endpoint presents the new one from the next handshake.
+      if (new_certificate) s.serve_certificate_of(fresh.id);
     }
   }
   return ok_result();

@@ -53,8 +53,9 @@ class Roles {
   Roles(const Roles&) = delete;
   Roles& operator=(const Roles&) = delete;
 
-  // New policy, peer addresses and key tables for new sessions; live sessions continue. Listen addresses and
-  // the set of local AEs take effect after a restart (logged). Nothing changes when it fails.
+  // Applies the keys whose reload rule is live (config_schema.cpp): policy, peer addresses, key tables, local
+  // AEs' local_source, endpoint and device certificate, mef.enrolment_lifetime; live sessions continue. The
+  // others keep their running values (Daemon::reload names them). Nothing changes when it fails.
   Result<void> reload(const Config& config, const LoadedSecrets& secrets);
 
   bool has_mef() const;

@@ -628,3 +628,73 @@ TEST_CASE("the example configuration, uncommented, is a valid configuration", "[
   INFO((config.ok() ? std::string() : config.error().message));
   CHECK(config.ok());
 }
+
+TEST_CASE("every configuration key has exactly one reload rule", "[config][reload]") {
+  for (const auto& spec : dauth::daemon::config_schema()) {
+    int rules = 0;
+    for (const auto& rule : dauth::daemon::reload_rules()) {
+      if (rule.section == spec.section && rule.name == spec.name) ++rules;
+    }
+    INFO(std::string(spec.section) + "." + std::string(spec.name));
+    CHECK(rules == 1);
+  }
+  CHECK(dauth::daemon::reload_rules().size() == dauth::daemon::config_schema().size());
+}
+
+TEST_CASE("a reload's changes: live keys applied, restart keys pending by config name until reverted",
+          "[config][reload]") {
+  using dauth::daemon::live_changes;
+  using dauth::daemon::restart_pending;
+  using dauth::daemon::restart_values;
+  const std::string base = full_config("/keys");
+  const auto running = parse_config(base, "t.toml");
+  REQUIRE(running.ok());
+  const auto edited = [&](const std::string& from, const std::string& to) {
+    std::string text = base;
+    const auto at = text.find(from);
+    REQUIRE(at != std::string::npos);
+    text.replace(at, from.size(), to);
+    auto config = parse_config(text, "t.toml");
+    INFO(text);
+    REQUIRE(config.ok());
+    return std::move(config).value();
+  };
+  using Names = std::vector<std::string>;
+
+  // Unchanged: nothing to apply, nothing pending.
+  CHECK(live_changes(*running, *running).empty());
+  CHECK(restart_pending(restart_values(*running), restart_values(*running)).empty());
+
+  // A local AE's source and the policy apply live; the AE is named by its id, a policy row by its position.
+  auto fresh = edited("endpoint = \"127.0.0.1:6001\"", "endpoint = \"127.0.0.1:6001\"\nlocal_source = \"127.0.0.3\"");
+  CHECK(live_changes(*running, fresh) == Names{"enrolee.ae.local_source (CAE-meter)"});
+  CHECK(restart_pending(restart_values(*running), restart_values(fresh)).empty());
+  fresh = edited("methods = [\"GET\", \"PUT\"]", "methods = [\"GET\"]");
+  CHECK(live_changes(*running, fresh) == Names{"peer.policy[0].methods"});
+
+  // A listen address (its default made explicit is no change) and a node limit wait for a restart.
+  const std::string mef_fqdn = "fqdn = \"mef.example.net\"\nsession";
+  fresh = edited(mef_fqdn, "fqdn = \"mef.example.net\"\nlisten = \"0.0.0.0:5685\"\nsession");
+  CHECK(restart_pending(restart_values(*running), restart_values(fresh)).empty());
+  fresh = edited(mef_fqdn, "fqdn = \"mef.example.net\"\nlisten = \"0.0.0.0:5699\"\nsession");
+  CHECK(live_changes(*running, fresh).empty());
+  CHECK(restart_pending(restart_values(*running), restart_values(fresh)) == Names{"mef.listen"});
+  fresh = edited("idle_timeout = 120", "idle_timeout = 60");
+  CHECK(restart_pending(restart_values(*running), restart_values(fresh)) == Names{"peer.idle_timeout"});
+
+  // An endpoint: a new value applies, setting or removing one waits for the restart.
+  fresh = edited("endpoint = \"127.0.0.1:6001\"", "endpoint = \"127.0.0.1:6002\"");
+  CHECK(live_changes(*running, fresh) == Names{"enrolee.ae.endpoint (CAE-meter)"});
+  CHECK(restart_pending(restart_values(*running), restart_values(fresh)).empty());
+  fresh = edited("endpoint = \"127.0.0.1:6001\"\n", "");
+  CHECK(live_changes(*running, fresh).empty());
+  CHECK(restart_pending(restart_values(*running), restart_values(fresh)) == Names{"enrolee.ae.endpoint (CAE-meter)"});
+
+  // A role or a local AE added or removed is one entry, not one per key.
+  auto without_peer = parse_config(base.substr(0, base.find("[peer]")), "t.toml");
+  REQUIRE(without_peer.ok());
+  CHECK(restart_pending(restart_values(*without_peer), restart_values(*running)) == Names{"peer"});
+  fresh = edited("[[enrolee.ae]]\nid = \"CAE-valve\"", "[[enrolee.ae]]\nid = \"CAE-gauge\"");
+  CHECK(restart_pending(restart_values(*running), restart_values(fresh)) ==
+        Names{"enrolee.ae (CAE-gauge)", "enrolee.ae (CAE-valve)"});
+}

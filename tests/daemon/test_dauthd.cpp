@@ -1,9 +1,13 @@
 // End to end: the real dauthd and dauthctl binaries, a temp config, state directory and control socket, and a
 // real AF_UNIX datagram socket as $NOTIFY_SOCKET. Assertions use --json and the sd_notify messages, never log text
 // (except the check that no log carries key bytes).
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <pwd.h>
 #include <signal.h>
-#include <unistd.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
@@ -210,7 +214,8 @@ TEST_CASE("a reload that fails after the file parsed changes no key table and ke
   REQUIRE(fingerprint_of(before, "gauge01@mef.example.net") != "(absent)");
 
   // Valid TOML and valid rules: a new key for gauge01 (a different file), and a second AE whose certificate file
-  // does not exist, which only the roles find out, after the first AE's record was built.
+  // does not exist, which the reload finds out only in the roles, after the first AE's record was built
+  // (--check-config names it beforehand).
   const std::string other_key(64, 'c');
   dauth::test::write_file(d.dir / "gauge-new.kpm", other_key + "\n", 0600);
   dauth::test::write_file(d.config,
@@ -220,7 +225,10 @@ TEST_CASE("a reload that fails after the file parsed changes no key table and ke
                               (d.dir / "missing.pem").string() + "\"\nprivate_key_file = \"" +
                               (d.dir / "missing.key").string() + "\"\n",
                           0600);
-  REQUIRE(run_command({DAUTHD_PATH, "--check-config", "-c", d.config.string()}).exit_code == 0);
+  const auto checked = run_command({DAUTHD_PATH, "--check-config", "-c", d.config.string()});
+  CHECK(checked.exit_code == 2);
+  CHECK_THAT(checked.output, Catch::Contains((d.dir / "missing.pem").string() + ": user ") &&
+                                 Catch::Contains("cannot read it: No such file or directory"));
   daemon.signal(SIGHUP);
   REQUIRE(notify.wait_for("RELOADING=1").has_value());
   const auto after_reload = notify.wait_for("READY=1");
@@ -489,4 +497,155 @@ TEST_CASE("peer.legacy_onem2m_options reaches the peer node: with libcoap 4.3.1 
   const std::string log = dauth::test::read_text_file(d.log);
   CHECK_THAT(log, Catch::Contains("peer node: accept_legacy_onem2m_options"));
   CHECK_THAT(log, Catch::Contains("two option numbers above 255"));
+}
+
+TEST_CASE("a second dauthd on the ports of a running one exits 1 naming the address", "[dauthd]") {
+  // libcoap binds with SO_REUSEADDR: the second one used to start and share mef.listen with the first.
+  Deployment first;
+  NotifyListener notify(first.dir / "notify");
+  DaemonProcess running({DAUTHD_PATH, "-c", first.config.string()}, {notify.environment()}, first.log);
+  INFO(dauth::test::read_text_file(first.log));
+  REQUIRE(notify.wait_for("READY=1").has_value());
+
+  Deployment second;  // its own state, key files and control socket; the first one's MEF port
+  second.mef_port = first.mef_port;
+  second.write_config("info");
+  DaemonProcess refused({DAUTHD_PATH, "-c", second.config.string()}, {}, second.log);
+  const auto code = refused.wait(std::chrono::seconds(10));  // before: still running (killed at the limit)
+  const std::string log = dauth::test::read_text_file(second.log);
+  INFO(log);
+  REQUIRE(code.has_value());
+  CHECK(*code == 1);
+  CHECK_THAT(log, Catch::Contains("cannot listen on coaps://127.0.0.1:" + std::to_string(first.mef_port) +
+                                  ": UDP port in use by another socket"));
+  CHECK(first.status()["state"] == "running");
+  running.signal(SIGTERM);
+  CHECK(running.wait() == std::optional<int>(0));
+}
+
+TEST_CASE("reload applies the live keys and names each key that needs a restart until the restart", "[dauthd]") {
+  // Before, a changed mef.listen got one notice line, and status and the reload reply said plain "ok".
+  Deployment d;
+  NotifyListener notify(d.dir / "notify");
+  DaemonProcess daemon({DAUTHD_PATH, "-c", d.config.string()}, {notify.environment()}, d.log);
+  INFO(dauth::test::read_text_file(d.log));
+  REQUIRE(notify.wait_for("READY=1").has_value());
+  const std::uint16_t running_port = d.mef_port;
+
+  d.mef_port = dauth::test::free_loopback_port();
+  d.write_config("debug");
+  const auto reply = d.ctl({"reload"});
+  INFO(reply.output);
+  CHECK(reply.exit_code == 0);
+  CHECK_THAT(reply.output, Catch::Contains("applied: daemon.log_level") &&
+                               Catch::Contains("needs a restart: mef.listen"));
+  const auto json = nlohmann::json::parse(d.ctl({"--json", "reload"}).output);
+  CHECK(json["restart_pending"] == nlohmann::json::array({"mef.listen"}));
+  auto status = d.status();
+  CHECK(status["restart_pending"] == nlohmann::json::array({"mef.listen"}));
+  CHECK(status["log_level"] == "debug");          // applied
+  CHECK(status["ports"]["mef"] == running_port);  // kept: the MEF still listens where it did
+  CHECK_THAT(d.ctl({"status"}).output, Catch::Contains("restart pending: mef.listen"));
+  const auto reloaded = notify.wait_for("READY=1");
+  REQUIRE(reloaded.has_value());
+  CHECK_THAT(*reloaded, Catch::Contains("restart pending: mef.listen"));
+  CHECK_THAT(dauth::test::read_text_file(d.log), Catch::Contains("reload: needs a restart: mef.listen"));
+
+  // Back to the running value: nothing pending any more.
+  d.mef_port = running_port;
+  d.write_config("debug");
+  REQUIRE(d.ctl({"reload"}).exit_code == 0);
+  CHECK(d.status()["restart_pending"] == nlohmann::json::array());
+
+  daemon.signal(SIGTERM);
+  CHECK(daemon.wait() == std::optional<int>(0));
+}
+
+TEST_CASE("dauthd --check-config checks what starting needs: the state directory, the systemd credential, ports",
+          "[dauthd][check-config]") {
+  Deployment d;
+  // A missing state directory used to pass the check; start then failed.
+  std::filesystem::remove(d.dir / "state");
+  auto checked = run_command({DAUTHD_PATH, "--check-config", "-c", d.config.string()});
+  INFO(checked.output);
+  CHECK(checked.exit_code == 2);
+  CHECK_THAT(checked.output,
+             Catch::Contains("daemon.state_directory = \"" + (d.dir / "state").string() + "\": No such file"));
+  std::filesystem::create_directory(d.dir / "state");
+  std::filesystem::permissions(d.dir / "state", std::filesystem::perms::owner_all,
+                               std::filesystem::perm_options::replace);
+
+  // The packaged default takes the master key from systemd (LoadCredential=): outside systemd that is a note, not
+  // the "$CREDENTIALS_DIRECTORY is not set" error it used to be.
+  std::string packaged = d.config_text("info");
+  const std::string from_file = "master_key_source = \"file\"\n";
+  packaged.replace(packaged.find(from_file), from_file.size(), "master_key_source = \"credential\"\n");
+  dauth::test::write_file(d.config, packaged, 0600);
+  checked = run_command({"/usr/bin/env", "-u", "CREDENTIALS_DIRECTORY", DAUTHD_PATH, "--check-config", "-c",
+                         d.config.string()});
+  INFO(checked.output);
+  CHECK(checked.exit_code == 0);
+  CHECK_THAT(checked.output, Catch::Contains("note: daemon.master_key_credential = \"master-key\": not checked here; "
+                                             "the key will come from systemd LoadCredential="));
+  d.write_config("info");
+
+  // A port another socket holds is an error naming the key; one the running dauthd of this configuration holds
+  // is a note.
+  {
+    dauth::UniqueFd holder(::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+    sockaddr_in address{};
+    address.sin_family = AF_INET;
+    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    address.sin_port = htons(d.mef_port);
+    REQUIRE(::bind(holder.get(), reinterpret_cast<const sockaddr*>(&address), sizeof address) == 0);
+    checked = run_command({DAUTHD_PATH, "--check-config", "-c", d.config.string()});
+    INFO(checked.output);
+    CHECK(checked.exit_code == 2);
+    CHECK_THAT(checked.output, Catch::Contains("mef.listen = \"127.0.0.1:" + std::to_string(d.mef_port) +
+                                               "\": UDP port in use by another socket"));
+  }
+  NotifyListener notify(d.dir / "notify");
+  DaemonProcess running({DAUTHD_PATH, "-c", d.config.string()}, {notify.environment()}, d.log);
+  REQUIRE(notify.wait_for("READY=1").has_value());
+  checked = run_command({DAUTHD_PATH, "--check-config", "-c", d.config.string()});
+  INFO(checked.output);
+  CHECK(checked.exit_code == 0);
+  CHECK_THAT(checked.output, Catch::Contains("held by the running dauthd (pid " + std::to_string(running.pid())));
+  running.signal(SIGTERM);
+  CHECK(running.wait() == std::optional<int>(0));
+}
+
+TEST_CASE("dauthd --check-config -u USER sees the key file that user cannot read", "[dauthd][check-config]") {
+  // Run as root, the check used to read every key file itself and pass; dauthd then failed as its service user.
+  if (::geteuid() != 0) {
+    WARN("not root: -u cannot change user; skipped");
+    return;
+  }
+  const passwd* nobody = ::getpwnam("nobody");
+  REQUIRE(nobody != nullptr);
+  Deployment d;
+  for (const auto& path : {d.dir.path(), d.dir / "state", d.config, d.dir / "master.key"}) {
+    REQUIRE(::chown(path.c_str(), nobody->pw_uid, nobody->pw_gid) == 0);
+  }
+  // meter.kpm stays root's, mode 0600.
+  auto checked = run_command({DAUTHD_PATH, "--check-config", "-u", "nobody", "-c", d.config.string()});
+  INFO(checked.output);
+  CHECK(checked.exit_code == 2);
+  CHECK_THAT(checked.output, Catch::Contains((d.dir / "meter.kpm").string()) &&
+                                 Catch::Contains("Permission denied"));
+  // As root, without -u, the same file passes, and the check says who it checked as.
+  const auto as_root = run_command({DAUTHD_PATH, "--check-config", "-c", d.config.string()});
+  CHECK(as_root.exit_code == 0);
+  CHECK_THAT(as_root.output, Catch::Contains("note: checking as root"));
+
+  REQUIRE(::chown((d.dir / "meter.kpm").c_str(), nobody->pw_uid, nobody->pw_gid) == 0);
+  checked = run_command({DAUTHD_PATH, "--check-config", "-u", "nobody", "-c", d.config.string()});
+  INFO(checked.output);
+  CHECK(checked.exit_code == 0);
+  CHECK(run_command({DAUTHD_PATH, "--check-config", "-u", "no-such-user-dauth", "-c", d.config.string()}).exit_code ==
+        2);
+  // Back to root's, so that the TempDir can remove it all.
+  for (const auto& path : {d.dir.path(), d.dir / "state", d.config, d.dir / "master.key", d.dir / "meter.kpm"}) {
+    REQUIRE(::chown(path.c_str(), 0, 0) == 0);
+  }
 }

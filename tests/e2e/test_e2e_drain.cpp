@@ -256,4 +256,20 @@ TEST_CASE("local_source: a request from the mapped address is the AE's, other so
   }
   // Refused by A itself (not by B's policy): A's rejection counter saw all three.
   CHECK(d.ctl_json("a", {"stats"}).value("proxy_rejected_total", 0) == refused_total + 3);
+
+  // local_source applies on reload (issue 15: it used to say "reloaded" and keep mapping the old source).
+  d.edit_config("a", [](std::string config) {
+    const std::string old_source = "local_source = \"127.0.0.2\"";
+    return config.replace(config.find(old_source), old_source.size(), "local_source = \"127.0.0.3\"");
+  });
+  const auto reloaded = d.verb("a", "reload", nlohmann::json::object());
+  CHECK(reloaded["last_reload"]["applied"] == nlohmann::json::array({"enrolee.ae.local_source (CAE-meter)"}));
+  CHECK(reloaded["restart_pending"] == nlohmann::json::array());
+  const auto moved = get_from("127.0.0.3", "");
+  INFO(moved.output);
+  CHECK(moved.output.find(marker) != std::string::npos);
+  const auto old_source = get_from("127.0.0.2", "");
+  INFO(old_source.output);
+  CHECK(old_source.output.find("4.03") != std::string::npos);
+  CHECK(old_source.output.find(marker) == std::string::npos);
 }

@@ -134,6 +134,28 @@ std::uint16_t port_of_endpoint(const coap_endpoint_t* endpoint) {
   return bound ? bound->port : 0;
 }
 
+// One endpoint, its UDP port ours alone (address.hpp, "exclusive UDP ports"): libcoap 4.3.1 binds with
+// SO_REUSEADDR, which would let it share the port with any other socket that sets it.
+Result<coap_endpoint_t*> bind_exclusively(coap_context_t* context, const std::string& host, std::uint16_t port,
+                                          coap_proto_t proto) {
+  const std::string url = std::string(proto == COAP_PROTO_DTLS ? "coaps://" : "coap://") + host + ":" +
+                          std::to_string(port);
+  const auto refuse = [&](const Error& error) {
+    return make_error(error.code, "cannot listen on " + url + ": " + error.message);
+  };
+  auto wanted = parse_address(host, port);
+  if (!wanted.ok()) return std::move(wanted).error();
+  auto numeric = numeric_address(host, port);
+  if (!numeric.ok()) return std::move(numeric).error();
+  if (auto free = check_udp_port_free(*numeric); !free.ok()) return refuse(free.error());
+  coap_endpoint_t* endpoint = coap_new_endpoint(context, &*wanted, proto);
+  if (endpoint == nullptr) return make_error(Errc::io, "cannot listen on " + url + " (address not configured?)");
+  auto bound = numeric_address(host, port_of_endpoint(endpoint));
+  if (!bound.ok()) return std::move(bound).error();
+  if (auto exclusive = make_udp_port_exclusive(*bound); !exclusive.ok()) return refuse(exclusive.error());
+  return endpoint;
+}
+
 }  // namespace
 
 // ---- Node::Impl: session records and failures ----------------------------------------------------------------
@@ -360,14 +382,9 @@ Result<std::unique_ptr<Node>> Node::create(NodeConfig config) {
 
     std::uint16_t port = cfg.secure_port;
     for (const auto& host : cfg.secure_addresses) {
-      auto address = parse_address(host, port);
-      if (!address.ok()) return std::move(address).error();
-      coap_endpoint_t* endpoint = coap_new_endpoint(context, &*address, COAP_PROTO_DTLS);
-      if (endpoint == nullptr) {
-        return make_error(Errc::io, "cannot listen on coaps://" + host + ":" + std::to_string(port) +
-                                        " (address in use or not configured?)");
-      }
-      port = port_of_endpoint(endpoint);  // with port 0, every address family gets the first one's port
+      auto endpoint = bind_exclusively(context, host, port, COAP_PROTO_DTLS);
+      if (!endpoint.ok()) return std::move(endpoint).error();
+      port = port_of_endpoint(*endpoint);  // with port 0, every address family gets the first one's port
       impl->bound_secure_port = port;
     }
     if (!cfg.local_address.empty()) {
@@ -377,12 +394,9 @@ Result<std::unique_ptr<Node>> Node::create(NodeConfig config) {
         return make_error(Errc::invalid_argument, "local (plain CoAP) endpoint '" + cfg.local_address +
                                                       "' is not a loopback address: only 127.0.0.0/8 or ::1 allowed");
       }
-      coap_endpoint_t* endpoint = coap_new_endpoint(context, &*address, COAP_PROTO_UDP);
-      if (endpoint == nullptr) {
-        return make_error(Errc::io, "cannot listen on coap://" + cfg.local_address + ":" +
-                                        std::to_string(cfg.local_port));
-      }
-      impl->bound_local_port = port_of_endpoint(endpoint);
+      auto endpoint = bind_exclusively(context, cfg.local_address, cfg.local_port, COAP_PROTO_UDP);
+      if (!endpoint.ok()) return std::move(endpoint).error();
+      impl->bound_local_port = port_of_endpoint(*endpoint);
     }
     // One catch-all resource; routing by method and path prefix is ours (add_route).
     coap_resource_t* resource = coap_resource_unknown_init2(on_request, 0);

@@ -86,6 +86,22 @@ std::string man_page_section(const SectionSpec& section);
 // with more paragraphs of its own.
 std::string man_page_entry(const KeySpec& spec);
 
+// How a changed key takes effect on reload (SIGHUP, dauthctl reload). The one place that decides is the table of
+// reload_rules() (config_schema.cpp, next to the schema; tests/daemon/test_config.cpp checks that it names every
+// schema key exactly once); Daemon::reload and Roles::reload apply what it calls live.
+enum class Reload : std::uint8_t {
+  live,            // applied by the reload
+  restart,         // bound or built once at start: the running value stays until a restart, and reload says so
+  live_while_set,  // a new value is applied; setting or removing it needs a restart (an AE's endpoint)
+};
+struct ReloadRule {
+  std::string_view section;
+  std::string_view name;
+  Reload reload;
+};
+const std::vector<ReloadRule>& reload_rules();
+Reload reload_rule(std::string_view section, std::string_view name);  // Reload::restart for a key not in the table
+
 using ConfigValue = std::variant<bool, std::int64_t, std::string, std::vector<std::string>>;
 
 // One key's effective value and where it came from (line 0: the default).
@@ -214,7 +230,27 @@ Result<Config> parse_config(std::string_view text, std::string_view source_name)
 // Reads and parses a file; Errc::io when it cannot be read.
 Result<Config> load_config(const std::filesystem::path& file);
 
+// ----- what a reload changes (config_reload.cpp) -----
+
+// The values a running daemon keeps until a restart, by config name: each present role section ("mef"), each
+// local AE ("enrolee.ae (CAE-meter)"), every key whose rule is restart ("mef.listen", "enrolee.ae.
+// certificate_enrolment (CAE-meter)") and, for live_while_set keys, whether they are set. Taken at start; a
+// reload compares the new file's with it, so a change reverted before the restart is no longer pending.
+using RestartValues = std::map<std::string, std::string>;
+RestartValues restart_values(const Config& config);
+// The config names whose value differs between the two (in either direction), sorted.
+std::vector<std::string> restart_pending(const RestartValues& running, const RestartValues& fresh);
+// The keys a reload from `before` to `after` applies: live keys whose value changed, live_while_set keys whose
+// value changed while set on both sides, and rows of the live arrays of tables added or removed
+// ("peer.policy[2]"). Local AEs are matched by id ("enrolee.ae.local_source (CAE-meter)"), other rows by position.
+std::vector<std::string> live_changes(const Config& before, const Config& after);
+
 // ----- key material named by the configuration -----
+
+// SystemdCredential::later (dauthd --check-config outside systemd): with master_key_source = "credential" and no
+// $CREDENTIALS_DIRECTORY, the master key is left out (it comes from LoadCredential= when systemd starts the unit)
+// instead of refused.
+enum class SystemdCredential : std::uint8_t { required, later };
 
 // The master key and every key file of a Config, loaded into guarded memory. Movable, not copyable.
 class LoadedSecrets {
@@ -230,13 +266,13 @@ class LoadedSecrets {
   std::size_t size() const { return files_.size() + (master_key_.empty() ? 0 : 1); }
 
  private:
-  friend Result<LoadedSecrets> load_secrets(const Config& config);
+  friend Result<LoadedSecrets> load_secrets(const Config& config, SystemdCredential credential);
   SecretBuffer master_key_;
   std::map<std::string, Key> files_;
 };
 
 // Loads the master key (daemon.master_key_source) and every key file of config. Fails closed (docs/conventions.md §12):
 // the first unreadable, group/world-accessible or malformed file is an error naming the key, file and reason.
-Result<LoadedSecrets> load_secrets(const Config& config);
+Result<LoadedSecrets> load_secrets(const Config& config, SystemdCredential credential = SystemdCredential::required);
 
 }  // namespace dauth::daemon

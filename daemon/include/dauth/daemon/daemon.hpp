@@ -48,6 +48,9 @@ class Daemon {
 
   // SIGHUP: parse and validate the file again, load its secrets, then swap. A bad file or an unloadable key
   // keeps the running configuration and reports the reason (log, STATUS=, status verb). Live sessions stay.
+  // All or nothing, and it says what it did: every changed key is applied (reload rule live) or, its running
+  // value kept, listed as needing a restart (logged "needs a restart: KEY", status restart_pending, until a
+  // restart or until the file has the running value again).
   Result<void> reload();
 
   nlohmann::json status_json() const;
@@ -84,6 +87,9 @@ class Daemon {
   std::uint64_t reload_failures_ = 0;
   std::optional<std::string> last_reload_error_;
   std::time_t last_reload_at_ = 0;
+  std::vector<std::string> last_reload_applied_;  // config names the last successful reload applied
+  RestartValues running_restart_values_;          // taken at start: what the running daemon was built from
+  std::vector<std::string> restart_pending_;      // config names whose new value waits for a restart
   bool stopping_ = false;
 };
 

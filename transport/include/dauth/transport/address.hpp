@@ -46,4 +46,25 @@ bool is_loopback(const sockaddr& address) noexcept;
 // The same for an IP literal ("127.0.0.2", "::1"); false for anything that is not one.
 bool is_loopback_ip(const std::string& host);
 
+// "127.0.0.1:5684", "[::1]:5684": the address as dauth writes it in messages.
+std::string address_text(const SocketAddress& address);
+
+// ---- exclusive UDP ports (docs/transport.md §3, "Exclusive ports") ----
+// libcoap 4.3.1 sets SO_REUSEADDR on every UDP endpoint it binds, and Linux lets any number of sockets that all set
+// it share a UDP port, each getting some of the datagrams. dauth's endpoints are exclusive: bind_exclusively() is
+// the only way transport binds one, and --check-config asks check_udp_port_free() the same question.
+
+// Whether a UDP socket could bind `address` alone right now: a probe bind without SO_REUSEADDR (an IPv6 one
+// dual-stack, as libcoap binds it), which fails against any socket holding the port, with or without
+// SO_REUSEADDR. Errc::exists "UDP port in use by another socket ..." when one does; Errc::io for other bind errors
+// (an address this host does not have). Port 0 is always free. Messages do not repeat the address: callers name it.
+Result<void> check_udp_port_free(const SocketAddress& address);
+
+// After libcoap bound `bound` (its port resolved): clears SO_REUSEADDR on this process's UDP socket bound there, so
+// that no socket binds the port from now on, then checks that none did before (/proc/net/udp and udp6: the short
+// window between check_udp_port_free() and libcoap's bind, where another socket setting SO_REUSEADDR, e.g. a
+// second dauthd starting at the same moment, could have joined). Errc::exists when another socket shares the port;
+// Errc::internal when our own socket is not found.
+Result<void> make_udp_port_exclusive(const SocketAddress& bound);
+
 }  // namespace dauth::transport
