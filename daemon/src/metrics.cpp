@@ -15,7 +15,8 @@ const std::vector<MetricInfo>& metric_catalogue() {
       // the daemon
       {"dauth_build_info", T::gauge, "Always 1; the version label names the running dauthd.", {"version"}},
       {"dauth_uptime_seconds", T::gauge, "Seconds since dauthd started.", {}},
-      {"dauth_keys_loaded", T::gauge, "Keys read from files at start or the last reload (master key and Kpm files).", {}},
+      {"dauth_keys_loaded", T::gauge, "Keys read from files at start or the last reload (master key and Kpm files).",
+       {}},
       {"dauth_reloads_total", T::counter, "Configuration reloads applied (SIGHUP or dauthctl reload).", {}},
       {"dauth_reload_failures_total", T::counter, "Reloads refused; the running configuration was kept.", {}},
       {"dauth_control_requests_total", T::counter, "Request lines received on the control socket.", {}},
@@ -81,6 +82,8 @@ const std::vector<MetricInfo>& metric_catalogue() {
       // the MEF
       {"dauth_mef_enrolment_keys", T::gauge,
        "Enrolment keys (KeIDs) in the key store by state (valid, expired, revoked).", {"state"}},
+      {"dauth_mef_issued_certificates", T::gauge,
+       "AE-ID certificates the MEF issued over EST by state (valid, expired, revoked).", {"state"}},
       // the key store
       {"dauth_keystore_records", T::gauge, "Records in the key store.", {}},
       {"dauth_keystore_fdatasync_total", T::counter, "Journal fdatasyncs of the key store.", {}},

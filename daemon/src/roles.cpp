@@ -1179,7 +1179,8 @@ void Roles::stats(MetricSet& out) const {
                             transport::FailureKind::request_rejected, transport::FailureKind::request_failed,
                             transport::FailureKind::limit}) {
       const auto it = driver->failures.find(kind);
-      out.add("dauth_transport_failures_total", {{"node", driver->name}, {"kind", std::string(transport::to_string(kind))}},
+      out.add("dauth_transport_failures_total",
+              {{"node", driver->name}, {"kind", std::string(transport::to_string(kind))}},
               it == driver->failures.end() ? 0 : it->second);
     }
   }
@@ -1215,23 +1216,33 @@ void Roles::stats(MetricSet& out) const {
     const std::string& fqdn = s.config.mef->fqdn;
     if (s.mef_certificate_expires_at != 0) expiry("mef_certificate", fqdn, s.mef_certificate_expires_at);
     if (s.mef_issuing_ca_expires_at != 0) expiry("mef_issuing_ca", fqdn, s.mef_issuing_ca_expires_at);
-    // Counts, not one series per KeID: an MEF issues without bound, the configuration does not say how many.
-    std::uint64_t valid = 0;
-    std::uint64_t expired = 0;
-    std::uint64_t revoked = 0;
-    s.store->for_each(crypto::RecordKind::enrolment_key, [&](const crypto::Record& r) {
+    // Counts by state, not one series per KeID or serial: an MEF issues without a bound the configuration sets.
+    const auto by_state = [&](const char* metric, crypto::RecordKind kind, auto times) {
+      std::uint64_t valid = 0;
+      std::uint64_t expired = 0;
+      std::uint64_t revoked = 0;
+      s.store->for_each(kind, [&](const crypto::Record& r) {
+        const auto [expires_at, revoked_at] = times(r);
+        if (revoked_at != 0) {
+          ++revoked;
+        } else if (expires_at <= now) {
+          ++expired;
+        } else {
+          ++valid;
+        }
+      });
+      out.add(metric, {{"state", "valid"}}, valid);
+      out.add(metric, {{"state", "expired"}}, expired);
+      out.add(metric, {{"state", "revoked"}}, revoked);
+    };
+    by_state("dauth_mef_enrolment_keys", crypto::RecordKind::enrolment_key, [](const crypto::Record& r) {
       const auto& e = std::get<crypto::EnrolmentKeyRecord>(r);
-      if (e.revoked_at != 0) {
-        ++revoked;
-      } else if (e.expires_at <= now) {
-        ++expired;
-      } else {
-        ++valid;
-      }
+      return std::pair{e.expires_at, e.revoked_at};
     });
-    out.add("dauth_mef_enrolment_keys", {{"state", "valid"}}, valid);
-    out.add("dauth_mef_enrolment_keys", {{"state", "expired"}}, expired);
-    out.add("dauth_mef_enrolment_keys", {{"state", "revoked"}}, revoked);
+    by_state("dauth_mef_issued_certificates", crypto::RecordKind::issuance, [](const crypto::Record& r) {
+      const auto& i = std::get<crypto::IssuanceRecord>(r);
+      return std::pair{i.expires_at, i.revoked_at};
+    });
   }
 
   // Configured peers (peer.address): the proxy's view of each.

@@ -67,8 +67,8 @@ struct MefDaemon {
                                 "\n\n[mef]\nfqdn = \"mef.example.net\"\nlisten = \"127.0.0.1:" +
                                 std::to_string(dauth::test::free_loopback_port()) + "\"\n",
                             0600);
-    process = std::make_unique<DaemonProcess>(std::vector<std::string>{DAUTHD_PATH, "-c", (dir / "dauthd.toml").string()},
-                                              std::vector<std::string>{}, log);
+    process = std::make_unique<DaemonProcess>(
+        std::vector<std::string>{DAUTHD_PATH, "-c", (dir / "dauthd.toml").string()}, std::vector<std::string>{}, log);
     REQUIRE(dauth::test::wait_for_control_socket(socket));
     // With max_control_clients = 1 the probe's connection may still count until dauthd has seen it close.
     bool served = false;

@@ -69,14 +69,16 @@ TEST_CASE("stats --prometheus parses with HELP and TYPE for every family and has
   CHECK(sample(a, "dauth_enrolment_state", {{"ae", "CAE-meter"}, {"state", "enrolled"}}) == std::optional<double>(1));
   CHECK(sample(a, "dauth_enrolment_state", {{"ae", "CAE-meter"}, {"state", "failed"}}) == std::optional<double>(0));
   CHECK(sample(a, "dauth_enrolment_attempts", {{"ae", "CAE-meter"}}).value_or(0) >= 1);
-  const auto expiry = sample(a, "dauth_credential_expires_in_seconds", {{"kind", "enrolment_key"}, {"owner", "CAE-meter"}});
+  const auto expiry =
+      sample(a, "dauth_credential_expires_in_seconds", {{"kind", "enrolment_key"}, {"owner", "CAE-meter"}});
   REQUIRE(expiry.has_value());
   CHECK(*expiry > 2592000 - 120);
   CHECK(*expiry <= 2592000);
   // Per node and failure kind, from zero; per configured peer.
   CHECK(a["dauth_transport_failures"]["type"] == "counter");
   for (const std::string node : {"enrolee", "peer"}) {
-    for (const std::string kind : {"handshake_failed", "handshake_timeout", "request_rejected", "request_failed", "limit"}) {
+    for (const std::string kind :
+         {"handshake_failed", "handshake_timeout", "request_rejected", "request_failed", "limit"}) {
       INFO(node << " " << kind);
       CHECK(sample(a, "dauth_transport_failures", {{"node", node}, {"kind", kind}}).has_value());
     }
@@ -94,6 +96,7 @@ TEST_CASE("stats --prometheus parses with HELP and TYPE for every family and has
   CHECK(sample(mef, "dauth_credential_expires_in_seconds", {{"kind", "mef_issuing_ca"}, {"owner", "mef.demo.test"}})
             .has_value());
   CHECK(sample(mef, "dauth_mef_enrolment_keys", {{"state", "valid"}}).value_or(0) >= 1);
+  CHECK(sample(mef, "dauth_mef_issued_certificates", {{"state", "revoked"}}) == std::optional<double>(0));
   CHECK(sample(mef, "dauth_handshakes_completed", {{"node", "mef"}}).value_or(0) >= 1);
 
   // --json keeps the keys earlier versions had, next to the families.
