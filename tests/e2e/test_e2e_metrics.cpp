@@ -34,7 +34,8 @@ std::optional<double> sample(const nlohmann::json& families, const std::string& 
   return std::nullopt;
 }
 
-// Label values are configured names and enum words: never an address (bounded cardinality, docs/metrics.md).
+// Label values are configured names and enum words: never an address or a stranger's identity (bounded
+// cardinality, docs/metrics.md).
 void check_no_addresses(const nlohmann::json& families) {
   for (const auto& [name, family] : families.items()) {
     CHECK((family["type"] == "counter" || family["type"] == "gauge"));
@@ -42,6 +43,7 @@ void check_no_addresses(const nlohmann::json& families) {
       for (const auto& [label, value] : s["labels"].items()) {
         INFO(name << "{" << label << "=" << value << "}");
         CHECK(value.get<std::string>().find("127.0.0.1") == std::string::npos);
+        CHECK(value.get<std::string>().find("stranger") == std::string::npos);  // an identity nobody configured
       }
     }
   }
@@ -86,8 +88,14 @@ TEST_CASE("stats --prometheus parses with HELP and TYPE for every family and has
   CHECK(sample(a, "dauth_handshakes_completed", {{"node", "enrolee"}}).value_or(0) >= 1);
   CHECK(sample(a, "dauth_proxy_peer_requests", {{"peer", "CAE-valve"}}) == std::optional<double>(0));
 
-  // The MEF: its own certificate and issuing CA, and its enrolment keys by state.
+  // The MEF: a stranger's handshake counted by kind (the log has its address and identity, the series not), its
+  // own certificate and issuing CA, and its enrolment keys by state.
+  const auto stranger = run_command({"coap-client-gnutls", "-B", "3", "-u", "stranger@mef.demo.test", "-k",
+                                     "00112233445566778899aabbccddeeff",
+                                     "coaps://127.0.0.1:" + std::to_string(d.ports().at("MEF_PORT")) + "/x"});
+  INFO(stranger.output);
   const auto mef = prometheus_families(d, "mef");
+  CHECK(sample(mef, "dauth_transport_failures", {{"node", "mef"}, {"kind", "handshake_failed"}}).value_or(0) >= 1);
   check_no_addresses(mef);
   const auto mef_certificate =
       sample(mef, "dauth_credential_expires_in_seconds", {{"kind", "mef_certificate"}, {"owner", "mef.demo.test"}});
