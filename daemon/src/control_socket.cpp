@@ -236,8 +236,7 @@ void ControlServer::on_accept() {
     client->watch = std::move(watch).value();
     Client& stored = *clients_.emplace(id, std::move(client)).first->second;
     if (!refusal) {
-      log::notice(refusal.error().message);
-      queue_reply(stored, refusal);
+      queue_reply(stored, refusal, /*connection_refused=*/true);
       stored.close_after_flush = true;
       flush(id);
     }
@@ -285,15 +284,13 @@ void ControlServer::on_client(std::uint64_t id, std::uint32_t events) {
     std::string line = client.input.substr(start, newline - start);
     start = newline + 1;
     if (!line.empty() && line.back() == '\r') line.pop_back();
-    if (line.empty()) continue;
-    handle_line(client, line, std::move(fds));
+    handle_line(client, line, std::move(fds));  // an empty line too: every line gets its reply
   }
   client.input.erase(0, start);
   client.consumed += start;
   const auto pending_newline = client.input.find('\n');
   const std::size_t pending_line = pending_newline == std::string::npos ? client.input.size() : pending_newline;
   if (pending_line > kMaxLineBytes) {
-    ++failed_;
     queue_reply(client, make_error(Errc::limit, "request line longer than " + std::to_string(kMaxLineBytes) +
                                                     " bytes; closing the connection"));
     client.input.clear();
@@ -328,7 +325,6 @@ bool ControlServer::receive(Client& client, char* buffer, std::size_t size, ssiz
   // verb takes.
   if ((message.msg_flags & MSG_CTRUNC) != 0 || client.fds.size() > kMaxFdsPerRequest) {
     client.fds.clear();
-    ++failed_;
     queue_reply(client, make_error(Errc::limit, "more than " + std::to_string(kMaxFdsPerRequest) +
                                                     " file descriptors sent with one request; closing the connection"));
     client.input.clear();
@@ -340,16 +336,19 @@ bool ControlServer::receive(Client& client, char* buffer, std::size_t size, ssiz
 
 void ControlServer::handle_line(Client& client, const std::string& line, std::vector<UniqueFd> fds) {
   ++requests_;
+  if (line.empty()) {
+    queue_reply(client, make_error(Errc::parse, "empty request line: expected one JSON object per line, such as "
+                                                "{\"verb\": \"status\", \"args\": {}}"));
+    return;
+  }
   const auto request = nlohmann::json::parse(line, nullptr, false);
   if (request.is_discarded() || !request.is_object()) {
-    ++failed_;
     queue_reply(client, make_error(Errc::parse, "request is not a JSON object on one line: expected "
                                                 "{\"verb\": \"status\", \"args\": {}}"));
     return;
   }
   const auto verb = request.find("verb");
   if (verb == request.end() || !verb->is_string()) {
-    ++failed_;
     queue_reply(client, make_error(Errc::invalid_argument, "request has no \"verb\" string"));
     return;
   }
@@ -359,7 +358,6 @@ void ControlServer::handle_line(Client& client, const std::string& line, std::ve
   parsed.args = nlohmann::json::object();
   if (const auto args = request.find("args"); args != request.end()) {
     if (!args->is_object()) {
-      ++failed_;
       queue_reply(client, make_error(Errc::invalid_argument, parsed.verb + ": \"args\" must be an object"));
       return;
     }
@@ -367,7 +365,6 @@ void ControlServer::handle_line(Client& client, const std::string& line, std::ve
   }
   const auto handler = verbs_.find(parsed.verb);
   if (handler == verbs_.end()) {
-    ++failed_;
     std::string known;
     for (const auto& [name, h] : verbs_) known += (known.empty() ? "" : ", ") + name;
     queue_reply(client, make_error(Errc::invalid_argument, "unknown verb " + crypto::quote_for_error(parsed.verb) +
@@ -375,7 +372,6 @@ void ControlServer::handle_line(Client& client, const std::string& line, std::ve
     return;
   }
   if (fds.size() > handler->second.max_fds) {
-    ++failed_;
     queue_reply(client, make_error(Errc::invalid_argument,
                                    parsed.verb + ": " + std::to_string(fds.size()) +
                                        " file descriptor(s) sent with the request, closed unread; this verb takes " +
@@ -394,7 +390,6 @@ void ControlServer::handle_line(Client& client, const std::string& line, std::ve
   } catch (const std::exception& e) {
     outcome = make_error(Errc::internal, parsed.verb + ": " + e.what());
   }
-  if (!outcome) ++failed_;
   queue_reply(client, outcome);
 }
 
@@ -409,9 +404,48 @@ std::string ControlServer::reply_line(const Result<nlohmann::json>& outcome) {
   return reply.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 
-void ControlServer::queue_reply(Client& client, const Result<nlohmann::json>& outcome) {
+void ControlServer::queue_reply(Client& client, const Result<nlohmann::json>& outcome, bool connection_refused) {
+  if (!outcome) {
+    ++failed_;
+    log_failure(client.peer, outcome.error(), connection_refused);
+  }
   client.output += reply_line(outcome);
   client.output += '\n';
+}
+
+// Each failure reply once, with the client: a refused connection (permission, client limit) at warning, since it
+// is someone the configuration does not let in or something holding every slot; a failed request at notice, since
+// its client got the reason in the reply. A client can cause these in a loop: past kFailureLogBurst lines in
+// kFailureLogWindow the rest are counted, and one line at the window's end says how many.
+void ControlServer::log_failure(const ControlPeer& peer, const Error& error, bool connection_refused) {
+  const auto now = std::chrono::steady_clock::now();
+  if (now - failure_window_start_ >= kFailureLogWindow) {
+    failure_window_start_ = now;
+    failures_logged_ = 0;
+  }
+  if (failures_logged_ >= kFailureLogBurst) {
+    if (failures_suppressed_++ == 0) {
+      auto timer = loop_.add_timer(
+          std::max(std::chrono::milliseconds(1), std::chrono::duration_cast<std::chrono::milliseconds>(
+                                                     failure_window_start_ + kFailureLogWindow - now)),
+          std::chrono::milliseconds(0), [this] {
+            log::notice("control: " + std::to_string(failures_suppressed_) + " more failed request(s) not logged");
+            failures_suppressed_ = 0;
+            suppression_timer_.reset();
+          });
+      if (timer) suppression_timer_ = std::move(timer).value();
+    }
+    return;
+  }
+  ++failures_logged_;
+  const std::string line = std::string("control: ") + (connection_refused ? "connection" : "request") + " of uid " +
+                           std::to_string(peer.uid) + " pid " + std::to_string(peer.pid) + " refused (" +
+                           std::string(to_string(error.code)) + "): " + error.message;
+  if (connection_refused) {
+    log::warning(line);
+  } else {
+    log::notice(line);
+  }
 }
 
 bool ControlServer::flush(std::uint64_t id) {

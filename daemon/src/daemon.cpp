@@ -13,6 +13,7 @@
 #include "dauth/daemon/check_config.hpp"
 #include "dauth/crypto/keystore.hpp"
 #include "dauth/daemon/log.hpp"
+#include "metrics.hpp"
 #include "roles.hpp"
 #include "verbs/verbs.hpp"
 
@@ -308,19 +309,19 @@ nlohmann::json Daemon::status_json() const {
 }
 
 nlohmann::json Daemon::stats_json() const {
-  nlohmann::json out = {
-      {"uptime_seconds", static_cast<std::int64_t>(now() - started_at_)},
-      {"control_requests_total", control_ ? control_->requests_served() : 0},
-      {"control_requests_failed_total", control_ ? control_->requests_failed() : 0},
-      {"control_clients", control_ ? control_->client_count() : 0},
-      {"reloads_total", reloads_},
-      {"reload_failures_total", reload_failures_},
-      {"sd_notify_sent_total", notifier_.sent()},
-      {"sd_notify_failures_total", notifier_.failures()},
-      {"keys_loaded", secrets_.size()},
-  };
-  if (roles_) out.update(roles_->stats());
-  return out;
+  MetricSet metrics;
+  metrics.add("dauth_build_info", {{"version", std::string(version())}}, 1);
+  metrics.add("dauth_uptime_seconds", static_cast<std::int64_t>(now() - started_at_));
+  metrics.add("dauth_keys_loaded", secrets_.size());
+  metrics.add("dauth_reloads_total", reloads_);
+  metrics.add("dauth_reload_failures_total", reload_failures_);
+  metrics.add("dauth_control_requests_total", control_ ? control_->requests_served() : 0);
+  metrics.add("dauth_control_requests_failed_total", control_ ? control_->requests_failed() : 0);
+  metrics.add("dauth_control_clients", control_ ? control_->client_count() : 0);
+  metrics.add("dauth_sd_notify_sent_total", notifier_.sent());
+  metrics.add("dauth_sd_notify_failures_total", notifier_.failures());
+  if (roles_) roles_->stats(metrics);
+  return metrics.to_json();
 }
 
 }  // namespace dauth::daemon

@@ -13,6 +13,7 @@
 #include "dauth/daemon/log.hpp"
 #include "dauth/rspf/credential_rules.hpp"
 #include "dauth/transport/address.hpp"
+#include "metrics.hpp"
 
 namespace dauth::daemon {
 
@@ -480,7 +481,8 @@ Result<void> Roles::Impl::resolve_peers(const Config& cfg, std::map<std::string,
 
 // A Node's failure, once: logged under the node's name; the MEF's handshake failures also become the latest failure
 // of the enrolee whose identity was offered (dauthctl show on the MEF).
-void Roles::Impl::on_node_failure(const NodeDriver& driver, const transport::Failure& failure) {
+void Roles::Impl::on_node_failure(NodeDriver& driver, const transport::Failure& failure) {
+  ++driver.failures[failure.kind];
   log::info(driver.name + " " + transport::format_failure(failure));
   const bool handshake = failure.kind == transport::FailureKind::handshake_failed ||
                          failure.kind == transport::FailureKind::handshake_timeout;
@@ -521,6 +523,7 @@ void Roles::Impl::start_enrolment(LocalAeState& ae) {
     } else {
       ae.last_error = outcome.error().message;
       ae.last_error_at = unix_now();
+      ++ae.attempts_failed;
       count("enrolments_failed_total");
     }
     // Renewal at 2/3 of the lifetime, or the next backoff step with jitter (Enrolee::next_attempt_delay()).
@@ -584,6 +587,9 @@ Result<void> start_mef(Roles::Impl& s, const Config& config) {
   if (!config.mef->certificate_file.empty()) {
     auto x509 = mef_x509_credentials(*config.mef);
     if (!x509) return std::move(x509).error();
+    if (auto loaded = crypto::Certificate::load_file(config.mef->certificate_file.string())) {
+      s.mef_certificate_expires_at = static_cast<std::int64_t>(loaded->not_after());
+    }
     node_config.x509 = std::move(x509).value();
   }
   auto driver = add_node_driver(s, "mef", std::move(node_config));
@@ -598,6 +604,7 @@ Result<void> start_mef(Roles::Impl& s, const Config& config) {
     if (!certificate) return make_error(certificate.error().code, "mef.issuing_ca_certificate: " + certificate.error().message);
     auto key = crypto::PrivateKey::load_file(config.mef->issuing_ca_key.string());
     if (!key) return make_error(key.error().code, "mef.issuing_ca_key: " + key.error().message);
+    s.mef_issuing_ca_expires_at = static_cast<std::int64_t>(certificate->not_after());
     auto ca = crypto::CertificateAuthority::from(std::move(certificate).value(), std::move(key).value());
     if (!ca) return make_error(ca.error().code, "mef issuing CA: " + ca.error().message);
     mef_config.ca.emplace(std::move(ca).value());
@@ -1322,33 +1329,132 @@ nlohmann::json Roles::peers() const {
   return {{"peers", rows}};
 }
 
-nlohmann::json Roles::stats() const {
-  nlohmann::json out = nlohmann::json::object();
-  for (const auto& [name, value] : impl_->counters) out[name] = value;
-  for (const auto& driver : impl_->drivers) {
-    const auto s = driver->node->stats();
-    const std::string p = driver->name + "_";
-    out[p + "handshakes_completed_total"] = s.handshakes_completed;
-    out[p + "handshakes_failed_total"] = s.handshakes_failed;
-    out[p + "handshakes_restarted_total"] = s.handshakes_restarted;
-    out[p + "requests_served_total"] = s.requests_served;
-    out[p + "requests_rejected_total"] = s.requests_rejected;
-    out[p + "client_requests_failed_total"] = s.client_requests_failed;
-    out[p + "server_sessions"] = s.live_server_sessions;
-    out[p + "client_sessions"] = s.live_client_sessions;
+void Roles::stats(MetricSet& out) const {
+  const Impl& s = *impl_;
+  const std::int64_t now = unix_now();
+  // Role counters (Impl::count) are reported from zero for the roles that count them, so that a series exists
+  // before its first event.
+  const auto role_counters = [&](std::initializer_list<const char*> names) {
+    for (const char* name : names) {
+      const auto it = s.counters.find(std::string(name).substr(6));  // counted without the "dauth_" prefix
+      out.add(name, it == s.counters.end() ? 0 : it->second);
+    }
+  };
+  if (!s.aes.empty()) {
+    role_counters({"dauth_enrolments_started_total", "dauth_enrolments_succeeded_total",
+                   "dauth_enrolments_failed_total"});
   }
-  out["keystore_records"] = impl_->store->size();
+  if (s.peer_driver && s.config.enrolee) {
+    role_counters({"dauth_proxy_requests_total", "dauth_proxy_forwarded_total", "dauth_proxy_rejected_total",
+                   "dauth_proxy_retries_total", "dauth_proxy_failed_total"});
+  }
+  if (s.peer_driver) {
+    role_counters({"dauth_peer_requests_total", "dauth_peer_rejected_total", "dauth_peer_impersonation_total",
+                   "dauth_peer_denied_total", "dauth_peer_delivered_total", "dauth_peer_delivery_failed_total"});
+  }
+  if (s.target_keys) role_counters({"dauth_key_fetches_succeeded_total", "dauth_key_fetches_failed_total"});
+
+  for (const auto& driver : s.drivers) {
+    const auto n = driver->node->stats();
+    const MetricLabels node{{"node", driver->name}};
+    out.add("dauth_handshakes_completed_total", node, n.handshakes_completed);
+    out.add("dauth_handshakes_failed_total", node, n.handshakes_failed);
+    out.add("dauth_handshakes_restarted_total", node, n.handshakes_restarted);
+    out.add("dauth_requests_served_total", node, n.requests_served);
+    out.add("dauth_requests_rejected_total", node, n.requests_rejected);
+    out.add("dauth_client_requests_failed_total", node, n.client_requests_failed);
+    out.add("dauth_server_sessions", node, n.live_server_sessions);
+    out.add("dauth_client_sessions", node, n.live_client_sessions);
+    for (const auto kind : {transport::FailureKind::handshake_failed, transport::FailureKind::handshake_timeout,
+                            transport::FailureKind::request_rejected, transport::FailureKind::request_failed,
+                            transport::FailureKind::limit}) {
+      const auto it = driver->failures.find(kind);
+      out.add("dauth_transport_failures_total",
+              {{"node", driver->name}, {"kind", std::string(transport::to_string(kind))}},
+              it == driver->failures.end() ? 0 : it->second);
+    }
+  }
+
+  // Local AEs: configured ones only, so the series are bounded by the configuration.
+  const auto expiry = [&](const char* kind, const std::string& owner, std::int64_t expires_at) {
+    out.add("dauth_credential_expires_in_seconds", {{"kind", kind}, {"owner", owner}}, expires_at - now);
+  };
+  for (const auto& ae : s.aes) {
+    const std::string& id = ae->config.id;
+    out.add("dauth_enrolment_attempts_total", {{"ae", id}}, ae->attempts_started);
+    out.add("dauth_enrolment_failures_total", {{"ae", id}}, ae->attempts_failed);
+    for (const auto state : {rspf::EnroleeState::idle, rspf::EnroleeState::enrolling, rspf::EnroleeState::enrolled,
+                             rspf::EnroleeState::failed}) {
+      out.add("dauth_enrolment_state", {{"ae", id}, {"state", std::string(rspf::to_string(state))}},
+              ae->enrolee && ae->enrolee->state() == state ? 1 : 0);
+    }
+    if (const auto ke_id = ae->enrolee ? ae->enrolee->ke_id() : std::nullopt) {
+      if (const auto* record = s.store->find<crypto::EnrolmentKeyRecord>(*ke_id)) {
+        expiry("enrolment_key", id, record->expires_at);
+      }
+    }
+    // The certificate x509_of_local_ae() presents: the one issued over EST while valid, else the device's.
+    const crypto::CertificateRecord* certificate = s.store->find<crypto::CertificateRecord>(id);
+    if (certificate == nullptr || certificate->chain_der.empty() || certificate->expires_at <= now) {
+      if (const auto* device = s.store->find<crypto::CertificateRecord>(device_certificate_name(id))) {
+        certificate = device;
+      }
+    }
+    if (certificate != nullptr && !certificate->chain_der.empty()) expiry("certificate", id, certificate->expires_at);
+  }
+  if (s.mef) {
+    const std::string& fqdn = s.config.mef->fqdn;
+    if (s.mef_certificate_expires_at != 0) expiry("mef_certificate", fqdn, s.mef_certificate_expires_at);
+    if (s.mef_issuing_ca_expires_at != 0) expiry("mef_issuing_ca", fqdn, s.mef_issuing_ca_expires_at);
+    // Counts by state, not one series per KeID or serial: an MEF issues without a bound the configuration sets.
+    const auto by_state = [&](const char* metric, crypto::RecordKind kind, auto times) {
+      std::uint64_t valid = 0;
+      std::uint64_t expired = 0;
+      std::uint64_t revoked = 0;
+      s.store->for_each(kind, [&](const crypto::Record& r) {
+        const auto [expires_at, revoked_at] = times(r);
+        if (revoked_at != 0) {
+          ++revoked;
+        } else if (expires_at <= now) {
+          ++expired;
+        } else {
+          ++valid;
+        }
+      });
+      out.add(metric, {{"state", "valid"}}, valid);
+      out.add(metric, {{"state", "expired"}}, expired);
+      out.add(metric, {{"state", "revoked"}}, revoked);
+    };
+    by_state("dauth_mef_enrolment_keys", crypto::RecordKind::enrolment_key, [](const crypto::Record& r) {
+      const auto& e = std::get<crypto::EnrolmentKeyRecord>(r);
+      return std::pair{e.expires_at, e.revoked_at};
+    });
+    by_state("dauth_mef_issued_certificates", crypto::RecordKind::issuance, [](const crypto::Record& r) {
+      const auto& i = std::get<crypto::IssuanceRecord>(r);
+      return std::pair{i.expires_at, i.revoked_at};
+    });
+  }
+
+  // Configured peers (peer.address): the proxy's view of each.
+  for (const auto& [ae_id, p] : s.peers) {
+    const MetricLabels peer{{"peer", ae_id}};
+    out.add("dauth_proxy_peer_requests_total", peer, p.requests);
+    out.add("dauth_proxy_peer_failures_total", peer, p.failures);
+    out.add("dauth_proxy_peer_retries_total", peer, p.retries);
+    out.add("dauth_proxy_peer_in_flight", peer, *p.in_flight);
+  }
+
+  if (s.target_keys) out.add("dauth_key_fetches_pending", s.target_keys->fetches_pending());
+  if (s.revocations) {
+    out.add("dauth_revocation_lists_applied_total", s.revocations->notifications());
+    out.add("dauth_revoked_certificates", s.revocations->revoked_count());
+  }
+  out.add("dauth_keystore_records", s.store->size());
   // The disk's share of every durable write (each put/remove waits for one journal fdatasync).
-  const auto syncs = impl_->store->sync_stats();
-  out["keystore_fdatasync_total"] = syncs.syncs;
-  out["keystore_durable_entries_total"] = syncs.entries;  // more than the syncs when group commit shared flushes
-  out["keystore_fdatasync_seconds_total"] = std::chrono::duration<double>(syncs.time).count();
-  if (impl_->target_keys) out["key_fetches_pending"] = impl_->target_keys->fetches_pending();
-  if (impl_->revocations) {
-    out["revocation_lists_applied_total"] = impl_->revocations->notifications();
-    out["revoked_certificates"] = impl_->revocations->revoked_count();
-  }
-  return out;
+  const auto syncs = s.store->sync_stats();
+  out.add("dauth_keystore_fdatasync_total", syncs.syncs);
+  out.add("dauth_keystore_durable_entries_total", syncs.entries);  // more than the syncs when group commit shared
+  out.add("dauth_keystore_fdatasync_seconds_total", std::chrono::duration<double>(syncs.time).count());
 }
 
 nlohmann::json Roles::ports() const {

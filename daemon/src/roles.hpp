@@ -32,6 +32,8 @@
 
 namespace dauth::daemon {
 
+class MetricSet;
+
 // "127.0.0.1:5684", "[::1]:5684", "localhost:5684" -> numeric transport::Peer (getaddrinfo at start and reload
 // only: peer addresses are numeric inside the loop, docs/transport.md).
 Result<transport::Peer> resolve_address(const std::string& text);
@@ -80,7 +82,8 @@ class Roles {
   nlohmann::json peers() const;
   // dauthctl show: local AEs, remote AEs and (MEF) enrolees with their credentials, sessions and latest outcomes.
   nlohmann::json show() const;
-  nlohmann::json stats() const;
+  // The roles' metrics (metrics.hpp): nodes, local AEs, configured peers, the MEF, the key store.
+  void stats(MetricSet& out) const;
   nlohmann::json ports() const;
 
   // SIGTERM (dauthd(8)): from now on new local-AE and peer requests get 5.03 and no enrolment attempt starts;

@@ -32,6 +32,8 @@ struct NodeDriver {
   std::chrono::steady_clock::time_point timer_due = std::chrono::steady_clock::time_point::max();
   int immediate_turns = 0;
   bool in_round = false;
+  // The node's transport failures by kind (its failure observer counts them; `stats` reports them).
+  std::map<transport::FailureKind, std::uint64_t> failures;
 };
 
 struct LocalAeState {
@@ -40,6 +42,7 @@ struct LocalAeState {
   EventLoop::Registration timer;
   std::uint64_t attempts_started = 0;
   std::uint64_t attempts_done = 0;
+  std::uint64_t attempts_failed = 0;
   std::optional<std::string> last_error;
   std::int64_t last_attempt_at = 0;
   std::int64_t next_attempt_delay_ms = 0;  // the delay last scheduled (renewal or backoff step)
@@ -190,6 +193,9 @@ struct Roles::Impl {
   std::map<std::uint64_t, EventLoop::Registration> retry_timers;  // pending first-use retries, by id
   std::uint64_t last_retry_id = 0;
   std::map<std::string, std::uint64_t> counters;
+  // Expiry (unix seconds) of the MEF's certificate and issuing CA as loaded at start, for `stats`; 0: none.
+  std::int64_t mef_certificate_expires_at = 0;
+  std::int64_t mef_issuing_ca_expires_at = 0;
   bool stopping = false;
   // SIGTERM drain (Roles::begin_drain): new requests get 5.03, no enrolment starts, accepted work finishes.
   bool draining = false;
@@ -226,7 +232,7 @@ struct Roles::Impl {
                        std::shared_ptr<transport::Responder> responder, std::size_t attempt);
   void on_peer_request(const transport::Session& session, const transport::Request& request,
                        transport::Responder responder);
-  void on_node_failure(const NodeDriver& driver, const transport::Failure& failure);
+  void on_node_failure(NodeDriver& driver, const transport::Failure& failure);
   void note_session(const std::string& direction, const transport::Session& session, const std::string& peer_ae_id);
   void count(const std::string& name) { ++counters[name]; }
 };

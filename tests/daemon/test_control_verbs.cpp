@@ -8,6 +8,7 @@
 #include <sstream>
 #include <string>
 
+#include "metrics.hpp"
 #include "support.hpp"
 #include "verbs/verbs.hpp"
 
@@ -93,7 +94,65 @@ std::map<std::string, Names> dauthctl_requests(const Names& verbs) {
   return sent;
 }
 
+// docs/control-protocol.md "## Verbs": each verb's args column, as the set of its quoted names ("kpm_id", ...).
+std::map<std::string, Names> protocol_verb_args() {
+  std::map<std::string, Names> args;
+  std::istringstream in(source("docs/control-protocol.md"));
+  std::string line;
+  bool in_section = false;
+  const std::regex row(R"(^\| `([a-z.]+)` \| ([^|]*) \|)");
+  const std::regex quoted(R"re("([a-z_]+)")re");
+  std::smatch m;
+  while (std::getline(in, line)) {
+    if (line.rfind("## ", 0) == 0) in_section = line == "## Verbs";
+    if (!in_section || !std::regex_search(line, m, row)) continue;
+    const std::string column = m[2];
+    Names& names = args[m[1]];
+    for (std::sregex_iterator it(column.begin(), column.end(), quoted), end; it != end; ++it) names.insert((*it)[1]);
+  }
+  return args;
+}
+
+// The catalogue's row as docs/metrics.md writes it: | `name` | type | label, label (or –) | help |
+std::string metric_row(const dauth::daemon::MetricInfo& metric) {
+  std::string labels;
+  for (const auto label : metric.labels) labels += (labels.empty() ? "" : ", ") + std::string(label);
+  return "| `" + std::string(metric.name) + "` | " + std::string(dauth::daemon::to_string(metric.type)) + " | " +
+         (labels.empty() ? "–" : labels) + " | " + std::string(metric.help) + " |";
+}
+
 }  // namespace
+
+TEST_CASE("each verb's declared args are the ones docs/control-protocol.md lists", "[control][docs]") {
+  const auto documented = protocol_verb_args();
+  for (const auto& verb : dauth::daemon::control_verbs()) {
+    INFO(verb.name);
+    const Names declared(verb.args.begin(), verb.args.end());
+    const auto it = documented.find(verb.name);
+    REQUIRE(it != documented.end());
+    CHECK(declared == it->second);
+  }
+}
+
+TEST_CASE("docs/metrics.md lists every metric of the catalogue with its type, labels and help", "[control][docs]") {
+  // The table is the catalogue, row for row: the expected text is printed when they differ, ready to paste.
+  std::string expected = "| metric | type | labels | help |\n|---|---|---|---|\n";
+  std::set<std::string> names;
+  for (const auto& metric : dauth::daemon::metric_catalogue()) {
+    CHECK(names.insert(std::string(metric.name)).second);  // each once
+    INFO(metric.name);
+    CHECK(metric.name.rfind("dauth_", 0) == 0);
+    // Prometheus naming: counters, and only counters, end in _total.
+    const bool total = metric.name.size() > 6 && metric.name.substr(metric.name.size() - 6) == "_total";
+    CHECK(total == (metric.type == dauth::daemon::MetricType::counter));
+    expected += metric_row(metric) + "\n";
+  }
+  CHECK(names.size() >= 40);
+  const std::string doc = source("docs/metrics.md");
+  const auto table = doc.find("| metric | type | labels | help |");
+  REQUIRE(table != std::string::npos);
+  CHECK(doc.substr(table) == expected);
+}
 
 TEST_CASE("the daemon verb table and docs/control-protocol.md list the same verbs and roles", "[control][docs]") {
   const auto documented = protocol_verbs();

@@ -1,8 +1,11 @@
 // The table of dauthd's control verbs and its dispatch (verbs.hpp); the verbs themselves are in one file per group.
 #include "verbs.hpp"
 
+#include <algorithm>
+
 #include "../roles.hpp"
 #include "../secret_file.hpp"
+#include "dauth/crypto/identifiers.hpp"
 
 namespace dauth::daemon {
 
@@ -20,21 +23,23 @@ std::string_view to_string(VerbRole role) noexcept {
 const std::vector<ControlVerb>& control_verbs() {
   using R = VerbRole;
   static const std::vector<ControlVerb> table = {
-      {"show", R::none, 0, run_show},
-      {"status", R::none, 0, run_status},
-      {"stats", R::none, 0, run_stats},
-      {"reload", R::none, 0, run_reload},
-      {"sessions", R::peer, 0, run_sessions},
-      {"peers", R::peer, 0, run_peers},
-      {"credentials.list", R::any, 0, run_credentials_list},
-      {"credentials.add", R::enrolee, 1, run_credentials_add},
-      {"credentials.remove", R::enrolee, 0, run_credentials_remove},
-      {"enrolees.list", R::mef, 0, run_enrolees_list},
-      {"enrolees.add", R::mef, 1, run_enrolees_add},
-      {"enrolees.remove", R::mef, 0, run_enrolees_remove},
-      {"enrol", R::enrolee, 0, run_enrol},
-      {"enrol.status", R::enrolee, 0, run_enrol_status},
-      {"revoke", R::mef, 0, run_revoke},
+      {"show", R::none, 0, {}, run_show},
+      {"status", R::none, 0, {}, run_status},
+      {"stats", R::none, 0, {}, run_stats},
+      {"reload", R::none, 0, {}, run_reload},
+      {"sessions", R::peer, 0, {}, run_sessions},
+      {"peers", R::peer, 0, {}, run_peers},
+      {"credentials.list", R::any, 0, {}, run_credentials_list},
+      {"credentials.add", R::enrolee, 1, {"kpm_id", "ae_id", "key_fd"}, run_credentials_add},
+      {"credentials.remove", R::enrolee, 0, {"kpm_id"}, run_credentials_remove},
+      {"enrolees.list", R::mef, 0, {}, run_enrolees_list},
+      {"enrolees.add", R::mef, 1,
+       {"kpm_id", "key_fd", "enrolee_id", "targets", "lifetime", "certificate_enrolment", "certificate_ae_id"},
+       run_enrolees_add},
+      {"enrolees.remove", R::mef, 0, {"id"}, run_enrolees_remove},
+      {"enrol", R::enrolee, 0, {"ae_id"}, run_enrol},
+      {"enrol.status", R::enrolee, 0, {"ae_id"}, run_enrol_status},
+      {"revoke", R::mef, 0, {"id"}, run_revoke},
   };
   return table;
 }
@@ -54,6 +59,18 @@ Result<nlohmann::json> run_control_verb(const ControlVerb& verb, VerbContext& co
     if (verb.role == VerbRole::any) return make_error(Errc::unsupported, name + ": no role configured");
     const std::string role(to_string(verb.role));
     return make_error(Errc::unsupported, name + ": no " + role + " role configured ([" + role + "] section)");
+  }
+  std::string unknown;
+  for (const auto& [name, value] : request.args.items()) {
+    if (std::find(verb.args.begin(), verb.args.end(), name) == verb.args.end()) {
+      unknown += (unknown.empty() ? "" : ", ") + crypto::quote_for_error(name);
+    }
+  }
+  if (!unknown.empty()) {
+    std::string takes;
+    for (const auto name : verb.args) takes += (takes.empty() ? "" : ", ") + std::string(name);
+    return make_error(Errc::invalid_argument, std::string(verb.name) + ": unknown argument(s) " + unknown +
+                                                  "; it takes " + (takes.empty() ? "none" : takes));
   }
   return verb.run(context, request);
 }

@@ -37,13 +37,17 @@ struct ControlVerb {
   const char* name;
   VerbRole role;
   std::size_t max_fds;  // descriptors that may come with the request (SCM_RIGHTS): the key of *.add
+  // Every name its "args" may have (docs/control-protocol.md's args column); any other is refused by the dispatch,
+  // naming it, before the verb runs: a misspelt optional argument must not be ignored.
+  std::vector<std::string_view> args;
   VerbRun run;
 };
 
 // Every verb, in the order of docs/control-protocol.md.
 const std::vector<ControlVerb>& control_verbs();
 
-// The table's dispatch: refuses a verb whose role is not configured (docs/control-protocol.md), else runs it.
+// The table's dispatch: refuses a verb whose role is not configured and arguments the verb does not declare
+// (docs/control-protocol.md), else runs it.
 Result<nlohmann::json> run_control_verb(const ControlVerb& verb, VerbContext& context, const ControlRequest& request);
 
 // A row's run function: Parse(request) -> Result<Args>, then Handle(context, Args) -> Result<json>.

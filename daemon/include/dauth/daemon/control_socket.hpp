@@ -4,9 +4,9 @@
 //   reply:    {"ok": true, "result": {...}}
 //             {"ok": false, "error": "<what, where, which value, what is allowed>", "code": "<Errc word>"}
 //
-// Replies are uniform (docs/conventions.md §3): every failure, including a malformed request, an unknown verb, a
-// refused
-// peer or an oversized line, is an {"ok": false} reply that dauthctl prints unchanged. The socket file is created
+// Replies are uniform (docs/conventions.md §3): every line gets one reply, and every failure, including an empty or
+// malformed line, an unknown verb, a refused peer or an oversized line, is an {"ok": false} reply that dauthctl
+// prints unchanged; each failure is also logged once with the client's uid and pid (SO_PEERCRED). The socket file is created
 // 0600 (or 0660 with the configured group); each connection's peer is also checked with SO_PEERCRED (root, the
 // daemon's own user, or a member of the control group). A line longer than kMaxLineBytes gets a "limit" reply and
 // the connection is closed. At most max_clients connections are served at once.
@@ -21,6 +21,7 @@
 
 #include <sys/types.h>
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
@@ -120,7 +121,9 @@ class ControlServer {
   // recvmsg() with room for kMaxFdsPerRequest descriptors; false when the connection must close (limit reply
   // queued). n is read()'s result.
   bool receive(Client& client, char* buffer, std::size_t size, ssize_t& n);
-  void queue_reply(Client& client, const Result<nlohmann::json>& outcome);
+  // A failure is counted and logged once (log_failure), with the client's uid and pid.
+  void queue_reply(Client& client, const Result<nlohmann::json>& outcome, bool connection_refused = false);
+  void log_failure(const ControlPeer& peer, const Error& error, bool connection_refused);
   // Writes what it can; false when the client was closed.
   bool flush(std::uint64_t id);
   void close_client(std::uint64_t id);
@@ -141,6 +144,13 @@ class ControlServer {
   std::uint64_t next_client_ = 1;
   std::uint64_t requests_ = 0;
   std::uint64_t failed_ = 0;
+  // log_failure's bound on failure lines (a client can cause failures in a loop).
+  static constexpr int kFailureLogBurst = 20;
+  static constexpr std::chrono::seconds kFailureLogWindow{10};
+  std::chrono::steady_clock::time_point failure_window_start_{};
+  int failures_logged_ = 0;
+  std::uint64_t failures_suppressed_ = 0;
+  EventLoop::Registration suppression_timer_;
 };
 
 }  // namespace dauth::daemon
