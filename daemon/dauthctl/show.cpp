@@ -87,6 +87,11 @@ void print_show(const Json& reply, std::ostream& out) {
     for (const auto& [name, port] : daemon["ports"].items()) ports += (ports.empty() ? "" : ", ") + name + " " + port.dump();
     out << "  listening: " << ports << "\n";
   }
+  std::string pending;
+  for (const auto& key : daemon.value("restart_pending", Json::array())) {
+    pending += (pending.empty() ? "" : ", ") + key.get<std::string>();
+  }
+  if (!pending.empty()) out << "  restart pending: " << pending << "\n";
   const Json& last = daemon.contains("last_reload") ? daemon["last_reload"] : Json();
   if (last.is_object()) {
     out << "  latest reload: " << when(now, last.value("at", std::int64_t{0}))

@@ -546,6 +546,7 @@ TEST_CASE("reload applies the live keys and names each key that needs a restart 
   CHECK(status["log_level"] == "debug");          // applied
   CHECK(status["ports"]["mef"] == running_port);  // kept: the MEF still listens where it did
   CHECK_THAT(d.ctl({"status"}).output, Catch::Contains("restart pending: mef.listen"));
+  CHECK_THAT(d.ctl({"show"}).output, Catch::Contains("restart pending: mef.listen"));
   const auto reloaded = notify.wait_for("READY=1");
   REQUIRE(reloaded.has_value());
   CHECK_THAT(*reloaded, Catch::Contains("restart pending: mef.listen"));
