@@ -189,19 +189,10 @@ bool is_time_field(const std::string& key) {
          (key.size() > 3 && key.compare(key.size() - 3, 3, "_at") == 0);
 }
 
-std::string iso_local_time(std::int64_t unix_seconds) {
-  const std::time_t t = static_cast<std::time_t>(unix_seconds);
-  std::tm tm{};
-  ::localtime_r(&t, &tm);
-  char text[40];
-  std::strftime(text, sizeof text, "%Y-%m-%dT%H:%M:%S%z", &tm);
-  return text;
-}
-
 std::string row_value(const std::string& key, const nlohmann::json& value) {
   if (is_time_field(key) && value.is_number_integer()) {
     const auto at = value.get<std::int64_t>();
-    return at == 0 ? "never" : iso_local_time(at);
+    return at == 0 ? "never" : local_time(at, TimeStyle::iso);
   }
   if (!value.is_string()) return value.dump();
   const std::string text = value.get<std::string>();
@@ -215,6 +206,19 @@ std::string row_value(const std::string& key, const nlohmann::json& value) {
 }
 
 }  // namespace
+
+std::string local_time(std::int64_t unix_seconds, TimeStyle style) {
+  const std::time_t t = static_cast<std::time_t>(unix_seconds);
+  std::tm tm{};
+  ::localtime_r(&t, &tm);
+  char text[40];
+  if (style == TimeStyle::iso) {
+    std::strftime(text, sizeof text, "%Y-%m-%dT%H:%M:%S%z", &tm);
+  } else {
+    std::strftime(text, sizeof text, "%Y-%m-%d %H:%M:%S", &tm);
+  }
+  return text;
+}
 
 std::string when(std::int64_t now, std::int64_t at) {
   if (at == 0) return "never";

@@ -27,6 +27,10 @@ int call_raw(const Context& context, const std::string& verb, const nlohmann::js
 
 // Human helpers shared by the verbs.
 std::string format_duration(long long seconds);
+// A unix time in the local time zone: "2026-12-07 02:10:00" (readable) or "2026-12-07T02:10:00+0000" (iso: one word,
+// for key=value rows).
+enum class TimeStyle { readable, iso };
+std::string local_time(std::int64_t unix_seconds, TimeStyle style = TimeStyle::readable);
 // A moment relative to now, as wg show writes it: "1 minute, 12 seconds ago", "in 29 days, 3 hours", "now";
 // "never" for 0 (the replies' "no time").
 std::string when(std::int64_t now, std::int64_t at);

@@ -1,6 +1,4 @@
 // dauthctl status: the daemon's state, configuration and roles. Also what plain `dauthctl` runs.
-#include <ctime>
-
 #include "client.hpp"
 #include "verbs.hpp"
 
@@ -8,20 +6,11 @@ namespace dauthctl {
 
 namespace {
 
-std::string local_time(long long unix_seconds) {
-  const std::time_t t = static_cast<std::time_t>(unix_seconds);
-  std::tm tm{};
-  ::localtime_r(&t, &tm);
-  char text[32];
-  std::strftime(text, sizeof text, "%Y-%m-%d %H:%M:%S", &tm);
-  return text;
-}
-
 void print_status(const nlohmann::json& s, std::ostream& out) {
   out << "dauthd " << s.value("version", "?") << ", pid " << s.value("pid", 0) << ", " << s.value("state", "?")
       << " for " << format_duration(s.value("uptime_seconds", 0LL)) << "\n";
-  out << "config:    " << s.value("config_file", "?") << " (loaded " << local_time(s.value("config_loaded_at", 0LL))
-      << ")\n";
+  out << "config:    " << s.value("config_file", "?") << " (loaded "
+      << local_time(s.value("config_loaded_at", std::int64_t{0})) << ")\n";
   std::string roles;
   for (const char* role : {"enrolee", "mef", "peer"}) {
     if (!s["roles"].value(role, false)) continue;
@@ -36,7 +25,7 @@ void print_status(const nlohmann::json& s, std::ostream& out) {
   out << "reloads:   " << s.value("reloads", 0) << " (" << s.value("reload_failures", 0) << " refused)";
   const auto& last = s["last_reload"];
   if (last.is_object()) {
-    out << "; last at " << local_time(last.value("at", 0LL))
+    out << "; last at " << local_time(last.value("at", std::int64_t{0}))
         << (last.value("ok", false) ? ": ok" : ": refused: " + last.value("error", std::string()));
   }
   out << "\n";
