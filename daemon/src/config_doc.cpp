@@ -109,6 +109,12 @@ std::string man_page_entry(const KeySpec& spec) {
     }
   }
   if (spec.key_file) facts += "; names key material, printed as (hidden)";
+  // reload_rules(), the one table Daemon::reload follows (RELOAD below explains the three).
+  switch (reload_rule(spec.section, spec.name)) {
+    case Reload::live: facts += "; reload applies it"; break;
+    case Reload::restart: facts += "; needs a restart"; break;
+    case Reload::live_while_set: facts += "; reload applies a new value, setting or removing it needs a restart"; break;
+  }
   return ".TP\n.B " + roff(spec.name) + "\n(" + facts + ")\n" + roff(spec.doc) + ".\n";
 }
 
