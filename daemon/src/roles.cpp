@@ -167,13 +167,13 @@ void Roles::Impl::serve_certificate_of(const std::string& ae_id) {
   }
   auto x509 = x509_of_local_ae(ae_id);
   if (!x509) {
-    log::notice("peer: no certificate to present for " + ae_id + ": " + x509.error().message);
+    log::warning("peer: no certificate to present for " + ae_id + ": " + x509.error().message);
     return;
   }
   if (auto served = peer_driver->node->set_server_certificate(crypto::server_name_for_ae_id(ae_id),
                                                               std::move(x509).value());
       !served) {
-    log::notice("peer: cannot present the certificate of " + ae_id + ": " + served.error().message);
+    log::warning("peer: cannot present the certificate of " + ae_id + ": " + served.error().message);
     return;
   }
   certificate_aes.insert(ae_id);
@@ -556,7 +556,7 @@ Result<NodeDriver*> add_node_driver(Roles::Impl& s, const std::string& name, tra
   driver->name = name;
   driver->node = std::move(node).value();
   driver->node->set_failure_observer(
-      [name](const transport::Failure& failure) { log::info(name + " " + transport::format_failure(failure)); });
+      [name](const transport::Failure& failure) { log_transport_failure(name, failure); });
   s.drivers.push_back(std::move(driver));
   return s.drivers.back().get();
 }
@@ -725,8 +725,10 @@ Result<void> serve_local_aes(Roles::Impl& s) {
       s.target_keys = std::move(target_keys).value();
       s.target_keys->set_fetch_observer([self](const std::string& ke_id, const Result<void>& outcome) {
         self->count(outcome ? "key_fetches_succeeded_total" : "key_fetches_failed_total");
-        log::info("peer: key retrieval for KeID " + ke_id + ": " +
-                  (outcome ? std::string("stored") : outcome.error().message));
+        // A failure is a notice: TargetKeys' own line about it is the warning.
+        log::write(outcome ? log::Level::info : log::Level::notice,
+                   "peer: key retrieval for KeID " + ke_id + ": " +
+                       (outcome ? std::string("stored") : outcome.error().message));
       });
     }
     rspf::Enrolee* enrolee = ae->enrolee.get();
