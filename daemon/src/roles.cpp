@@ -732,7 +732,9 @@ Result<void> serve_local_aes(Roles::Impl& s) {
       });
     }
     rspf::Enrolee* enrolee = ae->enrolee.get();
-    rspf::MefContact contact{enrolee->mef_address(), [enrolee] { return enrolee->mef_credentials(); }};
+    LocalAeState* owner = ae.get();
+    rspf::MefContact contact{enrolee->mef_address(), [enrolee] { return enrolee->mef_credentials(); },
+                             [self, owner] { self->confirm_enrolment_of(*owner); }};
     if (auto r = s.target_keys->add_mef(enrolee->mef_fqdn(), std::move(contact), ae->config.id); !r) {
       return make_error(r.error().code, "enrolee.ae " + ae->config.id + ": " + r.error().message);
     }
@@ -751,7 +753,9 @@ Result<void> serve_local_aes(Roles::Impl& s) {
         s.revocations = rspf::RevocationWatch::create(*s.peer_driver->node, std::move(watch_config));
       }
       rspf::Enrolee* enrolee = ae->enrolee.get();
-      rspf::MefContact contact{enrolee->mef_address(), [enrolee] { return enrolee->mef_credentials(); }};
+      LocalAeState* owner = ae.get();
+      rspf::MefContact contact{enrolee->mef_address(), [enrolee] { return enrolee->mef_credentials(); },
+                               [self, owner] { self->confirm_enrolment_of(*owner); }};
       if (auto r = s.revocations->add_mef(enrolee->mef_fqdn(), std::move(contact)); !r) {
         return make_error(r.error().code, "enrolee.ae " + ae->config.id + ": " + r.error().message);
       }

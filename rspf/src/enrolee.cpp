@@ -586,6 +586,10 @@ std::vector<std::pair<std::string, std::string>> Enrolee::cached_target_keys() c
 Result<transport::ClientCredentials> Enrolee::mef_credentials() const {
   auto record = impl_->unexpired_record();
   if (!record.ok()) return std::move(record).error();
+  if ((*record)->revoked_at != 0) {  // known refused: offering it would only be refused again
+    return make_error(Errc::denied, "enrolment " + (*record)->ke_id + " of '" + impl_->ae_id + "' was revoked at " +
+                                        std::to_string((*record)->revoked_at));
+  }
   return transport::ClientCredentials::psk((*record)->ke_id, crypto::derive_reauthentication_key((*record)->ke),
                                            impl_->config.mef_fqdn);
 }

@@ -66,7 +66,10 @@ struct MefSubscription::State : std::enable_shared_from_this<MefSubscription::St
   }
 
   void on_answer(Result<transport::Response> notification) {
-    if (!notification.ok()) return lost(notification.error().to_string());
+    if (!notification.ok()) {
+      if (notification.error().code == Errc::unauthenticated && contact.refused) contact.refused();
+      return lost(notification.error().to_string());
+    }
     if (notification->code != 205) return lost(error_from_response(what, *notification).to_string());
     on_notification(*notification);
     if (!notification->observe) return lost("the MEF answered without Observe");

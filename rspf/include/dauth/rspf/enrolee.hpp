@@ -106,7 +106,7 @@ class Enrolee {
   // (KeID, target AE-ID) of each key key_for_target keeps, for status output and tests; never the keys.
   std::vector<std::pair<std::string, std::string>> cached_target_keys() const;
   // The credential to re-authenticate to our MEF (PROTOCOL.md §3.5): psk(KeID, Ker, sni = MEF FQDN). Used for key
-  // retrieval when this AE is itself an Enrolment Target.
+  // retrieval when this AE is itself an Enrolment Target. Errors as key_for_target (not enrolled, expired, revoked).
   Result<transport::ClientCredentials> mef_credentials() const;
   const transport::Peer& mef_address() const;
   const std::string& mef_fqdn() const;
