@@ -15,17 +15,20 @@ using namespace dauth::test;
 
 namespace {
 
-// The lines a dauthd wrote at warning or more urgent (sd-daemon prefixes "<0>" to "<4>").
-std::vector<std::string> urgent_lines(const std::string& log) {
-  std::vector<std::string> urgent;
+// The lines a dauthd wrote at priority `least` or more urgent (sd-daemon prefixes "<0>" to "<7>").
+std::vector<std::string> lines_at(const std::string& log, char least) {
+  std::vector<std::string> selected;
   std::istringstream in(log);
   for (std::string line; std::getline(in, line);) {
-    if (line.size() >= 3 && line[0] == '<' && line[1] >= '0' && line[1] <= '4' && line[2] == '>') {
-      urgent.push_back(line);
+    if (line.size() >= 3 && line[0] == '<' && line[1] >= '0' && line[1] <= least && line[2] == '>') {
+      selected.push_back(line);
     }
   }
-  return urgent;
+  return selected;
 }
+
+// What `journalctl -p warning` shows.
+std::vector<std::string> urgent_lines(const std::string& log) { return lines_at(log, '4'); }
 
 bool any_contains(const std::vector<std::string>& lines, const std::string& text) {
   for (const auto& line : lines) {
@@ -124,11 +127,13 @@ TEST_CASE("a flood of refused handshakes logs a few warnings and one count of th
   REQUIRE(refused == kFlood);
   d.stop("mef", SIGTERM);  // ends the interval: the count comes out before "dauthd stopped"
 
-  const auto urgent = urgent_lines(d.run_log("mef"));
   INFO(d.run_log("mef"));
-  const std::size_t shown = count_containing(urgent, "event=handshake_failed peer=127.0.0.1");
+  const std::string refusal = "event=handshake_failed peer=127.0.0.1";
+  const std::size_t shown = count_containing(lines_at(d.run_log("mef"), '7'), refusal);
   CHECK(shown >= 1);
   CHECK(shown <= 5);  // log::kBurst (before: one line per handshake, 40)
+  const auto urgent = urgent_lines(d.run_log("mef"));
+  CHECK(count_containing(urgent, refusal) == shown);  // every one at warning
   CHECK(any_contains(urgent, "<4>log: " + std::to_string(kFlood - static_cast<int>(shown)) +
                                  " more mef handshake_failed lines about flood@mef.demo.test suppressed"));
 }
