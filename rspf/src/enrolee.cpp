@@ -173,18 +173,27 @@ struct Enrolee::Impl : std::enable_shared_from_this<Enrolee::Impl> {
     done(std::move(error));
   }
 
-  // A renewal that failed while the enrolment it was to replace runs out: the AE loses its targets at expiry.
+  // A renewal that failed while the enrolment (and the AE-ID certificate issued with it) it was to replace runs
+  // out: at expiry the AE loses its targets, and peers refuse the certificate it presents.
   void warn_if_expiring() const {
     const auto* record = current_record();
     const std::int64_t at = now();
     if (record == nullptr || record->revoked_at != 0 || record->expires_at <= at || renewal_due_ms > at * 1000) {
       return;
     }
+    const std::string retry = " (see the failure above; `dauthctl enrol " + ae_id + "` retries now)";
     config.log(LogKind::expiring, ae_id,
                "enrolee " + ae_id + ": KeID " + record->ke_id + " expires in " +
                    std::to_string(record->expires_at - at) + " s (at " + std::to_string(record->expires_at) +
                    ") and its renewal failed; " + ae_id + " cannot reach its Enrolment Targets after that unless "
-                   "an enrolment succeeds (see the failure above; `dauthctl enrol " + ae_id + "` retries now)");
+                   "an enrolment succeeds" + retry);
+    if (!config.request_certificate) return;
+    const auto* certificate = store.find<crypto::CertificateRecord>(ae_id);  // EST's, named by the AE-ID
+    if (certificate == nullptr || certificate->chain_der.empty() || certificate->expires_at <= at) return;
+    config.log(LogKind::expiring, ae_id,
+               "enrolee " + ae_id + ": its AE-ID certificate expires in " +
+                   std::to_string(certificate->expires_at - at) + " s (at " +
+                   std::to_string(certificate->expires_at) + ") and its renewal failed" + retry);
   }
 
   void succeed(const DoneCallback& done, const std::string& reason) {

@@ -66,3 +66,23 @@ TEST_CASE("a subscription whose credentials the MEF refuses in the handshake tel
   CHECK(world.pump([&] { return refused >= 1; }));
   CHECK_FALSE(subscription.live());
 }
+
+TEST_CASE("a renewal that fails within the renewal window warns that the enrolment runs out", "[rspf][network]") {
+  World world;
+  REQUIRE(world.enrol(*world.meter).ok());
+  const std::string ke_id = *world.meter->ke_id();
+  // A failure before the renewal is due (an operator's extra attempt) is no such warning.
+  REQUIRE(world.mef_store->remove(crypto::RecordKind::enrolee, kMeterKpmId).ok());
+  const auto refused = world.enrol(*world.meter);
+  REQUIRE_FALSE(refused.ok());
+  // The failing side's diagnosis: what the MEF's refusal most likely means, and where to check it.
+  CHECK(refused.error().message.find("likely: the MEF refused the handshake for PSK identity " +
+                                     std::string(kMeterKpmId) + ": the MEF does not know this KpmID (check "
+                                     "`dauthctl enrolees list` on the MEF") != std::string::npos);
+  CHECK_FALSE(world.log.contains("and its renewal failed"));
+
+  world.clock.now += kMeterLifetime * 9 / 10;  // past 2/3 (± 10 %) of the lifetime, before the expiry
+  REQUIRE_FALSE(world.enrol(*world.meter).ok());
+  CHECK(world.log.contains("enrolee CAE-meter: KeID " + ke_id + " expires in "));
+  CHECK(world.log.contains("and its renewal failed"));
+}
