@@ -482,7 +482,7 @@ struct BenchEnrolee {
     rspf::EnroleeConfig config;
     config.kpm_id = kpm_id;
     config.mef_address = transport::Peer{"127.0.0.1", d.ports.at("mef")};
-    config.log = [](const std::string&) {};
+    config.log = [](rspf::LogKind, const std::string&, const std::string&) {};
     enrolee = must(rspf::Enrolee::create(*node, *store, std::move(config)), "bench enrolee");
     std::optional<Result<void>> outcome;
     enrolee->enrol([&](Result<void> r) { outcome.emplace(std::move(r)); });

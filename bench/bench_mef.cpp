@@ -304,7 +304,7 @@ int main(int argc, char** argv) {
   auto mef_node = make_node(slot.lookup());
   rspf::MefConfig mef_config;
   mef_config.fqdn = kFqdn;
-  mef_config.log = [](const std::string&) {};
+  mef_config.log = [](rspf::LogKind, const std::string&, const std::string&) {};
   auto mef = must(rspf::Mef::create(*mef_node, mef_store, std::move(mef_config)), "MEF");
   slot.bind(mef->psk_lookup());  // the Mef also joins its store's flush notifications to mef_node (add_watch)
 
@@ -352,7 +352,7 @@ int main(int argc, char** argv) {
   rspf::EnroleeConfig enrolee_config;
   enrolee_config.kpm_id = kKpmId;
   enrolee_config.mef_address = transport::Peer{"127.0.0.1", mef_node->secure_port()};
-  enrolee_config.log = [](const std::string&) {};
+  enrolee_config.log = [](rspf::LogKind, const std::string&, const std::string&) {};
   auto enrolee = must(rspf::Enrolee::create(*enrolee_node, enrolee_store, std::move(enrolee_config)), "Enrolee");
   Pump enrolee_pump({enrolee_node.get(), mef_node.get()});
 

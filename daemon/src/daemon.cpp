@@ -115,6 +115,11 @@ Result<void> Daemon::set_up() {
               std::to_string(interval->count()) + " ms");
   }
 
+  // The "N more suppressed" line of a flood that stopped comes when its interval ends, not with its next line.
+  auto flush = loop_->add_timer(log::kLimitInterval, log::kLimitInterval, [] { log::flush_suppressed(); });
+  if (!flush) return std::move(flush).error();
+  suppressed_flush_timer_ = std::move(flush).value();
+
   log::notice("dauthd " + std::string(version()) + " started: config " + config_.source + ", roles " +
               config_.roles() + ", control socket " + control_->path().string() + ", " +
               std::to_string(secrets_.size()) + " key(s) loaded");
@@ -148,6 +153,7 @@ Result<void> Daemon::run() {
   // Tear the roles down here, not in ~Daemon: the Nodes close their DTLS sessions (close_notify) and the key
   // store's last writes are already fsync'ed (KeyStore::put), so the store on disk is consistent at exit.
   roles_.reset();
+  log::flush_suppressed(/*ended_or_not=*/true);  // what a flood left uncounted is in the journal before we go
   log::notice("dauthd stopped");
   return ok_result();
 }

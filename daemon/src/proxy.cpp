@@ -184,7 +184,7 @@ void Roles::Impl::on_local_request(const transport::Session& session, const Requ
                             ": " + (bound_elsewhere ? named->config.id + " sends from local_source " +
                                                           named->config.local_source
                                                     : "that source is " + mapped->config.id + "'s (local_source)");
-    log::notice("proxy: refused request to " + target->ae_id + ": " + why);
+    log::write_limited(log::Level::notice, "proxy refused", source, "proxy: refused request to " + target->ae_id + ": " + why);
     responder.respond(for_local_ae(refusal(403, kRscNoPrivilege, make_error(Errc::denied, why)), request));
     return;
   }
@@ -196,14 +196,17 @@ void Roles::Impl::on_local_request(const transport::Session& session, const Requ
             ? "no oneM2M-FR, and source " + source + " is no local AE's local_source ([[enrolee.ae]])"
             : "oneM2M-FR " + crypto::quote_for_error(request.originator) +
                   " is not a local AE of this dauthd ([[enrolee.ae]] ids)";
-    log::notice("proxy: refused request from " + session.remote_address() + " to " + target->ae_id + ": " + why);
+    log::write_limited(log::Level::notice, "proxy refused", source,
+                       "proxy: refused request from " + session.remote_address() + " to " + target->ae_id + ": " + why);
     responder.respond(for_local_ae(refusal(403, kRscNoPrivilege, make_error(Errc::denied, why)), request));
     return;
   }
   auto key = ae->enrolee->key_for_target(target->ae_id);
   if (!key) {
     count("proxy_rejected_total");
-    log::notice("proxy: " + ae->config.id + " -> " + target->ae_id + " refused: " + key.error().message);
+    // The AE cannot reach its target (not enrolled, enrolment expired or revoked): the operator must act.
+    log::write_limited(log::Level::warning, "proxy refused", ae->config.id,
+                       "proxy: " + ae->config.id + " -> " + target->ae_id + " refused: " + key.error().message);
     responder.respond(for_local_ae(refusal(403, kRscNoPrivilege,
                                            make_error(key.error().code, ae->config.id + " -> " + target->ae_id +
                                                                             ": " + key.error().message)), request));
@@ -222,7 +225,8 @@ void Roles::Impl::on_local_request(const transport::Session& session, const Requ
     const std::string why = std::to_string(*peer->second.in_flight) + " requests to " + target->ae_id +
                             " are still unanswered (at most " + std::to_string(kMaxProxiedInFlightPerPeer) +
                             "): its dauthd is slow or unreachable; try again later";
-    log::notice("proxy: " + ae->config.id + " -> " + target->ae_id + " refused: " + why);
+    log::write_limited(log::Level::warning, "proxy refused", target->ae_id,
+                       "proxy: " + ae->config.id + " -> " + target->ae_id + " refused: " + why);
     responder.respond(for_local_ae(refusal(503, std::nullopt, make_error(Errc::limit, why)), request));
     return;
   }
@@ -258,7 +262,8 @@ void Roles::Impl::forward_to_peer(const std::string& target, const transport::Pe
       peer_state.last_outcome = x509.error().message;
       note_peer_failure(target, x509.error().message);
       count("proxy_failed_total");
-      log::notice("proxy: " + request.originator + " -> " + target + " refused: " + x509.error().message);
+      log::write_limited(log::Level::warning, "proxy refused", request.originator,
+                         "proxy: " + request.originator + " -> " + target + " refused: " + x509.error().message);
       responder->respond(for_local_ae(refusal(403, kRscNoPrivilege, x509.error()), request));
       return;
     }
@@ -306,9 +311,10 @@ void Roles::Impl::forward_to_peer(const std::string& target, const transport::Pe
           count("proxy_retries_total");
           // ± 10 %: requests that failed together (a peer restart) do not come back in lockstep.
           const auto delay = rspf::with_jitter(kFirstUseRetryDelays[attempt], rspf::random_jitter());
-          log::info("proxy: " + copy.originator + " -> " + target + " (KeID " + ke_id + ") attempt " +
-                    std::to_string(attempt + 1) + " failed (" + outcome.error().message + "); retrying in " +
-                    std::to_string(delay.count()) + " ms");
+          log::write_limited(log::Level::info, "proxy retry", target,
+                             "proxy: " + copy.originator + " -> " + target + " (KeID " + ke_id + ") attempt " +
+                                 std::to_string(attempt + 1) + " failed (" + outcome.error().message +
+                                 "); retrying in " + std::to_string(delay.count()) + " ms");
           // The one-shot timer removes its own registration when it fires (EventLoop allows that), so retries
           // leave nothing behind.
           const std::uint64_t retry_id = ++last_retry_id;
@@ -326,7 +332,7 @@ void Roles::Impl::forward_to_peer(const std::string& target, const transport::Pe
           }
         }
         count("proxy_failed_total");
-        log::notice("proxy: " + copy.originator + " -> " + target + " failed: " + outcome.error().message);
+        on_forward_failed(copy.originator, target, ke_id, outcome.error());
         responder->respond(
             for_local_ae(refusal(502, std::nullopt,
                                         make_error(outcome.error().code,
@@ -334,6 +340,52 @@ void Roles::Impl::forward_to_peer(const std::string& target, const transport::Pe
             copy));
       });
   rearm(*peer_driver);
+}
+
+void Roles::Impl::on_forward_failed(const std::string& originator, const std::string& target,
+                                    const std::string& ke_id, const Error& error) {
+  const PeerState& peer = peers[target];
+  const bool psk = peer.credential != "certificate";
+  std::string line = "proxy: " + originator + " -> " + target + " failed: " + error.message;
+  if (error.code == Errc::unauthenticated && psk) {
+    line += "; likely: the peer refused KeID " + ke_id + ": it was revoked or has expired at the MEF, the peer's "
+            "dauthd cannot fetch its key from the MEF, or it serves no " + target + " at " + peer.address_text +
+            " (check `dauthctl credentials list` here, and on the peer `dauthctl credentials list` and its log "
+            "for \"target\"); asking the MEF whether it still accepts " + ke_id;
+  } else if (error.code == Errc::unauthenticated) {
+    line += "; likely: the peer refused our certificate (revoked, or its peer.trust_anchors lack our CA) or we "
+            "refused its (it must name " + target + "; check peer.trust_anchors here and `dauthctl credentials "
+            "list` on both)";
+  } else if (error.code == Errc::timeout) {
+    line += "; likely: no dauthd answers at " + peer.address_text + " (down, unreachable, or another address: "
+            "check `dauthctl peers` here and `dauthctl status` there)";
+  }
+  log::write_limited(log::Level::warning, "proxy failed", originator + " -> " + target, line);
+  if (error.code == Errc::unauthenticated && psk) {
+    if (LocalAeState* ae = find_ae(originator)) confirm_enrolment_of(*ae);
+  }
+}
+
+void Roles::Impl::confirm_enrolment_of(LocalAeState& ae) {
+  if (stopping || draining || !ae.enrolee) return;
+  ae.enrolee->confirm_enrolment([this, &ae](Result<void> outcome) {
+    const std::string& id = ae.config.id;
+    if (outcome) {
+      log::write_limited(log::Level::notice, "KeID check", id,
+                         "enrolee " + id + ": the MEF accepts KeID " + ae.enrolee->ke_id().value_or("?") +
+                             ": the peer refused it for a reason of its own (see its log)");
+      return;
+    }
+    if (outcome.error().code == Errc::limit) return;  // enrolling, or a check is running
+    if (outcome.error().code == Errc::denied) {
+      log::notice("enrolee " + id + ": enrolling again (" + outcome.error().message + ")");
+      start_enrolment(ae);
+      return;
+    }
+    log::write_limited(log::Level::notice, "KeID check", id,
+                       "enrolee " + id + ": cannot check its KeID with the MEF: " + outcome.error().message);
+  });
+  if (enrolee_driver) rearm(*enrolee_driver);
 }
 
 // ---- the receiving side (B): authenticate, check, deliver to the local AE -------------------------------------
@@ -352,9 +404,10 @@ void Roles::Impl::on_peer_request(const transport::Session& session, const Reque
   const std::string& local_ae = grant.local_ae_id;
   if (requester.empty() || local_ae.empty()) {
     count("peer_rejected_total");
-    log::notice("peer: refused request from " + session.remote_address() + ": identity " +
-                crypto::quote_for_error(peer.value) + "'s session names " +
-                (requester.empty() ? "no peer AE" : "no local AE"));
+    log::write_limited(log::Level::warning, "peer refused", peer.value,
+                       "peer: refused request from " + session.remote_address() + ": identity " +
+                           crypto::quote_for_error(peer.value) + "'s session names " +
+                           (requester.empty() ? "no peer AE" : "no local AE"));
     responder.respond(refusal(403, kRscNoPrivilege,
                               make_error(Errc::denied, requester.empty() ? "no peer AE-ID for this session's identity"
                                                                          : "this session reaches no local AE")));
@@ -365,8 +418,9 @@ void Roles::Impl::on_peer_request(const transport::Session& session, const Reque
   if (request.originator != requester) {
     count("peer_impersonation_total");
     note_peer_failure(requester, "impersonation refused: oneM2M-FR " + crypto::quote_for_error(request.originator));
-    log::notice("peer: refused impersonation from " + session.remote_address() + ": session authenticated " +
-                requester + ", oneM2M-FR " + crypto::quote_for_error(request.originator) + " (RSC 4106)");
+    log::write_limited(log::Level::warning, "peer impersonation", requester,
+                       "peer: refused impersonation from " + session.remote_address() + ": session authenticated " +
+                           requester + ", oneM2M-FR " + crypto::quote_for_error(request.originator) + " (RSC 4106)");
     responder.respond(refusal(403, kRscImpersonation,
                               make_error(Errc::unauthenticated, "oneM2M-FR " +
                                                                     crypto::quote_for_error(request.originator) +
@@ -386,7 +440,10 @@ void Roles::Impl::on_peer_request(const transport::Session& session, const Reque
   if (!allowed) {
     count("peer_denied_total");
     note_peer_failure(requester, "policy denies " + method + " " + request.path_text() + " on " + local_ae);
-    log::notice("peer: policy denies " + requester + " " + method + " " + request.path_text() + " on " + local_ae);
+    // The policy doing its job: a notice, not a warning.
+    log::write_limited(log::Level::notice, "peer policy", requester,
+                       "peer: policy denies " + requester + " " + method + " " + request.path_text() + " on " +
+                           local_ae);
     responder.respond(refusal(403, kRscNoPrivilege,
                               make_error(Errc::denied,
                                          "policy: " + requester + " may not " + method + " " + local_ae)));
@@ -424,7 +481,9 @@ void Roles::Impl::on_peer_request(const transport::Session& session, const Reque
                              [this, shared, request_id, local_ae](Result<Response> outcome, const transport::Session*) {
                                if (!outcome) {
                                  count("peer_delivery_failed_total");
-                                 log::notice("peer: delivery to " + local_ae + " failed: " + outcome.error().message);
+                                 log::write_limited(log::Level::warning, "peer delivery", local_ae,
+                                                    "peer: delivery to " + local_ae +
+                                                        " failed: " + outcome.error().message);
                                  shared->respond(refusal(504, std::nullopt,
                                                          make_error(outcome.error().code,
                                                                     local_ae + ": " + outcome.error().message)));

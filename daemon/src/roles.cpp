@@ -168,13 +168,13 @@ void Roles::Impl::serve_certificate_of(const std::string& ae_id) {
   }
   auto x509 = x509_of_local_ae(ae_id);
   if (!x509) {
-    log::notice("peer: no certificate to present for " + ae_id + ": " + x509.error().message);
+    log::warning("peer: no certificate to present for " + ae_id + ": " + x509.error().message);
     return;
   }
   if (auto served = peer_driver->node->set_server_certificate(crypto::server_name_for_ae_id(ae_id),
                                                               std::move(x509).value());
       !served) {
-    log::notice("peer: cannot present the certificate of " + ae_id + ": " + served.error().message);
+    log::warning("peer: cannot present the certificate of " + ae_id + ": " + served.error().message);
     return;
   }
   certificate_aes.insert(ae_id);
@@ -483,7 +483,7 @@ Result<void> Roles::Impl::resolve_peers(const Config& cfg, std::map<std::string,
 // of the enrolee whose identity was offered (dauthctl show on the MEF).
 void Roles::Impl::on_node_failure(NodeDriver& driver, const transport::Failure& failure) {
   ++driver.failures[failure.kind];
-  log::info(driver.name + " " + transport::format_failure(failure));
+  log_transport_failure(driver.name, failure);
   const bool handshake = failure.kind == transport::FailureKind::handshake_failed ||
                          failure.kind == transport::FailureKind::handshake_timeout;
   if (handshake && mef && &driver == mef_driver) mef->note_handshake_failure(failure.identity_offered, failure.reason);
@@ -744,12 +744,16 @@ Result<void> serve_local_aes(Roles::Impl& s) {
       s.target_keys = std::move(target_keys).value();
       s.target_keys->set_fetch_observer([self](const std::string& ke_id, const Result<void>& outcome) {
         self->count(outcome ? "key_fetches_succeeded_total" : "key_fetches_failed_total");
-        log::info("peer: key retrieval for KeID " + ke_id + ": " +
-                  (outcome ? std::string("stored") : outcome.error().message));
+        // A failure is a notice: TargetKeys' own line about it is the warning.
+        log::write(outcome ? log::Level::info : log::Level::notice,
+                   "peer: key retrieval for KeID " + ke_id + ": " +
+                       (outcome ? std::string("stored") : outcome.error().message));
       });
     }
     rspf::Enrolee* enrolee = ae->enrolee.get();
-    rspf::MefContact contact{enrolee->mef_address(), [enrolee] { return enrolee->mef_credentials(); }};
+    LocalAeState* owner = ae.get();
+    rspf::MefContact contact{enrolee->mef_address(), [enrolee] { return enrolee->mef_credentials(); },
+                             [self, owner] { self->confirm_enrolment_of(*owner); }};
     if (auto r = s.target_keys->add_mef(enrolee->mef_fqdn(), std::move(contact), ae->config.id); !r) {
       return make_error(r.error().code, "enrolee.ae " + ae->config.id + ": " + r.error().message);
     }
@@ -768,7 +772,9 @@ Result<void> serve_local_aes(Roles::Impl& s) {
         s.revocations = rspf::RevocationWatch::create(*s.peer_driver->node, std::move(watch_config));
       }
       rspf::Enrolee* enrolee = ae->enrolee.get();
-      rspf::MefContact contact{enrolee->mef_address(), [enrolee] { return enrolee->mef_credentials(); }};
+      LocalAeState* owner = ae.get();
+      rspf::MefContact contact{enrolee->mef_address(), [enrolee] { return enrolee->mef_credentials(); },
+                               [self, owner] { self->confirm_enrolment_of(*owner); }};
       if (auto r = s.revocations->add_mef(enrolee->mef_fqdn(), std::move(contact)); !r) {
         return make_error(r.error().code, "enrolee.ae " + ae->config.id + ": " + r.error().message);
       }

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "event_log.hpp"
 #include "roles.hpp"
 
 namespace dauth::daemon {
@@ -202,7 +203,9 @@ struct Roles::Impl {
   std::shared_ptr<InFlightTable> in_flight = std::make_shared<InFlightTable>();
 
   rspf::LogSink log_sink() const {
-    return [](const std::string& line) { log::info("rspf: " + line); };
+    return [](rspf::LogKind kind, const std::string& subject, const std::string& line) {
+      log_role_event(kind, subject, line);
+    };
   }
   Result<void> drive(NodeDriver& driver);
   void after_io();
@@ -230,6 +233,13 @@ struct Roles::Impl {
   void forward_to_peer(const std::string& target, const transport::Peer& address, std::string ke_id,
                        std::shared_ptr<SecretBuffer> key, transport::Request request,
                        std::shared_ptr<transport::Responder> responder, std::size_t attempt);
+  // A proxied request that failed for good (proxy.cpp): logged with its likely causes and where to check them
+  // (the peer's reason is only in the peer's log); a KeID the peer refused is checked with the MEF.
+  void on_forward_failed(const std::string& originator, const std::string& target, const std::string& ke_id,
+                         const Error& error);
+  // Asks the AE's MEF whether it still accepts its KeID (Enrolee::confirm_enrolment); one it no longer accepts
+  // (revoked, expired or unknown there) is replaced by an enrolment now.
+  void confirm_enrolment_of(LocalAeState& ae);
   void on_peer_request(const transport::Session& session, const transport::Request& request,
                        transport::Responder responder);
   void on_node_failure(NodeDriver& driver, const transport::Failure& failure);

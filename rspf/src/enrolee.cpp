@@ -69,6 +69,11 @@ struct Enrolee::Impl : std::enable_shared_from_this<Enrolee::Impl> {
   // record; forget_target_keys() wipes them (SecretBuffer) whenever that KeID stops being the usable one.
   std::string target_keys_ke_id;
   std::map<std::string, SecretBuffer, std::less<>> target_keys;
+  // confirm_enrolment(): one check at a time, and a KeID the MEF accepted is not asked about again for a while
+  // (a target refusing it for its own reasons must not turn each proxied request into an MEF handshake).
+  bool confirming = false;
+  std::string confirmed_ke_id;
+  std::int64_t confirmed_at = 0;
 
   Impl(transport::Node& n, crypto::KeyStore& s, EnroleeConfig c, std::string ae)
       : node(n), store(s), config(std::move(c)), ae_id(std::move(ae)), backoff(config.jitter) {}
@@ -79,7 +84,7 @@ struct Enrolee::Impl : std::enable_shared_from_this<Enrolee::Impl> {
   }
 
   void set_state(EnroleeState next, const std::string& reason) {
-    config.log("enrolee " + ae_id + " mef=" + peer_text() + " " + std::string(to_string(state)) + " -> " +
+    config.log(next == EnroleeState::failed ? LogKind::failed : LogKind::progress, ae_id, "enrolee " + ae_id + " mef=" + peer_text() + " " + std::string(to_string(state)) + " -> " +
                std::string(to_string(next)) + ": " + reason);
     state = next;
   }
@@ -140,10 +145,55 @@ struct Enrolee::Impl : std::enable_shared_from_this<Enrolee::Impl> {
     renewal_due_ms = now() * 1000 + renewal_delay(lifetime_s, config.jitter).count();
   }
 
+  // What the MEF's refusal of our handshake most likely means, and where to look: the MEF's reason is only in the
+  // MEF's log (a DTLS alert carries none).
+  std::string handshake_diagnosis(Errc code) const {
+    if (code != Errc::unauthenticated && code != Errc::timeout) return {};
+    const std::string refused = code == Errc::unauthenticated ? "the MEF refused the handshake" : "no handshake "
+                                "with the MEF completed (a key that differs also shows as a timeout)";
+    if (!config.raw_public_key_name.empty()) {
+      return "; likely: " + refused + ": it does not pin our raw public key (check `dauthctl enrolees list` on the "
+             "MEF for rpk:" + config.raw_public_key_name + "), or its key is not in mef_pinned_keys";
+    }
+    if (!config.certificate_name.empty()) {
+      return "; likely: " + refused + ": its device_ca does not sign certificate " + config.certificate_name +
+             ", it has no certificate_ae_id row for " + ae_id + " (check `dauthctl enrolees list` on the MEF), "
+             "or enrolee.mef_trust_anchor does not hold the CA of its certificate for " + config.mef_fqdn;
+    }
+    return "; likely: " + refused + " for PSK identity " + config.kpm_id + ": the MEF does not know this KpmID "
+           "(check `dauthctl enrolees list` on the MEF: removed, or never added?) or its Kpm differs from ours "
+           "(compare the fingerprint of `dauthctl credentials list` here with the MEF's), or " + peer_text() +
+           " is not the MEF " + config.mef_fqdn;
+  }
+
   void fail(const DoneCallback& done, Error error) {
     error.message = "enrol '" + ae_id + "' with MEF " + peer_text() + " failed: " + error.message;
     set_state(EnroleeState::failed, error.message);
+    warn_if_expiring();
     done(std::move(error));
+  }
+
+  // A renewal that failed while the enrolment (and the AE-ID certificate issued with it) it was to replace runs
+  // out: at expiry the AE loses its targets, and peers refuse the certificate it presents.
+  void warn_if_expiring() const {
+    const auto* record = current_record();
+    const std::int64_t at = now();
+    if (record == nullptr || record->revoked_at != 0 || record->expires_at <= at || renewal_due_ms > at * 1000) {
+      return;
+    }
+    const std::string retry = " (see the failure above; `dauthctl enrol " + ae_id + "` retries now)";
+    config.log(LogKind::expiring, ae_id,
+               "enrolee " + ae_id + ": KeID " + record->ke_id + " expires in " +
+                   std::to_string(record->expires_at - at) + " s (at " + std::to_string(record->expires_at) +
+                   ") and its renewal failed; " + ae_id + " cannot reach its Enrolment Targets after that unless "
+                   "an enrolment succeeds" + retry);
+    if (!config.request_certificate) return;
+    const auto* certificate = store.find<crypto::CertificateRecord>(ae_id);  // EST's, named by the AE-ID
+    if (certificate == nullptr || certificate->chain_der.empty() || certificate->expires_at <= at) return;
+    config.log(LogKind::expiring, ae_id,
+               "enrolee " + ae_id + ": its AE-ID certificate expires in " +
+                   std::to_string(certificate->expires_at - at) + " s (at " +
+                   std::to_string(certificate->expires_at) + ") and its renewal failed" + retry);
   }
 
   void succeed(const DoneCallback& done, const std::string& reason) {
@@ -234,7 +284,11 @@ struct Enrolee::Impl : std::enable_shared_from_this<Enrolee::Impl> {
 
   void on_enrolment_answer(Result<transport::Response> answer, const transport::Session* session,
                            const std::shared_ptr<transport::ClientCredentials>& credentials, const DoneCallback& done) {
-    if (!answer.ok()) return fail(done, std::move(answer).error());
+    if (!answer.ok()) {
+      Error error = std::move(answer).error();
+      error.message += handshake_diagnosis(error.code);
+      return fail(done, std::move(error));
+    }
     if (answer->code != 204) return fail(done, error_from_response("MEF", *answer));
     if (session == nullptr) return fail(done, make_error(Errc::internal, "answer without its client session"));
     // TS-0003 §10.3.1: our own Ke/KeID from our side of the exporter; never taken from the MEF's word.
@@ -271,7 +325,7 @@ struct Enrolee::Impl : std::enable_shared_from_this<Enrolee::Impl> {
     current_ke_id = ours;
     forget_target_keys();  // the keys of the previous KeID are of no further use: wiped now, not at the next call
     schedule_renewal(message->expiry - at);
-    config.log("enrolee " + ae_id + " stored KeID " + ours + " (expiry " + std::to_string(message->expiry) + ")");
+    config.log(LogKind::progress, ae_id, "enrolee " + ae_id + " stored KeID " + ours + " (expiry " + std::to_string(message->expiry) + ")");
 
     const auto instruction =
         std::find_if(message->instructions.begin(), message->instructions.end(),
@@ -280,6 +334,79 @@ struct Enrolee::Impl : std::enable_shared_from_this<Enrolee::Impl> {
       return succeed(done, "KeID " + ours);
     }
     enrol_certificate(path_segments(instruction->uri), credentials, done);
+  }
+
+  void confirm_enrolment(const DoneCallback& done) {
+    const auto* record = current_record();
+    if (record == nullptr) return done(make_error(Errc::not_found, "'" + ae_id + "' is not enrolled"));
+    if (record->revoked_at != 0) {
+      return done(make_error(Errc::denied, "KeID " + record->ke_id + " of '" + ae_id + "' is marked revoked"));
+    }
+    if (state == EnroleeState::enrolling) {
+      return done(make_error(Errc::limit, "'" + ae_id + "' is enrolling: its KeID is being replaced"));
+    }
+    if (confirming) return done(make_error(Errc::limit, "a check of " + record->ke_id + " is running"));
+    if (confirmed_ke_id == record->ke_id && now() - confirmed_at < kConfirmationValidity.count()) {
+      return done(ok_result());
+    }
+    const std::string ke_id = record->ke_id;
+    auto credentials = std::make_shared<transport::ClientCredentials>(transport::ClientCredentials::psk(
+        ke_id, crypto::derive_reauthentication_key(record->ke), config.mef_fqdn));
+    // A fresh handshake: a session cached from before the revocation would still carry requests.
+    node.close_client_session(config.mef_address, *credentials);
+    confirming = true;
+    transport::Request request;
+    request.path = {"mef", "revoked"};
+    request.accept = static_cast<std::uint16_t>(ContentFormat::cbor);
+    request.originator = ae_id;
+    std::weak_ptr<Impl> weak = weak_from_this();
+    node.request(config.mef_address, *credentials, std::move(request),
+                 [weak, credentials, ke_id, done](Result<transport::Response> answer, const transport::Session*) {
+                   auto self = weak.lock();
+                   if (!self) return;
+                   self->confirming = false;
+                   self->node.close_client_session(self->config.mef_address, *credentials);
+                   done(self->on_confirmation(ke_id, std::move(answer)));
+                 });
+  }
+
+  Result<void> on_confirmation(const std::string& ke_id, Result<transport::Response> answer) {
+    const std::string mef = "MEF " + config.mef_fqdn;
+    if (!answer.ok()) {
+      if (answer.error().code != Errc::unauthenticated) {
+        return make_error(answer.error().code, "cannot ask " + mef + " about KeID " + ke_id + ": " +
+                                                   answer.error().message);
+      }
+      return mark_revoked(ke_id, mef + " refuses it in the handshake (revoked, expired or unknown there)");
+    }
+    if (answer->code != 205) return error_from_response(mef, *answer);
+    auto format = content_format_from(answer->content_format.value_or(static_cast<std::uint16_t>(ContentFormat::cbor)));
+    auto list = format.ok() ? decode_revocation_list(ByteView(answer->payload), *format)
+                            : Result<RevocationList>(std::move(format).error());
+    if (!list.ok()) return make_error(list.error().code, mef + " revocation list: " + list.error().message);
+    if (std::find(list->ke_ids.begin(), list->ke_ids.end(), ke_id) != list->ke_ids.end()) {
+      return mark_revoked(ke_id, mef + " lists it as revoked");
+    }
+    confirmed_ke_id = ke_id;
+    confirmed_at = now();
+    return ok_result();
+  }
+
+  // Our record of a KeID the MEF no longer accepts: key_for_target refuses it from now on, and the credential
+  // listing shows when we learnt it. Errors: denied (always: the KeID is unusable), with why.
+  Result<void> mark_revoked(const std::string& ke_id, const std::string& why) {
+    const std::string message = "KeID " + ke_id + " of " + ae_id + ": " + why;
+    if (const auto* record = store.find<crypto::EnrolmentKeyRecord>(ke_id); record != nullptr && record->revoked_at == 0) {
+      crypto::EnrolmentKeyRecord revoked{record->ke_id,      record->ke.clone(), record->enrolee_id,
+                                         record->targets,    record->expires_at, now()};
+      if (auto stored = store.put(std::move(revoked)); !stored.ok()) {
+        config.log(LogKind::failed, ae_id, "enrolee " + ae_id + ": cannot mark " + message + ": " +
+                                               stored.error().to_string());
+      }
+    }
+    if (ke_id == target_keys_ke_id) forget_target_keys();
+    config.log(LogKind::revoked, ae_id, "enrolee " + message + "; it must enrol again");
+    return make_error(Errc::denied, message);
   }
 
   // EST-coaps simple enrolment (RFC 9148 §5) with client-side key generation: the private key stays here.
@@ -298,7 +425,7 @@ struct Enrolee::Impl : std::enable_shared_from_this<Enrolee::Impl> {
     request.accept = kContentFormatPkixCert;
     request.originator = ae_id;
     request.payload = csr->der();
-    config.log("enrolee " + ae_id + " requests a certificate: POST " + request.path_text());
+    config.log(LogKind::progress, ae_id, "enrolee " + ae_id + " requests a certificate: POST " + request.path_text());
     std::weak_ptr<Impl> weak = weak_from_this();
     node.request(config.mef_address, *credentials, std::move(request),
                  [weak, key_holder, done](Result<transport::Response> response, const transport::Session*) {
@@ -383,7 +510,7 @@ Result<std::unique_ptr<Enrolee>> Enrolee::create(transport::Node& node, crypto::
     }
     auto key = crypto::PrivateKey::parse(record->private_key_der);
     if (!key.ok()) return std::move(key).error();
-    config.log("enrolee " + config.raw_public_key_name + " bootstraps with raw public key " + key->public_key_id());
+    config.log(LogKind::progress, config.raw_public_key_name, "enrolee " + config.raw_public_key_name + " bootstraps with raw public key " + key->public_key_id());
     local_ae_id = config.raw_public_key_name;
   } else if (!config.certificate_name.empty()) {
     if (!config.kpm_id.empty()) {
@@ -453,6 +580,8 @@ std::optional<std::string> Enrolee::ke_id() const {
   return impl_->current_ke_id;
 }
 
+void Enrolee::confirm_enrolment(DoneCallback done) { impl_->confirm_enrolment(done); }
+
 Result<TargetKey> Enrolee::key_for_target(std::string_view target_ae_id) const {
   return impl_->key_for_target(target_ae_id);
 }
@@ -466,6 +595,10 @@ std::vector<std::pair<std::string, std::string>> Enrolee::cached_target_keys() c
 Result<transport::ClientCredentials> Enrolee::mef_credentials() const {
   auto record = impl_->unexpired_record();
   if (!record.ok()) return std::move(record).error();
+  if ((*record)->revoked_at != 0) {  // known refused: offering it would only be refused again
+    return make_error(Errc::denied, "enrolment " + (*record)->ke_id + " of '" + impl_->ae_id + "' was revoked at " +
+                                        std::to_string((*record)->revoked_at));
+  }
   return transport::ClientCredentials::psk((*record)->ke_id, crypto::derive_reauthentication_key((*record)->ke),
                                            impl_->config.mef_fqdn);
 }
@@ -492,7 +625,7 @@ Result<void> Enrolee::use_bootstrap_key(const std::string& kpm_id) {
   if (bootstrap == nullptr || bootstrap->ae_id != s.ae_id) {
     return make_error(Errc::not_found, "no bootstrap credential " + kpm_id + " for " + s.ae_id + " in the key store");
   }
-  s.config.log("enrolee " + s.ae_id + ": bootstrap credential " + s.config.kpm_id + " -> " + kpm_id);
+  s.config.log(LogKind::progress, s.ae_id, "enrolee " + s.ae_id + ": bootstrap credential " + s.config.kpm_id + " -> " + kpm_id);
   s.config.kpm_id = kpm_id;
   return ok_result();
 }

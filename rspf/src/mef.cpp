@@ -41,16 +41,22 @@ constexpr std::string_view to_string(ExchangeState state) noexcept {
 
 class EnrolmentExchange {
  public:
-  EnrolmentExchange(const LogSink& log, std::string peer) : log_(log), peer_(std::move(peer)) {}
+  EnrolmentExchange(const LogSink& log, std::string peer, std::string subject)
+      : log_(log), peer_(std::move(peer)), subject_(std::move(subject)) {}
   void set_state(ExchangeState next, const std::string& reason) {
-    log_("mef enrolment peer=" + peer_ + " " + std::string(to_string(state_)) + " -> " +
-         std::string(to_string(next)) + ": " + reason);
+    // A refusal is a failed enrolment; "stored" is the enrolment itself, kept for accountability.
+    const LogKind kind = next == ExchangeState::refused ? LogKind::refused
+                         : next == ExchangeState::stored ? LogKind::audit
+                                                         : LogKind::progress;
+    log_(kind, subject_, "mef enrolment peer=" + peer_ + " " + std::string(to_string(state_)) + " -> " +
+                             std::string(to_string(next)) + ": " + reason);
     state_ = next;
   }
 
  private:
   const LogSink& log_;
   std::string peer_;
+  std::string subject_;
   ExchangeState state_ = ExchangeState::received;
 };
 
@@ -75,6 +81,12 @@ std::string enrolee_credential_id(const transport::PeerIdentity& peer) {
 std::string describe(const Session& session) {
   return session.remote_address() + " " + std::string(transport::to_string(session.peer().kind)) + ":" +
          session.peer().value;
+}
+
+// Whom a log line about a session is about (the rate limit's subject): its authenticated identity, which a flood
+// from changing source ports keeps.
+std::string subject_of(const Session& session) {
+  return session.peer().value.empty() ? session.remote_address() : session.peer().value;
 }
 
 // The body format of a request: Content-Format if given (50 or 60), CBOR otherwise (PROTOCOL.md §2).
@@ -162,7 +174,8 @@ struct Mef::Impl {
   // A refusal: logged once here, answered with ErrorBody and the mapped code.
   void refuse(Responder& responder, const Session& session, std::string_view route, const Error& error,
               std::optional<int> code = std::nullopt) {
-    config.log("mef " + std::string(route) + " peer=" + describe(session) + " refused: " + error.to_string());
+    config.log(LogKind::refused, subject_of(session),
+               "mef " + std::string(route) + " peer=" + describe(session) + " refused: " + error.to_string());
     note_failure(enrolee_of(session), std::string(route) + " refused: " + error.message);
     responder.respond(code ? refusal_response(*code, error) : refusal_response(error));
   }
@@ -196,7 +209,7 @@ struct Mef::Impl {
 
   // ---- POST /mef/enrolment (PROTOCOL.md §3.3–3.4) ----
   void on_enrolment(const Session& session, const Request& request, Responder responder) {
-    EnrolmentExchange exchange(config.log, describe(session));
+    EnrolmentExchange exchange(config.log, describe(session), subject_of(session));
     auto fail = [&](const Error& error, std::optional<int> code = std::nullopt) {
       exchange.set_state(ExchangeState::refused, error.to_string());
       note_failure(enrolee_of(session), "enrolment refused: " + error.message);
@@ -388,7 +401,7 @@ struct Mef::Impl {
       }
     });
     if (left_out > 0) {
-      config.log("mef fetchCredentials feed for " + target + ": " + std::to_string(left_out) + " KeIDs left out (at most " +
+      config.log(LogKind::progress, target, "mef fetchCredentials feed for " + target + ": " + std::to_string(left_out) + " KeIDs left out (at most " +
                  std::to_string(kMaxCredentialFeedEntries) + " per list)");
     }
     return feed;
@@ -464,7 +477,7 @@ struct Mef::Impl {
     if (!key.ok()) return refuse(responder, session, route, key.error());
     FetchCredentialsResponse answer{std::move(*key), record->enrolee_id,
                                     std::min(config.session_key_lifetime_s, record->expires_at - at)};
-    config.log("mef fetchCredentials peer=" + describe(session) + " KeID " + ke_id + " -> key for " + *requester +
+    config.log(LogKind::progress, subject_of(session), "mef fetchCredentials peer=" + describe(session) + " KeID " + ke_id + " -> key for " + *requester +
                " (fingerprint " + answer.credential.fingerprint() + ", lifetime " +
                std::to_string(answer.lifetime_s) + " s)");
     Response response;
@@ -574,7 +587,7 @@ struct Mef::Impl {
     if (auto stored = store.put(std::move(issued)); !stored.ok()) {
       return refuse(responder, session, route, stored.error(), 500);
     }
-    config.log("mef audit: " + std::string(route) + " peer=" + describe(session) + " issued certificate serial " +
+    config.log(LogKind::audit, ae_id, "mef audit: " + std::string(route) + " peer=" + describe(session) + " issued certificate serial " +
                serial_hex + " to " + ae_id + " until " + std::to_string(params.not_after));
     responder.respond(binary_response(204, kContentFormatPkixCert, certificate->der()));
   }
@@ -790,7 +803,7 @@ Result<void> Mef::revoke(std::string_view ke_id_text) {
   const std::string audit = "mef audit: revoked KeID " + revoked.ke_id + " of " + revoked.enrolee_id + " at " +
                             std::to_string(revoked.revoked_at);
   if (auto stored = impl_->store.put(std::move(revoked)); !stored.ok()) return stored;
-  impl_->config.log(audit);
+  impl_->config.log(LogKind::audit, revoked_ke_id, audit);
   // The targets drop the key and its live sessions (PROTOCOL.md §5).
   if (names_targets) impl_->announce_feed_change(revoked_ke_id);
   impl_->announce_revocation();   // the list carries KeIDs too
@@ -807,10 +820,11 @@ Result<void> Mef::revoke_certificate(std::string_view serial_hex) {
   if (record->revoked_at != 0) return ok_result();
   crypto::IssuanceRecord revoked = *record;
   revoked.revoked_at = impl_->now();
+  const std::string revoked_serial = revoked.serial_hex;
   const std::string audit = "mef audit: revoked certificate serial " + revoked.serial_hex + " of " + revoked.ae_id +
                             " at " + std::to_string(revoked.revoked_at);
   if (auto stored = impl_->store.put(std::move(revoked)); !stored.ok()) return stored;
-  impl_->config.log(audit);
+  impl_->config.log(LogKind::audit, revoked_serial, audit);
   impl_->announce_revocation();  // observing peers refuse the serial and close its live sessions (PROTOCOL.md §5)
   return ok_result();
 }

@@ -45,7 +45,7 @@ struct MefSubscription::State : std::enable_shared_from_this<MefSubscription::St
   void lost(const std::string& reason) {
     live = false;
     const auto delay = backoff.next();
-    log(what + " lost: " + reason + "; subscribing again in " + std::to_string(delay.count()) + " ms");
+    log(LogKind::failed, what, what + " lost: " + reason + "; subscribing again in " + std::to_string(delay.count()) + " ms");
     schedule(delay);
   }
 
@@ -55,7 +55,7 @@ struct MefSubscription::State : std::enable_shared_from_this<MefSubscription::St
                            ? contact.credentials()
                            : Result<transport::ClientCredentials>(make_error(Errc::not_found, "no credentials"));
     if (!credentials.ok()) return lost("cannot authenticate: " + credentials.error().message);
-    log(what + " subscribing as " + credentials->psk_identity);
+    log(LogKind::progress, what, what + " subscribing as " + credentials->psk_identity);
     observation.cancel();
     live = false;
     std::weak_ptr<State> weak = weak_from_this();
@@ -66,7 +66,10 @@ struct MefSubscription::State : std::enable_shared_from_this<MefSubscription::St
   }
 
   void on_answer(Result<transport::Response> notification) {
-    if (!notification.ok()) return lost(notification.error().to_string());
+    if (!notification.ok()) {
+      if (notification.error().code == Errc::unauthenticated && contact.refused) contact.refused();
+      return lost(notification.error().to_string());
+    }
     if (notification->code != 205) return lost(error_from_response(what, *notification).to_string());
     on_notification(*notification);
     if (!notification->observe) return lost("the MEF answered without Observe");
@@ -86,7 +89,7 @@ struct MefSubscription::State : std::enable_shared_from_this<MefSubscription::St
     node.post_after(with_jitter(refresh, jitter), [weak, mine] {
       auto self = weak.lock();
       if (self && self->generation == mine && self->live) {
-        self->log(self->what + " refreshing the subscription");
+        self->log(LogKind::progress, self->what, self->what + " refreshing the subscription");
         self->subscribe();
       }
     });

@@ -135,7 +135,7 @@ struct RevocationWatch::Impl : std::enable_shared_from_this<RevocationWatch::Imp
     mef.confirmed_at = stored->received_at;
     mef.stored_at = stored->received_at;
     mef.serials = std::set<std::string>(stored->serials.begin(), stored->serials.end());
-    config.log("revocation watch mef=" + fqdn + " loaded stored list version " + std::to_string(mef.version) + ": " +
+    config.log(LogKind::progress, fqdn, "revocation watch mef=" + fqdn + " loaded stored list version " + std::to_string(mef.version) + ": " +
                std::to_string(mef.serials.size()) + " revoked certificate serial(s), received " +
                std::to_string(now() - mef.confirmed_at) + " s ago");
   }
@@ -152,7 +152,7 @@ struct RevocationWatch::Impl : std::enable_shared_from_this<RevocationWatch::Imp
       mef.stored_at = mef.confirmed_at;
     } else {
       // Still applied in memory; after a restart the previous stored list (or none) is what we start from.
-      config.log("revocation watch mef=" + fqdn + " list version " + std::to_string(mef.version) +
+      config.log(LogKind::failed, fqdn, "revocation watch mef=" + fqdn + " list version " + std::to_string(mef.version) +
                  " applied but not stored: " + stored.error().to_string());
     }
   }
@@ -166,11 +166,11 @@ struct RevocationWatch::Impl : std::enable_shared_from_this<RevocationWatch::Imp
                             : Result<RevocationList>(std::move(format).error());
     if (!list.ok()) {
       // The previous list stays in force (or, before the first one, certificates stay refused).
-      config.log("revocation watch mef=" + fqdn + " unreadable list: " + list.error().to_string());
+      config.log(LogKind::failed, fqdn, "revocation watch mef=" + fqdn + " unreadable list: " + list.error().to_string());
       return;
     }
     if (list->version < mef.version) {
-      config.log("revocation watch mef=" + fqdn + " ignored list version " + std::to_string(list->version) +
+      config.log(LogKind::progress, fqdn, "revocation watch mef=" + fqdn + " ignored list version " + std::to_string(list->version) +
                  " (version " + std::to_string(mef.version) + " applied)");
       return;
     }
@@ -191,7 +191,7 @@ struct RevocationWatch::Impl : std::enable_shared_from_this<RevocationWatch::Imp
     ++applied;
     if (changed || mef.confirmed_at - mef.stored_at >= kUnchangedListStoreInterval) store_list(fqdn, mef);
     if (first || !newly.empty()) {
-      config.log("revocation watch mef=" + fqdn + " applied list version " + std::to_string(mef.version) + ": " +
+      config.log(LogKind::progress, fqdn, "revocation watch mef=" + fqdn + " applied list version " + std::to_string(mef.version) + ": " +
                  std::to_string(mef.serials.size()) + " revoked certificate serial(s), " +
                  std::to_string(newly.size()) + " new" +
                  (mef.issuer.empty() ? std::string(", no issuer named (any issuer)")
@@ -199,7 +199,7 @@ struct RevocationWatch::Impl : std::enable_shared_from_this<RevocationWatch::Imp
     }
     for (const auto& serial : newly) {
       const std::size_t closed = node.close_sessions_with_certificate_serial(serial, mef.issuer);
-      config.log("revocation watch: certificate serial " + serial + " revoked by MEF " + fqdn + ", " +
+      config.log(LogKind::revoked, serial, "revocation watch: certificate serial " + serial + " revoked by MEF " + fqdn + ", " +
                  std::to_string(closed) + " live session(s) closed");
       if (observer) observer(serial, fqdn);
     }

@@ -88,7 +88,8 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
   void set_state(const FetchKey& key, const std::string& mef, FetchState next, const std::string& reason) {
     auto it = fetches.find(key);
     const std::string old = it == fetches.end() ? "none" : std::string(to_string(it->second));
-    config.log("target " + key.local_ae_id + " key retrieval KeID " + key.ke_id + " mef=" + mef + " " + old +
+    config.log(next == FetchState::failed ? LogKind::failed : LogKind::progress, key.ke_id,
+               "target " + key.local_ae_id + " key retrieval KeID " + key.ke_id + " mef=" + mef + " " + old +
                " -> " + std::string(to_string(next)) + ": " + reason);
     if (next == FetchState::failed) remember_failure(key, reason);
     if (next == FetchState::stored) failed.erase(key);
@@ -153,7 +154,7 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
     }
     auto target = target_of(sni);
     if (!target.ok()) {
-      config.log("target refused KeID " + ke_id->text() + ": " + target.error().message);
+      config.log(LogKind::refused, ke_id->text(), "target refused KeID " + ke_id->text() + ": " + target.error().message);
       return std::move(target).error();
     }
     const FetchKey key{ke_id->text(), *target};
@@ -169,7 +170,7 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
     if (mef == mefs.end()) {
       Error refusal = make_error(Errc::denied, "KeID " + key.ke_id + " names MEF '" + ke_id->mef_fqdn +
                                                    "', which is not configured for " + key.local_ae_id);
-      config.log("target " + key.local_ae_id + " refused: " + refusal.message);
+      config.log(LogKind::refused, key.ke_id, "target " + key.local_ae_id + " refused: " + refusal.message);
       tell(key.ke_id, refusal);
       return refusal;
     }
@@ -262,7 +263,7 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
   void on_feed(const ContactKey& contact, const transport::Response& notification) {
     auto message = feed_body_of(notification);
     if (!message.ok()) {
-      config.log("target " + contact.first + " feed mef=" + contact.second + " unreadable notification: " +
+      config.log(LogKind::failed, contact.second, "target " + contact.first + " feed mef=" + contact.second + " unreadable notification: " +
                  message.error().to_string());
       return;
     }
@@ -308,7 +309,7 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
         : at.epoch != body.epoch
             ? "the state held is of another feed epoch (the MEF restarted since)"
             : "version " + std::to_string(*at.applied) + " is applied (a notification was missed)";
-    config.log("target " + contact.first + " feed mef=" + contact.second + ": changes since version " +
+    config.log(LogKind::progress, contact.second, "target " + contact.first + " feed mef=" + contact.second + ": changes since version " +
                std::to_string(*body.since) + ", but " + held_state + "; reading the whole state");
     start_full_read(contact);
   }
@@ -321,7 +322,7 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
                                                : Result<transport::ClientCredentials>(make_error(
                                                      Errc::not_found, "no credentials for MEF '" + contact.second + "'"));
     if (!credentials.ok()) {
-      config.log("target " + contact.first + " feed mef=" + contact.second +
+      config.log(LogKind::failed, contact.second, "target " + contact.first + " feed mef=" + contact.second +
                  " cannot read the whole state: " + credentials.error().message);
       return;
     }
@@ -338,20 +339,20 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
     feed_versions[contact].full_read_running = false;
     const std::string what = "target " + contact.first + " feed mef=" + contact.second + " whole-state read ";
     if (!answer.ok()) {
-      config.log(what + "failed: " + answer.error().to_string() + " (the next gap or subscription refresh retries)");
+      config.log(LogKind::failed, contact.second, what + "failed: " + answer.error().to_string() + " (the next gap or subscription refresh retries)");
       return;
     }
     if (answer->code != 205) {
-      config.log(what + "refused: " + error_from_response("MEF " + contact.second, *answer).message);
+      config.log(LogKind::failed, contact.second, what + "refused: " + error_from_response("MEF " + contact.second, *answer).message);
       return;
     }
     auto message = feed_body_of(*answer);
     if (!message.ok()) {
-      config.log(what + "unreadable: " + message.error().to_string());
+      config.log(LogKind::failed, contact.second, what + "unreadable: " + message.error().to_string());
       return;
     }
     if (message->since) {
-      config.log(what + "answered changes since version " + std::to_string(*message->since) +
+      config.log(LogKind::progress, contact.second, what + "answered changes since version " + std::to_string(*message->since) +
                  ", not the whole state; ignored");
       return;
     }
@@ -375,14 +376,14 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
       if (store.find<crypto::SessionKeyRecord>(record_id) != nullptr) {
         auto gone = store.remove(crypto::RecordKind::session_key, record_id);
         if (!gone.ok()) {
-          config.log("target " + ae + " KeID " + id + " revoked, but its key could not be removed: " +
+          config.log(LogKind::failed, id, "target " + ae + " KeID " + id + " revoked, but its key could not be removed: " +
                      gone.error().to_string());
         }
         removed = gone.ok();
       }
       const std::size_t closed = node.close_server_sessions(transport::PeerKind::psk, id);
       if (newly || removed || closed > 0) {
-        config.log("target " + ae + " KeID " + id + " revoked by MEF " + mef_fqdn + ": key " +
+        config.log(LogKind::revoked, id, "target " + ae + " KeID " + id + " revoked by MEF " + mef_fqdn + ": key " +
                    (removed ? "removed" : "not held") + ", " + std::to_string(closed) + " live session(s) closed");
       }
     }

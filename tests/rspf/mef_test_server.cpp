@@ -76,7 +76,7 @@ int main(int argc, char** argv) {
   (*node)->set_failure_observer([](const transport::Failure&) {});
   rspf::MefConfig mef_config;
   mef_config.fqdn = argv[4];
-  mef_config.log = [](const std::string&) {};  // nobody reads our output after "ready": never block on a full pipe
+  mef_config.log = [](rspf::LogKind, const std::string&, const std::string&) {};  // nobody reads our output after "ready": never block on a full pipe
   auto mef = rspf::Mef::create(**node, *store, std::move(mef_config));
   if (!mef.ok()) die(mef.error().to_string());
   slot.bind((*mef)->psk_lookup());

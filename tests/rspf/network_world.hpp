@@ -68,7 +68,7 @@ struct TestClock {
 struct LogLines {
   std::vector<std::string> lines;
   rspf::LogSink sink() {
-    return [this](const std::string& line) { lines.push_back(line); };
+    return [this](rspf::LogKind, const std::string&, const std::string& line) { lines.push_back(line); };
   }
   bool contains(const std::string& text) const {
     for (const auto& line : lines) {

@@ -72,6 +72,7 @@ class Daemon {
   std::unique_ptr<EventLoop> loop_;
   EventLoop::Registration signal_watch_;
   EventLoop::Registration watchdog_timer_;
+  EventLoop::Registration suppressed_flush_timer_;  // log::flush_suppressed()
   std::unique_ptr<ControlServer> control_;
   std::vector<ControlServer::VerbRegistration> verbs_;
   // The key store, transport Nodes and role objects; torn down before the verbs, the control socket and the loop.

@@ -58,6 +58,9 @@ struct EnroleeConfig {
   JitterSource jitter = random_jitter();
 };
 
+// How long an MEF's "KeID accepted" answer (Enrolee::confirm_enrolment) stands before the MEF is asked again.
+inline constexpr std::chrono::seconds kConfirmationValidity{60};
+
 enum class EnroleeState : std::uint8_t { idle, enrolling, enrolled, failed };
 std::string_view to_string(EnroleeState state) noexcept;
 
@@ -103,7 +106,7 @@ class Enrolee {
   // (KeID, target AE-ID) of each key key_for_target keeps, for status output and tests; never the keys.
   std::vector<std::pair<std::string, std::string>> cached_target_keys() const;
   // The credential to re-authenticate to our MEF (PROTOCOL.md §3.5): psk(KeID, Ker, sni = MEF FQDN). Used for key
-  // retrieval when this AE is itself an Enrolment Target.
+  // retrieval when this AE is itself an Enrolment Target. Errors as key_for_target (not enrolled, expired, revoked).
   Result<transport::ClientCredentials> mef_credentials() const;
   const transport::Peer& mef_address() const;
   const std::string& mef_fqdn() const;
@@ -117,6 +120,13 @@ class Enrolee {
   // use_bootstrap_key()'s rules without the store lookup, for a key about to be stored (dauthctl credentials add):
   // PSK-bootstrapped, not enrolling, and the KpmID names this Enrolee's MEF (check_kpm_id_names_mef).
   Result<void> check_bootstrap_key(const std::string& kpm_id) const;
+
+  // Asks the MEF whether it still accepts the current KeID: a fresh DTLS-PSK session with it (mef_credentials()) and
+  // GET /mef/revoked. done: ok (accepted and not listed; remembered for kConfirmationValidity, so that repeated
+  // calls do not load the MEF); denied (refused in the handshake or listed as revoked: the record is then marked
+  // revoked in the store, key_for_target refuses it, and the caller should enrol() again); limit (enrolling, or a
+  // check is running); not_found (not enrolled); anything else: the MEF could not be asked (timeout, io).
+  void confirm_enrolment(DoneCallback done);
 
   // When to call enrol() next: enrolled -> at 2/3 of the lifetime (± 10 %) counted from the enrolment;
   // failed -> the next backoff step (1 s doubling to 5 min, ± 10 %); idle -> 0; enrolling -> 1 s (wait for done). Each call in state failed

@@ -27,6 +27,9 @@ namespace dauth::rspf {
 struct MefContact {
   transport::Peer address;
   std::function<Result<transport::ClientCredentials>()> credentials;
+  // Optional: called when the MEF refuses those credentials in the handshake (e.g. a KeID it revoked), so that
+  // their owner can find out and enrol again (Enrolee::confirm_enrolment); the subscription retries as usual.
+  std::function<void()> refused = nullptr;
 };
 
 class MefSubscription {

@@ -18,9 +18,22 @@ namespace dauth::rspf {
 using UnixClock = std::function<std::int64_t()>;
 UnixClock system_unix_clock();
 
+// What kind of event a role logs. The role says what happened; the daemon alone decides the syslog priority of
+// each kind and rate-limits lines of one kind and subject (dauthd(8), LOGGING).
+enum class LogKind : std::uint8_t {
+  progress,  // routine: state transitions, keys stored, subscriptions (re)made
+  audit,     // a decision of the MEF kept for accountability: enrolled, issued, revoked
+  refused,   // this role refused a peer's request or credential (a misconfigured peer, or an attack)
+  failed,    // something this role needs failed: an enrolment, a key retrieval, a subscription
+  revoked,   // a credential was found revoked (ours or a peer's)
+  expiring,  // a credential of ours is near its expiry and its renewal failed
+};
+std::string_view to_string(LogKind kind) noexcept;
+
 // One line per event, never key material (docs/conventions.md §9): KeIDs, PSK identities and fingerprints only.
-// The default writes "rspf: <line>" to stderr; the daemon routes it to its logger.
-using LogSink = std::function<void(const std::string& line)>;
+// subject names what the event is about (an AE-ID, KeID or peer address), so that a flood about one subject cannot
+// hide the lines about others. The default writes "rspf: <line>" to stderr; the daemon routes it to its logger.
+using LogSink = std::function<void(LogKind kind, const std::string& subject, const std::string& line)>;
 LogSink stderr_log_sink();
 
 // Node::create() takes the PSK lookup, but the role that answers it (Mef, TargetKeys) needs the Node: the Node is
