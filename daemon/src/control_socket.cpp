@@ -415,37 +415,15 @@ void ControlServer::queue_reply(Client& client, const Result<nlohmann::json>& ou
 
 // Each failure reply once, with the client: a refused connection (permission, client limit) at warning, since it
 // is someone the configuration does not let in or something holding every slot; a failed request at notice, since
-// its client got the reason in the reply. A client can cause these in a loop: past kFailureLogBurst lines in
-// kFailureLogWindow the rest are counted, and one line at the window's end says how many.
+// its client got the reason in the reply. A client can cause these in a loop: the log's rate limit per uid
+// (log::write_limited) bounds them and counts the rest.
 void ControlServer::log_failure(const ControlPeer& peer, const Error& error, bool connection_refused) {
-  const auto now = std::chrono::steady_clock::now();
-  if (now - failure_window_start_ >= kFailureLogWindow) {
-    failure_window_start_ = now;
-    failures_logged_ = 0;
-  }
-  if (failures_logged_ >= kFailureLogBurst) {
-    if (failures_suppressed_++ == 0) {
-      auto timer = loop_.add_timer(
-          std::max(std::chrono::milliseconds(1), std::chrono::duration_cast<std::chrono::milliseconds>(
-                                                     failure_window_start_ + kFailureLogWindow - now)),
-          std::chrono::milliseconds(0), [this] {
-            log::notice("control: " + std::to_string(failures_suppressed_) + " more failed request(s) not logged");
-            failures_suppressed_ = 0;
-            suppression_timer_.reset();
-          });
-      if (timer) suppression_timer_ = std::move(timer).value();
-    }
-    return;
-  }
-  ++failures_logged_;
   const std::string line = std::string("control: ") + (connection_refused ? "connection" : "request") + " of uid " +
                            std::to_string(peer.uid) + " pid " + std::to_string(peer.pid) + " refused (" +
                            std::string(to_string(error.code)) + "): " + error.message;
-  if (connection_refused) {
-    log::warning(line);
-  } else {
-    log::notice(line);
-  }
+  log::write_limited(connection_refused ? log::Level::warning : log::Level::notice,
+                     connection_refused ? "control connection" : "control request", "uid " + std::to_string(peer.uid),
+                     line);
 }
 
 bool ControlServer::flush(std::uint64_t id) {

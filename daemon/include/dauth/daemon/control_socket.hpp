@@ -144,13 +144,6 @@ class ControlServer {
   std::uint64_t next_client_ = 1;
   std::uint64_t requests_ = 0;
   std::uint64_t failed_ = 0;
-  // log_failure's bound on failure lines (a client can cause failures in a loop).
-  static constexpr int kFailureLogBurst = 20;
-  static constexpr std::chrono::seconds kFailureLogWindow{10};
-  std::chrono::steady_clock::time_point failure_window_start_{};
-  int failures_logged_ = 0;
-  std::uint64_t failures_suppressed_ = 0;
-  EventLoop::Registration suppression_timer_;
 };
 
 }  // namespace dauth::daemon
