@@ -69,13 +69,34 @@ std::string coap_code_text(int code) {
   return std::to_string(code / 100) + "." + detail;
 }
 
+namespace {
+
+// A peer's words, fit for a log line and a terminal: control characters (C0, DEL and UTF-8-encoded C1, which can
+// drive a terminal) become '?', and at most kMaxShown bytes are kept. The peer chooses this text.
+std::string printable_detail(const std::string& text) {
+  constexpr std::size_t kMaxShown = 200;
+  std::string out;
+  std::size_t i = 0;
+  for (; i < text.size() && out.size() < kMaxShown; ++i) {
+    const auto c = static_cast<unsigned char>(text[i]);
+    const bool c1 = c == 0xc2 && i + 1 < text.size() && static_cast<unsigned char>(text[i + 1]) >= 0x80 &&
+                    static_cast<unsigned char>(text[i + 1]) <= 0x9f;
+    if (c1) ++i;
+    out.push_back(c < 0x20 || c == 0x7f || c1 ? '?' : static_cast<char>(c));
+  }
+  if (i < text.size()) out += "...";
+  return out;
+}
+
+}  // namespace
+
 Error error_from_response(std::string_view what, const transport::Response& response) {
   std::string message = std::string(what) + " answered " + coap_code_text(response.code);
   Errc code = response.code == 404 ? Errc::not_found : response.code >= 500 ? Errc::internal : Errc::denied;
   auto format = content_format_from(response.content_format.value_or(static_cast<std::uint16_t>(ContentFormat::cbor)));
   if (format.ok()) {
     auto body = decode_error_body(ByteView(response.payload), *format);
-    if (body.ok()) message += ": " + body->error + ": " + body->detail;
+    if (body.ok()) message += ": " + printable_detail(body->error) + ": " + printable_detail(body->detail);
   }
   return make_error(code, message);
 }

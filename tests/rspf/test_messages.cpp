@@ -7,6 +7,7 @@
 #include <sodium.h>
 
 #include "dauth/rspf/messages.hpp"
+#include "dauth/rspf/role_support.hpp"
 
 using dauth::ByteView;
 using dauth::Bytes;
@@ -366,4 +367,19 @@ TEST_CASE("a JSON map key that repeats is refused too", "[messages][strict]") {
       rspf::decode_enrolment_request(text("{\"certEnrolment\":true,\"x\xff\":1}"), rspf::ContentFormat::json);
   REQUIRE_FALSE(invalid.ok());
   CHECK(invalid.error().code == dauth::Errc::parse);
+}
+
+TEST_CASE("a peer's refusal text is read without control characters and at bounded length") {
+  // The detail is the peer's own text; it reaches the log and dauthctl show (issue 15 review: ESC sequences).
+  dauth::transport::Response answer;
+  answer.code = 403;
+  answer.content_format = static_cast<std::uint16_t>(rspf::ContentFormat::cbor);
+  const std::string detail = "policy\x1b]0;owned\x07 line\nbreak \xc2\x9b" "31m" + std::string(200, 'x');  // within the body's 256 bytes
+  answer.payload = rspf::encode(rspf::ErrorBody{"denied\r", detail}, rspf::ContentFormat::cbor);
+  const std::string message = rspf::error_from_response("CAE-valve", answer).message;
+  INFO(message);
+  CHECK(message.rfind("CAE-valve answered 4.03: denied?: policy?]0;owned? line?break ?31mxxx", 0) == 0);
+  for (const char c : message) CHECK((static_cast<unsigned char>(c) >= 0x20 && c != 0x7f));
+  CHECK(message.size() < 300);
+  CHECK(message.substr(message.size() - 3) == "...");
 }
