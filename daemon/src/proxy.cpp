@@ -251,7 +251,15 @@ void Roles::Impl::on_local_request(const transport::Session& session, const Requ
 void Roles::Impl::forward_to_peer(const std::string& target, const transport::Peer& address, std::string ke_id,
                                   std::shared_ptr<SecretBuffer> key, Request request,
                                   std::shared_ptr<transport::Responder> responder, std::size_t attempt) {
-  auto& peer_state = peers[target];
+  const auto configured = peers.find(target);
+  if (configured == peers.end()) {  // a reload removed its [[peer.address]] while this request waited for a retry
+    responder->respond(for_local_ae(refusal(404, std::nullopt,
+                                            make_error(Errc::not_found, "no [[peer.address]] configured for " + target +
+                                                                            " any more (removed by a reload)")),
+                                    request));
+    return;
+  }
+  auto& peer_state = configured->second;
   ++peer_state.requests;
   transport::ClientCredentials credentials;
   if (peer_state.credential == "certificate") {
@@ -277,7 +285,10 @@ void Roles::Impl::forward_to_peer(const std::string& target, const transport::Pe
       address, credentials, std::move(request),
       [this, target, address, ke_id, key, copy, responder, attempt](Result<Response> outcome,
                                                                      const transport::Session* session) mutable {
-        auto& state = peers[target];
+        // Recorded on the peer's state while it is configured (a reload may have removed it meanwhile).
+        PeerState removed;
+        const auto configured_now = peers.find(target);
+        PeerState& state = configured_now != peers.end() ? configured_now->second : removed;
         state.last_at = unix_now();
         if (outcome) {
           if (session) note_session("out", *session, target);
@@ -344,12 +355,14 @@ void Roles::Impl::forward_to_peer(const std::string& target, const transport::Pe
 
 void Roles::Impl::on_forward_failed(const std::string& originator, const std::string& target,
                                     const std::string& ke_id, const Error& error) {
-  const PeerState& peer = peers[target];
-  const bool psk = peer.credential != "certificate";
+  const auto configured = peers.find(target);
+  const bool psk = configured == peers.end() || configured->second.credential != "certificate";
+  const std::string where =
+      configured == peers.end() ? std::string("its former address") : configured->second.address_text;
   std::string line = "proxy: " + originator + " -> " + target + " failed: " + error.message;
   if (error.code == Errc::unauthenticated && psk) {
     line += "; likely: the peer refused KeID " + ke_id + ": it was revoked or has expired at the MEF, the peer's "
-            "dauthd cannot fetch its key from the MEF, or it serves no " + target + " at " + peer.address_text +
+            "dauthd cannot fetch its key from the MEF, or it serves no " + target + " at " + where +
             " (check `dauthctl credentials list` here, and on the peer `dauthctl credentials list` and its log "
             "for \"target\"); asking the MEF whether it still accepts " + ke_id;
   } else if (error.code == Errc::unauthenticated) {
@@ -357,7 +370,7 @@ void Roles::Impl::on_forward_failed(const std::string& originator, const std::st
             "refused its (it must name " + target + "; check peer.trust_anchors here and `dauthctl credentials "
             "list` on both)";
   } else if (error.code == Errc::timeout) {
-    line += "; likely: no dauthd answers at " + peer.address_text + " (down, unreachable, or another address: "
+    line += "; likely: no dauthd answers at " + where + " (down, unreachable, or another address: "
             "check `dauthctl peers` here and `dauthctl status` there)";
   }
   log::write_limited(log::Level::warning, "proxy failed", originator + " -> " + target, line);

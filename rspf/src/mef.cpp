@@ -165,10 +165,15 @@ struct Mef::Impl {
     entry.last_failure = reason;
     ++entry.failures;
   }
-  // The enrolee a session authenticated as: the grant of its PSK (KpmID or KeID), or its certificate's AE-ID.
-  static std::string enrolee_of(const Session& session) {
-    if (!session.grant().peer_ae_id.empty()) return session.grant().peer_ae_id;
-    return session.peer().kind == transport::PeerKind::x509 ? session.peer().value : std::string();
+  // The enrolee (AE-ID of a row of the table) a session authenticated as: its credential's row (KpmID, certificate,
+  // raw public key), or the enrolment its KeID names; "" for anyone else, so that strangers leave no activity.
+  std::string enrolee_of(const Session& session) const {
+    if (const auto* row = store.find<crypto::EnroleeRecord>(enrolee_credential_id(session.peer()))) {
+      return row->enrolee_id;
+    }
+    if (session.peer().kind != transport::PeerKind::psk || !crypto::parse_ke_id(session.peer().value).ok()) return {};
+    const auto* enrolment = store.find<crypto::EnrolmentKeyRecord>(crypto::parse_ke_id(session.peer().value)->text());
+    return enrolment ? enrolment->enrolee_id : std::string();
   }
 
   // A refusal: logged once here, answered with ErrorBody and the mapped code.

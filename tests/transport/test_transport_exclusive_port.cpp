@@ -166,3 +166,28 @@ TEST_CASE("exclusive port: a socket of another process that joined before SO_REU
   REQUIRE(transport::make_udp_port_exclusive(*address).ok());
   CHECK_FALSE(udp_socket(port, true).valid());
 }
+
+TEST_CASE("exclusive port: an IPv4 socket that joined a dual-stack [::] endpoint's port is found") {
+  // [::] without IPV6_V6ONLY (as libcoap binds) gets IPv4 datagrams too; an IPv4 socket that set SO_REUSEADDR in the
+  // window before ours cleared it takes those addressed to 127.0.0.1 (review of issue 15: /proc alone missed it).
+  const std::uint16_t port = free_loopback_port();
+  UniqueFd ours(::socket(AF_INET6, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+  REQUIRE(ours.valid());
+  const int on = 1;
+  const int off = 0;
+  REQUIRE(::setsockopt(ours.get(), SOL_SOCKET, SO_REUSEADDR, &on, sizeof on) == 0);
+  REQUIRE(::setsockopt(ours.get(), IPPROTO_IPV6, IPV6_V6ONLY, &off, sizeof off) == 0);
+  sockaddr_in6 wildcard{};
+  wildcard.sin6_family = AF_INET6;
+  wildcard.sin6_addr = in6addr_any;
+  wildcard.sin6_port = htons(port);
+  REQUIRE(::bind(ours.get(), reinterpret_cast<const sockaddr*>(&wildcard), sizeof wildcard) == 0);
+  const UniqueFd joined = udp_socket(port, true);
+  REQUIRE(joined.valid());
+  auto address = transport::numeric_address("::", port);
+  REQUIRE(address.ok());
+  const auto exclusive = transport::make_udp_port_exclusive(*address);
+  REQUIRE_FALSE(exclusive.ok());
+  CHECK(exclusive.error().code == Errc::exists);
+  CHECK_THAT(exclusive.error().message, Catch::Contains("port in use by another socket"));
+}

@@ -245,6 +245,9 @@ Result<void> make_udp_port_exclusive(const SocketAddress& bound) {
   // Our socket: libcoap 4.3.1 has no getter for an endpoint's descriptor, so find the UDP socket of this process
   // bound to exactly this address.
   std::vector<unsigned long> ours;
+  // An IPv6 wildcard without IPV6_V6ONLY (libcoap 4.3.1's endpoints are dual-stack) also receives IPv4 datagrams:
+  // then any IPv4 socket on the port is a sharer, which same_datagrams() cannot tell from /proc alone.
+  bool dual_stack_wildcard = false;
   struct CloseDir {
     void operator()(DIR* dir) const { ::closedir(dir); }
   };
@@ -269,6 +272,13 @@ Result<void> make_udp_port_exclusive(const SocketAddress& bound) {
       return make_error(Errc::internal, std::string("clearing SO_REUSEADDR: ") + std::strerror(errno));
     }
     ours.push_back(static_cast<unsigned long>(st.st_ino));
+    if (local.ss_family == AF_INET6 &&
+        IN6_IS_ADDR_UNSPECIFIED(&reinterpret_cast<const sockaddr_in6*>(&local)->sin6_addr)) {
+      int v6_only = 1;
+      socklen_t v6_only_length = sizeof v6_only;
+      dual_stack_wildcard =
+          ::getsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v6_only, &v6_only_length) == 0 && v6_only == 0;
+    }
   }
   if (ours.empty()) {
     return make_error(Errc::internal, "the endpoint's socket is not among this process's");
@@ -281,7 +291,7 @@ Result<void> make_udp_port_exclusive(const SocketAddress& bound) {
        {std::pair{"/proc/self/net/udp", AF_INET}, std::pair{"/proc/self/net/udp6", AF_INET6}}) {
     for (const ProcSocket& socket : proc_udp_sockets(path, family)) {
       if (socket.port != port || socket.inode == ours.front()) continue;
-      if (same_datagrams(socket.local, bound.storage)) {
+      if (same_datagrams(socket.local, bound.storage) || (dual_stack_wildcard && family == AF_INET)) {
         return port_in_use(" (socket inode " + std::to_string(socket.inode) + ")");
       }
     }
