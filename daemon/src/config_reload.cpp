@@ -1,5 +1,7 @@
 // What a reload changes: the keys it applies and the ones that wait for a restart, both by config name, decided by
 // the reload rules of the configuration table (config_schema.cpp).
+#include <sys/stat.h>
+
 #include <algorithm>
 #include <set>
 
@@ -46,6 +48,21 @@ std::string value_text(const ConfigValue& value) {
   return std::visit(Text{}, value);
 }
 
+// A file read once at start (a certificate, CA or key file) can be renewed in place under the same name: its
+// identity and time stamps count as part of its value, so that a reload names it as needing a restart instead of
+// saying nothing. Written again with the same bytes it is named too: only a restart reads it, so only a restart can
+// tell. Directories and sockets (state_directory, control_socket) are compared by name only.
+std::string restart_value_text(const ConfigEntry& entry) {
+  std::string text = value_text(entry.value);
+  if (entry.spec->type != ValueType::path) return text;
+  struct stat st {};
+  const auto& path = std::get<std::string>(entry.value);
+  if (::stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) return text;
+  return text + " (file " + std::to_string(st.st_dev) + ":" + std::to_string(st.st_ino) + ", " +
+         std::to_string(st.st_size) + " bytes, modified " + std::to_string(st.st_mtim.tv_sec) + "." +
+         std::to_string(st.st_mtim.tv_nsec) + ")";
+}
+
 std::map<std::string, const ConfigTable*> tables_by_name(const Config& config) {
   std::map<std::string, const ConfigTable*> out;
   for (const auto& table : config.tables) out.emplace(table_name(table), &table);
@@ -62,7 +79,7 @@ RestartValues restart_values(const Config& config) {
       if (table.section == "enrolee.ae" && entry.spec->name == "id") continue;  // the AE's own name, above
       switch (reload_rule(table.section, entry.spec->name)) {
         case Reload::live: break;
-        case Reload::restart: values[key_name(table, entry.spec->name)] = value_text(entry.value); break;
+        case Reload::restart: values[key_name(table, entry.spec->name)] = restart_value_text(entry); break;
         case Reload::live_while_set: values[key_name(table, entry.spec->name)] = "set"; break;
       }
     }

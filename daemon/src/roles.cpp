@@ -877,14 +877,13 @@ Result<void> Roles::reload(const Config& config, const LoadedSecrets& secrets) {
       if (running == nullptr) continue;  // a new local AE: at the restart
       running->config.local_source = fresh.local_source;
       take_while_set(running->config.endpoint, fresh.endpoint);
-      const bool new_certificate = !running->config.certificate_file.empty() && !fresh.certificate_file.empty() &&
-                                   (running->config.certificate_file != fresh.certificate_file ||
-                                    running->config.private_key_file != fresh.private_key_file);
+      const bool certificate_ae = !running->config.certificate_file.empty() && !fresh.certificate_file.empty();
       take_while_set(running->config.certificate_file, fresh.certificate_file);
       take_while_set(running->config.private_key_file, fresh.private_key_file);
-      // The Enrolee reads its device certificate from the store at each attempt (put_key_tables wrote it); the
-      // peer endpoint presents the new one from the next handshake.
-      if (new_certificate) s.serve_certificate_of(fresh.id);
+      // The Enrolee reads its device certificate from the store at each attempt (put_key_tables wrote it, also when
+      // the file was renewed in place under the same name); the peer endpoint presents the current one from the
+      // next handshake.
+      if (certificate_ae) s.serve_certificate_of(fresh.id);
     }
   }
   return ok_result();

@@ -558,6 +558,16 @@ TEST_CASE("reload applies the live keys and names each key that needs a restart 
   REQUIRE(d.ctl({"reload"}).exit_code == 0);
   CHECK(d.status()["restart_pending"] == nlohmann::json::array());
 
+  // A file read only at start, renewed in place under the same name (as certificates are): the reload cannot use
+  // it and says so, where it used to report nothing.
+  const auto renewed = d.dir / "master.key.new";
+  dauth::test::write_file(renewed, kMasterHex + "\n", 0600);
+  std::filesystem::rename(renewed, d.dir / "master.key");
+  const auto after_renewal = d.ctl({"reload"});
+  INFO(after_renewal.output);
+  CHECK_THAT(after_renewal.output, Catch::Contains("needs a restart: daemon.master_key_file"));
+  CHECK(d.status()["restart_pending"] == nlohmann::json::array({"daemon.master_key_file"}));
+
   daemon.signal(SIGTERM);
   CHECK(daemon.wait() == std::optional<int>(0));
 }
