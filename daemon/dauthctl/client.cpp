@@ -171,7 +171,8 @@ std::string units(long long seconds) {
     long long length;
     const char* name;
   };
-  static constexpr Unit kUnits[] = {{365 * 86400LL, "year"}, {86400, "day"}, {3600, "hour"}, {60, "minute"}, {1, "second"}};
+  static constexpr Unit kUnits[] = {
+      {365 * 86400LL, "year"}, {86400, "day"}, {3600, "hour"}, {60, "minute"}, {1, "second"}};
   std::string text;
   int shown = 0;
   for (const auto& unit : kUnits) {

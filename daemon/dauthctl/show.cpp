@@ -24,7 +24,9 @@ void print_ae(const Json& ae, std::int64_t now, std::ostream& out) {
     out << ", KeID " << ke_id << ", expires " << when(now, time_of(ae, "expires_at"));
   }
   out << "\n";
-  if (time_of(ae, "next_attempt_at") != 0) out << "  next attempt: " << when(now, time_of(ae, "next_attempt_at")) << "\n";
+  if (time_of(ae, "next_attempt_at") != 0) {
+    out << "  next attempt: " << when(now, time_of(ae, "next_attempt_at")) << "\n";
+  }
   out << "  latest enrolment: " << when(now, time_of(ae, "last_enrolled_at")) << "\n";
   out << "  latest request: " << when(now, time_of(ae, "last_request_at")) << "\n";
   if (time_of(ae, "last_failure_at") != 0) {
@@ -37,9 +39,9 @@ void print_ae(const Json& ae, std::int64_t now, std::ostream& out) {
 void print_peer(const Json& peer, std::int64_t now, std::ostream& out) {
   out << "peer: " << text_of(peer, "ae_id") << "\n";
   const std::string address = text_of(peer, "address");
-  out << "  endpoint: " << (address.empty() ? "(not configured: it reached us)" : address + " (" +
-                                                                                       text_of(peer, "credential") + ")")
-      << "\n";
+  const std::string endpoint =
+      address.empty() ? "(not configured: it reached us)" : address + " (" + text_of(peer, "credential") + ")";
+  out << "  endpoint: " << endpoint << "\n";
   out << "  sessions: " << peer.value("sessions", 0) << " live\n";
   out << "  latest handshake: " << when(now, time_of(peer, "last_handshake_at")) << "\n";
   out << "  latest request: " << when(now, time_of(peer, "last_request_at")) << "\n";
@@ -79,12 +81,16 @@ void print_show(const Json& reply, std::ostream& out) {
       << text_of(daemon, "state") << " for " << format_duration(daemon.value("uptime_seconds", 0LL)) << "\n";
   std::string roles;
   for (const char* role : {"enrolee", "mef", "peer"}) {
-    if (daemon.contains("roles") && daemon["roles"].value(role, false)) roles += (roles.empty() ? "" : ", ") + std::string(role);
+    if (daemon.contains("roles") && daemon["roles"].value(role, false)) {
+      roles += (roles.empty() ? "" : ", ") + std::string(role);
+    }
   }
   out << "  roles: " << (roles.empty() ? "none" : roles) << "\n";
   if (daemon.contains("ports") && daemon["ports"].is_object() && !daemon["ports"].empty()) {
     std::string ports;
-    for (const auto& [name, port] : daemon["ports"].items()) ports += (ports.empty() ? "" : ", ") + name + " " + port.dump();
+    for (const auto& [name, port] : daemon["ports"].items()) {
+      ports += (ports.empty() ? "" : ", ") + name + " " + port.dump();
+    }
     out << "  listening: " << ports << "\n";
   }
   std::string pending;
