@@ -513,7 +513,10 @@ void Roles::Impl::on_peer_request(const transport::Session& session, const Reque
 void Roles::Impl::note_session(const std::string& direction, const transport::Session& session,
                                const std::string& peer_ae_id) {
   const std::string key = direction + " " + session.remote_address() + " " + session.peer().value;
-  if (seen.size() >= kMaxSeenSessions && !seen.count(key)) forget_ended_sessions();
+  if (seen.size() >= prune_seen_at && !seen.count(key)) {
+    forget_ended_sessions();
+    prune_seen_at = std::max(kMaxSeenSessions, 2 * seen.size());
+  }
   auto& entry = seen[key];
   const auto now = unix_now();
   if (entry.created == 0) {

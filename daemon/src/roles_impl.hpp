@@ -182,12 +182,15 @@ struct Roles::Impl {
   std::map<std::string, PeerState> peers;
   std::map<std::string, SeenSession> seen;  // by note_session's key; bounded by forget_ended_sessions()
   // Drops the `seen` entries of sessions that ended (transport's live_sessions()): at each listing, and when
-  // kMaxSeenSessions is passed.
+  // prune_seen_at is reached.
   void forget_ended_sessions();
   // The configured peer (its AE-ID) whose resolved address is remote_address ("127.0.0.1:5684"); "" if none, e.g.
   // an MEF the key retrievals go to.
   std::string peer_at(const std::string& remote_address) const;
   static constexpr std::size_t kMaxSeenSessions = 4096;
+  // The size at which note_session prunes next: twice what survived the last pruning, so that with thousands of
+  // live sessions a new one does not snapshot them all each time (the proxied-request path).
+  std::size_t prune_seen_at = kMaxSeenSessions;
   std::map<std::string, PeerActivity> peer_activity;  // by remote AE-ID
   // Records a failure of the exchange with a remote AE (peer_activity) for dauthctl show.
   void note_peer_failure(const std::string& ae_id, const std::string& reason);

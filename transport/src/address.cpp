@@ -132,10 +132,10 @@ std::string address_text(const SocketAddress& address) {
   char host[INET6_ADDRSTRLEN] = "?";
   if (address.family() == AF_INET) {
     ::inet_ntop(AF_INET, &reinterpret_cast<const sockaddr_in*>(&address.storage)->sin_addr, host, sizeof host);
-    return std::string(host) + ":" + std::to_string(port_of(address));
+  } else {
+    ::inet_ntop(AF_INET6, &reinterpret_cast<const sockaddr_in6*>(&address.storage)->sin6_addr, host, sizeof host);
   }
-  ::inet_ntop(AF_INET6, &reinterpret_cast<const sockaddr_in6*>(&address.storage)->sin6_addr, host, sizeof host);
-  return "[" + std::string(host) + "]:" + std::to_string(port_of(address));
+  return host_port_text(host, port_of(address));
 }
 
 // ---- exclusive UDP ports ------------------------------------------------------------------------------------------
