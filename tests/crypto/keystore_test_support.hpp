@@ -227,7 +227,9 @@ inline void run_crash_trials(WriterMode mode, std::uint32_t seed, std::chrono::s
     next_version += 1000000;
     // One trial in five kills during start-up, so that open() itself (recovery included) gets interrupted.
     const bool during_start = trials % 5 == 4;
-    const auto delay = std::chrono::microseconds(during_start ? random() % 30000 : random() % 15000);
+    // A reseal writes and syncs the store twice: its kills need a longer span than single puts.
+    const std::uint32_t span_us = during_start ? 30000 : mode == WriterMode::reseal ? 60000 : 15000;
+    const auto delay = std::chrono::microseconds(random() % span_us);
     std::vector<std::string> argv = {DAUTH_KEYSTORE_CRASH_WRITER, (dir / "store").string(),
                                      (dir / "master.key").string(), std::to_string(random()),
                                      std::to_string(next_version)};
@@ -239,7 +241,7 @@ inline void run_crash_trials(WriterMode mode, std::uint32_t seed, std::chrono::s
     // Group mode waits for the first acknowledgement: a slow build (TSan) spends the first milliseconds on starting
     // the flush thread, and kills there alone would acknowledge nothing. Start-up kills still hit the first puts.
     std::optional<std::string> wait_for;
-    if (!during_start) wait_for = mode == WriterMode::group ? "P " : "";
+    if (!during_start) wait_for = mode == WriterMode::group ? "P " : mode == WriterMode::reseal ? "k " : "";
     const WriterRun run = run_and_kill(argv, delay, wait_for);
     INFO("trial " << trials
                   << " output tail: " << run.output.substr(run.output.size() > 300 ? run.output.size() - 300 : 0));
