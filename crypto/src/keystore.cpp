@@ -637,9 +637,14 @@ struct StoreState {
     return true;
   }
 
-  Result<void> compact() {
+  Result<void> compact() { return write_next_generation(nullptr); }
+
+  // A new snapshot of generation + 1 with every live record, sealed under *new_sealing_key (a rotation, reseal())
+  // or the current key (nullptr), then a new journal.
+  Result<void> write_next_generation(SecretBuffer* new_sealing_key) {
     settle();
     if (auto ok = refuse_if_broken(); !ok) return ok;
+    const SecretBuffer& snapshot_key = new_sealing_key != nullptr ? *new_sealing_key : sealing_key;
     const std::uint64_t new_generation = generation + 1;
     std::size_t lazy_bytes = 0;
     std::size_t estimate = codec::kHeaderSize;
@@ -674,24 +679,28 @@ struct StoreState {
           arena_used += slot.encoded_size;
         }
         plain[0] = static_cast<std::uint8_t>(codec::EntryOp::put);
-        codec::append_sealed_entry(snapshot, sealing_key, codec::FileKind::snapshot, new_generation, sequence++,
+        codec::append_sealed_entry(snapshot, snapshot_key, codec::FileKind::snapshot, new_generation, sequence++,
                                    ByteView(plain, size));
       }
     }
     std::uint8_t end[codec::kEndEntrySize];
     codec::write_end_entry(sequence, end);
-    codec::append_sealed_entry(snapshot, sealing_key, codec::FileKind::snapshot, new_generation, sequence,
+    codec::append_sealed_entry(snapshot, snapshot_key, codec::FileKind::snapshot, new_generation, sequence,
                                ByteView(end, sizeof end));
     scratch.wipe();
 
     auto written = replace_file(kSnapshotName, snapshot);
     if (!written) {
       // The rename may have happened before a failing directory fsync: appending to the old journal could then
-      // put acknowledged entries into a journal that the next open() discards as stale.
-      broken = "compaction failed: " + written.error().message;
+      // put acknowledged entries into a journal that the next open() discards as stale (and after a rotation's
+      // snapshot, which key seals the store is unknown until it is reopened).
+      broken = std::string(new_sealing_key != nullptr ? "re-sealing" : "compaction") +
+               " failed: " + written.error().message;
       return std::move(written).error();
     }
     generation = new_generation;
+    // The journal's entries are sealed, its header is not: from here on the new key seals everything.
+    if (new_sealing_key != nullptr) sealing_key = std::move(*new_sealing_key);
     if (auto journal = start_journal(new_generation); !journal) {
       broken = "the journal of generation " + std::to_string(new_generation) +
                " could not be started: " + journal.error().message;
@@ -1070,10 +1079,31 @@ Result<void> create_store(Impl& store, OpenReport&) {
   return store.start_journal(kFirstGeneration);
 }
 
-Result<void> open_existing(Impl& store, OpenReport& report) {
+// Loads the snapshot with the first candidate sealing key that authenticates its first entry (the others fail there,
+// before anything is kept) and makes it the store's.
+Result<void> load_snapshot_with_any(Impl& store, ByteView file, std::vector<SecretBuffer>& sealing_keys,
+                                    OpenReport& report) {
+  for (std::size_t i = 0; i < sealing_keys.size(); ++i) {
+    store.sealing_key = std::move(sealing_keys[i]);
+    auto loaded = load_snapshot(store, file, report);
+    if (loaded || loaded.error().code != Errc::crypto) {
+      report.master_key_index = i;
+      return loaded;
+    }
+    if (i + 1 == sealing_keys.size()) {
+      if (sealing_keys.size() == 1) return loaded;
+      Error error = std::move(loaded).error();
+      error.message += " (tried " + std::to_string(sealing_keys.size()) + " master keys)";
+      return error;
+    }
+  }
+  return make_error(Errc::invalid_argument, "no master key given");
+}
+
+Result<void> open_existing(Impl& store, std::vector<SecretBuffer>& sealing_keys, OpenReport& report) {
   auto snapshot = load_store_file(store, kSnapshotName, O_RDONLY);
   if (!snapshot) return std::move(snapshot).error();
-  if (auto ok = load_snapshot(store, snapshot->content, report); !ok) return ok;
+  if (auto ok = load_snapshot_with_any(store, snapshot->content, sealing_keys, report); !ok) return ok;
 
   if (!exists_in(store, kJournalName)) {
     // The one legitimate way to get here: a crash between the two files of create_store().
@@ -1125,11 +1155,35 @@ Result<void> open_existing(Impl& store, OpenReport& report) {
 
 struct KeyStore::Impl : StoreState {};
 
-Result<KeyStore> KeyStore::open(const std::filesystem::path& dir, SecretBuffer master_key, OpenReport* report) {
-  ensure_sodium_initialised();
+namespace {
+
+// The master key only ever keys HKDF; the sealing key is bound to this format by the info string.
+Result<SecretBuffer> sealing_key_of(const SecretBuffer& master_key) {
   if (master_key.size() != kMasterKeySize) {
     return make_error(Errc::invalid_argument, "master key is " + std::to_string(master_key.size()) +
                                                   " bytes, must be " + std::to_string(kMasterKeySize));
+  }
+  return hkdf_sha256(master_key, ByteView(), ByteView::of(kSealingInfo), codec::kSealingKeySize);
+}
+
+}  // namespace
+
+Result<KeyStore> KeyStore::open(const std::filesystem::path& dir, SecretBuffer master_key, OpenReport* report) {
+  std::vector<SecretBuffer> keys;
+  keys.push_back(std::move(master_key));
+  return open(dir, std::move(keys), report);
+}
+
+Result<KeyStore> KeyStore::open(const std::filesystem::path& dir, std::vector<SecretBuffer> master_keys,
+                                OpenReport* report) {
+  ensure_sodium_initialised();
+  if (master_keys.empty()) return make_error(Errc::invalid_argument, "no master key given");
+  std::vector<SecretBuffer> sealing_keys;
+  for (SecretBuffer& master_key : master_keys) {
+    auto sealing_key = sealing_key_of(master_key);
+    if (!sealing_key) return std::move(sealing_key).error();
+    sealing_keys.push_back(std::move(sealing_key).value());
+    master_key.wipe();
   }
   auto dir_fd = open_directory(dir);
   if (!dir_fd) return std::move(dir_fd).error();
@@ -1148,12 +1202,7 @@ Result<KeyStore> KeyStore::open(const std::filesystem::path& dir, SecretBuffer m
     }
     return io_error("cannot lock key store directory", dir, err);
   }
-  // The master key only ever keys HKDF; the sealing key is bound to this format by the info string.
-  auto sealing_key = hkdf_sha256(master_key, ByteView(), ByteView::of(kSealingInfo), codec::kSealingKeySize);
-  if (!sealing_key) return std::move(sealing_key).error();
-  impl->sealing_key = std::move(sealing_key).value();
-  master_key.wipe();
-
+  impl->sealing_key = sealing_keys.front().clone();  // a new store's; an existing one's is tried below
   OpenReport local_report;
   OpenReport& out = report != nullptr ? *report : local_report;
   out = OpenReport{};
@@ -1166,7 +1215,7 @@ Result<KeyStore> KeyStore::open(const std::filesystem::path& dir, SecretBuffer m
     opened = make_error(Errc::corrupt, impl->path_of(kJournalName).string() + " exists without " + kSnapshotName +
                                            "; refusing to start a new store over it");
   } else {
-    opened = open_existing(*impl, out);
+    opened = open_existing(*impl, sealing_keys, out);
   }
   if (!opened) {
     Error error = std::move(opened).error();
@@ -1319,6 +1368,22 @@ std::size_t KeyStore::size(RecordKind kind) const {
 }
 
 Result<void> KeyStore::compact() { return impl_->compact(); }
+
+Result<void> KeyStore::reseal(SecretBuffer new_master_key) {
+  auto new_sealing_key = sealing_key_of(new_master_key);
+  new_master_key.wipe();
+  if (!new_sealing_key) return std::move(new_sealing_key).error();
+  if (new_sealing_key->equals(impl_->sealing_key)) return ok_result();
+  // First an empty journal under the old key: after the switch below, the next open() checks the journal it finds
+  // stale with the new key, which authenticates no entry of the old one (docs/keystore-format.md "Re-sealing").
+  if (auto compacted = impl_->compact(); !compacted) return compacted;
+  return impl_->write_next_generation(&*new_sealing_key);
+}
+
+bool KeyStore::sealed_with(const SecretBuffer& master_key) const {
+  auto sealing_key = sealing_key_of(master_key);
+  return sealing_key && sealing_key->equals(impl_->sealing_key);
+}
 
 const std::filesystem::path& KeyStore::directory() const { return impl_->dir; }
 

@@ -2,6 +2,7 @@
 // travel by file or stdin, never argv, environment or JSON (docs/conventions.md §8).
 #pragma once
 
+#include <cstddef>
 #include <string>
 
 #include "dauth/unique_fd.hpp"
@@ -15,5 +16,8 @@ namespace dauthctl {
 // writer. On failure prints the reason (naming `option`) and returns the exit code (2); 0 on success.
 // out owns the descriptor passed with the request.
 int open_key_source(const std::string& source, const char* option, dauth::UniqueFd& out);
+// The same for a key of min_bytes..max_bytes (the master key of `dauthctl rekey`: exactly 32).
+int open_key_source(const std::string& source, const char* option, dauth::UniqueFd& out, std::size_t min_bytes,
+                    std::size_t max_bytes);
 
 }  // namespace dauthctl

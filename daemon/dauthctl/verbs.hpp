@@ -26,6 +26,7 @@ CLI::App* add_stats(CLI::App& parent, Context& context);
 CLI::App* add_enrolees(CLI::App& parent, Context& context);
 CLI::App* add_genpsk(CLI::App& parent, Context& context);
 CLI::App* add_reload(CLI::App& parent, Context& context);
+CLI::App* add_rekey(CLI::App& parent, Context& context);
 
 // Plain `dauthctl` means `dauthctl show`.
 int run_show(Context& context);

@@ -178,7 +178,7 @@ DeploymentCheck check_deployment(const Config& config) {
     out.notes.push_back("daemon.master_key_credential = \"" + config.daemon.master_key_credential +
                         "\": not checked here; the key will come from systemd LoadCredential= "
                         "($CREDENTIALS_DIRECTORY/" + config.daemon.master_key_credential +
-                        ") when systemd starts the unit (dauthd.service: LoadCredential=master-key:...)");
+                        ") when systemd starts the unit (dauthd.service: LoadCredentialEncrypted=master-key:...)");
   }
   return out;
 }

@@ -684,6 +684,8 @@ void build_typed(Config& config) {
       d.master_key_source = get<std::string>(t, "master_key_source");
       d.master_key_credential = get<std::string>(t, "master_key_credential");
       d.master_key_file = get_path(t, "master_key_file");
+      d.master_key_next_credential = get<std::string>(t, "master_key_next_credential");
+      d.master_key_next_file = get_path(t, "master_key_next_file");
       d.log_level = log::level_from_string(get<std::string>(t, "log_level")).value_or(log::Level::info);
       d.max_control_clients = static_cast<int>(get<std::int64_t>(t, "max_control_clients"));
       d.shutdown_timeout = static_cast<int>(get<std::int64_t>(t, "shutdown_timeout"));
@@ -796,6 +798,11 @@ std::string Config::normalised(const LoadedSecrets* secrets) const {
             text += ": " + std::to_string(secrets->master_key().size()) + " bytes, fingerprint " +
                     secrets->master_key().fingerprint();
           }
+        } else if (secrets && !secrets->next_master_key().empty() &&
+                   ((e.spec->name == "master_key_next_credential" && daemon.master_key_source == "credential") ||
+                    (e.spec->name == "master_key_next_file" && daemon.master_key_source == "file"))) {
+          text += ": " + std::to_string(secrets->next_master_key().size()) + " bytes, fingerprint " +
+                  secrets->next_master_key().fingerprint();
         } else if (secrets && (key = secrets->find_file(std::get<std::string>(e.value))) != nullptr) {
           text += ": " + std::to_string(key->key.size()) + " bytes, fingerprint " + key->key.fingerprint();
         }
@@ -843,40 +850,78 @@ const LoadedSecrets::Key* LoadedSecrets::find_file(const std::filesystem::path& 
   return it == files_.end() ? nullptr : &it->second;
 }
 
-Result<LoadedSecrets> load_secrets(const Config& config, SystemdCredential credential) {
-  // Sizes: master key 32 bytes (keystore.hpp kMasterKeySize); Kpm at least 16 bytes (PROTOCOL.md §3.1), at most 64.
-  constexpr std::size_t kKpmMinBytes = 16;
-  constexpr std::size_t kKpmMaxBytes = 64;
+namespace {
+
+Error secret_error(const Config& config, const ConfigTable& table, std::string_view key, const Error& e) {
+  const ConfigEntry* entry = table.find(key);
+  std::string where = config.source;
+  if (entry && entry->line) where += ":" + std::to_string(entry->line) + ":" + std::to_string(entry->column);
+  return make_error(e.code, where + ": " + table.key_path(key) + ": " + e.message);
+}
+
+}  // namespace
+
+Result<LoadedSecrets> load_master_keys(const Config& config, SystemdCredential credential) {
   LoadedSecrets secrets;
   const auto& d = config.daemon;
   const ConfigTable* daemon_table = find_table(config.tables, "daemon");
-  const auto fail = [&](const ConfigTable& table, std::string_view key, const Error& e) {
-    const ConfigEntry* entry = table.find(key);
-    std::string where = config.source;
-    if (entry && entry->line) where += ":" + std::to_string(entry->line) + ":" + std::to_string(entry->column);
-    return make_error(e.code, where + ": " + table.key_path(key) + ": " + e.message);
+  const auto fail = [&](std::string_view key, const Error& e) {
+    return secret_error(config, *daemon_table, key, e);
+  };
+  // The next key of a rotation: absent (no credential passed, no file) is normal; anything else must load.
+  const auto take_next = [&](Result<SecretBuffer> key, std::string_view config_key) -> Result<void> {
+    if (!key && key.error().code == Errc::not_found) return ok_result();
+    if (!key) return fail(config_key, key.error());
+    secrets.next_master_key_ = std::move(key).value();
+    return ok_result();
   };
 
   if (d.master_key_source == "file") {
     auto key = crypto::load_master_key_file(d.master_key_file);
-    if (!key) return fail(*daemon_table, "master_key_file", key.error());
+    if (!key) return fail("master_key_file", key.error());
     secrets.master_key_ = std::move(key).value();
+    if (!d.master_key_next_file.empty()) {
+      if (auto next = take_next(crypto::load_master_key_file(d.master_key_next_file), "master_key_next_file");
+          !next) {
+        return std::move(next).error();
+      }
+    }
   } else {
     // systemd LoadCredential= (systemd.exec(5)): $CREDENTIALS_DIRECTORY/<name>, readable only by us.
     const char* directory = std::getenv("CREDENTIALS_DIRECTORY");
     if ((!directory || !*directory) && credential == SystemdCredential::later) {
       // Left out: the caller says where it will come from.
     } else if (!directory || !*directory) {
-      return fail(*daemon_table, "master_key_credential",
+      return fail("master_key_credential",
                   make_error(Errc::not_found, "credential " + toml_quote(d.master_key_credential) +
                                                   ": $CREDENTIALS_DIRECTORY is not set (not started by systemd "
                                                   "with LoadCredential=); use master_key_source = \"file\""));
     } else {
       auto key = crypto::load_master_key_credential(d.master_key_credential);
-      if (!key) return fail(*daemon_table, "master_key_credential", key.error());
+      if (!key) return fail("master_key_credential", key.error());
       secrets.master_key_ = std::move(key).value();
+      if (!d.master_key_next_credential.empty()) {
+        if (auto next = take_next(crypto::load_master_key_credential(d.master_key_next_credential),
+                                  "master_key_next_credential");
+            !next) {
+          return std::move(next).error();
+        }
+      }
     }
   }
+  return secrets;
+}
+
+Result<LoadedSecrets> load_secrets(const Config& config, SystemdCredential credential) {
+  // Sizes: master key 32 bytes (keystore.hpp kMasterKeySize); Kpm at least 16 bytes (PROTOCOL.md §3.1), at most 64.
+  constexpr std::size_t kKpmMinBytes = 16;
+  constexpr std::size_t kKpmMaxBytes = 64;
+  auto master_keys = load_master_keys(config, credential);
+  if (!master_keys) return std::move(master_keys).error();
+  LoadedSecrets secrets = std::move(master_keys).value();
+  const auto fail = [&](const ConfigTable& table, std::string_view key, const Error& e) {
+    return secret_error(config, table, key, e);
+  };
 
   for (const ConfigTable& table : config.tables) {
     if (table.section != "enrolee.ae" && table.section != "mef.enrolee") continue;

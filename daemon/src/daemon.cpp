@@ -283,6 +283,17 @@ Result<void> Daemon::reload() {
   return ok_result();
 }
 
+// Which configured master key seals the key store (dauthd(8) MASTER KEY ROTATION): "current", "next", or null
+// without a store (no role).
+nlohmann::json Daemon::key_store_sealed_with() const {
+  if (!roles_) return nullptr;
+  const crypto::KeyStore& store = roles_->key_store();
+  if (store.sealed_with(secrets_.master_key())) return "current";
+  if (!secrets_.next_master_key().empty() && store.sealed_with(secrets_.next_master_key())) return "next";
+  // Neither key loaded at start or by the last reload: rotated to a next-key file written since (a reload reads it).
+  return "neither";
+}
+
 nlohmann::json Daemon::status_json() const {
   nlohmann::json last_reload = nullptr;
   if (last_reload_at_ != 0) {
@@ -307,6 +318,7 @@ nlohmann::json Daemon::status_json() const {
       {"log_level", std::string(log::to_string(log::threshold()))},
       {"watchdog_usec", notifier_.watchdog_usec()},
       {"keys_loaded", secrets_.size()},
+      {"key_store_sealed_with", key_store_sealed_with()},
       {"reloads", reloads_},
       {"reload_failures", reload_failures_},
       {"last_reload", last_reload},

@@ -828,9 +828,23 @@ Result<std::unique_ptr<Roles>> Roles::start(EventLoop& loop, const Config& confi
   auto impl = std::make_unique<Impl>(loop);
   Impl& s = *impl;
   s.config = what_roles_keep(config);
-  auto store = crypto::KeyStore::open(config.daemon.state_directory, secrets.master_key().clone());
+  // The next master key too (dauthd(8) MASTER KEY ROTATION): a rotation that finished, or was cut off after its
+  // switch, left a store that only the next key opens.
+  std::vector<SecretBuffer> master_keys;
+  master_keys.push_back(secrets.master_key().clone());
+  if (!secrets.next_master_key().empty()) master_keys.push_back(secrets.next_master_key().clone());
+  crypto::OpenReport opened;
+  auto store = crypto::KeyStore::open(config.daemon.state_directory, std::move(master_keys), &opened);
   if (!store) return std::move(store).error();
   s.store.emplace(std::move(store).value());
+  if (opened.master_key_index == 1) {
+    const bool credential = config.daemon.master_key_source == "credential";
+    log::warning("key store: sealed under the next master key (" +
+                 std::string(credential ? "daemon.master_key_next_credential" : "daemon.master_key_next_file") +
+                 ", fingerprint " + secrets.next_master_key().fingerprint() +
+                 "), not the current one: a rotation has switched it; make the next key the current one "
+                 "(dauthd(8) MASTER KEY ROTATION)");
+  }
   if (auto r = s.put_key_tables(config, secrets); !r) return std::move(r).error();
   if (auto r = s.resolve_peers(config, s.peers); !r) return std::move(r).error();
 
@@ -949,6 +963,9 @@ Result<nlohmann::json> Roles::revoke(const std::string& id) {
   if (!revoked) return std::move(revoked).error();
   return nlohmann::json{{"id", id}, {"kind", "enrolment"}};
 }
+
+crypto::KeyStore& Roles::key_store() { return *impl_->store; }
+const crypto::KeyStore& Roles::key_store() const { return *impl_->store; }
 
 Result<nlohmann::json> Roles::add_credential(const std::string& given_kpm_id, const std::string& ae_id,
                                              SecretBuffer kpm) {

@@ -78,6 +78,10 @@ class Roles {
   Result<nlohmann::json> add_enrolee(const MefEnrolee& row, SecretBuffer kpm);
   Result<nlohmann::json> remove_enrolee(const std::string& id);
   nlohmann::json credentials() const;
+  // The key store, for the master-key rotation (verbs/rekey.cpp). Whether it is sealed under the current or
+  // the next master key is decided at start (KeyStore::open's candidate keys) and by reseal().
+  crypto::KeyStore& key_store();
+  const crypto::KeyStore& key_store() const;
   nlohmann::json sessions() const;
   nlohmann::json peers() const;
   // dauthctl show: local AEs, remote AEs and (MEF) enrolees with their credentials, sessions and latest outcomes.

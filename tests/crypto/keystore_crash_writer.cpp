@@ -8,12 +8,16 @@
 // The records are BootstrapKeyRecords whose key bytes and AE-ID are derived from (id, version), so that the test
 // can tell a complete record from a torn or mixed one.
 //
+//   s <i>              re-sealing under key i starts    S <i>              re-sealed under key i
 // Default mode: put() — one operation in flight. Group mode: puts go through put_when_durable() with up to
 // kMaxPutsInFlight of them queued; "P" comes from the durable handler, which deliver_durable() runs from a poll loop
 // on durable_fd(), so acknowledgements may arrive after later operations. Removes and compactions stay synchronous
 // (they wait for the queued puts first).
+// Reseal mode: put() as in the default mode, and reseal() under the other of two master keys now and then (in half of
+// the runs as the first operation). The store
+// is opened with both (KeyStore::open's candidate keys); the first line says which one sealed it: "k <i>".
 //
-// usage: keystore_crash_writer <store dir> <master key file> <seed> <first version> [group]
+// usage: keystore_crash_writer <store dir> <master key file> <seed> <first version> [group | reseal <second key file>]
 #include <poll.h>
 
 #include <cerrno>
@@ -22,6 +26,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <vector>
 
 #include "dauth/crypto/keystore.hpp"
 
@@ -66,24 +71,51 @@ void deliver_when_ready(dauth::crypto::KeyStore& store, int timeout_ms) {
 
 int main(int argc, char** argv) {
   const bool group = argc == 6 && std::string(argv[5]) == "group";
-  if (argc != 5 && !group) {
-    std::fprintf(stderr, "usage: %s <store dir> <master key file> <seed> <first version> [group]\n", argv[0]);
+  const bool reseal = argc == 7 && std::string(argv[5]) == "reseal";
+  if (argc != 5 && !group && !reseal) {
+    std::fprintf(stderr,
+                 "usage: %s <store dir> <master key file> <seed> <first version> [group | reseal <second key file>]\n",
+                 argv[0]);
     return 2;
   }
-  auto key = dauth::crypto::load_master_key_file(argv[2]);
-  if (!key) fail(key.error());
-  auto store = dauth::crypto::KeyStore::open(argv[1], std::move(key).value());
+  std::vector<std::string> key_files = {argv[2]};
+  if (reseal) key_files.emplace_back(argv[6]);
+  std::vector<dauth::SecretBuffer> keys;
+  for (const auto& file : key_files) {
+    auto key = dauth::crypto::load_master_key_file(file);
+    if (!key) fail(key.error());
+    keys.push_back(std::move(key).value());
+  }
+  dauth::crypto::OpenReport report;
+  auto store = dauth::crypto::KeyStore::open(argv[1], std::move(keys), &report);
   if (!store) fail(store.error());
+  std::size_t sealed_with = report.master_key_index;
+  if (reseal) {
+    std::printf("k %zu\n", sealed_with);
+    std::fflush(stdout);
+  }
   std::mt19937_64 random(std::strtoull(argv[3], nullptr, 10));
   unsigned long long version = std::strtoull(argv[4], nullptr, 10);
   constexpr int kIds = 40;  // a small pool, so that puts overwrite and removes find something
   int puts_in_flight = 0;
+  bool first_operation = reseal && random() % 2 == 0;  // half of the runs: the kill hits that reseal or later
   for (;;) {
     if (group) deliver_when_ready(*store, puts_in_flight >= kMaxPutsInFlight ? -1 : 0);
     if (puts_in_flight >= kMaxPutsInFlight) continue;
     const int dice = static_cast<int>(random() % 100);
     const std::string id = "k" + std::to_string(random() % kIds) + "@mef.example.net";
-    if (dice < 6) {
+    // Half of the reseal runs start with one, so that kills land in one on a slow build (sanitizers) too.
+    if (reseal && (first_operation || dice >= 92)) {
+      first_operation = false;
+      const std::size_t to = 1 - sealed_with;
+      auto key = dauth::crypto::load_master_key_file(key_files[to]);
+      if (!key) fail(key.error());
+      std::printf("s %zu\n", to);
+      std::fflush(stdout);
+      if (auto ok = store->reseal(std::move(key).value()); !ok) fail(ok.error());
+      sealed_with = to;
+      std::printf("S %zu\n", to);
+    } else if (dice < 6) {
       std::printf("c\n");
       std::fflush(stdout);
       if (auto ok = store->compact(); !ok) fail(ok.error());

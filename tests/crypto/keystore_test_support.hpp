@@ -192,7 +192,9 @@ struct RecordHistory {
   }
 };
 
-enum class WriterMode { synchronous, group };
+// synchronous: put(); group: put_when_durable() with several puts in flight; reseal: put() and reseal() between
+// two master keys, the store reopened with both after each kill.
+enum class WriterMode { synchronous, group, reseal };
 
 // Runs keystore_crash_writer (put(), or put_when_durable() with several puts in flight) and kills it at random
 // moments, then checks after each kill that the reopened store lost no acknowledged put or remove, holds no record
@@ -205,6 +207,12 @@ inline void run_crash_trials(WriterMode mode, std::uint32_t seed, std::chrono::s
   REQUIRE(write_new_master_key_file(dir / "master.key").ok());
   auto master = load_master_key_file(dir / "master.key");
   REQUIRE(master.ok());
+  REQUIRE(write_new_master_key_file(dir / "second.key").ok());
+  auto second = load_master_key_file(dir / "second.key");
+  REQUIRE(second.ok());
+  std::size_t sealed_with = 0;  // reseal mode: which key sealed the store after the last kill
+  int kills_in_reseal = 0;
+  std::map<std::size_t, int> reopened_with;
 
   std::mt19937 random(seed);
   std::map<std::string, std::optional<unsigned long long>> recovered;  // each record's state after the last kill
@@ -219,15 +227,21 @@ inline void run_crash_trials(WriterMode mode, std::uint32_t seed, std::chrono::s
     next_version += 1000000;
     // One trial in five kills during start-up, so that open() itself (recovery included) gets interrupted.
     const bool during_start = trials % 5 == 4;
-    const auto delay = std::chrono::microseconds(during_start ? random() % 30000 : random() % 15000);
+    // A reseal writes and syncs the store twice: its kills need a longer span than single puts.
+    const std::uint32_t span_us = during_start ? 30000 : mode == WriterMode::reseal ? 60000 : 15000;
+    const auto delay = std::chrono::microseconds(random() % span_us);
     std::vector<std::string> argv = {DAUTH_KEYSTORE_CRASH_WRITER, (dir / "store").string(),
                                      (dir / "master.key").string(), std::to_string(random()),
                                      std::to_string(next_version)};
     if (mode == WriterMode::group) argv.emplace_back("group");
+    if (mode == WriterMode::reseal) {
+      argv.emplace_back("reseal");
+      argv.push_back((dir / "second.key").string());
+    }
     // Group mode waits for the first acknowledgement: a slow build (TSan) spends the first milliseconds on starting
     // the flush thread, and kills there alone would acknowledge nothing. Start-up kills still hit the first puts.
     std::optional<std::string> wait_for;
-    if (!during_start) wait_for = mode == WriterMode::group ? "P " : "";
+    if (!during_start) wait_for = mode == WriterMode::group ? "P " : mode == WriterMode::reseal ? "k " : "";
     const WriterRun run = run_and_kill(argv, delay, wait_for);
     INFO("trial " << trials
                   << " output tail: " << run.output.substr(run.output.size() > 300 ? run.output.size() - 300 : 0));
@@ -241,6 +255,8 @@ inline void run_crash_trials(WriterMode mode, std::uint32_t seed, std::chrono::s
     std::string line;
     std::string last_op;
     int puts_in_flight = 0;
+    // Reseal mode: the keys that may seal the store now: the last one acknowledged, and the one of a reseal in flight.
+    std::vector<std::size_t> allowed_keys = {sealed_with};
     while (std::getline(lines, line)) {
       std::istringstream fields(line);
       std::string op, id;
@@ -261,6 +277,12 @@ inline void run_crash_trials(WriterMode mode, std::uint32_t seed, std::chrono::s
         histories[id].operations[found->second.second].acknowledged = true;
         --puts_in_flight;
         ++acknowledged_total;
+      } else if (op == "k") {
+        allowed_keys = {static_cast<std::size_t>(std::stoul(id))};
+      } else if (op == "s") {
+        allowed_keys.push_back(static_cast<std::size_t>(std::stoul(id)));
+      } else if (op == "S") {
+        allowed_keys = {static_cast<std::size_t>(std::stoul(id))};
       } else if (op == "R") {
         auto& operations = histories[id].operations;
         INFO(line);
@@ -271,12 +293,24 @@ inline void run_crash_trials(WriterMode mode, std::uint32_t seed, std::chrono::s
       last_op = op;
     }
     if (last_op == "c") ++kills_in_compaction;
+    if (last_op == "s") ++kills_in_reseal;
     if (puts_in_flight >= 2) ++kills_with_several_puts_in_flight;
 
     OpenReport report;
-    auto opened = KeyStore::open(dir / "store", master->clone(), &report);
+    std::vector<SecretBuffer> keys;
+    keys.push_back(master->clone());
+    if (mode == WriterMode::reseal) keys.push_back(second->clone());
+    auto opened = KeyStore::open(dir / "store", std::move(keys), &report);
     INFO(error_of(opened));
     REQUIRE(opened.ok());
+    if (mode == WriterMode::reseal) {
+      // At every instant exactly one of the two keys opens the store: the acknowledged one, or the new one of a
+      // reseal that was in flight.
+      INFO("opened with key " << report.master_key_index << ", last operation " << last_op);
+      REQUIRE(std::find(allowed_keys.begin(), allowed_keys.end(), report.master_key_index) != allowed_keys.end());
+      sealed_with = report.master_key_index;
+      ++reopened_with[sealed_with];
+    }
     KeyStore& store = opened.value();
     std::size_t present = 0;
     for (auto& [id, history] : histories) {
@@ -310,6 +344,13 @@ inline void run_crash_trials(WriterMode mode, std::uint32_t seed, std::chrono::s
   CHECK(kills_in_compaction > 0);
   // Group mode must really have had unacknowledged puts queued together when it was killed.
   if (mode == WriterMode::group) CHECK(kills_with_several_puts_in_flight > 0);
+  if (mode == WriterMode::reseal) {
+    INFO("kills announced during a reseal " << kills_in_reseal << ", reopened with key 0: " << reopened_with[0]
+                                            << ", with key 1: " << reopened_with[1]);
+    CHECK(kills_in_reseal > 0);
+    CHECK(reopened_with[0] > 0);
+    CHECK(reopened_with[1] > 0);
+  }
 }
 
 }  // namespace dauth::crypto::keystore_test

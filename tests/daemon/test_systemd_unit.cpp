@@ -8,6 +8,7 @@
 #include <regex>
 #include <string>
 
+#include "dauth/daemon/config.hpp"
 #include "support.hpp"
 
 namespace {
@@ -17,11 +18,13 @@ const std::filesystem::path kUnit = kSource / "systemd" / "dauthd.service";
 
 }  // namespace
 
-TEST_CASE("the unit is Type=notify with watchdog, reload, state/runtime/config directories and a credential",
+TEST_CASE("the unit is Type=notify with watchdog, reload, state/runtime/config directories and sealed credentials",
           "[systemd]") {
   const std::string unit = dauth::test::read_text_file(kUnit);
   for (const char* line : {"Type=notify", "WatchdogSec=", "ExecReload=", "StateDirectory=dauth", "RuntimeDirectory=dauth",
-                           "ConfigurationDirectory=dauth", "LoadCredential=", "User=dauth", "NoNewPrivileges=yes"}) {
+                           "ConfigurationDirectory=dauth", "LoadCredentialEncrypted=master-key:dauth-master-key",
+                           "LoadCredentialEncrypted=master-key-next:dauth-master-key-next", "User=dauth",
+                           "NoNewPrivileges=yes"}) {
     INFO(line);
     CHECK(unit.find(std::string("\n") + line) != std::string::npos);
   }
@@ -48,4 +51,20 @@ TEST_CASE("systemd-analyze verifies the unit and rates its exposure at most 2.0"
   std::smatch level;
   REQUIRE(std::regex_search(security.output, level, std::regex("Overall exposure level for dauthd.service: ([0-9.]+)")));
   CHECK(std::stod(level[1].str()) <= 2.0);
+}
+
+TEST_CASE("the unit passes the master key credentials under the names dauthd reads by default", "[systemd]") {
+  // daemon.master_key_credential and daemon.master_key_next_credential (dauthd(8) MASTER KEY): a unit that names
+  // them otherwise starts a dauthd without its key, or without the next key a rotation needs.
+  const std::string unit = dauth::test::read_text_file(kUnit);
+  int found = 0;
+  for (const auto& spec : dauth::daemon::config_schema()) {
+    if (spec.name != "master_key_credential" && spec.name != "master_key_next_credential") continue;
+    std::string name(spec.default_value);
+    name = name.substr(1, name.size() - 2);  // the TOML text of a string: "\"master-key\""
+    INFO(spec.name << " = " << name);
+    CHECK(unit.find("\nLoadCredentialEncrypted=" + name + ":dauth-" + name + "\n") != std::string::npos);
+    ++found;
+  }
+  CHECK(found == 2);
 }

@@ -40,6 +40,7 @@ const std::vector<ControlVerb>& control_verbs() {
       {"enrol", R::enrolee, 0, {"ae_id"}, run_enrol},
       {"enrol.status", R::enrolee, 0, {"ae_id"}, run_enrol_status},
       {"revoke", R::mef, 0, {"id"}, run_revoke},
+      {"rekey", R::any, 1, {"key_fd"}, run_rekey},
   };
   return table;
 }
@@ -85,8 +86,12 @@ Result<std::string> text_arg(const ControlRequest& request, const char* name) {
   return it->get<std::string>();
 }
 
-// The server closes the descriptors after the handler.
 Result<SecretBuffer> key_from_fd(const ControlRequest& request) {
+  return key_from_fd(request, detail::kMinKpmBytes, detail::kMaxKpmBytes);
+}
+
+// The server closes the descriptors after the handler.
+Result<SecretBuffer> key_from_fd(const ControlRequest& request, std::size_t min_bytes, std::size_t max_bytes) {
   if (request.fds.empty()) {
     return make_error(Errc::invalid_argument,
                       request.verb + ": no file descriptor came with the request; the key travels as an open key "
@@ -101,7 +106,7 @@ Result<SecretBuffer> key_from_fd(const ControlRequest& request) {
   }
   const std::size_t index = it->get<std::size_t>();
   return detail::read_hex_key_fd(request.fds[index].get(), request.verb + ": key_fd " + std::to_string(index),
-                                 detail::kMinKpmBytes, detail::kMaxKpmBytes);
+                                 min_bytes, max_bytes);
 }
 
 }  // namespace dauth::daemon

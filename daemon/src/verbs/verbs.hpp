@@ -66,6 +66,8 @@ Result<std::string> text_arg(const ControlRequest& request, const char* name);
 // The key named by args.key_fd: a descriptor sent with the request, read with the key-file rules. Key bytes never
 // travel in JSON (docs/control-protocol.md "Passing keys").
 Result<SecretBuffer> key_from_fd(const ControlRequest& request);
+// The same for a key of min_bytes..max_bytes (the master key: exactly 32).
+Result<SecretBuffer> key_from_fd(const ControlRequest& request, std::size_t min_bytes, std::size_t max_bytes);
 
 // ---- the verbs' run functions, one file each group ----
 Result<nlohmann::json> run_show(VerbContext&, const ControlRequest&);                // show.cpp
@@ -83,5 +85,6 @@ Result<nlohmann::json> run_enrolees_remove(VerbContext&, const ControlRequest&);
 Result<nlohmann::json> run_enrol(VerbContext&, const ControlRequest&);               // enrol.cpp
 Result<nlohmann::json> run_enrol_status(VerbContext&, const ControlRequest&);
 Result<nlohmann::json> run_revoke(VerbContext&, const ControlRequest&);              // revoke.cpp
+Result<nlohmann::json> run_rekey(VerbContext&, const ControlRequest&);   // rekey.cpp
 
 }  // namespace dauth::daemon

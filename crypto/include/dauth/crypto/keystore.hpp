@@ -158,12 +158,19 @@ struct OpenReport {
   std::size_t snapshot_records = 0;
   std::size_t journal_entries = 0;
   std::optional<std::string> torn_tail;  // what was set aside, and where, when the journal ended mid-entry
+  std::size_t master_key_index = 0;      // which of the master keys given to open() seals the store
 };
 
 class KeyStore {
  public:
   // Opens (or, if the directory has no store yet, creates) the store in dir. The directory must exist.
   static Result<KeyStore> open(const std::filesystem::path& dir, SecretBuffer master_key,
+                               OpenReport* report = nullptr);
+  // The same with candidate master keys in order of preference (a rotation: {current, next}): the store opens with
+  // the one it is sealed under, named by OpenReport::master_key_index; a new store is sealed under the first. Only
+  // the first snapshot entry is tried with each key (a wrong key fails there, before anything is written); when
+  // none opens it, Errc::crypto says how many were tried.
+  static Result<KeyStore> open(const std::filesystem::path& dir, std::vector<SecretBuffer> master_keys,
                                OpenReport* report = nullptr);
 
   KeyStore(KeyStore&&) noexcept;
@@ -212,6 +219,16 @@ class KeyStore {
   // Rewrites the snapshot with every live record and empties the journal. put() compacts by itself when the
   // journal holds more than max(4096, records) entries.
   Result<void> compact();
+
+  // Master-key rotation (docs/keystore-format.md "Re-sealing"): compacts under the current key, then writes the next
+  // generation's snapshot under new_master_key and starts its journal. The rename of that snapshot is the one switch:
+  // a crash before it leaves a store that only the old key opens, after it one that only the new key opens, so an
+  // open() given both always finds it. Nothing is written when the store is sealed under new_master_key already.
+  // A failure after the compaction marks the store as refusing writes (which key seals it is known again only by
+  // reopening it with both).
+  Result<void> reseal(SecretBuffer new_master_key);
+  // Whether master_key is the key this store is sealed under (compared through the derived sealing key).
+  bool sealed_with(const SecretBuffer& master_key) const;
 
   const std::filesystem::path& directory() const;
 

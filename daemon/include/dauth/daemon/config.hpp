@@ -133,6 +133,8 @@ struct DaemonSettings {
   std::string master_key_source;
   std::string master_key_credential;
   std::filesystem::path master_key_file;
+  std::string master_key_next_credential;   // rotation: the key dauthd also tries at start (dauthd(8))
+  std::filesystem::path master_key_next_file;
   log::Level log_level = log::Level::info;
   int max_control_clients = 8;
   int shutdown_timeout = 5;
@@ -261,18 +263,28 @@ class LoadedSecrets {
   };
 
   const SecretBuffer& master_key() const { return master_key_; }
+  // The next master key of a rotation (daemon.master_key_next_credential or _file); empty when there is none.
+  const SecretBuffer& next_master_key() const { return next_master_key_; }
   // The key loaded from a key file path (the path as configured), or nullptr.
   const Key* find_file(const std::filesystem::path& path) const;
-  std::size_t size() const { return files_.size() + (master_key_.empty() ? 0 : 1); }
+  std::size_t size() const {
+    return files_.size() + (master_key_.empty() ? 0 : 1) + (next_master_key_.empty() ? 0 : 1);
+  }
 
  private:
   friend Result<LoadedSecrets> load_secrets(const Config& config, SystemdCredential credential);
+  friend Result<LoadedSecrets> load_master_keys(const Config& config, SystemdCredential credential);
   SecretBuffer master_key_;
+  SecretBuffer next_master_key_;
   std::map<std::string, Key> files_;
 };
 
 // Loads the master key (daemon.master_key_source) and every key file of config. Fails closed (docs/conventions.md §12):
 // the first unreadable, group/world-accessible or malformed file is an error naming the key, file and reason.
 Result<LoadedSecrets> load_secrets(const Config& config, SystemdCredential credential = SystemdCredential::required);
+// The master keys alone, as load_secrets() loads them: the current one (required) and the next one of a rotation (a
+// missing credential or file is no next key; an unreadable or malformed one is an error). A master-key rotation
+// reads them again to learn which keys the next start will try (dauthd(8) MASTER KEY ROTATION).
+Result<LoadedSecrets> load_master_keys(const Config& config, SystemdCredential credential = SystemdCredential::required);
 
 }  // namespace dauth::daemon

@@ -54,6 +54,8 @@ class Daemon {
   Result<void> reload();
 
   nlohmann::json status_json() const;
+  // The running configuration (the one the roles were built from, with the reloads applied since).
+  const Config& config() const { return config_; }
   nlohmann::json stats_json() const;
 
  private:
@@ -63,6 +65,7 @@ class Daemon {
   void shut_down(const std::string& reason);
   void check_drain();
   void finish(const std::string& how);
+  nlohmann::json key_store_sealed_with() const;
 
   // ----- members in dependency order: later ones use earlier ones, and are destroyed first -----
   std::filesystem::path config_path_;
