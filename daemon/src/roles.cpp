@@ -268,6 +268,8 @@ Result<KeyTablePlan> Roles::Impl::plan_key_tables(const Config& cfg, const Loade
       if (!row.certificate_ae_id.empty()) {
         // Certificate-bootstrapped enrolee: the Mef names an X.509 session "cert:<AE-ID>" (rspf/mef.hpp).
         record.credential_id = "cert:" + row.certificate_ae_id;
+      } else if (!row.rpk.empty()) {
+        record.credential_id = "rpk:" + row.rpk;  // a raw-key session (canonical id, config.cpp)
       } else {
         const auto* key = secrets.find_file(row.kpm_file);
         if (key == nullptr) return make_error(Errc::internal, "mef.enrolee " + row.kpm_id + ": kpm_file not loaded");
@@ -1058,20 +1060,22 @@ Result<nlohmann::json> Roles::add_enrolee(const MefEnrolee& row, SecretBuffer kp
   if (!s.mef || !s.config.mef) return make_error(Errc::unsupported, "enrolees.add: no [mef] role");
   const MefSettings& mef = *s.config.mef;
   // The row rules are rspf's, the same as for a [[mef.enrolee]] row of the configuration (config.cpp).
-  rspf::EnroleeRow checked{row.kpm_id, !kpm.empty(), row.certificate_ae_id, row.enrolee_id, row.targets,
-                           row.lifetime, row.certificate_enrolment};
+  rspf::EnroleeRow checked{row.kpm_id,     !kpm.empty(), row.certificate_ae_id,    row.rpk,
+                           row.enrolee_id, row.targets,  row.lifetime, row.certificate_enrolment};
   const rspf::MefOffer offer{mef.fqdn, !mef.certificate_file.empty() && !mef.device_ca.empty(),
-                             !mef.issuing_ca_certificate.empty()};
+                             !mef.issuing_ca_certificate.empty(), !mef.raw_key.empty()};
   if (const auto problems = rspf::check_enrolee_row(checked, offer); !problems.empty()) {
     std::string why;
     for (const auto& problem : problems) why += (why.empty() ? "" : "; ") + problem.field + ": " + problem.message;
     return make_error(Errc::invalid_argument, "enrolees.add: " + why);
   }
-  const bool psk = row.certificate_ae_id.empty();
+  const bool psk = row.certificate_ae_id.empty() && row.rpk.empty();
   crypto::EnroleeRecord record;
-  // The Mef's name for an X.509 session is "cert:<AE-ID>" (rspf/mef.hpp).
+  // The Mef's name for an X.509 session is "cert:<AE-ID>", for a raw-key session "rpk:<key id>" (rspf/mef.hpp).
   // A KpmID in the form the Mef looks its PSK identities up in (checked above, so canonical_kpm_id succeeds).
-  record.credential_id = psk ? crypto::canonical_kpm_id(row.kpm_id).value() : "cert:" + row.certificate_ae_id;
+  record.credential_id = psk                        ? crypto::canonical_kpm_id(row.kpm_id).value()
+                         : !row.certificate_ae_id.empty() ? "cert:" + row.certificate_ae_id
+                                                          : "rpk:" + crypto::canonical_public_key_id(row.rpk).value();
   if (s.configured_enrolee_ids.count(record.credential_id)) {
     return make_error(Errc::exists, "enrolees.add: " + record.credential_id + " belongs to the configuration "
                                     "([[mef.enrolee]]): change it there and reload");
