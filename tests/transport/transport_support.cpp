@@ -101,9 +101,10 @@ mkdir -p db; : > db/index.txt; echo 01 > db/serial
 printf '[ca]\ndefault_ca=d\n[d]\ndatabase=db/index.txt\nserial=db/serial\nnew_certs_dir=db\ndefault_md=sha256\npolicy=p\n[p]\ncommonName=supplied\n' > ca.cnf
 openssl ca -batch -config ca.cnf -cert ca.pem -keyfile ca.key -in expired.csr -out expired.pem -notext \
   -startdate 20200101000000Z -enddate 20200201000000Z -extfile expired.ext 2>/dev/null
-for k in rpk_a rpk_b; do
+for k in rpk_a rpk_b rpk_c; do
   key "$k"
   openssl pkey -in "$k.key" -pubout -outform DER -out "$k.spki"
+  openssl pkey -in "$k.key" -pubout -out "$k.pub"
   printf 'ni:///sha-256;%s' "$(openssl dgst -sha256 -binary "$k.spki" | openssl base64 -A | tr '+/' '-_' | tr -d '=')" > "$k.id"
 done
 echo pki-ok

@@ -55,7 +55,8 @@ SecretBuffer secret(const std::string& text);
 // Certificates and keys made with the openssl command line in dir:
 //   ca.pem/ca.key (trusted), rogue.pem/rogue.key (another CA), server.*, client.* (SAN URI = AE-ID),
 //   nouri.* (client cert with a dNSName only), rogueclient.* (issued by rogue), expired.* (2020),
-//   rpk_a.key / rpk_b.key (SEC1 EC keys) with rpk_a.id / rpk_b.id (RFC 6920 names of their SPKI).
+//   rpk_a.key / rpk_b.key / rpk_c.key (SEC1 EC keys) with rpk_*.id (RFC 6920 names of their SPKI) and rpk_*.pub
+//   (the SPKI as PEM, for gnutls-cli --rawpkfile).
 struct Pki {
   explicit Pki(const TempDir& dir);
   std::string text(const std::string& name) const;

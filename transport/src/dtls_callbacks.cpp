@@ -68,16 +68,24 @@ int on_peer_certificate(const char* cn, const uint8_t* der, size_t der_length, c
   };
   const ByteView bytes(der, der_length);
   const bool raw_key = cn != nullptr && std::strcmp(cn, COAP_DTLS_RPK_CERT_CN) == 0;
-  if (policy->rpk != raw_key) {
-    return refuse(policy->rpk ? "peer sent a certificate where a raw public key was required"
-                              : "peer sent a raw public key where a certificate was required");
+  if (raw_key ? !policy->raw_keys : !policy->certificates) {
+    return refuse(raw_key ? "peer sent a raw public key where a certificate was required"
+                          : "peer sent a certificate where a raw public key was required");
   }
   if (!validated) return refuse("peer certificate did not verify against the trust anchors");
   if (raw_key) {
     auto key_id = crypto::public_key_id_from_spki(bytes);
     if (!key_id.ok()) return refuse("peer raw public key unreadable: " + key_id.error().message);
     state.offered_identity = *key_id;
-    if (policy->pinned_keys.count(*key_id) == 0) return refuse("raw public key " + *key_id + " is not pinned");
+    const bool server_side = !client_side_of(session);
+    SessionGrant grant{*key_id, {}};  // without a lookup: the key id, and no local AE
+    if (server_side && impl->config.raw_key_lookup) {
+      auto granted = impl->config.raw_key_lookup(RawKeyRequest{*key_id, state.sni, state.remote});
+      if (!granted.ok()) return refuse("raw public key " + *key_id + " refused: " + granted.error().message);
+      grant = SessionGrant{std::move(granted->peer_ae_id), std::move(granted->local_ae_id)};
+    } else if (policy->pinned_keys.count(*key_id) == 0) {
+      return refuse("raw public key " + *key_id + " is not pinned");
+    }
     PeerIdentity peer{PeerKind::rpk, *key_id, {}, {}};
     if (impl->config.peer_check) {  // server and client sessions alike (transport.hpp)
       if (auto allowed = impl->config.peer_check(peer); !allowed.ok()) {
@@ -85,7 +93,7 @@ int on_peer_certificate(const char* cn, const uint8_t* der, size_t der_length, c
       }
     }
     state.verified = std::move(peer);
-    if (!client_side_of(session)) state.granted = SessionGrant{*key_id, {}};  // no local AE presents a raw key
+    if (server_side) state.granted = std::move(grant);
     return 1;
   }
   auto certificate = crypto::Certificate::parse(bytes);

@@ -313,21 +313,12 @@ Result<std::unique_ptr<Node>> Node::create(NodeConfig config) {
                       "per context, and FR 279 / RQI 283 / RSC 307 already use them; legacy FR 256 (elective) is "
                       "accepted anyway, legacy RQI 257 and RSC 265 cannot be");
   }
-  if (cfg.rpk && cfg.x509) {
-    return make_error(Errc::invalid_argument,
-                      "server credentials: x509 and rpk together: libcoap 4.3.1 keeps one PKI setup per context");
-  }
   if (!cfg.x509_by_server_name.empty() && !backend_selects_server_certificates()) {
     return make_error(Errc::unsupported, "server certificates chosen by server name (SNI) need the GnuTLS build; "
                                          "this is " + std::string(to_string(compiled_backend())) +
                                          " (libcoap 4.3.1's OpenSSL backend has no per-handshake hook for it)");
   }
-  if (cfg.rpk && !cfg.x509_by_server_name.empty()) {
-    return make_error(Errc::invalid_argument,
-                      "server credentials: rpk and certificates by server name together: libcoap 4.3.1 keeps one PKI "
-                      "setup per context");
-  }
-  if (cfg.rpk && !backend_supports_rpk()) {
+  if ((cfg.rpk || cfg.raw_key_lookup) && !backend_supports_rpk()) {
     // OpenSSL accepts the setup and fails every handshake later (docs/transport.md §3): refuse at configuration time.
     return make_error(Errc::unsupported, "raw public keys (RFC 7250) need the GnuTLS build; this is " +
                                              std::string(to_string(compiled_backend())));
@@ -362,11 +353,18 @@ Result<std::unique_ptr<Node>> Node::create(NodeConfig config) {
       psk.id_call_back_arg = impl.get();
       if (coap_context_set_psk2(context, &psk) != 1) return make_error(Errc::internal, "coap_context_set_psk2 failed");
     }
-    if (cfg.x509 || cfg.rpk || !cfg.x509_by_server_name.empty()) {
+    if (cfg.x509 || cfg.rpk || cfg.raw_key_lookup || !cfg.x509_by_server_name.empty()) {
+      // One endpoint, every kind together: client certificates verified against the anchors of x509 (or the first
+      // named certificate), raw keys by the lookup or the pins (docs/transport.md §3).
       const X509Credentials* first_named =
           cfg.x509_by_server_name.empty() ? nullptr : &cfg.x509_by_server_name.begin()->second;
-      auto set_up = impl->set_up_server_pki(cfg.x509 ? &*cfg.x509 : first_named, cfg.rpk ? &*cfg.rpk : nullptr);
+      auto set_up = impl->set_up_server_pki(cfg.x509 ? &*cfg.x509 : first_named);
       if (!set_up.ok()) return std::move(set_up).error();
+      if (cfg.rpk) {
+        RpkCredentials raw_key = std::move(*cfg.rpk);  // lives in server_raw_key from here on
+        cfg.rpk.reset();
+        if (auto put = impl->put_server_raw_key(std::move(raw_key)); !put.ok()) return std::move(put).error();
+      }
       auto named = std::move(cfg.x509_by_server_name);  // the table lives in named_certificates from here on
       cfg.x509_by_server_name.clear();
       for (auto& [name, credentials] : named) {

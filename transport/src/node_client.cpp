@@ -373,7 +373,8 @@ Result<ClientPkiContext*> Node::Impl::client_pki_context(const ClientCredentials
   auto entry = std::make_unique<ClientPkiContext>();
   entry->key_pem = nul_terminated(key.view());
   entry->policy.node = this;
-  entry->policy.rpk = rpk;
+  entry->policy.certificates = !rpk;
+  entry->policy.raw_keys = rpk;
   auto private_key = crypto::PrivateKey::parse(key);
   if (!private_key.ok()) return make_error(Errc::invalid_argument, "client key: " + private_key.error().message);
   entry->our_key_id = private_key->public_key_id();

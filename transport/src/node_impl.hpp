@@ -167,7 +167,9 @@ struct PendingRequest {
 // What a PKI context accepts from its peers (validate_cn_call_back argument).
 struct PkiPolicy {
   Node::Impl* node = nullptr;
-  bool rpk = false;
+  bool certificates = true;  // peers may authenticate with an X.509 certificate
+  bool raw_keys = false;     // peers may authenticate with a raw public key
+  // The raw keys accepted: a client's servers; a server's clients when it has no NodeConfig::raw_key_lookup.
   std::set<std::string> pinned_keys;
 };
 
@@ -251,6 +253,13 @@ struct Node::Impl {
     std::string local_ae_id;  // X509Credentials::local_ae_id: the grant of the sessions it is presented to
   };
   std::map<std::string, NamedCertificate> named_certificates;
+  // Our raw key (NodeConfig::rpk, set_server_raw_key), presented to handshakes that negotiate raw public keys, and
+  // its RFC 6920 id (the credential_id of those sessions).
+  std::shared_ptr<const detail::ServerCertificate> server_raw_key;
+  std::string server_raw_key_id;
+  // Credentials replaced when the first trust anchors came (set_server_certificate on a node that had only a raw
+  // key): sessions whose handshake began with them still point into them.
+  std::vector<std::shared_ptr<const detail::ServerPki>> retired_server_credentials;
   // config.x509's local_ae_id: the grant of the sessions the default certificate is presented to (OpenSSL: all).
   const std::string& default_local_ae_id() const {
     static const std::string none;
@@ -373,9 +382,11 @@ struct Node::Impl {
 
   // -- server credentials (node_server.cpp) --
 
-  // Server PKI from one certificate's trust anchors (x509; for named certificates, the first one's) or a raw key:
-  // credentials built once (GnuTLS) or the context's setup (OpenSSL).
-  Result<void> set_up_server_pki(const X509Credentials* x509, const RpkCredentials* rpk);
+  // Server PKI (re)built with one certificate's trust anchors (x509; for named certificates, the first one's), or
+  // with none (x509 null: raw-key clients only): credentials built once (GnuTLS) or the context's setup (OpenSSL,
+  // x509 required). Our raw key: put_server_raw_key.
+  Result<void> set_up_server_pki(const X509Credentials* x509);
+  Result<void> put_server_raw_key(RpkCredentials credentials);
   Result<void> put_named_certificate(const std::string& server_name, X509Credentials credentials);
   // After each server round (GnuTLS): attaches the server credentials, whose certificate is chosen by server name,
   // to the handshakes that got a TLS object since. Touches only sessions still in their handshake's first flights.

@@ -372,39 +372,61 @@ std::size_t Node::close_sessions_with_certificate_serial(std::string_view serial
   return closed;
 }
 
+std::size_t Node::close_sessions_with_raw_key(std::string_view key_id) {
+  if (key_id.empty()) return 0;
+  std::size_t closed = 0;
+  for (auto& [raw, state] : impl_->sessions) {
+    if (!state->secure || state->dead || state->close_requested) continue;
+    const std::optional<PeerIdentity>& peer = state->established ? std::optional<PeerIdentity>(state->identity)
+                                                                  : state->verified;
+    if (!peer || peer->kind != PeerKind::rpk || peer->value != key_id) continue;
+    if (state->client) {
+      impl_->kill_client_session(*state, make_error(Errc::io, "client session closed by us: the server's raw "
+                                                              "public key " + std::string(key_id) +
+                                                              " is no longer accepted"));
+    } else {
+      if (coap_session_get_state(raw) == COAP_SESSION_STATE_NONE) continue;
+      impl_->request_close(*state);  // carried out by housekeeping, never inside a libcoap callback
+    }
+    ++closed;
+  }
+  if (closed > 0 && !impl_->in_libcoap) impl_->housekeeping();
+  return closed;
+}
+
 // ---- server credentials --------------------------------------------------------------------------------------
 
 namespace {
 std::shared_ptr<const detail::ServerCertificate> choose_server_certificate(coap_session_t* session,
-                                                                          const std::string& server_name);
+                                                                          const std::string& server_name,
+                                                                          bool raw_key);
 }  // namespace
 
-Result<void> Node::Impl::set_up_server_pki(const X509Credentials* x509, const RpkCredentials* rpk) {
+Result<void> Node::Impl::set_up_server_pki(const X509Credentials* x509) {
   server_policy.node = this;
-  const SecretBuffer& key = x509 != nullptr ? x509->private_key_pem : rpk->private_key_pem;
-  // Checked here, with dauth's own parser, for both backends and with a clear message.
-  if (auto private_key = crypto::PrivateKey::parse(key); !private_key.ok()) {
-    return make_error(Errc::invalid_argument, "server private key: " + private_key.error().message);
-  }
-  if (rpk != nullptr) {
-    server_policy.rpk = true;
-    server_policy.pinned_keys = rpk->pinned_peer_keys;
+  if (x509 != nullptr) {
+    // Checked here, with dauth's own parser, for both backends and with a clear message.
+    if (auto private_key = crypto::PrivateKey::parse(x509->private_key_pem); !private_key.ok()) {
+      return make_error(Errc::invalid_argument, "server private key: " + private_key.error().message);
+    }
   }
   if (detail::attaches_server_pki()) {
-    // The credentials the node's handshakes share, parsed once here: a PSK handshake never touches them, an X.509
-    // one gets its certificate from choose_server_certificate (docs/transport.md §3).
-    auto built = rpk != nullptr ? detail::make_rpk_server_pki(key.view(), on_peer_certificate, &server_policy)
-                                : detail::make_x509_server_pki(x509->trust_anchors_pem, choose_server_certificate,
-                                                               on_peer_certificate, &server_policy);
+    // The credentials the node's handshakes share, parsed once here: a PSK handshake never touches them, a
+    // certificate or raw-key one gets what it presents from choose_server_certificate (docs/transport.md §3).
+    auto built = detail::make_server_pki(x509 != nullptr ? std::string_view(x509->trust_anchors_pem) : "",
+                                         choose_server_certificate, on_peer_certificate, &server_policy);
     if (!built.ok()) return make_error(Errc::invalid_argument, "server credentials: " + built.error().message);
-    if (config.x509) {
+    if (config.x509 && !default_certificate) {
       auto loaded = detail::load_server_certificate(config.x509->certificate_chain_pem,
                                                     config.x509->private_key_pem.view());
       if (!loaded.ok()) return make_error(Errc::invalid_argument, "server certificate: " + loaded.error().message);
       default_certificate = *std::move(loaded);
     }
+    if (server_credentials) retired_server_credentials.push_back(std::move(server_credentials));
     server_credentials = *std::move(built);
   } else {
+    if (x509 == nullptr) return make_error(Errc::unsupported, "raw public keys (RFC 7250) need the GnuTLS build");
+    const SecretBuffer& key = x509->private_key_pem;
     coap_dtls_pki_t& pki = server_pki;
     std::memset(&pki, 0, sizeof(pki));
     pki.version = COAP_DTLS_PKI_SETUP_VERSION;
@@ -414,24 +436,18 @@ Result<void> Node::Impl::set_up_server_pki(const X509Credentials* x509, const Rp
     server_key_pem = nul_terminated(key.view());
     pki.pki_key.key.pem_buf.private_key = server_key_pem.data();
     pki.pki_key.key.pem_buf.private_key_len = server_key_pem.size();
-    if (rpk != nullptr) {
-      pki.is_rpk_not_cert = 1;
-      pki.pki_key.key.pem_buf.public_cert = server_key_pem.data();
-      pki.pki_key.key.pem_buf.public_cert_len = server_key_pem.size();
-    } else {
-      server_chain_pem = nul_terminated(ByteView::of(x509->certificate_chain_pem));
-      server_trust_pem = nul_terminated(ByteView::of(x509->trust_anchors_pem));
-      pki.verify_peer_cert = 1;         // mutual authentication: a client certificate is required
-      pki.check_common_ca = 0;          // several MEF CAs may be trusted, not only our own issuer
-      pki.allow_self_signed = 0;
-      pki.allow_expired_certs = 0;
-      pki.cert_chain_validation = 1;
-      pki.cert_chain_verify_depth = 3;  // leaf, one intermediate, anchor (TS-0003 §10.1 profile)
-      pki.pki_key.key.pem_buf.public_cert = server_chain_pem.data();
-      pki.pki_key.key.pem_buf.public_cert_len = server_chain_pem.size();
-      pki.pki_key.key.pem_buf.ca_cert = server_trust_pem.data();
-      pki.pki_key.key.pem_buf.ca_cert_len = server_trust_pem.size();
-    }
+    server_chain_pem = nul_terminated(ByteView::of(x509->certificate_chain_pem));
+    server_trust_pem = nul_terminated(ByteView::of(x509->trust_anchors_pem));
+    pki.verify_peer_cert = 1;         // mutual authentication: a client certificate is required
+    pki.check_common_ca = 0;          // several MEF CAs may be trusted, not only our own issuer
+    pki.allow_self_signed = 0;
+    pki.allow_expired_certs = 0;
+    pki.cert_chain_validation = 1;
+    pki.cert_chain_verify_depth = 3;  // leaf, one intermediate, anchor (TS-0003 §10.1 profile)
+    pki.pki_key.key.pem_buf.public_cert = server_chain_pem.data();
+    pki.pki_key.key.pem_buf.public_cert_len = server_chain_pem.size();
+    pki.pki_key.key.pem_buf.ca_cert = server_trust_pem.data();
+    pki.pki_key.key.pem_buf.ca_cert_len = server_trust_pem.size();
     if (coap_context_set_pki(server_context.get(), &pki) != 1) {
       return make_error(Errc::invalid_argument,
                         "server certificate/key rejected by the TLS backend: " +
@@ -440,6 +456,21 @@ Result<void> Node::Impl::set_up_server_pki(const X509Credentials* x509, const Rp
   }
   server_pki_set = true;
   if (x509 != nullptr) client_trust_anchors_pem = x509->trust_anchors_pem;
+  server_policy.certificates = x509 != nullptr;
+  server_policy.raw_keys = server_raw_key || config.raw_key_lookup;
+  return {};
+}
+
+Result<void> Node::Impl::put_server_raw_key(RpkCredentials credentials) {
+  auto private_key = crypto::PrivateKey::parse(credentials.private_key_pem);
+  if (!private_key.ok()) return make_error(Errc::invalid_argument, "raw public key: " + private_key.error().message);
+  auto loaded = detail::load_server_raw_key(credentials.private_key_pem.view());
+  if (!loaded.ok()) return std::move(loaded).error();
+  // Handshakes that chose the previous key keep it (SessionImpl::presented_certificate) until they end.
+  server_raw_key = *std::move(loaded);
+  server_raw_key_id = private_key->public_key_id();
+  server_policy.pinned_keys = std::move(credentials.pinned_peer_keys);
+  server_policy.raw_keys = true;
   return {};
 }
 
@@ -476,13 +507,23 @@ Result<void> Node::Impl::put_named_certificate(const std::string& server_name, X
 
 namespace {
 
-// detail::ServerCertificateLookup: the certificate for one handshake, from the table as it is now.
+// detail::ServerCertificateLookup: the certificate (or raw key) for one handshake, from the table as it is now.
 std::shared_ptr<const detail::ServerCertificate> choose_server_certificate(coap_session_t* session,
-                                                                          const std::string& server_name) {
+                                                                          const std::string& server_name,
+                                                                          bool raw_key) {
   Node::Impl* impl = impl_of(session);
   if (impl == nullptr) return nullptr;
   SessionImpl& state = impl->state_for(session);
   state.sni = server_name;
+  if (raw_key) {
+    state.presented_certificate = impl->server_raw_key;
+    state.presented_local_ae_id.clear();
+    state.credential = impl->server_raw_key_id;
+    if (state.presented_certificate) return state.presented_certificate;
+    state.refusal = "the client negotiated raw public keys and this node has no raw public key";
+    impl->report_handshake_failure(state, FailureKind::handshake_failed, state.refusal);
+    return nullptr;
+  }
   const auto named = impl->named_certificates.find(server_name);
   // The default certificate answers names the table does not know.
   const bool by_name = named != impl->named_certificates.end();
@@ -531,20 +572,31 @@ Result<void> Node::set_server_certificate(const std::string& server_name, X509Cr
     return make_error(Errc::unsupported, "server certificate for '" + server_name + "': this node has no secure "
                                          "endpoint");
   }
-  if (impl_->config.rpk) {
-    return make_error(Errc::unsupported, "server certificate for '" + server_name + "': this node presents a raw "
-                                         "public key (one PKI setup per context)");
-  }
-  if (!impl_->server_pki_set) {
-    // First certificate of a node that had none: the server credentials are built now, with its trust anchors;
-    // the sessions begun from now on get them.
-    if (auto set_up = impl_->set_up_server_pki(&credentials, nullptr); !set_up.ok()) return set_up;
+  if (!impl_->server_pki_set || impl_->client_trust_anchors_pem.empty()) {
+    // First certificate of a node that had none (or only a raw key): the server credentials are built now, with
+    // its trust anchors; the sessions begun from now on get them.
+    if (auto set_up = impl_->set_up_server_pki(&credentials); !set_up.ok()) return set_up;
   }
   return impl_->put_named_certificate(server_name, std::move(credentials));
 }
 
 bool Node::remove_server_certificate(const std::string& server_name) {
   return impl_->named_certificates.erase(server_name) > 0;
+}
+
+Result<void> Node::set_server_raw_key(RpkCredentials credentials) {
+  if (!backend_supports_rpk()) {
+    return make_error(Errc::unsupported, "raw public keys (RFC 7250) need the GnuTLS build; this is " +
+                                             std::string(to_string(compiled_backend())));
+  }
+  if (!impl_->server_context || impl_->config.secure_addresses.empty()) {
+    return make_error(Errc::unsupported, "server raw public key: this node has no secure endpoint");
+  }
+  if (!impl_->server_pki_set) {
+    // First asymmetric credential of a node that had only PSK: the server credentials are built now.
+    if (auto set_up = impl_->set_up_server_pki(nullptr); !set_up.ok()) return set_up;
+  }
+  return impl_->put_server_raw_key(std::move(credentials));
 }
 
 }  // namespace dauth::transport

@@ -42,30 +42,36 @@ std::optional<std::uint64_t> records_sent(const coap_session_t* session);
 // them.
 // OpenSSL: libcoap keeps the PKI setup (attaches_server_pki() is false, the functions below answer unsupported).
 
-// A certificate chain and its private key, parsed once; every handshake that presents them shares them. Held by
+// What a server presents in one handshake, parsed once, shared by every handshake that presents it: a certificate
+// chain and its private key, or a raw public key (RFC 7250: the SubjectPublicKeyInfo) and its private key. Held by
 // shared_ptr: whoever chose it for a handshake keeps it alive until that handshake is over, so replacing a
-// certificate never frees one a running handshake still uses.
+// certificate or the raw key never frees one a running handshake still uses.
 struct ServerCertificate;
 Result<std::shared_ptr<const ServerCertificate>> load_server_certificate(std::string_view chain_pem,
                                                                          ByteView key_pem);
+Result<std::shared_ptr<const ServerCertificate>> load_server_raw_key(ByteView key_pem);
 
-// Called inside the handshake once the ClientHello (and its SNI) is read: the certificate to present to this
-// server session's client, or nullptr to refuse the handshake (the lookup records and reports why).
+// Called inside the handshake once the ClientHello (and its SNI) is read: what to present to this server
+// session's client -- a certificate for `server_name`, or our raw key when the handshake negotiated raw public keys
+// (`raw_key`) -- or nullptr to refuse the handshake (the lookup records and reports why).
 using ServerCertificateLookup = std::shared_ptr<const ServerCertificate> (*)(coap_session_t* session,
-                                                                            const std::string& server_name);
+                                                                            const std::string& server_name,
+                                                                            bool raw_key);
 
-// The credentials every server session of a node shares: trust anchors and the certificate lookup (X.509), or the
-// raw key (RPK), and the peer check. `check` gets exactly what libcoap's validate_cn_call_back would get: the peer's
-// leaf certificate (or SubjectPublicKeyInfo with cn COAP_DTLS_RPK_CERT_CN), depth 0, validated 1, `check_arg`;
-// a chain that does not verify never reaches it (the reason is logged through libcoap's log handler, naming the
-// session, as libcoap's own verification does).
+// The credentials every server session of a node shares: the trust anchors client certificates must chain to (""
+// = the node accepts no client certificate), the lookup of what to present, and the peer check. One endpoint
+// serves certificates and raw keys together: GnuTLS negotiates the certificate types (RFC 7250) per handshake;
+// a client that offers only a raw key of its own is presented our raw key (raw-key clients such as libcoap's also
+// list X.509 as a server certificate type they take). `check` gets exactly what libcoap's validate_cn_call_back
+// would get: the peer's leaf certificate (or SubjectPublicKeyInfo with cn COAP_DTLS_RPK_CERT_CN), depth 0,
+// validated 1, `check_arg`; a chain that does not verify never reaches it (the reason is logged through libcoap's
+// log handler, naming the session, as libcoap's own verification does); a certificate where no trust anchors are
+// set reaches it with validated 0, for the check to refuse with its reason.
 struct ServerPki;
 bool attaches_server_pki() noexcept;  // GnuTLS only
-Result<std::shared_ptr<const ServerPki>> make_x509_server_pki(std::string_view trust_anchors_pem,
-                                                              ServerCertificateLookup lookup,
-                                                              coap_dtls_cn_callback_t check, void* check_arg);
-Result<std::shared_ptr<const ServerPki>> make_rpk_server_pki(ByteView key_pem, coap_dtls_cn_callback_t check,
-                                                             void* check_arg);
+Result<std::shared_ptr<const ServerPki>> make_server_pki(std::string_view trust_anchors_pem,
+                                                         ServerCertificateLookup lookup,
+                                                         coap_dtls_cn_callback_t check, void* check_arg);
 // Gives this server session's handshake the node's certificate credentials, and with `psk_too` false takes the
 // PSK credentials libcoap gave it away (a node without PSK keys offers no PSK suites). Must run after libcoap
 // created the session's TLS object (on the first, cookieless ClientHello) and before the handshake reads the

@@ -2,6 +2,7 @@
 #include <gnutls/abstract.h>
 #include <gnutls/gnutls.h>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -107,8 +108,8 @@ struct ServerPki {
     if (credentials != nullptr) gnutls_certificate_free_credentials(credentials);
   }
   gnutls_certificate_credentials_t credentials = nullptr;
-  bool raw_public_key = false;
-  ServerCertificateLookup lookup = nullptr;  // X.509 only
+  bool accepts_certificates = false;  // trust anchors set: clients may authenticate with a certificate
+  ServerCertificateLookup lookup = nullptr;
   coap_dtls_cn_callback_t check = nullptr;
   void* check_arg = nullptr;
 };
@@ -164,8 +165,9 @@ std::string sni_of(gnutls_session_t tls) {
   }
 }
 
-// GnuTLS's certificate retrieve function (gnutls_certificate_set_retrieve_function3). No DEINIT flags: GnuTLS
-// uses the parsed chain and key in place; the lookup's owner keeps them alive for the handshake.
+// GnuTLS's certificate retrieve function (gnutls_certificate_set_retrieve_function3), for certificates and the raw
+// key alike. No DEINIT flags: GnuTLS uses the parsed chain and key in place; the lookup's owner keeps them alive
+// for the handshake.
 int retrieve_server_certificate(gnutls_session_t tls, const gnutls_cert_retr_st* /*info*/, gnutls_pcert_st** certs,
                                 unsigned int* certs_length, gnutls_ocsp_data_st** ocsp, unsigned int* ocsp_length,
                                 gnutls_privkey_t* privkey, unsigned int* flags) {
@@ -178,7 +180,9 @@ int retrieve_server_certificate(gnutls_session_t tls, const gnutls_cert_retr_st*
   const ServerPki* pki = pki_of(tls);
   auto* session = static_cast<coap_session_t*>(gnutls_transport_get_ptr(tls));
   if (pki == nullptr || pki->lookup == nullptr || session == nullptr) return -1;
-  const std::shared_ptr<const ServerCertificate> chosen = pki->lookup(session, sni_of(tls));
+  // The certificate types are negotiated by now (RFC 7250 extensions are read before the suite is chosen).
+  const bool raw_key = gnutls_certificate_type_get2(tls, GNUTLS_CTYPE_OURS) == GNUTLS_CRT_RAW;
+  const std::shared_ptr<const ServerCertificate> chosen = pki->lookup(session, sni_of(tls), raw_key);
   if (!chosen) return -1;  // the handshake fails (GnuTLS: insufficient credentials); the lookup reported why
   *certs = const_cast<gnutls_pcert_st*>(chosen->chain);
   *certs_length = chosen->chain_length;
@@ -216,10 +220,7 @@ int verify_client(gnutls_session_t tls) {
   if (gnutls_auth_get_type(tls) != GNUTLS_CRD_CERTIFICATE) return 0;
   unsigned count = 0;
   const gnutls_datum_t* peers = gnutls_certificate_get_peers(tls, &count);
-  if (count == 0 || peers == nullptr) {
-    // Only an RPK server asks without requiring (GNUTLS_CERT_REQUEST, as libcoap does for is_rpk_not_cert).
-    return pki->raw_public_key ? 0 : refuse_peer(tls, GNUTLS_A_BAD_CERTIFICATE);
-  }
+  if (count == 0 || peers == nullptr) return refuse_peer(tls, GNUTLS_A_BAD_CERTIFICATE);  // GNUTLS_CERT_REQUIRE
   if (gnutls_certificate_type_get2(tls, GNUTLS_CTYPE_PEERS) == GNUTLS_CRT_RAW) {
     // The SubjectPublicKeyInfo as GnuTLS re-encodes it (libcoap's check_rpk_cert does the same).
     gnutls_pcert_st raw{};
@@ -234,7 +235,7 @@ int verify_client(gnutls_session_t tls) {
     }
     return 0;
   }
-  if (pki->raw_public_key) {
+  if (!pki->accepts_certificates) {
     // No chain verification without trust anchors: the check refuses a certificate where a raw key is required.
     (void)pki->check(nullptr, peers[0].data, peers[0].size, session, 0, 0, pki->check_arg);
     return refuse_peer(tls, GNUTLS_A_UNSUPPORTED_CERTIFICATE);
@@ -261,6 +262,61 @@ Result<std::shared_ptr<ServerPki>> new_server_pki(coap_dtls_cn_callback_t check,
   pki->check_arg = check_arg;
   gnutls_certificate_set_verify_function(pki->credentials, verify_client);
   return pki;
+}
+
+// RFC 7250 certificate types a ClientHello offers (IANA values: 0 X.509, 2 RawPublicKey).
+struct OfferedTypes {
+  bool client_x509 = true;  // no client_certificate_type extension: X.509 only (RFC 7250 §4.1)
+  bool client_raw_key = false;
+  bool server_raw_key = false;
+};
+
+int note_offered_type(void* context, unsigned extension, const unsigned char* data, unsigned size) {
+  constexpr unsigned kClientCertificateType = 19;
+  constexpr unsigned kServerCertificateType = 20;
+  constexpr unsigned char kX509 = 0;
+  constexpr unsigned char kRawPublicKey = 2;
+  if ((extension != kClientCertificateType && extension != kServerCertificateType) || size < 1) return 0;
+  auto* offered = static_cast<OfferedTypes*>(context);
+  const unsigned char* first = data + 1;
+  const unsigned char* last = first + std::min<unsigned>(data[0], size - 1);
+  const auto lists = [&](unsigned char type) { return std::find(first, last, type) != last; };
+  if (extension == kClientCertificateType) {
+    offered->client_x509 = lists(kX509);
+    offered->client_raw_key = lists(kRawPublicKey);
+  } else {
+    offered->server_raw_key = lists(kRawPublicKey);
+  }
+  return 0;
+}
+
+// libcoap's priorities (coap_gnutls.c, GnuTLS >= 3.6.6) with RawPublicKey as the only server certificate type
+// (NORMAL lists X.509 already: it is taken off first).
+// Built once per process; each session that uses it holds a reference.
+gnutls_priority_t raw_key_server_priority() {
+  static const gnutls_priority_t priority = [] {
+    gnutls_priority_t built = nullptr;
+    const char* text = "NORMAL:+ECDHE-PSK:+PSK:+ECDHE-ECDSA:+AES-128-CCM-8:+CTYPE-CLI-ALL:"
+                       "-CTYPE-SRV-ALL:+CTYPE-SRV-RAWPK:+SHA256";
+    return gnutls_priority_init(&built, text, nullptr) < 0 ? nullptr : built;
+  }();
+  return priority;
+}
+
+// Runs before GnuTLS reads a ClientHello. GnuTLS picks the server certificate type in the client's order of
+// preference, and raw-key clients (libcoap's among them) list X.509 first: a client whose own credential is a raw
+// key only is presented our raw key, by taking X.509 off the server certificate types of this handshake.
+int present_raw_key_if_asked(gnutls_session_t tls, unsigned /*type*/, unsigned /*when*/, unsigned /*incoming*/,
+                             const gnutls_datum_t* message) {
+  OfferedTypes offered;
+  if (gnutls_ext_raw_parse(&offered, note_offered_type, message, GNUTLS_EXT_RAW_FLAG_DTLS_CLIENT_HELLO) < 0) {
+    return 0;  // GnuTLS's own parsing refuses a malformed ClientHello
+  }
+  if (offered.client_raw_key && !offered.client_x509 && offered.server_raw_key &&
+      raw_key_server_priority() != nullptr) {
+    (void)gnutls_priority_set(tls, raw_key_server_priority());
+  }
+  return 0;
 }
 
 }  // namespace
@@ -290,51 +346,45 @@ Result<std::shared_ptr<const ServerCertificate>> load_server_certificate(std::st
   return std::shared_ptr<const ServerCertificate>(std::move(certificate));
 }
 
+Result<std::shared_ptr<const ServerCertificate>> load_server_raw_key(ByteView key_pem) {
+  auto raw_key = std::make_shared<ServerCertificate>();
+  auto key = import_private_key(key_pem);
+  if (!key.ok()) return std::move(key).error();
+  raw_key->key = *key;
+  gnutls_pubkey_t public_key = nullptr;
+  int rc = gnutls_pubkey_init(&public_key);
+  if (rc >= 0) rc = gnutls_pubkey_import_privkey(public_key, raw_key->key, 0, 0);
+  if (rc >= 0) rc = gnutls_pcert_import_rawpk(&raw_key->chain[0], public_key, 0);  // the pcert owns the key now
+  if (rc < 0) {
+    if (public_key != nullptr) gnutls_pubkey_deinit(public_key);
+    return make_error(Errc::invalid_argument, std::string("raw public key: ") + gnutls_strerror(rc));
+  }
+  raw_key->chain_length = 1;
+  return std::shared_ptr<const ServerCertificate>(std::move(raw_key));
+}
+
 bool attaches_server_pki() noexcept { return true; }
 
-Result<std::shared_ptr<const ServerPki>> make_x509_server_pki(std::string_view trust_anchors_pem,
-                                                              ServerCertificateLookup lookup,
-                                                              coap_dtls_cn_callback_t check, void* check_arg) {
+Result<std::shared_ptr<const ServerPki>> make_server_pki(std::string_view trust_anchors_pem,
+                                                         ServerCertificateLookup lookup,
+                                                         coap_dtls_cn_callback_t check, void* check_arg) {
   auto pki = new_server_pki(check, check_arg);
   if (!pki.ok()) return std::move(pki).error();
   (*pki)->lookup = lookup;
   gnutls_certificate_credentials_t credentials = (*pki)->credentials;
+  gnutls_certificate_set_retrieve_function3(credentials, retrieve_server_certificate);
+  if (trust_anchors_pem.empty()) return std::shared_ptr<const ServerPki>(*std::move(pki));
   const gnutls_datum_t anchors = datum_of(trust_anchors_pem.data(), trust_anchors_pem.size());
   const int added = gnutls_certificate_set_x509_trust_mem(credentials, &anchors, GNUTLS_X509_FMT_PEM);
   if (added <= 0) {
     return make_error(Errc::invalid_argument, std::string("trust anchors: ") +
                                                   (added < 0 ? gnutls_strerror(added) : "no certificate in the PEM"));
   }
-  gnutls_certificate_set_retrieve_function3(credentials, retrieve_server_certificate);
+  (*pki)->accepts_certificates = true;
   // libcoap's mapping of dauth's setup: chain depth 3 (leaf, intermediate, anchor) allows depth + 2 certificates
   // (setup_pki_credentials), no CRLs (check_cert_revocation 0: revocation is the peer check's, by serial).
   gnutls_certificate_set_verify_limits(credentials, 0, 3 + 2);
   gnutls_certificate_set_verify_flags(credentials, GNUTLS_VERIFY_DISABLE_CRL_CHECKS);
-  return std::shared_ptr<const ServerPki>(*std::move(pki));
-}
-
-Result<std::shared_ptr<const ServerPki>> make_rpk_server_pki(ByteView key_pem, coap_dtls_cn_callback_t check,
-                                                             void* check_arg) {
-  auto pki = new_server_pki(check, check_arg);
-  if (!pki.ok()) return std::move(pki).error();
-  (*pki)->raw_public_key = true;
-  auto key = import_private_key(key_pem);
-  if (!key.ok()) return std::move(key).error();
-  // On success the credentials own the raw key's pcert contents and the private key (gnutls_certificate_set_key
-  // copies the list itself).
-  gnutls_pcert_st raw{};
-  gnutls_pubkey_t public_key = nullptr;
-  int rc = gnutls_pubkey_init(&public_key);
-  if (rc >= 0) rc = gnutls_pubkey_import_privkey(public_key, *key, 0, 0);
-  if (rc >= 0) rc = gnutls_pcert_import_rawpk(&raw, public_key, 0);  // on success the pcert owns the public key
-  const bool imported = rc >= 0;
-  if (!imported && public_key != nullptr) gnutls_pubkey_deinit(public_key);
-  if (rc >= 0) rc = gnutls_certificate_set_key((*pki)->credentials, nullptr, 0, &raw, 1, *key);
-  if (rc < 0) {
-    gnutls_privkey_deinit(*key);
-    if (imported) gnutls_pcert_deinit(&raw);
-    return make_error(Errc::invalid_argument, std::string("raw public key: ") + gnutls_strerror(rc));
-  }
   return std::shared_ptr<const ServerPki>(*std::move(pki));
 }
 
@@ -345,9 +395,10 @@ Result<void> attach_server_pki(coap_session_t* session, const ServerPki& pki, bo
   const int rc = gnutls_credentials_set(tls, GNUTLS_CRD_CERTIFICATE, pki.credentials);
   if (rc < 0) return make_error(Errc::internal, std::string("gnutls_credentials_set: ") + gnutls_strerror(rc));
   gnutls_session_set_ptr(tls, const_cast<ServerPki*>(&pki));
-  // As libcoap does for dauth's setup: a client certificate is required, a client raw key requested; no CA names
-  // in the CertificateRequest (several MEF CAs may be trusted).
-  gnutls_certificate_server_set_request(tls, pki.raw_public_key ? GNUTLS_CERT_REQUEST : GNUTLS_CERT_REQUIRE);
+  gnutls_handshake_set_hook_function(tls, GNUTLS_HANDSHAKE_CLIENT_HELLO, GNUTLS_HOOK_PRE, present_raw_key_if_asked);
+  // A client certificate or raw key is required (an anonymous client has no identity to serve); no CA names in the
+  // CertificateRequest (several MEF CAs may be trusted).
+  gnutls_certificate_server_set_request(tls, GNUTLS_CERT_REQUIRE);
   gnutls_certificate_send_x509_rdn_sequence(tls, 1);
   return {};
 }

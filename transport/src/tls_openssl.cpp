@@ -61,16 +61,15 @@ Result<std::shared_ptr<const ServerCertificate>> load_server_certificate(std::st
   return make_error(Errc::unsupported, "server certificates loaded by dauth need the GnuTLS build");
 }
 
-bool attaches_server_pki() noexcept { return false; }
-
-Result<std::shared_ptr<const ServerPki>> make_x509_server_pki(std::string_view /*trust_anchors_pem*/,
-                                                              ServerCertificateLookup /*lookup*/,
-                                                              coap_dtls_cn_callback_t /*check*/, void* /*arg*/) {
-  return make_error(Errc::unsupported, "server credentials built by dauth need the GnuTLS build");
+Result<std::shared_ptr<const ServerCertificate>> load_server_raw_key(ByteView /*key_pem*/) {
+  return make_error(Errc::unsupported, "raw public keys (RFC 7250) need the GnuTLS build");
 }
 
-Result<std::shared_ptr<const ServerPki>> make_rpk_server_pki(ByteView /*key_pem*/, coap_dtls_cn_callback_t /*check*/,
-                                                             void* /*arg*/) {
+bool attaches_server_pki() noexcept { return false; }
+
+Result<std::shared_ptr<const ServerPki>> make_server_pki(std::string_view /*trust_anchors_pem*/,
+                                                         ServerCertificateLookup /*lookup*/,
+                                                         coap_dtls_cn_callback_t /*check*/, void* /*arg*/) {
   return make_error(Errc::unsupported, "server credentials built by dauth need the GnuTLS build");
 }
 

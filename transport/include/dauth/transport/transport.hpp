@@ -127,10 +127,12 @@ struct SessionCounters {        // CoAP messages this node sent and received on 
 // exporter works once the handshake is complete: in a request handler, or in a client's response callback.
 // Whom a server session serves, decided once, in its handshake, by the credentials lookup that let it in (PSK:
 // the PskLookup's answer; X.509: the peer certificate's AE-ID and X509Credentials::local_ae_id of the certificate
-// the SNI selected; RPK: the peer's key id and no local AE). Request handlers read it and never decide it again.
+// the SNI selected; RPK: the RawKeyLookup's answer, or without a lookup the peer's key id and no local AE).
+// Request handlers read it and never decide it again.
 // Empty on client and plain sessions.
 struct SessionGrant {
-  std::string peer_ae_id;   // the AE the peer authenticated as ("" = the lookup did not say; RPK: the key id)
+  std::string peer_ae_id;   // the AE the peer authenticated as ("" = the lookup did not say; RPK without a
+                            // RawKeyLookup: the key id)
   std::string local_ae_id;  // the local AE the session reaches ("" = none)
 };
 
@@ -174,6 +176,25 @@ struct PskGrant {
 // and the client retries). The Error message becomes the logged refusal reason.
 using PskLookup = std::function<Result<PskGrant>(const PskRequest& request)>;
 
+// What a raw-public-key handshake (RFC 7250) asks for, once the client proved its key. The views are valid during
+// the lookup call only.
+struct RawKeyRequest {
+  std::string_view key_id;  // RFC 6920 "ni:///sha-256;..." of the client's SubjectPublicKeyInfo (PeerIdentity::value)
+  std::string_view sni;     // the server name the client sent; "" none
+  std::string_view remote;  // "127.0.0.1:40000", for logs
+};
+
+// A raw-key lookup's answer: whom the session then serves (Session::grant()).
+struct RawKeyGrant {
+  std::string peer_ae_id;   // the AE the key is pinned to, "" if the lookup does not know it
+  std::string local_ae_id;  // the local AE the session reaches, "" if none
+};
+
+// Raw-key lookup (NodeConfig::raw_key_lookup): decides which client raw keys a server lets in, like PskLookup for
+// PSK identities. Memory only, never blocks. An Error refuses the handshake (access_denied), its message being the
+// reason reported to the failure observer with the key id (e.g. Errc::not_found "not pinned").
+using RawKeyLookup = std::function<Result<RawKeyGrant>(const RawKeyRequest& request)>;
+
 // Our certificate chain and key, and the CAs our peers' certificates must chain to. PEM text; keys EC P-256.
 struct X509Credentials {
   std::string certificate_chain_pem;   // leaf first
@@ -184,10 +205,12 @@ struct X509Credentials {
   std::string local_ae_id{};
 };
 
-// Raw public keys (RFC 7250, GnuTLS builds only). libcoap derives our SubjectPublicKeyInfo from the key.
+// Raw public keys (RFC 7250, GnuTLS builds only). Our SubjectPublicKeyInfo is derived from the key.
 struct RpkCredentials {
   SecretBuffer private_key_pem;            // SEC1 "EC PRIVATE KEY" (libcoap 4.3.1 needs this form for RPK)
-  std::set<std::string> pinned_peer_keys;  // accepted peers, RFC 6920 ids of their SubjectPublicKeyInfo
+  // Accepted peers, RFC 6920 ids of their SubjectPublicKeyInfo: the servers a client accepts, and the clients a
+  // server accepts when it has no NodeConfig::raw_key_lookup (which then decides instead).
+  std::set<std::string> pinned_peer_keys;
 };
 
 // ---- Client credentials ---------------------------------------------------------------------------------------
@@ -254,13 +277,18 @@ struct NodeConfig {
 
   PskLookup psk_lookup;                      // PSK server credentials (optional)
   std::optional<X509Credentials> x509;       // certificate server credentials (optional)
-  std::optional<RpkCredentials> rpk;         // raw-public-key server credentials (exclusive with x509: one PKI
-                                             // setup per libcoap context)
+  // Our raw public key (GnuTLS builds only), presented to clients that negotiate raw public keys (RFC 7250): one
+  // endpoint serves PSK, certificates and raw keys together (docs/transport.md §3). Node::set_server_raw_key()
+  // sets or replaces it later, effective from the next handshake.
+  std::optional<RpkCredentials> rpk;
+  // Which client raw keys get in, and whom their sessions serve (optional; GnuTLS builds only). Unset: the keys
+  // pinned in `rpk`, granted as their key id. Raw-key clients need our raw key too (`rpk` or set_server_raw_key).
+  RawKeyLookup raw_key_lookup;
   // Server certificates chosen per handshake by the SNI the client sent (PROTOCOL.md §2: the target AE-ID), exact
   // match; Node::set_server_certificate() adds or replaces one later, effective from the next handshake. A name
   // not in the table gets `x509` if set, else the handshake is refused. Clients are verified against the trust
   // anchors of `x509`, or else of the first certificate set here: every entry must carry the same anchors.
-  // GnuTLS builds only (Node::create: unsupported otherwise); exclusive with rpk. docs/transport.md §3.
+  // GnuTLS builds only (Node::create: unsupported otherwise). docs/transport.md §3.
   std::map<std::string, X509Credentials> x509_by_server_name;
   // PROTOCOL.md §2's legacy switch (FR 256 / RQI 257 / RSC 265). Node::create refuses it with libcoap 4.3.1: its
   // known-option filter has two slots for numbers above 255, used by 279/283 (server) and 283/307 (client).
@@ -389,8 +417,8 @@ std::string format_failure(const Failure& failure);
 
 class Node {
  public:
-  // Creates the contexts and endpoints. Errors: invalid configuration (RPK on OpenSSL, non-loopback local
-  // endpoint, bad credentials), or the endpoint could not bind (io, with the address).
+  // Creates the contexts and endpoints. Errors: invalid configuration (RPK or a raw-key lookup on OpenSSL,
+  // non-loopback local endpoint, bad credentials), or the endpoint could not bind (io, with the address).
   static Result<std::unique_ptr<Node>> create(NodeConfig config);
   ~Node();
   Node(const Node&) = delete;
@@ -419,14 +447,23 @@ class Node {
   // (PeerIdentity::certificate_serial, canonical) from this issuer (PeerIdentity::certificate_issuer; "" = any
   // issuer), e.g. one its MEF revoked. Returns how many.
   std::size_t close_sessions_with_certificate_serial(std::string_view serial, std::string_view issuer = {});
+  // Closes every live session, server (as close_server_sessions) and client (as close_client_session), whose peer
+  // authenticated with the raw public key of this RFC 6920 id (PeerKind::rpk), e.g. one whose pin was removed.
+  // Returns how many.
+  std::size_t close_sessions_with_raw_key(std::string_view key_id);
   // Presents `credentials` to every later handshake whose SNI is `server_name` (NodeConfig::x509_by_server_name),
   // replacing what that name had; live sessions keep theirs. Works on a Node created without certificates too (its
-  // secure endpoint then starts accepting X.509 handshakes). Errors: unsupported (OpenSSL build, or a Node with
-  // RPK or without a secure endpoint), invalid_argument (unparsable chain or key, a key that is not the leaf's,
+  // secure endpoint then starts accepting X.509 handshakes). Errors: unsupported (OpenSSL build, or a Node
+  // without a secure endpoint), invalid_argument (unparsable chain or key, a key that is not the leaf's,
   // trust anchors other than the ones clients are verified against).
   Result<void> set_server_certificate(const std::string& server_name, X509Credentials credentials);
   // Stops presenting a certificate for server_name (then as an unknown name). Returns whether it had one.
   bool remove_server_certificate(const std::string& server_name);
+  // Presents this raw key to every later handshake that negotiates raw public keys, replacing NodeConfig::rpk (its
+  // pinned_peer_keys too, for a node without raw_key_lookup); live sessions keep theirs. Works on a Node created
+  // without one (its secure endpoint then starts accepting raw-key clients). Errors: unsupported (OpenSSL build,
+  // or no secure endpoint), invalid_argument (unparsable key).
+  Result<void> set_server_raw_key(RpkCredentials credentials);
   void set_failure_observer(FailureObserver observer);
 
   // Sends request to peer with credentials, setting up or reusing a session (one per peer + credential + SNI +
