@@ -659,17 +659,6 @@ void Parser::check_cross_fields(const std::vector<ConfigTable>& tables) {
         std::get<std::vector<std::string>>(peer->find("trust_anchors")->value).empty()) {
       error_entry(*row, *credential, "needs peer.trust_anchors (the CAs of the peers' AE-ID certificates)");
     }
-    if (peer && credential && std::get<std::string>(credential->value) == "rpk" && id) {
-      const auto& target = std::get<std::string>(id->value);
-      const auto pins = array_tables(tables, "peer.rpk");
-      if (std::none_of(pins.begin(), pins.end(), [&](const ConfigTable* pin) {
-            const std::string* ae_id = text_of(pin, "ae_id");
-            return ae_id && *ae_id == target;
-          })) {
-        error_entry(*row, *credential, "needs a [[peer.rpk]] with ae_id = " + toml_quote(target) +
-                                           " (the key its dauthd presents)");
-      }
-    }
   }
   std::map<std::string, const ConfigTable*> pinned;
   for (const ConfigTable* row : array_tables(tables, "peer.rpk")) {

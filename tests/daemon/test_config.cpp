@@ -346,9 +346,6 @@ TEST_CASE("raw public keys: own keys generated, pinned peer keys in any printed 
              Catch::Contains("peer.rpk[0].key = \"sha256:4907\": public key id"));
   CHECK_THAT(error_of(text + "\n[[peer.rpk]]\nkey = \"" + ni + "\"\nae_id = \"CAE-other\"\n"),
              Catch::Contains("peer.rpk[1].key = \"" + ni + "\": already pinned by peer.rpk[0].key"));
-  CHECK_THAT(error_of(std::regex_replace(text, std::regex("ae_id = \"CAE-remote\"\n\n\\[\\[enrolee"),
-                                         "ae_id = \"CAE-elsewhere\"\n\n[[enrolee")),
-             Catch::Contains("peer.address[0].credential = \"rpk\": needs a [[peer.rpk]] with ae_id = \"CAE-remote\""));
   CHECK_THAT(error_of(std::regex_replace(text, std::regex("idle_timeout = 120\nraw_key = \"generate\""),
                                          "idle_timeout = 120\nraw_key = \"file\"")),
              Catch::Contains("peer.raw_key = \"file\": must be one of generate"));
