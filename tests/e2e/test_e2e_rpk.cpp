@@ -256,3 +256,60 @@ TEST_CASE("gnutls-cli with raw keys only: pinned gets a CoAP answer, unpinned is
   CHECK(*refused != 0);
   CHECK(again.output().find(marker) == std::string::npos);
 }
+
+TEST_CASE("dauthd to dauthd with raw keys: an AE enrols with its raw key and reaches valve with credential = rpk",
+          "[e2e][rpk]") {
+  DAUTH_E2E_SKIP_WITHOUT_STOCK_TOOLS();
+  if (!transport::backend_supports_rpk()) {
+    WARN("raw public keys need the GnuTLS build; skipped");
+    return;
+  }
+  constexpr const char* kPump = "CAE-pump";
+  Deployment d;
+  d.edit_config("mef", [](std::string text) {
+    return std::regex_replace(text, std::regex("\\[mef\\]\n"), "[mef]\nraw_key = \"generate\"\n");
+  });
+  d.edit_config("b", [&](std::string text) {
+    text = std::regex_replace(text, std::regex("\\[peer\\]\n"), "[peer]\nraw_key = \"generate\"\n");
+    return text + "\n[[peer.policy]]\npeer = \"" + kPump + "\"\nlocal_aes = [\"CAE-valve\"]\nmethods = [\"GET\"]\n";
+  });
+  d.start("mef");
+  d.start_valve();
+  d.start("b");
+  // Keys are exchanged the way an operator would: dauthctl rpk show on one side, pinned on the other.
+  const std::string mef_key = d.ctl_json("mef", {"rpk", "show"})["raw_keys"][0]["pin_sha256"];
+  const std::string b_key = d.ctl_json("b", {"rpk", "show"})["raw_keys"][0]["sha256"];
+  d.edit_config("a", [&](std::string text) {
+    text = std::regex_replace(text, std::regex("mef_fqdn = \"mef.demo.test\"\n"),
+                              "mef_fqdn = \"mef.demo.test\"\nmef_raw_keys = [\"" + mef_key + "\"]\n");
+    text = std::regex_replace(text, std::regex("(ae_id = \"CAE-valve\"\naddress = \"[^\"]*\"\n)"),
+                              "$1credential = \"rpk\"\n");
+    return text + "\n[[enrolee.ae]]\nid = \"" + kPump + "\"\nraw_key = \"generate\"\n";
+  });
+  d.start("a");
+  const auto a_keys = d.ctl_json("a", {"rpk", "show"})["raw_keys"];
+  REQUIRE(a_keys.size() == 1);
+  CHECK(a_keys[0]["name"] == kPump);
+  const std::string pump_key = a_keys[0]["key"];
+
+  // The MEF learns the pump's key at run time; the pump enrols over DTLS with raw keys on both sides.
+  const auto row = d.ctl_json("mef", {"enrolees", "add", "--rpk", pump_key, "--enrolee", kPump, "--target",
+                                      "CAE-valve"});
+  CHECK(row["id"] == "rpk:" + pump_key);
+  CHECK(row["kind"] == "rpk");
+  CHECK(d.ctl("a", {"enrol", kPump, "--wait", "30"}).exit_code == 0);
+
+  // Unpinned on either side, the peer session is refused; pinned on both, the request is answered.
+  const auto marker = put_marker(d);
+  CHECK(d.proxied(kPump, "get", "example_data").output.find(marker) == std::string::npos);
+  CHECK(d.ctl("b", {"rpk", "add", pump_key, kPump}).exit_code == 0);
+  CHECK(d.ctl("a", {"rpk", "add", b_key, "CAE-valve"}).exit_code == 0);
+  const auto answered = d.proxied(kPump, "get", "example_data");
+  INFO(answered.output);
+  CHECK(answered.output.find(marker) != std::string::npos);
+  // On B the session is the pump's, by its pinned key.
+  const auto sessions = d.ctl_json("b", {"sessions"})["sessions"];
+  REQUIRE_FALSE(sessions.empty());
+  CHECK(sessions[0]["peer_ae_id"] == kPump);
+  CHECK(sessions[0]["kind"] == "rpk");
+}
