@@ -57,8 +57,8 @@ TEST_CASE("RPK: one endpoint serves PSK and X.509 by server name and raw public 
   auto client = make_client_node();
   const transport::Peer peer{"127.0.0.1", server->secure_port()};
 
-  const CallResult psk = request_and_wait(*server, *client, peer, ClientCredentials::psk("KeID-1", secret("psk key one"), ""),
-                                          get_request({"hello"}));
+  const auto psk_client = ClientCredentials::psk("KeID-1", secret("psk key one"), "");
+  const CallResult psk = request_and_wait(*server, *client, peer, psk_client, get_request({"hello"}));
   REQUIRE(psk.result->ok());
   CHECK(text_of((*psk.result)->payload) == "psk:KeID-1");
 
@@ -127,4 +127,156 @@ TEST_CASE("RPK: a raw key the lookup refuses fails the handshake and is reported
                                              get_request({"hello"}));
   REQUIRE(pinned.result->ok());
   CHECK(text_of((*pinned.result)->payload) == "rpk:" + id_b);
+}
+
+namespace {
+
+// A CoAP GET /hello (CON, message id 0x1234) written to gnutls-cli's stdin; the payload marker and '\n' after the
+// options are a payload that GET ignores, and a line gnutls-cli sends as one datagram.
+const std::string kCoapGetHello = std::string("\x40\x01\x12\x34\xb5hello\xff\n", 12);
+
+// The stock gnutls-cli over DTLS, offering raw public keys only (client and server certificate types).
+CommandResult gnutls_cli_raw_key(const Pki& pki, const std::string& key, std::uint16_t port) {
+  return run_command({"timeout", "10", "gnutls-cli", "--udp", "--port", std::to_string(port),
+                      "--priority", "NORMAL:-CTYPE-ALL:+CTYPE-CLI-RAWPK:+CTYPE-SRV-RAWPK",
+                      "--rawpkkeyfile", pki.path(key + ".key").string(), "--rawpkfile",
+                      pki.path(key + ".pub").string(), "--no-ca-verification", "127.0.0.1"},
+                     kCoapGetHello);
+}
+
+}  // namespace
+
+TEST_CASE("RPK: the stock gnutls-cli with raw public keys only gets in exactly when the lookup pins its key") {
+  if (!transport::backend_supports_rpk() || !have_program("gnutls-cli")) return;
+  TempDir dir;
+  Pki pki(dir);
+  const std::string id_b = pki.text("rpk_b.id");
+  const std::string id_c = pki.text("rpk_c.id");
+  transport::NodeConfig config;
+  config.x509 = pki.credentials("server");  // an endpoint that also serves certificates
+  config.rpk = transport::RpkCredentials{secret(pki.text("rpk_a.key")), {}};
+  config.raw_key_lookup = pins({{id_b, "CAE-gnutls-cli"}});
+  auto server = make_server(std::move(config));
+  FailureLog server_log;
+  server->set_failure_observer(server_log.observer());
+  {
+    BackgroundNode running(*server);
+    const auto pinned = gnutls_cli_raw_key(pki, "rpk_b", server->secure_port());
+    INFO(pinned.output);
+    CHECK(pinned.output.find("Handshake was completed") != std::string::npos);
+    CHECK(pinned.output.find("Raw Public Key") != std::string::npos);
+    CHECK(pinned.output.find("rpk:" + id_b) != std::string::npos);  // the CoAP answer
+
+    const auto unpinned = gnutls_cli_raw_key(pki, "rpk_c", server->secure_port());
+    INFO(unpinned.output);
+    CHECK(unpinned.output.find("Handshake was completed") == std::string::npos);
+    CHECK(unpinned.output.find("rpk:") == std::string::npos);
+  }
+  INFO(server_log.text());
+  CHECK(server_log.has(transport::FailureKind::handshake_failed, id_c));
+}
+
+TEST_CASE("RPK: set_server_raw_key gives a node its raw key at run time and replaces it from the next handshake") {
+  if (!transport::backend_supports_rpk()) {
+    transport::NodeConfig config;
+    config.psk_lookup = psk_table({});
+    config.secure_addresses = {"127.0.0.1"};
+    config.secure_port = 0;
+    auto node = transport::Node::create(std::move(config));
+    REQUIRE(node.ok());
+    CHECK((*node)->set_server_raw_key(transport::RpkCredentials{secret("x"), {}}).error().code == Errc::unsupported);
+    return;
+  }
+  TempDir dir;
+  Pki pki(dir);
+  const std::string id_a = pki.text("rpk_a.id");
+  const std::string id_c = pki.text("rpk_c.id");
+  transport::NodeConfig config;
+  config.psk_lookup = psk_table({{"KeID-1", "psk key one"}});  // a PSK-only node at first
+  config.raw_key_lookup = pins({{pki.text("rpk_b.id"), "CAE-rpk-peer"}});
+  auto server = make_server(std::move(config));
+  FailureLog server_log;
+  server->set_failure_observer(server_log.observer());
+  const transport::Peer peer{"127.0.0.1", server->secure_port()};
+
+  {
+    auto client = make_client_node();
+    CallResult refused;
+    client->request(peer, raw_key_client(pki, "rpk_b", {id_a}), get_request({"hello"}), record_into(refused));
+    REQUIRE(pump({server.get(), client.get()}, [&] { return refused.done; }));
+    REQUIRE_FALSE(refused.result->ok());
+    INFO(server_log.text());
+    CHECK(server_log.text().find("this node has no raw public key") != std::string::npos);
+  }
+  CHECK(server->set_server_raw_key(transport::RpkCredentials{secret("not a key"), {}}).error().code ==
+        Errc::invalid_argument);
+
+  REQUIRE(server->set_server_raw_key(transport::RpkCredentials{secret(pki.text("rpk_a.key")), {}}).ok());
+  auto client = make_client_node();
+  const auto pinning_a = raw_key_client(pki, "rpk_b", {id_a});
+  const CallResult first = request_and_wait(*server, *client, peer, pinning_a, get_request({"hello"}));
+  REQUIRE(first.result->ok());
+  CHECK(first.peer.value == id_a);
+
+  REQUIRE(server->set_server_raw_key(transport::RpkCredentials{secret(pki.text("rpk_c.key")), {}}).ok());
+  // The live session keeps the key it was set up with.
+  const CallResult same_session = request_and_wait(*server, *client, peer, pinning_a, get_request({"hello"}));
+  REQUIRE(same_session.result->ok());
+  CHECK(same_session.peer.value == id_a);
+  // A new handshake is shown the new key: a client that pinned the old one refuses it, one that pinned the new gets in.
+  auto fresh = make_client_node();
+  CallResult old_pin;
+  fresh->request(peer, pinning_a, get_request({"hello"}), record_into(old_pin));
+  REQUIRE(pump({server.get(), fresh.get()}, [&] { return old_pin.done; }));
+  REQUIRE_FALSE(old_pin.result->ok());
+  const CallResult new_pin = request_and_wait(*server, *fresh, peer, raw_key_client(pki, "rpk_b", {id_c}),
+                                              get_request({"hello"}));
+  REQUIRE(new_pin.result->ok());
+  CHECK(new_pin.peer.value == id_c);
+  // PSK still works on the same endpoint.
+  const auto psk_client = ClientCredentials::psk("KeID-1", secret("psk key one"), "");
+  const CallResult psk = request_and_wait(*server, *fresh, peer, psk_client, get_request({"hello"}));
+  CHECK(psk.result->ok());
+}
+
+TEST_CASE("RPK: a removed pin refuses the next handshake and close_sessions_with_raw_key ends the live sessions") {
+  if (!transport::backend_supports_rpk()) return;
+  TempDir dir;
+  Pki pki(dir);
+  const std::string id_a = pki.text("rpk_a.id");
+  const std::string id_b = pki.text("rpk_b.id");
+  auto pinned = std::make_shared<std::map<std::string, std::string>>();
+  (*pinned)[id_b] = "CAE-rpk-peer";
+  transport::NodeConfig config;
+  config.rpk = transport::RpkCredentials{secret(pki.text("rpk_a.key")), {}};
+  config.raw_key_lookup = [pinned](const transport::RawKeyRequest& request) -> Result<transport::RawKeyGrant> {
+    auto it = pinned->find(std::string(request.key_id));
+    if (it == pinned->end()) return make_error(Errc::not_found, "not pinned");
+    return transport::RawKeyGrant{it->second, ""};
+  };
+  auto server = make_server(std::move(config));
+  const transport::Peer peer{"127.0.0.1", server->secure_port()};
+  const auto credentials = raw_key_client(pki, "rpk_b", {id_a});
+
+  auto client = make_client_node();
+  REQUIRE(request_and_wait(*server, *client, peer, credentials, get_request({"hello"})).result->ok());
+  REQUIRE(server->stats().live_server_sessions == 1);
+  // The daemon's removal: the lookup answers not_found from now on, and the live session of that key is closed.
+  pinned->clear();
+  CHECK(server->close_sessions_with_raw_key(id_a) == 0);  // our own key names no peer of the server
+  CHECK(server->close_sessions_with_raw_key(id_b) == 1);
+  REQUIRE(pump({server.get(), client.get()}, [&] { return server->stats().live_server_sessions == 0; }));
+  CallResult refused;
+  client->request(peer, credentials, get_request({"hello"}), record_into(refused));
+  REQUIRE(pump({server.get(), client.get()}, [&] { return refused.done; }));
+  CHECK_FALSE(refused.result->ok());
+
+  // The client side: its sessions with a server whose key it no longer accepts.
+  (*pinned)[id_b] = "CAE-rpk-peer";
+  auto other = make_client_node();
+  REQUIRE(request_and_wait(*server, *other, peer, credentials, get_request({"hello"})).result->ok());
+  REQUIRE(other->stats().live_client_sessions == 1);
+  CHECK(other->close_sessions_with_raw_key(id_b) == 0);
+  CHECK(other->close_sessions_with_raw_key(id_a) == 1);
+  REQUIRE(pump({server.get(), other.get()}, [&] { return other->stats().live_client_sessions == 0; }));
 }
