@@ -731,6 +731,13 @@ TEST_CASE("a reload's changes: live keys applied, restart keys pending by config
   CHECK(restart_pending(restart_values(*running), restart_values(fresh)).empty());
   fresh = edited("methods = [\"GET\", \"PUT\"]", "methods = [\"GET\"]");
   CHECK(live_changes(*running, fresh) == Names{"peer.policy[0].methods"});
+  // A pinned raw key added (or removed) is applied by the reload, not left for a restart.
+  if (dauth::transport::backend_supports_rpk()) {
+    fresh = edited("[[peer.policy]]", "[[peer.rpk]]\nkey = \"sha256:" + std::string(64, 'a') +
+                                          "\"\nae_id = \"CAE-remote\"\n\n[[peer.policy]]");
+    CHECK(live_changes(*running, fresh) == Names{"peer.rpk[0]"});
+    CHECK(restart_pending(restart_values(*running), restart_values(fresh)).empty());
+  }
 
   // A listen address (its default made explicit is no change) and a node limit wait for a restart.
   const std::string mef_fqdn = "fqdn = \"mef.example.net\"\nsession";

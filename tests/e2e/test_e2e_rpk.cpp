@@ -255,6 +255,25 @@ TEST_CASE("gnutls-cli with raw keys only: pinned gets a CoAP answer, unpinned is
   REQUIRE(refused.has_value());
   CHECK(*refused != 0);
   CHECK(again.output().find(marker) == std::string::npos);
+
+  // A [[peer.rpk]] row removed by a reload does the same for its key.
+  RawKeyClient configured(port, valve_sni, pinned.key, pinned.public_key);
+  configured.send(coap_get(5, "example_data", kClientAe));
+  {
+    INFO(configured.output());
+    REQUIRE(configured.wait_for(marker));
+  }
+  d.edit_config("b", [&](std::string text) {
+    return std::regex_replace(text, std::regex("\\[\\[peer.rpk\\]\\]\nkey = \"[^\"]*\"\nae_id = \"[^\"]*\"\n"), "");
+  });
+  CHECK(d.ctl("b", {"reload"}).exit_code == 0);
+  {
+    const auto ended = configured.wait_exit();
+    INFO(configured.output());
+    CHECK(ended.has_value());
+  }
+  CHECK(d.wait_for_log("b", "raw public key " + pinned.id + " is no longer pinned (was " + std::string(kClientAe) + ")"));
+  CHECK(d.ctl_json("b", {"rpk", "list"})["pins"].empty());
 }
 
 TEST_CASE("dauthd to dauthd with raw keys: an AE enrols with its raw key and reaches valve with credential = rpk",
