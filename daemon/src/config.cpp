@@ -611,7 +611,9 @@ void Parser::check_cross_fields(const std::vector<ConfigTable>& tables) {
     }
     if (rpk) {
       const auto canonical = crypto::canonical_public_key_id(checked.rpk);
-      if (canonical && !rpk_ids.insert(*canonical).second) error_entry(*row, *rpk, "key listed twice in [[mef.enrolee]]");
+      if (canonical && !rpk_ids.insert(*canonical).second) {
+        error_entry(*row, *rpk, "key listed twice in [[mef.enrolee]]");
+      }
     }
     if (!kpm_id) continue;
     // "k@MEF.example" and "k@mef.example" are one KpmID.

@@ -731,8 +731,11 @@ TEST_CASE("x509: a public key id is accepted in the forms certtool and gnutls-cl
   CHECK(forms.sha256_hex == hex);
   CHECK(forms.pin_sha256 == pin);
 
-  for (const std::string& bad : {std::string(""), ni.substr(0, ni.size() - 1), ni + "A", hex + "00", "sha1:" + hex.substr(7),
-                                "ni:///sha-512;" + ni.substr(14), pin.substr(0, pin.size() - 1), "sha256:" + std::string(64, 'g')}) {
+  const std::vector<std::string> malformed = {std::string(""),          ni.substr(0, ni.size() - 1),
+                                             ni + "A",                  hex + "00",
+                                             "sha1:" + hex.substr(7),   "ni:///sha-512;" + ni.substr(14),
+                                             pin.substr(0, pin.size() - 1), "sha256:" + std::string(64, 'g')};
+  for (const std::string& bad : malformed) {
     CAPTURE(bad);
     CHECK(crypto::canonical_public_key_id(bad).error().code == Errc::invalid_argument);
   }

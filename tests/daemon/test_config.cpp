@@ -359,7 +359,8 @@ TEST_CASE("raw public keys: own keys generated, pinned peer keys in any printed 
              Catch::Contains("mef.enrolee[2].rpk = \"" + other + "\": needs mef.raw_key"));
   CHECK_THAT(error_of(text + "\n[[mef.enrolee]]\nrpk = \"" + other_ni + "\"\nenrolee_id = \"CAE-pump2\"\n"),
              Catch::Contains("mef.enrolee[3].rpk = \"" + other_ni + "\": key listed twice"));
-  CHECK_THAT(error_of(text + "\n[[mef.enrolee]]\nrpk = \"" + ni + "\"\ncertificate_ae_id = \"CAE-x\"\nenrolee_id = \"CAE-x\"\n"),
+  CHECK_THAT(error_of(text + "\n[[mef.enrolee]]\nrpk = \"" + ni +
+                      "\"\ncertificate_ae_id = \"CAE-x\"\nenrolee_id = \"CAE-x\"\n"),
              Catch::Contains("mef.enrolee[3].rpk = \"" + ni + "\": needs exactly one bootstrap identity"));
 }
 

@@ -87,7 +87,9 @@ class RawKeyClient {
   RawKeyClient(const RawKeyClient&) = delete;
   RawKeyClient& operator=(const RawKeyClient&) = delete;
 
-  void send(const std::string& bytes) { REQUIRE(::write(stdin_, bytes.data(), bytes.size()) == static_cast<ssize_t>(bytes.size())); }
+  void send(const std::string& bytes) {
+    REQUIRE(::write(stdin_, bytes.data(), bytes.size()) == static_cast<ssize_t>(bytes.size()));
+  }
   void close_input() {
     if (stdin_ >= 0) ::close(stdin_);
     stdin_ = -1;
@@ -143,8 +145,7 @@ struct KeyFiles {
   std::string id;  // RFC 6920, as dauthd names it
 };
 
-// A P-256 key pair for gnutls-cli, made by openssl, and its id in certtool's "sha256:" form converted by nobody but
-// the test's own expectation (dauthctl and the configuration take that form as printed).
+// A P-256 key pair for gnutls-cli, made by openssl, and its RFC 6920 id (how dauthd names it in logs and replies).
 KeyFiles client_key(const std::filesystem::path& dir, const std::string& name) {
   KeyFiles files{dir / (name + ".key"), dir / (name + ".pub"), ""};
   REQUIRE(run_command({"openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out",
@@ -272,7 +273,8 @@ TEST_CASE("gnutls-cli with raw keys only: pinned gets a CoAP answer, unpinned is
     INFO(configured.output());
     CHECK(ended.has_value());
   }
-  CHECK(d.wait_for_log("b", "raw public key " + pinned.id + " is no longer pinned (was " + std::string(kClientAe) + ")"));
+  CHECK(d.wait_for_log("b", "raw public key " + pinned.id + " is no longer pinned (was " + std::string(kClientAe) +
+                                ")"));
   CHECK(d.ctl_json("b", {"rpk", "list"})["pins"].empty());
 }
 
