@@ -8,6 +8,8 @@
 #include <sodium.h>
 
 #include <algorithm>
+#include <array>
+#include <optional>
 #include <cstring>
 #include <set>
 
@@ -139,6 +141,67 @@ Result<std::string> public_key_id_from_spki(ByteView spki_der) {
                                  "-byte SubjectPublicKeyInfo");
   }
   return public_key_id_of_spki(spki_der);
+}
+
+namespace {
+constexpr std::string_view kNiPrefix = "ni:///sha-256;";
+constexpr std::string_view kHexPrefix = "sha256:";
+constexpr std::string_view kPinPrefix = "pin-sha256:";
+
+// The 32-byte digest in base64 (variant), or nothing when text is not exactly that.
+std::optional<std::array<unsigned char, crypto_hash_sha256_BYTES>> digest_from_base64(std::string_view text,
+                                                                                     int variant) {
+  std::array<unsigned char, crypto_hash_sha256_BYTES> digest{};
+  std::size_t length = 0;
+  const char* end = nullptr;
+  if (sodium_base642bin(digest.data(), digest.size(), text.data(), text.size(), nullptr, &length, &end, variant) !=
+          0 ||
+      end != text.data() + text.size() || length != digest.size()) {
+    return std::nullopt;
+  }
+  return digest;
+}
+}  // namespace
+
+Result<std::string> canonical_public_key_id(std::string_view text) {
+  ensure_sodium_initialised();
+  std::optional<std::array<unsigned char, crypto_hash_sha256_BYTES>> digest;
+  if (text.substr(0, kNiPrefix.size()) == kNiPrefix) {
+    digest = digest_from_base64(text.substr(kNiPrefix.size()), sodium_base64_VARIANT_URLSAFE_NO_PADDING);
+  } else if (text.substr(0, kHexPrefix.size()) == kHexPrefix) {
+    const std::string_view hex = text.substr(kHexPrefix.size());
+    std::array<unsigned char, crypto_hash_sha256_BYTES> bytes{};
+    std::size_t length = 0;
+    const char* end = nullptr;
+    if (hex.size() == 2 * bytes.size() &&
+        sodium_hex2bin(bytes.data(), bytes.size(), hex.data(), hex.size(), nullptr, &length, &end) == 0 &&
+        length == bytes.size()) {
+      digest = bytes;
+    }
+  } else if (text.substr(0, kPinPrefix.size()) == kPinPrefix) {
+    digest = digest_from_base64(text.substr(kPinPrefix.size()), sodium_base64_VARIANT_ORIGINAL);
+  }
+  if (!digest) {
+    return make_error(Errc::invalid_argument,
+                      "public key id " + quote_for_error(text) + ": must be \"ni:///sha-256;<43 base64url>\" "
+                      "(RFC 6920), \"sha256:<64 hex>\" or \"pin-sha256:<44 base64>\" (the SHA-256 of the "
+                      "SubjectPublicKeyInfo)");
+  }
+  char encoded[sodium_base64_ENCODED_LEN(crypto_hash_sha256_BYTES, sodium_base64_VARIANT_URLSAFE_NO_PADDING)];
+  sodium_bin2base64(encoded, sizeof encoded, digest->data(), digest->size(), sodium_base64_VARIANT_URLSAFE_NO_PADDING);
+  return std::string(kNiPrefix) + encoded;
+}
+
+PublicKeyIdForms public_key_id_forms(std::string_view canonical_id) {
+  ensure_sodium_initialised();
+  const auto digest = digest_from_base64(canonical_id.substr(std::min(kNiPrefix.size(), canonical_id.size())),
+                                         sodium_base64_VARIANT_URLSAFE_NO_PADDING);
+  if (canonical_id.substr(0, kNiPrefix.size()) != kNiPrefix || !digest) return {};
+  char hex[2 * crypto_hash_sha256_BYTES + 1];
+  sodium_bin2hex(hex, sizeof hex, digest->data(), digest->size());
+  char pin[sodium_base64_ENCODED_LEN(crypto_hash_sha256_BYTES, sodium_base64_VARIANT_ORIGINAL)];
+  sodium_bin2base64(pin, sizeof pin, digest->data(), digest->size(), sodium_base64_VARIANT_ORIGINAL);
+  return {std::string(kHexPrefix) + hex, std::string(kPinPrefix) + pin};
 }
 
 // ================================================================================================= Certificate ====

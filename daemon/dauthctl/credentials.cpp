@@ -14,7 +14,7 @@ namespace dauthctl {
 
 namespace {
 
-struct AddOptions {
+struct CredentialAddOptions {
   std::string kpm_id;
   std::string ae_id;
   std::string psk_file;
@@ -40,7 +40,7 @@ CLI::App* add_credentials(CLI::App& parent, Context& context) {
                              });
   });
 
-  static AddOptions add_options;
+  static CredentialAddOptions add_options;
   CLI::App* add = sub->add_subcommand("add", "add a pre-provisioned key (Kpm) for a configured local AE; its next "
                                              "enrolment uses it");
   add->add_option("--kpm-id", add_options.kpm_id, "KpmID: <relative>@<MEF-FQDN>")->required();

@@ -4,6 +4,7 @@
 
 #include "client.hpp"
 #include "dauth/crypto/identifiers.hpp"
+#include "dauth/crypto/x509.hpp"
 #include "dauth/daemon/exit_codes.hpp"
 #include "key_source.hpp"
 #include "verbs.hpp"
@@ -12,10 +13,11 @@ namespace dauthctl {
 
 namespace {
 
-struct AddOptions {
+struct EnroleeAddOptions {
   std::string kpm_id;
   std::string psk_file;
   std::string certificate_ae_id;
+  std::string rpk;
   std::string enrolee_id;
   std::vector<std::string> targets;
   std::int64_t lifetime = 0;
@@ -50,8 +52,9 @@ CLI::App* add_enrolees(CLI::App& parent, Context& context) {
                              });
   });
 
-  static AddOptions o;
-  CLI::App* add = sub->add_subcommand("add", "add an enrolee: a KpmID with its key, or a device certificate's AE-ID");
+  static EnroleeAddOptions o;
+  CLI::App* add = sub->add_subcommand(
+      "add", "add an enrolee: a KpmID with its key, a device certificate's AE-ID or a raw public key id");
   auto* kpm_id = add->add_option("--kpm-id", o.kpm_id, "KpmID: <relative>@<this MEF's FQDN>");
   auto* psk_file = add->add_option("--psk-file", o.psk_file, "file holding Kpm as hex (mode 0600), or - for stdin");
   auto* certificate = add->add_option("--certificate-ae", o.certificate_ae_id,
@@ -59,6 +62,11 @@ CLI::App* add_enrolees(CLI::App& parent, Context& context) {
   kpm_id->needs(psk_file);
   psk_file->needs(kpm_id);
   certificate->excludes(kpm_id)->excludes(psk_file);
+  add->add_option("--rpk", o.rpk, "id of the enrolee's raw public key (ni:///sha-256;..., sha256:<hex> or "
+                                  "pin-sha256:...)")
+      ->excludes(kpm_id)
+      ->excludes(psk_file)
+      ->excludes(certificate);
   add->add_option("--enrolee", o.enrolee_id, "AE-ID the MEF assigns to the enrolee")->required();
   add->add_option("--target", o.targets, "an allowed Enrolment Target AE-ID (repeat for several)");
   add->add_option("--lifetime", o.lifetime, "enrolment lifetime in seconds (0: mef.enrolment_lifetime)")
@@ -70,8 +78,8 @@ CLI::App* add_enrolees(CLI::App& parent, Context& context) {
       std::cerr << "dauthctl: enrolees add: " << why << "\n";
       context.exit_code = as_int(ExitCode::usage);
     };
-    if (o.kpm_id.empty() == o.certificate_ae_id.empty()) {
-      return usage("give --kpm-id with --psk-file, or --certificate-ae");
+    if (int(!o.kpm_id.empty()) + int(!o.certificate_ae_id.empty()) + int(!o.rpk.empty()) != 1) {
+      return usage("give --kpm-id with --psk-file, --certificate-ae or --rpk");
     }
     nlohmann::json args{{"enrolee_id", o.enrolee_id}, {"targets", o.targets}, {"lifetime", o.lifetime},
                         {"certificate_enrolment", o.certificate_enrolment}};
@@ -90,6 +98,10 @@ CLI::App* add_enrolees(CLI::App& parent, Context& context) {
       args["kpm_id"] = o.kpm_id;
       args["key_fd"] = 0;
       fds.push_back(key.get());
+    } else if (!o.rpk.empty()) {
+      auto key_id = dauth::crypto::canonical_public_key_id(o.rpk);
+      if (!key_id) return usage("--rpk: " + key_id.error().message);
+      args["rpk"] = *key_id;
     } else {
       if (auto r = dauth::crypto::validate_ae_id(o.certificate_ae_id); !r) {
         return usage("--certificate-ae: " + r.error().message);
@@ -107,7 +119,9 @@ CLI::App* add_enrolees(CLI::App& parent, Context& context) {
 
   static std::string remove_id;
   CLI::App* remove = sub->add_subcommand("remove", "remove an enrolee added with enrolees add");
-  remove->add_option("id", remove_id, "KpmID, or cert:<AE-ID> for a certificate enrolee")->required();
+  remove->add_option("id", remove_id,
+                     "KpmID, cert:<AE-ID> for a certificate enrolee, rpk:<key id> for a raw-key enrolee")
+      ->required();
   remove->callback([&context] {
     context.exit_code = call(context, "enrolees.remove", {{"id", remove_id}},
                              [](const nlohmann::json& r, std::ostream& out) {

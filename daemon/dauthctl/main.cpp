@@ -20,7 +20,7 @@ constexpr VerbEntry kVerbs[] = {
     {"status", dauthctl::add_status},   {"sessions", dauthctl::add_sessions}, {"credentials", dauthctl::add_credentials},
     {"enrol", dauthctl::add_enrol},     {"revoke", dauthctl::add_revoke},     {"peers", dauthctl::add_peers},
     {"stats", dauthctl::add_stats},     {"enrolees", dauthctl::add_enrolees}, {"genpsk", dauthctl::add_genpsk},
-    {"reload", dauthctl::add_reload},   {"rekey", dauthctl::add_rekey},
+    {"reload", dauthctl::add_reload},   {"rekey", dauthctl::add_rekey},       {"rpk", dauthctl::add_rpk},
 };
 
 }  // namespace

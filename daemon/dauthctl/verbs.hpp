@@ -24,6 +24,7 @@ CLI::App* add_revoke(CLI::App& parent, Context& context);
 CLI::App* add_peers(CLI::App& parent, Context& context);
 CLI::App* add_stats(CLI::App& parent, Context& context);
 CLI::App* add_enrolees(CLI::App& parent, Context& context);
+CLI::App* add_rpk(CLI::App& parent, Context& context);
 CLI::App* add_genpsk(CLI::App& parent, Context& context);
 CLI::App* add_reload(CLI::App& parent, Context& context);
 CLI::App* add_rekey(CLI::App& parent, Context& context);

@@ -19,8 +19,10 @@
 
 #include "dauth/crypto/identifiers.hpp"
 #include "dauth/crypto/keystore.hpp"
+#include "dauth/crypto/x509.hpp"
 #include "dauth/rspf/credential_rules.hpp"
 #include "dauth/transport/address.hpp"
+#include "dauth/transport/transport.hpp"
 #include "secret_file.hpp"
 
 namespace dauth::daemon {
@@ -151,7 +153,14 @@ std::string check_string(ValueCheck check, const std::string& value) {
                                               : "must be a loopback IP address (127.0.0.0/8 or ::1), without port";
     case ValueCheck::log_level: return one_of(value, {"error", "warning", "notice", "info", "debug"});
     case ValueCheck::master_key_source: return one_of(value, {"credential", "file"});
-    case ValueCheck::peer_credential: return one_of(value, {"psk", "certificate"});
+    case ValueCheck::peer_credential: return one_of(value, {"psk", "certificate", "rpk"});
+    case ValueCheck::public_key_id: {
+      auto r = crypto::canonical_public_key_id(value);
+      return r ? std::string() : r.error().message;
+    }
+    case ValueCheck::raw_key_source:
+      // p11-kit URIs ("pkcs11:...") come with the PKCS#11 work; until then the key is ours, sealed in the store.
+      return one_of(value, {"generate"});
     case ValueCheck::coap_method:
       return one_of(value, {"GET", "POST", "PUT", "DELETE", "FETCH", "PATCH", "IPATCH"});
     case ValueCheck::group_name: {
@@ -507,15 +516,25 @@ void Parser::check_cross_fields(const std::vector<ConfigTable>& tables) {
     const bool has_kpm_file = ae->find("kpm_file") != nullptr;
     const bool has_cert = ae->find("certificate_file") != nullptr;
     const bool has_key = ae->find("private_key_file") != nullptr;
+    const ConfigEntry* raw_key = ae->find("raw_key");
     if (has_kpm_id != has_kpm_file) {
       error_entry(*ae, *id, "kpm_id and kpm_file go together: give both or neither");
     }
     if (has_cert != has_key) {
       error_entry(*ae, *id, "certificate_file and private_key_file go together: give both or neither");
     }
-    if (has_kpm_id == has_cert && has_kpm_id == has_kpm_file && has_cert == has_key) {
-      error_entry(*ae, *id, "needs exactly one bootstrap credential: kpm_id + kpm_file, or certificate_file + "
-                            "private_key_file");
+    // Its raw key is the bootstrap credential of an AE that has no other (RPK-bootstrapped RSPF).
+    if (has_kpm_id == has_cert && has_kpm_id == has_kpm_file && has_cert == has_key && (has_kpm_id || !raw_key)) {
+      error_entry(*ae, *id, "needs exactly one bootstrap credential: kpm_id + kpm_file, certificate_file + "
+                            "private_key_file, or raw_key");
+    }
+    if (raw_key && !has_kpm_id && !has_cert && enrolee &&
+        std::get<std::vector<std::string>>(enrolee->find("mef_raw_keys")->value).empty()) {
+      error_entry(*ae, *raw_key, "bootstraps with its raw key and needs enrolee.mef_raw_keys (the MEF's raw key ids)");
+    }
+    if (raw_key && std::get<bool>(ae->find("certificate_enrolment")->value)) {
+      error_entry(*ae, *ae->find("certificate_enrolment"),
+                  "cannot go with raw_key: the AE-ID certificate would replace the raw key kept under the AE-ID");
     }
     if (has_cert && enrolee && !enrolee->find("mef_trust_anchor")) {
       error_entry(*ae, *ae->find("certificate_file"),
@@ -553,11 +572,13 @@ void Parser::check_cross_fields(const std::vector<ConfigTable>& tables) {
   // only what a file adds: the key comes from kpm_file, and each identity is listed once.
   std::set<std::string> kpm_ids;
   std::set<std::string> certificate_ae_ids;
+  std::set<std::string> rpk_ids;
   rspf::MefOffer offer;
   if (mef) {
     offer.fqdn = *text_of(mef, "fqdn");
     offer.serves_x509 = mef->find("certificate_file") && mef->find("device_ca");
     offer.issues_certificates = mef->find("issuing_ca_certificate") != nullptr;
+    offer.serves_rpk = mef->find("raw_key") != nullptr;
   }
   for (const ConfigTable* row : array_tables(tables, "mef.enrolee")) {
     const ConfigEntry* kpm_id = row->find("kpm_id");
@@ -567,6 +588,8 @@ void Parser::check_cross_fields(const std::vector<ConfigTable>& tables) {
     if (kpm_id) checked.kpm_id = std::get<std::string>(kpm_id->value);
     checked.has_key = kpm_file != nullptr;
     if (certificate_ae_id) checked.certificate_ae_id = std::get<std::string>(certificate_ae_id->value);
+    const ConfigEntry* rpk = row->find("rpk");
+    if (rpk) checked.rpk = std::get<std::string>(rpk->value);
     checked.enrolee_id = std::get<std::string>(row->find("enrolee_id")->value);
     checked.targets = std::get<std::vector<std::string>>(row->find("targets")->value);
     checked.lifetime = std::get<std::int64_t>(row->find("lifetime")->value);
@@ -575,7 +598,7 @@ void Parser::check_cross_fields(const std::vector<ConfigTable>& tables) {
       for (const auto& problem : rspf::check_enrolee_row(checked, offer)) {
         const ConfigEntry* at = row->find(problem.field);
         if (!at && problem.field == "kpm_id") at = kpm_file;
-        if (!at) at = kpm_id ? kpm_id : kpm_file ? kpm_file : certificate_ae_id;
+        if (!at) at = kpm_id ? kpm_id : kpm_file ? kpm_file : certificate_ae_id ? certificate_ae_id : rpk;
         if (at) {
           error_entry(*row, *at, problem.message);
         } else {
@@ -585,6 +608,12 @@ void Parser::check_cross_fields(const std::vector<ConfigTable>& tables) {
     }
     if (certificate_ae_id && !certificate_ae_ids.insert(checked.certificate_ae_id).second) {
       error_entry(*row, *certificate_ae_id, "AE-ID listed twice as certificate_ae_id in [[mef.enrolee]]");
+    }
+    if (rpk) {
+      const auto canonical = crypto::canonical_public_key_id(checked.rpk);
+      if (canonical && !rpk_ids.insert(*canonical).second) {
+        error_entry(*row, *rpk, "key listed twice in [[mef.enrolee]]");
+      }
     }
     if (!kpm_id) continue;
     // "k@MEF.example" and "k@mef.example" are one KpmID.
@@ -633,6 +662,39 @@ void Parser::check_cross_fields(const std::vector<ConfigTable>& tables) {
       error_entry(*row, *credential, "needs peer.trust_anchors (the CAs of the peers' AE-ID certificates)");
     }
   }
+  std::map<std::string, const ConfigTable*> pinned;
+  for (const ConfigTable* row : array_tables(tables, "peer.rpk")) {
+    const ConfigEntry* key = row->find("key");
+    if (!key) continue;
+    const auto canonical = crypto::canonical_public_key_id(std::get<std::string>(key->value));
+    if (!canonical) continue;
+    // One key authenticates one AE-ID: the handshake's grant names it.
+    if (const auto [first, inserted] = pinned.emplace(*canonical, row); !inserted) {
+      error_entry(*row, *key, "already pinned by " + where_of(source_, *first->second, *first->second->find("key")) +
+                                  "; a key authenticates one AE-ID");
+    }
+  }
+  // Raw public keys are a GnuTLS feature of libcoap (RFC 7250): an OpenSSL build refuses them here, not at the first
+  // handshake.
+  if (!transport::backend_supports_rpk()) {
+    const std::pair<const ConfigTable*, const char*> uses[] = {{peer, "raw_key"}, {mef, "raw_key"}};
+    for (const auto& [table, key] : uses) {
+      if (const ConfigEntry* entry = table ? table->find(key) : nullptr) {
+        error_entry(*table, *entry, "raw public keys need the GnuTLS build of dauthd (this one uses " +
+                                        std::string(transport::to_string(transport::compiled_backend())) + ")");
+      }
+    }
+    for (const char* section : {"enrolee.ae", "peer.rpk", "mef.enrolee"}) {
+      for (const ConfigTable* row : array_tables(tables, section)) {
+        for (const char* key : {"raw_key", "key", "rpk"}) {
+          if (const ConfigEntry* entry = row->find(key)) {
+            error_entry(*row, *entry, "raw public keys need the GnuTLS build of dauthd (this one uses " +
+                                          std::string(transport::to_string(transport::compiled_backend())) + ")");
+          }
+        }
+      }
+    }
+  }
   for (const ConfigTable* rule : array_tables(tables, "peer.policy")) {
     const ConfigEntry* locals = rule->find("local_aes");
     if (!locals) continue;
@@ -643,7 +705,7 @@ void Parser::check_cross_fields(const std::vector<ConfigTable>& tables) {
     }
   }
   if (!peer) {
-    for (const char* child : {"peer.address", "peer.policy"}) {
+    for (const char* child : {"peer.address", "peer.policy", "peer.rpk"}) {
       if (const auto rows = array_tables(tables, child); !rows.empty()) {
         error_at(rows.front()->line, 1, std::string("[[") + child + "]] needs the [peer] section");
       }
@@ -695,6 +757,9 @@ void build_typed(Config& config) {
       e.mef_fqdn = get_fqdn(t, "mef_fqdn");
       e.mef_trust_anchor = get_path(t, "mef_trust_anchor");
       e.local_listen = get<std::string>(t, "local_listen");
+      for (const auto& id : get<std::vector<std::string>>(t, "mef_raw_keys")) {
+        e.mef_raw_keys.insert(crypto::canonical_public_key_id(id).value());
+      }
     } else if (t.section == "mef") {
       auto& m = config.mef.emplace();
       m.fqdn = get_fqdn(t, "fqdn");
@@ -707,6 +772,7 @@ void build_typed(Config& config) {
       m.enrolment_lifetime = get<std::int64_t>(t, "enrolment_lifetime");
       m.session_key_lifetime = get<std::int64_t>(t, "session_key_lifetime");
       m.certificate_lifetime = get<std::int64_t>(t, "certificate_lifetime");
+      m.raw_key = get<std::string>(t, "raw_key");
     } else if (t.section == "peer") {
       auto& p = config.peer.emplace();
       p.listen = get<std::string>(t, "listen");
@@ -719,6 +785,7 @@ void build_typed(Config& config) {
       p.nstart = get<std::int64_t>(t, "nstart");
       p.local_nstart = get<std::int64_t>(t, "local_nstart");
       p.legacy_onem2m_options = get<bool>(t, "legacy_onem2m_options");
+      p.raw_key = get<std::string>(t, "raw_key");
     }
   }
   // Array elements follow their parent section in tables, so the parents exist by now.
@@ -733,12 +800,16 @@ void build_typed(Config& config) {
       ae.certificate_file = get_path(t, "certificate_file");
       ae.private_key_file = get_path(t, "private_key_file");
       ae.certificate_enrolment = get<bool>(t, "certificate_enrolment");
+      ae.raw_key = get<std::string>(t, "raw_key");
       config.enrolee->aes.push_back(std::move(ae));
     } else if (t.section == "mef.enrolee" && config.mef) {
       MefEnrolee row;
       row.kpm_id = get_kpm_id(t, "kpm_id");
       row.kpm_file = get_path(t, "kpm_file");
       row.certificate_ae_id = get<std::string>(t, "certificate_ae_id");
+      if (const std::string rpk = get<std::string>(t, "rpk"); !rpk.empty()) {
+        row.rpk = crypto::canonical_public_key_id(rpk).value();
+      }
       row.enrolee_id = get<std::string>(t, "enrolee_id");
       row.targets = get<std::vector<std::string>>(t, "targets");
       row.lifetime = get<std::int64_t>(t, "lifetime");
@@ -748,6 +819,9 @@ void build_typed(Config& config) {
     } else if (t.section == "peer.address" && config.peer) {
       config.peer->addresses.push_back(
           {get<std::string>(t, "ae_id"), get<std::string>(t, "address"), get<std::string>(t, "credential")});
+    } else if (t.section == "peer.rpk" && config.peer) {
+      config.peer->pinned_keys.push_back(
+          {crypto::canonical_public_key_id(get<std::string>(t, "key")).value(), get<std::string>(t, "ae_id")});
     } else if (t.section == "peer.policy" && config.peer) {
       config.peer->policy.push_back({get<std::string>(t, "peer"), get<std::vector<std::string>>(t, "local_aes"),
                                      get<std::vector<std::string>>(t, "methods")});

@@ -12,7 +12,8 @@ namespace dauth::daemon {
 namespace {
 
 bool is_live_array(std::string_view section) {
-  return section == "mef.enrolee" || section == "peer.address" || section == "peer.policy";
+  return section == "mef.enrolee" || section == "peer.address" || section == "peer.policy" ||
+         section == "peer.rpk";
 }
 
 std::string id_of_ae(const ConfigTable& table) {

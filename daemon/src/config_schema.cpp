@@ -21,12 +21,15 @@ const std::vector<SectionSpec>& config_sections() {
       {"daemon", false, false, "process settings: state, control socket, master key, logging"},
       {"enrolee", false, true, "Enrolee role: local AEs enrol with their MEF (PROTOCOL.md §3)"},
       {"enrolee.ae", true, false,
-       "one local AE and its bootstrap credential: kpm_id + kpm_file, or certificate_file + private_key_file"},
+       "one local AE and its bootstrap credential: kpm_id + kpm_file, certificate_file + private_key_file, or raw_key"},
       {"mef", false, true, "MEF role: enrolment and key retrieval for enrolees (PROTOCOL.md §3–5)"},
       {"mef.enrolee", true, false,
-       "one row of the MEF's enrolee table: a pre-provisioned key (kpm_id) or a device certificate (certificate_ae_id)"},
+       "one row of the MEF's enrolee table: a pre-provisioned key (kpm_id), a device certificate (certificate_ae_id) or a "
+       "raw public key (rpk)"},
       {"peer", false, true, "Peer role: AE-to-AE sessions over DTLS and the access policy (PROTOCOL.md §4)"},
       {"peer.address", true, false, "static address of a remote AE's dauthd"},
+      {"peer.rpk", true, false,
+       "a remote AE's raw public key (RFC 7250), pinned: a session proving it authenticates that AE-ID"},
       {"peer.policy", true, false, "access rule: which remote AE may reach which local AEs with which methods"},
   };
   return sections;
@@ -73,6 +76,8 @@ const std::vector<KeySpec>& config_schema() {
        "PEM CA certificate(s) that sign the MEF's FQDN certificate (certificate RSPF)"},
       {"enrolee", "local_listen", T::string, C::loopback_address, 1, 64, "\"127.0.0.1:5683\"", false, false, "",
        "loopback address where local AEs send plain CoAP requests (PROTOCOL.md §6)"},
+      {"enrolee", "mef_raw_keys", T::string_list, C::public_key_id, 0, 16, "[]", false, false, "",
+       "ids of the MEF's raw public keys (mef.raw_key) that AEs bootstrapping with raw_key accept"},
 
       // [[enrolee.ae]]
       {"enrolee.ae", "id", T::string, C::ae_id, 1, 128, "", true, false, "", "the local AE's AE-ID"},
@@ -90,6 +95,9 @@ const std::vector<KeySpec>& config_schema() {
        "PEM private key of certificate_file (mode 0600)"},
       {"enrolee.ae", "certificate_enrolment", T::boolean, C::none, 0, 0, "false", false, false, "",
        "ask the MEF for an AE-ID certificate (EST) during enrolment"},
+      {"enrolee.ae", "raw_key", T::string, C::raw_key_source, 1, 16, "", false, false, "",
+       "\"generate\": this AE's own P-256 raw public key, made on first use and sealed in the key store; presented "
+       "to peers with credential = \"rpk\", and its bootstrap credential when it has no kpm_id or certificate_file"},
 
       // [mef]
       {"mef", "fqdn", T::string, C::fqdn, 1, 253, "", true, false, "", "this MEF's MEF-FQDN"},
@@ -111,6 +119,9 @@ const std::vector<KeySpec>& config_schema() {
        "lifetime of a usage-constrained key handed to an Enrolment Target"},
       {"mef", "certificate_lifetime", T::integer, C::none, 3600, 3 * kYear, "31536000", false, false, "seconds",
        "validity of an issued AE-ID certificate"},
+      {"mef", "raw_key", T::string, C::raw_key_source, 1, 16, "", false, false, "",
+       "\"generate\": the MEF's own P-256 raw public key for rpk enrolees, made on first use and sealed in the key "
+       "store"},
 
       // [[mef.enrolee]]
       {"mef.enrolee", "kpm_id", T::string, C::kpm_id, 1, 318, "", false, false, "",
@@ -119,6 +130,8 @@ const std::vector<KeySpec>& config_schema() {
        "file holding the enrolee's Kpm (16–64 bytes as hex, mode 0600)"},
       {"mef.enrolee", "certificate_ae_id", T::string, C::ae_id, 1, 128, "", false, false, "",
        "AE-ID in the subjectAltName URI of the enrolee's device certificate (certificate RSPF; instead of kpm_id)"},
+      {"mef.enrolee", "rpk", T::string, C::public_key_id, 1, 128, "", false, false, "",
+       "id of the enrolee's raw public key (RPK-bootstrapped RSPF; instead of kpm_id or certificate_ae_id)"},
       {"mef.enrolee", "enrolee_id", T::string, C::ae_id, 1, 128, "", true, false, "",
        "AE-ID assigned to the enrolee"},
       {"mef.enrolee", "targets", T::string_list, C::ae_id, 0, static_cast<std::int64_t>(rspf::kMaxEnroleeTargets), "[]", false, false, "",
@@ -154,13 +167,23 @@ const std::vector<KeySpec>& config_schema() {
        "the same for the plain CoAP sessions with local AEs on loopback"},
       {"peer", "legacy_onem2m_options", T::boolean, C::none, 0, 0, "false", false, false, "",
        "also accept the pre-2022 oneM2M CoAP option numbers (FR 256, RQI 257, RSC 265)"},
+      {"peer", "raw_key", T::string, C::raw_key_source, 1, 16, "", false, false, "",
+       "\"generate\": the P-256 raw public key the peer endpoint presents to raw-key clients (RFC 7250), made on "
+       "first use and sealed in the key store; dauthctl rpk show prints its id"},
 
       // [[peer.address]]
       {"peer.address", "ae_id", T::string, C::ae_id, 1, 128, "", true, false, "", "the remote AE's AE-ID"},
       {"peer.address", "address", T::string, C::remote_address, 1, 260, "", true, false, "",
        "host:port of the dauthd that serves it"},
       {"peer.address", "credential", T::string, C::peer_credential, 1, 16, "\"psk\"", false, false, "",
-       "how a local AE authenticates to it: psk (enrolment key) or certificate (the local AE's AE-ID certificate)"},
+       "how a local AE authenticates to it: psk (enrolment key), certificate (the local AE's AE-ID certificate) or "
+       "rpk (the local AE's raw_key; the peer's key pinned by [[peer.rpk]])"},
+
+      // [[peer.rpk]]
+      {"peer.rpk", "key", T::string, C::public_key_id, 1, 128, "", true, false, "",
+       "the key's id: ni:///sha-256;... (RFC 6920), or sha256:<hex> / pin-sha256:... as gnutls-cli and certtool print it"},
+      {"peer.rpk", "ae_id", T::string, C::ae_id, 1, 128, "", true, false, "",
+       "the remote AE-ID a session with this key authenticates (policy and oneM2M-FR are checked against it)"},
 
       // [[peer.policy]]
       {"peer.policy", "peer", T::string, C::ae_id_or_any, 1, 128, "", true, false, "",
@@ -196,6 +219,7 @@ const std::vector<ReloadRule>& reload_rules() {
       {"enrolee", "mef_fqdn", R::restart},
       {"enrolee", "mef_trust_anchor", R::restart},
       {"enrolee", "local_listen", R::restart},
+      {"enrolee", "mef_raw_keys", R::restart},
 
       // An AE's Enrolee is built at start for its kind of bootstrap credential (key or certificate), and an AE
       // with an endpoint becomes an Enrolment Target there: switching either needs a restart, a new value not.
@@ -207,6 +231,7 @@ const std::vector<ReloadRule>& reload_rules() {
       {"enrolee.ae", "certificate_file", R::live_while_set},
       {"enrolee.ae", "private_key_file", R::live_while_set},
       {"enrolee.ae", "certificate_enrolment", R::restart},
+      {"enrolee.ae", "raw_key", R::restart},
 
       {"mef", "fqdn", R::restart},
       {"mef", "listen", R::restart},
@@ -218,10 +243,12 @@ const std::vector<ReloadRule>& reload_rules() {
       {"mef", "enrolment_lifetime", R::live},
       {"mef", "session_key_lifetime", R::restart},
       {"mef", "certificate_lifetime", R::restart},
+      {"mef", "raw_key", R::restart},
 
       {"mef.enrolee", "kpm_id", R::live},
       {"mef.enrolee", "kpm_file", R::live},
       {"mef.enrolee", "certificate_ae_id", R::live},
+      {"mef.enrolee", "rpk", R::live},
       {"mef.enrolee", "enrolee_id", R::live},
       {"mef.enrolee", "targets", R::live},
       {"mef.enrolee", "lifetime", R::live},
@@ -237,10 +264,15 @@ const std::vector<ReloadRule>& reload_rules() {
       {"peer", "nstart", R::restart},
       {"peer", "local_nstart", R::restart},
       {"peer", "legacy_onem2m_options", R::restart},
+      {"peer", "raw_key", R::restart},
 
       {"peer.address", "ae_id", R::live},
       {"peer.address", "address", R::live},
       {"peer.address", "credential", R::live},
+
+      // A pin decides from the next handshake; one removed by a reload also closes that key's live sessions.
+      {"peer.rpk", "key", R::live},
+      {"peer.rpk", "ae_id", R::live},
 
       {"peer.policy", "peer", R::live},
       {"peer.policy", "local_aes", R::live},

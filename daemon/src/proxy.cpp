@@ -276,6 +276,21 @@ void Roles::Impl::forward_to_peer(const std::string& target, const transport::Pe
       return;
     }
     credentials = transport::ClientCredentials::certificate(std::move(x509).value(), peer_state.server_name, target);
+  } else if (peer_state.credential == "rpk") {
+    // RFC 7250: the local AE's raw key (made at start, [[enrolee.ae]] raw_key); the peer must present a key pinned
+    // to the target AE-ID.
+    auto rpk = raw_key_of_local_ae(request.originator, target);
+    if (!rpk) {
+      ++peer_state.failures;
+      peer_state.last_outcome = rpk.error().message;
+      note_peer_failure(target, rpk.error().message);
+      count("proxy_failed_total");
+      log::write_limited(log::Level::warning, "proxy refused", request.originator,
+                         "proxy: " + request.originator + " -> " + target + " refused: " + rpk.error().message);
+      responder->respond(for_local_ae(refusal(403, kRscNoPrivilege, rpk.error()), request));
+      return;
+    }
+    credentials = transport::ClientCredentials::raw_public_key(std::move(rpk).value(), peer_state.server_name);
   } else {
     // SNI names the target AE (PROTOCOL.md §2; an AE-ID that is no DNS name as its hashed name, PROTOCOL.md §2).
     credentials = transport::ClientCredentials::psk(ke_id, key->clone(), peer_state.server_name);
@@ -356,7 +371,7 @@ void Roles::Impl::forward_to_peer(const std::string& target, const transport::Pe
 void Roles::Impl::on_forward_failed(const std::string& originator, const std::string& target,
                                     const std::string& ke_id, const Error& error) {
   const auto configured = peers.find(target);
-  const bool psk = configured == peers.end() || configured->second.credential != "certificate";
+  const bool psk = configured == peers.end() || configured->second.credential == "psk";
   const std::string where =
       configured == peers.end() ? std::string("its former address") : configured->second.address_text;
   std::string line = "proxy: " + originator + " -> " + target + " failed: " + error.message;
@@ -365,6 +380,10 @@ void Roles::Impl::on_forward_failed(const std::string& originator, const std::st
             "dauthd cannot fetch its key from the MEF, or it serves no " + target + " at " + where +
             " (check `dauthctl credentials list` here, and on the peer `dauthctl credentials list` and its log "
             "for \"target\"); asking the MEF whether it still accepts " + ke_id;
+  } else if (error.code == Errc::unauthenticated && configured != peers.end() &&
+             configured->second.credential == "rpk") {
+    line += "; likely: the peer has not pinned " + originator + "'s raw key (dauthctl rpk show here, dauthctl rpk "
+            "add there) or presented a key not pinned to " + target + " here (dauthctl rpk list)";
   } else if (error.code == Errc::unauthenticated) {
     line += "; likely: the peer refused our certificate (revoked, or its peer.trust_anchors lack our CA) or we "
             "refused its (it must name " + target + "; check peer.trust_anchors here and `dauthctl credentials "
@@ -409,10 +428,11 @@ void Roles::Impl::on_peer_request(const transport::Session& session, const Reque
   if (refuse_while_draining(*this, request, responder)) return;
   // Who asks and which local AE they reach were decided in the handshake (transport::SessionGrant): PSK by
   // TargetKeys' lookup (the record's peer AE-ID, the served AE the SNI named), X.509 by the peer certificate's AE-ID
-  // and the local AE whose certificate the SNI selected. A raw-public-key session names no local AE.
+  // and the local AE whose certificate the SNI selected, a raw public key by its pin (grant_raw_key) and the SNI.
   const auto& peer = session.peer();
   const auto& grant = session.grant();
-  const bool authenticated_ae = peer.kind == transport::PeerKind::psk || peer.kind == transport::PeerKind::x509;
+  const bool authenticated_ae = peer.kind == transport::PeerKind::psk || peer.kind == transport::PeerKind::x509 ||
+                                peer.kind == transport::PeerKind::rpk;
   const std::string requester = authenticated_ae ? grant.peer_ae_id : std::string();
   const std::string& local_ae = grant.local_ae_id;
   if (requester.empty() || local_ae.empty()) {

@@ -7,6 +7,7 @@
 #include <cctype>
 #include <cstring>
 #include <ctime>
+#include <utility>
 
 #include "dauth/crypto/identifiers.hpp"
 #include "dauth/crypto/x509.hpp"
@@ -206,6 +207,102 @@ Result<transport::X509Credentials> Roles::Impl::x509_of_local_ae(const std::stri
   return credentials;
 }
 
+Result<crypto::PrivateKey> Roles::Impl::own_raw_key(const std::string& name) {
+  if (const auto* record = store->find<crypto::CertificateRecord>(name)) {
+    if (!record->chain_der.empty()) {
+      return make_error(Errc::invalid_argument, "raw key " + name + ": the key store holds a certificate under that "
+                                                "name, not a raw key");
+    }
+    auto key = crypto::PrivateKey::parse(record->private_key_der);
+    if (!key) return make_error(key.error().code, "raw key " + name + ": " + key.error().message);
+    return key;
+  }
+  // First use: a fresh P-256 key, sealed in the store before anyone is told its id.
+  auto key = crypto::PrivateKey::generate_p256();
+  if (!key) return make_error(key.error().code, "raw key " + name + ": " + key.error().message);
+  auto der = key->to_der();
+  if (!der) return make_error(der.error().code, "raw key " + name + ": " + der.error().message);
+  if (auto stored = store->put(crypto::CertificateRecord{name, {}, std::move(der).value(), 0}); !stored) {
+    return make_error(stored.error().code, "raw key " + name + ": " + stored.error().message);
+  }
+  log::notice("raw key " + name + " generated: " + key->public_key_id() + " (" +
+              crypto::public_key_id_forms(key->public_key_id()).sha256_hex + "); pin it on the other side");
+  return key;
+}
+
+Result<transport::RpkCredentials> Roles::Impl::raw_key_of_local_ae(const std::string& ae_id,
+                                                                   const std::string& target) const {
+  const auto* record = store->find<crypto::CertificateRecord>(ae_id);
+  if (record == nullptr || !record->chain_der.empty()) {
+    return make_error(Errc::not_found, "local AE " + ae_id + " has no raw key ([[enrolee.ae]] raw_key) for "
+                                       "credential = \"rpk\"");
+  }
+  auto pinned = keys_pinned_to(target);
+  if (pinned.empty()) {
+    return make_error(Errc::not_found, "no raw public key pinned to " + target + " ([[peer.rpk]], dauthctl rpk add)");
+  }
+  auto key = crypto::PrivateKey::parse(record->private_key_der);
+  if (!key) return make_error(key.error().code, "raw key of " + ae_id + ": " + key.error().message);
+  auto key_pem = key->to_pem();  // SEC1 "EC PRIVATE KEY": the form libcoap 4.3.1 takes for RPK
+  if (!key_pem) return make_error(key_pem.error().code, "raw key of " + ae_id + ": " + key_pem.error().message);
+  return transport::RpkCredentials{std::move(key_pem).value(), std::move(pinned)};
+}
+
+std::string Roles::Impl::pinned_ae_of(const std::string& key_id) const {
+  if (const auto configured = configured_pins.find(key_id); configured != configured_pins.end()) {
+    return configured->second;
+  }
+  const auto* added = store->find<crypto::PinnedKeyRecord>(key_id);
+  return added ? added->ae_id : std::string();
+}
+
+std::set<std::string> Roles::Impl::keys_pinned_to(const std::string& ae_id) const {
+  std::set<std::string> keys;
+  for (const auto& [key, pinned_ae] : configured_pins) {
+    if (pinned_ae == ae_id) keys.insert(key);
+  }
+  store->for_each(crypto::RecordKind::pinned_key, [&](const crypto::Record& r) {
+    const auto& pin = std::get<crypto::PinnedKeyRecord>(r);
+    if (pin.ae_id == ae_id && !configured_pins.count(pin.public_key_id)) keys.insert(pin.public_key_id);
+  });
+  return keys;
+}
+
+Result<transport::RawKeyGrant> Roles::Impl::grant_raw_key(const transport::RawKeyRequest& request) const {
+  const std::string key_id(request.key_id);
+  const std::string peer_ae = pinned_ae_of(key_id);
+  if (peer_ae.empty()) {
+    return make_error(Errc::not_found, "raw public key " + key_id + " is not pinned ([[peer.rpk]], dauthctl rpk "
+                                       "add)");
+  }
+  // The local AE as for PSK sessions: the one the SNI names; a client that sends none (gnutls-cli to an IP
+  // address) reaches the only AE served here, if there is exactly one.
+  std::string local_ae;
+  std::size_t served = 0;
+  std::string only;
+  for (const auto& ae : aes) {
+    if (ae->config.endpoint.empty()) continue;
+    ++served;
+    only = ae->config.id;
+    if (!request.sni.empty() && crypto::server_name_for_ae_id(ae->config.id) == request.sni) local_ae = ae->config.id;
+  }
+  if (local_ae.empty() && request.sni.empty() && served == 1) local_ae = only;
+  if (local_ae.empty()) {
+    return make_error(Errc::not_found, "raw public key " + key_id + " (" + peer_ae + "): " +
+                                           (request.sni.empty() ? std::string("no SNI")
+                                                                : "SNI " + crypto::quote_for_error(request.sni)) +
+                                           " names no local AE served here");
+  }
+  return transport::RawKeyGrant{peer_ae, local_ae};
+}
+
+void Roles::Impl::close_raw_key_sessions(const std::string& key_id, const std::string& why) {
+  if (peer_driver == nullptr) return;
+  const std::size_t closed = peer_driver->node->close_sessions_with_raw_key(key_id);
+  log::notice("peer: raw public key " + key_id + " " + why + "; its next handshake is refused" +
+              (closed ? ", " + std::to_string(closed) + " live session(s) closed" : std::string()));
+}
+
 LocalAeState* Roles::Impl::find_ae(const std::string& id) {
   for (auto& ae : aes) {
     if (ae->config.id == id) return ae.get();
@@ -268,6 +365,8 @@ Result<KeyTablePlan> Roles::Impl::plan_key_tables(const Config& cfg, const Loade
       if (!row.certificate_ae_id.empty()) {
         // Certificate-bootstrapped enrolee: the Mef names an X.509 session "cert:<AE-ID>" (rspf/mef.hpp).
         record.credential_id = "cert:" + row.certificate_ae_id;
+      } else if (!row.rpk.empty()) {
+        record.credential_id = "rpk:" + row.rpk;  // a raw-key session (canonical id, config.cpp)
       } else {
         const auto* key = secrets.find_file(row.kpm_file);
         if (key == nullptr) return make_error(Errc::internal, "mef.enrolee " + row.kpm_id + ": kpm_file not loaded");
@@ -592,6 +691,24 @@ Result<void> start_mef(Roles::Impl& s, const Config& config) {
     }
     node_config.x509 = std::move(x509).value();
   }
+  if (!config.mef->raw_key.empty()) {
+    // RPK-bootstrapped enrolees: our raw key, and the enrolee table decides which keys get in ("rpk:<key id>" rows,
+    // configured or added with dauthctl enrolees add); the Mef then names the session's enrolee by the same row.
+    auto key = s.own_raw_key(kMefRawKeyName);
+    if (!key) return make_error(key.error().code, "mef.raw_key: " + key.error().message);
+    auto key_pem = key->to_pem();
+    if (!key_pem) return make_error(key_pem.error().code, "mef.raw_key: " + key_pem.error().message);
+    node_config.rpk = transport::RpkCredentials{std::move(key_pem).value(), {}};
+    node_config.raw_key_lookup =
+        [impl = &s](const transport::RawKeyRequest& request) -> Result<transport::RawKeyGrant> {
+      const auto* row = impl->store->find<crypto::EnroleeRecord>("rpk:" + std::string(request.key_id));
+      if (row == nullptr) {
+        return make_error(Errc::not_found, "raw public key " + std::string(request.key_id) + " is no enrolee "
+                                           "([[mef.enrolee]] rpk, dauthctl enrolees add)");
+      }
+      return transport::RawKeyGrant{row->enrolee_id, ""};
+    };
+  }
   auto driver = add_node_driver(s, "mef", std::move(node_config));
   if (!driver) return std::move(driver).error();
   s.mef_driver = *driver;
@@ -616,7 +733,8 @@ Result<void> start_mef(Roles::Impl& s, const Config& config) {
   s.mef_slot.bind(s.mef->psk_lookup());
   log::notice("mef " + config.mef->fqdn + " listening on coaps://" + config.mef->listen + " (port " +
               std::to_string(s.mef_driver->node->secure_port()) + "), " +
-              (config.mef->certificate_file.empty() ? "PSK" : "PSK and X.509") + " enrolees");
+              (config.mef->certificate_file.empty() ? "PSK" : "PSK and X.509") +
+              (config.mef->raw_key.empty() ? std::string() : " and raw-key") + " enrolees");
   return ok_result();
 }
 
@@ -637,7 +755,16 @@ Result<void> start_enrolees(Roles::Impl& s, const Config& config) {
     auto state = std::make_unique<LocalAeState>();
     state->config = ae;
     rspf::EnroleeConfig enrolee_config;
-    if (ae.certificate_file.empty()) {
+    if (!ae.raw_key.empty()) {
+      // Made now if new, so that dauthctl rpk show can print it for the MEF's [[mef.enrolee]] rpk row.
+      if (auto key = s.own_raw_key(ae.id); !key) {
+        return make_error(key.error().code, "enrolee.ae " + ae.id + ": raw_key: " + key.error().message);
+      }
+    }
+    if (ae.raw_key_bootstrap()) {
+      enrolee_config.raw_public_key_name = ae.id;  // own_raw_key() kept it under the AE-ID
+      enrolee_config.mef_pinned_keys = config.enrolee->mef_raw_keys;
+    } else if (ae.certificate_file.empty()) {
       enrolee_config.kpm_id = s.bootstrap_kpm_id_of(ae);  // a credential added with dauthctl wins
     } else {
       enrolee_config.certificate_name = device_certificate_name(ae.id);  // put_key_tables() stored it
@@ -704,6 +831,19 @@ Result<void> start_peer_node(Roles::Impl& s, const Config& config) {
   node_config.limits.plain_nstart = static_cast<std::uint16_t>(config.peer->local_nstart);
   // Both endpoints of this node (peers and local AEs); libcoap 4.3.1 builds refuse it here (Node::create).
   node_config.accept_legacy_onem2m_options = config.peer->legacy_onem2m_options;
+  if (!config.peer->raw_key.empty()) {
+    auto key = s.own_raw_key(kPeerRawKeyName);
+    if (!key) return make_error(key.error().code, "peer.raw_key: " + key.error().message);
+    auto key_pem = key->to_pem();
+    if (!key_pem) return make_error(key_pem.error().code, "peer.raw_key: " + key_pem.error().message);
+    node_config.rpk = transport::RpkCredentials{std::move(key_pem).value(), {}};
+  }
+  if (transport::backend_supports_rpk()) {
+    // Raw-key clients are decided by the pins at each handshake (a pin removed at run time refuses the next one).
+    node_config.raw_key_lookup = [impl = &s](const transport::RawKeyRequest& request) {
+      return impl->grant_raw_key(request);
+    };
+  }
   if (!s.peer_trust_anchors_pem.empty()) {
     // Certificate peers, both directions, against the MEFs' revocation lists (the watch is created below).
     node_config.peer_check = [impl = &s](const transport::PeerIdentity& peer) -> Result<void> {
@@ -847,6 +987,15 @@ Result<std::unique_ptr<Roles>> Roles::start(EventLoop& loop, const Config& confi
   }
   if (auto r = s.put_key_tables(config, secrets); !r) return std::move(r).error();
   if (auto r = s.resolve_peers(config, s.peers); !r) return std::move(r).error();
+  if (config.peer) {
+    for (const auto& pin : config.peer->pinned_keys) {
+      s.configured_pins[pin.key] = pin.ae_id;
+      if (const auto* added = s.store->find<crypto::PinnedKeyRecord>(pin.key); added && added->ae_id != pin.ae_id) {
+        log::notice("peer.rpk " + pin.key + ": the configuration pins it to " + pin.ae_id + ", not to " +
+                    added->ae_id + " as dauthctl rpk add did");
+      }
+    }
+  }
 
   if (config.mef) {
     if (auto r = start_mef(s, config); !r) return std::move(r).error();
@@ -872,6 +1021,19 @@ Result<void> Roles::reload(const Config& config, const LoadedSecrets& secrets) {
   if (auto r = s.resolve_peers(config, peers); !r) return r;
   if (auto r = s.put_key_tables(config, secrets); !r) return r;
   s.peers = std::move(peers);
+  if (s.config.peer && config.peer) {
+    // Pins: from the next handshake on; a key unpinned or pinned to another AE-ID also loses its live sessions,
+    // which were granted the old AE-ID.
+    std::map<std::string, std::string> pins;
+    for (const auto& pin : config.peer->pinned_keys) pins[pin.key] = pin.ae_id;
+    const auto before = std::exchange(s.configured_pins, std::move(pins));
+    for (const auto& [key, ae_id] : before) {
+      const std::string now = s.pinned_ae_of(key);
+      if (now == ae_id) continue;
+      s.close_raw_key_sessions(key, now.empty() ? "is no longer pinned (was " + ae_id + ")"
+                                                : "is now pinned to " + now + " (was " + ae_id + ")");
+    }
+  }
   // Keep the running sections' shape (the roles were built from it), take the new policy and endpoints.
   if (s.config.peer && config.peer) {
     s.config.peer->policy = config.peer->policy;
@@ -1050,7 +1212,7 @@ namespace {
 nlohmann::json enrolee_row(const crypto::EnroleeRecord& e, bool configured) {
   const bool psk = !e.kpm.empty();
   return {{"id", e.credential_id},
-          {"kind", psk ? "psk" : "certificate"},
+          {"kind", psk ? "psk" : e.credential_id.rfind("rpk:", 0) == 0 ? "rpk" : "certificate"},
           {"enrolee_id", e.enrolee_id},
           {"targets", e.targets},
           {"lifetime", e.enrolment_lifetime_s},
@@ -1060,6 +1222,101 @@ nlohmann::json enrolee_row(const crypto::EnroleeRecord& e, bool configured) {
 }
 
 }  // namespace
+
+namespace {
+// A raw key id in the forms operators compare (crypto::canonical_public_key_id takes each).
+nlohmann::json key_id_forms(const std::string& key_id) {
+  const auto forms = crypto::public_key_id_forms(key_id);
+  return {{"key", key_id}, {"sha256", forms.sha256_hex}, {"pin_sha256", forms.pin_sha256}};
+}
+}  // namespace
+
+nlohmann::json Roles::raw_keys() const {
+  nlohmann::json keys = nlohmann::json::array();
+  impl_->store->for_each(crypto::RecordKind::certificate, [&](const crypto::Record& r) {
+    const auto& record = std::get<crypto::CertificateRecord>(r);
+    if (!record.chain_der.empty()) return;
+    auto key = crypto::PrivateKey::parse(record.private_key_der);
+    if (!key) return;
+    nlohmann::json row = key_id_forms(key->public_key_id());
+    row["name"] = record.name;
+    row["use"] = record.name == kPeerRawKeyName ? "peer endpoint (peer.raw_key)"
+                 : record.name == kMefRawKeyName ? "MEF endpoint (mef.raw_key)"
+                                                 : "local AE " + record.name + " ([[enrolee.ae]] raw_key)";
+    keys.push_back(std::move(row));
+  });
+  return {{"raw_keys", keys}};
+}
+
+nlohmann::json Roles::pinned_keys() const {
+  const Impl& s = *impl_;
+  nlohmann::json pins = nlohmann::json::array();
+  for (const auto& [key, ae_id] : s.configured_pins) {
+    nlohmann::json row = key_id_forms(key);
+    row["ae_id"] = ae_id;
+    row["origin"] = "configuration";
+    pins.push_back(std::move(row));
+  }
+  s.store->for_each(crypto::RecordKind::pinned_key, [&](const crypto::Record& r) {
+    const auto& pin = std::get<crypto::PinnedKeyRecord>(r);
+    if (s.configured_pins.count(pin.public_key_id)) return;  // the configuration's row decides (Roles::start)
+    nlohmann::json row = key_id_forms(pin.public_key_id);
+    row["ae_id"] = pin.ae_id;
+    row["origin"] = "dauthctl";
+    pins.push_back(std::move(row));
+  });
+  return {{"pins", pins}};
+}
+
+Result<nlohmann::json> Roles::add_pin(const std::string& given_key, const std::string& ae_id) {
+  Impl& s = *impl_;
+  if (!transport::backend_supports_rpk()) {
+    return make_error(Errc::unsupported, "rpk.add: raw public keys need the GnuTLS build of dauthd");
+  }
+  auto key = crypto::canonical_public_key_id(given_key);
+  if (!key) return make_error(key.error().code, "rpk.add: " + key.error().message);
+  if (auto valid = crypto::validate_ae_id(ae_id); !valid) {
+    return make_error(Errc::invalid_argument, "rpk.add: " + valid.error().message);
+  }
+  if (const auto configured = s.configured_pins.find(*key); configured != s.configured_pins.end()) {
+    return make_error(Errc::exists, "rpk.add: " + *key + " is pinned to " + configured->second +
+                                        " by the configuration ([[peer.rpk]]): change it there and reload");
+  }
+  if (const auto* existing = s.store->find<crypto::PinnedKeyRecord>(*key)) {
+    if (existing->ae_id == ae_id) return nlohmann::json{{"key", *key}, {"ae_id", ae_id}, {"added", false}};
+    return make_error(Errc::exists, "rpk.add: " + *key + " is already pinned to " + existing->ae_id +
+                                        " (dauthctl rpk remove " + *key + " first: a key authenticates one AE-ID)");
+  }
+  if (auto r = s.store->put(crypto::PinnedKeyRecord{*key, ae_id}); !r) {
+    return make_error(r.error().code, "rpk.add: " + r.error().message);
+  }
+  log::notice("peer: raw public key " + *key + " pinned to " + ae_id + " with dauthctl; its next handshake gets in");
+  nlohmann::json result = key_id_forms(*key);
+  result["ae_id"] = ae_id;
+  result["added"] = true;
+  return result;
+}
+
+Result<nlohmann::json> Roles::remove_pin(const std::string& given_key) {
+  Impl& s = *impl_;
+  auto key = crypto::canonical_public_key_id(given_key);
+  if (!key) return make_error(key.error().code, "rpk.remove: " + key.error().message);
+  if (const auto configured = s.configured_pins.find(*key); configured != s.configured_pins.end()) {
+    return make_error(Errc::invalid_argument, "rpk.remove: " + *key + " is pinned to " + configured->second +
+                                                  " by the configuration ([[peer.rpk]]): remove it there and reload");
+  }
+  const auto* existing = s.store->find<crypto::PinnedKeyRecord>(*key);
+  if (existing == nullptr) {
+    return make_error(Errc::not_found, "rpk.remove: " + *key + " is not pinned (dauthctl rpk list)");
+  }
+  const std::string ae_id = existing->ae_id;
+  if (auto r = s.store->remove(crypto::RecordKind::pinned_key, *key); !r) {
+    return make_error(r.error().code, "rpk.remove: " + r.error().message);
+  }
+  // The lookup refuses the key from now on; the sessions it already let in go too.
+  s.close_raw_key_sessions(*key, "unpinned from " + ae_id + " with dauthctl");
+  return nlohmann::json{{"key", *key}, {"ae_id", ae_id}};
+}
 
 nlohmann::json Roles::enrolees() const {
   nlohmann::json rows = nlohmann::json::array();
@@ -1075,20 +1332,22 @@ Result<nlohmann::json> Roles::add_enrolee(const MefEnrolee& row, SecretBuffer kp
   if (!s.mef || !s.config.mef) return make_error(Errc::unsupported, "enrolees.add: no [mef] role");
   const MefSettings& mef = *s.config.mef;
   // The row rules are rspf's, the same as for a [[mef.enrolee]] row of the configuration (config.cpp).
-  rspf::EnroleeRow checked{row.kpm_id, !kpm.empty(), row.certificate_ae_id, row.enrolee_id, row.targets,
-                           row.lifetime, row.certificate_enrolment};
+  rspf::EnroleeRow checked{row.kpm_id,     !kpm.empty(), row.certificate_ae_id,    row.rpk,
+                           row.enrolee_id, row.targets,  row.lifetime, row.certificate_enrolment};
   const rspf::MefOffer offer{mef.fqdn, !mef.certificate_file.empty() && !mef.device_ca.empty(),
-                             !mef.issuing_ca_certificate.empty()};
+                             !mef.issuing_ca_certificate.empty(), !mef.raw_key.empty()};
   if (const auto problems = rspf::check_enrolee_row(checked, offer); !problems.empty()) {
     std::string why;
     for (const auto& problem : problems) why += (why.empty() ? "" : "; ") + problem.field + ": " + problem.message;
     return make_error(Errc::invalid_argument, "enrolees.add: " + why);
   }
-  const bool psk = row.certificate_ae_id.empty();
+  const bool psk = row.certificate_ae_id.empty() && row.rpk.empty();
   crypto::EnroleeRecord record;
-  // The Mef's name for an X.509 session is "cert:<AE-ID>" (rspf/mef.hpp).
+  // The Mef's name for an X.509 session is "cert:<AE-ID>", for a raw-key session "rpk:<key id>" (rspf/mef.hpp).
   // A KpmID in the form the Mef looks its PSK identities up in (checked above, so canonical_kpm_id succeeds).
-  record.credential_id = psk ? crypto::canonical_kpm_id(row.kpm_id).value() : "cert:" + row.certificate_ae_id;
+  record.credential_id = psk                        ? crypto::canonical_kpm_id(row.kpm_id).value()
+                         : !row.certificate_ae_id.empty() ? "cert:" + row.certificate_ae_id
+                                                          : "rpk:" + crypto::canonical_public_key_id(row.rpk).value();
   if (s.configured_enrolee_ids.count(record.credential_id)) {
     return make_error(Errc::exists, "enrolees.add: " + record.credential_id + " belongs to the configuration "
                                     "([[mef.enrolee]]): change it there and reload");

@@ -77,6 +77,14 @@ class Roles {
   nlohmann::json enrolees() const;
   Result<nlohmann::json> add_enrolee(const MefEnrolee& row, SecretBuffer kpm);
   Result<nlohmann::json> remove_enrolee(const std::string& id);
+  // rpk.show: our own raw public keys (peer endpoint, MEF, local AEs) with their ids in the printed forms.
+  nlohmann::json raw_keys() const;
+  // rpk.list/add/remove: the pinned peer keys. A pin is owned by the configuration ([[peer.rpk]]) or by dauthctl,
+  // never both: add and remove refuse configured keys. remove refuses the key's next handshake and closes its live
+  // sessions.
+  nlohmann::json pinned_keys() const;
+  Result<nlohmann::json> add_pin(const std::string& key, const std::string& ae_id);
+  Result<nlohmann::json> remove_pin(const std::string& key);
   nlohmann::json credentials() const;
   // The key store, for the master-key rotation (verbs/rekey.cpp). Whether it is sealed under the current or
   // the next master key is decided at start (KeyStore::open's candidate keys) and by reseal().

@@ -11,12 +11,16 @@
 #include <string>
 #include <vector>
 
+#include "dauth/crypto/x509.hpp"
 #include "event_log.hpp"
 #include "roles.hpp"
 
 namespace dauth::daemon {
 
 std::int64_t unix_now();
+// The key store names of our own raw keys (CertificateRecords with an empty chain); a local AE's is its AE-ID.
+inline constexpr const char* kPeerRawKeyName = "raw-key:peer";
+inline constexpr const char* kMefRawKeyName = "raw-key:mef";
 // The key store name of a local AE's configured device certificate (enrolee.ae.certificate_file); an AE-ID
 // certificate issued over EST is stored under the AE-ID itself.
 std::string device_certificate_name(const std::string& ae_id);
@@ -179,6 +183,25 @@ struct Roles::Impl {
   // A local AE's certificate and key with peer.trust_anchors (local_ae_id = ae_id): its AE-ID certificate issued
   // over EST while valid, else its configured device certificate. Errors: not_found (neither).
   Result<transport::X509Credentials> x509_of_local_ae(const std::string& ae_id) const;
+  // ---- raw public keys (RFC 7250; GnuTLS builds) ----
+  // Our own raw key, kept sealed in the store under `name` (a CertificateRecord with an empty chain: the peer
+  // endpoint's kPeerRawKeyName, the MEF's kMefRawKeyName, a local AE's AE-ID), made now if there is none yet.
+  Result<crypto::PrivateKey> own_raw_key(const std::string& name);
+  // The pins: [[peer.rpk]] rows (key id -> AE-ID), replaced by each reload, and PinnedKeyRecords added with dauthctl
+  // rpk add (never a configured key: the file's rows are not copied into the store, so that a row deleted from the
+  // file while dauthd was stopped does not live on there).
+  std::map<std::string, std::string> configured_pins;
+  // The AE-ID a key id is pinned to, "" if none.
+  std::string pinned_ae_of(const std::string& key_id) const;
+  // The key ids pinned to ae_id: the servers an outgoing raw-key session to it accepts.
+  std::set<std::string> keys_pinned_to(const std::string& ae_id) const;
+  // The credentials of an outgoing raw-key session from local AE ae_id to target: its raw key and the keys pinned
+  // to target. Errors: not_found (no raw_key for that AE, or no key pinned to target).
+  Result<transport::RpkCredentials> raw_key_of_local_ae(const std::string& ae_id, const std::string& target) const;
+  // The peer node's RawKeyLookup: the pin names the peer AE, the SNI the local AE (as for PSK sessions).
+  Result<transport::RawKeyGrant> grant_raw_key(const transport::RawKeyRequest& request) const;
+  // A pin removed or moved to another AE-ID: the key's live sessions (both directions) close, logged.
+  void close_raw_key_sessions(const std::string& key_id, const std::string& why);
   std::map<std::string, PeerState> peers;
   std::map<std::string, SeenSession> seen;  // by note_session's key; bounded by forget_ended_sessions()
   // Drops the `seen` entries of sessions that ended (transport's live_sessions()): at each listing, and when

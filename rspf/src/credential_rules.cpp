@@ -3,6 +3,7 @@
 #include <set>
 
 #include "dauth/crypto/identifiers.hpp"
+#include "dauth/crypto/x509.hpp"
 
 namespace dauth::rspf {
 
@@ -22,8 +23,16 @@ std::vector<RowProblem> check_enrolee_row(const EnroleeRow& row, const MefOffer&
   };
   const bool psk = !row.kpm_id.empty() || row.has_key;
   const bool certificate = !row.certificate_ae_id.empty();
-  if (psk == certificate) {
-    problem("kpm_id", "needs exactly one bootstrap identity: a KpmID with its key, or a certificate AE-ID");
+  const bool rpk = !row.rpk.empty();
+  if (int(psk) + int(certificate) + int(rpk) != 1) {
+    problem(rpk ? "rpk" : "kpm_id",
+            "needs exactly one bootstrap identity: a KpmID with its key, a certificate AE-ID or a raw public key id");
+  } else if (rpk) {
+    if (auto valid = crypto::canonical_public_key_id(row.rpk); !valid) {
+      problem("rpk", valid.error().message);
+    } else if (!mef.serves_rpk) {
+      problem("rpk", "needs mef.raw_key (the MEF's own raw public key, RFC 7250)");
+    }
   } else if (psk) {
     if (row.kpm_id.empty() || !row.has_key) {
       problem("kpm_id", "a KpmID and its key (kpm_file, or the key sent with the request) go together: give both");
@@ -55,7 +64,9 @@ std::vector<RowProblem> check_enrolee_row(const EnroleeRow& row, const MefOffer&
     problem("lifetime", "lifetime " + std::to_string(row.lifetime) + ": must be 1–" +
                             std::to_string(kMaxEnroleeLifetimeS) + " seconds, or 0 for mef.enrolment_lifetime");
   }
-  if (row.certificate_enrolment && !mef.issues_certificates) {
+  if (row.certificate_enrolment && rpk) {
+    problem("certificate_enrolment", "is not offered to raw-key enrolees");
+  } else if (row.certificate_enrolment && !mef.issues_certificates) {
     problem("certificate_enrolment", "certificate enrolment needs mef.issuing_ca_certificate and mef.issuing_ca_key");
   }
   return problems;

@@ -707,3 +707,37 @@ TEST_CASE("x509: a 128-character absolute AE-ID keeps its full SAN URI and a CN 
   CHECK(contains(must_run({"openssl", "x509", "-in", (dir / "dev.pem").string(), "-noout", "-ext", "subjectAltName"}),
                  "URI:" + ae_id));
 }
+
+TEST_CASE("x509: a public key id is accepted in the forms certtool and gnutls-cli print and stored as ni", "[x509]") {
+  REQUIRE(dauth::test::have_program("certtool"));
+  TempDir dir;
+  const auto key = must(crypto::PrivateKey::generate_p256());
+  write_file(dir / "k.pem", text_of(must(key.to_pem())));
+  const auto info = run_command({"certtool", "--pubkey-info", "--load-privkey", (dir / "k.pem").string()});
+  REQUIRE(info.exit_code == 0);
+  // certtool's "Public Key ID" and "Public Key PIN" lines, as a gnutls-cli or p11tool user reads them.
+  const auto line_with = [&](const std::string& prefix) {
+    const auto at = info.output.find("\t" + prefix);
+    REQUIRE(at != std::string::npos);
+    return info.output.substr(at + 1, info.output.find('\n', at) - at - 1);
+  };
+  const std::string hex = line_with("sha256:");
+  const std::string pin = line_with("pin-sha256:");
+  const std::string ni = key.public_key_id();
+  CHECK(must(crypto::canonical_public_key_id(ni)) == ni);
+  CHECK(must(crypto::canonical_public_key_id(hex)) == ni);
+  CHECK(must(crypto::canonical_public_key_id(pin)) == ni);
+  const auto forms = crypto::public_key_id_forms(ni);
+  CHECK(forms.sha256_hex == hex);
+  CHECK(forms.pin_sha256 == pin);
+
+  const std::vector<std::string> malformed = {std::string(""),          ni.substr(0, ni.size() - 1),
+                                             ni + "A",                  hex + "00",
+                                             "sha1:" + hex.substr(7),   "ni:///sha-512;" + ni.substr(14),
+                                             pin.substr(0, pin.size() - 1), "sha256:" + std::string(64, 'g')};
+  for (const std::string& bad : malformed) {
+    CAPTURE(bad);
+    CHECK(crypto::canonical_public_key_id(bad).error().code == Errc::invalid_argument);
+  }
+  CHECK(crypto::public_key_id_forms("garbage").sha256_hex.empty());
+}

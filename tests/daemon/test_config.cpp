@@ -10,6 +10,7 @@
 
 #include "dauth/daemon/config.hpp"
 #include "dauth/transport/address.hpp"
+#include "dauth/transport/transport.hpp"
 #include "roles.hpp"
 #include "support.hpp"
 
@@ -262,7 +263,8 @@ TEST_CASE("enrolee table rows and certificate AEs: one bootstrap identity, and t
   auto both = std::regex_replace(text, std::regex("certificate_ae_id = \"CAE-valve\""),
                                  "certificate_ae_id = \"CAE-valve\"\nkpm_id = \"v@mef.example.net\"\nkpm_file = \"/k\"");
   CHECK_THAT(error_of(both), Catch::Contains("mef.enrolee[1].kpm_id = \"v@mef.example.net\": needs exactly one "
-                                             "bootstrap identity: a KpmID with its key, or a certificate AE-ID"));
+                                             "bootstrap identity: a KpmID with its key, a certificate AE-ID or a raw "
+                                             "public key id"));
   auto neither = std::regex_replace(text, std::regex("certificate_ae_id = \"CAE-valve\"\n"), "");
   CHECK_THAT(error_of(neither), Catch::Contains("mef.enrolee[1]: needs exactly one bootstrap identity"));
   auto half = std::regex_replace(text, std::regex("certificate_ae_id = \"CAE-valve\""), "kpm_id = \"v@mef.example.net\"");
@@ -298,8 +300,68 @@ TEST_CASE("peer.address.credential: psk by default, certificate needs peer.trust
   REQUIRE(config.ok());
   CHECK(config->peer->addresses[0].credential == "certificate");
   auto unknown = std::regex_replace(text, std::regex("address = \"\\[::1\\]:5684\"\n"),
-                                    "address = \"[::1]:5684\"\ncredential = \"rpk\"\n");
-  CHECK_THAT(error_of(unknown), Catch::Contains("peer.address[0].credential = \"rpk\": must be one of psk certificate"));
+                                    "address = \"[::1]:5684\"\ncredential = \"x509\"\n");
+  CHECK_THAT(error_of(unknown),
+             Catch::Contains("peer.address[0].credential = \"x509\": must be one of psk certificate rpk"));
+}
+
+TEST_CASE("raw public keys: own keys generated, pinned peer keys in any printed form, rpk rows and bootstrap",
+          "[config][rpk]") {
+  const std::string ni = "ni:///sha-256;SQct_UPcvRr1ZXAfE2LhlAxGsOKod5aDi-O9jxSSQLw";
+  const std::string hex = "sha256:49072dfd43dcbd1af565701f1362e1940c46b0e2a87796838be3bd8f149240bc";
+  const std::string other = "pin-sha256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+  const std::string other_ni = "ni:///sha-256;AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+  auto text = full_config("/keys");
+  text = std::regex_replace(text, std::regex("idle_timeout = 120\n"), "idle_timeout = 120\nraw_key = \"generate\"\n");
+  text = std::regex_replace(text, std::regex("address = \"\\[::1\\]:5684\"\n"),
+                            "address = \"[::1]:5684\"\ncredential = \"rpk\"\n");
+  text = std::regex_replace(text, std::regex("session_key_lifetime = 3600\n"),
+                            "session_key_lifetime = 3600\nraw_key = \"generate\"\n");
+  text = std::regex_replace(text, std::regex("mef_trust_anchor = \"/etc/dauth/mef-ca.pem\"\n"),
+                            "mef_trust_anchor = \"/etc/dauth/mef-ca.pem\"\nmef_raw_keys = [\"" + other + "\"]\n");
+  text += "\n[[peer.rpk]]\nkey = \"" + hex + "\"\nae_id = \"CAE-remote\"\n";
+  text += "\n[[enrolee.ae]]\nid = \"CAE-pump\"\nraw_key = \"generate\"\n";
+  text += "\n[[mef.enrolee]]\nrpk = \"" + other + "\"\nenrolee_id = \"CAE-pump\"\n";
+  if (!dauth::transport::backend_supports_rpk()) {
+    CHECK_THAT(error_of(text), Catch::Contains("peer.raw_key = \"generate\": raw public keys need the GnuTLS build"));
+    return;
+  }
+  auto config = parse_config(text, "t.toml");
+  INFO((config.ok() ? std::string() : config.error().message));
+  REQUIRE(config.ok());
+  CHECK(config->peer->raw_key == "generate");
+  CHECK(config->mef->raw_key == "generate");
+  REQUIRE(config->peer->pinned_keys.size() == 1);
+  CHECK(config->peer->pinned_keys[0].key == ni);  // stored in one form whatever the file used
+  CHECK(config->peer->pinned_keys[0].ae_id == "CAE-remote");
+  CHECK(config->peer->addresses[0].credential == "rpk");
+  CHECK(config->enrolee->mef_raw_keys == std::set<std::string>{other_ni});
+  REQUIRE(config->enrolee->aes.size() == 3);
+  CHECK(config->enrolee->aes[2].raw_key_bootstrap());
+  CHECK_FALSE(config->enrolee->aes[0].raw_key_bootstrap());
+  CHECK(config->mef->enrolees[2].rpk == other_ni);
+
+  // Errors, each pointing at the value.
+  CHECK_THAT(error_of(std::regex_replace(text, std::regex(hex), "sha256:4907")),
+             Catch::Contains("peer.rpk[0].key = \"sha256:4907\": public key id"));
+  CHECK_THAT(error_of(text + "\n[[peer.rpk]]\nkey = \"" + ni + "\"\nae_id = \"CAE-other\"\n"),
+             Catch::Contains("peer.rpk[1].key = \"" + ni + "\": already pinned by peer.rpk[0].key"));
+  CHECK_THAT(error_of(std::regex_replace(text, std::regex("idle_timeout = 120\nraw_key = \"generate\""),
+                                         "idle_timeout = 120\nraw_key = \"file\"")),
+             Catch::Contains("peer.raw_key = \"file\": must be one of generate"));
+  CHECK_THAT(error_of(std::regex_replace(text, std::regex("mef_raw_keys = \\[[^\\]]*\\]\n"), "")),
+             Catch::Contains("enrolee.ae[2].raw_key = \"generate\": bootstraps with its raw key and needs "
+                             "enrolee.mef_raw_keys"));
+  CHECK_THAT(error_of(text + "certificate_enrolment = true\n"),
+             Catch::Contains("certificate_enrolment = true: is not offered to raw-key enrolees"));
+  CHECK_THAT(error_of(std::regex_replace(text, std::regex("session_key_lifetime = 3600\nraw_key = \"generate\"\n"),
+                                         "session_key_lifetime = 3600\n")),
+             Catch::Contains("mef.enrolee[2].rpk = \"" + other + "\": needs mef.raw_key"));
+  CHECK_THAT(error_of(text + "\n[[mef.enrolee]]\nrpk = \"" + other_ni + "\"\nenrolee_id = \"CAE-pump2\"\n"),
+             Catch::Contains("mef.enrolee[3].rpk = \"" + other_ni + "\": key listed twice"));
+  CHECK_THAT(error_of(text + "\n[[mef.enrolee]]\nrpk = \"" + ni +
+                      "\"\ncertificate_ae_id = \"CAE-x\"\nenrolee_id = \"CAE-x\"\n"),
+             Catch::Contains("mef.enrolee[3].rpk = \"" + ni + "\": needs exactly one bootstrap identity"));
 }
 
 TEST_CASE("every error of a file is reported, in file order", "[config]") {
@@ -309,8 +371,7 @@ TEST_CASE("every error of a file is reported, in file order", "[config]") {
         "t.toml:3:18: peer.max_handshakes = 0: must be 1–1000 handshakes\n"
         "t.toml:4:1: peer.bogus: unknown key; allowed in [peer]: listen, trust_anchors, idle_timeout, max_sessions, "
         "max_outgoing_sessions, max_handshakes, handshake_timeout, nstart, local_nstart, legacy_onem2m_options, "
-        "[[peer.address]], "
-        "[[peer.policy]]");
+        "raw_key, [[peer.address]], [[peer.rpk]], [[peer.policy]]");
 }
 
 TEST_CASE("TOML syntax errors carry the position and Errc::parse", "[config]") {
@@ -671,6 +732,13 @@ TEST_CASE("a reload's changes: live keys applied, restart keys pending by config
   CHECK(restart_pending(restart_values(*running), restart_values(fresh)).empty());
   fresh = edited("methods = [\"GET\", \"PUT\"]", "methods = [\"GET\"]");
   CHECK(live_changes(*running, fresh) == Names{"peer.policy[0].methods"});
+  // A pinned raw key added (or removed) is applied by the reload, not left for a restart.
+  if (dauth::transport::backend_supports_rpk()) {
+    fresh = edited("[[peer.policy]]", "[[peer.rpk]]\nkey = \"sha256:" + std::string(64, 'a') +
+                                          "\"\nae_id = \"CAE-remote\"\n\n[[peer.policy]]");
+    CHECK(live_changes(*running, fresh) == Names{"peer.rpk[0]"});
+    CHECK(restart_pending(restart_values(*running), restart_values(fresh)).empty());
+  }
 
   // A listen address (its default made explicit is no change) and a node limit wait for a restart.
   const std::string mef_fqdn = "fqdn = \"mef.example.net\"\nsession";

@@ -20,7 +20,14 @@ Result<AddArgs> parse_add(const ControlRequest& request) {
   auto enrolee_id = text_arg(request, "enrolee_id");
   if (!enrolee_id) return std::move(enrolee_id).error();
   out.row.enrolee_id = std::move(enrolee_id).value();
-  if (args.contains("certificate_ae_id")) {
+  if (args.contains("rpk")) {
+    auto id = text_arg(request, "rpk");
+    if (!id) return std::move(id).error();
+    if (args.contains("kpm_id") || args.contains("certificate_ae_id") || !request.fds.empty()) {
+      return bad("a raw-key enrolee has no KpmID, no key and no certificate AE-ID");
+    }
+    out.row.rpk = std::move(id).value();
+  } else if (args.contains("certificate_ae_id")) {
     auto id = text_arg(request, "certificate_ae_id");
     if (!id) return std::move(id).error();
     if (args.contains("kpm_id") || !request.fds.empty()) return bad("a certificate enrolee has no KpmID and no key");

@@ -76,6 +76,10 @@ Result<nlohmann::json> run_stats(VerbContext&, const ControlRequest&);          
 Result<nlohmann::json> run_reload(VerbContext&, const ControlRequest&);              // reload.cpp
 Result<nlohmann::json> run_sessions(VerbContext&, const ControlRequest&);            // sessions.cpp
 Result<nlohmann::json> run_peers(VerbContext&, const ControlRequest&);               // peers.cpp
+Result<nlohmann::json> run_rpk_show(VerbContext&, const ControlRequest&);            // rpk.cpp
+Result<nlohmann::json> run_rpk_list(VerbContext&, const ControlRequest&);            // rpk.cpp
+Result<nlohmann::json> run_rpk_add(VerbContext&, const ControlRequest&);             // rpk.cpp
+Result<nlohmann::json> run_rpk_remove(VerbContext&, const ControlRequest&);          // rpk.cpp
 Result<nlohmann::json> run_credentials_list(VerbContext&, const ControlRequest&);    // credentials.cpp
 Result<nlohmann::json> run_credentials_add(VerbContext&, const ControlRequest&);
 Result<nlohmann::json> run_credentials_remove(VerbContext&, const ControlRequest&);

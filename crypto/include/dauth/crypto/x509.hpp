@@ -67,6 +67,17 @@ class Certificate {
 std::string public_key_id_of_spki(ByteView spki_der);
 // Parses a DER SubjectPublicKeyInfo (raw public key, RFC 7250) and returns its identifier; error if not a key.
 Result<std::string> public_key_id_from_spki(ByteView spki_der);
+// A public key id as an operator may copy it, in its one stored form "ni:///sha-256;<base64url>". Accepted: that
+// form, GnuTLS's "sha256:<64 hex>" (gnutls-cli, certtool --pubkey-info and p11tool print it as the "Public Key
+// ID") and "pin-sha256:<base64>" (the same digest, RFC 7469's pin). All three are SHA-256 of the DER
+// SubjectPublicKeyInfo. Errors: invalid_argument, naming the forms.
+Result<std::string> canonical_public_key_id(std::string_view text);
+// The other two forms of a canonical id, for printing next to it.
+struct PublicKeyIdForms {
+  std::string sha256_hex;  // "sha256:<64 lower-case hex>"
+  std::string pin_sha256;  // "pin-sha256:<base64>"
+};
+PublicKeyIdForms public_key_id_forms(std::string_view canonical_id);
 
 class PrivateKey {
  public:

@@ -17,6 +17,7 @@
 #include <filesystem>
 #include <map>
 #include <optional>
+#include <set>
 #include <string>
 #include <string_view>
 #include <variant>
@@ -48,7 +49,9 @@ enum class ValueCheck : std::uint8_t {
   coap_method,        // GET | POST | PUT | DELETE | FETCH | PATCH | IPATCH
   group_name,         // an existing group (control socket access)
   credential_name,    // a systemd credential name: [A-Za-z0-9_.-]{1,255}
-  peer_credential,    // psk | certificate (how gateway A authenticates a local AE to a peer)
+  peer_credential,    // psk | certificate | rpk (how gateway A authenticates a local AE to a peer)
+  public_key_id,      // a raw public key's id: ni:///sha-256;... | sha256:<hex> | pin-sha256:... (stored as ni)
+  raw_key_source,     // where our own raw key comes from: "generate" (sealed in the key store)
 };
 
 // One row of the configuration table.
@@ -149,6 +152,10 @@ struct LocalAe {
   std::filesystem::path certificate_file;
   std::filesystem::path private_key_file;
   bool certificate_enrolment = false;
+  // Its own raw public key (RFC 7250): "generate" or "" (none). Presented on outgoing peer sessions with credential
+  // "rpk"; and its bootstrap credential (RPK-bootstrapped RSPF) when it has neither kpm_id nor certificate_file.
+  std::string raw_key;
+  bool raw_key_bootstrap() const { return !raw_key.empty() && kpm_id.empty() && certificate_file.empty(); }
 };
 
 struct EnroleeSettings {
@@ -156,15 +163,17 @@ struct EnroleeSettings {
   std::string mef_fqdn;
   std::filesystem::path mef_trust_anchor;
   std::string local_listen;
+  std::set<std::string> mef_raw_keys;  // the MEF's raw key ids (ni form) that RPK-bootstrapped AEs accept
   std::vector<LocalAe> aes;
 };
 
-// One enrolee table row: either kpm_id + kpm_file (pre-provisioned key) or certificate_ae_id (device certificate,
-// the MEF's record "cert:<AE-ID>").
+// One enrolee table row: kpm_id + kpm_file (pre-provisioned key), certificate_ae_id (device certificate, the MEF's
+// record "cert:<AE-ID>") or rpk (raw public key id, the MEF's record "rpk:<id>").
 struct MefEnrolee {
   std::string kpm_id;
   std::filesystem::path kpm_file;
   std::string certificate_ae_id;
+  std::string rpk;
   std::string enrolee_id;
   std::vector<std::string> targets;
   std::int64_t lifetime = 0;  // seconds; 0: mef.enrolment_lifetime
@@ -182,13 +191,21 @@ struct MefSettings {
   std::int64_t enrolment_lifetime = 0;
   std::int64_t session_key_lifetime = 0;
   std::int64_t certificate_lifetime = 0;
+  std::string raw_key;  // "generate" or "": the MEF's own raw key, presented to RPK-bootstrapped enrolees
   std::vector<MefEnrolee> enrolees;
 };
 
 struct PeerAddress {
   std::string ae_id;
   std::string address;
-  std::string credential = "psk";  // "psk" (KeID + usage-constrained key) or "certificate" (the AE's X.509)
+  std::string credential = "psk";  // "psk" (KeID + usage-constrained key), "certificate" (the AE's X.509) or
+                                   // "rpk" (the AE's raw key; the peer's key pinned by [[peer.rpk]])
+};
+
+// A raw public key pinned to a remote AE-ID ([[peer.rpk]]).
+struct PinnedRawKey {
+  std::string key;  // ni:///sha-256;...
+  std::string ae_id;
 };
 
 struct PolicyRule {
@@ -210,6 +227,8 @@ struct PeerSettings {
   bool legacy_onem2m_options = false;
   std::vector<PeerAddress> addresses;
   std::vector<PolicyRule> policy;
+  std::string raw_key;  // "generate" or "": our raw key, presented by the peer endpoint to raw-key clients
+  std::vector<PinnedRawKey> pinned_keys;
 };
 
 struct Config {

@@ -24,6 +24,7 @@ struct EnroleeRow {
   std::string kpm_id;             // PSK row: with its key
   bool has_key = false;
   std::string certificate_ae_id;  // certificate row: no KpmID, no key
+  std::string rpk;                // raw-public-key row: the key's id (crypto::canonical_public_key_id forms)
   std::string enrolee_id;
   std::vector<std::string> targets;
   std::int64_t lifetime = 0;      // seconds; 0: the MEF's default
@@ -34,6 +35,7 @@ struct MefOffer {
   std::string fqdn;
   bool serves_x509 = false;          // certificate_file, private_key_file and device_ca
   bool issues_certificates = false;  // issuing_ca_certificate and issuing_ca_key
+  bool serves_rpk = false;           // its own raw public key (RFC 7250)
 };
 inline constexpr std::size_t kMaxEnroleeTargets = 1024;
 inline constexpr std::int64_t kMaxEnroleeLifetimeS = 365LL * 86400;
