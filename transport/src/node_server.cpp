@@ -382,9 +382,17 @@ std::shared_ptr<const detail::ServerCertificate> choose_server_certificate(coap_
 Result<void> Node::Impl::set_up_server_pki(const X509Credentials* x509, const RpkCredentials* rpk) {
   server_policy.node = this;
   const SecretBuffer& key = x509 != nullptr ? x509->private_key_pem : rpk->private_key_pem;
-  // Checked here, with dauth's own parser, for both backends and with a clear message.
-  if (auto private_key = crypto::PrivateKey::parse(key); !private_key.ok()) {
-    return make_error(Errc::invalid_argument, "server private key: " + private_key.error().message);
+  const std::optional<TokenKey>& token_key = x509 != nullptr ? x509->token_key : rpk->token_key;
+  const detail::KeySource key_source{key.view(), token_key ? &*token_key : nullptr};
+  if (token_key && !detail::attaches_server_pki()) {
+    return make_error(Errc::unsupported, "server key in a PKCS#11 token: needs the GnuTLS build; this is " +
+                                             std::string(to_string(compiled_backend())));
+  }
+  // Checked here, with dauth's own parser, for both backends and with a clear message (a token key: when loaded).
+  if (!token_key) {
+    if (auto private_key = crypto::PrivateKey::parse(key); !private_key.ok()) {
+      return make_error(Errc::invalid_argument, "server private key: " + private_key.error().message);
+    }
   }
   if (rpk != nullptr) {
     server_policy.rpk = true;
@@ -393,13 +401,15 @@ Result<void> Node::Impl::set_up_server_pki(const X509Credentials* x509, const Rp
   if (detail::attaches_server_pki()) {
     // The credentials the node's handshakes share, parsed once here: a PSK handshake never touches them, an X.509
     // one gets its certificate from choose_server_certificate (docs/transport.md §3).
-    auto built = rpk != nullptr ? detail::make_rpk_server_pki(key.view(), on_peer_certificate, &server_policy)
+    auto built = rpk != nullptr ? detail::make_rpk_server_pki(key_source, on_peer_certificate, &server_policy)
                                 : detail::make_x509_server_pki(x509->trust_anchors_pem, choose_server_certificate,
                                                                on_peer_certificate, &server_policy);
     if (!built.ok()) return make_error(Errc::invalid_argument, "server credentials: " + built.error().message);
     if (config.x509) {
-      auto loaded = detail::load_server_certificate(config.x509->certificate_chain_pem,
-                                                    config.x509->private_key_pem.view());
+      const auto& token = config.x509->token_key;
+      auto loaded = detail::load_server_certificate(
+          config.x509->certificate_chain_pem,
+          detail::KeySource{config.x509->private_key_pem.view(), token ? &*token : nullptr});
       if (!loaded.ok()) return make_error(Errc::invalid_argument, "server certificate: " + loaded.error().message);
       default_certificate = *std::move(loaded);
     }
@@ -449,13 +459,16 @@ Result<void> Node::Impl::put_named_certificate(const std::string& server_name, X
   if (!chain.ok()) {
     return make_error(Errc::invalid_argument, "server certificate for '" + server_name + "': " + chain.error().message);
   }
-  auto key = crypto::PrivateKey::parse(credentials.private_key_pem);
-  if (!key.ok()) {
-    return make_error(Errc::invalid_argument, "server key for '" + server_name + "': " + key.error().message);
-  }
-  if (key->public_key_id() != chain->public_key_id()) {
-    return make_error(Errc::invalid_argument, "server key for '" + server_name + "' is not the key of its certificate '" +
-                                                  chain->subject() + "'");
+  // A token key is checked against the certificate when it is loaded (below), with the same message.
+  if (!credentials.token_key) {
+    auto key = crypto::PrivateKey::parse(credentials.private_key_pem);
+    if (!key.ok()) {
+      return make_error(Errc::invalid_argument, "server key for '" + server_name + "': " + key.error().message);
+    }
+    if (key->public_key_id() != chain->public_key_id()) {
+      return make_error(Errc::invalid_argument, "server key for '" + server_name +
+                                                    "' is not the key of its certificate '" + chain->subject() + "'");
+    }
   }
   // One trust list per context: the client verification set up with the context's PKI setup applies to all.
   if (credentials.trust_anchors_pem != client_trust_anchors_pem) {
@@ -463,10 +476,14 @@ Result<void> Node::Impl::put_named_certificate(const std::string& server_name, X
                                                   "': its trust anchors differ from the ones client certificates "
                                                   "are verified against (one set per endpoint)");
   }
-  auto loaded = detail::load_server_certificate(credentials.certificate_chain_pem, credentials.private_key_pem.view());
+  const auto& token = credentials.token_key;
+  auto loaded = detail::load_server_certificate(
+      credentials.certificate_chain_pem,
+      detail::KeySource{credentials.private_key_pem.view(), token ? &*token : nullptr});
   if (!loaded.ok()) {
-    return make_error(Errc::invalid_argument, "server certificate for '" + server_name + "': " +
-                                                  loaded.error().message);
+    // A token's answer keeps its code (permission: PIN, not_found: token or key), the rest is the caller's input.
+    const Errc code = token && loaded.error().code != Errc::crypto ? loaded.error().code : Errc::invalid_argument;
+    return make_error(code, "server certificate for '" + server_name + "': " + loaded.error().message);
   }
   // Handshakes that chose the previous one keep it (SessionImpl::presented_certificate) until they end.
   named_certificates.insert_or_assign(server_name,

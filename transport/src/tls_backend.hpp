@@ -9,6 +9,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "dauth/error.hpp"
 #include "dauth/secret.hpp"
@@ -45,9 +46,14 @@ std::optional<std::uint64_t> records_sent(const coap_session_t* session);
 // A certificate chain and its private key, parsed once; every handshake that presents them shares them. Held by
 // shared_ptr: whoever chose it for a handshake keeps it alive until that handshake is over, so replacing a
 // certificate never frees one a running handshake still uses.
+// Our private key as the caller has it: PEM text, or a key in a token (the TokenKey outlives the call).
+struct KeySource {
+  ByteView pem;
+  const TokenKey* token = nullptr;
+};
+// A chain with its key; also what a client presents when its key is in a token (attach_client_certificate).
 struct ServerCertificate;
-Result<std::shared_ptr<const ServerCertificate>> load_server_certificate(std::string_view chain_pem,
-                                                                         ByteView key_pem);
+Result<std::shared_ptr<const ServerCertificate>> load_server_certificate(std::string_view chain_pem, KeySource key);
 
 // Called inside the handshake once the ClientHello (and its SNI) is read: the certificate to present to this
 // server session's client, or nullptr to refuse the handshake (the lookup records and reports why).
@@ -64,7 +70,7 @@ bool attaches_server_pki() noexcept;  // GnuTLS only
 Result<std::shared_ptr<const ServerPki>> make_x509_server_pki(std::string_view trust_anchors_pem,
                                                               ServerCertificateLookup lookup,
                                                               coap_dtls_cn_callback_t check, void* check_arg);
-Result<std::shared_ptr<const ServerPki>> make_rpk_server_pki(ByteView key_pem, coap_dtls_cn_callback_t check,
+Result<std::shared_ptr<const ServerPki>> make_rpk_server_pki(KeySource key, coap_dtls_cn_callback_t check,
                                                              void* check_arg);
 // Gives this server session's handshake the node's certificate credentials, and with `psk_too` false takes the
 // PSK credentials libcoap gave it away (a node without PSK keys offers no PSK suites). Must run after libcoap
@@ -72,5 +78,18 @@ Result<std::shared_ptr<const ServerPki>> make_rpk_server_pki(ByteView key_pem, c
 // ClientHello that echoes the cookie (a later read). `pki` must outlive the session's TLS object.
 // Errors: unsupported (OpenSSL build), internal (no TLS object).
 Result<void> attach_server_pki(coap_session_t* session, const ServerPki& pki, bool psk_too);
+
+// ---- client keys in a token ------------------------------------------------------------------------------------
+//
+// libcoap 4.3.1 takes a client key as PEM (or as file names, parsed again for every session); a key in a token goes
+// around it: the client context's PKI setup carries no key of ours, and this gives the session's certificate
+// credentials (libcoap's, one set per client session) a retrieve function that presents `certificate` when the
+// server asks for one. Must run right after libcoap created the session (its ClientHello is out, the server's
+// CertificateRequest not yet read). `certificate` must outlive the session's TLS object.
+Result<void> attach_client_certificate(coap_session_t* session, const ServerCertificate& certificate);
+// Our raw public key (RFC 7250) loaded from the token, with its SubjectPublicKeyInfo, for a client session
+// (attach_client_certificate presents it) or a server.
+Result<std::shared_ptr<const ServerCertificate>> load_raw_key(KeySource key);
+std::vector<std::uint8_t> subject_public_key_info(const ServerCertificate& certificate);
 
 }  // namespace dauth::transport::detail
