@@ -35,7 +35,8 @@ Result<std::string> load_certificates_pem(const std::filesystem::path& path, con
 
 // The MEF's X.509 server credentials (certificate RSPF): its FQDN certificate, and as trust anchors the device CA
 // and, for AE-ID certificates it issued (EST re-enrolment), its issuing CA.
-Result<transport::X509Credentials> mef_x509_credentials(const MefSettings& mef) {
+Result<transport::X509Credentials> mef_x509_credentials(const MefSettings& mef,
+                                                        const std::shared_ptr<const SecretBuffer>& pkcs11_pin) {
   auto chain = crypto::Certificate::load_file(mef.certificate_file.string());
   if (!chain) return make_error(chain.error().code, "mef.certificate_file: " + chain.error().message);
   const auto dns_names = chain->san_dns_names();
@@ -45,17 +46,22 @@ Result<transport::X509Credentials> mef_x509_credentials(const MefSettings& mef) 
                                                   ": no subjectAltName dNSName " + mef.fqdn +
                                                   " (enrolees check the MEF's FQDN)");
   }
-  auto key = crypto::PrivateKey::load_file(mef.private_key_file.string());
-  if (!key) return make_error(key.error().code, "mef.private_key_file: " + key.error().message);
-  if (key->public_key_der() != chain->public_key_der()) {
-    return make_error(Errc::invalid_argument, "mef.private_key_file " + mef.private_key_file.string() +
-                                                  " is not the key of mef.certificate_file");
-  }
-  auto key_pem = key->to_pem();
-  if (!key_pem) return make_error(key_pem.error().code, "mef.private_key_file: " + key_pem.error().message);
   transport::X509Credentials credentials;
   credentials.certificate_chain_pem = chain->pem();
-  credentials.private_key_pem = std::move(key_pem).value();
+  if (transport::is_token_key_uri(mef.private_key_file.string())) {
+    // The key stays in the token; transport loads it (and checks it is the certificate's) when the node starts.
+    credentials.token_key = transport::TokenKey{mef.private_key_file.string(), pkcs11_pin};
+  } else {
+    auto key = crypto::PrivateKey::load_file(mef.private_key_file.string());
+    if (!key) return make_error(key.error().code, "mef.private_key_file: " + key.error().message);
+    if (key->public_key_der() != chain->public_key_der()) {
+      return make_error(Errc::invalid_argument, "mef.private_key_file " + mef.private_key_file.string() +
+                                                    " is not the key of mef.certificate_file");
+    }
+    auto key_pem = key->to_pem();
+    if (!key_pem) return make_error(key_pem.error().code, "mef.private_key_file: " + key_pem.error().message);
+    credentials.private_key_pem = std::move(key_pem).value();
+  }
   for (const auto& [path, name] : {std::pair{mef.device_ca, "mef.device_ca"},
                                    std::pair{mef.issuing_ca_certificate, "mef.issuing_ca_certificate"}}) {
     if (path.empty()) continue;
@@ -577,7 +583,7 @@ Result<NodeDriver*> add_node_driver(Roles::Impl& s, const std::string& name, tra
 }
 
 // [mef]: its node (PSK, and X.509 with mef.certificate_file), the issuing CA, the Mef and its PSK lookup.
-Result<void> start_mef(Roles::Impl& s, const Config& config) {
+Result<void> start_mef(Roles::Impl& s, const Config& config, const LoadedSecrets& secrets) {
   auto listen = transport::parse_host_port(config.mef->listen);
   if (!listen) return make_error(listen.error().code, "mef.listen: " + listen.error().message);
   transport::NodeConfig node_config;
@@ -585,7 +591,7 @@ Result<void> start_mef(Roles::Impl& s, const Config& config) {
   node_config.secure_port = listen->port;
   node_config.psk_lookup = s.mef_slot.lookup();
   if (!config.mef->certificate_file.empty()) {
-    auto x509 = mef_x509_credentials(*config.mef);
+    auto x509 = mef_x509_credentials(*config.mef, secrets.pkcs11_pin());
     if (!x509) return std::move(x509).error();
     if (auto loaded = crypto::Certificate::load_file(config.mef->certificate_file.string())) {
       s.mef_certificate_expires_at = static_cast<std::int64_t>(loaded->not_after());
@@ -616,7 +622,10 @@ Result<void> start_mef(Roles::Impl& s, const Config& config) {
   s.mef_slot.bind(s.mef->psk_lookup());
   log::notice("mef " + config.mef->fqdn + " listening on coaps://" + config.mef->listen + " (port " +
               std::to_string(s.mef_driver->node->secure_port()) + "), " +
-              (config.mef->certificate_file.empty() ? "PSK" : "PSK and X.509") + " enrolees");
+              (config.mef->certificate_file.empty() ? "PSK" : "PSK and X.509") + " enrolees" +
+              (transport::is_token_key_uri(config.mef->private_key_file.string())
+                   ? ", server key in the token: " + config.mef->private_key_file.string()
+                   : std::string()));
   return ok_result();
 }
 
@@ -835,7 +844,7 @@ Result<std::unique_ptr<Roles>> Roles::start(EventLoop& loop, const Config& confi
   if (auto r = s.resolve_peers(config, s.peers); !r) return std::move(r).error();
 
   if (config.mef) {
-    if (auto r = start_mef(s, config); !r) return std::move(r).error();
+    if (auto r = start_mef(s, config, secrets); !r) return std::move(r).error();
   }
   if (config.enrolee) {
     if (auto r = start_enrolees(s, config); !r) return std::move(r).error();

@@ -17,6 +17,7 @@
 #include <filesystem>
 #include <map>
 #include <optional>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <variant>
@@ -49,6 +50,7 @@ enum class ValueCheck : std::uint8_t {
   group_name,         // an existing group (control socket access)
   credential_name,    // a systemd credential name: [A-Za-z0-9_.-]{1,255}
   peer_credential,    // psk | certificate (how gateway A authenticates a local AE to a peer)
+  private_key,        // a path key (absolute path of a PEM key), or the key's pkcs11: URI (RFC 7512) in a token
 };
 
 // One row of the configuration table.
@@ -133,6 +135,9 @@ struct DaemonSettings {
   std::string master_key_source;
   std::string master_key_credential;
   std::filesystem::path master_key_file;
+  std::string pkcs11_module;  // "": p11-kit's registered modules
+  std::string pkcs11_pin_credential;
+  std::filesystem::path pkcs11_pin_file;
   log::Level log_level = log::Level::info;
   int max_control_clients = 8;
   int shutdown_timeout = 5;
@@ -261,6 +266,10 @@ class LoadedSecrets {
   };
 
   const SecretBuffer& master_key() const { return master_key_; }
+  // The token's user PIN (daemon.pkcs11_pin_file, else the credential daemon.pkcs11_pin_credential if systemd
+  // passed it), loaded only when a key of the configuration is a pkcs11: URI; nullptr otherwise. Shared: every key
+  // loaded from the token keeps it for GnuTLS's re-logins (transport::TokenKey).
+  const std::shared_ptr<const SecretBuffer>& pkcs11_pin() const { return pkcs11_pin_; }
   // The key loaded from a key file path (the path as configured), or nullptr.
   const Key* find_file(const std::filesystem::path& path) const;
   std::size_t size() const { return files_.size() + (master_key_.empty() ? 0 : 1); }
@@ -268,11 +277,14 @@ class LoadedSecrets {
  private:
   friend Result<LoadedSecrets> load_secrets(const Config& config, SystemdCredential credential);
   SecretBuffer master_key_;
+  std::shared_ptr<const SecretBuffer> pkcs11_pin_;
   std::map<std::string, Key> files_;
 };
 
 // Loads the master key (daemon.master_key_source) and every key file of config. Fails closed (docs/conventions.md §12):
 // the first unreadable, group/world-accessible or malformed file is an error naming the key, file and reason.
+// With keys in a token (pkcs11: URIs): the PIN, then each such key loaded once from the token (so that a wrong PIN,
+// a missing token or a missing key is said at start and at reload, naming the config key, the URI and the reason).
 Result<LoadedSecrets> load_secrets(const Config& config, SystemdCredential credential = SystemdCredential::required);
 
 }  // namespace dauth::daemon
