@@ -348,7 +348,8 @@ std::optional<crypto::Record> stored_copy(const crypto::KeyStore& store, crypto:
     case crypto::RecordKind::certificate:
       if (const auto* r = store.find<crypto::CertificateRecord>(id)) {
         return crypto::Record{
-            crypto::CertificateRecord{r->name, r->chain_der, r->private_key_der.clone(), r->expires_at}};
+            crypto::CertificateRecord{r->name, r->chain_der, r->private_key_der.clone(), r->expires_at,
+                                      r->private_key_uri}};
       }
       break;
     default:
