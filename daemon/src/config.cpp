@@ -20,6 +20,7 @@
 #include "dauth/crypto/identifiers.hpp"
 #include "dauth/crypto/key_file.hpp"
 #include "dauth/crypto/keystore.hpp"
+#include "dauth/crypto/token.hpp"
 #include "dauth/rspf/credential_rules.hpp"
 #include "dauth/transport/address.hpp"
 #include "dauth/transport/transport.hpp"
@@ -537,6 +538,21 @@ void Parser::check_cross_fields(const std::vector<ConfigTable>& tables) {
       error_entry(*ae, *ae->find("certificate_file"),
                   "needs enrolee.mef_trust_anchor (the CA of the MEF's certificate) for the certificate RSPF");
     }
+    // The EST key in a token: a key URI without a PIN (crypto::Token checks the rest when it is used), and only for
+    // an AE that asks for a certificate. A URI with a PIN is not quoted.
+    if (const ConfigEntry* key = ae->find("certificate_key")) {
+      const auto& uri = std::get<std::string>(key->value);
+      if (uri.find("pin-value") != std::string::npos || uri.find("pin-source") != std::string::npos) {
+        error_at(key->line, key->column, ae->key_path("certificate_key") +
+                                             ": a URI with a PIN is refused (the PIN comes from "
+                                             "daemon.pkcs11_pin_credential or daemon.pkcs11_pin_file)");
+      } else if (!crypto::is_pkcs11_uri(uri)) {
+        error_entry(*ae, *key, "must be a pkcs11: URI (RFC 7512), e.g. \"pkcs11:token=dauth;object=" +
+                                   std::get<std::string>(id->value) + "\"");
+      } else if (!std::get<bool>(ae->find("certificate_enrolment")->value)) {
+        error_entry(*ae, *key, "needs certificate_enrolment = true (it is the key of the EST certificate)");
+      }
+    }
     // The bootstrap key's rule is rspf's, as for dauthctl credentials add (Enrolee::use_bootstrap_key).
     const std::string* mef_fqdn = text_of(enrolee, "mef_fqdn");
     if (const ConfigEntry* kpm_id = ae->find("kpm_id"); kpm_id && mef_fqdn) {
@@ -750,6 +766,7 @@ void build_typed(Config& config) {
       ae.certificate_file = get_path(t, "certificate_file");
       ae.private_key_file = get_path(t, "private_key_file");
       ae.certificate_enrolment = get<bool>(t, "certificate_enrolment");
+      ae.certificate_key = get<std::string>(t, "certificate_key");
       config.enrolee->aes.push_back(std::move(ae));
     } else if (t.section == "mef.enrolee" && config.mef) {
       MefEnrolee row;

@@ -89,6 +89,9 @@ const std::vector<KeySpec>& config_schema() {
        "PEM private key of certificate_file (mode 0600), or its pkcs11: URI in a token"},
       {"enrolee.ae", "certificate_enrolment", T::boolean, C::none, 0, 0, "false", false, false, "",
        "ask the MEF for an AE-ID certificate (EST) during enrolment"},
+      {"enrolee.ae", "certificate_key", T::string, C::none, 8, 1024, "", false, false, "",
+       "pkcs11: URI (RFC 7512) of the EST certificate's key in a token, generated there on first use; omit: sealed in "
+       "the store"},
 
       // [mef]
       {"mef", "fqdn", T::string, C::fqdn, 1, 253, "", true, false, "", "this MEF's MEF-FQDN"},
@@ -209,6 +212,7 @@ const std::vector<ReloadRule>& reload_rules() {
       {"enrolee.ae", "certificate_file", R::live_while_set},
       {"enrolee.ae", "private_key_file", R::live_while_set},
       {"enrolee.ae", "certificate_enrolment", R::restart},
+      {"enrolee.ae", "certificate_key", R::restart},
 
       {"mef", "fqdn", R::restart},
       {"mef", "listen", R::restart},

@@ -202,6 +202,12 @@ Result<transport::X509Credentials> Roles::Impl::x509_of_local_ae(const std::stri
     if (!certificate) return make_error(certificate.error().code, "certificate of " + ae_id + ": " + certificate.error().message);
     credentials.certificate_chain_pem += certificate->pem();
   }
+  if (!record->private_key_uri.empty()) {
+    // An EST certificate whose key was generated in a token (enrolee.ae.certificate_key): the peer endpoint takes
+    // it as a transport token key, with the PIN of the transport's token keys.
+    return make_error(Errc::unsupported, "key of " + ae_id + " is in a PKCS#11 token (" + record->private_key_uri +
+                                             "): this build presents certificates with sealed keys only");
+  }
   auto key = crypto::PrivateKey::parse(record->private_key_der);
   if (!key) return make_error(key.error().code, "key of " + ae_id + ": " + key.error().message);
   auto key_pem = key->to_pem();
@@ -354,7 +360,8 @@ std::optional<crypto::Record> stored_copy(const crypto::KeyStore& store, crypto:
     case crypto::RecordKind::certificate:
       if (const auto* r = store.find<crypto::CertificateRecord>(id)) {
         return crypto::Record{
-            crypto::CertificateRecord{r->name, r->chain_der, r->private_key_der.clone(), r->expires_at}};
+            crypto::CertificateRecord{r->name, r->chain_der, r->private_key_der.clone(), r->expires_at,
+                                      r->private_key_uri}};
       }
       break;
     default:
@@ -608,7 +615,10 @@ Result<void> start_mef(Roles::Impl& s, const Config& config, const LoadedSecrets
   if (!config.mef->issuing_ca_certificate.empty() && !config.mef->issuing_ca_key.empty()) {
     auto certificate = crypto::Certificate::load_file(config.mef->issuing_ca_certificate.string());
     if (!certificate) return make_error(certificate.error().code, "mef.issuing_ca_certificate: " + certificate.error().message);
-    auto key = crypto::PrivateKey::load_file(config.mef->issuing_ca_key.string());
+    // A key in a token signs each certificate there (crypto::Token); a file key is read into memory.
+    const std::string& key_name = config.mef->issuing_ca_key.string();
+    auto key = crypto::is_pkcs11_uri(key_name) ? s.signing_token->private_key(key_name)
+                                               : crypto::PrivateKey::load_file(key_name);
     if (!key) return make_error(key.error().code, "mef.issuing_ca_key: " + key.error().message);
     s.mef_issuing_ca_expires_at = static_cast<std::int64_t>(certificate->not_after());
     auto ca = crypto::CertificateAuthority::from(std::move(certificate).value(), std::move(key).value());
@@ -655,6 +665,12 @@ Result<void> start_enrolees(Roles::Impl& s, const Config& config) {
     enrolee_config.mef_address = *mef_address;
     enrolee_config.mef_fqdn = config.enrolee->mef_fqdn;
     enrolee_config.request_certificate = ae.certificate_enrolment;
+    if (!ae.certificate_key.empty()) {
+      // Generated in the token on first use, reused by renewals; the store keeps the certificate and the URI.
+      enrolee_config.certificate_key = [token = s.signing_token, uri = ae.certificate_key] {
+        return token->private_key_or_generate(uri);
+      };
+    }
     enrolee_config.log = s.log_sink();
     auto enrolee = rspf::Enrolee::create(*s.enrolee_driver->node, *s.store, std::move(enrolee_config));
     if (!enrolee) return make_error(enrolee.error().code, "enrolee.ae " + ae.id + ": " + enrolee.error().message);
@@ -829,6 +845,30 @@ Result<void> drive_and_enrol(Roles::Impl& s) {
   return ok_result();
 }
 
+// Opens the PKCS#11 token crypto/ signs with when the configuration names a key there (enrolee.ae.certificate_key,
+// mef.issuing_ca_key = "pkcs11:..."), with the module and PIN of the transport's token keys: the MEF's issuing CA
+// key is then loaded and checked at start (wrong PIN, missing token or key: dauthd does not start), EST keys when an
+// enrolment asks for one.
+Result<void> open_signing_token(Roles::Impl& s, const Config& config, const std::string& module_path,
+                                const SecretBuffer* pin) {
+  std::string first;  // the first key that needs the token, for messages
+  if (config.mef && crypto::is_pkcs11_uri(config.mef->issuing_ca_key.string())) first = "mef.issuing_ca_key";
+  if (config.enrolee) {
+    for (const auto& ae : config.enrolee->aes) {
+      if (first.empty() && !ae.certificate_key.empty()) first = "enrolee.ae.certificate_key (" + ae.id + ")";
+    }
+  }
+  if (first.empty()) return ok_result();
+  if (pin == nullptr) {
+    return make_error(Errc::not_found, first + " names a key in a PKCS#11 token, and no token PIN is loaded "
+                                               "(daemon.pkcs11_pin_credential or daemon.pkcs11_pin_file)");
+  }
+  auto token = crypto::Token::open(crypto::TokenOptions{module_path}, pin->clone());
+  if (!token) return make_error(token.error().code, first + ": " + token.error().message);
+  s.signing_token = std::make_shared<const crypto::Token>(std::move(token).value());
+  return ok_result();
+}
+
 }  // namespace
 
 // The set-up list: the key store and its configured tables, the peers' addresses, then one step per role
@@ -842,6 +882,9 @@ Result<std::unique_ptr<Roles>> Roles::start(EventLoop& loop, const Config& confi
   s.store.emplace(std::move(store).value());
   if (auto r = s.put_key_tables(config, secrets); !r) return std::move(r).error();
   if (auto r = s.resolve_peers(config, s.peers); !r) return std::move(r).error();
+  // The module and PIN come with the transport's token keys (daemon.pkcs11_module, LoadedSecrets); until they are
+  // configured here, a key named for crypto/'s token is refused at start by open_signing_token.
+  if (auto r = open_signing_token(s, config, std::string(), nullptr); !r) return std::move(r).error();
 
   if (config.mef) {
     if (auto r = start_mef(s, config, secrets); !r) return std::move(r).error();

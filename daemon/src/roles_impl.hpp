@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "dauth/crypto/token.hpp"
 #include "event_log.hpp"
 #include "roles.hpp"
 
@@ -153,6 +154,9 @@ struct Roles::Impl {
   EventLoop& loop;
   Config config;  // the running configuration's typed sections (what_roles_keep): policy, addresses, listeners
   std::optional<crypto::KeyStore> store;
+  // The PKCS#11 token crypto/ signs with (open_signing_token): EST keys generated in it (enrolee.ae.certificate_key)
+  // and the MEF's issuing CA key (mef.issuing_ca_key = "pkcs11:..."); null when the configuration names none.
+  std::shared_ptr<const crypto::Token> signing_token;
   rspf::PskLookupSlot mef_slot;
   rspf::PskLookupSlot peer_slot;
   std::vector<std::unique_ptr<NodeDriver>> drivers;  // mef, peer, enrolee (whichever exist)

@@ -208,6 +208,15 @@ struct Enrolee::Impl : std::enable_shared_from_this<Enrolee::Impl> {
                                            : "DTLS with certificate " + config.certificate_name;
   }
 
+  // The bootstrap session takes its key as PEM: a record whose key is in a PKCS#11 token (an EST certificate
+  // requested with config.certificate_key) cannot bootstrap it yet.
+  static Result<void> require_sealed_key(const crypto::CertificateRecord& record) {
+    if (record.private_key_uri.empty()) return ok_result();
+    return make_error(Errc::unsupported, "the key of " + record.name + " is in a PKCS#11 token (" +
+                                             record.private_key_uri +
+                                             "): the bootstrap session to the MEF takes a sealed key only");
+  }
+
   // The bootstrap credential of PROTOCOL.md §3.1, read from the store at each attempt (an EST renewal replaces the
   // certificate record).
   Result<transport::ClientCredentials> bootstrap_credentials() const {
@@ -217,6 +226,7 @@ struct Enrolee::Impl : std::enable_shared_from_this<Enrolee::Impl> {
         return make_error(Errc::not_found, "bootstrap raw public key " + config.raw_public_key_name +
                                                " is not in the store");
       }
+      if (auto sealed = require_sealed_key(*record); !sealed.ok()) return std::move(sealed).error();
       auto key = crypto::PrivateKey::parse(record->private_key_der);
       if (!key.ok()) return std::move(key).error();
       auto key_pem = key->to_pem();  // SEC1 "EC PRIVATE KEY": the form libcoap 4.3.1 takes for RPK
@@ -242,6 +252,7 @@ struct Enrolee::Impl : std::enable_shared_from_this<Enrolee::Impl> {
       if (!certificate.ok()) return std::move(certificate).error();
       x509.certificate_chain_pem += certificate->pem();
     }
+    if (auto sealed = require_sealed_key(*record); !sealed.ok()) return std::move(sealed).error();
     auto key = crypto::PrivateKey::parse(record->private_key_der);
     if (!key.ok()) return std::move(key).error();
     auto key_pem = key->to_pem();
@@ -412,7 +423,7 @@ struct Enrolee::Impl : std::enable_shared_from_this<Enrolee::Impl> {
   // EST-coaps simple enrolment (RFC 9148 §5) with client-side key generation: the private key stays here.
   void enrol_certificate(std::vector<std::string> est_path, const std::shared_ptr<transport::ClientCredentials>& credentials,
                          const DoneCallback& done) {
-    auto key = crypto::PrivateKey::generate_p256();
+    auto key = config.certificate_key ? config.certificate_key() : crypto::PrivateKey::generate_p256();
     if (!key.ok()) return fail(done, std::move(key).error());
     auto csr = crypto::CertificateRequest::create(*key, ae_id);
     if (!csr.ok()) return fail(done, std::move(csr).error());
@@ -454,12 +465,16 @@ struct Enrolee::Impl : std::enable_shared_from_this<Enrolee::Impl> {
     if (certificate->public_key_der() != key.public_key_der()) {
       return certificate_failed(make_error(Errc::denied, "issued certificate is not for the key we generated"));
     }
-    auto private_der = key.to_der();
-    if (!private_der.ok()) return certificate_failed(std::move(private_der).error());
     crypto::CertificateRecord record;
     record.name = ae_id;
     record.chain_der = certificate->chain_der();
-    record.private_key_der = std::move(*private_der);
+    if (key.in_token()) {
+      record.private_key_uri = key.token_uri();  // the key stays in its token; the store keeps its name
+    } else {
+      auto private_der = key.to_der();
+      if (!private_der.ok()) return certificate_failed(std::move(private_der).error());
+      record.private_key_der = std::move(*private_der);
+    }
     record.expires_at = static_cast<std::int64_t>(certificate->not_after());
     if (auto stored = store.put(std::move(record)); !stored.ok()) return certificate_failed(std::move(stored).error());
     succeed(done, "KeID " + current_ke_id + ", certificate serial " + certificate->serial_hex());

@@ -304,6 +304,31 @@ TEST_CASE("enrolee table rows and certificate AEs: one bootstrap identity, and t
                                                   "enrolee.mef_trust_anchor"));
 }
 
+TEST_CASE("enrolee.ae.certificate_key: a pkcs11: URI without a PIN, for an AE that asks for a certificate",
+          "[config]") {
+  const auto text = full_config("/keys");
+  const auto with_key = [&](const std::string& lines) {
+    return std::regex_replace(text, std::regex("kpm_file = \"/keys/meter.kpm\"\n\n\\[\\[enrolee.ae\\]\\]"),
+                              "kpm_file = \"/keys/meter.kpm\"\n" + lines + "\n\n[[enrolee.ae]]",
+                              std::regex_constants::format_first_only);
+  };
+  auto good = parse_config(
+      with_key("certificate_enrolment = true\ncertificate_key = \"pkcs11:token=dauth;object=CAE-meter\""), "t.toml");
+  INFO((good.ok() ? std::string() : good.error().message));
+  REQUIRE(good.ok());
+  CHECK(good->enrolee->aes[0].certificate_key == "pkcs11:token=dauth;object=CAE-meter");
+  CHECK(good->enrolee->aes[1].certificate_key.empty());
+  CHECK_THAT(error_of(with_key("certificate_enrolment = true\ncertificate_key = \"/etc/dauth/meter-est.key\"")),
+             Catch::Contains("enrolee.ae[0].certificate_key = \"/etc/dauth/meter-est.key\": must be a pkcs11: URI"));
+  CHECK_THAT(error_of(with_key("certificate_key = \"pkcs11:token=dauth;object=CAE-meter\"")),
+             Catch::Contains("enrolee.ae[0].certificate_key = \"pkcs11:token=dauth;object=CAE-meter\": needs "
+                             "certificate_enrolment = true"));
+  const std::string with_pin = error_of(
+      with_key("certificate_enrolment = true\ncertificate_key = \"pkcs11:token=dauth;object=k?pin-value=4711\""));
+  CHECK_THAT(with_pin, Catch::Contains("enrolee.ae[0].certificate_key: a URI with a PIN is refused"));
+  CHECK_THAT(with_pin, !Catch::Contains("4711"));
+}
+
 TEST_CASE("peer.address.credential: psk by default, certificate needs peer.trust_anchors", "[config]") {
   const auto text = full_config("/keys");
   auto config = parse_config(text, "t.toml");

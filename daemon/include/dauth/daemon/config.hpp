@@ -152,6 +152,7 @@ struct LocalAe {
   std::filesystem::path certificate_file;
   std::filesystem::path private_key_file;
   bool certificate_enrolment = false;
+  std::string certificate_key;  // pkcs11: URI of the EST key in a token; "" = generated in memory, sealed
 };
 
 struct EnroleeSettings {
