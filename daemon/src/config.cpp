@@ -915,7 +915,13 @@ template <typename Fail>
 Result<void> load_token_secrets(const Config& config, SystemdCredential credential,
                                 std::shared_ptr<const SecretBuffer>& pin, const Fail& fail) {
   const auto keys = token_key_entries(config);
-  if (keys.empty()) return ok_result();
+  // EST keys generated in the token (enrolee.ae.certificate_key) need the PIN too; they may not exist yet, so they
+  // are not loaded here.
+  bool generates_keys = false;
+  if (config.enrolee) {
+    for (const auto& ae : config.enrolee->aes) generates_keys |= !ae.certificate_key.empty();
+  }
+  if (keys.empty() && !generates_keys) return ok_result();
   const auto& d = config.daemon;
   const ConfigTable* daemon_table = find_table(config.tables, "daemon");
   const char* directory = std::getenv("CREDENTIALS_DIRECTORY");

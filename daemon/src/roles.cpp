@@ -203,16 +203,16 @@ Result<transport::X509Credentials> Roles::Impl::x509_of_local_ae(const std::stri
     credentials.certificate_chain_pem += certificate->pem();
   }
   if (!record->private_key_uri.empty()) {
-    // An EST certificate whose key was generated in a token (enrolee.ae.certificate_key): the peer endpoint takes
-    // it as a transport token key, with the PIN of the transport's token keys.
-    return make_error(Errc::unsupported, "key of " + ae_id + " is in a PKCS#11 token (" + record->private_key_uri +
-                                             "): this build presents certificates with sealed keys only");
+    // A key in a token (enrolee.ae.certificate_key, or a device certificate's private_key_file): the transport
+    // loads it by URI and the token signs the handshakes.
+    credentials.token_key = transport::TokenKey{record->private_key_uri, pkcs11_pin};
+  } else {
+    auto key = crypto::PrivateKey::parse(record->private_key_der);
+    if (!key) return make_error(key.error().code, "key of " + ae_id + ": " + key.error().message);
+    auto key_pem = key->to_pem();
+    if (!key_pem) return make_error(key_pem.error().code, "key of " + ae_id + ": " + key_pem.error().message);
+    credentials.private_key_pem = std::move(key_pem).value();
   }
-  auto key = crypto::PrivateKey::parse(record->private_key_der);
-  if (!key) return make_error(key.error().code, "key of " + ae_id + ": " + key.error().message);
-  auto key_pem = key->to_pem();
-  if (!key_pem) return make_error(key_pem.error().code, "key of " + ae_id + ": " + key_pem.error().message);
-  credentials.private_key_pem = std::move(key_pem).value();
   credentials.trust_anchors_pem = peer_trust_anchors_pem;
   credentials.local_ae_id = ae_id;  // presented by the peer endpoint, it grants its sessions this AE
   return credentials;
@@ -462,6 +462,19 @@ Result<crypto::CertificateRecord> Roles::Impl::device_certificate_record(const L
                                                   crypto::quote_for_error(*named) + " (subjectAltName URI), not " +
                                                   ae.id);
   }
+  if (transport::is_token_key_uri(ae.private_key_file.string())) {
+    // The key stays in the token: the record names it, and the bootstrap session signs there.
+    auto key_id = transport::check_token_key(transport::TokenKey{ae.private_key_file.string(), pkcs11_pin});
+    if (!key_id) return fail("private_key_file", key_id.error());
+    if (*key_id != certificate->public_key_id()) {
+      return make_error(Errc::invalid_argument, "enrolee.ae " + ae.id + ": private_key_file " +
+                                                    ae.private_key_file.string() + " is not the key of certificate_file");
+    }
+    crypto::CertificateRecord record{device_certificate_name(ae.id), certificate->chain_der(), {},
+                                     static_cast<std::int64_t>(certificate->not_after())};
+    record.private_key_uri = ae.private_key_file.string();
+    return record;
+  }
   auto key = crypto::PrivateKey::load_file(ae.private_key_file.string());
   if (!key) return fail("private_key_file", key.error());
   if (key->public_key_der() != certificate->public_key_der()) {
@@ -665,6 +678,7 @@ Result<void> start_enrolees(Roles::Impl& s, const Config& config) {
     enrolee_config.mef_address = *mef_address;
     enrolee_config.mef_fqdn = config.enrolee->mef_fqdn;
     enrolee_config.request_certificate = ae.certificate_enrolment;
+    enrolee_config.token_pin = s.pkcs11_pin;
     if (!ae.certificate_key.empty()) {
       // Generated in the token on first use, reused by renewals; the store keeps the certificate and the URI.
       enrolee_config.certificate_key = [token = s.signing_token, uri = ae.certificate_key] {
@@ -877,14 +891,17 @@ Result<std::unique_ptr<Roles>> Roles::start(EventLoop& loop, const Config& confi
   auto impl = std::make_unique<Impl>(loop);
   Impl& s = *impl;
   s.config = what_roles_keep(config);
+  // One PIN for the process's token keys (daemon.pkcs11_pin_file or _credential, LoadedSecrets): the transport's
+  // and crypto/'s signing token. Kept from the start: a process stays logged in (a new PIN waits for a restart).
+  s.pkcs11_pin = secrets.pkcs11_pin();
   auto store = crypto::KeyStore::open(config.daemon.state_directory, secrets.master_key().clone());
   if (!store) return std::move(store).error();
   s.store.emplace(std::move(store).value());
   if (auto r = s.put_key_tables(config, secrets); !r) return std::move(r).error();
   if (auto r = s.resolve_peers(config, s.peers); !r) return std::move(r).error();
-  // The module and PIN come with the transport's token keys (daemon.pkcs11_module, LoadedSecrets); until they are
-  // configured here, a key named for crypto/'s token is refused at start by open_signing_token.
-  if (auto r = open_signing_token(s, config, std::string(), nullptr); !r) return std::move(r).error();
+  if (auto r = open_signing_token(s, config, config.daemon.pkcs11_module, s.pkcs11_pin.get()); !r) {
+    return std::move(r).error();
+  }
 
   if (config.mef) {
     if (auto r = start_mef(s, config, secrets); !r) return std::move(r).error();

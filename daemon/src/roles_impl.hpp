@@ -157,6 +157,8 @@ struct Roles::Impl {
   // The PKCS#11 token crypto/ signs with (open_signing_token): EST keys generated in it (enrolee.ae.certificate_key)
   // and the MEF's issuing CA key (mef.issuing_ca_key = "pkcs11:..."); null when the configuration names none.
   std::shared_ptr<const crypto::Token> signing_token;
+  // The token's user PIN (LoadedSecrets at start), for the transport's token keys made from store records.
+  std::shared_ptr<const SecretBuffer> pkcs11_pin;
   rspf::PskLookupSlot mef_slot;
   rspf::PskLookupSlot peer_slot;
   std::vector<std::unique_ptr<NodeDriver>> drivers;  // mef, peer, enrolee (whichever exist)

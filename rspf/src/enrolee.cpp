@@ -208,13 +208,11 @@ struct Enrolee::Impl : std::enable_shared_from_this<Enrolee::Impl> {
                                            : "DTLS with certificate " + config.certificate_name;
   }
 
-  // The bootstrap session takes its key as PEM: a record whose key is in a PKCS#11 token (an EST certificate
-  // requested with config.certificate_key) cannot bootstrap it yet.
-  static Result<void> require_sealed_key(const crypto::CertificateRecord& record) {
-    if (record.private_key_uri.empty()) return ok_result();
-    return make_error(Errc::unsupported, "the key of " + record.name + " is in a PKCS#11 token (" +
-                                             record.private_key_uri +
-                                             "): the bootstrap session to the MEF takes a sealed key only");
+  // A record whose key is in a PKCS#11 token (a device certificate configured so, or an EST certificate requested
+  // with config.certificate_key) bootstraps as a transport token key: the handshake signs in the token.
+  std::optional<transport::TokenKey> token_key_of(const crypto::CertificateRecord& record) const {
+    if (record.private_key_uri.empty()) return std::nullopt;
+    return transport::TokenKey{record.private_key_uri, config.token_pin};
   }
 
   // The bootstrap credential of PROTOCOL.md §3.1, read from the store at each attempt (an EST renewal replaces the
@@ -226,12 +224,15 @@ struct Enrolee::Impl : std::enable_shared_from_this<Enrolee::Impl> {
         return make_error(Errc::not_found, "bootstrap raw public key " + config.raw_public_key_name +
                                                " is not in the store");
       }
-      if (auto sealed = require_sealed_key(*record); !sealed.ok()) return std::move(sealed).error();
+      // The MEF proves itself by a pinned key, as the PSK case proves it by knowing Kpm.
+      if (auto token = token_key_of(*record)) {
+        return transport::ClientCredentials::raw_public_key(
+            transport::RpkCredentials{SecretBuffer(), config.mef_pinned_keys, std::move(token)}, config.mef_fqdn);
+      }
       auto key = crypto::PrivateKey::parse(record->private_key_der);
       if (!key.ok()) return std::move(key).error();
       auto key_pem = key->to_pem();  // SEC1 "EC PRIVATE KEY": the form libcoap 4.3.1 takes for RPK
       if (!key_pem.ok()) return std::move(key_pem).error();
-      // The MEF proves itself by a pinned key, as the PSK case proves it by knowing Kpm.
       return transport::ClientCredentials::raw_public_key(
           transport::RpkCredentials{std::move(*key_pem), config.mef_pinned_keys}, config.mef_fqdn);
     }
@@ -252,12 +253,15 @@ struct Enrolee::Impl : std::enable_shared_from_this<Enrolee::Impl> {
       if (!certificate.ok()) return std::move(certificate).error();
       x509.certificate_chain_pem += certificate->pem();
     }
-    if (auto sealed = require_sealed_key(*record); !sealed.ok()) return std::move(sealed).error();
-    auto key = crypto::PrivateKey::parse(record->private_key_der);
-    if (!key.ok()) return std::move(key).error();
-    auto key_pem = key->to_pem();
-    if (!key_pem.ok()) return std::move(key_pem).error();
-    x509.private_key_pem = std::move(*key_pem);
+    if (auto token = token_key_of(*record)) {
+      x509.token_key = std::move(token);
+    } else {
+      auto key = crypto::PrivateKey::parse(record->private_key_der);
+      if (!key.ok()) return std::move(key).error();
+      auto key_pem = key->to_pem();
+      if (!key_pem.ok()) return std::move(key_pem).error();
+      x509.private_key_pem = std::move(*key_pem);
+    }
     x509.trust_anchors_pem = config.mef_trust_anchors_pem;
     // The MEF proves its FQDN (dNSName), as the PSK case proves it by knowing Kpm.
     return transport::ClientCredentials::certificate(std::move(x509), config.mef_fqdn, config.mef_fqdn);

@@ -1,6 +1,6 @@
 // End to end with private keys in a PKCS#11 token (a throwaway SoftHSM2 token made by the test): the demo's
-// deployment with the MEF's server key in the token (the certificate RSPF signs with it); no byte of that key in any
-// log or state file; a wrong PIN, a missing token and a missing key stop dauthd at start and fail a reload, with
+// deployment with every private key in the token (the MEF's server and issuing CA keys, valve's device certificate
+// key, the key of its EST-issued AE-ID certificate generated there); no byte of those keys in any log or state file; a wrong PIN, a missing token and a missing key stop dauthd at start and fail a reload, with
 // the config key, the URI and the reason, never the PIN.
 #include <signal.h>
 
@@ -79,7 +79,7 @@ struct TokenMef {
 
 }  // namespace
 
-TEST_CASE("token keys: the MEF's server key in a SoftHSM token serves the certificate RSPF and never leaves it",
+TEST_CASE("token keys: the demo with every private key in a SoftHSM token and none of their bytes in any file",
           "[e2e][pkcs11]") {
   DAUTH_E2E_SKIP_WITHOUT_STOCK_TOOLS();
   if (transport::compiled_backend() != transport::Backend::gnutls) {
@@ -87,25 +87,86 @@ TEST_CASE("token keys: the MEF's server key in a SoftHSM token serves the certif
     return;
   }
   Deployment d;
+  // The MEF's server key (certificate RSPF handshakes) and its issuing CA key (EST) in the token.
   TokenMef mef(d);
-  // valve enrols with the certificate RSPF: its DTLS handshake with the MEF is signed by the token.
+  const auto ca_key = d.dir() / "mef" / "ca.key";
+  const std::string ca_scalar = private_scalar_hex(ca_key);
+  const std::string ca_uri = mef.token.import_private_key(ca_key, "mef-ca", "02");
+  std::filesystem::remove(ca_key);
+  d.edit_config("mef", [&](std::string text) {
+    return std::regex_replace(text, std::regex("issuing_ca_key = \"[^\"]*\""), "issuing_ca_key = \"" + ca_uri + "\"");
+  });
+  // Gateway B: valve's device certificate key (its bootstrap handshake with the MEF) in the token, and the key of
+  // the AE-ID certificate it gets over EST generated there (it then presents that certificate to peers).
+  const auto valve_key = d.dir() / "b" / "valve.key";
+  const std::string valve_scalar = private_scalar_hex(valve_key);
+  const std::string valve_uri = mef.token.import_private_key(valve_key, "valve-device", "03");
+  std::filesystem::remove(valve_key);
+  const std::string est_uri = mef.token.uri("valve-est");
+  d.insert_config_line("b", "[daemon]", "pkcs11_pin_file = \"" + mef.pin_file.string() + "\"");
+  d.edit_config("b", [&](std::string text) {
+    text = std::regex_replace(text, std::regex("private_key_file = \"[^\"]*\""),
+                              "private_key_file = \"" + valve_uri + "\"");
+    return std::regex_replace(text, std::regex("certificate_enrolment = true\n"),
+                              "certificate_enrolment = true\ncertificate_key = \"" + est_uri + "\"\n");
+  });
+
+  // Certificate peer sessions (as start_with_certificate_peer_sessions, with meter's EST key in the token too):
+  // A presents meter's AE-ID certificate as a client, B valve's as a server, both signing in the token.
+  const std::string mef_ca = (d.dir() / "mef" / "ca.pem").string();
+  d.edit_config("mef", [](std::string text) {
+    return std::regex_replace(text, std::regex("enrolee_id = \"CAE-meter\"\n"),
+                              "enrolee_id = \"CAE-meter\"\ncertificate_enrolment = true\n");
+  });
+  d.insert_config_line("a", "[daemon]", "pkcs11_pin_file = \"" + mef.pin_file.string() + "\"");
+  d.edit_config("a", [&](std::string text) {
+    text = std::regex_replace(text, std::regex("kpm_file = \"([^\"]*)/meter.kpm\"\n"),
+                              "kpm_file = \"$1/meter.kpm\"\ncertificate_enrolment = true\ncertificate_key = \"" +
+                                  mef.token.uri("meter-est") + "\"\n");
+    text = std::regex_replace(text, std::regex("\\[peer\\]\n"), "[peer]\ntrust_anchors = [\"" + mef_ca + "\"]\n");
+    return std::regex_replace(text, std::regex("(ae_id = \"CAE-valve\"\naddress = \"[^\"]*\"\n)"),
+                              "$1credential = \"certificate\"\n");
+  });
+  d.edit_config("b", [&](std::string text) {
+    return std::regex_replace(text, std::regex("\\[peer\\]\n"), "[peer]\ntrust_anchors = [\"" + mef_ca + "\"]\n");
+  });
   start_all(d);
+  d.stop("b", SIGTERM);
+  d.start("b");  // presents valve's AE-ID certificate, issued after its first start
+  REQUIRE(d.wait_enrolled("b", "CAE-valve"));
+  // valve's certificate came over EST, signed by the CA key in the token, for the key generated there.
+  const auto show = d.ctl("b", {"show"});
+  INFO(show.output);
   const auto marker = put_marker(d);
   const auto get = d.proxied("CAE-meter", "get", "example_data");
   INFO(get.output);
   CHECK(get.exit_code == 0);
   CHECK(get.output.find(marker) != std::string::npos);
+  // The token holds the generated key, not extractable (p11tool lists it as a private key, sensitive).
+  const auto listed = mef.token.run({"p11tool", "--login", "--set-pin=" + mef.token.pin(), "--list-privkeys",
+                                     "pkcs11:token=" + mef.token.label()});
+  CHECK_THAT(listed.output, Catch::Contains("valve-est") && Catch::Contains("meter-est") &&
+                                Catch::Contains("CKA_SENSITIVE"));
+  // The proxied request went over an X.509 peer session: A's client and B's server keys are the EST keys above.
+  bool certificate_session = false;
+  const auto sessions_b = d.ctl_json("b", {"sessions"});
+  INFO(sessions_b.dump());
+  for (const auto& session : sessions_b["sessions"]) {
+    certificate_session |= session.value("peer_ae_id", "") == "CAE-meter" && session.value("kind", "") == "x509";
+  }
+  CHECK(certificate_session);
 
-  d.stop("mef", SIGTERM);
   d.stop("a", SIGTERM);
   d.stop("b", SIGTERM);
+  d.stop("mef", SIGTERM);
   const std::string logs = d.all_logs();
-  CHECK(logs.find(mef.uri) != std::string::npos);  // the key is named where it is used
   CHECK(logs.find(mef.token.pin()) == std::string::npos);
   const std::string files = all_files_under(d.dir() / "mef") + all_files_under(d.dir() / "a") +
                             all_files_under(d.dir() / "b") + logs;
-  CHECK(files.find(mef.scalar_hex) == std::string::npos);
-  CHECK(files.find(bytes_of_hex(mef.scalar_hex)) == std::string::npos);
+  for (const std::string& scalar : {mef.scalar_hex, ca_scalar, valve_scalar}) {
+    CHECK(files.find(scalar) == std::string::npos);
+    CHECK(files.find(bytes_of_hex(scalar)) == std::string::npos);
+  }
 }
 
 TEST_CASE("token keys: a wrong PIN a missing token and a missing key stop dauthd at start and fail a reload",

@@ -59,6 +59,9 @@ struct EnroleeConfig {
   // key in a PKCS#11 token (crypto::Token::private_key_or_generate: generated there on first use, reused by
   // renewals), which the stored CertificateRecord then names by its private_key_uri.
   std::function<Result<crypto::PrivateKey>()> certificate_key{};
+  // The token's user PIN for bootstrap certificates whose key is in a token (CertificateRecord::private_key_uri):
+  // the transport logs in with it when the key is first used (transport::TokenKey).
+  std::shared_ptr<const SecretBuffer> token_pin{};
   UnixClock clock = system_unix_clock();
   LogSink log = stderr_log_sink();
   JitterSource jitter = random_jitter();
