@@ -6,6 +6,8 @@
 // key imported into a throwaway SoftHSM2 token (pkcs11: URI); the same client (file key) opens one new session per
 // request, sequentially, alternating between the two in interleaved rounds. Mode "both" also puts the client's key
 // in the token (the client signs its CertificateVerify there).
+// Certificate issuance: the MEF's EST issuing step (crypto::CertificateAuthority::issue) with the CA key in memory
+// vs in the token, in this process, as many issuances as handshakes.
 // Usage: bench_token [handshakes=400] [rounds=5]
 // Prints per mode the median rate of each server, the median ratio token/file with the spread (min..max) of the
 // per-round ratios, and the server CPU per handshake (from /proc/<pid>/schedstat, same rounds).
@@ -26,6 +28,8 @@
 #include <thread>
 #include <vector>
 
+#include "dauth/crypto/token.hpp"
+#include "dauth/crypto/x509.hpp"
 #include "dauth/transport/transport.hpp"
 #include "loopback_ports.hpp"
 
@@ -59,6 +63,7 @@ bool make_pki_and_token(const std::filesystem::path& dir) {
       "printf 'subjectAltName=URI://bench.example/in-cse/CAE-%s\\nextendedKeyUsage=serverAuth,clientAuth\\n' $n "
       "> $n.ext; openssl x509 -req -in $n.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile $n.ext "
       "-out $n.pem 2>/dev/null; openssl pkcs8 -topk8 -nocrypt -in $n.key -out $n.p8; done; "
+      "openssl pkcs8 -topk8 -nocrypt -in ca.key -out ca.p8; "
       "mkdir tokens; printf 'directories.tokendir = %s/tokens\\nobjectstore.backend = file\\nlog.level = ERROR\\n' "
       "'" + d + "' > softhsm2.conf";
   if (!run(pki)) return false;
@@ -67,7 +72,7 @@ bool make_pki_and_token(const std::filesystem::path& dir) {
                             " --so-pin 12345678 --pin " + kPin + " >/dev/null";
   if (!run(token)) return false;
   int id = 1;
-  for (const char* name : {"server", "client"}) {
+  for (const char* name : {"server", "client", "ca"}) {
     const std::string import = "softhsm2-util --import '" + d + "/" + name + ".p8' --token " + kTokenLabel +
                                " --label " + name + " --id 0" + std::to_string(id++) + " --pin " + kPin +
                                " >/dev/null";
@@ -90,6 +95,7 @@ transport::X509Credentials credentials(const std::filesystem::path& dir, const s
 
 // A server in a child process that dies with the benchmark, GET anything -> 2.05.
 pid_t start_server(const std::filesystem::path& dir, std::uint16_t port, bool key_in_token) {
+  std::fflush(stdout);  // the child must not print the parent's buffered lines again
   const pid_t pid = fork();
   if (pid != 0) return pid;
   prctl(PR_SET_PDEATHSIG, SIGKILL);
@@ -126,6 +132,7 @@ struct Client {
   transport::Peer peer;
   transport::ClientCredentials credentials;
   int failures = 0;
+  std::string last_error;
 
   Client(std::uint16_t port, transport::ClientCredentials with) : peer{"127.0.0.1", port}, credentials(std::move(with)) {
     transport::NodeConfig config;
@@ -140,6 +147,7 @@ struct Client {
                                                                const transport::Session*) {
       done = true;
       ok = response.ok();
+      if (!ok) last_error = response.error().to_string();
     });
     node->run_until([&] { return done; }, std::chrono::seconds(10));
     node->close_client_sessions();
@@ -165,6 +173,69 @@ struct Client {
 double median(std::vector<double> values) {
   std::sort(values.begin(), values.end());
   return values[values.size() / 2];
+}
+
+// AE-ID certificates issued from one CSR by the CA, `count` times; returns issuances per second (0 on an error).
+double issuances_per_second(const crypto::CertificateAuthority& ca, const crypto::CertificateRequest& request,
+                            int count) {
+  const auto start = Clock::now();
+  for (int i = 0; i < count; ++i) {
+    const std::time_t now = std::time(nullptr);
+    crypto::IssueParams params{Bytes{0x01, static_cast<std::uint8_t>(i >> 8), static_cast<std::uint8_t>(i)}, now,
+                               now + 3600};
+    if (!ca.issue(request, "CAE-bench", params).ok()) return 0;
+  }
+  return count / std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+// The MEF's EST issuing step alone (crypto::CertificateAuthority::issue: mbedTLS writes the certificate, the CA key
+// signs it), with the same CA key in memory and in the token, interleaved rounds, CPU of this process.
+bool bench_issuance(const std::filesystem::path& dir, int issuances, int rounds) {
+  auto token = crypto::Token::open(crypto::TokenOptions{}, SecretBuffer::copy_of(ByteView::of(kPin)));
+  auto token_key = token.ok() ? token->private_key(std::string("pkcs11:token=") + kTokenLabel + ";object=ca")
+                              : Result<crypto::PrivateKey>(token.error());
+  auto file_key = crypto::PrivateKey::load_file((dir / "ca.key").string());
+  auto certificate = crypto::Certificate::load_file((dir / "ca.pem").string());
+  auto certificate_again = crypto::Certificate::load_file((dir / "ca.pem").string());
+  auto subject = crypto::PrivateKey::generate_p256();
+  if (!token_key.ok() || !file_key.ok() || !certificate.ok() || !certificate_again.ok() || !subject.ok()) {
+    std::cerr << "issuance set-up: " << (token_key.ok() ? "" : token_key.error().to_string()) << "\n";
+    return false;
+  }
+  auto file_ca = crypto::CertificateAuthority::from(std::move(*certificate), std::move(*file_key));
+  auto token_ca = crypto::CertificateAuthority::from(std::move(*certificate_again), std::move(*token_key));
+  auto request = crypto::CertificateRequest::create(*subject, "CAE-bench");
+  if (!file_ca.ok() || !token_ca.ok() || !request.ok()) {
+    std::cerr << "issuance set-up: " << (token_ca.ok() ? "" : token_ca.error().to_string()) << "\n";
+    return false;
+  }
+  std::vector<double> file_rates, token_rates, ratios, file_cpu_us, token_cpu_us, cpu_ratios;
+  const int per_round = std::max(1, issuances / rounds);
+  const pid_t self = getpid();
+  for (int round = 0; round < rounds; ++round) {
+    std::uint64_t before = cpu_ns(self);
+    file_rates.push_back(issuances_per_second(*file_ca, *request, per_round));
+    file_cpu_us.push_back(static_cast<double>(cpu_ns(self) - before) / 1000.0 / per_round);
+    before = cpu_ns(self);
+    token_rates.push_back(issuances_per_second(*token_ca, *request, per_round));
+    token_cpu_us.push_back(static_cast<double>(cpu_ns(self) - before) / 1000.0 / per_round);
+    if (file_rates.back() == 0 || token_rates.back() == 0) {
+      std::cerr << "an issuance failed\n";
+      return false;
+    }
+    ratios.push_back(token_rates.back() / file_rates.back());
+    cpu_ratios.push_back(token_cpu_us.back() / file_cpu_us.back());
+  }
+  std::printf("CA key in the token: issuances/s (median) file %.1f, token %.1f, token/file %.2f, per-round "
+              "%.2f..%.2f\n",
+              median(file_rates), median(token_rates), median(ratios), *std::min_element(ratios.begin(), ratios.end()),
+              *std::max_element(ratios.begin(), ratios.end()));
+  std::printf("CA key in the token: CPU per issuance (median, this process; SoftHSM runs in it) file %.0f us, token "
+              "%.0f us, token/file %.2f, per-round %.2f..%.2f\n",
+              median(file_cpu_us), median(token_cpu_us), median(cpu_ratios),
+              *std::min_element(cpu_ratios.begin(), cpu_ratios.end()),
+              *std::max_element(cpu_ratios.begin(), cpu_ratios.end()));
+  return true;
 }
 
 }  // namespace
@@ -196,8 +267,12 @@ int main(int argc, char** argv) {
     Client file_client(file_port, transport::ClientCredentials::certificate(credentials(dir, "client", false), "", ""));
     Client token_client(token_port,
                         transport::ClientCredentials::certificate(credentials(dir, "client", client_in_token), "", ""));
-    if (!file_client.wait_until_serving() || !token_client.wait_until_serving()) {
-      std::cerr << mode << ": a server does not answer (its error above, if it failed to start)\n";
+    // The token server loads its key before this process touches the token: SoftHSM2 processes that read one
+    // token directory at the same moment may miss the token (seen as "no token matches it" at start).
+    Client probe(token_port, transport::ClientCredentials::certificate(credentials(dir, "client", false), "", ""));
+    if (!file_client.wait_until_serving() || !probe.wait_until_serving() || !token_client.wait_until_serving()) {
+      std::cerr << mode << ": a server does not answer: " << file_client.last_error << token_client.last_error
+                << "\n";
       kill(file_server, SIGKILL);
       kill(token_server, SIGKILL);
       return 1;
@@ -232,6 +307,7 @@ int main(int argc, char** argv) {
                 *std::max_element(cpu_ratios.begin(), cpu_ratios.end()));
   }
   std::printf("failed requests: %d\n", failures);
+  if (!bench_issuance(dir, handshakes, rounds)) failures += 1;
   std::error_code ignored;
   std::filesystem::remove_all(dir, ignored);
   return failures == 0 ? 0 : 1;

@@ -2,6 +2,7 @@
 #include <array>
 #include <string>
 
+#include "dauth/crypto/token.hpp"
 #include "dauth/transport/transport.hpp"
 #include "tls_backend.hpp"
 
@@ -15,7 +16,7 @@ std::string_view to_string(Backend backend) noexcept {
 
 bool backend_supports_rpk() noexcept { return compiled_backend() == Backend::gnutls; }
 
-bool is_token_key_uri(std::string_view text) noexcept { return text.substr(0, 7) == "pkcs11:"; }
+bool is_token_key_uri(std::string_view text) noexcept { return crypto::is_pkcs11_uri(text); }
 
 Result<void> check_token_key_uri(std::string_view uri) {
   if (!is_token_key_uri(uri)) return make_error(Errc::invalid_argument, "a token key is a pkcs11: URI (RFC 7512)");
