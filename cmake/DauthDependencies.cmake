@@ -12,6 +12,8 @@ else()
 endif()
 
 pkg_check_modules(SODIUM REQUIRED IMPORTED_TARGET libsodium)
+# PKCS#11 keys (crypto/token.cpp): p11-kit loads the modules and parses RFC 7512 URIs.
+pkg_check_modules(P11KIT REQUIRED IMPORTED_TARGET p11-kit-1)
 find_package(Threads REQUIRED)
 pkg_check_modules(SYSTEMD REQUIRED IMPORTED_TARGET libsystemd)
 

@@ -211,7 +211,15 @@ Result<void> validate_fields(const CertificateRecord& r, const Record& whole) {
   for (std::size_t i = 0; i < r.chain_der.size(); ++i) {
     if (r.chain_der[i].empty()) return invalid_record(whole, "chain_der[" + std::to_string(i) + "] is empty");
   }
-  if (r.private_key_der.empty()) return invalid_record(whole, "private_key_der is empty");
+  if (r.private_key_der.empty() == r.private_key_uri.empty()) {
+    return invalid_record(whole, r.private_key_der.empty() ? "private_key_der and private_key_uri are both empty"
+                                                           : "private_key_der and private_key_uri are both set");
+  }
+  // Lower-case "pkcs11:" exactly (RFC 7512's form): the codec recognises the optional field by it.
+  if (!r.private_key_uri.empty() && r.private_key_uri.rfind("pkcs11:", 0) != 0) {
+    return invalid_record(whole, "private_key_uri " + quote_for_error(r.private_key_uri) +
+                                     " does not start with 'pkcs11:' (RFC 7512)");
+  }
   return ok_result();
 }
 Result<void> validate_fields(const IssuanceRecord& r, const Record& whole) {

@@ -93,6 +93,7 @@ void fields(A& a, R& r) {
   a.blob_list("chain_der", r.chain_der);
   a.secret("private_key_der", r.private_key_der);
   a.i64("expires_at", r.expires_at);
+  a.optional_uri("private_key_uri", r.private_key_uri);
 }
 template <class A, class R, IfRecord<R, IssuanceRecord> = 0>
 void fields(A& a, R& r) {
@@ -132,6 +133,9 @@ class Sizer {
   void i64(const char*, std::int64_t) { size += 8; }
   void i32(const char*, int) { size += 4; }
   void boolean(const char*, bool) { size += 1; }
+  void optional_uri(const char* name, const std::string& s) {
+    if (!s.empty()) text(name, s);
+  }
 
   std::size_t size = 1;  // kind byte
   const char* too_long = nullptr;
@@ -181,6 +185,9 @@ class Writer {
   }
   void boolean(const char*, bool v) { *p_++ = v ? 1 : 0; }
   void byte(std::uint8_t v) { *p_++ = v; }
+  void optional_uri(const char* name, const std::string& s) {
+    if (!s.empty()) text(name, s);
+  }
 
  private:
   void raw(const void* data, std::size_t n, std::size_t prefix) {
@@ -246,6 +253,20 @@ class Reader {
     if (p == nullptr) return;
     if (*p > 1) return fail(name, "boolean byte " + std::to_string(*p) + ", must be 0 or 1");
     v = *p == 1;
+  }
+  // An optional trailing field (docs/keystore-format.md): absent when the record ends here; present only as a
+  // non-empty string that starts with "pkcs11:", so that a record's encoding stays canonical and a measured entry
+  // followed by other bytes (measure_entry) does not take them for the field. Bytes that are not such a field are
+  // left for expect_end() to refuse.
+  void optional_uri(const char* name, std::string& s) {
+    constexpr std::string_view kScheme = "pkcs11:";
+    if (failed() || remaining() < 2) return;
+    const std::size_t n = get_u16(in_.data + pos_);
+    if (n < kScheme.size() || n > remaining() - 2 ||
+        std::memcmp(in_.data + pos_ + 2, kScheme.data(), kScheme.size()) != 0) {
+      return;
+    }
+    text(name, s);
   }
   std::optional<std::uint8_t> byte(const char* name) {
     const std::uint8_t* p = take(name, 1);

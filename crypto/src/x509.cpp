@@ -399,10 +399,6 @@ Result<void> Certificate::verify(const Certificate& trust_anchors, std::time_t n
 
 // ================================================================================================== PrivateKey ====
 
-struct PrivateKey::Impl {
-  detail::PkContext pk;
-};
-
 PrivateKey::PrivateKey(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 PrivateKey::PrivateKey(PrivateKey&&) noexcept = default;
 PrivateKey& PrivateKey::operator=(PrivateKey&&) noexcept = default;
@@ -485,6 +481,11 @@ Result<SecretBuffer> PrivateKey::to_pem() const {
 }
 
 Result<SecretBuffer> PrivateKey::to_der() const {
+  // mbedTLS would write the token key's empty private value: refuse instead.
+  if (in_token()) {
+    return make_error(Errc::unsupported, "the private key " + impl_->token_uri +
+                                             " stays in its PKCS#11 token: it cannot be exported");
+  }
   SecretBuffer buffer(1024);  // a P-256 SEC1 DER is ~121 bytes; written at the end of the buffer
   const int n = mbedtls_pk_write_key_der(impl_->pk.get(), buffer.data(), buffer.size());
   if (n < 0) return mbedtls_error(n, "writing the private key as DER");
@@ -492,6 +493,7 @@ Result<SecretBuffer> PrivateKey::to_der() const {
 }
 
 Bytes PrivateKey::public_key_der() const { return spki_der_of(impl_->pk.get()); }
+const std::string& PrivateKey::token_uri() const { return impl_->token_uri; }
 std::string PrivateKey::public_key_id() const { return public_key_id_of_spki(public_key_der()); }
 
 // ========================================================================================== CertificateRequest ====
@@ -762,7 +764,14 @@ Result<CertificateAuthority> CertificateAuthority::from(Certificate certificate,
     return make_error(Errc::invalid_argument, who + " lacks keyUsage keyCertSign");
   }
   if (auto ok = require_p256(crt.pk, who + "'s key"); !ok) return std::move(ok).error();
-  if (const int rc = mbedtls_pk_check_pair(&crt.pk, key.impl_->pk.get()); rc != 0) {
+  if (key.in_token()) {
+    // mbedtls_pk_check_pair needs both halves in memory; a token key is checked by its public half, and the token
+    // proves the private half with each signature.
+    if (spki_der_of(&crt.pk) != key.public_key_der()) {
+      return make_error(Errc::invalid_argument, who + ": the private key " + key.token_uri() +
+                                                    " does not belong to its public key");
+    }
+  } else if (const int rc = mbedtls_pk_check_pair(&crt.pk, key.impl_->pk.get()); rc != 0) {
     return mbedtls_error(rc, who + ": the private key does not belong to its public key");
   }
   auto issuer_name = issuer_name_of(crt);

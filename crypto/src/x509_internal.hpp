@@ -12,6 +12,7 @@
 #include <string_view>
 #include <vector>
 
+#include "dauth/crypto/x509.hpp"
 #include "dauth/error.hpp"
 #include "dauth/secret.hpp"
 #include "mbedtls_error.hpp"
@@ -89,3 +90,14 @@ std::time_t to_time_t(const mbedtls_x509_time& time);
 Result<std::string> to_validity_string(std::time_t time);
 
 }  // namespace dauth::crypto::detail
+
+namespace dauth::crypto {
+
+// A key in memory (an mbedTLS EC key pair), or a key in a PKCS#11 token: then pk is set up with the token key
+// type of token.cpp (the public point for mbedTLS's writers, signing in the token) and token_uri names it.
+struct PrivateKey::Impl {
+  detail::PkContext pk;
+  std::string token_uri;
+};
+
+}  // namespace dauth::crypto

@@ -18,8 +18,10 @@
 #include <toml++/toml.h>
 
 #include "dauth/crypto/identifiers.hpp"
+#include "dauth/crypto/key_file.hpp"
 #include "dauth/crypto/keystore.hpp"
 #include "dauth/crypto/x509.hpp"
+#include "dauth/crypto/token.hpp"
 #include "dauth/rspf/credential_rules.hpp"
 #include "dauth/transport/address.hpp"
 #include "dauth/transport/transport.hpp"
@@ -173,6 +175,7 @@ std::string check_string(ValueCheck check, const std::string& value) {
       }
       return {};
     }
+    case ValueCheck::private_key: return {};  // Parser::convert: a path, or a URI checked by transport
     case ValueCheck::credential_name:
       for (const char c : value) {
         const bool ok = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_' ||
@@ -285,8 +288,16 @@ std::optional<ConfigValue> Parser::convert(const KeySpec& spec, const std::strin
   };
   const auto check_text = [&](const std::string& text) -> std::string {
     const auto length = static_cast<std::int64_t>(text.size());
+    if (spec.check == ValueCheck::private_key && transport::is_token_key_uri(text)) {
+      if (auto uri = transport::check_token_key_uri(text); !uri) return uri.error().message;
+      if (length > spec.max) return "length " + std::to_string(length) + ": at most " + std::to_string(spec.max);
+      return {};
+    }
     if (spec.type == ValueType::path || spec.type == ValueType::path_list) {
-      if (text.empty() || text.front() != '/') return "must be an absolute path";
+      if (text.empty() || text.front() != '/') {
+        return spec.check == ValueCheck::private_key ? "must be an absolute path or a pkcs11: URI (RFC 7512)"
+                                                     : "must be an absolute path";
+      }
     }
     if (length < spec.min || length > spec.max) {
       if (spec.min > 0 && text.empty()) return "must not be empty";
@@ -311,6 +322,11 @@ std::optional<ConfigValue> Parser::convert(const KeySpec& spec, const std::strin
       const auto* s = node.as_string();
       if (!s) return bad(std::string("must be ") + std::string(type_word(spec.type)));
       const auto why = check_text(s->get());
+      if (!why.empty() && spec.check == ValueCheck::private_key && transport::is_token_key_uri(s->get())) {
+        // Not quoted back: the URI may carry a PIN (the reason quotes it when it does not).
+        error(node.source(), path + ": " + why);
+        return std::nullopt;
+      }
       if (!why.empty()) return bad(why);
       return ConfigValue(s->get());
     }
@@ -540,6 +556,21 @@ void Parser::check_cross_fields(const std::vector<ConfigTable>& tables) {
       error_entry(*ae, *ae->find("certificate_file"),
                   "needs enrolee.mef_trust_anchor (the CA of the MEF's certificate) for the certificate RSPF");
     }
+    // The EST key in a token: a key URI without a PIN (crypto::Token checks the rest when it is used), and only for
+    // an AE that asks for a certificate. A URI with a PIN is not quoted.
+    if (const ConfigEntry* key = ae->find("certificate_key")) {
+      const auto& uri = std::get<std::string>(key->value);
+      if (uri.find("pin-value") != std::string::npos || uri.find("pin-source") != std::string::npos) {
+        error_at(key->line, key->column, ae->key_path("certificate_key") +
+                                             ": a URI with a PIN is refused (the PIN comes from "
+                                             "daemon.pkcs11_pin_credential or daemon.pkcs11_pin_file)");
+      } else if (!crypto::is_pkcs11_uri(uri)) {
+        error_entry(*ae, *key, "must be a pkcs11: URI (RFC 7512), e.g. \"pkcs11:token=dauth;object=" +
+                                   std::get<std::string>(id->value) + "\"");
+      } else if (!std::get<bool>(ae->find("certificate_enrolment")->value)) {
+        error_entry(*ae, *key, "needs certificate_enrolment = true (it is the key of the EST certificate)");
+      }
+    }
     // The bootstrap key's rule is rspf's, as for dauthctl credentials add (Enrolee::use_bootstrap_key).
     const std::string* mef_fqdn = text_of(enrolee, "mef_fqdn");
     if (const ConfigEntry* kpm_id = ae->find("kpm_id"); kpm_id && mef_fqdn) {
@@ -748,6 +779,9 @@ void build_typed(Config& config) {
       d.master_key_file = get_path(t, "master_key_file");
       d.master_key_next_credential = get<std::string>(t, "master_key_next_credential");
       d.master_key_next_file = get_path(t, "master_key_next_file");
+      d.pkcs11_module = get<std::string>(t, "pkcs11_module");
+      d.pkcs11_pin_credential = get<std::string>(t, "pkcs11_pin_credential");
+      d.pkcs11_pin_file = get_path(t, "pkcs11_pin_file");
       d.log_level = log::level_from_string(get<std::string>(t, "log_level")).value_or(log::Level::info);
       d.max_control_clients = static_cast<int>(get<std::int64_t>(t, "max_control_clients"));
       d.shutdown_timeout = static_cast<int>(get<std::int64_t>(t, "shutdown_timeout"));
@@ -801,6 +835,7 @@ void build_typed(Config& config) {
       ae.private_key_file = get_path(t, "private_key_file");
       ae.certificate_enrolment = get<bool>(t, "certificate_enrolment");
       ae.raw_key = get<std::string>(t, "raw_key");
+      ae.certificate_key = get<std::string>(t, "certificate_key");
       config.enrolee->aes.push_back(std::move(ae));
     } else if (t.section == "mef.enrolee" && config.mef) {
       MefEnrolee row;
@@ -933,6 +968,80 @@ Error secret_error(const Config& config, const ConfigTable& table, std::string_v
   return make_error(e.code, where + ": " + table.key_path(key) + ": " + e.message);
 }
 
+// A PIN is short text (PKCS#11 leaves its length to the token; 256 bytes is far above any token's limit).
+constexpr std::size_t kMaxPinBytes = 256;
+
+// The PIN file's content without its one optional trailing newline; Errc::parse if nothing is left.
+Result<SecretBuffer> read_pin_file(const std::filesystem::path& path) {
+  auto text = crypto::read_key_file(path, "PKCS#11 PIN file", kMaxPinBytes);
+  if (!text) return std::move(text).error();
+  if (text->size() > kMaxPinBytes) {
+    return make_error(Errc::parse, path.string() + ": longer than " + std::to_string(kMaxPinBytes) + " bytes");
+  }
+  std::size_t length = text->size();
+  if (length > 0 && text->data()[length - 1] == '\n') --length;
+  if (length == 0) return make_error(Errc::parse, path.string() + ": empty (the token's user PIN, one line)");
+  return text->slice(0, length);
+}
+
+// The keys of the configuration given as pkcs11: URIs.
+std::vector<std::pair<const ConfigTable*, const ConfigEntry*>> token_key_entries(const Config& config) {
+  std::vector<std::pair<const ConfigTable*, const ConfigEntry*>> out;
+  for (const ConfigTable& table : config.tables) {
+    for (const ConfigEntry& entry : table.entries) {
+      if (entry.spec->check != ValueCheck::private_key) continue;
+      if (transport::is_token_key_uri(std::get<std::string>(entry.value))) out.emplace_back(&table, &entry);
+    }
+  }
+  return out;
+}
+
+// The token's PIN, then every token key loaded once with it: what start and reload say about a wrong PIN, a
+// missing token or a missing key, before any role is built or changed.
+template <typename Fail>
+Result<void> load_token_secrets(const Config& config, SystemdCredential credential,
+                                std::shared_ptr<const SecretBuffer>& pin, const Fail& fail) {
+  const auto keys = token_key_entries(config);
+  // EST keys generated in the token (enrolee.ae.certificate_key) need the PIN too; they may not exist yet, so they
+  // are not loaded here.
+  bool generates_keys = false;
+  if (config.enrolee) {
+    for (const auto& ae : config.enrolee->aes) generates_keys |= !ae.certificate_key.empty();
+  }
+  if (keys.empty() && !generates_keys) return ok_result();
+  const auto& d = config.daemon;
+  const ConfigTable* daemon_table = find_table(config.tables, "daemon");
+  const char* directory = std::getenv("CREDENTIALS_DIRECTORY");
+  const bool have_directory = directory != nullptr && *directory != '\0';
+  if (!d.pkcs11_pin_file.empty()) {
+    auto read = read_pin_file(d.pkcs11_pin_file);
+    if (!read) return fail(*daemon_table, "pkcs11_pin_file", read.error());
+    pin = std::make_shared<const SecretBuffer>(std::move(read).value());
+  } else if (have_directory) {
+    // systemd LoadCredential= (systemd.exec(5)): $CREDENTIALS_DIRECTORY/<name>. Absent: a token without a PIN.
+    const std::filesystem::path path = std::filesystem::path(directory) / d.pkcs11_pin_credential;
+    std::error_code ignored;
+    if (std::filesystem::exists(path, ignored)) {
+      auto read = read_pin_file(path);
+      if (!read) return fail(*daemon_table, "pkcs11_pin_credential", read.error());
+      pin = std::make_shared<const SecretBuffer>(std::move(read).value());
+    }
+  } else if (credential == SystemdCredential::later) {
+    return ok_result();  // the PIN comes with the credentials when systemd starts the unit: keys checked then
+  }
+  // Another module than the running one is a restart's (reload_rules): the keys are checked with the running one.
+  if (auto module = transport::use_pkcs11_module(d.pkcs11_module);
+      !module && module.error().code != Errc::invalid_argument) {
+    return fail(*daemon_table, "pkcs11_module", module.error());
+  }
+  for (const auto& [table, entry] : keys) {
+    const std::string& uri = std::get<std::string>(entry->value);
+    auto loaded = transport::check_token_key(transport::TokenKey{uri, pin});
+    if (!loaded) return fail(*table, entry->spec->name, loaded.error());
+  }
+  return ok_result();
+}
+
 }  // namespace
 
 Result<LoadedSecrets> load_master_keys(const Config& config, SystemdCredential credential) {
@@ -996,6 +1105,10 @@ Result<LoadedSecrets> load_secrets(const Config& config, SystemdCredential crede
   const auto fail = [&](const ConfigTable& table, std::string_view key, const Error& e) {
     return secret_error(config, table, key, e);
   };
+
+  if (auto token = load_token_secrets(config, credential, secrets.pkcs11_pin_, fail); !token) {
+    return std::move(token).error();
+  }
 
   for (const ConfigTable& table : config.tables) {
     if (table.section != "enrolee.ae" && table.section != "mef.enrolee") continue;

@@ -255,6 +255,15 @@ Result<void> Daemon::reload() {
   // their running value and are named.
   auto applied = live_changes(config_, *config);
   auto pending = restart_pending(running_restart_values_, restart_values(*config));
+  // PKCS#11 logs a process into a token once: while logged in, the token never sees a new PIN, so the reload
+  // cannot try it (load_secrets' key checks pass without asking). It waits for the restart, which tries it;
+  // dauthd --check-config, a process of its own, tries it at once.
+  const auto& running_pin = secrets_.pkcs11_pin();
+  const auto& new_pin = secrets->pkcs11_pin();
+  if (running_pin && new_pin && !running_pin->equals(*new_pin)) {
+    pending.push_back(config->daemon.pkcs11_pin_file.empty() ? "daemon.pkcs11_pin_credential (a new PIN)"
+                                                             : "daemon.pkcs11_pin_file (a new PIN)");
+  }
   // New policy, peer addresses, local AEs' sources and endpoints, key tables; live sessions continue.
   if (roles_) {
     if (auto r = roles_->reload(*config, *secrets); !r) return fail(r.error());

@@ -36,7 +36,8 @@ Result<std::string> load_certificates_pem(const std::filesystem::path& path, con
 
 // The MEF's X.509 server credentials (certificate RSPF): its FQDN certificate, and as trust anchors the device CA
 // and, for AE-ID certificates it issued (EST re-enrolment), its issuing CA.
-Result<transport::X509Credentials> mef_x509_credentials(const MefSettings& mef) {
+Result<transport::X509Credentials> mef_x509_credentials(const MefSettings& mef,
+                                                        const std::shared_ptr<const SecretBuffer>& pkcs11_pin) {
   auto chain = crypto::Certificate::load_file(mef.certificate_file.string());
   if (!chain) return make_error(chain.error().code, "mef.certificate_file: " + chain.error().message);
   const auto dns_names = chain->san_dns_names();
@@ -46,17 +47,22 @@ Result<transport::X509Credentials> mef_x509_credentials(const MefSettings& mef) 
                                                   ": no subjectAltName dNSName " + mef.fqdn +
                                                   " (enrolees check the MEF's FQDN)");
   }
-  auto key = crypto::PrivateKey::load_file(mef.private_key_file.string());
-  if (!key) return make_error(key.error().code, "mef.private_key_file: " + key.error().message);
-  if (key->public_key_der() != chain->public_key_der()) {
-    return make_error(Errc::invalid_argument, "mef.private_key_file " + mef.private_key_file.string() +
-                                                  " is not the key of mef.certificate_file");
-  }
-  auto key_pem = key->to_pem();
-  if (!key_pem) return make_error(key_pem.error().code, "mef.private_key_file: " + key_pem.error().message);
   transport::X509Credentials credentials;
   credentials.certificate_chain_pem = chain->pem();
-  credentials.private_key_pem = std::move(key_pem).value();
+  if (transport::is_token_key_uri(mef.private_key_file.string())) {
+    // The key stays in the token; transport loads it (and checks it is the certificate's) when the node starts.
+    credentials.token_key = transport::TokenKey{mef.private_key_file.string(), pkcs11_pin};
+  } else {
+    auto key = crypto::PrivateKey::load_file(mef.private_key_file.string());
+    if (!key) return make_error(key.error().code, "mef.private_key_file: " + key.error().message);
+    if (key->public_key_der() != chain->public_key_der()) {
+      return make_error(Errc::invalid_argument, "mef.private_key_file " + mef.private_key_file.string() +
+                                                    " is not the key of mef.certificate_file");
+    }
+    auto key_pem = key->to_pem();
+    if (!key_pem) return make_error(key_pem.error().code, "mef.private_key_file: " + key_pem.error().message);
+    credentials.private_key_pem = std::move(key_pem).value();
+  }
   for (const auto& [path, name] : {std::pair{mef.device_ca, "mef.device_ca"},
                                    std::pair{mef.issuing_ca_certificate, "mef.issuing_ca_certificate"}}) {
     if (path.empty()) continue;
@@ -197,11 +203,17 @@ Result<transport::X509Credentials> Roles::Impl::x509_of_local_ae(const std::stri
     if (!certificate) return make_error(certificate.error().code, "certificate of " + ae_id + ": " + certificate.error().message);
     credentials.certificate_chain_pem += certificate->pem();
   }
-  auto key = crypto::PrivateKey::parse(record->private_key_der);
-  if (!key) return make_error(key.error().code, "key of " + ae_id + ": " + key.error().message);
-  auto key_pem = key->to_pem();
-  if (!key_pem) return make_error(key_pem.error().code, "key of " + ae_id + ": " + key_pem.error().message);
-  credentials.private_key_pem = std::move(key_pem).value();
+  if (!record->private_key_uri.empty()) {
+    // A key in a token (enrolee.ae.certificate_key, or a device certificate's private_key_file): the transport
+    // loads it by URI and the token signs the handshakes.
+    credentials.token_key = transport::TokenKey{record->private_key_uri, pkcs11_pin};
+  } else {
+    auto key = crypto::PrivateKey::parse(record->private_key_der);
+    if (!key) return make_error(key.error().code, "key of " + ae_id + ": " + key.error().message);
+    auto key_pem = key->to_pem();
+    if (!key_pem) return make_error(key_pem.error().code, "key of " + ae_id + ": " + key_pem.error().message);
+    credentials.private_key_pem = std::move(key_pem).value();
+  }
   credentials.trust_anchors_pem = peer_trust_anchors_pem;
   credentials.local_ae_id = ae_id;  // presented by the peer endpoint, it grants its sessions this AE
   return credentials;
@@ -447,7 +459,8 @@ std::optional<crypto::Record> stored_copy(const crypto::KeyStore& store, crypto:
     case crypto::RecordKind::certificate:
       if (const auto* r = store.find<crypto::CertificateRecord>(id)) {
         return crypto::Record{
-            crypto::CertificateRecord{r->name, r->chain_der, r->private_key_der.clone(), r->expires_at}};
+            crypto::CertificateRecord{r->name, r->chain_der, r->private_key_der.clone(), r->expires_at,
+                                      r->private_key_uri}};
       }
       break;
     default:
@@ -547,6 +560,19 @@ Result<crypto::CertificateRecord> Roles::Impl::device_certificate_record(const L
                                                   ae.certificate_file.string() + " names AE-ID " +
                                                   crypto::quote_for_error(*named) + " (subjectAltName URI), not " +
                                                   ae.id);
+  }
+  if (transport::is_token_key_uri(ae.private_key_file.string())) {
+    // The key stays in the token: the record names it, and the bootstrap session signs there.
+    auto key_id = transport::check_token_key(transport::TokenKey{ae.private_key_file.string(), pkcs11_pin});
+    if (!key_id) return fail("private_key_file", key_id.error());
+    if (*key_id != certificate->public_key_id()) {
+      return make_error(Errc::invalid_argument, "enrolee.ae " + ae.id + ": private_key_file " +
+                                                    ae.private_key_file.string() + " is not the key of certificate_file");
+    }
+    crypto::CertificateRecord record{device_certificate_name(ae.id), certificate->chain_der(), {},
+                                     static_cast<std::int64_t>(certificate->not_after())};
+    record.private_key_uri = ae.private_key_file.string();
+    return record;
   }
   auto key = crypto::PrivateKey::load_file(ae.private_key_file.string());
   if (!key) return fail("private_key_file", key.error());
@@ -676,7 +702,7 @@ Result<NodeDriver*> add_node_driver(Roles::Impl& s, const std::string& name, tra
 }
 
 // [mef]: its node (PSK, and X.509 with mef.certificate_file), the issuing CA, the Mef and its PSK lookup.
-Result<void> start_mef(Roles::Impl& s, const Config& config) {
+Result<void> start_mef(Roles::Impl& s, const Config& config, const LoadedSecrets& secrets) {
   auto listen = transport::parse_host_port(config.mef->listen);
   if (!listen) return make_error(listen.error().code, "mef.listen: " + listen.error().message);
   transport::NodeConfig node_config;
@@ -684,7 +710,7 @@ Result<void> start_mef(Roles::Impl& s, const Config& config) {
   node_config.secure_port = listen->port;
   node_config.psk_lookup = s.mef_slot.lookup();
   if (!config.mef->certificate_file.empty()) {
-    auto x509 = mef_x509_credentials(*config.mef);
+    auto x509 = mef_x509_credentials(*config.mef, secrets.pkcs11_pin());
     if (!x509) return std::move(x509).error();
     if (auto loaded = crypto::Certificate::load_file(config.mef->certificate_file.string())) {
       s.mef_certificate_expires_at = static_cast<std::int64_t>(loaded->not_after());
@@ -719,7 +745,10 @@ Result<void> start_mef(Roles::Impl& s, const Config& config) {
   if (!config.mef->issuing_ca_certificate.empty() && !config.mef->issuing_ca_key.empty()) {
     auto certificate = crypto::Certificate::load_file(config.mef->issuing_ca_certificate.string());
     if (!certificate) return make_error(certificate.error().code, "mef.issuing_ca_certificate: " + certificate.error().message);
-    auto key = crypto::PrivateKey::load_file(config.mef->issuing_ca_key.string());
+    // A key in a token signs each certificate there (crypto::Token); a file key is read into memory.
+    const std::string& key_name = config.mef->issuing_ca_key.string();
+    auto key = crypto::is_pkcs11_uri(key_name) ? s.signing_token->private_key(key_name)
+                                               : crypto::PrivateKey::load_file(key_name);
     if (!key) return make_error(key.error().code, "mef.issuing_ca_key: " + key.error().message);
     s.mef_issuing_ca_expires_at = static_cast<std::int64_t>(certificate->not_after());
     auto ca = crypto::CertificateAuthority::from(std::move(certificate).value(), std::move(key).value());
@@ -734,7 +763,10 @@ Result<void> start_mef(Roles::Impl& s, const Config& config) {
   log::notice("mef " + config.mef->fqdn + " listening on coaps://" + config.mef->listen + " (port " +
               std::to_string(s.mef_driver->node->secure_port()) + "), " +
               (config.mef->certificate_file.empty() ? "PSK" : "PSK and X.509") +
-              (config.mef->raw_key.empty() ? std::string() : " and raw-key") + " enrolees");
+              (config.mef->raw_key.empty() ? std::string() : " and raw-key") + " enrolees" +
+              (transport::is_token_key_uri(config.mef->private_key_file.string())
+                   ? ", server key in the token: " + config.mef->private_key_file.string()
+                   : std::string()));
   return ok_result();
 }
 
@@ -773,6 +805,13 @@ Result<void> start_enrolees(Roles::Impl& s, const Config& config) {
     enrolee_config.mef_address = *mef_address;
     enrolee_config.mef_fqdn = config.enrolee->mef_fqdn;
     enrolee_config.request_certificate = ae.certificate_enrolment;
+    enrolee_config.token_pin = s.pkcs11_pin;
+    if (!ae.certificate_key.empty()) {
+      // Generated in the token on first use, reused by renewals; the store keeps the certificate and the URI.
+      enrolee_config.certificate_key = [token = s.signing_token, uri = ae.certificate_key] {
+        return token->private_key_or_generate(uri);
+      };
+    }
     enrolee_config.log = s.log_sink();
     auto enrolee = rspf::Enrolee::create(*s.enrolee_driver->node, *s.store, std::move(enrolee_config));
     if (!enrolee) return make_error(enrolee.error().code, "enrolee.ae " + ae.id + ": " + enrolee.error().message);
@@ -960,6 +999,30 @@ Result<void> drive_and_enrol(Roles::Impl& s) {
   return ok_result();
 }
 
+// Opens the PKCS#11 token crypto/ signs with when the configuration names a key there (enrolee.ae.certificate_key,
+// mef.issuing_ca_key = "pkcs11:..."), with the module and PIN of the transport's token keys: the MEF's issuing CA
+// key is then loaded and checked at start (wrong PIN, missing token or key: dauthd does not start), EST keys when an
+// enrolment asks for one.
+Result<void> open_signing_token(Roles::Impl& s, const Config& config, const std::string& module_path,
+                                const SecretBuffer* pin) {
+  std::string first;  // the first key that needs the token, for messages
+  if (config.mef && crypto::is_pkcs11_uri(config.mef->issuing_ca_key.string())) first = "mef.issuing_ca_key";
+  if (config.enrolee) {
+    for (const auto& ae : config.enrolee->aes) {
+      if (first.empty() && !ae.certificate_key.empty()) first = "enrolee.ae.certificate_key (" + ae.id + ")";
+    }
+  }
+  if (first.empty()) return ok_result();
+  if (pin == nullptr) {
+    return make_error(Errc::not_found, first + " names a key in a PKCS#11 token, and no token PIN is loaded "
+                                               "(daemon.pkcs11_pin_credential or daemon.pkcs11_pin_file)");
+  }
+  auto token = crypto::Token::open(crypto::TokenOptions{module_path}, pin->clone());
+  if (!token) return make_error(token.error().code, first + ": " + token.error().message);
+  s.signing_token = std::make_shared<const crypto::Token>(std::move(token).value());
+  return ok_result();
+}
+
 }  // namespace
 
 // The set-up list: the key store and its configured tables, the peers' addresses, then one step per role
@@ -968,6 +1031,9 @@ Result<std::unique_ptr<Roles>> Roles::start(EventLoop& loop, const Config& confi
   auto impl = std::make_unique<Impl>(loop);
   Impl& s = *impl;
   s.config = what_roles_keep(config);
+  // One PIN for the process's token keys (daemon.pkcs11_pin_file or _credential, LoadedSecrets): the transport's
+  // and crypto/'s signing token. Kept from the start: a process stays logged in (a new PIN waits for a restart).
+  s.pkcs11_pin = secrets.pkcs11_pin();
   // The next master key too (dauthd(8) MASTER KEY ROTATION): a rotation that finished, or was cut off after its
   // switch, left a store that only the next key opens.
   std::vector<SecretBuffer> master_keys;
@@ -996,9 +1062,12 @@ Result<std::unique_ptr<Roles>> Roles::start(EventLoop& loop, const Config& confi
       }
     }
   }
+  if (auto r = open_signing_token(s, config, config.daemon.pkcs11_module, s.pkcs11_pin.get()); !r) {
+    return std::move(r).error();
+  }
 
   if (config.mef) {
-    if (auto r = start_mef(s, config); !r) return std::move(r).error();
+    if (auto r = start_mef(s, config, secrets); !r) return std::move(r).error();
   }
   if (config.enrolee) {
     if (auto r = start_enrolees(s, config); !r) return std::move(r).error();

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "dauth/crypto/x509.hpp"
+#include "dauth/crypto/token.hpp"
 #include "event_log.hpp"
 #include "roles.hpp"
 
@@ -157,6 +158,11 @@ struct Roles::Impl {
   EventLoop& loop;
   Config config;  // the running configuration's typed sections (what_roles_keep): policy, addresses, listeners
   std::optional<crypto::KeyStore> store;
+  // The PKCS#11 token crypto/ signs with (open_signing_token): EST keys generated in it (enrolee.ae.certificate_key)
+  // and the MEF's issuing CA key (mef.issuing_ca_key = "pkcs11:..."); null when the configuration names none.
+  std::shared_ptr<const crypto::Token> signing_token;
+  // The token's user PIN (LoadedSecrets at start), for the transport's token keys made from store records.
+  std::shared_ptr<const SecretBuffer> pkcs11_pin;
   rspf::PskLookupSlot mef_slot;
   rspf::PskLookupSlot peer_slot;
   std::vector<std::unique_ptr<NodeDriver>> drivers;  // mef, peer, enrolee (whichever exist)

@@ -208,6 +208,13 @@ struct Enrolee::Impl : std::enable_shared_from_this<Enrolee::Impl> {
                                            : "DTLS with certificate " + config.certificate_name;
   }
 
+  // A record whose key is in a PKCS#11 token (a device certificate configured so, or an EST certificate requested
+  // with config.certificate_key) bootstraps as a transport token key: the handshake signs in the token.
+  std::optional<transport::TokenKey> token_key_of(const crypto::CertificateRecord& record) const {
+    if (record.private_key_uri.empty()) return std::nullopt;
+    return transport::TokenKey{record.private_key_uri, config.token_pin};
+  }
+
   // The bootstrap credential of PROTOCOL.md §3.1, read from the store at each attempt (an EST renewal replaces the
   // certificate record).
   Result<transport::ClientCredentials> bootstrap_credentials() const {
@@ -217,11 +224,15 @@ struct Enrolee::Impl : std::enable_shared_from_this<Enrolee::Impl> {
         return make_error(Errc::not_found, "bootstrap raw public key " + config.raw_public_key_name +
                                                " is not in the store");
       }
+      // The MEF proves itself by a pinned key, as the PSK case proves it by knowing Kpm.
+      if (auto token = token_key_of(*record)) {
+        return transport::ClientCredentials::raw_public_key(
+            transport::RpkCredentials{SecretBuffer(), config.mef_pinned_keys, std::move(token)}, config.mef_fqdn);
+      }
       auto key = crypto::PrivateKey::parse(record->private_key_der);
       if (!key.ok()) return std::move(key).error();
       auto key_pem = key->to_pem();  // SEC1 "EC PRIVATE KEY": the form libcoap 4.3.1 takes for RPK
       if (!key_pem.ok()) return std::move(key_pem).error();
-      // The MEF proves itself by a pinned key, as the PSK case proves it by knowing Kpm.
       return transport::ClientCredentials::raw_public_key(
           transport::RpkCredentials{std::move(*key_pem), config.mef_pinned_keys}, config.mef_fqdn);
     }
@@ -242,11 +253,15 @@ struct Enrolee::Impl : std::enable_shared_from_this<Enrolee::Impl> {
       if (!certificate.ok()) return std::move(certificate).error();
       x509.certificate_chain_pem += certificate->pem();
     }
-    auto key = crypto::PrivateKey::parse(record->private_key_der);
-    if (!key.ok()) return std::move(key).error();
-    auto key_pem = key->to_pem();
-    if (!key_pem.ok()) return std::move(key_pem).error();
-    x509.private_key_pem = std::move(*key_pem);
+    if (auto token = token_key_of(*record)) {
+      x509.token_key = std::move(token);
+    } else {
+      auto key = crypto::PrivateKey::parse(record->private_key_der);
+      if (!key.ok()) return std::move(key).error();
+      auto key_pem = key->to_pem();
+      if (!key_pem.ok()) return std::move(key_pem).error();
+      x509.private_key_pem = std::move(*key_pem);
+    }
     x509.trust_anchors_pem = config.mef_trust_anchors_pem;
     // The MEF proves its FQDN (dNSName), as the PSK case proves it by knowing Kpm.
     return transport::ClientCredentials::certificate(std::move(x509), config.mef_fqdn, config.mef_fqdn);
@@ -412,7 +427,7 @@ struct Enrolee::Impl : std::enable_shared_from_this<Enrolee::Impl> {
   // EST-coaps simple enrolment (RFC 9148 §5) with client-side key generation: the private key stays here.
   void enrol_certificate(std::vector<std::string> est_path, const std::shared_ptr<transport::ClientCredentials>& credentials,
                          const DoneCallback& done) {
-    auto key = crypto::PrivateKey::generate_p256();
+    auto key = config.certificate_key ? config.certificate_key() : crypto::PrivateKey::generate_p256();
     if (!key.ok()) return fail(done, std::move(key).error());
     auto csr = crypto::CertificateRequest::create(*key, ae_id);
     if (!csr.ok()) return fail(done, std::move(csr).error());
@@ -454,12 +469,16 @@ struct Enrolee::Impl : std::enable_shared_from_this<Enrolee::Impl> {
     if (certificate->public_key_der() != key.public_key_der()) {
       return certificate_failed(make_error(Errc::denied, "issued certificate is not for the key we generated"));
     }
-    auto private_der = key.to_der();
-    if (!private_der.ok()) return certificate_failed(std::move(private_der).error());
     crypto::CertificateRecord record;
     record.name = ae_id;
     record.chain_der = certificate->chain_der();
-    record.private_key_der = std::move(*private_der);
+    if (key.in_token()) {
+      record.private_key_uri = key.token_uri();  // the key stays in its token; the store keeps its name
+    } else {
+      auto private_der = key.to_der();
+      if (!private_der.ok()) return certificate_failed(std::move(private_der).error());
+      record.private_key_der = std::move(*private_der);
+    }
     record.expires_at = static_cast<std::int64_t>(certificate->not_after());
     if (auto stored = store.put(std::move(record)); !stored.ok()) return certificate_failed(std::move(stored).error());
     succeed(done, "KeID " + current_ke_id + ", certificate serial " + certificate->serial_hex());

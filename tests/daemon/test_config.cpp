@@ -151,6 +151,28 @@ TEST_CASE("a value of the wrong type names the type expected", "[config]") {
              Catch::Contains("t.toml:4:10: enrolee.ae: must be an array of tables: write [[enrolee.ae]]"));
 }
 
+TEST_CASE("private key keys take an absolute path or a pkcs11: URI without a PIN", "[config][pkcs11]") {
+  const std::string mef = std::string(kMinimal) +
+                          "[mef]\nfqdn = \"mef.example.net\"\ncertificate_file = \"/etc/dauth/mef.crt\"\n";
+  const std::string uri = "pkcs11:token=dauth;object=mef%20server;type=private";
+  auto config = parse_config(mef + "private_key_file = \"" + uri + "\"\n", "t.toml");
+  REQUIRE(config.ok());
+  CHECK(config->mef->private_key_file.string() == uri);
+  CHECK(error_of(mef + "private_key_file = \"mef.key\"\n") ==
+        "t.toml:7:20: mef.private_key_file = \"mef.key\": must be an absolute path or a pkcs11: URI (RFC 7512)");
+  // The PIN comes from daemon.pkcs11_pin_file or the credential, never from the URI (it is logged), and the
+  // refusal does not quote it.
+  const std::string with_pin = error_of(mef + "private_key_file = \"" + uri + "?pin-value=1234\"\n");
+  CHECK_THAT(with_pin, Catch::Contains("carries no PIN"));
+  CHECK(with_pin.find("1234") == std::string::npos);
+  CHECK_THAT(error_of(mef + "private_key_file = \"pkcs11:token=dauth;object=mef;type=cert\"\n"),
+             Catch::Contains("type= names no private key"));
+  // A path-only key (a certificate) does not take a URI.
+  CHECK_THAT(error_of(std::string(kMinimal) + "[mef]\nfqdn = \"mef.example.net\"\ncertificate_file = \"" + uri +
+                      "\"\nprivate_key_file = \"/k\"\n"),
+             Catch::Contains("mef.certificate_file") && Catch::Contains("must be an absolute path"));
+}
+
 TEST_CASE("a value out of range says what is allowed", "[config]") {
   CHECK(error_of("[peer]\nidle_timeout = 0\n") == "t.toml:2:16: peer.idle_timeout = 0: must be 1–86400 seconds");
   CHECK(error_of("[peer]\nmax_outgoing_sessions = 1000\n") ==
@@ -282,6 +304,31 @@ TEST_CASE("enrolee table rows and certificate AEs: one bootstrap identity, and t
   auto no_anchor = std::regex_replace(text, std::regex("mef_trust_anchor = \"/etc/dauth/mef-ca.pem\"\n"), "");
   CHECK_THAT(error_of(no_anchor), Catch::Contains("enrolee.ae[1].certificate_file = \"/etc/dauth/valve.crt\": needs "
                                                   "enrolee.mef_trust_anchor"));
+}
+
+TEST_CASE("enrolee.ae.certificate_key: a pkcs11: URI without a PIN, for an AE that asks for a certificate",
+          "[config]") {
+  const auto text = full_config("/keys");
+  const auto with_key = [&](const std::string& lines) {
+    return std::regex_replace(text, std::regex("kpm_file = \"/keys/meter.kpm\"\n\n\\[\\[enrolee.ae\\]\\]"),
+                              "kpm_file = \"/keys/meter.kpm\"\n" + lines + "\n\n[[enrolee.ae]]",
+                              std::regex_constants::format_first_only);
+  };
+  auto good = parse_config(
+      with_key("certificate_enrolment = true\ncertificate_key = \"pkcs11:token=dauth;object=CAE-meter\""), "t.toml");
+  INFO((good.ok() ? std::string() : good.error().message));
+  REQUIRE(good.ok());
+  CHECK(good->enrolee->aes[0].certificate_key == "pkcs11:token=dauth;object=CAE-meter");
+  CHECK(good->enrolee->aes[1].certificate_key.empty());
+  CHECK_THAT(error_of(with_key("certificate_enrolment = true\ncertificate_key = \"/etc/dauth/meter-est.key\"")),
+             Catch::Contains("enrolee.ae[0].certificate_key = \"/etc/dauth/meter-est.key\": must be a pkcs11: URI"));
+  CHECK_THAT(error_of(with_key("certificate_key = \"pkcs11:token=dauth;object=CAE-meter\"")),
+             Catch::Contains("enrolee.ae[0].certificate_key = \"pkcs11:token=dauth;object=CAE-meter\": needs "
+                             "certificate_enrolment = true"));
+  const std::string with_pin = error_of(
+      with_key("certificate_enrolment = true\ncertificate_key = \"pkcs11:token=dauth;object=k?pin-value=4711\""));
+  CHECK_THAT(with_pin, Catch::Contains("enrolee.ae[0].certificate_key: a URI with a PIN is refused"));
+  CHECK_THAT(with_pin, !Catch::Contains("4711"));
 }
 
 TEST_CASE("peer.address.credential: psk by default, certificate needs peer.trust_anchors", "[config]") {

@@ -202,6 +202,8 @@ void write_seeds(const fs::path& out_dir) {
     records.emplace_back(EnrolmentKeyRecord{ke_id, pattern(32, 3), "CAE-meter-01", {"CAE-target-1"}, 1900000000, 0});
     records.emplace_back(SessionKeyRecord{ke_id, pattern(32, 4), "CAE-meter-01", "CAE-target-1", 22, 1900000000});
     records.emplace_back(CertificateRecord{"mef-ca", {Bytes{0x30, 0x03, 0x02, 0x01, 0x01}}, pattern(40, 5), 0});
+    records.emplace_back(CertificateRecord{"CAE-token", {Bytes{0x30, 0x03, 0x02, 0x01, 0x02}}, SecretBuffer(), 7,
+                                           "pkcs11:token=t;object=CAE-token"});
     records.emplace_back(IssuanceRecord{"01AB", "CAE-meter-01", 1700000000, 1800000000, 0});
     records.emplace_back(PinnedKeyRecord{"ni:///sha-256;abcd", "CAE-rpk-9"});
     for (auto& record : records) {

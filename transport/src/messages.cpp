@@ -1,6 +1,8 @@
 // Value types of the public API: names, messages, credentials, the failure line format.
 #include <array>
+#include <string>
 
+#include "dauth/crypto/token.hpp"
 #include "dauth/transport/transport.hpp"
 #include "tls_backend.hpp"
 
@@ -13,6 +15,27 @@ std::string_view to_string(Backend backend) noexcept {
 }
 
 bool backend_supports_rpk() noexcept { return compiled_backend() == Backend::gnutls; }
+
+bool is_token_key_uri(std::string_view text) noexcept { return crypto::is_pkcs11_uri(text); }
+
+Result<void> check_token_key_uri(std::string_view uri) {
+  if (!is_token_key_uri(uri)) return make_error(Errc::invalid_argument, "a token key is a pkcs11: URI (RFC 7512)");
+  std::string lower(uri);
+  for (char& c : lower) c = static_cast<char>(c >= 'A' && c <= 'Z' ? c - 'A' + 'a' : c);
+  // Not quoted: it would put the PIN in the log.
+  if (lower.find("pin-value") != std::string::npos || lower.find("pin-source") != std::string::npos) {
+    return make_error(Errc::invalid_argument, "a token key URI carries no PIN (pin-value, pin-source): the PIN comes "
+                                              "from its own credential");
+  }
+  if (lower.find("type=") != std::string::npos && lower.find("type=private") == std::string::npos) {
+    return make_error(Errc::invalid_argument, "token key '" + std::string(uri) + "': type= names no private key");
+  }
+  if (uri.find_first_of(" \t\r\n\"") != std::string_view::npos) {
+    return make_error(Errc::invalid_argument, "token key '" + std::string(uri) + "': spaces and quotes are "
+                                              "percent-encoded in a pkcs11: URI (RFC 7512)");
+  }
+  return {};
+}
 
 // The name tables are switches without default: -Wswitch (an error here) names any enumerator left without a name.
 std::string_view to_string(Method method) noexcept {
@@ -109,9 +132,10 @@ ClientCredentials ClientCredentials::clone() const {
   copy.psk_identity = psk_identity;
   copy.psk_key = psk_key.clone();
   if (x509) {
-    copy.x509 = X509Credentials{x509->certificate_chain_pem, x509->private_key_pem.clone(), x509->trust_anchors_pem};
+    copy.x509 = X509Credentials{x509->certificate_chain_pem, x509->private_key_pem.clone(), x509->trust_anchors_pem,
+                                x509->local_ae_id, x509->token_key};
   }
-  if (rpk) copy.rpk = RpkCredentials{rpk->private_key_pem.clone(), rpk->pinned_peer_keys};
+  if (rpk) copy.rpk = RpkCredentials{rpk->private_key_pem.clone(), rpk->pinned_peer_keys, rpk->token_key};
   copy.sni = sni;
   copy.expected_peer = expected_peer;
   return copy;

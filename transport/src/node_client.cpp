@@ -352,9 +352,10 @@ void Node::Impl::kill_client_session(SessionImpl& state, const Error& error) {
 std::string Node::Impl::pki_context_key(const ClientCredentials& credentials) {
   const bool rpk = credentials.kind == ClientCredentials::Kind::rpk;
   const SecretBuffer& key = rpk ? credentials.rpk->private_key_pem : credentials.x509->private_key_pem;
+  const std::optional<TokenKey>& token_key = rpk ? credentials.rpk->token_key : credentials.x509->token_key;
   // One context per credential, not per SNI or expected peer: those two travel per session (SessionImpl and the
   // setup passed to each coap_new_client_session_pki call), so that contexts (2 fds each) stay few.
-  std::string context_key = std::string(rpk ? "rpk|" : "x509|") + key.fingerprint();
+  std::string context_key = std::string(rpk ? "rpk|" : "x509|") + (token_key ? token_key->uri : key.fingerprint());
   if (!rpk) {
     context_key += "|" + std::to_string(std::hash<std::string>{}(credentials.x509->certificate_chain_pem +
                                                                   credentials.x509->trust_anchors_pem));
@@ -364,34 +365,84 @@ std::string Node::Impl::pki_context_key(const ClientCredentials& credentials) {
   return context_key;
 }
 
+namespace {
+// The public key object beside a private key: same token, label and id, type=public (RFC 7512 §2.3).
+std::string public_key_uri_of(const std::string& private_key_uri) {
+  const std::string path = private_key_uri.substr(7, private_key_uri.find('?') - 7);  // after "pkcs11:", no query
+  std::string uri = "pkcs11:";
+  for (std::size_t start = 0; start < path.size();) {
+    const std::size_t end = std::min(path.find(';', start), path.size());
+    const std::string attribute = path.substr(start, end - start);
+    if (!attribute.empty() && attribute.rfind("type=", 0) != 0) uri += attribute + ";";
+    start = end + 1;
+  }
+  return uri + "type=public";
+}
+}  // namespace
+
 Result<ClientPkiContext*> Node::Impl::client_pki_context(const ClientCredentials& credentials) {
   const bool rpk = credentials.kind == ClientCredentials::Kind::rpk;
   const SecretBuffer& key = rpk ? credentials.rpk->private_key_pem : credentials.x509->private_key_pem;
   std::string context_key = pki_context_key(credentials);
   if (auto it = client_pki_contexts.find(context_key); it != client_pki_contexts.end()) return it->second.get();
 
+  const std::optional<TokenKey>& token_key = rpk ? credentials.rpk->token_key : credentials.x509->token_key;
   auto entry = std::make_unique<ClientPkiContext>();
-  entry->key_pem = nul_terminated(key.view());
   entry->policy.node = this;
   entry->policy.certificates = !rpk;
   entry->policy.raw_keys = rpk;
-  auto private_key = crypto::PrivateKey::parse(key);
-  if (!private_key.ok()) return make_error(Errc::invalid_argument, "client key: " + private_key.error().message);
-  entry->our_key_id = private_key->public_key_id();
+  if (token_key) {
+    // Loaded here once, so that a wrong PIN or a missing token fails this request with the reason.
+    auto loaded = rpk ? detail::load_server_raw_key(detail::KeySource{{}, &*token_key})
+                      : detail::load_server_certificate(credentials.x509->certificate_chain_pem,
+                                                        detail::KeySource{{}, &*token_key});
+    if (!loaded.ok()) return make_error(loaded.error().code, "client key: " + loaded.error().message);
+    if (rpk) {
+      const auto spki = detail::subject_public_key_info(**loaded);
+      entry->our_key_id = crypto::public_key_id_of_spki(ByteView{spki.data(), spki.size()});
+    } else {
+      auto chain = crypto::Certificate::parse(ByteView::of(credentials.x509->certificate_chain_pem));
+      if (!chain.ok()) return make_error(Errc::invalid_argument, "client certificate: " + chain.error().message);
+      entry->our_key_id = chain->public_key_id();
+      // libcoap never sees this key: each session presents it through attach_client_certificate.
+      entry->token_certificate = *std::move(loaded);
+    }
+  } else {
+    auto private_key = crypto::PrivateKey::parse(key);
+    if (!private_key.ok()) return make_error(Errc::invalid_argument, "client key: " + private_key.error().message);
+    entry->our_key_id = private_key->public_key_id();
+    entry->key_pem = nul_terminated(key.view());
+  }
   coap_dtls_pki_t& setup = entry->setup;
   std::memset(&setup, 0, sizeof(setup));
   setup.version = COAP_DTLS_PKI_SETUP_VERSION;
   setup.validate_cn_call_back = on_peer_certificate;
   setup.cn_call_back_arg = &entry->policy;
   setup.pki_key.key_type = COAP_PKI_KEY_PEM_BUF;
-  setup.pki_key.key.pem_buf.private_key = entry->key_pem.data();
-  setup.pki_key.key.pem_buf.private_key_len = entry->key_pem.size();
+  if (!token_key) {
+    setup.pki_key.key.pem_buf.private_key = entry->key_pem.data();
+    setup.pki_key.key.pem_buf.private_key_len = entry->key_pem.size();
+  }
   if (rpk) {
     entry->policy.pinned_keys = credentials.rpk->pinned_peer_keys;
     setup.is_rpk_not_cert = 1;
     // libcoap derives the SPKI from an "EC PRIVATE KEY" PEM given as both halves (docs/transport.md §3).
-    setup.pki_key.key.pem_buf.public_cert = entry->key_pem.data();
-    setup.pki_key.key.pem_buf.public_cert_len = entry->key_pem.size();
+    if (!token_key) {
+      setup.pki_key.key.pem_buf.public_cert = entry->key_pem.data();
+      setup.pki_key.key.pem_buf.public_cert_len = entry->key_pem.size();
+    } else {
+      // A raw key must be in the credentials before the ClientHello (it lists the client certificate types
+      // they hold, RFC 7250 §3), which libcoap sends inside coap_new_client_session_pki: so here libcoap loads
+      // the key itself, from the token, for every session (docs/transport.md §3 "Keys in a token").
+      entry->token_private_uri = token_key->uri;
+      entry->token_public_uri = public_key_uri_of(token_key->uri);
+      entry->key_pem = nul_terminated(token_key->pin ? token_key->pin->view() : ByteView{});
+      setup.pki_key.key_type = COAP_PKI_KEY_PKCS11;
+      setup.pki_key.key.pkcs11.private_key = entry->token_private_uri.c_str();
+      setup.pki_key.key.pkcs11.public_cert = entry->token_public_uri.c_str();
+      setup.pki_key.key.pkcs11.user_pin =
+          token_key->pin ? reinterpret_cast<const char*>(entry->key_pem.data()) : nullptr;
+    }
   } else {
     entry->chain_pem = nul_terminated(ByteView::of(credentials.x509->certificate_chain_pem));
     entry->trust_pem = nul_terminated(ByteView::of(credentials.x509->trust_anchors_pem));
@@ -401,8 +452,10 @@ Result<ClientPkiContext*> Node::Impl::client_pki_context(const ClientCredentials
     setup.allow_expired_certs = 0;
     setup.cert_chain_validation = 1;
     setup.cert_chain_verify_depth = 3;  // leaf, one intermediate, anchor: the MEF CA profile (TS-0003 §10.1)
-    setup.pki_key.key.pem_buf.public_cert = entry->chain_pem.data();
-    setup.pki_key.key.pem_buf.public_cert_len = entry->chain_pem.size();
+    if (!token_key) {  // libcoap takes the chain only with its key
+      setup.pki_key.key.pem_buf.public_cert = entry->chain_pem.data();
+      setup.pki_key.key.pem_buf.public_cert_len = entry->chain_pem.size();
+    }
     setup.pki_key.key.pem_buf.ca_cert = entry->trust_pem.data();
     setup.pki_key.key.pem_buf.ca_cert_len = entry->trust_pem.size();
   }
@@ -519,6 +572,12 @@ Result<coap_session_t*> Node::Impl::client_session_for(const Peer& peer, const C
           credentials.sni.empty() ? nullptr : const_cast<char*>(pki->snis.insert(credentials.sni).first->c_str());
       session = coap_new_client_session_pki(pki->context.get(), nullptr, &*address, COAP_PROTO_DTLS, &pki->setup);
       credential_id = pki->our_key_id;
+      if (session != nullptr && pki->token_certificate) {
+        if (auto attached = detail::attach_client_certificate(session, *pki->token_certificate); !attached.ok()) {
+          coap_session_release(session);
+          return std::move(attached).error();
+        }
+      }
       break;
   }
   if (session == nullptr) {

@@ -177,13 +177,18 @@ struct PkiPolicy {
 // (docs/transport.md §3), so each distinct credential gets its own context. libcoap keeps a shallow copy of the setup,
 // so the buffers live here as long as the context.
 struct ClientPkiContext {
-  SecretBuffer key_pem;
+  SecretBuffer key_pem;  // NUL-terminated PEM for libcoap (a raw key in a token: its PIN)
   SecretBuffer chain_pem;
   SecretBuffer trust_pem;
   std::set<std::string> snis;  // stable storage: the context's shallow setup copy points at the last one used
   PkiPolicy policy;
   coap_dtls_pki_t setup{};
   std::string our_key_id;
+  // A key in a token: the chain (or raw key) and the key every session of this context presents (libcoap has
+  // neither); outlives the sessions, which are freed with the context.
+  std::shared_ptr<const detail::ServerCertificate> token_certificate;
+  std::string token_private_uri;  // raw key in a token: what libcoap loads per session (key_pem holds the PIN)
+  std::string token_public_uri;
   ContextPtr context;  // last: freed first
 };
 

@@ -404,8 +404,12 @@ std::shared_ptr<const detail::ServerCertificate> choose_server_certificate(coap_
 
 Result<void> Node::Impl::set_up_server_pki(const X509Credentials* x509) {
   server_policy.node = this;
-  if (x509 != nullptr) {
-    // Checked here, with dauth's own parser, for both backends and with a clear message.
+  if (x509 != nullptr && x509->token_key && !detail::attaches_server_pki()) {
+    return make_error(Errc::unsupported, "server key in a PKCS#11 token: needs the GnuTLS build; this is " +
+                                             std::string(to_string(compiled_backend())));
+  }
+  if (x509 != nullptr && !x509->token_key) {
+    // Checked here, with dauth's own parser, for both backends and with a clear message (a token key: when loaded).
     if (auto private_key = crypto::PrivateKey::parse(x509->private_key_pem); !private_key.ok()) {
       return make_error(Errc::invalid_argument, "server private key: " + private_key.error().message);
     }
@@ -417,8 +421,10 @@ Result<void> Node::Impl::set_up_server_pki(const X509Credentials* x509) {
                                          choose_server_certificate, on_peer_certificate, &server_policy);
     if (!built.ok()) return make_error(Errc::invalid_argument, "server credentials: " + built.error().message);
     if (config.x509 && !default_certificate) {
-      auto loaded = detail::load_server_certificate(config.x509->certificate_chain_pem,
-                                                    config.x509->private_key_pem.view());
+      const auto& token = config.x509->token_key;
+      auto loaded = detail::load_server_certificate(
+          config.x509->certificate_chain_pem,
+          detail::KeySource{config.x509->private_key_pem.view(), token ? &*token : nullptr});
       if (!loaded.ok()) return make_error(Errc::invalid_argument, "server certificate: " + loaded.error().message);
       default_certificate = *std::move(loaded);
     }
@@ -462,13 +468,18 @@ Result<void> Node::Impl::set_up_server_pki(const X509Credentials* x509) {
 }
 
 Result<void> Node::Impl::put_server_raw_key(RpkCredentials credentials) {
-  auto private_key = crypto::PrivateKey::parse(credentials.private_key_pem);
-  if (!private_key.ok()) return make_error(Errc::invalid_argument, "raw public key: " + private_key.error().message);
-  auto loaded = detail::load_server_raw_key(credentials.private_key_pem.view());
+  const auto& token = credentials.token_key;
+  if (!token) {  // checked with dauth's own parser first, for a clear message (a token key: when loaded)
+    auto private_key = crypto::PrivateKey::parse(credentials.private_key_pem);
+    if (!private_key.ok()) return make_error(Errc::invalid_argument, "raw public key: " + private_key.error().message);
+  }
+  auto loaded =
+      detail::load_server_raw_key(detail::KeySource{credentials.private_key_pem.view(), token ? &*token : nullptr});
   if (!loaded.ok()) return std::move(loaded).error();
+  const auto spki = detail::subject_public_key_info(**loaded);
   // Handshakes that chose the previous key keep it (SessionImpl::presented_certificate) until they end.
   server_raw_key = *std::move(loaded);
-  server_raw_key_id = private_key->public_key_id();
+  server_raw_key_id = crypto::public_key_id_of_spki(ByteView{spki.data(), spki.size()});
   server_policy.pinned_keys = std::move(credentials.pinned_peer_keys);
   server_policy.raw_keys = true;
   return {};
@@ -480,13 +491,16 @@ Result<void> Node::Impl::put_named_certificate(const std::string& server_name, X
   if (!chain.ok()) {
     return make_error(Errc::invalid_argument, "server certificate for '" + server_name + "': " + chain.error().message);
   }
-  auto key = crypto::PrivateKey::parse(credentials.private_key_pem);
-  if (!key.ok()) {
-    return make_error(Errc::invalid_argument, "server key for '" + server_name + "': " + key.error().message);
-  }
-  if (key->public_key_id() != chain->public_key_id()) {
-    return make_error(Errc::invalid_argument, "server key for '" + server_name + "' is not the key of its certificate '" +
-                                                  chain->subject() + "'");
+  // A token key is checked against the certificate when it is loaded (below), with the same message.
+  if (!credentials.token_key) {
+    auto key = crypto::PrivateKey::parse(credentials.private_key_pem);
+    if (!key.ok()) {
+      return make_error(Errc::invalid_argument, "server key for '" + server_name + "': " + key.error().message);
+    }
+    if (key->public_key_id() != chain->public_key_id()) {
+      return make_error(Errc::invalid_argument, "server key for '" + server_name +
+                                                    "' is not the key of its certificate '" + chain->subject() + "'");
+    }
   }
   // One trust list per context: the client verification set up with the context's PKI setup applies to all.
   if (credentials.trust_anchors_pem != client_trust_anchors_pem) {
@@ -494,10 +508,14 @@ Result<void> Node::Impl::put_named_certificate(const std::string& server_name, X
                                                   "': its trust anchors differ from the ones client certificates "
                                                   "are verified against (one set per endpoint)");
   }
-  auto loaded = detail::load_server_certificate(credentials.certificate_chain_pem, credentials.private_key_pem.view());
+  const auto& token = credentials.token_key;
+  auto loaded = detail::load_server_certificate(
+      credentials.certificate_chain_pem,
+      detail::KeySource{credentials.private_key_pem.view(), token ? &*token : nullptr});
   if (!loaded.ok()) {
-    return make_error(Errc::invalid_argument, "server certificate for '" + server_name + "': " +
-                                                  loaded.error().message);
+    // A token's answer keeps its code (permission: PIN, not_found: token or key), the rest is the caller's input.
+    const Errc code = token && loaded.error().code != Errc::crypto ? loaded.error().code : Errc::invalid_argument;
+    return make_error(code, "server certificate for '" + server_name + "': " + loaded.error().message);
   }
   // Handshakes that chose the previous one keep it (SessionImpl::presented_certificate) until they end.
   named_certificates.insert_or_assign(server_name,

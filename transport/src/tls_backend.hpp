@@ -9,6 +9,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "dauth/error.hpp"
 #include "dauth/secret.hpp"
@@ -46,10 +47,15 @@ std::optional<std::uint64_t> records_sent(const coap_session_t* session);
 // chain and its private key, or a raw public key (RFC 7250: the SubjectPublicKeyInfo) and its private key. Held by
 // shared_ptr: whoever chose it for a handshake keeps it alive until that handshake is over, so replacing a
 // certificate or the raw key never frees one a running handshake still uses.
+// Our private key as the caller has it: PEM text, or a key in a token (the TokenKey outlives the call).
+struct KeySource {
+  ByteView pem;
+  const TokenKey* token = nullptr;
+};
+// A chain with its key; also what a client presents when its key is in a token (attach_client_certificate).
 struct ServerCertificate;
-Result<std::shared_ptr<const ServerCertificate>> load_server_certificate(std::string_view chain_pem,
-                                                                         ByteView key_pem);
-Result<std::shared_ptr<const ServerCertificate>> load_server_raw_key(ByteView key_pem);
+Result<std::shared_ptr<const ServerCertificate>> load_server_certificate(std::string_view chain_pem, KeySource key);
+Result<std::shared_ptr<const ServerCertificate>> load_server_raw_key(KeySource key);
 
 // Called inside the handshake once the ClientHello (and its SNI) is read: what to present to this server
 // session's client -- a certificate for `server_name`, or our raw key when the handshake negotiated raw public keys
@@ -78,5 +84,16 @@ Result<std::shared_ptr<const ServerPki>> make_server_pki(std::string_view trust_
 // ClientHello that echoes the cookie (a later read). `pki` must outlive the session's TLS object.
 // Errors: unsupported (OpenSSL build), internal (no TLS object).
 Result<void> attach_server_pki(coap_session_t* session, const ServerPki& pki, bool psk_too);
+
+// ---- client keys in a token ------------------------------------------------------------------------------------
+//
+// libcoap 4.3.1 takes a client key as PEM (or as file names, parsed again for every session); a key in a token goes
+// around it: the client context's PKI setup carries no key of ours, and this gives the session's certificate
+// credentials (libcoap's, one set per client session) a retrieve function that presents `certificate` when the
+// server asks for one. Must run right after libcoap created the session (its ClientHello is out, the server's
+// CertificateRequest not yet read). `certificate` must outlive the session's TLS object.
+Result<void> attach_client_certificate(coap_session_t* session, const ServerCertificate& certificate);
+// The SubjectPublicKeyInfo of a raw key load_server_raw_key loaded (from PEM or a token).
+std::vector<std::uint8_t> subject_public_key_info(const ServerCertificate& certificate);
 
 }  // namespace dauth::transport::detail

@@ -1,11 +1,15 @@
 // GnuTLS side of the exporter and suite name (docs/transport.md §3: gnutls_prf_rfc5705 through coap_session_get_tls).
 #include <gnutls/abstract.h>
 #include <gnutls/gnutls.h>
+#include <gnutls/pkcs11.h>
 
 #include <algorithm>
 #include <cstring>
+#include <mutex>
+#include <optional>
 #include <vector>
 
+#include "dauth/crypto/x509.hpp"
 #include "tls_backend.hpp"
 
 namespace dauth::transport::detail {
@@ -98,6 +102,8 @@ struct ServerCertificate {
   gnutls_pcert_st chain[kMaxChain]{};
   unsigned chain_length = 0;
   gnutls_privkey_t key = nullptr;
+  std::shared_ptr<const SecretBuffer> pin;  // a token key's PIN, for GnuTLS's PIN callback while the key lives
+  std::vector<std::uint8_t> spki;           // raw keys (load_server_raw_key): our SubjectPublicKeyInfo
 };
 
 struct ServerPki {
@@ -141,10 +147,75 @@ Result<std::vector<std::uint8_t>> spki_of_private_key(gnutls_privkey_t key) {
   return spki;
 }
 
-Result<gnutls_privkey_t> import_private_key(ByteView key_pem) {
+// ---- keys in a token ----
+
+// The module chosen for the process (use_pkcs11_module), or none yet.
+std::mutex pkcs11_mutex;
+std::optional<std::string> pkcs11_module;
+
+// GnuTLS's PIN callback for one token key: the PIN the key was loaded with, once. A second attempt means the token
+// refused the first: answering again would spend its remaining tries (it locks the PIN after a few).
+int give_pin(void* userdata, int attempt, const char* /*token_url*/, const char* /*token_label*/, unsigned flags,
+             char* pin, size_t pin_max) {
+  const auto* secret = static_cast<const SecretBuffer*>(userdata);
+  if (secret == nullptr || attempt > 0 || (flags & GNUTLS_PIN_WRONG) != 0) return GNUTLS_E_PKCS11_PIN_ERROR;
+  if (secret->size() + 1 > pin_max) return GNUTLS_E_PKCS11_PIN_ERROR;
+  std::memcpy(pin, secret->data(), secret->size());
+  pin[secret->size()] = '\0';
+  return 0;
+}
+
+// Why a token key did not load, in words an operator acts on.
+Error token_key_error(const TokenKey& token, int rc) {
+  const std::string key = "token key '" + token.uri + "': ";
+  switch (rc) {
+    case GNUTLS_E_PKCS11_PIN_ERROR:
+    case GNUTLS_E_PKCS11_PIN_EXPIRED:
+    case GNUTLS_E_PKCS11_PIN_LOCKED:
+      return make_error(Errc::permission, key + "the token refused the PIN (" + gnutls_strerror(rc) + ")" +
+                                              (token.pin ? "" : "; no PIN configured"));
+    case GNUTLS_E_PKCS11_REQUESTED_OBJECT_NOT_AVAILBLE:
+    case GNUTLS_E_REQUESTED_DATA_NOT_AVAILABLE: {
+      // Missing token or missing key: the token's flags answer only if a token matches the URI's token part.
+      unsigned int flags = 0;
+      const bool token_found = gnutls_pkcs11_token_get_flags(token.uri.c_str(), &flags) >= 0;
+      return make_error(Errc::not_found, key + (token_found ? "no such private key in the token"
+                                                            : "no token matches it (not inserted, or another label?)"));
+    }
+    case GNUTLS_E_PKCS11_TOKEN_ERROR:
+    case GNUTLS_E_PKCS11_SLOT_ERROR:
+    case GNUTLS_E_PKCS11_DEVICE_ERROR:
+      return make_error(Errc::not_found, key + "the token is not available (" + gnutls_strerror(rc) + ")");
+    default:
+      return make_error(Errc::crypto, key + gnutls_strerror(rc));
+  }
+}
+
+// A private key in a token, logged in with its PIN. GnuTLS keeps the token session and the PIN callback (the key
+// keeps `token.pin` alive through its owner: ServerCertificate::pin, or the ServerPki).
+Result<gnutls_privkey_t> import_token_key(const TokenKey& token) {
+  if (auto checked = check_token_key_uri(token.uri); !checked.ok()) return std::move(checked).error();
+  {
+    // The first token key of the process decides, if use_pkcs11_module did not: p11-kit's registered modules.
+    std::lock_guard<std::mutex> lock(pkcs11_mutex);
+    if (!pkcs11_module) pkcs11_module = std::string();
+  }
   gnutls_privkey_t key = nullptr;
   if (gnutls_privkey_init(&key) < 0) return make_error(Errc::crypto, "gnutls_privkey_init failed");
-  const gnutls_datum_t pem = datum_of(key_pem.data, key_pem.size);
+  gnutls_privkey_set_pin_function(key, give_pin, const_cast<SecretBuffer*>(token.pin.get()));
+  const int rc = gnutls_privkey_import_url(key, token.uri.c_str(), 0);
+  if (rc < 0) {
+    gnutls_privkey_deinit(key);
+    return token_key_error(token, rc);
+  }
+  return key;
+}
+
+Result<gnutls_privkey_t> import_private_key(KeySource source) {
+  if (source.token != nullptr) return import_token_key(*source.token);
+  gnutls_privkey_t key = nullptr;
+  if (gnutls_privkey_init(&key) < 0) return make_error(Errc::crypto, "gnutls_privkey_init failed");
+  const gnutls_datum_t pem = datum_of(source.pem.data, source.pem.size);
   const int rc = gnutls_privkey_import_x509_raw(key, &pem, GNUTLS_X509_FMT_PEM, nullptr, 0);
   if (rc < 0) {
     gnutls_privkey_deinit(key);
@@ -322,7 +393,7 @@ int present_raw_key_if_asked(gnutls_session_t tls, unsigned /*type*/, unsigned /
 }  // namespace
 
 Result<std::shared_ptr<const ServerCertificate>> load_server_certificate(std::string_view chain_pem,
-                                                                         ByteView key_pem) {
+                                                                         KeySource key_source) {
   auto certificate = std::make_shared<ServerCertificate>();
   unsigned count = ServerCertificate::kMaxChain;
   const gnutls_datum_t chain = datum_of(chain_pem.data(), chain_pem.size());
@@ -332,9 +403,10 @@ Result<std::shared_ptr<const ServerCertificate>> load_server_certificate(std::st
                                                   (rc < 0 ? gnutls_strerror(rc) : "no certificate in the PEM"));
   }
   certificate->chain_length = count;
-  auto key = import_private_key(key_pem);
+  auto key = import_private_key(key_source);
   if (!key.ok()) return std::move(key).error();
   certificate->key = *key;
+  if (key_source.token != nullptr) certificate->pin = key_source.token->pin;
   // The one key/certificate match check, here instead of in every handshake.
   auto key_spki = spki_of_private_key(certificate->key);
   auto certificate_spki = spki_of(certificate->chain[0].pubkey);
@@ -344,23 +416,6 @@ Result<std::shared_ptr<const ServerCertificate>> load_server_certificate(std::st
     return make_error(Errc::invalid_argument, "server private key is not the key of its certificate");
   }
   return std::shared_ptr<const ServerCertificate>(std::move(certificate));
-}
-
-Result<std::shared_ptr<const ServerCertificate>> load_server_raw_key(ByteView key_pem) {
-  auto raw_key = std::make_shared<ServerCertificate>();
-  auto key = import_private_key(key_pem);
-  if (!key.ok()) return std::move(key).error();
-  raw_key->key = *key;
-  gnutls_pubkey_t public_key = nullptr;
-  int rc = gnutls_pubkey_init(&public_key);
-  if (rc >= 0) rc = gnutls_pubkey_import_privkey(public_key, raw_key->key, 0, 0);
-  if (rc >= 0) rc = gnutls_pcert_import_rawpk(&raw_key->chain[0], public_key, 0);  // the pcert owns the key now
-  if (rc < 0) {
-    if (public_key != nullptr) gnutls_pubkey_deinit(public_key);
-    return make_error(Errc::invalid_argument, std::string("raw public key: ") + gnutls_strerror(rc));
-  }
-  raw_key->chain_length = 1;
-  return std::shared_ptr<const ServerCertificate>(std::move(raw_key));
 }
 
 bool attaches_server_pki() noexcept { return true; }
@@ -403,4 +458,106 @@ Result<void> attach_server_pki(coap_session_t* session, const ServerPki& pki, bo
   return {};
 }
 
+// ---- client keys in a token ----
+
+namespace {
+// The retrieve function of a client session's certificate credentials (attach_client_certificate): what the
+// session's pointer names, whatever the server asked for (our one certificate or raw key).
+int retrieve_client_certificate(gnutls_session_t tls, const gnutls_cert_retr_st* /*info*/, gnutls_pcert_st** certs,
+                                unsigned int* certs_length, gnutls_ocsp_data_st** ocsp, unsigned int* ocsp_length,
+                                gnutls_privkey_t* privkey, unsigned int* flags) {
+  *certs = nullptr;
+  *certs_length = 0;
+  *ocsp = nullptr;
+  *ocsp_length = 0;
+  *privkey = nullptr;
+  *flags = 0;
+  const auto* ours = static_cast<const ServerCertificate*>(gnutls_session_get_ptr(tls));
+  if (ours == nullptr) return 0;  // no certificate to offer: the server decides
+  *certs = const_cast<gnutls_pcert_st*>(ours->chain);
+  *certs_length = ours->chain_length;
+  *privkey = ours->key;
+  return 0;
+}
+}  // namespace
+
+Result<void> attach_client_certificate(coap_session_t* session, const ServerCertificate& certificate) {
+  gnutls_session_t tls = tls_of(session);
+  if (tls == nullptr) return make_error(Errc::internal, "client credentials: the session has no TLS object");
+  void* credentials = nullptr;
+  const int rc = gnutls_credentials_get(tls, GNUTLS_CRD_CERTIFICATE, &credentials);
+  if (rc < 0 || credentials == nullptr) {
+    return make_error(Errc::internal, "client credentials: libcoap gave the session no certificate credentials");
+  }
+  // libcoap allocates these credentials for this one session (setup_client_ssl_session), so the function is ours
+  // alone; libcoap does not use the session pointer.
+  gnutls_certificate_set_retrieve_function3(static_cast<gnutls_certificate_credentials_t>(credentials),
+                                            retrieve_client_certificate);
+  gnutls_session_set_ptr(tls, const_cast<ServerCertificate*>(&certificate));
+  return {};
+}
+
+Result<std::shared_ptr<const ServerCertificate>> load_server_raw_key(KeySource key_source) {
+  auto loaded = std::make_shared<ServerCertificate>();
+  auto key = import_private_key(key_source);
+  if (!key.ok()) return std::move(key).error();
+  loaded->key = *key;
+  if (key_source.token != nullptr) loaded->pin = key_source.token->pin;
+  gnutls_pubkey_t public_key = nullptr;
+  int rc = gnutls_pubkey_init(&public_key);
+  if (rc >= 0) rc = gnutls_pubkey_import_privkey(public_key, loaded->key, 0, 0);
+  if (rc >= 0) {
+    auto spki = spki_of(public_key);
+    if (!spki.ok()) {
+      gnutls_pubkey_deinit(public_key);
+      return std::move(spki).error();
+    }
+    loaded->spki = *std::move(spki);
+    rc = gnutls_pcert_import_rawpk(&loaded->chain[0], public_key, 0);  // on success the pcert owns the public key
+  }
+  if (rc < 0) {
+    if (public_key != nullptr) gnutls_pubkey_deinit(public_key);
+    return make_error(Errc::invalid_argument, std::string("raw public key: ") + gnutls_strerror(rc));
+  }
+  loaded->chain_length = 1;
+  return std::shared_ptr<const ServerCertificate>(std::move(loaded));
+}
+
+std::vector<std::uint8_t> subject_public_key_info(const ServerCertificate& certificate) { return certificate.spki; }
+
 }  // namespace dauth::transport::detail
+
+// ---- public: token keys ----------------------------------------------------------------------------------------
+
+namespace dauth::transport {
+
+Result<void> use_pkcs11_module(const std::string& module_path) {
+  std::lock_guard<std::mutex> lock(detail::pkcs11_mutex);
+  if (detail::pkcs11_module) {
+    if (*detail::pkcs11_module == module_path) return {};
+    return make_error(Errc::invalid_argument,
+                      "PKCS#11 module '" + module_path + "': the process uses " +
+                          (detail::pkcs11_module->empty() ? std::string("p11-kit's registered modules")
+                                                          : "'" + *detail::pkcs11_module + "'") +
+                          " already (chosen once per process: restart to change it)");
+  }
+  if (!module_path.empty()) {
+    // GnuTLS would otherwise load every module p11-kit registers, on first use.
+    int rc = gnutls_pkcs11_init(GNUTLS_PKCS11_FLAG_MANUAL, nullptr);
+    if (rc >= 0) rc = gnutls_pkcs11_add_provider(module_path.c_str(), nullptr);
+    if (rc < 0) {
+      return make_error(Errc::crypto, "PKCS#11 module '" + module_path + "' does not load: " + gnutls_strerror(rc));
+    }
+  }
+  detail::pkcs11_module = module_path;
+  return {};
+}
+
+Result<std::string> check_token_key(const TokenKey& key) {
+  auto loaded = detail::load_server_raw_key(detail::KeySource{{}, &key});
+  if (!loaded.ok()) return std::move(loaded).error();
+  const auto spki = detail::subject_public_key_info(**loaded);
+  return crypto::public_key_id_of_spki(ByteView{spki.data(), spki.size()});
+}
+
+}  // namespace dauth::transport

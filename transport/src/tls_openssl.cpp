@@ -57,11 +57,11 @@ struct ServerCertificate {};
 struct ServerPki {};
 
 Result<std::shared_ptr<const ServerCertificate>> load_server_certificate(std::string_view /*chain_pem*/,
-                                                                         ByteView /*key_pem*/) {
+                                                                         KeySource /*key*/) {
   return make_error(Errc::unsupported, "server certificates loaded by dauth need the GnuTLS build");
 }
 
-Result<std::shared_ptr<const ServerCertificate>> load_server_raw_key(ByteView /*key_pem*/) {
+Result<std::shared_ptr<const ServerCertificate>> load_server_raw_key(KeySource /*key*/) {
   return make_error(Errc::unsupported, "raw public keys (RFC 7250) need the GnuTLS build");
 }
 
@@ -77,4 +77,24 @@ Result<void> attach_server_pki(coap_session_t* /*session*/, const ServerPki& /*p
   return make_error(Errc::unsupported, "server credentials built by dauth need the GnuTLS build");
 }
 
+Result<void> attach_client_certificate(coap_session_t* /*session*/, const ServerCertificate& /*certificate*/) {
+  return make_error(Errc::unsupported, "keys in a PKCS#11 token need the GnuTLS build");
+}
+
+std::vector<std::uint8_t> subject_public_key_info(const ServerCertificate& /*certificate*/) { return {}; }
+
 }  // namespace dauth::transport::detail
+
+namespace dauth::transport {
+
+// libcoap 4.3.1's OpenSSL backend loads PKCS#11 keys through an OpenSSL engine, per session (COAP_PKI_KEY_PKCS11);
+// dauth does not go that way.
+Result<void> use_pkcs11_module(const std::string& /*module_path*/) {
+  return make_error(Errc::unsupported, "keys in a PKCS#11 token need the GnuTLS build; this is openssl");
+}
+
+Result<std::string> check_token_key(const TokenKey& /*key*/) {
+  return make_error(Errc::unsupported, "keys in a PKCS#11 token need the GnuTLS build; this is openssl");
+}
+
+}  // namespace dauth::transport

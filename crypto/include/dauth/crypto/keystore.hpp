@@ -85,11 +85,14 @@ struct SessionKeyRecord {
 
 // A certificate credential with its private key (issued to us, or our MEF/CA identity), or with an empty chain a
 // raw public key credential (RFC 7250: the Enrolee's RPK bootstrap key, enrolee.hpp). id = name.
+// The private key is either sealed here (private_key_der) or lives in a PKCS#11 token (private_key_uri, RFC 7512,
+// dauth/crypto/token.hpp): exactly one of the two is set.
 struct CertificateRecord {
   std::string name;                     // AE-ID, or a role name such as "mef-ca"
   std::vector<Bytes> chain_der;         // leaf first; empty = raw public key
   SecretBuffer private_key_der;
   std::int64_t expires_at = 0;
+  std::string private_key_uri = {};     // "pkcs11:..."; an optional trailing field (docs/keystore-format.md)
 };
 
 // MEF side: audit record of an issued certificate (PROTOCOL.md §3.6, §5). id = serial hex (upper-case).

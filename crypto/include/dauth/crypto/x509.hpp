@@ -90,17 +90,23 @@ class PrivateKey {
   PrivateKey& operator=(PrivateKey&&) noexcept;
   ~PrivateKey();
 
+  // Errc::unsupported for a key in a token: its private value never leaves the token.
   Result<SecretBuffer> to_pem() const;  // SEC1 "EC PRIVATE KEY", NUL not included
   Result<SecretBuffer> to_der() const;
   Bytes public_key_der() const;         // SubjectPublicKeyInfo
   std::string public_key_id() const;    // RFC 6920 of the SPKI
+  // The pkcs11: URI of a key that signs in a PKCS#11 token (dauth/crypto/token.hpp); empty for a key in memory.
+  const std::string& token_uri() const;
+  bool in_token() const { return !token_uri().empty(); }
+
+  struct Impl;  // x509_internal.hpp
 
  private:
-  struct Impl;
   explicit PrivateKey(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
   friend class CertificateRequest;
   friend class CertificateAuthority;
+  friend class Token;
 };
 
 // A PKCS#10 certificate signing request (RFC 2986), as EST-coaps carries it (application/pkcs10, DER).

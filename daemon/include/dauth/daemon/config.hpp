@@ -18,6 +18,7 @@
 #include <map>
 #include <optional>
 #include <set>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <variant>
@@ -52,6 +53,7 @@ enum class ValueCheck : std::uint8_t {
   peer_credential,    // psk | certificate | rpk (how gateway A authenticates a local AE to a peer)
   public_key_id,      // a raw public key's id: ni:///sha-256;... | sha256:<hex> | pin-sha256:... (stored as ni)
   raw_key_source,     // where our own raw key comes from: "generate" (sealed in the key store)
+  private_key,        // a path key (absolute path of a PEM key), or the key's pkcs11: URI (RFC 7512) in a token
 };
 
 // One row of the configuration table.
@@ -138,6 +140,9 @@ struct DaemonSettings {
   std::filesystem::path master_key_file;
   std::string master_key_next_credential;   // rotation: the key dauthd also tries at start (dauthd(8))
   std::filesystem::path master_key_next_file;
+  std::string pkcs11_module;  // "": p11-kit's registered modules
+  std::string pkcs11_pin_credential;
+  std::filesystem::path pkcs11_pin_file;
   log::Level log_level = log::Level::info;
   int max_control_clients = 8;
   int shutdown_timeout = 5;
@@ -156,6 +161,7 @@ struct LocalAe {
   // "rpk"; and its bootstrap credential (RPK-bootstrapped RSPF) when it has neither kpm_id nor certificate_file.
   std::string raw_key;
   bool raw_key_bootstrap() const { return !raw_key.empty() && kpm_id.empty() && certificate_file.empty(); }
+  std::string certificate_key;  // pkcs11: URI of the EST key in a token; "" = generated in memory, sealed
 };
 
 struct EnroleeSettings {
@@ -284,6 +290,10 @@ class LoadedSecrets {
   const SecretBuffer& master_key() const { return master_key_; }
   // The next master key of a rotation (daemon.master_key_next_credential or _file); empty when there is none.
   const SecretBuffer& next_master_key() const { return next_master_key_; }
+  // The token's user PIN (daemon.pkcs11_pin_file, else the credential daemon.pkcs11_pin_credential if systemd
+  // passed it), loaded only when a key of the configuration is a pkcs11: URI; nullptr otherwise. Shared: every key
+  // loaded from the token keeps it for GnuTLS's re-logins (transport::TokenKey).
+  const std::shared_ptr<const SecretBuffer>& pkcs11_pin() const { return pkcs11_pin_; }
   // The key loaded from a key file path (the path as configured), or nullptr.
   const Key* find_file(const std::filesystem::path& path) const;
   std::size_t size() const {
@@ -295,11 +305,14 @@ class LoadedSecrets {
   friend Result<LoadedSecrets> load_master_keys(const Config& config, SystemdCredential credential);
   SecretBuffer master_key_;
   SecretBuffer next_master_key_;
+  std::shared_ptr<const SecretBuffer> pkcs11_pin_;
   std::map<std::string, Key> files_;
 };
 
 // Loads the master key (daemon.master_key_source) and every key file of config. Fails closed (docs/conventions.md §12):
 // the first unreadable, group/world-accessible or malformed file is an error naming the key, file and reason.
+// With keys in a token (pkcs11: URIs): the PIN, then each such key loaded once from the token (so that a wrong PIN,
+// a missing token or a missing key is said at start and at reload, naming the config key, the URI and the reason).
 Result<LoadedSecrets> load_secrets(const Config& config, SystemdCredential credential = SystemdCredential::required);
 // The master keys alone, as load_secrets() loads them: the current one (required) and the next one of a rotation (a
 // missing credential or file is no next key; an unreadable or malformed one is an error). A master-key rotation

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "dauth/crypto/keystore.hpp"
+#include "dauth/crypto/x509.hpp"
 #include "dauth/error.hpp"
 #include "dauth/rspf/messages.hpp"
 #include "dauth/rspf/role_support.hpp"
@@ -53,6 +54,14 @@ struct EnroleeConfig {
   // request_certificate is refused: an EST certificate would replace this record (same name).
   std::string raw_public_key_name;
   std::set<std::string> mef_pinned_keys;
+  // The key an EST certificate is requested for (RFC 9148 client-side key generation): empty = a P-256 key
+  // generated in memory for each request and sealed in the store with the certificate; else this source, e.g. a
+  // key in a PKCS#11 token (crypto::Token::private_key_or_generate: generated there on first use, reused by
+  // renewals), which the stored CertificateRecord then names by its private_key_uri.
+  std::function<Result<crypto::PrivateKey>()> certificate_key{};
+  // The token's user PIN for bootstrap certificates whose key is in a token (CertificateRecord::private_key_uri):
+  // the transport logs in with it when the key is first used (transport::TokenKey).
+  std::shared_ptr<const SecretBuffer> token_pin{};
   UnixClock clock = system_unix_clock();
   LogSink log = stderr_log_sink();
   JitterSource jitter = random_jitter();

@@ -31,6 +31,31 @@ std::string_view to_string(Backend backend) noexcept;
 bool backend_supports_rpk() noexcept;              // GnuTLS only (docs/transport.md §3)
 bool backend_selects_server_certificates() noexcept;  // NodeConfig::x509_by_server_name: GnuTLS only
 
+// ---- Keys in a PKCS#11 token (GnuTLS builds only, docs/transport.md §3 "Keys in a token") --------------------
+
+// A private key that stays in a token, named by an RFC 7512 URI ("pkcs11:token=...;object=..."); the handshake
+// asks the token to sign. The PIN logs in when the key is loaded, and again if the token forgets the login; keys
+// share it, so it is held by shared_ptr. The URI is logged, so it never carries a PIN (pin-value, pin-source).
+struct TokenKey {
+  std::string uri;
+  std::shared_ptr<const SecretBuffer> pin;  // the token's user PIN; nullptr: the token asks for none
+};
+// Whether `text` names a token key rather than a file: crypto::is_pkcs11_uri, the one test of it.
+bool is_token_key_uri(std::string_view text) noexcept;
+// The checks a token key URI passes before use: the "pkcs11:" scheme, no PIN in it, a private key (no
+// type= other than private). invalid_argument names what is wrong (never the PIN: a URI with one is not quoted).
+Result<void> check_token_key_uri(std::string_view uri);
+// The PKCS#11 module token keys are looked up in, for the whole process: "" = the modules p11-kit registers
+// (/usr/share/p11-kit/modules), else one module's path. Called before the first token key is loaded; a later call
+// with another module fails (GnuTLS initialises PKCS#11 once per process). Errors: unsupported (OpenSSL build),
+// invalid_argument (another module chosen already), crypto (the module does not load).
+Result<void> use_pkcs11_module(const std::string& module_path);
+// Loads the token key once (log-in with its PIN included) and answers the RFC 6920 id of its public key, the
+// way Node::create and set_server_certificate would load it: for a configuration check or a reload, which then
+// report a wrong PIN or a missing token or key before anything changes. Errors: unsupported, not_found (no such
+// token, or no such key in it), permission (the token refused the PIN), crypto.
+Result<std::string> check_token_key(const TokenKey& key);
+
 // ---- Messages -------------------------------------------------------------------------------------------------
 
 enum class Method : std::uint8_t { get = 1, post = 2, put = 3, del = 4, fetch = 5, patch = 6, ipatch = 7 };
@@ -198,11 +223,12 @@ using RawKeyLookup = std::function<Result<RawKeyGrant>(const RawKeyRequest& requ
 // Our certificate chain and key, and the CAs our peers' certificates must chain to. PEM text; keys EC P-256.
 struct X509Credentials {
   std::string certificate_chain_pem;   // leaf first
-  SecretBuffer private_key_pem;        // "EC PRIVATE KEY" or "PRIVATE KEY"
+  SecretBuffer private_key_pem;        // "EC PRIVATE KEY" or "PRIVATE KEY"; empty with token_key
   std::string trust_anchors_pem;       // one or more CA certificates
   // Server side: the local AE whose certificate this is, SessionGrant::local_ae_id of the sessions it is presented
   // to ("" = they reach none). Unused by clients.
   std::string local_ae_id{};
+  std::optional<TokenKey> token_key{};  // the key in a token instead of private_key_pem (GnuTLS builds)
 };
 
 // Raw public keys (RFC 7250, GnuTLS builds only). Our SubjectPublicKeyInfo is derived from the key.
@@ -211,6 +237,7 @@ struct RpkCredentials {
   // Accepted peers, RFC 6920 ids of their SubjectPublicKeyInfo: the servers a client accepts, and the clients a
   // server accepts when it has no NodeConfig::raw_key_lookup (which then decides instead).
   std::set<std::string> pinned_peer_keys;
+  std::optional<TokenKey> token_key{};     // the key in a token instead of private_key_pem (GnuTLS builds)
 };
 
 // ---- Client credentials ---------------------------------------------------------------------------------------
