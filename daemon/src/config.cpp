@@ -161,8 +161,13 @@ std::string check_string(ValueCheck check, const std::string& value) {
       return r ? std::string() : r.error().message;
     }
     case ValueCheck::raw_key_source:
-      // p11-kit URIs ("pkcs11:...") come with the PKCS#11 work; until then the key is ours, sealed in the store.
-      return one_of(value, {"generate"});
+      // "generate": ours, sealed in the store; a pkcs11: URI: a key in a token (loaded at start and reload).
+      if (transport::is_token_key_uri(value)) {
+        auto checked = transport::check_token_key_uri(value);
+        return checked ? std::string() : checked.error().message;
+      }
+      return value == "generate" ? std::string()
+                                 : "must be \"generate\" or the pkcs11: URI (RFC 7512) of a private key in a token";
     case ValueCheck::coap_method:
       return one_of(value, {"GET", "POST", "PUT", "DELETE", "FETCH", "PATCH", "IPATCH"});
     case ValueCheck::group_name: {
@@ -989,7 +994,7 @@ std::vector<std::pair<const ConfigTable*, const ConfigEntry*>> token_key_entries
   std::vector<std::pair<const ConfigTable*, const ConfigEntry*>> out;
   for (const ConfigTable& table : config.tables) {
     for (const ConfigEntry& entry : table.entries) {
-      if (entry.spec->check != ValueCheck::private_key) continue;
+      if (entry.spec->check != ValueCheck::private_key && entry.spec->check != ValueCheck::raw_key_source) continue;
       if (transport::is_token_key_uri(std::get<std::string>(entry.value))) out.emplace_back(&table, &entry);
     }
   }

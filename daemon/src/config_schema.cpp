@@ -101,9 +101,10 @@ const std::vector<KeySpec>& config_schema() {
        "PEM private key of certificate_file (mode 0600), or its pkcs11: URI in a token"},
       {"enrolee.ae", "certificate_enrolment", T::boolean, C::none, 0, 0, "false", false, false, "",
        "ask the MEF for an AE-ID certificate (EST) during enrolment"},
-      {"enrolee.ae", "raw_key", T::string, C::raw_key_source, 1, 16, "", false, false, "",
-       "\"generate\": this AE's own P-256 raw public key, made on first use and sealed in the key store; presented "
-       "to peers with credential = \"rpk\", and its bootstrap credential when it has no kpm_id or certificate_file"},
+      {"enrolee.ae", "raw_key", T::string, C::raw_key_source, 1, 1024, "", false, false, "",
+       "\"generate\": this AE's own P-256 raw public key, made on first use and sealed in the key store, or the "
+       "pkcs11: URI of one in a token; presented to peers with credential = \"rpk\", and its bootstrap credential "
+       "when it has no kpm_id or certificate_file"},
       {"enrolee.ae", "certificate_key", T::string, C::none, 8, 1024, "", false, false, "",
        "pkcs11: URI (RFC 7512) of the EST certificate's key in a token, generated there on first use; omit: sealed in "
        "the store"},
@@ -128,9 +129,9 @@ const std::vector<KeySpec>& config_schema() {
        "lifetime of a usage-constrained key handed to an Enrolment Target"},
       {"mef", "certificate_lifetime", T::integer, C::none, 3600, 3 * kYear, "31536000", false, false, "seconds",
        "validity of an issued AE-ID certificate"},
-      {"mef", "raw_key", T::string, C::raw_key_source, 1, 16, "", false, false, "",
+      {"mef", "raw_key", T::string, C::raw_key_source, 1, 1024, "", false, false, "",
        "\"generate\": the MEF's own P-256 raw public key for rpk enrolees, made on first use and sealed in the key "
-       "store"},
+       "store, or the pkcs11: URI of one in a token"},
 
       // [[mef.enrolee]]
       {"mef.enrolee", "kpm_id", T::string, C::kpm_id, 1, 318, "", false, false, "",
@@ -176,9 +177,9 @@ const std::vector<KeySpec>& config_schema() {
        "the same for the plain CoAP sessions with local AEs on loopback"},
       {"peer", "legacy_onem2m_options", T::boolean, C::none, 0, 0, "false", false, false, "",
        "also accept the pre-2022 oneM2M CoAP option numbers (FR 256, RQI 257, RSC 265)"},
-      {"peer", "raw_key", T::string, C::raw_key_source, 1, 16, "", false, false, "",
+      {"peer", "raw_key", T::string, C::raw_key_source, 1, 1024, "", false, false, "",
        "\"generate\": the P-256 raw public key the peer endpoint presents to raw-key clients (RFC 7250), made on "
-       "first use and sealed in the key store; dauthctl rpk show prints its id"},
+       "first use and sealed in the key store, or the pkcs11: URI of one in a token; dauthctl rpk show prints its id"},
 
       // [[peer.address]]
       {"peer.address", "ae_id", T::string, C::ae_id, 1, 128, "", true, false, "", "the remote AE's AE-ID"},

@@ -219,27 +219,52 @@ Result<transport::X509Credentials> Roles::Impl::x509_of_local_ae(const std::stri
   return credentials;
 }
 
-Result<crypto::PrivateKey> Roles::Impl::own_raw_key(const std::string& name) {
-  if (const auto* record = store->find<crypto::CertificateRecord>(name)) {
-    if (!record->chain_der.empty()) {
-      return make_error(Errc::invalid_argument, "raw key " + name + ": the key store holds a certificate under that "
-                                                "name, not a raw key");
+Result<transport::RpkCredentials> Roles::Impl::own_raw_key(const std::string& name, const std::string& source) {
+  const auto* record = store->find<crypto::CertificateRecord>(name);
+  if (record != nullptr && !record->chain_der.empty()) {
+    return make_error(Errc::invalid_argument, "raw key " + name + ": the key store holds a certificate under that "
+                                              "name, not a raw key");
+  }
+  if (transport::is_token_key_uri(source)) {
+    // In a token: loaded once here (a wrong PIN, a missing token or key is said now); the store keeps only its URI,
+    // for the readers of the record (the Enrolee's raw-key bootstrap, credential = "rpk", dauthctl rpk show).
+    transport::TokenKey token{source, pkcs11_pin};
+    auto key_id = transport::check_token_key(token);
+    if (!key_id) return make_error(key_id.error().code, "raw key " + name + ": " + key_id.error().message);
+    if (record == nullptr || record->private_key_uri != source) {
+      if (record != nullptr) {
+        log::notice("raw key " + name + ": the configuration now names a key in a token; the key the store held is "
+                    "replaced");
+      }
+      if (auto stored = store->put(crypto::CertificateRecord{name, {}, SecretBuffer(), 0, source}); !stored) {
+        return make_error(stored.error().code, "raw key " + name + ": " + stored.error().message);
+      }
+      log::notice("raw key " + name + " in the token: " + *key_id + " (" +
+                  crypto::public_key_id_forms(*key_id).sha256_hex + "); pin it on the other side");
     }
+    return transport::RpkCredentials{SecretBuffer(), {}, std::move(token)};
+  }
+  if (record != nullptr && record->private_key_uri.empty()) {
     auto key = crypto::PrivateKey::parse(record->private_key_der);
     if (!key) return make_error(key.error().code, "raw key " + name + ": " + key.error().message);
-    return key;
+    auto key_pem = key->to_pem();  // SEC1 "EC PRIVATE KEY": the form libcoap 4.3.1 takes for RPK
+    if (!key_pem) return make_error(key_pem.error().code, "raw key " + name + ": " + key_pem.error().message);
+    return transport::RpkCredentials{std::move(key_pem).value(), {}};
   }
-  // First use: a fresh P-256 key, sealed in the store before anyone is told its id.
+  // First use (or the configuration moved it out of a token): a fresh P-256 key, sealed in the store before anyone
+  // is told its id.
   auto key = crypto::PrivateKey::generate_p256();
   if (!key) return make_error(key.error().code, "raw key " + name + ": " + key.error().message);
   auto der = key->to_der();
   if (!der) return make_error(der.error().code, "raw key " + name + ": " + der.error().message);
+  auto key_pem = key->to_pem();
+  if (!key_pem) return make_error(key_pem.error().code, "raw key " + name + ": " + key_pem.error().message);
   if (auto stored = store->put(crypto::CertificateRecord{name, {}, std::move(der).value(), 0}); !stored) {
     return make_error(stored.error().code, "raw key " + name + ": " + stored.error().message);
   }
   log::notice("raw key " + name + " generated: " + key->public_key_id() + " (" +
               crypto::public_key_id_forms(key->public_key_id()).sha256_hex + "); pin it on the other side");
-  return key;
+  return transport::RpkCredentials{std::move(key_pem).value(), {}};
 }
 
 Result<transport::RpkCredentials> Roles::Impl::raw_key_of_local_ae(const std::string& ae_id,
@@ -252,6 +277,10 @@ Result<transport::RpkCredentials> Roles::Impl::raw_key_of_local_ae(const std::st
   auto pinned = keys_pinned_to(target);
   if (pinned.empty()) {
     return make_error(Errc::not_found, "no raw public key pinned to " + target + " ([[peer.rpk]], dauthctl rpk add)");
+  }
+  if (!record->private_key_uri.empty()) {  // [[enrolee.ae]] raw_key = "pkcs11:...": the token signs
+    return transport::RpkCredentials{SecretBuffer(), std::move(pinned),
+                                     transport::TokenKey{record->private_key_uri, pkcs11_pin}};
   }
   auto key = crypto::PrivateKey::parse(record->private_key_der);
   if (!key) return make_error(key.error().code, "raw key of " + ae_id + ": " + key.error().message);
@@ -720,11 +749,9 @@ Result<void> start_mef(Roles::Impl& s, const Config& config, const LoadedSecrets
   if (!config.mef->raw_key.empty()) {
     // RPK-bootstrapped enrolees: our raw key, and the enrolee table decides which keys get in ("rpk:<key id>" rows,
     // configured or added with dauthctl enrolees add); the Mef then names the session's enrolee by the same row.
-    auto key = s.own_raw_key(kMefRawKeyName);
+    auto key = s.own_raw_key(kMefRawKeyName, config.mef->raw_key);
     if (!key) return make_error(key.error().code, "mef.raw_key: " + key.error().message);
-    auto key_pem = key->to_pem();
-    if (!key_pem) return make_error(key_pem.error().code, "mef.raw_key: " + key_pem.error().message);
-    node_config.rpk = transport::RpkCredentials{std::move(key_pem).value(), {}};
+    node_config.rpk = std::move(key).value();
     node_config.raw_key_lookup =
         [impl = &s](const transport::RawKeyRequest& request) -> Result<transport::RawKeyGrant> {
       const auto* row = impl->store->find<crypto::EnroleeRecord>("rpk:" + std::string(request.key_id));
@@ -789,7 +816,7 @@ Result<void> start_enrolees(Roles::Impl& s, const Config& config) {
     rspf::EnroleeConfig enrolee_config;
     if (!ae.raw_key.empty()) {
       // Made now if new, so that dauthctl rpk show can print it for the MEF's [[mef.enrolee]] rpk row.
-      if (auto key = s.own_raw_key(ae.id); !key) {
+      if (auto key = s.own_raw_key(ae.id, ae.raw_key); !key) {
         return make_error(key.error().code, "enrolee.ae " + ae.id + ": raw_key: " + key.error().message);
       }
     }
@@ -871,11 +898,9 @@ Result<void> start_peer_node(Roles::Impl& s, const Config& config) {
   // Both endpoints of this node (peers and local AEs); libcoap 4.3.1 builds refuse it here (Node::create).
   node_config.accept_legacy_onem2m_options = config.peer->legacy_onem2m_options;
   if (!config.peer->raw_key.empty()) {
-    auto key = s.own_raw_key(kPeerRawKeyName);
+    auto key = s.own_raw_key(kPeerRawKeyName, config.peer->raw_key);
     if (!key) return make_error(key.error().code, "peer.raw_key: " + key.error().message);
-    auto key_pem = key->to_pem();
-    if (!key_pem) return make_error(key_pem.error().code, "peer.raw_key: " + key_pem.error().message);
-    node_config.rpk = transport::RpkCredentials{std::move(key_pem).value(), {}};
+    node_config.rpk = std::move(key).value();
   }
   if (transport::backend_supports_rpk()) {
     // Raw-key clients are decided by the pins at each handshake (a pin removed at run time refuses the next one).
@@ -1305,10 +1330,19 @@ nlohmann::json Roles::raw_keys() const {
   impl_->store->for_each(crypto::RecordKind::certificate, [&](const crypto::Record& r) {
     const auto& record = std::get<crypto::CertificateRecord>(r);
     if (!record.chain_der.empty()) return;
-    auto key = crypto::PrivateKey::parse(record.private_key_der);
-    if (!key) return;
-    nlohmann::json row = key_id_forms(key->public_key_id());
+    std::string key_id;
+    if (!record.private_key_uri.empty()) {  // in a token: its public half, read there
+      auto id = transport::check_token_key(transport::TokenKey{record.private_key_uri, impl_->pkcs11_pin});
+      if (!id) return;
+      key_id = *std::move(id);
+    } else {
+      auto key = crypto::PrivateKey::parse(record.private_key_der);
+      if (!key) return;
+      key_id = key->public_key_id();
+    }
+    nlohmann::json row = key_id_forms(key_id);
     row["name"] = record.name;
+    if (!record.private_key_uri.empty()) row["token"] = record.private_key_uri;
     row["use"] = record.name == kPeerRawKeyName ? "peer endpoint (peer.raw_key)"
                  : record.name == kMefRawKeyName ? "MEF endpoint (mef.raw_key)"
                                                  : "local AE " + record.name + " ([[enrolee.ae]] raw_key)";

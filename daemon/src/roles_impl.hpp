@@ -190,9 +190,10 @@ struct Roles::Impl {
   // over EST while valid, else its configured device certificate. Errors: not_found (neither).
   Result<transport::X509Credentials> x509_of_local_ae(const std::string& ae_id) const;
   // ---- raw public keys (RFC 7250; GnuTLS builds) ----
-  // Our own raw key, kept sealed in the store under `name` (a CertificateRecord with an empty chain: the peer
-  // endpoint's kPeerRawKeyName, the MEF's kMefRawKeyName, a local AE's AE-ID), made now if there is none yet.
-  Result<crypto::PrivateKey> own_raw_key(const std::string& name);
+  // Our own raw key, a CertificateRecord with an empty chain under `name` (the peer endpoint's kPeerRawKeyName, the
+  // MEF's kMefRawKeyName, a local AE's AE-ID), as `source` configures it: "generate" keeps it sealed in the store
+  // (made now if there is none yet), a pkcs11: URI names one in a token (loaded now; the record keeps the URI).
+  Result<transport::RpkCredentials> own_raw_key(const std::string& name, const std::string& source);
   // The pins: [[peer.rpk]] rows (key id -> AE-ID), replaced by each reload, and PinnedKeyRecords added with dauthctl
   // rpk add (never a configured key: the file's rows are not copied into the store, so that a row deleted from the
   // file while dauthd was stopped does not live on there).

@@ -18,6 +18,7 @@
 #include "dauth/crypto/x509.hpp"
 #include "dauth/transport/transport.hpp"
 #include "e2e_support.hpp"
+#include "softhsm_token.hpp"
 
 using namespace dauth;
 using namespace dauth::test;
@@ -336,4 +337,51 @@ TEST_CASE("dauthd to dauthd with raw keys: an AE enrols with its raw key and rea
     return session["direction"] == "in" && session["peer_ae_id"] == kPump && session["kind"] == "rpk" &&
            session["identity"] == pump_key;
   }));
+}
+
+TEST_CASE("gnutls-cli with raw keys only: B's peer.raw_key in a SoftHSM token is the key it presents and signs with",
+          "[e2e][rpk][pkcs11]") {
+  DAUTH_E2E_SKIP_WITHOUT_STOCK_TOOLS();
+  if (!transport::backend_supports_rpk() || !have_gnutls_tools()) {
+    WARN("raw public keys need the GnuTLS build and gnutls-bin; skipped");
+    return;
+  }
+  Deployment d;
+  ThrowawayToken token;
+  const auto server = client_key(d.dir(), "server-in-token");  // B's key: imported into the token, then deleted
+  const std::string server_uri = token.import_private_key(server.key, "peer-raw-key", "11");
+  std::filesystem::remove(server.key);
+  const auto pin_file = d.dir() / "b" / "token.pin";
+  write_file(pin_file, token.pin() + "\n", 0600);
+  const auto pinned = client_key(d.dir(), "pinned");
+  d.insert_config_line("b", "[daemon]", "pkcs11_pin_file = \"" + pin_file.string() + "\"");
+  d.edit_config("b", [&](std::string text) {
+    text = std::regex_replace(text, std::regex("\\[peer\\]\n"), "[peer]\nraw_key = \"" + server_uri + "\"\n");
+    return text + "\n[[peer.rpk]]\nkey = \"" + pinned.id + "\"\nae_id = \"" + kClientAe +
+           "\"\n\n[[peer.policy]]\npeer = \"" + kClientAe + "\"\nlocal_aes = [\"CAE-valve\"]\nmethods = [\"GET\"]\n";
+  });
+  d.start("mef");
+  d.start_valve();
+  d.start("b");
+  const auto marker = put_marker(d);
+
+  // dauthctl rpk show names the token key (its URI, and the id of the key imported there).
+  const auto shown = d.ctl_json("b", {"rpk", "show"});
+  INFO(shown.dump());
+  REQUIRE(shown["raw_keys"].size() == 1);
+  CHECK(shown["raw_keys"][0]["key"] == server.id);
+  CHECK(shown["raw_keys"][0]["token"] == server_uri);
+
+  // The handshake is signed in the token: gnutls-cli gets valve's answer and saw the token key.
+  RawKeyClient client(d.ports().at("B_PEER"), crypto::server_name_for_ae_id("CAE-valve"), pinned.key,
+                      pinned.public_key);
+  client.send(coap_get(1, "example_data", kClientAe));
+  INFO(client.output());
+  CHECK(client.wait_for(marker));
+  const std::string saved = read_text_file(d.dir() / "server-key.pem");
+  write_file(d.dir() / "server-key.pub", std::regex_replace(saved, std::regex("CERTIFICATE-----"), "PUBLIC KEY-----"));
+  CHECK(certtool_sha256(d.dir() / "server-key.pub") == certtool_sha256(server.public_key));
+  // The key never reached B's store or logs: the store records the URI only.
+  d.stop("b", SIGTERM);
+  CHECK(d.run_log("b").find(token.pin()) == std::string::npos);
 }
