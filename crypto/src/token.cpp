@@ -88,6 +88,14 @@ struct ParsedUri {
 };
 
 Result<void> parse_uri(std::string_view text, ParsedUri& parsed) {
+  // The PIN comes from a credential, never from configuration text (docs/crypto.md §PKCS#11). Checked on the text
+  // first, case-insensitively, so that no message below quotes a URI holding one (even one p11-kit cannot parse).
+  std::string lower(text);
+  for (char& c : lower) c = static_cast<char>(c >= 'A' && c <= 'Z' ? c - 'A' + 'a' : c);
+  if (lower.find("pin-value") != std::string::npos || lower.find("pin-source") != std::string::npos) {
+    return make_error(Errc::invalid_argument,
+                      "a pkcs11: URI with pin-value or pin-source is refused: the PIN comes from its credential");
+  }
   if (!is_pkcs11_uri(text)) {
     return make_error(Errc::invalid_argument, quote_for_error(text) + " is not a pkcs11: URI (RFC 7512)");
   }

@@ -327,7 +327,7 @@ std::optional<ConfigValue> Parser::convert(const KeySpec& spec, const std::strin
       const auto* s = node.as_string();
       if (!s) return bad(std::string("must be ") + std::string(type_word(spec.type)));
       const auto why = check_text(s->get());
-      if (!why.empty() && spec.check == ValueCheck::private_key && transport::is_token_key_uri(s->get())) {
+      if (!why.empty() && transport::is_token_key_uri(s->get())) {
         // Not quoted back: the URI may carry a PIN (the reason quotes it when it does not).
         error(node.source(), path + ": " + why);
         return std::nullopt;
@@ -565,10 +565,9 @@ void Parser::check_cross_fields(const std::vector<ConfigTable>& tables) {
     // an AE that asks for a certificate. A URI with a PIN is not quoted.
     if (const ConfigEntry* key = ae->find("certificate_key")) {
       const auto& uri = std::get<std::string>(key->value);
-      if (uri.find("pin-value") != std::string::npos || uri.find("pin-source") != std::string::npos) {
-        error_at(key->line, key->column, ae->key_path("certificate_key") +
-                                             ": a URI with a PIN is refused (the PIN comes from "
-                                             "daemon.pkcs11_pin_credential or daemon.pkcs11_pin_file)");
+      if (auto checked = transport::check_token_key_uri(uri); !checked && crypto::is_pkcs11_uri(uri)) {
+        // Not quoted back: the URI may carry a PIN (the reason quotes it when it does not).
+        error_at(key->line, key->column, ae->key_path("certificate_key") + ": " + checked.error().message);
       } else if (!crypto::is_pkcs11_uri(uri)) {
         error_entry(*ae, *key, "must be a pkcs11: URI (RFC 7512), e.g. \"pkcs11:token=dauth;object=" +
                                    std::get<std::string>(id->value) + "\"");

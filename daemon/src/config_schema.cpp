@@ -221,11 +221,11 @@ const std::vector<ReloadRule>& reload_rules() {
       {"daemon", "master_key_file", R::restart},
       {"daemon", "master_key_next_credential", R::restart},
       {"daemon", "master_key_next_file", R::restart},
-      // GnuTLS loads the module once per process; the PIN is read again by a reload, which checks the token keys
-      // with it (a key loaded at start keeps the PIN it logged in with).
+      // GnuTLS loads the module once per process, and a process stays logged in to the token from its start: a
+      // new PIN (Daemon::reload compares it too) or a new place for it takes effect at the restart.
       {"daemon", "pkcs11_module", R::restart},
-      {"daemon", "pkcs11_pin_credential", R::live},
-      {"daemon", "pkcs11_pin_file", R::live},
+      {"daemon", "pkcs11_pin_credential", R::restart},
+      {"daemon", "pkcs11_pin_file", R::restart},
       {"daemon", "log_level", R::live},
       {"daemon", "max_control_clients", R::restart},
       {"daemon", "shutdown_timeout", R::live},

@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -261,8 +262,10 @@ Result<void> Daemon::reload() {
   const auto& running_pin = secrets_.pkcs11_pin();
   const auto& new_pin = secrets->pkcs11_pin();
   if (running_pin && new_pin && !running_pin->equals(*new_pin)) {
-    pending.push_back(config->daemon.pkcs11_pin_file.empty() ? "daemon.pkcs11_pin_credential (a new PIN)"
-                                                             : "daemon.pkcs11_pin_file (a new PIN)");
+    const std::string key = config->daemon.pkcs11_pin_file.empty() ? "daemon.pkcs11_pin_credential"
+                                                                   : "daemon.pkcs11_pin_file";
+    pending.erase(std::remove(pending.begin(), pending.end(), key), pending.end());  // named once, with the why
+    pending.push_back(key + " (a new PIN)");
   }
   // New policy, peer addresses, local AEs' sources and endpoints, key tables; live sessions continue.
   if (roles_) {

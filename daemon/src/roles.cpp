@@ -340,8 +340,8 @@ Result<transport::RawKeyGrant> Roles::Impl::grant_raw_key(const transport::RawKe
 void Roles::Impl::close_raw_key_sessions(const std::string& key_id, const std::string& why) {
   if (peer_driver == nullptr) return;
   const std::size_t closed = peer_driver->node->close_sessions_with_raw_key(key_id);
-  log::notice("peer: raw public key " + key_id + " " + why + "; its next handshake is refused" +
-              (closed ? ", " + std::to_string(closed) + " live session(s) closed" : std::string()));
+  log::notice("peer: raw public key " + key_id + " " + why +
+              (closed ? "; " + std::to_string(closed) + " live session(s) closed" : std::string()));
 }
 
 LocalAeState* Roles::Impl::find_ae(const std::string& id) {
@@ -1118,14 +1118,20 @@ Result<void> Roles::reload(const Config& config, const LoadedSecrets& secrets) {
   if (s.config.peer && config.peer) {
     // Pins: from the next handshake on; a key unpinned or pinned to another AE-ID also loses its live sessions,
     // which were granted the old AE-ID.
+    // Every key a row names, before or after, is compared: a new row may also re-pin a key dauthctl rpk add
+    // pinned to another AE-ID.
     std::map<std::string, std::string> pins;
     for (const auto& pin : config.peer->pinned_keys) pins[pin.key] = pin.ae_id;
-    const auto before = std::exchange(s.configured_pins, std::move(pins));
-    for (const auto& [key, ae_id] : before) {
+    std::map<std::string, std::string> owner_before;
+    for (const auto& [key, ae_id] : s.configured_pins) owner_before[key] = s.pinned_ae_of(key);
+    for (const auto& [key, ae_id] : pins) owner_before.emplace(key, s.pinned_ae_of(key));
+    s.configured_pins = std::move(pins);
+    for (const auto& [key, was] : owner_before) {
       const std::string now = s.pinned_ae_of(key);
-      if (now == ae_id) continue;
-      s.close_raw_key_sessions(key, now.empty() ? "is no longer pinned (was " + ae_id + ")"
-                                                : "is now pinned to " + now + " (was " + ae_id + ")");
+      if (now == was || was.empty()) continue;  // unchanged, or newly pinned: no session was granted it
+      s.close_raw_key_sessions(key, now.empty()
+                                        ? "is no longer pinned (was " + was + "); its next handshake is refused"
+                                        : "is now pinned to " + now + " (was " + was + ")");
     }
   }
   // Keep the running sections' shape (the roles were built from it), take the new policy and endpoints.
@@ -1417,7 +1423,7 @@ Result<nlohmann::json> Roles::remove_pin(const std::string& given_key) {
     return make_error(r.error().code, "rpk.remove: " + r.error().message);
   }
   // The lookup refuses the key from now on; the sessions it already let in go too.
-  s.close_raw_key_sessions(*key, "unpinned from " + ae_id + " with dauthctl");
+  s.close_raw_key_sessions(*key, "unpinned from " + ae_id + " with dauthctl; its next handshake is refused");
   return nlohmann::json{{"key", *key}, {"ae_id", ae_id}};
 }
 

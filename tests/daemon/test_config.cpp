@@ -327,7 +327,29 @@ TEST_CASE("enrolee.ae.certificate_key: a pkcs11: URI without a PIN, for an AE th
                              "certificate_enrolment = true"));
   const std::string with_pin = error_of(
       with_key("certificate_enrolment = true\ncertificate_key = \"pkcs11:token=dauth;object=k?pin-value=4711\""));
-  CHECK_THAT(with_pin, Catch::Contains("enrolee.ae[0].certificate_key: a URI with a PIN is refused"));
+  CHECK_THAT(with_pin, Catch::Contains("enrolee.ae[0].certificate_key: a token key URI carries no PIN"));
+  CHECK_THAT(with_pin, !Catch::Contains("4711"));
+  // In any spelling (RFC 7512 attribute names are case-insensitive to p11-kit's parser's callers).
+  const std::string upper_pin = error_of(
+      with_key("certificate_enrolment = true\ncertificate_key = \"pkcs11:token=dauth;object=k?PIN-VALUE=4711\""));
+  CHECK_THAT(upper_pin, Catch::Contains("carries no PIN"));
+  CHECK_THAT(upper_pin, !Catch::Contains("4711"));
+}
+
+TEST_CASE("raw_key takes generate or a token key URI, and a URI with a PIN is refused without quoting it",
+          "[config][pkcs11]") {
+  if (!dauth::transport::backend_supports_rpk()) return;  // the OpenSSL build refuses raw keys: tested where it runs
+  const std::string peer = full_config("/keys");
+  const auto with_raw_key = [&](const std::string& value) {
+    return std::regex_replace(peer, std::regex("\\[peer\\]\n"), "[peer]\nraw_key = \"" + value + "\"\n");
+  };
+  CHECK(parse_config(with_raw_key("generate"), "t.toml").ok());
+  auto token = parse_config(with_raw_key("pkcs11:token=dauth;object=peer"), "t.toml");
+  REQUIRE(token.ok());
+  CHECK(token->peer->raw_key == "pkcs11:token=dauth;object=peer");
+  CHECK_THAT(error_of(with_raw_key("make")), Catch::Contains("must be \"generate\" or the pkcs11: URI"));
+  const std::string with_pin = error_of(with_raw_key("pkcs11:token=dauth;object=peer?pin-value=4711"));
+  CHECK_THAT(with_pin, Catch::Contains("peer.raw_key") && Catch::Contains("carries no PIN"));
   CHECK_THAT(with_pin, !Catch::Contains("4711"));
 }
 
@@ -395,7 +417,7 @@ TEST_CASE("raw public keys: own keys generated, pinned peer keys in any printed 
              Catch::Contains("peer.rpk[1].key = \"" + ni + "\": already pinned by peer.rpk[0].key"));
   CHECK_THAT(error_of(std::regex_replace(text, std::regex("idle_timeout = 120\nraw_key = \"generate\""),
                                          "idle_timeout = 120\nraw_key = \"file\"")),
-             Catch::Contains("peer.raw_key = \"file\": must be one of generate"));
+             Catch::Contains("peer.raw_key = \"file\": must be \"generate\" or the pkcs11: URI"));
   CHECK_THAT(error_of(std::regex_replace(text, std::regex("mef_raw_keys = \\[[^\\]]*\\]\n"), "")),
              Catch::Contains("enrolee.ae[2].raw_key = \"generate\": bootstraps with its raw key and needs "
                              "enrolee.mef_raw_keys"));

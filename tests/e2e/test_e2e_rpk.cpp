@@ -278,6 +278,26 @@ TEST_CASE("gnutls-cli with raw keys only: pinned gets a CoAP answer, unpinned is
   CHECK(d.wait_for_log("b", "raw public key " + pinned.id + " is no longer pinned (was " + std::string(kClientAe) +
                                 ")"));
   CHECK(d.ctl_json("b", {"rpk", "list"})["pins"].empty());
+
+  // A row a reload adds that pins a key dauthctl pinned to another AE-ID: its live session was granted the old one.
+  REQUIRE(d.ctl("b", {"rpk", "add", stranger.id, kClientAe}).exit_code == 0);
+  RawKeyClient repinned(port, valve_sni, stranger.key, stranger.public_key);
+  repinned.send(coap_get(6, "example_data", kClientAe));
+  {
+    INFO(repinned.output());
+    REQUIRE(repinned.wait_for(marker));
+  }
+  d.edit_config("b", [&](std::string text) {
+    return text + "\n[[peer.rpk]]\nkey = \"" + stranger.id + "\"\nae_id = \"CAE-other\"\n";
+  });
+  CHECK(d.ctl("b", {"reload"}).exit_code == 0);
+  {
+    const auto ended = repinned.wait_exit();
+    INFO(repinned.output());
+    CHECK(ended.has_value());
+  }
+  CHECK(d.wait_for_log("b", "raw public key " + stranger.id + " is now pinned to CAE-other (was " +
+                                std::string(kClientAe) + ")"));
 }
 
 TEST_CASE("dauthd to dauthd with raw keys: an AE enrols with its raw key and reaches valve with credential = rpk",
