@@ -349,49 +349,47 @@ std::size_t Node::close_server_sessions(PeerKind kind, std::string_view identity
   return closed;
 }
 
-std::size_t Node::close_sessions_with_certificate_serial(std::string_view serial, std::string_view issuer) {
-  if (serial.empty()) return 0;
+namespace {
+// Closes every live secure session, server and client, whose authenticated peer `matches`: server sessions by
+// close_notify (carried out by housekeeping, never inside a libcoap callback), client sessions at once, their
+// requests failing with `client_reason`. The one loop behind the revocation and unpinning calls below.
+template <typename Matches>
+std::size_t close_sessions_of_peer(Node::Impl& impl, const Matches& matches, const std::string& client_reason) {
   std::size_t closed = 0;
-  for (auto& [raw, state] : impl_->sessions) {
+  for (auto& [raw, state] : impl.sessions) {
     if (!state->secure || state->dead || state->close_requested) continue;
     const std::optional<PeerIdentity>& peer = state->established ? std::optional<PeerIdentity>(state->identity)
                                                                   : state->verified;
-    if (!peer || peer->kind != PeerKind::x509 || peer->certificate_serial != serial) continue;
-    if (!issuer.empty() && peer->certificate_issuer != issuer) continue;
+    if (!peer || !matches(*peer)) continue;
     if (state->client) {
-      impl_->kill_client_session(*state, make_error(Errc::io, "client session closed by us: the server's "
-                                                              "certificate serial " + std::string(serial) +
-                                                              " was revoked"));
+      impl.kill_client_session(*state, make_error(Errc::io, client_reason));
     } else {
       if (coap_session_get_state(raw) == COAP_SESSION_STATE_NONE) continue;
-      impl_->request_close(*state);  // carried out by housekeeping, never inside a libcoap callback
+      impl.request_close(*state);
     }
     ++closed;
   }
-  if (closed > 0 && !impl_->in_libcoap) impl_->housekeeping();
+  if (closed > 0 && !impl.in_libcoap) impl.housekeeping();
   return closed;
+}
+}  // namespace
+
+std::size_t Node::close_sessions_with_certificate_serial(std::string_view serial, std::string_view issuer) {
+  if (serial.empty()) return 0;
+  return close_sessions_of_peer(
+      *impl_,
+      [&](const PeerIdentity& peer) {
+        return peer.kind == PeerKind::x509 && peer.certificate_serial == serial &&
+               (issuer.empty() || peer.certificate_issuer == issuer);
+      },
+      "client session closed by us: the server's certificate serial " + std::string(serial) + " was revoked");
 }
 
 std::size_t Node::close_sessions_with_raw_key(std::string_view key_id) {
   if (key_id.empty()) return 0;
-  std::size_t closed = 0;
-  for (auto& [raw, state] : impl_->sessions) {
-    if (!state->secure || state->dead || state->close_requested) continue;
-    const std::optional<PeerIdentity>& peer = state->established ? std::optional<PeerIdentity>(state->identity)
-                                                                  : state->verified;
-    if (!peer || peer->kind != PeerKind::rpk || peer->value != key_id) continue;
-    if (state->client) {
-      impl_->kill_client_session(*state, make_error(Errc::io, "client session closed by us: the server's raw "
-                                                              "public key " + std::string(key_id) +
-                                                              " is no longer accepted"));
-    } else {
-      if (coap_session_get_state(raw) == COAP_SESSION_STATE_NONE) continue;
-      impl_->request_close(*state);  // carried out by housekeeping, never inside a libcoap callback
-    }
-    ++closed;
-  }
-  if (closed > 0 && !impl_->in_libcoap) impl_->housekeeping();
-  return closed;
+  return close_sessions_of_peer(
+      *impl_, [&](const PeerIdentity& peer) { return peer.kind == PeerKind::rpk && peer.value == key_id; },
+      "client session closed by us: the server's raw public key " + std::string(key_id) + " is no longer accepted");
 }
 
 // ---- server credentials --------------------------------------------------------------------------------------
