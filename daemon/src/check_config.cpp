@@ -16,6 +16,7 @@
 #include <optional>
 
 #include "dauth/crypto/keystore.hpp"
+#include "dauth/crypto/token.hpp"
 #include "dauth/transport/address.hpp"
 #include "dauth/transport/transport.hpp"
 #include "dauth/unique_fd.hpp"
@@ -160,7 +161,7 @@ DeploymentCheck check_deployment(const Config& config) {
       if (const auto* one = std::get_if<std::string>(&entry.value)) paths.push_back(*one);
       if (const auto* many = std::get_if<std::vector<std::string>>(&entry.value)) paths = *many;
       for (const auto& path : paths) {
-        if (entry.spec->check == ValueCheck::private_key && transport::is_token_key_uri(path)) continue;  // load_secrets'
+        if (entry.spec->check == ValueCheck::private_key && crypto::is_pkcs11_uri(path)) continue;  // load_secrets'
         UniqueFd file(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY));
         if (!file.valid()) {
           out.errors.push_back(where(config, table, entry) + ": " + path + ": user " + user_name() +

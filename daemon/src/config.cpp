@@ -162,7 +162,7 @@ std::string check_string(ValueCheck check, const std::string& value) {
     }
     case ValueCheck::raw_key_source:
       // "generate": ours, sealed in the store; a pkcs11: URI: a key in a token (loaded at start and reload).
-      if (transport::is_token_key_uri(value)) {
+      if (crypto::is_pkcs11_uri(value)) {
         auto checked = transport::check_token_key_uri(value);
         return checked ? std::string() : checked.error().message;
       }
@@ -293,7 +293,7 @@ std::optional<ConfigValue> Parser::convert(const KeySpec& spec, const std::strin
   };
   const auto check_text = [&](const std::string& text) -> std::string {
     const auto length = static_cast<std::int64_t>(text.size());
-    if (spec.check == ValueCheck::private_key && transport::is_token_key_uri(text)) {
+    if (spec.check == ValueCheck::private_key && crypto::is_pkcs11_uri(text)) {
       if (auto uri = transport::check_token_key_uri(text); !uri) return uri.error().message;
       if (length > spec.max) return "length " + std::to_string(length) + ": at most " + std::to_string(spec.max);
       return {};
@@ -327,7 +327,7 @@ std::optional<ConfigValue> Parser::convert(const KeySpec& spec, const std::strin
       const auto* s = node.as_string();
       if (!s) return bad(std::string("must be ") + std::string(type_word(spec.type)));
       const auto why = check_text(s->get());
-      if (!why.empty() && transport::is_token_key_uri(s->get())) {
+      if (!why.empty() && crypto::is_pkcs11_uri(s->get())) {
         // Not quoted back: the URI may carry a PIN (the reason quotes it when it does not).
         error(node.source(), path + ": " + why);
         return std::nullopt;
@@ -994,7 +994,7 @@ std::vector<std::pair<const ConfigTable*, const ConfigEntry*>> token_key_entries
   for (const ConfigTable& table : config.tables) {
     for (const ConfigEntry& entry : table.entries) {
       if (entry.spec->check != ValueCheck::private_key && entry.spec->check != ValueCheck::raw_key_source) continue;
-      if (transport::is_token_key_uri(std::get<std::string>(entry.value))) out.emplace_back(&table, &entry);
+      if (crypto::is_pkcs11_uri(std::get<std::string>(entry.value))) out.emplace_back(&table, &entry);
     }
   }
   return out;

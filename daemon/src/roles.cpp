@@ -49,7 +49,7 @@ Result<transport::X509Credentials> mef_x509_credentials(const MefSettings& mef,
   }
   transport::X509Credentials credentials;
   credentials.certificate_chain_pem = chain->pem();
-  if (transport::is_token_key_uri(mef.private_key_file.string())) {
+  if (crypto::is_pkcs11_uri(mef.private_key_file.string())) {
     // The key stays in the token; transport loads it (and checks it is the certificate's) when the node starts.
     credentials.token_key = transport::TokenKey{mef.private_key_file.string(), pkcs11_pin};
   } else {
@@ -225,7 +225,7 @@ Result<transport::RpkCredentials> Roles::Impl::own_raw_key(const std::string& na
     return make_error(Errc::invalid_argument, "raw key " + name + ": the key store holds a certificate under that "
                                               "name, not a raw key");
   }
-  if (transport::is_token_key_uri(source)) {
+  if (crypto::is_pkcs11_uri(source)) {
     // In a token: loaded once here (a wrong PIN, a missing token or key is said now); the store keeps only its URI,
     // for the readers of the record (the Enrolee's raw-key bootstrap, credential = "rpk", dauthctl rpk show).
     transport::TokenKey token{source, pkcs11_pin};
@@ -590,7 +590,7 @@ Result<crypto::CertificateRecord> Roles::Impl::device_certificate_record(const L
                                                   crypto::quote_for_error(*named) + " (subjectAltName URI), not " +
                                                   ae.id);
   }
-  if (transport::is_token_key_uri(ae.private_key_file.string())) {
+  if (crypto::is_pkcs11_uri(ae.private_key_file.string())) {
     // The key stays in the token: the record names it, and the bootstrap session signs there.
     auto key_id = transport::check_token_key(transport::TokenKey{ae.private_key_file.string(), pkcs11_pin});
     if (!key_id) return fail("private_key_file", key_id.error());
@@ -791,7 +791,7 @@ Result<void> start_mef(Roles::Impl& s, const Config& config, const LoadedSecrets
               std::to_string(s.mef_driver->node->secure_port()) + "), " +
               (config.mef->certificate_file.empty() ? "PSK" : "PSK and X.509") +
               (config.mef->raw_key.empty() ? std::string() : " and raw-key") + " enrolees" +
-              (transport::is_token_key_uri(config.mef->private_key_file.string())
+              (crypto::is_pkcs11_uri(config.mef->private_key_file.string())
                    ? ", server key in the token: " + config.mef->private_key_file.string()
                    : std::string()));
   return ok_result();

@@ -16,10 +16,9 @@ std::string_view to_string(Backend backend) noexcept {
 
 bool backend_supports_rpk() noexcept { return compiled_backend() == Backend::gnutls; }
 
-bool is_token_key_uri(std::string_view text) noexcept { return crypto::is_pkcs11_uri(text); }
 
 Result<void> check_token_key_uri(std::string_view uri) {
-  if (!is_token_key_uri(uri)) return make_error(Errc::invalid_argument, "a token key is a pkcs11: URI (RFC 7512)");
+  if (!crypto::is_pkcs11_uri(uri)) return make_error(Errc::invalid_argument, "a token key is a pkcs11: URI (RFC 7512)");
   std::string lower(uri);
   for (char& c : lower) c = static_cast<char>(c >= 'A' && c <= 'Z' ? c - 'A' + 'a' : c);
   // Not quoted: it would put the PIN in the log.

@@ -40,8 +40,6 @@ struct TokenKey {
   std::string uri;
   std::shared_ptr<const SecretBuffer> pin;  // the token's user PIN; nullptr: the token asks for none
 };
-// Whether `text` names a token key rather than a file: crypto::is_pkcs11_uri, the one test of it.
-bool is_token_key_uri(std::string_view text) noexcept;
 // The checks a token key URI passes before use: the "pkcs11:" scheme, no PIN in it, a private key (no
 // type= other than private). invalid_argument names what is wrong (never the PIN: a URI with one is not quoted).
 Result<void> check_token_key_uri(std::string_view uri);
