@@ -8,12 +8,13 @@
 namespace dauth::crypto {
 
 Result<Suid> parse_suid(std::string_view decimal) {
-  for (const Suid suid : {Suid::preprovisioned_with_mef, Suid::rspf_key_for_saef, Suid::certificate_with_mef,
+  for (const Suid suid : {Suid::preprovisioned_with_mef, Suid::rspf_key_for_saef, Suid::rspf_key_for_esprim,
+                          Suid::certificate_with_mef,
                           Suid::certificate_for_saef}) {
     if (decimal == std::to_string(static_cast<int>(suid))) return suid;
   }
   return make_error(Errc::invalid_argument, "SUID " + quote_for_error(decimal) +
-                                                ": not one dauth serves (10, 22, 40 or 42; TS-0004 m2m:suid)");
+                                                ": not one dauth serves (10, 22, 23, 40 or 42; TS-0004 m2m:suid)");
 }
 
 Result<EnrolmentKey> split_bootstrap_export(const SecretBuffer& exported, std::string_view mef_fqdn) {

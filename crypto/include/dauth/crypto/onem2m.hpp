@@ -29,6 +29,7 @@ inline constexpr std::size_t kEnrolmentKeySize = 32;
 enum class Suid : int {
   preprovisioned_with_mef = 10,
   rspf_key_for_saef = 22,
+  rspf_key_for_esprim = 23,  // the pairwiseESPrimKey (PROTOCOL.md §7)
   certificate_with_mef = 40,
   certificate_for_saef = 42,
 };
