@@ -156,6 +156,8 @@ std::string check_string(ValueCheck check, const std::string& value) {
     case ValueCheck::log_level: return one_of(value, {"error", "warning", "notice", "info", "debug"});
     case ValueCheck::master_key_source: return one_of(value, {"credential", "file"});
     case ValueCheck::peer_credential: return one_of(value, {"psk", "certificate", "rpk"});
+    case ValueCheck::esprim_accept: return one_of(value, {"accept", "off"});
+    case ValueCheck::esprim_use: return one_of(value, {"off", "required"});
     case ValueCheck::public_key_id: {
       auto r = crypto::canonical_public_key_id(value);
       return r ? std::string() : r.error().message;
@@ -823,6 +825,9 @@ void build_typed(Config& config) {
       p.nstart = get<std::int64_t>(t, "nstart");
       p.local_nstart = get<std::int64_t>(t, "local_nstart");
       p.legacy_onem2m_options = get<bool>(t, "legacy_onem2m_options");
+      p.esprim_accept = get<std::string>(t, "esprim") == "accept";
+      p.esprim_rand_lifetime = get<std::int64_t>(t, "esprim_rand_lifetime");
+      p.esprim_max_sessions = get<std::int64_t>(t, "esprim_max_sessions");
       p.raw_key = get<std::string>(t, "raw_key");
     }
   }
@@ -856,8 +861,9 @@ void build_typed(Config& config) {
       row.certificate_enrolment = get<bool>(t, "certificate_enrolment");
       config.mef->enrolees.push_back(std::move(row));
     } else if (t.section == "peer.address" && config.peer) {
-      config.peer->addresses.push_back(
-          {get<std::string>(t, "ae_id"), get<std::string>(t, "address"), get<std::string>(t, "credential")});
+      config.peer->addresses.push_back({get<std::string>(t, "ae_id"), get<std::string>(t, "address"),
+                                        get<std::string>(t, "credential"),
+                                        get<std::string>(t, "esprim") == "required"});
     } else if (t.section == "peer.rpk" && config.peer) {
       config.peer->pinned_keys.push_back(
           {crypto::canonical_public_key_id(get<std::string>(t, "key")).value(), get<std::string>(t, "ae_id")});

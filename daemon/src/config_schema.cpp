@@ -180,6 +180,14 @@ const std::vector<KeySpec>& config_schema() {
       {"peer", "raw_key", T::string, C::raw_key_source, 1, 1024, "", false, false, "",
        "\"generate\": the P-256 raw public key the peer endpoint presents to raw-key clients (RFC 7250), made on "
        "first use and sealed in the key store, or the pkcs11: URI of one in a token; dauthctl rpk show prints its id"},
+      {"peer", "esprim", T::string, C::esprim_accept, 1, 16, "\"accept\"", false, false, "",
+       "accept: answer ESPrim-protected requests (end-to-end protected primitives, PROTOCOL.md §7) for the local AEs "
+       "served here; off: refuse them as unsupported"},
+      {"peer", "esprim_rand_lifetime", T::integer, C::none, 60, kDay, "3600", false, false, "seconds",
+       "lifetime of each receiver rand object handed out for ESPrim; a new one is made when half of it has passed"},
+      {"peer", "esprim_max_sessions", T::integer, C::none, 16, 1000000, "4096", false, false, "sessions",
+       "ESPrim originator sessions (each with its replay window) per receiver rand object; one more retires the "
+       "object early"},
 
       // [[peer.address]]
       {"peer.address", "ae_id", T::string, C::ae_id, 1, 128, "", true, false, "", "the remote AE's AE-ID"},
@@ -188,6 +196,9 @@ const std::vector<KeySpec>& config_schema() {
       {"peer.address", "credential", T::string, C::peer_credential, 1, 16, "\"psk\"", false, false, "",
        "how a local AE authenticates to it: psk (enrolment key), certificate (the local AE's AE-ID certificate) or "
        "rpk (the local AE's raw_key; the peer's key pinned by [[peer.rpk]])"},
+      {"peer.address", "esprim", T::string, C::esprim_use, 1, 16, "\"off\"", false, false, "",
+       "required: every request to this AE is ESPrim-protected end to end (PROTOCOL.md §7), and refused when its "
+       "dauthd does not support ESPrim; off: protected by the DTLS session only"},
 
       // [[peer.rpk]]
       {"peer.rpk", "key", T::string, C::public_key_id, 1, 128, "", true, false, "",
@@ -281,10 +292,14 @@ const std::vector<ReloadRule>& reload_rules() {
       {"peer", "local_nstart", R::restart},
       {"peer", "legacy_onem2m_options", R::restart},
       {"peer", "raw_key", R::restart},
+      {"peer", "esprim", R::restart},
+      {"peer", "esprim_rand_lifetime", R::restart},
+      {"peer", "esprim_max_sessions", R::restart},
 
       {"peer.address", "ae_id", R::live},
       {"peer.address", "address", R::live},
       {"peer.address", "credential", R::live},
+      {"peer.address", "esprim", R::live},
 
       // A pin decides from the next handshake; one removed by a reload also closes that key's live sessions.
       {"peer.rpk", "key", R::live},

@@ -11,6 +11,7 @@
 #include "dauth/rspf/role_support.hpp"
 #include "dauth/rspf/schedule.hpp"
 #include "dauth/transport/address.hpp"
+#include "proxy_support.hpp"
 #include "roles_impl.hpp"
 
 namespace dauth::daemon {
@@ -81,6 +82,21 @@ Result<ProxyTarget> parse_proxy_uri(const std::string& uri) {
   return target;
 }
 
+// The address part of a session's "127.0.0.2:40000" / "[::1]:40000" (local AEs: the port is ephemeral).
+std::string source_address(const std::string& remote) {
+  auto split = transport::parse_host_port(remote);
+  return split ? split->host : remote;
+}
+
+// Equal IP literals, however written ("::1" and "0:0::1"); false if either is empty or not an address.
+bool same_ip(const std::string& a, const std::string& b) {
+  auto x = transport::numeric_address(a, 0);
+  auto y = transport::numeric_address(b, 0);
+  return x && y && x->length == y->length && std::memcmp(&x->storage, &y->storage, x->length) == 0;
+}
+
+}  // namespace
+
 // Every refusal carries the body every dauth role answers with (PROTOCOL.md §2): CBOR { "error": <word of the
 // Errc>, "detail": <text> }, Content-Format 60, from the one helper the MEF uses too.
 Response refusal(int code, std::optional<std::uint32_t> rsc, const Error& error) {
@@ -94,19 +110,6 @@ Response refusal(int code, std::optional<std::uint32_t> rsc, const Error& error)
 Response for_local_ae(Response response, const Request& request) {
   if (request.request_id.empty()) response.response_status.reset();
   return response;
-}
-
-// The address part of a session's "127.0.0.2:40000" / "[::1]:40000" (local AEs: the port is ephemeral).
-std::string source_address(const std::string& remote) {
-  auto split = transport::parse_host_port(remote);
-  return split ? split->host : remote;
-}
-
-// Equal IP literals, however written ("::1" and "0:0::1"); false if either is empty or not an address.
-bool same_ip(const std::string& a, const std::string& b) {
-  auto x = transport::numeric_address(a, 0);
-  auto y = transport::numeric_address(b, 0);
-  return x && y && x->length == y->length && std::memcmp(&x->storage, &y->storage, x->length) == 0;
 }
 
 // SIGTERM drain (Roles::begin_drain): new work is refused with 5.03; the caller may retry with another dauthd or
@@ -123,8 +126,7 @@ bool refuse_while_draining(const Roles::Impl& roles, const Request& request, tra
 // (inside the tracker, which every copy of the returned pointer keeps alive); the drain waits until it answered.
 // `per_peer`, if given, counts it too (PeerState::in_flight) for as long.
 std::shared_ptr<transport::Responder> track_in_flight(Roles::Impl& roles, transport::Responder responder,
-                                                      std::string what,
-                                                      std::shared_ptr<std::size_t> per_peer = nullptr) {
+                                                      std::string what, std::shared_ptr<std::size_t> per_peer) {
   struct Tracked {
     Tracked(std::shared_ptr<InFlightTable> t, std::uint64_t i, transport::Responder r, std::shared_ptr<std::size_t> c)
         : table(std::move(t)), id(i), responder(std::move(r)), counter(std::move(c)) {
@@ -146,8 +148,6 @@ std::shared_ptr<transport::Responder> track_in_flight(Roles::Impl& roles, transp
   roles.in_flight->requests.emplace(id, InFlightTable::Entry{std::move(what), &tracked->responder});
   return std::shared_ptr<transport::Responder>(tracked, &tracked->responder);
 }
-
-}  // namespace
 
 // ---- the local AE side (A): proxy to the target's dauthd -----------------------------------------------------
 
@@ -201,18 +201,27 @@ void Roles::Impl::on_local_request(const transport::Session& session, const Requ
     responder.respond(for_local_ae(refusal(403, kRscNoPrivilege, make_error(Errc::denied, why)), request));
     return;
   }
-  auto key = ae->enrolee->key_for_target(target->ae_id);
-  if (!key) {
-    count("proxy_rejected_total");
-    // The AE cannot reach its target (not enrolled, enrolment expired or revoked): the operator must act.
-    log::write_limited(log::Level::warning, "proxy refused", ae->config.id,
-                       "proxy: " + ae->config.id + " -> " + target->ae_id + " refused: " + key.error().message);
-    responder.respond(for_local_ae(refusal(403, kRscNoPrivilege,
-                                           make_error(key.error().code, ae->config.id + " -> " + target->ae_id +
-                                                                            ": " + key.error().message)), request));
-    return;
-  }
   auto peer = peers.find(target->ae_id);
+  // peer.address esprim = "required": the request is protected end to end (esprim_paths.cpp), with the ESPrim key
+  // (SUID 23) instead of this session key.
+  const bool esprim = peer != peers.end() && peer->second.esprim_required;
+  std::optional<rspf::TargetKey> key;
+  if (!esprim) {
+    auto derived = ae->enrolee->key_for_target(target->ae_id);
+    if (!derived) {
+      count("proxy_rejected_total");
+      // The AE cannot reach its target (not enrolled, enrolment expired or revoked): the operator must act.
+      log::write_limited(log::Level::warning, "proxy refused", ae->config.id,
+                         "proxy: " + ae->config.id + " -> " + target->ae_id + " refused: " + derived.error().message);
+      responder.respond(for_local_ae(refusal(403, kRscNoPrivilege,
+                                             make_error(derived.error().code, ae->config.id + " -> " +
+                                                                                  target->ae_id + ": " +
+                                                                                  derived.error().message)),
+                                     request));
+      return;
+    }
+    key = std::move(derived).value();
+  }
   if (peer == peers.end() || !peer->second.address) {
     count("proxy_rejected_total");
     responder.respond(for_local_ae(refusal(404, std::nullopt,
@@ -228,6 +237,16 @@ void Roles::Impl::on_local_request(const transport::Session& session, const Requ
     log::write_limited(log::Level::warning, "proxy refused", target->ae_id,
                        "proxy: " + ae->config.id + " -> " + target->ae_id + " refused: " + why);
     responder.respond(for_local_ae(refusal(503, std::nullopt, make_error(Errc::limit, why)), request));
+    return;
+  }
+  if (esprim) {
+    auto tracked = track_in_flight(*this, std::move(responder),
+                                   "ESPrim-protected request " + ae->config.id + " -> " + target->ae_id + " " +
+                                       std::string(transport::to_string(request.method)) + " (from " +
+                                       session.remote_address() + ")",
+                                   peer->second.in_flight);
+    ++peer->second.requests;
+    forward_protected(*ae, target->ae_id, request, target->path, target->query, std::move(tracked));
     return;
   }
   Request forwarded;
@@ -424,6 +443,11 @@ void Roles::Impl::confirm_enrolment_of(LocalAeState& ae) {
 
 void Roles::Impl::on_peer_request(const transport::Session& session, const Request& request,
                                   transport::Responder responder) {
+  if (request.path.size() == 1 && request.path[0] == rspf::esprim::kOuterPath && request.proxy_uri.empty()) {
+    // ESPrim: the object authenticates its originator, whichever session (AE pair or relay hop) carried it.
+    on_esprim_request(session, request, std::move(responder));
+    return;
+  }
   count("peer_requests_total");
   if (refuse_while_draining(*this, request, responder)) return;
   // Who asks and which local AE they reach were decided in the handshake (transport::SessionGrant): PSK by
@@ -462,15 +486,7 @@ void Roles::Impl::on_peer_request(const transport::Session& session, const Reque
     return;
   }
   const std::string method(transport::to_string(request.method));
-  bool allowed = false;
-  for (const auto& rule : config.peer->policy) {
-    if (rule.peer != "*" && rule.peer != requester) continue;
-    if (std::find(rule.local_aes.begin(), rule.local_aes.end(), local_ae) == rule.local_aes.end()) continue;
-    if (std::find(rule.methods.begin(), rule.methods.end(), method) == rule.methods.end()) continue;
-    allowed = true;
-    break;
-  }
-  if (!allowed) {
+  if (!policy_allows(requester, local_ae, method)) {
     count("peer_denied_total");
     note_peer_failure(requester, "policy denies " + method + " " + request.path_text() + " on " + local_ae);
     // The policy doing its job: a notice, not a warning.
@@ -480,22 +496,6 @@ void Roles::Impl::on_peer_request(const transport::Session& session, const Reque
     responder.respond(refusal(403, kRscNoPrivilege,
                               make_error(Errc::denied,
                                          "policy: " + requester + " may not " + method + " " + local_ae)));
-    return;
-  }
-  const LocalAe* target = nullptr;
-  if (config.enrolee) {
-    for (const auto& ae : config.enrolee->aes) {
-      if (ae.id == local_ae) target = &ae;
-    }
-  }
-  if (target == nullptr || target->endpoint.empty()) {
-    responder.respond(refusal(
-        404, std::nullopt, make_error(Errc::not_found, local_ae + " has no endpoint (enrolee.ae.endpoint)")));
-    return;
-  }
-  auto endpoint = resolve_address(target->endpoint);
-  if (!endpoint) {
-    responder.respond(refusal(500, std::nullopt, endpoint.error()));
     return;
   }
   // Plain CoAP to the AE without the options we consumed (oneM2M-FR/RQI are critical: a stock server rejects
@@ -510,22 +510,67 @@ void Roles::Impl::on_peer_request(const transport::Session& session, const Reque
   auto shared = track_in_flight(*this, std::move(responder), "delivery of " + requester + "'s " + method + " " +
                                                                  request.path_text() + " to local AE " + local_ae);
   const std::string request_id = request.request_id;
+  deliver_to_local_ae(local_ae, std::move(delivered), [shared, request_id](Result<Response> outcome) {
+    if (!outcome) {
+      shared->respond(refusal(delivery_failure_code(outcome.error()), std::nullopt, outcome.error()));
+      return;
+    }
+    Response answer = std::move(outcome).value();
+    answer.request_id = request_id;
+    shared->respond(std::move(answer));
+  });
+}
+
+bool Roles::Impl::policy_allows(const std::string& requester, const std::string& local_ae,
+                                const std::string& method) const {
+  if (!config.peer) return false;
+  for (const auto& rule : config.peer->policy) {
+    if (rule.peer != "*" && rule.peer != requester) continue;
+    if (std::find(rule.local_aes.begin(), rule.local_aes.end(), local_ae) == rule.local_aes.end()) continue;
+    if (std::find(rule.methods.begin(), rule.methods.end(), method) == rule.methods.end()) continue;
+    return true;
+  }
+  return false;
+}
+
+int delivery_failure_code(const Error& error) {
+  switch (error.code) {
+    case Errc::not_found: return 404;  // no endpoint configured for that AE
+    case Errc::invalid_argument: return 500;  // its endpoint does not resolve
+    default: return 504;  // the AE did not answer
+  }
+}
+
+void Roles::Impl::deliver_to_local_ae(const std::string& local_ae, Request delivered,
+                                      std::function<void(Result<Response>)> done) {
+  const LocalAe* target = nullptr;
+  if (config.enrolee) {
+    for (const auto& ae : config.enrolee->aes) {
+      if (ae.id == local_ae) target = &ae;
+    }
+  }
+  if (target == nullptr || target->endpoint.empty()) {
+    done(make_error(Errc::not_found, local_ae + " has no endpoint (enrolee.ae.endpoint)"));
+    return;
+  }
+  auto endpoint = resolve_address(target->endpoint);
+  if (!endpoint) {
+    done(make_error(Errc::invalid_argument, endpoint.error().message));
+    return;
+  }
   peer_driver->node->request(*endpoint, transport::ClientCredentials::plain(), std::move(delivered),
-                             [this, shared, request_id, local_ae](Result<Response> outcome, const transport::Session*) {
+                             [this, local_ae, done = std::move(done)](Result<Response> outcome,
+                                                                       const transport::Session*) {
                                if (!outcome) {
                                  count("peer_delivery_failed_total");
                                  log::write_limited(log::Level::warning, "peer delivery", local_ae,
                                                     "peer: delivery to " + local_ae +
                                                         " failed: " + outcome.error().message);
-                                 shared->respond(refusal(504, std::nullopt,
-                                                         make_error(outcome.error().code,
-                                                                    local_ae + ": " + outcome.error().message)));
+                                 done(make_error(outcome.error().code, local_ae + ": " + outcome.error().message));
                                  return;
                                }
                                count("peer_delivered_total");
-                               Response answer = std::move(outcome).value();
-                               answer.request_id = request_id;
-                               shared->respond(std::move(answer));
+                               done(std::move(outcome));
                              });
   rearm(*peer_driver);
 }

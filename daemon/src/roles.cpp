@@ -626,6 +626,7 @@ Result<void> Roles::Impl::resolve_peers(const Config& cfg, std::map<std::string,
     if (auto old = peers.find(entry.ae_id); old != peers.end()) state = old->second;  // keep the counters
     state.address_text = entry.address;
     state.credential = entry.credential;
+    state.esprim_required = entry.esprim_required;
     state.server_name = crypto::server_name_for_ae_id(entry.ae_id);
     state.address = *address;
     out[entry.ae_id] = state;
@@ -964,6 +965,12 @@ Result<void> serve_local_aes(Roles::Impl& s) {
     s.served_aes.push_back(ae->config.id);
   }
   if (s.target_keys) s.peer_slot.bind(s.target_keys->psk_lookup());
+  if (config.peer->esprim_accept) {
+    rspf::esprim::ReceiverConfig esprim_config;
+    esprim_config.rand_lifetime_s = config.peer->esprim_rand_lifetime;
+    esprim_config.max_sessions_per_rand = static_cast<std::size_t>(config.peer->esprim_max_sessions);
+    s.esprim_receiver = std::make_unique<rspf::esprim::Receiver>(esprim_config);
+  }
   // The MEFs the local AEs are enrolled with, observed for certificate revocations (rspf/revocation_watch.hpp:
   // lists kept in the key store; fail closed per MEF while its list is unknown or stale).
   if (!s.peer_trust_anchors_pem.empty()) {

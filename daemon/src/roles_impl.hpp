@@ -3,6 +3,7 @@
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -13,6 +14,8 @@
 
 #include "dauth/crypto/x509.hpp"
 #include "dauth/crypto/token.hpp"
+#include "dauth/daemon/log.hpp"
+#include "dauth/rspf/esprim.hpp"
 #include "event_log.hpp"
 #include "roles.hpp"
 
@@ -94,6 +97,7 @@ struct PeerState {
   // Proxied requests to this AE not answered yet (their trackers hold it and count themselves out, proxy.cpp);
   // bounded by kMaxProxiedInFlightPerPeer so that a slow or unreachable peer cannot pile up work without end.
   std::shared_ptr<std::size_t> in_flight = std::make_shared<std::size_t>(0);
+  bool esprim_required = false;  // peer.address esprim = "required" (PROTOCOL.md §7)
 };
 
 // A local AE's request beyond this many unanswered ones to the same target AE gets 5.03 at once: each waits for up
@@ -150,6 +154,8 @@ struct KeyTablePlan {
   std::set<std::string> enrolee_ids;  // the new configured_enrolee_ids
   std::vector<std::string> notices;   // logged once applied
 };
+
+struct EsprimSend;  // esprim_paths.cpp: one protected request on its way
 
 struct Roles::Impl {
   explicit Impl(EventLoop& l) : loop(l) {}
@@ -273,6 +279,43 @@ struct Roles::Impl {
   // Asks the AE's MEF whether it still accepts its KeID (Enrolee::confirm_enrolment); one it no longer accepts
   // (revoked, expired or unknown there) is replaced by an enrolment now.
   void confirm_enrolment_of(LocalAeState& ae);
+  // ---- ESPrim (esprim_paths.cpp, PROTOCOL.md §7) ----
+  // B: the receiver state (rand objects, sessions, replay windows), with peer.esprim = "accept"; in memory only, so
+  // that nothing protected before a restart is accepted after it.
+  std::unique_ptr<rspf::esprim::Receiver> esprim_receiver;
+  // A: per (KeID, remote AE) the receiver object, our originator object and the message counter.
+  rspf::esprim::Originator esprim_originator;
+  // A: requests waiting for the one receiver-rand request per (KeID "\n" remote AE) in flight.
+  std::map<std::string, std::vector<std::shared_ptr<EsprimSend>>> rand_waiters;
+  // A: local AE ae's request to target (peer.address esprim = "required"), path/query at the target AE.
+  void forward_protected(LocalAeState& ae, const std::string& target, transport::Request original,
+                         std::vector<std::string> path, std::vector<std::string> query,
+                         std::shared_ptr<transport::Responder> responder);
+  void send_protected(const std::shared_ptr<EsprimSend>& send);
+  void ask_receiver_rand(const std::shared_ptr<EsprimSend>& send, const std::string& kid);
+  void on_protected_answer(const std::shared_ptr<EsprimSend>& send, const rspf::esprim::ProtectedRequest& sent,
+                           Result<transport::Response> outcome);
+  // Answers the local AE with a refusal, logged once (rate-limited) with both AE-IDs and counted.
+  void fail_protected(const std::shared_ptr<EsprimSend>& send, int code, std::optional<std::uint32_t> rsc,
+                      const Error& error, log::Level level);
+  // B: POST /esprim (sit 3: our rand object; sit 5: open, check, deliver, protect the answer).
+  void on_esprim_request(const transport::Session& session, const transport::Request& request,
+                         transport::Responder responder);
+  void on_esprim_key(const rspf::esprim::Inspected& object, const std::string& receiver, const std::string& remote,
+                     const std::shared_ptr<transport::Responder>& responder, Result<rspf::EsprimKey> key);
+  void refuse_esprim(const std::string& remote, const std::string& receiver, const rspf::esprim::Refusal& refused,
+                     transport::Responder& responder);
+  void note_session_activity_esprim(const std::string& originator, const std::string& receiver);
+  // The outer message of an ESPrim exchange to target's dauthd, on the path peer.address configures (relay.cpp).
+  void send_outer(const std::string& target, const std::string& originator, transport::Request outer,
+                  std::function<void(Result<transport::Response>)> done);
+  // The access policy ([[peer.policy]]): whether the authenticated remote AE `requester` may use `method` on
+  // local AE `local_ae`. The one place this is decided, for AE-pair sessions and ESPrim alike.
+  bool policy_allows(const std::string& requester, const std::string& local_ae, const std::string& method) const;
+  // Sends `delivered` as plain CoAP to local AE local_ae's enrolee.ae.endpoint; done gets its answer, or not_found
+  // (no endpoint), invalid_argument (unresolvable) or the transport error (logged here, counted).
+  void deliver_to_local_ae(const std::string& local_ae, transport::Request delivered,
+                           std::function<void(Result<transport::Response>)> done);
   void on_peer_request(const transport::Session& session, const transport::Request& request,
                        transport::Responder responder);
   void on_node_failure(NodeDriver& driver, const transport::Failure& failure);

@@ -51,6 +51,8 @@ enum class ValueCheck : std::uint8_t {
   group_name,         // an existing group (control socket access)
   credential_name,    // a systemd credential name: [A-Za-z0-9_.-]{1,255}
   peer_credential,    // psk | certificate | rpk (how gateway A authenticates a local AE to a peer)
+  esprim_accept,      // accept | off (peer.esprim)
+  esprim_use,         // off | required (peer.address.esprim)
   public_key_id,      // a raw public key's id: ni:///sha-256;... | sha256:<hex> | pin-sha256:... (stored as ni)
   raw_key_source,     // where our own raw key comes from: "generate" (sealed in the key store)
   private_key,        // a path key (absolute path of a PEM key), or the key's pkcs11: URI (RFC 7512) in a token
@@ -206,6 +208,7 @@ struct PeerAddress {
   std::string address;
   std::string credential = "psk";  // "psk" (KeID + usage-constrained key), "certificate" (the AE's X.509) or
                                    // "rpk" (the AE's raw key; the peer's key pinned by [[peer.rpk]])
+  bool esprim_required = false;    // esprim = "required": requests to it travel ESPrim-protected (PROTOCOL.md §7)
 };
 
 // A raw public key pinned to a remote AE-ID ([[peer.rpk]]).
@@ -235,6 +238,9 @@ struct PeerSettings {
   std::vector<PolicyRule> policy;
   std::string raw_key;  // "generate" or "": our raw key, presented by the peer endpoint to raw-key clients
   std::vector<PinnedRawKey> pinned_keys;
+  bool esprim_accept = true;              // peer.esprim = "accept"
+  std::int64_t esprim_rand_lifetime = 0;  // seconds
+  std::int64_t esprim_max_sessions = 0;
 };
 
 struct Config {
