@@ -256,10 +256,11 @@ std::string_view to_string(RecordKind kind) noexcept {
 
 RecordKind kind_of(const Record& record) noexcept { return static_cast<RecordKind>(record.index() + 1); }
 
-std::string session_key_id(std::string_view ke_id, std::string_view local_ae_id) {
+std::string session_key_id(std::string_view ke_id, std::string_view local_ae_id, int suid) {
   std::string id;
-  id.reserve(ke_id.size() + 1 + local_ae_id.size());
+  id.reserve(ke_id.size() + 1 + local_ae_id.size() + 4);
   id.append(ke_id).append(1, kSessionKeyIdSeparator).append(local_ae_id);
+  if (suid != kSaefSessionKeySuid) id.append(1, kSessionKeyIdSeparator).append(std::to_string(suid));
   return id;
 }
 
@@ -268,7 +269,9 @@ std::string id_of(const Record& record) {
     std::string operator()(const BootstrapKeyRecord& r) const { return r.kpm_id; }
     std::string operator()(const EnroleeRecord& r) const { return r.credential_id; }
     std::string operator()(const EnrolmentKeyRecord& r) const { return r.ke_id; }
-    std::string operator()(const SessionKeyRecord& r) const { return session_key_id(r.ke_id, r.local_ae_id); }
+    std::string operator()(const SessionKeyRecord& r) const {
+      return session_key_id(r.ke_id, r.local_ae_id, r.suid);
+    }
     std::string operator()(const CertificateRecord& r) const { return r.name; }
     std::string operator()(const IssuanceRecord& r) const { return r.serial_hex; }
     std::string operator()(const PinnedKeyRecord& r) const { return r.public_key_id; }

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <array>
 #include <map>
+#include <utility>
 
 #include "dauth/crypto/identifiers.hpp"
 #include "dauth/crypto/onem2m.hpp"
@@ -64,11 +65,12 @@ struct Enrolee::Impl : std::enable_shared_from_this<Enrolee::Impl> {
   Backoff backoff;
   std::string current_ke_id;           // "" = none
   std::int64_t renewal_due_ms = 0;     // unix milliseconds
-  // The usage-constrained keys handed out by key_for_target, derived once per (KeID, target) instead of per proxied
-  // request. Only keys of target_keys_ke_id (the current KeID) are held, at most one per Enrolment Target of its
-  // record; forget_target_keys() wipes them (SecretBuffer) whenever that KeID stops being the usable one.
+  // The usage-constrained keys handed out by key_for_target, derived once per (KeID, target, SUID) instead of per
+  // proxied request. Only keys of target_keys_ke_id (the current KeID) are held, at most one per Enrolment Target
+  // of its record and SUID; forget_target_keys() wipes them (SecretBuffer) whenever that KeID stops being the usable
+  // one.
   std::string target_keys_ke_id;
-  std::map<std::string, SecretBuffer, std::less<>> target_keys;
+  std::map<std::pair<std::string, crypto::Suid>, SecretBuffer, std::less<>> target_keys;
   // confirm_enrolment(): one check at a time, and a KeID the MEF accepted is not asked about again for a while
   // (a target refusing it for its own reasons must not turn each proxied request into an MEF handshake).
   bool confirming = false;
@@ -112,7 +114,11 @@ struct Enrolee::Impl : std::enable_shared_from_this<Enrolee::Impl> {
   // docs/PROTOCOL.md §4. The record is read from the store on every call, so that whatever changed it (a renewal
   // here, a revocation by the MEF role of the same dauthd in a shared store, expiry) is seen at once; only the HMAC
   // is saved.
-  Result<TargetKey> key_for_target(std::string_view target_ae_id) {
+  Result<TargetKey> key_for_target(std::string_view target_ae_id, crypto::Suid suid) {
+    if (suid != crypto::Suid::rspf_key_for_saef && suid != crypto::Suid::rspf_key_for_esprim) {
+      return make_error(Errc::invalid_argument, "SUID " + std::to_string(static_cast<int>(suid)) +
+                                                    " is not a key for an Enrolment Target (22 SAEF, 23 ESPrim)");
+    }
     auto usable = unexpired_record();
     if (!usable.ok()) {
       forget_target_keys();
@@ -132,11 +138,12 @@ struct Enrolee::Impl : std::enable_shared_from_this<Enrolee::Impl> {
       forget_target_keys();
       target_keys_ke_id = record->ke_id;
     }
-    auto cached = target_keys.find(target_ae_id);
+    auto memo_key = std::make_pair(std::string(target_ae_id), suid);
+    auto cached = target_keys.find(memo_key);
     if (cached == target_keys.end()) {
-      auto key = crypto::derive_usage_constrained_key(record->ke, crypto::Suid::rspf_key_for_saef, target_ae_id);
+      auto key = crypto::derive_usage_constrained_key(record->ke, suid, target_ae_id);
       if (!key.ok()) return std::move(key).error();
-      cached = target_keys.emplace(std::string(target_ae_id), std::move(*key)).first;
+      cached = target_keys.emplace(std::move(memo_key), std::move(*key)).first;
     }
     return TargetKey{record->ke_id, cached->second.clone()};
   }
@@ -601,13 +608,16 @@ std::optional<std::string> Enrolee::ke_id() const {
 
 void Enrolee::confirm_enrolment(DoneCallback done) { impl_->confirm_enrolment(done); }
 
-Result<TargetKey> Enrolee::key_for_target(std::string_view target_ae_id) const {
-  return impl_->key_for_target(target_ae_id);
+Result<TargetKey> Enrolee::key_for_target(std::string_view target_ae_id, crypto::Suid suid) const {
+  return impl_->key_for_target(target_ae_id, suid);
 }
 
 std::vector<std::pair<std::string, std::string>> Enrolee::cached_target_keys() const {
   std::vector<std::pair<std::string, std::string>> cached;
-  for (const auto& [target, key] : impl_->target_keys) cached.emplace_back(impl_->target_keys_ke_id, target);
+  for (const auto& [memo_key, key] : impl_->target_keys) {
+    const std::string& target = memo_key.first;
+    if (cached.empty() || cached.back().second != target) cached.emplace_back(impl_->target_keys_ke_id, target);
+  }
   return cached;
 }
 

@@ -502,6 +502,12 @@ transport::PskLookup TargetKeys::psk_lookup() {
   };
 }
 
+void TargetKeys::esprim_key(std::string_view ke_id, std::string_view local_ae_id, EsprimKeyCallback done) {
+  (void)ke_id;
+  (void)local_ae_id;
+  done(make_error(Errc::unsupported, "ESPrim key retrieval: not implemented yet"));
+}
+
 std::size_t TargetKeys::fetches_pending() const { return impl_->fetches.size(); }
 void TargetKeys::set_fetch_observer(FetchObserver observer) { impl_->observer = std::move(observer); }
 

@@ -158,7 +158,7 @@ TEST_CASE("key store: every record type survives a round trip and a restart", "[
   CHECK(reopened.size() == records.size());
   CHECK(reopened.size(RecordKind::enrolee) == 2);
   require_all_present(reopened, records);
-  const auto* session = reopened.find<SessionKeyRecord>(session_key_id(kKeId2, "CAE-target-1"));
+  const auto* session = reopened.find<SessionKeyRecord>(session_key_id(kKeId2, "CAE-target-1", 40));
   REQUIRE(session != nullptr);
   CHECK(session->suid == 40);
   CHECK(reopened.find<BootstrapKeyRecord>(kKeId2) == nullptr);

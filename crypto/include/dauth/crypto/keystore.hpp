@@ -70,10 +70,11 @@ struct EnrolmentKeyRecord {
   std::int64_t revoked_at = 0;          // 0 = not revoked (MEF side)
 };
 
-// Target side: a usage-constrained key fetched from the MEF (PROTOCOL.md §4). id = session_key_id(ke_id, local_ae_id):
-// the key differs per target AE (its derivation includes B-ID), so two local AEs targeted by one KeID keep one
-// record each. Stores written when the id was the KeID alone load under the new id (ids are derived from the
-// fields), and their journal removals by KeID still apply (docs/keystore-format.md).
+// Target side: a usage-constrained key fetched from the MEF (PROTOCOL.md §4, §7). id = session_key_id(ke_id,
+// local_ae_id, suid): the key differs per target AE (its derivation includes B-ID) and per SUID (22 for the DTLS
+// PSK, 23 for ESPrim), so two local AEs targeted by one KeID, and the two keys of one (KeID, AE), keep one record
+// each. Stores written when the id was the KeID alone load under the new id (ids are derived from the fields), and
+// their journal removals by KeID still apply (docs/keystore-format.md).
 struct SessionKeyRecord {
   std::string ke_id;
   SecretBuffer key;                     // 32 bytes
@@ -137,9 +138,12 @@ enum class RecordKind : std::uint8_t {
 std::string_view to_string(RecordKind kind) noexcept;
 RecordKind kind_of(const Record& record) noexcept;
 std::string id_of(const Record& record);
-// The id of a SessionKeyRecord: "<KeID>#<local AE-ID>" ('#' is in neither syntax, so the pair is unambiguous).
+// The id of a SessionKeyRecord: "<KeID>#<local AE-ID>" for SUID 22 (the id of every record stored before other
+// SUIDs were, so that their stores and journal removals keep meaning the same record), "<KeID>#<local AE-ID>#<SUID
+// decimal>" for any other SUID ('#' is in neither syntax, so the parts are unambiguous).
 inline constexpr char kSessionKeyIdSeparator = '#';
-std::string session_key_id(std::string_view ke_id, std::string_view local_ae_id);
+inline constexpr int kSaefSessionKeySuid = 22;  // crypto::Suid::rspf_key_for_saef (onem2m.hpp)
+std::string session_key_id(std::string_view ke_id, std::string_view local_ae_id, int suid = kSaefSessionKeySuid);
 // Checks a record's fields (identifier syntax, key sizes) before it is stored.
 Result<void> validate(const Record& record);
 

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "dauth/crypto/keystore.hpp"
+#include "dauth/crypto/onem2m.hpp"
 #include "dauth/crypto/x509.hpp"
 #include "dauth/error.hpp"
 #include "dauth/rspf/messages.hpp"
@@ -74,9 +75,10 @@ enum class EnroleeState : std::uint8_t { idle, enrolling, enrolled, failed };
 std::string_view to_string(EnroleeState state) noexcept;
 
 // The credential for a DTLS-PSK session to an Enrolment Target (PROTOCOL.md §4): psk_identity = ke_id, psk = key.
+// The same derivation with SUID 23 is the pairwiseESPrimKey for that target (PROTOCOL.md §7).
 struct TargetKey {
   std::string ke_id;
-  SecretBuffer key;  // HMAC-SHA-256(Ke, label || "22" || target AE-ID), all 32 bytes
+  SecretBuffer key;  // HMAC-SHA-256(Ke, label || decimal(SUID) || target AE-ID), all 32 bytes
 };
 
 class Enrolee {
@@ -106,13 +108,17 @@ class Enrolee {
   const std::string& ae_id() const;
   // The current KeID, if enrolled (also in state failed while an earlier enrolment is still valid).
   std::optional<std::string> ke_id() const;
-  // Errors: not enrolled (not_found), enrolment expired (expired) or revoked in this store (denied: a dauthd whose
-  // MEF role revoked the KeID), target not among the MEF's Enrolment Targets (denied).
-  // Each key is derived once per (KeID, target) and kept, wiped, until the KeID is replaced by an enrolment or
+  // The usage-constrained key for target_ae_id with suid: 22 (rspf_key_for_saef) the DTLS-PSK key, 23
+  // (rspf_key_for_esprim) the pairwiseESPrimKey. Errors: another SUID (invalid_argument), not enrolled (not_found),
+  // enrolment expired (expired) or revoked in this store (denied: a dauthd whose MEF role revoked the KeID), target
+  // not among the MEF's Enrolment Targets (denied).
+  // Each key is derived once per (KeID, target, SUID) and kept, wiped, until the KeID is replaced by an enrolment or
   // found expired, revoked or gone; each call checks the stored record first. const: that memo is no state a
   // caller can observe (the same key comes back either way).
-  Result<TargetKey> key_for_target(std::string_view target_ae_id) const;
-  // (KeID, target AE-ID) of each key key_for_target keeps, for status output and tests; never the keys.
+  Result<TargetKey> key_for_target(std::string_view target_ae_id,
+                                   crypto::Suid suid = crypto::Suid::rspf_key_for_saef) const;
+  // (KeID, target AE-ID) of each key key_for_target keeps (once per pair, whichever SUIDs it holds), for status
+  // output and tests; never the keys.
   std::vector<std::pair<std::string, std::string>> cached_target_keys() const;
   // The credential to re-authenticate to our MEF (PROTOCOL.md §3.5): psk(KeID, Ker, sni = MEF FQDN). Used for key
   // retrieval when this AE is itself an Enrolment Target. Errors as key_for_target (not enrolled, expired, revoked).

@@ -20,8 +20,8 @@ Result<EnrolmentResponse> decide_enrolment(const crypto::EnroleeRecord& enrolee,
 
 // Whether `requester` (the identity the DTLS session authenticated) may fetch the key of `key` for `suid`, with
 // oneM2M-FR `originator`. Errc::unauthenticated when originator differs from requester (RSC 4106), Errc::denied
-// when the requester is not a target, the SUID is not the symmetric SAEF one (22), or the key is revoked or
-// expired.
+// when the requester is not a target, the SUID is neither the symmetric SAEF one (22) nor the ESPrim one (23), or
+// the key is revoked or expired.
 Result<void> authorize_fetch(const crypto::EnrolmentKeyRecord& key, std::string_view requester,
                              std::string_view originator, crypto::Suid suid, std::int64_t now);
 

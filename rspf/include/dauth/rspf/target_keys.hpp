@@ -12,6 +12,12 @@
 // The key differs per target AE (the derivation includes B-ID), so it is stored per (KeID, local AE)
 // (crypto::session_key_id): one KeID that targets two local AEs keeps both keys.
 //
+// ESPrim (PROTOCOL.md §7): the pairwiseESPrimKey of a KeID for a served AE is the SUID 23 key, fetched the same
+// way (GET /fetchCredentials/<KeID>/23) when an ESPrim object names it, not in a handshake: esprim_key() below. It
+// is stored as its own SessionKeyRecord (suid 23, crypto::session_key_id(KeID, AE, 23)) next to the SUID 22 one;
+// its retrievals share max_fetches_in_flight, the backoff after failures and the one-at-a-time rule (per KeID, AE
+// and SUID) with the SUID 22 ones. The feed fetches only SUID 22 keys ahead; a revocation removes both.
+//
 // The MEF feed (PROTOCOL.md §4–5): with config.observe_feed, every MEF contact also
 // observes GET /fetchCredentials?delta (oneM2M-FR = that served AE, its own credentials): the first answer lists
 // every KeID issued for that AE and the revoked ones at the MEF's feed version n, each later notification only
@@ -49,6 +55,7 @@
 #include "dauth/rspf/mef_subscription.hpp"
 #include "dauth/rspf/role_support.hpp"
 #include "dauth/rspf/schedule.hpp"
+#include "dauth/secret.hpp"
 #include "dauth/transport/transport.hpp"
 
 namespace dauth::rspf {
@@ -61,6 +68,13 @@ struct TargetKeysConfig {
   UnixClock clock = system_unix_clock();
   LogSink log = stderr_log_sink();
 };
+
+// The pairwiseESPrimKey (SUID 23) of a KeID for a served AE, and the peer AE-ID the MEF named for it.
+struct EsprimKey {
+  std::shared_ptr<const SecretBuffer> key;  // 32 bytes
+  std::string peer_ae_id;
+};
+using EsprimKeyCallback = std::function<void(Result<EsprimKey>)>;
 
 enum class FetchState : std::uint8_t { queued, fetching, stored, failed };
 std::string_view to_string(FetchState state) noexcept;
@@ -88,7 +102,17 @@ class TargetKeys {
   Result<transport::PskGrant> lookup_psk(std::string_view identity);  // no SNI: for config.local_ae_id
   transport::PskLookup psk_lookup();
 
-  std::size_t fetches_pending() const;  // queued + in flight
+  // The SUID 23 key of ke_id for the local AE local_ae_id (empty = config.local_ae_id): a stored valid record
+  // answers at once (done is called before return); otherwise a retrieval GET /fetchCredentials/<KeID>/23 is
+  // queued (or joined, when one for the same KeID and AE is running) and done runs from the loop when it ends.
+  // For the loop thread, outside libcoap callbacks that hold a session (e.g. a request handler); done may call
+  // esprim_key() again. Errors: not_found (not a KeID); denied (MEF refused, no contact of that AE for the KeID's
+  // MEF, or KeID revoked by the feed); limit (too many retrievals in flight); timeout/io (MEF unreachable); the
+  // error of the last failed retrieval while its backoff lasts (no new one is sent before). Callbacks still waiting
+  // when the TargetKeys is destroyed are dropped uncalled.
+  void esprim_key(std::string_view ke_id, std::string_view local_ae_id, EsprimKeyCallback done);
+
+  std::size_t fetches_pending() const;  // queued + in flight, both SUIDs
 
   // Told once per retrieval outcome (and for refusals of unknown MEFs): KeID and ok or the reason.
   using FetchObserver = std::function<void(const std::string& ke_id, const Result<void>& outcome)>;
