@@ -965,10 +965,10 @@ Result<void> serve_local_aes(Roles::Impl& s) {
     s.served_aes.push_back(ae->config.id);
   }
   if (s.target_keys) s.peer_slot.bind(s.target_keys->psk_lookup());
-  if (config.peer->esprim_accept) {
+  if (s.config.peer->esprim_accept) {
     rspf::esprim::ReceiverConfig esprim_config;
-    esprim_config.rand_lifetime_s = config.peer->esprim_rand_lifetime;
-    esprim_config.max_sessions_per_rand = static_cast<std::size_t>(config.peer->esprim_max_sessions);
+    esprim_config.rand_lifetime_s = s.config.peer->esprim_rand_lifetime;
+    esprim_config.max_sessions_per_rand = static_cast<std::size_t>(s.config.peer->esprim_max_sessions);
     s.esprim_receiver = std::make_unique<rspf::esprim::Receiver>(esprim_config);
   }
   // The MEFs the local AEs are enrolled with, observed for certificate revocations (rspf/revocation_watch.hpp:
@@ -1750,6 +1750,17 @@ void Roles::stats(MetricSet& out) const {
                    "dauth_peer_denied_total", "dauth_peer_delivered_total", "dauth_peer_delivery_failed_total"});
   }
   if (s.target_keys) role_counters({"dauth_key_fetches_succeeded_total", "dauth_key_fetches_failed_total"});
+  if (s.peer_driver && s.config.enrolee) {
+    role_counters({"dauth_esprim_sent_total", "dauth_esprim_answered_total", "dauth_esprim_failed_total",
+                   "dauth_esprim_answers_rejected_total", "dauth_esprim_rand_requests_total"});
+  }
+  if (s.esprim_receiver) {
+    role_counters({"dauth_esprim_requests_total", "dauth_esprim_accepted_total", "dauth_esprim_refused_total",
+                   "dauth_esprim_impersonation_total", "dauth_esprim_rand_objects_handed_total"});
+    const auto esprim = s.esprim_receiver->stats();
+    out.add("dauth_esprim_sessions", esprim.sessions);
+    out.add("dauth_esprim_rand_objects", esprim.live_rand_objects);
+  }
 
   for (const auto& driver : s.drivers) {
     const auto n = driver->node->stats();

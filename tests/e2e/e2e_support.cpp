@@ -1,5 +1,7 @@
 #include "e2e_support.hpp"
 
+#include "dauth/crypto/keystore.hpp"
+
 #include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -323,6 +325,38 @@ std::string put_marker_at(std::uint16_t port) {
                        "coap://127.0.0.1:" + std::to_string(port) + "/example_data"})
               .exit_code == 0);
   return marker;
+}
+
+StoredTargetKey stored_target_key(const Deployment& d, const std::string& node, const std::string& enrolee_id,
+                                  crypto::Suid suid, const std::string& target) {
+  auto master = secret_from_hex(d.master_key_hex(node));
+  REQUIRE(master.ok());
+  auto store = crypto::KeyStore::open(d.state(node), std::move(master).value());
+  REQUIRE(store.ok());
+  StoredTargetKey found;
+  store->for_each(crypto::RecordKind::enrolment_key, [&](const crypto::Record& record) {
+    const auto& e = std::get<crypto::EnrolmentKeyRecord>(record);
+    if (e.enrolee_id != enrolee_id) return;
+    auto key = crypto::derive_usage_constrained_key(e.ke, suid, target);
+    REQUIRE(key.ok());
+    found.ke_id = e.ke_id;
+    found.key = std::move(key).value();
+    found.target = target;
+  });
+  REQUIRE_FALSE(found.ke_id.empty());
+  return found;
+}
+
+Result<transport::Response> request_once(const transport::Peer& peer, const transport::ClientCredentials& credentials,
+                                         const transport::Request& request) {
+  auto node = transport::Node::create(transport::NodeConfig{});
+  REQUIRE(node.ok());
+  std::optional<Result<transport::Response>> reply;
+  (*node)->request(peer, credentials, request,
+                   [&](Result<transport::Response> r, const transport::Session*) { reply.emplace(std::move(r)); });
+  (*node)->run_until([&] { return reply.has_value(); }, std::chrono::seconds(30));
+  REQUIRE(reply.has_value());
+  return std::move(*reply);
 }
 
 void start_with_certificate_peer_sessions(Deployment& d) {

@@ -13,6 +13,9 @@
 #include <string>
 #include <vector>
 
+#include "dauth/crypto/onem2m.hpp"
+#include "dauth/secret.hpp"
+#include "dauth/transport/transport.hpp"
 #include "daemon_process.hpp"
 #include "loopback_ports.hpp"
 #include "support.hpp"
@@ -105,6 +108,22 @@ std::string put_marker_at(std::uint16_t port);
 // for peers and A reaches valve with X.509; then start_all() and a restart of B, which presents the certificate
 // fixed at its start (valve's is issued only after it first started).
 void start_with_certificate_peer_sessions(Deployment& d);
+
+// A usage-constrained key as gateway `node` would derive it: read from its stopped key store (master key from the
+// deployment) for local AE enrolee_id's enrolment, with `suid` and target AE-ID `target` (TS-0003 §10.3.7).
+// REQUIREs that the AE is enrolled there.
+struct StoredTargetKey {
+  std::string ke_id;
+  SecretBuffer key;
+  std::string target;  // the target AE, named as SNI (PROTOCOL.md §2)
+};
+StoredTargetKey stored_target_key(const Deployment& d, const std::string& node, const std::string& enrolee_id,
+                                  crypto::Suid suid, const std::string& target);
+
+// One request from a fresh client Node, run until its answer (or 30 s): a request made by hand, with an originator
+// or payload of the test's choosing.
+Result<transport::Response> request_once(const transport::Peer& peer, const transport::ClientCredentials& credentials,
+                                         const transport::Request& request);
 
 }  // namespace dauth::test
 

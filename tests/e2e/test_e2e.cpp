@@ -27,48 +27,20 @@ std::string lower(std::string text) {
   return text;
 }
 
-// The client request the A side would send, made by hand: KeID and the usage-constrained key derived from A's
-// stored enrolment (TS-0003 §10.3.7) for a target AE, with an originator of our choosing.
-struct DirectPeer {
-  std::string ke_id;
-  SecretBuffer key;
-  std::string target = "CAE-valve";  // the target AE, named as SNI (PROTOCOL.md §2)
-};
+using DirectPeer = StoredTargetKey;
 DirectPeer meter_key_from_store(const Deployment& d, const std::string& target = "CAE-valve") {
-  auto master = secret_from_hex(d.master_key_hex("a"));
-  REQUIRE(master.ok());
-  auto store = crypto::KeyStore::open(d.state("a"), std::move(master).value());
-  REQUIRE(store.ok());
-  DirectPeer peer;
-  store->for_each(crypto::RecordKind::enrolment_key, [&](const crypto::Record& record) {
-    const auto& e = std::get<crypto::EnrolmentKeyRecord>(record);
-    if (e.enrolee_id != "CAE-meter") return;
-    auto key = crypto::derive_usage_constrained_key(e.ke, crypto::Suid::rspf_key_for_saef, target);
-    REQUIRE(key.ok());
-    peer.ke_id = e.ke_id;
-    peer.key = std::move(key).value();
-    peer.target = target;
-  });
-  REQUIRE_FALSE(peer.ke_id.empty());
-  return peer;
+  return stored_target_key(d, "a", "CAE-meter", crypto::Suid::rspf_key_for_saef, target);
 }
 
 Result<transport::Response> send_direct(const Deployment& d, const DirectPeer& peer, const std::string& originator,
                                         transport::Method method = transport::Method::get) {
-  auto node = transport::Node::create(transport::NodeConfig{});
-  REQUIRE(node.ok());
   transport::Request request;
   request.method = method;
   if (method == transport::Method::put) request.payload = {'x'};
   request.path = {"example_data"};
   request.originator = originator;
-  std::optional<Result<transport::Response>> reply;
-  (*node)->request({"127.0.0.1", d.ports().at("B_PEER")},
-                   transport::ClientCredentials::psk(peer.ke_id, peer.key.clone(), peer.target), request,
-                   [&](Result<transport::Response> r, const transport::Session*) { reply.emplace(std::move(r)); });
-  (*node)->run_until([&] { return reply.has_value(); }, std::chrono::seconds(30));
-  REQUIRE(reply.has_value());
-  return std::move(*reply);
+  return request_once({"127.0.0.1", d.ports().at("B_PEER")},
+                      transport::ClientCredentials::psk(peer.ke_id, peer.key.clone(), peer.target), request);
 }
 
 // The refusal body every dauthd answer carries (PROTOCOL.md §2), read by the decoder with its Content-Format.
