@@ -198,7 +198,7 @@ void Roles::Impl::send_protected(const std::shared_ptr<EsprimSend>& send) {
   info.type = 5;
   info.object = sent->compact;
   count("esprim_sent_total");
-  send_outer(send->target, send->ae_id, outer_request(send->target, info),
+  send_outer(send->ae_id, send->target, outer_request(send->target, info),
              [this, send, sent](Result<Response> outcome) { on_protected_answer(send, *sent, std::move(outcome)); });
 }
 
@@ -212,7 +212,7 @@ void Roles::Impl::ask_receiver_rand(const std::shared_ptr<EsprimSend>& send, con
   ask.type = 3;
   count("esprim_rand_requests_total");
   const std::string target = send->target;
-  send_outer(target, send->ae_id, outer_request(target, ask),
+  send_outer(send->ae_id, target, outer_request(target, ask),
              [this, waiting_key, kid, target](Result<Response> outcome) {
                auto node = rand_waiters.extract(waiting_key);
                if (node.empty()) return;

@@ -306,9 +306,6 @@ struct Roles::Impl {
   void refuse_esprim(const std::string& remote, const std::string& receiver, const rspf::esprim::Refusal& refused,
                      transport::Responder& responder);
   void note_session_activity_esprim(const std::string& originator, const std::string& receiver);
-  // The outer message of an ESPrim exchange to target's dauthd, on the path peer.address configures (relay.cpp).
-  void send_outer(const std::string& target, const std::string& originator, transport::Request outer,
-                  std::function<void(Result<transport::Response>)> done);
   // The access policy ([[peer.policy]]): whether the authenticated remote AE `requester` may use `method` on
   // local AE `local_ae`. The one place this is decided, for AE-pair sessions and ESPrim alike.
   bool policy_allows(const std::string& requester, const std::string& local_ae, const std::string& method) const;
