@@ -741,8 +741,57 @@ void Parser::check_cross_fields(const std::vector<ConfigTable>& tables) {
       }
     }
   }
+  // Hops (docs/relay.md): unique names and identities, exactly one key source each, every via names a hop, and
+  // every relay destination has the hop that authenticates it.
+  std::map<std::string, const ConfigTable*> hop_names;
+  std::set<std::string> hop_addresses;
+  for (const ConfigTable* row : array_tables(tables, "peer.hop")) {
+    const ConfigEntry* name = row->find("name");
+    if (name && !hop_names.emplace(std::get<std::string>(name->value), row).second) {
+      error_entry(*row, *name, "hop name listed twice in [[peer.hop]]");
+    }
+    if (const ConfigEntry* address = row->find("address")) hop_addresses.insert(std::get<std::string>(address->value));
+  }
+  std::set<std::string> hop_client_ids;
+  for (const char* section : {"peer.hop", "peer.hop_client"}) {
+    for (const ConfigTable* row : array_tables(tables, section)) {
+      const bool file = row->find("key_file") != nullptr;
+      const bool credential = row->find("key_credential") != nullptr;
+      if (file == credential) {
+        error_at(row->line, 1, std::string("[[") + section + "]] needs exactly one of key_file and key_credential");
+      }
+      const ConfigEntry* identity = row->find("identity");
+      if (identity && std::string_view(section) == "peer.hop_client" &&
+          !hop_client_ids.insert(std::get<std::string>(identity->value)).second) {
+        error_entry(*row, *identity, "identity listed twice in [[peer.hop_client]]");
+      }
+    }
+  }
+  for (const ConfigTable* row : array_tables(tables, "peer.address")) {
+    const ConfigEntry* via = row->find("via");
+    if (via && !hop_names.count(std::get<std::string>(via->value))) {
+      error_entry(*row, *via, "names no [[peer.hop]] (hop names: " +
+                                  (hop_names.empty() ? std::string("none") : [&] {
+                                    std::string names;
+                                    for (const auto& [n, t] : hop_names) names += (names.empty() ? "" : ", ") + n;
+                                    return names;
+                                  }()) + ")");
+    }
+  }
+  if (const ConfigTable* relay = find_table(tables, "relay")) {
+    if (!peer) error_at(relay->line, 1, "[relay] needs the [peer] section (it relays on the peer endpoint)");
+    if (const ConfigEntry* allow = relay->find("allow")) {
+      for (const auto& destination : std::get<std::vector<std::string>>(allow->value)) {
+        if (!hop_addresses.count(destination)) {
+          error_entry(*relay, *allow, "destination " + toml_quote(destination) +
+                                          " has no [[peer.hop]] with that address (its credentials authenticate "
+                                          "the next hop)");
+        }
+      }
+    }
+  }
   if (!peer) {
-    for (const char* child : {"peer.address", "peer.policy", "peer.rpk"}) {
+    for (const char* child : {"peer.address", "peer.policy", "peer.rpk", "peer.hop", "peer.hop_client"}) {
       if (const auto rows = array_tables(tables, child); !rows.empty()) {
         error_at(rows.front()->line, 1, std::string("[[") + child + "]] needs the [peer] section");
       }
@@ -862,8 +911,18 @@ void build_typed(Config& config) {
       config.mef->enrolees.push_back(std::move(row));
     } else if (t.section == "peer.address" && config.peer) {
       config.peer->addresses.push_back({get<std::string>(t, "ae_id"), get<std::string>(t, "address"),
-                                        get<std::string>(t, "credential"),
+                                        get<std::string>(t, "credential"), get<std::string>(t, "via"),
                                         get<std::string>(t, "esprim") == "required"});
+    } else if (t.section == "peer.hop" && config.peer) {
+      config.peer->hops.push_back({get<std::string>(t, "name"), get<std::string>(t, "address"),
+                                   get<std::string>(t, "identity"),
+                                   {get_path(t, "key_file"), get<std::string>(t, "key_credential")}});
+    } else if (t.section == "peer.hop_client" && config.peer) {
+      config.peer->hop_clients.push_back(
+          {get<std::string>(t, "identity"), {get_path(t, "key_file"), get<std::string>(t, "key_credential")}});
+    } else if (t.section == "relay") {
+      config.relay.enable = get<bool>(t, "enable");
+      config.relay.allow = get<std::vector<std::string>>(t, "allow");
     } else if (t.section == "peer.rpk" && config.peer) {
       config.peer->pinned_keys.push_back(
           {crypto::canonical_public_key_id(get<std::string>(t, "key")).value(), get<std::string>(t, "ae_id")});
@@ -922,6 +981,9 @@ std::string Config::normalised(const LoadedSecrets* secrets) const {
                     (e.spec->name == "master_key_next_file" && daemon.master_key_source == "file"))) {
           text += ": " + std::to_string(secrets->next_master_key().size()) + " bytes, fingerprint " +
                   secrets->next_master_key().fingerprint();
+        } else if (secrets && e.spec->name == "key_credential" &&
+                   (key = secrets->find_hop_key(HopKeySource{{}, std::get<std::string>(e.value)})) != nullptr) {
+          text += ": " + std::to_string(key->key.size()) + " bytes, fingerprint " + key->key.fingerprint();
         } else if (secrets && (key = secrets->find_file(std::get<std::string>(e.value))) != nullptr) {
           text += ": " + std::to_string(key->key.size()) + " bytes, fingerprint " + key->key.fingerprint();
         }
@@ -967,6 +1029,12 @@ Result<Config> load_config(const std::filesystem::path& file) {
 const LoadedSecrets::Key* LoadedSecrets::find_file(const std::filesystem::path& path) const {
   const auto it = files_.find(path.string());
   return it == files_.end() ? nullptr : &it->second;
+}
+
+const LoadedSecrets::Key* LoadedSecrets::find_hop_key(const HopKeySource& source) const {
+  if (!source.key_file.empty()) return find_file(source.key_file);
+  const auto it = credentials_.find(source.key_credential);
+  return it == credentials_.end() ? nullptr : &it->second;
 }
 
 namespace {
@@ -1129,6 +1197,35 @@ Result<LoadedSecrets> load_secrets(const Config& config, SystemdCredential crede
     auto key = detail::read_hex_key_file(path, kKpmMinBytes, kKpmMaxBytes);
     if (!key) return fail(table, "kpm_file", key.error());
     secrets.files_.emplace(path, LoadedSecrets::Key{table.key_path("kpm_file"), std::move(key).value()});
+  }
+  // Hop keys (docs/relay.md): the Kpm file format, at least 256 bits (a static key that guards a whole hop).
+  constexpr std::size_t kHopKeyMinBytes = 32;
+  const char* directory = std::getenv("CREDENTIALS_DIRECTORY");
+  const bool have_directory = directory != nullptr && *directory != '\0';
+  for (const ConfigTable& table : config.tables) {
+    if (table.section != "peer.hop" && table.section != "peer.hop_client") continue;
+    if (const ConfigEntry* entry = table.find("key_file")) {
+      const auto& path = std::get<std::string>(entry->value);
+      if (secrets.files_.count(path)) continue;
+      auto key = detail::read_hex_key_file(path, kHopKeyMinBytes, kKpmMaxBytes);
+      if (!key) return fail(table, "key_file", key.error());
+      secrets.files_.emplace(path, LoadedSecrets::Key{table.key_path("key_file"), std::move(key).value()});
+    } else if (const ConfigEntry* credential_entry = table.find("key_credential")) {
+      const auto& name = std::get<std::string>(credential_entry->value);
+      if (secrets.credentials_.count(name)) continue;
+      if (!have_directory) {
+        if (credential == SystemdCredential::later) continue;  // comes with the unit's LoadCredential=
+        return fail(table, "key_credential",
+                    make_error(Errc::not_found, "credential " + toml_quote(name) +
+                                                    ": $CREDENTIALS_DIRECTORY is not set (not started by systemd "
+                                                    "with LoadCredential=); use key_file"));
+      }
+      // systemd LoadCredential= (systemd.exec(5)): $CREDENTIALS_DIRECTORY/<name>, the key file format.
+      auto key = detail::read_hex_key_file(std::filesystem::path(directory) / name, kHopKeyMinBytes, kKpmMaxBytes);
+      if (!key) return fail(table, "key_credential", key.error());
+      secrets.credentials_.emplace(name,
+                                   LoadedSecrets::Key{table.key_path("key_credential"), std::move(key).value()});
+    }
   }
   return secrets;
 }

@@ -31,6 +31,15 @@ const std::vector<SectionSpec>& config_sections() {
       {"peer.rpk", true, false,
        "a remote AE's raw public key (RFC 7250), pinned: a session proving it authenticates that AE-ID"},
       {"peer.policy", true, false, "access rule: which remote AE may reach which local AEs with which methods"},
+      {"peer.hop", true, false,
+       "a next hop (CoAP forward proxy or relaying dauthd) that outer ESPrim messages may travel through, reached over "
+       "DTLS with a pre-shared key (docs/relay.md)"},
+      {"peer.hop_client", true, false,
+       "a hop identity the peer endpoint accepts (a proxy or relay forwarding outer ESPrim messages to us); its "
+       "sessions authenticate no AE and may carry only outer ESPrim messages"},
+      {"relay", false, false,
+       "relay: forward outer ESPrim messages (POST /esprim in a coaps:// Proxy-Uri) to allowed destinations through "
+       "their [[peer.hop]] (docs/relay.md); needs [peer]"},
   };
   return sections;
 }
@@ -199,6 +208,9 @@ const std::vector<KeySpec>& config_schema() {
       {"peer.address", "esprim", T::string, C::esprim_use, 1, 16, "\"off\"", false, false, "",
        "required: every request to this AE is ESPrim-protected end to end (PROTOCOL.md §7), and refused when its "
        "dauthd does not support ESPrim; off: protected by the DTLS session only"},
+      {"peer.address", "via", T::string, C::none, 1, 64, "", false, false, "",
+       "name of a [[peer.hop]]: outer ESPrim messages to this AE travel through that hop (Proxy-Uri) instead of "
+       "directly to address"},
 
       // [[peer.rpk]]
       {"peer.rpk", "key", T::string, C::public_key_id, 1, 128, "", true, false, "",
@@ -213,6 +225,33 @@ const std::vector<KeySpec>& config_schema() {
        "local AE-IDs (ids of [[enrolee.ae]]) the peer may reach"},
       {"peer.policy", "methods", T::string_list, C::coap_method, 1, 7, "[\"GET\"]", false, false, "",
        "CoAP methods allowed: GET, POST, PUT, DELETE, FETCH, PATCH, IPATCH"},
+
+      // [[peer.hop]]
+      {"peer.hop", "name", T::string, C::none, 1, 64, "", true, false, "",
+       "the hop's name, which peer.address.via refers to"},
+      {"peer.hop", "address", T::string, C::remote_address, 1, 260, "", true, false, "",
+       "host:port of the hop's DTLS endpoint; a host name is also sent as SNI"},
+      {"peer.hop", "identity", T::string, C::none, 1, 128, "", true, false, "",
+       "the PSK identity we present to the hop"},
+      {"peer.hop", "key_file", T::path, C::none, 1, kPathMax, "", false, true, "",
+       "file holding the pre-shared key as hex (32 to 64 bytes, mode 0600); or key_credential"},
+      {"peer.hop", "key_credential", T::string, C::credential_name, 1, 255, "", false, true, "",
+       "name of the systemd credential holding the pre-shared key as hex (32 to 64 bytes); or key_file"},
+
+      // [[peer.hop_client]]
+      {"peer.hop_client", "identity", T::string, C::none, 1, 128, "", true, false, "",
+       "the PSK identity the hop presents to the peer endpoint"},
+      {"peer.hop_client", "key_file", T::path, C::none, 1, kPathMax, "", false, true, "",
+       "file holding its pre-shared key as hex (32 to 64 bytes, mode 0600); or key_credential"},
+      {"peer.hop_client", "key_credential", T::string, C::credential_name, 1, 255, "", false, true, "",
+       "name of the systemd credential holding its pre-shared key as hex (32 to 64 bytes); or key_file"},
+
+      // [relay]
+      {"relay", "enable", T::boolean, C::none, 0, 0, "false", false, false, "",
+       "forward outer ESPrim messages that name an allowed destination in their Proxy-Uri"},
+      {"relay", "allow", T::string_list, C::remote_address, 0, 1024, "[]", false, false, "",
+       "destinations (host:port as the Proxy-Uri names them) this relay forwards to; each needs a [[peer.hop]] with "
+       "that address"},
   };
   return schema;
 }
@@ -308,6 +347,20 @@ const std::vector<ReloadRule>& reload_rules() {
       {"peer.policy", "peer", R::live},
       {"peer.policy", "local_aes", R::live},
       {"peer.policy", "methods", R::live},
+
+      // Hops and hop clients are looked up per message and per handshake: a reload replaces the tables (keys read
+      // again); live sessions keep the key they were made with.
+      {"peer.address", "via", R::live},
+      {"peer.hop", "name", R::live},
+      {"peer.hop", "address", R::live},
+      {"peer.hop", "identity", R::live},
+      {"peer.hop", "key_file", R::live},
+      {"peer.hop", "key_credential", R::live},
+      {"peer.hop_client", "identity", R::live},
+      {"peer.hop_client", "key_file", R::live},
+      {"peer.hop_client", "key_credential", R::live},
+      {"relay", "enable", R::live},
+      {"relay", "allow", R::live},
   };
   return rules;
 }

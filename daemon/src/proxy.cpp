@@ -122,9 +122,6 @@ bool refuse_while_draining(const Roles::Impl& roles, const Request& request, tra
   return true;
 }
 
-// A request accepted for forwarding or delivery is listed in Roles::Impl::in_flight while its Responder lives
-// (inside the tracker, which every copy of the returned pointer keeps alive); the drain waits until it answered.
-// `per_peer`, if given, counts it too (PeerState::in_flight) for as long.
 std::shared_ptr<transport::Responder> track_in_flight(Roles::Impl& roles, transport::Responder responder,
                                                       std::string what, std::shared_ptr<std::size_t> per_peer) {
   struct Tracked {
@@ -280,43 +277,20 @@ void Roles::Impl::forward_to_peer(const std::string& target, const transport::Pe
   }
   auto& peer_state = configured->second;
   ++peer_state.requests;
-  transport::ClientCredentials credentials;
-  if (peer_state.credential == "certificate") {
-    // SAEF with X.509: the local AE's AE-ID certificate; the peer must present the target's (SAN URI = target).
-    auto x509 = x509_of_local_ae(request.originator);
-    if (!x509) {
-      ++peer_state.failures;
-      peer_state.last_outcome = x509.error().message;
-      note_peer_failure(target, x509.error().message);
-      count("proxy_failed_total");
-      log::write_limited(log::Level::warning, "proxy refused", request.originator,
-                         "proxy: " + request.originator + " -> " + target + " refused: " + x509.error().message);
-      responder->respond(for_local_ae(refusal(403, kRscNoPrivilege, x509.error()), request));
-      return;
-    }
-    credentials = transport::ClientCredentials::certificate(std::move(x509).value(), peer_state.server_name, target);
-  } else if (peer_state.credential == "rpk") {
-    // RFC 7250: the local AE's raw key (made at start, [[enrolee.ae]] raw_key); the peer must present a key pinned
-    // to the target AE-ID.
-    auto rpk = raw_key_of_local_ae(request.originator, target);
-    if (!rpk) {
-      ++peer_state.failures;
-      peer_state.last_outcome = rpk.error().message;
-      note_peer_failure(target, rpk.error().message);
-      count("proxy_failed_total");
-      log::write_limited(log::Level::warning, "proxy refused", request.originator,
-                         "proxy: " + request.originator + " -> " + target + " refused: " + rpk.error().message);
-      responder->respond(for_local_ae(refusal(403, kRscNoPrivilege, rpk.error()), request));
-      return;
-    }
-    credentials = transport::ClientCredentials::raw_public_key(std::move(rpk).value(), peer_state.server_name);
-  } else {
-    // SNI names the target AE (PROTOCOL.md §2; an AE-ID that is no DNS name as its hashed name, PROTOCOL.md §2).
-    credentials = transport::ClientCredentials::psk(ke_id, key->clone(), peer_state.server_name);
+  auto credentials = credentials_to_peer(request.originator, target, ke_id, *key);
+  if (!credentials) {
+    ++peer_state.failures;
+    peer_state.last_outcome = credentials.error().message;
+    note_peer_failure(target, credentials.error().message);
+    count("proxy_failed_total");
+    log::write_limited(log::Level::warning, "proxy refused", request.originator,
+                       "proxy: " + request.originator + " -> " + target + " refused: " + credentials.error().message);
+    responder->respond(for_local_ae(refusal(403, kRscNoPrivilege, credentials.error()), request));
+    return;
   }
   Request copy = request;
   peer_driver->node->request(
-      address, credentials, std::move(request),
+      address, *credentials, std::move(request),
       [this, target, address, ke_id, key, copy, responder, attempt](Result<Response> outcome,
                                                                      const transport::Session* session) mutable {
         // Recorded on the peer's state while it is configured (a reload may have removed it meanwhile).
@@ -387,6 +361,32 @@ void Roles::Impl::forward_to_peer(const std::string& target, const transport::Pe
   rearm(*peer_driver);
 }
 
+Result<transport::ClientCredentials> Roles::Impl::credentials_to_peer(const std::string& originator,
+                                                                      const std::string& target,
+                                                                      const std::string& ke_id,
+                                                                      const SecretBuffer& key) const {
+  const auto configured = peers.find(target);
+  if (configured == peers.end()) {
+    return make_error(Errc::not_found, "no [[peer.address]] configured for " + target);
+  }
+  const PeerState& peer_state = configured->second;
+  if (peer_state.credential == "certificate") {
+    // SAEF with X.509: the local AE's AE-ID certificate; the peer must present the target's (SAN URI = target).
+    auto x509 = x509_of_local_ae(originator);
+    if (!x509) return std::move(x509).error();
+    return transport::ClientCredentials::certificate(std::move(x509).value(), peer_state.server_name, target);
+  }
+  if (peer_state.credential == "rpk") {
+    // RFC 7250: the local AE's raw key (made at start, [[enrolee.ae]] raw_key); the peer must present a key pinned
+    // to the target AE-ID.
+    auto rpk = raw_key_of_local_ae(originator, target);
+    if (!rpk) return std::move(rpk).error();
+    return transport::ClientCredentials::raw_public_key(std::move(rpk).value(), peer_state.server_name);
+  }
+  // SNI names the target AE (PROTOCOL.md §2; an AE-ID that is no DNS name as its hashed name, PROTOCOL.md §2).
+  return transport::ClientCredentials::psk(ke_id, key.clone(), peer_state.server_name);
+}
+
 void Roles::Impl::on_forward_failed(const std::string& originator, const std::string& target,
                                     const std::string& ke_id, const Error& error) {
   const auto configured = peers.find(target);
@@ -443,11 +443,6 @@ void Roles::Impl::confirm_enrolment_of(LocalAeState& ae) {
 
 void Roles::Impl::on_peer_request(const transport::Session& session, const Request& request,
                                   transport::Responder responder) {
-  if (request.path.size() == 1 && request.path[0] == rspf::esprim::kOuterPath && request.proxy_uri.empty()) {
-    // ESPrim: the object authenticates its originator, whichever session (AE pair or relay hop) carried it.
-    on_esprim_request(session, request, std::move(responder));
-    return;
-  }
   count("peer_requests_total");
   if (refuse_while_draining(*this, request, responder)) return;
   // Who asks and which local AE they reach were decided in the handshake (transport::SessionGrant): PSK by

@@ -20,11 +20,6 @@ transport::Response for_local_ae(transport::Response response, const transport::
 // During the SIGTERM drain: answers 5.03 and returns true.
 bool refuse_while_draining(const Roles::Impl& roles, const transport::Request& request,
                            transport::Responder& responder);
-// Lists the request in Roles::Impl::in_flight while its Responder lives (and in `per_peer`, if given).
-std::shared_ptr<transport::Responder> track_in_flight(Roles::Impl& roles, transport::Responder responder,
-                                                      std::string what,
-                                                      std::shared_ptr<std::size_t> per_peer = nullptr);
-
 // The CoAP code for a failed delivery to a local AE (Roles::Impl::deliver_to_local_ae): 4.04 no endpoint, 5.00
 // unresolvable endpoint, 5.04 no answer.
 int delivery_failure_code(const Error& error);

@@ -707,6 +707,7 @@ Config what_roles_keep(const Config& config) {
   kept.daemon = config.daemon;
   kept.enrolee = config.enrolee;
   kept.peer = config.peer;
+  kept.relay = config.relay;
   if (config.mef) {
     MefSettings mef = *config.mef;
     mef.enrolees.clear();
@@ -933,7 +934,7 @@ Result<void> serve_local_aes(Roles::Impl& s) {
     s.peer_driver->node->add_route(m, {}, transport::Access::secure,
                                    [self](const transport::Session& session, const Request& request,
                                           transport::Responder responder) {
-                                     self->on_peer_request(session, request, std::move(responder));
+                                     self->on_secure_request(session, request, std::move(responder));
                                    });
   }
   // The served AEs: every local AE with an endpoint and an Enrolee is an Enrolment Target. The client names
@@ -964,7 +965,8 @@ Result<void> serve_local_aes(Roles::Impl& s) {
     }
     s.served_aes.push_back(ae->config.id);
   }
-  if (s.target_keys) s.peer_slot.bind(s.target_keys->psk_lookup());
+  // [[peer.hop_client]] identities first, then the KeIDs of the served AEs (TargetKeys), if any.
+  s.peer_slot.bind(s.peer_psk_lookup());
   if (s.config.peer->esprim_accept) {
     rspf::esprim::ReceiverConfig esprim_config;
     esprim_config.rand_lifetime_s = s.config.peer->esprim_rand_lifetime;
@@ -1085,6 +1087,7 @@ Result<std::unique_ptr<Roles>> Roles::start(EventLoop& loop, const Config& confi
   }
   if (auto r = s.put_key_tables(config, secrets); !r) return std::move(r).error();
   if (auto r = s.resolve_peers(config, s.peers); !r) return std::move(r).error();
+  if (auto r = s.resolve_hops(config, secrets, s.hops, s.hop_clients); !r) return std::move(r).error();
   if (config.peer) {
     for (const auto& pin : config.peer->pinned_keys) {
       s.configured_pins[pin.key] = pin.ae_id;
@@ -1120,8 +1123,15 @@ Result<void> Roles::reload(const Config& config, const LoadedSecrets& secrets) {
   Impl& s = *impl_;
   std::map<std::string, PeerState> peers;
   if (auto r = s.resolve_peers(config, peers); !r) return r;
+  std::map<std::string, HopState> hops;
+  std::map<std::string, std::shared_ptr<const SecretBuffer>> hop_clients;
+  if (auto r = s.resolve_hops(config, secrets, hops, hop_clients); !r) return r;
   if (auto r = s.put_key_tables(config, secrets); !r) return r;
   s.peers = std::move(peers);
+  // Hop tables: from the next message and handshake; live sessions keep the key they were made with.
+  s.hops = std::move(hops);
+  s.hop_clients = std::move(hop_clients);
+  s.config.relay = config.relay;
   if (s.config.peer && config.peer) {
     // Pins: from the next handshake on; a key unpinned or pinned to another AE-ID also loses its live sessions,
     // which were granted the old AE-ID.

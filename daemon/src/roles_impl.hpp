@@ -5,6 +5,7 @@
 #include <chrono>
 #include <functional>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -99,6 +100,23 @@ struct PeerState {
   std::shared_ptr<std::size_t> in_flight = std::make_shared<std::size_t>(0);
   bool esprim_required = false;  // peer.address esprim = "required" (PROTOCOL.md §7)
 };
+
+// A next hop ([[peer.hop]], relay.cpp): a CoAP forward proxy or relaying dauthd, authenticated with static DTLS-PSK.
+struct HopState {
+  std::string name;
+  std::string address_text;  // "relay.example.net:5684" as configured
+  transport::Peer address;   // resolved at start and reload
+  std::string identity;      // the PSK identity we present
+  std::shared_ptr<const SecretBuffer> key;
+  std::string server_name;   // SNI: the configured host when it is a DNS name, else "" (none sent)
+  transport::ClientCredentials credentials() const {
+    return transport::ClientCredentials::psk(identity, key->clone(), server_name);
+  }
+};
+
+// Relayed requests not answered yet beyond this many get 5.03 at once (relay.cpp): a slow or unreachable next hop
+// must not pile up work without end.
+inline constexpr std::size_t kMaxRelayedInFlight = 256;
 
 // A local AE's request beyond this many unanswered ones to the same target AE gets 5.03 at once: each waits for up
 // to four attempts of request_timeout, and an AE that keeps sending to a dead peer must not grow memory or the
@@ -315,9 +333,51 @@ struct Roles::Impl {
                            std::function<void(Result<transport::Response>)> done);
   void on_peer_request(const transport::Session& session, const transport::Request& request,
                        transport::Responder responder);
+
+  // ---- relay path (relay.cpp, docs/relay.md) ----
+  std::map<std::string, HopState> hops;  // [[peer.hop]] by name; replaced whole by a reload
+  // [[peer.hop_client]]: the hop identities the peer endpoint accepts, and their keys; replaced whole by a reload.
+  std::map<std::string, std::shared_ptr<const SecretBuffer>> hop_clients;
+  std::shared_ptr<std::size_t> relay_in_flight = std::make_shared<std::size_t>(0);
+  // The hop and hop-client tables of cfg with their keys from secrets (start and reload; nothing changes on error).
+  Result<void> resolve_hops(const Config& cfg, const LoadedSecrets& secrets, std::map<std::string, HopState>& out,
+                            std::map<std::string, std::shared_ptr<const SecretBuffer>>& clients_out) const;
+  // The peer endpoint's PSK lookup: a [[peer.hop_client]] identity first (grant: no peer AE, no local AE), then
+  // TargetKeys' (if this dauthd serves AEs). Bound into peer_slot.
+  transport::PskLookup peer_psk_lookup();
+  // Whether the session was authenticated by a [[peer.hop_client]] identity: it has no AE identity and may carry
+  // only outer ESPrim messages (POST /esprim) and relayed ones (Proxy-Uri).
+  bool is_hop_session(const transport::Session& session) const;
+  // The credentials of an outgoing AE-pair session from local AE `originator` to peer `target` (its
+  // peer.address.credential): PSK with the KeID and key (ke_id, key: Enrolee::key_for_target), the AE's
+  // certificate, or its raw key. Errors: as x509_of_local_ae / raw_key_of_local_ae; not_found (no such peer).
+  Result<transport::ClientCredentials> credentials_to_peer(const std::string& originator, const std::string& target,
+                                                           const std::string& ke_id, const SecretBuffer& key) const;
+  // Sends an outer ESPrim message (POST /esprim?to=<target>, no oneM2M-FR/RQI) from local AE `originator` to the
+  // gateway of peer AE `target`: through its [[peer.address]] via hop (Proxy-Uri coaps://<peer address>/esprim?
+  // to=<target>, hop credentials), else directly over the AE-pair credentials (credentials_to_peer). `done` gets
+  // the peer's answer unchanged, or the transport's error (not_found: no [[peer.address]], or via names no hop).
+  // Called exactly once, on the loop thread; possibly before send_outer returns (set-up errors).
+  void send_outer(const std::string& originator, const std::string& target_ae_id, transport::Request outer,
+                  std::function<void(Result<transport::Response>)> done);
+  // The peer endpoint's route (relay.cpp): a request with Proxy-Uri goes to on_relay_request; a hop session's
+  // request other than POST /esprim gets 4.03; everything else goes to on_peer_request.
+  void on_secure_request(const transport::Session& session, const transport::Request& request,
+                         transport::Responder responder);
+  // The secure endpoint's route for requests with Proxy-Uri ([relay]); answers 4.03/5.05/5.03 with a reason when
+  // it does not forward.
+  void on_relay_request(const transport::Session& session, const transport::Request& request,
+                        transport::Responder responder);
   void on_node_failure(NodeDriver& driver, const transport::Failure& failure);
   void note_session(const std::string& direction, const transport::Session& session, const std::string& peer_ae_id);
   void count(const std::string& name) { ++counters[name]; }
 };
+
+// A request accepted for forwarding, delivery or relaying is listed in Roles::Impl::in_flight while its Responder
+// lives (inside the tracker, which every copy of the returned pointer keeps alive); the drain waits until it
+// answered. `counter`, if given, counts it too (PeerState::in_flight, Impl::relay_in_flight) for as long (proxy.cpp).
+std::shared_ptr<transport::Responder> track_in_flight(Roles::Impl& roles, transport::Responder responder,
+                                                      std::string what,
+                                                      std::shared_ptr<std::size_t> counter = nullptr);
 
 }  // namespace dauth::daemon

@@ -208,7 +208,28 @@ struct PeerAddress {
   std::string address;
   std::string credential = "psk";  // "psk" (KeID + usage-constrained key), "certificate" (the AE's X.509) or
                                    // "rpk" (the AE's raw key; the peer's key pinned by [[peer.rpk]])
+  std::string via;  // a [[peer.hop]] name: outer ESPrim messages to this AE go through that hop; "" = direct
   bool esprim_required = false;    // esprim = "required": requests to it travel ESPrim-protected (PROTOCOL.md §7)
+};
+
+// Where a hop key comes from: a hex key file, or a systemd credential holding the same text (docs/relay.md).
+struct HopKeySource {
+  std::filesystem::path key_file;  // set, or else
+  std::string key_credential;      // $CREDENTIALS_DIRECTORY/<name>
+};
+
+// A next hop ([[peer.hop]]): a CoAP forward proxy or a relaying dauthd, reached over DTLS-PSK (docs/relay.md).
+struct PeerHop {
+  std::string name;
+  std::string address;   // "host:port" of the hop
+  std::string identity;  // the PSK identity we present to it
+  HopKeySource key;
+};
+
+// A hop identity the secure endpoint accepts ([[peer.hop_client]]): its sessions carry outer ESPrim messages only.
+struct PeerHopClient {
+  std::string identity;
+  HopKeySource key;
 };
 
 // A raw public key pinned to a remote AE-ID ([[peer.rpk]]).
@@ -241,6 +262,15 @@ struct PeerSettings {
   bool esprim_accept = true;              // peer.esprim = "accept"
   std::int64_t esprim_rand_lifetime = 0;  // seconds
   std::int64_t esprim_max_sessions = 0;
+  std::vector<PeerHop> hops;               // [[peer.hop]]
+  std::vector<PeerHopClient> hop_clients;  // [[peer.hop_client]]
+};
+
+// [relay]: this dauthd forwards outer ESPrim messages (POST /esprim in a coaps:// Proxy-Uri) to allowed
+// destinations, each reached through the [[peer.hop]] with that address (docs/relay.md).
+struct RelaySettings {
+  bool enable = false;
+  std::vector<std::string> allow;  // "host:port" destinations, as the Proxy-Uri names them
 };
 
 struct Config {
@@ -250,6 +280,7 @@ struct Config {
   std::optional<EnroleeSettings> enrolee;
   std::optional<MefSettings> mef;
   std::optional<PeerSettings> peer;
+  RelaySettings relay;
 
   // "enrolee,peer" style list of the roles switched on ("none" when there is none).
   std::string roles() const;
@@ -302,6 +333,9 @@ class LoadedSecrets {
   const std::shared_ptr<const SecretBuffer>& pkcs11_pin() const { return pkcs11_pin_; }
   // The key loaded from a key file path (the path as configured), or nullptr.
   const Key* find_file(const std::filesystem::path& path) const;
+  // A hop key ([[peer.hop]], [[peer.hop_client]]) as its source names it (file or systemd credential), or nullptr
+  // (a credential left out with SystemdCredential::later).
+  const Key* find_hop_key(const HopKeySource& source) const;
   std::size_t size() const {
     return files_.size() + (master_key_.empty() ? 0 : 1) + (next_master_key_.empty() ? 0 : 1);
   }
@@ -313,6 +347,7 @@ class LoadedSecrets {
   SecretBuffer next_master_key_;
   std::shared_ptr<const SecretBuffer> pkcs11_pin_;
   std::map<std::string, Key> files_;
+  std::map<std::string, Key> credentials_;  // hop keys given as key_credential, by credential name
 };
 
 // Loads the master key (daemon.master_key_source) and every key file of config. Fails closed (docs/conventions.md §12):
