@@ -110,13 +110,14 @@ struct Slot {
 using KindMap = std::map<std::string, Slot, std::less<>>;
 
 // A removal written when a SessionKeyRecord's id was its KeID alone: the record it meant is now indexed as
-// "<KeID>#<local AE>", and such a store held at most one per KeID.
+// "<KeID>#<local AE>" (a SUID 22 key, the only kind stored then), and such a store held at most one per KeID.
 KindMap::iterator legacy_session_key(KindMap& map, std::string_view ke_id) {
   if (ke_id.find(kSessionKeyIdSeparator) != std::string_view::npos) return map.end();
   const std::string prefix = std::string(ke_id) + kSessionKeyIdSeparator;
-  const auto it = map.lower_bound(prefix);
-  if (it == map.end() || it->first.compare(0, prefix.size(), prefix) != 0) return map.end();
-  return it;
+  for (auto it = map.lower_bound(prefix); it != map.end() && it->first.compare(0, prefix.size(), prefix) == 0; ++it) {
+    if (it->first.find(kSessionKeyIdSeparator, prefix.size()) == std::string::npos) return it;  // not "#<SUID>"
+  }
+  return map.end();
 }
 
 Result<void> check_id_length(const Record& record) {

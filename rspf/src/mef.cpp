@@ -482,7 +482,7 @@ struct Mef::Impl {
     if (!key.ok()) return refuse(responder, session, route, key.error());
     FetchCredentialsResponse answer{std::move(*key), record->enrolee_id,
                                     std::min(config.session_key_lifetime_s, record->expires_at - at)};
-    config.log(LogKind::progress, subject_of(session), "mef fetchCredentials peer=" + describe(session) + " KeID " + ke_id + " -> key for " + *requester +
+    config.log(LogKind::progress, subject_of(session), "mef fetchCredentials peer=" + describe(session) + " KeID " + ke_id + " -> SUID " + std::to_string(static_cast<int>(path->suid)) + " key for " + *requester +
                " (fingerprint " + answer.credential.fingerprint() + ", lifetime " +
                std::to_string(answer.lifetime_s) + " s)");
     Response response;

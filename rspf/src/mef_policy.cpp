@@ -48,9 +48,10 @@ Result<void> authorize_fetch(const crypto::EnrolmentKeyRecord& key, std::string_
   }
   if (key.revoked_at != 0) return make_error(Errc::denied, "KeID " + key.ke_id + " is revoked");
   if (key.expires_at <= now) return make_error(Errc::denied, "KeID " + key.ke_id + " has expired");
-  if (suid != crypto::Suid::rspf_key_for_saef) {
+  // Both are keys of one Enrolee for one Enrolment Target (PROTOCOL.md §4, §7): the same rules decide.
+  if (suid != crypto::Suid::rspf_key_for_saef && suid != crypto::Suid::rspf_key_for_esprim) {
     return make_error(Errc::denied, "SUID " + std::to_string(static_cast<int>(suid)) +
-                                        " is not served for an RSPF-provisioned key (only 22, SAEF)");
+                                        " is not served for an RSPF-provisioned key (only 22, SAEF, and 23, ESPrim)");
   }
   if (std::find(key.targets.begin(), key.targets.end(), requester) == key.targets.end()) {
     return make_error(Errc::denied, "'" + std::string(requester) + "' is not an Enrolment Target of KeID " +

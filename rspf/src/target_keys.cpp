@@ -31,13 +31,17 @@ std::string_view to_string(FetchState state) noexcept {
 }
 
 struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
-  // One retrieval: a KeID for one served AE (the key differs per target AE: PROTOCOL.md §4, "22" || B-ID).
+  // One retrieval: a KeID for one served AE and one SUID (the key differs per target AE and SUID: PROTOCOL.md §4,
+  // decimal(SUID) || B-ID). Handshakes fetch SUID 22 keys, esprim_key() SUID 23 ones.
   struct FetchKey {
     std::string ke_id;
     std::string local_ae_id;
+    crypto::Suid suid = crypto::Suid::rspf_key_for_saef;
     bool operator<(const FetchKey& other) const {
-      return std::tie(ke_id, local_ae_id) < std::tie(other.ke_id, other.local_ae_id);
+      return std::tie(ke_id, local_ae_id, suid) < std::tie(other.ke_id, other.local_ae_id, other.suid);
     }
+    bool for_esprim() const { return suid == crypto::Suid::rspf_key_for_esprim; }
+    std::string record_id() const { return crypto::session_key_id(ke_id, local_ae_id, static_cast<int>(suid)); }
   };
 
   transport::Node& node;
@@ -48,6 +52,7 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
   std::map<std::string, std::string> served;
   std::map<std::pair<std::string, std::string>, MefContact> mefs;  // (local AE, canonical_fqdn) -> contact
   std::map<FetchKey, FetchState> fetches;                         // queued | fetching (others are removed)
+  std::map<FetchKey, std::vector<EsprimKeyCallback>> esprim_waiters;  // esprim_key() calls waiting for a retrieval
   bool start_posted = false;
   FetchObserver observer;
 
@@ -74,6 +79,7 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
     Backoff backoff;
     std::chrono::steady_clock::time_point not_before;
     std::string reason;
+    Errc code = Errc::io;  // the failure's, for esprim_key() answers while the backoff lasts
   };
   static constexpr std::size_t kMaxFailedRemembered = 4096;
   std::map<FetchKey, FailedFetch> failed;
@@ -89,7 +95,8 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
     auto it = fetches.find(key);
     const std::string old = it == fetches.end() ? "none" : std::string(to_string(it->second));
     config.log(next == FetchState::failed ? LogKind::failed : LogKind::progress, key.ke_id,
-               "target " + key.local_ae_id + " key retrieval KeID " + key.ke_id + " mef=" + mef + " " + old +
+               "target " + key.local_ae_id + (key.for_esprim() ? " ESPrim (SUID 23)" : "") + " key retrieval KeID " +
+                   key.ke_id + " mef=" + mef + " " + old +
                " -> " + std::string(to_string(next)) + ": " + reason);
     if (next == FetchState::failed) remember_failure(key, reason);
     if (next == FetchState::stored) failed.erase(key);
@@ -109,7 +116,7 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
           return a.second.not_before < b.second.not_before;
         }));
       }
-      found = failed.emplace(key, FailedFetch{Backoff(config.jitter), {}, {}}).first;
+      found = failed.emplace(key, FailedFetch{Backoff(config.jitter), {}, {}, Errc::io}).first;
     }
     found->second.not_before = std::chrono::steady_clock::now() + found->second.backoff.next();
     found->second.reason = reason;
@@ -158,7 +165,7 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
       return std::move(target).error();
     }
     const FetchKey key{ke_id->text(), *target};
-    const auto* record = store.find<crypto::SessionKeyRecord>(crypto::session_key_id(key.ke_id, key.local_ae_id));
+    const auto* record = store.find<crypto::SessionKeyRecord>(key.record_id());
     if (record != nullptr && record->expires_at > now()) {
       return transport::PskGrant{record->key.clone(), record->peer_ae_id, key.local_ae_id};
     }
@@ -210,8 +217,71 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
   }
 
   bool holds_valid_key(const FetchKey& key) const {
-    const auto* record = store.find<crypto::SessionKeyRecord>(crypto::session_key_id(key.ke_id, key.local_ae_id));
+    const auto* record = store.find<crypto::SessionKeyRecord>(key.record_id());
     return record != nullptr && record->expires_at > now();
+  }
+
+  // ---- the ESPrim key (SUID 23, PROTOCOL.md §7): the same retrieval, asked for by esprim_key() ----
+
+  // The stored valid SUID 23 key of key, if there is one (and its KeID is not revoked).
+  std::optional<Result<EsprimKey>> stored_esprim_key(const FetchKey& key) const {
+    if (revoked.count(key.ke_id) != 0) {
+      return Result<EsprimKey>(make_error(Errc::denied, "KeID " + key.ke_id + " was revoked by its MEF (feed)"));
+    }
+    const auto* record = store.find<crypto::SessionKeyRecord>(key.record_id());
+    if (record == nullptr || record->expires_at <= now()) return std::nullopt;
+    return Result<EsprimKey>(EsprimKey{std::make_shared<const SecretBuffer>(record->key.clone()), record->peer_ae_id});
+  }
+
+  void esprim_key(std::string_view identity, std::string_view local_ae_id, EsprimKeyCallback done) {
+    auto ke_id = crypto::parse_ke_id(identity);
+    if (!ke_id.ok()) {
+      return done(make_error(Errc::not_found, "ESPrim key id " + crypto::quote_for_error(identity) + " is not a KeID"));
+    }
+    const FetchKey key{ke_id->text(), local_ae_id.empty() ? config.local_ae_id : std::string(local_ae_id),
+                       crypto::Suid::rspf_key_for_esprim};
+    if (auto answer = stored_esprim_key(key)) return done(std::move(*answer));
+    if (fetches.count(key) != 0) {
+      esprim_waiters[key].push_back(std::move(done));  // one retrieval per key at a time: wait for the running one
+      return;
+    }
+    if (mefs.count({key.local_ae_id, ke_id->mef_fqdn}) == 0) {
+      Error refusal = make_error(Errc::denied, "KeID " + key.ke_id + " names MEF '" + ke_id->mef_fqdn +
+                                                   "', which is not configured for " + key.local_ae_id);
+      config.log(LogKind::refused, key.ke_id, "target " + key.local_ae_id + " refused ESPrim key: " + refusal.message);
+      tell(key.ke_id, refusal);
+      return done(std::move(refusal));
+    }
+    if (auto wait = held_back(key)) {
+      return done(make_error(failed.at(key).code, "KeID " + key.ke_id + " for " + key.local_ae_id + ": ESPrim " + *wait));
+    }
+    if (fetches.size() >= config.max_fetches_in_flight) {
+      return done(make_error(Errc::limit, "KeID " + key.ke_id + ": " + std::to_string(fetches.size()) +
+                                              " key retrievals are already pending (limit " +
+                                              std::to_string(config.max_fetches_in_flight) + ")"));
+    }
+    const bool expired = store.find<crypto::SessionKeyRecord>(key.record_id()) != nullptr;
+    set_state(key, ke_id->mef_fqdn, FetchState::queued,
+              expired ? "stored ESPrim key expired" : "unknown KeID in an ESPrim object");
+    esprim_waiters[key].push_back(std::move(done));
+    post_start();
+  }
+
+  // Answers the esprim_key() calls waiting for key's retrieval, which ended with outcome.
+  void answer_esprim_waiters(const FetchKey& key, const Result<void>& outcome) {
+    auto waiting = esprim_waiters.find(key);
+    if (waiting == esprim_waiters.end()) return;
+    std::vector<EsprimKeyCallback> callbacks = std::move(waiting->second);
+    esprim_waiters.erase(waiting);
+    Result<EsprimKey> answer = make_error(Errc::internal, "ESPrim key retrieval ended without a key");
+    if (!outcome.ok()) {
+      answer = outcome.error();
+    } else if (auto stored = stored_esprim_key(key)) {
+      answer = std::move(*stored);
+    }
+    // A callback may call esprim_key() again or destroy the TargetKeys: this Impl stays alive until they all ran.
+    const auto keep_alive = shared_from_this();
+    for (auto& callback : callbacks) callback(answer);
   }
 
   // Moves announced KeIDs into the retrieval queue while slots are free. Returns whether it queued any.
@@ -372,14 +442,15 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
       const bool newly = revoked.insert(id).second;
       announced.erase({id, ae});
       bool removed = false;
-      const std::string record_id = crypto::session_key_id(id, ae);
-      if (store.find<crypto::SessionKeyRecord>(record_id) != nullptr) {
+      for (const auto suid : {crypto::Suid::rspf_key_for_saef, crypto::Suid::rspf_key_for_esprim}) {
+        const std::string record_id = FetchKey{id, ae, suid}.record_id();
+        if (store.find<crypto::SessionKeyRecord>(record_id) == nullptr) continue;
         auto gone = store.remove(crypto::RecordKind::session_key, record_id);
         if (!gone.ok()) {
-          config.log(LogKind::failed, id, "target " + ae + " KeID " + id + " revoked, but its key could not be removed: " +
-                     gone.error().to_string());
+          config.log(LogKind::failed, id, "target " + ae + " KeID " + id + " revoked, but its SUID " +
+                     std::to_string(static_cast<int>(suid)) + " key could not be removed: " + gone.error().to_string());
         }
-        removed = gone.ok();
+        removed = removed || gone.ok();
       }
       const std::size_t closed = node.close_server_sessions(transport::PeerKind::psk, id);
       if (newly || removed || closed > 0) {
@@ -395,14 +466,20 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
     if (queue_announced()) post_start();
   }
 
+  // The end of a retrieval that brought no key: logged, remembered for the backoff, reported to the observer and
+  // to esprim_key() calls waiting for it.
+  void fail_fetch(const FetchKey& key, const std::string& mef_fqdn, const Error& error) {
+    set_state(key, mef_fqdn, FetchState::failed, error.to_string());
+    if (auto remembered = failed.find(key); remembered != failed.end()) remembered->second.code = error.code;
+    tell(key.ke_id, error);
+    answer_esprim_waiters(key, error);
+  }
+
   void start_fetch(const FetchKey& key) {
     auto ke_id = crypto::parse_ke_id(key.ke_id).value();  // parsed when it was queued
     const std::string mef_fqdn = ke_id.mef_fqdn;
     const auto mef = mefs.find({key.local_ae_id, mef_fqdn});
-    auto give_up = [&](const Error& error) {
-      set_state(key, mef_fqdn, FetchState::failed, error.to_string());
-      tell(key.ke_id, error);
-    };
+    auto give_up = [&](const Error& error) { fail_fetch(key, mef_fqdn, error); };
     if (mef == mefs.end()) {
       return give_up(make_error(Errc::denied, "MEF '" + mef_fqdn + "' is no longer configured for " +
                                                   key.local_ae_id));
@@ -416,7 +493,7 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
     }
     transport::Request request;
     request.method = transport::Method::get;
-    request.path = fetch_credentials_path(ke_id, crypto::Suid::rspf_key_for_saef);
+    request.path = fetch_credentials_path(ke_id, key.suid);
     request.accept = static_cast<std::uint16_t>(ContentFormat::cbor);
     request.originator = key.local_ae_id;
     request.answer_is_secret = true;  // the answer carries the key: guarded memory from the PDU on
@@ -429,10 +506,7 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
   }
 
   void on_answer(const FetchKey& key, const std::string& mef_fqdn, Result<transport::Response> answer) {
-    auto give_up = [&](Error error) {
-      set_state(key, mef_fqdn, FetchState::failed, error.to_string());
-      tell(key.ke_id, error);
-    };
+    auto give_up = [&](const Error& error) { fail_fetch(key, mef_fqdn, error); };
     if (!answer.ok()) return give_up(std::move(answer).error());
     if (answer->code != 205) return give_up(error_from_response("MEF " + mef_fqdn, *answer));
     if (!answer->secret_payload) return give_up(make_error(Errc::parse, "MEF " + mef_fqdn + " answered 2.05 without a body"));
@@ -446,13 +520,19 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
     record.key = std::move(message->credential);
     record.peer_ae_id = message->enrolee_id;
     record.local_ae_id = key.local_ae_id;
-    record.suid = static_cast<int>(crypto::Suid::rspf_key_for_saef);
+    record.suid = static_cast<int>(key.suid);
     record.expires_at = now() + message->lifetime_s;
     const std::string reason = "key for peer " + record.peer_ae_id + " (fingerprint " + record.key.fingerprint() +
                                ") until " + std::to_string(record.expires_at);
+    // A KeID the feed revoked while its ESPrim key was on the way is not stored (answered denied below).
+    if (key.for_esprim() && revoked.count(key.ke_id) != 0) {
+      return give_up(make_error(Errc::denied, "KeID " + key.ke_id + " was revoked by its MEF (feed) during the "
+                                                  "retrieval of its ESPrim key"));
+    }
     if (auto stored = store.put(std::move(record)); !stored.ok()) return give_up(std::move(stored).error());
     set_state(key, mef_fqdn, FetchState::stored, reason);
     tell(key.ke_id, ok_result());
+    answer_esprim_waiters(key, ok_result());
   }
 };
 
@@ -503,9 +583,7 @@ transport::PskLookup TargetKeys::psk_lookup() {
 }
 
 void TargetKeys::esprim_key(std::string_view ke_id, std::string_view local_ae_id, EsprimKeyCallback done) {
-  (void)ke_id;
-  (void)local_ae_id;
-  done(make_error(Errc::unsupported, "ESPrim key retrieval: not implemented yet"));
+  impl_->esprim_key(ke_id, local_ae_id, std::move(done));
 }
 
 std::size_t TargetKeys::fetches_pending() const { return impl_->fetches.size(); }

@@ -1199,3 +1199,68 @@ TEST_CASE("key store: a certificate record without private_key_uri reads as writ
   entry_in_fill.resize(entry_in_fill.size() + 64, 0);
   CHECK(codec::measure_entry(entry_in_fill) == 1 + old_encoding.size());
 }
+
+TEST_CASE("key store: a SUID 22 session key written before SUID 23 keys existed loads under its id and a SUID 23 "
+          "key of the same KeID and AE is kept next to it",
+          "[keystore]") {
+  namespace codec = dauth::crypto::keystore_codec;
+  // A SUID 22 record in the layout of docs/keystore-format.md, written by hand: kind 4, ke_id, key, peer_ae_id,
+  // local_ae_id, suid (i32), expires_at. Put entries carry no id, so this is what any earlier release stored.
+  const std::string peer = "CAE-meter";
+  const std::string local = "CAE-valve";
+  const SecretBuffer saef_key = patterned_secret(32, 7);
+  Bytes old_encoding{4, 0, static_cast<std::uint8_t>(kKeId1.size())};
+  old_encoding.insert(old_encoding.end(), kKeId1.begin(), kKeId1.end());
+  old_encoding.insert(old_encoding.end(), {0, 0, 0, 32});
+  old_encoding.insert(old_encoding.end(), saef_key.data(), saef_key.data() + saef_key.size());
+  old_encoding.insert(old_encoding.end(), {0, static_cast<std::uint8_t>(peer.size())});
+  old_encoding.insert(old_encoding.end(), peer.begin(), peer.end());
+  old_encoding.insert(old_encoding.end(), {0, static_cast<std::uint8_t>(local.size())});
+  old_encoding.insert(old_encoding.end(), local.begin(), local.end());
+  old_encoding.insert(old_encoding.end(), {0, 0, 0, 22});
+  old_encoding.insert(old_encoding.end(), {0, 0, 0, 0, 0x70, 0, 0, 0x2a});
+  auto old_record = codec::parse_record(old_encoding, codec::SecretFields::copy);
+  REQUIRE(old_record.ok());
+  // The id every earlier release used for it (and wrote in its journal removals).
+  const std::string old_id = kKeId1 + "#" + local;
+  CHECK(id_of(*old_record) == old_id);
+  CHECK(session_key_id(kKeId1, local) == old_id);
+  CHECK(session_key_id(kKeId1, local, 22) == old_id);
+  CHECK(session_key_id(kKeId1, local, 23) == old_id + "#23");
+
+  test::TempDir dir;
+  {
+    KeyStore store = open_store(dir.path());
+    REQUIRE(store.put(std::move(*old_record)).ok());
+  }
+  {
+    KeyStore store = open_store(dir.path());
+    const auto* saef = store.find<SessionKeyRecord>(old_id);
+    REQUIRE(saef != nullptr);
+    CHECK(saef->key.equals(saef_key));
+    CHECK(saef->suid == 22);
+    REQUIRE(store.put(SessionKeyRecord{kKeId1, patterned_secret(32, 9), peer, local, 23, 0x7000002b}).ok());
+    CHECK(store.size(RecordKind::session_key) == 2);
+  }
+  for (int round = 0; round < 2; ++round) {  // from the journal, then from a snapshot
+    KeyStore store = open_store(dir.path());
+    REQUIRE(store.size(RecordKind::session_key) == 2);
+    const auto* saef = store.find<SessionKeyRecord>(session_key_id(kKeId1, local, 22));
+    const auto* esprim = store.find<SessionKeyRecord>(session_key_id(kKeId1, local, 23));
+    REQUIRE(saef != nullptr);
+    REQUIRE(esprim != nullptr);
+    CHECK(saef->key.equals(saef_key));
+    CHECK(esprim->key.equals(patterned_secret(32, 9)));
+    CHECK(esprim->suid == 23);
+    CHECK(esprim->expires_at == 0x7000002b);
+    REQUIRE(store.compact().ok());
+  }
+  {
+    // A removal by the id an earlier release wrote removes the SUID 22 record only.
+    KeyStore store = open_store(dir.path());
+    REQUIRE(store.remove(RecordKind::session_key, old_id).ok());
+  }
+  KeyStore store = open_store(dir.path());
+  CHECK(store.find<SessionKeyRecord>(old_id) == nullptr);
+  CHECK(store.find<SessionKeyRecord>(old_id + "#23") != nullptr);
+}

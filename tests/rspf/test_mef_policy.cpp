@@ -84,3 +84,31 @@ TEST_CASE("only the registered target, under its own name, gets the key", "[mef-
   REQUIRE(rspf::coap_code_for(Errc::not_found).code == 404);
   REQUIRE(rspf::coap_code_for(Errc::limit).code == 413);
 }
+
+TEST_CASE("the ESPrim key (SUID 23) follows the rules of the SAEF key (SUID 22) and no other SUID is served",
+          "[mef-policy]") {
+  const auto key = enrolment_key();
+  for (const auto suid : {crypto::Suid::rspf_key_for_saef, crypto::Suid::rspf_key_for_esprim}) {
+    INFO("SUID " << static_cast<int>(suid));
+    REQUIRE(rspf::authorize_fetch(key, "CAE-valve", "CAE-valve", suid, 1000).ok());
+    CHECK(rspf::authorize_fetch(key, "CAE-valve", "CAE-pump", suid, 1000).error().code == Errc::unauthenticated);
+    auto not_target = rspf::authorize_fetch(key, "CAE-pump", "CAE-pump", suid, 1000);
+    CHECK(not_target.error().code == Errc::denied);
+    CHECK_THAT(not_target.error().message, Catch::Contains("not an Enrolment Target"));
+    auto expired = rspf::authorize_fetch(key, "CAE-valve", "CAE-valve", suid, 2000);
+    CHECK(expired.error().code == Errc::denied);
+    CHECK_THAT(expired.error().message, Catch::Contains("expired"));
+    auto revoked_key = enrolment_key();
+    revoked_key.revoked_at = 500;
+    auto revoked = rspf::authorize_fetch(revoked_key, "CAE-valve", "CAE-valve", suid, 1000);
+    CHECK(revoked.error().code == Errc::denied);
+    CHECK_THAT(revoked.error().message, Catch::Contains("revoked"));
+  }
+  for (const auto suid : {crypto::Suid::preprovisioned_with_mef, crypto::Suid::certificate_with_mef,
+                          crypto::Suid::certificate_for_saef}) {
+    auto refused = rspf::authorize_fetch(key, "CAE-valve", "CAE-valve", suid, 1000);
+    REQUIRE_FALSE(refused.ok());
+    CHECK(refused.error().code == Errc::denied);
+    CHECK_THAT(refused.error().message, Catch::Contains("SUID " + std::to_string(static_cast<int>(suid))));
+  }
+}
