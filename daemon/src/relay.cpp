@@ -105,7 +105,7 @@ Result<RelayTarget> parse_relay_uri(const std::string& uri) {
 
 // The outer ESPrim message's shape (docs/PROTOCOL.md §7): POST /esprim with a JSON body.
 bool is_outer_esprim(const Request& request) {
-  return request.method == Method::post && request.path == std::vector<std::string>{"esprim"};
+  return request.method == Method::post && request.path == std::vector<std::string>{std::string(rspf::esprim::kOuterPath)};
 }
 
 Response plain_refusal(int code, Errc errc, const std::string& why) {
@@ -281,7 +281,12 @@ void Roles::Impl::on_secure_request(const transport::Session& session, const Req
     on_relay_request(session, request, std::move(responder));
     return;
   }
-  if (is_hop_session(session) && !is_outer_esprim(request)) {
+  if (is_outer_esprim(request)) {
+    // ESPrim: the object authenticates its originator, whichever session (AE pair or relay hop) carried it.
+    on_esprim_request(session, request, std::move(responder));
+    return;
+  }
+  if (is_hop_session(session)) {
     count("relay_refused_total");
     const std::string why = "hop identity " + crypto::quote_for_error(session.peer().value) +
                             " authenticates no AE: its session carries only outer ESPrim messages (POST /esprim) "
