@@ -354,6 +354,12 @@ int main(int argc, char** argv) {
     std::printf("(server CPU: coap-server-notls for direct; dauthd A + dauthd B + coap-server-notls for proxied%s)\n",
                 with_esprim ? " and esprim" : "");
     if (with_esprim) {
+      std::vector<double> added;  // per round: what ESPrim adds to the proxied request's p50
+      for (std::size_t round = 0; round < p50["esprim"].size(); ++round) {
+        added.push_back(p50["esprim"][round] - p50["proxied"][round]);
+      }
+      std::printf("added p50 latency, esprim - proxied: %.0f us (per round %.0f..%.0f)\n", median(added),
+                  *std::min_element(added.begin(), added.end()), *std::max_element(added.begin(), added.end()));
       std::printf("esprim/proxied: median of the per-round ratios (lowest..highest); %s\n",
                   rounds % 2 == 0 ? "each path went first in half of the rounds"
                                   : "odd rounds measured plain first, even ones ESPrim first");
