@@ -1,8 +1,6 @@
 // base64url, AES-256-GCM and the JWE Compact Serialization with alg "dir" / enc "A256GCM" (docs/crypto.md, "JOSE").
 #include "dauth/crypto/jose.hpp"
 
-#include <sodium.h>
-
 #include <mbedtls/gcm.h>
 
 #include <array>
@@ -15,8 +13,6 @@
 namespace dauth::crypto {
 
 namespace {
-
-constexpr int kBase64UrlVariant = sodium_base64_VARIANT_URLSAFE_NO_PADDING;
 
 // RAII for a GCM context: mbedtls_gcm_free zeroes the expanded key schedule and the hash subkey.
 class Aes256Gcm {
@@ -38,14 +34,10 @@ class Aes256Gcm {
   mbedtls_gcm_context ctx_;
 };
 
-// mbedTLS and libsodium may check "length == 0 || pointer != NULL"; an empty view's data may be null, so empty
+// mbedTLS may check "length == 0 || pointer != NULL"; an empty view's data may be null, so empty
 // inputs point here instead (never read: the length is 0). Empty outputs point at a local in the same way.
 const std::uint8_t kNothing = 0;
 const std::uint8_t* readable(ByteView bytes) { return bytes.size == 0 ? &kNothing : bytes.data; }
-
-bool is_base64url_character(char c) {
-  return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-' || c == '_';
-}
 
 Result<void> check_gcm_sizes(const SecretBuffer& key, ByteView iv) {
   if (key.size() != kA256GcmKeySize) {
@@ -61,34 +53,60 @@ Result<void> check_gcm_sizes(const SecretBuffer& key, ByteView iv) {
 
 }  // namespace
 
+// base64url carries only public bytes here (JWE parts, rand values): a table coder, not libsodium's constant-time
+// one, which cost a third of an ESPrim message's decoding (docs/benchmarks.md).
+constexpr char kBase64UrlAlphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
 std::string base64url_encode(ByteView bytes) {
-  ensure_sodium_initialised();
-  std::string text(sodium_base64_ENCODED_LEN(bytes.size, kBase64UrlVariant), '\0');  // with the terminating NUL
-  sodium_bin2base64(text.data(), text.size(), readable(bytes), bytes.size, kBase64UrlVariant);
-  text.resize(text.size() - 1);
+  std::string text;
+  text.reserve((bytes.size * 4 + 2) / 3);
+  std::size_t i = 0;
+  for (; i + 3 <= bytes.size; i += 3) {
+    const std::uint32_t group = (std::uint32_t{bytes.data[i]} << 16) | (std::uint32_t{bytes.data[i + 1]} << 8) |
+                                bytes.data[i + 2];
+    for (int shift = 18; shift >= 0; shift -= 6) text += kBase64UrlAlphabet[(group >> shift) & 63];
+  }
+  const std::size_t rest = bytes.size - i;
+  if (rest > 0) {
+    std::uint32_t group = std::uint32_t{bytes.data[i]} << 16;
+    if (rest == 2) group |= std::uint32_t{bytes.data[i + 1]} << 8;
+    text += kBase64UrlAlphabet[(group >> 18) & 63];
+    text += kBase64UrlAlphabet[(group >> 12) & 63];
+    if (rest == 2) text += kBase64UrlAlphabet[(group >> 6) & 63];
+  }
   return text;
 }
 
 Result<Bytes> base64url_decode(std::string_view text) {
-  ensure_sodium_initialised();
   const auto refused = [&] {
     return make_error(Errc::parse, "base64url: " + std::to_string(text.size()) +
                                        " characters are not unpadded canonical base64url (RFC 7515 §2)");
   };
-  // libsodium 1.0.18 reads each character as a (signed) char in its constant-time lookup, and many bytes >= 0x80
-  // come out as alphabet values: the alphabet is checked here. The text is never secret (it travels in messages).
-  for (char c : text) {
-    if (!is_base64url_character(c)) return refused();
+  static const auto values = [] {
+    std::array<std::int8_t, 256> table{};
+    table.fill(-1);
+    for (int v = 0; v < 64; ++v) table[static_cast<unsigned char>(kBase64UrlAlphabet[v])] = static_cast<std::int8_t>(v);
+    return table;
+  }();
+  // A dangling sixth-bit group (length 1 mod 4) encodes no whole byte.
+  if (text.size() % 4 == 1) return refused();
+  Bytes bytes;
+  bytes.reserve(text.size() / 4 * 3 + 2);
+  std::uint32_t group = 0;
+  int bits = 0;
+  for (const char c : text) {
+    const std::int8_t value = values[static_cast<unsigned char>(c)];
+    if (value < 0) return refused();  // padding, white space, '+', '/', any byte outside the alphabet
+    group = (group << 6) | static_cast<std::uint32_t>(value);
+    bits += 6;
+    if (bits >= 8) {
+      bits -= 8;
+      bytes.push_back(static_cast<std::uint8_t>(group >> bits));
+      group &= (1U << bits) - 1;
+    }
   }
-  // The rest of the strictness is libsodium's: without an `ignore` set and with b64_end null, a dangling sixth bit
-  // group (length 1 mod 4) or non-zero bits left over in the last character fail the call.
-  Bytes bytes(text.size() / 4 * 3 + 2);
-  std::size_t decoded_size = 0;
-  if (sodium_base642bin(bytes.data(), bytes.size(), text.data(), text.size(), nullptr, &decoded_size, nullptr,
-                        kBase64UrlVariant) != 0) {
-    return refused();
-  }
-  bytes.resize(decoded_size);
+  // One text per byte string: the bits left over in the last character must be zero.
+  if (group != 0) return refused();
   return bytes;
 }
 
