@@ -35,7 +35,7 @@
 //
 // Loop contract: the lookup runs inside a libcoap DTLS callback, where opening another session would re-enter
 // libcoap, so it only queues and posts the start to the loop (Node::post()): the one path every retrieval (also the
-// feed's announced KeIDs) starts by; owners call nothing.
+// feed's announced KeIDs and esprim_key()'s) starts by; owners call nothing.
 //
 // The lookup is the one place that maps a handshake's SNI to a served AE: its PskGrant names that AE (local) and the
 // record's peer AE-ID (peer), and transport keeps both as the session's grant (transport::Session::grant()), which
