@@ -253,7 +253,8 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
       return done(std::move(refusal));
     }
     if (auto wait = held_back(key)) {
-      return done(make_error(failed.at(key).code, "KeID " + key.ke_id + " for " + key.local_ae_id + ": ESPrim " + *wait));
+      return done(make_error(failed.at(key).code, "KeID " + key.ke_id + " for " + key.local_ae_id + " (ESPrim key): " +
+                                                      *wait));
     }
     if (fetches.size() >= config.max_fetches_in_flight) {
       return done(make_error(Errc::limit, "KeID " + key.ke_id + ": " + std::to_string(fetches.size()) +
@@ -524,7 +525,7 @@ struct TargetKeys::Impl : std::enable_shared_from_this<TargetKeys::Impl> {
     record.expires_at = now() + message->lifetime_s;
     const std::string reason = "key for peer " + record.peer_ae_id + " (fingerprint " + record.key.fingerprint() +
                                ") until " + std::to_string(record.expires_at);
-    // A KeID the feed revoked while its ESPrim key was on the way is not stored (answered denied below).
+    // A KeID the feed revoked while its ESPrim key was on the way: not stored, and its waiting callers get denied.
     if (key.for_esprim() && revoked.count(key.ke_id) != 0) {
       return give_up(make_error(Errc::denied, "KeID " + key.ke_id + " was revoked by its MEF (feed) during the "
                                                   "retrieval of its ESPrim key"));

@@ -295,3 +295,30 @@ TEST_CASE("SUID 22 and 23 retrievals share max_fetches_in_flight",
   REQUIRE(with_slot->result->ok());
   CHECK((*with_slot->result)->key->equals(world.meter->key_for_target("CAE-valve", kEsprim)->key));
 }
+
+TEST_CASE("TargetKeys::esprim_key reports an unreachable MEF and answers with that failure during its backoff",
+          "[rspf][network][target][esprim]") {
+  World world;
+  REQUIRE(world.enrol(*world.meter).ok());
+  REQUIRE(world.enrol(*world.valve).ok());
+  const std::string ke_id = *world.meter->ke_id();
+  // The MEF goes away: the valve's retrieval finds nobody at its address.
+  world.mef_slot.unbind();
+  world.mef.reset();
+  world.mef_node.reset();
+  auto unreachable = ask_esprim_key(*world.valve_keys, ke_id);
+  CHECK_FALSE(unreachable->answered_at_once);
+  REQUIRE(pump_nodes({world.valve_node.get()}, [&] { return unreachable->result.has_value(); }));
+  INFO(describe(unreachable->result));
+  REQUIRE_FALSE(unreachable->result->ok());
+  // The transport's error as it came (a refused port fails the handshake: unauthenticated; silence: timeout), not
+  // one of the refusals esprim_key makes itself.
+  const Errc code = unreachable->result->error().code;
+  CHECK((code == Errc::timeout || code == Errc::io || code == Errc::unauthenticated));
+  CHECK_THAT(unreachable->result->error().message, Catch::Contains("127.0.0.1"));
+  auto during_backoff = ask_esprim_key(*world.valve_keys, ke_id);
+  REQUIRE(during_backoff->answered_at_once);
+  CHECK(during_backoff->result->error().code == code);
+  CHECK_THAT(during_backoff->result->error().message, Catch::Contains("next try in"));
+  CHECK(world.valve_keys->fetches_pending() == 0);
+}

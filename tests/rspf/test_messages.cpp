@@ -242,7 +242,12 @@ TEST_CASE("fetchCredentials paths parse and print", "[messages]") {
   REQUIRE(rspf::fetch_credentials_path(path->ke_id, path->suid) ==
           std::vector<std::string>{"fetchCredentials", kKeId, "22"});
   REQUIRE(rspf::parse_fetch_credentials_path({"fetchCredentials", kKeId}).error().code == dauth::Errc::not_found);
-  REQUIRE_FALSE(rspf::parse_fetch_credentials_path({"fetchCredentials", kKeId, "23"}).ok());
+  auto esprim = rspf::parse_fetch_credentials_path({"fetchCredentials", kKeId, "23"});
+  REQUIRE(esprim.ok());
+  REQUIRE(esprim->suid == dauth::crypto::Suid::rspf_key_for_esprim);
+  REQUIRE(rspf::fetch_credentials_path(esprim->ke_id, esprim->suid) ==
+          std::vector<std::string>{"fetchCredentials", kKeId, "23"});
+  REQUIRE_FALSE(rspf::parse_fetch_credentials_path({"fetchCredentials", kKeId, "24"}).ok());
   REQUIRE_FALSE(rspf::parse_fetch_credentials_path({"fetchCredentials", "nope", "22"}).ok());
   REQUIRE(rspf::content_format_from(60).ok());
   REQUIRE(rspf::content_format_from(42).error().code == dauth::Errc::unsupported);

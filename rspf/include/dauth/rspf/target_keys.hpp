@@ -35,7 +35,7 @@
 //
 // Loop contract: the lookup runs inside a libcoap DTLS callback, where opening another session would re-enter
 // libcoap, so it only queues and posts the start to the loop (Node::post()): the one path every retrieval (also the
-// feed's announced KeIDs) starts by; owners call nothing.
+// feed's announced KeIDs and esprim_key()'s) starts by; owners call nothing.
 //
 // The lookup is the one place that maps a handshake's SNI to a served AE: its PskGrant names that AE (local) and the
 // record's peer AE-ID (peer), and transport keeps both as the session's grant (transport::Session::grant()), which
@@ -105,9 +105,10 @@ class TargetKeys {
   // The SUID 23 key of ke_id for the local AE local_ae_id (empty = config.local_ae_id): a stored valid record
   // answers at once (done is called before return); otherwise a retrieval GET /fetchCredentials/<KeID>/23 is
   // queued (or joined, when one for the same KeID and AE is running) and done runs from the loop when it ends.
-  // For the loop thread, outside libcoap callbacks that hold a session (e.g. a request handler); done may call
-  // esprim_key() again. Errors: not_found (not a KeID); denied (MEF refused, no contact of that AE for the KeID's
-  // MEF, or KeID revoked by the feed); limit (too many retrievals in flight); timeout/io (MEF unreachable); the
+  // On the loop thread; safe inside libcoap callbacks such as a request handler (it opens no session itself: the
+  // retrieval starts from posted work, as above); done may call esprim_key() again. Errors: not_found (not a KeID); denied (MEF refused, no contact of that AE for the KeID's
+  // MEF, or KeID revoked by the feed); limit (too many retrievals in flight); the transport's error when the MEF
+  // cannot be asked (timeout, io, or unauthenticated: the DTLS handshake with it failed, e.g. port refused); the
   // error of the last failed retrieval while its backoff lasts (no new one is sent before). Callbacks still waiting
   // when the TargetKeys is destroyed are dropped uncalled.
   void esprim_key(std::string_view ke_id, std::string_view local_ae_id, EsprimKeyCallback done);
