@@ -1531,8 +1531,9 @@ nlohmann::json Roles::credentials() const {
   });
   store.for_each(crypto::RecordKind::session_key, [&](const crypto::Record& r) {
     const auto& k = std::get<crypto::SessionKeyRecord>(r);
-    rows.push_back({{"kind", "session"}, {"id", k.ke_id}, {"ae_id", k.local_ae_id}, {"peer", k.peer_ae_id},
-                    {"expires_at", k.expires_at}, {"fingerprint", k.key.fingerprint()}});
+    // suid 22: the SAEF key of a peer session; 23: the ESPrim key (PROTOCOL.md §7). One KeID may hold both.
+    rows.push_back({{"kind", "session"}, {"id", k.ke_id}, {"suid", k.suid}, {"ae_id", k.local_ae_id},
+                    {"peer", k.peer_ae_id}, {"expires_at", k.expires_at}, {"fingerprint", k.key.fingerprint()}});
   });
   store.for_each(crypto::RecordKind::certificate, [&](const crypto::Record& r) {
     const auto& c = std::get<crypto::CertificateRecord>(r);
