@@ -957,10 +957,10 @@ Result<InnerResponse> Originator::open_response(const ProtectedRequest& sent, st
   if (header->kid != sent.kid || header->ori != sent.ori || header->rri != sent.rri || header->seq != sent.seq) {
     return malformed("its header names " + describe(header->kid, header->ori, header->rri, header->seq));
   }
-  if (members.find("oro") != nullptr) return malformed("an answer carries no oro");
   if (header->media_type != kResponseMediaType) {
     return malformed("cty " + crypto::quote_for_error(header->media_type) + " is not a response");
   }
+  if (members.find("oro") != nullptr) return malformed("an answer carries no oro");
   auto plaintext = crypto::jwe_decrypt_dir_a256gcm(*sent.session_key, *jwe);
   if (!plaintext) {
     return make_error(plaintext.error().code, subject + ": " + plaintext.error().message);
