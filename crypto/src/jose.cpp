@@ -42,6 +42,10 @@ class Aes256Gcm {
 const std::uint8_t kNothing = 0;
 const std::uint8_t* readable(ByteView bytes) { return bytes.size == 0 ? &kNothing : bytes.data; }
 
+bool is_base64url_character(char c) {
+  return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-' || c == '_';
+}
+
 Result<void> check_gcm_sizes(const SecretBuffer& key, ByteView iv) {
   if (key.size() != kA256GcmKeySize) {
     return make_error(Errc::invalid_argument, "AES-256-GCM: key of " + std::to_string(key.size()) +
@@ -57,6 +61,7 @@ Result<void> check_gcm_sizes(const SecretBuffer& key, ByteView iv) {
 }  // namespace
 
 std::string base64url_encode(ByteView bytes) {
+  ensure_sodium_initialised();
   std::string text(sodium_base64_ENCODED_LEN(bytes.size, kBase64UrlVariant), '\0');  // with the terminating NUL
   sodium_bin2base64(text.data(), text.size(), readable(bytes), bytes.size, kBase64UrlVariant);
   text.resize(text.size() - 1);
@@ -65,15 +70,22 @@ std::string base64url_encode(ByteView bytes) {
 
 Result<Bytes> base64url_decode(std::string_view text) {
   ensure_sodium_initialised();
-  // libsodium's decoder is the strict one the header promises: without an `ignore` set and with b64_end null, any
-  // character outside the url-safe alphabet ('=' and whitespace included) fails the call, and so do a dangling
-  // sixth bit group (length 1 mod 4) and non-zero bits left over in the last character. Its lookup is constant time.
+  const auto refused = [&] {
+    return make_error(Errc::parse, "base64url: " + std::to_string(text.size()) +
+                                       " characters are not unpadded canonical base64url (RFC 7515 §2)");
+  };
+  // libsodium 1.0.18 reads each character as a (signed) char in its constant-time lookup, and many bytes >= 0x80
+  // come out as alphabet values: the alphabet is checked here. The text is never secret (it travels in messages).
+  for (char c : text) {
+    if (!is_base64url_character(c)) return refused();
+  }
+  // The rest of the strictness is libsodium's: without an `ignore` set and with b64_end null, a dangling sixth bit
+  // group (length 1 mod 4) or non-zero bits left over in the last character fail the call.
   Bytes bytes(text.size() / 4 * 3 + 2);
   std::size_t decoded_size = 0;
   if (sodium_base642bin(bytes.data(), bytes.size(), text.data(), text.size(), nullptr, &decoded_size, nullptr,
                         kBase64UrlVariant) != 0) {
-    return make_error(Errc::parse, "base64url: " + std::to_string(text.size()) +
-                                       " characters are not unpadded canonical base64url (RFC 7515 §2)");
+    return refused();
   }
   bytes.resize(decoded_size);
   return bytes;
