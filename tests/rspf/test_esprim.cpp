@@ -518,7 +518,10 @@ TEST_CASE("Each tampering with a request object is refused with its code", "[esp
   }
   SECTION("inner fr of another AE and a wrong inner to are impersonation") {
     const ProtectedRequest other_from = pair.protect("C-other");
-    CHECK(rsc_of(pair.deliver(other_from.compact)) == Rsc::impersonation);
+    const Refusal refusal = refusal_of(pair.deliver(other_from.compact));
+    CHECK(refusal.rsc == Rsc::impersonation);
+    CHECK(refusal.reason.find("C-other") == std::string::npos);  // no value of the plaintext
+    CHECK(refusal.reason.find(kSender) != std::string::npos);
     CHECK(rsc_of(pair.deliver(first.compact, &pair.key, "C-other-target")) == Rsc::impersonation);
     // Refused objects created no session: the first genuine one still needs and has its oro.
     CHECK(pair.receiver.stats().sessions == 0);
@@ -536,11 +539,12 @@ TEST_CASE("Each tampering with a request object is refused with its code", "[esp
     json header = {{"alg", "dir"}, {"enc", "A256GCM"}, {"kid", kKid}, {"cty", kRequestMediaType},
                    {"ori", originator.id}, {"rri", rand.id}, {"seq", 0},
                    {"oro", json::parse(canonical_text(originator))}};
-    auto compact = crypto::jwe_encrypt_dir_a256gcm(session_key, header.dump(), ByteView::of(R"({"op":9})"));
+    auto compact = crypto::jwe_encrypt_dir_a256gcm(session_key, header.dump(), ByteView::of(R"({"op":9,"secret-member":1})"));
     REQUIRE(compact.ok());
     const Refusal refusal = refusal_of(pair.deliver(*compact));
     CHECK(refusal.rsc == Rsc::decryption_error);
     CHECK(refusal.coap_code() == 500);
+    CHECK(refusal.reason.find("secret-member") == std::string::npos);
   }
   SECTION("a forged object neither starts a session nor moves a window") {
     json header = header_of(first.compact);
