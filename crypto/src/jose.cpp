@@ -6,6 +6,7 @@
 #include <mbedtls/gcm.h>
 
 #include <array>
+#include <cstdint>
 #include <string>
 
 #include "aes_gcm.hpp"

@@ -212,7 +212,8 @@ TEST_CASE("AES-256-GCM matches the GCM specification and NIST CAVP known answers
 TEST_CASE("A JWE made with a chosen IV matches an independently computed object", "[jose][jwe][kat]") {
   const std::string expected =
       "eyJhbGciOiJkaXIiLCJlbmMiOiJBMjU2R0NNIiwia2lkIjoiMDAxMTIyMzM0NDU1NjY3Nzg4OTlhYWJiY2NkZGVlZmZAbWVmLmV4YW1wbGUu"
-      "bmV0Iiwic2VxIjo3fQ..AAECAwQFBgcICQoL.iGIQWTccSIfkADZOEnS-4LGq1KwXwr7IpC7hlpoOBVu_aiWz2w9G.mo1XKtiILqKFCnSor5H9Bw";
+      "bmV0Iiwic2VxIjo3fQ..AAECAwQFBgcICQoL.iGIQWTccSIfkADZOEnS-4LGq1KwXwr7IpC7hlpoOBVu_aiWz2w9G."
+      "mo1XKtiILqKFCnSor5H9Bw";
   const SecretBuffer key = key_of("808182838485868788898a8b8c8d8e8f909192939495969798999a9b9c9d9e9f");
   auto made = crypto::jwe_encrypt_dir_a256gcm_with_iv(key, kHeader, ByteView::of(kPlaintext),
                                                       hex("000102030405060708090a0b"));
@@ -419,7 +420,7 @@ TEST_CASE("parse_jwe_compact refuses bad base64url in each part and names the pa
       auto changed = parts;
       changed[index] += spoil;
       INFO(name << " + " << dauth::to_hex(ByteView::of(spoil)));
-      const std::string message = parse_refusal(join_dots(changed), index == 0 ? parts[0] : parts[index]);
+      const std::string message = parse_refusal(join_dots(changed), parts[index]);
       CHECK(message.find(name + " (part " + std::to_string(index + 1) + ")") != std::string::npos);
     }
   }

@@ -32,20 +32,22 @@ struct JweCompact {
   Bytes tag;                     // kGcmTagSize bytes
 };
 
-// Structure only: five dot-separated base64url parts, an empty second part, IV and tag of the sizes above, at most
-// kMaxJweCompactSize characters. Errc::parse with which part is wrong; never quotes the input.
+// Structure only: five dot-separated base64url parts, a non-empty first and an empty second part, IV and tag of the
+// sizes above, at most kMaxJweCompactSize characters. Errc::parse with which part is wrong; never quotes the input.
 Result<JweCompact> parse_jwe_compact(std::string_view text);
 
 // A compact JWE of plaintext under cek (kA256GcmKeySize bytes, else Errc::invalid_argument) with a fresh random
-// IV; protected_header is the header's JSON text, sent as it is (base64url).
+// IV; protected_header is the header's JSON text, sent as it is (base64url; empty: Errc::invalid_argument). An object
+// longer than kMaxJweCompactSize, which no peer would parse, is Errc::limit.
 Result<std::string> jwe_encrypt_dir_a256gcm(const SecretBuffer& cek, std::string_view protected_header,
                                             ByteView plaintext);
-// The same with a caller-chosen IV (known-answer tests only; an IV must never repeat under one key).
+// The same with a caller-chosen IV (known-answer tests only; an IV must never repeat under one key). An IV other than
+// kGcmIvSize bytes is Errc::invalid_argument.
 Result<std::string> jwe_encrypt_dir_a256gcm_with_iv(const SecretBuffer& cek, std::string_view protected_header,
                                                     ByteView plaintext, ByteView iv);
 
 // Decrypts and verifies: Errc::crypto when the tag does not verify (any change to the header, IV, ciphertext or tag,
-// or another key); Errc::invalid_argument for a key of the wrong size.
+// or another key); Errc::invalid_argument for a key, IV or tag of the wrong size (a JweCompact not made by the parse).
 Result<Bytes> jwe_decrypt_dir_a256gcm(const SecretBuffer& cek, const JweCompact& object);
 
 }  // namespace dauth::crypto
