@@ -658,6 +658,14 @@ TEST_CASE("The originator keeps a session per kid and receiver and refuses unusa
   CHECK(renewed.rri != rand.id);
   CHECK(header_of(renewed.compact).contains("oro"));
   CHECK(value_of(pair.deliver(renewed.compact)).seq == 0);
+
+  // Past its expiry a receiver object protects nothing more.
+  const RandObject current = pair.receiver.current_rand_object();
+  pair.time.advance(current.expiry - *pair.time.now);
+  auto expired = pair.originator.protect(kKid, pair.key, request_to(kTarget, kSender, "late"));
+  REQUIRE_FALSE(expired.ok());
+  CHECK(expired.error().code == Errc::not_found);
+  CHECK(pair.originator.needs_receiver_rand(kKid, kTarget));
 }
 
 TEST_CASE("The receiver rotates its rand object at half its lifetime and keeps at most four", "[esprim][rotation]") {
