@@ -50,8 +50,9 @@ Result<json> parse_object(std::string_view text, std::string_view what) {
   json document;
   try {
     document = json::parse(text.begin(), text.end(), note_keys, false);
-  } catch (const json::exception& e) {
-    return make_error(Errc::parse, std::string(what) + ": " + e.what());
+  } catch (const json::exception&) {
+    // Not e.what(): it quotes the input, and the input may be a decrypted primitive.
+    return make_error(Errc::parse, std::string(what) + ": not well-formed JSON");
   }
   if (document.is_discarded()) return make_error(Errc::parse, std::string(what) + ": not well-formed JSON");
   if (repeated_key) {
@@ -193,10 +194,10 @@ std::string format_timestamp(std::int64_t unix_seconds) {
   const unsigned day = day_of_year - (153 * shifted_month + 2) / 5 + 1;
   const unsigned month = shifted_month < 10 ? shifted_month + 3 : shifted_month - 9;
   const std::int64_t year = static_cast<std::int64_t>(year_of_era) + era * 400 + (month <= 2 ? 1 : 0);
-  char text[32];
-  std::snprintf(text, sizeof text, "%04lld%02u%02uT%02lld%02lld%02lld", static_cast<long long>(year), month, day,
-                static_cast<long long>(second_of_day / 3600), static_cast<long long>(second_of_day / 60 % 60),
-                static_cast<long long>(second_of_day % 60));
+  const auto second_in_day = static_cast<unsigned>(second_of_day);  // the clamp keeps every field small
+  char text[64];
+  std::snprintf(text, sizeof text, "%04u%02u%02uT%02u%02u%02u", static_cast<unsigned>(year), month, day,
+                second_in_day / 3600, second_in_day / 60 % 60, second_in_day % 60);
   return text;
 }
 
@@ -787,16 +788,16 @@ Checked<OpenedRequest> Receiver::open(const Inspected& inspected, const SecretBu
     return refuse(Rsc::replayed, "replayed ESPrim object (seq " + std::to_string(header.seq) + "): " + subject);
   }
   const std::string_view plaintext_text(reinterpret_cast<const char*>(plaintext->data()), plaintext->size());
+  // The reasons below name no value of the plaintext: a reason may reach the log and the plain refusal body.
   auto request = parse_inner_request(plaintext_text);
-  if (!request) return refuse(Rsc::decryption_error, subject + ": " + request.error().message);
+  if (!request) return refuse(Rsc::decryption_error, subject + ": the decrypted inner request is not a primitive");
   if (request->from != bound_ae_id) {
-    return refuse(Rsc::impersonation, subject + ": inner fr " + crypto::quote_for_error(request->from) +
-                                          " is not the AE-ID the key is bound to, " +
-                                          crypto::quote_for_error(bound_ae_id));
+    return refuse(Rsc::impersonation, subject + ": inner fr is not " + crypto::quote_for_error(bound_ae_id) +
+                                          ", the AE-ID the key is bound to");
   }
   if (request->to != receiver_ae_id) {
-    return refuse(Rsc::impersonation, subject + ": inner to " + crypto::quote_for_error(request->to) +
-                                          " is not the receiving AE " + crypto::quote_for_error(receiver_ae_id));
+    return refuse(Rsc::impersonation,
+                  subject + ": inner to is not the receiving AE " + crypto::quote_for_error(receiver_ae_id));
   }
 
   // Verified: only now may it create a session or move a window.
@@ -957,20 +958,20 @@ Result<InnerResponse> Originator::open_response(const ProtectedRequest& sent, st
   if (header->kid != sent.kid || header->ori != sent.ori || header->rri != sent.rri || header->seq != sent.seq) {
     return malformed("its header names " + describe(header->kid, header->ori, header->rri, header->seq));
   }
-  if (members.find("oro") != nullptr) return malformed("an answer carries no oro");
   if (header->media_type != kResponseMediaType) {
     return malformed("cty " + crypto::quote_for_error(header->media_type) + " is not a response");
   }
+  if (members.find("oro") != nullptr) return malformed("an answer carries no oro");
   auto plaintext = crypto::jwe_decrypt_dir_a256gcm(*sent.session_key, *jwe);
   if (!plaintext) {
     return make_error(plaintext.error().code, subject + ": " + plaintext.error().message);
   }
   auto response = parse_inner_response(
       std::string_view(reinterpret_cast<const char*>(plaintext->data()), plaintext->size()));
-  if (!response) return malformed(response.error().message);
+  // No value of the plaintext in these errors: they are logged.
+  if (!response) return malformed("the decrypted inner response is not a primitive");
   if (response->request_id != sent.request_id) {
-    return malformed("inner rqi " + crypto::quote_for_error(response->request_id) + " is not the request's " +
-                     crypto::quote_for_error(sent.request_id));
+    return malformed("inner rqi is not the request's " + crypto::quote_for_error(sent.request_id));
   }
   // The receiver holds the session now: later requests need no oro.
   if (OriginatorPeer* peer = state_->find(sent.kid, sent.receiver_ae_id);
