@@ -5,13 +5,20 @@
 // valve. A dauthd with ESPrim off is refused by A with a reason, never reached unprotected.
 #include <signal.h>
 
+#include <atomic>
 #include <catch2/catch.hpp>
+#include <chrono>
+#include <filesystem>
 #include <string>
+#include <thread>
 
 #include "dauth/crypto/onem2m.hpp"
 #include "dauth/rspf/esprim.hpp"
 #include "dauth/transport/transport.hpp"
+#include "daemon_process.hpp"
 #include "e2e_support.hpp"
+#include "loopback_ports.hpp"
+#include "support.hpp"
 
 using namespace dauth;
 using namespace dauth::test;
@@ -166,4 +173,215 @@ TEST_CASE("ESPrim required but the peer's dauthd has it off: refused at A, never
   CHECK(answer.output.find(marker) == std::string::npos);
   CHECK(d.wait_for_log("a", "does not support ESPrim", 10));
   CHECK(d.ctl_json("b", {"stats"}).value("peer_delivered_total", 0) == 0);
+}
+
+// ---- through hops that must not read it (PROTOCOL.md §7, docs/relay.md) ----------------------------------------
+
+namespace {
+
+std::string hex_of_text(const std::string& text) {
+  static const char* digits = "0123456789abcdef";
+  std::string hex;
+  for (const unsigned char c : text) {
+    hex += digits[c >> 4];
+    hex += digits[c & 15];
+  }
+  return hex;
+}
+
+SecretBuffer key_of_text(const std::string& text) { return SecretBuffer::copy_of(ByteView::of(text)); }
+
+// A next hop in this process that changes one byte of what it forwards: of the request's ESPrim object, or of the
+// answer's. It accepts A's hop identity and forwards to B under its own ([[peer.hop_client]] "alter" at B).
+class AlteringHop {
+ public:
+  enum class Alter { request, answer };
+  AlteringHop(const std::string& key_text, transport::Peer b, Alter what) : b_(std::move(b)), what_(what) {
+    transport::NodeConfig config;
+    config.secure_addresses = {"127.0.0.1"};
+    config.secure_port = 0;
+    config.psk_lookup = [key_text](const transport::PskRequest& request) -> Result<transport::PskGrant> {
+      if (request.identity != "gateway-a") return make_error(Errc::not_found, "unknown identity");
+      return transport::PskGrant{key_of_text(key_text), "", ""};
+    };
+    auto node = transport::Node::create(std::move(config));
+    REQUIRE(node.ok());
+    node_ = std::move(node).value();
+    node_->add_route(transport::Method::post, {}, transport::Access::secure,
+                     [this, key_text](const transport::Session&, const transport::Request& request,
+                                      transport::Responder responder) {
+                       // Proxy-Uri coaps://<B>/esprim?to=<AE-ID>: sent on with Uri-Path and Uri-Query.
+                       transport::Request forwarded;
+                       forwarded.method = request.method;
+                       forwarded.path = {"esprim"};
+                       const auto query = request.proxy_uri.find('?');
+                       if (query != std::string::npos) forwarded.query = {request.proxy_uri.substr(query + 1)};
+                       forwarded.content_format = request.content_format;
+                       forwarded.payload = what_ == Alter::request ? altered(request.payload) : request.payload;
+                       auto shared = std::make_shared<transport::Responder>(std::move(responder));
+                       node_->request(b_, transport::ClientCredentials::psk("alter", key_of_text(key_text), ""),
+                                      std::move(forwarded),
+                                      [this, shared](Result<transport::Response> answer, const transport::Session*) {
+                                        if (!answer) {
+                                          shared->respond(transport::Response::with_text(502, "B did not answer"));
+                                          return;
+                                        }
+                                        transport::Response back = std::move(answer).value();
+                                        if (what_ == Alter::answer && back.code == 205) back.payload = altered(back.payload);
+                                        shared->respond(std::move(back));
+                                      });
+                     });
+  }
+  std::uint16_t port() const { return node_->secure_port(); }
+  transport::Node& node() { return *node_; }
+  int altered_count() const { return altered_; }
+
+ private:
+  Bytes altered(const Bytes& payload) {
+    auto info = esp::parse_security_info(text_of(payload));
+    REQUIRE(info.ok());
+    REQUIRE(info->type == 5);
+    info->object = with_ciphertext_altered(info->object);
+    ++altered_;
+    const std::string body = esp::to_json_text(*info);
+    return Bytes(body.begin(), body.end());
+  }
+  transport::Peer b_;
+  Alter what_;
+  int altered_ = 0;
+  std::unique_ptr<transport::Node> node_;
+};
+
+// Runs a proxied request of meter on another thread while `pump` drives an in-process hop.
+CommandResult proxied_while(const Deployment& d, const std::string& method, const std::string& path,
+                            const std::string& payload, transport::Node& pump) {
+  std::atomic<bool> done{false};
+  CommandResult result;
+  std::thread client([&] {
+    result = d.proxied("CAE-meter", method, path, payload);
+    done = true;
+  });
+  pump.run_until([&] { return done.load(); }, std::chrono::seconds(120));
+  client.join();
+  return result;
+}
+
+}  // namespace
+
+TEST_CASE("ESPrim through a stock forward proxy and a dauthd relay: no hop reads it and an altered byte is caught",
+          "[e2e][esprim][relay]") {
+  DAUTH_E2E_SKIP_WITHOUT_STOCK_TOOLS();
+  if (!have_program("coap-server-gnutls")) {
+    WARN("coap-server-gnutls not installed (libcoap3-bin); the relay path test is skipped");
+    return;
+  }
+  Deployment d;
+  const auto dir = d.dir();
+  const std::string b_peer = "127.0.0.1:" + std::to_string(d.ports().at("B_PEER"));
+  const std::uint16_t r_port = d.add_port("R_PEER");
+  const std::uint16_t proxy_base = free_loopback_ports(2);  // the stock proxy: CoAP on base, DTLS on base + 1
+  // Hop keys: the stock proxy takes its key as text (-k); dauthd's key files hold the hex of that text.
+  const std::string proxy_key_text = run_command({"openssl", "rand", "-hex", "16"}).output.substr(0, 32);
+  const std::string alter_key_text = run_command({"openssl", "rand", "-hex", "16"}).output.substr(0, 32);
+  write_file(dir / "keys" / "proxy.key", hex_of_text(proxy_key_text), 0600);
+  write_file(dir / "keys" / "alter.key", hex_of_text(alter_key_text), 0600);
+  write_file(dir / "keys" / "r-b.key", run_command({"openssl", "rand", "-hex", "32"}).output, 0600);
+
+  // A: ESPrim to valve, via the stock proxy.
+  d.insert_config_line("a", "address = \"" + b_peer + "\"", "esprim = \"required\"\nvia = \"proxy-p\"");
+  d.edit_config("a", [&](std::string text) {
+    return text + "\n[[peer.hop]]\nname = \"proxy-p\"\naddress = \"127.0.0.1:" + std::to_string(proxy_base + 1) +
+           "\"\nidentity = \"gateway-a\"\nkey_file = \"" + (dir / "keys" / "proxy.key").string() +
+           "\"\n\n[[peer.hop]]\nname = \"alter\"\naddress = \"127.0.0.1:@ALTER_PORT@\"\nidentity = \"gateway-a\""
+           "\nkey_file = \"" + (dir / "keys" / "alter.key").string() +
+           "\"\n\n[[peer.hop]]\nname = \"alter-answer\"\naddress = \"127.0.0.1:@ALTER_ANSWER_PORT@\"\n"
+           "identity = \"gateway-a\"\nkey_file = \"" + (dir / "keys" / "alter.key").string() + "\"\n";
+  });
+  // B: accepts the relay and the altering hop; meter may also PUT (the marker goes in a request body).
+  d.edit_config("b", [&](std::string text) {
+    text = replace_all(text, "methods = [\"GET\"]", "methods = [\"GET\", \"PUT\"]");
+    return text + "\n[[peer.hop_client]]\nidentity = \"relay-r\"\nkey_file = \"" + (dir / "keys" / "r-b.key").string() +
+           "\"\n\n[[peer.hop_client]]\nidentity = \"alter\"\nkey_file = \"" + (dir / "keys" / "alter.key").string() +
+           "\"\n";
+  });
+  // R: a dauthd relay that accepts the stock proxy's upstream identity and forwards to B only.
+  std::filesystem::create_directories(dir / "r" / "state");
+  std::filesystem::permissions(dir / "r", std::filesystem::perms::owner_all, std::filesystem::perm_options::replace);
+  write_file(dir / "r" / "master.key", run_command({"openssl", "rand", "-hex", "32"}).output, 0600);
+  write_file(dir / "r.toml",
+             "[daemon]\nstate_directory = \"" + (dir / "r" / "state").string() + "\"\ncontrol_socket = \"" +
+                 (dir / "r" / "control").string() + "\"\nmaster_key_source = \"file\"\nmaster_key_file = \"" +
+                 (dir / "r" / "master.key").string() + "\"\nlog_level = \"debug\"\n\n[peer]\nlisten = \"127.0.0.1:" +
+                 std::to_string(r_port) + "\"\n\n[[peer.hop_client]]\nidentity = \"proxy-p\"\nkey_file = \"" +
+                 (dir / "keys" / "proxy.key").string() + "\"\n\n[[peer.hop]]\nname = \"gateway-b\"\naddress = \"" +
+                 b_peer + "\"\nidentity = \"relay-r\"\nkey_file = \"" + (dir / "keys" / "r-b.key").string() +
+                 "\"\n\n[relay]\nenable = true\nallow = [\"" + b_peer + "\"]\n",
+             0600);
+  DaemonProcess relay({DAUTHD_PATH, "--config", (dir / "r.toml").string()}, {}, dir / "r.log");
+  REQUIRE(wait_for_control_socket(dir / "r" / "control"));
+  // The stock proxy: forwards every Proxy-Uri to R (its next hop), over DTLS-PSK as proxy-p; -v 7 logs each PDU
+  // it handles, so its log shows what it could read.
+  DaemonProcess proxy({"/usr/bin/env", "coap-server-gnutls", "-A", "127.0.0.1", "-p", std::to_string(proxy_base),
+                       "-k", proxy_key_text, "-u", "proxy-p", "-P",
+                       "coaps://127.0.0.1:" + std::to_string(r_port) + ",proxy.invalid", "-v", "7"},
+                      {}, dir / "proxy.log");
+  for (int i = 0; i < 100 && read_text_file(dir / "proxy.log").find("created DTLS endpoint") == std::string::npos; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  REQUIRE(read_text_file(dir / "proxy.log").find("created DTLS endpoint") != std::string::npos);
+
+  AlteringHop alter_request(alter_key_text, transport::Peer{"127.0.0.1", d.ports().at("B_PEER")},
+                            AlteringHop::Alter::request);
+  AlteringHop alter_answer(alter_key_text, transport::Peer{"127.0.0.1", d.ports().at("B_PEER")},
+                           AlteringHop::Alter::answer);
+  d.edit_config("a", [&](std::string text) {
+    text = replace_all(text, "@ALTER_PORT@", std::to_string(alter_request.port()));
+    return replace_all(text, "@ALTER_ANSWER_PORT@", std::to_string(alter_answer.port()));
+  });
+  start_all(d);
+
+  // meter -> A -> stock proxy -> dauthd relay -> B -> valve: a PUT carrying a marker, then a GET reading it back.
+  const std::string marker = "esprim-marker-" + run_command({"openssl", "rand", "-hex", "8"}).output.substr(0, 16);
+  const auto put = d.proxied("CAE-meter", "put", "example_data", marker);
+  INFO(put.output);
+  REQUIRE(put.exit_code == 0);
+  REQUIRE(put.output.find("4.") == std::string::npos);
+  CHECK(d.direct("get", "example_data").output.find(marker) != std::string::npos);  // it reached valve
+  const auto get = d.proxied("CAE-meter", "get", "example_data");
+  INFO(get.output);
+  CHECK(get.output.find(marker) != std::string::npos);  // and came back through the hops
+  CHECK(d.ctl_json("b", {"stats"}).value("esprim_accepted_total", 0) >= 2);
+  // The hops saw the outer messages (the checks below are not empty), never what is inside.
+  const auto proxy_log = read_text_file(dir / "proxy.log");
+  const auto relay_log = read_text_file(dir / "r.log");
+  CHECK(proxy_log.find("m2m:seci") != std::string::npos);
+  CHECK(relay_log.find("esprim") != std::string::npos);
+  for (const std::string secret : {marker, std::string("example_data"), std::string("CAE-meter")}) {
+    INFO(secret);
+    CHECK(proxy_log.find(secret) == std::string::npos);
+    CHECK(relay_log.find(secret) == std::string::npos);
+  }
+
+  // A hop that changes one byte of the object: B refuses it with 4115, valve gets nothing.
+  d.edit_config("a", [](std::string text) { return replace_all(text, "via = \"proxy-p\"", "via = \"alter\""); });
+  REQUIRE(d.ctl("a", {"reload"}).exit_code == 0);
+  const auto delivered_before = d.ctl_json("b", {"stats"}).value("peer_delivered_total", 0);
+  const auto altered = proxied_while(d, "get", "example_data", "", alter_request.node());
+  INFO(altered.output);
+  CHECK(alter_request.altered_count() >= 1);
+  CHECK(altered.output.find("4.03") != std::string::npos);
+  CHECK(altered.output.find(marker) == std::string::npos);
+  CHECK(d.ctl_json("b", {"stats"}).value("peer_delivered_total", 0) == delivered_before);
+  CHECK(d.ctl_json("b", {"stats"}).value("esprim_refused_total", 0) >= 1);
+  CHECK(d.wait_for_log("a", "RSC 4115", 10));
+
+  // A hop that changes one byte of the protected answer: A refuses it, and meter gets 5.02 without the content.
+  d.edit_config("a", [](std::string text) { return replace_all(text, "via = \"alter\"", "via = \"alter-answer\""); });
+  REQUIRE(d.ctl("a", {"reload"}).exit_code == 0);
+  const auto answer_altered = proxied_while(d, "get", "example_data", "", alter_answer.node());
+  INFO(answer_altered.output);
+  CHECK(alter_answer.altered_count() >= 1);
+  CHECK(answer_altered.output.find("5.02") != std::string::npos);
+  CHECK(answer_altered.output.find(marker) == std::string::npos);
+  CHECK(d.ctl_json("a", {"stats"}).value("esprim_answers_rejected_total", 0) >= 1);
 }
