@@ -1753,6 +1753,10 @@ void Roles::stats(MetricSet& out) const {
                    "dauth_peer_denied_total", "dauth_peer_delivered_total", "dauth_peer_delivery_failed_total"});
   }
   if (s.target_keys) role_counters({"dauth_key_fetches_succeeded_total", "dauth_key_fetches_failed_total"});
+  // The relay path (relay.cpp): refusals also count hop sessions' non-ESPrim requests, so with any peer endpoint.
+  if (s.peer_driver) {
+    role_counters({"dauth_relay_forwarded_total", "dauth_relay_refused_total", "dauth_relay_failed_total"});
+  }
 
   for (const auto& driver : s.drivers) {
     const auto n = driver->node->stats();
