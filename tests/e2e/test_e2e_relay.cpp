@@ -48,21 +48,7 @@ class RelayWorld {
     write_file(dir_ / "keys" / "r-other.key", random_hex32(), 0600);
     for (const char* node : {"r", "b"}) write_file(dir_ / node / "master.key", random_hex32(), 0600);
     const std::string d = dir_.path().string();
-    const auto daemon_section = [&](const std::string& node) {
-      return "[daemon]\nstate_directory = \"" + d + "/" + node + "/state\"\ncontrol_socket = \"" + d + "/" + node +
-             "/control\"\nmaster_key_source = \"file\"\nmaster_key_file = \"" + d + "/" + node +
-             "/master.key\"\nlog_level = \"debug\"\n";
-    };
-    write_file(dir_ / "r.toml",
-               daemon_section("r") + "[peer]\nlisten = \"127.0.0.1:" + port("R_PEER") +
-                   "\"\n"
-                   "[[peer.hop_client]]\nidentity = \"gateway-a\"\nkey_file = \"" + d + "/keys/a-r.key\"\n"
-                   "[[peer.hop]]\nname = \"gateway-b\"\naddress = \"127.0.0.1:" + port("B_PEER") +
-                   "\"\nidentity = \"relay-r\"\nkey_file = \"" + d + "/keys/r-b.key\"\n"
-                   "[[peer.hop]]\nname = \"other\"\naddress = \"127.0.0.1:" + port("OTHER_PEER") +
-                   "\"\nidentity = \"relay-r\"\nkey_file = \"" + d + "/keys/r-other.key\"\n"
-                   "[relay]\nenable = true\nallow = [\"127.0.0.1:" + port("B_PEER") + "\"]\n",
-               0600);
+    write_r_config("[\"127.0.0.1:" + port("B_PEER") + "\"]", "");
     write_file(dir_ / "b.toml",
                daemon_section("b") + "[peer]\nlisten = \"127.0.0.1:" + port("B_PEER") +
                    "\"\n"
@@ -82,15 +68,36 @@ class RelayWorld {
   }
 
   std::string port(const std::string& name) const { return std::to_string(ports_.at(name)); }
+
+  // R's configuration with relay.allow = `allow` (TOML array text) and `extra` rows appended.
+  void write_r_config(const std::string& allow, const std::string& extra) {
+    const std::string d = dir_.path().string();
+    write_file(dir_ / "r.toml",
+               daemon_section("r") + "[peer]\nlisten = \"127.0.0.1:" + port("R_PEER") +
+                   "\"\n"
+                   "[[peer.hop_client]]\nidentity = \"gateway-a\"\nkey_file = \"" + d + "/keys/a-r.key\"\n"
+                   "[[peer.hop]]\nname = \"gateway-b\"\naddress = \"127.0.0.1:" + port("B_PEER") +
+                   "\"\nidentity = \"relay-r\"\nkey_file = \"" + d + "/keys/r-b.key\"\n"
+                   "[[peer.hop]]\nname = \"other\"\naddress = \"127.0.0.1:" + port("OTHER_PEER") +
+                   "\"\nidentity = \"relay-r\"\nkey_file = \"" + d + "/keys/r-other.key\"\n" + extra +
+                   "[relay]\nenable = true\nallow = " + allow + "\n",
+               0600);
+  }
+  void write_key(const std::string& name, const std::string& hex) { write_file(dir_ / "keys" / name, hex, 0600); }
+  std::string key_path(const std::string& name) const { return (dir_ / "keys" / name).string(); }
+  // dauthctl reload (answers once the reload was applied or refused).
+  CommandResult reload(const std::string& node) const {
+    return run_command({DAUTHCTL_PATH, "-s", (dir_ / node / "control").string(), "reload"});
+  }
   std::string log_of(const std::string& node) const { return read_text_file(dir_ / (node + ".log")); }
 
   // Sends `request` to R as gateway A (its hop identity, with `key_hex` as key) and waits for the outcome.
-  Result<Response> send_to_r(Request request, const std::string& key_hex) {
+  Result<Response> send_to_r(Request request, const std::string& key_hex, const std::string& identity = "gateway-a") {
     std::optional<Result<Response>> outcome;
     auto key = secret_from_hex(key_hex.substr(0, 64));
     REQUIRE(key.ok());
     client_->request(transport::Peer{"127.0.0.1", ports_.at("R_PEER")},
-                     transport::ClientCredentials::psk("gateway-a", std::move(key).value(), ""), std::move(request),
+                     transport::ClientCredentials::psk(identity, std::move(key).value(), ""), std::move(request),
                      [&](Result<Response> result, const transport::Session*) { outcome = std::move(result); });
     REQUIRE(client_->run_until([&] { return outcome.has_value(); }, std::chrono::seconds(60)));
     return std::move(*outcome);
@@ -132,6 +139,12 @@ class RelayWorld {
   std::string a_to_r_hex_;
 
  private:
+  std::string daemon_section(const std::string& node) const {
+    const std::string d = dir_.path().string();
+    return "[daemon]\nstate_directory = \"" + d + "/" + node + "/state\"\ncontrol_socket = \"" + d + "/" + node +
+           "/control\"\nmaster_key_source = \"file\"\nmaster_key_file = \"" + d + "/" + node +
+           "/master.key\"\nlog_level = \"debug\"\n";
+  }
   void start(const std::string& node) {
     processes_[node] = std::make_unique<DaemonProcess>(
         std::vector<std::string>{DAUTHD_PATH, "--config", (dir_ / (node + ".toml")).string()},
@@ -233,4 +246,36 @@ TEST_CASE("relay path: a hop session may carry only outer ESPrim messages and a 
   CHECK_FALSE(outcome.ok());
   CHECK(world.counter("r", "dauth_relay_forwarded_total") == 0);
   CHECK(world.log_of("b").find("outer ESPrim message from hop") == std::string::npos);
+}
+
+TEST_CASE("relay path: a reload replaces relay.allow and the hop-client table, keys read again") {
+  if (!have_program("openssl")) {
+    WARN("openssl not installed; skipped");
+    return;
+  }
+  RelayWorld world;
+  const std::string to_b = "127.0.0.1:" + world.port("B_PEER");
+  // A hop identity R does not know yet: no session.
+  const std::string c_key = random_hex32();
+  world.write_key("c-r.key", c_key);
+  CHECK_FALSE(world.send_to_r(RelayWorld::outer_to(to_b), c_key, "gateway-c").ok());
+  // Reload: gateway-c added, B no longer allowed.
+  world.write_r_config("[]", "[[peer.hop_client]]\nidentity = \"gateway-c\"\nkey_file = \"" +
+                                 world.key_path("c-r.key") + "\"\n");
+  const auto reloaded = world.reload("r");
+  INFO(reloaded.output + world.log_of("r"));
+  REQUIRE(reloaded.exit_code == 0);
+  auto refused = world.send_to_r(RelayWorld::outer_to(to_b), c_key, "gateway-c");
+  REQUIRE(refused.ok());
+  CHECK(refused->code == 403);
+  CHECK(text_of(refused->payload).find("not in relay.allow") != std::string::npos);
+  // B allowed again: gateway-c's message goes through.
+  world.write_r_config("[\"" + to_b + "\"]", "[[peer.hop_client]]\nidentity = \"gateway-c\"\nkey_file = \"" +
+                                              world.key_path("c-r.key") + "\"\n");
+  REQUIRE(world.reload("r").exit_code == 0);
+  auto through = world.send_to_r(RelayWorld::outer_to(to_b), c_key, "gateway-c");
+  REQUIRE(through.ok());
+  CHECK(through->code != 502);
+  CHECK(world.counter("r", "dauth_relay_forwarded_total") == 1);
+  CHECK(world.wait_for_log("b", "outer ESPrim message from hop relay-r"));
 }
