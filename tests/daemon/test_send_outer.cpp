@@ -192,10 +192,12 @@ TEST_CASE("send_outer via the stock coap-server-gnutls -P reaches gateway B's se
     REQUIRE(line.has_value());
     if (line->find("created DTLS endpoint") != std::string::npos) break;
   }
-  world.configure("CAE-b", "127.0.0.1:" + std::to_string(world.server->secure_port()),
+  // An SP-relative AE-ID: percent-encoded in the Proxy-Uri, decoded again by the proxy into the Uri-Query.
+  const std::string target = "/in-cse/CAE-b";
+  world.configure(target, "127.0.0.1:" + std::to_string(world.server->secure_port()),
                   static_cast<std::uint16_t>(base + 1));
   const std::string body = R"({"m2m:seci":{"sit":3}})";
-  auto answer = world.send("CAE-b", outer_message("CAE-b", body));
+  auto answer = world.send(target, outer_message(target, body));
   proxy.drain();
   INFO(proxy.output());
   REQUIRE(answer.ok());
@@ -203,7 +205,7 @@ TEST_CASE("send_outer via the stock coap-server-gnutls -P reaches gateway B's se
   CHECK(std::string(answer->payload.begin(), answer->payload.end()) == R"({"m2m:seci":{"sit":4}})");
   CHECK(seen_identity == "stock-proxy");
   CHECK(seen.path == std::vector<std::string>{"esprim"});
-  CHECK(seen.query == std::vector<std::string>{"to=CAE-b"});
+  CHECK(seen.query == std::vector<std::string>{"to=/in-cse/CAE-b"});
   CHECK(std::string(seen.payload.begin(), seen.payload.end()) == body);
   CHECK(seen.originator.empty());
 }
