@@ -1,10 +1,13 @@
 // The relay path (docs/relay.md) with real dauthds: relay R ([relay] enable, allow B, [[peer.hop_client]] for
 // gateway A, [[peer.hop]] to B) and gateway B ([[peer.hop_client]] for R). The test plays gateway A: a transport
 // Node presenting A's hop identity to R, sending outer ESPrim messages with a coaps:// Proxy-Uri naming B.
+#include <sys/socket.h>
+
 #include <catch2/catch.hpp>
 #include <chrono>
 #include <csignal>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -13,6 +16,8 @@
 
 #include "daemon_process.hpp"
 #include "dauth/secret.hpp"
+#include "dauth/transport/address.hpp"
+#include "dauth/unique_fd.hpp"
 #include "dauth/transport/transport.hpp"
 #include "loopback_ports.hpp"
 #include "support.hpp"
@@ -36,7 +41,7 @@ std::string random_hex32() {
 class RelayWorld {
  public:
   RelayWorld() {
-    for (const char* name : {"R_PEER", "B_PEER", "OTHER_PEER"}) ports_[name] = free_loopback_port();
+    for (const char* name : {"R_PEER", "B_PEER", "OTHER_PEER", "SILENT"}) ports_[name] = free_loopback_port();
     for (const char* sub : {"keys", "r", "r/state", "b", "b/state"}) {
       std::filesystem::create_directory(dir_ / sub);
       std::filesystem::permissions(dir_ / sub, std::filesystem::perms::owner_all,
@@ -90,6 +95,16 @@ class RelayWorld {
     return run_command({DAUTHCTL_PATH, "-s", (dir_ / node / "control").string(), "reload"});
   }
   std::string log_of(const std::string& node) const { return read_text_file(dir_ / (node + ".log")); }
+
+  // Sends `request` to R as gateway A without waiting; `done` gets the outcome while run_client() runs.
+  void send_to_r_async(Request request, std::function<void(Result<Response>)> done) {
+    auto key = secret_from_hex(a_to_r_hex_.substr(0, 64));
+    REQUIRE(key.ok());
+    client_->request(transport::Peer{"127.0.0.1", ports_.at("R_PEER")},
+                     transport::ClientCredentials::psk("gateway-a", std::move(key).value(), ""), std::move(request),
+                     [done](Result<Response> result, const transport::Session*) { done(std::move(result)); });
+  }
+  bool run_client(const std::function<bool()>& until) { return client_->run_until(until, std::chrono::seconds(60)); }
 
   // Sends `request` to R as gateway A (its hop identity, with `key_hex` as key) and waits for the outcome.
   Result<Response> send_to_r(Request request, const std::string& key_hex, const std::string& identity = "gateway-a") {
@@ -278,4 +293,41 @@ TEST_CASE("relay path: a reload replaces relay.allow and the hop-client table, k
   CHECK(through->code != 502);
   CHECK(world.counter("r", "dauth_relay_forwarded_total") == 1);
   CHECK(world.wait_for_log("b", "outer ESPrim message from hop relay-r"));
+}
+
+TEST_CASE("relay path: beyond 256 unanswered relayed messages R answers 5.03 at once") {
+  if (!have_program("openssl")) {
+    WARN("openssl not installed; skipped");
+    return;
+  }
+  RelayWorld world;
+  // A next hop that swallows every datagram: R's handshake with it never completes, so relayed messages stay
+  // unanswered (until R's request timeout).
+  const std::string silent = "127.0.0.1:" + world.port("SILENT");
+  dauth::UniqueFd swallow(::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+  REQUIRE(swallow.get() >= 0);
+  auto address = transport::numeric_address("127.0.0.1", static_cast<std::uint16_t>(std::stoi(world.port("SILENT"))));
+  REQUIRE(address.ok());
+  REQUIRE(::bind(swallow.get(), &address->get(), address->length) == 0);
+  world.write_r_config("[\"" + silent + "\"]", "[[peer.hop]]\nname = \"silent\"\naddress = \"" + silent +
+                                                   "\"\nidentity = \"relay-r\"\nkey_file = \"" +
+                                                   world.key_path("r-other.key") + "\"\n");
+  REQUIRE(world.reload("r").exit_code == 0);
+  constexpr int kSent = 300;
+  int limited = 0;
+  int other = 0;
+  for (int i = 0; i < kSent; ++i) {
+    world.send_to_r_async(RelayWorld::outer_to(silent), [&](Result<Response> outcome) {
+      if (outcome.ok() && outcome->code == 503) {
+        ++limited;
+      } else {
+        ++other;
+      }
+    });
+  }
+  // The first 256 wait for the silent hop; each later one is refused as it arrives.
+  REQUIRE(world.run_client([&] { return limited == kSent - 256; }));
+  CHECK(other == 0);
+  CHECK(world.counter("r", "dauth_relay_refused_total") == static_cast<std::uint64_t>(kSent - 256));
+  CHECK(world.wait_for_log("r", "relayed requests are still unanswered (at most 256)"));
 }
