@@ -440,7 +440,7 @@ TEST_CASE("every error of a file is reported, in file order", "[config]") {
         "t.toml:3:18: peer.max_handshakes = 0: must be 1–1000 handshakes\n"
         "t.toml:4:1: peer.bogus: unknown key; allowed in [peer]: listen, trust_anchors, idle_timeout, max_sessions, "
         "max_outgoing_sessions, max_handshakes, handshake_timeout, nstart, local_nstart, legacy_onem2m_options, "
-        "raw_key, [[peer.address]], [[peer.rpk]], [[peer.policy]]");
+        "raw_key, [[peer.address]], [[peer.rpk]], [[peer.policy]], [[peer.hop]], [[peer.hop_client]]");
 }
 
 TEST_CASE("TOML syntax errors carry the position and Errc::parse", "[config]") {
