@@ -42,7 +42,7 @@ class RelayWorld {
  public:
   RelayWorld() {
     for (const char* name : {"R_PEER", "B_PEER", "OTHER_PEER", "SILENT"}) ports_[name] = free_loopback_port();
-    for (const char* sub : {"keys", "r", "r/state", "b", "b/state"}) {
+    for (const char* sub : {"keys", "r", "r/state", "b", "b/state", "a", "a/state"}) {
       std::filesystem::create_directory(dir_ / sub);
       std::filesystem::permissions(dir_ / sub, std::filesystem::perms::owner_all,
                                    std::filesystem::perm_options::replace);
@@ -51,7 +51,7 @@ class RelayWorld {
     write_file(dir_ / "keys" / "a-r.key", a_to_r_hex_, 0600);
     write_file(dir_ / "keys" / "r-b.key", random_hex32(), 0600);
     write_file(dir_ / "keys" / "r-other.key", random_hex32(), 0600);
-    for (const char* node : {"r", "b"}) write_file(dir_ / node / "master.key", random_hex32(), 0600);
+    for (const char* node : {"r", "b", "a"}) write_file(dir_ / node / "master.key", random_hex32(), 0600);
     const std::string d = dir_.path().string();
     write_r_config("[\"127.0.0.1:" + port("B_PEER") + "\"]", "");
     write_file(dir_ / "b.toml",
@@ -94,6 +94,33 @@ class RelayWorld {
   CommandResult reload(const std::string& node) const {
     return run_command({DAUTHCTL_PATH, "-s", (dir_ / node / "control").string(), "reload"});
   }
+  // Gateway A: a hop to R and B's address with via (its outer messages go through R); started by start("a").
+  void write_a_config(const std::string& via) {
+    const std::string d = dir_.path().string();
+    write_file(dir_ / "a.toml",
+               daemon_section("a") + "[peer]\nlisten = \"127.0.0.1:" + std::to_string(free_loopback_port()) +
+                   "\"\n[[peer.hop]]\nname = \"relay-r\"\naddress = \"127.0.0.1:" + port("R_PEER") +
+                   "\"\nidentity = \"gateway-a\"\nkey_file = \"" + d + "/keys/a-r.key\"\n"
+                   "[[peer.address]]\nae_id = \"CAE-b\"\naddress = \"127.0.0.1:" + port("B_PEER") +
+                   "\"\nvia = \"" + via + "\"\n",
+               0600);
+  }
+  std::filesystem::path config_of(const std::string& node) const { return dir_ / (node + ".toml"); }
+  void start(const std::string& node) {
+    processes_[node] = std::make_unique<DaemonProcess>(
+        std::vector<std::string>{DAUTHD_PATH, "--config", (dir_ / (node + ".toml")).string()},
+        std::vector<std::string>{}, dir_ / (node + ".log"));
+    if (!wait_for_control_socket(dir_ / node / "control")) {
+      throw std::runtime_error("dauthd " + node + " did not start: " + read_text_file(dir_ / (node + ".log")));
+    }
+    // The roles (the peer endpoint) are up once `status` answers.
+    for (int i = 0; i < 100; ++i) {
+      if (run_command({DAUTHCTL_PATH, "-s", (dir_ / node / "control").string(), "status"}).exit_code == 0) return;
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    throw std::runtime_error("dauthd " + node + " does not answer status: " + read_text_file(dir_ / (node + ".log")));
+  }
+
   std::string log_of(const std::string& node) const { return read_text_file(dir_ / (node + ".log")); }
 
   // Sends `request` to R as gateway A without waiting; `done` gets the outcome while run_client() runs.
@@ -159,20 +186,6 @@ class RelayWorld {
     return "[daemon]\nstate_directory = \"" + d + "/" + node + "/state\"\ncontrol_socket = \"" + d + "/" + node +
            "/control\"\nmaster_key_source = \"file\"\nmaster_key_file = \"" + d + "/" + node +
            "/master.key\"\nlog_level = \"debug\"\n";
-  }
-  void start(const std::string& node) {
-    processes_[node] = std::make_unique<DaemonProcess>(
-        std::vector<std::string>{DAUTHD_PATH, "--config", (dir_ / (node + ".toml")).string()},
-        std::vector<std::string>{}, dir_ / (node + ".log"));
-    if (!wait_for_control_socket(dir_ / node / "control")) {
-      throw std::runtime_error("dauthd " + node + " did not start: " + read_text_file(dir_ / (node + ".log")));
-    }
-    // The roles (the peer endpoint) are up once `status` answers.
-    for (int i = 0; i < 100; ++i) {
-      if (run_command({DAUTHCTL_PATH, "-s", (dir_ / node / "control").string(), "status"}).exit_code == 0) return;
-      std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    }
-    throw std::runtime_error("dauthd " + node + " does not answer status: " + read_text_file(dir_ / (node + ".log")));
   }
 
   TempDir dir_;
@@ -330,4 +343,24 @@ TEST_CASE("relay path: beyond 256 unanswered relayed messages R answers 5.03 at 
   CHECK(other == 0);
   CHECK(world.counter("r", "dauth_relay_refused_total") == static_cast<std::uint64_t>(kSent - 256));
   CHECK(world.wait_for_log("r", "relayed requests are still unanswered (at most 256)"));
+}
+
+TEST_CASE("relay path: gateway A starts with a hop and via, and --check-config shows hop keys only as fingerprints") {
+  if (!have_program("openssl")) {
+    WARN("openssl not installed; skipped");
+    return;
+  }
+  RelayWorld world;
+  world.write_a_config("nowhere");
+  const auto refused = run_command({DAUTHD_PATH, "--check-config", "-c", world.config_of("a").string()});
+  CHECK(refused.exit_code != 0);
+  CHECK(refused.output.find("peer.address[0].via = \"nowhere\": names no [[peer.hop]]") != std::string::npos);
+  world.write_a_config("relay-r");
+  const auto checked = run_command({DAUTHD_PATH, "--check-config", "-c", world.config_of("a").string()});
+  INFO(checked.output);
+  CHECK(checked.exit_code == 0);
+  CHECK(checked.output.find("a-r.key\"  # key (hidden): 32 bytes, fingerprint ") != std::string::npos);
+  CHECK(checked.output.find(world.a_to_r_hex_.substr(0, 64)) == std::string::npos);
+  world.start("a");
+  CHECK(world.log_of("a").find("roles peer") != std::string::npos);
 }
