@@ -92,6 +92,13 @@ const std::vector<MetricInfo>& metric_catalogue() {
        {}},
       {"dauth_esprim_sessions", T::gauge, "ESPrim originator sessions (each with a replay window) held now.", {}},
       {"dauth_esprim_rand_objects", T::gauge, "Receiver rand objects live now.", {}},
+      // any peer endpoint: the relay path (docs/relay.md)
+      {"dauth_relay_forwarded_total", T::counter,
+       "Outer ESPrim messages relayed to the next hop and answered (the answer passed back unchanged).", {}},
+      {"dauth_relay_refused_total", T::counter,
+       "Relay requests refused (relay off, destination not allowed, not POST /esprim, limit) and hop-session "
+       "requests that were no outer ESPrim message.", {}},
+      {"dauth_relay_failed_total", T::counter, "Relayed messages the next hop did not answer.", {}},
       {"dauth_key_fetches_succeeded_total", T::counter, "Session keys fetched from an MEF.", {}},
       {"dauth_key_fetches_failed_total", T::counter, "Session key fetches that failed.", {}},
       {"dauth_key_fetches_pending", T::gauge, "Session key fetches in progress.", {}},

@@ -9,6 +9,7 @@
 
 #include "dauth/crypto/identifiers.hpp"
 #include "dauth/daemon/log.hpp"
+#include "dauth/rspf/messages.hpp"
 #include "dauth/rspf/role_support.hpp"
 #include "dauth/rspf/schedule.hpp"
 #include "dauth/transport/address.hpp"
@@ -108,8 +109,10 @@ bool is_outer_esprim(const Request& request) {
   return request.method == Method::post && request.path == std::vector<std::string>{std::string(rspf::esprim::kOuterPath)};
 }
 
+// A refusal in the outer messages' format: JSON {"error", "detail"} (Content-Format 50), no oneM2M option (a stock
+// proxy on the way back would refuse an unknown critical one).
 Response plain_refusal(int code, Errc errc, const std::string& why) {
-  return rspf::refusal_response(code, make_error(errc, why));
+  return rspf::refusal_response(code, make_error(errc, why), rspf::ContentFormat::json);
 }
 
 }  // namespace
@@ -296,6 +299,10 @@ void Roles::Impl::on_secure_request(const transport::Session& session, const Req
                            request.path_text() + " from " + session.remote_address() + ": " + why);
     responder.respond(plain_refusal(403, Errc::denied, why));
     return;
+  }
+  if (is_hop_session(session)) {
+    log::debug("peer: outer ESPrim message from hop " + session.peer().value + " (" + session.remote_address() +
+               "), " + std::to_string(request.payload.size()) + " bytes");
   }
   on_peer_request(session, request, std::move(responder));
 }

@@ -1772,6 +1772,10 @@ void Roles::stats(MetricSet& out) const {
     out.add("dauth_esprim_sessions", esprim.sessions);
     out.add("dauth_esprim_rand_objects", esprim.live_rand_objects);
   }
+  // The relay path (relay.cpp): refusals also count hop sessions' non-ESPrim requests, so with any peer endpoint.
+  if (s.peer_driver) {
+    role_counters({"dauth_relay_forwarded_total", "dauth_relay_refused_total", "dauth_relay_failed_total"});
+  }
 
   for (const auto& driver : s.drivers) {
     const auto n = driver->node->stats();

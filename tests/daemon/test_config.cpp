@@ -440,7 +440,7 @@ TEST_CASE("every error of a file is reported, in file order", "[config]") {
         "t.toml:3:18: peer.max_handshakes = 0: must be 1–1000 handshakes\n"
         "t.toml:4:1: peer.bogus: unknown key; allowed in [peer]: listen, trust_anchors, idle_timeout, max_sessions, "
         "max_outgoing_sessions, max_handshakes, handshake_timeout, nstart, local_nstart, legacy_onem2m_options, "
-        "raw_key, [[peer.address]], [[peer.rpk]], [[peer.policy]]");
+        "raw_key, [[peer.address]], [[peer.rpk]], [[peer.policy]], [[peer.hop]], [[peer.hop_client]]");
 }
 
 TEST_CASE("TOML syntax errors carry the position and Errc::parse", "[config]") {
@@ -834,4 +834,94 @@ TEST_CASE("a reload's changes: live keys applied, restart keys pending by config
   fresh = edited("[[enrolee.ae]]\nid = \"CAE-valve\"", "[[enrolee.ae]]\nid = \"CAE-gauge\"");
   CHECK(restart_pending(restart_values(*running), restart_values(fresh)) ==
         Names{"enrolee.ae (CAE-gauge)", "enrolee.ae (CAE-valve)"});
+}
+
+TEST_CASE("hops: via names a [[peer.hop]], one key source per row, relay destinations need a hop", "[config][relay]") {
+  const std::string hops = R"(
+[[peer.hop]]
+name = "relay-r"
+address = "relay.example.net:5684"
+identity = "gateway-a"
+key_file = "/keys/hop.key"
+
+[[peer.hop_client]]
+identity = "relay-r"
+key_credential = "hop-client-r"
+
+[relay]
+enable = true
+allow = ["relay.example.net:5684"]
+)";
+  const auto via = [](const std::string& hop) {
+    return std::regex_replace(full_config("/keys"), std::regex("address = \"\\[::1\\]:5684\"\n"),
+                              "address = \"[::1]:5684\"\nvia = \"" + hop + "\"\n");
+  };
+  auto config = parse_config(via("relay-r") + hops, "t.toml");
+  INFO((config.ok() ? std::string() : config.error().message));
+  REQUIRE(config.ok());
+  CHECK(config->peer->addresses[0].via == "relay-r");
+  REQUIRE(config->peer->hops.size() == 1);
+  CHECK(config->peer->hops[0].address == "relay.example.net:5684");
+  CHECK(config->peer->hops[0].identity == "gateway-a");
+  CHECK(config->peer->hops[0].key.key_file == "/keys/hop.key");
+  REQUIRE(config->peer->hop_clients.size() == 1);
+  CHECK(config->peer->hop_clients[0].key.key_credential == "hop-client-r");
+  CHECK(config->relay.enable);
+  CHECK(config->relay.allow == std::vector<std::string>{"relay.example.net:5684"});
+  CHECK_FALSE(parse_config(full_config("/keys"), "t.toml")->relay.enable);  // off by default
+
+  CHECK_THAT(error_of(via("nowhere") + hops),
+             Catch::Contains("peer.address[0].via = \"nowhere\": names no [[peer.hop]] (hop names: relay-r)"));
+  CHECK_THAT(error_of(via("relay-r") + std::regex_replace(hops, std::regex("key_file = \"/keys/hop.key\"\n"), "")),
+             Catch::Contains("[[peer.hop]] needs exactly one of key_file and key_credential"));
+  CHECK_THAT(error_of(full_config("/keys") + std::regex_replace(hops, std::regex("allow = \\[\"relay"),
+                                                                "allow = [\"other")),
+             Catch::Contains("destination \"other.example.net:5684\" has no [[peer.hop]] with that address"));
+  CHECK_THAT(error_of(full_config("/keys") + hops + "\n[[peer.hop_client]]\nidentity = \"relay-r\"\n"
+                                                    "key_file = \"/keys/x.key\"\n"),
+             Catch::Contains("identity listed twice in [[peer.hop_client]]"));
+  CHECK_THAT(error_of(std::string(kMinimal) + "[relay]\nenable = true\n"), Catch::Contains("[relay] needs the [peer] section"));
+}
+
+TEST_CASE("hop keys: at least 32 bytes of hex, from a file or a systemd credential, shown only as a fingerprint",
+          "[config][relay][secrets]") {
+  dauth::test::TempDir dir;
+  dauth::test::write_file(dir / "master.key", std::string(64, 'a') + "\n", 0600);
+  const std::string hop_hex(64, 'c');
+  dauth::test::write_file(dir / "hop.key", hop_hex + "\n", 0600);
+  dauth::test::write_file(dir / "short.key", std::string(62, 'd') + "\n", 0600);  // 31 bytes
+  std::filesystem::create_directory(dir / "credentials");
+  dauth::test::write_file(dir / "credentials" / "hop-client", std::string(96, 'e'), 0600);
+  const auto text = [&](const std::string& key_file) {
+    return "[daemon]\nmaster_key_source = \"file\"\nmaster_key_file = \"" + (dir / "master.key").string() +
+           "\"\n[peer]\n[[peer.hop]]\nname = \"r\"\naddress = \"127.0.0.1:5690\"\nidentity = \"a\"\nkey_file = \"" +
+           (dir / key_file).string() + "\"\n[[peer.hop_client]]\nidentity = \"r\"\nkey_credential = \"hop-client\"\n";
+  };
+  auto config = parse_config(text("hop.key"), "t.toml");
+  REQUIRE(config.ok());
+  // Without $CREDENTIALS_DIRECTORY the credential is refused at start, left out for --check-config.
+  ::unsetenv("CREDENTIALS_DIRECTORY");
+  auto outside = load_secrets(*config);
+  REQUIRE_FALSE(outside.ok());
+  CHECK_THAT(outside.error().message, Catch::Contains("peer.hop_client[0].key_credential"));
+  CHECK(load_secrets(*config, dauth::daemon::SystemdCredential::later).ok());
+  ::setenv("CREDENTIALS_DIRECTORY", (dir / "credentials").c_str(), 1);
+  auto secrets = load_secrets(*config);
+  ::unsetenv("CREDENTIALS_DIRECTORY");
+  INFO((secrets.ok() ? std::string() : secrets.error().message));
+  REQUIRE(secrets.ok());
+  const auto* hop = secrets->find_hop_key(config->peer->hops[0].key);
+  REQUIRE(hop != nullptr);
+  CHECK(hop->key.size() == 32);
+  const auto* client = secrets->find_hop_key(config->peer->hop_clients[0].key);
+  REQUIRE(client != nullptr);
+  CHECK(client->key.size() == 48);
+  const std::string printed = config->normalised(&secrets.value());
+  CHECK_THAT(printed, Catch::Contains("key_credential = \"hop-client\"  # key (hidden): 48 bytes, fingerprint " +
+                                      client->key.fingerprint()));
+  CHECK(printed.find(hop_hex) == std::string::npos);
+
+  auto short_key = load_secrets(*parse_config(text("short.key"), "t.toml"));
+  REQUIRE_FALSE(short_key.ok());
+  CHECK_THAT(short_key.error().message, Catch::Contains("peer.hop[0].key_file"));
 }

@@ -404,8 +404,9 @@ Result<std::unique_ptr<Node>> Node::create(NodeConfig config) {
       coap_register_request_handler(resource, method, on_request);
     }
     coap_add_resource(context, resource);
-    // Proxy-Uri requests (a local AE naming its target AE, PROTOCOL.md §6): without a proxy resource libcoap answers
-    // them 5.05 itself (RFC 7252 §5.7.2). The one name it is "known by" is reserved (RFC 6761 .invalid), so no
+    // Proxy-Uri requests (a local AE naming its target AE, PROTOCOL.md §6; on the secure endpoint, an outer ESPrim
+    // message for a relay, docs/relay.md): without a proxy resource libcoap answers them 5.05 itself (RFC 7252
+    // §5.7.2). The one name it is "known by" is reserved (RFC 6761 .invalid), so no
     // Proxy-Uri host is ever taken for this node; the request reaches on_request and our routes with no Uri-Path.
     const char* own_proxy_names[] = {"dauthd.proxy.invalid"};  // copied by libcoap
     coap_resource_t* proxy = coap_resource_proxy_uri_init2(on_request, 1, own_proxy_names, 0);
