@@ -285,6 +285,10 @@ void Roles::Impl::on_secure_request(const transport::Session& session, const Req
     return;
   }
   if (is_outer_esprim(request)) {
+    if (is_hop_session(session)) {
+      log::debug("peer: outer ESPrim message from hop " + session.peer().value + " (" + session.remote_address() +
+                 "), " + std::to_string(request.payload.size()) + " bytes");
+    }
     // ESPrim: the object authenticates its originator, whichever session (AE pair or relay hop) carried it.
     on_esprim_request(session, request, std::move(responder));
     return;
@@ -299,10 +303,6 @@ void Roles::Impl::on_secure_request(const transport::Session& session, const Req
                            request.path_text() + " from " + session.remote_address() + ": " + why);
     responder.respond(plain_refusal(403, Errc::denied, why));
     return;
-  }
-  if (is_hop_session(session)) {
-    log::debug("peer: outer ESPrim message from hop " + session.peer().value + " (" + session.remote_address() +
-               "), " + std::to_string(request.payload.size()) + " bytes");
   }
   on_peer_request(session, request, std::move(responder));
 }
@@ -386,6 +386,9 @@ void Roles::Impl::on_relay_request(const transport::Session& session, const Requ
           return;
         }
         count("relay_forwarded_total");
+        // Sizes and codes only: the relay never reads, and so never logs, what the ESPrim object protects.
+        log::debug("relay: POST /esprim from " + who + " to " + destination + " answered " +
+                   rspf::coap_code_text(outcome->code) + ", " + std::to_string(outcome->payload.size()) + " bytes");
         // The answer as it came: code, Content-Format and payload (an ESPrim answer or a refusal of the receiver).
         Response answer;
         answer.code = outcome->code;

@@ -16,14 +16,14 @@
 
 namespace dauth::test {
 
-namespace {
-
 std::string replace_all(std::string text, const std::string& from, const std::string& to) {
   for (std::size_t at = text.find(from); at != std::string::npos; at = text.find(from, at + to.size())) {
     text.replace(at, from.size(), to);
   }
   return text;
 }
+
+namespace {
 
 const char* kConfigOf(const std::string& node) {
   return node == "mef" ? "mef" : node == "a" ? "gateway-a" : "gateway-b";

@@ -89,6 +89,9 @@ class Deployment {
   std::map<std::string, std::unique_ptr<DaemonProcess>> ae_servers_;
 };
 
+// `text` with every `from` replaced by `to` (configuration templates and edits).
+std::string replace_all(std::string text, const std::string& from, const std::string& to);
+
 // scripts/demo.d/make-pki with these arguments ("ca <prefix> <CN>", "leaf <ca> <prefix> <CN> <SAN>", "demo <dir>").
 CommandResult make_pki(std::vector<std::string> args);
 

@@ -356,7 +356,7 @@ TEST_CASE("ESPrim through a stock forward proxy and a dauthd relay: no hop reads
   const auto relay_log = read_text_file(dir / "r.log");
   CHECK(proxy_log.find("m2m:seci") != std::string::npos);
   CHECK(relay_log.find("esprim") != std::string::npos);
-  for (const std::string secret : {marker, std::string("example_data"), std::string("CAE-meter")}) {
+  for (const std::string& secret : {marker, std::string("example_data"), std::string("CAE-meter")}) {
     INFO(secret);
     CHECK(proxy_log.find(secret) == std::string::npos);
     CHECK(relay_log.find(secret) == std::string::npos);
