@@ -777,6 +777,13 @@ void Parser::check_cross_fields(const std::vector<ConfigTable>& tables) {
                                     return names;
                                   }()) + ")");
     }
+    // A hop carries only outer ESPrim messages; without ESPrim the requests would go straight to address, around
+    // the path the operator configured.
+    const ConfigEntry* esprim = row->find("esprim");
+    if (via && (!esprim || std::get<std::string>(esprim->value) != "required")) {
+      error_entry(*row, *via, "needs esprim = \"required\" in the same [[peer.address]]: a hop carries only "
+                              "ESPrim-protected requests (PROTOCOL.md §7)");
+    }
   }
   if (const ConfigTable* relay = find_table(tables, "relay")) {
     if (!peer) error_at(relay->line, 1, "[relay] needs the [peer] section (it relays on the peer endpoint)");

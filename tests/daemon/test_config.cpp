@@ -440,7 +440,8 @@ TEST_CASE("every error of a file is reported, in file order", "[config]") {
         "t.toml:3:18: peer.max_handshakes = 0: must be 1–1000 handshakes\n"
         "t.toml:4:1: peer.bogus: unknown key; allowed in [peer]: listen, trust_anchors, idle_timeout, max_sessions, "
         "max_outgoing_sessions, max_handshakes, handshake_timeout, nstart, local_nstart, legacy_onem2m_options, "
-        "raw_key, [[peer.address]], [[peer.rpk]], [[peer.policy]], [[peer.hop]], [[peer.hop_client]]");
+        "raw_key, esprim, esprim_rand_lifetime, esprim_max_sessions, [[peer.address]], [[peer.rpk]], "
+        "[[peer.policy]], [[peer.hop]], [[peer.hop_client]]");
 }
 
 TEST_CASE("TOML syntax errors carry the position and Errc::parse", "[config]") {
@@ -854,7 +855,7 @@ allow = ["relay.example.net:5684"]
 )";
   const auto via = [](const std::string& hop) {
     return std::regex_replace(full_config("/keys"), std::regex("address = \"\\[::1\\]:5684\"\n"),
-                              "address = \"[::1]:5684\"\nvia = \"" + hop + "\"\n");
+                              "address = \"[::1]:5684\"\nesprim = \"required\"\nvia = \"" + hop + "\"\n");
   };
   auto config = parse_config(via("relay-r") + hops, "t.toml");
   INFO((config.ok() ? std::string() : config.error().message));
@@ -870,6 +871,10 @@ allow = ["relay.example.net:5684"]
   CHECK(config->relay.allow == std::vector<std::string>{"relay.example.net:5684"});
   CHECK_FALSE(parse_config(full_config("/keys"), "t.toml")->relay.enable);  // off by default
 
+  CHECK(config->peer->addresses[0].esprim_required);
+  // A hop carries only ESPrim: without it the requests would bypass the configured path.
+  CHECK_THAT(error_of(std::regex_replace(via("relay-r"), std::regex("esprim = \"required\"\n"), "") + hops),
+             Catch::Contains("peer.address[0].via = \"relay-r\": needs esprim = \"required\""));
   CHECK_THAT(error_of(via("nowhere") + hops),
              Catch::Contains("peer.address[0].via = \"nowhere\": names no [[peer.hop]] (hop names: relay-r)"));
   CHECK_THAT(error_of(via("relay-r") + std::regex_replace(hops, std::regex("key_file = \"/keys/hop.key\"\n"), "")),

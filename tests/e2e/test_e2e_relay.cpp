@@ -102,7 +102,7 @@ class RelayWorld {
                    "\"\n[[peer.hop]]\nname = \"relay-r\"\naddress = \"127.0.0.1:" + port("R_PEER") +
                    "\"\nidentity = \"gateway-a\"\nkey_file = \"" + d + "/keys/a-r.key\"\n"
                    "[[peer.address]]\nae_id = \"CAE-b\"\naddress = \"127.0.0.1:" + port("B_PEER") +
-                   "\"\nvia = \"" + via + "\"\n",
+                   "\"\nesprim = \"required\"\nvia = \"" + via + "\"\n",
                0600);
   }
   std::filesystem::path config_of(const std::string& node) const { return dir_ / (node + ".toml"); }
