@@ -141,6 +141,9 @@ void Roles::Impl::forward_protected(LocalAeState& ae, const std::string& target,
   send->inner.content_format = original.content_format;
   send->inner.accept = original.accept;
   send->inner.content = original.payload;
+  // One rqi for the request however often it is sent: B carries out a create (POST) at most once per rqi, so a
+  // resend after a refusal a hop forged cannot run it twice (PROTOCOL.md §7.5).
+  send->inner.request_id = new_request_id();
   send->original = std::move(original);
   send->responder = std::move(responder);
   send_protected(send);
@@ -181,7 +184,6 @@ void Roles::Impl::send_protected(const std::shared_ptr<EsprimSend>& send) {
     ask_receiver_rand(send, key->ke_id);
     return;
   }
-  send->inner.request_id = new_request_id();
   auto protected_request = esprim_originator.protect(key->ke_id, key->key, send->inner);
   if (!protected_request) {
     fail_protected(send, protected_request.error().code == Errc::not_found ? 502 : 500,
@@ -253,11 +255,11 @@ void Roles::Impl::ask_receiver_rand(const std::shared_ptr<EsprimSend>& send, con
 void Roles::Impl::on_protected_answer(const std::shared_ptr<EsprimSend>& send, const esp::ProtectedRequest& sent,
                                       Result<Response> outcome) {
   if (!outcome) {
-    // As for AE-pair sessions (proxy.cpp): a refused first handshake (B fetching the session key) and, for a method
-    // that may be repeated, a timeout are tried again on a new session; the object is made anew (new seq).
+    // As for AE-pair sessions (proxy.cpp): for a method that may be repeated, a timeout is tried again on a new
+    // session; the object is made anew (new seq, same rqi).
     const Errc failure = outcome.error().code;
-    const bool retry = failure == Errc::unauthenticated ||
-                       (failure == Errc::timeout && transport::may_repeat(send->original.method));
+    // A refused first handshake (B still fetching the session key) was already tried again by send_outer.
+    const bool retry = failure == Errc::timeout && transport::may_repeat(send->original.method);
     if (retry && send->transport_attempt < std::size(kFirstUseRetryDelays) && !stopping) {
       const auto delay = rspf::with_jitter(kFirstUseRetryDelays[send->transport_attempt], rspf::random_jitter());
       ++send->transport_attempt;
@@ -318,7 +320,8 @@ void Roles::Impl::on_protected_answer(const std::shared_ptr<EsprimSend>& send, c
                                                                    : std::nullopt;
   if (refused) {
     esprim_originator.on_refusal(sent, refused->rsc);
-    const bool resend = refused->rsc == esp::Rsc::unknown_originator_rand_id ||
+    // B answers a true 4113 only to an object without oro; one with oro refused so was forged on the way.
+    const bool resend = (refused->rsc == esp::Rsc::unknown_originator_rand_id && !sent.carried_oro) ||
                         refused->rsc == esp::Rsc::unknown_receiver_rand_id;
     if (resend && send->resends == 0) {
       // Not delivered at B (its rand object is gone: restart, rotation, expiry): safe to send again for every
@@ -398,6 +401,10 @@ void Roles::Impl::on_esprim_request(const transport::Session& session, const Req
     return;
   }
   auto object = std::get<esp::Inspected>(std::move(inspected));
+  if (auto early = esprim_receiver->check_before_key(object, receiver)) {
+    refuse_esprim(remote, receiver, *early, responder);
+    return;
+  }
   if (!target_keys) {
     refuse_esprim(remote, receiver, {esp::Rsc::unknown_key_id, "this dauthd retrieves no target keys"}, responder);
     return;
@@ -412,12 +419,12 @@ void Roles::Impl::on_esprim_request(const transport::Session& session, const Req
 }
 
 void Roles::Impl::refuse_esprim(const std::string& remote, const std::string& receiver, const esp::Refusal& refused,
-                                transport::Responder& responder) {
+                                transport::Responder& responder, const std::string& log_only) {
   count("esprim_refused_total");
   if (refused.rsc == esp::Rsc::impersonation) count("esprim_impersonation_total");
   log::write_limited(level_of(refused.rsc), "esprim refused", remote,
                      "esprim: refused an object for " + receiver + " from " + remote + ": RSC " +
-                         rsc_text(refused.rsc) + ", " + refused.reason);
+                         rsc_text(refused.rsc) + ", " + refused.reason + log_only);
   responder.respond(plain_refusal(refused));
 }
 
@@ -425,13 +432,29 @@ void Roles::Impl::on_esprim_key(const esp::Inspected& object, const std::string&
                                 const std::shared_ptr<transport::Responder>& responder,
                                 Result<rspf::EsprimKey> key) {
   if (!esprim_receiver) return;  // stopping
+  if (!key) {
+    // Why there is no key (revoked, unknown MEF, fetch failed) is for our log only: the refusal crosses every hop.
+    const Errc why = key.error().code;
+    if (why == Errc::limit || why == Errc::timeout || why == Errc::io || why == Errc::unauthenticated) {
+      count("esprim_refused_total");
+      log::write_limited(log::Level::warning, "esprim key", object.header.kid,
+                         "esprim: no pairwise key for kid " + object.header.kid + " and " + receiver +
+                             " yet (from " + remote + "): " + key.error().message + "; answered 5.03");
+      responder->respond(refusal(503, std::nullopt,
+                                 make_error(Errc::limit, "the key for this kid cannot be fetched now; try again")));
+      return;
+    }
+    log::write_limited(log::Level::warning, "esprim key", object.header.kid,
+                       "esprim: no pairwise key for kid " + object.header.kid + " and " + receiver + ": " +
+                           key.error().message);
+  }
   const SecretBuffer* pairwise = key ? key->key.get() : nullptr;
   const std::string bound = key ? key->peer_ae_id : std::string();
   auto opened = esprim_receiver->open(object, pairwise, bound, receiver);
   if (auto* refused = std::get_if<esp::Refusal>(&opened)) {
-    esp::Refusal logged = *refused;
-    if (!key) logged.reason += " (" + key.error().message + ")";
-    refuse_esprim(remote, receiver, logged, *responder);
+    // The refusal body crosses every hop: who the key belongs to goes to our log only.
+    refuse_esprim(remote, receiver, *refused, *responder,
+                  refused->rsc == esp::Rsc::impersonation ? " (the key is " + bound + "'s)" : std::string());
     return;
   }
   auto request = std::make_shared<esp::OpenedRequest>(std::get<esp::OpenedRequest>(std::move(opened)));

@@ -321,8 +321,9 @@ struct Roles::Impl {
                          transport::Responder responder);
   void on_esprim_key(const rspf::esprim::Inspected& object, const std::string& receiver, const std::string& remote,
                      const std::shared_ptr<transport::Responder>& responder, Result<rspf::EsprimKey> key);
+  // A plain refusal (its reason crosses every hop), logged with `log_only` appended.
   void refuse_esprim(const std::string& remote, const std::string& receiver, const rspf::esprim::Refusal& refused,
-                     transport::Responder& responder);
+                     transport::Responder& responder, const std::string& log_only = {});
   void note_session_activity_esprim(const std::string& originator, const std::string& receiver);
   // The access policy ([[peer.policy]]): whether the authenticated remote AE `requester` may use `method` on
   // local AE `local_ae`. The one place this is decided, for AE-pair sessions and ESPrim alike.

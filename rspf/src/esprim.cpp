@@ -3,6 +3,7 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <deque>
 #include <cstdio>
 #include <list>
 #include <set>
@@ -640,8 +641,14 @@ struct ReceiverRand {
 
 }  // namespace
 
+// The rqis of the latest creates (POST) delivered per (kid, receiving AE): far more than an originator has in
+// flight (NSTART), so a resent create always finds its first delivery here.
+constexpr std::size_t kDeliveredCreatesPerKey = 256;
+
 struct Receiver::State {
   ReceiverConfig config;
+  // Per kid "\n" receiving AE, oldest first; only verified objects enter, so only keys the MEF issued make rows.
+  std::map<std::string, std::deque<std::string>> delivered_creates;
   std::list<ReceiverRand> live;  // oldest first; a list keeps current_rand_object()'s reference valid on rotation
   std::uint64_t made = 0;
 
@@ -727,6 +734,23 @@ Checked<Inspected> Receiver::inspect(std::string_view compact) const {
   return inspected;
 }
 
+std::optional<Refusal> Receiver::check_before_key(const Inspected& inspected, std::string_view receiver_ae_id) {
+  const ReceivedHeader& header = inspected.header;
+  const std::string subject = "ESPrim object (" + describe(header) + ")";
+  State& state = *state_;
+  state.drop_expired(state.config.clock());
+  const ReceiverRand* rand = state.find(header.rri);
+  if (rand == nullptr) {
+    return Refusal{Rsc::unknown_receiver_rand_id,
+                   subject + ": unknown rri (never issued, expired, retired, or issued before a restart)"};
+  }
+  const auto session_id = std::make_pair(header.kid + '\n' + std::string(receiver_ae_id), header.ori);
+  if (!header.originator_rand && rand->sessions.find(session_id) == rand->sessions.end()) {
+    return Refusal{Rsc::unknown_originator_rand_id, subject + ": no session for this ori and no oro to start one"};
+  }
+  return std::nullopt;
+}
+
 Checked<OpenedRequest> Receiver::open(const Inspected& inspected, const SecretBuffer* pairwise_key,
                                       std::string_view bound_ae_id, std::string_view receiver_ae_id) {
   const ReceivedHeader& header = inspected.header;
@@ -746,7 +770,8 @@ Checked<OpenedRequest> Receiver::open(const Inspected& inspected, const SecretBu
     return refuse(Rsc::unsupported_option, subject + ": rro differs from the receiver rand object it names");
   }
 
-  const auto session_id = std::make_pair(header.kid, header.ori);
+  // A session serves one receiving AE: the outer to= names the key it was made with.
+  const auto session_id = std::make_pair(header.kid + '\n' + std::string(receiver_ae_id), header.ori);
   auto session = rand->sessions.find(session_id);
   if (session != rand->sessions.end() && session->second.originator_expiry <= now) {
     rand->sessions.erase(session);  // its originator object expired: only a new oro can start it again
@@ -792,12 +817,21 @@ Checked<OpenedRequest> Receiver::open(const Inspected& inspected, const SecretBu
   auto request = parse_inner_request(plaintext_text);
   if (!request) return refuse(Rsc::decryption_error, subject + ": the decrypted inner request is not a primitive");
   if (request->from != bound_ae_id) {
-    return refuse(Rsc::impersonation, subject + ": inner fr is not " + crypto::quote_for_error(bound_ae_id) +
-                                          ", the AE-ID the key is bound to");
+    return refuse(Rsc::impersonation, subject + ": inner fr is not the AE-ID the key is bound to");
   }
   if (request->to != receiver_ae_id) {
     return refuse(Rsc::impersonation,
-                  subject + ": inner to is not the receiving AE " + crypto::quote_for_error(receiver_ae_id));
+                  subject + ": inner to is not the receiving AE");
+  }
+
+  // A create (POST) is carried out at most once per rqi: a hop that forges a 4113/4114 after B delivered it makes
+  // the originator send it again, under a new session and seq (PROTOCOL.md §7.5).
+  const std::string delivered_key = header.kid + '\n' + std::string(receiver_ae_id);
+  if (request->operation == 1) {
+    const auto& delivered = state.delivered_creates[delivered_key];
+    if (std::find(delivered.begin(), delivered.end(), request->request_id) != delivered.end()) {
+      return refuse(Rsc::replayed, subject + ": a create with this rqi was already carried out");
+    }
   }
 
   // Verified: only now may it create a session or move a window.
@@ -815,6 +849,11 @@ Checked<OpenedRequest> Receiver::open(const Inspected& inspected, const SecretBu
     session = rand->sessions.emplace(session_id, std::move(fresh)).first;
   }
   session->second.window.record(header.seq);
+  if (request->operation == 1) {
+    auto& delivered = state.delivered_creates[delivered_key];
+    delivered.push_back(request->request_id);
+    if (delivered.size() > kDeliveredCreatesPerKey) delivered.pop_front();
+  }
 
   OpenedRequest opened;
   opened.request = std::move(*request);
@@ -857,6 +896,9 @@ struct OriginatorPeer {
   std::shared_ptr<const SecretBuffer> key;
   std::uint64_t next_seq = 0;
   bool send_oro = true;  // until an answer under this session was opened
+  // When to ask for the next receiver object: refresh_margin_s before its expiry, or a quarter of the time it had
+  // left when it came if that is less (a short-lived object would otherwise be asked for before every request).
+  std::int64_t margin_s = 0;
 };
 
 }  // namespace
@@ -879,7 +921,7 @@ Originator::Originator(OriginatorConfig config) : state_(std::make_shared<State>
 bool Originator::needs_receiver_rand(std::string_view kid, std::string_view receiver_ae_id) const {
   const OriginatorPeer* peer = state_->find(kid, receiver_ae_id);
   if (peer == nullptr) return true;
-  return peer->receiver.expiry - state_->config.clock() < state_->config.refresh_margin_s;
+  return peer->receiver.expiry - state_->config.clock() < peer->margin_s;
 }
 
 Result<void> Originator::set_receiver_rand(std::string_view kid, std::string_view receiver_ae_id,
@@ -899,6 +941,7 @@ Result<void> Originator::set_receiver_rand(std::string_view kid, std::string_vie
   if (peer.receiver_text == text) return ok_result();  // the same object again: the session goes on
   // A new receiver object starts a new session: a new originator object, seq from 0, oro until answered.
   peer = OriginatorPeer{};
+  peer.margin_s = std::min(state_->config.refresh_margin_s, (receiver.expiry - state_->config.clock()) / 4);
   peer.receiver = std::move(receiver);
   peer.receiver_text = std::move(text);
   return ok_result();
@@ -924,7 +967,8 @@ Result<ProtectedRequest> Originator::protect(std::string_view kid, const SecretB
   }
   const std::uint64_t seq = peer->next_seq;
   json header = header_json(kid, kRequestMediaType, peer->own->id, peer->receiver.id, seq);
-  if (peer->send_oro) header["oro"] = rand_to_json(*peer->own);
+  const bool carried_oro = peer->send_oro;
+  if (carried_oro) header["oro"] = rand_to_json(*peer->own);
   const std::string plaintext = to_json_text(request);
   auto compact = crypto::jwe_encrypt_dir_a256gcm(*peer->key, dump(header), ByteView::of(plaintext));
   if (!compact) {
@@ -941,6 +985,7 @@ Result<ProtectedRequest> Originator::protect(std::string_view kid, const SecretB
   sent.seq = seq;
   sent.request_id = std::move(request.request_id);
   sent.session_key = peer->key;
+  sent.carried_oro = carried_oro;
   return sent;
 }
 

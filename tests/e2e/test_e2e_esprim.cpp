@@ -91,6 +91,17 @@ TEST_CASE("ESPrim through two dauthds and a rogue originator refused with the ri
   CHECK(put.output.find("4.03") != std::string::npos);
   CHECK(d.direct("get", "example_data").output.find(marker) != std::string::npos);
 
+  // B restarts: A's receiver rand object is gone there (4114); A asks for the new one and sends again, unseen by
+  // meter.
+  const auto sent_before = d.ctl_json("a", {"stats"}).value("esprim_sent_total", 0);
+  d.stop("b", SIGTERM);
+  d.start("b");
+  const auto after_restart = d.proxied("CAE-meter", "get", "example_data");
+  INFO(after_restart.output);
+  CHECK(after_restart.output.find(marker) != std::string::npos);
+  CHECK(d.ctl_json("a", {"stats"}).value("esprim_sent_total", 0) >= sent_before + 2);
+  CHECK(d.wait_for_log("a", "sending again", 10));
+
   // The rogue originator: meter's keys from A's store, its own objects.
   d.stop("a", SIGTERM);
   const auto session_key = stored_target_key(d, "a", "CAE-meter", crypto::Suid::rspf_key_for_saef, "CAE-valve");
@@ -195,7 +206,9 @@ SecretBuffer key_of_text(const std::string& text) { return SecretBuffer::copy_of
 // answer's. It accepts A's hop identity and forwards to B under its own ([[peer.hop_client]] "alter" at B).
 class AlteringHop {
  public:
-  enum class Alter { request, answer };
+  // request / answer: one byte of every ESPrim object; forged_refusal: the first object is delivered, its answer
+  // dropped and a plain 4114 returned instead (which no hop can be kept from doing: refusals are unprotected).
+  enum class Alter { request, answer, forged_refusal };
   AlteringHop(const std::string& key_text, transport::Peer b, Alter what) : b_(std::move(b)), what_(what) {
     transport::NodeConfig config;
     config.secure_addresses = {"127.0.0.1"};
@@ -218,10 +231,23 @@ class AlteringHop {
                        if (query != std::string::npos) forwarded.query = {request.proxy_uri.substr(query + 1)};
                        forwarded.content_format = request.content_format;
                        forwarded.payload = what_ == Alter::request ? altered(request.payload) : request.payload;
+                       const bool forge = what_ == Alter::forged_refusal && altered_ == 0 && is_object(request.payload);
+                       if (forge) ++altered_;
                        auto shared = std::make_shared<transport::Responder>(std::move(responder));
                        node_->request(b_, transport::ClientCredentials::psk("alter", key_of_text(key_text), ""),
                                       std::move(forwarded),
-                                      [this, shared](Result<transport::Response> answer, const transport::Session*) {
+                                      [this, shared, forge](Result<transport::Response> answer,
+                                                            const transport::Session*) {
+                                        if (forge) {
+                                          transport::Response forged;
+                                          forged.code = 403;
+                                          forged.content_format = 50;
+                                          const std::string body =
+                                              esp::refusal_body({esp::Rsc::unknown_receiver_rand_id, "forged"});
+                                          forged.payload.assign(body.begin(), body.end());
+                                          shared->respond(std::move(forged));
+                                          return;
+                                        }
                                         if (!answer) {
                                           shared->respond(transport::Response::with_text(502, "B did not answer"));
                                           return;
@@ -237,6 +263,10 @@ class AlteringHop {
   int altered_count() const { return altered_; }
 
  private:
+  static bool is_object(const Bytes& payload) {
+    auto info = esp::parse_security_info(text_of(payload));
+    return info.ok() && info->type == 5;
+  }
   Bytes altered(const Bytes& payload) {
     auto info = esp::parse_security_info(text_of(payload));
     REQUIRE(info.ok());
@@ -295,11 +325,13 @@ TEST_CASE("ESPrim through a stock forward proxy and a dauthd relay: no hop reads
            "\"\n\n[[peer.hop]]\nname = \"alter\"\naddress = \"127.0.0.1:@ALTER_PORT@\"\nidentity = \"gateway-a\""
            "\nkey_file = \"" + (dir / "keys" / "alter.key").string() +
            "\"\n\n[[peer.hop]]\nname = \"alter-answer\"\naddress = \"127.0.0.1:@ALTER_ANSWER_PORT@\"\n"
+           "identity = \"gateway-a\"\nkey_file = \"" + (dir / "keys" / "alter.key").string() +
+           "\"\n\n[[peer.hop]]\nname = \"forge\"\naddress = \"127.0.0.1:@FORGE_PORT@\"\n"
            "identity = \"gateway-a\"\nkey_file = \"" + (dir / "keys" / "alter.key").string() + "\"\n";
   });
   // B: accepts the relay and the altering hop; meter may also PUT (the marker goes in a request body).
   d.edit_config("b", [&](std::string text) {
-    text = replace_all(text, "methods = [\"GET\"]", "methods = [\"GET\", \"PUT\"]");
+    text = replace_all(text, "methods = [\"GET\"]", "methods = [\"GET\", \"PUT\", \"POST\"]");
     return text + "\n[[peer.hop_client]]\nidentity = \"relay-r\"\nkey_file = \"" + (dir / "keys" / "r-b.key").string() +
            "\"\n\n[[peer.hop_client]]\nidentity = \"alter\"\nkey_file = \"" + (dir / "keys" / "alter.key").string() +
            "\"\n";
@@ -334,9 +366,12 @@ TEST_CASE("ESPrim through a stock forward proxy and a dauthd relay: no hop reads
                             AlteringHop::Alter::request);
   AlteringHop alter_answer(alter_key_text, transport::Peer{"127.0.0.1", d.ports().at("B_PEER")},
                            AlteringHop::Alter::answer);
+  AlteringHop forge(alter_key_text, transport::Peer{"127.0.0.1", d.ports().at("B_PEER")},
+                    AlteringHop::Alter::forged_refusal);
   d.edit_config("a", [&](std::string text) {
     text = replace_all(text, "@ALTER_PORT@", std::to_string(alter_request.port()));
-    return replace_all(text, "@ALTER_ANSWER_PORT@", std::to_string(alter_answer.port()));
+    text = replace_all(text, "@ALTER_ANSWER_PORT@", std::to_string(alter_answer.port()));
+    return replace_all(text, "@FORGE_PORT@", std::to_string(forge.port()));
   });
   start_all(d);
 
@@ -384,4 +419,17 @@ TEST_CASE("ESPrim through a stock forward proxy and a dauthd relay: no hop reads
   CHECK(answer_altered.output.find("5.02") != std::string::npos);
   CHECK(answer_altered.output.find(marker) == std::string::npos);
   CHECK(d.ctl_json("a", {"stats"}).value("esprim_answers_rejected_total", 0) >= 1);
+
+  // A hop forges 4114 after B carried out a POST: A sends it again (same rqi) and B does not carry it out twice.
+  d.edit_config("a", [](std::string text) { return replace_all(text, "via = \"alter-answer\"", "via = \"forge\""); });
+  REQUIRE(d.ctl("a", {"reload"}).exit_code == 0);
+  const auto b_before = d.ctl_json("b", {"stats"});
+  const auto posted = proxied_while(d, "post", "example_data", "posted-once", forge.node());
+  INFO(posted.output);
+  CHECK(forge.altered_count() == 1);
+  CHECK(posted.output.find("4.03") != std::string::npos);
+  const auto b_after = d.ctl_json("b", {"stats"});
+  CHECK(b_after.value("peer_delivered_total", 0) == b_before.value("peer_delivered_total", 0) + 1);
+  CHECK(b_after.value("esprim_refused_total", 0) == b_before.value("esprim_refused_total", 0) + 1);
+  CHECK(d.wait_for_log("b", "already carried out", 10));
 }

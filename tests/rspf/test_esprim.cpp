@@ -293,7 +293,9 @@ std::string object_for_seq(const SecretBuffer& session_key, const RandObject& re
   json header = {{"alg", "dir"}, {"enc", "A256GCM"}, {"kid", kKid}, {"cty", kRequestMediaType},
                  {"ori", originator.id}, {"rri", receiver.id}, {"seq", seq},
                  {"oro", json::parse(canonical_text(originator))}};
-  const std::string plaintext = to_json_text(request_to(kTarget, kSender, "rqi-" + std::to_string(seq)));
+  // One rqi per (session, seq): a create is carried out at most once per rqi.
+  const std::string plaintext =
+      to_json_text(request_to(kTarget, kSender, "rqi-" + originator.id + "-" + std::to_string(seq)));
   auto compact = crypto::jwe_encrypt_dir_a256gcm(session_key, header.dump(), ByteView::of(plaintext));
   REQUIRE(compact.ok());
   return *compact;
@@ -521,7 +523,8 @@ TEST_CASE("Each tampering with a request object is refused with its code", "[esp
     const Refusal refusal = refusal_of(pair.deliver(other_from.compact));
     CHECK(refusal.rsc == Rsc::impersonation);
     CHECK(refusal.reason.find("C-other") == std::string::npos);  // no value of the plaintext
-    CHECK(refusal.reason.find(kSender) != std::string::npos);
+    // Nor whom the key is bound to: the reason crosses every hop in the plain refusal.
+    CHECK(refusal.reason.find(kSender) == std::string::npos);
     CHECK(rsc_of(pair.deliver(first.compact, &pair.key, "C-other-target")) == Rsc::impersonation);
     // Refused objects created no session: the first genuine one still needs and has its oro.
     CHECK(pair.receiver.stats().sessions == 0);
@@ -862,4 +865,68 @@ TEST_CASE("m2m:seci bodies and plain refusal bodies", "[esprim]") {
   CHECK_FALSE(parse_refusal_body(R"({"rsc":4000,"dbg":"x"})"));
   CHECK_FALSE(parse_refusal_body(R"({"dbg":"x"})"));
   CHECK_FALSE(parse_refusal_body("not json"));
+}
+
+TEST_CASE("A create resent after a refusal a hop forged is carried out once; other methods again", "[esprim][replay]") {
+  Pair pair;
+  // The first send is delivered; a hop drops the answer and forges 4114: the originator starts a new session.
+  auto first = pair.originator.protect(kKid, pair.key, request_to(kTarget, kSender, "rqi-create"));
+  REQUIRE(first.ok());
+  value_of(pair.deliver(first->compact));
+  pair.originator.on_refusal(*first, Rsc::unknown_receiver_rand_id);
+  REQUIRE(pair.originator.needs_receiver_rand(kKid, kTarget));
+  pair.fetch_rand();
+  auto again = pair.originator.protect(kKid, pair.key, request_to(kTarget, kSender, "rqi-create"));
+  REQUIRE(again.ok());
+  CHECK(again->ori != first->ori);  // a new session: the window alone would not see the repeat
+  const auto& refused = refusal_of(pair.deliver(again->compact));
+  CHECK(refused.rsc == Rsc::replayed);
+  CHECK(refused.reason.find("already carried out") != std::string::npos);
+  // A create with another rqi goes through, and so does a retrieve repeated with the same rqi (it may be repeated).
+  auto other = pair.originator.protect(kKid, pair.key, request_to(kTarget, kSender, "rqi-other"));
+  REQUIRE(other.ok());
+  value_of(pair.deliver(other->compact));
+  auto get = request_to(kTarget, kSender, "rqi-read");
+  get.operation = 2;
+  for (int i = 0; i < 2; ++i) {
+    auto read = pair.originator.protect(kKid, pair.key, get);
+    REQUIRE(read.ok());
+    value_of(pair.deliver(read->compact));
+  }
+}
+
+TEST_CASE("A session serves the receiving AE it was made for", "[esprim]") {
+  Pair pair;
+  pair.exchange();  // the session holds: the next objects carry no oro
+  // The next object of that session, redirected by a hop to another AE behind the same dauthd (outer to=).
+  const auto next = pair.protect();
+  CHECK(refusal_of(pair.deliver(next.compact, &pair.key, "C-other")).rsc == Rsc::unknown_originator_rand_id);
+  value_of(pair.deliver(next.compact));
+}
+
+TEST_CASE("The checks that need no key come before the key lookup", "[esprim]") {
+  Pair pair;
+  const auto sent = pair.protect();
+  auto inspected = pair.receiver.inspect(sent.compact);
+  REQUIRE(std::holds_alternative<Inspected>(inspected));
+  CHECK_FALSE(pair.receiver.check_before_key(std::get<Inspected>(inspected), kTarget).has_value());  // oro: fine
+  value_of(pair.deliver(sent.compact));
+  auto unknown_rri = header_of(sent.compact);
+  unknown_rri["rri"] = "AAAAAAAAAAAAAAAAAAAAAA";
+  auto forged = pair.receiver.inspect(with_header(sent.compact, unknown_rri));
+  REQUIRE(std::holds_alternative<Inspected>(forged));
+  const auto early = pair.receiver.check_before_key(std::get<Inspected>(forged), kTarget);
+  REQUIRE(early.has_value());
+  CHECK(early->rsc == Rsc::unknown_receiver_rand_id);
+}
+
+TEST_CASE("A short-lived receiver object is not asked for again before each request", "[esprim][rotation]") {
+  ReceiverConfig config;
+  config.rand_lifetime_s = 60;
+  Pair pair(config);
+  pair.time.advance(25);  // still handed out: 35 s left, less than the 60 s margin
+  pair.fetch_rand();
+  CHECK_FALSE(pair.originator.needs_receiver_rand(kKid, kTarget));
+  pair.time.advance(27);  // 8 s left: less than a quarter of the 35 s it had
+  CHECK(pair.originator.needs_receiver_rand(kKid, kTarget));
 }

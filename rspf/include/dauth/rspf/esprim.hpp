@@ -178,6 +178,11 @@ class Receiver {
   // malformed).
   Checked<Inspected> inspect(std::string_view compact) const;
 
+  // Step 1b, still without a key: the refusals open() would give for an rri that is not live (4114) or an ori
+  // with neither session nor oro (4113), so that such objects cost no key retrieval from the MEF. open() checks
+  // them again (the state may change while the key is fetched).
+  std::optional<Refusal> check_before_key(const Inspected& inspected, std::string_view receiver_ae_id);
+
   // Step 2, with the pairwise key the caller found for header.kid and the receiver AE (none: 4112) and the AE-ID
   // that key is bound to: rri known (4114), session or oro (4113), tag (4115), cty is a request, seq fresh (replay),
   // inner primitive parses (5210), inner fr == bound_ae_id (4116), inner to == receiver_ae_id (4116). Only a
@@ -204,7 +209,9 @@ class Receiver {
 // ---- the originator (gateway A) --------------------------------------------------------------------------------
 
 struct OriginatorConfig {
-  std::int64_t refresh_margin_s = 60;  // ask for a new receiver object when fewer seconds than this remain
+  // Ask for a new receiver object when fewer seconds than this remain, or fewer than a quarter of the time the
+  // object had left when it came, if that is less.
+  std::int64_t refresh_margin_s = 60;
   UnixClock clock = system_unix_clock();
 };
 
@@ -218,6 +225,7 @@ struct ProtectedRequest {
   std::uint64_t seq = 0;
   std::string request_id;
   std::shared_ptr<const SecretBuffer> session_key;
+  bool carried_oro = false;  // its header had oro: a true 4113 never answers it (a hop forged that one)
 };
 
 class Originator {
