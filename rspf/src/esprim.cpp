@@ -11,6 +11,7 @@
 
 #include "dauth/crypto/identifiers.hpp"
 #include "dauth/crypto/jose.hpp"
+#include "repeated_key_watch.hpp"
 #include "dauth/crypto/kdf.hpp"
 
 namespace dauth::rspf::esprim {
@@ -34,29 +35,16 @@ constexpr std::string_view kEncA256Gcm = "A256GCM";
 // A JSON object from text. Repeated member names are refused (RFC 7515 §4 allows it, and it keeps one meaning per
 // text: no reader may pick another "kid" or "seq" than ours).
 Result<json> parse_object(std::string_view text, std::string_view what) {
-  std::vector<std::set<std::string>> keys_by_depth;
-  std::optional<std::string> repeated_key;
-  // The key event comes at the depth of the object holding it, one more than that object's object_start.
-  const json::parser_callback_t note_keys = [&](int depth, json::parse_event_t event, json& parsed) {
-    const auto level = static_cast<std::size_t>(depth);
-    if (event == json::parse_event_t::object_start) {
-      if (keys_by_depth.size() < level + 2) keys_by_depth.resize(level + 2);
-      keys_by_depth[level + 1].clear();
-    } else if (event == json::parse_event_t::key && level < keys_by_depth.size() &&
-               !keys_by_depth[level].insert(parsed.get<std::string>()).second && !repeated_key) {
-      repeated_key = parsed.get<std::string>();
-    }
-    return true;
-  };
+  RepeatedKeyWatch repeats;
   json document;
   try {
-    document = json::parse(text.begin(), text.end(), note_keys, false);
+    document = json::parse(text.begin(), text.end(), repeats.callback(), false);
   } catch (const json::exception&) {
     // Not e.what(): it quotes the input, and the input may be a decrypted primitive.
     return make_error(Errc::parse, std::string(what) + ": not well-formed JSON");
   }
   if (document.is_discarded()) return make_error(Errc::parse, std::string(what) + ": not well-formed JSON");
-  if (repeated_key) {
+  if (const auto& repeated_key = repeats.repeated()) {
     return make_error(Errc::parse, std::string(what) + ": member " + crypto::quote_for_error(*repeated_key) +
                                        " appears more than once");
   }

@@ -9,6 +9,8 @@
 #include <string_view>
 #include <vector>
 
+#include "repeated_key_watch.hpp"
+
 namespace dauth::rspf {
 
 namespace {
@@ -41,28 +43,15 @@ Result<json> parse(ByteView payload, ContentFormat format, std::string_view mess
   }
   const std::uint8_t* end = payload.data + payload.size;
   json document;
-  // JSON: nlohmann's lexer refuses invalid UTF-8 itself; a repeated key is seen through the parser callback (the
-  // key event comes at the depth of the object holding it, one more than that object's object_start).
-  std::vector<std::set<std::string>> keys_by_depth;
-  std::optional<std::string> repeated_key;
-  const json::parser_callback_t note_keys = [&](int depth, json::parse_event_t event, json& parsed) {
-    const auto level = static_cast<std::size_t>(depth);
-    if (event == json::parse_event_t::object_start) {
-      if (keys_by_depth.size() < level + 2) keys_by_depth.resize(level + 2);
-      keys_by_depth[level + 1].clear();
-    } else if (event == json::parse_event_t::key && level < keys_by_depth.size() &&
-               !keys_by_depth[level].insert(parsed.get<std::string>()).second && !repeated_key) {
-      repeated_key = parsed.get<std::string>();
-    }
-    return true;
-  };
+  // JSON: nlohmann's lexer refuses invalid UTF-8 itself; a repeated key is seen by RepeatedKeyWatch.
+  RepeatedKeyWatch repeats;
   try {
     document = format == ContentFormat::cbor ? json::from_cbor(payload.data, end, true, false)
-                                             : json::parse(payload.data, end, note_keys, false);
+                                             : json::parse(payload.data, end, repeats.callback(), false);
   } catch (const json::exception& e) {
     return make_error(Errc::parse, std::string(message) + ": " + e.what());
   }
-  if (repeated_key) {
+  if (const auto& repeated_key = repeats.repeated()) {
     return make_error(Errc::parse, std::string(message) + ": map key " + crypto::quote_for_error(*repeated_key) +
                                        " appears more than once");
   }

@@ -867,7 +867,7 @@ TEST_CASE("m2m:seci bodies and plain refusal bodies", "[esprim]") {
   CHECK_FALSE(parse_refusal_body("not json"));
 }
 
-TEST_CASE("A create resent after a refusal a hop forged is carried out once; other methods again", "[esprim][replay]") {
+TEST_CASE("A create resent after a refusal a hop forged is carried out once and other methods again", "[esprim][replay]") {
   Pair pair;
   // The first send is delivered; a hop drops the answer and forges 4114: the originator starts a new session.
   auto first = pair.originator.protect(kKid, pair.key, request_to(kTarget, kSender, "rqi-create"));
