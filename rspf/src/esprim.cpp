@@ -632,6 +632,8 @@ struct ReceiverRand {
 // The rqis of the latest creates (POST) delivered per (kid, receiving AE): far more than an originator has in
 // flight (NSTART), so a resent create always finds its first delivery here.
 constexpr std::size_t kDeliveredCreatesPerKey = 256;
+// Sessions of one (kid, receiving AE) on one receiver object (see Receiver::open).
+constexpr std::size_t kMaxSessionsPerKeyAndRand = 64;
 
 struct Receiver::State {
   ReceiverConfig config;
@@ -829,6 +831,17 @@ Checked<OpenedRequest> Receiver::open(const Inspected& inspected, const SecretBu
       return refuse(Rsc::unknown_receiver_rand_id,
                     subject + ": the receiver rand object has " + std::to_string(rand->sessions.size()) +
                         " sessions, its maximum: retired early, ask for a new one");
+    }
+    // One key's sessions per object are bounded too: an originator makes one per receiver object (and one per
+    // restart), so more is one key filling the object to make it retire and take every other session with it.
+    std::size_t of_this_key = 0;
+    for (auto it = rand->sessions.lower_bound(std::make_pair(session_id.first, std::string()));
+         it != rand->sessions.end() && it->first.first == session_id.first; ++it) {
+      ++of_this_key;
+    }
+    if (of_this_key >= kMaxSessionsPerKeyAndRand) {
+      return refuse(Rsc::replayed, subject + ": this key already has " + std::to_string(of_this_key) +
+                                       " sessions on this receiver rand object, its maximum");
     }
     ReceiverSession fresh;
     fresh.originator_text = std::move(originator_text);

@@ -930,3 +930,19 @@ TEST_CASE("A short-lived receiver object is not asked for again before each requ
   pair.time.advance(27);  // 8 s left: less than a quarter of the 35 s it had
   CHECK(pair.originator.needs_receiver_rand(kKid, kTarget));
 }
+
+TEST_CASE("One key cannot fill a receiver object with sessions and make it retire", "[esprim][rotation]") {
+  Pair pair;
+  const RandObject rand = pair.receiver.current_rand_object();
+  const auto new_session = [&] {
+    const RandObject originator = make_rand_object(rand.expiry);
+    auto inspected = pair.receiver.inspect(
+        object_for_seq(derive_session_key(pair.key, rand, originator), rand, originator, 0));
+    return pair.receiver.open(value_of(inspected), &pair.key, kSender, kTarget);
+  };
+  for (int i = 0; i < 64; ++i) value_of(new_session());
+  const auto& refused = refusal_of(new_session());
+  CHECK(refused.rsc == Rsc::replayed);
+  CHECK(refused.reason.find("its maximum") != std::string::npos);
+  CHECK(pair.receiver.current_rand_object().id == rand.id);  // not retired: other keys' sessions go on
+}
