@@ -879,7 +879,7 @@ TEST_CASE("A create resent after a refusal a hop forged is carried out once and 
   auto again = pair.originator.protect(kKid, pair.key, request_to(kTarget, kSender, "rqi-create"));
   REQUIRE(again.ok());
   CHECK(again->ori != first->ori);  // a new session: the window alone would not see the repeat
-  const auto& refused = refusal_of(pair.deliver(again->compact));
+  const Refusal refused = refusal_of(pair.deliver(again->compact));
   CHECK(refused.rsc == Rsc::replayed);
   CHECK(refused.reason.find("already carried out") != std::string::npos);
   // A create with another rqi goes through, and so does a retrieve repeated with the same rqi (it may be repeated).
@@ -941,7 +941,7 @@ TEST_CASE("One key cannot fill a receiver object with sessions and make it retir
     return pair.receiver.open(value_of(inspected), &pair.key, kSender, kTarget);
   };
   for (int i = 0; i < 64; ++i) value_of(new_session());
-  const auto& refused = refusal_of(new_session());
+  const Refusal refused = refusal_of(new_session());
   CHECK(refused.rsc == Rsc::replayed);
   CHECK(refused.reason.find("its maximum") != std::string::npos);
   CHECK(pair.receiver.current_rand_object().id == rand.id);  // not retired: other keys' sessions go on
