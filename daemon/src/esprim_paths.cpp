@@ -60,7 +60,8 @@ std::string_view text_of(const Bytes& payload) {
   return {reinterpret_cast<const char*>(payload.data()), payload.size()};
 }
 
-Response plain_refusal(const esp::Refusal& refusal) {
+// An ESPrim refusal as PROTOCOL.md §7.4 writes it (plain: no session key can be trusted yet), not dauth's error body.
+Response esprim_refusal(const esp::Refusal& refusal) {
   Response response;
   response.code = refusal.coap_code();
   response.content_format = esp::kOuterContentFormat;
@@ -378,7 +379,7 @@ void Roles::Impl::on_esprim_request(const transport::Session& session, const Req
   auto info = esp::parse_security_info(text_of(request.payload));
   if (!info) {
     esp::Refusal unsupported{esp::Rsc::unsupported_option, "securityInfo: " + info.error().message};
-    responder.respond(plain_refusal(unsupported));
+    responder.respond(esprim_refusal(unsupported));
     return;
   }
   if (info->type == 3) {
@@ -390,7 +391,7 @@ void Roles::Impl::on_esprim_request(const transport::Session& session, const Req
     return;
   }
   if (info->type != 5) {
-    responder.respond(plain_refusal({esp::Rsc::unsupported_option,
+    responder.respond(esprim_refusal({esp::Rsc::unsupported_option,
                                      "securityInfo type " + std::to_string(info->type) + " (dauth answers 3 and 5)"}));
     return;
   }
@@ -425,7 +426,7 @@ void Roles::Impl::refuse_esprim(const std::string& remote, const std::string& re
   log::write_limited(level_of(refused.rsc), "esprim refused", remote,
                      "esprim: refused an object for " + receiver + " from " + remote + ": RSC " +
                          rsc_text(refused.rsc) + ", " + refused.reason + log_only);
-  responder.respond(plain_refusal(refused));
+  responder.respond(esprim_refusal(refused));
 }
 
 void Roles::Impl::on_esprim_key(const esp::Inspected& object, const std::string& receiver, const std::string& remote,
@@ -467,7 +468,7 @@ void Roles::Impl::on_esprim_key(const esp::Inspected& object, const std::string&
     auto compact = esprim_receiver ? esprim_receiver->protect_response(*request, inner)
                                    : esp::Checked<std::string>(esp::Refusal{esp::Rsc::encryption_error, "stopping"});
     if (auto* refused = std::get_if<esp::Refusal>(&compact)) {
-      responder->respond(plain_refusal(*refused));
+      responder->respond(esprim_refusal(*refused));
       return;
     }
     esp::SecurityInfo info;

@@ -6,6 +6,7 @@
 #include <signal.h>
 
 #include <atomic>
+#include <cctype>
 #include <catch2/catch.hpp>
 #include <chrono>
 #include <filesystem>
@@ -158,8 +159,22 @@ TEST_CASE("ESPrim through two dauthds and a rogue originator refused with the ri
   const auto forged = request_from("CAE-intruder", "rogue-3");
   CHECK(refusal_rsc(request_once(b, hop, protected_message(forged.compact))) == esp::Rsc::impersonation);
   CHECK(d.ctl_json("b", {"stats"}).value("esprim_impersonation_total", 0) == 1);
-  // Nothing refused reached valve.
+  INFO("bad input: not JSON, a seci without epo, an object that is no JWE: each refused with 4111");
+  esp::SecurityInfo not_jwe;
+  not_jwe.type = 5;
+  not_jwe.object = "not.a.jwe";
+  auto not_json = outer_message(ask);
+  not_json.payload = {'{', '"', 'm', '2'};
+  auto no_epo = outer_message(ask);
+  const std::string no_epo_body = R"({"m2m:seci":{"sit":5}})";
+  no_epo.payload.assign(no_epo_body.begin(), no_epo_body.end());
+  for (const auto& bad : {not_json, no_epo, outer_message(not_jwe)}) {
+    CHECK(refusal_rsc(request_once(b, hop, bad)) == esp::Rsc::unsupported_option);
+  }
+  // Nothing refused reached valve, and B still serves.
   CHECK(d.ctl_json("b", {"stats"}).value("peer_delivered_total", 0) == delivered_before);
+  const auto still = request_from("CAE-meter", "rogue-5");
+  CHECK(request_once(b, hop, protected_message(still.compact))->code == 205);
 
   INFO("after B restarts, neither a replay nor a new object under the old rand object is accepted");
   const auto unsent = request_from("CAE-meter", "rogue-4");
@@ -168,6 +183,18 @@ TEST_CASE("ESPrim through two dauthds and a rogue originator refused with the ri
   CHECK(refusal_rsc(request_once(b, hop, protected_message(honest.compact))) == esp::Rsc::unknown_receiver_rand_id);
   CHECK(refusal_rsc(request_once(b, hop, protected_message(unsent.compact))) == esp::Rsc::unknown_receiver_rand_id);
   CHECK(d.ctl_json("b", {"stats"}).value("peer_delivered_total", 0) == 0);
+
+  // No key of the exchange in any log: the pairwise key, the session key of meter's DTLS session, and the
+  // sessionESPrimKey of our session (derived by the Originator; its objects opened under it).
+  d.stop("b", SIGTERM);
+  d.stop("mef", SIGTERM);
+  std::string logs = d.all_logs();
+  for (char& c : logs) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  REQUIRE_FALSE(logs.empty());
+  CHECK(logs.find(to_hex(pairwise.key.view())) == std::string::npos);
+  CHECK(logs.find(to_hex(session_key.key.view())) == std::string::npos);
+  REQUIRE(honest.session_key);
+  CHECK(logs.find(to_hex(honest.session_key->view())) == std::string::npos);
 }
 
 TEST_CASE("ESPrim required but the peer's dauthd has it off: refused at A, never sent unprotected", "[e2e][esprim]") {

@@ -32,6 +32,8 @@ inline constexpr int kProtocolJweA256Gcm = 12;  // esprimProtocolAndAlgID 12: th
 inline constexpr std::string_view kSessionKeyLabel = "oneM2M HMAC-SHA256 sessionESPrimKey derivation algorithm";
 inline constexpr std::string_view kRequestMediaType = "application/vnd.onem2m-preq+json";
 inline constexpr std::string_view kResponseMediaType = "application/vnd.onem2m-prsp+json";
+// 64: one machine word of "seen" bits, and RFC 8613 §7.4's default; far more than an originator has in flight
+// (NSTART, at most 32 per session), so reordering on the way never refuses a fresh object.
 inline constexpr std::size_t kReplayWindowSize = 64;
 inline constexpr std::uint64_t kMaxSeq = (std::uint64_t{1} << 53) - 1;  // exact in every JSON number reader
 
